@@ -1,0 +1,406 @@
+"""The contract every algorithm implements, and the layer description it receives.
+
+An algorithm is a stateless object with pure functions over plain tensors. Tensors are
+named with the *suffixes used in LyCORIS/kohya files* (``lora_up.weight``, ``hada_w1_a``,
+``alpha`` ...): those names are the algorithm's own vocabulary, not a file concern.
+
+Conventions shared by all algorithms:
+
+* ``delta_weight(t, spec, weight)`` returns ΔW in the layer's weight layout, the scale
+  (alpha/rank and friends) included, the runtime multiplier excluded. ``weight`` is the
+  base weight (needed by OFT, IA3, GLoRA and DoRA; ignored by the others).
+* The merged weight at multiplier ``m`` is ``W + m·ΔW`` unless the algorithm overrides
+  :meth:`Algorithm.merged` (BOFT interpolates each butterfly stage, so it is non-linear in m).
+* ``forward_delta(x, t, spec, base, base_out)`` returns Δy for multiplier 1 ("bypass"),
+  equal to ``op(x, ΔW) (+Δb)``; subclasses override it with a structured path that never
+  materialises ΔW where the algebra allows.
+* Everything is computed in the tensors' dtype; callers pass fp32 (or wider) for merging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+Tensors = dict[str, torch.Tensor]
+
+# --------------------------------------------------------------------------------------
+# Layer description
+# --------------------------------------------------------------------------------------
+
+LINEAR, CONV1D, CONV2D, CONV3D, LAYERNORM, GROUPNORM = (
+    "linear", "conv1d", "conv2d", "conv3d", "layernorm", "groupnorm")
+CONV_KINDS = (CONV1D, CONV2D, CONV3D)
+NORM_KINDS = (LAYERNORM, GROUPNORM)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What an algorithm needs to know about the layer it adapts (no tensors)."""
+
+    kind: str
+    weight_shape: tuple[int, ...]
+    has_bias: bool = False
+    stride: tuple[int, ...] = ()
+    padding: Any = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    padding_mode: str = "zeros"
+    eps: float = 1e-5
+    num_groups: int = 1  # GroupNorm
+    normalized_shape: tuple[int, ...] = ()  # LayerNorm
+
+    # -- shapes ---------------------------------------------------------------------
+    @property
+    def out_dim(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_dim(self) -> int:
+        """Input features of the weight (``in/groups`` for a grouped conv)."""
+        return self.weight_shape[1] if len(self.weight_shape) > 1 else self.weight_shape[0]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    @property
+    def kernel_numel(self) -> int:
+        return math.prod(self.kernel) if self.kernel else 1
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind in CONV_KINDS
+
+    @property
+    def is_norm(self) -> bool:
+        return self.kind in NORM_KINDS
+
+    @property
+    def is_kxk_conv(self) -> bool:
+        return self.is_conv and any(k != 1 for k in self.kernel)
+
+    @property
+    def flat_in(self) -> int:
+        """Columns of the weight flattened to 2-D: ``in/groups · ∏k``."""
+        return self.in_dim * self.kernel_numel
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "LayerSpec":
+        kind = layer_kind(module)
+        if kind is None:
+            raise ConfigError(f"unsupported layer type {type(module).__name__}")
+        w = module.weight
+        has_bias = getattr(module, "bias", None) is not None
+        if kind == LINEAR:
+            return cls(kind, tuple(w.shape), has_bias)
+        if kind in CONV_KINDS:
+            return cls(kind, tuple(w.shape), has_bias, tuple(module.stride), module.padding,
+                       tuple(module.dilation), int(module.groups), module.padding_mode)
+        if kind == LAYERNORM:
+            return cls(kind, tuple(w.shape), has_bias, eps=float(module.eps),
+                       normalized_shape=tuple(module.normalized_shape))
+        return cls(kind, tuple(w.shape), has_bias, eps=float(module.eps), num_groups=int(module.num_groups))
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a supported layer, by type (subclasses included), or None."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Conv1d):
+        return CONV1D
+    if isinstance(module, nn.Conv2d):
+        return CONV2D
+    if isinstance(module, nn.Conv3d):
+        return CONV3D
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.weight is not None:
+        return LAYERNORM
+    if isinstance(module, nn.GroupNorm) and module.affine:
+        return GROUPNORM
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Functional helpers shared by the algorithm files
+# --------------------------------------------------------------------------------------
+
+_CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
+
+
+def layer_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Run the layer's operation with another weight (and bias): ``op(x, W, b)``."""
+    if spec.kind == LINEAR:
+        return F.linear(x, weight, bias)
+    if spec.kind in CONV_KINDS:
+        if spec.padding_mode != "zeros":
+            n = len(spec.kernel)
+            pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
+            rev = []
+            for p in reversed(pad):
+                rev += [p, p]
+            x = F.pad(x, rev, mode=spec.padding_mode)
+            return _CONV_FN[spec.kind](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)
+        return _CONV_FN[spec.kind](x, weight, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+    if spec.kind == LAYERNORM:
+        return F.layer_norm(x, spec.normalized_shape, weight, bias, spec.eps)
+    if spec.kind == GROUPNORM:
+        return F.group_norm(x, spec.num_groups, weight, bias, spec.eps)
+    raise ValueError(spec.kind)
+
+
+def channel_view(v: torch.Tensor, spec: LayerSpec, y: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-output-channel vector to broadcast against the layer's output ``y``."""
+    if spec.is_conv or spec.kind == GROUPNORM:
+        return v.reshape((1, -1) + (1,) * (y.dim() - 2))
+    return v  # channels last (linear, layernorm)
+
+
+def input_channel_view(v: torch.Tensor, spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    if spec.is_conv:
+        return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+    return v
+
+
+def flat(w: torch.Tensor) -> torch.Tensor:
+    """A weight as 2-D ``(out, -1)``, row-major (the LyCORIS/kohya convention)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def scalar_of(t: Mapping[str, torch.Tensor], name: str = "alpha") -> float | None:
+    a = t.get(name)
+    if a is None:
+        return None
+    return float(a.reshape(-1)[0]) if a.numel() else None
+
+
+def rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``R[p,q,…] = Σ_ij core[i,j,…]·up[i,p]·down[j,q]`` (``up``/``down`` given as (r, out)/(r, in))."""
+    return torch.einsum("ij...,ip,jq->pq...", core, up, down)
+
+
+def alpha_scale(t: Mapping[str, torch.Tensor], rank: int) -> float:
+    """γ = alpha/rank; a missing alpha (or 0) means alpha = rank (γ = 1), as every loader does."""
+    a = scalar_of(t)
+    if a is None or a == 0 or not math.isfinite(a):
+        return 1.0
+    return a / rank
+
+
+def alpha_tensor(alpha: float) -> torch.Tensor:
+    return torch.tensor(float(alpha), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------
+
+# Options every algorithm accepts (the dropout family and the runtime-only knobs).
+COMMON_OPTIONS: dict[str, Any] = {
+    "dropout": 0.0,          # dropout on the adapter output (kohya "network dropout")
+    "rank_dropout": 0.0,     # drop rank channels (LoRA) / rows of ΔW (others) in training
+    "rank_dropout_scale": False,  # rescale the kept ranks by 1/mean(mask)
+    "module_dropout": 0.0,   # skip the whole adapter in training with this probability
+}
+
+_BOOL_STRINGS = {"true": True, "1": True, "yes": True, "on": True,
+                 "false": False, "0": False, "no": False, "off": False}
+
+
+def coerce_option(name: str, value: Any, default: Any) -> Any:
+    """Coerce a value (possibly a kohya-style string) to the type of the default, strictly."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        s = str(value).strip().lower()
+        if s in _BOOL_STRINGS:
+            return _BOOL_STRINGS[s]
+        raise ConfigError(f"option {name!r}: expected a boolean, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {name!r}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"option {name!r}: expected an integer, got {value!r}")
+        return int(f)
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {name!r}: expected a number, got {value!r}") from None
+    if isinstance(default, str):
+        return str(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# The algorithm base class
+# --------------------------------------------------------------------------------------
+
+
+class Algorithm:
+    """Base class: subclasses set the class attributes and implement create/delta_weight."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: every tensor name the algorithm reads or writes (file suffixes)
+    keys: ClassVar[frozenset[str]] = frozenset()
+    #: tensors that must be present for :meth:`detect` to claim a module
+    detect_keys: ClassVar[tuple[str, ...]] = ()
+    #: tensors that are never trained (alpha, flags)
+    frozen_keys: ClassVar[frozenset[str]] = frozenset({"alpha"})
+    #: layer kinds supported
+    kinds: ClassVar[tuple[str, ...]] = (LINEAR, CONV1D, CONV2D, CONV3D)
+    #: algorithm-specific options and their defaults (``rank``/``alpha`` are always accepted)
+    options: ClassVar[dict[str, Any]] = {}
+    #: whether ΔW is independent of the base weight (LoRA yes, OFT no)
+    weight_independent: ClassVar[bool] = True
+    #: whether the merged weight is linear in the multiplier (W + m·ΔW)
+    linear_in_multiplier: ClassVar[bool] = True
+    #: whether DoRA can wrap this algorithm
+    supports_dora: ClassVar[bool] = False
+
+    # -- detection --------------------------------------------------------------------
+    @classmethod
+    def detect(cls, keys: set[str], tensors: Mapping[str, torch.Tensor] | None = None) -> bool:
+        return bool(cls.detect_keys) and all(k in keys for k in cls.detect_keys)
+
+    def supports(self, spec: LayerSpec) -> bool:
+        return spec.kind in self.kinds
+
+    def validate_options(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        """Fill defaults and reject unknown options (never drop them silently)."""
+        allowed = {"rank": 4, "alpha": None, **COMMON_OPTIONS, **self.options}
+        out = {}
+        for k, v in opts.items():
+            if k not in allowed:
+                raise ConfigError(
+                    f"algorithm {self.name!r}: unknown option {k!r}; "
+                    f"accepted: {', '.join(sorted(allowed))}")
+            out[k] = coerce_option(k, v, allowed[k])
+        for k, d in allowed.items():
+            out.setdefault(k, d)
+        return out
+
+    # -- the math ---------------------------------------------------------------------
+    def create(self, spec: LayerSpec, opts: Mapping[str, Any], weight: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensors:
+        """Initial tensors (fp32) such that ΔW starts at zero (or as the method prescribes)."""
+        raise NotImplementedError
+
+    def rank(self, t: Mapping[str, torch.Tensor]) -> int | None:
+        return None
+
+    def scale(self, t: Mapping[str, torch.Tensor]) -> float:
+        r = self.rank(t)
+        return alpha_scale(t, r) if r else 1.0
+
+    def delta_weight(self, t: Mapping[str, torch.Tensor], spec: LayerSpec,
+                     weight: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self, t: Mapping[str, torch.Tensor], spec: LayerSpec,
+                   bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        return None
+
+    def merged(self, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
+               bias: torch.Tensor | None, multiplier: float):
+        """(W', b') at this multiplier. Default: ``W + m·ΔW``, ``b + m·Δb``."""
+        dw = self.delta_weight(t, spec, weight)
+        w2 = weight + multiplier * dw.to(weight.dtype)
+        db = self.delta_bias(t, spec, bias)
+        if db is None:
+            return w2, bias
+        b0 = bias if bias is not None else torch.zeros_like(db)
+        return w2, b0 + multiplier * db.to(b0.dtype)
+
+    def forward_delta(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec,
+                      weight: torch.Tensor, bias: torch.Tensor | None,
+                      base_out: torch.Tensor) -> torch.Tensor:
+        """Δy at multiplier 1. The default materialises ΔW: ``op(x, ΔW, Δb)``."""
+        dw = self.delta_weight(t, spec, weight).to(x.dtype)
+        db = self.delta_bias(t, spec, bias)
+        if spec.is_norm:
+            # op(x, Δw, Δb) for a norm is normalize(x)·Δw + Δb, linear in (Δw, Δb)
+            return layer_op(x, spec, dw, db.to(x.dtype) if db is not None else None)
+        return layer_op(x, spec, dw, db.to(x.dtype) if db is not None else None)
+
+    # -- save-time normalisation ------------------------------------------------------
+    def export(self, t: Mapping[str, torch.Tensor]) -> Tensors:
+        """Tensors as written to a file (e.g. ``scalar`` folded into a factor)."""
+        return {k: v for k, v in t.items()}
+
+    def describe(self, t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Human-facing summary used by ``lyco inspect``."""
+        return {"rank": self.rank(t), "alpha": scalar_of(t), "scale": self.scale(t)}
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Algorithm] = {}
+_DETECT_ORDER: list[Algorithm] = []
+
+
+def register(cls):
+    inst = cls()
+    for n in (cls.name, *cls.aliases):
+        if n in _REGISTRY:
+            raise RuntimeError(f"algorithm name {n!r} registered twice")
+        _REGISTRY[n] = inst
+    _DETECT_ORDER.append(inst)
+    return cls
+
+
+def get(name: str) -> Algorithm:
+    from . import _load_all  # noqa: F401  (ensure every algorithm file is imported)
+    key = name.lower().replace("_", "-")
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown algorithm {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def names() -> list[str]:
+    from . import _load_all  # noqa: F401
+    return sorted({a.name for a in _REGISTRY.values()})
+
+
+def detect(tensors: Mapping[str, torch.Tensor]) -> Algorithm | None:
+    """The algorithm that claims a module's tensors (by key names and shapes), or None."""
+    from . import _load_all  # noqa: F401
+    keys = set(tensors)
+    for alg in _DETECT_ORDER:
+        if alg.detect(keys, tensors):
+            return alg
+    return None
+
+
+def get_for(name: str, tensors: Mapping[str, torch.Tensor] | None = None) -> Algorithm:
+    """The algorithm for a module, wrapped in DoRA when the tensors carry ``dora_scale``."""
+    alg = get(name)
+    if tensors is not None and "dora_scale" in tensors and not getattr(alg, "is_dora", False):
+        from .dora import wrap
+        return wrap(alg)
+    return alg
+
+
+def detect_for(tensors: Mapping[str, torch.Tensor]) -> Algorithm | None:
+    """:func:`detect`, then DoRA-wrapped when ``dora_scale`` is present."""
+    alg = detect({k: v for k, v in tensors.items() if k != "dora_scale"})
+    if alg is not None and "dora_scale" in tensors:
+        from .dora import wrap
+        return wrap(alg)
+    return alg
