@@ -63,6 +63,11 @@ class Adapter:
     metadata: dict[str, str] = field(default_factory=dict)
     family: str | None = None        # "sd1", "sd2", "sdxl" or None (generic / unknown)
     source: str | None = None        # the file it was read from, for messages
+    create_args: dict[str, Any] = field(default_factory=dict)  # how it was made (for ss_* metadata)
+
+    @property
+    def two_text_encoders(self) -> bool:
+        return self.family == "sdxl" or "text_encoder_2" in self.components()
 
     # -- container helpers -------------------------------------------------------------
     def __len__(self) -> int:
@@ -90,12 +95,12 @@ class Adapter:
 
     def to(self, dtype=None, device=None) -> "Adapter":
         return Adapter({n: m.to(dtype, device) for n, m in self.modules.items()}, dict(self.metadata),
-                       self.family, self.source)
+                       self.family, self.source, dict(self.create_args))
 
     def subset(self, components) -> "Adapter":
         comps = set(components)
         return Adapter({n: m for n, m in self.modules.items() if split_name(n)[0] in comps},
-                       dict(self.metadata), self.family, self.source)
+                       dict(self.metadata), self.family, self.source, dict(self.create_args))
 
     # -- checks --------------------------------------------------------------------------
     def check_finite(self) -> None:

@@ -1,0 +1,132 @@
+"""DoRA weight decomposition (Liu et al. 2024) on top of LoRA / LoHa / LoKr (and GLoRA).
+
+File tensor ``dora_scale`` holds the magnitude m, on one of two axes:
+  * output axis, shape ``(out, 1, …)`` — LyCORIS ≥ 3.2 default (``wd_on_output``), PEFT;
+  * input axis, shape ``(1, in, 1, …)`` — LyCORIS < 3.1.1, what A1111/InvokeAI assume.
+The axis is detected from the shape (``dora_scale.shape[0] == out`` → output axis), as
+ComfyUI does. Both are read; we *write* the output axis by default (LyCORIS, ComfyUI, Forge
+and PEFT read it; A1111 and InvokeAI need ``dora_axis="in"``), and record the axis in the
+file's metadata (``lyco_dora_axis``).
+
+Semantics (decided here, following ComfyUI/A1111's weight patching):
+  W_c = W + γΔW            (γΔW = the inner algorithm's delta, scale included)
+  n   = ‖W_c‖ along the magnitude axis (+ fp32 eps, as LyCORIS)
+  W_d = W_c · m / n
+  merged at multiplier s:   W + s·(W_d − W)      → linear in s, ΔW_dora = W_d − W.
+Deliberate differences:
+  * LyCORIS's own merge interpolates only the norm factor (W_c·(s(m/n−1)+1)), so at s=0 it
+    yields W+γΔW, not W. Loaders interpolate the whole DoRA delta; we follow the loaders.
+    Both agree at s = 1.
+  * One ComfyUI version normalises by the norm of the *original* W on the output axis; the
+    DoRA definition (and LyCORIS, PEFT) use the merged W_c. We use W_c.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Algorithm, LayerSpec, channel_view, input_channel_view, layer_op
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+def magnitude_axis(dora_scale: torch.Tensor, spec: LayerSpec) -> str:
+    if dora_scale.shape[0] == spec.out_dim and dora_scale.numel() == spec.out_dim:
+        return "out"
+    return "in"
+
+
+def weight_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖w‖ per output row (shape (out,1,…)) or per input column (shape (1,in,1,…))."""
+    if axis == "out":
+        return w.reshape(w.shape[0], -1).norm(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    wt = w.transpose(0, 1)
+    n = wt.reshape(wt.shape[0], -1).norm(dim=1)
+    return n.reshape((1, w.shape[1]) + (1,) * (w.dim() - 2))
+
+
+def init_magnitude(weight: torch.Tensor, axis: str = "out") -> torch.Tensor:
+    return weight_norm(weight.detach().float(), axis)
+
+
+class DoRA(Algorithm):
+    is_dora = True
+    weight_independent = False
+
+    def __init__(self, inner: Algorithm):
+        self.inner = inner
+        self.name = inner.name
+        self.keys = frozenset(inner.keys | {"dora_scale"})
+        self.frozen_keys = inner.frozen_keys
+        self.kinds = inner.kinds
+        self.options = inner.options
+        self.rank_dropout_on = getattr(inner, "rank_dropout_on", "output")
+
+    def __repr__(self):
+        return f"DoRA({self.inner.name})"
+
+    def rank(self, t):
+        return self.inner.rank(t)
+
+    def scale(self, t):
+        return self.inner.scale(t)
+
+    def validate_options(self, opts):
+        return self.inner.validate_options(opts)
+
+    def create(self, spec, opts, weight=None, generator=None):
+        raise TypeError("create DoRA through the inner algorithm with dora=True")
+
+    def _parts(self, t, spec, weight):
+        m = t["dora_scale"]
+        axis = magnitude_axis(m, spec)
+        dt = torch.promote_types(m.dtype, weight.dtype)  # fp32 or wider, never the bf16 of a weight
+        m, w = m.to(dt), weight.to(dt)
+        wc = w + self.inner.delta_weight(t, spec, w).to(w.dtype)
+        n = weight_norm(wc, axis) + _EPS
+        m = m.reshape(n.shape)
+        return axis, wc, n, m
+
+    def delta_weight(self, t, spec, weight=None):
+        if weight is None:
+            raise ValueError("DoRA needs the base weight")
+        axis, wc, n, m = self._parts(t, spec, weight)
+        return wc * (m / n) - weight.to(wc.dtype)
+
+    def delta_bias(self, t, spec, bias=None):
+        return self.inner.delta_bias(t, spec, bias)
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None):
+        # y_d = op(x, W_d) = scale ⊙ (W x + γΔW x) for the output axis, op(x⊙scale, W_c) for input.
+        axis, wc, n, m = self._parts(t, spec, weight)
+        g = (m / n).to(x.dtype)
+        y_nb = base_out - channel_view(bias, spec, base_out) if bias is not None else base_out
+        if axis == "out":
+            kw = {"rank_mask": rank_mask} if rank_mask is not None else {}
+            inner = self.inner.forward_delta(x, t, spec, weight, bias, base_out, **kw)
+            gv = channel_view(g.reshape(-1), spec, base_out)
+            return (gv - 1) * y_nb + gv * inner
+        if spec.is_conv and spec.groups != 1:  # per-input-channel scale is per group: materialise
+            return layer_op(x, spec, (wc * g.to(wc.dtype)).to(x.dtype)) - y_nb
+        gx = input_channel_view(g.reshape(-1), spec, x)
+        return layer_op(x * gx, spec, wc.to(x.dtype)) - y_nb
+
+    def export(self, t):
+        return self.inner.export(t)
+
+    def describe(self, t):
+        d = self.inner.describe(t)
+        d["dora"] = True
+        return d
+
+
+_CACHE: dict[str, DoRA] = {}
+
+
+def wrap(inner: Algorithm) -> DoRA:
+    if not inner.supports_dora:
+        from ..errors import ConfigError
+        raise ConfigError(f"algorithm {inner.name!r} does not support DoRA weight decomposition")
+    if inner.name not in _CACHE:
+        _CACHE[inner.name] = DoRA(inner)
+    return _CACHE[inner.name]

@@ -1,0 +1,286 @@
+"""One wrapper for every algorithm: :class:`AdapterLayer`, hooked onto a torch layer by a
+:class:`LayerHost`.
+
+* The base model's module tree and state-dict names never change: the host patches the layer
+  instance's ``forward`` (and restores it exactly when the last adapter leaves).
+* Several adapters may sit on the same layer, each with its own multiplier; each adapter's
+  delta is computed against the base weight (never against another adapter's result).
+* Bypass (default): ``y = f(x) + Σ m_i·Δy_i`` using each algorithm's structured forward.
+  Rebuild: ``y = op(x, W + Σ m_i·ΔW_i)``. Both are tested equal.
+* Merge/unmerge are exact: the first merge takes a snapshot of the original weight (its own
+  dtype); the merged weight is always recomputed as ``cast(snapshot + Σ m_i ΔW_i)`` in fp32 (fp64
+  for fp64 weights), and unmerging the last adapter copies the snapshot back bit for bit —
+  no drift however many cycles run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .algorithms.base import Algorithm, LayerSpec, channel_view, layer_op
+from .errors import ConfigError, ShapeMismatch
+
+_HOST_ATTR = "_lyco_host"
+
+
+def _attr(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """One algorithm on one layer: its tensors (parameters), multiplier and dropout family."""
+
+    def __init__(self, name: str, algorithm: Algorithm, spec: LayerSpec, tensors: Mapping[str, torch.Tensor],
+                 opts: Mapping[str, Any] | None = None, multiplier: float = 1.0, trainable: bool = True,
+                 mode: str = "auto"):
+        super().__init__()
+        self.name = name
+        self.algorithm = algorithm
+        self.spec = spec
+        self.opts = dict(opts or {})
+        self.multiplier = float(multiplier)
+        self.enabled = True
+        self.mode = mode  # "auto" (bypass), "bypass", "rebuild"
+        self._names: list[str] = []
+        self.params = nn.ParameterDict()
+        for k, v in tensors.items():
+            self._names.append(k)
+            if k in algorithm.frozen_keys or not v.is_floating_point():
+                self.register_buffer(_attr(k), v.detach().clone())
+            else:
+                self.params[_attr(k)] = nn.Parameter(v.detach().clone(), requires_grad=trainable)
+        self.host: LayerHost | None = None
+        self.merged_multiplier: float | None = None
+
+    # -- tensors ----------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for k in self._names:
+            a = _attr(k)
+            out[k] = self.params[a] if a in self.params else getattr(self, a)
+        return out
+
+    def exported(self) -> dict[str, torch.Tensor]:
+        """Tensors as they go to a file (scalar folded, OFT constraint baked…), detached fp32 CPU."""
+        with torch.no_grad():
+            t = {k: v.detach() for k, v in self.tensors().items()}
+            t = self.algorithm.export(t)
+            return {k: v.detach().to("cpu").clone() for k, v in t.items()}
+
+    @property
+    def is_merged(self) -> bool:
+        return self.merged_multiplier is not None
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.algorithm!r} on {self.spec.kind}{tuple(self.spec.weight_shape)}, m={self.multiplier}"
+
+    # -- math at this layer -----------------------------------------------------------
+    def _training_tensors(self) -> dict[str, torch.Tensor]:
+        t = self.tensors()
+        if self.training and getattr(self.algorithm, "name", "") == "dylora":
+            from .algorithms.lora import DyLoRA
+            block = int(self.opts.get("block_size", 1) or 1)
+            r = t["lora_down.weight"].shape[0]
+            b = DyLoRA.sample_rank(r, block)
+            t = DyLoRA.prefix(t, b, block)
+        return t
+
+    def delta_output(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     base_out: torch.Tensor) -> torch.Tensor | None:
+        """m·Δy for this input, the dropout family applied in training."""
+        o = self.opts
+        if self.training and o.get("module_dropout", 0.0) > 0 and float(torch.rand(())) < o["module_dropout"]:
+            return None
+        t = self._training_tensors()
+        kw = {}
+        out_mask = None
+        p = o.get("rank_dropout", 0.0) if self.training else 0.0
+        if p > 0:
+            if getattr(self.algorithm, "rank_dropout_on", "output") == "rank":
+                r = self.algorithm.rank(t)
+                mask = (torch.rand(r, device=x.device) > p).to(x.dtype)
+                if o.get("rank_dropout_scale"):
+                    mask = mask / mask.mean().clamp_min(1e-6)
+                kw["rank_mask"] = mask
+            else:
+                out_mask = (torch.rand(self.spec.out_dim, device=x.device) > p).to(x.dtype)
+                if o.get("rank_dropout_scale"):
+                    out_mask = out_mask / out_mask.mean().clamp_min(1e-6)
+        d = self.algorithm.forward_delta(x, t, self.spec, weight, bias, base_out, **kw)
+        if out_mask is not None:
+            d = d * channel_view(out_mask, self.spec, d)
+        if self.training and o.get("dropout", 0.0) > 0:
+            d = F.dropout(d, o["dropout"], training=True)
+        return d * self.multiplier
+
+    def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):
+        """(W', b') = this adapter applied to (W, b) at ``multiplier`` (differentiable)."""
+        t = self._training_tensors() if self.training else self.tensors()
+        dt = weight.dtype
+        t = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in t.items()}
+        return self.algorithm.merged(t, self.spec, weight, bias, multiplier)
+
+
+class LayerHost:
+    """Lives on a base layer (``layer._lyco_host``); owns the patched forward and the snapshot."""
+
+    def __init__(self, module: nn.Module, spec: LayerSpec):
+        self.module = module
+        self.spec = spec
+        self.adapters: list[AdapterLayer] = []
+        self.merged: list[AdapterLayer] = []
+        self.snapshot_w: torch.Tensor | None = None
+        self.snapshot_b: torch.Tensor | None = None
+        self._prev_forward = module.__dict__.get("forward")
+        self._orig = self._prev_forward if self._prev_forward is not None else type(module).forward.__get__(module)
+        self._forward = self._make_forward()
+        object.__setattr__(module, "forward", self._forward)
+        object.__setattr__(module, _HOST_ATTR, self)
+
+    @classmethod
+    def of(cls, module: nn.Module, create: bool = True) -> "LayerHost | None":
+        h = module.__dict__.get(_HOST_ATTR)
+        if h is None and create:
+            h = cls(module, LayerSpec.from_module(module))
+        return h
+
+    def _make_forward(self):
+        host = self
+
+        def forward(x, *args, **kwargs):
+            return host.run(x, *args, **kwargs)
+
+        return forward
+
+    def run(self, x, *args, **kwargs):
+        active = [a for a in self.adapters if a.enabled and not a.is_merged and a.multiplier != 0.0]
+        if not active:
+            return self._orig(x, *args, **kwargs)
+        mod = self.module
+        if any(a.mode == "rebuild" for a in active):
+            w, b = mod.weight, mod.bias
+            for a in active:
+                w2, b2 = a.merged_weight(mod.weight, mod.bias, a.multiplier)
+                w = w + (w2 - mod.weight)
+                if b2 is not None and mod.bias is not None:
+                    b = b + (b2 - mod.bias)
+                elif b2 is not None:
+                    b = b2 if b is None else b + b2
+            return layer_op(x, self.spec, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+        y = self._orig(x, *args, **kwargs)
+        out = y
+        for a in active:
+            d = a.delta_output(x, mod.weight, mod.bias, y)
+            if d is not None:
+                out = out + d.to(y.dtype)
+        return out
+
+    # -- membership ---------------------------------------------------------------------
+    def add(self, adapter: AdapterLayer) -> None:
+        if adapter in self.adapters:
+            return
+        adapter.host = self
+        self.adapters.append(adapter)
+
+    def remove(self, adapter: AdapterLayer) -> None:
+        if adapter.is_merged:
+            self.unmerge(adapter)
+        if adapter in self.adapters:
+            self.adapters.remove(adapter)
+        adapter.host = None
+        if not self.adapters:
+            self.close()
+
+    def close(self) -> None:
+        mod = self.module
+        if mod.__dict__.get("forward") is self._forward:
+            if self._prev_forward is not None:
+                object.__setattr__(mod, "forward", self._prev_forward)
+            else:
+                del mod.__dict__["forward"]
+        mod.__dict__.pop(_HOST_ATTR, None)
+
+    # -- exact merge / unmerge ----------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, adapter: AdapterLayer, multiplier: float) -> None:
+        if adapter.is_merged:
+            self.unmerge(adapter)
+        mod = self.module
+        if self.snapshot_w is None:
+            self.snapshot_w = mod.weight.detach().clone()
+            self.snapshot_b = mod.bias.detach().clone() if mod.bias is not None else None
+        adapter.merged_multiplier = float(multiplier)
+        self.merged.append(adapter)
+        self._recompute()
+
+    @torch.no_grad()
+    def unmerge(self, adapter: AdapterLayer) -> None:
+        if adapter not in self.merged:
+            return
+        self.merged.remove(adapter)
+        adapter.merged_multiplier = None
+        mod = self.module
+        if not self.merged:
+            mod.weight.data.copy_(self.snapshot_w)
+            if self.snapshot_b is not None:
+                mod.bias.data.copy_(self.snapshot_b)
+            self.snapshot_w = self.snapshot_b = None
+        else:
+            self._recompute()
+
+    @torch.no_grad()
+    def _recompute(self) -> None:
+        mod = self.module
+        acc = _accum_dtype(self.snapshot_w.dtype)
+        w = self.snapshot_w.to(acc)
+        b = self.snapshot_b.to(acc) if self.snapshot_b is not None else None
+        w0, b0 = w, b
+        dw = torch.zeros_like(w)
+        db = torch.zeros_like(b) if b is not None else None
+        for a in self.merged:
+            was = a.training
+            a.training = False
+            w2, b2 = a.merged_weight(w0, b0, a.merged_multiplier)
+            a.training = was
+            dw += w2 - w0
+            if b2 is not None and db is not None:
+                db += b2 - b0
+        mod.weight.data.copy_((w0 + dw).to(self.snapshot_w.dtype))
+        if b is not None:
+            mod.bias.data.copy_((b0 + db).to(self.snapshot_b.dtype))
+
+
+def check_fits(adapter_name: str, algorithm: Algorithm, tensors: Mapping[str, torch.Tensor], module: nn.Module,
+               spec: LayerSpec, file: str | None = None) -> None:
+    """Raise :class:`ShapeMismatch` unless the tensors produce a ΔW of the layer's shape."""
+    if not algorithm.supports(spec):
+        raise ShapeMismatch(adapter_name, spec.weight_shape, spec.weight_shape, file=file,
+                            detail=f"algorithm {algorithm.name!r} does not support {spec.kind} layers")
+    try:
+        with torch.no_grad():
+            # shape arithmetic only: every tensor but 0-d scalars goes to the meta device
+            t = {k: (v.detach().cpu() if v.dim() == 0 else torch.empty(v.shape, device="meta", dtype=torch.float32))
+                 for k, v in tensors.items()}
+            w = None if algorithm.weight_independent else torch.empty(spec.weight_shape, device="meta")
+            found = tuple(algorithm.delta_weight(t, spec, w).shape)
+    except ShapeMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 — any shape arithmetic failure means "does not fit"
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ShapeMismatch(adapter_name, (), spec.weight_shape, file=file,
+                            detail=f"{algorithm.name} tensors {shapes} cannot form a delta for this layer: {e}") from None
+    if found != tuple(spec.weight_shape):
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        raise ShapeMismatch(adapter_name, found, spec.weight_shape, file=file, detail=f"tensors {shapes}")
+    if "diff_b" in tensors and getattr(module, "bias", None) is None:
+        raise ShapeMismatch(adapter_name, tuple(tensors["diff_b"].shape), (), file=file,
+                            detail="the adapter has a bias delta but the layer has no bias")
