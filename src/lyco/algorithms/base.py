@@ -342,6 +342,11 @@ class Algorithm:
         """Tensors as written to a file (e.g. ``scalar`` folded into a factor)."""
         return {k: v for k, v in t.items()}
 
+    def infer_weight_shape(self, t: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+        """The adapted weight's shape from the tensors alone, possibly flattened to 2-D
+        ``(out, in·∏k)`` (enough for norms and SVD); None when it needs the base layer."""
+        return None
+
     def describe(self, t: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Human-facing summary used by ``lyco inspect``."""
         return {"rank": self.rank(t), "alpha": scalar_of(t), "scale": self.scale(t)}

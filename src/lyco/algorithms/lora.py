@@ -83,6 +83,12 @@ class LoRA(Algorithm):
     def rank(self, t):
         return int(t["lora_down.weight"].shape[0])
 
+    def infer_weight_shape(self, t):
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        mid = t.get("lora_mid.weight")
+        kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
+        return (up.shape[0], down.shape[1]) + kernel
+
     def _gain(self, t) -> torch.Tensor | float:
         g = alpha_scale(t, self.rank(t))
         s = t.get("scalar")
