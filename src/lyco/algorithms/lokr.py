@@ -1,0 +1,231 @@
+"""LoKr: ΔW = γ · kron(W1, W2), each factor full or low-rank (Yeh et al. 2024, LyCORIS).
+
+Split (``factorization`` from factorize.py; ``in`` means ``in/groups`` for convs):
+  ``(out_l, out_k) = fact(out)`` (swapped by ``unbalanced_factorization``), ``(in_m, in_n) = fact(in)``.
+  W1 ``(out_l, in_m)``: full ``lokr_w1`` unless ``decompose_both`` and r < max(out_l, in_m)/2 and
+  not ``full_matrix``, then ``lokr_w1_a (out_l, r)``, ``lokr_w1_b (r, in_m)``.
+  W2 ``(out_k, in_n, *k)``: decomposed iff r < max(out_k, in_n)/2 and not ``full_matrix``:
+    linear / non-Tucker conv  ``lokr_w2_a (out_k, r)``, ``lokr_w2_b (r, in_n·∏k)`` (flattened)
+    Tucker (k×k conv)         ``lokr_w2_a (r, out_k)``, ``lokr_w2_b (r, in_n)``, ``lokr_t2 (r, r, *k)``
+  otherwise full ``lokr_w2 (out_k, in_n, *k)``.
+  For convs W1 is unsqueezed to ``(out_l, in_m, 1, …)`` in the kron: the kernel stays in W2.
+
+γ = alpha / r with r the decomposed side's ``_b.shape[0]`` (``lokr_w2_b`` first, else
+``lokr_w1_b``), and γ = 1 when both factors are full (the stored alpha is then ignored, even
+inf/NaN, as ComfyUI and A1111 do).
+
+Structured forward (never builds ΔW): ``kron(W1, W2)[i·out_k + k, j·in_n + n] = W1[i,j]·W2[k,n]``,
+so with x's features viewed as ``X (in_m, in_n)``, ``y = vec(W1 · X · W2ᵀ)``. Grouped convs and
+padding modes other than "zeros" materialise ΔW instead.
+
+Deliberate differences from LyCORIS: γ is applied once everywhere (its merge path applies γ²);
+with both factors full and rs_lora its forward scales by √r while loaders use 1: we use 1 and
+store alpha = rank (see ``create``); its bypass path is wrong for grouped convs, ours falls back
+to the materialised ΔW there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .base import (
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, alpha_scale, alpha_tensor, flat, layer_op,
+    rebuild_tucker, register,
+)
+from .factorize import factorization
+
+_CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
+
+
+def _kaiming(shape, generator=None):
+    w = torch.empty(shape, dtype=torch.float32)
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5) reduces to U(-1/√fan_in, 1/√fan_in)
+    w.uniform_(-bound, bound, generator=generator)
+    return w
+
+
+def lokr_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bool = False,
+                full_matrix: bool = False, unbalanced_factorization: bool = False,
+                tucker: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors (and their shapes) LyCORIS's LokrModule creates for this layer and options."""
+    in_m, in_n = factorization(spec.in_dim, factor)
+    out_l, out_k = factorization(spec.out_dim, factor)
+    if unbalanced_factorization:
+        out_l, out_k = out_k, out_l
+    k = spec.kernel if spec.is_conv else ()
+    shapes: dict[str, tuple[int, ...]] = {}
+    if decompose_both and rank < max(out_l, in_m) / 2 and not full_matrix:
+        shapes["lokr_w1_a"] = (out_l, rank)
+        shapes["lokr_w1_b"] = (rank, in_m)
+    else:
+        shapes["lokr_w1"] = (out_l, in_m)
+    if rank < max(out_k, in_n) / 2 and not full_matrix:
+        if tucker and spec.is_kxk_conv:
+            shapes["lokr_t2"] = (rank, rank) + k
+            shapes["lokr_w2_a"] = (rank, out_k)
+            shapes["lokr_w2_b"] = (rank, in_n)
+        else:
+            shapes["lokr_w2_a"] = (out_k, rank)
+            shapes["lokr_w2_b"] = (rank, in_n * (math.prod(k) if k else 1))
+    else:
+        shapes["lokr_w2"] = (out_k, in_n) + k
+    return shapes
+
+
+@register
+class LoKr(Algorithm):
+    name = "lokr"
+    keys = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                      "lokr_t2", "alpha", "scalar"})
+    detect_keys = ()  # detect() is overridden: lokr_w1 *or* lokr_w1_a
+    options = {"factor": -1, "decompose_both": False, "full_matrix": False,
+               "unbalanced_factorization": False, "use_tucker": False, "use_scalar": False,
+               "rs_lora": False}
+    supports_dora = True
+
+    @classmethod
+    def detect(cls, keys, tensors=None) -> bool:
+        return "lokr_w1" in keys or "lokr_w1_a" in keys
+
+    def create(self, spec, opts, weight=None, generator=None) -> Tensors:
+        r = int(opts["rank"])
+        shapes = lokr_shapes(spec, r, int(opts.get("factor", -1)), bool(opts.get("decompose_both")),
+                             bool(opts.get("full_matrix")), bool(opts.get("unbalanced_factorization")),
+                             bool(opts.get("use_tucker")))
+        full_full = "lokr_w1" in shapes and "lokr_w2" in shapes
+        alpha = opts.get("alpha")
+        alpha = float(r if alpha in (None, 0) else alpha)
+        if full_full:
+            # Both factors full: γ is 1 and every reader ignores the stored alpha. We store the
+            # configured rank, a finite number. (LyCORIS stores rank·rank/r_factor, which for
+            # rs_lora is r·√r, and then its own forward scales by √r: we keep γ = 1, the loaders'
+            # reading, with or without rs_lora.)
+            alpha = float(r)
+        elif opts.get("rs_lora"):
+            alpha = alpha * math.sqrt(r)  # stored so that alpha/r == α/√r
+        use_scalar = bool(opts.get("use_scalar"))
+        t: Tensors = {}
+        # LyCORIS's LokrModule draws in this order; keeping it makes a seeded global RNG give
+        # the same tensors as LyCORIS.
+        if "lokr_w2" in shapes:
+            t["lokr_w2"] = (_kaiming(shapes["lokr_w2"], generator) if use_scalar
+                            else torch.zeros(shapes["lokr_w2"], dtype=torch.float32))
+        else:
+            if "lokr_t2" in shapes:
+                t["lokr_t2"] = _kaiming(shapes["lokr_t2"], generator)
+            t["lokr_w2_a"] = _kaiming(shapes["lokr_w2_a"], generator)
+            t["lokr_w2_b"] = (_kaiming(shapes["lokr_w2_b"], generator) if use_scalar
+                              else torch.zeros(shapes["lokr_w2_b"], dtype=torch.float32))
+        if "lokr_w1" in shapes:
+            t["lokr_w1"] = _kaiming(shapes["lokr_w1"], generator)
+        else:
+            t["lokr_w1_a"] = _kaiming(shapes["lokr_w1_a"], generator)
+            t["lokr_w1_b"] = _kaiming(shapes["lokr_w1_b"], generator)
+        if use_scalar:
+            t["scalar"] = torch.zeros((), dtype=torch.float32)
+        t["alpha"] = alpha_tensor(alpha)
+        return t
+
+    def rank(self, t):
+        for k in ("lokr_w2_b", "lokr_w1_b"):
+            if k in t:
+                return int(t[k].shape[0])
+        return None  # both factors full
+
+    def scale(self, t):
+        r = self.rank(t)
+        # Both factors full: γ = 1 whatever alpha says (ComfyUI/A1111 do the same).
+        return 1.0 if r is None else alpha_scale(t, r)
+
+    def _gain(self, t) -> torch.Tensor | float:
+        # γ applied exactly once (LyCORIS's get_diff_weight/merge applies it twice: a known bug).
+        g = self.scale(t)
+        s = t.get("scalar")
+        return s * g if s is not None else g
+
+    @staticmethod
+    def _w1(t: Mapping[str, torch.Tensor], dtype=None) -> torch.Tensor:
+        if "lokr_w1" in t:
+            w1 = t["lokr_w1"]
+            return w1.to(dtype) if dtype is not None else w1
+        a, b = t["lokr_w1_a"], t["lokr_w1_b"]
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
+        return a @ b
+
+    @staticmethod
+    def _w2_flat(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """W2 as 2-D ``(out_k, in_n·∏k)``, row-major (the flattened conv layout)."""
+        if "lokr_w2" in t:
+            return flat(t["lokr_w2"])
+        a, b = t["lokr_w2_a"], t["lokr_w2_b"]
+        if "lokr_t2" in t:
+            return flat(rebuild_tucker(t["lokr_t2"], a, b))
+        return a @ flat(b)
+
+    def delta_weight(self, t, spec, weight=None):
+        w1 = self._w1(t)
+        # kron(W1, W2 flattened) reshaped == kron(W1[..., None, None], W2 4-D): the flattened
+        # column index j·(in_n·∏k) + n·∏k + s is exactly (j·in_n + n)·∏k + s.
+        dw = torch.kron(w1, self._w2_flat(t)).reshape(spec.weight_shape)
+        return dw * self._gain(t)
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out):
+        gain = self._gain(t)
+        if spec.kind == LINEAR:
+            w1 = self._w1(t, x.dtype)
+            in_m = w1.shape[1]
+            h = x.reshape(*x.shape[:-1], in_m, -1)             # (…, in_m, in_n)
+            if "lokr_w2" in t:
+                h = F.linear(h, t["lokr_w2"].to(x.dtype))      # (…, in_m, out_k)
+            else:
+                h = F.linear(h, t["lokr_w2_b"].to(x.dtype))
+                h = F.linear(h, t["lokr_w2_a"].to(x.dtype))
+            y = torch.matmul(w1, h)                             # (…, out_l, out_k)
+            return y.reshape(*y.shape[:-2], -1) * gain
+        if spec.kind in CONV_KINDS and spec.groups == 1 and spec.padding_mode == "zeros":
+            return self._conv_delta(x, t, spec) * gain
+        # grouped convs / padding modes: materialise ΔW
+        return layer_op(x, spec, self.delta_weight(t, spec).to(x.dtype))
+
+    def _conv_delta(self, x, t, spec):
+        conv = _CONV_FN[spec.kind]
+        nk = len(spec.kernel)
+        ones = (1,) * nk
+        unbatched = x.dim() == nk + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        w1 = self._w1(t, x.dtype)
+        in_m = w1.shape[1]
+        n, sp = x.shape[0], x.shape[2:]
+        h = x.reshape(n * in_m, -1, *sp)                  # in_m folded into the batch
+        kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
+        if "lokr_w2" in t:
+            w2 = t["lokr_w2"].to(x.dtype)
+            h = conv(h, w2.reshape(w2.shape[0], -1, *spec.kernel), None, **kw)
+        else:
+            a, b = t["lokr_w2_a"].to(x.dtype), t["lokr_w2_b"].to(x.dtype)
+            if "lokr_t2" in t:
+                core = t["lokr_t2"].to(x.dtype)
+                h = conv(h, b.reshape(b.shape[0], -1, *ones))        # (r, in_n) 1×1
+                h = conv(h, core, None, **kw)                        # (r, r, *k)
+                h = conv(h, a.t().reshape(a.shape[1], -1, *ones))    # (out_k, r) 1×1
+            else:
+                h = conv(h, b.reshape(b.shape[0], -1, *spec.kernel), None, **kw)
+                h = conv(h, a.reshape(a.shape[0], -1, *ones))
+        h = h.reshape(n, in_m, *h.shape[1:])              # (N, in_m, out_k, *sp')
+        y = torch.einsum("ij,nj...->ni...", w1, h)        # (N, out_l, out_k, *sp')
+        y = y.reshape(n, -1, *y.shape[3:])
+        return y.squeeze(0) if unbatched else y
+
+    def export(self, t):
+        out = {k: v for k, v in t.items() if k != "scalar"}
+        if "scalar" in t:
+            k = "lokr_w1" if "lokr_w1" in t else "lokr_w1_a"
+            out[k] = t[k] * t["scalar"]
+        return out
