@@ -166,8 +166,11 @@ def test_two_adapters_stack_with_own_multipliers():
     a.merge()
     b.merge()
     y_merged = model(x)
-    a.unmerge()
-    torch.testing.assert_close(model(x), yb, rtol=1e-9, atol=1e-9)  # b still merged, a off
+    a.unmerge()  # a back to bypass, b still merged: same function
+    torch.testing.assert_close(model(x), yab, rtol=1e-9, atol=1e-9)
+    a.disable()
+    torch.testing.assert_close(model(x), yb, rtol=1e-9, atol=1e-9)  # only b (merged)
+    a.enable()
     b.unmerge()
     torch.testing.assert_close(y_merged, yab, rtol=1e-9, atol=1e-9)
     b.detach()

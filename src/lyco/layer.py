@@ -115,12 +115,15 @@ class AdapterLayer(nn.Module):
                 out_mask = (torch.rand(self.spec.out_dim, device=x.device) > p).to(x.dtype)
                 if o.get("rank_dropout_scale"):
                     out_mask = out_mask / out_mask.mean().clamp_min(1e-6)
+        linear = getattr(self.algorithm, "linear_in_multiplier", True)
+        if not linear:  # BOFT interpolates each stage: the multiplier goes inside
+            kw["multiplier"] = self.multiplier
         d = self.algorithm.forward_delta(x, t, self.spec, weight, bias, base_out, **kw)
         if out_mask is not None:
             d = d * channel_view(out_mask, self.spec, d)
         if self.training and o.get("dropout", 0.0) > 0:
             d = F.dropout(d, o["dropout"], training=True)
-        return d * self.multiplier
+        return d * self.multiplier if linear else d
 
     def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):
         """(W', b') = this adapter applied to (W, b) at ``multiplier`` (differentiable)."""

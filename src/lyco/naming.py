@@ -188,7 +188,10 @@ def _join(a: str, b: str) -> str:
     return f"{a}_{b}" if b else a
 
 
-_LDM_RE = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|label_emb|out_\d)")
+# Each LDM block name is followed by its index: a bare prefix test would also claim the
+# diffusers name ``time_embedding_linear_1`` (prefix ``time_embed``) as LDM, and then refuse
+# a kohya/LyCORIS "full" file for mixing styles.
+_LDM_RE = re.compile(r"^(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_\d")
 _DIFFUSERS_RE = re.compile(r"^(down_blocks|mid_block|up_blocks|time_embedding|add_embedding|conv_in|conv_out|conv_norm_out)")
 
 
@@ -261,6 +264,33 @@ def adaptable(module: nn.Module) -> bool:
     return layer_kind(module) is not None
 
 
+# identifiers containing underscores in SD UNets (diffusers) and CLIP (transformers) module paths
+_VOCAB = frozenset("""
+down_blocks mid_block up_blocks transformer_blocks time_emb_proj conv_shortcut to_q to_k to_v to_out
+proj_in proj_out linear_1 linear_2 time_embedding add_embedding conv_in conv_out conv_norm_out
+text_model self_attn q_proj k_proj v_proj out_proj layer_norm1 layer_norm2 final_layer_norm
+token_embedding position_embedding text_projection norm_out time_proj add_time_proj conv_act activation_fn
+""".split())
+_MAX_WORD = max(w.count("_") + 1 for w in _VOCAB)
+
+
+def dot_path(flat: str) -> str:
+    """Restore the dots of a flattened SD UNet / CLIP path (``down_blocks_0_attentions_0_proj_in`` →
+    ``down_blocks.0.attentions.0.proj_in``) by greedy longest match against the known identifiers.
+    Exact for every module of SD1.x/SD2.x/SDXL UNets and CLIP encoders (tested against the real
+    architectures); other names keep their underscores between unknown tokens as dots."""
+    toks = flat.split("_")
+    out, i = [], 0
+    while i < len(toks):
+        for k in range(min(_MAX_WORD, len(toks) - i), 0, -1):
+            w = "_".join(toks[i:i + k])
+            if k == 1 or w in _VOCAB:
+                out.append(w)
+                i += k
+                break
+    return ".".join(out)
+
+
 @lru_cache(maxsize=8)
 def family_flat_table(family: str, component: str) -> dict[str, str]:
     """Flattened → dotted canonical paths for a known family, built on the meta device.
@@ -269,7 +299,12 @@ def family_flat_table(family: str, component: str) -> dict[str, str]:
     """
     try:
         from .models import configs
-        root = configs.build(family, component, device="meta")
+        if component == UNET:
+            root = configs.build_unet(family, device="meta")
+        elif component in (TE, TE2):
+            root = configs.build_text_encoder(family, index=1 if component == TE else 2, device="meta")
+        else:
+            return {}
     except Exception:  # noqa: BLE001 — optional: without diffusers we keep flat names
         return {}
     table = NameTable(component, root)

@@ -161,7 +161,6 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         raise FormatError(f"mixes UNet naming styles (LDM e.g. {ldm}, diffusers e.g. {dif}); "
                           "a file must use one style", file=source)
     layout = _structural_layout(fam, unet_flats)
-    tables = {}
     modules: dict[str, ModuleAdapter] = {}
     for (comp, flat), t in grouped.items():
         mod_key = f"{naming.component_prefix(comp, comp == 'text_encoder_2')}_{flat}"
@@ -176,12 +175,9 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
                               f"{alg.name!r} (expected some of {sorted(alg.keys)})", file=source)
         if comp == "unet" and naming.unet_style(flat) == "ldm":
             flat = naming.unet_flat_from_ldm(flat, layout)
-        if fam and comp != "model":
-            if comp not in tables:
-                tables[comp] = naming.family_flat_table(fam, comp)
-            path = tables[comp].get(flat, flat)
-        else:
-            path = flat
+        # SD components get their dots back (exact for SD UNets/CLIP); generic modules stay flat
+        # (resolution against a model compares flattened strings, so both forms attach alike)
+        path = naming.dot_path(flat) if comp != "model" else flat
         name = f"{comp}.{path}"
         if name in modules:
             raise FormatError(f"module {mod_key!r} appears twice (under two names)", file=source)

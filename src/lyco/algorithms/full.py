@@ -1,0 +1,68 @@
+"""Full ("native fine-tuning"): the adapter *is* the weight delta.
+
+File tensors (LyCORIS/kohya, read by A1111, ComfyUI and InvokeAI):
+  ``diff``    ΔW, same shape as the layer's weight;
+  ``diff_b``  Δb, same shape as the bias (optional).
+No alpha, no scale: ``W' = W + m·diff``, ``b' = b + m·diff_b`` (LyCORIS merge, A1111
+``network_full``, ComfyUI ``diff`` patches all agree).
+
+LyCORIS trains the absolute weight and writes ``weight − W_orig`` at save time; we train the
+difference directly, which is the same function and the same file. ``create`` therefore starts
+from zeros (ΔW = 0). Layers: linear, conv1d/2d/3d, and LayerNorm/GroupNorm (A1111 and ComfyUI
+apply ``diff`` to any weight; LyCORIS itself only wraps linear/conv with ``full``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import (
+    CONV1D, CONV2D, CONV3D, GROUPNORM, LAYERNORM, LINEAR, Algorithm, Tensors, layer_op, register,
+)
+
+
+def full_delta_weight(diff: torch.Tensor, weight_shape) -> torch.Tensor:
+    """``diff`` in the layer's layout (a linear↔1×1-conv difference in trailing 1s is reshaped)."""
+    if tuple(diff.shape) != tuple(weight_shape):
+        return diff.reshape(weight_shape)
+    return diff
+
+
+@register
+class Full(Algorithm):
+    name = "full"
+    keys = frozenset({"diff", "diff_b"})
+    detect_keys = ("diff",)
+    frozen_keys = frozenset()  # no alpha: every tensor is trained
+    kinds = (LINEAR, CONV1D, CONV2D, CONV3D, LAYERNORM, GROUPNORM)
+
+    def create(self, spec, opts, weight=None, generator=None) -> Tensors:
+        t: Tensors = {"diff": torch.zeros(spec.weight_shape, dtype=torch.float32)}
+        if spec.has_bias:
+            # a norm's bias has its weight's shape
+            bias_shape = spec.weight_shape if spec.is_norm else (spec.out_dim,)
+            t["diff_b"] = torch.zeros(bias_shape, dtype=torch.float32)
+        return t
+
+    def scale(self, t):
+        return 1.0
+
+    def delta_weight(self, t, spec, weight=None):
+        return full_delta_weight(t["diff"], spec.weight_shape)
+
+    def delta_bias(self, t, spec, bias=None):
+        # Decision: a ``diff_b`` for a bias-free layer is ignored, as LyCORIS's merge and ComfyUI
+        # (whose patch finds no ``bias`` key) do; only A1111 would create a new bias for it.
+        db = t.get("diff_b")
+        if db is None or not spec.has_bias:
+            return None
+        return db.reshape(spec.weight_shape if spec.is_norm else (spec.out_dim,))
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out):
+        # op is linear in (W, b): Δy = op(x, diff, diff_b) (for a norm: normalize(x)·diff + diff_b).
+        dw = self.delta_weight(t, spec).to(x.dtype)
+        db = self.delta_bias(t, spec)
+        return layer_op(x, spec, dw, None if db is None else db.to(x.dtype))
+
+    def describe(self, t):
+        return {"rank": None, "alpha": None, "scale": 1.0, "bias": "diff_b" in t}

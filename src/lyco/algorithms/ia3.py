@@ -1,0 +1,89 @@
+"""(IA)³: learned per-channel rescaling of a layer's weight, on its output or its input axis.
+
+File tensors (LyCORIS):
+  ``weight``    ``(C,)`` for linear, ``(1, C, 1, …)`` for conv (both shapes are accepted on read);
+                C = out features, or in channels when ``on_input``;
+  ``on_input``  0-d int64 flag (detection key; files saved in fp16 carry it as a float 0./1.).
+No alpha. ``create`` starts from zeros, i.e. the identity scaling.
+
+Semantics (LyCORIS merge, A1111 ``network_ia3``): ``W' = W ⊙ (1 + m·w)`` broadcast along the
+output axis (rows), or along the input axis (columns) when ``on_input``; the **bias is never
+scaled**. So ``ΔW = W ⊙ w`` depends on the base weight, and ``W + m·ΔW`` is linear in m.
+
+Deliberate differences from LyCORIS:
+  * LyCORIS's *bypass* forward computes ``f(x)·(1 + m·w)`` in output mode, which scales the bias
+    too, so its bypass and its merge disagree on any layer with a bias. We follow the merge
+    (what the loaders compute) in both of our paths: ``Δy = w ⊙ (f(x) − b)``.
+  * LyCORIS cannot reload its own IA3 files (``make_module_from_state_dict`` receives
+    ``on_input`` as an extra argument and raises TypeError); we read ``on_input`` properly.
+  * A grouped conv in input mode: ``w`` has one entry per *input channel* (``in_channels``, as
+    LyCORIS sizes it); each output row reads the columns of its own group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import (
+    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, channel_view, input_channel_view, layer_op,
+    register,
+)
+
+
+def ia3_on_input(t) -> bool:
+    flag = t.get("on_input")
+    return flag is not None and float(flag.reshape(-1)[0]) != 0.0
+
+
+def ia3_row_col_scale(w: torch.Tensor, spec, on_input: bool) -> torch.Tensor:
+    """The per-entry factor of ΔW = W ⊙ factor, broadcastable against the weight."""
+    w = w.reshape(-1)
+    nd = len(spec.weight_shape)
+    if not on_input:
+        return w.reshape((spec.out_dim,) + (1,) * (nd - 1))
+    if spec.is_conv and spec.groups != 1:
+        # column j of a row in group g multiplies input channel g·(in/groups) + j
+        per_row = w.reshape(spec.groups, spec.in_dim).repeat_interleave(spec.out_dim // spec.groups, dim=0)
+        return per_row.reshape((spec.out_dim, spec.in_dim) + (1,) * (nd - 2))
+    return w.reshape((1, spec.in_dim) + (1,) * (nd - 2))
+
+
+@register
+class IA3(Algorithm):
+    name = "ia3"
+    keys = frozenset({"weight", "on_input"})
+    detect_keys = ("on_input",)
+    frozen_keys = frozenset({"on_input"})
+    kinds = (LINEAR, CONV1D, CONV2D, CONV3D)
+    options = {"train_on_input": False}
+    weight_independent = False
+
+    def create(self, spec, opts, weight=None, generator=None) -> Tensors:
+        on_input = bool(opts.get("train_on_input", False))
+        c = spec.in_dim * spec.groups if on_input else spec.out_dim
+        shape = (1, c) + (1,) * len(spec.kernel) if spec.is_conv else (c,)
+        return {"weight": torch.zeros(shape, dtype=torch.float32),
+                "on_input": torch.tensor(int(on_input), dtype=torch.int64)}
+
+    def scale(self, t):
+        return 1.0
+
+    def delta_weight(self, t, spec, weight=None):
+        if weight is None:
+            raise ValueError("IA3 needs the base weight (ΔW = W ⊙ w)")
+        w = t["weight"]
+        return weight * ia3_row_col_scale(w, spec, ia3_on_input(t)).to(weight.dtype)
+
+    def delta_bias(self, t, spec, bias=None):
+        return None  # the bias is not scaled (merge semantics; see module doc)
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out):
+        w = t["weight"].reshape(-1).to(x.dtype)
+        if ia3_on_input(t):
+            # op(x ⊙ w, W) without bias == op(x, W ⊙ w_columns); channel scaling commutes with padding
+            return layer_op(x * input_channel_view(w, spec, x), spec, weight.to(x.dtype))
+        y = base_out if bias is None else base_out - channel_view(bias.to(base_out.dtype), spec, base_out)
+        return y * channel_view(w, spec, y)
+
+    def describe(self, t):
+        return {"rank": None, "alpha": None, "scale": 1.0, "on_input": ia3_on_input(t)}

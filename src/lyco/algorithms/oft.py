@@ -1,0 +1,355 @@
+"""Orthogonal fine-tuning: Diag-OFT (block-diagonal rotation) and BOFT (butterfly of rotations).
+
+Both rotate the *output features* of a layer — an orthogonal map applied to the rows of W (and, in
+the bypass path, to the channels of ``f(x) − b``) — and leave the bias untouched.
+Layers: linear and conv1d/2d/3d without groups (mixing rows across groups would not be a grouped
+conv any more).
+
+File tensors (LyCORIS):
+  ``oft_blocks``  Diag-OFT ``(num_blocks, b, b)``; BOFT ``(m, num_blocks, b, b)`` (detection: ndim 3 / 4)
+  ``rescale``     optional ``(out, 1, …)`` per-output-row gain applied after the rotation
+  ``alpha``       the COFT constraint (see "constraint convention" below)
+
+Rotation (both): ``Q = B − Bᵀ`` (skew-symmetric); COFT: if ``‖Q‖_F + 1e-8 > κ`` (Frobenius norm over
+*all* blocks — and for BOFT all stages — jointly, κ > 0), ``Q ← Q·κ/(‖Q‖_F + 1e-8)``; Cayley
+``R = (I+Q)(I−Q)⁻¹``, computed as ``solve(I−Q, I+Q)`` (the factors commute) in fp32, or fp64 when
+the blocks are fp64, whatever the weight's dtype.
+
+Diag-OFT, per block k of b output rows (LyCORIS merge, A1111 and ComfyUI all agree):
+  ``W'[k·b+j, …] = Σ_n R_k[n, j]·W[k·b+n, …]``  i.e. **Rᵀ** per block,
+  then ``W' ← rescale ⊙ W'``; ΔW = W' − W. Multiplier: ``W + m·ΔW`` (linear in m). Without
+  rescale this is exactly LyCORIS's ``R_m = I + m(R − I)``; with rescale LyCORIS leaves the rescale
+  un-interpolated (``rescale ⊙ R_mᵀW``, which is not W at m = 0) — we scale the whole delta, as
+  the loaders' ``W + m·ΔW`` does, so m = 0 is the base model. Both agree at m = 1. (ComfyUI's
+  Diag-OFT ignores ``rescale`` and applies its strength twice, ``W + s²ΔW``; A1111 ignores
+  ``rescale`` too: loader bugs we do not copy.)
+
+BOFT: stage i (i = 0…m−1, k = 2^i·b/2) permutes the output axis by viewing it as ``(-1, 2, k)`` and
+swapping the last two axes, applies **R** (not Rᵀ) of stage i to consecutive groups of b, and
+permutes back (checked numerically against LyCORIS 4.1.3). Multiplier: each stage is interpolated,
+``R_{i,m} = I + m(R_i − I)`` (LyCORIS, ComfyUI), and so is the rescale, ``1 + m(rescale − 1)``
+(LyCORIS leaves it alone; see above). The result is not linear in m: :meth:`BOFT.merged` is
+overridden and ``forward_delta`` takes the multiplier.
+
+Bias: never rotated. LyCORIS's bypass rotates ``f(x)`` including the bias while its merge (and
+every loader) leaves the bias alone; we follow the merge: ``Δy = rotate(f(x) − b) − (f(x) − b)``.
+
+Constraint convention (a decision, needed because the ecosystem disagrees):
+  * LyCORIS trains with κ = constraint·out_dim and writes ``alpha = constraint``; A1111 also uses
+    κ = alpha·out_dim (and clamps even when alpha = 0, collapsing such files to the identity);
+  * ComfyUI uses κ = alpha.
+  Reading: by default we use LyCORIS's κ = alpha·out_dim (``convention="lycoris"``): LyCORIS is
+  what trains these files and its forward is what its users saw. ``with_convention("comfyui")``
+  gives an instance with κ = alpha, for the Adapter layer to offer ComfyUI's reading.
+  Writing: :meth:`export` calls :meth:`bake_constraint`, which applies the constraint to
+  ``oft_blocks`` itself and writes ``alpha`` just above the resulting ‖Q‖_F, so that no loader
+  clamps any more — κ = alpha, κ = alpha·out, and A1111's always-on clamp all give the same R.
+  (A file read back by LyCORIS for further training then has a looser constraint, alpha·out.)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Mapping
+
+import torch
+
+from ..errors import ConfigError, ShapeMismatch
+from .base import (
+    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, alpha_tensor, channel_view, register, scalar_of,
+)
+from .factorize import factorization, power2factorization
+
+CONVENTIONS = ("lycoris", "comfyui")
+_EPS = 1e-8  # added to ‖Q‖ before comparing with κ, as LyCORIS and ComfyUI do
+
+
+# --------------------------------------------------------------------------------------
+# Rotations
+# --------------------------------------------------------------------------------------
+
+
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def kappa_of(alpha: float | None, out_dim: int, convention: str = "lycoris") -> float | None:
+    """The norm bound κ for ``alpha`` under a convention; None = unconstrained."""
+    if convention not in CONVENTIONS:
+        raise ConfigError(f"OFT constraint convention {convention!r}; expected one of {CONVENTIONS}")
+    if alpha is None or not math.isfinite(alpha) or alpha <= 0:
+        return None
+    return alpha * out_dim if convention == "lycoris" else alpha
+
+
+def constrained_q(blocks: torch.Tensor, kappa: float | None) -> torch.Tensor:
+    """``Q = B − Bᵀ`` scaled down to ‖Q‖_F + 1e-8 ≤ κ when it exceeds it (joint norm)."""
+    q = blocks - blocks.transpose(-1, -2)
+    if kappa is None:
+        return q
+    n = torch.linalg.vector_norm(q) + _EPS
+    # κ / max(n, κ): exactly 1 when inside the bound, κ/n outside; no host sync, differentiable
+    return q * (kappa / torch.clamp(n, min=kappa))
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """``R = (I+Q)(I−Q)⁻¹`` for a batch of skew-symmetric blocks (= (I−Q)⁻¹(I+Q))."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def oft_rotations(blocks: torch.Tensor, kappa: float | None) -> torch.Tensor:
+    """R for every block (and stage), in fp32 or wider."""
+    return cayley(constrained_q(blocks.to(compute_dtype(blocks)), kappa))
+
+
+def _rows_last(v: torch.Tensor, axis: int) -> torch.Tensor:
+    return v.movedim(axis, -1) if axis not in (-1, v.dim() - 1) else v
+
+
+def diag_rotate_delta(v: torch.Tensor, r_minus_i: torch.Tensor) -> torch.Tensor:
+    """``Rᵀv − v`` per block along the *last* axis of ``v`` (``(R − I)`` given, for precision)."""
+    nb, b, _ = r_minus_i.shape
+    vb = v.reshape(v.shape[:-1] + (nb, b))
+    return torch.einsum("knm,...kn->...km", r_minus_i, vb).reshape(v.shape)
+
+
+@functools.lru_cache(maxsize=256)
+def butterfly_perm(out_dim: int, b: int, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, inverse) gathering the output axis into stage ``stage``'s consecutive blocks of ``b``.
+
+    Position p of the gathered axis reads channel ``perm[p]``: the axis viewed as
+    ``(c, 2, k)`` (k = 2^stage·b/2) with its last two axes swapped, then flattened.
+    CPU index tensors, cached (they depend on the shape only).
+    """
+    k = (2 ** stage) * (b // 2)
+    perm = torch.arange(out_dim).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
+    return perm, torch.argsort(perm)
+
+
+def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """``B_m(v) − v`` along the last axis of ``v``: stage by stage, R_{i,m} = I + m(R_i − I).
+
+    The increment is accumulated separately from ``v`` so that it keeps its precision.
+    """
+    m, nb, b, _ = rots.shape
+    out_dim = v.shape[-1]
+    eye = torch.eye(b, dtype=rots.dtype, device=rots.device)
+    d = torch.zeros_like(v)
+    for i in range(m):
+        perm, inv = (p.to(v.device) for p in butterfly_perm(out_dim, b, i))
+        cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
+        step = torch.einsum("dij,...dj->...di", multiplier * (rots[i] - eye), cur)
+        d = d + step.reshape(v.shape).index_select(-1, inv)
+    return d
+
+
+def _rescale_vec(t: Mapping[str, torch.Tensor], dtype) -> torch.Tensor | None:
+    rs = t.get("rescale")
+    return None if rs is None else rs.reshape(-1).to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The shared part of both algorithms
+# --------------------------------------------------------------------------------------
+
+
+class _OFTBase(Algorithm):
+    keys = frozenset({"oft_blocks", "rescale", "alpha"})
+    detect_keys = ("oft_blocks",)
+    kinds = (LINEAR, CONV1D, CONV2D, CONV3D)
+    options = {"constraint": 0.0, "rescaled": False}
+    weight_independent = False
+    blocks_ndim = 0
+
+    def __init__(self, convention: str = "lycoris"):
+        kappa_of(None, 1, convention)  # validates the name
+        self.convention = convention
+
+    def __repr__(self):
+        return f"{type(self).__name__}(convention={self.convention!r})"
+
+    def with_convention(self, convention: str) -> "_OFTBase":
+        """The same algorithm reading ``alpha`` with another constraint convention (see module doc)."""
+        return type(self)(convention)
+
+    @classmethod
+    def detect(cls, keys, tensors=None):
+        if "oft_blocks" not in keys:
+            return False
+        if tensors is None:  # no shapes: the 3-D (diag) reading is the common one
+            return cls.blocks_ndim == 3
+        return tensors["oft_blocks"].dim() == cls.blocks_ndim
+
+    def supports(self, spec):
+        return spec.kind in self.kinds and spec.groups == 1
+
+    @staticmethod
+    def out_dim_of(t) -> int:
+        b = t["oft_blocks"]
+        return int(b.shape[-3] * b.shape[-1])
+
+    def kappa(self, t) -> float | None:
+        return kappa_of(scalar_of(t), self.out_dim_of(t), self.convention)
+
+    def rotations(self, t) -> torch.Tensor:
+        return oft_rotations(t["oft_blocks"], self.kappa(t))
+
+    def _check(self, t, spec):
+        if self.out_dim_of(t) != spec.out_dim:
+            raise ShapeMismatch("(oft)", tuple(t["oft_blocks"].shape), (spec.out_dim,), key="oft_blocks",
+                                detail=f"blocks cover {self.out_dim_of(t)} output features")
+
+    def rank(self, t):
+        return int(t["oft_blocks"].shape[-1])  # the block size (what LyCORIS's lora_dim becomes)
+
+    def scale(self, t):
+        return 1.0
+
+    def _new_tensors(self, blocks_shape, spec, opts) -> Tensors:
+        t: Tensors = {"oft_blocks": torch.zeros(blocks_shape, dtype=torch.float32)}
+        if opts.get("rescaled"):
+            # (out, 1, …) with the weight's rank, as LyCORIS writes it
+            shape = (spec.out_dim,) + (1,) * (len(spec.weight_shape) - 1)
+            t["rescale"] = torch.ones(shape, dtype=torch.float32)
+        t["alpha"] = alpha_tensor(float(opts.get("constraint") or 0.0))  # = constraint, as LyCORIS
+        return t
+
+    # -- writing -----------------------------------------------------------------------
+    def bake_constraint(self, t: Mapping[str, torch.Tensor], spec=None, margin: float = 1e-2) -> Tensors:
+        """Tensors whose ``oft_blocks`` already satisfy the constraint, with ``alpha`` ≥ ‖Q‖_F.
+
+        The blocks are scaled by the factor the constraint would apply (so Q is the constrained
+        Q), then ``alpha = ‖Q‖_F·(1 + margin) + 1e-6``: every loader (κ = alpha, κ = alpha·out,
+        A1111's clamp that is always on) then leaves Q alone and computes the same R. The
+        default margin (1 %) also covers rounding the blocks and alpha to fp16/bf16 on save.
+        """
+        if spec is not None:
+            self._check(t, spec)
+        out = {k: v for k, v in t.items()}
+        blocks = t["oft_blocks"]
+        kappa = self.kappa(t)
+        with torch.no_grad():
+            q = (blocks - blocks.transpose(-1, -2)).to(torch.float64)
+            n = float(torch.linalg.vector_norm(q)) + _EPS
+            if kappa is not None and n > kappa:
+                blocks = blocks * (kappa / n)
+                n = float(torch.linalg.vector_norm((blocks - blocks.transpose(-1, -2)).to(torch.float64)))
+            else:
+                n -= _EPS
+        out["oft_blocks"] = blocks
+        out["alpha"] = alpha_tensor(n * (1.0 + margin) + 1e-6)
+        return out
+
+    def export(self, t):
+        return self.bake_constraint(t)
+
+    def describe(self, t):
+        b = t["oft_blocks"]
+        return {"rank": self.rank(t), "alpha": scalar_of(t), "scale": 1.0, "block_size": int(b.shape[-1]),
+                "num_blocks": int(b.shape[-3]), "constraint": self.kappa(t), "convention": self.convention,
+                "rescaled": "rescale" in t}
+
+
+# --------------------------------------------------------------------------------------
+# Diag-OFT
+# --------------------------------------------------------------------------------------
+
+
+@register
+class DiagOFT(_OFTBase):
+    name = "diag-oft"
+    aliases = ("oft",)
+    blocks_ndim = 3
+
+    def create(self, spec, opts, weight=None, generator=None) -> Tensors:
+        # the requested rank is a block size; LyCORIS factorises so that block size ≤ block count
+        b, nb = factorization(spec.out_dim, int(opts["rank"]))
+        return self._new_tensors((nb, b, b), spec, opts)
+
+    def _delta_rows_last(self, t, v: torch.Tensor) -> torch.Tensor:
+        """ΔW (or Δy) for channel-last ``v`` at multiplier 1: rescale ⊙ (Rᵀ v) − v."""
+        r = self.rotations(t).to(v.dtype)
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        d = diag_rotate_delta(v, r - eye)
+        rs = _rescale_vec(t, v.dtype)
+        if rs is not None:
+            d = rs * d + (rs - 1) * v  # rescale ⊙ (v + d) − v
+        return d
+
+    def delta_weight(self, t, spec, weight=None):
+        if weight is None:
+            raise ValueError("OFT needs the base weight (ΔW = (R − I)ᵀW blockwise)")
+        self._check(t, spec)
+        w = weight.to(compute_dtype(weight, t["oft_blocks"]))
+        return self._delta_rows_last(t, w.movedim(0, -1)).movedim(-1, 0)
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out, multiplier: float = 1.0):
+        self._check(t, spec)
+        y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
+        axis = 1 if spec.is_conv else -1
+        v = _rows_last(y, axis).to(compute_dtype(y, t["oft_blocks"]))
+        d = self._delta_rows_last(t, v) * multiplier  # linear in m
+        return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# BOFT
+# --------------------------------------------------------------------------------------
+
+
+@register
+class BOFT(_OFTBase):
+    name = "boft"
+    blocks_ndim = 4
+    linear_in_multiplier = False
+
+    def create(self, spec, opts, weight=None, generator=None) -> Tensors:
+        b, nb = power2factorization(spec.out_dim, int(opts["rank"]))  # raises if impossible
+        stages = int(nb).bit_length()  # log2(nb) + 1
+        return self._new_tensors((stages, nb, b, b), spec, opts)
+
+    def _delta_rows_last(self, t, v: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """``rescale_m ⊙ B_m(v) − v`` for channel-last ``v``."""
+        d = butterfly_delta(v, self.rotations(t).to(v.dtype), multiplier)
+        rs = _rescale_vec(t, v.dtype)
+        if rs is not None:
+            rs_m = 1 + multiplier * (rs - 1)
+            d = rs_m * d + (rs_m - 1) * v
+        return d
+
+    def _check(self, t, spec):
+        super()._check(t, spec)
+        m, nb, b, _ = t["oft_blocks"].shape
+        if b % 2 or nb & (nb - 1) or m > int(nb).bit_length():
+            raise ShapeMismatch("(boft)", tuple(t["oft_blocks"].shape), (spec.out_dim,), key="oft_blocks",
+                                detail="BOFT needs an even block size, a power-of-two block count "
+                                       "and at most log2(blocks)+1 stages")
+
+    def weight_delta_at(self, t, spec, weight, multiplier: float) -> torch.Tensor:
+        self._check(t, spec)
+        w = weight.to(compute_dtype(weight, t["oft_blocks"]))
+        return self._delta_rows_last(t, w.movedim(0, -1), multiplier).movedim(-1, 0)
+
+    def delta_weight(self, t, spec, weight=None):
+        if weight is None:
+            raise ValueError("BOFT needs the base weight")
+        return self.weight_delta_at(t, spec, weight, 1.0)
+
+    def merged(self, t, spec, weight, bias, multiplier):
+        # per-stage interpolation: not W + m·ΔW (see module doc); the bias is never rotated
+        return weight + self.weight_delta_at(t, spec, weight, multiplier).to(weight.dtype), bias
+
+    def forward_delta(self, x, t, spec, weight, bias, base_out, multiplier: float = 1.0):
+        """Δy at ``multiplier`` (default 1): ``op(x, merged(m) − W)`` without building it."""
+        self._check(t, spec)
+        y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
+        axis = 1 if spec.is_conv else -1
+        v = _rows_last(y, axis).to(compute_dtype(y, t["oft_blocks"]))
+        d = self._delta_rows_last(t, v, multiplier)
+        return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
+
+
+def _channel(bias: torch.Tensor, spec, y: torch.Tensor) -> torch.Tensor:
+    return channel_view(bias.to(y.dtype), spec, y)
