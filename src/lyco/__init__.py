@@ -33,10 +33,12 @@ def create(model_or_components, algo: str = "lora", rank: int = 4, alpha: float 
     return Network.create(model_or_components, algo=algo, rank=rank, alpha=alpha, preset=preset, **options)
 
 
-def load(path, *, family: str | None = None, check_finite: bool = True) -> Adapter:
-    """Read an adapter file (LyCORIS/kohya, diffusers/PEFT; safetensors or legacy pickle-free)."""
+def load(path, *, family: str | None = None, check_finite: bool = True,
+         oft_convention: str | None = None) -> Adapter:
+    """Read an adapter file (LyCORIS/kohya, diffusers/PEFT; safetensors, or legacy .pt/.ckpt through
+    ``torch.load(weights_only=True)`` only). NaN/Inf tensors are refused unless ``check_finite=False``."""
     from .formats import kohya
-    return kohya.load(path, family=family, check_finite=check_finite)
+    return kohya.load(path, family=family, check_finite=check_finite, oft_convention=oft_convention)
 
 
 __all__ = ["Adapter", "ModuleAdapter", "Network", "create", "load", "ConfigError", "FamilyMismatch",

@@ -37,10 +37,16 @@ class ModuleAdapter:
 
     algo: str
     tensors: dict[str, torch.Tensor]
+    #: how to read an ambiguous file convention; today only the OFT/BOFT constraint:
+    #: "lycoris" (κ = alpha·out, default) or "comfyui" (κ = alpha)
+    convention: str | None = None
 
     @property
     def algorithm(self) -> Algorithm:
-        return algorithms.get_for(self.algo, self.tensors)
+        alg = algorithms.get_for(self.algo, self.tensors)
+        if self.convention and hasattr(alg, "with_convention"):
+            alg = alg.with_convention(self.convention)
+        return alg
 
     @property
     def is_dora(self) -> bool:
@@ -54,7 +60,7 @@ class ModuleAdapter:
             if device is not None:
                 v = v.to(device)
             out[k] = v
-        return ModuleAdapter(self.algo, out)
+        return ModuleAdapter(self.algo, out, self.convention)
 
 
 @dataclass

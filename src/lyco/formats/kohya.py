@@ -125,9 +125,21 @@ def read_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return safetensors_io.load_tensors(p)
 
 
-def load(path, *, family: str | None = None, check_finite: bool = True) -> Adapter:
+def load(path, *, family: str | None = None, check_finite: bool = True,
+         oft_convention: str | None = None) -> Adapter:
+    """Read a file. ``oft_convention`` ("lycoris" κ=alpha·out, the default, or "comfyui" κ=alpha)
+    chooses how an OFT/BOFT constraint stored in ``alpha`` is read; files written by lyco have
+    the constraint baked into the blocks, so both conventions give the same result for them."""
     tensors, metadata = read_file(path)
-    return from_state_dict(tensors, metadata, source=str(path), family=family, check_finite=check_finite)
+    a = from_state_dict(tensors, metadata, source=str(path), family=family, check_finite=check_finite)
+    conv = oft_convention or metadata.get("lyco_oft_constraint")
+    if conv in ("lycoris", "comfyui"):
+        for m in a.modules.values():
+            if m.algo in ("diag-oft", "boft"):
+                m.convention = conv
+    elif conv is not None:
+        raise ConfigError(f"oft_convention must be 'lycoris' or 'comfyui', got {conv!r}")
+    return a
 
 
 def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *,
