@@ -57,6 +57,8 @@ def main():
     p.add_argument("--equiv-global-batch", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny UNet on CPU (gloo)")
+    p.add_argument("--static-graph", action="store_true",
+                   help="DDP static_graph + gradient_as_bucket_view (fewer hooks, no grad copies)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args()
 
@@ -64,7 +66,9 @@ def main():
     import lyco
     from lyco.formats.safetensors_io import save_tensors
 
-    acc = Accelerator(mixed_precision="no" if a.smoke else "bf16")
+    from accelerate.utils import DistributedDataParallelKwargs
+    handlers = [DistributedDataParallelKwargs(static_graph=True, gradient_as_bucket_view=True)] if a.static_graph else []
+    acc = Accelerator(mixed_precision="no" if a.smoke else "bf16", kwargs_handlers=handlers)
     world, rank = acc.num_processes, acc.process_index
     torch.manual_seed(a.seed)
     if a.smoke:
@@ -73,12 +77,14 @@ def main():
         dtype = torch.float32
     else:
         from lyco.models import configs
-        with torch.device("cpu"):
-            unet = configs.build_unet("sd1", device="cpu", dtype=torch.bfloat16)
-        g = torch.Generator().manual_seed(a.seed)
+        # meta-device build, then random weights drawn directly on the device (same seed on every rank)
+        unet = configs.build_unet("sd1", device="meta").to_empty(device=acc.device).to(torch.bfloat16)
+        g = torch.Generator(device=acc.device).manual_seed(a.seed)
         with torch.no_grad():
             for prm in unet.parameters():
-                prm.copy_((torch.randn(prm.shape, generator=g) * 0.02).to(prm.dtype))
+                prm.normal_(0.0, 0.02, generator=g)
+            for buf in unet.buffers():
+                buf.zero_()
         dtype = torch.bfloat16
     unet.to(acc.device)
     cfg = unet.config
@@ -118,7 +124,8 @@ def main():
         unwrapped = acc.unwrap_model(model)
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in unwrapped.net.state_dict().items()}
         os.makedirs(a.out, exist_ok=True)
-        save_tensors(tensors, os.path.join(a.out, f"adapter_{a.algo}_{world}.safetensors"), {}, overwrite=True)
+        tag = a.algo + ("-static" if a.static_graph else "")
+        save_tensors(tensors, os.path.join(a.out, f"adapter_{tag}_{world}.safetensors"), {}, overwrite=True)
 
     # -- throughput ------------------------------------------------------------------------
     lat, t, ctx, noise = global_batch(10_000 + rank, a.batch, shape, ctx_shape, a.seed, acc.device, dtype)
@@ -135,12 +142,12 @@ def main():
     acc.wait_for_everyone()
     dt = time.perf_counter() - t0
     if acc.is_main_process:
-        res = {"algo": a.algo, "processes": world, "per_process_batch": a.batch, "steps": a.steps,
+        res = {"algo": a.algo + ("-static" if a.static_graph else ""), "processes": world, "per_process_batch": a.batch, "steps": a.steps,
                "seconds": dt, "images_per_s": world * a.batch * a.steps / dt, "step_ms": 1000 * dt / a.steps,
                "loss": float(loss.detach()), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                "adapter_params": sum(p.numel() for p in net.trainable_parameters())}
-        with open(os.path.join(a.out, f"ddp_{a.algo}_{world}.json"), "w") as f:
+        with open(os.path.join(a.out, f"ddp_{res['algo']}_{world}.json"), "w") as f:
             json.dump(res, f, indent=1)
         print(json.dumps(res))
 

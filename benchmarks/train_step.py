@@ -1,0 +1,884 @@
+#!/usr/bin/env python3
+"""Training-step benchmark: lyco vs LyCORIS 4.1 (eager and Triton kernels) vs PEFT, on the real
+SD1.5 and SDXL UNets (random weights, bf16, one GPU).
+
+Per configuration it measures one training step (forward + backward + AdamW step on the trainable
+parameters only): the median of ``--steps`` steps after ``--warmup`` steps, timed with CUDA events,
+and the peak memory (``torch.cuda.max_memory_allocated``, reset per configuration, so it includes
+the base model, the adapter, its gradients and optimizer state, and the activations).
+
+Layer sets (identical for every library, passed to each as exact module names):
+  * ``lin``      every ``nn.Linear`` and 1×1 ``nn.Conv2d`` inside a ``Transformer2DModel``
+                 (attn1/attn2 to_q/to_k/to_v/to_out.0, ff.net.0.proj, ff.net.2, proj_in, proj_out):
+                 kohya's "attn-mlp" LoRA set; SD1.5: 192 layers, SDXL: 722 layers.
+  * ``lin+conv`` ``lin`` plus every k×k ``nn.Conv2d`` inside ``ResnetBlock2D``/``Downsample2D``/
+                 ``Upsample2D`` (resnet conv1/conv2, down/up-sampler convs) at the conv rank.
+Baselines: ``floor`` (frozen base, no adapter, backward to the input latents) and ``fullft``
+(every UNet parameter trained with AdamW).
+
+Run ``python benchmarks/train_step.py --help``; ``--smoke`` runs everything on the CPU with the tiny
+models of ``lyco.models.tiny`` (no GPU needed). Results go to ``--out`` (default ``$OUT`` or ``.``)
+as ``train_step.json`` and ``train_step.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+# ------------------------------------------------------------------------------------------------
+# What is measured
+# ------------------------------------------------------------------------------------------------
+
+MODELS = {
+    # name: lyco family, latent side, default batches (first = most important)
+    "sd15": dict(family="sd1", latent=64, batches=(8, 1), res=512),
+    "sdxl": dict(family="sdxl", latent=128, batches=(4, 1), res=1024),
+}
+SMOKE_LATENT = 8
+
+#: per algorithm: layer set, lyco kwargs, LyCORIS kwargs, PEFT (tuner, kwargs) or None.
+#: ``conv`` in a PEFT entry gives the rank/alpha used on the k×k convs (rank_pattern/alpha_pattern).
+ALGOS: dict[str, dict[str, Any]] = {
+    "lora": dict(layers="lin",
+                 lyco=dict(algo="lora", rank=16, alpha=16),
+                 lycoris=dict(algo="lora", linear_dim=16, linear_alpha=16),
+                 peft=("lora", dict(r=16, lora_alpha=16))),
+    "locon": dict(layers="lin+conv",
+                  lyco=dict(algo="lora", rank=16, alpha=16, conv_rank=8, conv_alpha=8),
+                  lycoris=dict(algo="locon", linear_dim=16, linear_alpha=16, conv_dim=8, conv_alpha=8),
+                  peft=("lora", dict(r=16, lora_alpha=16, conv=(8, 8)))),
+    "loha": dict(layers="lin+conv",
+                 lyco=dict(algo="loha", rank=8, alpha=8, conv_rank=4, conv_alpha=4),
+                 lycoris=dict(algo="loha", linear_dim=8, linear_alpha=8, conv_dim=4, conv_alpha=4),
+                 peft=("loha", dict(r=8, alpha=8, conv=(4, 4)))),
+    "lokr": dict(layers="lin+conv",
+                 lyco=dict(algo="lokr", rank=16, alpha=16, conv_rank=16, conv_alpha=16, factor=8),
+                 lycoris=dict(algo="lokr", linear_dim=16, linear_alpha=16, conv_dim=16, conv_alpha=16, factor=8),
+                 peft=("lokr", dict(r=16, alpha=16, decompose_factor=8))),
+    "lokr-full": dict(layers="lin+conv",
+                      lyco=dict(algo="lokr", rank=16, alpha=16, conv_rank=16, conv_alpha=16, factor=8,
+                                full_matrix=True),
+                      lycoris=dict(algo="lokr", linear_dim=16, linear_alpha=16, conv_dim=16, conv_alpha=16,
+                                   factor=8, full_matrix=True),
+                      # PEFT has no full_matrix flag: a rank above every max(out_k, in_n)/2 gives full W2
+                      peft=("lokr", dict(r=4096, alpha=4096, decompose_factor=8))),
+    "dora": dict(layers="lin",
+                 lyco=dict(algo="lora", rank=16, alpha=16, dora=True),
+                 lycoris=dict(algo="lora", linear_dim=16, linear_alpha=16, dora_wd=True),
+                 peft=("lora", dict(r=16, lora_alpha=16, use_dora=True))),
+    "oft": dict(layers="lin",
+                lyco=dict(algo="diag-oft", rank=16),
+                lycoris=dict(algo="diag-oft", linear_dim=16, linear_alpha=0),
+                # PEFT's OFT rotates the input features in blocks of 16 (ours/LyCORIS: output features)
+                peft=("oft", dict(r=0, oft_block_size=16))),
+    "boft": dict(layers="lin",
+                 lyco=dict(algo="boft", rank=16),
+                 lycoris=dict(algo="boft", linear_dim=16, linear_alpha=0),
+                 peft=("boft", dict(boft_block_size=8, boft_n_butterfly_factor=2))),
+    "glora": dict(layers="lin",
+                  lyco=dict(algo="glora", rank=8, alpha=8),
+                  lycoris=dict(algo="glora", linear_dim=8, linear_alpha=8),
+                  peft=None),
+    "ia3": dict(layers="lin",
+                lyco=dict(algo="ia3"),
+                lycoris=dict(algo="ia3", linear_dim=1, linear_alpha=1),
+                peft=("ia3", dict(feedforward_modules=[]))),
+    "full": dict(layers="lin",
+                 lyco=dict(algo="full"),
+                 lycoris=dict(algo="full", linear_dim=1, linear_alpha=1),
+                 peft=None),
+}
+
+#: library variants, in the order they run for each algorithm
+VARIANTS = {
+    "lyco": dict(lib="lyco", mode="auto"),
+    "lyco-rebuild": dict(lib="lyco", mode="rebuild"),
+    "lycoris-triton": dict(lib="lycoris", backend="triton", bypass=False),
+    "lycoris-triton-bypass": dict(lib="lycoris", backend="triton", bypass=True),
+    "peft": dict(lib="peft"),
+    "lycoris-eager": dict(lib="lycoris", backend="torch", bypass=False),
+    "lycoris-eager-bypass": dict(lib="lycoris", backend="torch", bypass=True),
+}
+DEFAULT_VARIANTS = "lyco,lycoris-triton,lycoris-triton-bypass,peft,lycoris-eager"
+
+GiB = 1024 ** 3
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def quiet_libraries():
+    import logging
+    import warnings
+    for name in ("LyCORIS", "lycoris", "diffusers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
+    warnings.filterwarnings("ignore", message=".*oft_block_size.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    try:
+        from diffusers.utils import logging as dlog
+        dlog.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+#: variants whose result is not the algorithm named (excluded from "best peer")
+NOT_THE_ALGORITHM = {
+    ("dora", "lycoris-triton-bypass"): "LyCORIS bypass_mode ignores dora_wd (runs plain LoRA)",
+    ("dora", "lycoris-eager-bypass"): "LyCORIS bypass_mode ignores dora_wd (runs plain LoRA)",
+}
+
+#: configurations a library refuses by design: listed as "n/a", not run
+UNSUPPORTED = {
+    ("full", "lycoris-triton-bypass"): "LyCORIS: bypass mode is not supported in Full algo",
+    ("full", "lycoris-eager-bypass"): "LyCORIS: bypass mode is not supported in Full algo",
+}
+
+#: smoke runs (tiny UNets, widths 8–32): ranks that are valid there
+SMOKE_OVERRIDES = {"glora": dict(lyco=dict(rank=4, alpha=4), lycoris=dict(linear_dim=4, linear_alpha=4))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Models, inputs, layer sets
+# ------------------------------------------------------------------------------------------------
+
+
+def build_unet(model: str, smoke: bool, device, dtype):
+    from lyco.models import configs
+    fam = MODELS[model]["family"]
+    if smoke:
+        from lyco.models import tiny
+        cfg = tiny.tiny_configs(fam)["unet"]
+        unet = configs.build_from_config(cfg, device="cpu")
+        tiny.randomize_(unet, 0)
+        unet = unet.to(device=device, dtype=dtype)
+    else:
+        unet = configs.build_unet(fam, device=device, dtype=dtype)
+    unet.requires_grad_(False)
+    return unet.train()
+
+
+def make_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0):
+    cfg = unet.config
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    cross = cfg.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    inp = {
+        "sample": rnd(batch, cfg.in_channels, latent, latent),
+        "timestep": torch.randint(0, 1000, (batch,), generator=g).to(device),
+        "encoder_hidden_states": rnd(batch, 77, cross),
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        n_time = 6
+        text_dim = cfg.projection_class_embeddings_input_dim - n_time * cfg.addition_time_embed_dim
+        inp["added_cond_kwargs"] = {"text_embeds": rnd(batch, text_dim),
+                                    "time_ids": rnd(batch, n_time).abs() * 512}
+    target = rnd(batch, cfg.out_channels, latent, latent)
+    return inp, target
+
+
+def layer_sets(unet) -> dict[str, list[str]]:
+    """Exact module names of the ``lin`` and ``conv`` sets (see the module doc)."""
+    lin, conv = [], []
+    seen = set()
+    for bname, block in unet.named_modules():
+        cls = type(block).__name__
+        if cls == "Transformer2DModel":
+            for n, m in block.named_modules():
+                full = f"{bname}.{n}"
+                if full in seen:
+                    continue
+                if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)):
+                    lin.append(full)
+                    seen.add(full)
+        elif cls in ("ResnetBlock2D", "Downsample2D", "Upsample2D"):
+            for n, m in block.named_modules():
+                full = f"{bname}.{n}"
+                if full in seen:
+                    continue
+                if isinstance(m, nn.Conv2d) and any(k != 1 for k in m.kernel_size):
+                    conv.append(full)
+                    seen.add(full)
+    return {"lin": lin, "conv": conv, "lin+conv": lin + conv}
+
+
+def count(params) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomising adapters (never time or check on zeros)
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomise_(params, seed: int, scale: float):
+    """p += scale · N(0, 1/fan_in) for matrices (fan_in = numel/shape[0]), scale · N(0, 0.1²) for
+    vectors and scalars: every adapter (zero-initialised halves included) becomes non-zero, with a
+    per-layer effect of roughly ``scale`` relative to the base output."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for p in params:
+        if not p.is_floating_point():
+            continue
+        if p.dim() >= 2:
+            std = 1.0 / math.sqrt(max(1, p.numel() // max(1, p.shape[0])))
+        else:
+            std = 0.1
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * (scale * std)
+        p.add_(noise.to(device=p.device, dtype=p.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Libraries: attach → Handle(params, detach)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Handle:
+    params: list
+    detach: Callable[[], None]
+    info: dict = field(default_factory=dict)
+    lyco_net: Any = None
+
+
+def _name_regex(names) -> str:
+    return "re:(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype) -> Handle:
+    import lyco
+    spec = dict(ALGOS[algo]["lyco"])
+    layer_names = names[ALGOS[algo]["layers"]]
+    preset = {"name": "bench", "include_conv": True, "unet": {"target_names": [_name_regex(layer_names)]}}
+    a = spec.pop("algo")
+    net = lyco.create({"unet": unet}, algo=a, preset=preset, dtype=adapter_dtype, mode=mode, **spec)
+    assert len(net.layers) == len(layer_names), (len(net.layers), len(layer_names))
+    return Handle(net.trainable_parameters(), net.detach, {"layers": len(net.layers)}, lyco_net=net)
+
+
+_LYCORIS_PRESET_DIR = None
+
+
+def attach_lycoris(unet, algo: str, names: dict, backend: str, bypass: bool, adapter_dtype, smoke: bool) -> Handle:
+    global _LYCORIS_PRESET_DIR
+    import logging
+    import lycoris
+    from lycoris import wrapper as lw
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)  # set to INFO when lycoris is imported
+    if backend == "triton" and not torch.cuda.is_available():
+        backend = "auto"  # smoke run on the CPU: no Triton; exercise the code path anyway
+    os.environ["LYCORIS_KERNEL_BACKEND"] = backend
+    layer_names = names[ALGOS[algo]["layers"]]
+    if _LYCORIS_PRESET_DIR is None:
+        _LYCORIS_PRESET_DIR = tempfile.mkdtemp(prefix="lycoris_preset_")
+    path = Path(_LYCORIS_PRESET_DIR) / f"{ALGOS[algo]['layers'].replace('+', '_')}.toml"
+    if not path.exists():
+        # exact, anchored names (LyCORIS uses re.match, which is only prefix-anchored)
+        pats = [re.escape(n) + "$" for n in layer_names]
+        body = "enable_conv = true\nuse_fnmatch = false\ntarget_module = []\ntarget_name = [\n"
+        body += "".join(f"  '{p}',\n" for p in pats) + "]\n"
+        path.write_text(body)
+    # class-level state of LycorisNetwork survives between calls: reset what our preset does not set
+    lw.LycorisNetwork.MODULE_ALGO_MAP = {}
+    lw.LycorisNetwork.NAME_ALGO_MAP = {}
+    lw.LycorisNetwork.TARGET_EXCLUDE_NAME = []
+    kw = dict(ALGOS[algo]["lycoris"])
+    dim, alpha = kw.pop("linear_dim"), kw.pop("linear_alpha")
+    net = lycoris.create_lycoris(unet, 1.0, linear_dim=dim, linear_alpha=alpha, preset=str(path),
+                                 bypass_mode=bypass, warn_on_unmatched=False, **kw)
+    net.apply_to()
+    dev = next(unet.parameters()).device
+    net.to(device=dev, dtype=adapter_dtype)
+    n = len(net.loras)
+    if n != len(layer_names):
+        net.restore()
+        raise RuntimeError(f"LyCORIS wrapped {n} layers, expected {len(layer_names)}")
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def detach():
+        net.restore()
+        for lora in net.loras:
+            lora.org_module = [None]
+
+    return Handle(params, detach, {"layers": n, "backend": backend, "bypass_mode": bypass})
+
+
+def attach_peft(unet, algo: str, names: dict, adapter_dtype) -> Handle:
+    import peft
+    entry = ALGOS[algo]["peft"]
+    if entry is None:
+        raise NotImplementedError(f"PEFT has no {algo}")
+    kind, kw = entry
+    kw = dict(kw)
+    layer_names = names[ALGOS[algo]["layers"]]
+    conv = kw.pop("conv", None)
+    if conv is not None:
+        convs = names["conv"]
+        rk, ak = ("rank_pattern", "alpha_pattern")
+        kw[rk] = {re.escape(n): conv[0] for n in convs}
+        kw[ak] = {re.escape(n): conv[1] for n in convs}
+    cfg_cls, model_cls = {
+        "lora": (peft.LoraConfig, peft.LoraModel), "loha": (peft.LoHaConfig, peft.LoHaModel),
+        "lokr": (peft.LoKrConfig, peft.LoKrModel), "oft": (peft.OFTConfig, peft.OFTModel),
+        "boft": (peft.BOFTConfig, peft.BOFTModel), "ia3": (peft.IA3Config, peft.IA3Model),
+    }[kind]
+    cfg = cfg_cls(target_modules=list(layer_names), **kw)
+    # the tuner directly (no PeftModel wrapper, no autocast of adapter weights to fp32)
+    tuner = model_cls(unet, cfg, "default")
+    params = [p for n, p in unet.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            if p.is_floating_point() and p.dtype != adapter_dtype:
+                p.data = p.data.to(adapter_dtype)
+
+    def detach():
+        tuner.unload()
+
+    return Handle(params, detach, {"layers": len(layer_names), "peft": peft.__version__})
+
+
+def sanitize(unet, originals: dict):
+    """Put back any module a failed attach/detach left replaced or patched."""
+    fixed = 0
+    for name, mod in originals.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        if getattr(parent, child) is not mod:
+            setattr(parent, child, mod)
+            fixed += 1
+        for attr in ("forward", "_lyco_host", "_lycoris_wrappers", "_lycoris_original_forward"):
+            if attr in mod.__dict__:
+                del mod.__dict__[attr]
+                fixed += 1
+    unet.requires_grad_(False)
+    for p in unet.parameters():
+        p.grad = None
+    return fixed
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def check_lyco_layers(net, dtype, seed: int = 0) -> dict:
+    """One layer per distinct (algorithm, kind, weight shape): the patched forward (bypass, ``dtype``)
+    against the merged weight computed in fp32 (``op(x, W + m·ΔW)``)."""
+    from lyco.algorithms.base import layer_op
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    seen = set()
+    worst = {"full_err": 0.0, "delta_err": 0.0, "min_effect": float("inf"), "layers_checked": 0, "finite": True}
+    for key, layer in net.layers.items():
+        spec = layer.spec
+        sig = (repr(layer.algorithm), spec.kind, spec.weight_shape)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        mod = net._targets[key]
+        if spec.kind == "linear":
+            x = torch.randn(2, 16, spec.in_dim, generator=g)
+        else:
+            x = torch.randn(2, spec.in_dim * spec.groups, 8, 8, generator=g)
+        dev = mod.weight.device
+        x = x.to(device=dev, dtype=dtype)
+        y = mod(x)                                        # what training runs
+        host = mod._lyco_host
+        y0 = host._orig(x)                                # base layer alone, same dtype
+        d = layer.delta_output(x, mod.weight, mod.bias, y0)  # the algorithm's bypass delta
+        w32 = mod.weight.detach().float()
+        b32 = mod.bias.detach().float() if mod.bias is not None else None
+        w2, b2 = layer.merged_weight(w32, b32, layer.multiplier)
+        ref = layer_op(x.float(), spec, w2, b2)
+        ref0 = layer_op(x.float(), spec, w32, b32)
+        worst["finite"] &= bool(torch.isfinite(y).all())
+        worst["full_err"] = max(worst["full_err"], _rel(y, ref))
+        worst["delta_err"] = max(worst["delta_err"], _rel(d, ref - ref0))
+        worst["min_effect"] = min(worst["min_effect"], float((ref - ref0).norm() / ref.norm()))
+        worst["layers_checked"] += 1
+    return worst
+
+
+@torch.no_grad()
+def model_effect(unet, inputs1, base_out) -> dict:
+    out = unet(**inputs1, return_dict=False)[0]
+    return {"effect": _rel(out, base_out), "finite": bool(torch.isfinite(out).all())}
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks = []
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def stop(self, s):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((s, e))
+        else:
+            self.marks.append((s, time.perf_counter()))
+
+    def times_ms(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) for s, e in self.marks]
+        return [(e - s) * 1e3 for s, e in self.marks]
+
+
+def sync(cuda):
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def run_steps(step, warmup: int, steps: int, cuda: bool):
+    t_first = time.perf_counter()
+    step()
+    sync(cuda)
+    first_ms = (time.perf_counter() - t_first) * 1e3
+    for _ in range(max(0, warmup - 1)):
+        step()
+    sync(cuda)
+    tm = Timer(cuda)
+    for _ in range(steps):
+        s = tm.start()
+        step()
+        tm.stop(s)
+    ts = tm.times_ms()
+    ts_sorted = sorted(ts)
+    q = lambda f: ts_sorted[min(len(ts) - 1, int(f * (len(ts) - 1) + 0.5))]
+    return {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9), "min_ms": ts_sorted[0],
+            "first_step_ms": first_ms, "steps": len(ts)}
+
+
+def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool):
+    opt = None
+    if params:
+        kw = {"fused": True} if (cuda and fused_ok) else {}
+        opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, **kw)
+
+    def step():
+        out = model_fn(**inputs, return_dict=False)[0]
+        loss = F.mse_loss(out.float(), target.float())
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if floor:
+            inputs["sample"].grad = None
+
+    return step, opt
+
+
+# ------------------------------------------------------------------------------------------------
+# One configuration
+# ------------------------------------------------------------------------------------------------
+
+
+def run_config(ctx, algo: str | None, variant: str) -> dict:
+    """Attach, randomise, check, time, detach. Every failure is caught and recorded."""
+    a = ctx["args"]
+    unet, cuda, dtype = ctx["unet"], ctx["cuda"], ctx["dtype"]
+    rec = {"model": ctx["model"], "batch": ctx["batch"], "algo": algo or variant, "variant": variant,
+           "status": "ok"}
+    handle = None
+    t0 = time.perf_counter()
+    step_model = unet
+    try:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            rec["base_alloc_gib"] = torch.cuda.memory_allocated() / GiB
+        floor = variant == "floor"
+        params = []
+        if variant == "floor":
+            ctx["inputs"]["sample"].requires_grad_(True)
+        elif variant == "fullft":
+            unet.requires_grad_(True)
+            params = [p for p in unet.parameters()]
+        else:
+            v = VARIANTS[variant]
+            lib = v["lib"]
+            if lib == "lyco":
+                handle = attach_lyco(unet, algo, ctx["names"], v["mode"], ctx["adapter_dtype"])
+            elif lib == "lycoris":
+                handle = attach_lycoris(unet, algo, ctx["names"], v["backend"], v["bypass"],
+                                        ctx["adapter_dtype"], a.smoke)
+            else:
+                handle = attach_peft(unet, algo, ctx["names"], ctx["adapter_dtype"])
+            rec.update(handle.info)
+            if (algo, variant) in NOT_THE_ALGORITHM:
+                rec["note"] = NOT_THE_ALGORITHM[(algo, variant)]
+            params = handle.params
+            if not params:
+                raise RuntimeError("no trainable parameters")
+            randomise_(params, seed=1, scale=a.init_scale)
+            rec["attach_s"] = time.perf_counter() - t0
+            if handle.lyco_net is not None:
+                chk = check_lyco_layers(handle.lyco_net, dtype)
+                chk["ok"] = bool(chk["finite"] and chk["full_err"] <= 1e-2)
+                rec["check"] = chk
+            rec["model_check"] = model_effect(unet, ctx["inputs1"], ctx["base_out1"])
+            if not (rec["model_check"]["effect"] > 0 and rec["model_check"]["finite"]):
+                rec["model_check"]["ok"] = False
+        rec["trainable_params"] = count(params)
+        rec["trainable_dtype"] = str(params[0].dtype).replace("torch.", "") if params else None
+        if a.compile:
+            torch._dynamo.reset()
+            step_model = torch.compile(unet)
+        step, opt = make_step(step_model, ctx["inputs"], ctx["target"], params, floor, cuda, fused_ok=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rec.update(run_steps(step, a.warmup, a.steps, cuda))
+        if cuda:
+            rec["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        del step, opt
+    except Exception as e:  # noqa: BLE001 — one configuration's failure must not stop the run
+        oom = cuda and isinstance(e, torch.cuda.OutOfMemoryError)
+        rec["status"] = "oom" if oom else "error"
+        msg = str(e).strip().splitlines()
+        rec["error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+        if not oom:
+            rec["traceback"] = traceback.format_exc()[-2000:]
+    finally:
+        try:
+            if handle is not None:
+                handle.detach()
+        except Exception as e:  # noqa: BLE001
+            rec.setdefault("teardown_error", f"{type(e).__name__}: {e}")
+        fixed = sanitize(unet, ctx["originals"])
+        if fixed:
+            rec["sanitized"] = fixed
+        ctx["inputs"]["sample"].requires_grad_(False)
+        ctx["inputs"]["sample"].grad = None
+        handle = None
+        step_model = None
+        if a.compile:
+            torch._dynamo.reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    rec["wall_s"] = time.perf_counter() - t0
+    return rec
+
+
+def describe(rec) -> str:
+    head = f"[{rec['model']} b{rec['batch']}] {rec['algo']:<9} {rec['variant']:<22}"
+    if rec["status"] != "ok":
+        return f"{head} {rec['status'].upper()}: {rec.get('error', '')}"
+    s = f"{head} {rec['median_ms']:8.2f} ms (p10 {rec['p10_ms']:.2f} p90 {rec['p90_ms']:.2f})"
+    if "peak_gib" in rec:
+        s += f"  peak {rec['peak_gib']:6.2f} GiB"
+    s += f"  train {rec['trainable_params'] / 1e6:.2f}M"
+    c = rec.get("check")
+    if c:
+        s += (f"  check {'OK' if c['ok'] else 'FAIL'} full {c['full_err']:.1e} delta {c['delta_err']:.1e}"
+              f" effect≥{c['min_effect']:.2f} ({c['layers_checked']} shapes)")
+    m = rec.get("model_check")
+    if m:
+        s += f"  model-effect {m['effect']:.2f}{'' if m['finite'] else ' NONFINITE'}"
+    s += f"  [{rec['wall_s']:.1f}s]"
+    return s
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def _fmt(rec, key, scale=1.0, digits=1):
+    if rec is None:
+        return "—"
+    if rec["status"] != "ok":
+        return rec["status"]
+    v = rec.get(key)
+    return "—" if v is None else f"{v * scale:.{digits}f}"
+
+
+def report(records, meta) -> tuple[str, list[str]]:
+    lines = [f"# Training-step benchmark — {meta['device']}", "",
+             f"torch {meta['torch']}, diffusers {meta.get('diffusers')}, lycoris-lora {meta.get('lycoris')}, "
+             f"peft {meta.get('peft')}, triton {meta.get('triton')}; dtype {meta['dtype']}, adapter params "
+             f"{meta['adapter_dtype']}; median of {meta['steps']} steps after {meta['warmup']} warm-up; "
+             f"compile={meta['compile']}.", "",
+             "Each cell: step ms / peak GiB (peak includes the base model).", ""]
+    summary = []
+    jobs = []
+    for r in records:
+        k = (r["model"], r["batch"])
+        if k not in jobs:
+            jobs.append(k)
+    for model, batch in jobs:
+        rs = [r for r in records if r["model"] == model and r["batch"] == batch]
+        by = {(r["algo"], r["variant"]): r for r in rs}
+        floor = by.get(("floor", "floor"))
+        full = by.get(("fullft", "fullft"))
+        variants = [v for v in VARIANTS if any(r["variant"] == v for r in rs)]
+        algos = [al for al in ALGOS if any(r["algo"] == al for r in rs)]
+        lines.append(f"## {model}, batch {batch}")
+        lines.append("")
+        lines.append(f"floor (frozen, backward to input): {_fmt(floor, 'median_ms', digits=2)} ms / "
+                     f"{_fmt(floor, 'peak_gib', digits=2)} GiB; full fine-tune: {_fmt(full, 'median_ms', digits=2)}"
+                     f" ms / {_fmt(full, 'peak_gib', digits=2)} GiB")
+        lines.append("")
+        lines.append("| algo | " + " | ".join(variants) + " | lyco ÷ best peer (time, mem) | lyco ÷ floor (time, mem) |")
+        lines.append("|---|" + "---|" * (len(variants) + 2))
+        for al in algos:
+            cells = []
+            for v in variants:
+                r = by.get((al, v))
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append(r["status"])
+                else:
+                    mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
+                    star = "*" if (al, v) in NOT_THE_ALGORITHM else ""
+                    chk = r.get("check")
+                    bad = " (CHECK FAIL)" if chk is not None and not chk.get("ok") else ""
+                    cells.append(f"{r['median_ms']:.1f} / {mem}{star}{bad}")
+            ly = by.get((al, "lyco"))
+            peers = [r for (a2, v), r in by.items() if a2 == al and VARIANTS.get(v, {}).get("lib") in ("lycoris", "peft")
+                     and r["status"] == "ok" and (a2, v) not in NOT_THE_ALGORITHM]
+            ratio_peer = ratio_floor = "—"
+            if ly is not None and ly["status"] == "ok":
+                if peers:
+                    bt = min(peers, key=lambda r: r["median_ms"])
+                    bm = min(peers, key=lambda r: r.get("peak_gib", float("inf")))
+                    tm = ly["median_ms"] / bt["median_ms"]
+                    if "peak_gib" in bm and "peak_gib" in ly:
+                        ratio_peer = f"{tm:.2f} ({bt['variant']}), {ly['peak_gib'] / bm['peak_gib']:.2f} ({bm['variant']})"
+                    else:
+                        ratio_peer = f"{tm:.2f} ({bt['variant']}), —"
+                if floor is not None and floor["status"] == "ok":
+                    ratio_floor = (f"{ly['median_ms'] / floor['median_ms']:.2f}, "
+                                   f"{ly.get('peak_gib', float('nan')) / floor.get('peak_gib', float('nan')):.2f}"
+                                   if "peak_gib" in floor else f"{ly['median_ms'] / floor['median_ms']:.2f}, —")
+                mem = f" {ly['peak_gib']:.2f} GiB" if "peak_gib" in ly else ""
+                summary.append(f"{model} b{batch} {al:<9}: lyco {ly['median_ms']:.2f} ms{mem}"
+                               f" | ÷best peer {ratio_peer} | ÷floor {ratio_floor}")
+            lines.append(f"| {al} | " + " | ".join(cells) + f" | {ratio_peer} | {ratio_floor} |")
+        lines.append("")
+    notes = sorted({f"{r['algo']}/{r['variant']}: {r['note']}" for r in records if r.get("note")})
+    if notes:
+        lines.append("Notes (not counted as a peer): " + "; ".join(notes) + ".")
+        lines.append("")
+    skipped = [r for r in records if r["status"] == "skipped"]
+    if skipped:
+        lines.append(f"Skipped (time budget): {len(skipped)} configs: " +
+                     ", ".join(f"{r['model']}/b{r['batch']}/{r['algo']}/{r['variant']}" for r in skipped))
+    return "\n".join(lines) + "\n", summary
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("diffusers", "peft", "transformers", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    try:
+        from importlib.metadata import version
+        out["lycoris"] = version("lycoris-lora")
+    except Exception:  # noqa: BLE001
+        out["lycoris"] = None
+    return out
+
+
+def parse_jobs(a) -> list[tuple[str, int]]:
+    if a.jobs:
+        out = []
+        for j in a.jobs.split(","):
+            m, b = j.split(":")
+            out.append((m, int(b)))
+        return out
+    models = a.models.split(",")
+    out = []
+    for m in models:
+        bs = [int(b) for b in a.batches.split(",")] if a.batches else list(MODELS[m]["batches"])
+        out += [(m, b) for b in bs]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="sd15,sdxl", help="sd15,sdxl")
+    p.add_argument("--batches", default=None, help="batch sizes for every model (default: sd15 8,1; sdxl 4,1)")
+    p.add_argument("--jobs", default=None, help="explicit ordered list model:batch,… (overrides --models/--batches)")
+    p.add_argument("--libs", default="lyco,lycoris,peft", help="libraries to run (lyco, lycoris, peft)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"library variants, of {','.join(VARIANTS)}")
+    p.add_argument("--algos", default=",".join(ALGOS), help=f"of {','.join(ALGOS)}")
+    p.add_argument("--no-baselines", action="store_true", help="skip floor and full fine-tune")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--budget", type=float, default=480.0, help="seconds; configs that would start later are skipped")
+    p.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (default mode)")
+    p.add_argument("--adapter-dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--init-scale", type=float, default=0.3)
+    p.add_argument("--lycoris-tune", default=None, choices=("on", "off"),
+                   help="LYCORIS_KERNEL_TUNE for the Triton kernels (default: LyCORIS's own, on)")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 steps: exercise the whole script")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available() and not a.smoke
+    quiet_libraries()
+    if a.lycoris_tune is not None:
+        os.environ["LYCORIS_KERNEL_TUNE"] = a.lycoris_tune
+    if a.smoke:
+        torch.set_num_threads(1)
+        a.steps = min(a.steps, 2)
+        a.warmup = min(a.warmup, 1)
+        for al, ov in SMOKE_OVERRIDES.items():
+            for lib, kw in ov.items():
+                ALGOS[al][lib] = {**ALGOS[al][lib], **kw}
+    if not cuda and not a.smoke:
+        p.error("no CUDA device: use --smoke for the CPU check")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16
+    adapter_dtype = torch.bfloat16 if a.adapter_dtype == "bf16" else torch.float32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+    meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}) smoke",
+            **versions(), "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
+            "warmup": a.warmup, "compile": a.compile, "smoke": a.smoke, "argv": sys.argv[1:]}
+    log(json.dumps(meta))
+    libs = set(a.libs.split(","))
+    variants = [v for v in a.variants.split(",") if v and VARIANTS[v]["lib"] in libs]
+    algos = [x for x in a.algos.split(",") if x]
+    for x in algos:
+        if x not in ALGOS:
+            p.error(f"unknown algo {x!r}")
+    jobs = parse_jobs(a)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
+
+    def save():
+        (out_dir / "train_step.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+
+    unets = {}
+    for model, batch in jobs:
+        if time.perf_counter() - t_start > a.budget:
+            records.append({"model": model, "batch": batch, "algo": "*", "variant": "*", "status": "skipped"})
+            log(f"[{model} b{batch}] skipped (time budget)")
+            continue
+        if model not in unets:
+            for m in list(unets):  # one model on the device at a time
+                del unets[m]
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            unets[model] = build_unet(model, a.smoke, device, dtype)
+            names = layer_sets(unets[model])
+            log(f"[{model}] built in {time.perf_counter() - t:.1f}s: {len(names['lin'])} lin, "
+                f"{len(names['conv'])} conv layers; {count(unets[model].parameters()) / 1e6:.0f}M params")
+        unet = unets[model]
+        names = layer_sets(unet)
+        originals = {n: unet.get_submodule(n) for n in names["lin+conv"]}
+        latent = SMOKE_LATENT if a.smoke else MODELS[model]["latent"]
+        inputs, target = make_inputs(unet, batch, latent, device, dtype)
+        inputs1 = {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in inputs.items()}
+        with torch.no_grad():
+            base_out1 = unet(**inputs1, return_dict=False)[0]
+        ctx = dict(args=a, unet=unet, cuda=cuda, dtype=dtype, adapter_dtype=adapter_dtype, names=names,
+                   originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
+                   model=model, batch=batch)
+        plan = [] if a.no_baselines else [(None, "floor"), (None, "fullft")]
+        for al in algos:
+            for v in variants:
+                if VARIANTS[v]["lib"] == "peft" and ALGOS[al]["peft"] is None:
+                    continue
+                if (al, v) in UNSUPPORTED:
+                    records.append({"model": model, "batch": batch, "algo": al, "variant": v, "status": "n/a",
+                                    "note": UNSUPPORTED[(al, v)]})
+                    continue
+                plan.append((al, v))
+        walls = []
+        for al, v in plan:
+            elapsed = time.perf_counter() - t_start
+            est = statistics.median(walls) if walls else 0.0
+            if elapsed + est > a.budget:
+                rec = {"model": model, "batch": batch, "algo": al or v, "variant": v, "status": "skipped"}
+                records.append(rec)
+                log(f"[{model} b{batch}] {al or v} {v}: skipped (time budget: {elapsed:.0f}s + ~{est:.0f}s > {a.budget:.0f}s)")
+                continue
+            rec = run_config(ctx, al, v)
+            walls.append(rec["wall_s"])
+            records.append(rec)
+            log(describe(rec))
+            save()
+        del ctx, inputs, target, inputs1, base_out1
+
+    meta["total_s"] = time.perf_counter() - t_start
+    save()
+    md, summary = report(records, meta)
+    (out_dir / "train_step.md").write_text(md)
+    log("")
+    log(md)
+    log("lyco vs best peer and vs floor (time ratio, memory ratio):")
+    for s in summary:
+        log("  " + s)
+    errors = [r for r in records if r["status"] in ("error",)]
+    if errors:
+        log(f"{len(errors)} config(s) failed: " + "; ".join(f"{r['algo']}/{r['variant']}: {r.get('error')}" for r in errors))
+    log(f"total {meta['total_s']:.1f}s; wrote {out_dir / 'train_step.json'} and {out_dir / 'train_step.md'}")
+
+
+if __name__ == "__main__":
+    main()
