@@ -110,31 +110,58 @@ class Adapter:
 
     # -- checks --------------------------------------------------------------------------
     def check_finite(self) -> None:
-        """Refuse NaN/Inf tensors (alpha of a full/full LoKr may be inf: it is ignored there)."""
+        """Refuse NaN/Inf tensors. ``alpha`` may be ±Inf only where the algorithm ignores it (a
+        full/full LoKr, Full, IA3…: its scale stays finite); a NaN alpha is always refused."""
         for name, m in self.modules.items():
             for k, t in m.tensors.items():
-                if k == "alpha" or not t.is_floating_point():
+                if not t.is_floating_point():
+                    continue
+                if t.element_size() == 1 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32,
+                                                            torch.float64):
+                    t = t.float()  # fp8 files: torch has no isfinite/isnan for float8 dtypes
+                if k == "alpha":
+                    if bool(torch.isnan(t).any()):
+                        raise FormatError(f"module {name!r}: tensor 'alpha' is NaN", file=self.source)
+                    if bool(torch.isfinite(t).all()):
+                        continue
+                    # an infinite alpha is harmless only where the algorithm ignores alpha: its scale
+                    # is the same for any alpha (other loaders compute alpha/rank = inf elsewhere)
+                    try:
+                        alg = m.algorithm
+                        probe = dict(m.tensors, alpha=torch.tensor(1.2345))
+                        ignored = float(alg.scale(m.tensors)) == float(alg.scale(probe))
+                    except Exception:  # noqa: BLE001 — a scale that cannot be computed is not ignored
+                        ignored = False
+                    if not ignored:
+                        raise FormatError(f"module {name!r}: tensor 'alpha' is infinite (the {m.algo} scale "
+                                          f"alpha/rank would be infinite in other loaders)", file=self.source)
                     continue
                 if not bool(torch.isfinite(t).all()):
-                    raise FormatError(f"module {name!r}: tensor {k!r} contains NaN or Inf values",
-                                      file=self.source)
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise FormatError(f"module {name!r}: tensor {k!r} contains NaN or Inf values "
+                                      f"({bad} of {t.numel()})", file=self.source)
 
     # -- delegation to the rest of the system ------------------------------------------
     def attach(self, target, multiplier: float = 1.0, te_multiplier: float | None = None, *,
                strict: bool = True, trainable: bool = False, name: str | None = None,
                mode: str = "auto", family: str | None = None):
-        """Attach on the fly (bypass): returns a :class:`lyco.network.Network`; ``.detach()`` removes it."""
+        """Attach on the fly (bypass): returns a :class:`lyco.network.Network`; ``.detach()`` removes it.
+
+        An adapter whose family (sd1/sd2/sdxl) is known and differs from the model's raises
+        :class:`~lyco.errors.FamilyMismatch` before anything is touched; ``family=`` (the family to
+        assume) or ``strict=False`` skips that check."""
         from .network import Network
         return Network.from_adapter(self, target, multiplier=multiplier, te_multiplier=te_multiplier,
                                     strict=strict, trainable=trainable, name=name, mode=mode,
                                     family=family)
 
     def merge_into(self, target, multiplier: float = 1.0, te_multiplier: float | None = None, *,
-                   strict: bool = True) -> list[str]:
-        """Bake into the weights (fp32 math, one cast). Returns the unmatched module names."""
+                   strict: bool = True, family: str | None = None) -> list[str]:
+        """Bake into the weights (fp32 math, one cast). Returns the unmatched module names.
+        ``family=``/``strict=False`` skip the up-front family check (see ``attach``)."""
         from .network import merge_adapter_into
         return merge_adapter_into(self, target, multiplier=multiplier, te_multiplier=te_multiplier,
-                                  strict=strict)
+                                  strict=strict, family=family)
 
     def save(self, path, dtype: str | torch.dtype | None = None, metadata: Mapping[str, Any] | None = None,
              **kw) -> None:

@@ -2,9 +2,55 @@
 
 from __future__ import annotations
 
+import unicodedata
+
+#: the most characters an error message keeps (file names, keys and metadata come from strangers)
+MAX_MESSAGE = 4000
+#: the most characters of one key/name quoted in a message
+MAX_NAME = 300
+
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}
+
+
+def _escape(ch: str) -> str:
+    o = ord(ch)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def clean_text(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` safe to print on a terminal: control characters, terminal escapes (ESC, CSI), bidi
+    overrides and invisible format characters escaped (newlines kept), cut to about ``limit``."""
+    if not isinstance(text, str):
+        text = str(text)
+    if text.isprintable() and len(text) <= limit:
+        return text
+    out, used = [], 0
+    limit = max(1, limit - 40)  # room for the "… (N more characters)" note
+    for i, ch in enumerate(text):
+        e = ch if ch == "\n" or unicodedata.category(ch) not in _UNSAFE_CATEGORIES else _escape(ch)
+        if used + len(e) > limit:
+            out.append(f"… ({len(text) - i} more characters)")
+            break
+        out.append(e)
+        used += len(e)
+    return "".join(out)
+
+
+def short_repr(name, limit: int = MAX_NAME) -> str:
+    """``repr(name)`` cut to ``limit`` characters (names in files can be megabytes long)."""
+    r = repr(name)
+    return r if len(r) <= limit else r[: limit - 1] + f"…' ({len(str(name))} characters)"
+
 
 class LycoError(Exception):
-    """Base class of every error lyco raises on purpose. The CLI prints these without a traceback."""
+    """Base class of every error lyco raises on purpose. The CLI prints these without a traceback.
+
+    Messages quote file names, keys and metadata from files of unknown origin: every string
+    argument is made terminal-safe and length-limited here (:func:`clean_text`), once, for all
+    subclasses."""
+
+    def __init__(self, *args):
+        super().__init__(*(clean_text(a) if isinstance(a, str) else a for a in args))
 
 
 class ConfigError(LycoError, ValueError):
@@ -19,7 +65,7 @@ class FormatError(LycoError, ValueError):
         if file:
             parts.append(f"{file}")
         if key:
-            parts.append(f"key {key!r}")
+            parts.append(f"key {short_repr(key)}")
         prefix = (": ".join(parts) + ": ") if parts else ""
         super().__init__(prefix + message)
         self.file = file
@@ -30,7 +76,7 @@ class ShapeMismatch(LycoError, ValueError):
     def __init__(self, module: str, found, expected, *, file: str | None = None, key: str | None = None,
                  detail: str = ""):
         where = f"{file}: " if file else ""
-        k = f" (key {key!r})" if key else ""
+        k = f" (key {short_repr(key)})" if key else ""
         msg = (f"{where}module {module!r}{k}: shape {tuple(found)} does not fit the target layer; "
                f"expected {tuple(expected)}")
         if detail:
@@ -42,7 +88,7 @@ class ShapeMismatch(LycoError, ValueError):
 class UnknownKeys(LycoError, KeyError):
     def __init__(self, keys, *, file: str | None = None, what: str = "keys", hint: str = ""):
         keys = list(keys)
-        shown = ", ".join(repr(k) for k in keys[:12])
+        shown = ", ".join(short_repr(k, 200) for k in keys[:12])
         more = f" … and {len(keys) - 12} more" if len(keys) > 12 else ""
         where = f"{file}: " if file else ""
         msg = f"{where}{len(keys)} unmatched {what}: {shown}{more}"
@@ -52,7 +98,7 @@ class UnknownKeys(LycoError, KeyError):
         self.keys = keys
 
     def __str__(self):  # KeyError would repr() the message
-        return self.args[0]
+        return str(self.args[0]) if self.args else ""
 
 
 class FamilyMismatch(LycoError, ValueError):
@@ -64,3 +110,23 @@ class FamilyMismatch(LycoError, ValueError):
 
 class UnsafeFile(LycoError, ValueError):
     """A legacy pickle that would need code execution to load."""
+
+
+class WriteError(LycoError, OSError):
+    """An output could not be written (disk full, read-only file system, no permission…). Raised
+    after the partial temporary file was removed; an older file at that path is left untouched.
+    Also an :class:`OSError` (``errno`` as reported by the system), so ``except OSError`` still works."""
+
+    def __init__(self, path, err: BaseException | None = None, what: str = "cannot write the output"):
+        reason = ""
+        if err is not None:
+            reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+        LycoError.__init__(self, f"{path}: {what}" + (f" ({reason})" if reason else "")
+                           + "; nothing was written there")
+        self.errno = getattr(err, "errno", None)
+        self.strerror = reason or None
+        self.filename = str(path)
+        self.path = str(path)
+
+    def __str__(self):  # not OSError's "[Errno N] …" form
+        return str(self.args[0]) if self.args else ""

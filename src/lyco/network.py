@@ -19,7 +19,7 @@ from . import algorithms, naming, presets as presets_mod
 from .adapter import TEXT_COMPONENTS, Adapter, ModuleAdapter, split_name
 from .algorithms.base import LayerSpec, layer_kind
 from .algorithms.dora import init_magnitude, wrap as dora_wrap
-from .errors import ConfigError, LycoError, ShapeMismatch, UnknownKeys
+from .errors import ConfigError, FamilyMismatch, LycoError, ShapeMismatch, UnknownKeys
 from .layer import AdapterLayer, LayerHost, check_fits
 
 log = logging.getLogger("lyco")
@@ -76,6 +76,8 @@ def detect_family(components: Mapping[str, nn.Module]) -> str | None:
         return "sd2"
     if cad == 2048:
         return "sdxl"
+    if get("use_linear_projection", False):
+        return "sd2"  # SD 1.x always has 1×1-conv proj_in/out, SD 2.x Linear (tiny models too)
     return "sd1"
 
 
@@ -139,6 +141,7 @@ def _settings_for(component: str, canon: str, classes, spec: LayerSpec, base: di
         s.update({k: v for k, v in conv.items() if v is not None})
     if spec.is_norm:
         s = {"algo": "norm"}
+    explicit: set[str] = set()
     for o in [*preset.overrides, *overrides]:
         if o.component and not component.startswith(o.component):
             continue
@@ -147,6 +150,14 @@ def _settings_for(component: str, canon: str, classes, spec: LayerSpec, base: di
         if o.pattern and not presets_mod.match_path_or_ancestor(o.pattern, canon):
             continue
         s.update(o.settings)
+        explicit |= set(o.settings)
+    if s.get("algo", "lora") != base.get("algo", "lora"):
+        # an override that switches algorithm keeps only the options its new algorithm accepts,
+        # unless the override itself set them (then they are validated, and wrong ones are errors)
+        from .algorithms.base import COMMON_OPTIONS
+        alg = algorithms.get(str(s["algo"]))
+        allowed = {"algo", "rank", "alpha", "dora_axis", "wd_on_output", *_DORA_KEYS, *COMMON_OPTIONS, *alg.options}
+        s = {k: v for k, v in s.items() if k in allowed or k in explicit}
     return s
 
 
@@ -264,7 +275,7 @@ class Network(nn.Module):
         comps = resolve_target(target)
         net = cls(comps, family or adapter.family or detect_family(comps), name)
         net.metadata = dict(adapter.metadata)
-        plan, unmatched = plan_adapter(adapter, comps)
+        plan, unmatched = plan_adapter(adapter, comps, family=family, strict=strict)
         if unmatched and strict:
             raise UnknownKeys(unmatched, file=adapter.source, what="adapter modules (no such layer in the model)",
                               hint="pass strict=False / --allow-unmatched to skip them")
@@ -419,8 +430,27 @@ class Network(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def plan_adapter(adapter: Adapter, comps: Mapping[str, nn.Module]):
-    """[(canonical name, module, spec, ModuleAdapter)] and the unmatched names; raises on misfit."""
+def check_family(adapter: Adapter, comps: Mapping[str, nn.Module]) -> None:
+    """Raise :class:`FamilyMismatch` when the adapter's family and the model's are both known and
+    differ (an SDXL file on an SD1 UNet, SD2 on SD1 by cross-attention width…)."""
+    found = adapter.family
+    # a lone text encoder tells nothing (SD1's encoder is SDXL's first one): no check then
+    known = "unet" in comps or "text_encoder_2" in comps
+    expected = detect_family(comps) if found and known else None
+    if found and expected and found != expected:
+        raise FamilyMismatch(found, expected, file=adapter.source)
+
+
+def plan_adapter(adapter: Adapter, comps: Mapping[str, nn.Module], *, family: str | None = None,
+                 strict: bool = True):
+    """[(canonical name, module, spec, ModuleAdapter)] and the unmatched names; raises on misfit.
+
+    Before anything else the adapter's family is compared with the model's (:func:`check_family`),
+    so a file for another family fails with one clear :class:`FamilyMismatch` instead of a shape
+    error on whichever layer comes first. ``family=`` (the family to assume, as given by the
+    caller) or ``strict=False`` skips that check."""
+    if family is None and strict:
+        check_family(adapter, comps)
     tables: dict[str, naming.NameTable] = {}
     plan, unmatched = [], []
     acomps = adapter.components()
@@ -448,10 +478,10 @@ def plan_adapter(adapter: Adapter, comps: Mapping[str, nn.Module]):
 
 @torch.no_grad()
 def merge_adapter_into(adapter: Adapter, target, multiplier: float = 1.0, te_multiplier: float | None = None,
-                       strict: bool = True) -> list[str]:
+                       strict: bool = True, family: str | None = None) -> list[str]:
     """Bake an adapter into the weights: ΔW in fp32, one cast. All-or-nothing."""
     comps = resolve_target(target)
-    plan, unmatched = plan_adapter(adapter, comps)
+    plan, unmatched = plan_adapter(adapter, comps, family=family, strict=strict)
     if unmatched and strict:
         raise UnknownKeys(unmatched, file=adapter.source, what="adapter modules (no such layer in the model)",
                           hint="pass strict=False / --allow-unmatched to skip them")
@@ -470,7 +500,7 @@ def merge_adapter_into(adapter: Adapter, target, multiplier: float = 1.0, te_mul
             if b is not None and b2 is not None:
                 b.copy_(b2.to(b.dtype))
     except BaseException:
-        for mod, w0, b0 in backups:
+        for mod, w0, b0 in reversed(backups):  # newest first: a layer merged twice ends at its original
             mod.weight.copy_(w0)
             if b0 is not None:
                 mod.bias.copy_(b0)

@@ -72,6 +72,19 @@ class Preset:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str | None = None) -> "Preset":
+        """Validate and build; any malformed value is a :class:`ConfigError` naming the preset."""
+        try:
+            return cls._from_dict(d, name)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, RecursionError) as e:
+            raise ConfigError(f"preset {name!r}: malformed value ({type(e).__name__}: {e}); "
+                              "see lyco.presets for the accepted layout") from None
+
+    @classmethod
+    def _from_dict(cls, d: Mapping[str, Any], name: str | None = None) -> "Preset":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"preset {name!r}: expected a table, got {type(d).__name__}")
         d = dict(d)
         if set(d) & _LYCORIS_KEYS:
             d = _from_lycoris(d)
@@ -92,13 +105,21 @@ class Preset:
                 rules[comp] = Rules(*[_str_list(r.get(k, []), f"{comp}.{k}") for k in
                                       ("target_modules", "target_names", "exclude")])
         overrides = []
-        for i, o in enumerate(d.get("overrides", [])):
+        ovr = d.get("overrides", [])
+        if not isinstance(ovr, (list, tuple)):
+            raise ConfigError(f"preset {name!r}: 'overrides' must be a list of tables")
+        for i, o in enumerate(ovr):
+            if not isinstance(o, Mapping):
+                raise ConfigError(f"preset {name!r}: override #{i} must be a table, got {type(o).__name__}")
             o = dict(o)
             if "pattern" not in o and "module_class" not in o:
                 raise ConfigError(f"preset {name!r}: override #{i} needs 'pattern' or 'module_class'")
             pat = o.pop("pattern", "*")
             comp = o.pop("component", None)
             mcls = o.pop("module_class", None)
+            for what, v in (("pattern", pat), ("component", comp), ("module_class", mcls)):
+                if v is not None and not isinstance(v, str):
+                    raise ConfigError(f"preset {name!r}: override #{i} {what} must be a string")
             validate_pattern(pat)
             overrides.append(Override(pat, o, comp, mcls))
         for k in ("include_conv", "include_norm"):
@@ -178,6 +199,8 @@ def _from_lycoris(d: dict) -> dict:
 
 
 def _lycoris_override(cfg: Mapping[str, Any]) -> dict:
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"LyCORIS-style preset: algo map entries must be tables, got {type(cfg).__name__}")
     cfg = dict(cfg)
     if "dim" in cfg:
         cfg["rank"] = cfg.pop("dim")
@@ -273,7 +296,9 @@ def get(preset: "str | Path | Mapping[str, Any] | Preset | None") -> Preset:
         import tomllib
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{s}: not valid TOML: {e}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{s}: not valid TOML: {type(e).__name__}: {str(e)[:200]}") from None
+        except OSError as e:
+            raise ConfigError(f"{s}: cannot read preset file: {e.strerror}") from None
         return Preset.from_dict(data, name=p.stem)
     raise ConfigError(f"unknown preset {s!r}; built-in: {', '.join(BUILTIN)} (or a .toml file)")

@@ -12,7 +12,14 @@ from lyco.algorithms.base import LayerSpec
 from lyco.algorithms.dora import wrap
 from lyco.algorithms.lora import DyLoRA, truncate
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _fp64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 LAYERS = {
     "linear": lambda: nn.Linear(12, 10),

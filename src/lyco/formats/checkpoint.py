@@ -32,6 +32,7 @@ The name mapping is made of pure, table-driven functions (no model needed, reusa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -47,7 +48,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from lyco.errors import ConfigError, FormatError, ShapeMismatch, UnknownKeys, UnsafeFile
+from lyco.errors import ConfigError, FormatError, LycoError, ShapeMismatch, UnknownKeys, UnsafeFile, WriteError
 
 __all__ = [
     "KeyRef", "UNetLayout", "SingleFileLayout", "Checkpoint",
@@ -650,7 +651,10 @@ class _SafetensorsSource:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
+        from .safetensors_io import read_header
+
         self.path = path
+        read_header(path)  # lyco's checks first: bounded header, sizes, offsets, no overlap (FormatError)
         try:
             self._f = safe_open(str(path), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error type for a bad header
@@ -718,7 +722,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"to unpickle (code execution) — {first[:200]}. lyco never runs pickled code. If, and only "
             f"if, you trust where the file comes from, convert it to .safetensors in an isolated "
             f"environment and use that file instead.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except MemoryError:
+        raise FormatError("not a readable torch checkpoint (it asks for more memory than there is)",
+                          file=str(path)) from None
+    except Exception as e:  # noqa: BLE001 — a malformed pickle raises IndexError, KeyError, struct.error…
         if "weights_only" in str(e) or "Weights only" in str(e):
             raise UnsafeFile(f"{path}: refusing to load this legacy pickle checkpoint ({str(e)[:200]}); "
                              f"convert trusted files to .safetensors first") from None
@@ -731,12 +738,27 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def _json_file(p: Path) -> dict[str, Any]:
+    """A JSON object from a file of a diffusers folder (FormatError for anything else)."""
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"not a readable JSON file ({type(e).__name__}: {str(e)[:200]})", file=str(p)) from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"holds a JSON {type(obj).__name__}; expected an object", file=str(p))
+    return obj
+
+
 def _folder_weight_files(d: Path) -> list[Path]:
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (d / name).is_file():
             return [d / name]
     for idx in sorted(d.glob("*.safetensors.index.json")):
-        wm = json.loads(idx.read_text()).get("weight_map", {})
+        wm = _json_file(idx).get("weight_map", {})
+        if not isinstance(wm, dict) or not all(isinstance(f, str) and f and "/" not in f and "\\" not in f
+                                               and f not in (".", "..") for f in wm.values()):
+            raise FormatError("'weight_map' is not a map of tensor names to shard file names in this folder",
+                              file=str(idx))
         return [d / f for f in sorted(set(wm.values()))]
     variants = sorted(d.glob("diffusion_pytorch_model.*.safetensors")) + sorted(d.glob("model.*.safetensors"))
     if variants:
@@ -861,7 +883,7 @@ def _configs_from_metadata(meta: Mapping[str, str], path: Path) -> dict[str, Any
         return None
     try:
         cfg = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise FormatError(f"metadata {CONFIGS_METADATA_KEY!r} is not valid JSON ({e})", file=str(path)) from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("unet"), dict):
         raise FormatError(f"metadata {CONFIGS_METADATA_KEY!r} holds no component configs", file=str(path))
@@ -917,7 +939,12 @@ def _open_single(path: Path, family: str | None) -> Checkpoint:
             configs = _real_configs_for(fam, src.shape, set(keys))
         configs = dict(configs)
         configs["family"] = fam
-        layout = single_file_layout(fam, configs)
+        try:
+            layout = single_file_layout(fam, configs)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise FormatError(f"the component configs (metadata {CONFIGS_METADATA_KEY!r}, or the {fam} "
+                              f"defaults) do not describe a {fam} model ({type(e).__name__}: {str(e)[:200]})",
+                              file=str(path)) from None
         mapping, unmapped = _map_single(keys, layout, path, src.shape)
     except FormatError as e:
         src.close()
@@ -958,7 +985,7 @@ def _open_folder(path: Path, family: str | None) -> Checkpoint:
                 continue
             cfg_file = d / "config.json"
             if cfg_file.is_file():
-                configs[comp] = json.loads(cfg_file.read_text())
+                configs[comp] = _json_file(cfg_file)
             for f in files:
                 if not f.is_file():
                     raise FormatError(f"shard {f.name} listed in the index is missing", file=str(d))
@@ -973,8 +1000,12 @@ def _open_folder(path: Path, family: str | None) -> Checkpoint:
                               "weights", file=str(path))
         sched = path / "scheduler" / "scheduler_config.json"
         if sched.is_file():
-            configs["scheduler"] = json.loads(sched.read_text())
-        fam = family or ("sdxl" if "text_encoder_2" in configs else family_of_unet_config(configs["unet"]))
+            configs["scheduler"] = _json_file(sched)
+        try:
+            fam = family or ("sdxl" if "text_encoder_2" in configs else family_of_unet_config(configs["unet"]))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise FormatError(f"unet/config.json does not describe a UNet ({type(e).__name__}: {e})",
+                              file=str(path)) from None
         check_family(fam)
         configs["family"] = fam
     except Exception:
@@ -1135,7 +1166,10 @@ def write_single_file(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
             raise ConfigError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
         meta[k] = v
     header: dict[str, Any] = {}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
+    except OSError as e:
+        raise WriteError(path, e, "cannot create a file in the output folder") from None
     try:
         with tempfile.TemporaryFile(dir=str(folder)) as spool:
             offset = 0
@@ -1168,13 +1202,16 @@ def write_single_file(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
                 out.flush()
                 os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if fd >= 0:
             os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError) and not isinstance(e, LycoError) and getattr(e, "errno", None) in (
+                errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise WriteError(path, e) from None  # out of space while writing our own files
         raise
     try:  # make the rename durable; not all platforms allow opening a folder
         dfd = os.open(str(folder), os.O_RDONLY)

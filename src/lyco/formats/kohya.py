@@ -54,15 +54,13 @@ def _in_dim(t: Mapping[str, torch.Tensor]) -> int | None:
             return int(t[k].shape[ax])
     if "lokr_w1" in t or "lokr_w1_b" in t:
         w1 = t.get("lokr_w1")
-        i1 = w1.shape[1] if w1 is not None else t["lokr_w1_b"].shape[1]
+        w1 = w1 if w1 is not None else t["lokr_w1_b"]
         w2 = t.get("lokr_w2")
-        if w2 is not None:
-            i2 = w2.shape[1]
-        elif "lokr_t2" in t:
-            i2 = t["lokr_w2_b"].shape[1]
-        else:
-            return None  # flattened conv layout: in_n·∏k
-        return int(i1 * i2)
+        if w2 is None and "lokr_t2" in t:
+            w2 = t.get("lokr_w2_b")
+        if w2 is None or w1.dim() < 2 or w2.dim() < 2:
+            return None  # flattened conv layout (in_n·∏k), or tensors the decoder will refuse
+        return int(w1.shape[1] * w2.shape[1])
     return None
 
 
@@ -147,8 +145,10 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     metadata = dict(metadata or {})
     from . import peft
     if tensors and peft.is_peft_state_dict(tensors.keys()):
-        a = peft.from_peft(dict(tensors), metadata)
+        a = peft.from_peft(dict(tensors), metadata, source=source)
         a.source = source
+        for name, m in a.modules.items():
+            check_module_tensors(name, m.algorithm, m.tensors, source)
         if check_finite:
             a.check_finite()
         return a
@@ -164,7 +164,10 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         if suffix in _IGNORED_SUFFIXES:
             continue
         grouped.setdefault((comp, flat), {})[suffix] = t
-    fam = family or metadata.get("lyco_family") or detect_family(grouped)
+    meta_fam = metadata.get("lyco_family")
+    if meta_fam not in (None, "sd1", "sd2", "sdxl"):
+        meta_fam = None  # header data, not trusted: an unknown family is detected from the tensors
+    fam = family or meta_fam or detect_family(grouped)
     unet_flats = [f for c, f in grouped if c == "unet"]
     styles = {naming.unet_style(f) for f in unet_flats} - {None}
     if len(styles) > 1:
@@ -176,7 +179,10 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     modules: dict[str, ModuleAdapter] = {}
     for (comp, flat), t in grouped.items():
         mod_key = f"{naming.component_prefix(comp, comp == 'text_encoder_2')}_{flat}"
-        t = _normalise(t)
+        try:
+            t = _normalise(t)
+        except FormatError as e:
+            raise FormatError(f"module {mod_key!r}: {e}", file=source) from None
         alg = algorithms.detect_for(t)
         if alg is None:
             raise FormatError(f"module {mod_key!r}: tensors {sorted(t)} match no known algorithm "
@@ -185,8 +191,11 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
         if unknown:
             raise FormatError(f"module {mod_key!r}: unexpected tensor(s) {sorted(unknown)} for algorithm "
                               f"{alg.name!r} (expected some of {sorted(alg.keys)})", file=source)
+        check_module_tensors(mod_key, alg, t, source)
         if comp == "unet" and naming.unet_style(flat) == "ldm":
             flat = naming.unet_flat_from_ldm(flat, layout)
+        elif comp in (naming.TE, naming.TE2):
+            flat = naming.text_flat_canonical(flat)  # transformers-5 names lack ``text_model_``
         # SD components get their dots back (exact for SD UNets/CLIP); generic modules stay flat
         # (resolution against a model compares flattened strings, so both forms attach alike)
         path = naming.dot_path(flat) if comp != "model" else flat
@@ -201,6 +210,46 @@ def from_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, 
     return a
 
 
+#: tensors that may be integers/booleans (flags); every other adapter tensor must be floating point
+_FLAG_TENSORS = {"on_input"}
+#: (min, max) number of dimensions of each known tensor (1-D … 5-D: Linear, Conv1d/2d/3d, norms)
+_NDIM = {
+    "lora_up.weight": (2, 5), "lora_down.weight": (2, 5), "lora_mid.weight": (3, 5),
+    "hada_w1_a": (2, 2), "hada_w1_b": (2, 2), "hada_w2_a": (2, 2), "hada_w2_b": (2, 2),
+    "hada_t1": (3, 5), "hada_t2": (3, 5),
+    "lokr_w1": (2, 2), "lokr_w1_a": (2, 2), "lokr_w1_b": (2, 2), "lokr_w2": (2, 5),
+    "lokr_w2_a": (2, 2), "lokr_w2_b": (2, 2), "lokr_t2": (3, 5),
+    "diff": (1, 5), "diff_b": (1, 1), "w_norm": (1, 1), "b_norm": (1, 1), "oft_blocks": (3, 4),
+    "a1.weight": (2, 5), "a2.weight": (2, 5), "b1.weight": (2, 5), "b2.weight": (2, 5), "dora_scale": (1, 5),
+}
+
+
+def check_module_tensors(mod_key: str, alg, t: Mapping[str, torch.Tensor], source: str | None) -> None:
+    """Refuse a module whose tensors cannot be what the detected algorithm reads: non-float factors,
+    or shapes that do not fit together (rank, scale, layout). Cheap (shape reads only), so every
+    tool gets a consistent module or a :class:`FormatError` naming it, not a crash later."""
+    for k, v in t.items():
+        if k not in _FLAG_TENSORS and not v.is_floating_point():
+            raise FormatError(f"module {mod_key!r}: tensor {k!r} has dtype {str(v.dtype).replace('torch.', '')}; "
+                              f"expected a floating-point tensor", file=source)
+        lo, hi = _NDIM.get(k, (0, 8))
+        if not lo <= v.dim() <= hi:
+            want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise FormatError(f"module {mod_key!r}: tensor {k!r} has shape {tuple(v.shape)} ({v.dim()}-D); "
+                              f"expected {want} dimensions", file=source)
+    try:
+        alg.rank(t)
+        alg.scale(t)
+        alg.describe(t)
+        alg.infer_weight_shape(t)
+    except FormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 — inconsistent shapes surface as any of many errors
+        shapes = {k: tuple(v.shape) for k, v in t.items()}
+        raise FormatError(f"module {mod_key!r}: {alg.name} tensors {shapes} do not fit together "
+                          f"({type(e).__name__}: {str(e)[:200]})", file=source) from None
+
+
 def _normalise(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = dict(t)
     a = out.get("alpha")
@@ -210,7 +259,14 @@ def _normalise(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out["alpha"] = a.reshape(()).float()
     oi = out.get("on_input")
     if oi is not None:
+        if oi.numel() != 1:
+            raise FormatError(f"on_input must hold one value, found shape {tuple(oi.shape)}")
         out["on_input"] = oi.reshape(())
+    up, down = out.get("lora_up.weight"), out.get("lora_down.weight")
+    if up is not None and down is not None and up.dim() == 2 and down.dim() > 2:
+        # LyCORIS DyLoRA writes a conv layer's up factor 2-D (out, r); everyone else (and lyco)
+        # writes the 1×1-conv layout (out, r, 1, …). Same numbers, so read it as the usual layout.
+        out["lora_up.weight"] = up.reshape(tuple(up.shape) + (1,) * (down.dim() - 2))
     return out
 
 

@@ -29,10 +29,16 @@ from typing import IO, Iterator, Mapping
 
 import torch
 
-from ..errors import FormatError, LycoError, UnsafeFile
+from ..errors import FormatError, LycoError, UnsafeFile, WriteError
 
 MAX_HEADER = 100 * 1024 * 1024  # 100 MiB, the limit the safetensors library uses too
 MAX_NDIM = 16
+#: more tensors than any real adapter or checkpoint has (an SDXL LyCORIS file with every layer and
+#: algorithm holds ~15k; an SDXL single file ~2.5k): a header listing more is refused before parsing
+MAX_TENSORS = 50_000
+#: JSON separators (commas) a header may hold: bounds the objects a 100 MiB header could make
+#: (parsing 1M small entries costs ~0.5 GB; metadata such as ss_tag_frequency stays far below)
+MAX_JSON_ITEMS = 1_000_000
 
 #: safetensors dtype string -> (bytes per element, torch dtype or None when torch lacks it)
 DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
@@ -54,6 +60,8 @@ DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
 }
 
 LEGACY_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+#: errors of a write that mean the output could not be written (no space, quota, file too large)
+_FULL_ERRNOS = {__import__("errno").ENOSPC, __import__("errno").EDQUOT, __import__("errno").EFBIG}
 
 
 # --------------------------------------------------------------------------------------
@@ -122,6 +130,17 @@ def parse_header_bytes(prefix: bytes, file_size: int, *, file: str | None = None
     raw = prefix[8:8 + n]
     if len(raw) < n:
         raise FormatError(f"could read only {len(raw)} of the {n} header bytes", file=file)
+    # bound the work and memory of parsing before parsing (a 100 MiB header of tiny entries would
+    # otherwise build tens of millions of Python objects). ``"data_offsets"`` cannot occur inside a
+    # JSON string (its quotes would be escaped), so this counts tensor entries from above.
+    n_tensors = raw.count(b'"data_offsets"')
+    if n_tensors > MAX_TENSORS:
+        raise FormatError(f"header lists {n_tensors} tensors, more than the limit of {MAX_TENSORS} "
+                          f"(not an adapter or checkpoint, or a hostile file)", file=file)
+    n_items = raw.count(b",")
+    if n_items > MAX_JSON_ITEMS:
+        raise FormatError(f"header has {n_items} JSON entries, more than the limit of {MAX_JSON_ITEMS} "
+                          f"(a hostile or broken file)", file=file)
     try:
         text = raw.decode("utf-8")
         obj = json.loads(text, object_pairs_hook=_no_duplicates)
@@ -131,6 +150,8 @@ def parse_header_bytes(prefix: bytes, file_size: int, *, file: str | None = None
         raise FormatError("header JSON is nested too deeply", file=file) from None
     if not isinstance(obj, dict):
         raise FormatError(f"header is a JSON {type(obj).__name__}; expected an object", file=file)
+    if len(obj) > MAX_TENSORS + 1:
+        raise FormatError(f"header lists {len(obj) - 1} tensors, more than the limit of {MAX_TENSORS}", file=file)
 
     data_size = file_size - 8 - n
     meta_raw = obj.pop("__metadata__", None)
@@ -323,27 +344,48 @@ def atomic_write(path, *, overwrite: bool = False) -> Iterator[IO[bytes]]:
                         f"or --overwrite on the command line)")
     if not os.path.isdir(folder):
         raise LycoError(f"{final}: the folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise WriteError(final, e, "cannot create a file in the output folder") from None
     os.close(fd)
     try:
         with open(tmp, "wb") as f:  # opened by name so that f.name is the temporary path
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        if overwrite:
-            os.replace(tmp, final)
-        else:
             try:
-                os.link(tmp, final)  # fails if the name appeared meanwhile
-            except FileExistsError:
-                raise LycoError(f"{final}: was created by someone else while writing; not overwritten") from None
-            except OSError:  # file systems without hard links
-                if os.path.lexists(final):
-                    raise LycoError(f"{final}: already exists; refusing to overwrite it") from None
+                yield f
+            except OSError as e:
+                # a write of the caller's that failed for want of space is a failure to write the
+                # output; other OSErrors of the body (e.g. reading an input) pass through unchanged
+                if getattr(e, "errno", None) in _FULL_ERRNOS and not isinstance(e, LycoError):
+                    raise WriteError(final, e) from None
+                raise
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise WriteError(final, e) from None
+        try:
+            os.chmod(tmp, 0o666 & ~_current_umask())
+        except OSError as e:
+            raise WriteError(final, e) from None
+        try:
+            if overwrite:
                 os.replace(tmp, final)
             else:
-                os.unlink(tmp)
+                try:
+                    os.link(tmp, final)  # fails if the name appeared meanwhile
+                except FileExistsError:
+                    raise LycoError(f"{final}: was created by someone else while writing; not overwritten") from None
+                except OSError:  # file systems without hard links
+                    if os.path.lexists(final):
+                        raise LycoError(f"{final}: already exists; refusing to overwrite it") from None
+                    os.replace(tmp, final)
+                else:
+                    os.unlink(tmp)
+        except LycoError:
+            raise
+        except OSError as e:
+            raise WriteError(final, e, "cannot move the finished file into place") from None
         _fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

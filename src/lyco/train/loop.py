@@ -1,0 +1,1291 @@
+"""The trainer: noise-prediction training of a lyco adapter on a diffusers SD1/SD2/SDXL pipeline.
+
+Built on accelerate: the same code runs on one CPU, one GPU, or ``accelerate launch -m lyco train
+…`` over several processes (DDP). The only module accelerate wraps is :class:`TrainingModule`,
+which owns the adapter (the base model's weights are frozen and not registered in it), so DDP
+synchronises exactly the adapter's gradients. Only the main process writes files, logs and
+samples. There is no communication code here beyond accelerate's own calls (``gather`` of the
+loss, ``wait_for_everyone`` around files).
+
+Exact resume. Everything random is a pure function of the position in training, not of a
+stream that has to be replayed: the data order of an epoch is seeded by ``(seed, epoch)``, the
+augmentation of a sample by ``(seed, epoch, slot)`` (see :mod:`lyco.train.data`), and before each
+micro-batch the noise generator and torch's global RNG (adapter dropout) are seeded by
+``(seed, epoch, micro-batch, process)``. A state holds the adapter, the optimizer, the LR
+scheduler, the position (epoch, micro-batches done, step) and, for completeness, the torch /
+python / numpy RNG states; resuming from it recomputes the same batches, noise and updates, so
+an interrupted and resumed run ends with the bit-identical adapter on CPU.
+
+States are a folder ``<name>-step00000010-state/`` with ``state.safetensors`` (tensors) and
+``state.json`` (everything else), written into a temporary folder and renamed into place. No
+pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError, LycoError
+from . import data as data_mod
+from .config import Config, check_runnable
+
+log = logging.getLogger("lyco.train")
+
+STATE_FORMAT = "lyco-train-state"
+STATE_VERSION = 1
+
+
+class TrainingError(LycoError):
+    """The run cannot go on (NaN/Inf loss, a state that does not fit, …)."""
+
+
+# --------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    adapter_path: str | None
+    output_dir: str
+    steps: int
+    epochs: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    states: list[str] = field(default_factory=list)
+    sample_grids: list[str] = field(default_factory=list)
+    loss_curve: str | None = None
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Model loading
+# --------------------------------------------------------------------------------------
+
+
+def load_base_pipeline(cfg: Config):
+    """The diffusers pipeline of ``[model] path`` (``tiny:sd1`` etc. build the built-in tiny models)."""
+    path = cfg.model.path
+    fam = cfg.model.family or None
+    if path.startswith("tiny:"):
+        from ..models import tiny
+        kind = path.split(":", 1)[1] or "sd1"
+        if kind not in ("sd1", "sd2", "sdxl"):
+            raise ConfigError(f"[model] path: unknown built-in model {path!r}; use tiny:sd1, tiny:sd2 or tiny:sdxl")
+        return tiny.tiny_pipeline(kind, seed=0)
+    if not os.path.exists(path):
+        raise ConfigError(f"[model] path: {path!r} does not exist (a diffusers folder or a single-file "
+                          f"checkpoint is expected)")
+    from ..formats.checkpoint import load_pipeline
+    toks = {}
+    for key in ("tokenizer", "tokenizer_2"):
+        folder = getattr(cfg.model, key)
+        if folder:
+            from transformers import CLIPTokenizer
+            try:
+                toks[key] = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+            except Exception as e:  # noqa: BLE001 — transformers raises many kinds
+                raise ConfigError(f"[model] {key}: cannot read a CLIP tokenizer from {folder!r} ({e})") from None
+    return load_pipeline(path, family=fam, prediction_type=cfg.model.prediction_type or None, **toks)
+
+
+def pipeline_family(pipe, forced: str = "") -> str:
+    if forced:
+        return forced
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
+    from ..models.configs import family_of_unet_config
+    return family_of_unet_config(dict(pipe.unet.config))
+
+
+def base_model_hashes(path: str) -> tuple[str, str]:
+    """``(ss_sd_model_hash, ss_new_sd_model_hash)``: of the file, or of a diffusers folder's UNet
+    weights file; empty for the built-in tiny models."""
+    from ..formats.metadata import sd_model_hashes
+    if not path or path.startswith("tiny:"):
+        return "", ""
+    p = Path(path)
+    if p.is_dir():
+        cands = sorted((p / "unet").glob("diffusion_pytorch_model*.safetensors")) or sorted((p / "unet").glob("*.bin"))
+        if not cands:
+            return "", ""
+        p = cands[0]
+    try:
+        return sd_model_hashes(str(p))
+    except OSError:
+        return "", ""
+
+
+def build_network(pipe, cfg: Config, family: str):
+    """The trainable :class:`~lyco.network.Network` of ``[network]`` on the pipeline's UNet and/or
+    text encoder(s), attached. Returns ``(network, text_encoder_trained)``. A component with learning
+    rate 0 or ``train_unet``/``train_text_encoder`` false gets no adapter at all."""
+    n, o = cfg.network, cfg.optimizer
+    comps: dict[str, nn.Module] = {}
+    if n.train_unet and o.unet_lr != 0:
+        comps["unet"] = pipe.unet
+    train_te = bool(n.train_text_encoder and o.text_encoder_lr != 0)
+    if train_te:
+        comps["text_encoder"] = pipe.text_encoder
+        if family == "sdxl":
+            comps["text_encoder_2"] = pipe.text_encoder_2
+    if not comps:
+        raise ConfigError("nothing to train: the UNet and the text encoder are both off "
+                          "(train_unet/train_text_encoder false or learning rate 0)")
+    from ..network import Network
+    extra: dict[str, Any] = {}
+    if n.dora:
+        extra["dora"] = True
+        extra["dora_axis"] = n.dora_axis
+    reserved = {"algo", "rank", "alpha", "preset", "conv_rank", "conv_alpha", "overrides", "seed", "dora",
+                "dora_axis", "components", "dtype", "mode", "freeze_base", "multiplier"}
+    bad = sorted(set(n.options) & reserved)
+    if bad:
+        raise ConfigError(f"[network.options] {bad}: set these as [network] keys, not options")
+    net = Network.create(comps, algo=n.algo, rank=n.rank, alpha=n.alpha, preset=n.preset, conv_rank=n.conv_rank,
+                         conv_alpha=n.conv_alpha, overrides=list(n.overrides) or None, seed=cfg.train.seed,
+                         **extra, **dict(n.options))
+    net.family = family
+    net.train()
+    if train_te and not any(not str(layer.name).startswith("unet") for layer in net.layers.values()):
+        train_te = False  # the preset put nothing on the text encoder
+    return net, train_te
+
+
+# --------------------------------------------------------------------------------------
+# Text encoding
+# --------------------------------------------------------------------------------------
+
+
+class TextEncoding:
+    """Captions → (encoder_hidden_states, pooled) the way the diffusers pipelines do it.
+
+    SD1/SD2: the last layer's output (or, with ``clip_skip`` N > 1, the N-th last hidden state
+    through the final layer norm). SDXL: penultimate hidden states of both encoders
+    concatenated, pooled = the second encoder's projected output.
+    """
+
+    def __init__(self, pipe, family: str, clip_skip: int = 1):
+        self.family = family
+        self.clip_skip = clip_skip
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+        self.encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+        if any(t is None for t in self.tokenizers):
+            raise ConfigError("the base model has no tokenizer (a real single-file checkpoint carries none): "
+                              "use a diffusers folder")
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def tokenize(self, captions: Sequence[str]) -> list[torch.Tensor]:
+        return [tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids for tok in self.tokenizers]
+
+    def encode(self, ids: Sequence[torch.Tensor]):
+        if self.family == "sdxl":
+            hs, pooled = [], None
+            for i, (te, x) in enumerate(zip(self.encoders, ids)):
+                out = te(x.to(te.device), output_hidden_states=True)
+                hs.append(out.hidden_states[-2])
+                if i == 1:
+                    pooled = out[0]
+            return torch.cat(hs, dim=-1), pooled
+        te = self.encoders[0]
+        x = ids[0].to(te.device)
+        if self.clip_skip <= 1:
+            return te(x)[0], None
+        out = te(x, output_hidden_states=True)
+        h = out.hidden_states[-self.clip_skip]
+        tm = getattr(te, "text_model", te)
+        return tm.final_layer_norm(h), None
+
+    @torch.no_grad()
+    def encode_cached(self, captions: Sequence[str]):
+        """Frozen encoders: one caption at a time (so a value never depends on what it was batched
+        with), remembered per caption."""
+        hs, ps = [], []
+        for c in captions:
+            if c not in self.cache:
+                if len(self.cache) > 8192:
+                    self.cache.clear()
+                h, p = self.encode(self.tokenize([c]))
+                self.cache[c] = (h[0].detach(), p[0].detach() if p is not None else None)
+            h, p = self.cache[c]
+            hs.append(h)
+            ps.append(p)
+        return torch.stack(hs), (torch.stack(ps) if ps[0] is not None else None)
+
+
+class TrainingModule(nn.Module):
+    """The module accelerate prepares (and DDP wraps): the adapter is its only registered child; the
+    UNet and text encoders are referenced, not registered (frozen, not synchronised)."""
+
+    def __init__(self, network: nn.Module, unet: nn.Module, text: TextEncoding):
+        super().__init__()
+        self.network = network
+        object.__setattr__(self, "_unet", unet)
+        object.__setattr__(self, "_text", text)
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, input_ids=None, hidden=None, pooled=None,
+                time_ids=None):
+        if hidden is None:
+            hidden, pooled = self._text.encode(input_ids)
+        added = None
+        if self._text.family == "sdxl":
+            added = {"text_embeds": pooled.to(noisy.dtype) if pooled is not None else pooled,
+                     "time_ids": time_ids.to(noisy.device)}
+        return self._unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+
+# --------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: Config, groups: list[dict]):
+    o = cfg.optimizer
+    kw: dict[str, Any] = {"lr": o.learning_rate, "weight_decay": o.weight_decay}
+    if o.type in ("adamw", "adamw8bit", "prodigy"):
+        kw["betas"] = tuple(o.betas)
+    if o.type in ("adamw", "adamw8bit"):
+        kw["eps"] = o.eps
+    kw.update(o.args)
+    if o.type == "adamw":
+        cls = torch.optim.AdamW
+    elif o.type == "adamw8bit":
+        try:
+            import bitsandbytes as bnb  # type: ignore
+        except ImportError:
+            raise ConfigError("[optimizer] type = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+        cls = bnb.optim.AdamW8bit
+    else:
+        try:
+            from prodigyopt import Prodigy  # type: ignore
+        except ImportError:
+            raise ConfigError("[optimizer] type = 'prodigy' needs prodigyopt: pip install prodigyopt") from None
+        cls = Prodigy
+    try:
+        return cls(groups, **kw)
+    except TypeError as e:
+        raise ConfigError(f"[optimizer] {o.type}: bad arguments {sorted(kw)}: {e}") from None
+
+
+def lr_lambda(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[int], float]:
+    total = max(1, total)
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "cosine_with_restarts":
+            if progress >= 1.0:
+                return 0.0
+            return 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+        raise ConfigError(f"unknown lr_scheduler {kind!r}")
+    return f
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _seed_of(*parts) -> int:
+    return int(hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:15], 16)
+
+
+def _jsonable(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return v
+
+
+def _atomic_text(path: str, text: str) -> None:
+    from ..formats.safetensors_io import atomic_write
+    with atomic_write(path, overwrite=True) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Move a finished temporary folder into place; an old folder of that name is removed only
+    after the new one is in place."""
+    old = None
+    if os.path.exists(final):
+        old = final + f".old-{os.getpid()}-{int(time.time() * 1000)}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """``Trainer(cfg).train()``. ``pipeline=`` uses an already loaded pipeline (tests, notebooks)
+    instead of ``[model] path``; ``callbacks`` are called as ``cb(trainer, event, **info)`` with
+    events ``step`` (after every optimizer step), ``checkpoint``, ``epoch``."""
+
+    def __init__(self, cfg: Config, *, pipeline=None, resume: str | None = None,
+                 callbacks: Sequence[Callable] = (), accelerator=None):
+        self.cfg = cfg
+        self._pipe_arg = pipeline
+        self.resume_from = resume
+        self.callbacks = list(callbacks)
+        self._accelerator = accelerator
+        self.result: TrainResult | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.eval_losses: list[tuple[int, float]] = []
+        self.grad_norms: list[tuple[int, float]] = []
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.config_path: str | None = None
+        self._setup_done = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "Trainer":
+        if self._setup_done:
+            return self
+        cfg = self.cfg
+        if self._pipe_arg is None:
+            check_runnable(cfg)
+        elif not cfg.data.train_dir:
+            raise ConfigError("no training images: set [data] train_dir (or --train-dir)")
+        self._make_accelerator()
+        acc = self.accelerator
+        self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
+        self.started_at = time.time()
+        if acc.is_main_process:
+            os.makedirs(cfg.output.output_dir, exist_ok=True)
+            self._clean_stale_temps()
+        acc.wait_for_everyone()
+        self._check_outputs()
+        self._seed_everything(cfg.train.seed)
+
+        # model
+        pipe = self._pipe_arg if self._pipe_arg is not None else load_base_pipeline(cfg)
+        self.pipe = pipe
+        self.family = pipeline_family(pipe, cfg.model.family)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            if m is not None:
+                m.requires_grad_(False)
+                m.eval()
+        sched_cfg = dict(pipe.scheduler.config)
+        pt = cfg.model.prediction_type or sched_cfg.get("prediction_type", "epsilon")
+        if pt not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"the model's scheduler predicts {pt!r}; lyco trains epsilon or v_prediction "
+                              f"(set [model] prediction_type)")
+        self.prediction_type = pt
+        from diffusers import DDPMScheduler
+        self.noise_scheduler = DDPMScheduler.from_config(
+            sched_cfg, prediction_type=pt, rescale_betas_zero_snr=cfg.train.zero_terminal_snr)
+        if cfg.train.zero_terminal_snr and pt == "epsilon":
+            log.warning("zero_terminal_snr with epsilon prediction: the last timestep carries no signal; "
+                        "v_prediction is recommended")
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        n_t = len(self.alphas_cumprod)
+        self.t_min = cfg.train.min_timestep
+        self.t_max = cfg.train.max_timestep or n_t
+        if self.t_max > n_t:
+            raise ConfigError(f"[train] max_timestep {self.t_max} exceeds the schedule's {n_t} timesteps")
+
+        # network
+        self._build_network()
+
+        # precision and placement
+        mp = acc.mixed_precision
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
+        dev = acc.device
+        pipe.unet.to(dev, dtype=self.weight_dtype)
+        for name in ("text_encoder", "text_encoder_2"):
+            m = getattr(pipe, name, None)
+            if m is not None:
+                m.to(dev, dtype=self.weight_dtype)
+        pipe.vae.to(dev, dtype=torch.float32)
+        self.network.to(dev)
+        if cfg.train.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            pipe.unet.train()
+            if self.train_te:
+                for te in self.text.encoders:
+                    te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    te.train()
+
+        # data
+        self._build_data()
+
+        # optimizer, schedule
+        groups = self.network.param_groups(cfg.optimizer.learning_rate, unet_lr=cfg.optimizer.unet_lr,
+                                           te_lr=cfg.optimizer.text_encoder_lr,
+                                           loraplus_ratio=cfg.optimizer.loraplus_ratio)
+        in_groups = {id(p) for g in groups for p in g["params"]}
+        for p in self.network.parameters():
+            if id(p) not in in_groups:
+                p.requires_grad_(False)
+        if not groups:
+            raise ConfigError("no parameter has a learning rate > 0: nothing to train")
+        self.optimizer = make_optimizer(cfg, groups)
+        self.total_steps = self._count_total_steps()
+        w = cfg.optimizer.lr_warmup_steps
+        warm = int(w * self.total_steps) if 0 < w < 1 else int(w)
+        self.warmup_steps = warm
+        kind = cfg.optimizer.lr_scheduler
+        if kind == "constant" and warm:
+            kind = "constant_with_warmup"
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(kind, warm, self.total_steps, cfg.optimizer.lr_scheduler_num_cycles))
+
+        # accelerate
+        self.model = TrainingModule(self.network, pipe.unet, self.text)
+        self.model, self.optimizer, self.dataloader = acc.prepare(self.model, self.optimizer, self.dataloader)
+        self._eval_batch = None
+        if self.resume_from:
+            self.load_state(self.resume_from)
+        self._setup_done = True
+        return self
+
+    def _clean_stale_temps(self) -> None:
+        """Remove the temporary files/folders a killed run of this output name left behind (an
+        interrupted write never replaces a finished file, but its temporary stays)."""
+        name = self.cfg.output.output_name
+        for p in Path(self.cfg.output.output_dir).iterdir():
+            n = p.name
+            if (n.startswith("." + name) and n.endswith(".tmp")) or (n.startswith(name) and ".old-" in n):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+    def _make_accelerator(self):
+        if self._accelerator is not None:
+            self.accelerator = self._accelerator
+            return
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        cfg = self.cfg
+        log_with = cfg.output.log_with
+        if log_with == "auto":
+            try:
+                import tensorboard  # noqa: F401
+                log_with = "tensorboard"
+            except ImportError:
+                log_with = "none"
+        elif log_with == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError("[output] log_with = 'tensorboard' but tensorboard is not installed "
+                                  "(pip install tensorboard, or log_with = 'none')") from None
+        self.log_with = log_with
+        opts = cfg.network.options
+        unused = any(float(opts.get(k, 0) or 0) > 0 for k in ("module_dropout",)) or \
+            cfg.network.algo == "dylora"
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
+        mp = cfg.train.mixed_precision
+        # accelerate keeps one global state per process; a second Trainer in the same single process
+        # (tests, notebooks) may want another precision or accumulation: start from a clean state.
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+        if AcceleratorState._shared_state and PartialState().num_processes == 1:
+            AcceleratorState._reset_state(reset_partial_state=False)
+            GradientState._reset_state()
+        try:
+            self.accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, mixed_precision=mp,
+                log_with=None if log_with == "none" else log_with, project_dir=cfg.logging_dir,
+                kwargs_handlers=handlers, cpu=cfg.train.cpu)
+        except ValueError as e:
+            raise ConfigError(f"[train] mixed_precision = {mp!r}: {e}") from None
+
+    def _seed_everything(self, seed: int):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            import numpy as np
+            np.random.seed(seed % 2**32)
+        except ImportError:  # pragma: no cover
+            pass
+
+    def _check_outputs(self):
+        out, name = self.cfg.output.output_dir, self.cfg.output.output_name
+        if self.cfg.output.overwrite or self.resume_from:
+            return
+        final = os.path.join(out, f"{name}.safetensors")
+        if os.path.exists(final):
+            raise ConfigError(f"{final} already exists; use another output_name, --overwrite, or "
+                              f"--resume a state of that run")
+
+    def _build_network(self):
+        self.network, self.train_te = build_network(self.pipe, self.cfg, self.family)
+        self.text = TextEncoding(self.pipe, self.family, self.cfg.model.clip_skip)
+
+    def close(self) -> None:
+        """Take the adapter off the pipeline (the pipeline is as it was, apart from dtype/device)."""
+        net = getattr(self, "network", None)
+        if net is not None and net.attached:
+            net.detach()
+
+    def _build_data(self):
+        cfg, d, acc = self.cfg, self.cfg.data, self.accelerator
+        subsets = data_mod.scan(d.train_dir, repeats=d.repeats, caption_extension=d.caption_extension)
+        reg = data_mod.scan(d.reg_dir, repeats=1, caption_extension=d.caption_extension, is_reg=True,
+                            what="reg_dir") if d.reg_dir else []
+        self.subsets, self.reg_subsets = subsets, reg
+        items = [it for s in subsets + reg for it in s.items]
+        self.items = items
+        res = cfg.resolution
+        self.buckets = data_mod.assign_buckets(items, res, enable=d.enable_bucket, min_reso=d.min_bucket_reso,
+                                               max_reso=d.max_bucket_reso, step=d.bucket_reso_steps,
+                                               no_upscale=d.bucket_no_upscale)
+        mult = self._size_multiple()
+        bad = [b for b in self.buckets if b[0] % mult or b[1] % mult]
+        if bad:
+            raise ConfigError(f"[data] image size(s) {bad} are not multiples of {mult}, which this model needs "
+                              f"(VAE × UNet downsampling); use a resolution and bucket_reso_steps that are "
+                              f"multiples of {mult}")
+        self.cache = None
+        if d.cache_latents:
+            self.cache = data_mod.LatentCache(cfg.cache_dir, self.pipe.vae)
+            t0 = time.time()
+            with acc.main_process_first():
+                for it in items:
+                    self.cache.ensure(it, d.flip_aug)
+            if acc.is_main_process:
+                log.info("latents: %d encoded, %d from the cache %s (%.1fs)", self.cache.encoded,
+                         self.cache.hits, self.cache.folder, time.time() - t0)
+        caps = data_mod.CaptionOptions(d.trigger_word, d.shuffle_caption, d.keep_tokens, d.caption_separator,
+                                       d.caption_tag_dropout_rate, d.caption_dropout_rate,
+                                       d.caption_dropout_every_n_epochs)
+        self.dataset = data_mod.TrainDataset(items, seed=cfg.train.seed, captions=caps, flip_aug=d.flip_aug,
+                                             cache=self.cache)
+        self.sampler = data_mod.BucketBatchSampler(items, cfg.train.batch_size, cfg.train.seed,
+                                                   num_replicas=acc.num_processes)
+        self.dataloader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                      collate_fn=data_mod.collate, num_workers=d.num_workers)
+
+    def _size_multiple(self) -> int:
+        vae_f = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        unet_f = 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        return vae_f * unet_f
+
+    def _batches_per_process(self, epoch: int) -> int:
+        return len(self.sampler.batches(epoch)) // self.accelerator.num_processes
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return math.ceil(self._batches_per_process(epoch) / self.cfg.train.gradient_accumulation_steps)
+
+    def _count_total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_train_steps:
+            return t.max_train_steps
+        return sum(self.steps_in_epoch(e) for e in range(t.max_train_epochs))
+
+    # ------------------------------------------------------------------ the objective
+    def _latents_of(self, batch) -> torch.Tensor:
+        if "latents" in batch:
+            return batch["latents"].to(self.accelerator.device, torch.float32)
+        lats = [data_mod.encode_latent(self.pipe.vae, px, sha, flip)
+                for px, sha, flip in zip(batch["pixels"], batch["sha256"], batch["flip"])]
+        return torch.stack(lats).to(self.accelerator.device)
+
+    def _text_inputs(self, captions):
+        if not self.train_te and self.cfg.data.cache_text_encoder_outputs:
+            with self.accelerator.autocast():
+                h, p = self.text.encode_cached(captions)
+            return {"hidden": h, "pooled": p}
+        if not self.train_te:
+            with torch.no_grad(), self.accelerator.autocast():
+                h, p = self.text.encode(self.text.tokenize(captions))
+            return {"hidden": h, "pooled": p}
+        return {"input_ids": [x.to(self.accelerator.device) for x in self.text.tokenize(captions)]}
+
+    def _noise(self, latents: torch.Tensor, gen: torch.Generator, timesteps=None):
+        b = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=gen)
+        if self.cfg.train.noise_offset:
+            noise = noise + self.cfg.train.noise_offset * torch.randn((b, latents.shape[1], 1, 1), generator=gen)
+        if timesteps is None:
+            timesteps = torch.randint(self.t_min, self.t_max, (b,), generator=gen)
+        return noise.to(latents.device), timesteps.to(latents.device)
+
+    def _target(self, latents, noise, timesteps):
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noise
+
+    def _weights(self, timesteps: torch.Tensor, is_reg: torch.Tensor | None) -> torch.Tensor:
+        w = torch.ones(timesteps.shape[0], device=timesteps.device)
+        g = self.cfg.train.min_snr_gamma
+        if g:
+            ac = self.alphas_cumprod.to(timesteps.device)[timesteps]
+            snr = (ac / (1 - ac)).clamp_min(1e-8)
+            base = snr + 1 if self.prediction_type == "v_prediction" else snr
+            w = torch.minimum(snr, torch.full_like(snr, g)) / base
+        if is_reg is not None and bool(is_reg.any()):
+            w = torch.where(is_reg.to(w.device), w * self.cfg.data.prior_loss_weight, w)
+        return w
+
+    def compute_loss(self, model, latents, captions, time_ids, gen, is_reg=None, timesteps=None,
+                     noise=None) -> torch.Tensor:
+        if noise is None:
+            noise, timesteps = self._noise(latents, gen, timesteps)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = self._target(latents, noise, timesteps)
+        text = self._text_inputs(captions)
+        with self.accelerator.autocast():
+            pred = model(noisy.to(self.weight_dtype), timesteps, time_ids=time_ids, **text)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
+        return (loss * self._weights(timesteps, is_reg)).mean()
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_batch(self):
+        """The fixed evaluation batch: the first ``[eval] num_images`` training images (no
+        augmentation, fixed caption), each at every ``[eval] timesteps`` with noise from
+        ``[eval] seed``."""
+        if self._eval_batch is None:
+            e = self.cfg.eval
+            train_items = [i for i, it in enumerate(self.items) if not it.is_reg][: e.num_images]
+            batch = []
+            for k, i in enumerate(train_items):
+                item = self.items[i]
+                s = self.dataset.sample(i, flip=False, caption=self.dataset.fixed_caption(item))
+                lat = s["latents"] if "latents" in s else data_mod.encode_latent(
+                    self.pipe.vae, s["pixels"], s["sha256"], False)
+                n = len(e.timesteps)
+                lat = lat[None].expand(n, *lat.shape).contiguous()
+                g = torch.Generator().manual_seed(_seed_of(e.seed, k))
+                noise = torch.randn(lat.shape, generator=g)
+                ts = torch.tensor([min(t, len(self.alphas_cumprod) - 1) for t in e.timesteps])
+                tid = torch.tensor([[*s["original_size"], *s["crop_top_left"], *s["target_size"]]] * n,
+                                   dtype=torch.float32)
+                batch.append((lat, [s["caption"]] * n, tid, noise, ts))
+            self._eval_batch = batch
+        return self._eval_batch
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Loss of the adapter on the fixed evaluation batch (adapter in eval mode: no dropout)."""
+        net = self.network
+        was = net.training
+        net.eval()
+        try:
+            dev = self.accelerator.device
+            model = self.accelerator.unwrap_model(self.model)
+            tot, n = 0.0, 0
+            for lat, caps, tid, noise, ts in self.eval_batch():
+                lat = lat.to(dev)
+                loss = self.compute_loss(model, lat, caps, tid.to(dev), None, noise=noise, timesteps=ts)
+                tot += float(loss) * lat.shape[0]
+                n += lat.shape[0]
+            return tot / max(1, n)
+        finally:
+            if was:
+                net.train()
+
+    # ------------------------------------------------------------------ the loop
+    def _position_seed(self, epoch: int, batch: int) -> int:
+        return _seed_of(self.cfg.train.seed, "step", epoch, batch, self.accelerator.process_index)
+
+    def train(self) -> TrainResult:
+        self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.time()
+        self.result = TrainResult(None, cfg.output.output_dir, 0, 0)
+        if acc.is_main_process and self.log_with != "none":
+            acc.init_trackers("lyco", config={k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                              for k, v in cfg.flat_args().items() if v is not None})
+        pbar = None
+        if acc.is_main_process:  # the effective configuration, to re-run or --resume with
+            from .config import commented_toml
+            self.config_path = os.path.join(cfg.output.output_dir, f"{cfg.output.output_name}-config.toml")
+            _atomic_text(self.config_path, commented_toml(cfg))
+        try:
+            if cfg.eval.enabled and not self.eval_losses and self.global_step == 0:
+                self._record_eval()
+            if cfg.sample.at_start and cfg.sample.prompts and self.global_step == 0:
+                self._sample("start")
+            if acc.is_local_main_process and cfg.output.progress_bar:
+                from tqdm.auto import tqdm
+                pbar = tqdm(total=self.total_steps, initial=self.global_step, desc="training", dynamic_ncols=True,
+                            smoothing=0.1)
+            self._loop(pbar)
+            self._finish()
+        finally:
+            if pbar is not None:
+                pbar.close()
+            if self.log_with != "none":
+                with contextlib.suppress(Exception):
+                    acc.end_training()
+        self.result.steps, self.result.epochs = self.global_step, self.epoch
+        self.result.losses, self.result.eval_losses = list(self.losses), list(self.eval_losses)
+        self.result.seconds = time.time() - t0
+        return self.result
+
+    def _done(self) -> bool:
+        return self.global_step >= self.total_steps
+
+    def _loop(self, pbar):
+        cfg, acc = self.cfg, self.accelerator
+        model, opt = self.model, self.optimizer
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        accum_losses: list[float] = []
+        while not self._done():
+            self.sampler.epoch = self.epoch
+            dl = self.dataloader
+            if self.batch_in_epoch:
+                dl = acc.skip_first_batches(self.dataloader, self.batch_in_epoch)
+            for batch in dl:
+                seed = self._position_seed(self.epoch, self.batch_in_epoch)
+                torch.manual_seed(seed)
+                gen = torch.Generator().manual_seed(seed)
+                with acc.accumulate(model):
+                    latents = self._latents_of(batch)
+                    loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
+                                             is_reg=batch["is_reg"])
+                    all_losses = acc.gather(loss.detach().float().reshape(1))
+                    if not bool(torch.isfinite(all_losses).all()):
+                        self._diverged(all_losses)
+                    acc.backward(loss)
+                    grad_norm = None
+                    if acc.sync_gradients:
+                        if cfg.optimizer.max_grad_norm > 0:
+                            grad_norm = acc.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
+                        else:
+                            acc.unscale_gradients()
+                            grad_norm = torch.nn.utils.get_total_norm(
+                                [p.grad for p in params if p.grad is not None])
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                accum_losses.append(float(all_losses.mean()))
+                self.batch_in_epoch += 1
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.global_step += 1
+                step_loss = sum(accum_losses) / len(accum_losses)
+                accum_losses = []
+                self.losses.append((self.global_step, step_loss))
+                gn = float(grad_norm) if grad_norm is not None else float("nan")
+                self.grad_norms.append((self.global_step, gn))
+                lr = self.lr_scheduler.get_last_lr()[0]
+                if pbar is not None:
+                    pbar.update(1)
+                    pbar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", epoch=self.epoch + 1)
+                if self.log_with != "none":
+                    logs = {"loss/train": step_loss, "grad_norm": gn}
+                    for g, l in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                        logs[f"lr/{g.get('name', 'group')}"] = l
+                    acc.log(logs, step=self.global_step)
+                self._emit("step", step=self.global_step, loss=step_loss, lr=lr)
+                e = cfg.eval
+                if e.enabled and e.every_n_steps and self.global_step % e.every_n_steps == 0:
+                    self._record_eval()
+                s = cfg.sample
+                if s.prompts and s.every_n_steps and self.global_step % s.every_n_steps == 0:
+                    self._sample(f"step{self.global_step:08d}")
+                o = cfg.output
+                if o.save_every_n_steps and self.global_step % o.save_every_n_steps == 0 and not self._done():
+                    self.save_checkpoint(f"{o.output_name}-step{self.global_step:08d}")
+                if self._done():
+                    break
+            else:
+                # the epoch ran to its end
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._emit("epoch", epoch=self.epoch, step=self.global_step)
+                o = cfg.output
+                if o.save_every_n_epochs and self.epoch % o.save_every_n_epochs == 0 and not self._done():
+                    self.save_checkpoint(f"{o.output_name}-{self.epoch:06d}")
+                continue
+            # stopped inside the epoch (max_train_steps reached)
+            if self.batch_in_epoch >= self._batches_per_process(self.epoch):
+                self.epoch += 1
+                self.batch_in_epoch = 0
+
+    def _diverged(self, losses):
+        bad = [float(x) for x in losses.flatten()]
+        last = self.result.checkpoints[-1] if self.result and self.result.checkpoints else None
+        if last:
+            keep = f"the last good checkpoint is {last}"
+        elif self.resume_from:
+            keep = f"nothing was written since resuming from {self.resume_from}"
+        else:
+            keep = "no checkpoint had been written yet"
+        raise TrainingError(
+            f"loss became {'NaN' if any(math.isnan(x) for x in bad) else 'Inf'} at step {self.global_step + 1} "
+            f"(epoch {self.epoch + 1}, losses per process {bad}); the run is stopped and nothing more is "
+            f"written: {keep}. Lower the learning rate, enable max_grad_norm, or use bf16 instead of fp16.")
+
+    def _record_eval(self):
+        v = self.evaluate()
+        self.eval_losses.append((self.global_step, v))
+        if self.log_with != "none":
+            self.accelerator.log({"loss/eval": v}, step=self.global_step)
+        if self.accelerator.is_main_process:
+            log.info("step %d: fixed-batch eval loss %.5f", self.global_step, v)
+
+    def _emit(self, event: str, **info):
+        for cb in self.callbacks:
+            cb(self, event, **info)
+
+    # ------------------------------------------------------------------ outputs
+    def metadata(self) -> dict[str, str]:
+        """The ``ss_*`` / ``modelspec.*`` metadata of a checkpoint written now."""
+        from ..formats import metadata as M
+        cfg, n, d, o, t, acc = (self.cfg, self.cfg.network, self.cfg.data, self.cfg.optimizer, self.cfg.train,
+                                self.accelerator)
+        if not hasattr(self, "_model_hashes"):
+            self._model_hashes = base_model_hashes(cfg.model.path) if acc.is_main_process else ("", "")
+        alpha = float(n.alpha if n.alpha is not None else n.rank)
+        net_args: dict[str, Any] = {"algo": n.algo, "preset": n.preset}
+        if n.conv_rank is not None:
+            net_args["conv_dim"] = n.conv_rank
+        if n.conv_alpha is not None:
+            net_args["conv_alpha"] = n.conv_alpha
+        if n.dora:
+            net_args["dora_wd"] = True
+            net_args["wd_on_output"] = n.dora_axis == "out"
+        net_args.update(n.options)
+        res = cfg.resolution
+        ts = self.started_at
+        oc = cfg.output
+        extra = {key: val for key, val in (("author", oc.metadata_author), ("description", oc.metadata_description),
+                                           ("license", oc.metadata_license), ("tags", oc.metadata_tags)) if val}
+        if d.trigger_word:
+            extra["trigger_phrase"] = d.trigger_word
+        if not hasattr(self, "_network_module"):
+            # networks.lora when every module is plain LoRA/LoCon (kohya's own loader reads those)
+            info = getattr(M, "network_info", None)
+            self._network_module = info(self.network.to_adapter())["network_module"] if info else "lycoris.kohya"
+        md = M.build_minimum_metadata(
+            family=self.family, dim=n.rank, alpha=alpha, network_module=self._network_module, network_args=net_args,
+            v_pred=self.prediction_type == "v_prediction", output_name=cfg.output.output_name,
+            title=cfg.output.metadata_title or cfg.output.output_name, resolution=res, timestamp=ts,
+            extra_modelspec=extra)
+        n_train = sum(it.repeats for it in self.items if not it.is_reg)
+        n_reg = sum(it.repeats for it in self.items if it.is_reg)
+        bpe = self._batches_per_process(0)
+        optimizer_desc = f"{type(self._inner_optimizer()).__module__}.{type(self._inner_optimizer()).__name__}(" + \
+            ",".join(f"{k}={v}" for k, v in [("weight_decay", o.weight_decay), ("betas", tuple(o.betas)),
+                                             *o.args.items()]) + ")"
+        ss = {
+            "ss_session_id": self.session_id,
+            "ss_training_started_at": ts,
+            "ss_training_finished_at": time.time(),
+            "ss_output_name": cfg.output.output_name,
+            "ss_learning_rate": o.learning_rate,
+            "ss_text_encoder_lr": o.text_encoder_lr if o.text_encoder_lr is not None else o.learning_rate,
+            "ss_unet_lr": o.unet_lr if o.unet_lr is not None else o.learning_rate,
+            "ss_num_train_images": n_train,
+            "ss_num_reg_images": n_reg,
+            "ss_num_batches_per_epoch": bpe,
+            "ss_num_epochs": max(self.epoch, 1) if t.max_train_steps else t.max_train_epochs,
+            "ss_epoch": self.epoch,
+            "ss_steps": self.global_step,
+            "ss_max_train_steps": self.total_steps,
+            "ss_batch_size_per_device": t.batch_size,
+            "ss_total_batch_size": t.batch_size * acc.num_processes * t.gradient_accumulation_steps,
+            "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "ss_gradient_checkpointing": t.gradient_checkpointing,
+            "ss_lr_scheduler": o.lr_scheduler,
+            "ss_lr_warmup_steps": self.warmup_steps,
+            "ss_optimizer": optimizer_desc,
+            "ss_max_grad_norm": o.max_grad_norm,
+            "ss_loraplus_ratio": o.loraplus_ratio,
+            "ss_network_dropout": n.options.get("dropout"),
+            "ss_mixed_precision": t.mixed_precision,
+            "ss_full_fp16": False,
+            "ss_cache_latents": d.cache_latents,
+            "ss_seed": t.seed,
+            "ss_clip_skip": cfg.model.clip_skip if self.family != "sdxl" else None,
+            "ss_max_token_length": None,
+            "ss_resolution": f"({res[0]}, {res[1]})",
+            "ss_enable_bucket": d.enable_bucket,
+            "ss_min_bucket_reso": d.min_bucket_reso,
+            "ss_max_bucket_reso": d.max_bucket_reso,
+            "ss_bucket_no_upscale": d.bucket_no_upscale,
+            "ss_bucket_info": json.dumps(data_mod.bucket_info(self.items)),
+            "ss_flip_aug": d.flip_aug,
+            "ss_color_aug": False,
+            "ss_random_crop": False,
+            "ss_shuffle_caption": d.shuffle_caption,
+            "ss_keep_tokens": d.keep_tokens,
+            "ss_caption_dropout_rate": d.caption_dropout_rate,
+            "ss_caption_dropout_every_n_epochs": d.caption_dropout_every_n_epochs,
+            "ss_caption_tag_dropout_rate": d.caption_tag_dropout_rate,
+            "ss_noise_offset": t.noise_offset or None,
+            "ss_zero_terminal_snr": t.zero_terminal_snr,
+            "ss_min_snr_gamma": t.min_snr_gamma or None,
+            "ss_prior_loss_weight": d.prior_loss_weight,
+            "ss_loss_type": "l2",
+            "ss_sd_model_name": os.path.basename(cfg.model.path.rstrip("/\\")) if cfg.model.path else "",
+            "ss_sd_model_hash": self._model_hashes[0],
+            "ss_new_sd_model_hash": self._model_hashes[1],
+            "ss_tag_frequency": json.dumps(data_mod.tag_frequency(self.subsets, d.caption_separator)),
+            "ss_dataset_dirs": json.dumps(data_mod.dataset_dirs(self.subsets)),
+            "ss_reg_dataset_dirs": json.dumps(data_mod.dataset_dirs(self.reg_subsets)),
+            "ss_datasets": json.dumps([{
+                "is_dreambooth": True, "batch_size_per_device": t.batch_size, "num_train_images": n_train,
+                "num_reg_images": n_reg, "resolution": list(res), "enable_bucket": d.enable_bucket,
+                "min_bucket_reso": d.min_bucket_reso, "max_bucket_reso": d.max_bucket_reso,
+                "tag_frequency": data_mod.tag_frequency(self.subsets, d.caption_separator),
+                "bucket_info": data_mod.bucket_info(self.items),
+                "subsets": [{"img_count": len(s.items), "num_repeats": s.repeats,
+                             "image_dir": os.path.basename(s.folder.rstrip("/\\")), "class_tokens": s.class_name,
+                             "is_reg": s.is_reg, "shuffle_caption": d.shuffle_caption,
+                             "keep_tokens": d.keep_tokens, "flip_aug": d.flip_aug}
+                            for s in self.subsets + self.reg_subsets],
+            }]),
+            "ss_training_comment": cfg.output.training_comment or None,
+        }
+        md.update({k: str(v) for k, v in ss.items()})
+        md["lyco_train_config"] = json.dumps(self._public_config())
+        return md
+
+    def _public_config(self) -> dict:
+        """The config with absolute paths reduced to their last component (no private paths in files)."""
+        d = self.cfg.to_dict()
+        for sec, keys in (("model", ("path",)), ("data", ("train_dir", "reg_dir", "cache_dir")),
+                          ("output", ("output_dir", "logging_dir"))):
+            for k in keys:
+                v = d[sec].get(k)
+                if v and not str(v).startswith("tiny:"):
+                    d[sec][k] = os.path.basename(str(v).rstrip("/\\"))
+        return d
+
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def save_checkpoint(self, stem: str, *, final: bool = False) -> str:
+        """Adapter (atomic, full metadata), its sample grid, and a resumable state; main process only
+        writes, every process waits."""
+        cfg, acc = self.cfg, self.accelerator
+        out = cfg.output.output_dir
+        path = os.path.join(out, f"{stem}.safetensors")
+        md = self.metadata()
+        if acc.is_main_process:
+            net = acc.unwrap_model(self.model).network
+            net.save(path, dtype=cfg.output.save_dtype, metadata=md, overwrite=True)
+            self.result.checkpoints.append(path)
+            log.info("saved %s", path)
+        if cfg.sample.prompts:
+            self._sample(stem)
+        if cfg.output.save_state:
+            st = self.save_state(os.path.join(out, f"{stem}-state"))
+            if acc.is_main_process:
+                self.result.states.append(st)
+        if acc.is_main_process and not final:
+            self._prune()
+        acc.wait_for_everyone()
+        self._emit("checkpoint", path=path, step=self.global_step)
+        return path
+
+    def _prune(self):
+        k = self.cfg.output.keep_last_n_checkpoints
+        if not k:
+            return
+        ckpts = self.result.checkpoints
+        while len(ckpts) > k:
+            old = ckpts.pop(0)
+            with contextlib.suppress(OSError):
+                os.remove(old)
+            stem = old[: -len(".safetensors")]
+            shutil.rmtree(stem + "-state", ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.remove(stem + "-samples.png")
+            if stem + "-state" in self.result.states:
+                self.result.states.remove(stem + "-state")
+
+    def _sample(self, stem: str):
+        cfg, acc = self.cfg, self.accelerator
+        if not acc.is_main_process:
+            return
+        s = cfg.sample
+        from . import sample as sample_mod
+        res = cfg.resolution
+        unet = self.pipe.unet
+        unet_training = unet.training
+        unet.eval()
+        tes = [te for te in self.text.encoders]
+        te_modes = [te.training for te in tes]
+        for te in tes:
+            te.eval()
+        try:
+            sched = sample_mod.make_scheduler(self.pipe, s.sampler, prediction_type=self.prediction_type,
+                                              zero_terminal_snr=cfg.train.zero_terminal_snr)
+            path = os.path.join(cfg.output.output_dir, f"{stem}-samples.png")
+            clip = cfg.model.clip_skip - 1 if self.family != "sdxl" and cfg.model.clip_skip > 1 else None
+            path, grid = sample_mod.sample_grid(
+                self.pipe, path, s.prompts, s.seeds, network=self.network, compare_base=s.compare_base,
+                title=f"{cfg.output.output_name} - step {self.global_step}",
+                negative_prompt=s.negative_prompt, steps=s.steps, guidance_scale=s.guidance_scale,
+                width=s.width or res[0], height=s.height or res[1], scheduler=sched, clip_skip=clip,
+                autocast=acc.autocast)
+        finally:
+            unet.train(unet_training)
+            for te, m in zip(tes, te_modes):
+                te.train(m)
+        self.result.sample_grids.append(path)
+        if self.log_with == "tensorboard":
+            with contextlib.suppress(Exception):
+                import numpy as np
+                tr = acc.get_tracker("tensorboard", unwrap=True)
+                tr.add_image("samples", np.asarray(grid), self.global_step, dataformats="HWC")
+
+    def _finish(self):
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.eval.enabled and (not self.eval_losses or self.eval_losses[-1][0] != self.global_step):
+            self._record_eval()
+        self.save_checkpoint(cfg.output.output_name, final=True)
+        self.result.adapter_path = os.path.join(cfg.output.output_dir, f"{cfg.output.output_name}.safetensors")
+        if acc.is_main_process:
+            stem = os.path.join(cfg.output.output_dir, cfg.output.output_name)
+            _atomic_text(stem + "-loss.json", json.dumps({
+                "train": self.losses, "eval": self.eval_losses, "grad_norm": self.grad_norms}, indent=0))
+            self.result.loss_curve = plot_losses(self.losses, self.eval_losses, stem + "-loss.png",
+                                                 title=cfg.output.output_name)
+        acc.wait_for_everyone()
+
+    # ------------------------------------------------------------------ states
+    def save_state(self, folder: str) -> str:
+        """Write a resumable state (main process; every process's position is the same)."""
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return folder
+        from ..formats.safetensors_io import save_tensors
+        import numpy as np
+        net = acc.unwrap_model(self.model).network
+        tensors: dict[str, torch.Tensor] = {f"network.{k}": v.detach().to("cpu").clone()
+                                            for k, v in net.state_dict().items()}
+        osd = self._inner_optimizer().state_dict()
+        opt_scalars: dict[str, dict[str, Any]] = {}
+        for pid, st in osd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optimizer.{pid}.{k}"] = v.detach().to("cpu").clone()
+                else:
+                    opt_scalars.setdefault(str(pid), {})[k] = _jsonable(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        py = random.getstate()
+        npst = np.random.get_state()
+        sched = {k: _jsonable(v) for k, v in self.lr_scheduler.state_dict().items() if k != "lr_lambdas"}
+        scaler = getattr(acc, "scaler", None)
+        info = {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "num_processes": acc.num_processes, "total_steps": self.total_steps,
+            "session_id": self.session_id, "training_started_at": self.started_at, "saved_at": time.time(),
+            "optimizer": {"param_groups": _jsonable(osd["param_groups"]), "scalars": opt_scalars,
+                          "class": type(self._inner_optimizer()).__name__},
+            "lr_scheduler": sched,
+            "grad_scaler": _jsonable(scaler.state_dict()) if scaler is not None else None,
+            "rng": {"python": [py[0], list(py[1]), py[2]],
+                    "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]},
+            "losses": self.losses, "eval_losses": self.eval_losses, "grad_norms": self.grad_norms,
+            "config": self.cfg.to_dict(),
+        }
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".tmp", dir=parent)
+        try:
+            save_tensors(tensors, os.path.join(tmp, "state.safetensors"), {"format": STATE_FORMAT})
+            _atomic_text(os.path.join(tmp, "state.json"), json.dumps(info, indent=1, default=str))
+            _replace_dir(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return folder
+
+    def load_state(self, folder: str) -> None:
+        """Restore a state written by :meth:`save_state` (``folder`` may also be an output folder:
+        its newest state is used)."""
+        from ..formats.safetensors_io import load_tensors
+        import numpy as np
+        folder = find_state(folder)
+        try:
+            info = json.loads(Path(folder, "state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise TrainingError(f"{folder}: not a readable training state ({e})") from None
+        if info.get("format") != STATE_FORMAT:
+            raise TrainingError(f"{folder}: not a lyco training state (format {info.get('format')!r})")
+        tensors, _ = load_tensors(os.path.join(folder, "state.safetensors"))
+        acc = self.accelerator
+        net = acc.unwrap_model(self.model).network if hasattr(self, "model") else self.network
+        own = net.state_dict()
+        saved = {k[len("network."):]: v for k, v in tensors.items() if k.startswith("network.")}
+        if set(saved) != set(own):
+            missing, extra = sorted(set(own) - set(saved))[:5], sorted(set(saved) - set(own))[:5]
+            raise TrainingError(f"{folder}: the state's adapter does not match this config's network "
+                                f"(missing {missing}, unexpected {extra}); resume with the same [network] settings")
+        for k, v in saved.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise TrainingError(f"{folder}: adapter tensor {k!r} has shape {tuple(v.shape)}, this network "
+                                    f"has {tuple(own[k].shape)}")
+        net.load_state_dict(saved, strict=True)
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optimizer."):
+                _, pid, key = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[key] = v.to(acc.device) if key != "step" else v
+        for pid, sc in info["optimizer"]["scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(sc)
+        groups = info["optimizer"]["param_groups"]
+        for g in groups:
+            if "betas" in g and isinstance(g["betas"], list):
+                g["betas"] = tuple(g["betas"])
+        try:
+            self._inner_optimizer().load_state_dict({"state": opt_state, "param_groups": groups})
+        except (ValueError, KeyError) as e:
+            raise TrainingError(f"{folder}: the optimizer state does not fit ({e}); resume with the same "
+                                f"[optimizer] and [network] settings") from None
+        self.lr_scheduler.load_state_dict({**info["lr_scheduler"], "lr_lambdas": [None] * len(groups)})
+        if info.get("grad_scaler") and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(info["grad_scaler"])
+        self.global_step = int(info["step"])
+        self.epoch = int(info["epoch"])
+        self.batch_in_epoch = int(info["batch_in_epoch"])
+        if int(info.get("num_processes", 1)) != acc.num_processes:
+            done = self.batch_in_epoch * int(info["num_processes"])
+            self.batch_in_epoch = math.ceil(done / acc.num_processes)
+            log.warning("resuming a %s-process state with %d processes: the data position is approximate "
+                        "and the result will not be bit-identical", info["num_processes"], acc.num_processes)
+        if info.get("total_steps") and int(info["total_steps"]) != self.total_steps:
+            log.warning("the state was made for %s steps, this run has %d: the learning-rate schedule differs",
+                        info["total_steps"], self.total_steps)
+        self.losses = [tuple(x) for x in info.get("losses", [])]
+        self.eval_losses = [tuple(x) for x in info.get("eval_losses", [])]
+        self.grad_norms = [tuple(x) for x in info.get("grad_norms", [])]
+        self.session_id = info.get("session_id", self.session_id)
+        self.started_at = info.get("training_started_at", self.started_at)
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        py = info["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        n = info["rng"]["numpy"]
+        np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+        if self.accelerator.is_main_process:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.global_step,
+                     self.epoch + 1, self.batch_in_epoch)
+
+
+def find_state(path: str) -> str:
+    """A state folder, or the newest state (by step) in an output folder."""
+    p = Path(path)
+    if (p / "state.json").is_file():
+        return str(p)
+    if p.is_dir():
+        cands = []
+        for d in p.iterdir():
+            j = d / "state.json"
+            if d.is_dir() and not d.name.startswith(".") and j.is_file():
+                try:
+                    cands.append((int(json.loads(j.read_text(encoding="utf-8")).get("step", -1)), str(d)))
+                except (OSError, ValueError):
+                    continue
+        if cands:
+            return max(cands)[1]
+    raise ConfigError(f"--resume {path}: no training state there (a '<name>-…-state' folder holding "
+                      f"state.json, or an output folder containing one)")
+
+
+# --------------------------------------------------------------------------------------
+# Loss curve
+# --------------------------------------------------------------------------------------
+
+
+def plot_losses(losses, eval_losses, path: str, title: str = "") -> str | None:
+    """Training loss (raw and smoothed) and the fixed-batch eval loss as a PNG (matplotlib when
+    installed, else a plain PIL drawing)."""
+    if not losses:
+        return None
+    steps = [s for s, _ in losses]
+    vals = [v for _, v in losses]
+    ema, smooth = None, []
+    a = 2 / (min(50, max(2, len(vals) // 10)) + 1)
+    for v in vals:
+        ema = v if ema is None else a * v + (1 - a) * ema
+        smooth.append(ema)
+    from ..formats.safetensors_io import atomic_write
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(steps, vals, color="#9bb7d4", lw=0.8, label="train loss")
+        ax.plot(steps, smooth, color="#1f4e79", lw=1.8, label="train loss (smoothed)")
+        if eval_losses:
+            ax.plot([s for s, _ in eval_losses], [v for _, v in eval_losses], "o-", color="#c0392b", lw=1.2,
+                    label="fixed-batch eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        with atomic_write(path, overwrite=True) as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+        return path
+    except ImportError:
+        pass
+    from PIL import Image, ImageDraw
+    W, H, m = 700, 400, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    allv = vals + [v for _, v in eval_losses]
+    lo, hi = min(allv), max(allv)
+    hi = hi if hi > lo else lo + 1
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+    def xy(s, v):
+        return m + (s - x0) / (x1 - x0) * (W - 2 * m), H - m - (v - lo) / (hi - lo) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.line([xy(s, v) for s, v in zip(steps, vals)], fill=(155, 183, 212), width=1)
+    d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(31, 78, 121), width=2)
+    if eval_losses:
+        d.line([xy(s, v) for s, v in eval_losses], fill=(192, 57, 43), width=2)
+    d.text((m, 10), f"{title}  loss {lo:.4f}..{hi:.4f}", fill="black")
+    with atomic_write(path, overwrite=True) as f:
+        img.save(f, format="PNG")
+    return path
+
+
+def train(cfg: Config, **kw) -> TrainResult:
+    """Train an adapter as ``cfg`` says; see :class:`Trainer`."""
+    return Trainer(cfg, **kw).train()
