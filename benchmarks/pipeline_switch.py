@@ -1,6 +1,7 @@
 """Adapter switching in a diffusers pipeline: lyco vs diffusers' own LoRA API, same LoRA files.
 
     .venv/bin/python benchmarks/pipeline_switch.py [--families sd1 sdxl] [--reps 5] [--threads 2]
+                                                   [--device cuda] [--out PATH]
 
 For an SD1.5-sized and an SDXL-sized pipeline (UNet and text encoder(s) built from the real configs
 in ``lyco.models.configs``, random fp16 weights on CPU; a tiny VAE stands in for the real one, which
@@ -94,8 +95,9 @@ def build_pipeline(family: str, seed: int = 0):
         m = m.to_empty(device="cpu").to(torch.float16)
         with torch.no_grad():
             for name, p in m.named_parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, 1.0 / max(1, p[0].numel()) ** 0.5, generator=g)
+                if p.dim() >= 2:  # drawn in fp32 (fp16 normal_ on CPU is very slow), cast once
+                    std = 1.0 / max(1, p[0].numel()) ** 0.5
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(std))
                 elif name.endswith("weight"):
                     p.fill_(1.0)
                 else:
@@ -139,14 +141,21 @@ def _weights(pipe):
 # --------------------------------------------------------------------------------------
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Timer:
     def __init__(self):
         self.samples: dict[str, dict[str, list[float]]] = {}
 
     def time(self, key: str, fn, *args, **kw):
         gc.collect()
+        _sync()
         w0, c0 = time.perf_counter(), time.process_time()
         r = fn(*args, **kw)
+        _sync()
         w1, c1 = time.perf_counter(), time.process_time()
         d = self.samples.setdefault(key, {"wall": [], "cpu": []})
         d["wall"].append(w1 - w0)
@@ -263,13 +272,14 @@ OPS = [("load", "load + attach one LoRA"), ("switch", "switch a ↔ b (both load
        ("fuse", "fuse one LoRA"), ("unfuse", "unfuse"), ("fused_switch", "fused switch a → b")]
 
 
-def run_family(family: str, reps: int, switches: int, workdir: Path) -> dict:
+def run_family(family: str, reps: int, switches: int, workdir: Path, device: str = "cpu") -> dict:
     import diffusers  # noqa: F401
     t0 = time.perf_counter()
-    pipe = build_pipeline(family)
+    pipe = build_pipeline(family).to(device)
     n_params = sum(p.numel() for c in ("unet", "text_encoder", "text_encoder_2")
                    if getattr(pipe, c, None) is not None for p in getattr(pipe, c).parameters())
     build_s = time.perf_counter() - t0
+    print(f"[{family}] built in {build_s:.0f} s; RSS {rss_gb():.1f} GB", flush=True)
     fa, fb = workdir / f"{family}_a.safetensors", workdir / f"{family}_b.safetensors"
     n_mod = make_lora(pipe, fa, 1)
     make_lora(pipe, fb, 2)
@@ -278,7 +288,9 @@ def run_family(family: str, reps: int, switches: int, workdir: Path) -> dict:
     # warm-up (imports, page cache, first-call overheads) for both, not timed
     scratch = Timer()
     lyco_round(pipe, fa, fb, scratch, 1, 2)
+    print(f"[{family}] lyco warm-up done", flush=True)
     diffusers_round(pipe, fa, fb, scratch, 1, 2)
+    print(f"[{family}] diffusers warm-up done", flush=True)
     t = Timer()
     for r in range(2):
         lyco_round(pipe, fa, fb, t, reps, switches)
@@ -312,11 +324,12 @@ def write_md(data: dict, path: Path) -> None:
     L = []
     m = data["machine"]
     L.append("# Adapter switching in a diffusers pipeline: lyco vs diffusers\n")
-    L.append(f"Machine: **{m['cpu']}**, {m['cpus']} usable CPUs, {m['torch_threads']} torch threads, torch "
+    L.append(f"Machine: **{m['cpu']}**, {m['cpus']} usable CPUs, {m['torch_threads']} torch threads; pipeline on "
+             f"**{m.get('device', 'cpu')}**; torch "
              f"{m['torch']}, diffusers {m['diffusers']}, peft {m['peft']}, Python {m['python']}. Load average "
              f"at start {m['load_start']}, at end {m['load_end']} (shared machine: wall times include waiting "
              f"for a core; CPU times do not).\n")
-    L.append("Pipelines from the real configs with random fp16 weights on CPU (UNet + text encoder(s); a tiny "
+    L.append("Pipelines from the real configs with random fp16 weights (UNet + text encoder(s); a tiny "
              "VAE stands in, untouched by both). Two rank-16 kohya LoRA files per model (alpha 8, kohya's "
              "default targets, fp16), the same files for both libraries, the same pipeline object, the same "
              "process. Median of the repetitions; ratio = diffusers time / lyco time.\n")
@@ -357,6 +370,7 @@ def main(argv=None) -> int:
     ap.add_argument("--switches", type=int, default=20, help="switches per round")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the pipeline lives")
     ap.add_argument("--out", default=str(RESULTS / "pipeline_switch"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -379,14 +393,15 @@ def main(argv=None) -> int:
     import peft
     machine = {"cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-               "python": platform.python_version(), "load_start": loadavg(), "mem_available_gb": round(avail, 1)}
+               "python": platform.python_version(), "load_start": loadavg(), "mem_available_gb": round(avail, 1),
+               "device": a.device if a.device == "cpu" else f"{a.device} ({torch.cuda.get_device_name()})"}
     fams = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as wd:
         for fam in a.families:
-            if mem_available_gb() < need[fam]:
+            if a.device == "cpu" and mem_available_gb() < need[fam]:
                 print(f"[{fam}] skipped: {mem_available_gb():.1f} GB available, about {need[fam]} GB needed", flush=True)
                 continue
-            fams.append(run_family(fam, a.reps, a.switches, Path(wd)))
+            fams.append(run_family(fam, a.reps, a.switches, Path(wd), a.device))
             r = fams[-1]
             for op, row in r["ops"].items():
                 w = row["wall"]

@@ -94,10 +94,6 @@ ALGOS: dict[str, dict[str, Any]] = {
                 lycoris=dict(algo="diag-oft", linear_dim=16, linear_alpha=0),
                 # PEFT's OFT rotates the input features in blocks of 16 (ours/LyCORIS: output features)
                 peft=("oft", dict(r=0, oft_block_size=16))),
-    "boft": dict(layers="lin",
-                 lyco=dict(algo="boft", rank=16),
-                 lycoris=dict(algo="boft", linear_dim=16, linear_alpha=0),
-                 peft=("boft", dict(boft_block_size=8, boft_n_butterfly_factor=2))),
     "glora": dict(layers="lin",
                   lyco=dict(algo="glora", rank=8, alpha=8),
                   lycoris=dict(algo="glora", linear_dim=8, linear_alpha=8),
@@ -110,6 +106,10 @@ ALGOS: dict[str, dict[str, Any]] = {
                  lyco=dict(algo="full"),
                  lycoris=dict(algo="full", linear_dim=1, linear_alpha=1),
                  peft=None),
+    "boft": dict(layers="lin",
+                 lyco=dict(algo="boft", rank=16),
+                 lycoris=dict(algo="boft", linear_dim=16, linear_alpha=0),
+                 peft=("boft", dict(boft_block_size=8, boft_n_butterfly_factor=2))),
 }
 
 #: library variants, in the order they run for each algorithm
@@ -122,7 +122,11 @@ VARIANTS = {
     "lycoris-eager": dict(lib="lycoris", backend="torch", bypass=False),
     "lycoris-eager-bypass": dict(lib="lycoris", backend="torch", bypass=True),
 }
-DEFAULT_VARIANTS = "lyco,lycoris-triton,lycoris-triton-bypass,peft,lycoris-eager"
+DEFAULT_VARIANTS = "lyco,peft,lycoris-eager,lycoris-triton,lycoris-triton-bypass"
+#: run after every algorithm's main comparisons (the budget cuts these first). LyCORIS's Triton
+#: variants are here: on an H200 (SD1.5 b8) each took 30–65 s to warm up (JIT + kernel tuning)
+#: and ran slower than LyCORIS eager.
+SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass", "lyco-rebuild")
 
 GiB = 1024 ** 3
 
@@ -299,7 +303,9 @@ def attach_lycoris(unet, algo: str, names: dict, backend: str, bypass: bool, ada
     layer_names = names[ALGOS[algo]["layers"]]
     if _LYCORIS_PRESET_DIR is None:
         _LYCORIS_PRESET_DIR = tempfile.mkdtemp(prefix="lycoris_preset_")
-    path = Path(_LYCORIS_PRESET_DIR) / f"{ALGOS[algo]['layers'].replace('+', '_')}.toml"
+    import hashlib
+    digest = hashlib.sha1("\n".join(layer_names).encode()).hexdigest()[:12]  # per model and layer set
+    path = Path(_LYCORIS_PRESET_DIR) / f"{ALGOS[algo]['layers'].replace('+', '_')}_{digest}.toml"
     if not path.exists():
         # exact, anchored names (LyCORIS uses re.match, which is only prefix-anchored)
         pats = [re.escape(n) + "$" for n in layer_names]
@@ -365,10 +371,21 @@ def attach_peft(unet, algo: str, names: dict, adapter_dtype) -> Handle:
     return Handle(params, detach, {"layers": len(layer_names), "peft": peft.__version__})
 
 
+def snapshot_modules(unet, names) -> dict:
+    """The target modules and their weight/bias Parameter objects, to restore after each config."""
+    out = {}
+    for n in names:
+        mod = unet.get_submodule(n)
+        out[n] = (mod, mod._parameters.get("weight"), mod._parameters.get("bias"))
+    return out
+
+
 def sanitize(unet, originals: dict):
-    """Put back any module a failed attach/detach left replaced or patched."""
+    """Put back any module, patched forward or parameter a config left behind. (LyCORIS's Full
+    ``restore()`` re-creates the base weight as a new *CPU* Parameter; a failed attach can leave a
+    half-wrapped module.)"""
     fixed = 0
-    for name, mod in originals.items():
+    for name, (mod, w, b) in originals.items():
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         if getattr(parent, child) is not mod:
@@ -377,6 +394,11 @@ def sanitize(unet, originals: dict):
         for attr in ("forward", "_lyco_host", "_lycoris_wrappers", "_lycoris_original_forward"):
             if attr in mod.__dict__:
                 del mod.__dict__[attr]
+                fixed += 1
+        for pname, p in (("weight", w), ("bias", b)):
+            if mod._parameters.get(pname) is not p:
+                mod._parameters[pname] = p
+                mod.__dict__.pop(pname, None)
                 fixed += 1
     unet.requires_grad_(False)
     for p in unet.parameters():
@@ -468,6 +490,42 @@ class Timer:
             torch.cuda.synchronize()
             return [s.elapsed_time(e) for s, e in self.marks]
         return [(e - s) * 1e3 for s, e in self.marks]
+
+
+def ceilings(device) -> dict:
+    """METHOD.md's two ceilings, measured once: a large device-to-device copy (bytes read + written)
+    and a large bf16 matrix product."""
+    out = {}
+    try:
+        n = 1 << 29  # 1 GiB of bf16
+        a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(10):
+            b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        out["copy_GBps"] = 10 * 2 * a.numel() * a.element_size() / (s.elapsed_time(e) / 1e3) / 1e9
+        del a, b
+        m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            m @ m
+        torch.cuda.synchronize()
+        s.record()
+        for _ in range(10):
+            m @ m
+        e.record()
+        torch.cuda.synchronize()
+        out["bf16_matmul_TFLOPs"] = 10 * 2 * 8192 ** 3 / (s.elapsed_time(e) / 1e3) / 1e12
+        del m
+        torch.cuda.empty_cache()
+    except Exception as ex:  # noqa: BLE001
+        out["error"] = str(ex)
+    return out
 
 
 def sync(cuda):
@@ -570,7 +628,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         rec["trainable_dtype"] = str(params[0].dtype).replace("torch.", "") if params else None
         if a.compile:
             torch._dynamo.reset()
-            step_model = torch.compile(unet)
+            step_model = torch.compile(unet, backend=a.compile_backend)
         step, opt = make_step(step_model, ctx["inputs"], ctx["target"], params, floor, cuda, fused_ok=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -646,6 +704,7 @@ def report(records, meta) -> tuple[str, list[str]]:
              f"peft {meta.get('peft')}, triton {meta.get('triton')}; dtype {meta['dtype']}, adapter params "
              f"{meta['adapter_dtype']}; median of {meta['steps']} steps after {meta['warmup']} warm-up; "
              f"compile={meta['compile']}.", "",
+             f"Measured ceilings: {meta.get('ceilings', 'n/a (CPU)')}.", "",
              "Each cell: step ms / peak GiB (peak includes the base model).", ""]
     summary = []
     jobs = []
@@ -761,8 +820,11 @@ def main(argv=None):
     p.add_argument("--no-baselines", action="store_true", help="skip floor and full fine-tune")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget", type=float, default=480.0, help="seconds; configs that would start later are skipped")
+    p.add_argument("--budget", type=float, default=470.0,
+                   help="seconds from start; a config whose expected duration would end past it is skipped")
     p.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (default mode)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (inductor; aot_eager checks the plumbing without codegen)")
     p.add_argument("--adapter-dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--init-scale", type=float, default=0.3)
     p.add_argument("--lycoris-tune", default=None, choices=("on", "off"),
@@ -795,7 +857,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False
     meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}) smoke",
             **versions(), "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
-            "warmup": a.warmup, "compile": a.compile, "smoke": a.smoke, "argv": sys.argv[1:]}
+            "warmup": a.warmup, "compile": a.compile and a.compile_backend, "smoke": a.smoke, "argv": sys.argv[1:]}
+    if cuda:
+        meta["ceilings"] = ceilings(device)
     log(json.dumps(meta))
     libs = set(a.libs.split(","))
     variants = [v for v in a.variants.split(",") if v and VARIANTS[v]["lib"] in libs]
@@ -830,7 +894,7 @@ def main(argv=None):
                 f"{len(names['conv'])} conv layers; {count(unets[model].parameters()) / 1e6:.0f}M params")
         unet = unets[model]
         names = layer_sets(unet)
-        originals = {n: unet.get_submodule(n) for n in names["lin+conv"]}
+        originals = snapshot_modules(unet, names["lin+conv"])
         latent = SMOKE_LATENT if a.smoke else MODELS[model]["latent"]
         inputs, target = make_inputs(unet, batch, latent, device, dtype)
         inputs1 = {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in inputs.items()}
@@ -840,26 +904,30 @@ def main(argv=None):
                    originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
                    model=model, batch=batch)
         plan = [] if a.no_baselines else [(None, "floor"), (None, "fullft")]
-        for al in algos:
-            for v in variants:
-                if VARIANTS[v]["lib"] == "peft" and ALGOS[al]["peft"] is None:
-                    continue
-                if (al, v) in UNSUPPORTED:
-                    records.append({"model": model, "batch": batch, "algo": al, "variant": v, "status": "n/a",
-                                    "note": UNSUPPORTED[(al, v)]})
-                    continue
-                plan.append((al, v))
-        walls = []
+        # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
+        ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]
+        ordered += [(al, v) for al in algos for v in variants if v in SECONDARY_VARIANTS]
+        for al, v in ordered:
+            if VARIANTS[v]["lib"] == "peft" and ALGOS[al]["peft"] is None:
+                continue
+            if (al, v) in UNSUPPORTED:
+                records.append({"model": model, "batch": batch, "algo": al, "variant": v, "status": "n/a",
+                                "note": UNSUPPORTED[(al, v)]})
+                continue
+            plan.append((al, v))
+        walls: dict[str, list[float]] = {}
         for al, v in plan:
             elapsed = time.perf_counter() - t_start
-            est = statistics.median(walls) if walls else 0.0
+            same = walls.get(v)
+            every = [w for ws in walls.values() for w in ws]
+            est = max(same) if same else (statistics.median(every) if every else 0.0)
             if elapsed + est > a.budget:
                 rec = {"model": model, "batch": batch, "algo": al or v, "variant": v, "status": "skipped"}
                 records.append(rec)
                 log(f"[{model} b{batch}] {al or v} {v}: skipped (time budget: {elapsed:.0f}s + ~{est:.0f}s > {a.budget:.0f}s)")
                 continue
             rec = run_config(ctx, al, v)
-            walls.append(rec["wall_s"])
+            walls.setdefault(v, []).append(rec["wall_s"])
             records.append(rec)
             log(describe(rec))
             save()

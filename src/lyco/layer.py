@@ -43,13 +43,15 @@ class AdapterLayer(nn.Module):
                  opts: Mapping[str, Any] | None = None, multiplier: float = 1.0, trainable: bool = True,
                  mode: str = "auto"):
         super().__init__()
+        self.host: LayerHost | None = None
+        self._hot: tuple | None = None  # forward-path tensor view, see _hot_tensors
         self.name = name
         self.algorithm = algorithm
         self.spec = spec
         self.opts = dict(opts or {})
         self.multiplier = float(multiplier)
         self.enabled = True
-        self.mode = mode  # "auto" (bypass), "bypass", "rebuild"
+        self.mode = mode  # "auto" (bypass, or rebuild where the algorithm prefers it), "bypass", "rebuild"
         self._names: list[str] = []
         self.params = nn.ParameterDict()
         for k, v in tensors.items():
@@ -58,16 +60,93 @@ class AdapterLayer(nn.Module):
                 self.register_buffer(_attr(k), v.detach().clone())
             else:
                 self.params[_attr(k)] = nn.Parameter(v.detach().clone(), requires_grad=trainable)
-        self.host: LayerHost | None = None
         self.merged_multiplier: float | None = None
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._invalidate())
+
+    # -- state the host's cached active list depends on ----------------------------------
+    def _state_changed(self) -> None:
+        host = self.__dict__.get("host")
+        if host is not None:
+            host._active = None
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value) -> None:
+        self._multiplier = value
+        self._state_changed()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value) -> None:
+        self._enabled = value
+        self._state_changed()
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value) -> None:
+        self._mode = value
+        self._state_changed()
+
+    @property
+    def merged_multiplier(self) -> float | None:
+        return self._merged_multiplier
+
+    @merged_multiplier.setter
+    def merged_multiplier(self, value) -> None:
+        self._merged_multiplier = value
+        self._state_changed()
 
     # -- tensors ----------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
+        params, buffers = self.params._parameters, self._buffers
         for k in self._names:
             a = _attr(k)
-            out[k] = self.params[a] if a in self.params else getattr(self, a)
+            v = params.get(a)
+            out[k] = v if v is not None else buffers[a]
         return out
+
+    def _invalidate(self) -> None:
+        self._hot = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.half() replace buffers (and may replace parameters): drop the cached view
+        self._hot = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _hot_tensors(self) -> dict:
+        """The tensors for the forward path: the same objects as :meth:`tensors`, except 0-d frozen
+        scalars (``alpha``, ``on_input``), given as Python floats read once. Reading a device scalar
+        (``float(alpha)``) on every call would synchronise the device once per layer per forward.
+        Cached; rebuilt after ``.to()``/``load_state_dict`` and when a scalar buffer is written in
+        place (its version counter moves)."""
+        hot = self._hot
+        if hot is not None:
+            if torch.compiler.is_compiling():
+                return hot[0]
+            for buf, version in hot[1]:
+                if buf._version != version:
+                    hot = None
+                    break
+            else:
+                return hot[0]
+        t = self.tensors()
+        scalars = []
+        for k, v in t.items():
+            if v.dim() == 0 and _attr(k) in self._buffers and v.device.type != "meta":
+                scalars.append((v, v._version))
+                t[k] = float(v)
+        self._hot = (t, tuple(scalars))
+        return t
 
     def exported(self) -> dict[str, torch.Tensor]:
         """Tensors as they go to a file (scalar folded, OFT constraint baked…), detached fp32 CPU."""
@@ -84,8 +163,8 @@ class AdapterLayer(nn.Module):
         return f"{self.name}: {self.algorithm!r} on {self.spec.kind}{tuple(self.spec.weight_shape)}, m={self.multiplier}"
 
     # -- math at this layer -----------------------------------------------------------
-    def _training_tensors(self) -> dict[str, torch.Tensor]:
-        t = self.tensors()
+    def _training_tensors(self, t: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        t = self.tensors() if t is None else t
         if self.training and getattr(self.algorithm, "name", "") == "dylora":
             from .algorithms.lora import DyLoRA
             block = int(self.opts.get("block_size", 1) or 1)
@@ -100,7 +179,7 @@ class AdapterLayer(nn.Module):
         o = self.opts
         if self.training and o.get("module_dropout", 0.0) > 0 and float(torch.rand(())) < o["module_dropout"]:
             return None
-        t = self._training_tensors()
+        t = self._training_tensors(self._hot_tensors())
         kw = {}
         out_mask = None
         p = o.get("rank_dropout", 0.0) if self.training else 0.0
@@ -125,11 +204,26 @@ class AdapterLayer(nn.Module):
             d = F.dropout(d, o["dropout"], training=True)
         return d * self.multiplier if linear else d
 
+    def accumulate(self, acc: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   base_out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """``acc + m·Δy`` for this input: the fused fast path unless a dropout-family option (or
+        DyLoRA's rank sampling) is active in training."""
+        if self.training:
+            o = self.opts
+            if (o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout")
+                    or self.algorithm.name == "dylora"):
+                d = self.delta_output(x, weight, bias, base_out)
+                return acc if d is None else acc + d.to(acc.dtype)
+        return self.algorithm.forward_accumulate(acc, x, self._hot_tensors(), self.spec, weight, bias, base_out,
+                                                 self._multiplier, inplace)
+
     def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):
         """(W', b') = this adapter applied to (W, b) at ``multiplier`` (differentiable)."""
-        t = self._training_tensors() if self.training else self.tensors()
+        t = self._hot_tensors()
+        if self.training:
+            t = self._training_tensors(t)
         dt = weight.dtype
-        t = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in t.items()}
+        t = {k: (v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in t.items()}
         return self.algorithm.merged(t, self.spec, weight, bias, multiplier)
 
 
@@ -143,7 +237,13 @@ class LayerHost:
         self.merged: list[AdapterLayer] = []
         self.snapshot_w: torch.Tensor | None = None
         self.snapshot_b: torch.Tensor | None = None
+        self._active: tuple[AdapterLayer, ...] | None = None  # cache, reset on any state change
+        self._rebuild = False
         self._prev_forward = module.__dict__.get("forward")
+        # a plain nn.Linear (class forward): run the layer on 2-D rows so that adapters can add into
+        # its output with in-place 2-D GEMMs (addmm_) rather than batched ones
+        self._flat_linear = (spec.kind == "linear" and self._prev_forward is None
+                             and type(module).forward is nn.Linear.forward)
         self._orig = self._prev_forward if self._prev_forward is not None else type(module).forward.__get__(module)
         self._forward = self._make_forward()
         object.__setattr__(module, "forward", self._forward)
@@ -164,27 +264,51 @@ class LayerHost:
 
         return forward
 
+    def _refresh(self) -> tuple:
+        active = tuple(a for a in self.adapters if a.enabled and not a.is_merged and a.multiplier != 0.0)
+        self._rebuild = any(a.mode == "rebuild" or (a.mode == "auto" and a.algorithm.prefers_rebuild)
+                            for a in active)
+        self._active = active
+        return active
+
     def run(self, x, *args, **kwargs):
-        active = [a for a in self.adapters if a.enabled and not a.is_merged and a.multiplier != 0.0]
+        active = self._active
+        if active is None:
+            active = self._refresh()
         if not active:
             return self._orig(x, *args, **kwargs)
         mod = self.module
-        if any(a.mode == "rebuild" for a in active):
-            w, b = mod.weight, mod.bias
-            for a in active:
-                w2, b2 = a.merged_weight(mod.weight, mod.bias, a.multiplier)
-                w = w + (w2 - mod.weight)
-                if b2 is not None and mod.bias is not None:
-                    b = b + (b2 - mod.bias)
-                elif b2 is not None:
-                    b = b2 if b is None else b + b2
+        if self._rebuild:
+            if len(active) == 1:
+                w, b = active[0].merged_weight(mod.weight, mod.bias, active[0].multiplier)
+            else:
+                w, b = mod.weight, mod.bias
+                for a in active:
+                    w2, b2 = a.merged_weight(mod.weight, mod.bias, a.multiplier)
+                    w = w + (w2 - mod.weight)
+                    if b2 is not None and mod.bias is not None:
+                        b = b + (b2 - mod.bias)
+                    elif b2 is not None:
+                        b = b2 if b is None else b + b2
             return layer_op(x, self.spec, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
-        y = self._orig(x, *args, **kwargs)
+        w, b = mod.weight, mod.bias
+        if self._flat_linear and x.dim() > 2 and not args and not kwargs:
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
+            y = F.linear(x, w, b)
+            return self._accumulate(active, x, y, w, b).reshape(*lead, y.shape[-1])
+        return self._accumulate(active, x, self._orig(x, *args, **kwargs), w, b)
+
+    @staticmethod
+    def _accumulate(active, x, y, w, b):
+        if len(active) == 1:
+            # y is this call's fresh output and nothing else reads it: the adapter may add into it
+            inplace = (not torch.compiler.is_compiling() and isinstance(y, torch.Tensor) and y is not x
+                       and y._base is None)
+            return active[0].accumulate(y, x, w, b, y, inplace)
         out = y
-        for a in active:
-            d = a.delta_output(x, mod.weight, mod.bias, y)
-            if d is not None:
-                out = out + d.to(y.dtype)
+        for a in active:  # every adapter's delta is taken against the base output y
+            out = a.accumulate(out, x, w, b, y, (out is not y) and not torch.compiler.is_compiling())
         return out
 
     # -- membership ---------------------------------------------------------------------
@@ -193,6 +317,7 @@ class LayerHost:
             return
         adapter.host = self
         self.adapters.append(adapter)
+        self._active = None
 
     def remove(self, adapter: AdapterLayer) -> None:
         if adapter.is_merged:
@@ -200,6 +325,7 @@ class LayerHost:
         if adapter in self.adapters:
             self.adapters.remove(adapter)
         adapter.host = None
+        self._active = None
         if not self.adapters:
             self.close()
 
@@ -262,6 +388,20 @@ class LayerHost:
             mod.bias.data.copy_((b0 + db).to(self.snapshot_b.dtype))
 
 
+#: layers up to this many weight elements (16 MB in fp32) are checked with real tensors
+_REAL_CHECK_NUMEL = 1 << 22
+
+
+def _implied_shape(algorithm: Algorithm, tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The weight shape the tensors were made for, when the algorithm can tell (else ``()``), so a
+    misfit names both shapes (e.g. ``(320, 1024)`` vs the layer's ``(320, 768)``)."""
+    try:
+        shape = getattr(algorithm, "inner", algorithm).infer_weight_shape(tensors)
+    except Exception:  # noqa: BLE001 — best effort, for the message only
+        shape = None
+    return tuple(shape) if shape else ()
+
+
 def check_fits(adapter_name: str, algorithm: Algorithm, tensors: Mapping[str, torch.Tensor], module: nn.Module,
                spec: LayerSpec, file: str | None = None) -> None:
     """Raise :class:`ShapeMismatch` unless the tensors produce a ΔW of the layer's shape."""
@@ -270,16 +410,24 @@ def check_fits(adapter_name: str, algorithm: Algorithm, tensors: Mapping[str, to
                             detail=f"algorithm {algorithm.name!r} does not support {spec.kind} layers")
     try:
         with torch.no_grad():
-            # shape arithmetic only: every tensor but 0-d scalars goes to the meta device
-            t = {k: (v.detach().cpu() if v.dim() == 0 else torch.empty(v.shape, device="meta", dtype=torch.float32))
-                 for k, v in tensors.items()}
-            w = None if algorithm.weight_independent else torch.empty(spec.weight_shape, device="meta")
+            if math.prod(spec.weight_shape) <= _REAL_CHECK_NUMEL and not any(v.is_meta for v in tensors.values()):
+                # small layer: computing the delta for real (on a zero weight) is ~100× cheaper than
+                # meta-device shape propagation, whose per-op Python overhead dominates attach time
+                # for OFT/BOFT/DoRA (tens of ms per layer)
+                t = {k: (v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu())
+                     for k, v in tensors.items()}
+                w = None if algorithm.weight_independent else torch.zeros(spec.weight_shape)
+            else:
+                # shape arithmetic only: every tensor but 0-d scalars goes to the meta device
+                t = {k: (v.detach().cpu() if v.dim() == 0 else torch.empty(v.shape, device="meta", dtype=torch.float32))
+                     for k, v in tensors.items()}
+                w = None if algorithm.weight_independent else torch.empty(spec.weight_shape, device="meta")
             found = tuple(algorithm.delta_weight(t, spec, w).shape)
     except ShapeMismatch:
         raise
     except Exception as e:  # noqa: BLE001 — any shape arithmetic failure means "does not fit"
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        raise ShapeMismatch(adapter_name, (), spec.weight_shape, file=file,
+        raise ShapeMismatch(adapter_name, _implied_shape(algorithm, tensors), spec.weight_shape, file=file,
                             detail=f"{algorithm.name} tensors {shapes} cannot form a delta for this layer: {e}") from None
     if found != tuple(spec.weight_shape):
         shapes = {k: tuple(v.shape) for k, v in tensors.items()}

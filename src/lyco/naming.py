@@ -226,6 +226,22 @@ def is_text_model_root(module: nn.Module) -> bool:
     return not hasattr(module, "text_model") and hasattr(module, "encoder") and hasattr(module, "embeddings")
 
 
+#: the top-level children of a transformers CLIP text model (what follows ``text_model.``)
+_TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
+
+
+def text_flat_canonical(flat: str) -> str:
+    """A flattened text-encoder path from a file → its canonical form, with the ``text_model`` level.
+
+    A tool walking a transformers ≥ 5 ``CLIPTextModel`` (no ``text_model`` level — LyCORIS 4.1.3
+    on transformers 5, for one) writes ``lora_te_encoder_layers_0_…``, which A1111/ComfyUI/kohya
+    do not map; they only know ``lora_te_text_model_encoder_layers_0_…``. Reading both forms as the
+    canonical name means such a file is written back in the ecosystem's form."""
+    if any(flat == c or flat.startswith(c + "_") for c in _TEXT_MODEL_CHILDREN):
+        return "text_model_" + flat
+    return flat
+
+
 def canonical_path(component: str, path: str, module: nn.Module) -> str:
     """Module path inside a component → canonical path (adds ``text_model.`` where missing)."""
     if component in (TE, TE2) and is_text_model_root(module):

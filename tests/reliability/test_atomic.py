@@ -33,7 +33,7 @@ from lyco.errors import LycoError, WriteError
 from lyco.formats import checkpoint, kohya, peft, safetensors_io
 from lyco.formats.safetensors_io import load_tensors
 
-from conftest import bad_input, record
+from _reliability_common import bad_input, record
 
 KILL_SEEDS = [0, 1, 2, 3, 4, 5]
 

@@ -11,7 +11,7 @@ from lyco.errors import LycoError
 from lyco.formats.safetensors_io import save_tensors
 from lyco.fuzz import _Timeout, _time_limit
 
-from conftest import bad_input
+from _reliability_common import bad_input
 
 
 def test_adapter_index_survives_symlink_loops(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from lyco import fuzz
 
-from conftest import record
+from _reliability_common import record
 
 #: CI-mode cases per reader (cheap readers run more; see RELIABILITY.md for measured times)
 CI_CASES = {

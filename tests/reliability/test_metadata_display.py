@@ -17,7 +17,7 @@ from lyco.formats.metadata import safe_display
 from lyco.formats.safetensors_io import save_tensors
 from lyco.fuzz import unsafe_chars
 
-from conftest import bad_input
+from _reliability_common import bad_input
 
 HOSTILE = {
     "ansi": "\x1b[2J\x1b[31mred\x1b[0m",

@@ -15,7 +15,7 @@ from lyco.formats import peft
 from lyco.formats.safetensors_io import load_tensors, save_tensors
 from lyco.fuzz import Entry, st_bytes
 
-from conftest import bad_input
+from _reliability_common import bad_input
 
 BAD = {"nan": float("nan"), "inf": float("inf"), "-inf": -float("inf")}
 

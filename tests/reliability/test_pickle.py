@@ -17,7 +17,7 @@ from lyco.errors import UnsafeFile
 from lyco.formats import peft, safetensors_io
 from lyco.formats.checkpoint import open_checkpoint
 
-from conftest import bad_input
+from _reliability_common import bad_input
 
 PAYLOADS = ["os.mkdir", "os.system", "builtins.exec", "builtins.eval", "subprocess.call", "builtins.open",
             "shutil.copy"]

@@ -19,7 +19,7 @@ import lyco
 from lyco.formats.safetensors_io import load_tensors
 from lyco.fuzz import to_toml
 
-from conftest import record
+from _reliability_common import record
 
 
 def _config(tmp_path: Path) -> Path:

@@ -14,7 +14,7 @@ from lyco.adapter import Adapter, ModuleAdapter
 from lyco.errors import FamilyMismatch, ShapeMismatch, UnknownKeys
 from lyco.layer import LayerHost
 
-from conftest import assert_bit_identical, bad_input, state_of
+from _reliability_common import assert_bit_identical, bad_input, state_of
 
 
 def _adapter(comps, tmp_path, name, algo="lora", **kw):

@@ -175,15 +175,56 @@ def flat(w: torch.Tensor) -> torch.Tensor:
 
 
 def scalar_of(t: Mapping[str, torch.Tensor], name: str = "alpha") -> float | None:
+    """A 0-d/1-element tensor entry as a float. The forward path passes such frozen scalars as
+    Python numbers already (see ``AdapterLayer._hot_tensors``): no device sync per call."""
     a = t.get(name)
     if a is None:
         return None
+    if isinstance(a, (int, float)):
+        return float(a)
     return float(a.reshape(-1)[0]) if a.numel() else None
 
 
 def rebuild_tucker(core: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """``R[p,q,…] = Σ_ij core[i,j,…]·up[i,p]·down[j,q]`` (``up``/``down`` given as (r, out)/(r, in))."""
     return torch.einsum("ij...,ip,jq->pq...", core, up, down)
+
+
+def _fusable(*ts: torch.Tensor) -> bool:
+    d = ts[0].dtype
+    return all(t.dtype == d for t in ts)
+
+
+def accumulate_linear(acc: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha: float = 1.0,
+                      inplace: bool = False) -> torch.Tensor:
+    """``acc + alpha · h @ wᵀ`` (h ``(…, k)``, w ``(n, k)``, acc ``(…, n)``) as one GEMM with the add
+    (and the scale) fused: ``addmm_``/``baddbmm_`` into ``acc`` itself when ``inplace`` (the caller
+    owns ``acc`` and nothing saved it for backward), else ``addmm`` into a new tensor.
+    ``alpha`` must be a Python number (fold tensor scales into ``w``)."""
+    if _fusable(acc, h, w) and acc.dim() >= 2 and acc.shape[:-1] == h.shape[:-1]:
+        if inplace and acc.dim() == 2:
+            return acc.addmm_(h, w.t(), alpha=alpha)
+        if inplace and acc.dim() == 3:
+            return acc.baddbmm_(h, w.t().expand(acc.shape[0], -1, -1), alpha=alpha)
+        if acc.is_contiguous():
+            out = torch.addmm(acc.reshape(-1, acc.shape[-1]), h.reshape(-1, h.shape[-1]), w.t(), alpha=alpha)
+            return out.view(acc.shape)
+    d = F.linear(h, w).to(acc.dtype)
+    return acc + d if alpha == 1.0 else torch.add(acc, d, alpha=alpha)
+
+
+def accumulate_conv1x1(acc: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``acc + alpha · conv1x1(h, w)`` for channels-first ``acc (N, O, *sp)``, ``h (N, R, *sp)``,
+    ``w (O, R, 1…)``: one batched GEMM with the add and the scale fused."""
+    if (_fusable(acc, h, w) and acc.dim() >= 3 and acc.dim() == h.dim() and acc.shape[0] == h.shape[0]
+            and acc.shape[2:] == h.shape[2:] and acc.is_contiguous()):
+        n, o, r = acc.shape[0], acc.shape[1], h.shape[1]
+        out = torch.baddbmm(acc.reshape(n, o, -1), w.reshape(o, r).expand(n, o, r), h.reshape(n, r, -1),
+                            alpha=alpha)
+        return out.view(acc.shape)
+    conv = _CONV_FN[{3: CONV1D, 4: CONV2D, 5: CONV3D}[h.dim()]]
+    d = conv(h, w.reshape(w.shape[0], w.shape[1], *([1] * (h.dim() - 2)))).to(acc.dtype)
+    return acc + d if alpha == 1.0 else torch.add(acc, d, alpha=alpha)
 
 
 def alpha_scale(t: Mapping[str, torch.Tensor], rank: int) -> float:
@@ -325,6 +366,27 @@ class Algorithm:
             return w2, bias
         b0 = bias if bias is not None else torch.zeros_like(db)
         return w2, b0 + multiplier * db.to(b0.dtype)
+
+    #: ``mode="auto"`` runs the rebuild path (``op(x, W + m·ΔW)``) instead of the bypass
+    #: (``f(x) + m·Δy``) for this algorithm: true where ΔW costs no more than the structured Δy
+    #: (Full: a bypass is a second full-size GEMM forward and two more backward).
+    prefers_rebuild: ClassVar[bool] = False
+
+    def forward_accumulate(self, acc: torch.Tensor, x: torch.Tensor, t: Mapping[str, torch.Tensor],
+                           spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
+                           base_out: torch.Tensor, multiplier: float, inplace: bool = False) -> torch.Tensor:
+        """``acc + Δy(multiplier)`` — what the layer host adds for this adapter (no dropout family).
+
+        Same value as ``acc + m·forward_delta(…)``; subclasses fuse the scale and the add into their
+        last product. ``inplace``: the caller owns ``acc`` (a fresh tensor nothing saved for backward)
+        and it may be overwritten. The default: the scale folded into the add, one pass."""
+        if self.linear_in_multiplier:
+            d = self.forward_delta(x, t, spec, weight, bias, base_out)
+            if d.dtype != acc.dtype:
+                d = d.to(acc.dtype)
+            return acc + d if multiplier == 1.0 else torch.add(acc, d, alpha=multiplier)
+        d = self.forward_delta(x, t, spec, weight, bias, base_out, multiplier=multiplier)
+        return acc + d.to(acc.dtype)
 
     def forward_delta(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec,
                       weight: torch.Tensor, bias: torch.Tensor | None,

@@ -80,7 +80,8 @@ class DoRA(Algorithm):
     def _parts(self, t, spec, weight):
         m = t["dora_scale"]
         axis = magnitude_axis(m, spec)
-        dt = torch.promote_types(m.dtype, weight.dtype)  # fp32 or wider, never the bf16 of a weight
+        # fp32 or wider, never bf16/fp16 (m/‖W′‖ − 1 is small: it needs the mantissa)
+        dt = torch.promote_types(torch.promote_types(m.dtype, weight.dtype), torch.float32)
         m, w = m.to(dt), weight.to(dt)
         wc = w + self.inner.delta_weight(t, spec, w).to(w.dtype)
         n = weight_norm(wc, axis) + _EPS
@@ -99,17 +100,55 @@ class DoRA(Algorithm):
     def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None):
         # y_d = op(x, W_d) = scale ⊙ (W x + γΔW x) for the output axis, op(x⊙scale, W_c) for input.
         axis, wc, n, m = self._parts(t, spec, weight)
-        g = (m / n).to(x.dtype)
-        y_nb = base_out - channel_view(bias, spec, base_out) if bias is not None else base_out
+        y_nb = base_out - channel_view(bias.to(base_out.dtype), spec, base_out) if bias is not None else base_out
         if axis == "out":
             kw = {"rank_mask": rank_mask} if rank_mask is not None else {}
             inner = self.inner.forward_delta(x, t, spec, weight, bias, base_out, **kw)
-            gv = channel_view(g.reshape(-1), spec, base_out)
-            return (gv - 1) * y_nb + gv * inner
+            gm1 = (m / n - 1).reshape(-1)  # g − 1 in the wide dtype, then cast: no cancellation
+            gm1v = channel_view(gm1.to(x.dtype), spec, base_out)
+            gv = channel_view((gm1 + 1).to(x.dtype), spec, base_out)
+            return gm1v * y_nb + gv * inner
+        g = (m / n).to(x.dtype)
         if spec.is_conv and spec.groups != 1:  # per-input-channel scale is per group: materialise
             return layer_op(x, spec, (wc * g.to(wc.dtype)).to(x.dtype)) - y_nb
         gx = input_channel_view(g.reshape(-1), spec, x)
         return layer_op(x * gx, spec, wc.to(x.dtype)) - y_nb
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """``acc + m·[(g−1)⊙(f(x)−b) + g⊙Δy_inner]`` with g = mag/‖W′‖ per output row:
+        one ``addcmul`` for the first term, the second folded into the inner's last GEMM when the
+        inner takes a row scale (LoRA), else one more ``addcmul``."""
+        mag = t["dora_scale"]
+        if magnitude_axis(mag, spec) != "out":
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        y_nb = base_out - channel_view(bias.to(base_out.dtype), spec, base_out) if bias is not None else base_out
+        gain = self.inner._gain(t) if getattr(self.inner, "name", "") == "lora" else None
+        up = t.get("lora_up.weight")
+        if (gain is not None and not isinstance(gain, torch.Tensor) and "lora_mid.weight" not in t
+                and up.dtype == weight.dtype == t["lora_down.weight"].dtype
+                and (spec.kind == "linear" or (spec.groups == 1 and spec.padding_mode == "zeros"))):
+            # W′ = W + γ·U·D as one addmm in the weight's dtype, its row norms reduced in fp32 (no
+            # fp32 copy of W or W′); g, g − 1 in fp32, cast once. m·g goes into the rows of up.
+            up2 = up.reshape(up.shape[0], -1)
+            wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
+                             t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
+            wide = torch.promote_types(torch.promote_types(mag.dtype, wc.dtype), torch.float32)
+            g = mag.reshape(-1).to(wide) / (torch.linalg.vector_norm(wc, dim=1, dtype=wide) + _EPS)
+            if multiplier != 1.0:
+                g = g * multiplier
+            c1 = channel_view((g - multiplier).to(acc.dtype), spec, acc)
+            pre = torch.addcmul(acc, y_nb, c1)  # a new tensor: the LoRA adds into it in place
+            t2 = dict(t)
+            t2["lora_up.weight"] = (up2 * g.to(up2.dtype)[:, None]).reshape(up.shape)
+            return self.inner.forward_accumulate(pre, x, t2, spec, weight, bias, base_out, 1.0,
+                                                 not torch.compiler.is_compiling())
+        _, _, n, mag = self._parts(t, spec, weight)
+        gm1 = mag.reshape(-1) / n.reshape(-1) - 1
+        c1 = channel_view((gm1 * multiplier).to(acc.dtype), spec, acc)
+        c2 = channel_view(((gm1 + 1) * multiplier).to(acc.dtype), spec, acc)
+        pre = torch.addcmul(acc, y_nb, c1)
+        inner = self.inner.forward_delta(x, t, spec, weight, bias, base_out)
+        return torch.addcmul(pre, inner.to(acc.dtype), c2)
 
     def export(self, t):
         return self.inner.export(t)

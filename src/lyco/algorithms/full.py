@@ -35,6 +35,8 @@ class Full(Algorithm):
     detect_keys = ("diff",)
     frozen_keys = frozenset()  # no alpha: every tensor is trained
     kinds = (LINEAR, CONV1D, CONV2D, CONV3D, LAYERNORM, GROUPNORM)
+    # bypass = a second full-size GEMM forward (and two backward); op(x, W + m·diff) = one of each
+    prefers_rebuild = True
 
     def create(self, spec, opts, weight=None, generator=None) -> Tensors:
         t: Tensors = {"diff": torch.zeros(spec.weight_shape, dtype=torch.float32)}
@@ -57,6 +59,15 @@ class Full(Algorithm):
         if db is None or not spec.has_bias:
             return None
         return db.reshape(spec.weight_shape if spec.is_norm else (spec.out_dim,))
+
+    def merged(self, t, spec, weight, bias, multiplier):
+        """``W + m·diff`` (and ``b + m·diff_b``) as one fused op each (the rebuild fast path)."""
+        w2 = torch.add(weight, self.delta_weight(t, spec).to(weight.dtype), alpha=multiplier)
+        db = self.delta_bias(t, spec, bias)
+        if db is None:
+            return w2, bias
+        b0 = bias if bias is not None else torch.zeros_like(db)
+        return w2, torch.add(b0, db.to(b0.dtype), alpha=multiplier)
 
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         # op is linear in (W, b): Δy = op(x, diff, diff_b) (for a norm: normalize(x)·diff + diff_b).

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeMismatch
 from .base import (
-    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, alpha_scale, alpha_tensor, flat, layer_op,
-    register, scalar_of,
+    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
+    layer_op, register, scalar_of,
 )
 
 _CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
@@ -159,6 +159,21 @@ class GLoRA(Algorithm):
             bx = conv(layer_op(x, spec, b2), b1)  # b2 with the layer's stride/padding/dilation
         # W(x + γA(x)) − Wx = γ·op(A(x), W) without the bias (it is in base_out once already)
         return (layer_op(ax, spec, weight.to(x.dtype)) + bx) * gain
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """Linear, new layout: ``acc + mγ·(A(x)·Wᵀ + B(x))`` as two GEMMs that each add into the
+        result (the first in place when allowed), the scale in their alpha."""
+        if spec.kind != LINEAR:
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        layout, r = glora_layout(t, spec.weight_shape)
+        gain = self._gain(t, r)
+        if layout == "old" or isinstance(gain, torch.Tensor):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        a1, a2, b1, b2 = (t[k].to(x.dtype) for k in (_A1, _A2, _B1, _B2))
+        s = gain * multiplier
+        ax = F.linear(F.linear(x, a2), a1)
+        out = accumulate_linear(acc, ax, weight.to(x.dtype), s, inplace)
+        return accumulate_linear(out, F.linear(x, b2), b1, s, inplace or out is not acc)
 
     def export(self, t):
         out = {k: v for k, v in t.items() if k != "scalar"}

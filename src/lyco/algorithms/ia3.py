@@ -32,7 +32,11 @@ from .base import (
 
 def ia3_on_input(t) -> bool:
     flag = t.get("on_input")
-    return flag is not None and float(flag.reshape(-1)[0]) != 0.0
+    if flag is None:
+        return False
+    if isinstance(flag, (int, float)):  # the forward path passes it as a number (no device sync)
+        return float(flag) != 0.0
+    return float(flag.reshape(-1)[0]) != 0.0
 
 
 def ia3_row_col_scale(w: torch.Tensor, spec, on_input: bool) -> torch.Tensor:
@@ -84,6 +88,15 @@ class IA3(Algorithm):
             return layer_op(x * input_channel_view(w, spec, x), spec, weight.to(x.dtype))
         y = base_out if bias is None else base_out - channel_view(bias.to(base_out.dtype), spec, base_out)
         return y * channel_view(w, spec, y)
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """Output mode: ``acc + (m·w) ⊙ (f(x) − b)`` as one ``addcmul`` (the scale folded into w)."""
+        if ia3_on_input(t):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        w = t["weight"].reshape(-1)
+        c = channel_view((w * multiplier if multiplier != 1.0 else w).to(acc.dtype), spec, acc)
+        y = base_out if bias is None else base_out - channel_view(bias.to(base_out.dtype), spec, base_out)
+        return torch.addcmul(acc, y, c)
 
     def describe(self, t):
         return {"rank": None, "alpha": None, "scale": 1.0, "on_input": ia3_on_input(t)}

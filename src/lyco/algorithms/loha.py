@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, alpha_scale, alpha_tensor, layer_op,
-    rebuild_tucker, register,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    alpha_tensor, layer_op, rebuild_tucker, register,
 )
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -177,6 +177,24 @@ class LoHa(Algorithm):
         else:
             dw = hada_product(a1, b1, a2, b2).reshape(spec.weight_shape)
         return dw * self._gain(t)
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """The Khatri–Rao forms with m·γ in the alpha of the up GEMM, which adds into ``acc``."""
+        tucker = "hada_t1" in t
+        gain = self._gain(t)
+        r12 = int(t["hada_w1_b"].shape[0]) * int(t["hada_w2_b"].shape[0])
+        if not tucker and not isinstance(gain, torch.Tensor):
+            if spec.kind == LINEAR and khatri_rao_pays(spec, r12):
+                a1, b1, a2, b2 = self._halves(t, x.dtype)
+                h = F.linear(x, khatri_rao_cols(b1, b2))
+                return accumulate_linear(acc, h, khatri_rao_rows(a1, a2), gain * multiplier, inplace)
+            if (spec.kind in CONV_KINDS and spec.groups == 1 and spec.padding_mode == "zeros"
+                    and x.dim() == len(spec.kernel) + 2 and khatri_rao_pays(spec, r12)):
+                a1, b1, a2, b2 = self._halves(t, x.dtype)
+                down = khatri_rao_cols(b1, b2).reshape((r12, spec.in_dim) + spec.kernel)
+                h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
+                return accumulate_conv1x1(acc, h, khatri_rao_rows(a1, a2), gain * multiplier)
+        return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
 
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         a1, b1, a2, b2 = self._halves(t, x.dtype)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, alpha_scale, alpha_tensor, flat, layer_op,
-    rebuild_tucker, register,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
+    layer_op, rebuild_tucker, register,
 )
 from .factorize import factorization
 
@@ -175,6 +175,47 @@ class LoKr(Algorithm):
         dw = torch.kron(w1, self._w2_flat(t)).reshape(spec.weight_shape)
         return dw * self._gain(t)
 
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """When the activation is at least as large as the weight (positions ≥ in·∏k): ΔW = γ·kron
+        formed once in the activations' dtype and one GEMM/conv that adds into ``acc`` (m in its
+        alpha) — fewer, larger kernels and only ΔW saved for backward. Otherwise the structured
+        forms: linear ``acc + m·γ·vec(W1·X·W2ᵀ)`` with the W1 product as one batched GEMM adding
+        into ``acc``; convs with m·γ folded into W1 before the kron einsum."""
+        gain = self._gain(t)
+        if isinstance(gain, torch.Tensor):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        s = gain * multiplier
+        plain = spec.kind == LINEAR or (spec.kind in CONV_KINDS and spec.groups == 1
+                                        and spec.padding_mode == "zeros" and x.dim() == len(spec.kernel) + 2)
+        positions = x.numel() // (x.shape[-1] if spec.kind == LINEAR else x.shape[1] if x.dim() > 1 else 1)
+        if plain and positions >= spec.flat_in and acc.dtype == x.dtype:
+            tt = {k: (v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in t.items()}
+            dw = self.delta_weight(tt, spec)  # γ included, in x's dtype
+            if spec.kind == LINEAR:
+                return accumulate_linear(acc, x, dw, multiplier, inplace)
+            d = _CONV_FN[spec.kind](x, dw, None, spec.stride, spec.padding, spec.dilation)
+            return acc + d if multiplier == 1.0 else torch.add(acc, d, alpha=multiplier)
+        if spec.kind == LINEAR:
+            w1 = self._w1(t, x.dtype)
+            out_l, in_m = w1.shape
+            h = x.reshape(-1, in_m, x.shape[-1] // in_m)      # (T, in_m, in_n)
+            if "lokr_w2" in t:
+                h = F.linear(h, t["lokr_w2"].to(x.dtype))      # (T, in_m, out_k)
+            else:
+                h = F.linear(F.linear(h, t["lokr_w2_b"].to(x.dtype)), t["lokr_w2_a"].to(x.dtype))
+            out_k = h.shape[-1]
+            if acc.dtype == h.dtype and acc.is_contiguous() and acc.shape[:-1] == x.shape[:-1]:
+                y = torch.baddbmm(acc.view(-1, out_l, out_k), w1.expand(h.shape[0], out_l, in_m), h, alpha=s)
+                return y.view(acc.shape)
+            y = torch.matmul(w1, h).reshape(acc.shape)
+            return torch.add(acc, y.to(acc.dtype), alpha=s)
+        if (spec.kind in CONV_KINDS and spec.groups == 1 and spec.padding_mode == "zeros"
+                and x.dim() == len(spec.kernel) + 2):
+            d = self._conv_delta(x, t, spec, w1_scale=s)
+            return acc + d.to(acc.dtype)
+        return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         gain = self._gain(t)
         if spec.kind == LINEAR:
@@ -193,7 +234,7 @@ class LoKr(Algorithm):
         # grouped convs / padding modes: materialise ΔW
         return layer_op(x, spec, self.delta_weight(t, spec).to(x.dtype))
 
-    def _conv_delta(self, x, t, spec):
+    def _conv_delta(self, x, t, spec, w1_scale: float = 1.0):
         conv = _CONV_FN[spec.kind]
         nk = len(spec.kernel)
         ones = (1,) * nk
@@ -201,6 +242,8 @@ class LoKr(Algorithm):
         if unbatched:
             x = x.unsqueeze(0)
         w1 = self._w1(t, x.dtype)
+        if w1_scale != 1.0:
+            w1 = w1 * w1_scale
         in_m = w1.shape[1]
         n, sp = x.shape[0], x.shape[2:]
         h = x.reshape(n * in_m, -1, *sp)                  # in_m folded into the batch

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, alpha_scale, alpha_tensor, flat, layer_op,
-    rebuild_tucker, register,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -102,6 +102,30 @@ class LoRA(Algorithm):
         else:
             dw = (flat(up) @ flat(down)).reshape(spec.weight_shape)
         return dw * self._gain(t)
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """``acc + m·γ·up(down(x))`` with m·γ folded into the up GEMM, which also does the add
+        (in place when allowed)."""
+        conv_ok = spec.kind in CONV_KINDS and spec.groups == 1 and spec.padding_mode == "zeros"
+        if "lora_mid.weight" in t or not (spec.kind == LINEAR or conv_ok) or (
+                conv_ok and x.dim() != len(spec.kernel) + 2):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        if up.dtype != x.dtype:
+            up = up.to(x.dtype)
+        if down.dtype != x.dtype:
+            down = down.to(x.dtype)
+        up = up.reshape(up.shape[0], up.shape[1])
+        gain = self._gain(t)
+        if isinstance(gain, torch.Tensor):  # use_scalar: a trained 0-d factor
+            up = up * gain.to(up.dtype)
+            s = multiplier
+        else:
+            s = gain * multiplier
+        if spec.kind == LINEAR:
+            return accumulate_linear(acc, F.linear(x, down), up, s, inplace)
+        h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
+        return accumulate_conv1x1(acc, h, up, s)
 
     def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None):
         up, down = t["lora_up.weight"].to(x.dtype), t["lora_down.weight"].to(x.dtype)

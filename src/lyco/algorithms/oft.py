@@ -57,7 +57,8 @@ import torch
 
 from ..errors import ConfigError, ShapeMismatch
 from .base import (
-    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, alpha_tensor, channel_view, register, scalar_of,
+    CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_conv1x1, accumulate_linear, alpha_tensor,
+    channel_view, register, scalar_of,
 )
 from .factorize import factorization, power2factorization
 
@@ -128,19 +129,38 @@ def butterfly_perm(out_dim: int, b: int, stage: int) -> tuple[torch.Tensor, torc
     return perm, torch.argsort(perm)
 
 
+@functools.lru_cache(maxsize=512)
+def _butterfly_perm_on(out_dim: int, b: int, stage: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`butterfly_perm` on ``device``, cached (no host→device copy per call)."""
+    perm, inv = butterfly_perm(out_dim, b, stage)
+    return perm.to(device), inv.to(device)
+
+
 def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
     """``B_m(v) − v`` along the last axis of ``v``: stage by stage, R_{i,m} = I + m(R_i − I).
 
-    The increment is accumulated separately from ``v`` so that it keeps its precision.
+    The increment is accumulated separately from ``v`` so that it keeps its precision. ``rots`` may
+    be in a narrower dtype than they were computed in only through ``stage_deltas`` (R − I is
+    formed before any cast: I + small would lose the small part in bf16).
     """
     m, nb, b, _ = rots.shape
-    out_dim = v.shape[-1]
     eye = torch.eye(b, dtype=rots.dtype, device=rots.device)
+    return _butterfly_apply(v, multiplier * (rots - eye))
+
+
+def _butterfly_apply(v: torch.Tensor, stage_deltas: torch.Tensor) -> torch.Tensor:
+    """``B(v) − v`` with stage i's block map ``I + stage_deltas[i]`` (already scaled)."""
+    m, nb, b, _ = stage_deltas.shape
+    out_dim = v.shape[-1]
     d = torch.zeros_like(v)
+    compiling = torch.compiler.is_compiling()
     for i in range(m):
-        perm, inv = (p.to(v.device) for p in butterfly_perm(out_dim, b, i))
+        if compiling:  # traced into the graph as constants; the caches are for eager calls
+            perm, inv = (p.to(v.device) for p in butterfly_perm.__wrapped__(out_dim, b, i))
+        else:
+            perm, inv = _butterfly_perm_on(out_dim, b, i, v.device)
         cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
-        step = torch.einsum("dij,...dj->...di", multiplier * (rots[i] - eye), cur)
+        step = torch.einsum("dij,...dj->...di", stage_deltas[i], cur)
         d = d + step.reshape(v.shape).index_select(-1, inv)
     return d
 
@@ -293,6 +313,27 @@ class DiagOFT(_OFTBase):
         d = self._delta_rows_last(t, v) * multiplier  # linear in m
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
 
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """``acc + m·(Rᵀ − I)(f(x) − b)`` blockwise, in the activations' dtype: R is computed (and
+        R − I formed) in fp32, scaled by m, then cast; one batched GEMM over the blocks reads the
+        output channels in place (no channel-last copy, no fp32 copy of the activations) and one add."""
+        if "rescale" in t or acc.dtype != base_out.dtype or (spec.is_conv and base_out.dim() < 3):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        self._check(t, spec)
+        r = self.rotations(t)
+        nb, b = r.shape[0], r.shape[-1]
+        eye = torch.eye(b, dtype=r.dtype, device=r.device)
+        mat = ((r - eye) * multiplier).to(acc.dtype)   # mat[k, n, j]: d[k·b+j] = Σ_n mat[k,n,j]·v[k·b+n]
+        y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
+        if spec.is_conv:
+            n = y.shape[0]
+            v = y.reshape(n, nb, b, -1)                                   # (N, k, n, s)
+            d = torch.matmul(mat.transpose(1, 2), v)                      # (N, k, j, s)
+            return (acc.reshape(n, nb, b, -1) + d).reshape(acc.shape)
+        v = y.reshape(-1, nb, b).transpose(0, 1)                          # (k, T, n), a view
+        d = torch.bmm(v, mat)                                             # (k, T, j)
+        return (acc.reshape(-1, nb, b) + d.transpose(0, 1)).reshape(acc.shape)
+
 
 # --------------------------------------------------------------------------------------
 # BOFT
@@ -349,6 +390,35 @@ class BOFT(_OFTBase):
         v = _rows_last(y, axis).to(compute_dtype(y, t["oft_blocks"]))
         d = self._delta_rows_last(t, v, multiplier)
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
+
+    #: the dense form K = B_m − I (out×out) is used when out ≤ this and the call has at least
+    #: ``DENSE_TOKENS_PER_OUT``·out positions: building K costs ∝ out², the stage loop ∝ positions·out
+    DENSE_MAX_OUT = 4096
+    DENSE_TOKENS_PER_OUT = 2
+
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+        """In the activations' dtype (rotations and R − I in fp32, then cast). Many positions:
+        ``acc + (f(x) − b)·K`` with the dense K = (B_m − I) built in fp32 (one GEMM, add fused);
+        few: the stage loop on the activations, then one add."""
+        if "rescale" in t or acc.dtype != base_out.dtype or (spec.is_conv and base_out.dim() < 3):
+            return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
+        self._check(t, spec)
+        rots = self.rotations(t)
+        mm, nb, b, _ = rots.shape
+        out = nb * b
+        y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
+        positions = y.numel() // out
+        if out <= self.DENSE_MAX_OUT and positions >= self.DENSE_TOKENS_PER_OUT * out:
+            eye = torch.eye(out, dtype=rots.dtype, device=rots.device)
+            k = butterfly_delta(eye, rots, multiplier).to(acc.dtype)      # d = v @ K for channel-last v
+            if spec.is_conv:
+                return accumulate_conv1x1(acc, y, k.t())
+            return accumulate_linear(acc, y, k.t(), 1.0, False)
+        eye = torch.eye(b, dtype=rots.dtype, device=rots.device)
+        deltas = (multiplier * (rots - eye)).to(acc.dtype)
+        axis = 1 if spec.is_conv else -1
+        d = _butterfly_apply(_rows_last(y, axis), deltas)
+        return acc + (d.movedim(-1, axis) if axis == 1 else d)
 
 
 def _channel(bias: torch.Tensor, spec, y: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ def _image_size(path: str) -> tuple[int, int]:
     from PIL import Image
     try:
         with Image.open(path) as im:
+            im.load()  # decode once now: a broken image is an error at scan time, not mid-training
             w, h = im.size
             try:
                 exif = im.getexif()
@@ -222,6 +223,13 @@ def assign_buckets(items: Iterable[ImageItem], resolution: tuple[int, int], *, e
 
 
 def load_image(path: str):
+    try:
+        return _load_image(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoding errors
+        raise ConfigError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def _load_image(path: str):
     from PIL import Image, ImageOps
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
