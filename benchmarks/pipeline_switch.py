@@ -18,8 +18,8 @@ saved in fp16. Then, in the same process, on the same pipeline object:
   ``fuse_lora(adapter_names=[a])``/``unfuse_lora()``; and a fused switch a → b (unfuse, select,
   fuse).
 
-Each number is the median of several repetitions; lyco and diffusers phases alternate (two rounds)
-so that load changes on a shared machine hit both alike. Wall and CPU (process) times are both
+Each number is the median of several repetitions; lyco and diffusers phases alternate (rounds) so
+that load changes on a shared machine hit both alike. Wall and CPU (process) times are both
 recorded. A check compares the fused weights of both libraries (they must agree: same work done)
 and the weights after unfusing with the originals. Results go to
 ``benchmarks/results/pipeline_switch.{json,md}``.
@@ -166,7 +166,7 @@ class Timer:
         return statistics.median(self.samples[key][kind])
 
 
-def lyco_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int) -> None:
+def lyco_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int, fuse_reps: int) -> None:
     import lyco.pipeline as lp
     reg = lp.adapters(pipe)
     for _ in range(reps):
@@ -186,12 +186,12 @@ def lyco_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int) -> 
     if cur != "a":
         reg.disable(cur)
         reg.enable("a")
-    for _ in range(reps):
+    for _ in range(fuse_reps):
         t.time("lyco/fuse", reg.fuse)
         t.time("lyco/unfuse", reg.unfuse)
     reg.fuse()
     cur = "a"
-    for _ in range(reps):
+    for _ in range(fuse_reps):
         nxt = "b" if cur == "a" else "a"
 
         def fused_switch(cur=cur, nxt=nxt):
@@ -205,7 +205,7 @@ def lyco_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int) -> 
     reg.clear()
 
 
-def diffusers_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int) -> None:
+def diffusers_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int, fuse_reps: int) -> None:
     for _ in range(reps):
         t.time("diffusers/load", pipe.load_lora_weights, str(fa), adapter_name="a")
         pipe.unload_lora_weights()
@@ -219,12 +219,12 @@ def diffusers_round(pipe, fa: Path, fb: Path, t: Timer, reps: int, switches: int
         t.time("diffusers/switch", pipe.set_adapters, [nxt], [1.0])
         cur = nxt
     pipe.set_adapters(["a"], [1.0])
-    for _ in range(reps):
+    for _ in range(fuse_reps):
         t.time("diffusers/fuse", pipe.fuse_lora, adapter_names=["a"])
         t.time("diffusers/unfuse", pipe.unfuse_lora)
     pipe.fuse_lora(adapter_names=["a"])
     cur = "a"
-    for _ in range(reps):
+    for _ in range(fuse_reps):
         nxt = "b" if cur == "a" else "a"
 
         def fused_switch(nxt=nxt):
@@ -272,7 +272,8 @@ OPS = [("load", "load + attach one LoRA"), ("switch", "switch a ↔ b (both load
        ("fuse", "fuse one LoRA"), ("unfuse", "unfuse"), ("fused_switch", "fused switch a → b")]
 
 
-def run_family(family: str, reps: int, switches: int, workdir: Path, device: str = "cpu") -> dict:
+def run_family(family: str, reps: int, switches: int, workdir: Path, device: str = "cpu", fuse_reps: int = 2,
+               rounds: int = 2) -> dict:
     import diffusers  # noqa: F401
     t0 = time.perf_counter()
     pipe = build_pipeline(family).to(device)
@@ -287,15 +288,14 @@ def run_family(family: str, reps: int, switches: int, workdir: Path, device: str
           f"{n_mod} modules, {fa.stat().st_size / 2**20:.1f} MiB; RSS {rss_gb():.1f} GB", flush=True)
     # warm-up (imports, page cache, first-call overheads) for both, not timed
     scratch = Timer()
-    lyco_round(pipe, fa, fb, scratch, 1, 2)
-    print(f"[{family}] lyco warm-up done", flush=True)
-    diffusers_round(pipe, fa, fb, scratch, 1, 2)
-    print(f"[{family}] diffusers warm-up done", flush=True)
+    lyco_round(pipe, fa, fb, scratch, 1, 2, 0)
+    diffusers_round(pipe, fa, fb, scratch, 1, 2, 0)
+    print(f"[{family}] warm-up done", flush=True)
     t = Timer()
-    for r in range(2):
-        lyco_round(pipe, fa, fb, t, reps, switches)
-        diffusers_round(pipe, fa, fb, t, reps, switches)
-        print(f"[{family}] round {r + 1}/2 done; RSS {rss_gb():.1f} GB, load {loadavg()}", flush=True)
+    for r in range(rounds):
+        lyco_round(pipe, fa, fb, t, reps, switches, fuse_reps)
+        diffusers_round(pipe, fa, fb, t, reps, switches, fuse_reps)
+        print(f"[{family}] round {r + 1}/{rounds} done; RSS {rss_gb():.1f} GB, load {loadavg()}", flush=True)
     check = check_same_work(pipe, fa)
     res = {"family": family, "params": n_params, "lora_modules": n_mod, "lora_mib": fa.stat().st_size / 2**20,
            "check": check, "ops": {}}
@@ -336,16 +336,17 @@ def write_md(data: dict, path: Path) -> None:
     for fam in data["families"]:
         L.append(f"## {fam['family'].upper()} ({fam['params'] / 1e9:.2f} B parameters, LoRA: {fam['lora_modules']} "
                  f"modules, {fam['lora_mib']:.1f} MiB)\n")
-        L.append("| operation | lyco ms | diffusers ms | × faster (wall) | lyco CPU ms | diffusers CPU ms | × faster (CPU) |")
-        L.append("|---|---|---|---|---|---|---|")
+        L.append("| operation | lyco ms | diffusers ms | × faster (wall) | lyco CPU ms | diffusers CPU ms | × faster (CPU) | runs |")
+        L.append("|---|---|---|---|---|---|---|---|")
         for op, row in fam["ops"].items():
             w, c = row["wall"], row["cpu"]
             L.append(f"| {row['label']} | {fmt_ms(w['lyco_s'])} | {fmt_ms(w['diffusers_s'])} | "
-                     f"**{w['speedup']:.1f}×** | {fmt_ms(c['lyco_s'])} | {fmt_ms(c['diffusers_s'])} | {c['speedup']:.1f}× |")
+                     f"**{w['speedup']:.1f}×** | {fmt_ms(c['lyco_s'])} | {fmt_ms(c['diffusers_s'])} | {c['speedup']:.1f}× | "
+                     f"{row['samples']['lyco']} |")
             if op == "load":
                 L.append(f"| load, diffusers `low_cpu_mem_usage=True` | {fmt_ms(w['lyco_s'])} | "
                          f"{fmt_ms(w['diffusers_lowmem_s'])} | **{w['speedup_vs_lowmem']:.1f}×** | {fmt_ms(c['lyco_s'])} | "
-                         f"{fmt_ms(c['diffusers_lowmem_s'])} | {c['speedup_vs_lowmem']:.1f}× |")
+                         f"{fmt_ms(c['diffusers_lowmem_s'])} | {c['speedup_vs_lowmem']:.1f}× | {row['samples']['lyco']} |")
         ck = fam["check"]
         L.append("")
         L.append(f"Check: both fuse the same {ck['diffusers_weights_matched']} weights; largest difference between "
@@ -359,15 +360,22 @@ def write_md(data: dict, path: Path) -> None:
              "`set_adapters`). *fuse*/*unfuse* = bake one adapter into the weights and take it out again "
              "(lyco: exact, from a snapshot; diffusers: `fuse_lora`/`unfuse_lora`, W ± ΔW). *fused switch* = "
              "unfuse, select the other adapter, fuse.\n")
-    L.append("Reproduce: `.venv/bin/python benchmarks/pipeline_switch.py`.")
+    other = path.with_name(path.stem + "_cuda.md")
+    if other.exists() and other != path:
+        L.append(f"The same benchmark with the pipeline on a GPU is in `{other.name}`.\n")
+    L.append("Reproduce: `.venv/bin/python benchmarks/pipeline_switch.py` (`--device cuda` for a GPU).")
     path.write_text("\n".join(L) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="+", default=["sd1", "sdxl"], choices=["sd1", "sd2", "sdxl"])
-    ap.add_argument("--reps", type=int, default=5, help="repetitions per round (two rounds) of load/fuse")
+    ap.add_argument("--reps", type=int, default=3, help="load repetitions per round")
+    ap.add_argument("--fuse-reps", type=int, default=2, help="fuse/unfuse and fused-switch repetitions per round")
     ap.add_argument("--switches", type=int, default=20, help="switches per round")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating lyco/diffusers rounds")
+    ap.add_argument("--sdxl-cpu-rounds", type=int, default=1,
+                    help="rounds for SDXL on CPU (each fuse there takes tens of seconds)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the pipeline lives")
@@ -401,7 +409,8 @@ def main(argv=None) -> int:
             if a.device == "cpu" and mem_available_gb() < need[fam]:
                 print(f"[{fam}] skipped: {mem_available_gb():.1f} GB available, about {need[fam]} GB needed", flush=True)
                 continue
-            fams.append(run_family(fam, a.reps, a.switches, Path(wd), a.device))
+            rounds = a.sdxl_cpu_rounds if (fam == "sdxl" and a.device == "cpu") else a.rounds
+            fams.append(run_family(fam, a.reps, a.switches, Path(wd), a.device, a.fuse_reps, rounds))
             r = fams[-1]
             for op, row in r["ops"].items():
                 w = row["wall"]
@@ -411,7 +420,9 @@ def main(argv=None) -> int:
                       flush=True)
             print(f"[{fam}] check: {r['check']}", flush=True)
     machine["load_end"] = loadavg()
-    data = {"machine": machine, "families": fams, "settings": {"reps": a.reps, "switches": a.switches, "rounds": 2}}
+    data = {"machine": machine, "families": fams,
+            "settings": {"reps": a.reps, "fuse_reps": a.fuse_reps, "switches": a.switches, "rounds": a.rounds,
+                         "sdxl_cpu_rounds": a.sdxl_cpu_rounds}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

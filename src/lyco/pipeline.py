@@ -97,6 +97,7 @@ class Entry:
     path: Path | None = None
     alias: str | None = None          # the name A1111 shows (ss_output_name, else the file stem)
     origin: str = "user"              # "user" (load) or "prompt" (apply_prompt)
+    strict: bool = True               # unmatched modules were an error (False: skipped with a warning)
 
     @property
     def short_hash(self) -> str | None:
@@ -206,7 +207,8 @@ class PipelineAdapters:
         alias = (str(adapter.metadata.get("ss_output_name", "")).strip()
                  or (path.stem if path is not None else None) or name)
         _warm(net)
-        e = Entry(name, adapter, net, unet, te, bool(enabled), int(dyn) if dyn else None, path, alias, origin)
+        e = Entry(name, adapter, net, unet, te, bool(enabled), int(dyn) if dyn else None, path, alias, origin,
+                  bool(strict))
         self.entries[name] = e
         self._watch_devices()
         if not enabled:
@@ -225,7 +227,7 @@ class PipelineAdapters:
         if dyn is not _UNSET and (dyn or None) != e.dyn:
             if dyn is not None and int(dyn) < 1:
                 raise ConfigError(f"dyn must be at least 1, got {dyn}")
-            new = self._attach(e.adapter, dyn, new_unet, new_te, True, e.name)
+            new = self._attach(e.adapter, dyn, new_unet, new_te, e.strict, e.name)
             _warm(new)
             e.network.detach()  # unmerges first: the weights go back to the snapshot
             e.network, e.dyn = new, (int(dyn) if dyn else None)
@@ -358,12 +360,12 @@ class PipelineAdapters:
         wanted: dict[str, prompt_mod.AdapterTag] = {}
         if tags:
             idx = self.index(adapter_dirs)
-            for tag in tags:
-                f = idx.resolve(tag.name)
+            found = [(tag, idx.resolve(tag.name)) for tag in tags]  # every name first: fail before loading
+            for tag, f in found:
                 e = self._entry_for_path(f.path)
                 if e is None:
                     e = self.load(f.path, tag.unet, tag.te, name=self._free_name(f.display_name), dyn=tag.dyn,
-                                  strict=strict, origin="prompt")
+                                  strict=strict, origin="prompt", enabled=False)
                 if e.name in wanted:
                     warnings.warn(f"adapter {tag.name!r} is named by more than one tag; the last one "
                                   f"({tag.text}) wins", stacklevel=2)

@@ -113,7 +113,8 @@ def _generate():
             e = reg.load(path, w, name=reg._free_name(os.path.splitext(os.path.basename(path))[0]),
                          strict=not a.allow_unmatched)
             # recorded as a tag, so pasting the parameters into A1111 reproduces the image
-            recorded += " " + AdapterTag("lora", e.alias or e.name, w, w).as_tag()
+            tag_name = e.alias if e.alias and not any(c in e.alias for c in ":<>") else e.name
+            recorded += " " + AdapterTag("lora", tag_name, w, w).as_tag()
         out = lp.generate(pipe, a.prompt, negative=a.negative, adapter_dirs=a.adapter_dir, seed=a.seed,
                           steps=a.steps, size=size, guidance=a.guidance, fuse=a.fuse,
                           progress=not a.no_progress, strict=not a.allow_unmatched,

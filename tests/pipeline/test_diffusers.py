@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 import lyco
 import lyco.pipeline as lp
 from _pipeline_helpers import assert_close, base_pipe, differ, randomise, run
@@ -29,6 +31,7 @@ def _quiet():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # diffusers' second adapter
 def test_sd1_two_loras_match_diffusers_set_adapters(tmp_path):
     _quiet()
     ours, theirs = base_pipe("sd1"), base_pipe("sd1")

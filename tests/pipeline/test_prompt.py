@@ -173,8 +173,10 @@ def test_prompt_drives_the_pipeline_adapters(sd1, tmp_path):
     assert reg["manual"].enabled
     reg.remove("manual")
 
+    state = reg.list()
     with pytest.raises(LycoError, match=r"no adapter named 'style_b'.*did you mean 'style_a'"):
-        lp.apply_prompt(sd1, "a cat <lora:style_b:1>", [d])
+        lp.apply_prompt(sd1, "a cat <lora:b:0.9> <lora:style_b:1>", [d])
+    assert reg.list() == state, "a prompt with an unknown name changes nothing"
     with pytest.warns(UserWarning, match="more than one tag"):
         r = lp.apply_prompt(sd1, "<lora:b:0.1> cat <lora:b:0.6>", [d])
     assert reg["b"].unet == 0.6
