@@ -21,13 +21,14 @@ Only this module and ``lyco.formats`` know these strings.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch.nn as nn
 
 from .algorithms.base import layer_kind
-from .errors import FormatError
+from .errors import ConfigError, FormatError, UnknownKeys
 
 UNET, TE, TE2, MODEL = "unet", "text_encoder", "text_encoder_2", "model"
 
@@ -82,110 +83,275 @@ def file_module_key(name: str, *, two_text_encoders: bool = False, unet_style: s
 
 
 # --------------------------------------------------------------------------------------
-# UNet: diffusers ↔ LDM/SGM block names, on flattened strings
+# UNet: diffusers ↔ LDM/SGM block names — the one table, for dotted and flattened names
 # --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class UNetLayout:
-    """What the name mapping needs: resnets per block and which up blocks hold attentions."""
+    """What the diffusers↔LDM UNet numbering depends on: which down/up blocks hold attentions,
+    resnets per block, and whether the mid block has an attention."""
 
+    down_attn: tuple[bool, ...]
+    up_attn: tuple[bool, ...]
     layers_per_block: int = 2
-    up_has_attn: tuple[bool, ...] = (False, True, True, True)
-    n_down: int = 4
+    mid_attn: bool = True
+
+    @property
+    def stride(self) -> int:
+        return self.layers_per_block + 1
 
 
-SD1_LAYOUT = UNetLayout(2, (False, True, True, True), 4)      # SD1.x and SD2.x
-SDXL_LAYOUT = UNetLayout(2, (True, True, False), 3)
-
-_RESNET_D2L = [("norm1", "in_layers_0"), ("conv1", "in_layers_2"), ("norm2", "out_layers_0"),
-               ("conv2", "out_layers_3"), ("time_emb_proj", "emb_layers_1"),
-               ("conv_shortcut", "skip_connection")]
-_TOP_D2L = [("conv_in", "input_blocks_0_0"), ("time_embedding_linear_1", "time_embed_0"),
-            ("time_embedding_linear_2", "time_embed_2"), ("add_embedding_linear_1", "label_emb_0_0"),
-            ("add_embedding_linear_2", "label_emb_0_2"), ("conv_norm_out", "out_0"), ("conv_out", "out_2")]
+SD1_LAYOUT = UNetLayout((True, True, True, False), (False, True, True, True))   # SD1.x and SD2.x
+SDXL_LAYOUT = UNetLayout((False, True, True), (True, True, False))
 
 
-def _sub_rest(rest: str, table, reverse: bool = False) -> str:
-    for d, l in table:
-        a, b = (l, d) if reverse else (d, l)
-        if rest == a or rest.startswith(a + "_"):
-            return b + rest[len(a):]
-    return rest
+def _has_attn(block_type) -> bool:
+    return "CrossAttn" in str(block_type) or str(block_type).startswith("Attn")
 
 
-def unet_flat_to_ldm(flat: str, layout: UNetLayout) -> str:
-    """Flattened diffusers UNet path → flattened LDM path (unchanged if not a known block)."""
-    L = layout.layers_per_block
-    m = re.fullmatch(r"down_blocks_(\d+)_(resnets|attentions)_(\d+)(_.+)?", flat)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), (m[4] or "")[1:]
-        if kind == "resnets":
-            rest = _sub_rest(rest, _RESNET_D2L)
-        return _join(f"input_blocks_{(L + 1) * i + j + 1}_{0 if kind == 'resnets' else 1}", rest)
-    m = re.fullmatch(r"down_blocks_(\d+)_downsamplers_0_conv(_.+)?", flat)
-    if m:
-        return _join(f"input_blocks_{(L + 1) * (int(m[1]) + 1)}_0_op", (m[2] or "")[1:])
-    m = re.fullmatch(r"mid_block_(resnets|attentions)_(\d+)(_.+)?", flat)
-    if m:
-        kind, j, rest = m[1], int(m[2]), (m[3] or "")[1:]
-        if kind == "resnets":
-            return _join(f"middle_block_{2 * j}", _sub_rest(rest, _RESNET_D2L))
-        return _join("middle_block_1", rest)
-    m = re.fullmatch(r"up_blocks_(\d+)_(resnets|attentions)_(\d+)(_.+)?", flat)
-    if m:
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), (m[4] or "")[1:]
-        if kind == "resnets":
-            rest = _sub_rest(rest, _RESNET_D2L)
-        return _join(f"output_blocks_{(L + 1) * i + j}_{0 if kind == 'resnets' else 1}", rest)
-    m = re.fullmatch(r"up_blocks_(\d+)_upsamplers_0_conv(_.+)?", flat)
-    if m:
-        i = int(m[1])
-        idx = 2 if i < len(layout.up_has_attn) and layout.up_has_attn[i] else 1
-        return _join(f"output_blocks_{(L + 1) * i + L}_{idx}_conv", (m[2] or "")[1:])
-    return _sub_rest(flat, _TOP_D2L)
+def _layout_from_modules(unet: nn.Module) -> UNetLayout:
+    """Layout of a UNet-shaped module without a diffusers config, from its module names."""
+    names = [n for n, _ in unet.named_modules()]
+
+    def count(pattern: str) -> int:
+        return 1 + max([int(m[1]) for n in names if (m := re.fullmatch(pattern, n))], default=-1)
+
+    n_down, n_up = count(r"down_blocks\.(\d+)"), count(r"up_blocks\.(\d+)")
+    down = tuple(f"down_blocks.{i}.attentions" in names for i in range(n_down))
+    up = tuple(f"up_blocks.{i}.attentions" in names for i in range(n_up))
+    lpb = count(r"down_blocks\.0\.resnets\.(\d+)") or 2
+    return UNetLayout(down, up, lpb, "mid_block.attentions" in names)
 
 
-def unet_flat_from_ldm(flat: str, layout: UNetLayout) -> str:
-    """Flattened LDM UNet path → flattened diffusers path (unchanged if not LDM-styled)."""
-    L = layout.layers_per_block
-    m = re.fullmatch(r"input_blocks_(\d+)_(\d+)(_.+)?", flat)
-    if m:
-        n, inner, rest = int(m[1]), int(m[2]), (m[3] or "")[1:]
+def unet_layout(unet_or_config) -> UNetLayout:
+    """Layout of a ``UNet2DConditionModel`` (or any module with diffusers UNet names), its config
+    (dict/FrozenDict), a family name ("sd1", "sd2", "sdxl") or an existing :class:`UNetLayout`.
+    Raises :class:`ConfigError` for a UNet with no LDM equivalent (per-block ``layers_per_block``)."""
+    if isinstance(unet_or_config, UNetLayout):
+        return unet_or_config
+    cfg = unet_or_config
+    if isinstance(cfg, str):
+        from .models.configs import get_config
+
+        cfg = get_config(cfg, "unet")
+    elif not isinstance(cfg, Mapping):
+        cfg = getattr(unet_or_config, "config", None)
+        if not (isinstance(cfg, Mapping) and "down_block_types" in cfg):
+            if isinstance(unet_or_config, nn.Module):
+                return _layout_from_modules(unet_or_config)
+            raise ConfigError(f"cannot derive a UNet layout from {type(unet_or_config).__name__}")
+    lpb = cfg.get("layers_per_block", 2)
+    if isinstance(lpb, (list, tuple)):
+        if len(set(lpb)) != 1:
+            raise ConfigError(f"per-block layers_per_block {list(lpb)} has no LDM equivalent")
+        lpb = lpb[0]
+    mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    return UNetLayout(tuple(_has_attn(t) for t in cfg["down_block_types"]),
+                      tuple(_has_attn(t) for t in cfg["up_block_types"]),
+                      int(lpb), mid_type is not None and "CrossAttn" in str(mid_type))
+
+
+# sub-module names written with dots; the flattened tables are derived per separator
+_RESNET_D2L = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+               ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_TOP_D2L = (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
+            ("time_embedding.linear_2", "time_embed.2"), ("add_embedding.linear_1", "label_emb.0.0"),
+            ("add_embedding.linear_2", "label_emb.0.2"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"))
+
+
+@dataclass(frozen=True)
+class _Grammar:
+    """The block patterns and sub-name tables for one separator ("." dotted, "_" flattened)."""
+
+    sep: str
+    down: re.Pattern
+    mid: re.Pattern
+    up: re.Pattern
+    inp: re.Pattern
+    middle: re.Pattern
+    out: re.Pattern
+    resnet: tuple
+    top: tuple
+
+    def join(self, *parts) -> str | None:
+        """Parts joined by the separator, empty ones left out; None if any part is None."""
+        if any(p is None for p in parts):
+            return None
+        return self.sep.join(str(p) for p in parts if p != "")
+
+    def swap(self, path: str, table, reverse: bool = False) -> str | None:
+        """Replace the first table prefix that ``path`` starts with (whole name parts only)."""
+        for d, l in table:
+            src, dst = (l, d) if reverse else (d, l)
+            if path == src or path.startswith(src + self.sep):
+                return dst + path[len(src):]
+        return None
+
+    def after(self, rest: str, head: str) -> str | None:
+        """``rest`` without its first name part ``head`` ("" when that is all), else None."""
+        if rest == head:
+            return ""
+        return rest[len(head) + 1:] if rest.startswith(head + self.sep) else None
+
+
+@lru_cache(maxsize=2)
+def _grammar(sep: str) -> _Grammar:
+    s, tail = re.escape(sep), rf"(?:{re.escape(sep)}(.+))?"
+
+    def table(t):
+        return tuple((d.replace(".", sep), l.replace(".", sep)) for d, l in t)
+
+    return _Grammar(
+        sep,
+        down=re.compile(rf"down_blocks{s}(\d+){s}(resnets|attentions|downsamplers){s}(\d+){tail}"),
+        mid=re.compile(rf"mid_block{s}(resnets|attentions){s}(\d+){tail}"),
+        up=re.compile(rf"up_blocks{s}(\d+){s}(resnets|attentions|upsamplers){s}(\d+){tail}"),
+        inp=re.compile(rf"input_blocks{s}(\d+){s}(\d+){tail}"),
+        middle=re.compile(rf"middle_block{s}(\d+){tail}"),
+        out=re.compile(rf"output_blocks{s}(\d+){s}(\d+){tail}"),
+        resnet=table(_RESNET_D2L), top=table(_TOP_D2L))
+
+
+# Strict mapping (dotted names of a checkpoint) refuses a block the layout does not have; lenient
+# mapping (flattened adapter-file keys, mapped with a family's layout when no model is at hand)
+# numbers blocks by arithmetic alone and keeps an unknown resnet sub-name as it is.
+
+def _to_ldm(path: str, lay: UNetLayout, sep: str, strict: bool) -> str | None:
+    g = _grammar(sep)
+    top = g.swap(path, g.top)
+    if top is not None:
+        return top
+    S, L = lay.stride, lay.layers_per_block
+
+    def res(rest: str) -> str | None:
+        if not rest:
+            return ""
+        new = g.swap(rest, g.resnet)
+        return new if new is not None else (None if strict else rest)
+
+    if m := g.down.fullmatch(path):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        nd = len(lay.down_attn)
+        if strict and i >= nd:
+            return None
+        n = 1 + i * S + j
+        if kind == "resnets" and (j < L or not strict):
+            return g.join("input_blocks", n, 0, res(rest))
+        if kind == "attentions" and (not strict or (j < L and lay.down_attn[i])):
+            return g.join("input_blocks", n, 1, rest)
+        if kind == "downsamplers" and j == 0 and (i < nd - 1 or not strict):
+            conv = g.after(rest, "conv") if rest else ""
+            return g.join("input_blocks", (i + 1) * S, 0, "op" if rest else "", conv)
+        return None
+    if m := g.mid.fullmatch(path):
+        kind, j, rest = m[1], int(m[2]), m[3] or ""
+        if kind == "resnets" and (j < 2 or not strict):
+            return g.join("middle_block", 2 * j if lay.mid_attn else j, res(rest))
+        if kind == "attentions" and j == 0 and (lay.mid_attn or not strict):
+            return g.join("middle_block", 1, rest)
+        return None
+    if m := g.up.fullmatch(path):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4] or ""
+        nu = len(lay.up_attn)
+        if strict and i >= nu:
+            return None
+        attn = i < nu and lay.up_attn[i]
+        if kind == "resnets" and (j <= L or not strict):
+            return g.join("output_blocks", i * S + j, 0, res(rest))
+        if kind == "attentions" and (not strict or (j <= L and attn)):
+            return g.join("output_blocks", i * S + j, 1, rest)
+        if (kind == "upsamplers" and j == 0 and (i < nu - 1 or not strict)
+                and (not rest or g.after(rest, "conv") is not None)):
+            return g.join("output_blocks", i * S + L, 2 if attn else 1, rest)
+        return None
+    return None
+
+
+def _from_ldm(path: str, lay: UNetLayout, sep: str, strict: bool) -> str | None:
+    g = _grammar(sep)
+    top = g.swap(path, g.top, reverse=True)
+    if top is not None:
+        return top
+    S, L = lay.stride, lay.layers_per_block
+    nd, nu = len(lay.down_attn), len(lay.up_attn)
+
+    def res(rest: str) -> str | None:
+        if not rest:
+            return ""
+        new = g.swap(rest, g.resnet, reverse=True)
+        return new if new is not None else (None if strict else rest)
+
+    if m := g.inp.fullmatch(path):
+        n, k, rest = int(m[1]), int(m[2]), m[3] or ""
         if n == 0:
-            return _join("conv_in", rest) if inner == 0 else flat
-        i, j = divmod(n - 1, L + 1)
-        if j == L:  # downsampler slot
-            if rest == "op" or rest.startswith("op_"):
-                return _join(f"down_blocks_{i}_downsamplers_0_conv", rest[2:].lstrip("_"))
-            return flat
-        if inner == 0:
-            return _join(f"down_blocks_{i}_resnets_{j}", _sub_rest(rest, _RESNET_D2L, reverse=True))
-        return _join(f"down_blocks_{i}_attentions_{j}", rest)
-    m = re.fullmatch(r"middle_block_(\d+)(_.+)?", flat)
-    if m:
-        n, rest = int(m[1]), (m[2] or "")[1:]
-        if n == 1:
-            return _join("mid_block_attentions_0", rest)
-        return _join(f"mid_block_resnets_{n // 2}", _sub_rest(rest, _RESNET_D2L, reverse=True))
-    m = re.fullmatch(r"output_blocks_(\d+)_(\d+)(_.+)?", flat)
-    if m:
-        n, inner, rest = int(m[1]), int(m[2]), (m[3] or "")[1:]
-        i, j = divmod(n, L + 1)
-        if rest == "conv" or rest.startswith("conv_"):
-            up_idx = 2 if i < len(layout.up_has_attn) and layout.up_has_attn[i] else 1
-            if inner == up_idx and j == L:
-                return _join(f"up_blocks_{i}_upsamplers_0_conv", rest[4:].lstrip("_"))
-        if inner == 0:
-            return _join(f"up_blocks_{i}_resnets_{j}", _sub_rest(rest, _RESNET_D2L, reverse=True))
-        if inner == 1:
-            return _join(f"up_blocks_{i}_attentions_{j}", rest)
-        return flat
-    return _sub_rest(flat, _TOP_D2L, reverse=True)
+            return None  # input_blocks.0.0 is conv_in (top table)
+        i, j = divmod(n - 1, S)
+        if strict and i >= nd:
+            return None
+        if j == L:  # the downsampler slot
+            if k != 0 or (strict and i >= nd - 1):
+                return None
+            op = g.after(rest, "op") if rest else ""
+            return g.join("down_blocks", i, "downsamplers", 0, "conv" if rest else "", op)
+        if k == 0:
+            return g.join("down_blocks", i, "resnets", j, res(rest))
+        if k == 1 and (not strict or lay.down_attn[i]):
+            return g.join("down_blocks", i, "attentions", j, rest)
+        return None
+    if m := g.middle.fullmatch(path):
+        n, rest = int(m[1]), m[2] or ""
+        if lay.mid_attn and n == 1:
+            return g.join("mid_block", "attentions", 0, rest)
+        if n in ((0, 2) if lay.mid_attn else (0, 1)):
+            return g.join("mid_block", "resnets", n // 2 if lay.mid_attn else n, res(rest))
+        return None
+    if m := g.out.fullmatch(path):
+        n, k, rest = int(m[1]), int(m[2]), m[3] or ""
+        i, j = divmod(n, S)
+        if strict and i >= nu:
+            return None
+        attn = i < nu and lay.up_attn[i]
+        if (k == (2 if attn else 1) and j == L and (i < nu - 1 or not strict)
+                and (not rest or g.after(rest, "conv") is not None)):
+            return g.join("up_blocks", i, "upsamplers", 0, rest)
+        if k == 0:
+            return g.join("up_blocks", i, "resnets", j, res(rest))
+        if k == 1 and (attn or not strict):
+            return g.join("up_blocks", i, "attentions", j, rest)
+        return None
+    return None
 
 
-def _join(a: str, b: str) -> str:
-    return f"{a}_{b}" if b else a
+def unet_diffusers_to_ldm(path: str, layout) -> str:
+    """diffusers UNet path (module or parameter, no component prefix) → LDM/SGM path (without
+    ``model.diffusion_model.``). ``layout``: anything :func:`unet_layout` takes. Raises
+    :class:`UnknownKeys` for a name the layout does not have."""
+    out = _to_ldm(path, unet_layout(layout), ".", strict=True)
+    if out is None:
+        raise UnknownKeys([path], what="diffusers UNet names", hint="no LDM equivalent in this UNet layout")
+    return out
+
+
+def unet_ldm_to_diffusers(path: str, layout) -> str:
+    """LDM/SGM UNet path (without ``model.diffusion_model.``) → diffusers path. Inverse of
+    :func:`unet_diffusers_to_ldm`."""
+    out = _from_ldm(path, unet_layout(layout), ".", strict=True)
+    if out is None:
+        raise UnknownKeys([path], what="LDM UNet names", hint="no diffusers equivalent in this UNet layout")
+    return out
+
+
+def unet_flat_to_ldm(flat: str, layout) -> str:
+    """Flattened diffusers UNet path → flattened LDM path (unchanged if not a known block)."""
+    out = _to_ldm(flat, unet_layout(layout), "_", strict=False)
+    return flat if out is None else out
+
+
+def unet_flat_from_ldm(flat: str, layout) -> str:
+    """Flattened LDM UNet path → flattened diffusers path (unchanged if not LDM-styled)."""
+    out = _from_ldm(flat, unet_layout(layout), "_", strict=False)
+    return flat if out is None else out
 
 
 # Each LDM block name is followed by its index: a bare prefix test would also claim the
@@ -201,19 +367,6 @@ def unet_style(flat: str) -> str | None:
     if _DIFFUSERS_RE.match(flat):
         return "diffusers"
     return None
-
-
-def unet_layout(unet: nn.Module) -> UNetLayout:
-    cfg = getattr(unet, "config", None)
-    lpb = 2
-    if cfg is not None:
-        v = cfg.get("layers_per_block", 2) if hasattr(cfg, "get") else getattr(cfg, "layers_per_block", 2)
-        lpb = int(v if isinstance(v, int) else v[0])
-    names = [n for n, _ in unet.named_modules()]
-    n_up = 1 + max([int(m[1]) for n in names if (m := re.match(r"up_blocks\.(\d+)", n))], default=-1)
-    n_down = 1 + max([int(m[1]) for n in names if (m := re.match(r"down_blocks\.(\d+)", n))], default=-1)
-    up_attn = tuple(any(n.startswith(f"up_blocks.{i}.attentions") for n in names) for i in range(n_up))
-    return UNetLayout(lpb, up_attn, n_down)
 
 
 # --------------------------------------------------------------------------------------
@@ -256,7 +409,12 @@ class NameTable:
         self.component = component
         self.root = root
         self.flat_to_path: dict[str, str] = {}
-        self.layout = unet_layout(root) if component == UNET else None
+        self.layout = None
+        if component == UNET:
+            try:
+                self.layout = unet_layout(root)
+            except ConfigError:  # a UNet with no LDM equivalent: no LDM aliases
+                pass
         text_root = component in (TE, TE2) and is_text_model_root(root)
         for path, mod in root.named_modules():
             if not path:

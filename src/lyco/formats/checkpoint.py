@@ -16,14 +16,15 @@ to read the tensor out of it: a dim-0 row slice of a fused OpenCLIP ``attn.in_pr
 1×1-conv ↔ Linear reshape (LDM VAE mid-block attention ``q/k/v/proj_out``). A merge tool can
 update a slice of a fused tensor in place through the same reference.
 
-The name mapping is made of pure, table-driven functions (no model needed, reusable by
-``lyco.naming``):
+The name mapping is made of pure, table-driven functions (no model needed):
 
 * ``unet_layout(unet_or_config)`` → :class:`UNetLayout` (which down/up blocks have attentions,
   layers per block) and ``unet_diffusers_to_ldm(path, layout)`` / ``unet_ldm_to_diffusers(path, layout)``
-  for UNet module or parameter paths (without the ``model.diffusion_model.`` prefix). The output
-  block holding an up block's upsampler is ``.2.`` when that up block has attentions, ``.1.``
-  otherwise (SD1 ``up_blocks.0`` → ``output_blocks.2.1.conv``, SDXL → ``output_blocks.2.2.conv``).
+  for UNet module or parameter paths (without the ``model.diffusion_model.`` prefix). They are
+  defined in :mod:`lyco.naming`, whose one table also maps the flattened names of adapter files,
+  and re-exported here. The output block holding an up block's upsampler is ``.2.`` when that up
+  block has attentions, ``.1.`` otherwise (SD1 ``up_blocks.0`` → ``output_blocks.2.1.conv``,
+  SDXL → ``output_blocks.2.2.conv``).
 * ``vae_diffusers_to_ldm`` / ``vae_ldm_to_diffusers`` (decoder up blocks are numbered in reverse).
 * ``hf_to_openclip`` / ``openclip_to_hf`` for the OpenCLIP text towers (SD2 ``cond_stage_model.model.``,
   SDXL ``conditioner.embedders.1.model.``).
@@ -49,6 +50,9 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 
 from lyco.errors import ConfigError, FormatError, LycoError, ShapeMismatch, UnknownKeys, UnsafeFile, WriteError
+# the UNet block layout and its diffusers↔LDM mapping live in one place, lyco.naming (which maps
+# flattened adapter-file keys with the same table); re-exported here as part of this module's API
+from lyco.naming import UNetLayout, unet_diffusers_to_ldm, unet_layout, unet_ldm_to_diffusers
 
 __all__ = [
     "KeyRef", "UNetLayout", "SingleFileLayout", "Checkpoint",
@@ -127,193 +131,6 @@ def _unknown(path: str, what: str, hint: str = "") -> UnknownKeys:
 
 def _join(*parts) -> str:
     return ".".join(str(p) for p in parts)
-
-
-# ==============================================================================================
-# UNet
-# ==============================================================================================
-
-@dataclass(frozen=True)
-class UNetLayout:
-    """What the diffusers↔LDM UNet numbering depends on."""
-
-    down_attn: tuple[bool, ...]
-    up_attn: tuple[bool, ...]
-    layers_per_block: int = 2
-    mid_attn: bool = True
-
-    @property
-    def stride(self) -> int:
-        return self.layers_per_block + 1
-
-
-def unet_layout(unet_or_config: Any) -> UNetLayout:
-    """Layout of a ``UNet2DConditionModel``, its config (dict/FrozenDict), a family name
-    ("sd1", "sd2", "sdxl") or an existing :class:`UNetLayout`."""
-    if isinstance(unet_or_config, UNetLayout):
-        return unet_or_config
-    cfg = unet_or_config
-    if isinstance(cfg, str):
-        from lyco.models.configs import get_config
-
-        cfg = get_config(cfg, "unet")
-    elif not isinstance(cfg, Mapping):
-        cfg = getattr(cfg, "config", None)
-        if cfg is None:
-            raise ConfigError(f"cannot derive a UNet layout from {type(unet_or_config).__name__}")
-    down = tuple("CrossAttn" in str(t) or str(t).startswith("Attn") for t in cfg["down_block_types"])
-    up = tuple("CrossAttn" in str(t) or str(t).startswith("Attn") for t in cfg["up_block_types"])
-    lpb = cfg.get("layers_per_block", 2)
-    if isinstance(lpb, (list, tuple)):
-        if len(set(lpb)) != 1:
-            raise ConfigError(f"per-block layers_per_block {list(lpb)} has no LDM equivalent")
-        lpb = lpb[0]
-    mid_type = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    mid_attn = mid_type is not None and "CrossAttn" in str(mid_type)
-    return UNetLayout(down, up, int(lpb), mid_attn)
-
-
-_RESNET_D2L = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-_RESNET_L2D = {v: k for k, v in _RESNET_D2L.items()}
-
-_UNET_TOP_D2L = (
-    ("conv_in", "input_blocks.0.0"),
-    ("time_embedding.linear_1", "time_embed.0"),
-    ("time_embedding.linear_2", "time_embed.2"),
-    ("add_embedding.linear_1", "label_emb.0.0"),
-    ("add_embedding.linear_2", "label_emb.0.2"),
-    ("conv_norm_out", "out.0"),
-    ("conv_out", "out.2"),
-)
-
-
-def _swap_prefix(path: str, table, reverse: bool = False) -> str | None:
-    for d, l in table:
-        src, dst = (l, d) if reverse else (d, l)
-        if path == src or path.startswith(src + "."):
-            return dst + path[len(src):]
-    return None
-
-
-def _res_d2l(rest: list[str]) -> list[str]:
-    if not rest:
-        return []
-    if rest[0] not in _RESNET_D2L:
-        raise ValueError(rest[0])
-    return _RESNET_D2L[rest[0]].split(".") + rest[1:]
-
-
-def _res_l2d(rest: list[str]) -> list[str]:
-    if not rest:
-        return []
-    if rest[0] in _RESNET_L2D:
-        return [_RESNET_L2D[rest[0]]] + rest[1:]
-    head = ".".join(rest[:2])
-    if head not in _RESNET_L2D:
-        raise ValueError(head)
-    return [_RESNET_L2D[head]] + rest[2:]
-
-
-def unet_diffusers_to_ldm(path: str, layout: Any) -> str:
-    """diffusers UNet path (module or parameter, no component prefix) → LDM/SGM path (without
-    ``model.diffusion_model.``). Raises :class:`UnknownKeys` for a name the table does not cover."""
-    lay = unet_layout(layout)
-    top = _swap_prefix(path, _UNET_TOP_D2L)
-    if top is not None:
-        return top
-    p = path.split(".")
-    S, L = lay.stride, lay.layers_per_block
-    try:
-        if p[0] == "down_blocks":
-            i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-            if i < len(lay.down_attn):
-                if kind == "resnets" and j < L:
-                    return _join("input_blocks", 1 + i * S + j, 0, *_res_d2l(rest))
-                if kind == "attentions" and j < L and lay.down_attn[i]:
-                    return _join("input_blocks", 1 + i * S + j, 1, *rest)
-                if kind == "downsamplers" and j == 0 and i < len(lay.down_attn) - 1:
-                    if not rest:
-                        return _join("input_blocks", (i + 1) * S, 0)
-                    if rest[0] == "conv":
-                        return _join("input_blocks", (i + 1) * S, 0, "op", *rest[1:])
-        elif p[0] == "mid_block":
-            kind, j, rest = p[1], int(p[2]), p[3:]
-            if kind == "resnets" and j < 2:
-                return _join("middle_block", 2 * j if lay.mid_attn else j, *_res_d2l(rest))
-            if kind == "attentions" and j == 0 and lay.mid_attn:
-                return _join("middle_block", 1, *rest)
-        elif p[0] == "up_blocks":
-            i, kind, j, rest = int(p[1]), p[2], int(p[3]), p[4:]
-            if i < len(lay.up_attn):
-                if kind == "resnets" and j <= L:
-                    return _join("output_blocks", i * S + j, 0, *_res_d2l(rest))
-                if kind == "attentions" and j <= L and lay.up_attn[i]:
-                    return _join("output_blocks", i * S + j, 1, *rest)
-                if kind == "upsamplers" and j == 0 and i < len(lay.up_attn) - 1:
-                    if not rest or rest[0] == "conv":
-                        return _join("output_blocks", i * S + L, 2 if lay.up_attn[i] else 1, *rest)
-    except (IndexError, ValueError):
-        pass
-    raise _unknown(path, "diffusers UNet names", "no LDM equivalent in this UNet layout")
-
-
-def unet_ldm_to_diffusers(path: str, layout: Any) -> str:
-    """LDM/SGM UNet path (without ``model.diffusion_model.``) → diffusers path. Inverse of
-    :func:`unet_diffusers_to_ldm`."""
-    lay = unet_layout(layout)
-    top = _swap_prefix(path, _UNET_TOP_D2L, reverse=True)
-    if top is not None:
-        return top
-    p = path.split(".")
-    S, L = lay.stride, lay.layers_per_block
-    nd, nu = len(lay.down_attn), len(lay.up_attn)
-    try:
-        if p[0] == "input_blocks":
-            n, k, rest = int(p[1]), int(p[2]), p[3:]
-            if n >= 1 and n % S == 0:
-                i = n // S - 1
-                if 0 <= i < nd - 1 and k == 0:
-                    if not rest:
-                        return _join("down_blocks", i, "downsamplers", 0)
-                    if rest[0] == "op":
-                        return _join("down_blocks", i, "downsamplers", 0, "conv", *rest[1:])
-            elif n >= 1:
-                i, j = (n - 1) // S, (n - 1) % S
-                if i < nd:
-                    if k == 0:
-                        return _join("down_blocks", i, "resnets", j, *_res_l2d(rest))
-                    if k == 1 and lay.down_attn[i]:
-                        return _join("down_blocks", i, "attentions", j, *rest)
-        elif p[0] == "middle_block":
-            m, rest = int(p[1]), p[2:]
-            if lay.mid_attn:
-                if m in (0, 2):
-                    return _join("mid_block", "resnets", m // 2, *_res_l2d(rest))
-                if m == 1:
-                    return _join("mid_block", "attentions", 0, *rest)
-            elif m in (0, 1):
-                return _join("mid_block", "resnets", m, *_res_l2d(rest))
-        elif p[0] == "output_blocks":
-            n, k, rest = int(p[1]), int(p[2]), p[3:]
-            i, j = n // S, n % S
-            if i < nu:
-                up_k = 2 if lay.up_attn[i] else 1
-                if k == 0:
-                    return _join("up_blocks", i, "resnets", j, *_res_l2d(rest))
-                if k == 1 and lay.up_attn[i]:
-                    return _join("up_blocks", i, "attentions", j, *rest)
-                if k == up_k and j == L and i < nu - 1 and (not rest or rest[0] == "conv"):
-                    return _join("up_blocks", i, "upsamplers", 0, *rest)
-    except (IndexError, ValueError):
-        pass
-    raise _unknown(path, "LDM UNet names", "no diffusers equivalent in this UNet layout")
 
 
 # ==============================================================================================
