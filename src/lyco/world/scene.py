@@ -301,6 +301,26 @@ def _sdf(shape: str, x, y, r):
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def jitter(n: int, rng, size: int = IMAGE_SIZE) -> dict[str, np.ndarray]:
+    """The random geometry of ``n`` images, one row of ``rng.random`` each: centre ``cx, cy``
+    (pixels, ±7 % of the side around the middle), nominal radius ``r`` (25–33 % of the side),
+    rotation ``rot`` (radians, ±12°), colour jitter (±12 per channel for the shape, ±8 for the
+    background), stripe ``phase`` (whole pixels) and ``period``."""
+    j = _rng(rng).random((n, _JITTER_COLUMNS))
+    s = float(size)
+    period = max(2, int(round(size / 4)))
+    return {
+        "cx": (0.5 + 0.07 * (2 * j[:, 0] - 1)) * s,
+        "cy": (0.5 + 0.07 * (2 * j[:, 1] - 1)) * s,
+        "r": (0.25 + 0.08 * j[:, 2]) * s,
+        "rot": np.radians(12.0) * (2 * j[:, 3] - 1),
+        "colour_jitter": 12.0 * (2 * j[:, 4:7] - 1),
+        "bg_jitter": 8.0 * (2 * j[:, 7:10] - 1),
+        "phase": np.floor(j[:, 10] * period),
+        "period": period,
+    }
+
+
 def render_many(attrs: Sequence[Attrs], rng=None, size: int = IMAGE_SIZE) -> np.ndarray:
     """Render ``attrs`` into a ``uint8`` array ``N×size×size×3``, jitter drawn from ``rng`` (a numpy
     ``Generator`` or an int seed)."""
@@ -308,17 +328,9 @@ def render_many(attrs: Sequence[Attrs], rng=None, size: int = IMAGE_SIZE) -> np.
     n = len(attrs)
     if n == 0:
         return np.zeros((0, size, size, 3), np.uint8)
-    g = _rng(rng)
-    j = g.random((n, _JITTER_COLUMNS))
-    s = float(size)
-    cx = (0.5 + 0.07 * (2 * j[:, 0] - 1)) * s
-    cy = (0.5 + 0.07 * (2 * j[:, 1] - 1)) * s
-    r = (0.25 + 0.08 * j[:, 2]) * s
-    rot = np.radians(12.0) * (2 * j[:, 3] - 1)
-    colour_jitter = 12.0 * (2 * j[:, 4:7] - 1)
-    bg_jitter = 8.0 * (2 * j[:, 7:10] - 1)
-    period = max(2, int(round(size / 4)))
-    phase = np.floor(j[:, 10] * period)
+    geo = jitter(n, _rng(rng), size)
+    cx, cy, r, rot, phase, period = geo["cx"], geo["cy"], geo["r"], geo["rot"], geo["phase"], geo["period"]
+    colour_jitter, bg_jitter = geo["colour_jitter"], geo["bg_jitter"]
 
     fill = np.array([COLOURS[a.colour] for a in attrs], np.float64) + colour_jitter
     bg = np.array([BACKGROUNDS[a.background] for a in attrs], np.float64) + bg_jitter
@@ -466,7 +478,7 @@ def save_grid(images: np.ndarray, path: str | Path, cols: int, *, scale: int = 2
 __all__ = [
     "IMAGE_SIZE", "SHAPES", "ALL_SHAPES", "COLOURS", "BACKGROUNDS", "TEXTURES", "Attrs", "Concept", "CONCEPTS",
     "get_concept", "caption", "parse_caption", "world_words", "sample_attrs", "sample_attrs_batch", "render",
-    "render_many", "render_batch", "random_batch", "to_tensor", "to_uint8", "eval_set", "write_concept_dataset",
+    "render_many", "jitter", "render_batch", "random_batch", "to_tensor", "to_uint8", "eval_set", "write_concept_dataset",
     "save_grid",
 ]
 
