@@ -18,7 +18,19 @@ Baselines: ``floor`` (frozen base, no adapter, backward to the input latents) an
 
 Run ``python benchmarks/train_step.py --help``; ``--smoke`` runs everything on the CPU with the tiny
 models of ``lyco.models.tiny`` (no GPU needed). Results go to ``--out`` (default ``$OUT`` or ``.``)
-as ``train_step.json`` and ``train_step.md``.
+as ``train_step<tag>.json`` and ``train_step<tag>.md`` (rewritten after every configuration).
+
+Trusting the numbers on a noisy, launch-bound host: every configuration reports the median, p10
+and p90 of its timed steps and ``host_ms`` (CPU time to issue one step: ≈ the step time means the
+GPU waits for Python); ``--rounds N`` interleaves N passes over all configurations and pools
+them; ``--graph`` also captures each whole step (forward, backward, capturable fused AdamW) as one
+CUDA graph and times its replays — the device time without launch overhead, the same treatment for
+every library (a library that synchronises with the host inside the step fails capture, recorded);
+``--profile algo/variant,…`` writes ``profile<tag>.{json,txt}``: top kernels by self device time
+per step, kernels per step, summed kernel time vs wall (GPU busy fraction) and the top CPU ops;
+``--compile`` compiles the UNet for every configuration alike (floor, full fine-tune, lyco, peers).
+Before timing, lyco's layers are checked on the device against fp32 merged-weight math: outputs
+(``full_err``) and gradients of x and of every adapter tensor (``grad_err``).
 """
 
 from __future__ import annotations
@@ -116,6 +128,13 @@ ALGOS: dict[str, dict[str, Any]] = {
 VARIANTS = {
     "lyco": dict(lib="lyco", mode="auto"),
     "lyco-rebuild": dict(lib="lyco", mode="rebuild"),
+    # DoRA with the weight norm treated as a constant in backward (DoRA paper §4.3; PEFT's default)
+    "lyco-dora-detach": dict(lib="lyco", mode="auto", layer_opts={"dora_detach_norm": True}, only=("dora",)),
+    # DoRA as op(x, W_dora): LyCORIS's strategy (weight-sized memory, one more GEMM in backward)
+    "lyco-dora-rebuild": dict(lib="lyco", mode="rebuild", only=("dora",)),
+    # LoKr with the per-layer path forced (default: chosen from the shapes, see lokr.py)
+    "lyco-lokr-structured": dict(lib="lyco", mode="auto", lokr_path="structured", only=("lokr", "lokr-full")),
+    "lyco-lokr-dense": dict(lib="lyco", mode="auto", lokr_path="dense", only=("lokr", "lokr-full")),
     "lycoris-triton": dict(lib="lycoris", backend="triton", bypass=False),
     "lycoris-triton-bypass": dict(lib="lycoris", backend="triton", bypass=True),
     "peft": dict(lib="peft"),
@@ -126,7 +145,8 @@ DEFAULT_VARIANTS = "lyco,peft,lycoris-eager,lycoris-triton,lycoris-triton-bypass
 #: run after every algorithm's main comparisons (the budget cuts these first). LyCORIS's Triton
 #: variants are here: on an H200 (SD1.5 b8) each took 30–65 s to warm up (JIT + kernel tuning)
 #: and ran slower than LyCORIS eager.
-SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass", "lyco-rebuild")
+SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass", "lyco-rebuild",
+                      "lyco-dora-rebuild")
 
 GiB = 1024 ** 3
 
@@ -277,15 +297,29 @@ def _name_regex(names) -> str:
     return "re:(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
-def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype) -> Handle:
+def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype, layer_opts=None, lokr_path=None) -> Handle:
     import lyco
+    from lyco.algorithms import lokr as lokr_mod
+    lokr_mod.FORCE_PATH = lokr_path
     spec = dict(ALGOS[algo]["lyco"])
     layer_names = names[ALGOS[algo]["layers"]]
     preset = {"name": "bench", "include_conv": True, "unet": {"target_names": [_name_regex(layer_names)]}}
     a = spec.pop("algo")
     net = lyco.create({"unet": unet}, algo=a, preset=preset, dtype=adapter_dtype, mode=mode, **spec)
     assert len(net.layers) == len(layer_names), (len(net.layers), len(layer_names))
-    return Handle(net.trainable_parameters(), net.detach, {"layers": len(net.layers)}, lyco_net=net)
+    for layer in net.layers.values():
+        layer.opts.update(layer_opts or {})
+
+    def detach():
+        net.detach()
+        lokr_mod.FORCE_PATH = None
+
+    info = {"layers": len(net.layers)}
+    if layer_opts:
+        info["layer_opts"] = dict(layer_opts)
+    if lokr_path:
+        info["lokr_path"] = lokr_path
+    return Handle(net.trainable_parameters(), detach, info, lyco_net=net)
 
 
 _LYCORIS_PRESET_DIR = None
@@ -454,6 +488,48 @@ def check_lyco_layers(net, dtype, seed: int = 0) -> dict:
     return worst
 
 
+def check_lyco_grads(net, dtype, seed: int = 0) -> dict:
+    """Gradients too, one layer per distinct shape: ∂/∂(adapter tensors, x) of ⟨r, layer(x)⟩ on the
+    training path (``dtype``) against the same through ``op(x, W + m·ΔW)`` in fp32 (autograd
+    through the merged weight). Skipped for layers whose training gradient is *defined* differently
+    (DoRA with a detached norm)."""
+    from lyco.algorithms.base import layer_op
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    seen = set()
+    worst = {"grad_err": 0.0, "grad_layers": 0}
+    for key, layer in net.layers.items():
+        spec = layer.spec
+        sig = (repr(layer.algorithm), spec.kind, spec.weight_shape)
+        if sig in seen or layer.opts.get("dora_detach_norm"):
+            continue
+        seen.add(sig)
+        mod = net._targets[key]
+        shape = (2, 16, spec.in_dim) if spec.kind == "linear" else (2, spec.in_dim * spec.groups, 8, 8)
+        dev = mod.weight.device
+        x = torch.randn(*shape, generator=g).to(device=dev, dtype=dtype)
+        params = list(layer.params.values())
+        grads = []
+        for ref in (False, True):
+            xx = x.clone().requires_grad_(True)
+            if ref:
+                w32 = mod.weight.detach().float()
+                b32 = mod.bias.detach().float() if mod.bias is not None else None
+                y = layer_op(xx.float(), spec, *layer.merged_weight(w32, b32, layer.multiplier))
+            else:
+                y = mod(xx)
+            if not ref:
+                r = torch.randn(y.shape, generator=g).to(device=dev)
+            (y.float() * r).sum().backward()
+            grads.append([xx.grad] + [p.grad for p in params])
+            for p in params:
+                p.grad = None
+        for a, b in zip(*grads):
+            if a is not None and b is not None:
+                worst["grad_err"] = max(worst["grad_err"], _rel(a, b))
+        worst["grad_layers"] += 1
+    return worst
+
+
 @torch.no_grad()
 def model_effect(unet, inputs1, base_out) -> dict:
     out = unet(**inputs1, return_dict=False)[0]
@@ -533,7 +609,17 @@ def sync(cuda):
         torch.cuda.synchronize()
 
 
+def _stats(ts: list[float], prefix: str = "") -> dict:
+    ts_sorted = sorted(ts)
+    q = lambda f: ts_sorted[min(len(ts) - 1, int(f * (len(ts) - 1) + 0.5))]
+    return {f"{prefix}median_ms": statistics.median(ts), f"{prefix}p10_ms": q(0.1), f"{prefix}p90_ms": q(0.9),
+            f"{prefix}min_ms": ts_sorted[0]}
+
+
 def run_steps(step, warmup: int, steps: int, cuda: bool):
+    """Median/p10/p90 of ``steps`` timed steps (CUDA events) after ``warmup``; ``host_ms``: the
+    median CPU time to *issue* one step (return of ``step()``, no sync). When ``host_ms`` is close
+    to the step time the step is launch-bound (the GPU waits for the CPU)."""
     t_first = time.perf_counter()
     step()
     sync(cuda)
@@ -542,15 +628,135 @@ def run_steps(step, warmup: int, steps: int, cuda: bool):
         step()
     sync(cuda)
     tm = Timer(cuda)
+    host = []
     for _ in range(steps):
         s = tm.start()
+        h0 = time.perf_counter()
         step()
+        host.append((time.perf_counter() - h0) * 1e3)
         tm.stop(s)
     ts = tm.times_ms()
-    ts_sorted = sorted(ts)
-    q = lambda f: ts_sorted[min(len(ts) - 1, int(f * (len(ts) - 1) + 0.5))]
-    return {"median_ms": statistics.median(ts), "p10_ms": q(0.1), "p90_ms": q(0.9), "min_ms": ts_sorted[0],
-            "first_step_ms": first_ms, "steps": len(ts)}
+    return {**_stats(ts), "host_ms": statistics.median(host), "first_step_ms": first_ms, "steps": len(ts),
+            "times_ms": [round(t, 3) for t in ts]}
+
+
+def run_graph(model_fn, inputs, target, params, floor: bool, steps: int) -> dict:
+    """The same training step captured once as a CUDA graph (forward, backward and a capturable
+    fused AdamW), then replayed: the step's device time without any CPU launch overhead — the same
+    treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
+    host inside the step."""
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True, capturable=True) if params else None
+
+    def body():
+        out = model_fn(**inputs, return_dict=False)[0]
+        loss = F.mse_loss(out.float(), target.float())
+        loss.backward()
+        if opt is not None:
+            opt.step()
+
+    def clear():
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        if floor:
+            inputs["sample"].grad = None
+
+    # a host synchronisation inside the step would fail the capture (and may leave the stream in
+    # an error state): find it first, in an eager step with sync debugging set to raise
+    clear()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        body()
+    except RuntimeError as e:
+        raise RuntimeError(f"host sync inside the step: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            clear()
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    clear()
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            body()
+        for _ in range(3):
+            g.replay()
+        torch.cuda.synchronize()
+        tm = Timer(True)
+        for _ in range(steps):
+            s = tm.start()
+            g.replay()
+            tm.stop(s)
+        ts = tm.times_ms()
+        return {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB}
+    finally:
+        del g
+        clear()
+        torch.cuda.synchronize()
+
+
+def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
+    """torch.profiler over ``steps`` steps: the kernels that dominate (self device time per step),
+    kernel count per step, summed kernel time vs wall time per step (busy fraction: ≪ 1 means
+    the GPU idles, waiting for launches), and the top CPU-side ops."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    step()
+    sync(cuda)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(cuda)
+        wall = (time.perf_counter() - t0) * 1e3 / steps
+    avgs = prof.key_averages()
+
+    def dev_self(e):
+        for k in ("self_device_time_total", "self_cuda_time_total"):
+            v = getattr(e, k, None)
+            if v is not None:
+                return float(v)
+        return 0.0
+
+    kernels, cpu_ops = [], []
+    for e in avgs:
+        dt = str(getattr(e, "device_type", ""))
+        if cuda and dt.endswith("CUDA"):
+            kernels.append(e)
+        elif not e.key.startswith("ProfilerStep"):
+            cpu_ops.append(e)
+    k_total = sum(dev_self(e) for e in kernels) / 1e3 / steps
+    k_count = sum(e.count for e in kernels) / steps
+    kernels.sort(key=dev_self, reverse=True)
+    cpu_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    out = {"wall_ms_per_step": wall, "kernel_ms_per_step": k_total, "kernels_per_step": k_count,
+           "gpu_busy_fraction": (k_total / wall) if wall > 0 else None,
+           "top_kernels": [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                            "ms_per_step": dev_self(e) / 1e3 / steps,
+                            "share": dev_self(e) / 1e3 / steps / k_total if k_total else None}
+                           for e in kernels[:top]],
+           "top_cpu_ops": [{"name": e.key[:80], "calls_per_step": e.count / steps,
+                            "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in cpu_ops[:10]]}
+    return out
+
+
+def format_profile(name: str, pr: dict) -> str:
+    busy = pr.get("gpu_busy_fraction")
+    lines = [f"== {name}: wall {pr['wall_ms_per_step']:.1f} ms/step (profiled), kernels {pr['kernels_per_step']:.0f}/step "
+             f"summing to {pr['kernel_ms_per_step']:.1f} ms (GPU busy {busy * 100 if busy else float('nan'):.0f} %)"]
+    for k in pr["top_kernels"]:
+        share = k["share"] * 100 if k["share"] is not None else float("nan")
+        lines.append(f"  {k['ms_per_step']:8.2f} ms {share:5.1f} % {k['calls_per_step']:7.0f}×  {k['name']}")
+    lines.append("  CPU self time, top ops:")
+    for k in pr["top_cpu_ops"]:
+        lines.append(f"  {k['self_cpu_ms_per_step']:8.2f} ms        {k['calls_per_step']:7.0f}×  {k['name']}")
+    return "\n".join(lines)
 
 
 def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool):
@@ -603,7 +809,8 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             v = VARIANTS[variant]
             lib = v["lib"]
             if lib == "lyco":
-                handle = attach_lyco(unet, algo, ctx["names"], v["mode"], ctx["adapter_dtype"])
+                handle = attach_lyco(unet, algo, ctx["names"], v["mode"], ctx["adapter_dtype"],
+                                     v.get("layer_opts"), v.get("lokr_path"))
             elif lib == "lycoris":
                 handle = attach_lycoris(unet, algo, ctx["names"], v["backend"], v["bypass"],
                                         ctx["adapter_dtype"], a.smoke)
@@ -619,7 +826,8 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             rec["attach_s"] = time.perf_counter() - t0
             if handle.lyco_net is not None:
                 chk = check_lyco_layers(handle.lyco_net, dtype)
-                chk["ok"] = bool(chk["finite"] and chk["full_err"] <= 1e-2)
+                chk.update(check_lyco_grads(handle.lyco_net, dtype))
+                chk["ok"] = bool(chk["finite"] and chk["full_err"] <= 1e-2 and chk["grad_err"] <= 5e-2)
                 rec["check"] = chk
             rec["model_check"] = model_effect(unet, ctx["inputs1"], ctx["base_out1"])
             if not (rec["model_check"]["effect"] > 0 and rec["model_check"]["finite"]):
@@ -635,7 +843,24 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         rec.update(run_steps(step, a.warmup, a.steps, cuda))
         if cuda:
             rec["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        key = f"{rec['algo']}/{variant}"
+        if key in ctx.get("profile", ()) or rec["algo"] in ctx.get("profile", ()) or "all" in ctx.get("profile", ()):
+            try:
+                rec["profile"] = profile_step(step, cuda)
+            except Exception as e:  # noqa: BLE001
+                rec["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         del step, opt
+        graph_algos = a.graph_algos.split(",")
+        if a.graph and cuda and (algo is None or "all" in graph_algos or algo in graph_algos):
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                rec.update(run_graph(step_model, ctx["inputs"], ctx["target"], params, floor,
+                                     a.graph_steps or a.steps))
+            except Exception as e:  # noqa: BLE001 — e.g. a host sync inside the step
+                msg = str(e).strip().splitlines()
+                rec["graph_error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
     except Exception as e:  # noqa: BLE001 — one configuration's failure must not stop the run
         oom = cuda and isinstance(e, torch.cuda.OutOfMemoryError)
         rec["status"] = "oom" if oom else "error"
@@ -669,13 +894,18 @@ def describe(rec) -> str:
     head = f"[{rec['model']} b{rec['batch']}] {rec['algo']:<9} {rec['variant']:<22}"
     if rec["status"] != "ok":
         return f"{head} {rec['status'].upper()}: {rec.get('error', '')}"
-    s = f"{head} {rec['median_ms']:8.2f} ms (p10 {rec['p10_ms']:.2f} p90 {rec['p90_ms']:.2f})"
+    s = f"{head} {rec['median_ms']:8.2f} ms (p10 {rec['p10_ms']:.2f} p90 {rec['p90_ms']:.2f} host {rec.get('host_ms', 0):.1f})"
+    if "graph_median_ms" in rec:
+        s += f"  graph {rec['graph_median_ms']:.2f} ms"
+    elif "graph_error" in rec:
+        s += f"  graph FAIL ({rec['graph_error'][:60]})"
     if "peak_gib" in rec:
         s += f"  peak {rec['peak_gib']:6.2f} GiB"
     s += f"  train {rec['trainable_params'] / 1e6:.2f}M"
     c = rec.get("check")
     if c:
         s += (f"  check {'OK' if c['ok'] else 'FAIL'} full {c['full_err']:.1e} delta {c['delta_err']:.1e}"
+              f" grad {c.get('grad_err', float('nan')):.1e}"
               f" effect≥{c['min_effect']:.2f} ({c['layers_checked']} shapes)")
     m = rec.get("model_check")
     if m:
@@ -698,14 +928,90 @@ def _fmt(rec, key, scale=1.0, digits=1):
     return "—" if v is None else f"{v * scale:.{digits}f}"
 
 
+def merge_rounds(records: list[dict]) -> list[dict]:
+    """One record per (model, batch, algo, variant): step times of every round pooled (median,
+    p10, p90 recomputed), graph times as the median of the rounds' medians, peak the max."""
+    out, by = [], {}
+    for r in records:
+        k = (r["model"], r["batch"], r["algo"], r["variant"])
+        if k not in by:
+            by[k] = dict(r)
+            out.append(by[k])
+            continue
+        m = by[k]
+        if r["status"] != "ok":
+            continue
+        if m["status"] != "ok":
+            by[k].clear()
+            by[k].update(r)
+            continue
+        m["times_ms"] = m.get("times_ms", []) + r.get("times_ms", [])
+        m.update(_stats(m["times_ms"]))
+        m["rounds"] = m.get("rounds", 1) + 1
+        m["host_ms"] = statistics.median([m["host_ms"], r["host_ms"]]) if "host_ms" in r else m.get("host_ms")
+        if "peak_gib" in r:
+            m["peak_gib"] = max(m.get("peak_gib", 0.0), r["peak_gib"])
+        if "graph_median_ms" in r:
+            m.setdefault("_graph_meds", [m.get("graph_median_ms")] if "graph_median_ms" in m else [])
+            m["_graph_meds"].append(r["graph_median_ms"])
+            m["graph_median_ms"] = statistics.median(m["_graph_meds"])
+    return out
+
+
+def _table(rs, variants, algos, floor, key: str, with_mem: bool, summary: list | None, label: str):
+    """One Markdown table of ``key`` (a time) per algorithm × variant, with lyco's ratios."""
+    by = {(r["algo"], r["variant"]): r for r in rs}
+    lines = ["| algo | " + " | ".join(variants) + " | lyco ÷ best peer (time" + (", mem" if with_mem else "")
+             + ") | lyco ÷ floor (time" + (", mem" if with_mem else "") + ") |",
+             "|---|" + "---|" * (len(variants) + 2)]
+    ok = lambda r: r is not None and r["status"] == "ok" and r.get(key) is not None
+    for al in algos:
+        cells = []
+        for v in variants:
+            r = by.get((al, v))
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                cells.append(r["status"])
+            elif r.get(key) is None:
+                cells.append(r.get("graph_error", "—")[:40] if key.startswith("graph") else "—")
+            else:
+                star = "*" if (al, v) in NOT_THE_ALGORITHM else ""
+                chk = r.get("check")
+                bad = " (CHECK FAIL)" if chk is not None and not chk.get("ok") else ""
+                mem = f" / {r['peak_gib']:.2f}" if with_mem and "peak_gib" in r else ""
+                cells.append(f"{r[key]:.1f}{mem}{star}{bad}")
+        ly = by.get((al, "lyco"))
+        peers = [r for (a2, v), r in by.items() if a2 == al and VARIANTS.get(v, {}).get("lib") in ("lycoris", "peft")
+                 and ok(r) and (a2, v) not in NOT_THE_ALGORITHM]
+        ratio_peer = ratio_floor = "—"
+        if ok(ly):
+            if peers:
+                bt = min(peers, key=lambda r: r[key])
+                ratio_peer = f"{ly[key] / bt[key]:.2f} ({bt['variant']})"
+                if with_mem:
+                    bm = min(peers, key=lambda r: r.get("peak_gib", float("inf")))
+                    if "peak_gib" in bm and "peak_gib" in ly:
+                        ratio_peer += f", {ly['peak_gib'] / bm['peak_gib']:.2f} ({bm['variant']})"
+            if ok(floor):
+                ratio_floor = f"{ly[key] / floor[key]:.2f}"
+                if with_mem and "peak_gib" in floor and "peak_gib" in ly:
+                    ratio_floor += f", {ly['peak_gib'] / floor['peak_gib']:.2f}"
+            if summary is not None:
+                mem = f" {ly['peak_gib']:.2f} GiB" if "peak_gib" in ly else ""
+                summary.append(f"{ly['model']} b{ly['batch']} {al:<9} [{label}]: lyco {ly[key]:.2f} ms{mem}"
+                               f" | ÷best peer {ratio_peer} | ÷floor {ratio_floor}")
+        lines.append(f"| {al} | " + " | ".join(cells) + f" | {ratio_peer} | {ratio_floor} |")
+    return lines
+
+
 def report(records, meta) -> tuple[str, list[str]]:
     lines = [f"# Training-step benchmark — {meta['device']}", "",
              f"torch {meta['torch']}, diffusers {meta.get('diffusers')}, lycoris-lora {meta.get('lycoris')}, "
              f"peft {meta.get('peft')}, triton {meta.get('triton')}; dtype {meta['dtype']}, adapter params "
-             f"{meta['adapter_dtype']}; median of {meta['steps']} steps after {meta['warmup']} warm-up; "
-             f"compile={meta['compile']}.", "",
-             f"Measured ceilings: {meta.get('ceilings', 'n/a (CPU)')}.", "",
-             "Each cell: step ms / peak GiB (peak includes the base model).", ""]
+             f"{meta['adapter_dtype']}; median of {meta['steps']} steps × {meta.get('rounds', 1)} round(s) after "
+             f"{meta['warmup']} warm-up; compile={meta['compile']}; host CPUs {meta.get('host_cpus')}.", "",
+             f"Measured ceilings: {meta.get('ceilings', 'n/a (CPU)')}.", ""]
     summary = []
     jobs = []
     for r in records:
@@ -721,51 +1027,36 @@ def report(records, meta) -> tuple[str, list[str]]:
         algos = [al for al in ALGOS if any(r["algo"] == al for r in rs)]
         lines.append(f"## {model}, batch {batch}")
         lines.append("")
-        lines.append(f"floor (frozen, backward to input): {_fmt(floor, 'median_ms', digits=2)} ms / "
-                     f"{_fmt(floor, 'peak_gib', digits=2)} GiB; full fine-tune: {_fmt(full, 'median_ms', digits=2)}"
-                     f" ms / {_fmt(full, 'peak_gib', digits=2)} GiB")
+        for key, name in (("median_ms", "median"), ("p10_ms", "p10"), ("host_ms", "host issue time"),
+                          ("graph_median_ms", "CUDA graph")):
+            lines.append(f"{name}: floor {_fmt(floor, key, digits=2)} ms, full fine-tune {_fmt(full, key, digits=2)} ms"
+                         + (f" (peak {_fmt(floor, 'peak_gib', digits=2)} / {_fmt(full, 'peak_gib', digits=2)} GiB)"
+                            if key == "median_ms" else ""))
         lines.append("")
-        lines.append("| algo | " + " | ".join(variants) + " | lyco ÷ best peer (time, mem) | lyco ÷ floor (time, mem) |")
-        lines.append("|---|" + "---|" * (len(variants) + 2))
-        for al in algos:
-            cells = []
-            for v in variants:
-                r = by.get((al, v))
-                if r is None:
-                    cells.append("")
-                elif r["status"] != "ok":
-                    cells.append(r["status"])
-                else:
-                    mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
-                    star = "*" if (al, v) in NOT_THE_ALGORITHM else ""
-                    chk = r.get("check")
-                    bad = " (CHECK FAIL)" if chk is not None and not chk.get("ok") else ""
-                    cells.append(f"{r['median_ms']:.1f} / {mem}{star}{bad}")
-            ly = by.get((al, "lyco"))
-            peers = [r for (a2, v), r in by.items() if a2 == al and VARIANTS.get(v, {}).get("lib") in ("lycoris", "peft")
-                     and r["status"] == "ok" and (a2, v) not in NOT_THE_ALGORITHM]
-            ratio_peer = ratio_floor = "—"
-            if ly is not None and ly["status"] == "ok":
-                if peers:
-                    bt = min(peers, key=lambda r: r["median_ms"])
-                    bm = min(peers, key=lambda r: r.get("peak_gib", float("inf")))
-                    tm = ly["median_ms"] / bt["median_ms"]
-                    if "peak_gib" in bm and "peak_gib" in ly:
-                        ratio_peer = f"{tm:.2f} ({bt['variant']}), {ly['peak_gib'] / bm['peak_gib']:.2f} ({bm['variant']})"
-                    else:
-                        ratio_peer = f"{tm:.2f} ({bt['variant']}), —"
-                if floor is not None and floor["status"] == "ok":
-                    ratio_floor = (f"{ly['median_ms'] / floor['median_ms']:.2f}, "
-                                   f"{ly.get('peak_gib', float('nan')) / floor.get('peak_gib', float('nan')):.2f}"
-                                   if "peak_gib" in floor else f"{ly['median_ms'] / floor['median_ms']:.2f}, —")
-                mem = f" {ly['peak_gib']:.2f} GiB" if "peak_gib" in ly else ""
-                summary.append(f"{model} b{batch} {al:<9}: lyco {ly['median_ms']:.2f} ms{mem}"
-                               f" | ÷best peer {ratio_peer} | ÷floor {ratio_floor}")
-            lines.append(f"| {al} | " + " | ".join(cells) + f" | {ratio_peer} | {ratio_floor} |")
+        lines.append("### Eager: median step ms / peak GiB (peak includes the base model)")
+        lines.append("")
+        lines += _table(rs, variants, algos, floor, "median_ms", True, summary, "eager median")
+        lines.append("")
+        lines.append("### Eager: p10 step ms (the fastest tenth: least host noise)")
+        lines.append("")
+        lines += _table(rs, variants, algos, floor, "p10_ms", False, summary, "eager p10")
+        lines.append("")
+        lines.append("### Host issue time per step, ms (CPU time for the Python/launch side; ≈ step time → launch-bound)")
+        lines.append("")
+        lines += _table(rs, variants, algos, floor, "host_ms", False, None, "host")
+        if any(r.get("graph_median_ms") is not None or r.get("graph_error") for r in rs):
+            lines.append("")
+            lines.append("### Whole step as one CUDA graph: median replay ms (device time, no launch overhead)")
+            lines.append("")
+            lines += _table(rs, variants, algos, floor, "graph_median_ms", False, summary, "cuda graph")
         lines.append("")
     notes = sorted({f"{r['algo']}/{r['variant']}: {r['note']}" for r in records if r.get("note")})
     if notes:
         lines.append("Notes (not counted as a peer): " + "; ".join(notes) + ".")
+        lines.append("")
+    gerr = sorted({f"{r['algo']}/{r['variant']}: {r['graph_error']}" for r in records if r.get("graph_error")})
+    if gerr:
+        lines.append("CUDA graph capture failed: " + "; ".join(gerr) + ".")
         lines.append("")
     skipped = [r for r in records if r["status"] == "skipped"]
     if skipped:
@@ -818,11 +1109,33 @@ def main(argv=None):
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"library variants, of {','.join(VARIANTS)}")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"of {','.join(ALGOS)}")
     p.add_argument("--no-baselines", action="store_true", help="skip floor and full fine-tune")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--baselines", default="floor,fullft", help="which baselines to run (floor, fullft)")
+    p.add_argument("--graph-algos", default="all",
+                   help="with --graph: the algorithms timed as a CUDA graph too ('all', or a comma list; "
+                        "baselines always)")
+    p.add_argument("--graph-steps", type=int, default=None, help="replays timed in graph mode (default --steps)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole plan this many times, interleaved (config A, B, …, A, B, …); the "
+                        "step times of all rounds are pooled (host noise averages out across configs)")
+    p.add_argument("--graph", action="store_true",
+                   help="also time every config as one CUDA graph (whole step captured, replayed): device "
+                        "time without launch overhead, same treatment for every library")
+    p.add_argument("--profile", default="",
+                   help="comma list of algo/variant (or algo, or 'floor', or 'all') to profile with "
+                        "torch.profiler: top kernels, kernels/step, GPU busy fraction → profile*.{json,txt}")
+    p.add_argument("--skip", default="",
+                   help="comma list of algo/variant pairs not to run (e.g. peers far from best in a previous run)")
+    p.add_argument("--tag", default="", help="suffix of the output files (train_step<tag>.json/.md)")
     p.add_argument("--budget", type=float, default=470.0,
                    help="seconds from start; a config whose expected duration would end past it is skipped")
-    p.add_argument("--compile", action="store_true", help="run the UNet under torch.compile (default mode)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="absolute end time (Unix seconds): the budget is cut to end by then (several "
+                        "invocations sharing one device call)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the UNet under torch.compile (default mode) — for every config alike: floor, "
+                        "full fine-tune, lyco and the peers")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (inductor; aot_eager checks the plumbing without codegen)")
     p.add_argument("--adapter-dtype", default="bf16", choices=("bf16", "fp32"))
@@ -834,6 +1147,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     t_start = time.perf_counter()
+    if a.deadline is not None:
+        a.budget = min(a.budget, a.deadline - time.time())
     torch.manual_seed(0)
     cuda = torch.cuda.is_available() and not a.smoke
     quiet_libraries()
@@ -857,7 +1172,8 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = False
     meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}) smoke",
             **versions(), "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
-            "warmup": a.warmup, "compile": a.compile and a.compile_backend, "smoke": a.smoke, "argv": sys.argv[1:]}
+            "warmup": a.warmup, "compile": a.compile and a.compile_backend, "smoke": a.smoke, "argv": sys.argv[1:],
+            "rounds": a.rounds, "graph": a.graph, "host_cpus": os.cpu_count()}
     if cuda:
         meta["ceilings"] = ceilings(device)
     log(json.dumps(meta))
@@ -872,8 +1188,17 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
 
+    tag = a.tag
+    profile_set = {x for x in a.profile.split(",") if x}
+    skip = {x for x in a.skip.split(",") if x}
+    profiles: dict[str, dict] = {}
+
     def save():
-        (out_dir / "train_step.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        (out_dir / f"train_step{tag}.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+        try:  # the table so far (a run cut short by a time limit still leaves one)
+            (out_dir / f"train_step{tag}.md").write_text(report(merge_rounds(records), meta)[0])
+        except Exception:  # noqa: BLE001
+            pass
 
     unets = {}
     for model, batch in jobs:
@@ -902,13 +1227,17 @@ def main(argv=None):
             base_out1 = unet(**inputs1, return_dict=False)[0]
         ctx = dict(args=a, unet=unet, cuda=cuda, dtype=dtype, adapter_dtype=adapter_dtype, names=names,
                    originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
-                   model=model, batch=batch)
-        plan = [] if a.no_baselines else [(None, "floor"), (None, "fullft")]
+                   model=model, batch=batch, profile=profile_set)
+        plan = [] if a.no_baselines else [(None, b) for b in ("floor", "fullft") if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]
         ordered += [(al, v) for al in algos for v in variants if v in SECONDARY_VARIANTS]
         for al, v in ordered:
             if VARIANTS[v]["lib"] == "peft" and ALGOS[al]["peft"] is None:
+                continue
+            if "only" in VARIANTS[v] and al not in VARIANTS[v]["only"]:
+                continue
+            if f"{al}/{v}" in skip:
                 continue
             if (al, v) in UNSUPPORTED:
                 records.append({"model": model, "batch": batch, "algo": al, "variant": v, "status": "n/a",
@@ -916,7 +1245,8 @@ def main(argv=None):
                 continue
             plan.append((al, v))
         walls: dict[str, list[float]] = {}
-        for al, v in plan:
+        plan = [(al, v, r) for r in range(a.rounds) for al, v in plan]
+        for al, v, rnd in plan:
             elapsed = time.perf_counter() - t_start
             same = walls.get(v)
             every = [w for ws in walls.values() for w in ws]
@@ -926,7 +1256,14 @@ def main(argv=None):
                 records.append(rec)
                 log(f"[{model} b{batch}] {al or v} {v}: skipped (time budget: {elapsed:.0f}s + ~{est:.0f}s > {a.budget:.0f}s)")
                 continue
+            ctx["profile"] = profile_set if rnd == 0 else set()
             rec = run_config(ctx, al, v)
+            rec["round"] = rnd
+            if "profile" in rec:
+                profiles[f"{model} b{batch} {rec['algo']}/{v}"] = rec.pop("profile")
+                (out_dir / f"profile{tag}.json").write_text(json.dumps(profiles, indent=1))
+                (out_dir / f"profile{tag}.txt").write_text(
+                    "\n\n".join(format_profile(k, pr) for k, pr in profiles.items()) + "\n")
             walls.setdefault(v, []).append(rec["wall_s"])
             records.append(rec)
             log(describe(rec))
@@ -935,8 +1272,11 @@ def main(argv=None):
 
     meta["total_s"] = time.perf_counter() - t_start
     save()
-    md, summary = report(records, meta)
-    (out_dir / "train_step.md").write_text(md)
+    md, summary = report(merge_rounds(records), meta)
+    if profiles:
+        md += "\n## Profiles (top kernels by self device time per step)\n\n```\n" + "\n\n".join(
+            format_profile(k, pr) for k, pr in profiles.items()) + "\n```\n"
+    (out_dir / f"train_step{tag}.md").write_text(md)
     log("")
     log(md)
     log("lyco vs best peer and vs floor (time ratio, memory ratio):")
@@ -945,7 +1285,7 @@ def main(argv=None):
     errors = [r for r in records if r["status"] in ("error",)]
     if errors:
         log(f"{len(errors)} config(s) failed: " + "; ".join(f"{r['algo']}/{r['variant']}: {r.get('error')}" for r in errors))
-    log(f"total {meta['total_s']:.1f}s; wrote {out_dir / 'train_step.json'} and {out_dir / 'train_step.md'}")
+    log(f"total {meta['total_s']:.1f}s; wrote {out_dir / f'train_step{tag}.json'} and {out_dir / f'train_step{tag}.md'}")
 
 
 if __name__ == "__main__":

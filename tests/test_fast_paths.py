@@ -240,3 +240,113 @@ def test_no_graph_breaks_under_dynamo(name):
     finally:
         dynamo.reset()
     assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
+
+
+@pytest.mark.parametrize("path", ["dense", "structured"])
+@pytest.mark.parametrize("name", ["lokr", "lokr-full"])
+def test_lokr_forced_paths_equal_plain_sum(name, path, monkeypatch):
+    """LoKr's two training paths (ΔW formed in the activation dtype + one GEMM; structured
+    vec(W1·X·W2ᵀ) / kron-conv) give the plain bypass sum's outputs and gradients, whichever the
+    shape rule would pick."""
+    from lyco.algorithms import lokr as lokr_mod
+    model, net = _make(CONFIGS[name])
+    net.set_multiplier(0.7)
+    inputs = _inputs()
+    monkeypatch.setattr(lokr_mod, "FORCE_PATH", path)
+    fast = _run(model, net, inputs)
+    ref = _run(model, net, inputs, reference=True, monkeypatch=monkeypatch)
+    for a, b in zip(fast[:3] + tuple(fast[3]), ref[:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def _dora_detached_reference(layer_w, layer_b, up, down, mag, gamma, m, x):
+    """DoRA with ‖W′‖ constant in backward, written from the definition in float64:
+    y = f(x) + m·(g ⊙ (x W′ᵀ) − x Wᵀ), W′ = W + γ·U·D, g = mag / (stop_grad(‖W′‖_row) + ε)."""
+    wc = layer_w + gamma * up @ down
+    n = wc.norm(dim=1).detach() + torch.finfo(torch.float32).eps  # (+ fp32 eps, as LyCORIS and lyco)
+    g = mag.reshape(-1) / n
+    base = x @ layer_w.T + (layer_b if layer_b is not None else 0)
+    return base + m * (g * (x @ wc.T) - x @ layer_w.T)
+
+
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_detached_norm_equals_definition(multiplier, bias):
+    """``dora_detach_norm``: same output as DoRA, gradients of the paper's §4.3 form (norm constant),
+    against an independent float64 computation; and the option really changes the directional
+    gradient (while the magnitude's gradient is the same)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10, bias=bias)).double()
+    lin = model[0]
+    net = lyco.create(model, preset="full", algo="lora", rank=3, alpha=2.0, dora=True, seed=0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net.set_multiplier(multiplier)
+    layer = next(iter(net.layers.values()))
+    t = layer.tensors()
+    up, down, mag = t["lora_up.weight"], t["lora_down.weight"], t["dora_scale"]
+    gamma = float(t["alpha"]) / 3
+    x = torch.randn(4, 5, 12, dtype=torch.float64)
+
+    def grads(detach):
+        layer.opts["dora_detach_norm"] = detach
+        xx = x.clone().requires_grad_(True)
+        out = lin(xx)
+        (out.square().sum() + out.sum()).backward()
+        gs = [up.grad.clone(), down.grad.clone(), mag.grad.clone(), xx.grad.clone()]
+        for p in (up, down, mag):
+            p.grad = None
+        return out.detach(), gs
+
+    out, g_fast = grads(True)
+    out_full, g_full = grads(False)
+    params = [p.detach().clone().requires_grad_(True) for p in (up, down, mag)]
+    xx = x.clone().requires_grad_(True)
+    ref = _dora_detached_reference(lin.weight.detach(), lin.bias.detach() if bias else None,
+                                   params[0], params[1], params[2], gamma, multiplier, xx)
+    (ref.square().sum() + ref.sum()).backward()
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out_full, ref.detach(), rtol=1e-10, atol=1e-10)  # same forward
+    for a, b in zip(g_fast, [p.grad for p in params] + [xx.grad]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(g_full[2], g_fast[2], rtol=1e-9, atol=1e-10)   # magnitude: same gradient
+    assert not torch.allclose(g_full[0], g_fast[0])                          # direction: the norm's term
+
+
+@pytest.mark.parametrize("name", ["full", "dora-detach"])
+def test_no_weight_sized_tensor_kept_for_backward(name):
+    """Full (rebuild) and DoRA with a detached norm keep nothing weight-sized alive for backward
+    besides the parameters themselves (the merged weight is recomputed / built without grad)."""
+    model = nn.Sequential(nn.Linear(48, 40)).double()
+    cfg = CONFIGS["full"] if name == "full" else CONFIGS["dora"]
+    net = lyco.create(model, preset="full", seed=0, **cfg)
+    if name == "dora-detach":
+        for layer in net.layers.values():
+            layer.opts["dora_detach_norm"] = True
+    keep = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in net.trainable_parameters()}
+    saved = []
+    x = torch.randn(3, 48, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    fresh = [t for t in saved if t.data_ptr() not in keep and t.numel() >= 40 * 48]
+    assert fresh == [], [tuple(t.shape) for t in fresh]
+    y.sum().backward()  # and the backward still runs
+    assert all(p.grad is not None for p in net.trainable_parameters())
+
+
+def test_diag_oft_keeps_the_output_not_the_base_output():
+    """Diag-OFT (one adapter, m = 1) saves its *output* for backward (which downstream ops keep
+    anyway) instead of f(x) − b; the gradients are the plain sum's (checked in
+    test_fast_path_equals_plain_sum) — here: no other activation-sized tensor is saved."""
+    model = nn.Sequential(nn.Linear(48, 40)).double()
+    net = lyco.create(model, preset="full", seed=0, **CONFIGS["diag-oft"])
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    saved = []
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    acts = [t for t in saved if t.numel() >= 64 * 40 and t.data_ptr() != x.data_ptr()]
+    assert [t.data_ptr() for t in acts] == [y.data_ptr()], [tuple(t.shape) for t in acts]

@@ -372,6 +372,12 @@ class Algorithm:
     #: (Full: a bypass is a second full-size GEMM forward and two more backward).
     prefers_rebuild: ClassVar[bool] = False
 
+    def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
+                   bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
+        """``op(x, W′, b′)`` for the rebuild path with a cheaper backward than autograd's, or None
+        (then the host runs ``layer_op`` on :meth:`merged`). Default: None."""
+        return None
+
     def forward_accumulate(self, acc: torch.Tensor, x: torch.Tensor, t: Mapping[str, torch.Tensor],
                            spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
                            base_out: torch.Tensor, multiplier: float, inplace: bool = False) -> torch.Tensor:

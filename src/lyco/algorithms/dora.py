@@ -19,6 +19,15 @@ Deliberate differences:
     Both agree at s = 1.
   * One ComfyUI version normalises by the norm of the *original* W on the output axis; the
     DoRA definition (and LyCORIS, PEFT) use the merged W_c. We use W_c.
+
+Gradient through the norm (training only; the forward value is the same either way):
+  * default: the exact gradient of the function above, n included (LyCORIS);
+  * ``dora_detach_norm`` (a layer option, ``AdapterLayer.opts``): n = ‖W_c‖ treated as a constant
+    in backward, as the DoRA paper recommends (§4.3, "we suggest treating ‖V+ΔV‖_c as a constant
+    … detaching it from the gradient graph") and PEFT does by default. Then W_c is built and reduced
+    under ``no_grad``: nothing weight-sized is saved and the backward has no weight-sized pass.
+    The magnitude still gets its exact gradient; the directional factors lose the norm's term.
+    Not the default: it changes the training dynamics relative to LyCORIS-trained files.
 """
 
 from __future__ import annotations
@@ -43,6 +52,29 @@ def weight_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     wt = w.transpose(0, 1)
     n = wt.reshape(wt.shape[0], -1).norm(dim=1)
     return n.reshape((1, w.shape[1]) + (1,) * (w.dim() - 2))
+
+
+class _RowNorm(torch.autograd.Function):
+    """‖w_j‖ per row of a 2-D ``w``, reduced in ``dtype`` (fp32 for bf16 weights, no wide copy of
+    ``w``), with the one-line backward ``∂n_j/∂w_j = w_j / n_j`` in ``w``'s dtype: three small
+    kernels instead of autograd's generic norm backward (≈ 8, four of them weight-sized in fp32)."""
+
+    @staticmethod
+    def forward(ctx, w, dtype):
+        n = torch.linalg.vector_norm(w, dim=1, dtype=dtype)
+        ctx.save_for_backward(w, n)
+        return n
+
+    @staticmethod
+    def backward(ctx, grad_n):
+        w, n = ctx.saved_tensors
+        # a zero row has a zero gradient (the subgradient torch uses), never 0/0
+        s = grad_n / n.clamp_min(torch.finfo(n.dtype).tiny)
+        return w * s.to(w.dtype)[:, None], None
+
+
+def row_norm(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _RowNorm.apply(w, dtype)
 
 
 def init_magnitude(weight: torch.Tensor, axis: str = "out") -> torch.Tensor:
@@ -77,14 +109,14 @@ class DoRA(Algorithm):
     def create(self, spec, opts, weight=None, generator=None):
         raise TypeError("create DoRA through the inner algorithm with dora=True")
 
-    def _parts(self, t, spec, weight):
+    def _parts(self, t, spec, weight, detach_norm=False):
         m = t["dora_scale"]
         axis = magnitude_axis(m, spec)
         # fp32 or wider, never bf16/fp16 (m/‖W′‖ − 1 is small: it needs the mantissa)
         dt = torch.promote_types(torch.promote_types(m.dtype, weight.dtype), torch.float32)
         m, w = m.to(dt), weight.to(dt)
         wc = w + self.inner.delta_weight(t, spec, w).to(w.dtype)
-        n = weight_norm(wc, axis) + _EPS
+        n = weight_norm(wc.detach() if detach_norm else wc, axis) + _EPS
         m = m.reshape(n.shape)
         return axis, wc, n, m
 
@@ -97,9 +129,9 @@ class DoRA(Algorithm):
     def delta_bias(self, t, spec, bias=None):
         return self.inner.delta_bias(t, spec, bias)
 
-    def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None):
+    def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None, detach_norm=False):
         # y_d = op(x, W_d) = scale ⊙ (W x + γΔW x) for the output axis, op(x⊙scale, W_c) for input.
-        axis, wc, n, m = self._parts(t, spec, weight)
+        axis, wc, n, m = self._parts(t, spec, weight, detach_norm)
         y_nb = base_out - channel_view(bias.to(base_out.dtype), spec, base_out) if bias is not None else base_out
         if axis == "out":
             kw = {"rank_mask": rank_mask} if rank_mask is not None else {}
@@ -114,12 +146,17 @@ class DoRA(Algorithm):
         gx = input_channel_view(g.reshape(-1), spec, x)
         return layer_op(x * gx, spec, wc.to(x.dtype)) - y_nb
 
-    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
+    def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False,
+                           detach_norm=False):
         """``acc + m·[(g−1)⊙(f(x)−b) + g⊙Δy_inner]`` with g = mag/‖W′‖ per output row:
         one ``addcmul`` for the first term, the second folded into the inner's last GEMM when the
-        inner takes a row scale (LoRA), else one more ``addcmul``."""
+        inner takes a row scale (LoRA), else one more ``addcmul``. ``detach_norm``: ‖W′‖ is a
+        constant in backward (see the module doc)."""
         mag = t["dora_scale"]
         if magnitude_axis(mag, spec) != "out":
+            if detach_norm:
+                d = self.forward_delta(x, t, spec, weight, bias, base_out, detach_norm=True)
+                return torch.add(acc, d.to(acc.dtype), alpha=multiplier)
             return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
         y_nb = base_out - channel_view(bias.to(base_out.dtype), spec, base_out) if bias is not None else base_out
         gain = self.inner._gain(t) if getattr(self.inner, "name", "") == "lora" else None
@@ -130,19 +167,30 @@ class DoRA(Algorithm):
             # W′ = W + γ·U·D as one addmm in the weight's dtype, its row norms reduced in fp32 (no
             # fp32 copy of W or W′); g, g − 1 in fp32, cast once. m·g goes into the rows of up.
             up2 = up.reshape(up.shape[0], -1)
-            wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
-                             t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
-            wide = torch.promote_types(torch.promote_types(mag.dtype, wc.dtype), torch.float32)
-            g = mag.reshape(-1).to(wide) / (torch.linalg.vector_norm(wc, dim=1, dtype=wide) + _EPS)
-            if multiplier != 1.0:
-                g = g * multiplier
+            wide = torch.promote_types(torch.promote_types(mag.dtype, weight.dtype), torch.float32)
+            if detach_norm:
+                # W′ and its norm without autograd: m·g = mag · (m / (‖W′‖+ε)), one mixed-dtype
+                # multiply (mag keeps its own dtype, the product is wide), exact gradient for mag
+                with torch.no_grad():
+                    wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
+                                     t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
+                    inv = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
+                    inv = torch.div(multiplier, inv)
+                    del wc
+                g = mag.reshape(-1) * inv
+            else:
+                wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
+                                 t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
+                g = mag.reshape(-1).to(wide) / (row_norm(wc, wide) + _EPS)
+                if multiplier != 1.0:
+                    g = g * multiplier
             c1 = channel_view((g - multiplier).to(acc.dtype), spec, acc)
             pre = torch.addcmul(acc, y_nb, c1)  # a new tensor: the LoRA adds into it in place
             t2 = dict(t)
             t2["lora_up.weight"] = (up2 * g.to(up2.dtype)[:, None]).reshape(up.shape)
             return self.inner.forward_accumulate(pre, x, t2, spec, weight, bias, base_out, 1.0,
                                                  not torch.compiler.is_compiling())
-        _, _, n, mag = self._parts(t, spec, weight)
+        _, _, n, mag = self._parts(t, spec, weight, detach_norm)
         gm1 = mag.reshape(-1) / n.reshape(-1) - 1
         c1 = channel_view((gm1 * multiplier).to(acc.dtype), spec, acc)
         c2 = channel_view(((gm1 + 1) * multiplier).to(acc.dtype), spec, acc)

@@ -15,10 +15,54 @@ apply ``diff`` to any weight; LyCORIS itself only wraps linear/conv with ``full`
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import (
     CONV1D, CONV2D, CONV3D, GROUPNORM, LAYERNORM, LINEAR, Algorithm, Tensors, layer_op, register,
 )
+
+
+class _FullLinear(torch.autograd.Function):
+    """``F.linear(x, W + m·diff, b + m·diff_b)`` that does not keep ``W + m·diff`` for backward:
+    autograd would save the merged weight (a weight-sized tensor per layer, 0.5 GiB over SD1.5's
+    attention/MLP linears in bf16); here it is recomputed in backward (one weight-sized add) from
+    ``W`` and ``diff``, which are alive anyway. Gradients: x, diff, diff_b (the base is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, diff, bias, diff_b, m):
+        w2 = torch.add(weight, diff.to(weight.dtype), alpha=m).to(x.dtype)
+        b2 = None
+        if bias is not None:
+            b2 = bias if diff_b is None else torch.add(bias, diff_b.to(bias.dtype), alpha=m)
+            b2 = b2.to(x.dtype)
+        elif diff_b is not None:
+            b2 = (diff_b * m).to(x.dtype)
+        ctx.save_for_backward(x, weight, diff)
+        ctx.m = m
+        ctx.has_db = diff_b is not None
+        ctx.db_dtype = diff_b.dtype if diff_b is not None else None
+        return F.linear(x, w2, b2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, diff = ctx.saved_tensors
+        m = ctx.m
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = gdiff = gdb = None
+        if ctx.needs_input_grad[0]:
+            w2 = torch.add(weight, diff.to(weight.dtype), alpha=m).to(grad.dtype)
+            gx = (g2 @ w2).reshape(x.shape)
+        if ctx.needs_input_grad[2]:
+            gdiff = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+            if m != 1.0:
+                gdiff = gdiff * m
+            gdiff = gdiff.to(diff.dtype)
+        if ctx.has_db and ctx.needs_input_grad[4]:
+            gdb = g2.sum(0)
+            if m != 1.0:
+                gdb = gdb * m
+            gdb = gdb.to(ctx.db_dtype)
+        return gx, None, gdiff, None, gdb, None
 
 
 def full_delta_weight(diff: torch.Tensor, weight_shape) -> torch.Tensor:
@@ -68,6 +112,15 @@ class Full(Algorithm):
             return w2, bias
         b0 = bias if bias is not None else torch.zeros_like(db)
         return w2, torch.add(b0, db.to(b0.dtype), alpha=multiplier)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """Linear layers: :class:`_FullLinear` (the merged weight is not kept for backward)."""
+        diff = t["diff"]
+        if (spec.kind != LINEAR or weight.requires_grad or tuple(diff.shape) != tuple(weight.shape)
+                or (bias is not None and bias.requires_grad) or x.dim() < 1):
+            return None
+        db = t.get("diff_b") if spec.has_bias else None
+        return _FullLinear.apply(x, weight, diff, bias, db, float(multiplier))
 
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         # op is linear in (W, b): Δy = op(x, diff, diff_b) (for a norm: normalize(x)·diff + diff_b).

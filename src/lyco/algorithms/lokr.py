@@ -40,6 +40,11 @@ from .factorize import factorization
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
+#: Diagnostic switch for the training path of :meth:`LoKr.forward_accumulate` (the benchmark's
+#: ``lyco-lokr-dense``/``lyco-lokr-structured`` variants): ``"dense"`` or ``"structured"`` forces it
+#: for every plain layer; ``None`` (default) chooses per layer from the shapes. Same values either way.
+FORCE_PATH: str | None = None
+
 
 def _kaiming(shape, generator=None):
     w = torch.empty(shape, dtype=torch.float32)
@@ -188,7 +193,8 @@ class LoKr(Algorithm):
         plain = spec.kind == LINEAR or (spec.kind in CONV_KINDS and spec.groups == 1
                                         and spec.padding_mode == "zeros" and x.dim() == len(spec.kernel) + 2)
         positions = x.numel() // (x.shape[-1] if spec.kind == LINEAR else x.shape[1] if x.dim() > 1 else 1)
-        if plain and positions >= spec.flat_in and acc.dtype == x.dtype:
+        dense = positions >= spec.flat_in if FORCE_PATH is None else FORCE_PATH == "dense"
+        if plain and dense and acc.dtype == x.dtype:
             tt = {k: (v.to(x.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in t.items()}
             dw = self.delta_weight(tt, spec)  # γ included, in x's dtype

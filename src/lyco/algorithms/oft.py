@@ -97,7 +97,10 @@ def constrained_q(blocks: torch.Tensor, kappa: float | None) -> torch.Tensor:
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """``R = (I+Q)(I−Q)⁻¹`` for a batch of skew-symmetric blocks (= (I−Q)⁻¹(I+Q))."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return torch.linalg.solve(eye - q, eye + q)
+    # solve_ex, not solve: solve checks for singular input with a device→host sync (once per layer
+    # per forward on CUDA, and it makes the step impossible to capture in a CUDA graph); I − Q is
+    # always invertible for a skew-symmetric Q (its eigenvalues are 1 − iλ), so the check is moot.
+    return torch.linalg.solve_ex(eye - q, eye + q)[0]
 
 
 def oft_rotations(blocks: torch.Tensor, kappa: float | None) -> torch.Tensor:
@@ -114,6 +117,42 @@ def diag_rotate_delta(v: torch.Tensor, r_minus_i: torch.Tensor) -> torch.Tensor:
     nb, b, _ = r_minus_i.shape
     vb = v.reshape(v.shape[:-1] + (nb, b))
     return torch.einsum("knm,...kn->...km", r_minus_i, vb).reshape(v.shape)
+
+
+class _RotateOutput(torch.autograd.Function):
+    """Diag-OFT on channel-last rows at multiplier 1: ``out = y + (y − b)·M`` blockwise with
+    ``M = R − I`` (so ``out − b = (y − b)·R`` per block), keeping ``out`` — not ``y`` — for backward.
+
+    Autograd would save ``y − b`` (one activation per adapted layer) for ∂M. ``out`` is usually
+    kept alive anyway by what consumes it (attention saves q/k/v, GEGLU its halves, LayerNorm its
+    input), so saving it instead costs nothing there; backward recovers ``y − b = (out − b)·Rᵀ``
+    (R is orthogonal: exact up to rounding — a bf16 rounding of ``out`` gives a 2⁻⁸-relative error
+    in ∂M only, never in the forward or in ∂x). Costs two activation passes more in backward."""
+
+    @staticmethod
+    def forward(ctx, y, mat, bias):
+        nb, b = mat.shape[0], mat.shape[1]
+        v = y if bias is None else y - bias
+        d = torch.bmm(v.reshape(-1, nb, b).transpose(0, 1), mat)          # (k, T, j)
+        out = torch.empty_like(y, memory_format=torch.contiguous_format)  # a base tensor, not a view
+        torch.add(y.reshape(-1, nb, b), d.transpose(0, 1), out=out.view(-1, nb, b))
+        ctx.save_for_backward(out, mat, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, mat, bias = ctx.saved_tensors
+        nb, b = mat.shape[0], mat.shape[1]
+        g3 = grad.reshape(-1, nb, b).transpose(0, 1)                       # (k, T, j)
+        gy = gmat = None
+        if ctx.needs_input_grad[0]:
+            gy = (grad.reshape(-1, nb, b) + torch.bmm(g3, mat.transpose(1, 2)).transpose(0, 1)).reshape(grad.shape)
+        if ctx.needs_input_grad[1]:
+            w = out if bias is None else out - bias
+            w3 = w.reshape(-1, nb, b).transpose(0, 1)                      # (k, T, j)
+            v3 = torch.baddbmm(w3, w3, mat.transpose(1, 2))               # (y − b) = (out − b)·Rᵀ
+            gmat = torch.bmm(v3.transpose(1, 2), g3)                       # (k, n, j)
+        return gy, gmat, None
 
 
 @functools.lru_cache(maxsize=256)
@@ -324,6 +363,12 @@ class DiagOFT(_OFTBase):
         nb, b = r.shape[0], r.shape[-1]
         eye = torch.eye(b, dtype=r.dtype, device=r.device)
         mat = ((r - eye) * multiplier).to(acc.dtype)   # mat[k, n, j]: d[k·b+j] = Σ_n mat[k,n,j]·v[k·b+n]
+        if inplace and not spec.is_conv and acc is base_out and multiplier == 1.0 and acc.is_contiguous():
+            # the only adapter on this layer (the host passes inplace=True only then, and never
+            # under torch.compile): keep the output, not f(x) − b, for backward. (A model that
+            # then modified the output in place would get autograd's "modified by an inplace
+            # operation" error, never a wrong gradient.)
+            return _RotateOutput.apply(base_out, mat, None if bias is None else bias.to(acc.dtype))
         y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
         if spec.is_conv:
             n = y.shape[0]
