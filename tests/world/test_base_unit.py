@@ -74,11 +74,12 @@ def test_configs_keep_the_sd1_structure_under_the_size_cap():
         total += sum(p.numel() for p in C.build_from_config(cfgs[c], device="meta").parameters())
     assert total == sum(base.count_parameters().values())
     assert total * 4 < base.SIZE_CAP_BYTES, total * 4
+    assert total * 4 + 100_000 < base.FILE_CAP_BYTES, total * 4  # + room for the metadata
 
 
 def test_save_load_round_trip_and_pipeline(random_weights, tmp_path):
     comps, path = random_weights
-    assert path.stat().st_size < base.SIZE_CAP_BYTES
+    assert path.stat().st_size < min(base.SIZE_CAP_BYTES, base.FILE_CAP_BYTES)
     loaded = base.load_components(path)
     for c in base.COMPONENTS:
         a, b = comps[c].state_dict(), loaded[c].state_dict()
@@ -149,3 +150,22 @@ def test_pretrain_smoke_run_writes_loadable_files(tmp_path):
     clf = classifier.load(weights=out / "classifier.safetensors")
     pred = clf.predict(scene.render_batch(scene.sample_attrs_batch(3, 0), 0))
     assert set(pred) == set(classifier.HEADS)
+
+
+def test_pretraining_forward_process_is_the_schedulers():
+    """The pretraining objective (noised latents and v target) equals diffusers' DDPMScheduler on the
+    pipeline's own scheduler config — the one ``lyco train`` also builds its noise schedule from."""
+    from diffusers import DDPMScheduler
+    from lyco.models import configs as C
+    from lyco.world.pretrain import noisy_and_target
+
+    cfg = base.configs()["scheduler"]
+    ddpm = DDPMScheduler.from_config(cfg)
+    ddim = C.build_from_config(cfg)
+    assert torch.allclose(ddpm.alphas_cumprod, ddim.alphas_cumprod)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    noisy, v = noisy_and_target(x0, noise, t, ddpm.alphas_cumprod.float())
+    assert torch.allclose(noisy, ddpm.add_noise(x0, noise, t), atol=1e-6)
+    assert torch.allclose(v, ddpm.get_velocity(x0, noise, t), atol=1e-6)

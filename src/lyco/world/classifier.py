@@ -19,7 +19,6 @@ import json
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -206,19 +205,28 @@ def render_sampler(batch: int, seed: int, device="cpu") -> Callable[[int], tuple
 def fit(clf: Classifier, sampler: Callable[[int], tuple[torch.Tensor, dict]], steps: int, *, lr: float = 2e-3,
         seed: int = 0, time_limit: float | None = None, log_every: int = 0, autocast: bool = False,
         log: Callable[[str], None] = print) -> dict:
-    """Train ``clf`` in place: AdamW (weight decay 1e-4), linear warm-up (5 %) then cosine decay,
-    cross-entropy summed over heads, :func:`augment` on every batch. Stops after ``steps`` or
-    ``time_limit`` seconds. Returns ``{"steps", "loss", "seconds"}``."""
+    """Train ``clf`` in place: AdamW (weight decay 1e-4), linear warm-up then cosine decay to 5 %,
+    cross-entropy summed over heads, :func:`augment` on every batch. At most ``steps``; with
+    ``time_limit`` (seconds) the number of steps is fixed early so the schedule ends inside it
+    (``lyco.world._timebox``). Returns ``{"steps", "loss", "seconds", "ms_per_step"}``."""
+    from lyco.world._timebox import StepPlan
+
     dev = next(clf.parameters()).device
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=1e-4)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))))
+    plan = StepPlan(steps, time_limit, sync=(torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)),
+                    log=log, name="classifier")
+    warm = max(1, min(100, steps // 20))
+
+    def factor(s):
+        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, plan.total)))))
+
     gen = torch.Generator(device=dev).manual_seed(int(seed) + 7)
     clf.train()
-    t0 = time.perf_counter()
-    loss_v, step = float("nan"), 0
-    for step in range(steps):
+    step = 0
+    loss = torch.zeros(())
+    while step < plan.total:
+        for g in opt.param_groups:
+            g["lr"] = lr * factor(step)
         x, y = sampler(step)
         x = augment(x, gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -227,14 +235,13 @@ def fit(clf: Classifier, sampler: Callable[[int], tuple[torch.Tensor, dict]], st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            loss_v = float(loss.detach())
-            log(f"classifier step {step}/{steps} loss {loss_v:.4f} ({time.perf_counter() - t0:.1f}s)")
-        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+        step += 1
+        if log_every and (step % log_every == 0 or step == plan.total or step == 1):
+            log(f"classifier step {step}/{plan.total} loss {loss.item():.4f} ({plan.elapsed():.1f}s)")
+        if not plan.after(step):
             break
     clf.eval()
-    return {"steps": step + 1, "loss": float(loss.detach()), "seconds": time.perf_counter() - t0}
+    return {"steps": step, "loss": float(loss.detach()), "seconds": plan.elapsed(), "ms_per_step": plan.ms_per_step}
 
 
 def train_classifier(steps: int = 1500, device="cpu", seed: int = 0, *, batch: int = 128, lr: float = 2e-3,

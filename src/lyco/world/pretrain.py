@@ -26,15 +26,16 @@ The recipe (decisions, each written where it is made):
    and for the classifier). The UNet and text encoder never see a concept or a trigger word.
 1. **VAE** (15 % of the time): L1 + MSE reconstruction + 1e-5 × KL (per element), AdamW 1e-3,
    half base / half full world; then ``scaling_factor = 1 / std(latents)`` over base images.
-2. **Text encoder + UNet** jointly (the rest but ~17 %): v-prediction on SD's scaled-linear
+2. **Text encoder + UNet** jointly (the rest but ~15 %): v-prediction on SD's scaled-linear
    1000-step schedule (the pipeline's DDIM config; ``DDPMScheduler.from_config`` of it gives the
-   same ``alphas_cumprod``), min-SNR-5 weighting, 10 % caption dropout (the empty prompt, for
-   classifier-free guidance), AdamW 8e-4 (β 0.9/0.99, wd 0.01), 200 warm-up steps, cosine to
-   10 %, grad-norm clip 1, bf16 autocast on CUDA, EMA 0.999 of both (the EMA weights are shipped).
-   Latents are encoded once for the whole pool (posterior mean and std; a fresh posterior sample
-   every step). The number of steps is fixed after timing the first 30 steps so the stage fits
-   its time; ``--unet-steps`` sets it explicitly (the recipe records what was used).
-3. **Classifier** (8 %): :func:`lyco.world.classifier.fit` on the full-world pool, batch 512.
+   same ``alphas_cumprod``), plain MSE uniform over timesteps, 10 % caption dropout (the empty
+   prompt, for classifier-free guidance), AdamW 8e-4 (β 0.9/0.99, wd 0.01), 200 warm-up steps,
+   cosine to 10 %, grad-norm clip 1, bf16 autocast on CUDA, EMA 0.999 of both (the EMA weights are
+   shipped). Latents are encoded once for the whole pool (posterior mean and std; a fresh
+   posterior sample every step); the text encoder runs once per step on the 97 distinct captions.
+   Each time-boxed stage fixes its number of steps after timing steps 10–40 (``_timebox``);
+   ``--vae-steps``/``--unet-steps`` set them explicitly (the recipe records what was used).
+3. **Classifier** (8 %): :func:`lyco.world.classifier.fit` on the full-world pool, batch 512, AdamW 2e-3.
 4. **Measurements** (the rest): the classifier's accuracy on fresh held-out renders; its
    agreement with the prompts of the base's samples (every base-world description × 4 seeds,
    25 DDIM steps, guidance 4) — the proof that the samples are recognisable; the same on VAE
@@ -130,6 +131,14 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * f))
 
 
+def noisy_and_target(x0, noise, t, alphas_cumprod):
+    """The forward process and the v-prediction target at integer timesteps ``t``:
+    ``x_t = √ᾱ·x0 + √(1-ᾱ)·ε`` and ``v = √ᾱ·ε - √(1-ᾱ)·x0`` (what ``DDPMScheduler.add_noise`` and
+    ``get_velocity`` compute; tested against them)."""
+    a = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
 def _to_float(x_uint8, dtype=None):
     """uint8 N×H×W×3 (any device) → float N×3×H×W in [-1, 1]."""
     import torch
@@ -147,20 +156,29 @@ def _sync(device):
 # Stages
 # ----------------------------------------------------------------------------------------------
 
-def train_vae(vae, base_pool, full_pool, *, device, steps, batch, lr, time_limit, seed, autocast, log_every):
+def _plan(steps, fixed, time_limit, device, name):
+    from lyco.world._timebox import StepPlan
+    return StepPlan(steps, time_limit, fixed=fixed, sync=lambda: _sync(device), log=log, name=name)
+
+
+def train_vae(vae, base_pool, full_pool, *, device, steps, fixed, batch, lr, time_limit, seed, autocast, log_every,
+              kl_weight=1e-5):
+    """VAE stage: half base-world, half full-world images; L1 + MSE + ``kl_weight`` × KL (means over
+    elements); AdamW, 100 warm-up steps, cosine to 10 %."""
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(seed + 11)
+    plan = _plan(steps, fixed, time_limit, device, "vae")
+    warm = max(1, min(100, steps // 10))
     vae.train()
-    t0 = time.perf_counter()
     half = batch // 2
     stats = {}
     step = 0
-    for step in range(steps):
+    while step < plan.total:
         for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, steps, min(100, steps // 10 + 1))
+            g["lr"] = lr * _cosine(step, plan.total, warm)
         ib = torch.randint(0, base_pool.shape[0], (half,), device=device, generator=gen)
         iff = torch.randint(0, full_pool.shape[0], (batch - half,), device=device, generator=gen)
         x = _to_float(torch.cat([base_pool[ib], full_pool[iff]]))
@@ -173,19 +191,21 @@ def train_vae(vae, base_pool, full_pool, *, device, steps, batch, lr, time_limit
         mse = F.mse_loss(rec, x)
         mean, logvar = post.mean.float(), post.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        loss = l1 + mse + 1e-5 * kl
+        loss = l1 + mse + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % log_every == 0 or step == steps - 1:
+        step += 1
+        if step % log_every == 0 or step == plan.total or step == 1:
             stats = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
-            log(f"vae step {step}/{steps} l1 {stats['l1']:.4f} mse {stats['mse']:.5f} kl {stats['kl']:.2f}")
-        if time.perf_counter() - t0 > time_limit:
-            log(f"vae: time limit after {step + 1} steps")
+            log(f"vae step {step}/{plan.total} l1 {stats['l1']:.4f} mse {stats['mse']:.5f} kl {stats['kl']:.2f}")
+        if not plan.after(step):
             break
+    _sync(device)
     vae.eval()
-    stats.update(steps=step + 1, seconds=time.perf_counter() - t0)
+    stats.update(steps=step, seconds=plan.elapsed(), ms_per_step=plan.ms_per_step, kl_weight=kl_weight,
+                 final={"l1": l1.item(), "mse": mse.item(), "kl": kl.item()})
     return stats
 
 
@@ -201,52 +221,50 @@ def encode_pool(vae, pool, device, chunk=4096):
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(unet, text_encoder, lat_mean, lat_std, combos, caption_ids, *, device, steps, batch, lr,
+def train_unet(unet, text_encoder, lat_mean, lat_std, combos, caption_ids, *, device, steps, fixed, batch, lr,
                time_limit, seed, autocast, log_every, scheduler_config, scaling, ema_decay=0.999,
-               dropout=0.1, min_snr=5.0, calibrate=30):
-    """Joint text encoder + UNet training; returns stats and leaves the EMA weights in the modules."""
+               dropout=0.1, warmup=200):
+    """Joint text encoder + UNet training (plain v-prediction MSE, uniform over the 1000 training
+    timesteps — no min-SNR weighting: that would down-weight the noisy timesteps, where the layout
+    and colours of an image are decided). Leaves the EMA weights in the modules."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
     ddpm = DDPMScheduler.from_config(scheduler_config)
+    if ddpm.config.prediction_type != "v_prediction":
+        raise ValueError(f"pretraining is written for v_prediction, the scheduler says {ddpm.config.prediction_type!r}")
     ac = ddpm.alphas_cumprod.to(device=device, dtype=torch.float32)
     n_t = ac.shape[0]
     params = [p for m in (unet, text_encoder) for p in m.parameters()]
     ema = [p.detach().clone().float() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator(device=device).manual_seed(seed + 23)
+    plan = _plan(steps, fixed, time_limit, device, "unet")
+    warm = max(1, min(warmup, steps // 10))
     empty = caption_ids.shape[0] - 1  # the last row is the empty prompt
+    ema_good = [e.clone() for e in ema]
+    restarts = 0
     unet.train()
     text_encoder.train()
-    t0 = time.perf_counter()
-    fixed = steps is not None
-    total = steps if fixed else 10 ** 9
-    warmup = 200
-    stats = {}
     step = 0
-    losses = []
-    while step < total:
+    curve = []
+    while step < plan.total:
         for g in opt.param_groups:
-            g["lr"] = lr * _cosine(step, total if total < 10 ** 9 else 10 ** 6, min(warmup, max(1, total // 10)))
+            g["lr"] = lr * _cosine(step, plan.total, warm)
         idx = torch.randint(0, lat_mean.shape[0], (batch,), device=device, generator=gen)
         eps_post = torch.randn((batch,) + tuple(lat_mean.shape[1:]), device=device, generator=gen)
         x0 = (lat_mean[idx] + lat_std[idx] * eps_post) * scaling
         noise = torch.randn(x0.shape, device=device, generator=gen)
         t = torch.randint(0, n_t, (batch,), device=device, generator=gen)
-        a = ac[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * x0          # v
+        noisy, target = noisy_and_target(x0, noise, t, ac)
         cap = combos[idx]
         drop = torch.rand((batch,), device=device, generator=gen) < dropout
         cap = torch.where(drop, torch.full_like(cap, empty), cap)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             hidden_all = text_encoder(caption_ids)[0]              # every distinct caption once
-            hidden = hidden_all[cap]
-            pred = unet(noisy, t, encoder_hidden_states=hidden).sample
-        snr = a.view(-1) / (1 - a.view(-1))
-        w = torch.clamp(snr, max=min_snr) / (snr + 1)                # min-SNR-γ for v-prediction
-        loss = (F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+            pred = unet(noisy, t, encoder_hidden_states=hidden_all[cap]).sample
+        loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -255,21 +273,24 @@ def train_unet(unet, text_encoder, lat_mean, lat_std, combos, caption_ids, *, de
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - d)
         step += 1
-        if not fixed and step in (calibrate, 3 * calibrate):  # time steps 30..90 (after warm-up/autotuning)
-            _sync(device)
-            now = time.perf_counter() - t0
-            if step == calibrate:
-                t_cal = now
-            else:
-                per = (now - t_cal) / (2 * calibrate)
-                total = max(step + 1, int((time_limit - now) / per) + step)
-                log(f"unet: {per * 1000:.1f} ms/step -> {total} steps in {time_limit:.0f}s")
-        if step % log_every == 0 or step == total:
+        if step % log_every == 0 or step == plan.total or step == 1:
             lv = loss.item()
-            losses.append(lv)
-            log(f"unet step {step}/{total} loss {lv:.4f} lr {opt.param_groups[0]['lr']:.2e}")
-        if time.perf_counter() - t0 > time_limit * 1.15 + 5:
-            log(f"unet: time limit after {step} steps")
+            if not math.isfinite(lv):  # diverged: back to the last good EMA, half the learning rate
+                with torch.no_grad():
+                    for p, e, g in zip(params, ema, ema_good):
+                        p.copy_(g)
+                        e.copy_(g)
+                opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+                lr *= 0.5
+                restarts += 1
+                log(f"unet step {step}: loss {lv} — restored the last good EMA weights, lr now {lr:.2e}")
+                if restarts > 3:
+                    raise FloatingPointError("unet training diverged 4 times")
+                continue
+            ema_good = [e.clone() for e in ema]
+            curve.append([step, round(lv, 5)])
+            log(f"unet step {step}/{plan.total} loss {lv:.4f} lr {opt.param_groups[0]['lr']:.2e}")
+        if not plan.after(step):
             break
     _sync(device)
     with torch.no_grad():
@@ -277,9 +298,9 @@ def train_unet(unet, text_encoder, lat_mean, lat_std, combos, caption_ids, *, de
             p.copy_(e.to(p.dtype))
     unet.eval()
     text_encoder.eval()
-    stats.update(steps=step, planned_steps=total, seconds=time.perf_counter() - t0,
-                 final_loss=loss.item(), loss_curve=losses[-20:])
-    return stats
+    return {"steps": step, "seconds": plan.elapsed(), "ms_per_step": plan.ms_per_step, "final_loss": loss.item(),
+            "loss_curve": curve[-30:], "ema": ema_decay, "caption_dropout": dropout, "warmup": warm,
+            "divergence_restarts": restarts}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +320,8 @@ def generate(pipe, prompts, seeds, *, device, steps, guidance, batch=512):
     return torch.cat(out)
 
 
-def measure(out: Path, base_path: Path, clf, *, device, steps, guidance, seeds_per_prompt, full_holdout, smoke):
+def measure(out: Path, base_path: Path, clf, *, device, steps, guidance, seeds_per_prompt, full_holdout, smoke,
+            n_prompts=0):
     import torch
     from lyco.world import base as B
     from lyco.world import classifier as C
@@ -308,8 +330,8 @@ def measure(out: Path, base_path: Path, clf, *, device, steps, guidance, seeds_p
     pipe = B.load_pipeline(device=device, weights=base_path)
     pipe.set_progress_bar_config(disable=True)
     attrs = list(scene._iter_all("base"))
-    if smoke:
-        attrs = attrs[:2]
+    if n_prompts:
+        attrs = [attrs[i] for i in np.random.default_rng(0).permutation(len(attrs))[:n_prompts]]
     prompts, truth, seeds = [], [], []
     for k, a in enumerate(attrs):
         for s in range(seeds_per_prompt):
@@ -387,6 +409,8 @@ def main(argv=None) -> int:
     p.add_argument("--full-pool", type=int, default=65536, help="full-world images for the VAE and classifier")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--no-autocast", action="store_true", help="train in fp32 on CUDA too")
+    p.add_argument("--measure-prompts", type=int, default=0, help="base-world prompts to sample (default 0: all 96)")
+    p.add_argument("--measure-seeds", type=int, default=4, help="seeds per prompt (default 4)")
     a = p.parse_args(argv)
 
     out = Path(a.out)
@@ -400,6 +424,7 @@ def main(argv=None) -> int:
         a.base_pool, a.full_pool, a.batch, a.vae_batch, a.clf_batch = 256, 256, 8, 8, 16
         a.workers = min(a.workers, 2)
         a.vae_steps, a.unet_steps, a.clf_steps = 3, 3, 3
+        a.measure_prompts, a.measure_seeds = 2, 1
         budget = 1e9
         deadline = start + budget
 
@@ -447,14 +472,15 @@ def main(argv=None) -> int:
 
     # 1. VAE
     vae_time = 0.15 * budget
-    st = train_vae(vae, base_gpu, full_gpu, device=device, steps=a.vae_steps or 100000, batch=a.vae_batch,
-                   lr=1e-3, time_limit=vae_time, seed=a.seed, autocast=autocast, log_every=1 if a.smoke else 200)
+    st = train_vae(vae, base_gpu, full_gpu, device=device, steps=a.vae_steps or 100000, fixed=a.vae_steps is not None,
+                   batch=a.vae_batch, lr=1e-3, time_limit=vae_time, seed=a.seed, autocast=autocast,
+                   log_every=1 if a.smoke else 250)
     lat_mean, lat_std = encode_pool(vae, base_gpu, device)
     z = lat_mean + lat_std * torch.randn(lat_mean.shape, device=device,
                                          generator=torch.Generator(device=device).manual_seed(a.seed + 5))
     scaling = float(1.0 / z.float().std())
     vae.register_to_config(scaling_factor=scaling)
-    st.update(batch=a.vae_batch, lr=1e-3, kl_weight=1e-5, scaling_factor=scaling, latent_mean=float(z.mean()))
+    st.update(batch=a.vae_batch, lr=1e-3, scaling_factor=scaling, latent_mean=float(z.mean()))
     recipe["stages"]["vae"] = st
     log(f"vae done: {st['steps']} steps in {st['seconds']:.0f}s; scaling_factor {scaling:.4f}")
     base_path = out / "base.safetensors"
@@ -473,11 +499,10 @@ def main(argv=None) -> int:
     reserve = (0.08 + 0.07) * budget  # classifier + measurements
     unet_time = max(10.0, deadline - time.perf_counter() - reserve)
     st = train_unet(unet, te, lat_mean, lat_std, combos, caption_ids, device=device,
-                    steps=a.unet_steps, batch=a.batch, lr=a.lr, time_limit=unet_time,
-                    seed=a.seed, autocast=autocast, log_every=1 if a.smoke else 250,
+                    steps=a.unet_steps or 10 ** 7, fixed=a.unet_steps is not None, batch=a.batch, lr=a.lr,
+                    time_limit=unet_time, seed=a.seed, autocast=autocast, log_every=1 if a.smoke else 250,
                     scheduler_config=dict(comps["scheduler"].config), scaling=scaling)
-    st.update(batch=a.batch, lr=a.lr, warmup=200, ema=0.999, caption_dropout=0.1, min_snr_gamma=5.0,
-              prediction_type="v_prediction", time_budget_s=unet_time)
+    st.update(batch=a.batch, lr=a.lr, prediction_type="v_prediction", time_budget_s=unet_time)
     recipe["stages"]["unet_text_encoder"] = st
     recipe["completed"] = "unet"
     del lat_mean, lat_std, z
@@ -515,8 +540,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     try:
         res = measure(out, base_path, clf, device=device, steps=2 if a.smoke else B.SAMPLE_STEPS,
-                      guidance=B.PROMPT_GUIDANCE, seeds_per_prompt=1 if a.smoke else 4, full_holdout=hold,
-                      smoke=a.smoke)
+                      guidance=B.PROMPT_GUIDANCE, seeds_per_prompt=a.measure_seeds, full_holdout=hold,
+                      smoke=a.smoke, n_prompts=a.measure_prompts)
         recipe["measurements"] = res
     except Exception as e:  # noqa: BLE001 — the weights are already saved; record the failure
         import traceback

@@ -376,7 +376,8 @@ def to_tensor(images: np.ndarray):
 
 def to_uint8(images) -> np.ndarray:
     """Inverse of :func:`to_tensor`: a tensor ``N×3×H×W`` in ``[-1, 1]`` → ``uint8`` ``N×H×W×3``."""
-    t = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(dtype=__import__("torch").uint8)
+    import torch
+    t = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return t.permute(0, 2, 3, 1).numpy()
 
 
