@@ -905,8 +905,8 @@ def describe(rec) -> str:
     c = rec.get("check")
     if c:
         s += (f"  check {'OK' if c['ok'] else 'FAIL'} full {c['full_err']:.1e} delta {c['delta_err']:.1e}"
-              f" grad {c.get('grad_err', float('nan')):.1e}"
-              f" effect≥{c['min_effect']:.2f} ({c['layers_checked']} shapes)")
+              + (f" grad {c['grad_err']:.1e}" if c.get("grad_layers") else " grad n/a")
+              + f" effect≥{c['min_effect']:.2f} ({c['layers_checked']} shapes)")
     m = rec.get("model_check")
     if m:
         s += f"  model-effect {m['effect']:.2f}{'' if m['finite'] else ' NONFINITE'}"
