@@ -77,6 +77,36 @@ def row_norm(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _RowNorm.apply(w, dtype)
 
 
+class _Gains(torch.autograd.Function):
+    """From the magnitude ``mag`` and the (ε-added) norm ``n`` (wide dtype) at multiplier ``m``:
+    ``g = m·mag/n`` and returns ``(g − m)`` in ``dt1`` and ``g`` in ``dt2``, g computed in the wide
+    dtype (g − m is small: it needs the mantissa before the cast). One Function instead of ≈ 6
+    forward and ≈ 9 backward vector-sized autograd ops per layer (casts, the quotient rule)."""
+
+    @staticmethod
+    def forward(ctx, mag, n, m, dt1, dt2):
+        g = mag / n                       # mixed dtypes promote to n's (wide) dtype
+        if m != 1.0:
+            g.mul_(m)
+        ctx.save_for_backward(n, g)
+        ctx.m, ctx.mag_dtype = m, mag.dtype
+        return (g - m).to(dt1), g.to(dt2)
+
+    @staticmethod
+    def backward(ctx, g1, g2):
+        n, g = ctx.saved_tensors
+        gg = torch.zeros_like(g) if g1 is None else g1.to(g.dtype)
+        if g2 is not None:
+            gg.add_(g2)
+        tq = gg / n                        # ∂L/∂g · 1/n
+        gmag = gn = None
+        if ctx.needs_input_grad[0]:
+            gmag = (tq * ctx.m if ctx.m != 1.0 else tq).to(ctx.mag_dtype)
+        if ctx.needs_input_grad[1]:
+            gn = (tq * g).neg_()           # ∂g/∂n = −g/n
+        return gmag, gn, None, None, None
+
+
 def init_magnitude(weight: torch.Tensor, axis: str = "out") -> torch.Tensor:
     return weight_norm(weight.detach().float(), axis)
 
@@ -174,20 +204,16 @@ class DoRA(Algorithm):
                 with torch.no_grad():
                     wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
                                      t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
-                    inv = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
-                    inv = torch.div(multiplier, inv)
+                    n = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
                     del wc
-                g = mag.reshape(-1) * inv
             else:
                 wc = torch.addmm(weight.reshape(weight.shape[0], -1), up2,
                                  t["lora_down.weight"].reshape(up2.shape[1], -1), alpha=gain)
-                g = mag.reshape(-1).to(wide) / (row_norm(wc, wide) + _EPS)
-                if multiplier != 1.0:
-                    g = g * multiplier
-            c1 = channel_view((g - multiplier).to(acc.dtype), spec, acc)
-            pre = torch.addcmul(acc, y_nb, c1)  # a new tensor: the LoRA adds into it in place
+                n = row_norm(wc, wide) + _EPS
+            gm1, g = _Gains.apply(mag.reshape(-1), n, float(multiplier), acc.dtype, up2.dtype)
+            pre = torch.addcmul(acc, y_nb, channel_view(gm1, spec, acc))  # new: the LoRA adds into it in place
             t2 = dict(t)
-            t2["lora_up.weight"] = (up2 * g.to(up2.dtype)[:, None]).reshape(up.shape)
+            t2["lora_up.weight"] = (up2 * g[:, None]).reshape(up.shape)
             return self.inner.forward_accumulate(pre, x, t2, spec, weight, bias, base_out, 1.0,
                                                  not torch.compiler.is_compiling())
         _, _, n, mag = self._parts(t, spec, weight, detach_norm)
