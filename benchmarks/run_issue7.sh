@@ -6,7 +6,7 @@
 #    then the same step captured as one CUDA graph (device time without launch overhead, every
 #    library alike), profiles of the configs that missed a goal in run 3.
 #    Peers that were ≥ 40 % slower *and* not lighter than the best peer in run 3 are skipped
-#    (--skip) to fit the time; BOFT (unchanged since run 3) is not rerun.
+#    (--skip) to fit the time; BOFT (only its per-layer solve sync removed since run 3) is not rerun.
 # 2. torch.compile (inductor) of the whole UNet for floor, lyco and PEFT alike, while time remains.
 set -u
 OUT=${OUT:-.}
