@@ -20,7 +20,7 @@ from .adapter import TEXT_COMPONENTS, Adapter, ModuleAdapter, split_name
 from .algorithms.base import LayerSpec, layer_kind
 from .algorithms.dora import init_magnitude, wrap as dora_wrap
 from .errors import ConfigError, FamilyMismatch, LycoError, ShapeMismatch, UnknownKeys
-from .layer import AdapterLayer, LayerHost, check_fits
+from .layer import AdapterLayer, LayerHost, _accum_dtype, check_fits
 
 log = logging.getLogger("lyco")
 
@@ -246,7 +246,7 @@ class Network(nn.Module):
                     t["dora_scale"] = init_magnitude(w0 + alg.delta_weight(t, spec, w0), axis)
                 else:
                     alg_used = alg
-                pdt = dtype or (torch.float64 if w.dtype == torch.float64 else torch.float32)
+                pdt = dtype or _accum_dtype(w.dtype)
                 t = {k: v.to(device=w.device, dtype=pdt if v.is_floating_point() else v.dtype) for k, v in t.items()}
                 layer_opts = {k: opts[k] for k in ("dropout", "rank_dropout", "rank_dropout_scale",
                                                    "module_dropout", "block_size") if k in opts}
@@ -275,18 +275,10 @@ class Network(nn.Module):
         comps = resolve_target(target)
         net = cls(comps, family or adapter.family or detect_family(comps), name)
         net.metadata = dict(adapter.metadata)
-        plan, unmatched = plan_adapter(adapter, comps, family=family, strict=strict)
-        if unmatched and strict:
-            raise UnknownKeys(unmatched, file=adapter.source, what="adapter modules (no such layer in the model)",
-                              hint="pass strict=False / --allow-unmatched to skip them")
+        plan, unmatched = _plan_or_raise(adapter, comps, family, strict)
         net.unmatched = unmatched
         for name_, mod, spec, ma in plan:
-            comp = split_name(name_)[0]
-            m = te_multiplier if (te_multiplier is not None and comp in TEXT_COMPONENTS) else multiplier
-            w = mod.weight
-            pdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-            t = {k: (v.to(device=w.device, dtype=pdt) if v.is_floating_point() else v.to(w.device))
-                 for k, v in ma.tensors.items()}
+            m, t = _module_inputs(name_, mod, ma, multiplier, te_multiplier)
             net._add(name_, mod, AdapterLayer(name_, ma.algorithm, spec, t, {}, m, trainable=trainable, mode=mode))
         net.attach()
         if unmatched:
@@ -476,24 +468,37 @@ def plan_adapter(adapter: Adapter, comps: Mapping[str, nn.Module], *, family: st
     return plan, unmatched
 
 
+def _plan_or_raise(adapter: Adapter, comps, family: str | None, strict: bool):
+    """:func:`plan_adapter`, refusing unmatched modules when ``strict``."""
+    plan, unmatched = plan_adapter(adapter, comps, family=family, strict=strict)
+    if unmatched and strict:
+        raise UnknownKeys(unmatched, file=adapter.source, what="adapter modules (no such layer in the model)",
+                          hint="pass strict=False / --allow-unmatched to skip them")
+    return plan, unmatched
+
+
+def _module_inputs(name: str, module: nn.Module, ma: ModuleAdapter, multiplier: float,
+                   te_multiplier: float | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The multiplier of one planned module (``te_multiplier`` for text encoders when given) and its
+    tensors on the layer's device, floating ones in the accumulation dtype (fp32; fp64 stays)."""
+    m = te_multiplier if (te_multiplier is not None and split_name(name)[0] in TEXT_COMPONENTS) else multiplier
+    w = module.weight
+    acc = _accum_dtype(w.dtype)
+    return m, {k: (v.to(w.device, acc) if v.is_floating_point() else v.to(w.device)) for k, v in ma.tensors.items()}
+
+
 @torch.no_grad()
 def merge_adapter_into(adapter: Adapter, target, multiplier: float = 1.0, te_multiplier: float | None = None,
                        strict: bool = True, family: str | None = None) -> list[str]:
     """Bake an adapter into the weights: ΔW in fp32, one cast. All-or-nothing."""
     comps = resolve_target(target)
-    plan, unmatched = plan_adapter(adapter, comps, family=family, strict=strict)
-    if unmatched and strict:
-        raise UnknownKeys(unmatched, file=adapter.source, what="adapter modules (no such layer in the model)",
-                          hint="pass strict=False / --allow-unmatched to skip them")
+    plan, unmatched = _plan_or_raise(adapter, comps, family, strict)
     backups = []
     try:
         for name, mod, spec, ma in plan:
-            comp = split_name(name)[0]
-            m = te_multiplier if (te_multiplier is not None and comp in TEXT_COMPONENTS) else multiplier
-            w = mod.weight
-            acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-            t = {k: (v.to(w.device, acc) if v.is_floating_point() else v.to(w.device)) for k, v in ma.tensors.items()}
-            b = mod.bias
+            m, t = _module_inputs(name, mod, ma, multiplier, te_multiplier)
+            w, b = mod.weight, mod.bias
+            acc = _accum_dtype(w.dtype)
             w2, b2 = ma.algorithm.merged(t, spec, w.to(acc), b.to(acc) if b is not None else None, m)
             backups.append((mod, w.detach().clone(), b.detach().clone() if b is not None else None))
             w.copy_(w2.to(w.dtype))

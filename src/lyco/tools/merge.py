@@ -37,6 +37,7 @@ import torch
 from ..adapter import TEXT_COMPONENTS, Adapter, split_name
 from ..algorithms.base import Algorithm
 from ..errors import ConfigError, FormatError, ShapeMismatch, UnknownKeys
+from ..layer import _accum_dtype  # the one accumulation-dtype rule (fp32; fp64 stays)
 from ._common import Base, StreamWriter, check_family, check_output, load_adapter, parse_dtype, parse_weighted, \
     progress as _progress, release_memory, say
 
@@ -72,10 +73,6 @@ class _Use:
     module: str
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _plain(alg) -> bool:
     """ΔW needs no base weight and merged() is the default W + m·ΔW: safe to add in place."""
     return alg.weight_independent and type(alg).merged is Algorithm.merged
@@ -88,7 +85,7 @@ def _apply(kind: str, uses: list[_Use], x: torch.Tensor, name: str, file: str) -
     adapters act at run time. Where an algorithm's merge is the plain ``W + m·ΔW`` the delta is
     added in place, so the peak is about three copies of the tensor in fp32.
     """
-    acc = _acc(x.dtype)
+    acc = _accum_dtype(x.dtype)
     if kind == "w":
         for u in uses:
             if tuple(x.shape) != tuple(u.spec.weight_shape):
