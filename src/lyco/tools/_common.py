@@ -70,6 +70,15 @@ def say(msg: str, enabled: bool = True) -> None:
         print(msg, file=sys.stderr)
 
 
+def save_result(res, out, dtype, overwrite: bool, verbose: bool):
+    """Write a tool's ``res.adapter`` to ``out`` (if any), record it in ``res.output`` and say so."""
+    if out is not None:
+        res.adapter.save(out, dtype=dtype, overwrite=overwrite)
+        res.output = str(out)
+        say(f"wrote {out}", verbose)
+    return res
+
+
 # --------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------

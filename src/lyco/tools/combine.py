@@ -33,7 +33,7 @@ from ..errors import ConfigError, FamilyMismatch, ShapeMismatch
 from ..formats.metadata import family_from_metadata
 from ._common import (
     BaseLookup, adapter_dtype, check_output, dense_delta, dense_svd, errors_json, factored_svd, is_kxk,
-    load_adapter, lora_factors, lora_tensors, lowrank_error_report, parse_dtype, parse_weighted, say,
+    load_adapter, lora_factors, lora_tensors, lowrank_error_report, parse_dtype, parse_weighted, save_result, say,
     spec_for, split_factors, weight_shape,
 )
 
@@ -124,11 +124,7 @@ def combine(adapters: Iterable, out=None, *, rank: int | None = None, conv_rank:
         approx = {n: e for n, e in res.errors.items() if e > 0}
         if approx:
             say(lowrank_error_report(approx))
-    if out is not None:
-        res.adapter.save(out, dtype=dt, overwrite=overwrite)
-        res.output = str(out)
-        say(f"wrote {out}", verbose)
-    return res
+    return save_result(res, out, dt, overwrite, verbose)
 
 
 def _combine_module(name, ps, family, specs_map, lookup, rank, conv_rank, res: CombineResult) -> ModuleAdapter:

@@ -46,7 +46,7 @@ from ..algorithms.factorize import factorization
 from ..errors import ConfigError, FamilyMismatch, ShapeMismatch, UnknownKeys
 from ._common import (
     Base, check_output, dense_svd, errors_json, lowrank_error_report, parse_dtype, progress as _progress,
-    rel_error, release_memory, residual_norm2, say,
+    rel_error, release_memory, residual_norm2, save_result, say,
 )
 
 MODES = ("rank", "ratio", "threshold", "quantile", "energy")
@@ -388,8 +388,4 @@ def extract(base, tuned, out=None, *, algo: str = "lora", rank: int | None = Non
             kinds[k] = kinds.get(k, 0) + 1
         say(f"extracted {len(mods)} module(s) ({', '.join(f'{k} ×{v}' for k, v in sorted(kinds.items()))}); "
             f"{lowrank_error_report(res.errors)}; {res.seconds:.1f} s")
-    if out is not None:
-        res.adapter.save(out, dtype=dt, overwrite=overwrite)
-        res.output = str(out)
-        say(f"wrote {out}", verbose)
-    return res
+    return save_result(res, out, dt, overwrite, verbose)

@@ -38,7 +38,7 @@ from ..algorithms.lora import truncate
 from ..errors import ConfigError
 from ._common import (
     BaseLookup, adapter_dtype, check_output, errors_json, factored_svd, is_kxk, load_adapter, lora_factors,
-    lora_tensors, lowrank_error_report, parse_dtype, say, strip_dora, weight_shape,
+    lora_tensors, lowrank_error_report, parse_dtype, save_result, say, strip_dora, weight_shape,
 )
 
 MIN_SV = 1e-6
@@ -230,8 +230,4 @@ def resize(adapter, out=None, *, rank: int | None = None, sv_ratio: float | None
                 "; ".join(sorted({v for v in res.kept.values()})[:4]) + ")")
         say(f"resized {len(res.ranks)} module(s); {lowrank_error_report(res.errors)}; "
             f"total relative error {res.total_error:.3e}")
-    if out is not None:
-        res.adapter.save(out, dtype=dt, overwrite=overwrite)
-        res.output = str(out)
-        say(f"wrote {out}", verbose)
-    return res
+    return save_result(res, out, dt, overwrite, verbose)
