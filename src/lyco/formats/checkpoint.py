@@ -33,23 +33,21 @@ The name mapping is made of pure, table-driven functions (no model needed):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pickle
 import re
 import shutil
 import struct
 import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
-from lyco.errors import ConfigError, FormatError, LycoError, ShapeMismatch, UnknownKeys, UnsafeFile, WriteError
+from lyco.errors import ConfigError, FormatError, ShapeMismatch, UnknownKeys
+from lyco.formats import safetensors_io
 # the UNet block layout and its diffusers↔LDM mapping live in one place, lyco.naming (which maps
 # flattened adapter-file keys with the same table); re-exported here as part of this module's API
 from lyco.naming import UNetLayout, unet_diffusers_to_ldm, unet_layout, unet_ldm_to_diffusers
@@ -452,16 +450,9 @@ def detect_family(keys: Iterable[str], shape=None) -> str:
 # Readers
 # ==============================================================================================
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _n, _a in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-               ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _a):
-        _ST_DTYPES[_n] = getattr(torch, _a)
-_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+#: safetensors dtype code ↔ torch dtype (the table of :mod:`lyco.formats.safetensors_io`)
+_ST_DTYPES = {code: dt for code, (_, dt) in safetensors_io.DTYPES.items() if dt is not None}
+_ST_CODES = {dt: code for code, dt in _ST_DTYPES.items()}
 
 
 class _SafetensorsSource:
@@ -529,30 +520,8 @@ class _DictSource:
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """A legacy pickle checkpoint through ``torch.load(weights_only=True)`` only."""
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeFile(
-            f"{path}: refusing to load this legacy pickle checkpoint: it needs more than plain tensors "
-            f"to unpickle (code execution) — {first[:200]}. lyco never runs pickled code. If, and only "
-            f"if, you trust where the file comes from, convert it to .safetensors in an isolated "
-            f"environment and use that file instead.") from None
-    except MemoryError:
-        raise FormatError("not a readable torch checkpoint (it asks for more memory than there is)",
-                          file=str(path)) from None
-    except Exception as e:  # noqa: BLE001 — a malformed pickle raises IndexError, KeyError, struct.error…
-        if "weights_only" in str(e) or "Weights only" in str(e):
-            raise UnsafeFile(f"{path}: refusing to load this legacy pickle checkpoint ({str(e)[:200]}); "
-                             f"convert trusted files to .safetensors first") from None
-        raise FormatError(f"not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})",
-                          file=str(path)) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise FormatError(f"expected a dict of tensors, found {type(obj).__name__}", file=str(path))
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    """A legacy pickle checkpoint through ``torch.load(weights_only=True)`` only (memory-mapped)."""
+    return safetensors_io.load_legacy(path, mmap=True)
 
 
 def _json_file(p: Path) -> dict[str, Any]:
@@ -970,74 +939,43 @@ def write_single_file(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
     ``tensors``: a mapping or an iterable of ``(key, tensor)`` pairs (consumed once; only one
     tensor is held at a time). Tensor data is spooled to a temporary file next to ``path``, then
     header + data go to a second temporary name in the same folder, which is flushed, fsynced and
-    renamed over ``path``. On any error no file at ``path`` is created or changed.
+    renamed over ``path`` (:func:`lyco.formats.safetensors_io.atomic_write`). On any error no file
+    at ``path`` is created or changed.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise FormatError("output folder does not exist", file=str(folder))
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    meta = {}
-    for k, v in (metadata or {}).items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise ConfigError(f"safetensors metadata must map str to str; got {k!r}: {type(v).__name__}")
-        meta[k] = v
+    meta = safetensors_io._check_metadata(metadata, str(path))
     header: dict[str, Any] = {}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
-    except OSError as e:
-        raise WriteError(path, e, "cannot create a file in the output folder") from None
-    try:
-        with tempfile.TemporaryFile(dir=str(folder)) as spool:
-            offset = 0
-            for key, t in items:
-                key = str(key)
-                if key in header or key == "__metadata__":
-                    raise FormatError(f"duplicate or reserved tensor key {key!r}", file=str(path))
-                if not isinstance(t, torch.Tensor):
-                    raise FormatError(f"value is a {type(t).__name__}, not a tensor", file=str(path), key=key)
-                if t.device.type == "meta":
-                    raise FormatError("tensor is on the meta device (no data)", file=str(path), key=key)
-                if t.dtype not in _ST_CODES:
-                    raise FormatError(f"dtype {t.dtype} has no safetensors code", file=str(path), key=key)
-                data = _tensor_bytes(t)
-                n = len(data) if isinstance(data, bytes) else data.nbytes
-                spool.write(data)
-                header[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape),
-                               "data_offsets": [offset, offset + n]}
-                offset += n
-            if meta:
-                header = {"__metadata__": meta, **header}
-            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-            raw += b" " * (-len(raw) % 8)
-            with os.fdopen(fd, "wb") as out:
-                fd = -1
-                out.write(struct.pack("<Q", len(raw)))
-                out.write(raw)
-                spool.seek(0)
-                shutil.copyfileobj(spool, out, 16 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError) and not isinstance(e, LycoError) and getattr(e, "errno", None) in (
-                errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-            raise WriteError(path, e) from None  # out of space while writing our own files
-        raise
-    try:  # make the rename durable; not all platforms allow opening a folder
-        dfd = os.open(str(folder), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with safetensors_io.atomic_write(path, overwrite=True) as out, \
+            tempfile.TemporaryFile(dir=str(folder)) as spool:
+        offset = 0
+        for key, t in items:
+            key = str(key)
+            if key in header or key == "__metadata__":
+                raise FormatError(f"duplicate or reserved tensor key {key!r}", file=str(path))
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"value is a {type(t).__name__}, not a tensor", file=str(path), key=key)
+            if t.device.type == "meta":
+                raise FormatError("tensor is on the meta device (no data)", file=str(path), key=key)
+            if t.dtype not in _ST_CODES:
+                raise FormatError(f"dtype {t.dtype} has no safetensors code", file=str(path), key=key)
+            data = _tensor_bytes(t)
+            n = len(data) if isinstance(data, bytes) else data.nbytes
+            spool.write(data)
+            header[key] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape),
+                           "data_offsets": [offset, offset + n]}
+            offset += n
+        if meta:
+            header = {"__metadata__": meta, **header}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        spool.seek(0)
+        shutil.copyfileobj(spool, out, 16 << 20)
     return path
 
 

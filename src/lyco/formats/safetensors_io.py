@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Mapping
@@ -259,17 +260,19 @@ def load_tensors(path, device: str | torch.device = "cpu") -> tuple[dict[str, to
 # --------------------------------------------------------------------------------------
 
 
-def load_legacy(path) -> dict[str, torch.Tensor]:
+def load_legacy(path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.pt``/``.ckpt``/``.bin`` file, loaded with ``weights_only=True`` only.
 
     A top-level ``state_dict`` entry (Lightning/LDM checkpoints) is unwrapped; non-tensor values
     (step counters, nested dicts) are left out. Pickles carry no metadata (see :func:`load`).
+    ``mmap``: map the tensors of a zip-format file (torch ≥ 1.6) instead of reading them, for
+    multi-GB base checkpoints (copy-on-write: the file is never written).
     """
     p = str(path)
     if not os.path.isfile(p):
         raise FormatError("no such file", file=p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(p))
     except pickle.UnpicklingError as e:
         inner = str(e.__context__ if isinstance(e.__context__, pickle.UnpicklingError) else e).strip()
         first = inner.splitlines()[0] if inner else type(e).__name__
