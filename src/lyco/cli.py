@@ -59,7 +59,7 @@ def _inspect():
 def _load_verbs() -> None:
     """Import the modules that register more verbs (tools, train, pipeline) when present."""
     import importlib
-    for mod in ("lyco.tools.cli_verbs", "lyco.train.cli_verbs", "lyco.pipeline_cli"):
+    for mod in ("lyco.tools.cli_verbs", "lyco.train.cli_verbs", "lyco.pipeline_cli", "lyco.world.cli_verbs"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `lyco eval` on one GPU: every algorithm (LoRA, LoCon, LoHa, LoKr f=4 / f=-1, DoRA, OFT, BOFT, GLoRA,
+# (IA)^3, Full) x both world concepts (star, stripes), trained from the shipped pretrained world base
+# (src/lyco/data/world/base.safetensors + classifier.safetensors), scored, tabulated.
+#
+# usage (repository root, on the device machine):   benchmarks/run_eval.sh [OUTDIR] [extra lyco eval args]
+# CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu benchmarks/run_eval.sh /tmp/e --quick --weights random --steps 2 --batch-size 2 --jobs 1
+#   OUTDIR defaults to $OUT. Everything lands flat in OUTDIR (6 files, each < 1 MB):
+#   results.json, results.md, tradeoff.png, grid_star.png, grid_stripes.png, eval.log
+# Expected: ~4-6 min on one H100/H200 (22 trainings of 300 steps x batch 16, 4 side by side; the
+# tiny model is launch-bound, so parallel jobs fill the GPU). A partial results.json/.md is written
+# after every finished training, so a run cut short still returns its rows.
+set -uo pipefail
+final=${1:-${OUT:-eval_out}}; shift || true
+mkdir -p "$final"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+if [ -d .whl ] && ! $py -c 'import diffusers' 2>/dev/null; then
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$final/eval.log"
+# 570 s: the device's per-command limit is 600 s; whatever finished is in results.json/.md by then
+timeout 570 $py -m lyco eval --device "${DEVICE:-cuda}" --out "$final" --steps 300 --batch-size 16 --jobs 4 \
+  --no-progress "$@" 2>&1 | grep -v -e 'Warning' -e 'warn(' -e 'torchvision' | tee -a "$final/eval.log"
+rc=${PIPESTATUS[0]}
+ls -la "$final" | tee -a "$final/eval.log"
+exit "$rc"
