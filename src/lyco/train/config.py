@@ -2,8 +2,8 @@
 
 A config has one table per concern — ``[model]``, ``[data]``, ``[network]`` (with
 ``[network.options]`` and ``[[network.overrides]]``), ``[optimizer]``, ``[train]``, ``[output]``,
-``[sample]`` and ``[eval]``. Every key is declared once below with its type, default and help
-text; the TOML reader, the command-line flags (:func:`add_flags` / :func:`apply_flags`), the
+``[sample]``, ``[eval]`` and ``[distributed]``. Every key is declared once below with its type,
+default and help text; the TOML reader, the command-line flags (:func:`add_flags` / :func:`apply_flags`), the
 commented example file (:func:`commented_toml`) and the ``ss_*`` metadata all come from these
 declarations, so they cannot drift apart.
 
@@ -229,9 +229,34 @@ class EvalConfig:
     enabled: bool = opt(True, "compute the fixed-batch loss at all", flag="eval")
 
 
+STRATEGIES = ("ddp", "fsdp")
+DDP_COMM = ("buckets", "flat")
+
+
+@dataclass
+class DistributedConfig:
+    """[distributed] — several processes (``accelerate launch`` / ``torchrun``); ignored in one process."""
+    strategy: str = opt("ddp", "ddp: every process holds the whole base model and the adapter gradients are "
+                               "averaged; fsdp: the frozen base model and the adapter are sharded over the "
+                               "processes (FSDP2, one unit per UNet block) — for bases that do not fit one card "
+                               "comfortably (SDXL with Full, large batches). 'accelerate launch --use_fsdp' also "
+                               "selects fsdp. Saved adapters and states are the same files either way",
+                        choices=STRATEGIES)
+    ddp_comm: str = opt("buckets", "ddp: how gradients are averaged — buckets (torch DDP: bucketed all-reduces "
+                                   "overlapped with the backward pass) or flat (one all-reduce of every adapter "
+                                   "gradient after the backward pass)", choices=DDP_COMM)
+    ddp_static_graph: bool = opt(True, "ddp buckets: tell DDP the graph is the same every step (fewer "
+                                       "per-step checks); off automatically with module_dropout or DyLoRA")
+    ddp_bucket_mb: float = opt(25.0, "ddp buckets: gradient bucket size in MiB (torch's default 25)")
+    fsdp_reshard_after_forward: bool = opt(True, "fsdp: free each block's gathered weights after its forward "
+                                                 "and gather them again for backward (less memory, more "
+                                                 "communication); false keeps them until the backward pass")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "network": NetworkConfig, "optimizer": OptimizerConfig,
     "train": TrainConfig, "output": OutputConfig, "sample": SampleConfig, "eval": EvalConfig,
+    "distributed": DistributedConfig,
 }
 _FLAG_PREFIX = {"sample": "sample-", "eval": "eval-"}
 
@@ -246,6 +271,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     source: str | None = None  # the TOML file it was read from
 
     # -- conversions ---------------------------------------------------------------------
@@ -482,6 +508,14 @@ def validate(cfg: Config) -> None:
     need(len(e.timesteps) >= 1 and all(ts >= 0 for ts in e.timesteps),
          "[eval] timesteps must list at least one timestep >= 0")
     need(e.every_n_steps >= 0, "[eval] every_n_steps must be >= 0")
+    need(cfg.distributed.ddp_bucket_mb > 0,
+         f"[distributed] ddp_bucket_mb must be > 0, got {cfg.distributed.ddp_bucket_mb}")
+    need(not (cfg.distributed.strategy == "fsdp" and o.type == "prodigy"),
+         "[distributed] strategy = 'fsdp' with [optimizer] type = 'prodigy' is not supported (Prodigy sums over "
+         "all parameters; under FSDP each process holds a shard); use adamw or adamw8bit")
+    need(not (cfg.distributed.strategy == "fsdp" and t.mixed_precision == "fp16"),
+         "[distributed] strategy = 'fsdp' with [train] mixed_precision = 'fp16' is not supported (fp16 loss "
+         "scaling of sharded gradients); use bf16")
 
 
 def check_runnable(cfg: Config) -> None:

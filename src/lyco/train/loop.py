@@ -233,11 +233,14 @@ class TextEncoding:
 
 class TrainingModule(nn.Module):
     """The module accelerate prepares (and DDP wraps): the adapter is its only registered child; the
-    UNet and text encoders are referenced, not registered (frozen, not synchronised)."""
+    UNet and text encoders are referenced, not registered (frozen, not synchronised). Under FSDP
+    (``register_unet``) the UNet is a registered child too, so that it is sharded inside this root."""
 
-    def __init__(self, network: nn.Module, unet: nn.Module, text: TextEncoding):
+    def __init__(self, network: nn.Module, unet: nn.Module, text: TextEncoding, register_unet: bool = False):
         super().__init__()
         self.network = network
+        if register_unet:
+            self.unet = unet
         object.__setattr__(self, "_unet", unet)
         object.__setattr__(self, "_text", text)
 
@@ -344,6 +347,311 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Several processes: DDP settings, one flat all-reduce, FSDP2 sharding
+# --------------------------------------------------------------------------------------
+
+
+def ddp_kwargs(dist_cfg, find_unused: bool = False) -> dict[str, Any]:
+    """The ``DistributedDataParallel`` arguments of ``[distributed]`` (given to accelerate's
+    ``DistributedDataParallelKwargs``; the DDP scaling benchmark wraps with the same ones).
+
+    * ``broadcast_buffers=False``: DDP's default re-broadcasts every module buffer from rank 0
+      before *each* forward (one flatten, one collective and one copy kernel per buffer). The
+      adapter's buffers are constants (``alpha``, ``on_input``: one per adapted layer, identical on
+      every rank by construction), so that is a collective that synchronises the ranks at the start
+      of every step plus ~200 kernel launches for nothing.
+    * ``gradient_as_bucket_view=True``: gradients live in DDP's all-reduce buckets (no copy of every
+      gradient into its bucket after backward); the trainer then zeroes gradients instead of
+      setting them to ``None`` so the views persist.
+    * ``static_graph``: the same parameters take part every step unless a dropout-family option
+      (``module_dropout``) or DyLoRA changes that — then DDP must search for unused parameters
+      instead, and static_graph is off.
+
+    With :func:`register_ddp_hook` on top, DDP launches no kernel per parameter at all.
+    """
+    kw: dict[str, Any] = {"find_unused_parameters": bool(find_unused), "broadcast_buffers": False,
+                          "gradient_as_bucket_view": True, "bucket_cap_mb": float(dist_cfg.ddp_bucket_mb)}
+    if dist_cfg.ddp_static_graph and not find_unused:
+        kw["static_graph"] = True
+    return kw
+
+
+def register_ddp_hook(ddp_model) -> None:
+    """All-reduce DDP's buckets through torch's plain all-reduce hook (divide the bucket by the world
+    size, sum). Without a hook, DDP divides every gradient into its bucket view itself: one kernel per
+    parameter per step (384 for a LoRA on SD1.5's attention/MLP layers), launched from the backward
+    pass; with the hook and gradients that already live in the buckets, it is one division per bucket.
+    The same arithmetic (g / W summed over ranks)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    ddp_model.register_comm_hook(state=None, hook=default_hooks.allreduce_hook)
+
+
+class FlatGradSync:
+    """``[distributed] ddp_comm = "flat"``: the module is not wrapped in DDP; after the backward pass of
+    each optimizer step the gradients of all trainable parameters are averaged with *one* all-reduce
+    of one flat buffer per dtype (no per-parameter hooks, no buckets, no overlap with the backward
+    pass). A parameter without a gradient on a rank contributes zeros (module dropout)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        import torch.distributed as dist
+        self.dist = dist
+        self.params = [p for p in params if p.requires_grad]
+        self.world = dist.get_world_size()
+
+    def broadcast_parameters(self) -> None:
+        """Rank 0's values everywhere (every rank builds the same adapter from the same seed; this makes
+        it certain, as DDP does at wrap time)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        with torch.no_grad():
+            for group in self._by_dtype([p.data for p in self.params]):
+                flat = _flatten_dense_tensors(group)
+                self.dist.broadcast(flat, 0)
+                for t, v in zip(group, _unflatten_dense_tensors(flat, group)):
+                    t.copy_(v)
+
+    @staticmethod
+    def _by_dtype(tensors):
+        groups: dict[torch.dtype, list] = {}
+        for t in tensors:
+            groups.setdefault(t.dtype, []).append(t)
+        return list(groups.values())
+
+    def sync(self) -> None:
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            for grads in self._by_dtype([p.grad for p in self.params]):
+                flat = _flatten_dense_tensors(grads)
+                self.dist.all_reduce(flat)
+                flat.div_(self.world)
+                for g, v in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    g.copy_(v)
+
+
+#: diffusers UNet modules that become one FSDP unit each (innermost first); the UNet itself is one more
+#: unit for what is left (conv_in, time embedding, conv_out …)
+FSDP_UNIT_CLASSES = ("BasicTransformerBlock", "ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
+
+
+def fsdp_shard(root: nn.Module, base: nn.Module, network: nn.Module, *, device: torch.device,
+               reshard_after_forward: bool = True, unit_classes: Sequence[str] = FSDP_UNIT_CLASSES):
+    """Shard the frozen ``base`` (a UNet registered inside ``root``) and the adapter ``network`` over
+    all processes with FSDP2 ``fully_shard``; returns the device mesh.
+
+    Units: every module of ``unit_classes`` (transformer blocks, ResNet blocks, …), then ``base``
+    itself, then ``root``. An adapter layer's parameters go into the unit of the base layer it sits
+    on: the adapter is used inside that unit's forward, so FSDP gathers it with the block's weights
+    just before the block runs and reduce-scatters its gradient right after the block's backward. To
+    make FSDP see them there, each unit gets its adapter layers as an extra registered child
+    (``_lyco_adapters``); the root unit ignores those parameters (they are managed once, by their
+    unit) and keeps what sits on no UNet layer (text-encoder adapters, whose base is not sharded).
+
+    Within a unit only the adapter is trainable (FSDP2 allows frozen and trainable parameters in one
+    unit; the trainable ones must share a dtype: the adapter's fp32). No ``MixedPrecisionPolicy``:
+    the base is already in the training dtype, the adapter is gathered in fp32 and autocast does the
+    compute casts exactly as on one GPU, and gradients are reduced in fp32.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    names = set(unit_classes)
+    units = [base] + [m for m in base.modules() if m is not base and type(m).__name__ in names]  # pre-order
+    owner: dict[int, nn.Module] = {}
+    for u in units:  # ancestors first, so the innermost unit wins
+        for m in u.modules():
+            owner[id(m)] = u
+    per_unit: dict[int, list[nn.Module]] = {}
+    for layer in network.layers.values():
+        host = getattr(layer, "host", None)
+        u = owner.get(id(host.module)) if host is not None else None
+        if u is not None:
+            per_unit.setdefault(id(u), []).append(layer)
+    for u in reversed(units):  # innermost first
+        ads = per_unit.get(id(u))
+        if ads:
+            u.add_module("_lyco_adapters", nn.ModuleList(ads))
+        if any(True for _ in u.parameters()):
+            fully_shard(u, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    in_units = {p for ads in per_unit.values() for a in ads for p in a.parameters()}  # the sharded ones
+    fully_shard(root, mesh=mesh, ignored_params=in_units)
+    # Make `root` the FSDP root now (FSDP picks the first module that runs forward; a sample grid at
+    # step 0 calls the UNet directly and would otherwise become a second root).
+    root._get_fsdp_state()._lazy_init()
+    for layer in network.layers.values():
+        layer._invalidate()  # cached forward tensors referred to the parameters before sharding
+    return mesh
+
+
+class LocalShards:
+    """The optimizer's view of FSDP parameters: each process's local shard as a plain tensor.
+
+    FSDP parameters are DTensors; an optimizer over them runs every elementwise op through DTensor
+    dispatch, whose sharding propagation for foreach ops over hundreds of tensors costs seconds per
+    step (torch 2.11–2.13). AdamW is elementwise, so it is run on the local shards instead: plain
+    tensors sharing storage with the DTensors (the update lands in FSDP's shards), whose gradients are
+    the local parts of the reduce-scattered gradients. Optimizers that reduce over all parameters
+    (Prodigy's estimate of d) would see only a shard: the config rejects them with FSDP."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self.local = [p.to_local().detach() for p in self.params]
+        self._of = {id(p): l for p, l in zip(self.params, self.local)}
+        self._param = {id(l): p for p, l in zip(self.params, self.local)}
+
+    def local_of(self, p: torch.Tensor) -> torch.Tensor:
+        return self._of[id(p)]
+
+    def param_of(self, local: torch.Tensor) -> torch.Tensor | None:
+        return self._param.get(id(local))
+
+    def grads_to_local(self) -> None:
+        for p, l in zip(self.params, self.local):
+            cur = p.to_local()
+            if cur.data_ptr() != l.data_ptr():  # FSDP re-allocated the shard: follow it
+                l.data = cur.detach()
+            l.grad = p.grad.to_local() if p.grad is not None else None
+
+    def zero_grad(self) -> None:
+        for p, l in zip(self.params, self.local):
+            p.grad = None
+            l.grad = None
+
+    def as_sharded(self, local_state: torch.Tensor, like_local: torch.Tensor):
+        """A tensor of the shape of ``like_local``'s parameter shard (optimizer state) as a DTensor of
+        that parameter's layout (no communication)."""
+        p = self.param_of(like_local)
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(local_state, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module | None):
+    """FSDP: every unit's full parameters are registered for the duration (collective: every process
+    enters it). Used to export the adapter with the same code as one GPU and to sample. No-op for
+    an unsharded model. (``state_dict()`` of a sharded module reshards first: use
+    :func:`full_tensors` for state dicts.)"""
+    mods = fsdp_modules(model) if model is not None else []
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def is_sharded(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded one (collective), the tensor itself otherwise."""
+    return t.detach().full_tensor() if is_sharded(t) else t.detach()
+
+
+def full_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`full_tensor` of every tensor of a list, with one all-gather per dtype for the FSDP shards
+    (row shards of a 1-D mesh, ``torch.chunk`` layout) instead of one per tensor — a state holds
+    hundreds of small tensors. Every process calls it with the same list (shapes, dtypes, order)."""
+    out = [t.detach() for t in tensors]
+    ids = [i for i, t in enumerate(out) if is_sharded(t)]
+    if not ids:
+        return out
+    from torch.distributed.tensor import Shard
+    simple = [i for i in ids if out[i].device_mesh.ndim == 1 and tuple(out[i].placements) == (Shard(0),)
+              and out[i].dim() >= 1]
+    for i in set(ids) - set(simple):
+        out[i] = out[i].full_tensor()
+    if not simple:
+        return out
+    import torch.distributed as dist
+    mesh = out[simple[0]].device_mesh
+    group = mesh.get_group()
+    world, me = group.size(), mesh.get_local_rank()
+
+    def rows(n: int) -> list[int]:  # rows of each rank, torch.chunk semantics (trailing ranks may get none)
+        c = -(-n // world) if n else 0
+        return [max(0, min(c, n - r * c)) for r in range(world)]
+
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i in simple:
+        by_dtype.setdefault(out[i].dtype, []).append(i)
+    for dtype, group_ids in by_dtype.items():
+        lay = {i: (rows(out[i].shape[0]), math.prod(out[i].shape[1:])) for i in group_ids}
+        lengths = [sum(lay[i][0][r] * lay[i][1] for i in group_ids) for r in range(world)]
+        width = max(lengths)
+        local = torch.cat([out[i].to_local().reshape(-1) for i in group_ids])
+        if local.numel() != lengths[me]:
+            raise RuntimeError(f"FSDP shard layout differs from torch.chunk: {local.numel()} != {lengths[me]}")
+        buf = torch.zeros(width, dtype=dtype, device=local.device)
+        buf[: local.numel()] = local
+        allbuf = torch.empty(world * width, dtype=dtype, device=local.device)
+        # all_gather_single is the newer name (torch ≥ 2.13 deprecates the older one)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(allbuf, buf, group=group)
+        offs = [r * width for r in range(world)]
+        for i in group_ids:
+            rs, inner = lay[i]
+            parts = []
+            for r in range(world):
+                n = rs[r] * inner
+                parts.append(allbuf[offs[r]: offs[r] + n])
+                offs[r] += n
+            out[i] = torch.cat(parts).reshape(out[i].shape)
+    return out
+
+
+def shard_like(full: torch.Tensor, like) -> torch.Tensor:
+    """``full`` laid out as the sharded ``like`` (every process holds ``full``; each keeps its shard)."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.detach().to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm (and the clip to ``max_norm`` when > 0) for plain or FSDP-sharded gradients.
+
+    Shards are handled through their local parts (the local parts of all processes partition each
+    tensor: the squared norms add up over one all-reduce) rather than with foreach ops on DTensors,
+    whose per-op sharding propagation costs seconds per step for hundreds of adapter tensors."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [g for g in grads if is_sharded(g)]
+    if not sharded:
+        total = torch.nn.utils.get_total_norm(grads)
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+        return total
+    import torch.distributed as dist
+    with torch.no_grad():
+        local = [g.to_local() for g in sharded]
+        plain = [g for g in grads if not is_sharded(g)]
+        sq = torch.stack(torch._foreach_norm(local)).float().pow(2).sum()
+        dist.all_reduce(sq, group=sharded[0].device_mesh.get_group())
+        if plain:  # the same on every process: added once, after the reduction
+            sq = sq + torch.stack(torch._foreach_norm(plain)).float().pow(2).sum().to(sq.device)
+        total = sq.sqrt()
+        if max_norm > 0:
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(local + plain, coef)
+    return total
+
+
+# --------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------
 
@@ -368,6 +676,8 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.config_path: str | None = None
+        self._shards: LocalShards | None = None  # FSDP: the optimizer's local view of the shards
+        self._grad_sync: FlatGradSync | None = None  # ddp_comm = "flat"
         self._setup_done = False
 
     # ------------------------------------------------------------------ setup
@@ -380,6 +690,7 @@ class Trainer:
         elif not cfg.data.train_dir:
             raise ConfigError("no training images: set [data] train_dir (or --train-dir)")
         self._make_accelerator()
+        cfg = self.cfg  # `accelerate launch --use_fsdp` may have set [distributed] strategy
         acc = self.accelerator
         self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
         self.started_at = time.time()
@@ -444,15 +755,22 @@ class Trainer:
         self._build_data()
 
         # optimizer, schedule
-        groups = self.network.param_groups(cfg.optimizer.learning_rate, unet_lr=cfg.optimizer.unet_lr,
-                                           te_lr=cfg.optimizer.text_encoder_lr,
-                                           loraplus_ratio=cfg.optimizer.loraplus_ratio)
+        groups = self._param_groups()
         in_groups = {id(p) for g in groups for p in g["params"]}
         for p in self.network.parameters():
             if id(p) not in in_groups:
                 p.requires_grad_(False)
         if not groups:
             raise ConfigError("no parameter has a learning rate > 0: nothing to train")
+        strategy = self.strategy
+        self.model = TrainingModule(self.network, pipe.unet, self.text, register_unet=strategy == "fsdp")
+        self._shards = None
+        if strategy == "fsdp":
+            fsdp_shard(self.model, pipe.unet, self.network, device=dev,
+                       reshard_after_forward=cfg.distributed.fsdp_reshard_after_forward)
+            groups = self._param_groups()  # the same groups, now of the sharded parameters …
+            self._shards = LocalShards([p for g in groups for p in g["params"]])
+            groups = [{**g, "params": [self._shards.local_of(p) for p in g["params"]]} for g in groups]  # … local
         self.optimizer = make_optimizer(cfg, groups)
         self.total_steps = self._count_total_steps()
         w = cfg.optimizer.lr_warmup_steps
@@ -464,14 +782,46 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(kind, warm, self.total_steps, cfg.optimizer.lr_scheduler_num_cycles))
 
-        # accelerate
-        self.model = TrainingModule(self.network, pipe.unet, self.text)
-        self.model, self.optimizer, self.dataloader = acc.prepare(self.model, self.optimizer, self.dataloader)
+        # accelerate: DDP wraps the module (one process: nothing to wrap); "flat" and FSDP synchronise
+        # themselves, so accelerate only prepares the optimizer and shards the data loader
+        self._grad_sync = None
+        if strategy in ("single", "ddp"):
+            self.model, self.optimizer, self.dataloader = acc.prepare(self.model, self.optimizer, self.dataloader)
+            if strategy == "ddp":
+                register_ddp_hook(self.model)
+        else:
+            self.optimizer, self.dataloader = acc.prepare(self.optimizer, self.dataloader)
+            if strategy == "flat":
+                self._grad_sync = FlatGradSync(list(self.network.parameters()))
+                self._grad_sync.broadcast_parameters()
+        # DDP keeps gradients in its buckets (gradient_as_bucket_view): zero them rather than dropping
+        # them, unless some parameters may go unused in a step (their gradient must stay None then, as
+        # on one GPU, or the optimizer would decay them)
+        self._grads_to_none = not (strategy == "ddp" and not self._find_unused)
         self._eval_batch = None
         if self.resume_from:
             self.load_state(self.resume_from)
         self._setup_done = True
         return self
+
+    def _param_groups(self) -> list[dict]:
+        o = self.cfg.optimizer
+        return self.network.param_groups(o.learning_rate, unet_lr=o.unet_lr, te_lr=o.text_encoder_lr,
+                                         loraplus_ratio=o.loraplus_ratio)
+
+    @property
+    def strategy(self) -> str:
+        """How the processes share the work: ``single`` (one process), ``ddp`` (DDP buckets), ``flat``
+        (DDP semantics, one flat all-reduce per step) or ``fsdp``."""
+        if self.accelerator.num_processes == 1:
+            return "single"
+        d = self.cfg.distributed
+        if d.strategy == "fsdp":
+            return "fsdp"
+        return "flat" if d.ddp_comm == "flat" else "ddp"
+
+    def _sharded_model(self):
+        return self.model if self.strategy == "fsdp" else None
 
     def _clean_stale_temps(self) -> None:
         """Remove the temporary files/folders a killed run of this output name left behind (an
@@ -487,6 +837,10 @@ class Trainer:
                         p.unlink()
 
     def _make_accelerator(self):
+        # module dropout and DyLoRA leave parameters unused in some steps: DDP must look for them
+        opts = self.cfg.network.options
+        self._find_unused = any(float(opts.get(k, 0) or 0) > 0 for k in ("module_dropout",)) or \
+            self.cfg.network.algo == "dylora"
         if self._accelerator is not None:
             self.accelerator = self._accelerator
             return
@@ -507,10 +861,13 @@ class Trainer:
                 raise ConfigError("[output] log_with = 'tensorboard' but tensorboard is not installed "
                                   "(pip install tensorboard, or log_with = 'none')") from None
         self.log_with = log_with
-        opts = cfg.network.options
-        unused = any(float(opts.get(k, 0) or 0) > 0 for k in ("module_dropout",)) or \
-            cfg.network.algo == "dylora"
-        handlers = [DistributedDataParallelKwargs(find_unused_parameters=unused)]
+        # `accelerate launch --use_fsdp` asks for FSDP through the environment. lyco shards the model
+        # itself (fsdp_shard: the adapter must share units with the base layers it sits on, which
+        # accelerate's wrapping policies cannot express), so the flag becomes [distributed] strategy
+        # and accelerate itself runs plain multi-process.
+        if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true" and cfg.distributed.strategy != "fsdp":
+            self.cfg = cfg = cfg.replace(distributed={"strategy": "fsdp"})
+        handlers = [DistributedDataParallelKwargs(**ddp_kwargs(cfg.distributed, self._find_unused))]
         mp = cfg.train.mixed_precision
         # accelerate keeps one global state per process; a second Trainer in the same single process
         # (tests, notebooks) may want another precision or accumulation: start from a clean state.
@@ -714,7 +1071,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _position_seed(self, epoch: int, batch: int) -> int:
-        return _seed_of(self.cfg.train.seed, "step", epoch, batch, self.accelerator.process_index)
+        """Seed of this process's ``batch``-th micro-batch of ``epoch``. It depends on the micro-batch's
+        place in the epoch's *global* list of batches: accelerate deals that list round-robin
+        (process r of W takes batches r, r+W, …), so local batch b is global batch b·W + r. The same
+        micro-batch therefore draws the same noise whatever the number of processes: W processes with
+        gradient accumulation A train exactly what one process with accumulation A·W trains, and a
+        state resumes on another number of processes. (The last field was the process index when
+        seeds were per process; 0 keeps single-process runs drawing what they drew before.)"""
+        acc = self.accelerator
+        return _seed_of(self.cfg.train.seed, "step", epoch, batch * acc.num_processes + acc.process_index, 0)
 
     def train(self) -> TrainResult:
         self.setup()
@@ -758,6 +1123,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         model, opt = self.model, self.optimizer
         params = [p for p in self.network.parameters() if p.requires_grad]
+        fsdp = self.strategy == "fsdp"
         accum_losses: list[float] = []
         while not self._done():
             self.sampler.epoch = self.epoch
@@ -772,20 +1138,30 @@ class Trainer:
                     latents = self._latents_of(batch)
                     loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
                                              is_reg=batch["is_reg"])
+                    acc.backward(loss)
+                    # The NaN/Inf check reads the loss on the host, which waits for the device. It
+                    # comes after the backward pass (still before the update), so that forward and
+                    # backward are queued in one go instead of the device idling in between.
                     all_losses = acc.gather(loss.detach().float().reshape(1))
                     if not bool(torch.isfinite(all_losses).all()):
                         self._diverged(all_losses)
-                    acc.backward(loss)
                     grad_norm = None
                     if acc.sync_gradients:
-                        if cfg.optimizer.max_grad_norm > 0:
+                        if self._grad_sync is not None:
+                            self._grad_sync.sync()
+                        if fsdp:
+                            grad_norm = clip_grad_norm(params, cfg.optimizer.max_grad_norm)
+                            self._shards.grads_to_local()
+                        elif cfg.optimizer.max_grad_norm > 0:
                             grad_norm = acc.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)
                         else:
                             acc.unscale_gradients()
                             grad_norm = torch.nn.utils.get_total_norm(
                                 [p.grad for p in params if p.grad is not None])
                     opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    opt.zero_grad(set_to_none=self._grads_to_none)
+                    if fsdp and acc.sync_gradients:
+                        self._shards.zero_grad()
                 accum_losses.append(float(all_losses.mean()))
                 self.batch_in_epoch += 1
                 if not acc.sync_gradients:
@@ -986,18 +1362,25 @@ class Trainer:
     def _inner_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)
 
+    def _optimizer_params(self) -> list[torch.Tensor]:
+        """The optimizer's parameters in the order torch numbers its state (``state_dict()['state']``)."""
+        return [p for g in self._inner_optimizer().param_groups for p in g["params"]]
+
     def save_checkpoint(self, stem: str, *, final: bool = False) -> str:
         """Adapter (atomic, full metadata), its sample grid, and a resumable state; main process only
         writes, every process waits."""
         cfg, acc = self.cfg, self.accelerator
         out = cfg.output.output_dir
         path = os.path.join(out, f"{stem}.safetensors")
-        md = self.metadata()
-        if acc.is_main_process:
-            net = acc.unwrap_model(self.model).network
-            net.save(path, dtype=cfg.output.save_dtype, metadata=md, overwrite=True)
-            self.result.checkpoints.append(path)
-            log.info("saved %s", path)
+        # FSDP: every process takes part in gathering the full adapter; the main process then writes
+        # it with the same code (and so the same keys, shapes and metadata) as a single process
+        with gathered(self._sharded_model()):
+            if acc.is_main_process:
+                md = self.metadata()
+                net = acc.unwrap_model(self.model).network
+                net.save(path, dtype=cfg.output.save_dtype, metadata=md, overwrite=True)
+                self.result.checkpoints.append(path)
+                log.info("saved %s", path)
         if cfg.sample.prompts:
             self._sample(stem)
         if cfg.output.save_state:
@@ -1028,8 +1411,29 @@ class Trainer:
 
     def _sample(self, stem: str):
         cfg, acc = self.cfg, self.accelerator
-        if not acc.is_main_process:
+        sharded = self._sharded_model()
+        if not acc.is_main_process and sharded is None:
             return
+        # FSDP: the sharded UNet runs only if every process runs it (its weights are gathered per block),
+        # so every process samples; the others draw into a temporary folder that is removed.
+        scratch = None if acc.is_main_process else tempfile.mkdtemp(prefix="lyco-sample-")
+        try:
+            with gathered(sharded):
+                path, grid = self._sample_grid(stem, scratch)
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if scratch:
+            return
+        self.result.sample_grids.append(path)
+        if self.log_with == "tensorboard":
+            with contextlib.suppress(Exception):
+                import numpy as np
+                tr = acc.get_tracker("tensorboard", unwrap=True)
+                tr.add_image("samples", np.asarray(grid), self.global_step, dataformats="HWC")
+
+    def _sample_grid(self, stem: str, folder: str | None):
+        cfg, acc = self.cfg, self.accelerator
         s = cfg.sample
         from . import sample as sample_mod
         res = cfg.resolution
@@ -1043,7 +1447,7 @@ class Trainer:
         try:
             sched = sample_mod.make_scheduler(self.pipe, s.sampler, prediction_type=self.prediction_type,
                                               zero_terminal_snr=cfg.train.zero_terminal_snr)
-            path = os.path.join(cfg.output.output_dir, f"{stem}-samples.png")
+            path = os.path.join(folder or cfg.output.output_dir, f"{stem}-samples.png")
             clip = cfg.model.clip_skip - 1 if self.family != "sdxl" and cfg.model.clip_skip > 1 else None
             path, grid = sample_mod.sample_grid(
                 self.pipe, path, s.prompts, s.seeds, network=self.network, compare_base=s.compare_base,
@@ -1055,12 +1459,7 @@ class Trainer:
             unet.train(unet_training)
             for te, m in zip(tes, te_modes):
                 te.train(m)
-        self.result.sample_grids.append(path)
-        if self.log_with == "tensorboard":
-            with contextlib.suppress(Exception):
-                import numpy as np
-                tr = acc.get_tracker("tensorboard", unwrap=True)
-                tr.add_image("samples", np.asarray(grid), self.global_step, dataformats="HWC")
+        return path, grid
 
     def _finish(self):
         cfg, acc = self.cfg, self.accelerator
@@ -1078,23 +1477,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ states
     def save_state(self, folder: str) -> str:
-        """Write a resumable state (main process; every process's position is the same)."""
+        """Write a resumable state (main process; every process's position is the same). The state
+        holds whole tensors whatever the strategy (FSDP shards are gathered first, by every process),
+        so it resumes on any number of processes and with either strategy."""
         acc = self.accelerator
-        if not acc.is_main_process:
+        main = acc.is_main_process
+        sharded = self._sharded_model() is not None
+        if not main and not sharded:
             return folder
         from ..formats.safetensors_io import save_tensors
         import numpy as np
+
         net = acc.unwrap_model(self.model).network
-        tensors: dict[str, torch.Tensor] = {f"network.{k}": v.detach().to("cpu").clone()
-                                            for k, v in net.state_dict().items()}
+        tensors: dict[str, torch.Tensor] = {f"network.{k}": v for k, v in net.state_dict().items()}
         osd = self._inner_optimizer().state_dict()
         opt_scalars: dict[str, dict[str, Any]] = {}
-        for pid, st in osd["state"].items():
-            for k, v in st.items():
+        for pid in sorted(osd["state"]):
+            st = osd["state"][pid]
+            for k in sorted(st):
+                v = st[k]
                 if isinstance(v, torch.Tensor):
-                    tensors[f"optimizer.{pid}.{k}"] = v.detach().to("cpu").clone()
+                    if self._shards is not None and k != "step" and v.dim() > 0:  # a shard of a parameter's state
+                        v = self._shards.as_sharded(v, self._optimizer_params()[pid])
+                    tensors[f"optimizer.{pid}.{k}"] = v
                 else:
                     opt_scalars.setdefault(str(pid), {})[k] = _jsonable(v)
+        # whole tensors (FSDP shards are gathered: a collective, every process in the same order)
+        tensors = dict(zip(tensors, full_tensors(list(tensors.values()))))
+        if not main:
+            return folder
+        tensors = {k: v.to("cpu").clone() for k, v in tensors.items()}
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -1107,6 +1519,11 @@ class Trainer:
             "format": STATE_FORMAT, "version": STATE_VERSION,
             "step": self.global_step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "num_processes": acc.num_processes, "total_steps": self.total_steps,
+            # the data position in the epoch's global list of batches (what a resume on another number
+            # of processes continues from) and the global batch it was trained with
+            "global_batches_done": self.batch_in_epoch * acc.num_processes,
+            "global_batch": self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps * acc.num_processes,
+            "strategy": self.strategy,
             "session_id": self.session_id, "training_started_at": self.started_at, "saved_at": time.time(),
             "optimizer": {"param_groups": _jsonable(osd["param_groups"]), "scalars": opt_scalars,
                           "class": type(self._inner_optimizer()).__name__},
@@ -1154,11 +1571,18 @@ class Trainer:
             if tuple(v.shape) != tuple(own[k].shape):
                 raise TrainingError(f"{folder}: adapter tensor {k!r} has shape {tuple(v.shape)}, this network "
                                     f"has {tuple(own[k].shape)}")
-        net.load_state_dict(saved, strict=True)
+        # FSDP: each process keeps its shard of every whole tensor of the state
+        net.load_state_dict({k: shard_like(v, own[k]) if is_sharded(own[k]) else v for k, v in saved.items()},
+                            strict=True)
+        by_id = self._optimizer_params()
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("optimizer."):
                 _, pid, key = k.split(".", 2)
+                if key != "step" and self._shards is not None and int(pid) < len(by_id):
+                    p = self._shards.param_of(by_id[int(pid)])  # FSDP: keep this process's shard
+                    if p is not None and tuple(v.shape) == tuple(p.shape):
+                        v = shard_like(v.to(p.dtype), p).to_local()
                 opt_state.setdefault(int(pid), {})[key] = v.to(acc.device) if key != "step" else v
         for pid, sc in info["optimizer"]["scalars"].items():
             opt_state.setdefault(int(pid), {}).update(sc)
@@ -1177,11 +1601,23 @@ class Trainer:
         self.global_step = int(info["step"])
         self.epoch = int(info["epoch"])
         self.batch_in_epoch = int(info["batch_in_epoch"])
-        if int(info.get("num_processes", 1)) != acc.num_processes:
-            done = self.batch_in_epoch * int(info["num_processes"])
+        saved_procs = int(info.get("num_processes", 1))
+        if saved_procs != acc.num_processes:
+            # the position is a count of global batches: exact on the new number of processes when it
+            # divides (always, when the global batch stays the same)
+            done = int(info.get("global_batches_done", self.batch_in_epoch * saved_procs))
             self.batch_in_epoch = math.ceil(done / acc.num_processes)
-            log.warning("resuming a %s-process state with %d processes: the data position is approximate "
-                        "and the result will not be bit-identical", info["num_processes"], acc.num_processes)
+            if done % acc.num_processes:
+                log.warning("resuming a %d-process state with %d processes: %d batches of the epoch were done, "
+                            "which is no multiple of %d; continuing after batch %d (some samples are skipped)",
+                            saved_procs, acc.num_processes, done, acc.num_processes,
+                            self.batch_in_epoch * acc.num_processes)
+        t = self.cfg.train
+        new_global = t.batch_size * t.gradient_accumulation_steps * acc.num_processes
+        if info.get("global_batch") and int(info["global_batch"]) != new_global:
+            log.warning("the state was trained with a global batch of %s (batch × accumulation × processes), this "
+                        "run uses %d: training continues with the new batch (set gradient_accumulation_steps to "
+                        "keep it)", info["global_batch"], new_global)
         if info.get("total_steps") and int(info["total_steps"]) != self.total_steps:
             log.warning("the state was made for %s steps, this run has %d: the learning-rate schedule differs",
                         info["total_steps"], self.total_steps)
