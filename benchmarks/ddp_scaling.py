@@ -107,7 +107,8 @@ def sync_device():
 def cpu_slices():
     """Each local process's share of this machine's CPUs (contiguous slices, one per GPU)."""
     cpus = sorted(os.sched_getaffinity(0))
-    parts = max(1, torch.cuda.device_count() if torch.cuda.is_available() else int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    parts = max(1, gpus)
     k = max(1, len(cpus) // parts)
     return [cpus[i * k:(i + 1) * k] or cpus for i in range(parts)]
 
@@ -130,10 +131,6 @@ def pin_process(local_rank: int) -> list[int]:
     mine = slices[local_rank % len(slices)]
     set_affinity(mine)
     return mine
-
-
-def unpin() -> None:
-    set_affinity(ALL_CPUS)
 
 
 def main():
@@ -392,7 +389,8 @@ def main():
                         if sync is not None:
                             sync.sync()
                         if rank == 0:
-                            grads = {f"{i:04d}": q.grad.detach().float().cpu().contiguous() for i, q in enumerate(params)}
+                            grads = {f"{i:04d}": q.grad.detach().float().cpu().contiguous()
+                                     for i, q in enumerate(params)}
                             save_tensors(grads, os.path.join(work, f"grad_{algo}_{variant}_{world}.safetensors"), {},
                                          overwrite=True)
                         opt.zero_grad(set_to_none=to_none)

@@ -79,7 +79,7 @@ def main(work: str, out: str) -> str:
         eff = r["images_per_s"] / (r["processes"] * ref["images_per_s"]) if ref else None
         res["scaling"].append({"algo": r["algo"], "variant": r["variant"], "processes": r["processes"],
                                "images_per_s": r["images_per_s"], "step_ms": r["step_ms"], "efficiency": eff,
-                               "peak_gib": r.get("peak_gib")})
+                               "host_fwd_bwd_ms": r.get("host_fwd_bwd_ms"), "peak_gib": r.get("peak_gib")})
         host = r.get("host_fwd_bwd_ms")
         lines.append(f"| {r['algo']} | {r['variant']} | {r['processes']} | {r['images_per_s']:.1f} | {r['step_ms']:.1f} | "
                      f"{'' if host is None else f'{host:.1f}'} | {'' if eff is None else f'{eff:.3f}'} | "

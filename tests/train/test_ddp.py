@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from lyco.formats.safetensors_io import load_tensors, read_metadata
 from lyco.train import from_dict
@@ -96,8 +95,9 @@ ONE_TO_TWO = {"ddp": {}, "flat": {"ddp_comm": "flat"}, "fsdp": {}}  # fsdp: aske
 @pytest.fixture(scope="module")
 def two(tmp_path_factory, shapes_dir):
     """The 2-process runs of both tests, in one launch. Test 1: DDP, DDP with ddp_comm = flat, FSDP (through
-    the environment of `accelerate launch --use_fsdp`), each 2 steps of LoKr. Test 2 (LoRA): a 1-step DDP run (its state resumes 2 → 1) and an FSDP run
-    resumed from a single-process state (1 → 2, whole tensors dealt into shards)."""
+    the environment of `accelerate launch --use_fsdp`), each 2 steps of LoKr. Test 2 (LoRA): a 1-step DDP
+    run (its state resumes 2 → 1) and an FSDP run resumed from a single-process state (1 → 2, whole
+    tensors dealt into shards)."""
     root = tmp_path_factory.mktemp("two")
     # uninterrupted reference of test 2: one process, global batch 4 (2 × 2 accumulation), a state every step
     ref = root / "ref"
@@ -154,7 +154,8 @@ def test_ddp_flat_and_fsdp_equal_one_process(two, tmp_path, shapes_dir):
     a_ddp, a_fsdp = adapter(outs["ddp"] / "adapter.safetensors"), adapter(outs["fsdp"] / "adapter.safetensors")
     assert {k: (tuple(v.shape), v.dtype) for k, v in a_ddp.items()} == \
         {k: (tuple(v.shape), v.dtype) for k, v in a_fsdp.items()}
-    m_ddp, m_fsdp = read_metadata(outs["ddp"] / "adapter.safetensors"), read_metadata(outs["fsdp"] / "adapter.safetensors")
+    m_ddp = read_metadata(outs["ddp"] / "adapter.safetensors")
+    m_fsdp = read_metadata(outs["fsdp"] / "adapter.safetensors")
     assert set(m_ddp) == set(m_fsdp)
     assert {k: v for k, v in m_ddp.items() if k not in VOLATILE} == \
         {k: v for k, v in m_fsdp.items() if k not in VOLATILE}
