@@ -350,3 +350,41 @@ def test_diag_oft_keeps_the_output_not_the_base_output():
         y = model(x)
     acts = [t for t in saved if t.numel() >= 64 * 40 and t.data_ptr() != x.data_ptr()]
     assert [t.data_ptr() for t in acts] == [y.data_ptr()], [tuple(t.shape) for t in acts]
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_full_rebuild_under_autocast_matches_dense(in_dtype):
+    """Full's recompute-in-backward linear under bf16 autocast with an fp32 (or bf16) input — what
+    the trainer does (fp32 adapter, bf16 autocast). Found on the GPU: the backward GEMM mixed the
+    bf16 gradient with the fp32 saved input. Reference: plain ``F.linear`` with the merged weight
+    ``W + diff`` (diff as leaf tensors) under the same autocast, autograd throughout."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 8))
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(base)
+    net = lyco.create(model, algo="full")
+    layers = [next(l for l in net.layers.values() if l.host.module is m) for m in (model[0], model[2])]
+    with torch.no_grad():
+        for layer in layers:
+            for p in layer.params.values():
+                p.normal_(0, 0.05)
+    x = torch.randn(5, 24, dtype=in_dtype, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().sum().backward()
+    assert x.grad.dtype == in_dtype
+
+    x2 = x.detach().clone().requires_grad_(True)
+    leaves = [{k: p.detach().clone().requires_grad_(True) for k, p in layer.params.items()} for layer in layers]
+    (d0, b0), (d2, b2) = [tuple(lv[k] for k in sorted(lv)) for lv in leaves]  # sorted: diff, diff_b
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = F.gelu(F.linear(x2, base[0].weight + d0, base[0].bias + b0))
+        y2 = F.linear(h, base[2].weight + d2, base[2].bias + b2)
+    y2.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), y2.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=3e-2, atol=3e-2)
+    for layer, lv in zip(layers, leaves):
+        for k, p in layer.params.items():
+            torch.testing.assert_close(p.grad.float(), lv[k].grad.float(), rtol=3e-2, atol=3e-2)

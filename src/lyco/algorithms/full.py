@@ -49,11 +49,14 @@ class _FullLinear(torch.autograd.Function):
         m = ctx.m
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = gdiff = gdb = None
+        # Under autocast the forward GEMM ran in the autocast dtype while ``x`` was saved as it came
+        # (e.g. fp32): do the backward GEMMs in the gradient's dtype, hand each gradient back in
+        # its input's dtype.
         if ctx.needs_input_grad[0]:
             w2 = torch.add(weight, diff.to(weight.dtype), alpha=m).to(grad.dtype)
-            gx = (g2 @ w2).reshape(x.shape)
+            gx = (g2 @ w2).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            gdiff = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
+            gdiff = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(g2.dtype))
             if m != 1.0:
                 gdiff = gdiff * m
             gdiff = gdiff.to(diff.dtype)
