@@ -349,7 +349,7 @@ def main():
         raise SystemExit(f"--equiv-global-batch {gb} must divide by the number of processes {world}")
     per = gb // world
     pinned = None
-    for algo in a.algos.split(","):
+    for algo in [x for x in a.algos.split(",") if x]:  # --algos "" runs only the SDXL part
         kw = dict(algo=algo, rank=16, alpha=16, preset="attn-mlp", seed=a.seed)
         if algo == "lokr":
             kw.update(factor=8, rank=8, alpha=8)
