@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 #: Minimum per-head agreement between the base's samples and their prompts (every base-world
 #: description, one seed each). Set from the GPU run's measurement with a margin for seeds and
 #: CPU-vs-GPU numerics.
-SAMPLE_AGREEMENT = {"shape": 0.9, "colour": 0.9, "background": 0.9}  # GPU pretrain run (H100, seed 0) measured 1.0 on every head over 96 samples
+SAMPLE_AGREEMENT = {"shape": 0.9, "colour": 0.9, "background": 0.9}  # GPU pretrain run (H100, seed 0) measured 1.0 on every head over 384 samples (benchmarks/results/pretrain_h100/recipe.json)
 #: Largest rate at which the base draws a concept when prompted with its trigger word (it has
 #: never seen it: a star is 1 of 5 classifier shapes, stripes 1 of 2 textures).
 CONCEPT_RATE_MAX = 0.3
