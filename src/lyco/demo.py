@@ -1,14 +1,14 @@
 """``make demo`` (``python -m lyco.demo``): train an adapter offline on the CPU and show what it learned.
 
 **With the pretrained world base** (``src/lyco/data/world/base.safetensors`` and the world
-classifier, see :mod:`lyco.world`): a LoRA learns the *star* concept — a shape the base model has
+classifier, see :mod:`lyco.world`): a LoKr learns the *star* concept — a shape the base model has
 never seen — behind the trigger word ``zkz`` from 16 captioned images, through the same runner as
 ``lyco eval`` (:func:`lyco.world.evaluate.evaluate`: lyco's trainer, the saved file loaded back,
 DDIM samples on fixed prompts and seeds, the world classifier as the judge). It writes a grid with
 the base model's samples (before) and the adapter's (after) and prints the scores before → after:
 fidelity (the star appears for "a red zkz on a white background"), controllability (colour and
 background still obeyed), preservation (prompts without the trigger unchanged) and quality.
-About 1–3 minutes on 2 cores.
+About 2 minutes on 2 cores (measured: 100 s; fidelity 0 → 0.83, preservation 0.85).
 
 **Without those weights** (a checkout where they have not been committed yet), the fallback:
 
@@ -23,7 +23,8 @@ model), so its samples are not pictures of shapes; what it shows is the whole pa
 cache, training, checkpoints, metadata, resume state, sampling, inspection — and that the loss on a
 fixed evaluation batch goes down.
 
-Environment: ``LYCO_DEMO_STEPS`` (default 150 with the world base, 80 otherwise),
+Environment: ``LYCO_DEMO_STEPS`` (default 150 with the world base, 80 otherwise), ``LYCO_DEMO_ALGO``
+(world base: a ``lyco eval`` algorithm name, default ``lokr-1``), ``LYCO_DEMO_LR_SCALE`` (default 1),
 ``LYCO_DEMO_OUT`` (default ``demo_out``), ``LYCO_DEMO_THREADS`` (torch threads, default 1: the tiny
 layers gain nothing from more, and on a busy machine a second thread's spin-waits cost more than
 it gives), ``LYCO_DEMO_RANDOM=1`` forces the fallback.
@@ -59,7 +60,7 @@ def main() -> int:
 
 
 def world_demo() -> int:
-    """A LoRA learns the star concept from the pretrained world base; before/after grid and scores."""
+    """A LoKr learns the star concept from the pretrained world base; before/after grid and scores."""
     t0 = time.time()
     out = Path(os.environ.get("LYCO_DEMO_OUT", "demo_out")).resolve() / "world"
     steps = int(os.environ.get("LYCO_DEMO_STEPS", "150"))
@@ -72,13 +73,14 @@ def world_demo() -> int:
     from .world import scene
 
     concept = scene.CONCEPTS["star"]
-    algo = E.ALGORITHMS["lora"]
+    algo = E.ALGORITHMS[os.environ.get("LYCO_DEMO_ALGO", "lokr-1")]
     work = out / "work"
     if (work / "runs").exists():
         shutil.rmtree(work / "runs")  # a fresh adapter; the base folder, data and latent cache are kept
-    # the demo's budget: fewer, hotter steps than the `lyco eval` table (300 × 16 at the table's rate)
+    # the demo's budget: 150 steps × batch 8 at the table's learning rate (the `lyco eval` table: 300 × 16);
+    # measured on the 2-core CPU machine: LoKr f=-1 fidelity 0 → 0.83, preservation 0.85, 100 s in all
     s = E.Settings(steps=steps, batch_size=8, n_images=16, n_prompts=6, seeds=(0, 1), sample_steps=20,
-                   lr_scale=2.0, device="cpu", threads=int(os.environ.get("LYCO_DEMO_THREADS", "1")))
+                   lr_scale=float(os.environ.get("LYCO_DEMO_LR_SCALE", "1")), device="cpu", threads=int(os.environ.get("LYCO_DEMO_THREADS", "1")))
     _say(f"lyco demo: a {algo.label} learns the '{concept.name}' concept ({concept.description}) behind the "
          f"trigger word '{concept.trigger}'")
     _say(f"  from the pretrained world base, {steps} steps × batch {s.batch_size}, CPU, offline -> {out}/")
