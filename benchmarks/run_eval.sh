@@ -7,11 +7,12 @@
 # CPU smoke test: PYTHON=.venv/bin/python DEVICE=cpu benchmarks/run_eval.sh /tmp/e --quick --weights random --steps 2 --batch-size 2 --jobs 1
 #   OUTDIR defaults to $OUT. Everything lands flat in OUTDIR (6 files, each < 1 MB):
 #   results.json, results.md, tradeoff.png, grid_star.png, grid_stripes.png, eval.log
-# Expected: ~4-6 min on one H100/H200 (22 trainings of 300 steps x batch 16, 4 side by side). The
+# Measured: 492 s on one H100 80GB (benchmarks/results/eval_h100; 22 trainings of 300 steps x batch 16,
+# 4 side by side; BOFT is the long pole at ~190 s per concept). The
 # tiny model is launch-bound: counted on the CPU, one training step is 3.2k (IA3) to 21k (BOFT) aten
 # ops, 127k for the 11 algorithms together, so the table is ~79M kernel launches; at ~10 us of host
 # time per op that is ~10 min in one process, so 4 processes share the GPU (its own time is ~2-3 us
-# per tiny kernel, ~3-4 min in all). A partial results.json/.md is written after every finished
+# per tiny kernel; the H100 run came to ~5.7 us per op with 4 processes). A partial results.json/.md is written after every finished
 # training, so a run cut short still returns its rows; if it does not fit, rerun with --steps 200.
 set -uo pipefail
 final=${1:-${OUT:-eval_out}}; shift || true

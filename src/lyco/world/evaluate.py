@@ -82,12 +82,15 @@ class Algo:
 # so the low-rank methods have comparable capacity: LoRA/LoCon/DoRA/GLoRA rank 8; LoHa rank 4
 # (its Hadamard product has rank up to 4² = 16 at about the parameters of a rank-8 LoRA); LoKr at
 # two Kronecker factors (small factor 4: big second factor; factor -1: balanced). Learning rates
-# follow the common practice of each family, scaled for a ~4 M-parameter model, then checked on the
-# pretrained world base (CPU, 100 steps × batch 8, lr × 1.5, star): LoRA-like 1e-3; LoHa/LoKr 2e-3
-# (products of two small factors start slower); OFT 2e-3 and BOFT 1e-3 (at 4.5e-3 BOFT's loss
-# jumped from 0.11 to 0.88 within 3 steps and the model's colours/backgrounds broke, OFT's rose to
-# 0.15; at these rates both start like LoRA); (IA)³ 3e-2 (one scale per channel: at 1.5e-2 its loss
-# barely moved in 100 steps, 3e-2 is still stable); Full 2e-4 (every weight moves).
+# follow the common practice of each family, scaled for a ~4 M-parameter model: LoRA-like 1e-3;
+# LoHa/LoKr 2e-3 (products of two small factors start slower); OFT/BOFT 3e-3 (rotations start at the
+# identity); (IA)³ 1e-2 (one scale per channel); Full 2e-4 (every weight moves). These are the rates
+# of the committed H100 table (benchmarks/results/eval_h100). Checked afterwards on the pretrained
+# base (CPU, 100 steps × batch 8, no warm-up to speak of): BOFT is the most sensitive — at 1.5× (4.5e-3)
+# its loss jumped from 0.11 to 0.88 within 3 steps and colours/backgrounds broke, at 1e-3 it starts
+# like LoRA; OFT at 4.5e-3 rose to 0.15 early, at 2e-3 not; (IA)³ at 1.5e-2 barely moved its loss in
+# 100 steps and is still stable at 3e-2. At the table's 300 steps with a 15-step warm-up all of them
+# train (BOFT has the lowest preservation there); `--lr-scale` or editing this table changes them.
 ALGORITHMS: dict[str, Algo] = {a.name: a for a in (
     Algo("lora", "LoRA", {"algo": "lora", "rank": 8, "alpha": 8, "preset": "attn-mlp"}, 1e-3,
          note="attention + feed-forward linears (kohya's default)"),
@@ -101,13 +104,13 @@ ALGORITHMS: dict[str, Algo] = {a.name: a for a in (
                                  "options": {"factor": -1}}, 2e-3, note="Kronecker, balanced factors"),
     Algo("dora", "DoRA", {"algo": "lora", "rank": 8, "alpha": 8, "preset": "attn-mlp", "dora": True}, 1e-3,
          note="LoRA + weight decomposition (magnitude per output channel)"),
-    Algo("oft", "OFT", {"algo": "diag-oft", "rank": 8, "preset": "attn-mlp"}, 2e-3,
+    Algo("oft", "OFT", {"algo": "diag-oft", "rank": 8, "preset": "attn-mlp"}, 3e-3,
          note="block-diagonal orthogonal (rank 8: LyCORIS's block setting)"),
-    Algo("boft", "BOFT", {"algo": "boft", "rank": 8, "preset": "attn-mlp"}, 1e-3,
+    Algo("boft", "BOFT", {"algo": "boft", "rank": 8, "preset": "attn-mlp"}, 3e-3,
          note="butterfly orthogonal (rank 8: LyCORIS's block setting)"),
     Algo("glora", "GLoRA", {"algo": "glora", "rank": 8, "alpha": 8, "preset": "attn-mlp"}, 1e-3,
          note="generalised LoRA (weight and bias terms)"),
-    Algo("ia3", "(IA)³", {"algo": "ia3", "preset": "ia3"}, 3e-2,
+    Algo("ia3", "(IA)³", {"algo": "ia3", "preset": "ia3"}, 1e-2,
          note="learned scales on keys, values and FF inputs"),
     Algo("full", "Full", {"algo": "full", "preset": "full"}, 2e-4,
          note="native fine-tuning of the same layers as LoCon (stored as a difference)"),
