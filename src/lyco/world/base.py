@@ -225,7 +225,7 @@ def state_dict_of(components: dict[str, Any]) -> dict[str, torch.Tensor]:
 def save_weights(components: dict[str, Any], path: str | Path, *, recipe: dict | None = None) -> Path:
     """Write the components into one safetensors file (temporary name, then renamed), configs and
     ``recipe`` in its metadata."""
-    from safetensors.torch import save_file
+    from lyco.formats.safetensors_io import save_tensors
 
     cfgs = {c: _config_dict(components[c]) for c in COMPONENTS}
     cfgs["scheduler"] = dict(components["scheduler"].config) if "scheduler" in components else configs()["scheduler"]
@@ -235,16 +235,7 @@ def save_weights(components: dict[str, Any], path: str | Path, *, recipe: dict |
             "format": "pt"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state_dict_of(components), tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a weights file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_tensors(state_dict_of(components), path, metadata=meta, overwrite=True)  # temporary name, fsync, rename
     return path
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -119,23 +117,14 @@ class Classifier(nn.Module):
 def save(clf: Classifier, path: str | Path, *, recipe: dict | None = None) -> Path:
     """Write ``clf`` as safetensors (temporary name, then renamed); heads, widths and ``recipe``
     in the metadata."""
-    from safetensors.torch import save_file
+    from lyco.formats.safetensors_io import save_tensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in clf.state_dict().items()}
     meta = {"lyco.world.heads": json.dumps(clf.heads), "lyco.world.widths": json.dumps(list(clf.widths)),
             "lyco.world.recipe": json.dumps(recipe or {}, sort_keys=True, default=str), "format": "pt"}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a weights file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_tensors(sd, path, metadata=meta, overwrite=True)  # temporary name, fsync, rename
     return path
 
 
