@@ -168,19 +168,9 @@ def configs() -> dict[str, dict[str, Any]]:
                 projection_dim=hidden, vocab_size=n, max_position_embeddings=MAX_LENGTH,
                 bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                 pad_token_id=vocab["<|endoftext|>"])
-    scheduler = {
-        "_class_name": "DDIMScheduler",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "prediction_type": "v_prediction",
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "trained_betas": None,
-    }
+    # SD2's real scheduler config is the one wanted here: DDIM, scaled-linear betas, v-prediction
+    scheduler = C.get_config("sd2", "scheduler")
+    scheduler.update(timestep_spacing="leading")
     return copy.deepcopy({"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler})
 
 
