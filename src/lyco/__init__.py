@@ -29,6 +29,8 @@ def create(model_or_components, algo: str = "lora", rank: int = 4, alpha: float 
     ``unet-transformer-only``, ``unet-convblock-only``, ``ia3``), a TOML file or a dict.
     Other options: ``conv_rank``, ``conv_alpha``, ``overrides``, ``dora``, ``dora_axis``,
     ``multiplier``, ``seed`` and every algorithm option (``factor``, ``use_tucker``, ...).
+    ``dora_detach_norm=True`` (with ``dora=True``): treat DoRA's weight norm as a constant in
+    backward (DoRA paper §4.3, PEFT's default): same output, cheaper backward; off by default.
     """
     return Network.create(model_or_components, algo=algo, rank=rank, alpha=alpha, preset=preset, **options)
 

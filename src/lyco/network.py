@@ -26,6 +26,12 @@ log = logging.getLogger("lyco")
 
 _PIPE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _DORA_KEYS = ("dora", "dora_wd", "weight_decompose")
+# DoRA-only layer options (name → default), accepted by ``create`` next to ``dora``/``dora_axis`` and
+# passed to every DoRA layer's ``AdapterLayer.opts``; ignored on layers without DoRA (an error
+# when no layer has DoRA, a likely mistake):
+#   dora_detach_norm — ‖W′‖ treated as a constant in backward (DoRA paper §4.3, PEFT's default; see
+#                      algorithms/dora.py). Same forward, cheaper backward, other directional gradient.
+_DORA_LAYER_OPTIONS: dict[str, Any] = {"dora_detach_norm": False}
 _RESERVED = {"algo", "rank", "alpha", "dora", "dora_axis"}
 
 
@@ -156,7 +162,8 @@ def _settings_for(component: str, canon: str, classes, spec: LayerSpec, base: di
         # unless the override itself set them (then they are validated, and wrong ones are errors)
         from .algorithms.base import COMMON_OPTIONS
         alg = algorithms.get(str(s["algo"]))
-        allowed = {"algo", "rank", "alpha", "dora_axis", "wd_on_output", *_DORA_KEYS, *COMMON_OPTIONS, *alg.options}
+        allowed = {"algo", "rank", "alpha", "dora_axis", "wd_on_output", *_DORA_KEYS, *_DORA_LAYER_OPTIONS,
+                   *COMMON_OPTIONS, *alg.options}
         s = {k: v for k, v in s.items() if k in allowed or k in explicit}
     return s
 
@@ -169,7 +176,9 @@ def _as_overrides(overrides) -> list[presets_mod.Override]:
     return presets_mod.Preset.from_dict({"overrides": list(overrides)}, name="overrides").overrides
 
 
-def _split_settings(s: dict) -> tuple[str, dict, bool, str]:
+def _split_settings(s: dict) -> tuple[str, dict, bool, str, dict]:
+    """(algo, algorithm options, dora on?, dora axis, DoRA layer options) from one layer's settings."""
+    from .algorithms.base import coerce_option
     s = dict(s)
     algo = str(s.pop("algo", "lora"))
     dora = False
@@ -182,7 +191,8 @@ def _split_settings(s: dict) -> tuple[str, dict, bool, str]:
         axis = "out" if str(s.pop("wd_on_output")).lower() not in ("false", "0") else "in"
     if axis not in ("out", "in"):
         raise ConfigError(f"dora_axis must be 'out' or 'in', got {axis!r}")
-    return algo, s, dora, axis
+    dora_opts = {k: coerce_option(k, s.pop(k), d) for k, d in _DORA_LAYER_OPTIONS.items() if k in s}
+    return algo, s, dora, axis, dora_opts
 
 
 # --------------------------------------------------------------------------------------
@@ -226,10 +236,12 @@ class Network(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         base = {"algo": algo, "rank": rank, "alpha": alpha, **options}
         conv = {"rank": conv_rank, "alpha": conv_alpha}
+        dora_opts_unused: set[str] = set()  # DoRA layer options set (true) where DoRA is off
+        any_dora = False
         for comp, root in comps.items():
             for path, canon, mod, classes, spec in select_layers(comp, root, preset_obj):
                 s = _settings_for(comp, canon, classes, spec, base, conv, preset_obj, ovr)
-                algo_name, opts, dora, axis = _split_settings(s)
+                algo_name, opts, dora, axis, dora_opts = _split_settings(s)
                 alg = algorithms.get(algo_name)
                 if not alg.supports(spec):
                     raise ConfigError(f"layer {comp}.{canon} ({spec.kind}): algorithm {alg.name!r} does not support "
@@ -250,8 +262,16 @@ class Network(nn.Module):
                 t = {k: v.to(device=w.device, dtype=pdt if v.is_floating_point() else v.dtype) for k, v in t.items()}
                 layer_opts = {k: opts[k] for k in ("dropout", "rank_dropout", "rank_dropout_scale",
                                                    "module_dropout", "block_size") if k in opts}
+                if dora:
+                    layer_opts.update(dora_opts)
+                    any_dora = True
+                else:
+                    dora_opts_unused |= {k for k, v in dora_opts.items() if v}
                 net._add(f"{comp}.{canon}", mod, AdapterLayer(f"{comp}.{canon}", alg_used, spec, t, layer_opts,
                                                               multiplier, trainable=True, mode=mode))
+        if dora_opts_unused and not any_dora:
+            raise ConfigError(f"{', '.join(sorted(dora_opts_unused))} set but no layer uses DoRA; "
+                              "add dora=True (or remove the option)")
         if not net.layers:
             raise ConfigError(f"preset {preset_obj.name!r} matched no layer in {sorted(comps)}; "
                               "check target_modules/target_names (class names and full dotted paths)")

@@ -22,7 +22,8 @@ Deliberate differences:
 
 Gradient through the norm (training only; the forward value is the same either way):
   * default: the exact gradient of the function above, n included (LyCORIS);
-  * ``dora_detach_norm`` (a layer option, ``AdapterLayer.opts``): n = ‖W_c‖ treated as a constant
+  * ``dora_detach_norm`` (``lyco.create(..., dora=True, dora_detach_norm=True)``, the trainer's
+    ``[network] options``; stored in ``AdapterLayer.opts``): n = ‖W_c‖ treated as a constant
     in backward, as the DoRA paper recommends (§4.3, "we suggest treating ‖V+ΔV‖_c as a constant
     … detaching it from the gradient graph") and PEFT does by default. Then W_c is built and reduced
     under ``no_grad``: nothing weight-sized is saved and the backward has no weight-sized pass.
