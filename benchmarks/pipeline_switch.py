@@ -32,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -46,29 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def mem_available_gb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+from _common import cpu_name, loadavg, machine_info, mem_available_gb  # noqa: E402  (benchmarks/)
 
 
 def rss_gb() -> float:
@@ -409,11 +386,9 @@ def main(argv=None) -> int:
     need = {"sd1": 6, "sd2": 6, "sdxl": 14}
     avail = mem_available_gb()
     print(f"memory available: {avail:.1f} GB; CPU {cpu_name()}, {os.cpu_count()} CPUs, load {loadavg()}", flush=True)
-    import diffusers
-    import peft
-    machine = {"cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-               "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-               "python": platform.python_version(), "load_start": loadavg(), "mem_available_gb": round(avail, 1),
+    machine = {**machine_info("cpu", cpus="usable_cpus", torch_threads="torch_threads", torch="torch",
+                              diffusers="diffusers", peft="peft", python="python", load_start="loadavg"),
+               "mem_available_gb": round(avail, 1),
                "device": a.device if a.device == "cpu" else f"{a.device} ({torch.cuda.get_device_name()})"}
     fams = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as wd:

@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,22 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> list[float]:
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
+from _common import loadavg, machine_info  # noqa: E402  (benchmarks/)
 
 
 def build_checkpoint(path: Path, seed: int = 0) -> dict:
@@ -191,10 +175,8 @@ def main() -> int:
         print(f"need ~8 GiB free in {a.workdir}, found {free / 2 ** 30:.1f} GiB", file=sys.stderr)
         return 1
     d = Path(tempfile.mkdtemp(prefix="lyco_bench_", dir=a.workdir))
-    out: dict = {"machine": {"cpu": cpu_name(), "logical_cpus": os.cpu_count(),
-                             "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                             "python": platform.python_version(), "torch": torch.__version__,
-                             "loadavg_start": loadavg()}}
+    out: dict = {"machine": machine_info("cpu", "logical_cpus", "usable_cpus", "python", "torch",
+                                         loadavg_start="loadavg")}
     try:
         t = time.perf_counter()
         ck = build_checkpoint(d / "sd15.safetensors")

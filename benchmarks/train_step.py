@@ -60,6 +60,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
 
+from _common import machine_info  # noqa: E402  (benchmarks/)
+
 # ------------------------------------------------------------------------------------------------
 # What is measured
 # ------------------------------------------------------------------------------------------------
@@ -1070,21 +1072,6 @@ def report(records, meta) -> tuple[str, list[str]]:
 # ------------------------------------------------------------------------------------------------
 
 
-def versions() -> dict:
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("diffusers", "peft", "transformers", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            out[mod] = None
-    try:
-        from importlib.metadata import version
-        out["lycoris"] = version("lycoris-lora")
-    except Exception:  # noqa: BLE001
-        out["lycoris"] = None
-    return out
-
-
 def parse_jobs(a) -> list[tuple[str, int]]:
     if a.jobs:
         out = []
@@ -1171,9 +1158,10 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
     meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}) smoke",
-            **versions(), "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
+            **machine_info("torch", "python", "diffusers", "peft", "transformers", "triton", "lycoris"),
+            "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
             "warmup": a.warmup, "compile": a.compile and a.compile_backend, "smoke": a.smoke, "argv": sys.argv[1:],
-            "rounds": a.rounds, "graph": a.graph, "host_cpus": os.cpu_count()}
+            "rounds": a.rounds, "graph": a.graph, **machine_info(host_cpus="logical_cpus")}
     if cuda:
         meta["ceilings"] = ceilings(device)
     log(json.dumps(meta))

@@ -1,0 +1,98 @@
+"""What the benchmark scripts share: the facts about the machine they record with their numbers.
+
+:func:`machine_info` gathers them in one place; each script names the facts it records and the JSON
+key it records each under (the keys of results already written stay as they were), e.g.
+``machine_info("cpu", "torch", load_start="loadavg")``. Only the named facts are gathered, so a
+script that does not ask for a GPU name does not initialise CUDA, and one that does not ask for
+``diffusers`` does not import it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else what ``platform`` knows, else ``"unknown"``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15-minute load averages ([] where ``/proc/loadavg`` is missing)."""
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def mem_available_gb() -> float:
+    """``MemAvailable`` in GiB (NaN where ``/proc/meminfo`` is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def package_version(name: str) -> str | None:
+    """A package's version, or None where it is missing or fails to import (``lycoris``: the
+    ``lycoris-lora`` distribution, read from its metadata without importing it)."""
+    try:
+        if name == "lycoris":
+            from importlib.metadata import version
+            return version("lycoris-lora")
+        return __import__(name).__version__
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return None
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def _gpu_name() -> str | None:
+    torch = _torch()
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+_FACTS: dict[str, Callable[[], Any]] = {
+    "cpu": cpu_name,                                     # CPU model
+    "logical_cpus": os.cpu_count,                        # CPUs of the machine
+    "usable_cpus": lambda: len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "torch_threads": lambda: _torch().get_num_threads(),
+    "python": platform.python_version,
+    "torch": lambda: _torch().__version__,
+    "loadavg": loadavg,
+    "mem_available_gb": lambda: round(mem_available_gb(), 1),
+    "gpu": _gpu_name,                                    # name of CUDA device 0, None without CUDA
+}
+_PACKAGES = ("diffusers", "peft", "transformers", "triton", "lycoris")
+
+
+def machine_info(*facts: str, **keyed: str) -> dict[str, Any]:
+    """The named machine facts as a dict, in the order given: ``*facts`` under their own names,
+    ``key=fact`` under ``key``. Facts: ``cpu``, ``logical_cpus``, ``usable_cpus``,
+    ``torch_threads``, ``python``, ``torch``, ``loadavg``, ``mem_available_gb`` (GiB, 1 decimal),
+    ``gpu`` and the package versions ``diffusers``, ``peft``, ``transformers``, ``triton``,
+    ``lycoris`` (None where missing)."""
+    out: dict[str, Any] = {}
+    for key, fact in [*((f, f) for f in facts), *keyed.items()]:
+        if fact in _FACTS:
+            out[key] = _FACTS[fact]()
+        elif fact in _PACKAGES:
+            out[key] = package_version(fact)
+        else:
+            raise ValueError(f"unknown machine fact {fact!r}; known: {', '.join([*_FACTS, *_PACKAGES])}")
+    return out
