@@ -165,6 +165,10 @@ class TrainConfig:
     batch_size: int = opt(1, "images per batch per process")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    cuda_graph: bool = opt(False, "capture the forward and backward pass of each batch shape as one CUDA graph "
+                           "and replay it (removes the per-kernel launch cost that bounds small and mid-size "
+                           "steps; the optimizer step stays eager). Needs a GPU; not with module_dropout, "
+                           "DyLoRA or FSDP; several processes then average gradients with one flat all-reduce")
     mixed_precision: str = opt("no", "no, fp16 or bf16 (base model in this dtype, adapter in fp32)",
                                choices=MIXED_PRECISION)
     seed: int = opt(42, "seed of everything: adapter init, data order, augmentation, noise")
@@ -513,6 +517,22 @@ def validate(cfg: Config) -> None:
     need(not (cfg.distributed.strategy == "fsdp" and o.type == "prodigy"),
          "[distributed] strategy = 'fsdp' with [optimizer] type = 'prodigy' is not supported (Prodigy sums over "
          "all parameters; under FSDP each process holds a shard); use adamw or adamw8bit")
+    if t.cuda_graph:
+        # A graph replays the kernels it recorded, so a decision the host makes per step (which module to drop,
+        # which DyLoRA rank block to train) would be frozen at its captured value: refuse instead.
+        tables = [n.options or {}] + [ov for ov in n.overrides if isinstance(ov, Mapping)]
+        tables += [ov.get("options") or {} for ov in tables[1:] if isinstance(ov.get("options"), Mapping)]
+        need(not any(float(tb.get("module_dropout", 0) or 0) > 0 for tb in tables),
+             "[train] cuda_graph = true with [network] options module_dropout > 0 is not supported (the module to "
+             "drop is chosen on the host every step; a CUDA graph would replay one choice forever); use dropout "
+             "or rank_dropout, or cuda_graph = false")
+        need(n.algo != "dylora",
+             "[train] cuda_graph = true with [network] algo = 'dylora' is not supported (the trained rank block is "
+             "drawn on the host every step); use cuda_graph = false")
+        need(cfg.distributed.strategy != "fsdp",
+             "[train] cuda_graph = true with [distributed] strategy = 'fsdp' is not supported (FSDP gathers and "
+             "frees weights with host-side bookkeeping every step); use strategy = 'ddp'")
+        need(not t.cpu, "[train] cuda_graph = true needs a GPU, but [train] cpu = true")
     need(not (cfg.distributed.strategy == "fsdp" and t.mixed_precision == "fp16"),
          "[distributed] strategy = 'fsdp' with [train] mixed_precision = 'fp16' is not supported (fp16 loss "
          "scaling of sharded gradients); use bf16")

@@ -798,6 +798,14 @@ class Trainer:
         # them, unless some parameters may go unused in a step (their gradient must stay None then, as
         # on one GPU, or the optimizer would decay them)
         self._grads_to_none = not (strategy == "ddp" and not self._find_unused)
+        self._graph = None
+        if cfg.train.cuda_graph:
+            if dev.type != "cuda":
+                raise ConfigError(f"[train] cuda_graph = true needs a CUDA GPU; this run is on {dev} "
+                                  f"(set cuda_graph = false)")
+            from .graphs import GraphedStep
+            self._graph = GraphedStep(self._graph_fn, list(self.network.parameters()))
+            self._grads_to_none = False  # the graph accumulates into the same gradient tensors every step
         self._eval_batch = None
         if self.resume_from:
             self.load_state(self.resume_from)
@@ -818,7 +826,9 @@ class Trainer:
         d = self.cfg.distributed
         if d.strategy == "fsdp":
             return "fsdp"
-        return "flat" if d.ddp_comm == "flat" else "ddp"
+        # with CUDA graphs DDP's per-bucket hooks would fire inside the captured backward: average the
+        # gradients after the replay instead, with one all-reduce
+        return "flat" if d.ddp_comm == "flat" or self.cfg.train.cuda_graph else "ddp"
 
     def _sharded_model(self):
         return self.model if self.strategy == "fsdp" else None
@@ -1011,18 +1021,38 @@ class Trainer:
             w = torch.where(is_reg.to(w.device), w * self.cfg.data.prior_loss_weight, w)
         return w
 
-    def compute_loss(self, model, latents, captions, time_ids, gen, is_reg=None, timesteps=None,
-                     noise=None) -> torch.Tensor:
+    def loss_inputs(self, latents, captions, time_ids, gen, is_reg=None, timesteps=None, noise=None) -> dict:
+        """Everything the loss needs, as device tensors (noise, timesteps, per-sample weights, text
+        states or token ids): the host-side part of a step, kept apart from :meth:`loss_of` so that
+        the latter can be captured as a CUDA graph (``[train] cuda_graph``)."""
+        dev = latents.device
         if noise is None:
             noise, timesteps = self._noise(latents, gen, timesteps)
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        timesteps = timesteps.to(dev)
+        return {"latents": latents, "noise": noise.to(dev), "timesteps": timesteps,
+                "weights": self._weights(timesteps, is_reg),
+                "time_ids": time_ids.to(dev) if isinstance(time_ids, torch.Tensor) else time_ids,
+                "text": self._text_inputs(captions)}
+
+    def loss_of(self, model, inp: dict) -> torch.Tensor:
+        """The weighted diffusion loss of one batch from :meth:`loss_inputs` (device work only)."""
+        latents, noise, timesteps = inp["latents"], inp["noise"], inp["timesteps"]
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = self._target(latents, noise, timesteps)
-        text = self._text_inputs(captions)
         with self.accelerator.autocast():
-            pred = model(noisy.to(self.weight_dtype), timesteps, time_ids=time_ids, **text)
+            pred = model(noisy.to(self.weight_dtype), timesteps, time_ids=inp["time_ids"], **inp["text"])
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.dim())))
-        return (loss * self._weights(timesteps, is_reg)).mean()
+        return (loss * inp["weights"]).mean()
+
+    def compute_loss(self, model, latents, captions, time_ids, gen, is_reg=None, timesteps=None,
+                     noise=None) -> torch.Tensor:
+        return self.loss_of(model, self.loss_inputs(latents, captions, time_ids, gen, is_reg, timesteps, noise))
+
+    def _graph_fn(self, inp: dict) -> torch.Tensor:
+        """Forward and backward of one micro-batch: what ``[train] cuda_graph`` captures."""
+        loss = self.loss_of(self.model, inp)
+        self.accelerator.backward(loss)
+        return loss.detach()
 
     # ------------------------------------------------------------------ evaluation
     def eval_batch(self):
@@ -1136,9 +1166,13 @@ class Trainer:
                 gen = torch.Generator().manual_seed(seed)
                 with acc.accumulate(model):
                     latents = self._latents_of(batch)
-                    loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
-                                             is_reg=batch["is_reg"])
-                    acc.backward(loss)
+                    if self._graph is not None:
+                        loss = self._graph(self.loss_inputs(latents, batch["captions"], batch["time_ids"], gen,
+                                                            is_reg=batch["is_reg"]))
+                    else:
+                        loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
+                                                 is_reg=batch["is_reg"])
+                        acc.backward(loss)
                     # The NaN/Inf check reads the loss on the host, which waits for the device. It
                     # comes after the backward pass (still before the update), so that forward and
                     # backward are queued in one go instead of the device idling in between.

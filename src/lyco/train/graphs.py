@@ -1,0 +1,176 @@
+"""CUDA graphs for the training step (``[train] cuda_graph = true``).
+
+An adapter step on a diffusion UNet issues thousands of small kernels (a LoRA adds ~6 per adapted
+layer, forward and backward, to the base model's ~1400); on an H100 the host then needs as long to
+*launch* them as the GPU needs to run them (issue 7, ``benchmarks/NOTES.md``). A CUDA graph records
+the kernels of one forward + backward pass once and replays them with one launch.
+
+:class:`GraphedStep` wraps ``fn(inputs) -> loss`` — a function that computes the loss from a pytree of
+tensors *and calls backward itself* — and, for every distinct input signature (tree structure, shapes,
+dtypes: one per aspect-ratio bucket), captures it once:
+
+1. the trainable parameters get gradient tensors of their own if they have none (outside the graph's
+   memory), so the captured backward *accumulates* into them in place — gradient accumulation over
+   micro-batches then works as in eager mode, and the optimizer, the gradient clipping and the
+   all-reduce of several processes (eager, a handful of kernels) read and zero the same tensors;
+2. the inputs are copied into static buffers; ``warmup`` eager calls on a side stream (what torch's
+   graph capture needs: lazy initialisations, cuBLAS workspaces, the fp16 loss scale) are made and
+   their gradients discarded (the gradients and the RNG states are restored after capture, so
+   capturing in the middle of an accumulation changes nothing);
+3. the call is captured into one graph; graphs of all signatures share one memory pool (they are
+   replayed one at a time and keep nothing between replays but their loss).
+
+Every later call with that signature copies the new inputs into the static buffers and replays.
+What cannot be captured falls back to eager mode for good, with one warning naming the reason
+(e.g. an operation that waits for the host): a run never fails because of this option. More than
+``max_graphs`` signatures (many buckets) run the extra ones eagerly.
+
+What a graph cannot do: decisions the host makes per step are frozen at their captured values —
+the config refuses module_dropout and DyLoRA with ``cuda_graph`` for that reason (``config.validate``);
+device-side randomness (dropout, rank dropout) is fine: the default CUDA generator is registered with
+every graph and advances on every replay (the trainer reseeds it per step, as in eager mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+log = logging.getLogger("lyco.train")
+
+
+class _Captured:
+    __slots__ = ("replay", "static", "out")
+
+    def __init__(self, replay: Callable[[], None], static: list, out: Any):
+        self.replay, self.static, self.out = replay, static, out
+
+
+class GraphedStep:
+    """``fn(inputs)`` captured once per input signature and replayed (see the module docstring).
+
+    ``params``: the tensors whose gradients ``fn``'s backward produces (those requiring a gradient
+    are kept). Counters ``captures``/``replays``/``eager_calls`` and ``disabled_reason`` say what
+    happened."""
+
+    def __init__(self, fn: Callable[[Any], Any], params: Sequence[torch.Tensor], *, warmup: int = 2,
+                 max_graphs: int = 8):
+        self.fn = fn
+        self.params = [p for p in params if p.requires_grad]
+        self.warmup = max(1, int(warmup))
+        self.max_graphs = int(max_graphs)
+        self.graphs: dict[Any, _Captured] = {}
+        self.disabled_reason: str | None = None
+        self.captures = self.replays = self.eager_calls = 0
+        self._pool = None
+        self._warned_many = False
+
+    # -- what differs between a real GPU and the CPU tests (which replace these three) ------------
+    def _side_stream(self):
+        """Context for the warm-up calls (torch requires them off the capturing stream)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        ctx = torch.cuda.stream(s)
+
+        @contextlib.contextmanager
+        def run():
+            with ctx:
+                yield
+            torch.cuda.current_stream().wait_stream(s)
+        return run()
+
+    def _record(self, call: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """Capture ``call()`` into a graph: (replay, the captured output)."""
+        g = torch.cuda.CUDAGraph()
+        # thread_local: only this thread's unsafe calls invalidate the capture (a logger or a data-loader
+        # thread may touch CUDA meanwhile without breaking it)
+        with torch.cuda.graph(g, pool=self._pool, capture_error_mode="thread_local"):
+            out = call()
+        if self._pool is None:
+            self._pool = g.pool()
+        return g.replay, out
+
+    @staticmethod
+    def _rng_states():
+        return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+    @staticmethod
+    def _set_rng_states(states) -> None:
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            torch.cuda.set_rng_state(states[1])
+
+    # -- the step -----------------------------------------------------------------------------------
+    @staticmethod
+    def _signature(leaves, spec):
+        sig = []
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                sig.append((tuple(t.shape), t.dtype, str(t.device), t.requires_grad))
+            else:
+                sig.append(("value", repr(t)))
+        return (str(spec), tuple(sig))
+
+    def ensure_grads(self) -> None:
+        """A zero gradient tensor for every parameter that has none (see the module docstring, 1.)."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def __call__(self, inputs: Any) -> Any:
+        if self.disabled_reason is not None:
+            return self._eager(inputs)
+        leaves, spec = tree_flatten(inputs)
+        key = self._signature(leaves, spec)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:
+                if not self._warned_many:
+                    log.warning("cuda_graph: more than %d batch shapes; the extra ones run without a graph "
+                                "(fewer aspect-ratio buckets keep every step graphed)", self.max_graphs)
+                    self._warned_many = True
+                return self._eager(inputs)
+            entry = self._capture(leaves, spec)
+            if entry is None:
+                return self._eager(inputs)
+            self.graphs[key] = entry
+        with torch.no_grad():
+            for s, t in zip(entry.static, leaves):
+                if isinstance(s, torch.Tensor):
+                    s.copy_(t, non_blocking=True)
+        entry.replay()
+        self.replays += 1
+        return entry.out
+
+    def _eager(self, inputs):
+        self.eager_calls += 1
+        return self.fn(inputs)
+
+    def _capture(self, leaves, spec) -> _Captured | None:
+        self.ensure_grads()
+        saved = [p.grad.detach().clone() for p in self.params]
+        rng = self._rng_states()
+        static = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                  for t in leaves]
+        args = tree_unflatten(static, spec)
+        try:
+            with self._side_stream():
+                for _ in range(self.warmup):
+                    self.fn(args)
+            replay, out = self._record(lambda: self.fn(args))
+        except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
+            self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            log.warning("cuda_graph: the training step could not be captured (%s); training continues "
+                        "without CUDA graphs", self.disabled_reason)
+            return None
+        finally:
+            with torch.no_grad():
+                for p, g in zip(self.params, saved):
+                    p.grad.copy_(g)
+            self._set_rng_states(rng)
+        self.captures += 1
+        return _Captured(replay, static, out)

@@ -1,0 +1,146 @@
+"""``[train] cuda_graph``: the capture/replay plumbing of ``lyco.train.graphs.GraphedStep`` and its use
+by the trainer, on the CPU.
+
+CI has no GPU, so the CUDA graph itself is replaced by a stand-in with the same contract: *recording*
+runs the call once but the recording's side effects on the gradients are undone by ``GraphedStep``
+(as a real capture has none), and *replay* re-runs the recorded call on the **static input buffers**
+(never on the tensors of the current call) and writes into the **captured output tensor**. A
+trainer with it must train exactly as an eager trainer: that checks the static-input copies, the
+per-shape keying, in-place gradient accumulation across micro-batches, the discarded warm-up and
+the restored RNG state. The real capture is checked on the GPU by ``benchmarks/train_graph.py``
+(eager vs graph adapters compared there)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from lyco.errors import ConfigError
+from lyco.formats.safetensors_io import load_tensors
+from lyco.train.graphs import GraphedStep
+from lyco.train.loop import Trainer
+from lyco.train.synthetic import make_shapes
+
+from _train_helpers import make_cfg
+
+
+class StandInGraph(GraphedStep):
+    """GraphedStep with the CUDA parts replaced (see the module docstring)."""
+
+    def _side_stream(self):
+        return contextlib.nullcontext()
+
+    def _record(self, call):
+        out = call()  # its gradient side effects are rolled back by GraphedStep._capture
+
+        def replay():
+            new = call()
+            with torch.no_grad():
+                out.copy_(new)
+        return replay, out
+
+
+def _loss_fn(w):
+    def fn(inp):
+        loss = ((inp["x"] @ w - inp["y"]) ** 2).mean()
+        loss.backward()
+        return loss.detach()
+    return fn
+
+
+def test_replay_uses_new_inputs_and_accumulates_like_eager():
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, requires_grad=True)
+    batches = [{"x": torch.randn(4, 3), "y": torch.randn(4, 2)} for _ in range(3)]
+    batches.append({"x": torch.randn(5, 3), "y": torch.randn(5, 2)})  # another shape: a second graph
+    ref_w = w.detach().clone().requires_grad_(True)
+    ref_losses = [float(_loss_fn(ref_w)(b)) for b in batches]  # eager, accumulating into ref_w.grad
+
+    g = StandInGraph(_loss_fn(w), [w], warmup=3)
+    losses = [float(g(b)) for b in batches]
+    assert losses == pytest.approx(ref_losses, rel=1e-6)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-6, atol=1e-7)  # warm-up/capture discarded
+    assert (g.captures, g.replays, g.eager_calls, len(g.graphs)) == (2, 4, 0, 2)
+
+
+def test_capture_failure_falls_back_to_eager_without_side_effects(caplog):
+    w = torch.randn(3, 2, requires_grad=True)
+    w.grad = torch.full_like(w, 0.5)  # mid-accumulation
+    calls = {"n": 0}
+
+    def fn(inp):
+        calls["n"] += 1
+        loss = ((inp["x"] @ w) ** 2).mean()
+        loss.backward()
+        if calls["n"] == 2:  # the second warm-up call: as an op that syncs with the host would
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return loss.detach()
+
+    g = StandInGraph(fn, [w], warmup=2)
+    x = torch.randn(4, 3)
+    expect = w.grad + torch.autograd.grad(((x @ w) ** 2).mean(), w)[0]
+    with caplog.at_level("WARNING", logger="lyco.train"):
+        g({"x": x})
+    assert g.disabled_reason and "not permitted" in g.disabled_reason
+    assert "could not be captured" in caplog.text
+    torch.testing.assert_close(w.grad, expect)  # only the eager call's gradient was added
+    g({"x": x})
+    assert (g.captures, g.replays, g.eager_calls) == (0, 0, 2)
+
+
+def test_more_shapes_than_max_graphs_run_eagerly():
+    w = torch.randn(3, 2, requires_grad=True)
+    g = StandInGraph(_loss_fn(w), [w], max_graphs=2)
+    for n in (2, 3, 4, 2, 4):
+        g({"x": torch.randn(n, 3), "y": torch.randn(n, 2)})
+    assert (g.captures, g.replays, g.eager_calls) == (2, 3, 2)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_with_graphed_step_trains_exactly_as_eager(tmp_path, accum):
+    """Same config, seed and data, once eager and once through the stand-in graph (two aspect-ratio
+    buckets → two graphs, gradient accumulation, rank dropout drawn on the device): identical adapters."""
+    data = tmp_path / "train"
+    make_shapes(data / "2_lycoshape", 6, seed=3, sizes=((32, 32), (64, 32)))
+
+    def run(sub, graphed):
+        out = tmp_path / sub
+        cfg = make_cfg(out, data, network={"algo": "lora", "rank": 4, "options": {"rank_dropout": 0.25}},
+                       data={"resolution": [64, 64]},  # buckets 64×64 and 64×32
+                       train={"max_train_steps": 4, "gradient_accumulation_steps": accum},
+                       output={"save_state": False})
+        tr = Trainer(cfg).setup()
+        if graphed:
+            tr._graph = StandInGraph(tr._graph_fn, list(tr.network.parameters()))
+            tr._grads_to_none = False
+        res = tr.train()
+        return tr, load_tensors(res.adapter_path)[0]
+
+    _, eager = run("eager", False)
+    tr, graphed = run("graph", True)
+    assert tr._graph.captures == 2 and tr._graph.replays == 4 * accum and tr._graph.eager_calls == 0
+    assert set(eager) == set(graphed)
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("sections, words", [
+    ({"network": {"options": {"module_dropout": 0.1}}}, "module_dropout"),
+    ({"network": {"algo": "dylora"}}, "dylora"),
+    ({"distributed": {"strategy": "fsdp"}}, "fsdp"),
+    ({"train": {"cpu": True}}, "needs a GPU"),
+])
+def test_config_refuses_what_a_graph_cannot_replay(tmp_path, shapes_dir, sections, words):
+    sec = {k: dict(v) for k, v in sections.items()}
+    sec.setdefault("train", {})["cuda_graph"] = True
+    with pytest.raises(ConfigError, match=words):
+        make_cfg(tmp_path, shapes_dir, **sec)
+
+
+def test_cuda_graph_without_a_gpu_is_a_clear_error(tmp_path, shapes_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = make_cfg(tmp_path, shapes_dir, train={"cuda_graph": True})
+    with pytest.raises(ConfigError, match="cuda_graph = true needs a CUDA GPU"):
+        Trainer(cfg).setup()
