@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# [train] cuda_graph benchmark on one GPU (benchmarks/train_graph.py: lyco's Trainer, eager vs CUDA graph, world + SD1.5-sized,
+# LoRA/LoKr/LoHa). usage, repository root on the device machine with .whl carried: benchmarks/run_train_graph.sh [OUTDIR] [extra args]
+# No new row starts after BUDGET seconds (default 400); the whole command is cut at BUDGET+70 s; results are rewritten per training.
+out=${1:-${OUT:-train_graph_out}}; shift || true; py=${PYTHON:-python3}; $py -c 'import diffusers' 2>/dev/null || { $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; } || exit 1; export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; timeout $(( ${BUDGET:-400} + 70 )) $py benchmarks/train_graph.py --out "$out" --deadline $(( $(date +%s) + ${BUDGET:-400} )) "$@" 2>&1 | grep --line-buffered -v -e 'torchvision' -e 'Warning' -e 'warn('; exit "${PIPESTATUS[0]}"
