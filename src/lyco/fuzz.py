@@ -499,22 +499,38 @@ _PREFIXES = ["lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "l
              "lora_unet_input_blocks_4_1_", "lora_unet_down_blocks_9_attentions_0_", "base_model.model."]
 
 
-def mutate_adapter(rng: random.Random, groups: dict[str, list[Entry]], meta: dict) -> tuple[list[Entry], dict, str]:
-    """Structure-aware mutations of a kohya/LyCORIS file: returns entries, metadata, a kind label."""
+def _pick_groups(rng: random.Random, groups: dict[str, list[Entry]], sizes: list[int]) -> list[Entry]:
+    """The entries (copied) of ``rng.choice(sizes)`` groups picked at random (all when fewer)."""
     keys = sorted(groups)
-    picked = rng.sample(keys, min(len(keys), rng.choice([1, 1, 2, 3, 6])))
-    entries = [Entry(e.name, e.dtype, list(e.shape), e.data) for k in picked for e in groups[k]]
-    meta = dict(meta)
-    kinds = []
-    for _ in range(rng.choice([0, 1, 1, 1, 2, 3])):
-        op = rng.randrange(17)
+    picked = rng.sample(keys, min(len(keys), rng.choice(sizes)))
+    return [Entry(e.name, e.dtype, list(e.shape), e.data) for k in picked for e in groups[k]]
+
+
+def _mutation_steps(rng: random.Random, entries: list[Entry], kinds: list[str], rounds: list[int], n_ops: int):
+    """The loop of the structure-aware mutators: ``rng.choice(rounds)`` times, an operation number in
+    ``range(n_ops)`` and a random entry, yielded as ``(op, i, entries[i])`` for the caller to apply
+    (it must change ``entries`` in place). Operation 0 is the same for every mutator and done here,
+    not yielded: the entry gets a random new shape. Stops early once ``entries`` is empty."""
+    for _ in range(rng.choice(rounds)):
+        op = rng.randrange(n_ops)
         if not entries:
-            break
+            return
         i = rng.randrange(len(entries))
         e = entries[i]
         if op == 0:
             entries[i] = _resize_data(rng, e, _rand_shape(rng, e.shape)); kinds.append("shape")
-        elif op == 1:
+        else:
+            yield op, i, e
+
+
+def mutate_adapter(rng: random.Random, groups: dict[str, list[Entry]], meta: dict) -> tuple[list[Entry], dict, str]:
+    """Structure-aware mutations of a kohya/LyCORIS file: returns entries, metadata, a kind label."""
+    keys = sorted(groups)
+    entries = _pick_groups(rng, groups, [1, 1, 2, 3, 6])
+    meta = dict(meta)
+    kinds: list[str] = []
+    for op, i, e in _mutation_steps(rng, entries, kinds, [0, 1, 1, 1, 2, 3], 17):
+        if op == 1:
             dt = rng.choice(list(ST_DTYPES))
             entries[i] = _resize_data(rng, e, e.shape, dt); kinds.append("dtype")
         elif op == 2:
@@ -541,7 +557,7 @@ def mutate_adapter(rng: random.Random, groups: dict[str, list[Entry]], meta: dic
             val = rng.choice([0.0, -1.0, float("nan"), float("inf"), 1e30, 1e-30])
             shape = rng.choice([[], [1], [2], [1, 1]])
             n = math.prod(shape)
-            entries = [x for x in entries if x.name != f"{mod}.alpha"]
+            entries[:] = [x for x in entries if x.name != f"{mod}.alpha"]  # in place: the steps iterate it
             entries.append(Entry(f"{mod}.alpha", "F32", shape, struct.pack("<f", val) * n)); kinds.append("alpha")
         elif op == 8:  # a second algorithm's tensors in the same module
             other = groups[rng.choice(keys)]
@@ -792,19 +808,11 @@ def _gen_peft(rng: random.Random, ctx: Context) -> Case:
     for e in entries:
         m = e.name.rsplit(".lora_", 1)[0]
         mods.setdefault(m, []).append(e)
-    picked = rng.sample(sorted(mods), min(len(mods), rng.choice([1, 2, 4])))
-    entries = [e for m in picked for e in mods[m]]
+    entries = _pick_groups(rng, mods, [1, 2, 4])
     meta = dict(meta)
-    kinds = []
-    for _ in range(rng.choice([0, 1, 1, 2, 3])):
-        op = rng.randrange(10)
-        if not entries:
-            break
-        i = rng.randrange(len(entries))
-        e = entries[i]
-        if op == 0:
-            entries[i] = _resize_data(rng, e, _rand_shape(rng, e.shape)); kinds.append("shape")
-        elif op == 1:
+    kinds: list[str] = []
+    for op, i, e in _mutation_steps(rng, entries, kinds, [0, 1, 1, 2, 3], 10):
+        if op == 1:
             base = e.name
             for r in _PEFT_ROLES:
                 if r and base.endswith(r):
