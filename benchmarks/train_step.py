@@ -1007,6 +1007,18 @@ def _table(rs, variants, algos, floor, key: str, with_mem: bool, summary: list |
     return lines
 
 
+# The tables of each model × batch, in order: (record key, heading, peak memory too, lines in the
+# summary, summary label). The CUDA-graph table only where a record was timed as a graph.
+_TABLES = [
+    ("median_ms", "Eager: median step ms / peak GiB (peak includes the base model)", True, True, "eager median"),
+    ("p10_ms", "Eager: p10 step ms (the fastest tenth: least host noise)", False, True, "eager p10"),
+    ("host_ms", "Host issue time per step, ms (CPU time for the Python/launch side; ≈ step time → launch-bound)",
+     False, False, "host"),
+    ("graph_median_ms", "Whole step as one CUDA graph: median replay ms (device time, no launch overhead)",
+     False, True, "cuda graph"),
+]
+
+
 def report(records, meta) -> tuple[str, list[str]]:
     lines = [f"# Training-step benchmark — {meta['device']}", "",
              f"torch {meta['torch']}, diffusers {meta.get('diffusers')}, lycoris-lora {meta.get('lycoris')}, "
@@ -1035,23 +1047,12 @@ def report(records, meta) -> tuple[str, list[str]]:
                          + (f" (peak {_fmt(floor, 'peak_gib', digits=2)} / {_fmt(full, 'peak_gib', digits=2)} GiB)"
                             if key == "median_ms" else ""))
         lines.append("")
-        lines.append("### Eager: median step ms / peak GiB (peak includes the base model)")
-        lines.append("")
-        lines += _table(rs, variants, algos, floor, "median_ms", True, summary, "eager median")
-        lines.append("")
-        lines.append("### Eager: p10 step ms (the fastest tenth: least host noise)")
-        lines.append("")
-        lines += _table(rs, variants, algos, floor, "p10_ms", False, summary, "eager p10")
-        lines.append("")
-        lines.append("### Host issue time per step, ms (CPU time for the Python/launch side; ≈ step time → launch-bound)")
-        lines.append("")
-        lines += _table(rs, variants, algos, floor, "host_ms", False, None, "host")
-        if any(r.get("graph_median_ms") is not None or r.get("graph_error") for r in rs):
-            lines.append("")
-            lines.append("### Whole step as one CUDA graph: median replay ms (device time, no launch overhead)")
-            lines.append("")
-            lines += _table(rs, variants, algos, floor, "graph_median_ms", False, summary, "cuda graph")
-        lines.append("")
+        graphed = any(r.get("graph_median_ms") is not None or r.get("graph_error") for r in rs)
+        for key, heading, with_mem, summed, label in _TABLES:
+            if key == "graph_median_ms" and not graphed:
+                continue
+            lines += [f"### {heading}", "",
+                      *_table(rs, variants, algos, floor, key, with_mem, summary if summed else None, label), ""]
     notes = sorted({f"{r['algo']}/{r['variant']}: {r['note']}" for r in records if r.get("note")})
     if notes:
         lines.append("Notes (not counted as a peer): " + "; ".join(notes) + ".")
