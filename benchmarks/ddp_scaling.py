@@ -19,6 +19,12 @@ algorithm (LoRA r16, LoKr f8 r8 on ``attn-mlp``) and each *variant*:
     lyco-dynamic   the same without static_graph
     flat           the trainer's ``ddp_comm = "flat"``: no DDP, one all-reduce of all adapter gradients
     <v>+pin        <v> after pinning every thread of each process to its own 1/G of the CPUs (G = GPUs)
+    <v>+graph      <v> (none, independent or flat) with forward + backward captured as one CUDA graph per
+                   process and replayed (``lyco.train.graphs.GraphedStep``, what ``[train] cuda_graph`` does;
+                   the all-reduce, clipping and AdamW stay eager); compared with ``none+graph``. List the
+                   +graph variants first: after an eager forward + backward of the same LoRA in the same
+                   process, the capture failed on H200 (see lyco/train/graphs.py); the trainer, like these
+                   variants, captures before any eager backward
 
 The step is the trainer's: forward under autocast, fp32 MSE, backward (DDP all-reduce), gather of
 the loss and a finite check on the host, grad-norm clip at 1.0, AdamW, zeroing of the gradients.
@@ -58,7 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SD15_VARIANTS = ("independent", "default", "lyco", "lyco-dynamic", "flat", "lyco+pin")
-EQUIV_VARIANTS = ("none", "default", "lyco", "lyco-dynamic", "flat")
+EQUIV_VARIANTS = ("none", "default", "lyco", "lyco-dynamic", "flat", "flat+graph")
 
 
 class Wrapper(nn.Module):
@@ -164,6 +170,7 @@ def main():
     import lyco
     from lyco.formats.safetensors_io import save_tensors
     from lyco.train.config import DistributedConfig
+    from lyco.train.graphs import GraphedStep
     from lyco.train.loop import (FlatGradSync, LocalShards, clip_grad_norm, ddp_kwargs, fsdp_shard, full_tensor,
                                  register_ddp_hook)
 
@@ -259,13 +266,21 @@ def main():
     # -- one training step as the trainer does it ---------------------------------------------
     host_ms: list[float] = []  # CPU time to queue forward + backward (until the first host sync)
 
-    def make_step(model, params, opt, *, sync=None, comm=True, to_none=True, shards=None):
-        def step(b):
-            t0 = time.perf_counter()
+    def make_step(model, params, opt, *, sync=None, comm=True, to_none=True, shards=None, graph=False):
+        def fwd_bwd(b):
             with acc.autocast():
                 pred = model(b["x"], b["t"], b["ctx"], b.get("pooled"), b.get("time_ids"))
             loss = F.mse_loss(pred.float(), b["noise"].float())
             loss.backward()
+            return loss.detach()
+
+        if graph:  # the trainer's [train] cuda_graph: gradients accumulate in place, so they are zeroed, not freed
+            fwd_bwd = GraphedStep(fwd_bwd, params)
+            to_none = False
+
+        def step(b):
+            t0 = time.perf_counter()
+            loss = fwd_bwd(b)
             host_ms.append(1000 * (time.perf_counter() - t0))
             if sync is not None:
                 sync.sync()
@@ -283,6 +298,7 @@ def main():
             if shards is not None:
                 shards.zero_grad()
             return loss
+        step.graphed = fwd_bwd if graph else None
         return step
 
     def timed(step, b, label: str, n_imgs: int, warmup=None, windows=None, steps=None):
@@ -363,6 +379,13 @@ def main():
             init = [(torch.randn(q.shape, generator=g) * 0.02).to(dev) for q in params]
         thr_batch = batch_of(10_000 + rank, a.batch, cfg, a.seed, dev, dtype, False, res_px)
         for variant in variants:
+            graph = "+graph" in variant
+            if graph and (a.smoke or not torch.cuda.is_available()):
+                log(f"{algo} {variant}: skipped (CUDA graphs need a GPU)")
+                continue
+            if graph and variant.split("+")[0] not in ("none", "independent", "flat"):
+                raise SystemExit(f"{variant}: +graph goes with none, independent or flat (DDP's hooks would fire "
+                                 f"inside the captured backward)")
             if variant.endswith("+pin") and pinned is None:
                 pinned = pin_process(local_rank)
                 log(f"pinned: process {local_rank} on CPUs {pinned[0]}-{pinned[-1]}")
@@ -378,14 +401,17 @@ def main():
                    "adapter_params": sum(q.numel() for q in params), "device": gpu}
             if variant in EQUIV_VARIANTS:
                 opt = torch.optim.AdamW(params, lr=1e-4)
-                step = make_step(model, params, opt, sync=sync, comm=comm, to_none=to_none)
+                step = make_step(model, params, opt, sync=sync, comm=comm, to_none=to_none, graph=graph)
                 sl = slice(rank * per, (rank + 1) * per)
                 for s in range(a.equiv_steps):
                     b = sliced(batch_of(s, gb, cfg, a.seed, dev, dtype, False, res_px), sl)
                     if s == 0:  # the first gradient, after the all-reduce, before clipping/optimizer
-                        with acc.autocast():
-                            pred = model(b["x"], b["t"], b["ctx"])
-                        F.mse_loss(pred.float(), b["noise"].float()).backward()
+                        if graph:  # the gradient the graph computes (capture + one replay)
+                            step.graphed(b)
+                        else:
+                            with acc.autocast():
+                                pred = model(b["x"], b["t"], b["ctx"])
+                            F.mse_loss(pred.float(), b["noise"].float()).backward()
                         if sync is not None:
                             sync.sync()
                         if rank == 0:
@@ -393,7 +419,7 @@ def main():
                                      for i, q in enumerate(params)}
                             save_tensors(grads, os.path.join(work, f"grad_{algo}_{variant}_{world}.safetensors"), {},
                                          overwrite=True)
-                        opt.zero_grad(set_to_none=to_none)
+                        opt.zero_grad(set_to_none=to_none and not graph)
                     step(b)
                 if rank == 0:
                     ad = {f"{i:04d}": q.detach().float().cpu().contiguous() for i, q in enumerate(params)}
@@ -401,8 +427,13 @@ def main():
                                  overwrite=True)
                 del opt, step
             opt = torch.optim.AdamW(params, lr=1e-4)
-            step = make_step(model, params, opt, sync=sync, comm=comm, to_none=to_none)
+            step = make_step(model, params, opt, sync=sync, comm=comm, to_none=to_none, graph=graph)
             row.update(timed(step, thr_batch, f"{algo} {variant}", a.batch * world))
+            if step.graphed is not None:  # did the graph run, or fall back to eager?
+                gs = step.graphed
+                row["graph"] = {"captures": gs.captures, "replays": gs.replays, "eager_calls": gs.eager_calls,
+                                "failed_attempts": gs.failed_attempts, "disabled_reason": gs.disabled_reason}
+                log(f"{algo} {variant} graph: {row['graph']}")
             row["peak_gib"] = peak_all()
             res["runs"].append(row)
             flush()

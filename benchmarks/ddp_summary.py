@@ -6,7 +6,7 @@ N-vs-1 equivalence, communication alone, SDXL Full under DDP and FSDP.
 Writes ``OUT/ddp_scaling.json`` and ``OUT/ddp_scaling.md`` (OUT defaults to WORK).
 
 Efficiency = images/s on N processes / (N × images/s of the 1-process baseline at the same
-per-process batch); pinned variants (``+pin``) are compared with the pinned baseline ``none+pin``.
+per-process batch); each variant is compared with the 1-GPU baseline of the same suffixes (``lyco+pin`` with ``none+pin``, ``flat+graph`` with ``none+graph``).
 
 Equivalence, bf16 tolerance: the N-process gradient averages N bf16-autocast passes over slices of
 the global batch, the 1-process one is one pass over all of it; the same math, rounded differently
@@ -75,7 +75,8 @@ def main(work: str, out: str) -> str:
               "| algo | variant | GPUs | images/s | step ms | host ms | efficiency | peak GiB | card |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["algo"], r["processes"], r["variant"])):
-        ref = base.get((r["algo"], "none+pin" if r["variant"].endswith("+pin") else "none"))
+        v = r["variant"]  # each variant against the 1-GPU run with the same suffixes (+pin, +graph)
+        ref = base.get((r["algo"], "none" + v[len(v.split("+")[0]):]))
         eff = r["images_per_s"] / (r["processes"] * ref["images_per_s"]) if ref else None
         res["scaling"].append({"algo": r["algo"], "variant": r["variant"], "processes": r["processes"],
                                "images_per_s": r["images_per_s"], "step_ms": r["step_ms"], "efficiency": eff,

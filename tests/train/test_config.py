@@ -154,3 +154,16 @@ def test_replace_validates():
         cfg.replace(train={"batch_size": 0})
     with pytest.raises(ConfigError, match="unknown key"):
         cfg.replace(train={"nope": 1})
+
+
+def test_train_help_lists_every_key(capsys):
+    """``lyco train --help`` renders (argparse %-formats help texts: a literal % in a declaration once
+    crashed it) and shows the flag of every declared key."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for section, cls in C.SECTIONS.items():
+        for f in fields(cls):
+            assert f"--{C.flag_of(section, f)}" in out, (section, f.name)
+    assert "the first 5%)" in out

@@ -638,7 +638,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                 spec = {"type": conv, "metavar": _type_name(conv).upper()}
                 if ch:
                     spec["choices"] = list(ch)
-            group.add_argument(f"--{fl}", help=h, **kw, **spec)
+            # argparse %-formats help texts (for %(default)s): a literal % in a declaration must be doubled
+            group.add_argument(f"--{fl}", help=h.replace("%", "%%"), **kw, **spec)
             if "-" in fl:  # kohya-style spelling, hidden from --help
                 group.add_argument(f"--{fl.replace('-', '_')}", help=argparse.SUPPRESS, **kw, **spec)
 
