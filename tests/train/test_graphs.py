@@ -165,3 +165,20 @@ def test_cuda_graph_without_a_gpu_is_a_clear_error(tmp_path, shapes_dir, monkeyp
     cfg = make_cfg(tmp_path, shapes_dir, train={"cuda_graph": True})
     with pytest.raises(ConfigError, match="cuda_graph = true needs a CUDA GPU"):
         Trainer(cfg).setup()
+
+
+@pytest.mark.parametrize("processes, cuda_graph, ddp_comm, strategy, expect", [
+    (1, True, "buckets", "ddp", "single"),
+    (2, False, "buckets", "ddp", "ddp"),
+    (2, True, "buckets", "ddp", "flat"),  # DDP's bucket hooks would fire inside the captured backward
+    (2, False, "flat", "ddp", "flat"),
+    (2, False, "buckets", "fsdp", "fsdp"),
+])
+def test_several_processes_with_cuda_graph_average_gradients_after_the_replay(tmp_path, shapes_dir, processes,
+                                                                             cuda_graph, ddp_comm, strategy, expect):
+    from types import SimpleNamespace
+    cfg = make_cfg(tmp_path, shapes_dir, distributed={"ddp_comm": ddp_comm, "strategy": strategy},
+                   train={"cuda_graph": cuda_graph})
+    tr = Trainer(cfg)
+    tr.accelerator = SimpleNamespace(num_processes=processes)
+    assert tr.strategy == expect
