@@ -114,3 +114,14 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match="missing.safetensors"):
         E.evaluate(tmp_path / "o", "lora", "star", E.Settings.quick_settings(weights=str(tmp_path / "missing.safetensors")),
                    progress=False, say=lambda *_: None)
+
+
+def test_cuda_graph_reaches_the_trainer_config_and_needs_a_gpu(tmp_path, capsys):
+    from lyco.cli import main
+    paths = {"model_dir": "m", "data:star": "d", "cache:star": "c"}
+    on = E.train_config(E.ALGORITHMS["lora"], "star", paths, str(tmp_path), E.Settings(device="cuda", cuda_graph=True))
+    off = E.train_config(E.ALGORITHMS["lora"], "star", paths, str(tmp_path), E.Settings(device="cuda"))
+    assert on.train.cuda_graph is True and off.train.cuda_graph is False
+    rc = main(["eval", "--quick", "--cuda-graph", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc != 0 and "--cuda-graph needs a GPU (--device cuda), not --device cpu" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

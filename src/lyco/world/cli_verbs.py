@@ -42,6 +42,8 @@ def _eval():
         p.add_argument("--work", default=None, help="folder for datasets, adapters and samples (default: a "
                        "temporary folder, removed at the end)")
         p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="train with [train] cuda_graph: each step replayed as one CUDA graph (needs --device cuda)")
         p.add_argument("--quick", action="store_true", help="CI sizes: 2 steps, 2 prompts × 1 seed, 1 DDIM step")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -61,7 +63,9 @@ def _eval():
                 kw["seeds"] = tuple(int(x) for x in a.seeds.split(",") if x.strip())
             except ValueError:
                 raise ConfigError(f"--seeds {a.seeds!r}: expected comma-separated integers") from None
-        kw.update(device=a.device, lr_scale=a.lr_scale, precision=a.precision, jobs=a.jobs, threads=a.threads,
+        if a.cuda_graph and not a.device.startswith("cuda"):
+            raise ConfigError(f"--cuda-graph needs a GPU (--device cuda), not --device {a.device}")
+        kw.update(cuda_graph=a.cuda_graph, device=a.device, lr_scale=a.lr_scale, precision=a.precision, jobs=a.jobs, threads=a.threads,
                   weights=a.weights, classifier_weights=a.classifier_weights)
         s = Settings.quick_settings(**kw) if a.quick else Settings(**kw)
         res = evaluate(a.out, a.algos, a.concepts, s, work=a.work, keep_work=a.keep_work,

@@ -178,6 +178,7 @@ class Settings:
     jobs: int = 1
     threads: int = 0            #: torch threads per job (0 = 1 on the CPU or with several jobs, else torch's default)
     quick: bool = False
+    cuda_graph: bool = False    #: train with ``[train] cuda_graph`` (GPU only; ~5× faster steps on this launch-bound model)
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -397,7 +398,8 @@ def train_config(algo: Algo, concept: str, paths: Mapping[str, str], out_dir: st
         "optimizer": {"learning_rate": lr, "text_encoder_lr": te_lr, "lr_scheduler": s.lr_scheduler,
                       "lr_warmup_steps": s.warmup if s.warmup < 1 else int(s.warmup)},
         "train": {"max_train_steps": s.steps, "batch_size": s.batch_size, "seed": s.train_seed,
-                  "mixed_precision": "bf16" if s.precision == "bf16" else "no", "cpu": s.device == "cpu"},
+                  "mixed_precision": "bf16" if s.precision == "bf16" else "no", "cpu": s.device == "cpu",
+                  "cuda_graph": s.cuda_graph},
         "output": {"output_dir": out_dir, "output_name": f"{algo.name}_{concept}", "save_dtype": s.save_dtype,
                    "save_state": False, "overwrite": True, "log_with": "none", "progress_bar": False,
                    "training_comment": f"lyco eval: {algo.name} on the world concept {concept!r}"},
