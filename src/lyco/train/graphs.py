@@ -27,7 +27,7 @@ What cannot be captured falls back to eager mode for good, with one warning nami
 
 Measured (H100/H200, ``benchmarks/check_cuda_graph.py``, ``train_graph.py``, ``ddp_scaling.py``): the
 adapters are bit-identical to eager training on the tiny model for every algorithm; with the text
-encoder trained the gradients differ by ~1e-4 relative (cuBLAS chooses other kernels inside a
+encoder trained the gradients differ by ~1e-4 relative (rounding; presumably other kernels inside a
 capture). One failure seen, outside the trainer: in the DDP benchmark, capturing a LoRA step right
 after an *eager* forward + backward of the same network in the same process failed (twice in a row)
 with "operation failed due to a previous error during capture", while LoKr did not and a capture
