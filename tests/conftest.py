@@ -1,0 +1,29 @@
+"""Suite-wide settings.
+
+Under pytest-xdist (``make test`` runs ``-n 2`` on 2 cores) every worker gets **one** torch thread: the
+workers already fill the cores, and more threads per worker oversubscribe them — OpenMP's spinning
+threads then make CPU-bound tests several times slower (a 10 s trainer test took 111 s). A test module
+may set another count at import time (collection imports every module in every worker, so the last one
+imported would win for the whole run); this fixture sets the count again before each test. The
+environment variables reach the processes tests start (gloo workers, kill tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    for _k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_k] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_per_xdist_worker():
+    if _WORKER:
+        torch.set_num_threads(1)
+    yield
