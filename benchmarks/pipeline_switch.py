@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import os
 import statistics
 import sys
@@ -372,17 +371,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
-    for name in ("diffusers", "peft", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        from transformers.utils import logging as tlog
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
+    from lyco._quiet import quiet_libraries
+    quiet_libraries(loggers=("peft",))
     need = {"sd1": 6, "sd2": 6, "sdxl": 14}
     avail = mem_available_gb()
     print(f"memory available: {avail:.1f} GB; CPU {cpu_name()}, {os.cpu_count()} CPUs, load {loadavg()}", flush=True)

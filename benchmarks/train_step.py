@@ -158,18 +158,10 @@ def log(*a):
 
 
 def quiet_libraries():
-    import logging
+    from lyco._quiet import quiet_libraries as quiet
+    quiet(loggers=("LyCORIS", "lycoris", "peft"), messages=(".*oft_block_size.*",))
     import warnings
-    for name in ("LyCORIS", "lycoris", "diffusers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
-    warnings.filterwarnings("ignore", message=".*oft_block_size.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
-    try:
-        from diffusers.utils import logging as dlog
-        dlog.set_verbosity_error()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 #: variants whose result is not the algorithm named (excluded from "best peer")

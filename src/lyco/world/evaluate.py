@@ -485,21 +485,8 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _quiet_libraries() -> None:
-    import warnings
-    warnings.filterwarnings("ignore", module="diffusers")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", message=".*kept in float32.*")
-    for noisy in ("diffusers", "transformers", "accelerate", "lyco.train"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dl
-        dl.set_verbosity_error()
-        dl.disable_progress_bar()
-        from transformers.utils import logging as tl
-        tl.set_verbosity_error()
-        tl.disable_progress_bar()
-    except Exception:  # noqa: BLE001 — optional quieting only
-        pass
+    from .._quiet import quiet_libraries
+    quiet_libraries()
 
 
 def _worker_init(threads: int) -> None:
