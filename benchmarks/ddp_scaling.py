@@ -277,6 +277,9 @@ def main():
         if graph:  # the trainer's [train] cuda_graph: gradients accumulate in place, so they are zeroed, not freed
             fwd_bwd = GraphedStep(fwd_bwd, params)
             to_none = False
+            if sync is not None:  # as the trainer: gradients as views of flat buffers, all-reduced in place
+                fwd_bwd.ensure_grads()  # (runs 4-5 of ddp_scaling_h200x2 predate this: they copied)
+                sync.adopt(fwd_bwd.flat_grads)
 
         def step(b):
             t0 = time.perf_counter()

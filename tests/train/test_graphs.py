@@ -182,3 +182,67 @@ def test_several_processes_with_cuda_graph_average_gradients_after_the_replay(tm
     tr = Trainer(cfg)
     tr.accelerator = SimpleNamespace(num_processes=processes)
     assert tr.strategy == expect
+
+
+class _TwoRanks:
+    """A stand-in for torch.distributed with 2 ranks whose other rank's gradient is all ones: an all-reduce
+    adds 1 to every element. Records what it was given."""
+
+    def __init__(self):
+        self.reduced = []
+
+    def get_world_size(self):
+        return 2
+
+    def all_reduce(self, t):
+        self.reduced.append(t)
+        t.add_(1.0)
+
+
+def _mixed_params():
+    torch.manual_seed(0)
+    ps = [torch.randn(3, 4, requires_grad=True), torch.randn(5, requires_grad=True),
+          torch.randn(2, 2, dtype=torch.float64, requires_grad=True), torch.randn(7, 1, requires_grad=True)]
+    return ps
+
+
+def test_flat_gradient_views_are_all_reduced_in_place_without_copies():
+    from lyco.train.loop import FlatGradSync
+    ps = _mixed_params()
+    g = StandInGraph(lambda inp: None, ps)
+    g.ensure_grads()
+    assert len(g.flat_grads) == 2  # float32 and float64
+    grads = [torch.randn(p.shape, dtype=p.dtype) for p in ps]
+    with torch.no_grad():
+        for p, v in zip(ps, grads):
+            p.grad.add_(v)  # what a backward accumulating into the views does
+    assert all(p.grad._base is not None for p in ps)
+    dist = _TwoRanks()
+    sync = FlatGradSync(ps, dist=dist)
+    assert sync.adopt(g.flat_grads)
+    sync.sync()
+    assert [id(t) for t in dist.reduced] == [id(f) for f in g.flat_grads]  # the buffers themselves
+    for p, v in zip(ps, grads):
+        torch.testing.assert_close(p.grad, (v + 1) / 2)
+
+
+def test_flat_sync_falls_back_to_copies_when_the_gradients_are_not_the_adopted_views():
+    from lyco.train.loop import FlatGradSync
+    ps = _mixed_params()
+    g = StandInGraph(lambda inp: None, ps)
+    g.ensure_grads()
+    sync = FlatGradSync(ps, dist=_TwoRanks())
+    assert sync.adopt(g.flat_grads)
+    v = torch.randn(5)
+    ps[1].grad = v.clone()  # replaced, not zeroed: the flat buffer no longer holds this gradient
+    sync.sync()
+    torch.testing.assert_close(ps[1].grad, (v + 1) / 2)
+    torch.testing.assert_close(ps[0].grad, torch.full((3, 4), 0.5))
+    # buffers that do not cover every gradient, or gradients that are not views, are refused
+    other = FlatGradSync(ps, dist=_TwoRanks())
+    assert not other.adopt(g.flat_grads)  # ps[1].grad is no longer a view
+    assert not other.adopt(None)
+    qs = _mixed_params()
+    for q in qs:
+        q.grad = torch.zeros_like(q)
+    assert not FlatGradSync(qs, dist=_TwoRanks()).adopt(g.flat_grads)

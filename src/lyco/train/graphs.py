@@ -75,6 +75,7 @@ class GraphedStep:
         self.graphs: dict[Any, _Captured] = {}
         self.disabled_reason: str | None = None
         self.captures = self.replays = self.eager_calls = self.failed_attempts = 0
+        self.flat_grads: list[torch.Tensor] | None = None  # see ensure_grads
         self._pool = None
         self._stream = None
         self.share_pool = True  # one memory pool for the graphs of all signatures (see the module docstring)
@@ -148,7 +149,25 @@ class GraphedStep:
         return (str(spec), tuple(sig))
 
     def ensure_grads(self) -> None:
-        """A zero gradient tensor for every parameter that has none (see the module docstring, 1.)."""
+        """A zero gradient tensor for every parameter that has none (see the module docstring, 1.).
+
+        When no parameter has one yet, the gradients are made views of one flat buffer per device and
+        dtype (``flat_grads``): the backward accumulates into them as into separate tensors, and several
+        processes then average *all* gradients with one all-reduce of each buffer and no copies
+        (:meth:`lyco.train.loop.FlatGradSync.adopt`) instead of one copy kernel per parameter."""
+        if self.params and all(p.grad is None for p in self.params):
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for p in self.params:
+                groups.setdefault((p.device, p.dtype), []).append(p)
+            self.flat_grads = []
+            for (device, dtype), ps in groups.items():
+                flat = torch.zeros(sum(p.numel() for p in ps), device=device, dtype=dtype)
+                off = 0
+                for p in ps:
+                    p.grad = flat[off:off + p.numel()].view_as(p)
+                    off += p.numel()
+                self.flat_grads.append(flat)
+            return
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -392,11 +392,36 @@ class FlatGradSync:
     of one flat buffer per dtype (no per-parameter hooks, no buckets, no overlap with the backward
     pass). A parameter without a gradient on a rank contributes zeros (module dropout)."""
 
-    def __init__(self, params: Sequence[torch.Tensor]):
-        import torch.distributed as dist
+    def __init__(self, params: Sequence[torch.Tensor], dist=None):
+        if dist is None:
+            import torch.distributed as dist
         self.dist = dist
         self.params = [p for p in params if p.requires_grad]
         self.world = dist.get_world_size()
+        self._flats: list[torch.Tensor] | None = None
+        self._grads: tuple[torch.Tensor, ...] = ()
+
+    def adopt(self, flats: Sequence[torch.Tensor] | None) -> bool:
+        """Average the gradients by all-reducing ``flats`` in place (one collective and one division per
+        buffer, no copies) when every parameter's gradient is a view into one of them and together they
+        cover nothing else — what :meth:`lyco.train.graphs.GraphedStep.ensure_grads` makes. Checked
+        here; on a later step the gradients must still be those same tensors (zeroed, not replaced),
+        else :meth:`sync` falls back to copying. Returns whether the buffers were adopted."""
+        if not flats:
+            return False
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):
+            return False
+        covered = {id(f): 0 for f in flats}
+        for g in grads:
+            base = g._base
+            if base is None or id(base) not in covered:
+                return False
+            covered[id(base)] += g.numel()
+        if any(covered[id(f)] != f.numel() for f in flats):
+            return False
+        self._flats, self._grads = list(flats), tuple(grads)
+        return True
 
     def broadcast_parameters(self) -> None:
         """Rank 0's values everywhere (every rank builds the same adapter from the same seed; this makes
@@ -417,6 +442,12 @@ class FlatGradSync:
         return list(groups.values())
 
     def sync(self) -> None:
+        if self._flats is not None and all(p.grad is g for p, g in zip(self.params, self._grads)):
+            with torch.no_grad():
+                for flat in self._flats:
+                    self.dist.all_reduce(flat)
+                    flat.div_(self.world)
+            return
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
         for p in self.params:
             if p.grad is None:
@@ -806,6 +837,9 @@ class Trainer:
             from .graphs import GraphedStep
             self._graph = GraphedStep(self._graph_fn, list(self.network.parameters()))
             self._grads_to_none = False  # the graph accumulates into the same gradient tensors every step
+            if self._grad_sync is not None:  # several processes: gradients in flat buffers, all-reduced in place
+                self._graph.ensure_grads()
+                self._grad_sync.adopt(self._graph.flat_grads)
         self._eval_batch = None
         if self.resume_from:
             self.load_state(self.resume_from)
