@@ -3,7 +3,33 @@ shared by several test folders)."""
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from lyco.train import from_dict
+from lyco.train.graphs import GraphedStep
+
+
+class StandInGraph(GraphedStep):
+    """``GraphedStep`` with the CUDA parts replaced, for the CPU: *recording* runs the call once (its
+    effect on the gradients is rolled back by ``GraphedStep._capture``, as a real capture has none) and
+    *replay* re-runs the recorded call on the static input buffers and writes into the captured output
+    tensor — the contract of a CUDA graph, without the GPU."""
+
+    runs_without_cuda = True
+
+    def _side_stream(self):
+        return contextlib.nullcontext()
+
+    def _record(self, call):
+        out = call()
+
+        def replay():
+            new = call()
+            with torch.no_grad():
+                out.copy_(new)
+        return replay, out
 
 
 def make_cfg(out, train_dir, *, model="tiny:sd1", **sections):

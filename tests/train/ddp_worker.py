@@ -48,8 +48,13 @@ for run in plan["runs"]:
     seen.clear()
     written.clear()
     os.environ.update(run.get("env", {}))  # e.g. ACCELERATE_USE_FSDP, as `accelerate launch --use_fsdp` sets it
+    if run.get("standin_graph"):  # [train] cuda_graph on the CPU: the stand-in keeps the graph's contract
+        from lyco.train import graphs
+        from _train_helpers import StandInGraph
+        graphs.GraphedStep = StandInGraph
     tr = Trainer(from_dict(run["config"]), resume=run.get("resume"))
     res = tr.train()
+    g = tr._graph
     h = hashlib.sha256()
     sd = sorted(tr.network.state_dict().items())
     for (k, _), v in zip(sd, full_tensors([v for _, v in sd])):  # FSDP: gathered (every rank takes part)
@@ -60,6 +65,8 @@ for run in plan["runs"]:
         "rank": rank, "world": tr.accelerator.num_processes, "strategy": tr.strategy, "hash": h.hexdigest(),
         "steps": res.steps, "keys": seen, "written": written, "checkpoints": res.checkpoints,
         "states": res.states, "losses": res.losses,
+        "graph": None if g is None else {"replays": g.replays, "captures": g.captures,
+                                         "flat_adopted": tr._grad_sync is not None and tr._grad_sync._flats is not None},
     })
     with open(f"{plan['report_dir']}/{run['name']}.rank{rank}.json", "w", encoding="utf-8") as f:
         f.write(report)

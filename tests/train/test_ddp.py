@@ -89,7 +89,9 @@ def adapter(path):
 
 LORA = {"algo": "lora", "rank": 4, "options": {}}
 STEPS = {"max_train_steps": 3}
-ONE_TO_TWO = {"ddp": {}, "flat": {"ddp_comm": "flat"}, "fsdp": {}}  # fsdp: asked for as accelerate does, below
+ONE_TO_TWO = {"ddp": {}, "flat": {"ddp_comm": "flat"}, "fsdp": {}, "graph": {}}  # fsdp: asked for as accelerate
+# does, below; graph: [train] cuda_graph with the CPU stand-in graph (flat gradient buffers all-reduced in place)
+STRATEGY = {"graph": "flat"}
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,8 @@ def two(tmp_path_factory, shapes_dir):
                   output={"save_every_n_steps": 1}))
     runs = [{"name": k, "config": config(root / k, shapes_dir, distributed=d)} for k, d in ONE_TO_TWO.items()]
     runs[2]["env"] = {"ACCELERATE_USE_FSDP": "true"}  # what `accelerate launch --use_fsdp` sets
+    runs[3]["config"]["train"]["cuda_graph"] = True
+    runs[3]["standin_graph"] = True
     runs += [{"name": "fresh-ddp", "config": config(root / "fresh-ddp", shapes_dir, network=LORA,
                                                       train={"max_train_steps": 1})},
              {"name": "resume-fsdp", "config": config(root / "resume-fsdp", shapes_dir, network=LORA, train=STEPS,
@@ -125,7 +129,9 @@ def test_ddp_flat_and_fsdp_equal_one_process(two, tmp_path, shapes_dir):
     for name, (r0, r1) in rep.items():
         out = outs[name]
         assert [r0["rank"], r1["rank"], r0["world"]] == [0, 1, 2], name
-        assert r0["strategy"] == name
+        assert r0["strategy"] == STRATEGY.get(name, name)
+        if name == "graph":  # replayed every micro-batch, gradients averaged from the adopted flat buffers
+            assert r0["graph"] == r1["graph"] == {"replays": 2, "captures": 1, "flat_adopted": True}
         assert r0["hash"] == r1["hash"], name  # one adapter on both ranks
         assert r0["losses"] == r1["losses"], name  # the logged loss is the mean over both ranks
         k0, k1 = {tuple(k) for k in r0["keys"]}, {tuple(k) for k in r1["keys"]}
@@ -139,7 +145,7 @@ def test_ddp_flat_and_fsdp_equal_one_process(two, tmp_path, shapes_dir):
         md = read_metadata(out / "adapter.safetensors")
         assert md["ss_total_batch_size"] == "4" and md["ss_steps"] == "2", name
         state = json.loads((out / "adapter-state" / "state.json").read_text())
-        assert state["num_processes"] == 2 and state["strategy"] == name
+        assert state["num_processes"] == 2 and state["strategy"] == STRATEGY.get(name, name)
         assert state["epoch"] == 1 and state["global_batches_done"] == 0  # the epoch is done
         # the same training as one process on the same global batches
         got = adapter(out / "adapter.safetensors")

@@ -12,8 +12,6 @@ the restored RNG state. The real capture is checked on the GPU by ``benchmarks/t
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -23,23 +21,7 @@ from lyco.train.graphs import GraphedStep
 from lyco.train.loop import Trainer
 from lyco.train.synthetic import make_shapes
 
-from _train_helpers import make_cfg
-
-
-class StandInGraph(GraphedStep):
-    """GraphedStep with the CUDA parts replaced (see the module docstring)."""
-
-    def _side_stream(self):
-        return contextlib.nullcontext()
-
-    def _record(self, call):
-        out = call()  # its gradient side effects are rolled back by GraphedStep._capture
-
-        def replay():
-            new = call()
-            with torch.no_grad():
-                out.copy_(new)
-        return replay, out
+from _train_helpers import StandInGraph, make_cfg
 
 
 def _loss_fn(w):

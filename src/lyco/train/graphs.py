@@ -66,6 +66,9 @@ class GraphedStep:
     are kept). Counters ``captures``/``replays``/``eager_calls`` and ``disabled_reason`` say what
     happened."""
 
+    #: a subclass that replaces the CUDA parts (the CPU tests' stand-in) sets this to run on any device
+    runs_without_cuda = False
+
     def __init__(self, fn: Callable[[Any], Any], params: Sequence[torch.Tensor], *, warmup: int = 2,
                  max_graphs: int = 8):
         self.fn = fn
