@@ -1,7 +1,8 @@
 """CUDA graphs for the training step (``[train] cuda_graph = true``).
 
-An adapter step on a diffusion UNet issues thousands of small kernels (a LoRA adds ~6 per adapted
-layer, forward and backward, to the base model's ~1400); on an H100 the host then needs as long to
+An adapter step on a diffusion UNet issues thousands of small kernels (a rank-16 LoRA on SD1.5's 192
+attention/MLP layers adds ~1650 aten ops to the frozen model's ~1400 per forward + backward,
+``benchmarks/op_count.py``); on an H100 the host then needs as long to
 *launch* them as the GPU needs to run them (issue 7, ``benchmarks/NOTES.md``). A CUDA graph records
 the kernels of one forward + backward pass once and replays them with one launch.
 
