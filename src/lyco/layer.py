@@ -221,6 +221,15 @@ class AdapterLayer(nn.Module):
         return self.algorithm.forward_accumulate(acc, x, self._hot_tensors(), self.spec, weight, bias, base_out,
                                                  self._multiplier, inplace)
 
+    @property
+    def prefers_rebuild(self) -> bool:
+        """``mode = "auto"``: whether this layer takes the rebuild path (the algorithm decides from its
+        tensors). Never with a dropout-family option: those act on the delta path."""
+        o = self.opts
+        if o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout"):
+            return False
+        return self.algorithm.prefers_rebuild_for(self._hot_tensors())
+
     def rebuild_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The algorithm's own ``op(x, W′, b′)`` for the rebuild path (a leaner backward), or None."""
         if self.training and self.algorithm.name == "dylora":
@@ -276,8 +285,7 @@ class LayerHost:
 
     def _refresh(self) -> tuple:
         active = tuple(a for a in self.adapters if a.enabled and not a.is_merged and a.multiplier != 0.0)
-        self._rebuild = any(a.mode == "rebuild" or (a.mode == "auto" and a.algorithm.prefers_rebuild)
-                            for a in active)
+        self._rebuild = any(a.mode == "rebuild" or (a.mode == "auto" and a.prefers_rebuild) for a in active)
         self._active = active
         return active
 

@@ -186,3 +186,53 @@ def test_create():
     assert "on_input" in alg.frozen_keys and alg.weight_independent is False
     lin = LayerSpec.from_module(nn.Linear(6, 8))
     assert alg.create(lin, alg.validate_options({}))["weight"].shape == (8,)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(6, 5), lambda: nn.Conv2d(4, 6, 3, padding=1),
+                                  lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2)], ids=["linear", "conv", "grouped"])
+@pytest.mark.parametrize("multiplier", [1.0, 0.6])
+def test_input_mode_takes_the_one_op_rebuild_path_with_the_delta_paths_values(make, multiplier):
+    """Input-mode (IA)³ on a host layer in ``auto`` mode runs ``op(x ⊙ (1 + m·w), W, b)`` — one op instead
+    of the frozen op plus ``op(x ⊙ w, W)``: the output and every gradient equal float64 math written here
+    and the ``bypass`` path; output mode stays on the bypass path."""
+    import lyco
+    torch.manual_seed(0)
+    module = make().double().requires_grad_(False)
+    net = lyco.create(nn.Sequential(module), algo="ia3", preset="full", train_on_input=True, seed=0)
+    (layer,) = net.layers.values()
+    with torch.no_grad():
+        layer.params.weight.normal_(0, 0.3)
+    layer.multiplier = multiplier
+    x = torch.randn((3, 6) if isinstance(module, nn.Linear) else (2, 4, 5, 5), dtype=torch.float64)
+
+    def run(mode):
+        layer.mode = mode
+        xx = x.clone().requires_grad_(True)
+        y = module(xx)
+        y.pow(2).sum().backward()
+        g = layer.params.weight.grad.clone()
+        layer.params.weight.grad = None
+        return y.detach(), xx.grad, g, layer.host._rebuild
+
+    # the reference: (IA)³ scales the layer's input channels by 1 + m·w (bias untouched)
+    w = layer.params.weight.detach().clone().reshape(-1).requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    s = (1 + multiplier * w).reshape((1, -1) + (1,) * (x.dim() - 2))
+    if isinstance(module, nn.Linear):
+        yr = torch.nn.functional.linear(xr * s, module.weight, module.bias)
+    else:
+        yr = torch.nn.functional.conv2d(xr * s, module.weight, module.bias, padding=1, groups=module.groups)
+    yr.pow(2).sum().backward()
+
+    auto, bypass = run("auto"), run("bypass")
+    assert auto[3] is True and bypass[3] is False
+    for got in (auto, bypass):
+        torch.testing.assert_close(got[0], yr.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[1], xr.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got[2].reshape(-1), w.grad, rtol=1e-10, atol=1e-10)
+    out_net = lyco.create(nn.Sequential(nn.Linear(6, 5).double()), algo="ia3", preset="full", seed=0)
+    assert not next(iter(out_net.layers.values())).prefers_rebuild
+    # the dropout family acts on the delta path: with it, input mode stays there
+    drop = lyco.create(nn.Sequential(nn.Linear(6, 5).double()), algo="ia3", preset="full", train_on_input=True,
+                       dropout=0.1, seed=0)
+    assert not next(iter(drop.layers.values())).prefers_rebuild

@@ -372,6 +372,11 @@ class Algorithm:
     #: (Full: a bypass is a second full-size GEMM forward and two more backward).
     prefers_rebuild: ClassVar[bool] = False
 
+    def prefers_rebuild_for(self, t: Mapping[str, Any]) -> bool:
+        """Per layer (``mode = "auto"``): whether the rebuild path is the better one for these tensors.
+        Default: the class's ``prefers_rebuild``."""
+        return self.prefers_rebuild
+
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                    bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W′, b′)`` for the rebuild path with a cheaper backward than autograd's, or None

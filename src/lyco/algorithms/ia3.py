@@ -98,5 +98,19 @@ class IA3(Algorithm):
         y = base_out if bias is None else base_out - channel_view(bias.to(base_out.dtype), spec, base_out)
         return torch.addcmul(acc, y, c)
 
+    def prefers_rebuild_for(self, t):
+        # Input mode: ``op(x ⊙ (1 + m·w), W, b)`` replaces the frozen op — one GEMM per layer where the
+        # delta path runs the frozen op *and* ``op(x ⊙ w, W)``; it keeps x for ∂w as the delta path does
+        # and no weight-sized tensor (LyCORIS scales the weight instead: W ⊙ (1 + w) per step and a
+        # weight-gradient GEMM). Output mode keeps its one ``addcmul`` on the frozen op's output.
+        return ia3_on_input(t)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        if not ia3_on_input(t):
+            return None
+        w = t["weight"].reshape(-1)
+        s = 1 + (w * multiplier if multiplier != 1.0 else w)
+        return layer_op(x * input_channel_view(s.to(x.dtype), spec, x), spec, weight, bias)
+
     def describe(self, t):
         return {"rank": None, "alpha": None, "scale": 1.0, "on_input": ia3_on_input(t)}
