@@ -723,6 +723,11 @@ class Trainer:
         self._make_accelerator()
         cfg = self.cfg  # `accelerate launch --use_fsdp` may have set [distributed] strategy
         acc = self.accelerator
+        if cfg.train.cuda_graph:  # before any model is loaded
+            from . import graphs
+            if acc.device.type != "cuda" and not graphs.GraphedStep.runs_without_cuda:
+                raise ConfigError(f"[train] cuda_graph = true needs a CUDA GPU; this run is on {acc.device} "
+                                  f"(set cuda_graph = false)")
         self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
         self.started_at = time.time()
         if acc.is_main_process:
@@ -833,9 +838,6 @@ class Trainer:
         if cfg.train.cuda_graph:
             from . import graphs
             GraphedStep = graphs.GraphedStep  # looked up here: the CPU tests put a stand-in in its place
-            if dev.type != "cuda" and not GraphedStep.runs_without_cuda:
-                raise ConfigError(f"[train] cuda_graph = true needs a CUDA GPU; this run is on {dev} "
-                                  f"(set cuda_graph = false)")
             self._graph = GraphedStep(self._graph_fn, list(self.network.parameters()))
             self._grads_to_none = False  # the graph accumulates into the same gradient tensors every step
             if self._grad_sync is not None:  # several processes: gradients in flat buffers, all-reduced in place
