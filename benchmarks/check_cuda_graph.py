@@ -36,8 +36,6 @@ from lyco.train import from_dict  # noqa: E402
 from lyco.train.loop import Trainer  # noqa: E402
 from lyco.train.synthetic import make_shapes  # noqa: E402
 
-SEPARATE_POOLS = False
-
 # name: (network table, train table additions)
 CASES = {
     "lora": ({"algo": "lora", "rank": 8}, {}),
@@ -133,8 +131,6 @@ def moved_gradients(data: Path, out: Path, net: dict, train: dict) -> float:
 
 def run(data: Path, out: Path, net: dict, train: dict, graph: bool, steps: int):
     tr = Trainer(config(data, out, net, train, graph, steps)).setup()
-    if graph and SEPARATE_POOLS:
-        tr._graph.share_pool = False
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     res = tr.train()
@@ -155,7 +151,6 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--eager-twice", action="store_true", help="also train eager a second time (noise reference)")
     ap.add_argument("--one-bucket", action="store_true", help="square images only (one graph)")
-    ap.add_argument("--separate-pools", action="store_true", help="one memory pool per graph (diagnosis)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative L2 difference of the gradients")
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -164,8 +159,6 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     work = Path(tempfile.mkdtemp())
     data = work / "train"
-    global SEPARATE_POOLS
-    SEPARATE_POOLS = a.separate_pools
     make_shapes(data / "4_lycoshape", 8, seed=3, sizes=((64, 64),) if a.one_bucket else ((64, 64), (128, 64)))
     rows, bad = [], 0
     for name in a.cases.split(","):

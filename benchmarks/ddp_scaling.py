@@ -435,7 +435,7 @@ def main():
             if step.graphed is not None:  # did the graph run, or fall back to eager?
                 gs = step.graphed
                 row["graph"] = {"captures": gs.captures, "replays": gs.replays, "eager_calls": gs.eager_calls,
-                                "failed_attempts": gs.failed_attempts, "disabled_reason": gs.disabled_reason}
+                                "disabled_reason": gs.disabled_reason}
                 log(f"{algo} {variant} graph: {row['graph']}")
             row["peak_gib"] = peak_all()
             res["runs"].append(row)

@@ -56,7 +56,7 @@ def test_capture_failure_falls_back_to_eager_without_side_effects(caplog):
         calls["n"] += 1
         loss = ((inp["x"] @ w) ** 2).mean()
         loss.backward()
-        if calls["n"] in (2, 4):  # the second warm-up call of both attempts: as an op that syncs would
+        if calls["n"] == 2:  # the second warm-up call: as an op that syncs with the host would
             raise RuntimeError("operation not permitted when stream is capturing")
         return loss.detach()
 
@@ -66,31 +66,11 @@ def test_capture_failure_falls_back_to_eager_without_side_effects(caplog):
     with caplog.at_level("WARNING", logger="lyco.train"):
         g({"x": x})
     assert g.disabled_reason and "not permitted" in g.disabled_reason
+    assert "test_graphs.py" in g.disabled_reason and "in fn)" in g.disabled_reason  # where it came from
     assert "could not be captured" in caplog.text
     torch.testing.assert_close(w.grad, expect)  # only the eager call's gradient was added
     g({"x": x})
-    assert (g.captures, g.replays, g.eager_calls, g.failed_attempts) == (0, 0, 2, 1)
-
-
-def test_a_capture_that_fails_once_is_retried():
-    w = torch.randn(3, 2, requires_grad=True)
-    calls = {"n": 0}
-    inner = _loss_fn(w)
-
-    def fn(inp):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("operation failed due to a previous error during capture")
-        return inner(inp)
-
-    g = StandInGraph(fn, [w], warmup=2)
-    b = {"x": torch.randn(4, 3), "y": torch.randn(4, 2)}
-    ref = w.detach().clone().requires_grad_(True)
-    _loss_fn(ref)(b)
-    g(b)
-    assert (g.captures, g.replays, g.eager_calls, g.failed_attempts) == (1, 1, 0, 1)
-    assert g.disabled_reason is None
-    torch.testing.assert_close(w.grad, ref.grad)  # the failed attempt left no gradient behind
+    assert (g.captures, g.replays, g.eager_calls) == (0, 0, 2)
 
 
 def test_more_shapes_than_max_graphs_run_eagerly():

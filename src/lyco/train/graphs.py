@@ -27,13 +27,14 @@ What cannot be captured falls back to eager mode for good, with one warning nami
 ``max_graphs`` signatures (many buckets) run the extra ones eagerly.
 
 Measured (H100/H200, ``benchmarks/check_cuda_graph.py``, ``train_graph.py``, ``ddp_scaling.py``): the
-adapters are bit-identical to eager training on the tiny model for every algorithm; with the text
+adapters are bit-identical to eager training on the tiny model for LoRA, LoCon, LoHa, LoKr, DoRA,
+Diag-OFT, BOFT, GLoRA, (IA)³ and Full; with the text
 encoder trained the gradients differ by ~1e-4 relative (rounding; presumably other kernels inside a
 capture). One failure seen, outside the trainer: in the DDP benchmark, capturing a LoRA step right
 after an *eager* forward + backward of the same network in the same process failed (twice in a row)
-with "operation failed due to a previous error during capture", while LoKr did not and a capture
-made first always succeeded; the trainer captures at its first step, before any eager backward, and
-falls back to eager mode should it happen. The cause is not found.
+with "operation failed due to a previous error during capture" (a second attempt failed the same
+way), while LoKr did not and a capture made first always succeeded; the trainer captures at its first
+step, before any eager backward, and falls back to eager mode should it happen. The cause is not found.
 
 What a graph cannot do: decisions the host makes per step are frozen at their captured values —
 the config refuses module_dropout and DyLoRA with ``cuda_graph`` for that reason (``config.validate``);
@@ -78,11 +79,10 @@ class GraphedStep:
         self.max_graphs = int(max_graphs)
         self.graphs: dict[Any, _Captured] = {}
         self.disabled_reason: str | None = None
-        self.captures = self.replays = self.eager_calls = self.failed_attempts = 0
+        self.captures = self.replays = self.eager_calls = 0
         self.flat_grads: list[torch.Tensor] | None = None  # see ensure_grads
         self._pool = None
         self._stream = None
-        self.share_pool = True  # one memory pool for the graphs of all signatures (see the module docstring)
         self._warned_many = False
 
     # -- what differs between a real GPU and the CPU tests (which replace these three) ------------
@@ -111,10 +111,9 @@ class GraphedStep:
         g = torch.cuda.CUDAGraph()
         # thread_local: only this thread's unsafe calls invalidate the capture (a logger or a data-loader
         # thread may touch CUDA meanwhile without breaking it)
-        with torch.cuda.graph(g, pool=self._pool if self.share_pool else None, stream=self._capture_stream(),
-                              capture_error_mode="thread_local"):
+        with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
             out = call()
-        if self._pool is None and self.share_pool:
+        if self._pool is None:  # the graphs of all signatures share one memory pool (module docstring, 3.)
             self._pool = g.pool()
         return g.replay, out
 
@@ -212,37 +211,25 @@ class GraphedStep:
         static = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                   for t in leaves]
         args = tree_unflatten(static, spec)
-        attempts = 2
-        for attempt in range(attempts):
-            try:
-                with self._side_stream():
-                    for i in range(self.warmup):
-                        # the last warm-up call runs with torch's sync debugging set to "error": an operation
-                        # that waits for the host (which would break the capture with an unhelpful "operation
-                        # failed due to a previous error during capture") raises here, where its traceback
-                        # names it
-                        with self._sync_errors(i == self.warmup - 1):
-                            self.fn(args)
-                replay, out = self._record(lambda: self.fn(args))
-                break
-            except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
-                reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)
-                # A capture can fail once on what the eager steps before it left behind and then succeed
-                # (seen on H200 in the DDP benchmark: the first capture after eager LoRA steps failed, the
-                # next ones did not); a second failure is final.
-                if attempt + 1 < attempts:
-                    log.info("cuda_graph: capture attempt %d failed (%s); trying again", attempt + 1, reason)
-                    self.failed_attempts += 1
-                    continue
-                self.disabled_reason = reason
-                log.warning("cuda_graph: the training step could not be captured (%s); training continues "
-                            "without CUDA graphs", self.disabled_reason)
-                return None
-            finally:
-                with torch.no_grad():
-                    for p, g in zip(self.params, saved):
-                        p.grad.copy_(g)
-                self._set_rng_states(rng)
+        try:
+            with self._side_stream():
+                for i in range(self.warmup):
+                    # the last warm-up call runs with torch's sync debugging set to "error": an operation that
+                    # waits for the host (which would break the capture with an unhelpful "operation failed
+                    # due to a previous error during capture") raises here, where its traceback names it
+                    with self._sync_errors(i == self.warmup - 1):
+                        self.fn(args)
+            replay, out = self._record(lambda: self.fn(args))
+        except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
+            self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)
+            log.warning("cuda_graph: the training step could not be captured (%s); training continues "
+                        "without CUDA graphs", self.disabled_reason)
+            return None
+        finally:
+            with torch.no_grad():
+                for p, g in zip(self.params, saved):
+                    p.grad.copy_(g)
+            self._set_rng_states(rng)
         self.captures += 1
         return _Captured(replay, static, out)
 
@@ -251,8 +238,9 @@ def _where(tb) -> str:
     """`` (at file:line in function)`` of the innermost frame outside torch's own files: where a
     failed capture came from."""
     import traceback
-    frames = [f for f in traceback.extract_tb(tb) if "/torch/" not in f.filename.replace("\\", "/")]
+    from pathlib import Path
+    frames = [f for f in traceback.extract_tb(tb) if "torch" not in Path(f.filename).parts]
     if not frames:
         return ""
     f = frames[-1]
-    return f" (at {'/'.join(f.filename.replace(chr(92), '/').split('/')[-2:])}:{f.lineno} in {f.name})"
+    return f" (at {Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} in {f.name})"

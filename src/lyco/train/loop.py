@@ -723,9 +723,11 @@ class Trainer:
         self._make_accelerator()
         cfg = self.cfg  # `accelerate launch --use_fsdp` may have set [distributed] strategy
         acc = self.accelerator
-        if cfg.train.cuda_graph:  # before any model is loaded
+        self._graph_cls = None
+        if cfg.train.cuda_graph:  # checked before any model is loaded
             from . import graphs
-            if acc.device.type != "cuda" and not graphs.GraphedStep.runs_without_cuda:
+            self._graph_cls = graphs.GraphedStep  # looked up at run time: the CPU tests put a stand-in there
+            if acc.device.type != "cuda" and not self._graph_cls.runs_without_cuda:
                 raise ConfigError(f"[train] cuda_graph = true needs a CUDA GPU; this run is on {acc.device} "
                                   f"(set cuda_graph = false)")
         self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
@@ -835,10 +837,8 @@ class Trainer:
         # on one GPU, or the optimizer would decay them)
         self._grads_to_none = not (strategy == "ddp" and not self._find_unused)
         self._graph = None
-        if cfg.train.cuda_graph:
-            from . import graphs
-            GraphedStep = graphs.GraphedStep  # looked up here: the CPU tests put a stand-in in its place
-            self._graph = GraphedStep(self._graph_fn, list(self.network.parameters()))
+        if self._graph_cls is not None:
+            self._graph = self._graph_cls(self._graph_fn, list(self.network.parameters()))
             self._grads_to_none = False  # the graph accumulates into the same gradient tensors every step
             if self._grad_sync is not None:  # several processes: gradients in flat buffers, all-reduced in place
                 self._graph.ensure_grads()
