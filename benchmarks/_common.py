@@ -96,3 +96,31 @@ def machine_info(*facts: str, **keyed: str) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown machine fact {fact!r}; known: {', '.join([*_FACTS, *_PACKAGES])}")
     return out
+
+
+class StepClock:
+    """A :class:`lyco.train.loop.Trainer` callback that times optimizer steps: on every ``step`` event it
+    waits for the device and stamps ``time.perf_counter()``. Steps ``warmup+1 … warmup+steps`` are then
+    timed by :meth:`ms_per_step` (the stamps' span ÷ steps) and :meth:`median_ms` (median single step),
+    so that setup, caching and graph capture (the first steps) stay out."""
+
+    def __init__(self):
+        self.stamps: dict[int, float] = {}
+
+    def __call__(self, trainer, event: str, step: int = 0, **_):
+        if event == "step":
+            import time
+            torch = _torch()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.stamps[step] = time.perf_counter()
+
+    def seconds(self, warmup: int, steps: int) -> float:
+        return self.stamps[warmup + steps] - self.stamps[warmup]
+
+    def ms_per_step(self, warmup: int, steps: int) -> float:
+        return 1000 * self.seconds(warmup, steps) / steps
+
+    def median_ms(self, warmup: int, steps: int) -> float:
+        d = sorted(self.stamps[s + 1] - self.stamps[s] for s in range(warmup, warmup + steps))
+        return 1000 * d[len(d) // 2]

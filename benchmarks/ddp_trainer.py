@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from _common import StepClock  # noqa: E402  (benchmarks/)
 
 
 def prepare(work: Path) -> None:
@@ -71,20 +71,13 @@ def main() -> int:
                    "save_state": False, "log_with": "none", "progress_bar": False},
         "eval": {"enabled": False},
     })
-    stamps: dict[int, float] = {}
-
-    def on_event(trainer, event, **info):
-        if event == "step":
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            stamps[info["step"]] = time.perf_counter()
-
-    tr = Trainer(cfg, callbacks=[on_event])
+    clock = StepClock()
+    tr = Trainer(cfg, callbacks=[clock])
     res = tr.train()
     acc = tr.accelerator
     if acc.is_main_process:
         w, n = a.warmup, a.steps
-        dt = stamps[w + n] - stamps[w]
+        dt = clock.seconds(w, n)
         g = tr._graph
         row = {"processes": acc.num_processes, "mode": mode, "strategy": tr.strategy, "per_gpu_batch": a.batch,
                "steps_timed": n, "ms_per_step": 1000 * dt / n, "images_per_s": a.batch * acc.num_processes * n / dt,

@@ -60,6 +60,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+from _common import StepClock  # noqa: E402  (benchmarks/)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -145,14 +146,7 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
     except Exception as e:  # noqa: BLE001 — the option may not exist yet in this checkout
         return {"skipped": f"config: {type(e).__name__}: {e}"}
     pipe = copy.deepcopy(ctx["template"]) if model == "world" else sd15_pipeline(a.device, a.smoke)
-    stamps: dict[int, float] = {}
-
-    def on_event(trainer, event, step=0, **_):
-        if event == "step":
-            if cuda:
-                torch.cuda.synchronize()
-            stamps[step] = time.perf_counter()
-
+    clock = StepClock()
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -160,7 +154,7 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None  # the pipeline (sd15), or a leak
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, pipeline=pipe, callbacks=[on_event])
+    trainer = Trainer(cfg, pipeline=pipe, callbacks=[clock])
     try:
         res = trainer.train()
     finally:
@@ -169,8 +163,7 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
             trainer.accelerator.free_memory()
     wall = time.perf_counter() - t0
     w, n = a.warmup, a.steps
-    deltas = sorted(stamps[s + 1] - stamps[s] for s in range(w, w + n))
-    row = {"ms_per_step": (stamps[w + n] - stamps[w]) / n * 1e3, "median_ms": deltas[len(deltas) // 2] * 1e3,
+    row = {"ms_per_step": clock.ms_per_step(w, n), "median_ms": clock.median_ms(w, n),
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "start_gib": start_gib, "wall_s": wall,
            "steps": res.steps, "last_loss": res.losses[-1][1] if res.losses else None,
            "adapter": res.adapter_path, "graph": _graph_evidence(trainer)}
