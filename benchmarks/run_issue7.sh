@@ -13,7 +13,7 @@ OUT=${OUT:-.}
 S=$(date +%s)
 python3 benchmarks/train_step.py --models sd15 --batches 8 \
   --algos lora,locon,loha,lokr,lokr-full,dora,oft,glora,ia3,full \
-  --variants lyco,lyco-dora-detach,lyco-dora-rebuild,lyco-lokr-structured,lyco-lokr-dense,peft,lycoris-eager \
+  --variants lyco,lyco-dora-detach,lyco-lokr-structured,lyco-lokr-dense,peft,lycoris-eager \
   --skip lora/lycoris-eager,locon/lycoris-eager,lokr/lycoris-eager,lokr-full/lycoris-eager,oft/lycoris-eager,lokr-full/lyco-lokr-structured,lokr-full/lyco-lokr-dense \
   --steps 20 --warmup 4 --graph --graph-steps 15 \
   --profile floor,lora/lyco,locon/lyco,locon/peft,lokr/lyco,lokr/peft,dora/lyco,dora/peft,oft/lyco \

@@ -130,10 +130,10 @@ ALGOS: dict[str, dict[str, Any]] = {
 VARIANTS = {
     "lyco": dict(lib="lyco", mode="auto"),
     "lyco-rebuild": dict(lib="lyco", mode="rebuild"),
+    # the delta path f(x) + m·Δy on every layer (where mode = "auto" rebuilds: DoRA, Full, (IA)³ input)
+    "lyco-bypass": dict(lib="lyco", mode="bypass"),
     # DoRA with the weight norm treated as a constant in backward (DoRA paper §4.3; PEFT's default)
     "lyco-dora-detach": dict(lib="lyco", mode="auto", layer_opts={"dora_detach_norm": True}, only=("dora",)),
-    # DoRA as op(x, W_dora): LyCORIS's strategy (weight-sized memory, one more GEMM in backward)
-    "lyco-dora-rebuild": dict(lib="lyco", mode="rebuild", only=("dora",)),
     # LoKr with the per-layer path forced (default: chosen from the shapes, see lokr.py)
     "lyco-lokr-structured": dict(lib="lyco", mode="auto", lokr_path="structured", only=("lokr", "lokr-full")),
     "lyco-lokr-dense": dict(lib="lyco", mode="auto", lokr_path="dense", only=("lokr", "lokr-full")),
@@ -147,8 +147,7 @@ DEFAULT_VARIANTS = "lyco,peft,lycoris-eager,lycoris-triton,lycoris-triton-bypass
 #: run after every algorithm's main comparisons (the budget cuts these first). LyCORIS's Triton
 #: variants are here: on an H200 (SD1.5 b8) each took 30–65 s to warm up (JIT + kernel tuning)
 #: and ran slower than LyCORIS eager.
-SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass", "lyco-rebuild",
-                      "lyco-dora-rebuild")
+SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass")
 
 GiB = 1024 ** 3
 

@@ -78,9 +78,16 @@ def _reference_accumulate(self, acc, x, weight, bias, base_out, inplace=False):
     return acc if d is None else acc + d.to(acc.dtype)
 
 
-def _run(model, net, inputs, reference=False, monkeypatch=None):
+def _run(model, net, inputs, reference=False, monkeypatch=None, mode=None):
+    """One forward + backward. ``reference``: the plain bypass sum (every layer forced to the bypass,
+    whatever ``mode = "auto"`` would pick). ``mode``: force this mode on every layer."""
     if reference:
         monkeypatch.setattr(layer_mod.AdapterLayer, "accumulate", _reference_accumulate)
+        mode = "bypass"
+    modes = {layer: layer.mode for layer in net.layers.values()}
+    if mode is not None:
+        for layer in modes:
+            layer.mode = mode
     img, tok = (t.clone().requires_grad_(True) for t in inputs)
     out = model(img, tok)
     (out.square().sum() + out.sum()).backward()
@@ -89,6 +96,8 @@ def _run(model, net, inputs, reference=False, monkeypatch=None):
         p.grad = None
     if reference:
         monkeypatch.undo()
+    for layer, m in modes.items():
+        layer.mode = m
     return out.detach(), img.grad, tok.grad, grads
 
 
@@ -106,6 +115,88 @@ def test_fast_path_equals_plain_sum(name, multiplier, monkeypatch):
     assert len(fast[3]) == len(ref[3]) > 0
     for a, b in zip(fast[3], ref[3]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+def test_rebuilt_op_equals_plain_sum(name, multiplier, monkeypatch):
+    """``mode = "rebuild"`` (``lyco.algorithms.rebuild``: x kept, W′ rebuilt in backward; DoRA's own
+    build; Full's linear op) gives the plain bypass sum's outputs and gradients on every layer kind
+    of ``Net`` (strided/padded conv, 1×1 conv, conv1d, 3-D and 2-D linear inputs)."""
+    model, net = _make(CONFIGS["dora" if name == "dora-detach" else name])
+    if name == "dora-detach":
+        for layer in net.layers.values():
+            layer.opts["dora_detach_norm"] = True
+    net.set_multiplier(multiplier)
+    inputs = _inputs()
+    fast = _run(model, net, inputs, mode="rebuild")
+    if name == "dora-detach":  # the plain sum has no detached norm: the bypass's detached form is the
+        ref = _run(model, net, inputs, mode="bypass")  # reference (itself tested against the definition)
+    else:
+        ref = _run(model, net, inputs, reference=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-10)
+    assert len(fast[3]) == len(ref[3]) > 0
+    for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_rebuilt_op_on_grouped_dilated_conv_and_a_trainable_base():
+    """The rebuilt op's own conv backward (``convolution_backward``) on a grouped, dilated, strided
+    conv1d/conv3d, and with the base weight and bias trainable too: gradients of x, W, b and the
+    adapter against autograd through ``op(x, W + m·ΔW)`` (Full and LoKr)."""
+    import torch.nn.functional as F
+    from lyco.algorithms import rebuild
+    from lyco.algorithms.base import LayerSpec, get
+
+    cases = [(nn.Conv1d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2), (2, 6, 11)),
+             (nn.Conv3d(4, 6, 3, padding=1, groups=2), (1, 4, 3, 4, 5)),
+             (nn.Linear(6, 5), (2, 3, 6))]
+    for mod, xshape in cases:
+        mod = mod.double()
+        spec = LayerSpec.from_module(mod)
+        for algo in ("full", "lokr"):
+            alg = get(algo)
+            opts = alg.validate_options({"factor": 2} if algo == "lokr" else {})
+            t = alg.create(spec, opts, weight=mod.weight.detach().float(), generator=torch.Generator().manual_seed(1))
+            t = {k: (v.double() + 0.1 * torch.randn(v.shape, dtype=torch.float64)).requires_grad_(True)
+                 if v.is_floating_point() and v.dim() > 0 else (float(v) if v.dim() == 0 else v) for k, v in t.items()}
+            w = mod.weight.detach().clone().requires_grad_(True)
+            b = mod.bias.detach().clone().requires_grad_(True)
+            x = torch.randn(xshape, dtype=torch.float64, requires_grad=True)
+            y = alg.rebuild_op(x, t, spec, w, b, 0.7)
+            assert y is not None
+            gy = torch.randn_like(y)
+            leaves = [x, w, b] + [v for v in t.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+            got = torch.autograd.grad(y, leaves, gy)
+            w2, b2 = alg.merged(t, spec, w, b, 0.7)
+            ref = rebuild.layer_op(x, spec, w2, b2)
+            torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+            for a, r in zip(got, torch.autograd.grad(ref, leaves, gy)):
+                torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    assert F is not None
+
+
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_rebuilt_op_keeps_only_the_input(name):
+    """DoRA (auto) and (IA)³ output mode (rebuild) keep x for backward — no weight-sized tensor (W′,
+    W_d) and no output-sized one (f(x) − b), which the bypass needs for ∂g / ∂w."""
+    model = nn.Sequential(nn.Linear(48, 40)).double()
+    net = lyco.create(model, preset="full", seed=0, **CONFIGS[name])
+    for layer in net.layers.values():
+        layer.mode = "auto" if name == "dora" else "rebuild"
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    keep = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in net.trainable_parameters()}
+    saved = []
+    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    big = [tuple(t.shape) for t in saved if t.data_ptr() not in keep | {x.data_ptr()} and t.numel() >= 40]
+    assert big == []
+    assert x.data_ptr() in {t.data_ptr() for t in saved}
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.trainable_parameters())
 
 
 @pytest.mark.parametrize("names", [("lora", "ia3"), ("diag-oft", "lora"), ("dora", "loha"), ("full", "lokr")])

@@ -228,12 +228,15 @@ class AdapterLayer(nn.Module):
         o = self.opts
         if o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout"):
             return False
-        return self.algorithm.prefers_rebuild_for(self._hot_tensors())
+        return self.algorithm.prefers_rebuild_for(self._hot_tensors(), self.spec)
 
     def rebuild_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """The algorithm's own ``op(x, W′, b′)`` for the rebuild path (a leaner backward), or None."""
         if self.training and self.algorithm.name == "dylora":
             return None
+        if self.opts.get("dora_detach_norm") and getattr(self.algorithm, "is_dora", False):
+            return self.algorithm.rebuild_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier,
+                                             detach_norm=True)
         return self.algorithm.rebuild_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
 
     def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):

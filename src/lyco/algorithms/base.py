@@ -360,28 +360,31 @@ class Algorithm:
                bias: torch.Tensor | None, multiplier: float):
         """(W', b') at this multiplier. Default: ``W + m·ΔW``, ``b + m·Δb``."""
         dw = self.delta_weight(t, spec, weight)
-        w2 = weight + multiplier * dw.to(weight.dtype)
+        w2 = torch.add(weight, dw.to(weight.dtype), alpha=multiplier)  # one op, one rounding
         db = self.delta_bias(t, spec, bias)
         if db is None:
             return w2, bias
         b0 = bias if bias is not None else torch.zeros_like(db)
-        return w2, b0 + multiplier * db.to(b0.dtype)
+        return w2, torch.add(b0, db.to(b0.dtype), alpha=multiplier)
 
     #: ``mode="auto"`` runs the rebuild path (``op(x, W + m·ΔW)``) instead of the bypass
     #: (``f(x) + m·Δy``) for this algorithm: true where ΔW costs no more than the structured Δy
     #: (Full: a bypass is a second full-size GEMM forward and two more backward).
     prefers_rebuild: ClassVar[bool] = False
 
-    def prefers_rebuild_for(self, t: Mapping[str, Any]) -> bool:
-        """Per layer (``mode = "auto"``): whether the rebuild path is the better one for these tensors.
-        Default: the class's ``prefers_rebuild``."""
+    def prefers_rebuild_for(self, t: Mapping[str, Any], spec: LayerSpec) -> bool:
+        """Per layer (``mode = "auto"``): whether the rebuild path is the better one for these tensors
+        on this layer. Default: the class's ``prefers_rebuild``."""
         return self.prefers_rebuild
 
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                    bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
-        """``op(x, W′, b′)`` for the rebuild path with a cheaper backward than autograd's, or None
-        (then the host runs ``layer_op`` on :meth:`merged`). Default: None."""
-        return None
+        """``op(x, W′, b′)`` for the rebuild path, or None (then the host runs ``layer_op`` on
+        :meth:`merged` with plain autograd). Default: :mod:`.rebuild`'s op over :meth:`merged` —
+        ``x`` kept for backward, ``W′`` rebuilt there — on linear and zero-padded conv layers."""
+        from .rebuild import merged_build, rebuilt_op
+        build, keys = merged_build(self, t, spec, multiplier)
+        return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
 
     def forward_accumulate(self, acc: torch.Tensor, x: torch.Tensor, t: Mapping[str, torch.Tensor],
                            spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,

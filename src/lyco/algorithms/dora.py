@@ -225,6 +225,58 @@ class DoRA(Algorithm):
         inner = self.inner.forward_delta(x, t, spec, weight, bias, base_out)
         return torch.addcmul(pre, inner.to(acc.dtype), c2)
 
+    # -- rebuild path ---------------------------------------------------------------------
+    def prefers_rebuild_for(self, t, spec):
+        # Decision (benchmarks/NOTES.md, "rebuilt op"): DoRA trains as op(x, W_d) with W_d rebuilt in
+        # backward. The bypass keeps f(x) − b of every layer for ∂g (≈ 3 GiB at SD1.5 b8 on the
+        # attention/MLP linears) and runs three extra skinny GEMMs and two output-sized passes; the
+        # rebuild keeps x only and pays one weight-gradient GEMM plus weight-sized work.
+        from .rebuild import supports
+        return supports(spec)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier, detach_norm=False):
+        """``op(x, W + s·(W_d − W))`` through :mod:`.rebuild` (``x`` kept, ``W_d`` rebuilt in backward).
+        LoRA inside, magnitude on the output axis (what LyCORIS, PEFT and lyco write): the weight is
+        built as in :meth:`forward_accumulate` — ``W′ = W + γ·U·D`` as one ``addmm`` in the weight's
+        dtype, its row norms reduced in fp32, ``s·(g − 1)`` in fp32 cast once, and
+        ``W_eff = (W + s·γ·U·D) + s·(g − 1) ⊙ W′`` as one ``addcmul`` (g − 1 keeps its mantissa; the
+        weight is rounded once). Otherwise the definition (:meth:`delta_weight`, in fp32)."""
+        from .rebuild import rebuilt_op
+        mag = t["dora_scale"]
+        s = float(multiplier)
+        gain = self.inner._gain(t) if getattr(self.inner, "name", "") == "lora" else None
+        if (magnitude_axis(mag, spec) == "out" and gain is not None and not isinstance(gain, torch.Tensor)
+                and "lora_mid.weight" not in t and (spec.kind == "linear" or spec.groups == 1)):
+            def build(w, b, up, down, mag):
+                w2 = w.reshape(w.shape[0], -1)
+                up2 = up.reshape(up.shape[0], -1).to(w.dtype)
+                down2 = down.reshape(up2.shape[1], -1).to(w.dtype)
+                wide = torch.promote_types(torch.promote_types(mag.dtype, w.dtype), torch.float32)
+                wc = torch.addmm(w2, up2, down2, alpha=gain)
+                if detach_norm:
+                    with torch.no_grad():
+                        n = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
+                else:
+                    n = row_norm(wc, wide) + _EPS
+                sgm1, _ = _Gains.apply(mag.reshape(-1), n, s, w.dtype, w.dtype)  # s·(g − 1)
+                lin = wc if s == 1.0 else torch.addmm(w2, up2, down2, alpha=gain * s)
+                return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), b
+
+            return rebuilt_op(x, spec, weight, bias, build, t["lora_up.weight"], t["lora_down.weight"], mag)
+        keys = [k for k, v in t.items() if isinstance(v, torch.Tensor)]
+        fixed = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
+
+        def build(w, b, *theta):
+            tt = dict(fixed, **dict(zip(keys, theta)))
+            axis, wc, n, mg = self._parts(tt, spec, w, detach_norm)
+            wd = wc * (mg / n)
+            w2 = wd if s == 1.0 else torch.lerp(w.to(wd.dtype), wd, s)
+            db = self.inner.delta_bias(tt, spec, b)
+            b2 = b if db is None else (db * s if b is None else b + s * db.to(b.dtype))
+            return w2.to(w.dtype), b2
+
+        return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
+
     def export(self, t):
         return self.inner.export(t)
 

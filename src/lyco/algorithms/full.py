@@ -117,11 +117,12 @@ class Full(Algorithm):
         return w2, torch.add(b0, db.to(b0.dtype), alpha=multiplier)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
-        """Linear layers: :class:`_FullLinear` (the merged weight is not kept for backward)."""
+        """Linear layers: :class:`_FullLinear` (the merged weight is not kept for backward); convs:
+        the shared rebuilt op (same idea, through autograd of ``merged``)."""
         diff = t["diff"]
         if (spec.kind != LINEAR or weight.requires_grad or tuple(diff.shape) != tuple(weight.shape)
                 or (bias is not None and bias.requires_grad) or x.dim() < 1):
-            return None
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
         db = t.get("diff_b") if spec.has_bias else None
         return _FullLinear.apply(x, weight, diff, bias, db, float(multiplier))
 

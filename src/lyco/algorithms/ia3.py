@@ -98,7 +98,7 @@ class IA3(Algorithm):
         y = base_out if bias is None else base_out - channel_view(bias.to(base_out.dtype), spec, base_out)
         return torch.addcmul(acc, y, c)
 
-    def prefers_rebuild_for(self, t):
+    def prefers_rebuild_for(self, t, spec):
         # Input mode: ``op(x ⊙ (1 + m·w), W, b)`` replaces the frozen op — one GEMM per layer where the
         # delta path runs the frozen op *and* ``op(x ⊙ w, W)``; it keeps x for ∂w as the delta path does
         # and no weight-sized tensor (LyCORIS scales the weight instead: W ⊙ (1 + w) per step and a
@@ -107,7 +107,8 @@ class IA3(Algorithm):
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         if not ia3_on_input(t):
-            return None
+            # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward (keeps x, not f(x) − b)
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)
         return layer_op(x * input_channel_view(s.to(x.dtype), spec, x), spec, weight, bias)

@@ -1,0 +1,140 @@
+"""The rebuild path's autograd op: ``y = op(x, W′(θ), b′(θ))`` that keeps ``x`` and the adapter
+tensors θ for backward, never the rebuilt weight ``W′``.
+
+Plain autograd through ``layer_op(x, merged(θ))`` keeps ``W′`` (a weight-sized tensor per layer) and
+every weight-sized intermediate of the algorithm's ``merged`` (DoRA: ``W + γUD`` and its norm;
+BOFT: each butterfly stage) until the backward pass reaches the layer. Here ``W′`` is built under
+``no_grad`` in the forward and **rebuilt in backward** from θ (cheap: weight-sized work, where the
+layer's GEMM is activation-sized), then
+
+* ``∂x = op_backward_input(∂y, W′)`` — the frozen layer's own input gradient;
+* ``∂W′ = op_backward_weight(∂y, x)`` — one weight-gradient GEMM (what full fine-tuning pays);
+* ``∂θ`` from ``∂W′`` by autograd through the rebuilt ``merged(θ)`` (weight-sized, local to the layer).
+
+What it trades: the bypass ``f(x) + m·Δy`` keeps activation-sized tensors for its ∂θ (DoRA: the base
+output for ∂g; (IA)³: ``f(x) − b``; BOFT: every stage's activations; LoKr/LoHa dense: a second
+full-size GEMM forward and two backward) — this keeps only ``x``, which is shared by the layers
+reading the same input (q/k/v) and often kept by its producer anyway, and it costs one
+weight-gradient GEMM. Which algorithm takes it under ``mode = "auto"`` is decided in the algorithm
+file (``prefers_rebuild_for``) from measurements (benchmarks/NOTES.md).
+
+Numerics: ``W′`` is rounded once to the model's dtype (bf16: 2⁻⁹ relative per element), as the
+bypass's output ``f(x) + m·Δy`` is rounded once per element; deltas far below that vanish from the
+forward in both. The gradients of θ are exact functions of ``∂y`` and ``x`` (no rounding of ΔW into
+W enters them). Under ``torch.compile`` the op is not used (compile keeps or recomputes what it
+chooses); with autograd disabled it is a plain ``op(x, W′, b′)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .base import CONV_KINDS, LINEAR, LayerSpec, layer_op
+
+#: builds (W′, b′) from (W, b, *θ); differentiable in every tensor it receives
+Build = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def supports(spec: LayerSpec) -> bool:
+    """Layers whose input and weight gradients this module computes itself: linear, and convs with
+    zero padding given as integers (``padding="same"`` strings and other padding modes fall back)."""
+    if spec.kind == LINEAR:
+        return True
+    if spec.kind in CONV_KINDS:
+        return spec.padding_mode == "zeros" and not isinstance(spec.padding, str)
+    return False
+
+
+def _op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor,
+                 need_x: bool, need_w: bool, need_b: bool):
+    """(∂x, ∂W, ∂b) of ``op(x, w, b)`` for the output gradient ``gy`` (computed in ``gy``'s dtype)."""
+    dt = gy.dtype
+    xd = x.to(dt)
+    if spec.kind == LINEAR:
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gb = None
+        if need_x:
+            gx = (g2 @ w).reshape(x.shape)
+        if need_w:
+            gw = g2.t() @ xd.reshape(-1, xd.shape[-1])
+        if need_b:
+            gb = g2.sum(0)
+        return gx, gw, gb
+    n = len(spec.kernel)
+    pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        gy, xd, w, [w.shape[0]] if need_b else None, list(spec.stride), list(pad), list(spec.dilation),
+        False, [0] * n, spec.groups, [need_x, need_w, need_b])
+    return gx, gw, gb
+
+
+class _RebuiltOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec, build, weight, bias, *theta):
+        w2, b2 = build(weight, bias, *theta)  # Function.forward runs without autograd
+        y = layer_op(x, spec, w2.to(x.dtype), None if b2 is None else b2.to(x.dtype))
+        ctx.spec, ctx.build = spec, build
+        ctx.save_for_backward(x, weight, bias, *theta)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, *theta = ctx.saved_tensors
+        need = ctx.needs_input_grad  # (x, spec, build, weight, bias, *theta)
+        need_in = (need[3], need[4], *need[5:])
+        ins = [weight, bias, *theta]
+        leaves = [t.detach().requires_grad_() if (n and t is not None) else t for t, n in zip(ins, need_in)]
+        want = [leaf for leaf, n in zip(leaves, need_in) if n and leaf is not None]
+        w2 = b2 = None
+        if want:
+            with torch.enable_grad():
+                w2, b2 = ctx.build(*leaves)
+        else:
+            w2, b2 = ctx.build(*ins)
+        need_w = w2.requires_grad
+        need_b = b2 is not None and b2.requires_grad
+        gx, gw, gb = _op_backward(ctx.spec, x, w2.detach().to(gy.dtype), gy, need[0], need_w, need_b)
+        grads_in = [None] * len(ins)
+        if want:
+            outs, gouts = ([w2], [gw.reshape(w2.shape).to(w2.dtype)]) if need_w else ([], [])
+            if need_b:
+                outs.append(b2)
+                gouts.append(gb.to(b2.dtype))
+            got = iter(torch.autograd.grad(outs, want, gouts, allow_unused=True)) if outs else iter(())
+            for i, (leaf, n) in enumerate(zip(leaves, need_in)):
+                if n and leaf is not None:
+                    grads_in[i] = next(got, None)
+        if gx is not None:
+            gx = gx.to(x.dtype)
+        return (gx, None, None, *grads_in)
+
+
+def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
+               build: Build, *theta: torch.Tensor) -> torch.Tensor | None:
+    """``op(x, *build(weight, bias, *theta))`` keeping only ``x`` (and the inputs) for backward, or
+    None when the layer kind is not supported (the caller takes another path)."""
+    if not supports(spec):
+        return None
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        w2, b2 = build(weight, bias, *theta)
+        return layer_op(x, spec, w2.to(x.dtype), None if b2 is None else b2.to(x.dtype))
+    return _RebuiltOp.apply(x, spec, build, weight, bias, *theta)
+
+
+def merged_build(algorithm, t: dict, spec: LayerSpec, multiplier: float) -> tuple[Build, list[str]]:
+    """A :data:`Build` over the algorithm's own ``merged`` at ``multiplier``, and the names of the
+    tensor entries of ``t`` it takes as θ (in order). Adapter tensors are cast to the weight's dtype
+    (as :meth:`lyco.layer.AdapterLayer.merged_weight` does); frozen scalars stay Python numbers."""
+    keys = [k for k, v in t.items() if isinstance(v, torch.Tensor)]
+    fixed = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
+
+    def build(weight, bias, *theta):
+        dt = weight.dtype
+        tt = dict(fixed)
+        for k, v in zip(keys, theta):
+            tt[k] = v.to(dt) if v.is_floating_point() else v
+        return algorithm.merged(tt, spec, weight, bias, multiplier)
+
+    return build, keys
