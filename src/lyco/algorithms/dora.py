@@ -108,6 +108,83 @@ class _Gains(torch.autograd.Function):
         return gmag, gn, None, None, None
 
 
+class _LoraDoraBuild:
+    """DoRA over LoRA (magnitude on the output axis) for :mod:`.rebuild`, at multiplier ``s``:
+
+    ``W′ = W + γ·U·D`` (one ``addmm`` in the weight's dtype), ``n = ‖W′‖_row + ε`` (reduced in fp32),
+    ``g = mag / n``, ``W_eff = W + s·(g ⊙ W′ − W) = (W + s·γ·U·D) + s·(g − 1) ⊙ W′`` — one ``addcmul``
+    with ``s·(g − 1)`` computed in fp32 and cast once (it keeps its mantissa), the weight rounded once.
+
+    Backward by hand from ``E = ∂L/∂W_eff`` (derivation in benchmarks/NOTES.md, "rebuilt op"):
+    ``∂g_j = s·⟨E_j, W′_j⟩``, ``∂mag = ∂g / n``, ``∂n_j = −∂g_j·g_j / n_j``, and
+    ``∂(U·D) = γ·[s·g ⊙ E + (∂n / ‖W′‖) ⊙ W′]`` (the second term dropped with a detached norm), so
+    ``∂U = ∂(UD)·Dᵀ``, ``∂D = Uᵀ·∂(UD)``: weight-sized work and two skinny GEMMs, no autograd."""
+
+    def __init__(self, gain: float, s: float, detach_norm: bool):
+        self.gain, self.s, self.detach = gain, s, detach_norm
+
+    @staticmethod
+    def _factors(w, up, down):
+        w2 = w.reshape(w.shape[0], -1)
+        up2 = up.reshape(up.shape[0], -1).to(w.dtype)
+        return w2, up2, down.reshape(up2.shape[1], -1).to(w.dtype)
+
+    def __call__(self, w, b, up, down, mag):
+        """Differentiable (autograd) form: under ``torch.compile`` and as the reference."""
+        w2, up2, down2 = self._factors(w, up, down)
+        wide = torch.promote_types(torch.promote_types(mag.dtype, w.dtype), torch.float32)
+        wc = torch.addmm(w2, up2, down2, alpha=self.gain)
+        if self.detach:
+            with torch.no_grad():
+                n = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
+        else:
+            n = row_norm(wc, wide) + _EPS
+        sgm1, _ = _Gains.apply(mag.reshape(-1), n, self.s, w.dtype, w.dtype)  # s·(g − 1)
+        lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
+        return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), b
+
+    def forward_aux(self, w, b, up, down, mag):
+        w2, up2, down2 = self._factors(w, up, down)
+        wide = torch.promote_types(torch.promote_types(mag.dtype, w.dtype), torch.float32)
+        wc = torch.addmm(w2, up2, down2, alpha=self.gain)
+        norm = torch.linalg.vector_norm(wc, dim=1, dtype=wide)
+        n = norm + _EPS
+        g = mag.reshape(-1).to(wide) / n
+        sgm1 = (g - 1.0 if self.s == 1.0 else (g - 1.0) * self.s).to(w.dtype)
+        lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
+        return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), b, (norm, n, g, sgm1)
+
+    def recompute(self, keep, w, b, up, down, mag):
+        """W_eff again from the saved row vectors (one ``addmm`` and one ``addcmul``), and what
+        :meth:`vjp` needs."""
+        norm, n, g, sgm1 = keep
+        w2, up2, down2 = self._factors(w, up, down)
+        wc = torch.addmm(w2, up2, down2, alpha=self.gain)
+        lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
+        return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), (up2, down2, wc, norm, n, g)
+
+    def vjp(self, aux, theta, gw, needs):
+        from .rebuild import rowdot
+        up, down, mag = theta
+        up2, down2, wc, norm, n, g = aux
+        e = gw.reshape(wc.shape).to(wc.dtype)
+        dg = rowdot(e, wc).to(n.dtype)
+        if self.s != 1.0:
+            dg = dg * self.s
+        gmag = (dg / n).reshape(mag.shape).to(mag.dtype) if needs[2] else None
+        gup = gdown = None
+        if needs[0] or needs[1]:
+            h = e * (g * (self.gain * self.s)).to(e.dtype)[:, None]
+            if not self.detach:
+                c = (dg * g).div_(n).neg_().div_(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # ∂n / ‖W′‖
+                h = torch.addcmul(h, wc, (c * self.gain).to(e.dtype)[:, None])
+            if needs[0]:
+                gup = (h @ down2.t()).reshape(up.shape).to(up.dtype)
+            if needs[1]:
+                gdown = (up2.t() @ h).reshape(down.shape).to(down.dtype)
+        return gup, gdown, gmag
+
+
 def init_magnitude(weight: torch.Tensor, axis: str = "out") -> torch.Tensor:
     return weight_norm(weight.detach().float(), axis)
 
@@ -247,21 +324,7 @@ class DoRA(Algorithm):
         gain = self.inner._gain(t) if getattr(self.inner, "name", "") == "lora" else None
         if (magnitude_axis(mag, spec) == "out" and gain is not None and not isinstance(gain, torch.Tensor)
                 and "lora_mid.weight" not in t and (spec.kind == "linear" or spec.groups == 1)):
-            def build(w, b, up, down, mag):
-                w2 = w.reshape(w.shape[0], -1)
-                up2 = up.reshape(up.shape[0], -1).to(w.dtype)
-                down2 = down.reshape(up2.shape[1], -1).to(w.dtype)
-                wide = torch.promote_types(torch.promote_types(mag.dtype, w.dtype), torch.float32)
-                wc = torch.addmm(w2, up2, down2, alpha=gain)
-                if detach_norm:
-                    with torch.no_grad():
-                        n = torch.linalg.vector_norm(wc, dim=1, dtype=wide).add_(_EPS)
-                else:
-                    n = row_norm(wc, wide) + _EPS
-                sgm1, _ = _Gains.apply(mag.reshape(-1), n, s, w.dtype, w.dtype)  # s·(g − 1)
-                lin = wc if s == 1.0 else torch.addmm(w2, up2, down2, alpha=gain * s)
-                return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), b
-
+            build = _LoraDoraBuild(gain, s, detach_norm)
             return rebuilt_op(x, spec, weight, bias, build, t["lora_up.weight"], t["lora_down.weight"], mag)
         keys = [k for k, v in t.items() if isinstance(v, torch.Tensor)]
         fixed = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}

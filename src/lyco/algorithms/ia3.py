@@ -52,6 +52,35 @@ def ia3_row_col_scale(w: torch.Tensor, spec, on_input: bool) -> torch.Tensor:
     return w.reshape((1, spec.in_dim) + (1,) * (nd - 2))
 
 
+class _OutputScaleBuild:
+    """(IA)³ output mode for :mod:`.rebuild`: ``W′ = W + s·(W ⊙ w)`` rows (one ``addcmul``, the weight
+    rounded once; ``s·w`` is small and exact to its own precision — never ``1 + s·w`` in bf16), the
+    bias unscaled. Backward by hand: ``∂w_j = s·⟨E_j, W_j⟩`` (E = ∂L/∂W′), one batched dot."""
+
+    def __init__(self, s: float):
+        self.s = s
+
+    def __call__(self, w, b, wv):
+        sw = wv.reshape(-1) * self.s if self.s != 1.0 else wv.reshape(-1)
+        return torch.addcmul(w, w, sw.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))), b
+
+    def forward_aux(self, w, b, wv):
+        w2, b2 = self(w, b, wv)
+        return w2, b2, ()
+
+    def recompute(self, keep, w, b, wv):
+        return self(w, b, wv)[0], w
+
+    def vjp(self, w, theta, gw, needs):
+        from .rebuild import rowdot
+        wv = theta[0]
+        w2 = w.reshape(w.shape[0], -1)
+        g = rowdot(gw.reshape(w2.shape).to(w2.dtype), w2)
+        if self.s != 1.0:
+            g = g * self.s
+        return (g.reshape(wv.shape).to(wv.dtype),)
+
+
 @register
 class IA3(Algorithm):
     name = "ia3"
@@ -108,7 +137,8 @@ class IA3(Algorithm):
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         if not ia3_on_input(t):
             # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward (keeps x, not f(x) − b)
-            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+            from .rebuild import rebuilt_op
+            return rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier)), t["weight"])
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)
         return layer_op(x * input_channel_view(s.to(x.dtype), spec, x), spec, weight, bias)

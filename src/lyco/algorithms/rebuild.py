@@ -33,8 +33,19 @@ import torch
 
 from .base import CONV_KINDS, LINEAR, LayerSpec, layer_op
 
-#: builds (W′, b′) from (W, b, *θ); differentiable in every tensor it receives
+#: builds (W′, b′) from (W, b, *θ); differentiable in every tensor it receives. It may also carry
+#: its own backward, used when the base weight and bias are frozen (no autograd in either pass):
+#: ``forward_aux(W, b, *θ)`` → ``(W′, b′, keep)`` with ``keep`` a tuple of small tensors saved for
+#: backward (norms, gains); ``recompute(keep, W, b, *θ)`` → ``(W′, aux)`` in backward; and
+#: ``vjp(aux, θ, ∂W′, needs)`` → the gradients of θ (None where ``needs`` is False). Without them,
+#: ∂θ comes from autograd through the rebuilt ``build``.
 Build = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``Σ_i a[j, i]·b[j, i]`` per row of two 2-D tensors, as one batched GEMM (accumulated in fp32
+    by the GEMM for bf16/fp16, no weight-sized product written), in the inputs' dtype."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(a.shape[0])
 
 
 def supports(spec: LayerSpec) -> bool:
@@ -73,16 +84,31 @@ def _op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Te
 class _RebuiltOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec, build, weight, bias, *theta):
-        w2, b2 = build(weight, bias, *theta)  # Function.forward runs without autograd
+        # Function.forward runs without autograd
+        own = getattr(build, "vjp", None) is not None and not weight.requires_grad and not (
+            bias is not None and bias.requires_grad)
+        if own:
+            w2, b2, keep = build.forward_aux(weight, bias, *theta)
+        else:
+            (w2, b2), keep = build(weight, bias, *theta), ()
         y = layer_op(x, spec, w2.to(x.dtype), None if b2 is None else b2.to(x.dtype))
-        ctx.spec, ctx.build = spec, build
-        ctx.save_for_backward(x, weight, bias, *theta)
+        ctx.spec, ctx.build, ctx.own, ctx.n_theta = spec, build, own, len(theta)
+        ctx.save_for_backward(x, weight, bias, *theta, *keep)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, bias, *theta = ctx.saved_tensors
+        x, weight, bias, *rest = ctx.saved_tensors
+        theta, keep = rest[:ctx.n_theta], rest[ctx.n_theta:]
         need = ctx.needs_input_grad  # (x, spec, build, weight, bias, *theta)
+        build = ctx.build
+        if ctx.own:
+            # the algorithm's own backward through its build (no nested autograd: a few kernels and
+            # no engine re-entry per layer — on a launch-bound host that is most of the cost)
+            w2, aux = build.recompute(keep, weight, bias, *theta)
+            gx, gw, _ = _op_backward(ctx.spec, x, w2.to(gy.dtype), gy, need[0], any(need[5:]), False)
+            grads = build.vjp(aux, theta, gw, need[5:]) if any(need[5:]) else (None,) * len(theta)
+            return (None if gx is None else gx.to(x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
         ins = [weight, bias, *theta]
         leaves = [t.detach().requires_grad_() if (n and t is not None) else t for t, n in zip(ins, need_in)]
