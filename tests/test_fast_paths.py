@@ -482,7 +482,7 @@ def test_full_rebuild_under_autocast_matches_dense(in_dtype):
             torch.testing.assert_close(p.grad.float(), lv[k].grad.float(), rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("name", ["dora", "ia3", "lokr"])
+@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "lokr"])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
 def test_rebuilt_op_under_autocast_matches_the_bypass(name, in_dtype):
     """The rebuilt op (its own backward for DoRA and (IA)³, autograd through ``merged`` for LoKr) with

@@ -230,8 +230,9 @@ def test_input_mode_takes_the_one_op_rebuild_path_with_the_delta_paths_values(ma
         torch.testing.assert_close(got[0], yr.detach(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got[1], xr.grad, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(got[2].reshape(-1), w.grad, rtol=1e-10, atol=1e-10)
+    # output mode rebuilds too (the rebuilt op: x kept, not f(x) − b; tested in test_fast_paths)
     out_net = lyco.create(nn.Sequential(nn.Linear(6, 5).double()), algo="ia3", preset="full", seed=0)
-    assert not next(iter(out_net.layers.values())).prefers_rebuild
+    assert next(iter(out_net.layers.values())).prefers_rebuild
     # the dropout family acts on the delta path: with it, input mode stays there
     drop = lyco.create(nn.Sequential(nn.Linear(6, 5).double()), algo="ia3", preset="full", train_on_input=True,
                        dropout=0.1, seed=0)

@@ -83,6 +83,49 @@ def glora_layout(t, weight_shape=None) -> tuple[str, int]:
                         detail="a1/a2/b1/b2 shapes fit neither GLoRA orientation")
 
 
+class _GLoRABuild:
+    """GLoRA (new layout, linear / 1×1 conv) for :mod:`.rebuild` at scale ``k = m·γ``:
+    ``W′ = W + k·[W·A1 | B1]·[A2 ; B2]`` — one ``addmm`` of rank 2r on the flattened weight (``W·A1``
+    is out×r). Backward by hand from ``E = ∂L/∂W′``: ``E·[A2 ; B2]ᵀ = [∂(W·A1) | ∂B1]/k`` and
+    ``[W·A1 | B1]ᵀ·E = [∂A2 ; ∂B2]/k`` (two skinny GEMMs), ``∂A1 = Wᵀ·∂(W·A1)``."""
+
+    def __init__(self, k: float):
+        self.k = k
+
+    def _parts(self, w, a1, a2, b1, b2):
+        w2 = w.reshape(w.shape[0], -1)
+        dt = w.dtype
+        a1f, a2f = a1.reshape(a1.shape[0], -1).to(dt), a2.reshape(a2.shape[0], -1).to(dt)
+        b1f, b2f = b1.reshape(b1.shape[0], -1).to(dt), b2.reshape(b2.shape[0], -1).to(dt)
+        left = torch.cat([w2 @ a1f, b1f], dim=1)     # (out, 2r)
+        right = torch.cat([a2f, b2f], dim=0)         # (2r, in)
+        return w2, a1f, left, right
+
+    def __call__(self, w, b, a1, a2, b1, b2):
+        w2, _, left, right = self._parts(w, a1, a2, b1, b2)
+        return torch.addmm(w2, left, right, alpha=self.k).reshape(w.shape), b
+
+    def forward_aux(self, w, b, *theta):
+        return self(w, b, *theta) + ((),)
+
+    def recompute(self, keep, w, b, *theta):
+        w2, a1f, left, right = self._parts(w, *theta)
+        return torch.addmm(w2, left, right, alpha=self.k).reshape(w.shape), (w2, left, right)
+
+    def vjp(self, aux, theta, gw, needs):
+        w2, left, right = aux
+        a1, a2, b1, b2 = theta
+        e = gw.reshape(w2.shape).to(w2.dtype)
+        r = a2.shape[0]
+        gl = (e @ right.t()) * self.k                 # (out, 2r): ∂(W·A1) | ∂B1
+        gr = (left.t() @ e) * self.k                  # (2r, in): ∂A2 ; ∂B2
+        ga1 = (w2.t() @ gl[:, :r]).reshape(a1.shape).to(a1.dtype) if needs[0] else None
+        ga2 = gr[:r].reshape(a2.shape).to(a2.dtype) if needs[1] else None
+        gb1 = gl[:, r:].reshape(b1.shape).to(b1.dtype) if needs[2] else None
+        gb2 = gr[r:].reshape(b2.shape).to(b2.dtype) if needs[3] else None
+        return ga1, ga2, gb1, gb2
+
+
 @register
 class GLoRA(Algorithm):
     name = "glora"
@@ -174,6 +217,26 @@ class GLoRA(Algorithm):
         ax = F.linear(F.linear(x, a2), a1)
         out = accumulate_linear(acc, ax, weight.to(x.dtype), s, inplace)
         return accumulate_linear(out, F.linear(x, b2), b1, s, inplace or out is not acc)
+
+    # -- rebuild path ---------------------------------------------------------------------
+    def prefers_rebuild_for(self, t, spec):
+        # Decision (GPU run 6, H200, SD1.5 b8, ``lin`` layers): the bypass runs a second full-size GEMM
+        # per layer (γ·op(A(x), W)) forward and two backward; the rebuilt op builds
+        # W′ = W + mγ·(W·A1·A2 + B1·B2) from weight-sized products and pays one weight-gradient GEMM:
+        # one-graph device time 87.3 vs 95.0 ms (LyCORIS 91.5), peak 8.65 vs 9.06 GiB (LyCORIS 9.18).
+        from .rebuild import supports
+        return supports(spec)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """New layout, float scale, linear or 1×1 conv: :class:`_GLoRABuild` (its own backward);
+        otherwise the shared rebuilt op over :meth:`merged`."""
+        gain = self._gain(t, glora_layout(t, spec.weight_shape)[1])
+        if (glora_layout(t, spec.weight_shape)[0] == "new" and not isinstance(gain, torch.Tensor)
+                and spec.kernel_numel == 1 and spec.groups == 1):
+            from .rebuild import rebuilt_op
+            return rebuilt_op(x, spec, weight, bias, _GLoRABuild(gain * float(multiplier)),
+                              *(t[k] for k in (_A1, _A2, _B1, _B2)))
+        return super().rebuild_op(x, t, spec, weight, bias, multiplier)
 
     def export(self, t):
         out = {k: v for k, v in t.items() if k != "scalar"}

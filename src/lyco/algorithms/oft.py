@@ -436,6 +436,16 @@ class BOFT(_OFTBase):
         d = self._delta_rows_last(t, v, multiplier)
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
 
+    def prefers_rebuild_for(self, t, spec):
+        # Decision (GPU run 6, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
+        # weight rows, W′ rebuilt in backward, ∂ by autograd through it) keeps x only, where the bypass
+        # keeps every stage's activations on the stage-loop layers and f(x) − b on the dense-K ones:
+        # peak 8.74 vs 20.03 GiB (PEFT 13.25), one-graph device time 406 vs 396 ms. Its price is host
+        # time in eager mode (a nested autograd pass per layer: 920 vs 645 ms, PEFT 737) — memory is
+        # what stops a run (SDXL), so the rebuild is the default; ``mode = "bypass"`` keeps the other.
+        from .rebuild import supports
+        return supports(spec)
+
     #: the dense form K = B_m − I (out×out) is used when out ≤ this and the call has at least
     #: ``DENSE_TOKENS_PER_OUT``·out positions: building K costs ∝ out², the stage loop ∝ positions·out
     DENSE_MAX_OUT = 4096
