@@ -52,6 +52,11 @@ CASES = {
     "glora": ({"algo": "glora", "rank": 4}, {}),
     "ia3": ({"algo": "ia3"}, {}),
     "full": ({"algo": "full"}, {}),
+    # the rebuilt op (DoRA, (IA)³, GLoRA, BOFT, Full under mode=auto) with autocast fp16 and with
+    # gradient checkpointing (its forward re-run inside the backward)
+    "dora-fp16": ({"algo": "lora", "rank": 8, "dora": True}, {"mixed_precision": "fp16"}),
+    "dora-ckpt": ({"algo": "lora", "rank": 8, "dora": True}, {"gradient_checkpointing": True}),
+    "ia3-fp16": ({"algo": "ia3"}, {"mixed_precision": "fp16"}),
     "lora-te": ({"algo": "lora", "rank": 4, "train_text_encoder": True}, {}),
     # the fixed-batch evaluation runs eager forward passes before the first capture and between replays
     "lora-eval": ({"algo": "lora", "rank": 8}, {"_eval": {"enabled": True, "num_images": 2, "every_n_steps": 2}}),

@@ -176,24 +176,29 @@ def test_rebuilt_op_on_grouped_dilated_conv_and_a_trainable_base():
     assert F is not None
 
 
-@pytest.mark.parametrize("name", ["dora", "ia3"])
-def test_rebuilt_op_keeps_only_the_input(name):
-    """DoRA (auto) and (IA)³ output mode (rebuild) keep x for backward — no weight-sized tensor (W′,
-    W_d) and no output-sized one (f(x) − b), which the bypass needs for ∂g / ∂w."""
-    model = nn.Sequential(nn.Linear(48, 40)).double()
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "full", "boft"])
+def test_rebuilt_op_keeps_only_the_input(name, kind):
+    """The algorithms that train on the rebuilt op under ``mode = "auto"`` — DoRA, (IA)³, GLoRA, Full,
+    BOFT — keep x for backward: no weight-sized tensor (W′, W_d, a butterfly stage of W) and no
+    output-sized one (f(x) − b, a stage of the activations), which the bypass needs for ∂θ."""
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(48, 32)).double(), torch.randn(64, 48, dtype=torch.float64)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)).double(), torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    out = model[0].weight.shape[0]
     net = lyco.create(model, preset="full", seed=0, **CONFIGS[name])
-    for layer in net.layers.values():
-        layer.mode = "auto" if name == "dora" else "rebuild"
+    assert all(layer.prefers_rebuild for layer in net.layers.values())
     with torch.no_grad():
         for p in net.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
     keep = {p.data_ptr() for p in model.parameters()} | {p.data_ptr() for p in net.trainable_parameters()}
     saved = []
-    x = torch.randn(64, 48, dtype=torch.float64, requires_grad=True)
+    x.requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = model(x)
-    # (row vectors — norms, gains — may be kept: 40 elements; a weight is 1920, an output 2560)
-    big = [tuple(t.shape) for t in saved if t.data_ptr() not in keep | {x.data_ptr()} and t.numel() > 40]
+    # (row vectors — norms, gains — may be kept: `out` elements; a weight or an output is ≥ 20× that)
+    big = [tuple(t.shape) for t in saved if t.data_ptr() not in keep | {x.data_ptr()} and t.numel() > out]
     assert big == []
     assert x.data_ptr() in {t.data_ptr() for t in saved}
     y.square().sum().backward()
@@ -408,8 +413,8 @@ def test_dora_detached_norm_equals_definition(multiplier, bias):
 
 @pytest.mark.parametrize("name", ["full", "dora-detach"])
 def test_no_weight_sized_tensor_kept_for_backward(name):
-    """Full (rebuild) and DoRA with a detached norm keep nothing weight-sized alive for backward
-    besides the parameters themselves (the merged weight is recomputed / built without grad)."""
+    """Full and DoRA with a detached norm keep nothing weight-sized alive for backward besides the
+    parameters themselves (the merged weight is rebuilt in backward)."""
     model = nn.Sequential(nn.Linear(48, 40)).double()
     cfg = CONFIGS["full"] if name == "full" else CONFIGS["dora"]
     net = lyco.create(model, preset="full", seed=0, **cfg)

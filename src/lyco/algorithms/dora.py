@@ -163,7 +163,7 @@ class _LoraDoraBuild:
         lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
         return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), (up2, down2, wc, norm, n, g)
 
-    def vjp(self, aux, theta, gw, needs):
+    def vjp(self, aux, theta, gw, gb, needs):
         from .rebuild import rowdot
         up, down, mag = theta
         up2, down2, wc, norm, n, g = aux

@@ -15,57 +15,41 @@ apply ``diff`` to any weight; LyCORIS itself only wraps linear/conv with ``full`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import (
     CONV1D, CONV2D, CONV3D, GROUPNORM, LAYERNORM, LINEAR, Algorithm, Tensors, layer_op, register,
 )
 
 
-class _FullLinear(torch.autograd.Function):
-    """``F.linear(x, W + m·diff, b + m·diff_b)`` that does not keep ``W + m·diff`` for backward:
-    autograd would save the merged weight (a weight-sized tensor per layer, 0.5 GiB over SD1.5's
-    attention/MLP linears in bf16); here it is recomputed in backward (one weight-sized add) from
-    ``W`` and ``diff``, which are alive anyway. Gradients: x, diff, diff_b (the base is frozen)."""
+class _FullBuild:
+    """Full for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + m·diff`` and ``b′ = b + m·diff_b`` (one
+    fused add each). Autograd would keep ``W′`` for backward (a weight-sized tensor per layer: 0.5 GiB
+    over SD1.5's attention/MLP linears in bf16); the rebuilt op keeps x and rebuilds it. Backward by
+    hand: ``∂diff = m·∂W′``, ``∂diff_b = m·∂b′``."""
 
-    @staticmethod
-    def forward(ctx, x, weight, diff, bias, diff_b, m):
-        w2 = torch.add(weight, diff.to(weight.dtype), alpha=m).to(x.dtype)
-        b2 = None
-        if bias is not None:
-            b2 = bias if diff_b is None else torch.add(bias, diff_b.to(bias.dtype), alpha=m)
-            b2 = b2.to(x.dtype)
-        elif diff_b is not None:
-            b2 = (diff_b * m).to(x.dtype)
-        ctx.save_for_backward(x, weight, diff)
-        ctx.m = m
-        ctx.has_db = diff_b is not None
-        ctx.db_dtype = diff_b.dtype if diff_b is not None else None
-        return F.linear(x, w2, b2)
+    def __init__(self, m: float, has_db: bool):
+        self.m, self.bias_grad = m, has_db
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, diff = ctx.saved_tensors
-        m = ctx.m
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gx = gdiff = gdb = None
-        # Under autocast the forward GEMM ran in the autocast dtype while ``x`` was saved as it came
-        # (e.g. fp32): do the backward GEMMs in the gradient's dtype, hand each gradient back in
-        # its input's dtype.
-        if ctx.needs_input_grad[0]:
-            w2 = torch.add(weight, diff.to(weight.dtype), alpha=m).to(grad.dtype)
-            gx = (g2 @ w2).reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            gdiff = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]).to(g2.dtype))
-            if m != 1.0:
-                gdiff = gdiff * m
-            gdiff = gdiff.to(diff.dtype)
-        if ctx.has_db and ctx.needs_input_grad[4]:
-            gdb = g2.sum(0)
-            if m != 1.0:
-                gdb = gdb * m
-            gdb = gdb.to(ctx.db_dtype)
-        return gx, None, gdiff, None, gdb, None
+    def __call__(self, w, b, diff, diff_b=None):
+        w2 = torch.add(w, diff.reshape(w.shape).to(w.dtype), alpha=self.m)
+        if diff_b is None:
+            return w2, b
+        return w2, torch.add(b, diff_b.reshape(b.shape).to(b.dtype), alpha=self.m)
+
+    def forward_aux(self, w, b, *theta):
+        return self(w, b, *theta) + ((),)
+
+    def recompute(self, keep, w, b, diff, diff_b=None):
+        return torch.add(w, diff.reshape(w.shape).to(w.dtype), alpha=self.m), None
+
+    def vjp(self, aux, theta, gw, gb, needs):
+        diff = theta[0]
+        gd = (gw * self.m if self.m != 1.0 else gw).reshape(diff.shape).to(diff.dtype) if needs[0] else None
+        if len(theta) == 1:
+            return (gd,)
+        db = theta[1]
+        gdb = (gb * self.m if self.m != 1.0 else gb).reshape(db.shape).to(db.dtype) if needs[1] else None
+        return gd, gdb
 
 
 def full_delta_weight(diff: torch.Tensor, weight_shape) -> torch.Tensor:
@@ -117,14 +101,12 @@ class Full(Algorithm):
         return w2, torch.add(b0, db.to(b0.dtype), alpha=multiplier)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
-        """Linear layers: :class:`_FullLinear` (the merged weight is not kept for backward); convs:
-        the shared rebuilt op (same idea, through autograd of ``merged``)."""
-        diff = t["diff"]
-        if (spec.kind != LINEAR or weight.requires_grad or tuple(diff.shape) != tuple(weight.shape)
-                or (bias is not None and bias.requires_grad) or x.dim() < 1):
-            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
-        db = t.get("diff_b") if spec.has_bias else None
-        return _FullLinear.apply(x, weight, diff, bias, db, float(multiplier))
+        """Linear and zero-padded conv layers: the shared rebuilt op with :class:`_FullBuild` (the merged
+        weight is not kept for backward); norms: the host's ``layer_op`` on :meth:`merged`."""
+        from .rebuild import rebuilt_op
+        db = t.get("diff_b") if (spec.has_bias and bias is not None) else None
+        theta = (t["diff"],) if db is None else (t["diff"], db)
+        return rebuilt_op(x, spec, weight, bias, _FullBuild(float(multiplier), db is not None), *theta)
 
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         # op is linear in (W, b): Δy = op(x, diff, diff_b) (for a norm: normalize(x)·diff + diff_b).

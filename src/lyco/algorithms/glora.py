@@ -112,7 +112,7 @@ class _GLoRABuild:
         w2, a1f, left, right = self._parts(w, *theta)
         return torch.addmm(w2, left, right, alpha=self.k).reshape(w.shape), (w2, left, right)
 
-    def vjp(self, aux, theta, gw, needs):
+    def vjp(self, aux, theta, gw, gb, needs):
         w2, left, right = aux
         a1, a2, b1, b2 = theta
         e = gw.reshape(w2.shape).to(w2.dtype)

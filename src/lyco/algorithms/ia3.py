@@ -71,7 +71,7 @@ class _OutputScaleBuild:
     def recompute(self, keep, w, b, wv):
         return self(w, b, wv)[0], w
 
-    def vjp(self, w, theta, gw, needs):
+    def vjp(self, w, theta, gw, gb, needs):
         from .rebuild import rowdot
         wv = theta[0]
         w2 = w.reshape(w.shape[0], -1)

@@ -37,8 +37,9 @@ from .base import CONV_KINDS, LINEAR, LayerSpec, layer_op
 #: its own backward, used when the base weight and bias are frozen (no autograd in either pass):
 #: ``forward_aux(W, b, *θ)`` → ``(W′, b′, keep)`` with ``keep`` a tuple of small tensors saved for
 #: backward (norms, gains); ``recompute(keep, W, b, *θ)`` → ``(W′, aux)`` in backward; and
-#: ``vjp(aux, θ, ∂W′, needs)`` → the gradients of θ (None where ``needs`` is False). Without them,
-#: ∂θ comes from autograd through the rebuilt ``build``.
+#: ``vjp(aux, θ, ∂W′, ∂b′, needs)`` → the gradients of θ (None where ``needs`` is False); ``∂b′`` is
+#: computed only for a build whose ``bias_grad`` attribute is true (else None). Without them, ∂θ
+#: comes from autograd through the rebuilt ``build``.
 Build = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -106,8 +107,10 @@ class _RebuiltOp(torch.autograd.Function):
             # the algorithm's own backward through its build (no nested autograd: a few kernels and
             # no engine re-entry per layer — on a launch-bound host that is most of the cost)
             w2, aux = build.recompute(keep, weight, bias, *theta)
-            gx, gw, _ = _op_backward(ctx.spec, x, w2.to(gy.dtype), gy, need[0], any(need[5:]), False)
-            grads = build.vjp(aux, theta, gw, need[5:]) if any(need[5:]) else (None,) * len(theta)
+            want = any(need[5:])
+            gx, gw, gb = _op_backward(ctx.spec, x, w2.to(gy.dtype), gy, need[0], want,
+                                      want and getattr(build, "bias_grad", False))
+            grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
             return (None if gx is None else gx.to(x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
         ins = [weight, bias, *theta]
