@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .base import Algorithm, LayerSpec, channel_view, input_channel_view, layer_op
+from .rebuild import cast, like, rowdot
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -125,9 +126,9 @@ class _LoraDoraBuild:
 
     @staticmethod
     def _factors(w, up, down):
-        w2 = w.reshape(w.shape[0], -1)
-        up2 = up.reshape(up.shape[0], -1).to(w.dtype)
-        return w2, up2, down.reshape(up2.shape[1], -1).to(w.dtype)
+        w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
+        up2 = like(up, (up.shape[0], up.numel() // up.shape[0]), w.dtype)
+        return w2, up2, like(down, (up2.shape[1], down.numel() // up2.shape[1]), w.dtype)
 
     def __call__(self, w, b, up, down, mag):
         """Differentiable (autograd) form: under ``torch.compile`` and as the reference."""
@@ -149,10 +150,10 @@ class _LoraDoraBuild:
         wc = torch.addmm(w2, up2, down2, alpha=self.gain)
         norm = torch.linalg.vector_norm(wc, dim=1, dtype=wide)
         n = norm + _EPS
-        g = mag.reshape(-1).to(wide) / n
-        sgm1 = (g - 1.0 if self.s == 1.0 else (g - 1.0) * self.s).to(w.dtype)
+        g = torch.div(like(mag, (mag.numel(),), wide), n)
+        sgm1 = cast(g - 1.0 if self.s == 1.0 else (g - 1.0) * self.s, w.dtype)
         lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
-        return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), b, (norm, n, g, sgm1)
+        return like(torch.addcmul(lin, wc, sgm1.unsqueeze(1)), w.shape, w.dtype), b, (norm, n, g, sgm1)
 
     def recompute(self, keep, w, b, up, down, mag):
         """W_eff again from the saved row vectors (one ``addmm`` and one ``addcmul``), and what
@@ -161,27 +162,26 @@ class _LoraDoraBuild:
         w2, up2, down2 = self._factors(w, up, down)
         wc = torch.addmm(w2, up2, down2, alpha=self.gain)
         lin = wc if self.s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * self.s)
-        return torch.addcmul(lin, wc, sgm1[:, None]).reshape(w.shape), (up2, down2, wc, norm, n, g)
+        return like(torch.addcmul(lin, wc, sgm1.unsqueeze(1)), w.shape, w.dtype), (up2, down2, wc, norm, n, g)
 
     def vjp(self, aux, theta, gw, gb, needs):
-        from .rebuild import rowdot
         up, down, mag = theta
         up2, down2, wc, norm, n, g = aux
-        e = gw.reshape(wc.shape).to(wc.dtype)
-        dg = rowdot(e, wc).to(n.dtype)
+        e = like(gw, wc.shape, wc.dtype)
+        dg = cast(rowdot(e, wc), n.dtype)
         if self.s != 1.0:
             dg = dg * self.s
-        gmag = (dg / n).reshape(mag.shape).to(mag.dtype) if needs[2] else None
+        gmag = like(dg / n, mag.shape, mag.dtype) if needs[2] else None
         gup = gdown = None
         if needs[0] or needs[1]:
-            h = e * (g * (self.gain * self.s)).to(e.dtype)[:, None]
+            h = e * cast(g * (self.gain * self.s), e.dtype).unsqueeze(1)
             if not self.detach:
                 c = (dg * g).div_(n).neg_().div_(norm.clamp_min(torch.finfo(norm.dtype).tiny))  # ∂n / ‖W′‖
-                h = torch.addcmul(h, wc, (c * self.gain).to(e.dtype)[:, None])
+                h = torch.addcmul(h, wc, cast(c * self.gain, e.dtype).unsqueeze(1))
             if needs[0]:
-                gup = (h @ down2.t()).reshape(up.shape).to(up.dtype)
+                gup = like(h @ down2.t(), up.shape, up.dtype)
             if needs[1]:
-                gdown = (up2.t() @ h).reshape(down.shape).to(down.dtype)
+                gdown = like(up2.t() @ h, down.shape, down.dtype)
         return gup, gdown, gmag
 
 

@@ -19,6 +19,7 @@ import torch
 from .base import (
     CONV1D, CONV2D, CONV3D, GROUPNORM, LAYERNORM, LINEAR, Algorithm, Tensors, layer_op, register,
 )
+from .rebuild import like, rebuilt_op
 
 
 class _FullBuild:
@@ -31,24 +32,24 @@ class _FullBuild:
         self.m, self.bias_grad = m, has_db
 
     def __call__(self, w, b, diff, diff_b=None):
-        w2 = torch.add(w, diff.reshape(w.shape).to(w.dtype), alpha=self.m)
+        w2 = torch.add(w, like(diff, w.shape, w.dtype), alpha=self.m)
         if diff_b is None:
             return w2, b
-        return w2, torch.add(b, diff_b.reshape(b.shape).to(b.dtype), alpha=self.m)
+        return w2, torch.add(b, like(diff_b, b.shape, b.dtype), alpha=self.m)
 
     def forward_aux(self, w, b, *theta):
         return self(w, b, *theta) + ((),)
 
     def recompute(self, keep, w, b, diff, diff_b=None):
-        return torch.add(w, diff.reshape(w.shape).to(w.dtype), alpha=self.m), None
+        return torch.add(w, like(diff, w.shape, w.dtype), alpha=self.m), None
 
     def vjp(self, aux, theta, gw, gb, needs):
         diff = theta[0]
-        gd = (gw * self.m if self.m != 1.0 else gw).reshape(diff.shape).to(diff.dtype) if needs[0] else None
+        gd = like(gw * self.m if self.m != 1.0 else gw, diff.shape, diff.dtype) if needs[0] else None
         if len(theta) == 1:
             return (gd,)
         db = theta[1]
-        gdb = (gb * self.m if self.m != 1.0 else gb).reshape(db.shape).to(db.dtype) if needs[1] else None
+        gdb = like(gb * self.m if self.m != 1.0 else gb, db.shape, db.dtype) if needs[1] else None
         return gd, gdb
 
 
@@ -103,7 +104,6 @@ class Full(Algorithm):
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         """Linear and zero-padded conv layers: the shared rebuilt op with :class:`_FullBuild` (the merged
         weight is not kept for backward); norms: the host's ``layer_op`` on :meth:`merged`."""
-        from .rebuild import rebuilt_op
         db = t.get("diff_b") if (spec.has_bias and bias is not None) else None
         theta = (t["diff"],) if db is None else (t["diff"], db)
         return rebuilt_op(x, spec, weight, bias, _FullBuild(float(multiplier), db is not None), *theta)

@@ -42,6 +42,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
     layer_op, register, scalar_of,
 )
+from .rebuild import like
 
 _CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
 _A1, _A2, _B1, _B2 = "a1.weight", "a2.weight", "b1.weight", "b2.weight"
@@ -93,36 +94,35 @@ class _GLoRABuild:
         self.k = k
 
     def _parts(self, w, a1, a2, b1, b2):
-        w2 = w.reshape(w.shape[0], -1)
+        w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
         dt = w.dtype
-        a1f, a2f = a1.reshape(a1.shape[0], -1).to(dt), a2.reshape(a2.shape[0], -1).to(dt)
-        b1f, b2f = b1.reshape(b1.shape[0], -1).to(dt), b2.reshape(b2.shape[0], -1).to(dt)
+        a1f, a2f, b1f, b2f = (like(t, (t.shape[0], t.numel() // t.shape[0]), dt) for t in (a1, a2, b1, b2))
         left = torch.cat([w2 @ a1f, b1f], dim=1)     # (out, 2r)
         right = torch.cat([a2f, b2f], dim=0)         # (2r, in)
         return w2, a1f, left, right
 
     def __call__(self, w, b, a1, a2, b1, b2):
         w2, _, left, right = self._parts(w, a1, a2, b1, b2)
-        return torch.addmm(w2, left, right, alpha=self.k).reshape(w.shape), b
+        return like(torch.addmm(w2, left, right, alpha=self.k), w.shape, w.dtype), b
 
     def forward_aux(self, w, b, *theta):
         return self(w, b, *theta) + ((),)
 
     def recompute(self, keep, w, b, *theta):
         w2, a1f, left, right = self._parts(w, *theta)
-        return torch.addmm(w2, left, right, alpha=self.k).reshape(w.shape), (w2, left, right)
+        return like(torch.addmm(w2, left, right, alpha=self.k), w.shape, w.dtype), (w2, left, right)
 
     def vjp(self, aux, theta, gw, gb, needs):
         w2, left, right = aux
         a1, a2, b1, b2 = theta
-        e = gw.reshape(w2.shape).to(w2.dtype)
+        e = like(gw, w2.shape, w2.dtype)
         r = a2.shape[0]
         gl = (e @ right.t()) * self.k                 # (out, 2r): ∂(W·A1) | ∂B1
         gr = (left.t() @ e) * self.k                  # (2r, in): ∂A2 ; ∂B2
-        ga1 = (w2.t() @ gl[:, :r]).reshape(a1.shape).to(a1.dtype) if needs[0] else None
-        ga2 = gr[:r].reshape(a2.shape).to(a2.dtype) if needs[1] else None
-        gb1 = gl[:, r:].reshape(b1.shape).to(b1.dtype) if needs[2] else None
-        gb2 = gr[r:].reshape(b2.shape).to(b2.dtype) if needs[3] else None
+        ga1 = like(w2.t() @ gl[:, :r], a1.shape, a1.dtype) if needs[0] else None
+        ga2 = like(gr[:r], a2.shape, a2.dtype) if needs[1] else None
+        gb1 = like(gl[:, r:], b1.shape, b1.dtype) if needs[2] else None
+        gb2 = like(gr[r:], b2.shape, b2.dtype) if needs[3] else None
         return ga1, ga2, gb1, gb2
 
 

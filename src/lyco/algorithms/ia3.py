@@ -28,6 +28,8 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, channel_view, input_channel_view, layer_op,
     register,
 )
+from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
+
 
 
 def ia3_on_input(t) -> bool:
@@ -61,8 +63,9 @@ class _OutputScaleBuild:
         self.s = s
 
     def __call__(self, w, b, wv):
-        sw = wv.reshape(-1) * self.s if self.s != 1.0 else wv.reshape(-1)
-        return torch.addcmul(w, w, sw.to(w.dtype).reshape((-1,) + (1,) * (w.dim() - 1))), b
+        sw = wv if wv.dim() == 1 else wv.reshape(-1)
+        sw = cast(sw * self.s if self.s != 1.0 else sw, w.dtype)
+        return torch.addcmul(w, w, sw.unsqueeze(1) if w.dim() == 2 else sw.reshape((-1,) + (1,) * (w.dim() - 1))), b
 
     def forward_aux(self, w, b, wv):
         w2, b2 = self(w, b, wv)
@@ -72,13 +75,12 @@ class _OutputScaleBuild:
         return self(w, b, wv)[0], w
 
     def vjp(self, w, theta, gw, gb, needs):
-        from .rebuild import rowdot
         wv = theta[0]
-        w2 = w.reshape(w.shape[0], -1)
-        g = rowdot(gw.reshape(w2.shape).to(w2.dtype), w2)
+        w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
+        g = rowdot(like(gw, w2.shape, w2.dtype), w2)
         if self.s != 1.0:
             g = g * self.s
-        return (g.reshape(wv.shape).to(wv.dtype),)
+        return (like(g, wv.shape, wv.dtype),)
 
 
 @register
@@ -140,13 +142,11 @@ class IA3(Algorithm):
         # the bypass.
         if ia3_on_input(t):
             return True
-        from .rebuild import supports
-        return supports(spec)
+        return rebuild_supports(spec)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         if not ia3_on_input(t):
             # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward (keeps x, not f(x) − b)
-            from .rebuild import rebuilt_op
             return rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier)), t["weight"])
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)

@@ -43,6 +43,18 @@ from .base import CONV_KINDS, LINEAR, LayerSpec, layer_op
 Build = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
+def like(t: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` reshaped to ``shape`` and cast to ``dtype``, skipping the calls that would do nothing: on
+    a launch-bound host every no-op ``reshape``/``to`` costs a few µs per layer per step."""
+    if t.shape != shape:
+        t = t.reshape(shape)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``Σ_i a[j, i]·b[j, i]`` per row of two 2-D tensors, as one batched GEMM (accumulated in fp32
     by the GEMM for bf16/fp16, no weight-sized product written), in the inputs' dtype."""
@@ -59,24 +71,28 @@ def supports(spec: LayerSpec) -> bool:
     return False
 
 
+_CONV_BWD = torch.ops.aten.convolution_backward.default  # the overload itself: no packet lookup per call
+
+
 def _op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor,
                  need_x: bool, need_w: bool, need_b: bool):
     """(∂x, ∂W, ∂b) of ``op(x, w, b)`` for the output gradient ``gy`` (computed in ``gy``'s dtype)."""
-    dt = gy.dtype
-    xd = x.to(dt)
+    xd = cast(x, gy.dtype)
     if spec.kind == LINEAR:
-        g2 = gy.reshape(-1, gy.shape[-1])
+        g2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if need_x:
-            gx = (g2 @ w).reshape(x.shape)
+            gx = g2 @ w
+            if x.dim() != 2:
+                gx = gx.reshape(x.shape)
         if need_w:
-            gw = g2.t() @ xd.reshape(-1, xd.shape[-1])
+            gw = g2.t() @ (xd if xd.dim() == 2 else xd.reshape(-1, xd.shape[-1]))
         if need_b:
             gb = g2.sum(0)
         return gx, gw, gb
     n = len(spec.kernel)
     pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
-    gx, gw, gb = torch.ops.aten.convolution_backward(
+    gx, gw, gb = _CONV_BWD(
         gy, xd, w, [w.shape[0]] if need_b else None, list(spec.stride), list(pad), list(spec.dilation),
         False, [0] * n, spec.groups, [need_x, need_w, need_b])
     return gx, gw, gb
@@ -92,7 +108,7 @@ class _RebuiltOp(torch.autograd.Function):
             w2, b2, keep = build.forward_aux(weight, bias, *theta)
         else:
             (w2, b2), keep = build(weight, bias, *theta), ()
-        y = layer_op(x, spec, w2.to(x.dtype), None if b2 is None else b2.to(x.dtype))
+        y = layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
         ctx.spec, ctx.build, ctx.own, ctx.n_theta = spec, build, own, len(theta)
         ctx.save_for_backward(x, weight, bias, *theta, *keep)
         return y
@@ -108,10 +124,10 @@ class _RebuiltOp(torch.autograd.Function):
             # no engine re-entry per layer — on a launch-bound host that is most of the cost)
             w2, aux = build.recompute(keep, weight, bias, *theta)
             want = any(need[5:])
-            gx, gw, gb = _op_backward(ctx.spec, x, w2.to(gy.dtype), gy, need[0], want,
+            gx, gw, gb = _op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], want,
                                       want and getattr(build, "bias_grad", False))
             grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
-            return (None if gx is None else gx.to(x.dtype), None, None, None, None, *grads)
+            return (cast(gx, x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
         ins = [weight, bias, *theta]
         leaves = [t.detach().requires_grad_() if (n and t is not None) else t for t, n in zip(ins, need_in)]
