@@ -88,6 +88,8 @@ def adapter(path):
 
 
 LORA = {"algo": "lora", "rank": 4, "options": {}}
+# DoRA trains on the rebuilt op (algorithms/rebuild.py: its own autograd Function and backward)
+DORA = {"algo": "lora", "rank": 4, "dora": True, "options": {}}
 STEPS = {"max_train_steps": 3}
 ONE_TO_TWO = {"ddp": {}, "flat": {"ddp_comm": "flat"}, "fsdp": {}, "graph": {}}  # fsdp: asked for as accelerate
 # does, below; graph: [train] cuda_graph with the CPU stand-in graph (flat gradient buffers all-reduced in place)
@@ -113,7 +115,9 @@ def two(tmp_path_factory, shapes_dir):
                                                       train={"max_train_steps": 1})},
              {"name": "resume-fsdp", "config": config(root / "resume-fsdp", shapes_dir, network=LORA, train=STEPS,
                                                         distributed={"strategy": "fsdp"}),
-              "resume": str(ref / "adapter-step00000001-state")}]
+              "resume": str(ref / "adapter-step00000001-state")},
+             {"name": "fsdp-dora", "config": config(root / "fsdp-dora", shapes_dir, network=DORA,
+                                                      distributed={"strategy": "fsdp"})}]
     return root, launch(root, runs)
 
 
@@ -204,3 +208,21 @@ def test_resume_on_another_number_of_processes(two, tmp_path, shapes_dir):
     # a real comparison: after one step the adapter is far (beyond the tolerance) from the reference
     first = adapter(root / "fresh-ddp" / "adapter.safetensors")
     assert rel_diff(first, ref) > 100 * RTOL
+
+
+def test_rebuilt_op_under_fsdp_equals_one_process(two, tmp_path, shapes_dir):
+    """DoRA (mode auto: the rebuilt op, which keeps the adapter tensors and x for its own backward)
+    sharded by FSDP over 2 processes trains the adapter one process trains on the same global batches."""
+    root, reports = two
+    r0, r1 = reports["fsdp-dora"]
+    assert r0["strategy"] == "fsdp" and r0["hash"] == r1["hash"]
+    ref_out = tmp_path / "one-dora"
+    single(config(ref_out, shapes_dir, network=DORA, train={"gradient_accumulation_steps": 2}))
+    ref = adapter(ref_out / "adapter.safetensors")
+    got = adapter(root / "fsdp-dora" / "adapter.safetensors")
+    assert any(k.endswith("dora_scale") for k in got)
+    assert rel_diff(got, ref) < RTOL, rel_diff(got, ref)
+    # the two runs did train (the comparison is not between two untouched adapters)
+    untrained = tmp_path / "dora-0"
+    single(config(untrained, shapes_dir, network=DORA, optimizer={"learning_rate": 1e-12}))
+    assert rel_diff(adapter(untrained / "adapter.safetensors"), ref) > 100 * RTOL
