@@ -505,3 +505,24 @@ log_with = "none"
     assert main(["train", str(written), "--resume", str(tmp_path / "out"), "--max-train-steps", "3"]) == 0
     md = read_metadata(adapter)
     assert md["ss_steps"] == "3" and json.loads(md["ss_network_args"])["algo"] == "loha"
+
+
+@pytest.mark.parametrize("mode", ["auto", "bypass", "rebuild"])
+def test_network_mode_reaches_every_layer(mode, tmp_path):
+    """``[network] mode`` (``--network-mode``) sets each adapter layer's training path; under ``auto`` a
+    DoRA network takes the rebuilt op (only x kept) and a LoRA one the delta path."""
+    from lyco.train import from_dict
+    from lyco.models.tiny import tiny_sd1_pipeline
+    from lyco.train.loop import build_network
+    pipe = tiny_sd1_pipeline()
+    for algo, dora in (("lora", False), ("lora", True)):
+        cfg = from_dict({"model": {"path": "tiny:sd1"}, "network": {"algo": algo, "rank": 4, "dora": dora,
+                                                                     "mode": mode}})
+        net, _ = build_network(pipe, cfg, "sd1")
+        try:
+            layers = list(net.layers.values())
+            assert layers and all(layer.mode == mode for layer in layers)
+            rebuilds = {layer.prefers_rebuild if mode == "auto" else mode == "rebuild" for layer in layers}
+            assert rebuilds == {dora if mode == "auto" else mode == "rebuild"}
+        finally:
+            net.detach()

@@ -161,7 +161,7 @@ def build_network(pipe, cfg: Config, family: str):
         raise ConfigError(f"[network.options] {bad}: set these as [network] keys, not options")
     net = Network.create(comps, algo=n.algo, rank=n.rank, alpha=n.alpha, preset=n.preset, conv_rank=n.conv_rank,
                          conv_alpha=n.conv_alpha, overrides=list(n.overrides) or None, seed=cfg.train.seed,
-                         **extra, **dict(n.options))
+                         mode=n.mode, **extra, **dict(n.options))
     net.family = family
     net.train()
     if train_te and not any(not str(layer.name).startswith("unet") for layer in net.layers.values()):
