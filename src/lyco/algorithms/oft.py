@@ -175,6 +175,12 @@ def _butterfly_perm_on(out_dim: int, b: int, stage: int, device: torch.device) -
     return perm.to(device), inv.to(device)
 
 
+def _perms(out_dim: int, b: int, stage: int, device: torch.device, compiling: bool):
+    if compiling:  # traced into the graph as constants; the caches are for eager calls
+        return tuple(p.to(device) for p in butterfly_perm.__wrapped__(out_dim, b, stage))
+    return _butterfly_perm_on(out_dim, b, stage, device)
+
+
 def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
     """``B_m(v) − v`` along the last axis of ``v``: stage by stage, R_{i,m} = I + m(R_i − I).
 
@@ -194,10 +200,7 @@ def _butterfly_apply(v: torch.Tensor, stage_deltas: torch.Tensor) -> torch.Tenso
     d = torch.zeros_like(v)
     compiling = torch.compiler.is_compiling()
     for i in range(m):
-        if compiling:  # traced into the graph as constants; the caches are for eager calls
-            perm, inv = (p.to(v.device) for p in butterfly_perm.__wrapped__(out_dim, b, i))
-        else:
-            perm, inv = _butterfly_perm_on(out_dim, b, i, v.device)
+        perm, inv = _perms(out_dim, b, i, v.device, compiling)
         cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
         step = torch.einsum("dij,...dj->...di", stage_deltas[i], cur)
         d = d + step.reshape(v.shape).index_select(-1, inv)
@@ -385,6 +388,102 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
+class _BOFTBuild:
+    """BOFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + B_m(W) − W`` with the
+    butterfly applied along the output axis of W (stage i: ``u ← u + P_i⁻¹·blockdiag(Δ_i)·P_i·u``,
+    ``Δ_i = m·(R_i − I)``), computed as :meth:`BOFT.merged` does (an fp32 copy of W, the increment kept
+    apart from it, one rounding at the end). Backward by hand — no nested autograd, whose per-layer
+    host time made the rebuilt BOFT step 1.26× slower than the delta path (run 8):
+
+    * stages in reverse, from ``∂u = E = ∂L/∂W′`` (rows last): with ``c_i = P_i·u_i`` in blocks and
+      ``s = P_i·∂u``: ``∂Δ_i = Σ_rows s ⊗ c_i``, ``∂u ← ∂u + P_i⁻¹·(Δ_iᵀ s)`` (the stage inputs
+      ``c_i`` recomputed, weight-sized, for this layer only);
+    * Cayley ``R = (I − Q)⁻¹(I + Q)``: ``dR = (I − Q)⁻¹·dQ·(I + R)``, so ``∂Q = (I − Q)⁻ᵀ·∂R·(I + R)ᵀ``;
+    * the joint constraint ``Q = Q₀·κ/max(n, κ)``, ``n = ‖Q₀‖ + ε``: ``∂Q₀ = s·∂Q − [n > κ]·(κ/n²)·
+      ⟨∂Q, Q₀⟩·Q₀/‖Q₀‖``; ``Q₀ = B − Bᵀ``: ``∂B = ∂Q₀ − ∂Q₀ᵀ``."""
+
+    def __init__(self, m: float, kappa: float | None):
+        self.m, self.kappa = m, kappa
+
+    def _skew(self, blocks, cdt):
+        """(Q₀, n, the constraint's scale or None, Q, I)."""
+        q0 = blocks.to(cdt)
+        q0 = q0 - q0.transpose(-1, -2)
+        n = sc = None
+        q = q0
+        if self.kappa is not None:
+            n = torch.linalg.vector_norm(q0) + _EPS
+            sc = self.kappa / torch.clamp(n, min=self.kappa)
+            q = q0 * sc
+        eye = torch.eye(q.shape[-1], dtype=cdt, device=q.device)
+        return q0, n, sc, q, eye
+
+    def _rotations(self, blocks, cdt):
+        q0, n, sc, q, eye = self._skew(blocks, cdt)
+        return torch.linalg.solve_ex(eye - q, eye + q)[0]  # (I − Q)⁻¹(I + Q), as cayley()
+
+    def _loop(self, w, r, keep_inputs: bool):
+        """(W′, the stage inputs in blocks or None)."""
+        cdt = r.dtype
+        v = w.to(cdt).movedim(0, -1)                       # rows last: (in, *k, out)
+        mm, nb, b, _ = r.shape
+        out = nb * b
+        eye = torch.eye(b, dtype=cdt, device=r.device)
+        deltas = (r - eye) * self.m if self.m != 1.0 else r - eye
+        d = torch.zeros_like(v)
+        curs = []
+        compiling = torch.compiler.is_compiling()
+        for i in range(mm):
+            perm, inv = _perms(out, b, i, v.device, compiling)
+            cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
+            if keep_inputs:
+                curs.append(cur)
+            step = torch.einsum("dij,...dj->...di", deltas[i], cur)
+            d = d + step.reshape(v.shape).index_select(-1, inv)
+        w2 = torch.add(w, d.movedim(-1, 0).to(w.dtype))
+        return w2, (curs, deltas) if keep_inputs else None
+
+    def __call__(self, w, b, blocks):
+        """Differentiable form (``torch.compile``, the reference)."""
+        return self._loop(w, self._rotations(blocks, compute_dtype(w, blocks)), False)[0], b
+
+    def forward_aux(self, w, b, blocks):
+        r = self._rotations(blocks, compute_dtype(w, blocks))
+        return self._loop(w, r, False)[0], b, (r,)  # R kept (blocks-sized); Q, I − Q rebuilt in backward
+
+    def recompute(self, keep, w, b, blocks):
+        r = keep[0]
+        w2, (curs, deltas) = self._loop(w, r, True)
+        return w2, (r, curs, deltas)
+
+    def vjp(self, aux, theta, gw, gb, needs):
+        r, curs, deltas = aux
+        blocks = theta[0]
+        if not needs[0]:
+            return (None,)
+        cdt = r.dtype
+        q0, n, sc, q, eye = self._skew(blocks, cdt)
+        mm, nb, bs, _ = r.shape
+        out = nb * bs
+        gu = gw.to(cdt).movedim(0, -1)
+        gdel = torch.empty_like(r)
+        for i in reversed(range(mm)):
+            perm, inv = _butterfly_perm_on(out, bs, i, gu.device)
+            s = gu.index_select(-1, perm).reshape(gu.shape[:-1] + (nb, bs))
+            gdel[i] = torch.einsum("...di,...dj->dij", s, curs[i])
+            back = torch.einsum("dij,...di->...dj", deltas[i], s)
+            gu = gu + back.reshape(gu.shape).index_select(-1, inv)
+        gr = gdel * self.m if self.m != 1.0 else gdel
+        gq = torch.linalg.solve_ex((eye - q).transpose(-1, -2), gr)[0] @ (eye + r).transpose(-1, -2)
+        if n is not None:
+            norm = n - _EPS
+            outside = (n > self.kappa).to(cdt)
+            coef = outside * (self.kappa / (n * n)) * (gq * q0).sum() / norm.clamp_min(torch.finfo(cdt).tiny)
+            gq = gq * sc - coef * q0
+        gb_ = gq - gq.transpose(-1, -2)
+        return (gb_.to(blocks.dtype),)
+
+
 @register
 class BOFT(_OFTBase):
     name = "boft"
@@ -435,6 +534,15 @@ class BOFT(_OFTBase):
         v = _rows_last(y, axis).to(compute_dtype(y, t["oft_blocks"]))
         d = self._delta_rows_last(t, v, multiplier)
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """Without ``rescale``: the rebuilt op with :class:`_BOFTBuild` (its own backward); with it, the
+        shared op over :meth:`merged` (autograd)."""
+        if "rescale" in t:
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+        self._check(t, spec)
+        from .rebuild import rebuilt_op
+        return rebuilt_op(x, spec, weight, bias, _BOFTBuild(float(multiplier), self.kappa(t)), t["oft_blocks"])
 
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU run 6, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
