@@ -54,6 +54,7 @@ CONFIGS = {
     "diag-oft-constrained": dict(algo="diag-oft", rank=4, constraint=1e-3),
     "boft": dict(algo="boft", rank=2),
     "boft-constrained": dict(algo="boft", rank=2, constraint=1e-3),
+    "boft-rescaled": dict(algo="boft", rank=2, rescaled=True),  # (rebuilt op through autograd)
 }
 
 
