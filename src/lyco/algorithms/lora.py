@@ -115,7 +115,8 @@ class LoRA(Algorithm):
             up = up.to(x.dtype)
         if down.dtype != x.dtype:
             down = down.to(x.dtype)
-        up = up.reshape(up.shape[0], up.shape[1])
+        if up.dim() != 2:  # (conv up (out, r, 1, …)); a no-op reshape would still add an autograd node
+            up = up.reshape(up.shape[0], up.shape[1])
         gain = self._gain(t)
         if isinstance(gain, torch.Tensor):  # use_scalar: a trained 0-d factor
             up = up * gain.to(up.dtype)
