@@ -422,6 +422,25 @@ def test_bf16_mixed_precision_without_latent_cache(tmp_path, shapes_dir):
     assert all(p.dtype == torch.float32 for p in tr.network.parameters())
 
 
+@pytest.mark.parametrize("network", [{"algo": "lora", "rank": 4, "dora": True}, {"algo": "ia3"},
+                                     {"algo": "boft", "rank": 4}], ids=["dora", "ia3", "boft"])
+def test_bf16_mixed_precision_on_the_rebuilt_op(network, tmp_path, shapes_dir):
+    """The algorithms that train on the rebuilt op (bf16 base weights, fp32 adapter, bf16 autocast):
+    finite losses, fp32 parameters with finite gradients, and the adapter moves."""
+    cfg = make_cfg(tmp_path, shapes_dir, network={**network, "options": {}},
+                   train={"max_train_steps": 2, "mixed_precision": "bf16"}, output={"save_state": False})
+    tr = Trainer(cfg)
+    tr.setup()
+    assert all(layer.prefers_rebuild for layer in tr.network.layers.values())
+    before = {k: v.detach().clone() for k, v in tr.network.state_dict().items()}
+    res = tr.train()
+    assert all(math.isfinite(v) for _, v in res.losses)
+    params = dict(tr.network.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values())
+    moved = [k for k, v in tr.network.state_dict().items() if k in params and not torch.equal(v, before[k])]
+    assert moved, "no adapter tensor changed"
+
+
 # ----------------------------------------------------------------------------- other families
 
 def test_sdxl_time_ids_and_two_text_encoders(tmp_path, shapes_dir):
