@@ -9,7 +9,9 @@ layer's GEMM is activation-sized), then
 
 * ``∂x = op_backward_input(∂y, W′)`` — the frozen layer's own input gradient;
 * ``∂W′ = op_backward_weight(∂y, x)`` — one weight-gradient GEMM (what full fine-tuning pays);
-* ``∂θ`` from ``∂W′`` by autograd through the rebuilt ``merged(θ)`` (weight-sized, local to the layer).
+* ``∂θ`` from ``∂W′``: by the algorithm's own backward where it has one (DoRA over LoRA, (IA)³, GLoRA,
+  Full, BOFT: a few weight-sized kernels), else by autograd through the rebuilt ``merged(θ)`` — a
+  nested backward per layer, correct for every algorithm but costly in host time.
 
 What it trades: the bypass ``f(x) + m·Δy`` keeps activation-sized tensors for its ∂θ (DoRA: the base
 output for ∂g; (IA)³: ``f(x) − b``; BOFT: every stage's activations; LoKr/LoHa dense: a second
@@ -164,7 +166,7 @@ def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: tor
         return None
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         w2, b2 = build(weight, bias, *theta)
-        return layer_op(x, spec, w2.to(x.dtype), None if b2 is None else b2.to(x.dtype))
+        return layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
     return _RebuiltOp.apply(x, spec, build, weight, bias, *theta)
 
 
