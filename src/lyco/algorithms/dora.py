@@ -33,10 +33,12 @@ Gradient through the norm (training only; the forward value is the same either w
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Algorithm, LayerSpec, channel_view, input_channel_view, layer_op
-from .rebuild import cast, like, rowdot
+from .rebuild import cast, like, merged_build, rebuilt_op, rowdot, supports as rebuild_supports
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -302,14 +304,25 @@ class DoRA(Algorithm):
         inner = self.inner.forward_delta(x, t, spec, weight, bias, base_out)
         return torch.addcmul(pre, inner.to(acc.dtype), c2)
 
+    def _merged(self, t, spec, weight, bias, multiplier, detach_norm=False):
+        """:meth:`merged` (``W + m·(W_d − W)``, ``b + m·Δb``) with the norm optionally detached."""
+        axis, wc, n, mg = self._parts(t, spec, weight, detach_norm)
+        wd = wc * (mg / n)
+        w2 = wd if multiplier == 1.0 else torch.lerp(weight.to(wd.dtype), wd, multiplier)
+        db = self.inner.delta_bias(t, spec, bias)
+        if db is not None:
+            db = db * multiplier
+            bias = db if bias is None else bias + db.to(bias.dtype)
+        return w2.to(weight.dtype), bias
+
     # -- rebuild path ---------------------------------------------------------------------
     def prefers_rebuild_for(self, t, spec):
-        # Decision (benchmarks/NOTES.md, "rebuilt op"): DoRA trains as op(x, W_d) with W_d rebuilt in
-        # backward. The bypass keeps f(x) − b of every layer for ∂g (≈ 3 GiB at SD1.5 b8 on the
-        # attention/MLP linears) and runs three extra skinny GEMMs and two output-sized passes; the
-        # rebuild keeps x only and pays one weight-gradient GEMM plus weight-sized work.
-        from .rebuild import supports
-        return supports(spec)
+        # Decision (benchmarks/NOTES.md, "rebuilt op"; GPU run 8, H200, SD1.5 b8): DoRA trains as
+        # op(x, W_d) with W_d rebuilt in backward. The bypass keeps f(x) − b of every layer for ∂g and runs
+        # three extra skinny GEMMs and two output-sized passes (peak 12.41 GiB, one-graph step 111.9 ms);
+        # the rebuild keeps x only and pays one weight-gradient GEMM plus weight-sized work (8.76 GiB,
+        # 84.6 ms; PEFT 14.94 / 128.8, LyCORIS 9.79 / 98.0).
+        return rebuild_supports(spec)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier, detach_norm=False):
         """``op(x, W + s·(W_d − W))`` through :mod:`.rebuild` (``x`` kept, ``W_d`` rebuilt in backward).
@@ -318,7 +331,6 @@ class DoRA(Algorithm):
         dtype, its row norms reduced in fp32, ``s·(g − 1)`` in fp32 cast once, and
         ``W_eff = (W + s·γ·U·D) + s·(g − 1) ⊙ W′`` as one ``addcmul`` (g − 1 keeps its mantissa; the
         weight is rounded once). Otherwise the definition (:meth:`delta_weight`, in fp32)."""
-        from .rebuild import rebuilt_op
         mag = t["dora_scale"]
         s = float(multiplier)
         gain = self.inner._gain(t) if getattr(self.inner, "name", "") == "lora" else None
@@ -326,18 +338,8 @@ class DoRA(Algorithm):
                 and "lora_mid.weight" not in t and (spec.kind == "linear" or spec.groups == 1)):
             build = _LoraDoraBuild(gain, s, detach_norm)
             return rebuilt_op(x, spec, weight, bias, build, t["lora_up.weight"], t["lora_down.weight"], mag)
-        keys = [k for k, v in t.items() if isinstance(v, torch.Tensor)]
-        fixed = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
-
-        def build(w, b, *theta):
-            tt = dict(fixed, **dict(zip(keys, theta)))
-            axis, wc, n, mg = self._parts(tt, spec, w, detach_norm)
-            wd = wc * (mg / n)
-            w2 = wd if s == 1.0 else torch.lerp(w.to(wd.dtype), wd, s)
-            db = self.inner.delta_bias(tt, spec, b)
-            b2 = b if db is None else (db * s if b is None else b + s * db.to(b.dtype))
-            return w2.to(w.dtype), b2
-
+        build, keys = merged_build(self, t, spec, s, merged=functools.partial(self._merged, detach_norm=detach_norm),
+                                   to_weight_dtype=False)
         return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
 
     def export(self, t):

@@ -42,7 +42,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
     layer_op, register, scalar_of,
 )
-from .rebuild import like
+from .rebuild import like, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
 _A1, _A2, _B1, _B2 = "a1.weight", "a2.weight", "b1.weight", "b2.weight"
@@ -224,16 +224,14 @@ class GLoRA(Algorithm):
         # per layer (γ·op(A(x), W)) forward and two backward; the rebuilt op builds
         # W′ = W + mγ·(W·A1·A2 + B1·B2) from weight-sized products and pays one weight-gradient GEMM:
         # one-graph device time 87.3 vs 95.0 ms (LyCORIS 91.5), peak 8.65 vs 9.06 GiB (LyCORIS 9.18).
-        from .rebuild import supports
-        return supports(spec)
+        return rebuild_supports(spec)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         """New layout, float scale, linear or 1×1 conv: :class:`_GLoRABuild` (its own backward);
         otherwise the shared rebuilt op over :meth:`merged`."""
-        gain = self._gain(t, glora_layout(t, spec.weight_shape)[1])
-        if (glora_layout(t, spec.weight_shape)[0] == "new" and not isinstance(gain, torch.Tensor)
-                and spec.kernel_numel == 1 and spec.groups == 1):
-            from .rebuild import rebuilt_op
+        layout, r = glora_layout(t, spec.weight_shape)
+        gain = self._gain(t, r)
+        if layout == "new" and not isinstance(gain, torch.Tensor) and spec.kernel_numel == 1 and spec.groups == 1:
             return rebuilt_op(x, spec, weight, bias, _GLoRABuild(gain * float(multiplier)),
                               *(t[k] for k in (_A1, _A2, _B1, _B2)))
         return super().rebuild_op(x, t, spec, weight, bias, multiplier)

@@ -31,7 +31,6 @@ from .base import (
 from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
 
 
-
 def ia3_on_input(t) -> bool:
     flag = t.get("on_input")
     if flag is None:

@@ -61,6 +61,7 @@ from .base import (
     channel_view, register, scalar_of,
 )
 from .factorize import factorization, power2factorization
+from .rebuild import rebuilt_op, supports as rebuild_supports
 
 CONVENTIONS = ("lycoris", "comfyui")
 _EPS = 1e-8  # added to ‖Q‖ before comparing with κ, as LyCORIS and ComfyUI do
@@ -193,8 +194,9 @@ def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0
     return _butterfly_apply(v, multiplier * (rots - eye))
 
 
-def _butterfly_apply(v: torch.Tensor, stage_deltas: torch.Tensor) -> torch.Tensor:
-    """``B(v) − v`` with stage i's block map ``I + stage_deltas[i]`` (already scaled)."""
+def _butterfly_apply(v: torch.Tensor, stage_deltas: torch.Tensor, inputs: list | None = None) -> torch.Tensor:
+    """``B(v) − v`` with stage i's block map ``I + stage_deltas[i]`` (already scaled). ``inputs``: a list
+    that receives each stage's input in blocks (for a backward by hand, :class:`_BOFTBuild`)."""
     m, nb, b, _ = stage_deltas.shape
     out_dim = v.shape[-1]
     d = torch.zeros_like(v)
@@ -202,6 +204,8 @@ def _butterfly_apply(v: torch.Tensor, stage_deltas: torch.Tensor) -> torch.Tenso
     for i in range(m):
         perm, inv = _perms(out_dim, b, i, v.device, compiling)
         cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
+        if inputs is not None:
+            inputs.append(cur)
         step = torch.einsum("dij,...dj->...di", stage_deltas[i], cur)
         d = d + step.reshape(v.shape).index_select(-1, inv)
     return d
@@ -419,27 +423,15 @@ class _BOFTBuild:
         return q0, n, sc, q, eye
 
     def _rotations(self, blocks, cdt):
-        q0, n, sc, q, eye = self._skew(blocks, cdt)
-        return torch.linalg.solve_ex(eye - q, eye + q)[0]  # (I − Q)⁻¹(I + Q), as cayley()
+        return oft_rotations(blocks, self.kappa).to(cdt)  # as BOFT.rotations / weight_delta_at
 
     def _loop(self, w, r, keep_inputs: bool):
-        """(W′, the stage inputs in blocks or None)."""
-        cdt = r.dtype
-        v = w.to(cdt).movedim(0, -1)                       # rows last: (in, *k, out)
-        mm, nb, b, _ = r.shape
-        out = nb * b
-        eye = torch.eye(b, dtype=cdt, device=r.device)
+        """(W′, (the stage inputs in blocks, the scaled stage deltas) or None): :func:`_butterfly_apply`
+        on the rows of W, as :meth:`BOFT.weight_delta_at`."""
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
         deltas = (r - eye) * self.m if self.m != 1.0 else r - eye
-        d = torch.zeros_like(v)
-        curs = []
-        compiling = torch.compiler.is_compiling()
-        for i in range(mm):
-            perm, inv = _perms(out, b, i, v.device, compiling)
-            cur = (v + d).index_select(-1, perm).reshape(v.shape[:-1] + (nb, b))
-            if keep_inputs:
-                curs.append(cur)
-            step = torch.einsum("dij,...dj->...di", deltas[i], cur)
-            d = d + step.reshape(v.shape).index_select(-1, inv)
+        curs = [] if keep_inputs else None
+        d = _butterfly_apply(w.to(r.dtype).movedim(0, -1), deltas, curs)   # rows last: (in, *k, out)
         w2 = torch.add(w, d.movedim(-1, 0).to(w.dtype))
         return w2, (curs, deltas) if keep_inputs else None
 
@@ -449,7 +441,7 @@ class _BOFTBuild:
 
     def forward_aux(self, w, b, blocks):
         r = self._rotations(blocks, compute_dtype(w, blocks))
-        return self._loop(w, r, False)[0], b, (r,)  # R kept (blocks-sized); Q, I − Q rebuilt in backward
+        return self._loop(w, r, False)[0], b, (r,)  # R kept (blocks-sized); Q rebuilt in backward
 
     def recompute(self, keep, w, b, blocks):
         r = keep[0]
@@ -541,18 +533,17 @@ class BOFT(_OFTBase):
         if "rescale" in t:
             return super().rebuild_op(x, t, spec, weight, bias, multiplier)
         self._check(t, spec)
-        from .rebuild import rebuilt_op
         return rebuilt_op(x, spec, weight, bias, _BOFTBuild(float(multiplier), self.kappa(t)), t["oft_blocks"])
 
     def prefers_rebuild_for(self, t, spec):
-        # Decision (GPU run 6, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
-        # weight rows, W′ rebuilt in backward, ∂ by autograd through it) keeps x only, where the bypass
-        # keeps every stage's activations on the stage-loop layers and f(x) − b on the dense-K ones:
-        # peak 8.74 vs 20.03 GiB (PEFT 13.25), one-graph device time 406 vs 396 ms. Its price is host
-        # time in eager mode (a nested autograd pass per layer: 920 vs 645 ms, PEFT 737) — memory is
-        # what stops a run (SDXL), so the rebuild is the default; ``mode = "bypass"`` keeps the other.
-        from .rebuild import supports
-        return supports(spec)
+        # Decision (GPU run 8, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
+        # weight rows, W′ rebuilt in backward) keeps x only, where the bypass keeps every stage's
+        # activations on the stage-loop layers and f(x) − b on the dense-K ones: peak 8.84 vs 20.13 GiB
+        # (PEFT 13.35), one-graph device time 406.8 vs 396.8 ms. Its price is host time in eager mode
+        # (run 8, backward through nested autograd: 799 vs 633 ms; its own backward since then cut the
+        # CPU issue time per layer by 20 %, not re-timed on a GPU) — memory is what stops a run (SDXL),
+        # so the rebuild is the default; ``mode = "bypass"`` keeps the delta path.
+        return rebuild_supports(spec)
 
     #: the dense form K = B_m − I (out×out) is used when out ≤ this and the call has at least
     #: ``DENSE_TOKENS_PER_OUT``·out positions: building K costs ∝ out², the stage loop ∝ positions·out

@@ -142,20 +142,18 @@ class _RebuiltOp(torch.autograd.Function):
             w2, b2 = ctx.build(*ins)
         need_w = w2.requires_grad
         need_b = b2 is not None and b2.requires_grad
-        gx, gw, gb = _op_backward(ctx.spec, x, w2.detach().to(gy.dtype), gy, need[0], need_w, need_b)
+        gx, gw, gb = _op_backward(ctx.spec, x, cast(w2.detach(), gy.dtype), gy, need[0], need_w, need_b)
         grads_in = [None] * len(ins)
         if want:
-            outs, gouts = ([w2], [gw.reshape(w2.shape).to(w2.dtype)]) if need_w else ([], [])
+            outs, gouts = ([w2], [like(gw, w2.shape, w2.dtype)]) if need_w else ([], [])
             if need_b:
                 outs.append(b2)
-                gouts.append(gb.to(b2.dtype))
+                gouts.append(cast(gb, b2.dtype))
             got = iter(torch.autograd.grad(outs, want, gouts, allow_unused=True)) if outs else iter(())
             for i, (leaf, n) in enumerate(zip(leaves, need_in)):
                 if n and leaf is not None:
                     grads_in[i] = next(got, None)
-        if gx is not None:
-            gx = gx.to(x.dtype)
-        return (gx, None, None, *grads_in)
+        return (cast(gx, x.dtype), None, None, *grads_in)
 
 
 def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -170,18 +168,21 @@ def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: tor
     return _RebuiltOp.apply(x, spec, build, weight, bias, *theta)
 
 
-def merged_build(algorithm, t: dict, spec: LayerSpec, multiplier: float) -> tuple[Build, list[str]]:
-    """A :data:`Build` over the algorithm's own ``merged`` at ``multiplier``, and the names of the
-    tensor entries of ``t`` it takes as θ (in order). Adapter tensors are cast to the weight's dtype
-    (as :meth:`lyco.layer.AdapterLayer.merged_weight` does); frozen scalars stay Python numbers."""
+def merged_build(algorithm, t: dict, spec: LayerSpec, multiplier: float, merged=None,
+                 to_weight_dtype: bool = True) -> tuple[Build, list[str]]:
+    """A :data:`Build` over ``merged(t, spec, W, b, multiplier)`` (default: the algorithm's own
+    ``merged``), and the names of the tensor entries of ``t`` it takes as θ (in order). Adapter tensors
+    are cast to the weight's dtype first (as :meth:`lyco.layer.AdapterLayer.merged_weight` does) unless
+    ``to_weight_dtype`` is False (DoRA: its magnitude must not be rounded to bf16); frozen scalars stay
+    Python numbers."""
     keys = [k for k, v in t.items() if isinstance(v, torch.Tensor)]
     fixed = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
+    merged = algorithm.merged if merged is None else merged
 
     def build(weight, bias, *theta):
-        dt = weight.dtype
         tt = dict(fixed)
         for k, v in zip(keys, theta):
-            tt[k] = v.to(dt) if v.is_floating_point() else v
-        return algorithm.merged(tt, spec, weight, bias, multiplier)
+            tt[k] = cast(v, weight.dtype) if (to_weight_dtype and v.is_floating_point()) else v
+        return merged(tt, spec, weight, bias, multiplier)
 
     return build, keys
