@@ -4,7 +4,7 @@ step time on a launch-bound host (every eager SD1.5 step measured here). 20 laye
 with one adapter, bf16 on the GPU (tiny fp32 widths on a CPU, where compute dominates less), 100 steps
 after 10 warm-up; prints µs per layer. Compare checkouts by passing another ``src`` folder:
 
-    python benchmarks/host_bench.py src [prof]
+    python benchmarks/host_bench.py src [prof | name,name…]
     git archive <rev> src | tar -x -C /tmp/old && python benchmarks/host_bench.py /tmp/old/src
 
 ``prof``: a cProfile table of the Full configurations (where the Python time goes).
@@ -27,7 +27,11 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 C, T = (320, 256) if dev == "cuda" else (16, 4)
 dtype = torch.bfloat16 if dev == "cuda" else torch.float32
 CONFIGS = [("full", dict(algo="full")), ("ia3", dict(algo="ia3")), ("dora", dict(algo="lora", rank=16, dora=True)),
-           ("lora", dict(algo="lora", rank=16)), ("full-conv", dict(algo="full"))]
+           ("lora", dict(algo="lora", rank=16)), ("full-conv", dict(algo="full")),
+           ("lora-conv3", dict(algo="lora", rank=8)), ("loha", dict(algo="loha", rank=8)),
+           ("loha-conv3", dict(algo="loha", rank=4))]
+if len(sys.argv) > 2 and sys.argv[2] not in ("prof",):
+    CONFIGS = [c for c in CONFIGS if c[0] in sys.argv[2].split(",")]
 
 
 def sync():
@@ -37,8 +41,9 @@ def sync():
 
 res = []
 for name, kw in CONFIGS:
-    if name.endswith("-conv"):
-        model = nn.Sequential(*[nn.Conv2d(C, C, 1) for _ in range(20)]).to(dev, dtype)
+    if name.endswith("-conv") or name.endswith("-conv3"):
+        k = 3 if name.endswith("-conv3") else 1
+        model = nn.Sequential(*[nn.Conv2d(C, C, k, padding=k // 2) for _ in range(20)]).to(dev, dtype)
         x = torch.randn(2, C, 4 if dev == "cpu" else 16, 4 if dev == "cpu" else 16, device=dev, dtype=dtype)
     else:
         model = nn.Sequential(*[nn.Linear(C, C) for _ in range(20)]).to(dev, dtype)

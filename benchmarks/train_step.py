@@ -847,7 +847,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         key = f"{rec['algo']}/{variant}"
         if key in ctx.get("profile", ()) or rec["algo"] in ctx.get("profile", ()) or "all" in ctx.get("profile", ()):
             try:
-                rec["profile"] = profile_step(step, cuda)
+                rec["profile"] = profile_step(step, cuda, top=ctx.get("profile_top", 15))
             except Exception as e:  # noqa: BLE001
                 rec["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         del step, opt
@@ -1109,6 +1109,7 @@ def main(argv=None):
     p.add_argument("--graph", action="store_true",
                    help="also time every config as one CUDA graph (whole step captured, replayed): device "
                         "time without launch overhead, same treatment for every library")
+    p.add_argument("--profile-top", type=int, default=15, help="kernels listed per profiled config")
     p.add_argument("--profile", default="",
                    help="comma list of algo/variant (or algo, or 'floor', or 'all') to profile with "
                         "torch.profiler: top kernels, kernels/step, GPU busy fraction → profile*.{json,txt}")
@@ -1215,7 +1216,7 @@ def main(argv=None):
             base_out1 = unet(**inputs1, return_dict=False)[0]
         ctx = dict(args=a, unet=unet, cuda=cuda, dtype=dtype, adapter_dtype=adapter_dtype, names=names,
                    originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
-                   model=model, batch=batch, profile=profile_set)
+                   model=model, batch=batch, profile=profile_set, profile_top=a.profile_top)
         plan = [] if a.no_baselines else [(None, b) for b in ("floor", "fullft") if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]

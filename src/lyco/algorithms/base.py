@@ -380,11 +380,24 @@ class Algorithm:
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                    bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W′, b′)`` for the rebuild path, or None (then the host runs ``layer_op`` on
-        :meth:`merged` with plain autograd). Default: :mod:`.rebuild`'s op over :meth:`merged` —
-        ``x`` kept for backward, ``W′`` rebuilt there — on linear and zero-padded conv layers."""
-        from .rebuild import merged_build, rebuilt_op
+        :meth:`merged` with plain autograd). Default: a low-rank delta (:meth:`lowrank_factors`) takes
+        :mod:`.lowrank`'s op (factored backward: no weight-gradient GEMM, no nested autograd); anything
+        else :mod:`.rebuild`'s op over :meth:`merged` — ``x`` kept for backward, ``W′`` rebuilt there —
+        on linear and zero-padded conv layers."""
+        f = self.lowrank_factors(t, spec, x.dtype)
+        if f is not None:
+            y = lowrank_op(x, spec, weight, bias, f[0], f[1], f[2] * multiplier)
+            if y is not None:
+                return y
         build, keys = merged_build(self, t, spec, multiplier)
         return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
+
+    def lowrank_factors(self, t: Mapping[str, Any], spec: LayerSpec,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(D, U, γ)`` with ``ΔW = γ·U·D`` — ``D`` ``(r, in)`` or a conv kernel ``(r, in, *k)`` carrying
+        the layer's geometry, ``U`` ``(out, r[, 1…])``, γ a Python number — when this adapter's delta is
+        such a product on this layer (then :mod:`.lowrank`'s op trains it on the rebuild path), else None."""
+        return None
 
     def forward_accumulate(self, acc: torch.Tensor, x: torch.Tensor, t: Mapping[str, torch.Tensor],
                            spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -485,3 +498,9 @@ def detect_for(tensors: Mapping[str, torch.Tensor]) -> Algorithm | None:
         from .dora import wrap
         return wrap(alg)
     return alg
+
+
+# The shared layer ops are built on the helpers above; imported last (they import this module), once,
+# rather than inside the hot per-call methods.
+from .lowrank import lowrank_op  # noqa: E402
+from .rebuild import merged_build, rebuilt_op  # noqa: E402

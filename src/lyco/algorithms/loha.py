@@ -196,6 +196,19 @@ class LoHa(Algorithm):
                 return accumulate_conv1x1(acc, h, khatri_rao_rows(a1, a2), gain * multiplier)
         return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
 
+    def lowrank_factors(self, t, spec, dtype):
+        """The Khatri–Rao form (a LoRA of rank r1·r2, factors built in ``dtype`` under autograd) where it
+        is cheaper than materialising ΔW; Tucker and a trained ``scalar`` keep the other paths."""
+        gain = self._gain(t)
+        r12 = int(t["hada_w1_b"].shape[0]) * int(t["hada_w2_b"].shape[0])
+        if "hada_t1" in t or isinstance(gain, torch.Tensor) or not khatri_rao_pays(spec, r12):
+            return None
+        a1, b1, a2, b2 = self._halves(t, dtype)
+        down = khatri_rao_cols(b1, b2)
+        if spec.kind in CONV_KINDS:
+            down = down.reshape((r12, spec.in_dim) + spec.kernel)
+        return down, khatri_rao_rows(a1, a2), gain
+
     def forward_delta(self, x, t, spec, weight, bias, base_out):
         a1, b1, a2, b2 = self._halves(t, x.dtype)
         tucker = "hada_t1" in t

@@ -128,6 +128,18 @@ class LoRA(Algorithm):
         h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
         return accumulate_conv1x1(acc, h, up, s)
 
+    def lowrank_factors(self, t, spec, dtype):
+        """(down, up, γ) as they are (the low-rank op casts them); a trained ``scalar`` is folded into
+        ``up`` (differentiably). Tucker LoCon (a rank-r core between two 1×1 convs) is not a two-factor
+        product in conv layout: None."""
+        if "lora_mid.weight" in t:
+            return None
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        gain = self._gain(t)
+        if isinstance(gain, torch.Tensor):
+            return down, up * gain.to(up.dtype), 1.0
+        return down, up, gain
+
     def forward_delta(self, x, t, spec, weight, bias, base_out, rank_mask=None):
         up, down = t["lora_up.weight"].to(x.dtype), t["lora_down.weight"].to(x.dtype)
         mid = t.get("lora_mid.weight")
