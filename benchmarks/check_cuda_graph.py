@@ -58,6 +58,13 @@ CASES = {
     "dora-ckpt": ({"algo": "lora", "rank": 8, "dora": True}, {"gradient_checkpointing": True}),
     "ia3-fp16": ({"algo": "ia3"}, {"mixed_precision": "fp16"}),
     "lora-te": ({"algo": "lora", "rank": 4, "train_text_encoder": True}, {}),
+    # LoKr on the rebuilt op under mode=auto (own Kronecker backward), with fp16 autocast and with
+    # gradient checkpointing; the low-rank rebuild op (algorithms/lowrank.py) under mode=rebuild
+    "lokr-fp16": ({"algo": "lokr", "rank": 4, "options": {"factor": 4}}, {"mixed_precision": "fp16"}),
+    "lokr-ckpt": ({"algo": "lokr", "rank": 4, "options": {"factor": 4}}, {"gradient_checkpointing": True}),
+    "lora-rebuild": ({"algo": "lora", "rank": 8, "mode": "rebuild"}, {}),
+    "locon-rebuild": ({"algo": "lora", "rank": 8, "preset": "full", "conv_rank": 4, "mode": "rebuild"}, {}),
+    "loha-rebuild": ({"algo": "loha", "rank": 4, "mode": "rebuild"}, {}),
     # the fixed-batch evaluation runs eager forward passes before the first capture and between replays
     "lora-eval": ({"algo": "lora", "rank": 8}, {"_eval": {"enabled": True, "num_images": 2, "every_n_steps": 2}}),
 }

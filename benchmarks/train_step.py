@@ -134,9 +134,9 @@ VARIANTS = {
     "lyco-bypass": dict(lib="lyco", mode="bypass"),
     # DoRA with the weight norm treated as a constant in backward (DoRA paper §4.3; PEFT's default)
     "lyco-dora-detach": dict(lib="lyco", mode="auto", layer_opts={"dora_detach_norm": True}, only=("dora",)),
-    # LoKr with the per-layer path forced (default: chosen from the shapes, see lokr.py)
-    "lyco-lokr-structured": dict(lib="lyco", mode="auto", lokr_path="structured", only=("lokr", "lokr-full")),
-    "lyco-lokr-dense": dict(lib="lyco", mode="auto", lokr_path="dense", only=("lokr", "lokr-full")),
+    # LoKr's delta path with the per-layer form forced (default: chosen from the shapes, see lokr.py)
+    "lyco-lokr-structured": dict(lib="lyco", mode="bypass", lokr_path="structured", only=("lokr", "lokr-full")),
+    "lyco-lokr-dense": dict(lib="lyco", mode="bypass", lokr_path="dense", only=("lokr", "lokr-full")),
     "lycoris-triton": dict(lib="lycoris", backend="triton", bypass=False),
     "lycoris-triton-bypass": dict(lib="lycoris", backend="triton", bypass=True),
     "peft": dict(lib="peft"),

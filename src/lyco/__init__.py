@@ -31,7 +31,7 @@ def create(model_or_components, algo: str = "lora", rank: int = 4, alpha: float 
     ``multiplier``, ``seed`` and every algorithm option (``factor``, ``use_tucker``, ...).
     ``dora_detach_norm=True`` (with ``dora=True``): treat DoRA's weight norm as a constant in
     backward (DoRA paper §4.3, PEFT's default): same output, cheaper backward; off by default.
-    ``mode``: the training path of every layer — ``"auto"`` (default: DoRA, (IA)³, GLoRA, BOFT and Full
+    ``mode``: the training path of every layer — ``"auto"`` (default: DoRA, (IA)³, GLoRA, BOFT, Full and LoKr
     train on ``op(x, W′)`` keeping only x for backward, the others add their delta to the frozen
     output; measured choices, see benchmarks/NOTES.md), ``"bypass"`` (always the delta) or
     ``"rebuild"`` (always ``op(x, W′)``). Same function either way.

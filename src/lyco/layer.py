@@ -8,7 +8,7 @@
 * Bypass: ``y = f(x) + Σ m_i·Δy_i`` using each algorithm's structured forward.
   Rebuild: ``y = op(x, W + Σ m_i·ΔW_i)``; one adapter on a linear/conv layer goes through
   ``algorithms/rebuild.py`` (x kept for backward, W′ rebuilt there). ``mode = "auto"`` (default) takes
-  the rebuild where the algorithm prefers it (DoRA, (IA)³, GLoRA, BOFT, Full). Both are tested equal.
+  the rebuild where the algorithm prefers it (DoRA, (IA)³, GLoRA, BOFT, Full, LoKr). Both are tested equal.
 * Merge/unmerge are exact: the first merge takes a snapshot of the original weight (its own
   dtype); the merged weight is always recomputed as ``cast(snapshot + Σ m_i ΔW_i)`` in fp32 (fp64
   for fp64 weights), and unmerging the last adapter copies the snapshot back bit for bit —

@@ -37,12 +37,13 @@ from .base import (
     layer_op, rebuild_tucker, register,
 )
 from .factorize import factorization
+from .rebuild import cast, like, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
-#: Diagnostic switch for the training path of :meth:`LoKr.forward_accumulate` (the benchmark's
-#: ``lyco-lokr-dense``/``lyco-lokr-structured`` variants): ``"dense"`` or ``"structured"`` forces it
-#: for every plain layer; ``None`` (default) chooses per layer from the shapes. Same values either way.
+#: Diagnostic switch for the delta path of :meth:`LoKr.forward_accumulate` (``mode = "bypass"``; the
+#: benchmark's ``lyco-lokr-dense``/``lyco-lokr-structured`` variants): ``"dense"`` or ``"structured"``
+#: forces it for every plain layer; ``None`` (default) chooses per layer from the shapes. Same values.
 FORCE_PATH: str | None = None
 
 
@@ -80,6 +81,59 @@ def lokr_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bo
     else:
         shapes["lokr_w2"] = (out_k, in_n) + k
     return shapes
+
+
+class _KronBuild:
+    """LoKr for :mod:`.rebuild`: ``W′ = W + s·kron(W1, W2)`` with θ = (W1, W2 flat) formed outside the op
+    (under autograd: they are the small factors, ``a @ b`` or a Tucker rebuild at most).
+
+    The weight is viewed as ``(out_l, out_k, in_m, c2)`` (c2 = in_n·∏k: the flattened conv layout, see
+    :meth:`LoKr.delta_weight`), where ``kron(W1, W2)[i,k,j,l] = W1[i,j]·W2[k,l]``, so the merge is one
+    broadcast ``addcmul`` (the add and the scale fused, rounded once), and with ``E = ∂W′``:
+    ``∂W1[i,j] = s·Σ_kl E[i,k,j,l]·W2[k,l]`` and ``∂W2[k,l] = s·Σ_ij E[i,k,j,l]·W1[i,j]`` — each one batched
+    matrix-vector product reading E once in place (no permuted copy) and a small sum.
+
+    Autograd through ``torch.kron`` (the generic rebuilt op) did the same with broadcast multiplies and
+    reductions over weight-sized tensors: on an H200 at SD1.5 b8, ≈ 1000 elementwise kernels per step
+    taking 13.6 ms plus 7 ms of reductions (``results/run12_h200_profile/``)."""
+
+    bias_grad = False
+
+    def __init__(self, spec: LayerSpec, s: float):
+        self.spec, self.s = spec, s
+
+    def _view(self, w, w1, w2):
+        out_l, in_m = w1.shape
+        out_k, c2 = w2.shape
+        return w.reshape(out_l, out_k, in_m, c2), out_l, in_m, out_k, c2
+
+    def merged(self, w, w1, w2):
+        w4, out_l, in_m, out_k, c2 = self._view(w, w1, w2)
+        w1c, w2c = cast(w1, w.dtype), cast(w2, w.dtype)
+        return torch.addcmul(w4, w1c.view(out_l, 1, in_m, 1), w2c.view(1, out_k, 1, c2), value=self.s).view(w.shape)
+
+    def __call__(self, w, b, w1, w2):  # differentiable (a trainable base weight)
+        return self.merged(w, w1, w2), b
+
+    def forward_aux(self, w, b, w1, w2):
+        return self.merged(w, w1, w2), b, ()
+
+    def recompute(self, keep, w, b, w1, w2):
+        return self.merged(w, w1, w2), None
+
+    def vjp(self, aux, theta, gw, gb, needs):
+        w1, w2 = theta
+        e4, out_l, in_m, out_k, c2 = self._view(gw, w1, w2)
+        g1 = g2 = None
+        if needs[0]:  # Σ_l E[i,k,j,l]·W2[k,l] for every (i,k,j), then Σ_k
+            v = cast(w2, gw.dtype).view(1, out_k, c2, 1)
+            g1 = torch.matmul(e4, v).sum(1).view(out_l, in_m)
+            g1 = like(g1 * self.s if self.s != 1.0 else g1, w1.shape, w1.dtype)
+        if needs[1]:  # Σ_j W1[i,j]·E[i,k,j,l] for every (i,k,l), then Σ_i
+            v = cast(w1, gw.dtype).view(out_l, 1, 1, in_m)
+            g2 = torch.matmul(v, e4).sum(0).view(out_k, c2)
+            g2 = like(g2 * self.s if self.s != 1.0 else g2, w2.shape, w2.dtype)
+        return g1, g2
 
 
 @register
@@ -179,6 +233,28 @@ class LoKr(Algorithm):
         # column index j·(in_n·∏k) + n·∏k + s is exactly (j·in_n + n)·∏k + s.
         dw = torch.kron(w1, self._w2_flat(t)).reshape(spec.weight_shape)
         return dw * self._gain(t)
+
+    def prefers_rebuild_for(self, t, spec):
+        """``mode = "auto"``: the rebuilt op with :class:`_KronBuild` wherever it runs (linear and
+        zero-padded conv layers). Decision from GPU run 13 (H200, SD1.5 b8, lin+conv, factor 8; two
+        rounds, ``results/run13_h200_lokr/``): device time as one CUDA graph 98.4 vs 105.3 ms on the delta
+        path (PEFT 129.0), peak 8.85 vs 9.49 GiB (PEFT 10.38), eager 162/178 vs 177/220 ms; full-matrix
+        96.3 vs 105.1 ms, 8.88 vs 9.52 GiB. The delta path's dense ΔW costs a second full-size GEMM
+        forward and two backward, its structured form batched tiny GEMMs; the rebuild costs one
+        weight-gradient GEMM. Numerics as every rebuild (``rebuild.py``): W′ rounded once to the model's
+        dtype; the factors' gradients exact functions of ∂y and x."""
+        return rebuild_supports(spec)
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """Linear and zero-padded conv layers: the rebuilt op with :class:`_KronBuild` (own backward over
+        the two factors, formed here under autograd; a trained ``scalar`` folded into W1)."""
+        if not rebuild_supports(spec):
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+        w1 = self._w1(t)
+        gain = self._gain(t)
+        if isinstance(gain, torch.Tensor):
+            w1, gain = w1 * gain.to(w1.dtype), 1.0
+        return rebuilt_op(x, spec, weight, bias, _KronBuild(spec, float(gain) * multiplier), w1, self._w2_flat(t))
 
     def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
         """When the activation is at least as large as the weight (positions ≥ in·∏k): ΔW = γ·kron

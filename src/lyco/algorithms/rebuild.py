@@ -10,7 +10,7 @@ layer's GEMM is activation-sized), then
 * ``∂x = op_backward_input(∂y, W′)`` — the frozen layer's own input gradient;
 * ``∂W′ = op_backward_weight(∂y, x)`` — one weight-gradient GEMM (what full fine-tuning pays);
 * ``∂θ`` from ``∂W′``: by the algorithm's own backward where it has one (DoRA over LoRA, (IA)³, GLoRA,
-  Full, BOFT: a few weight-sized kernels), else by autograd through the rebuilt ``merged(θ)`` — a
+  Full, BOFT, LoKr: a few weight-sized kernels), else by autograd through the rebuilt ``merged(θ)`` — a
   nested backward per layer, correct for every algorithm but costly in host time.
 
 What it trades: the bypass ``f(x) + m·Δy`` keeps activation-sized tensors for its ∂θ (DoRA: the base

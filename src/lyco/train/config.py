@@ -126,8 +126,8 @@ class NetworkConfig:
     dora_axis: str = opt("out", "axis of the DoRA magnitude: out (LyCORIS/PEFT) or in (A1111/InvokeAI)",
                          choices=("out", "in"))
     mode: str = opt("auto", "training path per layer: auto (each algorithm's measured choice: DoRA, (IA)3, GLoRA, "
-                            "BOFT and Full rebuild W' and keep only x; the others add their delta to the frozen "
-                            "output), bypass (always the delta path), rebuild (always op(x, W'))",
+                            "BOFT, Full and LoKr rebuild W' and keep only x; the others add their delta to the "
+                            "frozen output), bypass (always the delta path), rebuild (always op(x, W'))",
                     flag="network-mode", choices=("auto", "bypass", "rebuild"))
     train_unet: bool = opt(True, "put adapters on the UNet")
     train_text_encoder: bool = opt(True, "put adapters on the text encoder(s)")
