@@ -492,21 +492,22 @@ def test_full_rebuild_under_autocast_matches_dense(in_dtype):
             torch.testing.assert_close(p.grad.float(), lv[k].grad.float(), rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "lokr"])
+@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "lokr", "lora", "loha"])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
 def test_rebuilt_op_under_autocast_matches_the_bypass(name, in_dtype):
-    """The rebuilt op (its own backward for DoRA and (IA)³, autograd through ``merged`` for LoKr) with
-    fp32 adapter tensors and bf16 autocast, fp32 or bf16 input — what the trainer runs — against the
-    bypass under the same autocast: outputs and every gradient within bf16 rounding, in each input's
-    dtype."""
+    """The rebuilt op (own backwards: DoRA, (IA)³, GLoRA, LoKr; the low-rank op: LoRA, LoHa) on linear
+    and conv layers with fp32 adapter tensors and bf16 autocast, fp32 or bf16 input — what the trainer
+    runs — against the bypass under the same autocast: outputs and every gradient within bf16
+    rounding, in each input's dtype."""
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 8))
+    base = nn.Sequential(nn.Linear(24, 16), nn.GELU(), nn.Linear(16, 16), nn.Flatten(0, 1),
+                         nn.Unflatten(-1, (4, 2, 2)), nn.Conv2d(4, 6, 3, padding=1))
     for p in base.parameters():
         p.requires_grad_(False)
     results = []
     for mode in ("rebuild", "bypass"):
         model = copy.deepcopy(base)
-        net = lyco.create(model, seed=0, **CONFIGS[name])
+        net = lyco.create(model, preset="full", seed=0, **CONFIGS[name])
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for p in net.trainable_parameters():
@@ -514,6 +515,7 @@ def test_rebuilt_op_under_autocast_matches_the_bypass(name, in_dtype):
         for layer in net.layers.values():
             layer.mode = mode
         x = torch.randn(5, 3, 24, generator=torch.Generator().manual_seed(4)).to(in_dtype).requires_grad_(True)
+        assert len(net.layers) == 3
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = model(x)
         y.float().square().sum().backward()

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import CONV_KINDS, LINEAR, LayerSpec
-from .rebuild import _CONV_BWD, _op_backward, cast, like
+from .base import LINEAR, LayerSpec
+from .rebuild import _CONV_BWD, _op_backward, cast, like, supports as rebuild_supports
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 #: one cheap call to skip the per-device autocast queries in the common case (no autocast anywhere)
@@ -42,13 +42,13 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def supports(spec: LayerSpec, x: torch.Tensor) -> bool:
-    """Linear layers, and ungrouped convs with zero padding given as integers on batched input."""
+    """What :mod:`.rebuild` computes itself (linear; convs with integer zero padding), ungrouped convs
+    on batched input only (the factors' conv layout has no groups)."""
+    if not rebuild_supports(spec):
+        return False
     if spec.kind == LINEAR:
         return x.shape[-1] == spec.in_dim
-    if spec.kind in CONV_KINDS:
-        return (spec.groups == 1 and spec.padding_mode == "zeros" and not isinstance(spec.padding, str)
-                and x.dim() == len(spec.kernel) + 2)
-    return False
+    return spec.groups == 1 and x.dim() == len(spec.kernel) + 2
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
