@@ -34,6 +34,7 @@ from .base import (
     CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, layer_op, rebuild_tucker, register,
 )
+from .rebuild import cast
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -164,10 +165,12 @@ class LoHa(Algorithm):
 
     @staticmethod
     def _halves(t, dtype=None):
-        def get(k):
-            v = t[k]
-            return v.to(dtype) if dtype is not None else v
-        return get("hada_w1_a"), get("hada_w1_b"), get("hada_w2_a"), get("hada_w2_b")
+        """The four factors, cast to ``dtype`` where they differ (a no-op ``.to`` still costs a call per
+        factor per layer on a launch-bound host)."""
+        keys = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if dtype is None:
+            return tuple(t[k] for k in keys)
+        return tuple(cast(t[k], dtype) for k in keys)
 
     def delta_weight(self, t, spec, weight=None):
         a1, b1, a2, b2 = self._halves(t)
