@@ -29,7 +29,8 @@ dtype = torch.bfloat16 if dev == "cuda" else torch.float32
 CONFIGS = [("full", dict(algo="full")), ("ia3", dict(algo="ia3")), ("dora", dict(algo="lora", rank=16, dora=True)),
            ("lora", dict(algo="lora", rank=16)), ("full-conv", dict(algo="full")),
            ("lora-conv3", dict(algo="lora", rank=8)), ("loha", dict(algo="loha", rank=8)),
-           ("loha-conv3", dict(algo="loha", rank=4))]
+           ("loha-conv3", dict(algo="loha", rank=4)), ("lokr", dict(algo="lokr", rank=4, factor=4)),
+           ("lokr-conv3", dict(algo="lokr", rank=4, factor=4))]
 if len(sys.argv) > 2 and sys.argv[2] not in ("prof",):
     CONFIGS = [c for c in CONFIGS if c[0] in sys.argv[2].split(",")]
 

@@ -37,7 +37,7 @@ from .base import (
     layer_op, rebuild_tucker, register,
 )
 from .factorize import factorization
-from .rebuild import cast, like, rebuilt_op, supports as rebuild_supports
+from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -99,40 +99,42 @@ class _KronBuild:
 
     bias_grad = False
 
-    def __init__(self, spec: LayerSpec, s: float):
-        self.spec, self.s = spec, s
+    def __init__(self, s: float):
+        self.s = s
 
-    def _view(self, w, w1, w2):
-        out_l, in_m = w1.shape
-        out_k, c2 = w2.shape
-        return w.reshape(out_l, out_k, in_m, c2), out_l, in_m, out_k, c2
+    @staticmethod
+    def factors(w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ in the broadcast shapes the merge and the backward use — W1 as ``(out_l, 1, in_m, 1)``, W2 as
+        ``(1, out_k, 1, c2)`` — so neither reshapes per call (each reshape is a host call per layer)."""
+        return w1.view(w1.shape[0], 1, w1.shape[1], 1), w2.view(1, w2.shape[0], 1, w2.shape[1])
 
-    def merged(self, w, w1, w2):
-        w4, out_l, in_m, out_k, c2 = self._view(w, w1, w2)
-        w1c, w2c = cast(w1, w.dtype), cast(w2, w.dtype)
-        return torch.addcmul(w4, w1c.view(out_l, 1, in_m, 1), w2c.view(1, out_k, 1, c2), value=self.s).view(w.shape)
+    @staticmethod
+    def _as4(w, t1, t2):
+        return w.view(t1.shape[0], t2.shape[1], t1.shape[2], t2.shape[3])
 
-    def __call__(self, w, b, w1, w2):  # differentiable (a trainable base weight)
-        return self.merged(w, w1, w2), b
+    def merged(self, w, t1, t2):
+        out = torch.addcmul(self._as4(w, t1, t2), cast(t1, w.dtype), cast(t2, w.dtype), value=self.s)
+        return out.view(w.shape)
 
-    def forward_aux(self, w, b, w1, w2):
-        return self.merged(w, w1, w2), b, ()
+    def __call__(self, w, b, t1, t2):  # differentiable (a trainable base weight)
+        return self.merged(w, t1, t2), b
 
-    def recompute(self, keep, w, b, w1, w2):
-        return self.merged(w, w1, w2), None
+    def forward_aux(self, w, b, t1, t2):
+        return self.merged(w, t1, t2), b, ()
+
+    def recompute(self, keep, w, b, t1, t2):
+        return self.merged(w, t1, t2), None
 
     def vjp(self, aux, theta, gw, gb, needs):
-        w1, w2 = theta
-        e4, out_l, in_m, out_k, c2 = self._view(gw, w1, w2)
+        t1, t2 = theta
+        e4 = self._as4(gw, t1, t2)
         g1 = g2 = None
-        if needs[0]:  # Σ_l E[i,k,j,l]·W2[k,l] for every (i,k,j), then Σ_k
-            v = cast(w2, gw.dtype).view(1, out_k, c2, 1)
-            g1 = torch.matmul(e4, v).sum(1).view(out_l, in_m)
-            g1 = like(g1 * self.s if self.s != 1.0 else g1, w1.shape, w1.dtype)
-        if needs[1]:  # Σ_j W1[i,j]·E[i,k,j,l] for every (i,k,l), then Σ_i
-            v = cast(w1, gw.dtype).view(out_l, 1, 1, in_m)
-            g2 = torch.matmul(v, e4).sum(0).view(out_k, c2)
-            g2 = like(g2 * self.s if self.s != 1.0 else g2, w2.shape, w2.dtype)
+        if needs[0]:  # Σ_l E[i,k,j,l]·W2[k,l] for every (i,k,j), then Σ_k → (out_l, 1, in_m, 1)
+            g1 = torch.matmul(e4, cast(t2, gw.dtype).transpose(2, 3)).sum(1, keepdim=True)
+            g1 = cast(g1 * self.s if self.s != 1.0 else g1, t1.dtype)
+        if needs[1]:  # Σ_j W1[i,j]·E[i,k,j,l] for every (i,k,l), then Σ_i → (1, out_k, 1, c2)
+            g2 = torch.matmul(cast(t1, gw.dtype).transpose(2, 3), e4).sum(0, keepdim=True)
+            g2 = cast(g2 * self.s if self.s != 1.0 else g2, t2.dtype)
         return g1, g2
 
 
@@ -254,7 +256,8 @@ class LoKr(Algorithm):
         gain = self._gain(t)
         if isinstance(gain, torch.Tensor):
             w1, gain = w1 * gain.to(w1.dtype), 1.0
-        return rebuilt_op(x, spec, weight, bias, _KronBuild(spec, float(gain) * multiplier), w1, self._w2_flat(t))
+        return rebuilt_op(x, spec, weight, bias, _KronBuild(float(gain) * multiplier),
+                          *_KronBuild.factors(w1, self._w2_flat(t)))
 
     def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
         """When the activation is at least as large as the weight (positions ≥ in·∏k): ΔW = γ·kron
