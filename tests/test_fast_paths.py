@@ -530,18 +530,46 @@ def test_rebuilt_op_under_autocast_matches_the_bypass(name, in_dtype):
         assert float((a - b).norm() / b.norm().clamp_min(1e-12)) < 3e-2
 
 
-@pytest.mark.parametrize("cfg", [dict(factor=2, decompose_both=True), dict(factor=2, use_tucker=True),
-                                 dict(factor=2, use_scalar=True), dict(factor=4, unbalanced_factorization=True),
-                                 dict(factor=2, full_matrix=True)],
-                         ids=["decompose-both", "tucker", "scalar", "unbalanced", "full-matrix"])
+class _KronNet(nn.Module):
+    """Layers wide enough for every LoKr factor layout at rank 1, factor 4: W1 (4×4) decomposed with
+    ``decompose_both``, W2 decomposed everywhere and Tucker on the strided 3×3 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.lin = nn.Linear(32, 48)
+        self.lin_nb = nn.Linear(48, 32, bias=False)
+
+    def forward(self, img, tok):
+        h = self.conv(img).mean((2, 3))                              # (N, 16)
+        t = self.lin_nb(torch.relu(self.lin(tok))).sum(1)            # (N, 32) from a 3-D input
+        return t[:, :16] + h
+
+
+# variant → a key that must appear in some layer (the layout the variant is about), and one that must not
+_LOKR_LAYOUTS = {
+    "decompose-both": (dict(decompose_both=True), "lokr_w1_a", "lokr_t2"),
+    "tucker": (dict(use_tucker=True), "lokr_t2", "lokr_w1_a"),
+    "scalar": (dict(use_scalar=True), "scalar", "lokr_t2"),
+    "unbalanced": (dict(unbalanced_factorization=True), "lokr_w2_a", "lokr_t2"),
+    "full-matrix": (dict(full_matrix=True), "lokr_w2", "lokr_w2_a"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_LOKR_LAYOUTS))
 @pytest.mark.parametrize("multiplier", [1.0, 0.6])
-def test_lokr_rebuilt_op_variants_equal_plain_sum(cfg, multiplier, monkeypatch):
+def test_lokr_rebuilt_op_variants_equal_plain_sum(variant, multiplier, monkeypatch):
     """LoKr's own rebuild backward (``_KronBuild``: ∂W1, ∂W2 as batched products over ∂W′) for every
     factor layout — both factors decomposed, a Tucker W2 on the k×k conv, a trained scalar (folded into
     W1), unbalanced split, full matrices — against the plain bypass sum, outputs and every gradient."""
-    model, net = _make(dict(algo="lokr", rank=2, alpha=1.5, **cfg))
+    opts, present, absent = _LOKR_LAYOUTS[variant]
+    model, net = _make(dict(algo="lokr", rank=1, alpha=1.5, factor=4, **opts), model=_KronNet().double())
+    keys = [set(layer.params.keys()) for layer in net.layers.values()]
+    assert any(present in k for k in keys) and not any(absent in k for k in keys), keys
     net.set_multiplier(multiplier)
-    inputs = _inputs()
+    g = torch.Generator().manual_seed(2)
+    inputs = (torch.randn(2, 8, 6, 6, generator=g, dtype=torch.float64),
+              torch.randn(2, 5, 32, generator=g, dtype=torch.float64))
     fast = _run(model, net, inputs, mode="rebuild")
     ref = _run(model, net, inputs, reference=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-10)

@@ -125,7 +125,7 @@ def test_rebuild_mode_takes_the_op_and_equals_the_dense_merge(cfg, layer):
     assert not _took_op(model(x))
 
 
-def test_not_taken_with_dropout_or_tucker_or_two_adapters():
+def test_not_taken_for_tucker_two_adapters_or_dylora_training():
     """Tucker LoCon and a second adapter on the layer take other paths; DyLoRA in training too."""
     def op_taken(model, x):
         return _took_op(model(x))

@@ -95,6 +95,9 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Ten
 
     ``a`` (M×K), ``b`` (K×N), ``p`` (K×r), ``q`` (r×N), any strides, one floating dtype (``bias``
     (N,) may differ); r ≤ :data:`MAX_RANK`."""
+    if not HAVE_TRITON:
+        raise RuntimeError("lowrank_gemm_triton needs Triton >= 3 (pip install triton; on a CPU set "
+                           "TRITON_INTERPRET=1 and use fp32/fp16 tensors)")
     m, k = a.shape
     n = b.shape[1]
     r = p.shape[1]

@@ -241,7 +241,7 @@ class LoKr(Algorithm):
         zero-padded conv layers). Decision from GPU run 13 (H200, SD1.5 b8, lin+conv, factor 8; two
         rounds, ``results/run13_h200_lokr/``): device time as one CUDA graph 98.4 vs 105.3 ms on the delta
         path (PEFT 129.0), peak 8.85 vs 9.49 GiB (PEFT 10.38), eager 162/178 vs 177/220 ms; full-matrix
-        96.3 vs 105.1 ms, 8.88 vs 9.52 GiB. The delta path's dense ΔW costs a second full-size GEMM
+        96.3 vs 105.2 ms, 8.88 vs 9.52 GiB. The delta path's dense ΔW costs a second full-size GEMM
         forward and two backward, its structured form batched tiny GEMMs; the rebuild costs one
         weight-gradient GEMM. Numerics as every rebuild (``rebuild.py``): W′ rounded once to the model's
         dtype; the factors' gradients exact functions of ∂y and x."""

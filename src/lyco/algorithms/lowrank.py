@@ -33,10 +33,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LINEAR, LayerSpec
-from .rebuild import _CONV_BWD, _op_backward, cast, like, supports as rebuild_supports
+from .base import LINEAR, LayerSpec, layer_op
+from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
-_CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 #: one cheap call to skip the per-device autocast queries in the common case (no autocast anywhere)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
@@ -81,10 +80,7 @@ def _forward(x, spec: LayerSpec, s: float, weight, bias, down, up, cd):
     """``op(x, W + s·U·D, b)`` in the compute dtype ``cd``, x 2-D for a linear layer."""
     xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
     _, u2, d2 = _factors(down, up, cd)
-    w2 = _merged(wd, u2, d2, s, cd)
-    if spec.kind == LINEAR:
-        return F.linear(xd, w2, bd), xd
-    return _CONV_FN[spec.kind](xd, w2, bd, spec.stride, spec.padding, spec.dilation), xd
+    return layer_op(xd, spec, _merged(wd, u2, d2, s, cd), bd), xd
 
 
 class _LowRankOp(torch.autograd.Function):
@@ -109,7 +105,7 @@ class _LowRankOp(torch.autograd.Function):
         gx = gw = gb = gd = gu = None
         if need_x or need_w or need_b:
             w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
-            gx, gw, gb = _op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+            gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
         if need_d or need_u:
             if spec.kind == LINEAR:  # 2-D x and ∂y (lowrank_op flattens the leading dims outside)
                 if need_u:
@@ -124,7 +120,7 @@ class _LowRankOp(torch.autograd.Function):
                 n, o = gy.shape[0], gy.shape[1]
                 g3 = gy.reshape(n, o, -1)
                 if need_u:
-                    h = _CONV_FN[spec.kind](xc, dd, None, spec.stride, spec.padding, spec.dilation)
+                    h = layer_op(xc, spec, dd)
                     gu = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0)
                     if s != 1.0:
                         gu.mul_(s)
@@ -132,10 +128,7 @@ class _LowRankOp(torch.autograd.Function):
                     gh = torch.matmul(u2.t(), g3)  # (n, r, L): ∂h/s
                     if s != 1.0:
                         gh.mul_(s)
-                    k = len(spec.kernel)
-                    pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * k
-                    gd = _CONV_BWD(gh.view((n, r) + tuple(gy.shape[2:])), xc, dd, None, list(spec.stride),
-                                   list(pad), list(spec.dilation), False, [0] * k, 1, [False, True, False])[1]
+                    gd = op_backward(spec, xc, dd, gh.view((n, r) + tuple(gy.shape[2:])), False, True, False)[1]
         if gx is not None:
             gx = like(gx, xshape, xdt)
         if gw is not None:

@@ -73,10 +73,10 @@ def supports(spec: LayerSpec) -> bool:
     return False
 
 
-_CONV_BWD = torch.ops.aten.convolution_backward.default  # the overload itself: no packet lookup per call
+CONV_BWD = torch.ops.aten.convolution_backward.default  # the overload itself: no packet lookup per call
 
 
-def _op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor,
+def op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor,
                  need_x: bool, need_w: bool, need_b: bool):
     """(∂x, ∂W, ∂b) of ``op(x, w, b)`` for the output gradient ``gy`` (computed in ``gy``'s dtype)."""
     xd = cast(x, gy.dtype)
@@ -94,7 +94,7 @@ def _op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Te
         return gx, gw, gb
     n = len(spec.kernel)
     pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
-    gx, gw, gb = _CONV_BWD(
+    gx, gw, gb = CONV_BWD(
         gy, xd, w, [w.shape[0]] if need_b else None, list(spec.stride), list(pad), list(spec.dilation),
         False, [0] * n, spec.groups, [need_x, need_w, need_b])
     return gx, gw, gb
@@ -126,7 +126,7 @@ class _RebuiltOp(torch.autograd.Function):
             # no engine re-entry per layer — on a launch-bound host that is most of the cost)
             w2, aux = build.recompute(keep, weight, bias, *theta)
             want = any(need[5:])
-            gx, gw, gb = _op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], want,
+            gx, gw, gb = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], want,
                                       want and getattr(build, "bias_grad", False))
             grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
             return (cast(gx, x.dtype), None, None, None, None, *grads)
@@ -142,7 +142,7 @@ class _RebuiltOp(torch.autograd.Function):
             w2, b2 = ctx.build(*ins)
         need_w = w2.requires_grad
         need_b = b2 is not None and b2.requires_grad
-        gx, gw, gb = _op_backward(ctx.spec, x, cast(w2.detach(), gy.dtype), gy, need[0], need_w, need_b)
+        gx, gw, gb = op_backward(ctx.spec, x, cast(w2.detach(), gy.dtype), gy, need[0], need_w, need_b)
         grads_in = [None] * len(ins)
         if want:
             outs, gouts = ([w2], [like(gw, w2.shape, w2.dtype)]) if need_w else ([], [])
