@@ -105,11 +105,15 @@ def _run(model, net, inputs, reference=False, monkeypatch=None, mode=None):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
-def test_fast_path_equals_plain_sum(name, multiplier, monkeypatch):
+@pytest.mark.parametrize("mode", ["auto", "bypass"])
+def test_fast_path_equals_plain_sum(name, multiplier, mode, monkeypatch):
+    """What ``mode = "auto"`` runs, and the fused delta path (``"bypass"``: for the algorithms that auto
+    rebuilds — Full, DoRA, (IA)³, GLoRA, LoKr, OFT, BOFT — the path auto no longer takes) against the
+    plain ``y + Σ m·Δy`` in float64."""
     model, net = _make(CONFIGS[name])
     net.set_multiplier(multiplier)
     inputs = _inputs()
-    fast = _run(model, net, inputs)
+    fast = _run(model, net, inputs, mode=None if mode == "auto" else mode)
     ref = _run(model, net, inputs, reference=True, monkeypatch=monkeypatch)
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fast[1], ref[1], rtol=1e-9, atol=1e-10)
@@ -179,10 +183,10 @@ def test_rebuilt_op_on_grouped_dilated_conv_and_a_trainable_base():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "full", "boft"])
+@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "full", "boft", "diag-oft"])
 def test_rebuilt_op_keeps_only_the_input(name, kind):
     """The algorithms that train on the rebuilt op under ``mode = "auto"`` — DoRA, (IA)³, GLoRA, Full,
-    BOFT — keep x for backward: no weight-sized tensor (W′, W_d, a butterfly stage of W) and no
+    BOFT, Diag-OFT — keep x for backward: no weight-sized tensor (W′, W_d, a butterfly stage of W) and no
     output-sized one (f(x) − b, a stage of the activations), which the bypass needs for ∂θ."""
     if kind == "linear":
         model, x = nn.Sequential(nn.Linear(48, 32)).double(), torch.randn(64, 48, dtype=torch.float64)
@@ -199,9 +203,9 @@ def test_rebuilt_op_keeps_only_the_input(name, kind):
     x.requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = model(x)
-    # (row vectors — norms, gains — and BOFT's rotations, the size of its blocks, may be kept; a
+    # (row vectors — norms, gains — and the OFT rotations, the size of their blocks, may be kept; a
     # weight, an input or an output is ≥ 4× either here)
-    small = out if name != "boft" else max(out, sum(p.numel() for p in net.trainable_parameters()))
+    small = out if name not in ("boft", "diag-oft") else max(out, sum(p.numel() for p in net.trainable_parameters()))
     assert small * 4 <= min(model[0].weight.numel(), x.numel())
     big = [tuple(t.shape) for t in saved if t.data_ptr() not in keep | {x.data_ptr()} and t.numel() > small]
     assert big == []
@@ -438,11 +442,11 @@ def test_no_weight_sized_tensor_kept_for_backward(name):
 
 
 def test_diag_oft_keeps_the_output_not_the_base_output():
-    """Diag-OFT (one adapter, m = 1) saves its *output* for backward (which downstream ops keep
-    anyway) instead of f(x) − b; the gradients are the plain sum's (checked in
-    test_fast_path_equals_plain_sum) — here: no other activation-sized tensor is saved."""
+    """Diag-OFT on the delta path (``mode = "bypass"``; one adapter, m = 1) saves its *output* for
+    backward (which downstream ops keep anyway) instead of f(x) − b; the gradients are the plain sum's
+    (checked in test_fast_path_equals_plain_sum) — here: no other activation-sized tensor is saved."""
     model = nn.Sequential(nn.Linear(48, 40)).double()
-    net = lyco.create(model, preset="full", seed=0, **CONFIGS["diag-oft"])
+    net = lyco.create(model, preset="full", seed=0, mode="bypass", **CONFIGS["diag-oft"])
     with torch.no_grad():
         for p in net.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -492,10 +496,10 @@ def test_full_rebuild_under_autocast_matches_dense(in_dtype):
             torch.testing.assert_close(p.grad.float(), lv[k].grad.float(), rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "lokr", "lora", "loha"])
+@pytest.mark.parametrize("name", ["dora", "ia3", "glora", "lokr", "lora", "loha", "diag-oft-constrained"])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
 def test_rebuilt_op_under_autocast_matches_the_bypass(name, in_dtype):
-    """The rebuilt op (own backwards: DoRA, (IA)³, GLoRA, LoKr; the low-rank op: LoRA, LoHa) on linear
+    """The rebuilt op (own backwards: DoRA, (IA)³, GLoRA, LoKr, Diag-OFT; the low-rank op: LoRA, LoHa) on linear
     and conv layers with fp32 adapter tensors and bf16 autocast, fp32 or bf16 input — what the trainer
     runs — against the bypass under the same autocast: outputs and every gradient within bf16
     rounding, in each input's dtype."""

@@ -72,6 +72,25 @@ _EPS = 1e-8  # added to ‖Q‖ before comparing with κ, as LyCORIS and ComfyUI
 # --------------------------------------------------------------------------------------
 
 
+_EYES: dict = {}
+
+
+def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The n×n identity, made once per (n, dtype, device): ``torch.eye`` is two kernels and a few µs of
+    host time, and an OFT/BOFT layer needs it up to five times per step (issue 7: OFT is launch-bound).
+    Read-only by contract (every use is out of place). Made outside inference mode (an inference
+    tensor could not enter a later training step's autograd graph); plain ``torch.eye`` under
+    ``torch.compile``, which folds it."""
+    if torch.compiler.is_compiling():
+        return torch.eye(n, dtype=dtype, device=device)
+    key = (n, dtype, device)
+    e = _EYES.get(key)
+    if e is None:
+        with torch.inference_mode(False), torch.no_grad():
+            e = _EYES[key] = torch.eye(n, dtype=dtype, device=device)
+    return e
+
+
 def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
@@ -97,7 +116,7 @@ def constrained_q(blocks: torch.Tensor, kappa: float | None) -> torch.Tensor:
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """``R = (I+Q)(I−Q)⁻¹`` for a batch of skew-symmetric blocks (= (I−Q)⁻¹(I+Q))."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    eye = _eye(q.shape[-1], q.dtype, q.device)
     # solve_ex, not solve: solve checks for singular input with a device→host sync (once per layer
     # per forward on CUDA, and it makes the step impossible to capture in a CUDA graph); I − Q is
     # always invertible for a skew-symmetric Q (its eigenvalues are 1 − iλ), so the check is moot.
@@ -190,7 +209,7 @@ def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0
     formed before any cast: I + small would lose the small part in bf16).
     """
     m, nb, b, _ = rots.shape
-    eye = torch.eye(b, dtype=rots.dtype, device=rots.device)
+    eye = _eye(b, rots.dtype, rots.device)
     return _butterfly_apply(v, multiplier * (rots - eye))
 
 
@@ -337,7 +356,7 @@ class DiagOFT(_OFTBase):
     def _delta_rows_last(self, t, v: torch.Tensor) -> torch.Tensor:
         """ΔW (or Δy) for channel-last ``v`` at multiplier 1: rescale ⊙ (Rᵀ v) − v."""
         r = self.rotations(t).to(v.dtype)
-        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        eye = _eye(r.shape[-1], r.dtype, r.device)
         d = diag_rotate_delta(v, r - eye)
         rs = _rescale_vec(t, v.dtype)
         if rs is not None:
@@ -359,6 +378,18 @@ class DiagOFT(_OFTBase):
         d = self._delta_rows_last(t, v) * multiplier  # linear in m
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
 
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """Without ``rescale``: the rebuilt op with :class:`_DiagOFTBuild` (its own backward); with it, the
+        shared op over :meth:`merged` (autograd)."""
+        if "rescale" in t:
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+        self._check(t, spec)
+        return rebuilt_op(x, spec, weight, bias, _DiagOFTBuild(float(multiplier), self.kappa(t)), t["oft_blocks"])
+
+    def prefers_rebuild_for(self, t, spec):
+        # PENDING GPU run 17
+        return "rescale" not in t and rebuild_supports(spec)
+
     def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
         """``acc + m·(Rᵀ − I)(f(x) − b)`` blockwise, in the activations' dtype: R is computed (and
         R − I formed) in fp32, scaled by m, then cast; one batched GEMM over the blocks reads the
@@ -368,7 +399,7 @@ class DiagOFT(_OFTBase):
         self._check(t, spec)
         r = self.rotations(t)
         nb, b = r.shape[0], r.shape[-1]
-        eye = torch.eye(b, dtype=r.dtype, device=r.device)
+        eye = _eye(b, r.dtype, r.device)
         mat = ((r - eye) * multiplier).to(acc.dtype)   # mat[k, n, j]: d[k·b+j] = Σ_n mat[k,n,j]·v[k·b+n]
         if inplace and not spec.is_conv and acc is base_out and multiplier == 1.0 and acc.is_contiguous():
             # the only adapter on this layer (the host passes inplace=True only then, and never
@@ -392,16 +423,11 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
-class _BOFTBuild:
-    """BOFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + B_m(W) − W`` with the
-    butterfly applied along the output axis of W (stage i: ``u ← u + P_i⁻¹·blockdiag(Δ_i)·P_i·u``,
-    ``Δ_i = m·(R_i − I)``), computed as :meth:`BOFT.merged` does (an fp32 copy of W, the increment kept
-    apart from it, one rounding at the end). Backward by hand — no nested autograd, whose per-layer
-    host time made the rebuilt BOFT step 1.26× slower than the delta path (run 8):
+class _CayleyBuild:
+    """What the Diag-OFT and BOFT builds for :mod:`.rebuild` share: multiplier ``m``, constraint κ, the
+    rotations ``R`` from the blocks, and the backward from ``∂R`` to ``∂blocks`` — no nested autograd
+    (whose per-layer host time made the rebuilt BOFT step 1.26× slower than the delta path, run 8):
 
-    * stages in reverse, from ``∂u = E = ∂L/∂W′`` (rows last): with ``c_i = P_i·u_i`` in blocks and
-      ``s = P_i·∂u``: ``∂Δ_i = Σ_rows s ⊗ c_i``, ``∂u ← ∂u + P_i⁻¹·(Δ_iᵀ s)`` (the stage inputs
-      ``c_i`` recomputed, weight-sized, for this layer only);
     * Cayley ``R = (I − Q)⁻¹(I + Q)``: ``dR = (I − Q)⁻¹·dQ·(I + R)``, so ``∂Q = (I − Q)⁻ᵀ·∂R·(I + R)ᵀ``;
     * the joint constraint ``Q = Q₀·κ/max(n, κ)``, ``n = ‖Q₀‖ + ε``: ``∂Q₀ = s·∂Q − [n > κ]·(κ/n²)·
       ⟨∂Q, Q₀⟩·Q₀/‖Q₀‖``; ``Q₀ = B − Bᵀ``: ``∂B = ∂Q₀ − ∂Q₀ᵀ``."""
@@ -419,16 +445,86 @@ class _BOFTBuild:
             n = torch.linalg.vector_norm(q0) + _EPS
             sc = self.kappa / torch.clamp(n, min=self.kappa)
             q = q0 * sc
-        eye = torch.eye(q.shape[-1], dtype=cdt, device=q.device)
+        eye = _eye(q.shape[-1], cdt, q.device)
         return q0, n, sc, q, eye
 
     def _rotations(self, blocks, cdt):
-        return oft_rotations(blocks, self.kappa).to(cdt)  # as BOFT.rotations / weight_delta_at
+        return oft_rotations(blocks, self.kappa).to(cdt)  # as _OFTBase.rotations
+
+    def _blocks_grad(self, blocks, r, gr):
+        """``∂blocks`` from ``∂R`` (same shape as R, in R's dtype)."""
+        cdt = r.dtype
+        q0, n, sc, q, eye = self._skew(blocks, cdt)
+        gq = torch.linalg.solve_ex((eye - q).transpose(-1, -2), gr)[0] @ (eye + r).transpose(-1, -2)
+        if n is not None:
+            norm = n - _EPS
+            outside = (n > self.kappa).to(cdt)
+            coef = outside * (self.kappa / (n * n)) * (gq * q0).sum() / norm.clamp_min(torch.finfo(cdt).tiny)
+            gq = gq * sc - coef * q0
+        return (gq - gq.transpose(-1, -2)).to(blocks.dtype)
+
+
+class _DiagOFTBuild(_CayleyBuild):
+    """Diag-OFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + m·(R − I)ᵀW`` per block
+    of b output rows, i.e. with the weight viewed ``(k, b, rest)`` (rest = in·∏kernel) and
+    ``A_k = m·(R_k − I)ᵀ``: ``W′_k = W_k + A_k·W_k`` — one batched GEMM with the add fused
+    (``baddbmm``: one rounding of W′), A cast to the weight's dtype (as the delta path casts it to the
+    activations'). Backward: ``∂A_k = E_k·W_kᵀ`` (one weight-sized batched GEMM reading ``E = ∂L/∂W′``),
+    ``∂R_k = m·∂A_kᵀ``, then :meth:`_CayleyBuild._blocks_grad`. R is kept from the forward
+    (blocks-sized); W′ is rebuilt in backward.
+
+    Why (issue 7): the delta path rotates the *output* — batched b×b GEMMs over every position, forward
+    and backward (run 8, H200, SD1.5 b8: 116.0 ms as one CUDA graph vs PEFT 105.3); rotating the
+    *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead."""
+
+    def _build(self, w, r):
+        nb, b = r.shape[0], r.shape[-1]
+        eye = _eye(b, r.dtype, r.device)
+        a = (r - eye).transpose(1, 2)
+        if self.m != 1.0:
+            a = a * self.m
+        wb = w.reshape(nb, b, -1)
+        return torch.baddbmm(wb, a.to(w.dtype), wb).reshape(w.shape)
+
+    def __call__(self, w, b, blocks):
+        """Differentiable form (``torch.compile``, the reference)."""
+        return self._build(w, self._rotations(blocks, compute_dtype(w, blocks))), b
+
+    def forward_aux(self, w, b, blocks):
+        r = self._rotations(blocks, compute_dtype(w, blocks))
+        return self._build(w, r), b, (r,)
+
+    def recompute(self, keep, w, b, blocks):
+        r = keep[0]
+        return self._build(w, r), (r, w)
+
+    def vjp(self, aux, theta, gw, gb, needs):
+        if not needs[0]:
+            return (None,)
+        r, w = aux
+        nb, b = r.shape[0], r.shape[-1]
+        ga = torch.bmm(gw.reshape(nb, b, -1), w.reshape(nb, b, -1).to(gw.dtype).transpose(1, 2))  # ∂A_k
+        gr = ga.transpose(1, 2).to(r.dtype)
+        if self.m != 1.0:
+            gr = gr * self.m
+        return (self._blocks_grad(theta[0], r, gr),)
+
+
+class _BOFTBuild(_CayleyBuild):
+    """BOFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + B_m(W) − W`` with the
+    butterfly applied along the output axis of W (stage i: ``u ← u + P_i⁻¹·blockdiag(Δ_i)·P_i·u``,
+    ``Δ_i = m·(R_i − I)``), computed as :meth:`BOFT.merged` does (an fp32 copy of W, the increment kept
+    apart from it, one rounding at the end). Backward by hand:
+
+    * stages in reverse, from ``∂u = E = ∂L/∂W′`` (rows last): with ``c_i = P_i·u_i`` in blocks and
+      ``s = P_i·∂u``: ``∂Δ_i = Σ_rows s ⊗ c_i``, ``∂u ← ∂u + P_i⁻¹·(Δ_iᵀ s)`` (the stage inputs
+      ``c_i`` recomputed, weight-sized, for this layer only);
+    * then Cayley and the constraint as :class:`_CayleyBuild`."""
 
     def _loop(self, w, r, keep_inputs: bool):
         """(W′, (the stage inputs in blocks, the scaled stage deltas) or None): :func:`_butterfly_apply`
         on the rows of W, as :meth:`BOFT.weight_delta_at`."""
-        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        eye = _eye(r.shape[-1], r.dtype, r.device)
         deltas = (r - eye) * self.m if self.m != 1.0 else r - eye
         curs = [] if keep_inputs else None
         d = _butterfly_apply(w.to(r.dtype).movedim(0, -1), deltas, curs)   # rows last: (in, *k, out)
@@ -454,7 +550,6 @@ class _BOFTBuild:
         if not needs[0]:
             return (None,)
         cdt = r.dtype
-        q0, n, sc, q, eye = self._skew(blocks, cdt)
         mm, nb, bs, _ = r.shape
         out = nb * bs
         gu = gw.to(cdt).movedim(0, -1)
@@ -466,14 +561,7 @@ class _BOFTBuild:
             back = torch.einsum("dij,...di->...dj", deltas[i], s)
             gu = gu + back.reshape(gu.shape).index_select(-1, inv)
         gr = gdel * self.m if self.m != 1.0 else gdel
-        gq = torch.linalg.solve_ex((eye - q).transpose(-1, -2), gr)[0] @ (eye + r).transpose(-1, -2)
-        if n is not None:
-            norm = n - _EPS
-            outside = (n > self.kappa).to(cdt)
-            coef = outside * (self.kappa / (n * n)) * (gq * q0).sum() / norm.clamp_min(torch.finfo(cdt).tiny)
-            gq = gq * sc - coef * q0
-        gb_ = gq - gq.transpose(-1, -2)
-        return (gb_.to(blocks.dtype),)
+        return (self._blocks_grad(blocks, r, gr),)
 
 
 @register
@@ -563,12 +651,12 @@ class BOFT(_OFTBase):
         y = base_out if bias is None else base_out - _channel(bias, spec, base_out)
         positions = y.numel() // out
         if out <= self.DENSE_MAX_OUT and positions >= self.DENSE_TOKENS_PER_OUT * out:
-            eye = torch.eye(out, dtype=rots.dtype, device=rots.device)
+            eye = torch.eye(out, dtype=rots.dtype, device=rots.device)  # not cached: up to 64 MiB
             k = butterfly_delta(eye, rots, multiplier).to(acc.dtype)      # d = v @ K for channel-last v
             if spec.is_conv:
                 return accumulate_conv1x1(acc, y, k.t())
             return accumulate_linear(acc, y, k.t(), 1.0, False)
-        eye = torch.eye(b, dtype=rots.dtype, device=rots.device)
+        eye = _eye(b, rots.dtype, rots.device)
         deltas = (multiplier * (rots - eye)).to(acc.dtype)
         axis = 1 if spec.is_conv else -1
         d = _butterfly_apply(_rows_last(y, axis), deltas)
