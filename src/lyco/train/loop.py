@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, LycoError
 from . import data as data_mod
-from .config import Config, check_runnable
+from .config import Config, check_runnable, resolve_cuda_graph
 
 log = logging.getLogger("lyco.train")
 
@@ -687,6 +687,17 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
 # --------------------------------------------------------------------------------------
 
 
+def _host_decided_layer(network) -> str | None:
+    """The first adapter layer whose training step makes a host-side random choice (module_dropout > 0, a
+    DyLoRA rank block), described, or None: what a CUDA graph cannot replay."""
+    for name, layer in network.layers.items():
+        if getattr(layer.algorithm, "name", "") == "dylora":
+            return f"DyLoRA (layer {name})"
+        if float(layer.opts.get("module_dropout", 0) or 0) > 0:
+            return f"module_dropout > 0 (layer {name})"
+    return None
+
+
 class Trainer:
     """``Trainer(cfg).train()``. ``pipeline=`` uses an already loaded pipeline (tests, notebooks)
     instead of ``[model] path``; ``callbacks`` are called as ``cb(trainer, event, **info)`` with
@@ -709,6 +720,9 @@ class Trainer:
         self.config_path: str | None = None
         self._shards: LocalShards | None = None  # FSDP: the optimizer's local view of the shards
         self._grad_sync: FlatGradSync | None = None  # ddp_comm = "flat"
+        #: whether the steps are replayed as CUDA graphs (``[train] cuda_graph`` resolved in setup) and why
+        self.cuda_graph: bool | None = None
+        self.cuda_graph_reason = ""
         self._setup_done = False
 
     # ------------------------------------------------------------------ setup
@@ -724,12 +738,13 @@ class Trainer:
         cfg = self.cfg  # `accelerate launch --use_fsdp` may have set [distributed] strategy
         acc = self.accelerator
         self._graph_cls = None
-        if cfg.train.cuda_graph:  # checked before any model is loaded
+        self.cuda_graph, self.cuda_graph_reason = resolve_cuda_graph(cfg, acc.device.type)
+        if self.cuda_graph:  # checked before any model is loaded
             from . import graphs
             self._graph_cls = graphs.GraphedStep  # looked up at run time: the CPU tests put a stand-in there
-            if acc.device.type != "cuda" and not self._graph_cls.runs_without_cuda:
+            if acc.device.type != "cuda" and not self._graph_cls.runs_without_cuda:  # only cuda_graph = true
                 raise ConfigError(f"[train] cuda_graph = true needs a CUDA GPU; this run is on {acc.device} "
-                                  f"(set cuda_graph = false)")
+                                  f"(set cuda_graph = false, or leave it \"auto\")")
         self.session_id = random.SystemRandom().randint(0, 2**31 - 1)
         self.started_at = time.time()
         if acc.is_main_process:
@@ -769,6 +784,16 @@ class Trainer:
 
         # network
         self._build_network()
+        if self.cuda_graph:  # a preset file's overrides can ask for what the config check cannot see
+            why = _host_decided_layer(self.network)
+            if why and cfg.train.cuda_graph is True:
+                raise ConfigError(f"[train] cuda_graph = true is not supported with {why} (decided on the host "
+                                  f"every step; a CUDA graph would replay one choice forever); set cuda_graph = "
+                                  f"false")
+            if why:
+                self.cuda_graph, self.cuda_graph_reason, self._graph_cls = False, f"auto: {why}", None
+        if acc.is_main_process:
+            log.info("cuda_graph: %s (%s)", "on" if self.cuda_graph else "off", self.cuda_graph_reason)
 
         # precision and placement
         mp = acc.mixed_precision
@@ -865,7 +890,11 @@ class Trainer:
             return "fsdp"
         # with CUDA graphs DDP's per-bucket hooks would fire inside the captured backward: average the
         # gradients after the replay instead, with one all-reduce
-        return "flat" if d.ddp_comm == "flat" or self.cfg.train.cuda_graph else "ddp"
+        graph = self.cuda_graph
+        if graph is None:  # before setup: resolved from the config and the accelerator's device
+            dev = getattr(self.accelerator, "device", None)
+            graph = resolve_cuda_graph(self.cfg, getattr(dev, "type", "cpu"))[0]
+        return "flat" if d.ddp_comm == "flat" or graph else "ddp"
 
     def _sharded_model(self):
         return self.model if self.strategy == "fsdp" else None
