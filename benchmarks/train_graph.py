@@ -129,7 +129,7 @@ def train_config(model, algo, train_dir, res, out_dir, cache_dir, a, graph: bool
         "eval": {"enabled": False},
     }
     cfg = from_dict(d)
-    return cfg.replace(train={"cuda_graph": True}) if graph else cfg
+    return cfg.replace(train={"cuda_graph": bool(graph)})  # explicit both ways: the default is "auto"
 
 
 # ------------------------------------------------------------------------------------ one training

@@ -49,6 +49,7 @@ Constraint convention (a decision, needed because the ecosystem disagrees):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Mapping
@@ -61,7 +62,7 @@ from .base import (
     channel_view, register, scalar_of,
 )
 from .factorize import factorization, power2factorization
-from .rebuild import rebuilt_op, supports as rebuild_supports
+from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
 CONVENTIONS = ("lycoris", "comfyui")
 _EPS = 1e-8  # added to ‖Q‖ before comparing with κ, as LyCORIS and ComfyUI do
@@ -199,6 +200,50 @@ def _perms(out_dim: int, b: int, stage: int, device: torch.device, compiling: bo
     if compiling:  # traced into the graph as constants; the caches are for eager calls
         return tuple(p.to(device) for p in butterfly_perm.__wrapped__(out_dim, b, stage))
     return _butterfly_perm_on(out_dim, b, stage, device)
+
+
+def _chain_indices(out_dim: int, b: int, stages: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Row gathers for the butterfly applied stage by stage in each stage's own (gathered) order:
+    ``z_0 = u[g_0]``, ``z_i = z′_{i−1}[g_i]`` (``g_i = inv_{i−1}[perm_i]``: back from stage i−1's order and on
+    into stage i's in one gather), ``B(u) = z′_{m−1}[g_m]`` (``g_m = inv_{m−1}``); and the inverses (for the
+    backward). CPU index tensors."""
+    perm_of = butterfly_perm.__wrapped__ if torch.compiler.is_compiling() else butterfly_perm
+    perms = [perm_of(out_dim, b, i) for i in range(stages)]
+    g = [perms[0][0]] + [perms[i - 1][1][perms[i][0]] for i in range(1, stages)] + [perms[-1][1]]
+    return tuple(g), tuple(torch.argsort(x) for x in g)
+
+
+@functools.lru_cache(maxsize=256)
+def _chain_indices_on(out_dim: int, b: int, stages: int, device: torch.device):
+    g, ginv = _chain_indices(out_dim, b, stages)
+    return tuple(x.to(device) for x in g), tuple(x.to(device) for x in ginv)
+
+
+def _chain(out_dim: int, b: int, stages: int, device: torch.device):
+    if torch.compiler.is_compiling():  # constants in the graph; the cache is for eager calls
+        g, ginv = _chain_indices(out_dim, b, stages)
+        return tuple(x.to(device) for x in g), tuple(x.to(device) for x in ginv)
+    return _chain_indices_on(out_dim, b, stages, device)
+
+
+def butterfly_rows(w: torch.Tensor, stage_deltas: torch.Tensor, inputs: list | None = None) -> torch.Tensor:
+    """``B(W)`` on the *rows* of a weight ``(out, …)`` in ``stage_deltas``' dtype (the same map as
+    :func:`_butterfly_apply` on the out axis), for the rebuild: the rows are gathered once into stage 0's
+    blocks, each stage is one batched GEMM with the add fused (``z′ = z + Δ_i·z`` on ``(blocks, b, rest)``),
+    and one gather takes stage i's order to stage i+1's (``_chain_indices``): 2 kernels per stage, where the
+    loop on rows-last activations needs ≈ 6 (two gathers along a strided axis, adds, einsum copies).
+    ``inputs`` receives each stage's input ``z_i`` in blocks (for the backward). The running value is
+    carried whole in ``stage_deltas``' dtype (fp32 or wider) and rounded once by the caller."""
+    m, nb, b, _ = stage_deltas.shape
+    out = w.shape[0]
+    g, _ = _chain(out, b, m, w.device)
+    z = w.reshape(out, -1).index_select(0, g[0]).to(stage_deltas.dtype)
+    for i in range(m):
+        zb = z.view(nb, b, -1)
+        if inputs is not None:
+            inputs.append(zb)
+        z = torch.baddbmm(zb, stage_deltas[i], zb).view(out, -1).index_select(0, g[i + 1])
+    return z.view(w.shape)
 
 
 def butterfly_delta(v: torch.Tensor, rots: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
@@ -423,14 +468,29 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
+def _full_precision(t: torch.Tensor):
+    """A context without autocast on ``t``'s device when autocast is on there (else a no-op one)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _CayleyBuild:
     """What the Diag-OFT and BOFT builds for :mod:`.rebuild` share: multiplier ``m``, constraint κ, the
-    rotations ``R`` from the blocks, and the backward from ``∂R`` to ``∂blocks`` — no nested autograd
+    rotations from the blocks, and the backward from ``∂R`` to ``∂blocks`` — no nested autograd
     (whose per-layer host time made the rebuilt BOFT step 1.26× slower than the delta path, run 8):
 
-    * Cayley ``R = (I − Q)⁻¹(I + Q)``: ``dR = (I − Q)⁻¹·dQ·(I + R)``, so ``∂Q = (I − Q)⁻ᵀ·∂R·(I + R)ᵀ``;
+    * Cayley ``R = (I − Q)⁻¹(I + Q)``, formed as ``M = (I − Q)⁻¹`` (one batched inverse) and
+      ``A = R − I = 2·Q·M`` (``(I − Q)⁻¹·[(I + Q) − (I − Q)]``; M and Q commute): R − I without the
+      cancellation of ``I + small − I`` and without a second solve in backward —
+      ``dR = M·dQ·(I + R)``, so ``∂Q = Mᵀ·∂R·(2I + A)ᵀ`` from the kept M and A (blocks-sized);
     * the joint constraint ``Q = Q₀·κ/max(n, κ)``, ``n = ‖Q₀‖ + ε``: ``∂Q₀ = s·∂Q − [n > κ]·(κ/n²)·
-      ⟨∂Q, Q₀⟩·Q₀/‖Q₀‖``; ``Q₀ = B − Bᵀ``: ``∂B = ∂Q₀ − ∂Q₀ᵀ``."""
+      ⟨∂Q, Q₀⟩·Q₀/‖Q₀‖``; ``Q₀ = B − Bᵀ``: ``∂B = ∂Q₀ − ∂Q₀ᵀ``.
+
+    Why the inverse is kept (issue 7, GPU run 17, H200): a batched solve of 16×16 blocks is ≈ 5 small
+    kernels (LU, two triangular solves, copies); OFT's step is bound by kernel count, and the earlier
+    form solved twice per layer (forward and backward) plus ≈ 6 identity adds and subtractions."""
 
     def __init__(self, m: float, kappa: float | None):
         self.m, self.kappa = m, kappa
@@ -448,14 +508,24 @@ class _CayleyBuild:
         eye = _eye(q.shape[-1], cdt, q.device)
         return q0, n, sc, q, eye
 
-    def _rotations(self, blocks, cdt):
-        return oft_rotations(blocks, self.kappa).to(cdt)  # as _OFTBase.rotations
-
-    def _blocks_grad(self, blocks, r, gr):
-        """``∂blocks`` from ``∂R`` (same shape as R, in R's dtype)."""
-        cdt = r.dtype
+    def _cayley(self, blocks, cdt):
+        """``(M, A, Q₀, n, s)`` — ``M = (I − Q)⁻¹``, ``A = R − I`` — and what the constraint's backward
+        needs (Q₀, n, s; None when unconstrained). Differentiable (the ``__call__`` forms)."""
         q0, n, sc, q, eye = self._skew(blocks, cdt)
-        gq = torch.linalg.solve_ex((eye - q).transpose(-1, -2), gr)[0] @ (eye + r).transpose(-1, -2)
+        minv = torch.linalg.inv_ex(eye - q)[0]   # inv_ex, not inv: no device→host error check
+        b = q.shape[-1]
+        with _full_precision(q):  # autocast would round A = R − I to bf16 before it is scaled and cast
+            a = torch.baddbmm(minv.reshape(-1, b, b), q.reshape(-1, b, b), minv.reshape(-1, b, b), beta=0, alpha=2)
+        return minv, a.reshape(q.shape), (q0 if n is not None else None), n, sc
+
+    def _blocks_grad(self, blocks, keep, gr):
+        """``∂blocks`` from ``∂R`` (R's shape and dtype) and the kept ``(M, A, Q₀, n, s)``."""
+        minv, a, q0, n, sc = keep
+        cdt = a.dtype
+        b = a.shape[-1]
+        with _full_precision(a):  # (a backward called inside an autocast region on the CPU runs under it)
+            t = (minv.transpose(-1, -2) @ gr).reshape(-1, b, b)                     # Mᵀ·∂R
+            gq = torch.baddbmm(t, t, a.reshape(-1, b, b).transpose(1, 2), beta=2).reshape(a.shape)  # ·(2I + A)ᵀ
         if n is not None:
             norm = n - _EPS
             outside = (n > self.kappa).to(cdt)
@@ -467,47 +537,51 @@ class _CayleyBuild:
 class _DiagOFTBuild(_CayleyBuild):
     """Diag-OFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + m·(R − I)ᵀW`` per block
     of b output rows, i.e. with the weight viewed ``(k, b, rest)`` (rest = in·∏kernel) and
-    ``A_k = m·(R_k − I)ᵀ``: ``W′_k = W_k + A_k·W_k`` — one batched GEMM with the add fused
-    (``baddbmm``: one rounding of W′), A cast to the weight's dtype (as the delta path casts it to the
-    activations'). Backward: ``∂A_k = E_k·W_kᵀ`` (one weight-sized batched GEMM reading ``E = ∂L/∂W′``),
-    ``∂R_k = m·∂A_kᵀ``, then :meth:`_CayleyBuild._blocks_grad`. R is kept from the forward
-    (blocks-sized); W′ is rebuilt in backward.
+    ``A′_k = m·(R_k − I)ᵀ``: ``W′_k = W_k + A′_k·W_k`` — one batched GEMM with the add fused
+    (``baddbmm``: one rounding of W′), A′ cast to the weight's dtype (as the delta path casts it to the
+    activations') and kept for the backward's rebuild. Backward: ``∂A′_k = E_k·W_kᵀ`` (one weight-sized
+    batched GEMM reading ``E = ∂L/∂W′``), ``∂R_k = m·∂A′_kᵀ``, then :meth:`_CayleyBuild._blocks_grad`.
 
     Why (issue 7): the delta path rotates the *output* — batched b×b GEMMs over every position, forward
     and backward (run 8, H200, SD1.5 b8: 116.0 ms as one CUDA graph vs PEFT 105.3); rotating the
     *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead."""
 
-    def _build(self, w, r):
-        nb, b = r.shape[0], r.shape[-1]
-        eye = _eye(b, r.dtype, r.device)
-        a = (r - eye).transpose(1, 2)
-        if self.m != 1.0:
-            a = a * self.m
+    def _a_w(self, a, dtype):
+        a = a.transpose(1, 2)
+        return (a * self.m if self.m != 1.0 else a).to(dtype)
+
+    @staticmethod
+    def _build(w, a_w):
+        nb, b = a_w.shape[0], a_w.shape[-1]
         wb = w.reshape(nb, b, -1)
-        return torch.baddbmm(wb, a.to(w.dtype), wb).reshape(w.shape)
+        with _full_precision(w):  # W′ in the weight's dtype (autocast would round an fp32 weight to bf16)
+            return torch.baddbmm(wb, a_w, wb).reshape(w.shape)
 
     def __call__(self, w, b, blocks):
         """Differentiable form (``torch.compile``, the reference)."""
-        return self._build(w, self._rotations(blocks, compute_dtype(w, blocks))), b
+        a = self._cayley(blocks, compute_dtype(w, blocks))[1]
+        return self._build(w, self._a_w(a, w.dtype)), b
 
     def forward_aux(self, w, b, blocks):
-        r = self._rotations(blocks, compute_dtype(w, blocks))
-        return self._build(w, r), b, (r,)
+        keep = self._cayley(blocks, compute_dtype(w, blocks))
+        a_w = self._a_w(keep[1], w.dtype)
+        return self._build(w, a_w), b, (a_w, *keep)
 
     def recompute(self, keep, w, b, blocks):
-        r = keep[0]
-        return self._build(w, r), (r, w)
+        return self._build(w, keep[0]), (keep, w)
 
     def vjp(self, aux, theta, gw, gb, needs):
         if not needs[0]:
             return (None,)
-        r, w = aux
-        nb, b = r.shape[0], r.shape[-1]
-        ga = torch.bmm(gw.reshape(nb, b, -1), w.reshape(nb, b, -1).to(gw.dtype).transpose(1, 2))  # ∂A_k
-        gr = ga.transpose(1, 2).to(r.dtype)
+        keep, w = aux
+        a_w = keep[0]
+        nb, b = a_w.shape[0], a_w.shape[-1]
+        with _full_precision(gw):
+            ga = torch.bmm(gw.reshape(nb, b, -1), cast(w, gw.dtype).reshape(nb, b, -1).transpose(1, 2))  # ∂A′_k
+        gr = ga.transpose(1, 2).to(keep[2].dtype)
         if self.m != 1.0:
             gr = gr * self.m
-        return (self._blocks_grad(theta[0], r, gr),)
+        return (self._blocks_grad(theta[0], keep[1:], gr),)
 
 
 class _BOFTBuild(_CayleyBuild):
@@ -521,47 +595,51 @@ class _BOFTBuild(_CayleyBuild):
       ``c_i`` recomputed, weight-sized, for this layer only);
     * then Cayley and the constraint as :class:`_CayleyBuild`."""
 
-    def _loop(self, w, r, keep_inputs: bool):
-        """(W′, (the stage inputs in blocks, the scaled stage deltas) or None): :func:`_butterfly_apply`
-        on the rows of W, as :meth:`BOFT.weight_delta_at`."""
-        eye = _eye(r.shape[-1], r.dtype, r.device)
-        deltas = (r - eye) * self.m if self.m != 1.0 else r - eye
+    def _deltas(self, a):
+        return a * self.m if self.m != 1.0 else a
+
+    @staticmethod
+    def _loop(w, deltas, keep_inputs: bool):
+        """(W′ rounded once to W's dtype, the stage inputs in blocks or None): :func:`butterfly_rows`."""
         curs = [] if keep_inputs else None
-        d = _butterfly_apply(w.to(r.dtype).movedim(0, -1), deltas, curs)   # rows last: (in, *k, out)
-        w2 = torch.add(w, d.movedim(-1, 0).to(w.dtype))
-        return w2, (curs, deltas) if keep_inputs else None
+        with _full_precision(w):
+            u = butterfly_rows(w, deltas, curs)
+        return u.to(w.dtype), curs
 
     def __call__(self, w, b, blocks):
         """Differentiable form (``torch.compile``, the reference)."""
-        return self._loop(w, self._rotations(blocks, compute_dtype(w, blocks)), False)[0], b
+        a = self._cayley(blocks, compute_dtype(w, blocks))[1]
+        return self._loop(w, self._deltas(a), False)[0], b
 
     def forward_aux(self, w, b, blocks):
-        r = self._rotations(blocks, compute_dtype(w, blocks))
-        return self._loop(w, r, False)[0], b, (r,)  # R kept (blocks-sized); Q rebuilt in backward
+        keep = self._cayley(blocks, compute_dtype(w, blocks))
+        return self._loop(w, self._deltas(keep[1]), False)[0], b, keep  # blocks-sized; W′ rebuilt in backward
 
     def recompute(self, keep, w, b, blocks):
-        r = keep[0]
-        w2, (curs, deltas) = self._loop(w, r, True)
-        return w2, (r, curs, deltas)
+        deltas = self._deltas(keep[1])
+        w2, curs = self._loop(w, deltas, True)
+        return w2, (keep, curs, deltas)
 
     def vjp(self, aux, theta, gw, gb, needs):
-        r, curs, deltas = aux
+        """Stages in reverse in their own orders: ``∂z′_i`` → ``∂Δ_i = ∂z′_i·z_iᵀ``, ``∂z_i = ∂z′_i + Δ_iᵀ·∂z′_i``
+        (one batched GEMM each), one gather back to stage i−1's order."""
+        keep, curs, deltas = aux
         blocks = theta[0]
         if not needs[0]:
             return (None,)
-        cdt = r.dtype
-        mm, nb, bs, _ = r.shape
+        mm, nb, bs, _ = deltas.shape
         out = nb * bs
-        gu = gw.to(cdt).movedim(0, -1)
-        gdel = torch.empty_like(r)
-        for i in reversed(range(mm)):
-            perm, inv = _butterfly_perm_on(out, bs, i, gu.device)
-            s = gu.index_select(-1, perm).reshape(gu.shape[:-1] + (nb, bs))
-            gdel[i] = torch.einsum("...di,...dj->dij", s, curs[i])
-            back = torch.einsum("dij,...di->...dj", deltas[i], s)
-            gu = gu + back.reshape(gu.shape).index_select(-1, inv)
+        _, ginv = _chain(out, bs, mm, gw.device)
+        gdel = torch.empty_like(deltas)
+        with _full_precision(deltas):
+            gz = gw.reshape(out, -1).index_select(0, ginv[mm]).to(deltas.dtype)   # ∂z′_{m−1}
+            for i in reversed(range(mm)):
+                gzb = gz.view(nb, bs, -1)
+                torch.bmm(gzb, curs[i].transpose(1, 2), out=gdel[i])
+                if i:
+                    gz = torch.baddbmm(gzb, deltas[i].transpose(1, 2), gzb).view(out, -1).index_select(0, ginv[i])
         gr = gdel * self.m if self.m != 1.0 else gdel
-        return (self._blocks_grad(blocks, r, gr),)
+        return (self._blocks_grad(blocks, keep, gr),)
 
 
 @register
