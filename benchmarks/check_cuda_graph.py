@@ -65,6 +65,10 @@ CASES = {
     "lora-rebuild": ({"algo": "lora", "rank": 8, "mode": "rebuild"}, {}),
     "locon-rebuild": ({"algo": "lora", "rank": 8, "preset": "full", "conv_rank": 4, "mode": "rebuild"}, {}),
     "loha-rebuild": ({"algo": "loha", "rank": 4, "mode": "rebuild"}, {}),
+    # Diag-OFT on the rebuilt op (own backward, Cayley inverse kept) with fp16 autocast and with
+    # gradient checkpointing
+    "diag-oft-fp16": ({"algo": "diag-oft", "rank": 4}, {"mixed_precision": "fp16"}),
+    "diag-oft-ckpt": ({"algo": "diag-oft", "rank": 4}, {"gradient_checkpointing": True}),
     # the fixed-batch evaluation runs eager forward passes before the first capture and between replays
     "lora-eval": ({"algo": "lora", "rank": 8}, {"_eval": {"enabled": True, "num_images": 2, "every_n_steps": 2}}),
 }

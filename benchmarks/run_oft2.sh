@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 7 GPU run 18: Diag-OFT's rebuilt op after the Cayley change (inverse kept, A = R − I = 2QM; no
+# second solve) against its delta path and PEFT (two rounds, graph); BOFT's row-order butterfly
+# (butterfly_rows) against LyCORIS and PEFT (one round; graph for lyco); the trainer's cuda_graph on
+# Diag-OFT/BOFT (eager vs graph, bit-level); the trainer's default cuda_graph = "auto" on a GPU.
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+#     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; bash benchmarks/run_oft2.sh
+set -u
+OUT=${OUT:-.}
+S=$(date +%s)
+python3 benchmarks/train_step.py --models sd15 --batches 8 --algos oft \
+  --variants lyco,lyco-bypass,peft --steps 20 --warmup 4 --graph --graph-steps 15 --rounds 2 \
+  --budget 150 --deadline $((S + 170)) --out "$OUT" > "$OUT/train_step.log" 2>&1
+grep "^\[sd15" "$OUT/train_step.log" | cut -c1-175
+echo "oft wall $(( $(date +%s) - S )) s"
+mkdir -p "$OUT/boft"
+python3 benchmarks/train_step.py --models sd15 --batches 8 --algos boft --no-baselines \
+  --variants lyco,lycoris-eager,peft --steps 12 --warmup 3 --graph --graph-steps 10 \
+  --budget 150 --deadline $((S + 330)) --out "$OUT/boft" > "$OUT/boft/train_step.log" 2>&1
+grep "^\[sd15" "$OUT/boft/train_step.log" | cut -c1-175
+echo "boft wall $(( $(date +%s) - S )) s"
+mkdir -p "$OUT/ccg"
+timeout 120 python3 benchmarks/check_cuda_graph.py --out "$OUT/ccg" \
+  --cases diag-oft,diag-oft-fp16,diag-oft-ckpt,boft --steps 8 > "$OUT/check_cuda_graph.log" 2>&1
+echo "check_cuda_graph rc=$?"; tail -8 "$OUT/check_cuda_graph.log" | cut -c1-200
+timeout 60 python3 -m lyco train examples/train_lokr.toml --max-train-steps 12 --output-dir /tmp/cg --overwrite \
+  --no-progress-bar > "$OUT/train_auto.log" 2>&1
+echo "lyco train rc=$?"; grep -i "cuda_graph\|error\|step" "$OUT/train_auto.log" | head -8 | cut -c1-200
+echo "wall $(( $(date +%s) - S )) s"
