@@ -481,57 +481,57 @@ class _CayleyBuild:
     rotations from the blocks, and the backward from ``∂R`` to ``∂blocks`` — no nested autograd
     (whose per-layer host time made the rebuilt BOFT step 1.26× slower than the delta path, run 8):
 
-    * Cayley ``R = (I − Q)⁻¹(I + Q)``, formed as ``M = (I − Q)⁻¹`` (one batched inverse) and
-      ``A = R − I = 2·Q·M`` (``(I − Q)⁻¹·[(I + Q) − (I − Q)]``; M and Q commute): R − I without the
-      cancellation of ``I + small − I`` and without a second solve in backward —
-      ``dR = M·dQ·(I + R)``, so ``∂Q = Mᵀ·∂R·(2I + A)ᵀ`` from the kept M and A (blocks-sized);
+    * Cayley ``R = (I − Q)⁻¹(I + Q)`` through ``M = (I − Q)⁻¹`` alone: ``M·(I − Q) = I`` gives ``M·Q = M − I``,
+      so ``R = M + M·Q = 2M − I`` and ``R − I = 2(M − I)`` — one batched inverse and one subtraction (the
+      subtraction's rounding, one ulp of 1 in fp32, is the rounding any fp32 R carries). Backward:
+      ``dR = 2·dM = 2·M·dQ·M``, so ``∂Q = 2·Mᵀ·∂R·Mᵀ`` from the kept M (blocks-sized) — no second solve;
     * the joint constraint ``Q = Q₀·κ/max(n, κ)``, ``n = ‖Q₀‖ + ε``: ``∂Q₀ = s·∂Q − [n > κ]·(κ/n²)·
       ⟨∂Q, Q₀⟩·Q₀/‖Q₀‖``; ``Q₀ = B − Bᵀ``: ``∂B = ∂Q₀ − ∂Q₀ᵀ``.
 
-    Why the inverse is kept (issue 7, GPU run 17, H200): a batched solve of 16×16 blocks is ≈ 5 small
-    kernels (LU, two triangular solves, copies); OFT's step is bound by kernel count, and the earlier
-    form solved twice per layer (forward and backward) plus ≈ 6 identity adds and subtractions."""
+    Why (issue 7, GPU runs 17–18, H200): OFT's rebuilt step is bound by its kernel count — a batched
+    solve of 16×16 blocks is ≈ 5 kernels (LU, two triangular solves, copies) and the first form solved
+    twice per layer and added and subtracted identities ≈ 6 times (graph 93.6 ms; 85.5 after keeping the
+    inverse)."""
 
     def __init__(self, m: float, kappa: float | None):
         self.m, self.kappa = m, kappa
 
-    def _skew(self, blocks, cdt):
-        """(Q₀, n, the constraint's scale or None, Q, I)."""
-        q0 = blocks.to(cdt)
-        q0 = q0 - q0.transpose(-1, -2)
-        n = sc = None
-        q = q0
-        if self.kappa is not None:
+    def _inverse(self, blocks, cdt):
+        """``(M, Q₀, n, s)``: ``M = (I − Q)⁻¹`` and what the constraint's backward needs (None when
+        unconstrained). Differentiable (the ``__call__`` forms)."""
+        eye = _eye(blocks.shape[-1], cdt, blocks.device)
+        if self.kappa is None:
+            # I − Q = I − B + Bᵀ in two kernels, the cast to cdt folded into the first
+            i_minus_q = torch.sub(eye, blocks).add_(blocks.transpose(-1, -2))
+            q0 = n = sc = None
+        else:
+            q0 = blocks.to(cdt)
+            q0 = q0 - q0.transpose(-1, -2)
             n = torch.linalg.vector_norm(q0) + _EPS
             sc = self.kappa / torch.clamp(n, min=self.kappa)
-            q = q0 * sc
-        eye = _eye(q.shape[-1], cdt, q.device)
-        return q0, n, sc, q, eye
+            i_minus_q = eye - q0 * sc
+        minv = torch.linalg.inv_ex(i_minus_q)[0]   # inv_ex, not inv: no device→host error check
+        return minv, q0, n, sc
 
-    def _cayley(self, blocks, cdt):
-        """``(M, A, Q₀, n, s)`` — ``M = (I − Q)⁻¹``, ``A = R − I`` — and what the constraint's backward
-        needs (Q₀, n, s; None when unconstrained). Differentiable (the ``__call__`` forms)."""
-        q0, n, sc, q, eye = self._skew(blocks, cdt)
-        minv = torch.linalg.inv_ex(eye - q)[0]   # inv_ex, not inv: no device→host error check
-        b = q.shape[-1]
-        with _full_precision(q):  # autocast would round A = R − I to bf16 before it is scaled and cast
-            a = torch.baddbmm(minv.reshape(-1, b, b), q.reshape(-1, b, b), minv.reshape(-1, b, b), beta=0, alpha=2)
-        return minv, a.reshape(q.shape), (q0 if n is not None else None), n, sc
+    def _delta(self, minv, scale: float):
+        """``scale·(R − I) = 2·scale·(M − I)`` (differentiable)."""
+        return (minv - _eye(minv.shape[-1], minv.dtype, minv.device)) * (2.0 * scale)
 
-    def _blocks_grad(self, blocks, keep, gr):
-        """``∂blocks`` from ``∂R`` (R's shape and dtype) and the kept ``(M, A, Q₀, n, s)``."""
-        minv, a, q0, n, sc = keep
-        cdt = a.dtype
-        b = a.shape[-1]
-        with _full_precision(a):  # (a backward called inside an autocast region on the CPU runs under it)
-            t = (minv.transpose(-1, -2) @ gr).reshape(-1, b, b)                     # Mᵀ·∂R
-            gq = torch.baddbmm(t, t, a.reshape(-1, b, b).transpose(1, 2), beta=2).reshape(a.shape)  # ·(2I + A)ᵀ
+    def _blocks_grad(self, blocks, keep, gr, scale: float = 1.0):
+        """``∂blocks`` (in their dtype) from ``∂R/scale`` (R's shape, M's dtype) and the kept ``(M, Q₀, n, s)``."""
+        minv, q0, n, sc = keep
+        cdt = minv.dtype
+        b = minv.shape[-1]
+        mt = minv.transpose(-1, -2)
+        with _full_precision(minv):  # (a backward called inside an autocast region on the CPU runs under it)
+            t = (mt @ gr).reshape(-1, b, b)                                               # Mᵀ·∂R
+            gq = torch.baddbmm(t, t, mt.reshape(-1, b, b), beta=0, alpha=2.0 * scale).reshape(minv.shape)
         if n is not None:
             norm = n - _EPS
             outside = (n > self.kappa).to(cdt)
             coef = outside * (self.kappa / (n * n)) * (gq * q0).sum() / norm.clamp_min(torch.finfo(cdt).tiny)
             gq = gq * sc - coef * q0
-        return (gq - gq.transpose(-1, -2)).to(blocks.dtype)
+        return torch.sub(gq, gq.transpose(-1, -2), out=torch.empty(gq.shape, dtype=blocks.dtype, device=gq.device))
 
 
 class _DiagOFTBuild(_CayleyBuild):
@@ -546,9 +546,10 @@ class _DiagOFTBuild(_CayleyBuild):
     and backward (run 8, H200, SD1.5 b8: 116.0 ms as one CUDA graph vs PEFT 105.3); rotating the
     *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead."""
 
-    def _a_w(self, a, dtype):
-        a = a.transpose(1, 2)
-        return (a * self.m if self.m != 1.0 else a).to(dtype)
+    def _a_w(self, minv, dtype):
+        """``A′ = m·(R − I)ᵀ`` in ``dtype``: one subtraction, then the scale and the cast in one kernel."""
+        d = (minv - _eye(minv.shape[-1], minv.dtype, minv.device)).transpose(1, 2)
+        return torch.mul(d, 2.0 * self.m, out=torch.empty(d.shape, dtype=dtype, device=d.device))
 
     @staticmethod
     def _build(w, a_w):
@@ -559,12 +560,12 @@ class _DiagOFTBuild(_CayleyBuild):
 
     def __call__(self, w, b, blocks):
         """Differentiable form (``torch.compile``, the reference)."""
-        a = self._cayley(blocks, compute_dtype(w, blocks))[1]
-        return self._build(w, self._a_w(a, w.dtype)), b
+        minv = self._inverse(blocks, compute_dtype(w, blocks))[0]
+        return self._build(w, self._delta(minv, self.m).transpose(1, 2).to(w.dtype)), b
 
     def forward_aux(self, w, b, blocks):
-        keep = self._cayley(blocks, compute_dtype(w, blocks))
-        a_w = self._a_w(keep[1], w.dtype)
+        keep = self._inverse(blocks, compute_dtype(w, blocks))
+        a_w = self._a_w(keep[0], w.dtype)
         return self._build(w, a_w), b, (a_w, *keep)
 
     def recompute(self, keep, w, b, blocks):
@@ -574,14 +575,11 @@ class _DiagOFTBuild(_CayleyBuild):
         if not needs[0]:
             return (None,)
         keep, w = aux
-        a_w = keep[0]
+        a_w, minv = keep[0], keep[1]
         nb, b = a_w.shape[0], a_w.shape[-1]
         with _full_precision(gw):
             ga = torch.bmm(gw.reshape(nb, b, -1), cast(w, gw.dtype).reshape(nb, b, -1).transpose(1, 2))  # ∂A′_k
-        gr = ga.transpose(1, 2).to(keep[2].dtype)
-        if self.m != 1.0:
-            gr = gr * self.m
-        return (self._blocks_grad(theta[0], keep[1:], gr),)
+        return (self._blocks_grad(theta[0], keep[1:], ga.transpose(1, 2).to(minv.dtype), self.m),)
 
 
 class _BOFTBuild(_CayleyBuild):
@@ -595,8 +593,6 @@ class _BOFTBuild(_CayleyBuild):
       ``c_i`` recomputed, weight-sized, for this layer only);
     * then Cayley and the constraint as :class:`_CayleyBuild`."""
 
-    def _deltas(self, a):
-        return a * self.m if self.m != 1.0 else a
 
     @staticmethod
     def _loop(w, deltas, keep_inputs: bool):
@@ -608,15 +604,15 @@ class _BOFTBuild(_CayleyBuild):
 
     def __call__(self, w, b, blocks):
         """Differentiable form (``torch.compile``, the reference)."""
-        a = self._cayley(blocks, compute_dtype(w, blocks))[1]
-        return self._loop(w, self._deltas(a), False)[0], b
+        minv = self._inverse(blocks, compute_dtype(w, blocks))[0]
+        return self._loop(w, self._delta(minv, self.m), False)[0], b
 
     def forward_aux(self, w, b, blocks):
-        keep = self._cayley(blocks, compute_dtype(w, blocks))
-        return self._loop(w, self._deltas(keep[1]), False)[0], b, keep  # blocks-sized; W′ rebuilt in backward
+        keep = self._inverse(blocks, compute_dtype(w, blocks))
+        return self._loop(w, self._delta(keep[0], self.m), False)[0], b, keep  # blocks-sized; W′ rebuilt in backward
 
     def recompute(self, keep, w, b, blocks):
-        deltas = self._deltas(keep[1])
+        deltas = self._delta(keep[0], self.m)
         w2, curs = self._loop(w, deltas, True)
         return w2, (keep, curs, deltas)
 
@@ -638,8 +634,7 @@ class _BOFTBuild(_CayleyBuild):
                 torch.bmm(gzb, curs[i].transpose(1, 2), out=gdel[i])
                 if i:
                     gz = torch.baddbmm(gzb, deltas[i].transpose(1, 2), gzb).view(out, -1).index_select(0, ginv[i])
-        gr = gdel * self.m if self.m != 1.0 else gdel
-        return (self._blocks_grad(blocks, keep, gr),)
+        return (self._blocks_grad(blocks, keep, gdel, self.m),)
 
 
 @register
