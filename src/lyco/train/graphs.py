@@ -219,6 +219,12 @@ class GraphedStep:
                     # due to a previous error during capture") raises here, where its traceback names it
                     with self._sync_errors(i == self.warmup - 1):
                         self.fn(args)
+            # the warm-up's activations sit freed in the caching allocator's ordinary pool; the capture
+            # allocates from the graphs' private pool, so hand them back first: otherwise a step that
+            # fits eagerly could need twice its activation memory for the moment of the capture
+            # (graphs are on by default since [train] cuda_graph = "auto")
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
             replay, out = self._record(lambda: self.fn(args))
         except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
             self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)
