@@ -182,6 +182,39 @@ def test_rebuilt_op_on_grouped_dilated_conv_and_a_trainable_base():
     assert F is not None
 
 
+@pytest.mark.parametrize("algo", ["diag-oft", "boft"])
+@pytest.mark.parametrize("kappa", [None, 1e-3])
+def test_oft_rebuilt_op_with_a_trainable_base(algo, kappa):
+    """With the base weight and bias trainable the rebuilt op takes autograd through the builds'
+    differentiable forms (``_DiagOFTBuild``/``_BOFTBuild.__call__``, also what ``torch.compile`` traces):
+    output and the gradients of x, W, b and the blocks against autograd through ``op(x, merged(m))``
+    (the algorithm's own merge: fp64, the constraint on or off), on a strided conv and a 3-D linear."""
+    from lyco.algorithms import rebuild
+    from lyco.algorithms.base import LayerSpec, get
+
+    alg = get(algo)
+    for mod, xshape in ((nn.Conv2d(3, 8, 3, stride=2, padding=1), (2, 3, 7, 6)), (nn.Linear(6, 8), (2, 3, 6))):
+        mod = mod.double()
+        spec = LayerSpec.from_module(mod)
+        opts = alg.validate_options({"rank": 2, "constraint": kappa or 0.0})
+        g = torch.Generator().manual_seed(2)
+        t = alg.create(spec, opts, weight=mod.weight.detach().float(), generator=g)
+        blocks = (0.3 * torch.randn(t["oft_blocks"].shape, generator=g, dtype=torch.float64)).requires_grad_(True)
+        t = {"oft_blocks": blocks, "alpha": float(t["alpha"])}
+        assert (alg.kappa(t) is None) == (kappa is None)
+        w = mod.weight.detach().clone().requires_grad_(True)
+        b = mod.bias.detach().clone().requires_grad_(True)
+        x = torch.randn(xshape, dtype=torch.float64, requires_grad=True)
+        y = alg.rebuild_op(x, t, spec, w, b, 0.7)
+        gy = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x, w, b, blocks], gy)
+        w2, b2 = alg.merged(t, spec, w, b, 0.7)
+        ref = rebuild.layer_op(x, spec, w2, b2)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for a, r in zip(got, torch.autograd.grad(ref, [x, w, b, blocks], gy)):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("name", ["dora", "ia3", "glora", "full", "boft", "diag-oft"])
 def test_rebuilt_op_keeps_only_the_input(name, kind):
