@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 import math
 from typing import Mapping
 
@@ -429,7 +430,10 @@ class DiagOFT(_OFTBase):
         if "rescale" in t:
             return super().rebuild_op(x, t, spec, weight, bias, multiplier)
         self._check(t, spec)
-        return rebuilt_op(x, spec, weight, bias, _DiagOFTBuild(float(multiplier), self.kappa(t)), t["oft_blocks"])
+        if not rebuild_supports(spec):
+            return None
+        build = _batched_build(_DiagOFTBuild(float(multiplier), self.kappa(t)), t, weight, bias)
+        return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
 
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU runs 17–19, H200, SD1.5 b8, ``lin`` layers, PEFT 0.21 OFT block 16 in the same run):
@@ -473,6 +477,79 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
+class _InverseBatch:
+    """``M = (I − Q)⁻¹`` of every unconstrained Diag-OFT/BOFT layer of one block size, blocks dtype,
+    compute dtype and device, computed in **one** batched call per forward pass instead of one per layer
+    (issue 7: the per-layer Cayley was ≈ 8 small kernels of an OFT layer's forward — 192 layers on SD1.5;
+    the batched LU costs the same few kernels for all of them).
+
+    Members register themselves (their ``oft_blocks`` parameter, weakly) on their first rebuilt forward.
+    A layer that asks for its M recomputes **all** of them when its own entry was already used (a new
+    forward pass), was computed from other values (its blocks' version counter moved — an optimizer
+    step, ``load_state_dict``), or does not exist yet; then each entry is handed out once. Inside a CUDA
+    graph capture the first layer of the step finds its entry used (by the warm-up calls), so the
+    recomputation is part of the captured step and every replay redoes it with the current blocks; a
+    layer re-run by gradient checkpointing recomputes them too (same values). The M's are constants for
+    autograd: each layer's backward uses its own (kept) M, as without the batch."""
+
+    def __init__(self):
+        self.refs: list = []           # weakrefs to the members' blocks
+        self.index: dict[int, int] = {}
+        self.mats: list | None = None  # per member: its M (a view into one batched result)
+        self.fresh: list[bool] = []
+        self.versions: list[int] = []
+
+    def inverse(self, blocks: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+        i = self.index.get(id(blocks))
+        if i is None or self.refs[i]() is not blocks:
+            self.refs.append(weakref.ref(blocks))
+            self.mats = None
+            i = None
+        if self.mats is None or i is None or not self.fresh[i] or self.versions[i] != blocks._version:
+            self._compute(cdt)
+            i = self.index[id(blocks)]
+        self.fresh[i] = False
+        return self.mats[i]
+
+    def _compute(self, cdt):
+        live = [(r, b) for r, b in ((r, r()) for r in self.refs) if b is not None]
+        self.refs = [r for r, _ in live]
+        self.index = {id(b): k for k, (_, b) in enumerate(live)}
+        blocks = [b for _, b in live]
+        n = blocks[0].shape[-1]
+        with torch.no_grad():
+            flat = torch.cat([b.detach().reshape(-1, n, n) for b in blocks])
+            i_minus_q = torch.sub(_eye(n, cdt, flat.device), flat).add_(flat.transpose(-1, -2))
+            minv = torch.linalg.inv_ex(i_minus_q)[0]
+        sizes = [b.numel() // (n * n) for b in blocks]
+        self.mats = [m.view(b.shape) for m, b in zip(minv.split(sizes), blocks)]
+        self.fresh = [True] * len(blocks)
+        self.versions = [b._version for b in blocks]
+
+
+_INVERSE_BATCHES: dict[tuple, _InverseBatch] = {}
+
+
+def batched_inverse(blocks: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """This layer's ``(I − Q)⁻¹`` (unconstrained ``Q = B − Bᵀ``) from the batch of its kind (:class:`_InverseBatch`)."""
+    key = (blocks.shape[-1], blocks.dtype, cdt, blocks.device)
+    batch = _INVERSE_BATCHES.get(key)
+    if batch is None:
+        batch = _INVERSE_BATCHES[key] = _InverseBatch()
+    return batch.inverse(blocks, cdt)
+
+
+def _batched_build(build, t, weight, bias):
+    """``build`` with its M taken from the batch when the layer qualifies: unconstrained, the base frozen
+    (the rebuilt op then runs the build's own forward; a trainable base goes through autograd instead),
+    gradients on, not under ``torch.compile`` (which traces the per-layer form)."""
+    blocks = t["oft_blocks"]
+    if (build.kappa is None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not weight.requires_grad and not (bias is not None and bias.requires_grad)):
+        build.minv = batched_inverse(blocks, compute_dtype(weight, blocks))
+    return build
+
+
 def _full_precision(t: torch.Tensor):
     """A context without autocast on ``t``'s device when autocast is on there (else a no-op one)."""
     dev = t.device.type
@@ -500,6 +577,13 @@ class _CayleyBuild:
 
     def __init__(self, m: float, kappa: float | None):
         self.m, self.kappa = m, kappa
+        self.minv = None  # M from the layers' batch (:func:`_batched_build`), for the own forward only
+
+    def _kept_inverse(self, blocks, cdt):
+        """:meth:`_inverse` for the own forward: the batch's M when one was given."""
+        if self.minv is not None:
+            return self.minv, None, None, None
+        return self._inverse(blocks, cdt)
 
     def _inverse(self, blocks, cdt):
         """``(M, Q₀, n, s)``: ``M = (I − Q)⁻¹`` and what the constraint's backward needs (None when
@@ -569,7 +653,7 @@ class _DiagOFTBuild(_CayleyBuild):
         return self._build(w, self._delta(minv, self.m).transpose(1, 2).to(w.dtype)), b
 
     def forward_aux(self, w, b, blocks):
-        keep = self._inverse(blocks, compute_dtype(w, blocks))
+        keep = self._kept_inverse(blocks, compute_dtype(w, blocks))
         a_w = self._a_w(keep[0], w.dtype)
         return self._build(w, a_w), b, (a_w, *keep)
 
@@ -613,7 +697,7 @@ class _BOFTBuild(_CayleyBuild):
         return self._loop(w, self._delta(minv, self.m), False)[0], b
 
     def forward_aux(self, w, b, blocks):
-        keep = self._inverse(blocks, compute_dtype(w, blocks))
+        keep = self._kept_inverse(blocks, compute_dtype(w, blocks))
         return self._loop(w, self._delta(keep[0], self.m), False)[0], b, keep  # blocks-sized; W′ rebuilt in backward
 
     def recompute(self, keep, w, b, blocks):
@@ -699,7 +783,10 @@ class BOFT(_OFTBase):
         if "rescale" in t:
             return super().rebuild_op(x, t, spec, weight, bias, multiplier)
         self._check(t, spec)
-        return rebuilt_op(x, spec, weight, bias, _BOFTBuild(float(multiplier), self.kappa(t)), t["oft_blocks"])
+        if not rebuild_supports(spec):
+            return None
+        build = _batched_build(_BOFTBuild(float(multiplier), self.kappa(t)), t, weight, bias)
+        return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
 
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU run 8, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the

@@ -1,0 +1,156 @@
+"""The batched Cayley inverse of the OFT/BOFT rebuilt op (``oft._InverseBatch``): every unconstrained
+layer's ``(I − Q)⁻¹`` in one call per forward pass. What could go wrong is staleness — a layer using an
+inverse computed from blocks that have changed since (an optimizer step, a layer that a forward pass
+skipped, a new layer). Each test trains or runs the same model twice from the same state: on the rebuilt
+op (batched) and on the delta path (``mode = "bypass"``: per-layer rotations, an independent
+computation), in float64, and compares every output and gradient."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lyco
+from lyco.algorithms import oft
+
+
+class Branches(nn.Module):
+    """Two branches of OFT-adapted layers; ``which`` picks the branches a forward pass runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Linear(4, 8))
+        self.which = "ab"
+
+    def forward(self, x, img):
+        out = x.new_zeros(())
+        if "a" in self.which:
+            out = out + self.a(x).square().sum()
+        if "b" in self.which:
+            out = out + self.b(img).square().sum()
+        return out
+
+
+def _pair(algo, seed=0):
+    torch.manual_seed(seed)
+    base = Branches().double()
+    models = []
+    for mode in ("rebuild", "bypass"):
+        m = copy.deepcopy(base)
+        net = lyco.create(m, preset="full", algo=algo, rank=2, seed=seed, mode=mode)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in net.trainable_parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        models.append((m, net))
+    return models
+
+
+def _step(model, net, x, img, lr=0.05):
+    """One forward/backward; the gradients returned, then an in-place SGD update of the blocks."""
+    loss = model(x, img)
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in net.trainable_parameters()]
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            if p.grad is not None:  # (a skipped branch has none)
+                p.sub_(lr * p.grad)
+            p.grad = None
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "boft"])
+def test_training_with_skipped_layers_matches_the_per_layer_path(algo):
+    (m1, n1), (m2, n2) = _pair(algo)
+    assert all(l.prefers_rebuild for l in n1.layers.values())
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, generator=g, dtype=torch.float64)
+    # all layers; branch a only (b's entries stay unused); both again — b's blocks did not change, a's did;
+    # b only (a's entries stay unused while b's change); both
+    for which in ("ab", "a", "ab", "b", "ab", "ab"):
+        m1.which = m2.which = which
+        l1, g1 = _step(m1, n1, x, img)
+        l2, g2 = _step(m2, n2, x, img)
+        torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
+        assert [a is None for a in g1] == [b is None for b in g2]
+        assert sum(a is not None for a in g1) > 0
+        for a, b in zip(g1, g2):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_load_state_dict_and_a_new_network_are_picked_up():
+    (m1, n1), (m2, n2) = _pair("diag-oft")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, generator=g, dtype=torch.float64)
+    _step(m1, n1, x, img)
+    _step(m2, n2, x, img)
+    # new values written in place without a forward in between (load_state_dict copies into the params)
+    sd = {k: v + 0.1 for k, v in n2.state_dict().items() if "oft_blocks" in k}
+    n1.load_state_dict(sd, strict=False)
+    n2.load_state_dict(sd, strict=False)
+    # a second network on another model joins the same batch
+    (m3, n3), (m4, n4) = _pair("diag-oft", seed=3)
+    for (ma, na), (mb, nb) in (((m1, n1), (m2, n2)), ((m3, n3), (m4, n4)), ((m1, n1), (m2, n2))):
+        la, ga = _step(ma, na, x, img)
+        lb, gb = _step(mb, nb, x, img)
+        torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_one_batched_inverse_per_forward_and_dead_layers_dropped(monkeypatch):
+    calls = []
+    orig = oft._InverseBatch._compute
+    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, cdt: calls.append(1) or orig(self, cdt))
+    (m1, n1), _ = _pair("diag-oft", seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, generator=g, dtype=torch.float64)
+    _step(m1, n1, x, img)                          # first pass: each new layer joins (and recomputes)
+    calls.clear()
+    for _ in range(3):
+        _step(m1, n1, x, img)
+    assert len(calls) == 3                         # one batched call per forward pass
+    calls.clear()
+    for _ in range(2):                             # also when nothing changed in between: a CUDA graph
+        m1(x, img).backward()                      # captures one forward and replays it with new blocks,
+    assert len(calls) == 2                         # so the recomputation must be part of every forward
+    key = next(k for k, b in oft._INVERSE_BATCHES.items() if any(r() is not None and r() is p
+                for r in b.refs for p in n1.trainable_parameters()))
+    batch = oft._INVERSE_BATCHES[key]
+    before = sum(r() is not None for r in batch.refs)
+    del m1, n1, _
+    import gc
+    gc.collect()
+    (m5, n5), _ = _pair("diag-oft", seed=9)
+    _step(m5, n5, x, img)
+    assert len(batch.refs) == len(list(n5.trainable_parameters())) < before + len(batch.refs)
+
+
+def test_blocks_changed_while_their_inverse_was_unused():
+    """Branch a's pass computes b's inverses too; b's blocks then change in place before b runs: b must
+    see the new blocks (its entry is unused but out of date)."""
+    (m1, n1), (m2, n2) = _pair("diag-oft", seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, generator=g, dtype=torch.float64)
+    for m, n in ((m1, n1), (m2, n2)):
+        m.which = "a"
+        _step(m, n, x, img)
+        with torch.no_grad():
+            for name, p in n.named_parameters():
+                if "__b__" in name:  # the layers of branch b (names: layers.model__b__0.params.…)
+                    p.mul_(1.5)
+        m.which = "b"
+    assert sum("__b__" in k for k, _ in n1.named_parameters()) == 2
+    la, ga = _step(m1, n1, x, img)
+    lb, gb = _step(m2, n2, x, img)
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ga, gb):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
