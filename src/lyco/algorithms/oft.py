@@ -477,66 +477,96 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
-class _InverseBatch:
-    """``M = (I − Q)⁻¹`` of every unconstrained Diag-OFT/BOFT layer of one block size, blocks dtype,
-    compute dtype and device, computed in **one** batched call per forward pass instead of one per layer
-    (issue 7: the per-layer Cayley was ≈ 8 small kernels of an OFT layer's forward — 192 layers on SD1.5;
-    the batched LU costs the same few kernels for all of them).
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
-    Members register themselves (their ``oft_blocks`` parameter, weakly) on their first rebuilt forward.
-    A layer that asks for its M recomputes **all** of them when its own entry was already used (a new
-    forward pass), was computed from other values (its blocks' version counter moved — an optimizer
-    step, ``load_state_dict``), or does not exist yet; then each entry is handed out once. Inside a CUDA
-    graph capture the first layer of the step finds its entry used (by the warm-up calls), so the
-    recomputation is part of the captured step and every replay redoes it with the current blocks; a
-    layer re-run by gradient checkpointing recomputes them too (same values). The M's are constants for
-    autograd: each layer's backward uses its own (kept) M, as without the batch."""
+
+class _InverseBatch:
+    """``M = (I − Q)⁻¹`` of the unconstrained Diag-OFT/BOFT layers of one block size, blocks dtype, compute
+    dtype and device, computed in **one** batched call per forward pass instead of one per layer (issue 7:
+    the per-layer Cayley was ≈ 8 small kernels of an OFT layer's forward; 192 layers on SD1.5).
+
+    A layer's call is served from the batch while its entry is unused and its blocks' version counter has
+    not moved (an optimizer step, ``load_state_dict``). The first layer of a new forward pass finds its entry
+    used and recomputes the batch over the layers called since its own previous call — the layers of the
+    previous forward pass; a layer never called before computes its own M and joins at the next
+    recomputation — so a first forward pass is per-layer (memory as without the batch) and every later one
+    batched; a layer the previous pass skipped is not in the batch and recomputes it when called.
+
+    Eager calls are kept right by the version counters (a used entry only saves work). Inside a CUDA graph
+    capture the first call always recomputes, so the recomputation is part of the graph and every replay
+    redoes it with the current blocks; the captured batch holds the layers called since that layer's
+    previous call — the step's warm-up pass — not another network's layers, whose memory the graph could
+    outlive. Gradient checkpointing's re-run recomputes (same values). The M's are constants for autograd:
+    each layer's backward uses its own kept M, as without the batch."""
 
     def __init__(self):
-        self.refs: list = []           # weakrefs to the members' blocks
-        self.index: dict[int, int] = {}
-        self.mats: list | None = None  # per member: its M (a view into one batched result)
+        self.index: dict[int, int] = {}   # id(blocks) → entry, for the members of the current batch
+        self.refs: list = []              # weakrefs to the members' blocks
+        self.mats: list = []              # per member: its M (a view into one batched result)
         self.fresh: list[bool] = []
         self.versions: list[int] = []
+        self.seen: dict[int, tuple] = {}  # id(blocks) → (weakref, the tick of its last call)
+        self.tick = 0
+        self.capturing = False            # inside a CUDA graph capture that has recomputed already
 
-    def inverse(self, blocks: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-        i = self.index.get(id(blocks))
-        if i is None or self.refs[i]() is not blocks:
-            self.refs.append(weakref.ref(blocks))
-            self.mats = None
+    def inverse(self, blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor:
+        """This layer's M; ``own()`` computes it for this layer alone."""
+        key = id(blocks)
+        i = self.index.get(key)
+        if i is not None and self.refs[i]() is not blocks:  # a dead member's id reused
             i = None
-        if self.mats is None or i is None or not self.fresh[i] or self.versions[i] != blocks._version:
-            self._compute(cdt)
-            i = self.index[id(blocks)]
+        prev = self.seen.get(key)
+        since = prev[1] if prev is not None and prev[0]() is blocks else None
+        self.seen[key] = (self.refs[i] if i is not None else weakref.ref(blocks), self.tick)
+        self.tick += 1
+        # the first call inside a CUDA graph capture always recomputes: a replay runs no host code, so a
+        # batch the graph did not compute itself would be read unchanged by every replay
+        first_in_capture = False
+        if _capturing(blocks):
+            first_in_capture, self.capturing = not self.capturing, True
+        else:
+            self.capturing = False
+        if (i is not None and self.fresh[i] and self.versions[i] == blocks._version
+                and not first_in_capture):
+            self.fresh[i] = False
+            return self.mats[i]
+        if since is None:  # its first call: computes its own, joins the batch at the next recomputation
+            return own()
+        self._compute(blocks, cdt, since)
+        i = self.index[key]
         self.fresh[i] = False
         return self.mats[i]
 
-    def _compute(self, cdt):
-        live = [(r, b) for r, b in ((r, r()) for r in self.refs) if b is not None]
-        self.refs = [r for r, _ in live]
-        self.index = {id(b): k for k, (_, b) in enumerate(live)}
-        blocks = [b for _, b in live]
-        n = blocks[0].shape[-1]
+    def _compute(self, caller, cdt, since: int):
+        """The batch over the layers called since the caller's previous call (its previous forward pass)."""
+        self.seen = {k: v for k, v in self.seen.items() if v[0]() is not None}
+        live = [b for b in (ref() for ref, tick in self.seen.values() if tick >= since) if b is not None]
+        n = caller.shape[-1]
         with torch.no_grad():
-            flat = torch.cat([b.detach().reshape(-1, n, n) for b in blocks])
+            flat = torch.cat([b.detach().reshape(-1, n, n) for b in live])
             i_minus_q = torch.sub(_eye(n, cdt, flat.device), flat).add_(flat.transpose(-1, -2))
             minv = torch.linalg.inv_ex(i_minus_q)[0]
-        sizes = [b.numel() // (n * n) for b in blocks]
-        self.mats = [m.view(b.shape) for m, b in zip(minv.split(sizes), blocks)]
-        self.fresh = [True] * len(blocks)
-        self.versions = [b._version for b in blocks]
+        sizes = [b.numel() // (n * n) for b in live]
+        self.refs = [weakref.ref(b) for b in live]
+        self.index = {id(b): k for k, b in enumerate(live)}
+        self.mats = [m.view(b.shape) for m, b in zip(minv.split(sizes), live)]
+        self.fresh = [True] * len(live)
+        self.versions = [b._version for b in live]
 
 
 _INVERSE_BATCHES: dict[tuple, _InverseBatch] = {}
 
 
-def batched_inverse(blocks: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
-    """This layer's ``(I − Q)⁻¹`` (unconstrained ``Q = B − Bᵀ``) from the batch of its kind (:class:`_InverseBatch`)."""
+def batched_inverse(blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor:
+    """This layer's ``(I − Q)⁻¹`` (unconstrained ``Q = B − Bᵀ``) from the batch of its kind
+    (:class:`_InverseBatch`); ``own()`` computes it for this layer alone."""
     key = (blocks.shape[-1], blocks.dtype, cdt, blocks.device)
     batch = _INVERSE_BATCHES.get(key)
     if batch is None:
         batch = _INVERSE_BATCHES[key] = _InverseBatch()
-    return batch.inverse(blocks, cdt)
+    return batch.inverse(blocks, cdt, own)
 
 
 def _batched_build(build, t, weight, bias):
@@ -546,7 +576,8 @@ def _batched_build(build, t, weight, bias):
     blocks = t["oft_blocks"]
     if (build.kappa is None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not weight.requires_grad and not (bias is not None and bias.requires_grad)):
-        build.minv = batched_inverse(blocks, compute_dtype(weight, blocks))
+        cdt = compute_dtype(weight, blocks)
+        build.minv = batched_inverse(blocks, cdt, lambda: build._inverse(blocks, cdt)[0])
     return build
 
 
