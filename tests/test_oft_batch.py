@@ -169,3 +169,22 @@ def test_a_capture_recomputes_even_when_every_entry_is_fresh(monkeypatch):
     monkeypatch.setattr(oft, "_capturing", lambda t: True)
     m1(x, img).backward()
     assert len(calls) == 1                   # capture: recomputed at its first call, then served
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "boft"])
+def test_gradient_checkpointing_from_the_first_pass(algo):
+    """Non-reentrant checkpointing re-runs the forward inside the backward, where the layers take the
+    batched inverse although the original pass computed their own: the re-run must save what the pass
+    saved (torch checks the count), and the gradients are those of the plain run."""
+    from torch.utils.checkpoint import checkpoint
+    (m1, n1), (m2, n2) = _pair(algo, seed=14)
+    for layer in n2.layers.values():
+        layer.mode = "rebuild"  # both on the rebuilt op: only the checkpointing differs
+    x = torch.randn(3, 8, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for _ in range(2):
+        checkpoint(m1, x, img, use_reentrant=False).backward()
+        m2(x, img).backward()
+        for a, b in zip(n1.trainable_parameters(), n2.trainable_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+            a.grad = b.grad = None

@@ -533,7 +533,8 @@ class _InverseBatch:
             self.fresh[i] = False
             return self.mats[i]
         if since is None:  # its first call: computes its own, joins the batch at the next recomputation
-            return own()
+            with torch.no_grad():  # as the batch: no autograd record (checkpointing counts what a pass saves)
+                return own()
         self._compute(blocks, cdt, since)
         i = self.index[key]
         self.fresh[i] = False
