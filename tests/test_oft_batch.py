@@ -188,3 +188,27 @@ def test_gradient_checkpointing_from_the_first_pass(algo):
         for a, b in zip(n1.trainable_parameters(), n2.trainable_parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
             a.grad = b.grad = None
+
+
+def test_a_capture_whose_first_layer_is_new_still_recomputes(monkeypatch):
+    """A layer never called before opens the capture (it computes its own inverse): the next layers must
+    not be served the batch computed before the capture either."""
+    calls = []
+    orig = oft._InverseBatch._compute
+    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, *args: calls.append(1) or orig(self, *args))
+    (m1, n1), _ = _pair("diag-oft", seed=15)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for which in ("ab", "ab", "a"):         # a's pass computes b's entries too: unused, up to date
+        m1.which = which
+        m1(x, img).backward()
+    # forget a's layers so that a's layers are new again, as layers added just before a capture
+    batch = next(b for b in oft._INVERSE_BATCHES.values()
+                 if {id(p) for p in n1.trainable_parameters()} <= {id(r()) for r in b.refs})
+    a_ids = {id(p) for name, p in n1.named_parameters() if "__a__" in name}
+    batch.seen = {k: v for k, v in batch.seen.items() if k not in a_ids}
+    m1.which = "ab"
+    calls.clear()
+    monkeypatch.setattr(oft, "_capturing", lambda t: True)
+    m1(x, img).backward()
+    assert len(calls) == 1                   # b's first call recomputed although its entry was fresh

@@ -509,7 +509,7 @@ class _InverseBatch:
         self.versions: list[int] = []
         self.seen: dict[int, tuple] = {}  # id(blocks) → (weakref, the tick of its last call)
         self.tick = 0
-        self.capturing = False            # inside a CUDA graph capture that has recomputed already
+        self.capturing = False            # inside a CUDA graph capture that has recomputed the batch
 
     def inverse(self, blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor:
         """This layer's M; ``own()`` computes it for this layer alone."""
@@ -521,21 +521,21 @@ class _InverseBatch:
         since = prev[1] if prev is not None and prev[0]() is blocks else None
         self.seen[key] = (self.refs[i] if i is not None else weakref.ref(blocks), self.tick)
         self.tick += 1
-        # the first call inside a CUDA graph capture always recomputes: a replay runs no host code, so a
-        # batch the graph did not compute itself would be read unchanged by every replay
-        first_in_capture = False
-        if _capturing(blocks):
-            first_in_capture, self.capturing = not self.capturing, True
-        else:
+        # inside a CUDA graph capture the batch is served only once the capture has recomputed it: a
+        # replay runs no host code, so a batch the graph did not compute itself would be read unchanged
+        # by every replay
+        in_capture = _capturing(blocks)
+        if not in_capture:
             self.capturing = False
         if (i is not None and self.fresh[i] and self.versions[i] == blocks._version
-                and not first_in_capture):
+                and (self.capturing or not in_capture)):
             self.fresh[i] = False
             return self.mats[i]
         if since is None:  # its first call: computes its own, joins the batch at the next recomputation
             with torch.no_grad():  # as the batch: no autograd record (checkpointing counts what a pass saves)
                 return own()
         self._compute(blocks, cdt, since)
+        self.capturing = in_capture
         i = self.index[key]
         self.fresh[i] = False
         return self.mats[i]
