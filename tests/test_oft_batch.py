@@ -35,6 +35,15 @@ class Branches(nn.Module):
         return out
 
 
+@pytest.fixture
+def computes(monkeypatch):
+    """A list that gets one entry per batched recomputation (``_InverseBatch._compute``)."""
+    calls = []
+    orig = oft._InverseBatch._compute
+    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, *args: calls.append(1) or orig(self, *args))
+    return calls
+
+
 def _pair(algo, seed=0):
     torch.manual_seed(seed)
     base = Branches().double()
@@ -105,11 +114,8 @@ def test_load_state_dict_and_a_new_network_are_picked_up():
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_one_batched_inverse_per_forward_and_dead_layers_dropped(monkeypatch):
-    calls = []
-    orig = oft._InverseBatch._compute
-    monkeypatch.setattr(oft._InverseBatch, "_compute",
-                        lambda self, *args: calls.append(1) or orig(self, *args))
+def test_one_batched_inverse_per_forward_and_dead_layers_dropped(computes):
+    calls = computes
     (m1, n1), _ = _pair("diag-oft", seed=7)
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 8, generator=g, dtype=torch.float64)
@@ -143,14 +149,12 @@ def test_one_batched_inverse_per_forward_and_dead_layers_dropped(monkeypatch):
     assert sorted(id(r()) for r in batch.refs) == sorted(id(p) for p in n5.trainable_parameters())
 
 
-def test_a_capture_recomputes_even_when_every_entry_is_fresh(monkeypatch):
+def test_a_capture_recomputes_even_when_every_entry_is_fresh(computes, monkeypatch):
     """A pass over branch a computes branch b's inverses too (b was in the previous pass); a following
     pass over b alone finds its entries unused and its blocks unchanged: served as they are in eager mode
     (right), but the first call inside a CUDA graph capture must recompute — a replay would otherwise read
     the pre-capture batch forever. (The capture is simulated: ``oft._capturing`` patched.)"""
-    calls = []
-    orig = oft._InverseBatch._compute
-    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, *args: calls.append(1) or orig(self, *args))
+    calls = computes
     (m1, n1), _ = _pair("diag-oft", seed=13)
     x = torch.randn(3, 8, dtype=torch.float64)
     img = torch.randn(2, 8, 4, 4, dtype=torch.float64)
@@ -190,12 +194,10 @@ def test_gradient_checkpointing_from_the_first_pass(algo):
             a.grad = b.grad = None
 
 
-def test_a_capture_whose_first_layer_is_new_still_recomputes(monkeypatch):
+def test_a_capture_whose_first_layer_is_new_still_recomputes(computes, monkeypatch):
     """A layer never called before opens the capture (it computes its own inverse): the next layers must
     not be served the batch computed before the capture either."""
-    calls = []
-    orig = oft._InverseBatch._compute
-    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, *args: calls.append(1) or orig(self, *args))
+    calls = computes
     (m1, n1), _ = _pair("diag-oft", seed=15)
     x = torch.randn(3, 8, dtype=torch.float64)
     img = torch.randn(2, 8, 4, 4, dtype=torch.float64)

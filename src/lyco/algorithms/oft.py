@@ -376,6 +376,21 @@ class _OFTBase(Algorithm):
     def export(self, t):
         return self.bake_constraint(t)
 
+    def _own_build(self, m: float, kappa: float | None):
+        """The rebuild's build with its own backward (``_DiagOFTBuild`` / ``_BOFTBuild``)."""
+        raise NotImplementedError
+
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        """Without ``rescale``: the rebuilt op with the algorithm's own build (own backward, the Cayley
+        inverse from the layers' batch); with it, the shared op over :meth:`merged` (autograd)."""
+        if "rescale" in t:
+            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+        self._check(t, spec)
+        if not rebuild_supports(spec):
+            return None
+        build = _batched_build(self._own_build(float(multiplier), self.kappa(t)), t, weight, bias)
+        return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
+
     def describe(self, t):
         b = t["oft_blocks"]
         return {"rank": self.rank(t), "alpha": scalar_of(t), "scale": 1.0, "block_size": int(b.shape[-1]),
@@ -424,16 +439,8 @@ class DiagOFT(_OFTBase):
         d = self._delta_rows_last(t, v) * multiplier  # linear in m
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
 
-    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
-        """Without ``rescale``: the rebuilt op with :class:`_DiagOFTBuild` (its own backward); with it, the
-        shared op over :meth:`merged` (autograd)."""
-        if "rescale" in t:
-            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
-        self._check(t, spec)
-        if not rebuild_supports(spec):
-            return None
-        build = _batched_build(_DiagOFTBuild(float(multiplier), self.kappa(t)), t, weight, bias)
-        return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
+    def _own_build(self, m: float, kappa: float | None):
+        return _DiagOFTBuild(m, kappa)
 
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU runs 17–19, H200, SD1.5 b8, ``lin`` layers, PEFT 0.21 OFT block 16 in the same run):
@@ -809,16 +816,8 @@ class BOFT(_OFTBase):
         d = self._delta_rows_last(t, v, multiplier)
         return d.movedim(-1, axis).to(x.dtype) if axis == 1 else d.to(x.dtype)
 
-    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
-        """Without ``rescale``: the rebuilt op with :class:`_BOFTBuild` (its own backward); with it, the
-        shared op over :meth:`merged` (autograd)."""
-        if "rescale" in t:
-            return super().rebuild_op(x, t, spec, weight, bias, multiplier)
-        self._check(t, spec)
-        if not rebuild_supports(spec):
-            return None
-        build = _batched_build(_BOFTBuild(float(multiplier), self.kappa(t)), t, weight, bias)
-        return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
+    def _own_build(self, m: float, kappa: float | None):
+        return _BOFTBuild(m, kappa)
 
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU run 8, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
