@@ -506,7 +506,8 @@ class _InverseBatch:
     redoes it with the current blocks; the captured batch holds the layers called since that layer's
     previous call — the step's warm-up pass — not another network's layers, whose memory the graph could
     outlive. Gradient checkpointing's re-run recomputes (same values). The M's are constants for autograd:
-    each layer's backward uses its own kept M, as without the batch."""
+    each layer's backward uses its own kept M, as without the batch. The last batch stays referenced until
+    the next recomputation (the size of the blocks in fp32: 15 MB for SD1.5's Diag-OFT at block 16)."""
 
     def __init__(self):
         self.index: dict[int, int] = {}   # id(blocks) → entry, for the members of the current batch
