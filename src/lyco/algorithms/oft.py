@@ -51,8 +51,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import weakref
 import math
+import weakref
 from typing import Mapping
 
 import torch
@@ -78,8 +78,10 @@ _EYES: dict = {}
 
 
 def _eye(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The n×n identity, made once per (n, dtype, device): ``torch.eye`` is two kernels and a few µs of
-    host time, and an OFT/BOFT layer needs it up to five times per step (issue 7: OFT is launch-bound).
+    """The n×n identity, made once per (n, dtype, device): the OFT/BOFT paths subtract or add it several
+    times per layer per step (the first rebuilt Diag-OFT path: 8 ``torch.eye`` calls per layer per forward +
+    backward, CPU op count 160 for 20 layers), each a fresh allocation and fill (issue 7: OFT is
+    launch-bound).
     Read-only by contract (every use is out of place). Made outside inference mode (an inference
     tensor could not enter a later training step's autograd graph); plain ``torch.eye`` under
     ``torch.compile``, which folds it."""
@@ -388,7 +390,7 @@ class _OFTBase(Algorithm):
         self._check(t, spec)
         if not rebuild_supports(spec):
             return None
-        build = _batched_build(self._own_build(float(multiplier), self.kappa(t)), t, weight, bias)
+        build = _batched_build(self._own_build(float(multiplier), self.kappa(t)), t["oft_blocks"], weight, bias)
         return rebuilt_op(x, spec, weight, bias, build, t["oft_blocks"])
 
     def describe(self, t):
@@ -578,11 +580,10 @@ def batched_inverse(blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor
     return batch.inverse(blocks, cdt, own)
 
 
-def _batched_build(build, t, weight, bias):
+def _batched_build(build, blocks, weight, bias):
     """``build`` with its M taken from the batch when the layer qualifies: unconstrained, the base frozen
     (the rebuilt op then runs the build's own forward; a trainable base goes through autograd instead),
     gradients on, not under ``torch.compile`` (which traces the per-layer form)."""
-    blocks = t["oft_blocks"]
     if (build.kappa is None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not weight.requires_grad and not (bias is not None and bias.requires_grad)):
         cdt = compute_dtype(weight, blocks)
@@ -712,16 +713,15 @@ class _DiagOFTBuild(_CayleyBuild):
 
 
 class _BOFTBuild(_CayleyBuild):
-    """BOFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = W + B_m(W) − W`` with the
-    butterfly applied along the output axis of W (stage i: ``u ← u + P_i⁻¹·blockdiag(Δ_i)·P_i·u``,
-    ``Δ_i = m·(R_i − I)``), computed as :meth:`BOFT.merged` does (an fp32 copy of W, the increment kept
-    apart from it, one rounding at the end). Backward by hand:
+    """BOFT (no ``rescale``) for :mod:`.rebuild` at multiplier ``m``: ``W′ = B_m(W)``, the butterfly applied
+    to the output axis of W (stage i: ``u ← u + P_i⁻¹·blockdiag(Δ_i)·P_i·u``, ``Δ_i = m·(R_i − I)``) by
+    :func:`butterfly_rows` — the rows in each stage's own order, W carried whole in fp32 (or wider) and
+    rounded once at the end (the carried value's fp32 rounding is far below W′'s own). Backward by hand:
 
-    * stages in reverse, from ``∂u = E = ∂L/∂W′`` (rows last): with ``c_i = P_i·u_i`` in blocks and
-      ``s = P_i·∂u``: ``∂Δ_i = Σ_rows s ⊗ c_i``, ``∂u ← ∂u + P_i⁻¹·(Δ_iᵀ s)`` (the stage inputs
-      ``c_i`` recomputed, weight-sized, for this layer only);
+    * stages in reverse in their orders, from ``∂z′_{m−1}`` (``E = ∂L/∂W′`` gathered): ``∂Δ_i = ∂z′_i·z_iᵀ``,
+      ``∂z_i = ∂z′_i + Δ_iᵀ·∂z′_i``, one gather to stage i−1's order (the stage inputs ``z_i`` recomputed,
+      weight-sized, for this layer only);
     * then Cayley and the constraint as :class:`_CayleyBuild`."""
-
 
     @staticmethod
     def _loop(w, deltas, keep_inputs: bool):
@@ -824,10 +824,11 @@ class BOFT(_OFTBase):
         # Decision (GPU run 8, H200, SD1.5 b8, ``lin`` layers): the rebuilt op (butterfly applied to the
         # weight rows, W′ rebuilt in backward) keeps x only, where the bypass keeps every stage's
         # activations on the stage-loop layers and f(x) − b on the dense-K ones: peak 8.84 vs 20.13 GiB
-        # (PEFT 13.35), one-graph device time 406.8 vs 396.8 ms. Its price is host time in eager mode
-        # (run 8, backward through nested autograd: 799 vs 633 ms; its own backward since then cut the
-        # CPU issue time per layer by 20 %, not re-timed on a GPU) — memory is what stops a run (SDXL),
-        # so the rebuild is the default; ``mode = "bypass"`` keeps the delta path.
+        # (PEFT 13.35), one-graph device time 406.8 vs 396.8 ms; eager it was slower then (799 vs 633 ms,
+        # backward through nested autograd). With its own backward, the row-order butterfly and the batched
+        # Cayley inverse (runs 18–24) it is faster than both peers eagerly too: H200 343–365 ms vs LyCORIS
+        # 719–739 and PEFT 595–707, graph 196–203 ms; H100 731 vs PEFT 1386. ``mode = "bypass"`` keeps the
+        # delta path.
         return rebuild_supports(spec)
 
     #: the dense form K = B_m − I (out×out) is used when out ≤ this and the call has at least
