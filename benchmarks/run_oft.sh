@@ -4,18 +4,9 @@
 # CUDA graph, two rounds; then a profile of the rebuilt BOFT step (where its device time goes).
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; bash benchmarks/run_oft.sh
-set -u
-OUT=${OUT:-.}
-S=$(date +%s)
-python3 benchmarks/train_step.py --models sd15 --batches 8 --algos oft \
-  --variants lyco,lyco-bypass,peft --steps 20 --warmup 4 --graph --graph-steps 15 --rounds 2 \
-  --budget 200 --deadline $((S + 230)) --out "$OUT" > "$OUT/train_step.log" 2>&1
-grep "^\[sd15" "$OUT/train_step.log" | cut -c1-175
-echo "oft wall $(( $(date +%s) - S )) s"
-mkdir -p "$OUT/boft"
-python3 benchmarks/train_step.py --models sd15 --batches 8 --algos boft --no-baselines \
-  --variants lyco --steps 6 --warmup 2 --profile boft/lyco --profile-top 40 \
-  --budget 150 --deadline $((S + 420)) --out "$OUT/boft" > "$OUT/boft/train_step.log" 2>&1
-grep "^\[sd15" "$OUT/boft/train_step.log" | cut -c1-175
+. benchmarks/_gpu_lib.sh
+step_table . 230 --models sd15 --batches 8 --algos oft \
+  --variants lyco,lyco-bypass,peft --steps 20 --warmup 4 --graph --graph-steps 15 --rounds 2 --budget 200
+step_table boft 420 --models sd15 --batches 8 --algos boft --no-baselines \
+  --variants lyco --steps 6 --warmup 2 --profile boft/lyco --profile-top 40 --budget 150
 head -45 "$OUT/boft/profile.txt" | cut -c1-160
-echo "wall $(( $(date +%s) - S )) s"

@@ -5,25 +5,12 @@
 # Diag-OFT/BOFT (eager vs graph, bit-level); the trainer's default cuda_graph = "auto" on a GPU.
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; bash benchmarks/run_oft2.sh
-set -u
-OUT=${OUT:-.}
-S=$(date +%s)
-python3 benchmarks/train_step.py --models sd15 --batches 8 --algos oft \
-  --variants lyco,lyco-bypass,peft --steps 20 --warmup 4 --graph --graph-steps 15 --rounds 2 \
-  --budget 150 --deadline $((S + 170)) --out "$OUT" > "$OUT/train_step.log" 2>&1
-grep "^\[sd15" "$OUT/train_step.log" | cut -c1-175
-echo "oft wall $(( $(date +%s) - S )) s"
-mkdir -p "$OUT/boft"
-python3 benchmarks/train_step.py --models sd15 --batches 8 --algos boft --no-baselines \
-  --variants lyco,lycoris-eager,peft --steps 12 --warmup 3 --graph --graph-steps 10 \
-  --budget 150 --deadline $((S + 330)) --out "$OUT/boft" > "$OUT/boft/train_step.log" 2>&1
-grep "^\[sd15" "$OUT/boft/train_step.log" | cut -c1-175
-echo "boft wall $(( $(date +%s) - S )) s"
-mkdir -p "$OUT/ccg"
-timeout 120 python3 benchmarks/check_cuda_graph.py --out "$OUT/ccg" \
-  --cases diag-oft,diag-oft-fp16,diag-oft-ckpt,boft --steps 8 > "$OUT/check_cuda_graph.log" 2>&1
-echo "check_cuda_graph rc=$?"; tail -8 "$OUT/check_cuda_graph.log" | cut -c1-200
+. benchmarks/_gpu_lib.sh
+step_table . 170 --models sd15 --batches 8 --algos oft \
+  --variants lyco,lyco-bypass,peft --steps 20 --warmup 4 --graph --graph-steps 15 --rounds 2 --budget 150
+step_table boft 330 --models sd15 --batches 8 --algos boft --no-baselines \
+  --variants lyco,lycoris-eager,peft --steps 12 --warmup 3 --graph --graph-steps 10 --budget 150
+graph_check 120 diag-oft,diag-oft-fp16,diag-oft-ckpt,boft
 timeout 60 python3 -m lyco train examples/train_lokr.toml --max-train-steps 12 --output-dir /tmp/cg --overwrite \
   --no-progress-bar > "$OUT/train_auto.log" 2>&1
 echo "lyco train rc=$?"; grep -i "cuda_graph\|error\|step" "$OUT/train_auto.log" | head -8 | cut -c1-200
-echo "wall $(( $(date +%s) - S )) s"

@@ -1,0 +1,28 @@
+# Shared by the benchmarks/run_*.sh scripts of issue 7's GPU runs (sourced, not run). Each script sets
+# OUT (default .) and calls these; S is the run's start time, deadlines are seconds after it.
+set -u
+OUT=${OUT:-.}
+S=$(date +%s)
+
+# step_table DIR SECONDS train_step.py-args…: benchmarks/train_step.py into $OUT/DIR (DIR "." = $OUT itself),
+# no new configuration after S + SECONDS; prints the per-configuration lines and the wall time so far.
+step_table() {
+  local dir=$1 secs=$2
+  shift 2
+  mkdir -p "$OUT/$dir"
+  python3 benchmarks/train_step.py "$@" --deadline $((S + secs)) --out "$OUT/$dir" > "$OUT/$dir/train_step.log" 2>&1
+  grep "^\[sd15" "$OUT/$dir/train_step.log" | cut -c1-175
+  echo "$dir: wall $(( $(date +%s) - S )) s"
+}
+
+# graph_check SECONDS CASES: the trainer's CUDA graphs against eager training (benchmarks/check_cuda_graph.py,
+# 8 steps) into $OUT/ccg, within SECONDS; prints "case true|false" per case and the summary line.
+graph_check() {
+  mkdir -p "$OUT/ccg"
+  timeout "$1" python3 benchmarks/check_cuda_graph.py --out "$OUT/ccg" --cases "$2" --steps 8 \
+    > "$OUT/check_cuda_graph.log" 2>&1
+  echo "check_cuda_graph rc=$?"
+  grep -E '"ok"' "$OUT/check_cuda_graph.log" | sed -E 's/.*"case": "([^"]+)".*"ok": (true|false).*/\1 \2/' | tr '\n' ' '
+  echo
+  grep "cases ok" "$OUT/check_cuda_graph.log"
+}
