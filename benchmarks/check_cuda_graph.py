@@ -61,6 +61,9 @@ CASES = {
     # LoKr on the rebuilt op under mode=auto (own Kronecker backward), with fp16 autocast and with
     # gradient checkpointing; the low-rank rebuild op (algorithms/lowrank.py) under mode=rebuild
     "lokr-fp16": ({"algo": "lokr", "rank": 4, "options": {"factor": 4}}, {"mixed_precision": "fp16"}),
+    # rank 2 factor 4: the 32-wide layers get a low-rank W2, trained as a LoRA (lokr.py: _kron_lora)
+    "lokr-lowrank": ({"algo": "lokr", "rank": 2, "options": {"factor": 4}}, {}),
+    "lokr-lowrank-ckpt": ({"algo": "lokr", "rank": 2, "options": {"factor": 4}}, {"gradient_checkpointing": True}),
     "lokr-ckpt": ({"algo": "lokr", "rank": 4, "options": {"factor": 4}}, {"gradient_checkpointing": True}),
     "lora-rebuild": ({"algo": "lora", "rank": 8, "mode": "rebuild"}, {}),
     "locon-rebuild": ({"algo": "lora", "rank": 8, "preset": "full", "conv_rank": 4, "mode": "rebuild"}, {}),

@@ -354,3 +354,23 @@ def test_lycoris_merge_applies_gamma_twice(cfg):
         assert not torch.allclose(ly_merge_dw, ours)
         # ... while its forward agrees with our ΔW (γ once)
         torch.testing.assert_close(ly(x) - layer(x), layer_op_dense(layer, x, ours), rtol=1e-7, atol=1e-10)
+
+
+def test_khatri_rao_products_and_their_gradients():
+    """The Khatri–Rao products against their definition (outer products per row / column) in float64,
+    and their gradients against autograd through that definition."""
+    g = torch.Generator().manual_seed(0)
+    a1, a2 = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 4, generator=g, dtype=torch.float64)
+    b1, b2 = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (a1, a2, b1, b2)]
+    rows = loha_mod.khatri_rao_rows(a1, a2)
+    cols = loha_mod.khatri_rao_cols(b1, b2)
+    want_rows = torch.stack([torch.outer(a1[o], a2[o]).reshape(-1) for o in range(7)])       # (7, 12)
+    want_cols = torch.stack([torch.outer(b1[:, c], b2[:, c]).reshape(-1) for c in range(5)], 1)  # (12, 5)
+    torch.testing.assert_close(rows, want_rows, rtol=0, atol=0)
+    torch.testing.assert_close(cols, want_cols, rtol=0, atol=0)
+    gr, gc = torch.randn(rows.shape, generator=g, dtype=torch.float64), torch.randn(cols.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((rows * gr).sum() + (cols * gc).sum(), leaves)
+    want = torch.autograd.grad((want_rows * gr).sum() + (want_cols * gc).sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

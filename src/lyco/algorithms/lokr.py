@@ -18,6 +18,14 @@ Structured forward (never builds ΔW): ``kron(W1, W2)[i·out_k + k, j·in_n + n]
 so with x's features viewed as ``X (in_m, in_n)``, ``y = vec(W1 · X · W2ᵀ)``. Grouped convs and
 padding modes other than "zeros" materialise ΔW instead.
 
+Low-rank W2 (``W2 = A·B``, the usual ``factor``/``rank`` configuration) is a LoRA: by the mixed-product
+rule ``kron(W1, A·B) = kron(W1, A) · kron(I_in_m, B)``, so ``ΔW = U·D`` with ``U = kron(W1, A)``
+``(out, in_m·r)``, built from the small factors, and ``D = kron(I, B)`` block-diagonal — applying D is B
+on each of the in_m channel groups, i.e. one GEMM (a conv over in_m× the batch) on x viewed
+``(…·in_m, in_n)``. The delta path is then ``acc + s·h·Uᵀ`` with ``h = (x grouped)·Bᵀ`` viewed
+``(…, in_m·r)``: two GEMMs, as LoRA's, and only the rank-sized h kept (:meth:`LoKr._kron_lora`). Tucker
+W2 likewise, with the core conv after the grouped 1×1 down.
+
 Deliberate differences from LyCORIS: γ is applied once everywhere (its merge path applies γ²);
 with both factors full and rs_lora its forward scales by √r while loaders use 1: we use 1 and
 store alpha = rank (see ``create``); its bypass path is wrong for grouped convs, ours falls back
@@ -33,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
-    layer_op, rebuild_tucker, register,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
 from .factorize import factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
@@ -43,7 +51,8 @@ _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 #: Diagnostic switch for the delta path of :meth:`LoKr.forward_accumulate` (``mode = "bypass"``; the
 #: benchmark's ``lyco-lokr-dense``/``lyco-lokr-structured`` variants): ``"dense"`` or ``"structured"``
-#: forces it for every plain layer; ``None`` (default) chooses per layer from the shapes. Same values.
+#: forces it for every plain layer (``"lowrank"``: the LoRA form where W2 is low-rank, else the shape
+#: rule); ``None`` (default) chooses per layer from the shapes. Same values.
 FORCE_PATH: str | None = None
 
 
@@ -236,6 +245,56 @@ class LoKr(Algorithm):
         dw = torch.kron(w1, self._w2_flat(t)).reshape(spec.weight_shape)
         return dw * self._gain(t)
 
+    @staticmethod
+    def _kron_lora_pays(t, spec) -> bool:
+        """Whether this layer runs as the LoRA of the module doc (``_kron_lora``): W2 low-rank, no trained
+        ``scalar``, a linear or ungrouped zero-padded conv layer, and its multiply-adds per output position
+        (down ``r·in·∏k``, up ``out·in_m·r``) below the layer's own (``out·in·∏k``: what a materialised ΔW
+        or the rebuilt op's weight gradient costs)."""
+        if "lokr_w2_b" not in t or "scalar" in t:
+            return False
+        if not (spec.kind == LINEAR or (spec.kind in CONV_KINDS and spec.groups == 1
+                                        and spec.padding_mode == "zeros" and not isinstance(spec.padding, str))):
+            return False
+        r = int(t["lokr_w2_b"].shape[0])
+        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        ksz = math.prod(spec.kernel) if spec.is_conv else 1
+        return r * (spec.in_dim * ksz + spec.out_dim * in_m) < spec.out_dim * spec.flat_in
+
+    def _kron_lora(self, acc, x, t, spec, s, inplace):
+        """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout
+        does not allow the grouped view (unbatched conv input). ``s`` a Python number."""
+        dt = x.dtype
+        w1 = self._w1(t, dt)
+        a, b = cast(t["lokr_w2_a"], dt), cast(t["lokr_w2_b"], dt)
+        out_l, in_m = w1.shape
+        tucker = "lokr_t2" in t
+        if tucker:  # stored (r, out_k): A is its transpose
+            a = a.t()
+        out_k, r = a.shape
+        # U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ]: one broadcast multiply, (out, in_m·r) (views, not indexing:
+        # each Python-level index is a host call per layer; the last reshape copies only for Tucker's
+        # transposed A, whose layout the multiply keeps)
+        up = torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
+        if spec.kind == LINEAR:
+            in_n = x.shape[-1] // in_m
+            h = F.linear(x.reshape(-1, in_n), b).view(*x.shape[:-1], in_m * r)
+            return accumulate_linear(acc, h, up, s, inplace)
+        nk = len(spec.kernel)
+        if x.dim() != nk + 2:
+            return None
+        conv = _CONV_FN[spec.kind]
+        n = x.shape[0]
+        xg = x.reshape(n * in_m, x.shape[1] // in_m, *x.shape[2:])  # a view for channels-first x
+        kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
+        if tucker:
+            h = conv(xg, b.reshape(r, -1, *(1,) * nk))
+            h = conv(h, cast(t["lokr_t2"], dt), None, **kw)
+        else:
+            h = conv(xg, b.reshape(r, -1, *spec.kernel), None, **kw)
+        h = h.reshape(n, in_m * r, *h.shape[2:])
+        return accumulate_conv1x1(acc, h, up, s)
+
     def prefers_rebuild_for(self, t, spec):
         """``mode = "auto"``: the rebuilt op with :class:`_KronBuild` wherever it runs (linear and
         zero-padded conv layers). Decision from GPU run 13 (H200, SD1.5 b8, lin+conv, factor 8; two
@@ -244,8 +303,16 @@ class LoKr(Algorithm):
         96.3 vs 105.2 ms, 8.88 vs 9.52 GiB. The delta path's dense ΔW costs a second full-size GEMM
         forward and two backward, its structured form batched tiny GEMMs; the rebuild costs one
         weight-gradient GEMM. Numerics as every rebuild (``rebuild.py``): W′ rounded once to the model's
-        dtype; the factors' gradients exact functions of ∂y and x."""
-        return rebuild_supports(spec)
+        dtype; the factors' gradients exact functions of ∂y and x.
+
+        Low-rank W2 (where :meth:`_kron_lora_pays`) takes the delta path instead, as the LoRA of the module
+        doc — no weight-gradient GEMM (on the 3×3 convs the largest one), no weight-sized build. Decision
+        from GPU run 27 (H100, SD1.5 b8, rank 16 factor 8 on lin+conv: every layer's W2 low-rank; two
+        rounds, ``results/run27_h100_lokr_lowrank/``): one-graph device time 100.7 / 100.7 ms vs 104.3 /
+        104.3 on the rebuilt op (PEFT 135.9: 0.74×); eager 186.1 / 187.1 vs 284.1 / 201.7 (PEFT 318.3 /
+        219.0); peak 9.51 vs 8.85 GiB (PEFT 10.38) — h ``(…, in_m·r)`` kept per layer. Full W2 stays on
+        the rebuilt op (its structured form needs an output-sized intermediate)."""
+        return rebuild_supports(spec) and not self._kron_lora_pays(t, spec)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         """Linear and zero-padded conv layers: the rebuilt op with :class:`_KronBuild` (own backward over
@@ -269,6 +336,10 @@ class LoKr(Algorithm):
         if isinstance(gain, torch.Tensor):
             return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
         s = gain * multiplier
+        if FORCE_PATH in (None, "lowrank") and self._kron_lora_pays(t, spec):
+            y = self._kron_lora(acc, x, t, spec, s, inplace)
+            if y is not None:
+                return y
         plain = spec.kind == LINEAR or (spec.kind in CONV_KINDS and spec.groups == 1
                                         and spec.padding_mode == "zeros" and x.dim() == len(spec.kernel) + 2)
         positions = x.numel() // (x.shape[-1] if spec.kind == LINEAR else x.shape[1] if x.dim() > 1 else 1)

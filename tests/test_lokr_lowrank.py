@@ -1,0 +1,152 @@
+"""LoKr with a low-rank W2 trained as a LoRA: ``kron(W1, A·B) = kron(W1, A)·kron(I, B)`` (lokr.py).
+
+The fast path (``LoKr._kron_lora``) is checked against an independent float64 computation that
+materialises ``ΔW = γ·kron(W1, A·B)`` with ``torch.kron`` and runs the layer on ``W + m·ΔW`` —
+outputs and the gradients of the input and of every factor — on linear layers (2-D and 3-D input),
+strided/padded 3×3 convs, a 1-D conv, with W1 full or decomposed, W2 plain or Tucker."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import lokr as lokr_mod
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.conv1d = nn.Conv1d(32, 32, 3, padding=2, dilation=2, bias=False)
+        self.lin = nn.Linear(32, 48)
+        self.lin2d = nn.Linear(48, 32, bias=False)
+
+    def forward(self, img, tok):
+        h = torch.tanh(self.conv(img))                        # (N, 32, 3, 3)
+        h = self.conv1d(h.flatten(2))                          # (N, 32, 9)
+        t = tok + h.mean(-1)[:, None, :]                       # (N, T, 32)
+        t = torch.tanh(self.lin(t))                            # 3-D input
+        return self.lin2d(t.mean(1))                           # 2-D input
+
+
+CASES = {
+    "plain": dict(algo="lokr", rank=2, alpha=3.0, factor=4),
+    "decompose-both": dict(algo="lokr", rank=1, alpha=0.5, factor=8, decompose_both=True),
+    "tucker": dict(algo="lokr", rank=2, alpha=1.0, factor=4, use_tucker=True),
+}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 16, 6, 6, generator=g, dtype=torch.float64),
+            torch.randn(2, 5, 32, generator=g, dtype=torch.float64))
+
+
+def _kron_dw(t, shape):
+    """γ·kron(W1, W2) from the file tensors, written from the format's definition (fp64)."""
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    if "lokr_t2" in t:  # W2[k, n, …] = Σ_ij t2[i, j, …]·a[i, k]·b[j, n]
+        w2 = torch.einsum("ij...,ik,jn->kn...", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
+    else:
+        w2 = (t["lokr_w2_a"] @ t["lokr_w2_b"].flatten(1)).reshape(t["lokr_w2_a"].shape[0], -1)
+    w2 = w2.reshape(w2.shape[0], -1)
+    r = t["lokr_w2_b"].shape[0]
+    gamma = float(t["alpha"]) / r
+    return gamma * torch.kron(w1, w2).reshape(shape)
+
+
+def _reference(model, net, m, img, tok):
+    """The model run on W + m·ΔW for every adapted layer, by plain torch functions."""
+    lay = {name.split("__")[-1]: layer for name, layer in net.layers.items()}
+
+    def w(mod, name):
+        t = {k: v for k, v in lay[name].tensors().items()}
+        return mod.weight + m * _kron_dw(t, mod.weight.shape)
+
+    h = torch.tanh(F.conv2d(img, w(model.conv, "conv"), model.conv.bias, 2, 1))
+    h = F.conv1d(h.flatten(2), w(model.conv1d, "conv1d"), None, 1, 2, 2)
+    t = tok + h.mean(-1)[:, None, :]
+    t = torch.tanh(F.linear(t, w(model.lin, "lin"), model.lin.bias))
+    return F.linear(t.mean(1), w(model.lin2d, "lin2d"))
+
+
+def _grads(out, leaves):
+    return torch.autograd.grad((out.square().sum() + out.sum()), leaves)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("multiplier", [1.0, 0.7])
+@pytest.mark.parametrize("mode", ["auto", "bypass"])
+def test_kron_lora_equals_dense_kron(case, multiplier, mode, monkeypatch):
+    torch.manual_seed(0)
+    model = Net().double()
+    model.requires_grad_(False)
+    net = lyco.create(model, preset="full", seed=0, mode=mode, **CASES[case])
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # W2's "b" starts at zero: move every factor off its init
+        for p in net.trainable_parameters():
+            p.add_((0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    net.set_multiplier(multiplier)
+    layers = list(net.layers.values())
+    assert all("lokr_w2_b" in layer.tensors() for layer in layers)  # every layer's W2 is low-rank
+    if case == "tucker":
+        assert "lokr_t2" in net.layers["model__conv"].tensors()
+
+    calls = []
+    orig = lokr_mod.LoKr._kron_lora
+
+    def spy(self, *a, **k):
+        y = orig(self, *a, **k)
+        calls.append(y is not None)
+        return y
+
+    monkeypatch.setattr(lokr_mod.LoKr, "_kron_lora", spy)
+    assert not any(layer.prefers_rebuild for layer in layers)  # auto takes the delta path
+    img, tok = (v.clone().requires_grad_(True) for v in _inputs())
+    params = list(net.trainable_parameters())
+    out = model(img, tok)
+    got = _grads(out, [img, tok] + params)
+    assert calls == [True] * 4  # every layer ran the LoRA form
+
+    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
+    ref = _reference(model, net, multiplier, img2, tok2)
+    want = _grads(ref, [img2, tok2] + params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_kron_lora_keeps_rank_sized_tensors_only():
+    """What the LoRA form keeps for backward on a 3×3 conv: x (the layer's input), h ((N, in_m·r, …):
+    rank-sized) and the small factors — no output-sized or weight-sized tensor."""
+    conv = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).requires_grad_(False)
+    lyco.create(conv, preset="full", algo="lokr", rank=2, factor=4, seed=0)
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    frozen = {p.data_ptr() for p in conv.parameters() if not p.requires_grad}
+    sizes = []
+
+    def pack(t):
+        if t.data_ptr() != x.data_ptr() and t.data_ptr() not in frozen:  # x and the base weight: not extra
+            sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = conv(x)
+    # h: in_m·r = 4·2 channels — a quarter of the output's 32; the rest are the small factors
+    assert sizes and max(sizes) <= y.numel() // 4, (sizes, y.numel())
+
+
+def test_kron_lora_skipped_when_it_does_not_pay():
+    """Where the rank makes the LoRA form cost more multiply-adds than the layer (out·in·∏k), LoKr keeps
+    the rebuilt op under mode = "auto"."""
+    lin = nn.Sequential(nn.Linear(32, 32))
+    net = lyco.create(lin, preset="full", algo="lokr", rank=3, factor=2, seed=0)  # (2, 16): W2 low-rank
+    layer = next(iter(net.layers.values()))
+    assert "lokr_w2_b" in layer.tensors()
+    # r·(in + out·in_m) = 3·(32 + 64) = 288 < 1024: pays; now a layer too narrow for it
+    assert not layer.prefers_rebuild
+    spec = layer.spec
+    t = dict(layer.tensors())
+    t["lokr_w2_b"] = torch.zeros(40, 16)  # a rank of 40 > what pays
+    assert not lokr_mod.LoKr._kron_lora_pays(t, spec)
