@@ -51,8 +51,8 @@ _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 #: Diagnostic switch for the delta path of :meth:`LoKr.forward_accumulate` (``mode = "bypass"``; the
 #: benchmark's ``lyco-lokr-dense``/``lyco-lokr-structured`` variants): ``"dense"`` or ``"structured"``
-#: forces it for every plain layer (``"lowrank"``: the LoRA form where W2 is low-rank, else the shape
-#: rule); ``None`` (default) chooses per layer from the shapes. Same values.
+#: forces it for every plain layer (never the LoRA form of a low-rank W2); ``None`` (default) chooses per
+#: layer from the shapes. Same values.
 FORCE_PATH: str | None = None
 
 
@@ -336,7 +336,7 @@ class LoKr(Algorithm):
         if isinstance(gain, torch.Tensor):
             return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
         s = gain * multiplier
-        if FORCE_PATH in (None, "lowrank") and self._kron_lora_pays(t, spec):
+        if FORCE_PATH is None and self._kron_lora_pays(t, spec):
             y = self._kron_lora(acc, x, t, spec, s, inplace)
             if y is not None:
                 return y
