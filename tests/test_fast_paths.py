@@ -236,9 +236,11 @@ def test_rebuilt_op_keeps_only_the_input(name, kind):
     x.requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = model(x)
-    # (row vectors — norms, gains — and the OFT rotations, the size of their blocks, may be kept; a
-    # weight, an input or an output is ≥ 4× either here)
+    # (row vectors — norms, gains — the OFT rotations, the size of their blocks, and GLoRA's rank-2r factors
+    # [W·A1 | B1] and [A2 ; B2] may be kept; a weight, an input or an output is ≥ 4× any of them here)
     small = out if name not in ("boft", "diag-oft") else max(out, sum(p.numel() for p in net.trainable_parameters()))
+    if name == "glora" and kind == "linear":
+        small = max(small, 2 * CONFIGS[name]["rank"] * max(model[0].weight.shape))
     assert small * 4 <= min(model[0].weight.numel(), x.numel())
     big = [tuple(t.shape) for t in saved if t.data_ptr() not in keep | {x.data_ptr()} and t.numel() > small]
     assert big == []
