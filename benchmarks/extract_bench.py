@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -55,7 +56,7 @@ def layer_shapes(model: str, smoke: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 def make_delta(shape, i: int, device) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(1000 + i)
-    out, rest = shape[0], int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+    out, rest = shape[0], math.prod(shape[1:])
     k = min(64, out, rest)
     a = torch.randn(out, k, generator=g)
     b = torch.randn(k, rest, generator=g)
@@ -102,7 +103,10 @@ def factors_err(kind, t, dw2) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python benchmarks/extract_bench.py --model sd15 --rank 16 --out results/extract\n"
+               "  python benchmarks/extract_bench.py --smoke --rank 2 --limit 20 --out /tmp/eb   (CPU, tiny UNet)")
     ap.add_argument("--model", default="sd15", choices=sorted(FAMILY))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--smoke", action="store_true", help="tiny UNet on the CPU")

@@ -137,16 +137,26 @@ def test_kron_lora_keeps_rank_sized_tensors_only():
     assert sizes and max(sizes) <= y.numel() // 4, (sizes, y.numel())
 
 
-def test_kron_lora_skipped_when_it_does_not_pay():
-    """Where the rank makes the LoRA form cost more multiply-adds than the layer (out·in·∏k), LoKr keeps
-    the rebuilt op under mode = "auto"."""
+def test_kron_lora_skipped_when_it_does_not_pay(monkeypatch):
+    """Where the LoRA form costs more multiply-adds per position than the layer (out·in·∏k), LoKr keeps
+    the rebuilt op under mode = "auto" — and still computes the dense reference."""
     lin = nn.Sequential(nn.Linear(32, 32))
     net = lyco.create(lin, preset="full", algo="lokr", rank=3, factor=2, seed=0)  # (2, 16): W2 low-rank
     layer = next(iter(net.layers.values()))
     assert "lokr_w2_b" in layer.tensors()
-    # r·(in + out·in_m) = 3·(32 + 64) = 288 < 1024: pays; now a layer too narrow for it
-    assert not layer.prefers_rebuild
-    spec = layer.spec
-    t = dict(layer.tensors())
-    t["lokr_w2_b"] = torch.zeros(40, 16)  # a rank of 40 > what pays
-    assert not lokr_mod.LoKr._kron_lora_pays(t, spec)
+    assert not layer.prefers_rebuild  # r·(in + out·in_m) = 3·(32 + 64) = 288 < 32·32: pays
+
+    # out 128 = 4·32, in 16 = 4·4: rank 8 < 32/2 keeps W2 low-rank, but 8·(16 + 128·4) = 4224 > 128·16
+    model = nn.Sequential(nn.Linear(16, 128)).double().requires_grad_(False)
+    net = lyco.create(model, preset="full", algo="lokr", rank=8, alpha=4.0, factor=4, seed=0)
+    layer = next(iter(net.layers.values()))
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    assert "lokr_w2_b" in layer.tensors()
+    assert layer.prefers_rebuild
+    monkeypatch.setattr(lokr_mod.LoKr, "_kron_lora", lambda *a, **k: pytest.fail("LoRA form taken"))
+    x = torch.randn(3, 16, dtype=torch.float64)
+    t = layer.tensors()
+    want = x @ (model[0].weight + _kron_dw(t, model[0].weight.shape)).T + model[0].bias
+    torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)

@@ -165,12 +165,12 @@ class _LoraDoraBuild:
         g = torch.div(mag.reshape(-1), n)                  # mixed dtypes compute in (and give) n's wide dtype
         s = self.s
         if s == 1.0:
-            sgm1 = torch.sub(g, 1.0, out=torch.empty(g.shape, dtype=w.dtype, device=g.device))
+            sgm1 = torch.sub(g, 1.0, out=torch.empty_like(g, dtype=w.dtype))
             nd = n
         else:
-            sgm1 = torch.mul(g.sub(1.0), s, out=torch.empty(g.shape, dtype=w.dtype, device=g.device))
+            sgm1 = torch.mul(g.sub(1.0), s, out=torch.empty_like(g, dtype=w.dtype))
             nd = n / s
-        alpha = torch.mul(g, self.gain * s, out=torch.empty(g.shape, dtype=w.dtype, device=g.device))
+        alpha = torch.mul(g, self.gain * s, out=torch.empty_like(g, dtype=w.dtype))
         kappa = None if self.detach else torch.div(g, torch.mul(n, norm.clamp_min(torch.finfo(norm.dtype).tiny)))
         lin = wc if s == 1.0 else torch.addmm(w2, up2, down2, alpha=self.gain * s)
         w_eff = like(torch.addcmul(lin, wc, sgm1.unsqueeze(1)), w.shape, w.dtype)
@@ -194,12 +194,12 @@ class _LoraDoraBuild:
         dgr = rowdot(e, wc)
         gmag = None
         if needs[2]:
-            gmag = torch.div(dgr, nd, out=torch.empty(nd.shape, dtype=mag.dtype, device=nd.device)).view(mag.shape)
+            gmag = torch.div(dgr, nd, out=torch.empty_like(nd, dtype=mag.dtype)).view(mag.shape)
         gup = gdown = None
         if needs[0] or needs[1]:
             h = e * alpha.unsqueeze(1)
             if kappa is not None:
-                beta = torch.mul(dgr, kappa, out=torch.empty(dgr.shape, dtype=e.dtype, device=e.device))
+                beta = torch.mul(dgr, kappa, out=torch.empty_like(dgr, dtype=e.dtype))
                 h = torch.addcmul(h, wc, beta.unsqueeze(1), value=-self.gain * self.s)
             if needs[0]:
                 gup = like(h @ down2.t(), up.shape, up.dtype)

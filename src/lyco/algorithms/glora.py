@@ -94,7 +94,7 @@ class _GLoRABuild:
         self.k = k
 
     def _parts(self, w, a1, a2, b1, b2):
-        w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
+        w2 = w if w.dim() == 2 else flat(w)
         dt = w.dtype
         a1f, a2f, b1f, b2f = (like(t, (t.shape[0], t.numel() // t.shape[0]), dt) for t in (a1, a2, b1, b2))
         left = torch.cat([w2 @ a1f, b1f], dim=1)     # (out, 2r)
@@ -115,7 +115,7 @@ class _GLoRABuild:
 
     def recompute(self, keep, w, b, *theta):
         left, right = keep
-        w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
+        w2 = w if w.dim() == 2 else flat(w)
         return like(torch.addmm(w2, left, right, alpha=self.k), w.shape, w.dtype), (w2, left, right)
 
     def vjp(self, aux, theta, gw, gb, needs):

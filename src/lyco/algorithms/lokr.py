@@ -280,20 +280,25 @@ class LoKr(Algorithm):
             in_n = x.shape[-1] // in_m
             h = F.linear(x.reshape(-1, in_n), b).view(*x.shape[:-1], in_m * r)
             return accumulate_linear(acc, h, up, s, inplace)
-        nk = len(spec.kernel)
-        if x.dim() != nk + 2:
+        if x.dim() != len(spec.kernel) + 2:
             return None
-        conv = _CONV_FN[spec.kind]
-        n = x.shape[0]
-        xg = x.reshape(n * in_m, x.shape[1] // in_m, *x.shape[2:])  # a view for channels-first x
-        kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
-        if tucker:
-            h = conv(xg, b.reshape(r, -1, *(1,) * nk))
-            h = conv(h, cast(t["lokr_t2"], dt), None, **kw)
-        else:
-            h = conv(xg, b.reshape(r, -1, *spec.kernel), None, **kw)
-        h = h.reshape(n, in_m * r, *h.shape[2:])
+        h = self._grouped_down(x, t, spec, in_m, dt)      # (N·in_m, r, *sp')
+        h = h.reshape(x.shape[0], in_m * r, *h.shape[2:])
         return accumulate_conv1x1(acc, h, up, s)
+
+    @staticmethod
+    def _grouped_down(x, t, spec, in_m, dt):
+        """A low-rank W2's down half on a batched conv input: B (after it the Tucker core, which carries
+        the layer's stride/padding/dilation; else B does) applied to each of the in_m channel groups,
+        folded into the batch — ``(N·in_m, r, *sp')``."""
+        conv = _CONV_FN[spec.kind]
+        b = cast(t["lokr_w2_b"], dt)
+        r, nk = b.shape[0], len(spec.kernel)
+        xg = x.reshape(x.shape[0] * in_m, x.shape[1] // in_m, *x.shape[2:])  # a view for channels-first x
+        kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
+        if "lokr_t2" in t:
+            return conv(conv(xg, b.reshape(r, -1, *(1,) * nk)), cast(t["lokr_t2"], dt), None, **kw)
+        return conv(xg, b.reshape(r, -1, *spec.kernel), None, **kw)
 
     def prefers_rebuild_for(self, t, spec):
         """``mode = "auto"``: the rebuilt op with :class:`_KronBuild` wherever it runs (linear and
@@ -401,22 +406,15 @@ class LoKr(Algorithm):
         if w1_scale != 1.0:
             w1 = w1 * w1_scale
         in_m = w1.shape[1]
-        n, sp = x.shape[0], x.shape[2:]
-        h = x.reshape(n * in_m, -1, *sp)                  # in_m folded into the batch
-        kw = dict(stride=spec.stride, padding=spec.padding, dilation=spec.dilation)
+        n = x.shape[0]
         if "lokr_w2" in t:
             w2 = t["lokr_w2"].to(x.dtype)
-            h = conv(h, w2.reshape(w2.shape[0], -1, *spec.kernel), None, **kw)
+            h = conv(x.reshape(n * in_m, -1, *x.shape[2:]), w2.reshape(w2.shape[0], -1, *spec.kernel), None,
+                     spec.stride, spec.padding, spec.dilation)          # in_m folded into the batch
         else:
-            a, b = t["lokr_w2_a"].to(x.dtype), t["lokr_w2_b"].to(x.dtype)
-            if "lokr_t2" in t:
-                core = t["lokr_t2"].to(x.dtype)
-                h = conv(h, b.reshape(b.shape[0], -1, *ones))        # (r, in_n) 1×1
-                h = conv(h, core, None, **kw)                        # (r, r, *k)
-                h = conv(h, a.t().reshape(a.shape[1], -1, *ones))    # (out_k, r) 1×1
-            else:
-                h = conv(h, b.reshape(b.shape[0], -1, *spec.kernel), None, **kw)
-                h = conv(h, a.reshape(a.shape[0], -1, *ones))
+            a = t["lokr_w2_a"].to(x.dtype)
+            a = a.t() if "lokr_t2" in t else a                         # (out_k, r)
+            h = conv(self._grouped_down(x, t, spec, in_m, x.dtype), a.reshape(a.shape[0], -1, *ones))
         h = h.reshape(n, in_m, *h.shape[1:])              # (N, in_m, out_k, *sp')
         y = torch.einsum("ij,nj...->ni...", w1, h)        # (N, out_l, out_k, *sp')
         y = y.reshape(n, -1, *y.shape[3:])
