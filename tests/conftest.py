@@ -6,14 +6,20 @@ threads then make CPU-bound tests several times slower (a 10 s trainer test took
 may set another count at import time (collection imports every module in every worker, so the last one
 imported would win for the whole run); this fixture sets the count again before each test. The
 environment variables reach the processes tests start (gloo workers, kill tests).
+
+Triton kernels (``lyco.algorithms.dora_triton``) run in Triton's interpreter on CPU tensors: the suite
+is CPU-only, and Triton decides when it is imported whether its own library functions are interpreted,
+so ``TRITON_INTERPRET`` is set here, before anything imports it.
 """
 
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if _WORKER:

@@ -1,0 +1,275 @@
+"""Fused Triton kernels for DoRA-over-LoRA's rebuilt op (magnitude on the output axis), on CUDA.
+
+The torch path of :class:`lyco.algorithms.dora._LoraDoraBuild` makes ≈ 24 weight-sized passes per
+layer and step (``addmm`` first copies W into its output, the row norm, the ``addcmul``, the same again
+in the backward's rebuild, then the gradient's ``rowdot``, scale, ``addcmul`` and two GEMMs reading it)
+and ≈ 20 kernels. Here each kernel works on a block of 16 rows × a range of columns and keeps
+``W′ = W + γ·U·D`` in registers (recomputed from W and the rank-sized U, D — never stored); a row's
+columns are split over programs until a launch has ≈ 4 programs per SM (few rows otherwise leave most
+SMs idle), and what needs a whole row (the norm, ``⟨E_j, W′_j⟩``) is summed from per-split partials
+(fixed order: deterministic, so the trainer's CUDA graphs stay bit-identical to eager):
+
+* :func:`build` — ``W_eff = (1 − s)·W + s·g ⊙ W′`` with ``g = mag / (‖W′‖_row + ε)``. Forward: the
+  squared norms' partials, then the build, which sums them and stores ``(g, n, ‖W′‖)`` in fp32 for the
+  backward; the backward's rebuild reads ``g`` (one launch).
+* :func:`backward` — from ``E = ∂L/∂W_eff``: the partials of ``dgr_j = ⟨E_j, W′_j⟩``, then one launch
+  writing ``∂mag = s·dgr/n`` and ``H = ∂(U·D) = γ·s·g ⊙ E − γ·s·(dgr·g/(n·‖W′‖)) ⊙ W′`` (the norm term
+  dropped with a detached norm) and each split's part of ``∂U = H·Dᵀ``; ``∂D = Uᵀ·H`` stays one cuBLAS
+  GEMM (a sum over rows: in-kernel it would need atomics, non-deterministic).
+
+Measured (H100, SD1.5's 192 DoRA layers, bf16, rank 16; ``benchmarks/dora_kernel_bench.py``, runs 39–40):
+whole rows per program 7.7 ms per step for the three, split columns 5.4 ms (bytes at copy bandwidth:
+1.6 ms); the training step as one CUDA graph 87.8 ms on the torch path → 81.6 (whole rows, run 38) → 79.4
+(split, run 40), LyCORIS 104.9.
+
+Numerics: W′ is formed in fp32 (the torch path rounds it to the weight's dtype first), W_eff is rounded
+once. Same function, at least as accurate; tests compare both to a float64 reference.
+
+Selected automatically (:func:`usable`): CUDA tensors, bf16/fp16 weights, Triton importable, not under
+``torch.compile`` (which takes the differentiable build), and ``LYCO_TRITON`` not ``0``. Everything
+else takes the torch path. CPU tests run these kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``), where a bf16 ``tl.dot`` is wrong (triton 3.6): ``UPCAST`` makes the
+interpreted kernels multiply in fp32 (the GPU keeps bf16/fp16 tensor-core dots, accumulated in fp32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the torch path is the fallback everywhere
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+
+_EPS = torch.finfo(torch.float32).eps
+#: launch configuration: BM rows per program (tl.dot needs ≥ 16), BK columns per sweep step, and the number
+#: of programs a launch aims at (None: 4 per SM): a layer's columns are split over programs until its
+#: (row blocks × column splits) reach it. GPU run 39 (H100, SD1.5's 192 DoRA layers): whole rows per program
+#: (few programs on the small layers) ran at 4.2–4.9× the bytes-at-copy-bandwidth time whatever the tile;
+#: split to 4 per SM, 3.3× with BK = 128 (run 40; 2 or 8 per SM, 2–4 stages: within 2 %; BK 256–512: slower).
+_CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
+_SMS: dict = {}
+
+
+def usable(w: torch.Tensor) -> bool:
+    """Whether the fused kernels take this layer (see the module doc)."""
+    return (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling())
+
+
+# decided when the kernels are defined, as Triton decides whether @triton.jit interprets them
+_UPCAST = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w_prime(w_ptrs, d_ptrs, u, rmask, dmask, cols, K, gain, UPCAST: tl.constexpr):
+        """W′ = W + γ·U·D on one (rows × columns) tile, in fp32."""
+        cmask = cols < K
+        w = tl.load(w_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        d = tl.load(d_ptrs, mask=dmask[:, None] & cmask[None, :], other=0.0)
+        if UPCAST:
+            ud = tl.dot(u.to(tl.float32), d.to(tl.float32))
+        else:
+            ud = tl.dot(u, d)
+        return w + gain * ud, cmask
+
+    @triton.jit
+    def _rowdot_kernel(A, W, U, D, P, M, K, R, sam, sak, swm, swk, sum_, sur, sdr, sdk, gain, KS,
+                       SELF: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                       UPCAST: tl.constexpr):
+        """P[split, row] = Σ over this program's columns of A·W′ (SELF: W′·W′, the squared norm's part)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        rr = tl.arange(0, BR)
+        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
+                    other=0.0)
+        kk = tl.arange(0, BK)
+        acc = tl.zeros((BM,), dtype=tl.float32)
+        k_lo = tl.program_id(1) * KS
+        for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
+            cols = k0 + kk
+            wc, cmask = _w_prime(W + rows[:, None] * swm + cols[None, :] * swk,
+                                 D + rr[:, None] * sdr + cols[None, :] * sdk, u, rmask, rr < R, cols, K, gain, UPCAST)
+            if SELF:
+                acc += tl.sum(wc * wc, axis=1)
+            else:
+                a = tl.load(A + rows[:, None] * sam + cols[None, :] * sak, mask=rmask[:, None] & cmask[None, :],
+                            other=0.0).to(tl.float32)
+                acc += tl.sum(a * wc, axis=1)
+        tl.store(P + tl.program_id(1) * M + rows, acc, mask=rmask)
+
+    @triton.jit
+    def _build_kernel(W, U, D, MAG, P, NP, OUT, VEC, M, K, R, swm, swk, sum_, sur, sdr, sdk, som, sok,
+                      gain, s, eps, KS,
+                      FROM_P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        """W_eff = (1 − s)·W + s·g ⊙ W′ on this program's columns; FROM_P: g from the norms' partial sums
+        (and (g, n, ‖W′‖) stored by the first column split), else g read from VEC."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        rr = tl.arange(0, BR)
+        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
+                    other=0.0)
+        if FROM_P:
+            acc = tl.zeros((BM,), dtype=tl.float32)
+            for j in range(0, NP):
+                acc += tl.load(P + j * M + rows, mask=rmask, other=0.0)
+            norm = tl.sqrt(acc)
+            n = norm + eps
+            g = tl.load(MAG + rows, mask=rmask, other=0.0).to(tl.float32) / n
+            first = rmask & (tl.program_id(1) == 0)
+            tl.store(VEC + rows, g, mask=first)
+            tl.store(VEC + M + rows, n, mask=first)
+            tl.store(VEC + 2 * M + rows, norm, mask=first)
+        else:
+            g = tl.load(VEC + rows, mask=rmask, other=0.0)
+        a = s * g
+        kk = tl.arange(0, BK)
+        k_lo = tl.program_id(1) * KS
+        for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
+            cols = k0 + kk
+            wp = W + rows[:, None] * swm + cols[None, :] * swk
+            wc, cmask = _w_prime(wp, D + rr[:, None] * sdr + cols[None, :] * sdk, u, rmask, rr < R, cols, K,
+                                 gain, UPCAST)
+            weff = a[:, None] * wc
+            if s != 1.0:
+                weff += (1.0 - s) * tl.load(wp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            tl.store(OUT + rows[:, None] * som + cols[None, :] * sok, weff.to(OUT.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _grad_kernel(E, W, U, D, VEC, P, NP, H, GUP, GMAG, M, K, R, sem, sek, swm, swk, sum_, sur, sdr, sdk,
+                     shm, shk, gain, s, KS,
+                     DETACH: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """dgr = Σ of the partial ⟨E, W′⟩; the first column split stores ∂mag = s·dgr/n; every split writes
+        H = γ·s·g ⊙ E − γ·s·(dgr·g/(n·‖W′‖)) ⊙ W′ on its columns and its part of ∂U = H·Dᵀ to GUP[split]."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        rr = tl.arange(0, BR)
+        umask = rmask[:, None] & (rr[None, :] < R)
+        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=umask, other=0.0)
+        dgr = tl.zeros((BM,), dtype=tl.float32)
+        for j in range(0, NP):
+            dgr += tl.load(P + j * M + rows, mask=rmask, other=0.0)
+        g = tl.load(VEC + rows, mask=rmask, other=0.0)
+        n = tl.load(VEC + M + rows, mask=rmask, other=1.0)
+        tl.store(GMAG + rows, (s * dgr / n).to(GMAG.dtype.element_ty), mask=rmask & (tl.program_id(1) == 0))
+        alpha = gain * s * g
+        if DETACH:
+            c = tl.zeros((BM,), dtype=tl.float32)
+        else:
+            norm = tl.maximum(tl.load(VEC + 2 * M + rows, mask=rmask, other=1.0), 1.1754943508222875e-38)
+            c = -gain * s * dgr * g / (n * norm)
+        gu = tl.zeros((BM, BR), dtype=tl.float32)
+        kk = tl.arange(0, BK)
+        k_lo = tl.program_id(1) * KS
+        for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
+            cols = k0 + kk
+            dp = D + rr[:, None] * sdr + cols[None, :] * sdk
+            wc, cmask = _w_prime(W + rows[:, None] * swm + cols[None, :] * swk, dp, u, rmask, rr < R, cols, K, gain,
+                                 UPCAST)
+            m2 = rmask[:, None] & cmask[None, :]
+            e = tl.load(E + rows[:, None] * sem + cols[None, :] * sek, mask=m2, other=0.0).to(tl.float32)
+            h = (alpha[:, None] * e + c[:, None] * wc).to(H.dtype.element_ty)
+            tl.store(H + rows[:, None] * shm + cols[None, :] * shk, h, mask=m2)
+            d = tl.load(dp, mask=(rr[:, None] < R) & cmask[None, :], other=0.0)
+            if UPCAST:
+                gu += tl.dot(h.to(tl.float32), tl.trans(d.to(tl.float32)))
+            else:
+                gu += tl.dot(h, tl.trans(d))
+        tl.store(GUP + tl.program_id(1) * M * R + rows[:, None] * R + rr[None, :], gu, mask=umask)
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _grid(w2: torch.Tensor):
+    """(row blocks, column splits, columns per split) for a ``(out, K)`` weight (see ``_CFG``)."""
+    m, k = w2.shape
+    c = _CFG
+    target = c["programs"]
+    if target is None:
+        dev = w2.device
+        if dev.type == "cuda":
+            if dev not in _SMS:
+                _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+            target = 4 * _SMS[dev]
+        else:
+            target = 1
+    rb, nk = triton.cdiv(m, c["BM"]), triton.cdiv(k, c["BK"])
+    ns = min(nk, max(1, triton.cdiv(target, rb)))
+    ks = triton.cdiv(nk, ns) * c["BK"]
+    return rb, triton.cdiv(k, ks), ks
+
+
+def _common(w2, up2, down2):
+    c = _CFG
+    return dict(BM=c["BM"], BK=c["BK"], BR=_br(up2.shape[1]), UPCAST=_UPCAST, num_warps=c["num_warps"],
+                num_stages=c["num_stages"])
+
+
+def _rowdot(a, w2, up2, down2, gain, grid):
+    """The partial row sums of ``a ⊙ W′`` (``a`` None: ``W′ ⊙ W′``), fp32 ``(splits, out)``."""
+    rb, ns, ks = grid
+    m, k = w2.shape
+    p = torch.empty((ns, m), device=w2.device, dtype=torch.float32)
+    src = w2 if a is None else a
+    _rowdot_kernel[(rb, ns)](
+        src, w2, up2, down2, p, m, k, up2.shape[1], src.stride(0), src.stride(1), w2.stride(0), w2.stride(1),
+        up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1), float(gain), ks,
+        SELF=a is None, **_common(w2, up2, down2))
+    return p
+
+
+def build(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float, s: float,
+          mag: torch.Tensor | None = None, vec: torch.Tensor | None = None):
+    """``W_eff`` (w2's shape and dtype) of DoRA over LoRA at multiplier ``s``. With ``mag`` (the forward):
+    the norms too (a first launch of partial row sums), returned as ``vec`` = fp32 ``(3, out)``: ``g``,
+    ``n = ‖W′‖ + ε``, ``‖W′‖``. With ``vec`` (the backward's rebuild): ``g`` read from it, one launch.
+    ``up2`` ``(out, r)`` and ``down2`` ``(r, K)`` in w2's dtype."""
+    m, k = w2.shape
+    grid = _grid(w2)
+    out = torch.empty_like(w2)
+    from_p = vec is None
+    if from_p:
+        p = _rowdot(None, w2, up2, down2, gain, grid)
+        vec = torch.empty((3, m), device=w2.device, dtype=torch.float32)
+        src = mag.reshape(-1)
+    else:
+        p = src = vec
+    rb, ns, ks = grid
+    _build_kernel[(rb, ns)](
+        w2, up2, down2, src, p, p.shape[0], out, vec, m, k, up2.shape[1],
+        w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
+        out.stride(0), out.stride(1), float(gain), float(s), _EPS, ks,
+        FROM_P=from_p, **_common(w2, up2, down2))
+    return out, vec
+
+
+def backward(e: torch.Tensor, w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, vec: torch.Tensor,
+             gain: float, s: float, detach: bool, need_h: bool, mag_dtype: torch.dtype):
+    """``(H, ∂U, ∂mag)`` from ``E = ∂L/∂W_eff`` (``(out, K)``): ``H = ∂(U·D)`` in w2's dtype (None unless
+    ``need_h``), ``∂U = H·Dᵀ`` in fp32 (None unless ``need_h``), ``∂mag`` ``(out,)`` in ``mag_dtype``."""
+    m, k = w2.shape
+    r = up2.shape[1]
+    grid = _grid(w2)
+    p = _rowdot(e, w2, up2, down2, gain, grid)
+    if not need_h:
+        return None, None, (p.sum(0) * s / vec[1]).to(mag_dtype)
+    rb, ns, ks = grid
+    gmag = torch.empty(m, device=w2.device, dtype=mag_dtype)
+    h = torch.empty_like(w2)
+    gup = torch.empty((ns, m, r), device=w2.device, dtype=torch.float32)
+    _grad_kernel[(rb, ns)](
+        e, w2, up2, down2, vec, p, ns, h, gup, gmag, m, k, r,
+        e.stride(0), e.stride(1), w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1),
+        down2.stride(0), down2.stride(1), h.stride(0), h.stride(1), float(gain), float(s), ks,
+        DETACH=detach, **_common(w2, up2, down2))
+    return h, (gup[0] if ns == 1 else gup.sum(0)), gmag

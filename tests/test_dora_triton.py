@@ -1,0 +1,181 @@
+"""DoRA's fused Triton kernels (``lyco.algorithms.dora_triton``), run on the CPU in Triton's interpreter.
+
+The GPU selects them for bf16/fp16 CUDA weights; here they run interpreted (tests/conftest.py sets
+``TRITON_INTERPRET=1``) and are checked against DoRA's definition written in float64 below — the kernels' outputs and their gradients, then a
+whole DoRA layer trained through the rebuilt op with the kernels forced in. Nothing is compared with a
+value lyco computed some other way.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import dora_triton
+
+import triton.runtime.interpreter as _interp  # Triton is in the test extra
+
+_EPS = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def kern():
+    """dora_triton as the suite imports it: interpreted (tests/conftest.py sets TRITON_INTERPRET=1 before
+    anything imports Triton), so its kernels run on CPU tensors."""
+    assert dora_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    # triton 3.6's interpreter turns a loop bound (a 1-element array) into an int with int(), which
+    # NumPy ≥ 2.4 refuses; read the element instead while these tests run (the GPU path compiles).
+    orig = _interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = patched
+    yield dora_triton
+    _interp._patch_lang_tensor = orig
+
+
+def _definition(w, up, down, mag, gain, s, detach=False):
+    """W_eff = W + s·(W′·mag/n − W), W′ = W + γ·up·down, n = ‖W′‖_row + ε (float64; n constant if detached)."""
+    wc = w + gain * up @ down
+    n = wc.norm(dim=1, keepdim=True)
+    if detach:
+        n = n.detach()
+    return w + s * (wc * mag.reshape(-1, 1) / (n + _EPS) - w)
+
+
+# dtype → (tolerance on values, on gradients), relative to the largest entry. The interpreter converts
+# fp32 → bf16 by truncation (one ulp = 2⁻⁷ relative), the GPU rounds to nearest.
+TOL = {torch.float32: (2e-6, 2e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("m,k,r", [(40, 300, 8), (33, 129, 12), (17, 64, 4), (18, 256, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("s,detach", [(1.0, False), (0.6, False), (1.0, True)])
+@pytest.mark.parametrize("programs", [1, 64])
+def test_kernels_match_definition(kern, monkeypatch, m, k, r, dtype, s, detach, programs):
+    """Whole rows per program (programs=1), and rows split over column ranges (programs=64: the
+    norms, ⟨E, W′⟩ and ∂U summed over partial sums, the first split storing the row vectors)."""
+    monkeypatch.setitem(kern._CFG, "programs", programs)
+    monkeypatch.setitem(kern._CFG, "BK", 64)  # several sweep steps per split at these widths
+    if programs > 1 and k > 64:
+        assert kern._grid(torch.empty(m, k))[1] > 1  # the columns are split
+    g = torch.Generator().manual_seed(m * k + r)
+    w = torch.randn(m, k, generator=g).to(dtype)
+    up = (0.3 * torch.randn(m, r, generator=g)).to(dtype)
+    down = (0.3 * torch.randn(r, k, generator=g)).to(dtype)
+    mag = torch.rand(m, generator=g) + 0.5
+    e = torch.randn(m, k, generator=g).to(dtype)
+    gain = 0.7
+    tv, tg = TOL[dtype]
+
+    out, vec = kern.build(w, up, down, gain, s, mag=mag)
+    W, U, D, Mg, E = (t.double() for t in (w, up, down, mag, e))
+    assert out.dtype == dtype and out.shape == w.shape
+    assert _rel(out, _definition(W, U, D, Mg, gain, s)) < tv
+    wc = W + gain * U @ D
+    assert _rel(vec[2], wc.norm(dim=1)) < 1e-5           # the norms the backward reads
+    assert _rel(vec[0], Mg / (wc.norm(dim=1) + _EPS)) < 1e-5
+    again, _ = kern.build(w, up, down, gain, s, vec=vec)  # the backward's rebuild
+    assert torch.equal(again, out)
+
+    Ul, Dl, Ml = (t.clone().requires_grad_() for t in (U, D, Mg))
+    _definition(W, Ul, Dl, Ml, gain, s, detach).backward(E)
+    h, gu, gmag = kern.backward(e, w, up, down, vec, gain, s, detach, True, torch.float32)
+    assert _rel(gu, Ul.grad) < tg
+    assert _rel(up.double().t() @ h.double(), Dl.grad) < tg  # ∂D = Uᵀ·H, as dora.py forms it
+    assert _rel(gmag, Ml.grad) < 1e-4 if dtype == torch.float32 else _rel(gmag, Ml.grad) < tg
+    none_h, none_gu, gmag2 = kern.backward(e, w, up, down, vec, gain, s, detach, False, torch.float32)
+    assert none_h is None and none_gu is None
+    assert _rel(gmag2, Ml.grad) < 1e-4 if dtype == torch.float32 else _rel(gmag2, Ml.grad) < tg
+
+
+def test_kernels_take_strided_weights(kern, monkeypatch):
+    """A weight stored transposed (and a transposed E) is read through its strides."""
+    monkeypatch.setitem(kern._CFG, "programs", 16)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(150, 24, generator=g).t()        # (24, 150), column-major
+    up, down = torch.randn(24, 8, generator=g), torch.randn(8, 150, generator=g) * 0.2
+    mag = torch.rand(24, generator=g) + 0.5
+    e = torch.randn(150, 24, generator=g).t()
+    out, vec = kern.build(w, up, down, 0.5, 1.0, mag=mag)
+    assert _rel(out, _definition(w.double(), up.double(), down.double(), mag.double(), 0.5, 1.0)) < 2e-6
+    Ul, Dl, Ml = (t.double().requires_grad_() for t in (up, down, mag))
+    _definition(w.double(), Ul, Dl, Ml, 0.5, 1.0).backward(e.double())
+    h, gu, gmag = kern.backward(e, w, up, down, vec, 0.5, 1.0, False, True, torch.float32)
+    assert _rel(gu, Ul.grad) < 2e-5 and _rel(gmag, Ml.grad) < 1e-4
+    assert _rel(up.double().t() @ h.double(), Dl.grad) < 2e-5
+
+
+def _layer_reference(mod, up, down, mag, gain, s, x, detach):
+    w = mod.weight.double()
+    wd = _definition(w.reshape(w.shape[0], -1), up.double().flatten(1), down.double().flatten(1),
+                     mag.double(), gain, s, detach).reshape(w.shape)
+    b = mod.bias.double()
+    return F.linear(x, wd, b) if w.dim() == 2 else F.conv2d(x, wd, b, padding=1)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s,detach", [(1.0, False), (0.6, False), (1.0, True)])
+def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach):
+    """A DoRA layer (LoRA inside, magnitude on the output axis) on the rebuilt op with the kernels forced
+    in: its output and the gradients of up, down, the magnitude and x equal the float64 definition."""
+    calls = {"build": 0, "backward": 0}
+
+    def spy(name):
+        fn = getattr(kern, name)
+
+        def wrapped(*a, **kw):
+            calls[name] += 1
+            return fn(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(kern, "usable", lambda w: True)
+    monkeypatch.setitem(kern._CFG, "programs", 8)
+    monkeypatch.setattr(kern, "build", spy("build"))
+    monkeypatch.setattr(kern, "backward", spy("backward"))
+    torch.manual_seed(0)
+    mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(6, 20, 3, padding=1)
+    x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 6, 7, 7)
+    model = nn.Sequential(mod).to(dtype)
+    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=3.0, conv_rank=4, conv_alpha=3.0,
+                      dora=True, seed=0, mode="rebuild", dora_detach_norm=detach)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net.set_multiplier(s)
+    (layer,) = net.layers.values()
+    t = layer.tensors()
+    up, down, mag = t["lora_up.weight"], t["lora_down.weight"], t["dora_scale"]
+    gain = float(t["alpha"]) / 4
+
+    xl = x.to(dtype).requires_grad_()
+    y = model(xl)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert calls == {"build": 2, "backward": 1}  # forward build, backward rebuild, fused backward
+
+    leaves = [tt.detach().double().requires_grad_() for tt in (up, down, mag)]
+    xr = xl.detach().double().requires_grad_()
+    ref = _layer_reference(mod, *leaves, gain, s, xr, detach)
+    ref.backward(gy.double())
+    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
+    assert _rel(y, ref) < tv
+    for p, want in zip((up, down, mag, xl), (*[lf.grad for lf in leaves], xr.grad)):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert _rel(p.grad, want) < tg
+
+
+def test_usable_only_on_cuda_half_precision():
+    """The GPU path is taken for CUDA bf16/fp16 weights only; CPU and fp32 stay on torch."""
+    assert not dora_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not dora_triton.usable(torch.zeros(2, 2))
