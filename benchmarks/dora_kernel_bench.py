@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""DoRA's fused Triton kernels (``lyco/algorithms/dora_triton.py``) over the weights of the benchmark's DoRA
+"""DoRA's fused Triton kernels (``lyco/algorithms/lowrank_triton.py``) over the weights of the benchmark's DoRA
 layer set (SD1.5's 192 ``lin`` layers, bf16, rank 16), per launch configuration, as device time per training
 step: the forward build with its norms, the backward's rebuild and the backward kernel, every layer once,
 captured as one CUDA graph and replayed. Prints each configuration's time against the bytes it must move at the
@@ -19,21 +19,25 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from train_step import build_unet, layer_sets  # noqa: E402
 
-from lyco.algorithms import dora_triton as K  # noqa: E402
+from lyco.algorithms import lowrank_triton as K  # noqa: E402
 
-#: launch configurations (``dora_triton._CFG``); "programs" in units of the card's SM count ("rows": whole rows per
+#: launch configurations (``lowrank_triton._CFG``); "programs" in units of the card's SM count ("rows": whole rows per
 #: program, no column split — the first kernels of run 38)
 CONFIGS = {
-    "bk256-w4-p4": dict(BK=256, num_warps=4, programs=4),
     "bk128-w4-p4": dict(BK=128, num_warps=4, programs=4),
+    "bk256-w4-p4": dict(BK=256, num_warps=4, programs=4),
     "bk256-w8-p4": dict(BK=256, num_warps=8, programs=4),
-    "bk512-w8-p4": dict(BK=512, num_warps=8, programs=4),
     "bk256-w4-p2": dict(BK=256, num_warps=4, programs=2),
     "bk256-w4-p8": dict(BK=256, num_warps=4, programs=8),
     "bk128-w4-p8": dict(BK=128, num_warps=4, programs=8),
     "bk256-w4-p4-s2": dict(BK=256, num_warps=4, programs=4, num_stages=2),
-    "bk256-w4-p4-s4": dict(BK=256, num_warps=4, programs=4, num_stages=4),
     "bk256-w4-rows": dict(BK=256, num_warps=4, programs="rows"),
+    # 32 / 64 rows per block: fewer re-reads of D (one per row block), wgmma-sized dots at 64 (run 41)
+    "bm32-bk128-w4-p4": dict(BM=32, BK=128, num_warps=4, programs=4),
+    "bm64-bk128-w4-p4": dict(BM=64, BK=128, num_warps=4, programs=4),
+    "bm64-bk64-w4-p4": dict(BM=64, BK=64, num_warps=4, programs=4),
+    "bm64-bk128-w8-p4": dict(BM=64, BK=128, num_warps=8, programs=4),
+    "bm64-bk128-w4-p8": dict(BM=64, BK=128, num_warps=4, programs=8),
 }
 DEFAULT = dict(K._CFG)
 
@@ -109,7 +113,7 @@ def main():
     for cname, cfg in CONFIGS.items():
         K._CFG.clear()
         K._CFG.update(DEFAULT)
-        K._CFG.update(cfg)
+        K._CFG.update({k: v for k, v in cfg.items() if k != "programs"})
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         K._CFG["programs"] = 1 if cfg["programs"] == "rows" else cfg["programs"] * sms
         # check one layer of each distinct shape against fp32 math

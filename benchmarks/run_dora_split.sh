@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 40: DoRA's Triton kernels with each layer's columns split over programs (partial row sums,
-# dora_triton.py), launch configurations over SD1.5's 192 DoRA layers (dora_kernel_bench.py), then the whole
+# lowrank_triton.py), launch configurations over SD1.5's 192 DoRA layers (dora_kernel_bench.py), then the whole
 # training step with the default configuration against LyCORIS and PEFT (eager, two rounds, and one CUDA graph).
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; bash benchmarks/run_dora_split.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 GPU run 38: DoRA-over-LoRA's rebuilt op on two fused Triton row kernels (algorithms/dora_triton.py: the
+# Issue 7 GPU run 38: DoRA-over-LoRA's rebuilt op on two fused Triton row kernels (algorithms/lowrank_triton.py: the
 # build with its row norms, the backward's dgr/∂mag/H/∂U in one sweep pair) against the torch path of run 29
 # (LYCO_TRITON=0, same run), LyCORIS (the best DoRA peer) and PEFT (detached norm, against lyco-dora-detach),
 # eager (two rounds) and one CUDA graph, a profile; the trainer's CUDA graphs against eager on DoRA.

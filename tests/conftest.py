@@ -7,7 +7,7 @@ may set another count at import time (collection imports every module in every w
 imported would win for the whole run); this fixture sets the count again before each test. The
 environment variables reach the processes tests start (gloo workers, kill tests).
 
-Triton kernels (``lyco.algorithms.dora_triton``) run in Triton's interpreter on CPU tensors: the suite
+Triton kernels (``lyco.algorithms.lowrank_triton``) run in Triton's interpreter on CPU tensors: the suite
 is CPU-only, and Triton decides when it is imported whether its own library functions are interpreted,
 so ``TRITON_INTERPRET`` is set here, before anything imports it.
 """

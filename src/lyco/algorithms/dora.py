@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from . import dora_triton
+from . import lowrank_triton
 from .base import Algorithm, LayerSpec, channel_view, input_channel_view, layer_op
 from .rebuild import cast, like, merged_build, rebuilt_op, rowdot, supports as rebuild_supports
 
@@ -132,7 +132,7 @@ class _LoraDoraBuild:
 
     def __init__(self, gain: float, s: float, detach_norm: bool):
         self.gain, self.s, self.detach = gain, s, detach_norm
-        self.fused = False  # set by forward_aux: the Triton kernels of dora_triton took this layer
+        self.fused = False  # set by forward_aux: the Triton kernels of lowrank_triton took this layer
 
     @staticmethod
     def _factors(w, up, down):
@@ -160,10 +160,10 @@ class _LoraDoraBuild:
         ``s·(g − 1)`` (w's dtype), ``n/s`` (for ``∂mag = dgr/(n/s)``), ``α = γ·s·g`` (w's dtype, the scale
         of E in ``∂(UD)``) and ``κ = g/(n·‖W′‖)`` (the norm term's, absent with a detached norm)."""
         w2, up2, down2 = self._factors(w, up, down)
-        if dora_triton.usable(w2):
-            # CUDA, bf16/fp16: two fused row kernels (dora_triton's doc) instead of ≈ 24 weight passes
+        if lowrank_triton.usable(w2):
+            # CUDA, bf16/fp16: two fused row kernels (lowrank_triton's doc) instead of ≈ 24 weight passes
             self.fused = True
-            w_eff, vec = dora_triton.build(w2, up2, down2, self.gain, self.s, mag=mag)
+            w_eff, vec = lowrank_triton.build(w2, up2, down2, self.gain, self.s, mag=mag)
             return like(w_eff, w.shape, w.dtype), b, (vec,)
         wide = torch.promote_types(torch.promote_types(mag.dtype, w.dtype), torch.float32)
         wc = torch.addmm(w2, up2, down2, alpha=self.gain)
@@ -189,7 +189,7 @@ class _LoraDoraBuild:
         w2, up2, down2 = self._factors(w, up, down)
         if self.fused:
             vec = keep[0]
-            w_eff, _ = dora_triton.build(w2, up2, down2, self.gain, self.s, vec=vec)
+            w_eff, _ = lowrank_triton.build(w2, up2, down2, self.gain, self.s, vec=vec)
             return like(w_eff, w.shape, w.dtype), (up2, down2, w2, vec)
         sgm1, nd, alpha, kappa = keep
         wc = torch.addmm(w2, up2, down2, alpha=self.gain)
@@ -202,7 +202,7 @@ class _LoraDoraBuild:
         up, down, mag = theta
         if self.fused:
             up2, down2, w2, vec = aux
-            h, gu, gmag = dora_triton.backward(like(gw, w2.shape, w2.dtype), w2, up2, down2, vec, self.gain,
+            h, gu, gmag = lowrank_triton.backward(like(gw, w2.shape, w2.dtype), w2, up2, down2, vec, self.gain,
                                                self.s, self.detach, needs[0] or needs[1], mag.dtype)
             return (like(gu, up.shape, up.dtype) if needs[0] else None,
                     like(up2.t() @ h, down.shape, down.dtype) if needs[1] else None,

@@ -1,8 +1,9 @@
-"""DoRA's fused Triton kernels (``lyco.algorithms.dora_triton``), run on the CPU in Triton's interpreter.
+"""The fused Triton kernels of ``lyco.algorithms.lowrank_triton`` (GLoRA's ``W + k·U·D``, DoRA over LoRA),
+run on the CPU in Triton's interpreter.
 
 The GPU selects them for bf16/fp16 CUDA weights; here they run interpreted (tests/conftest.py sets
-``TRITON_INTERPRET=1``) and are checked against DoRA's definition written in float64 below — the kernels' outputs and their gradients, then a
-whole DoRA layer trained through the rebuilt op with the kernels forced in. Nothing is compared with a
+``TRITON_INTERPRET=1``) and are checked against the definitions written in float64 below — the kernels' outputs and their gradients, then whole
+DoRA and GLoRA layers trained through the rebuilt op with the kernels forced in. Nothing is compared with a
 value lyco computed some other way.
 """
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from lyco.algorithms import dora_triton
+from lyco.algorithms import lowrank_triton
 
 import triton.runtime.interpreter as _interp  # Triton is in the test extra
 
@@ -23,9 +24,9 @@ _EPS = torch.finfo(torch.float32).eps
 
 @pytest.fixture(scope="module")
 def kern():
-    """dora_triton as the suite imports it: interpreted (tests/conftest.py sets TRITON_INTERPRET=1 before
+    """lowrank_triton as the suite imports it: interpreted (tests/conftest.py sets TRITON_INTERPRET=1 before
     anything imports Triton), so its kernels run on CPU tensors."""
-    assert dora_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    assert lowrank_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
     # triton 3.6's interpreter turns a loop bound (a 1-element array) into an int with int(), which
     # NumPy ≥ 2.4 refuses; read the element instead while these tests run (the GPU path compiles).
     orig = _interp._patch_lang_tensor
@@ -35,7 +36,7 @@ def kern():
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     _interp._patch_lang_tensor = patched
-    yield dora_triton
+    yield lowrank_triton
     _interp._patch_lang_tensor = orig
 
 
@@ -115,6 +116,20 @@ def test_kernels_take_strided_weights(kern, monkeypatch):
     assert _rel(up.double().t() @ h.double(), Dl.grad) < 2e-5
 
 
+def _spy(monkeypatch, kern, names):
+    """Force the kernels in (``usable`` true on the CPU) and count the calls of ``names``."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        fn = getattr(kern, name)
+
+        def wrapped(*a, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*a, **kw)
+        monkeypatch.setattr(kern, name, wrapped)
+    monkeypatch.setattr(kern, "usable", lambda w: True)
+    return calls
+
+
 def _layer_reference(mod, up, down, mag, gain, s, x, detach):
     w = mod.weight.double()
     wd = _definition(w.reshape(w.shape[0], -1), up.double().flatten(1), down.double().flatten(1),
@@ -129,20 +144,8 @@ def _layer_reference(mod, up, down, mag, gain, s, x, detach):
 def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach):
     """A DoRA layer (LoRA inside, magnitude on the output axis) on the rebuilt op with the kernels forced
     in: its output and the gradients of up, down, the magnitude and x equal the float64 definition."""
-    calls = {"build": 0, "backward": 0}
-
-    def spy(name):
-        fn = getattr(kern, name)
-
-        def wrapped(*a, **kw):
-            calls[name] += 1
-            return fn(*a, **kw)
-        return wrapped
-
-    monkeypatch.setattr(kern, "usable", lambda w: True)
+    calls = _spy(monkeypatch, kern, ["build", "backward"])
     monkeypatch.setitem(kern._CFG, "programs", 8)
-    monkeypatch.setattr(kern, "build", spy("build"))
-    monkeypatch.setattr(kern, "backward", spy("backward"))
     torch.manual_seed(0)
     mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(6, 20, 3, padding=1)
     x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 6, 7, 7)
@@ -177,5 +180,67 @@ def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach)
 
 def test_usable_only_on_cuda_half_precision():
     """The GPU path is taken for CUDA bf16/fp16 weights only; CPU and fp32 stay on torch."""
-    assert not dora_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16))
-    assert not dora_triton.usable(torch.zeros(2, 2))
+    assert not lowrank_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert not lowrank_triton.usable(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("m,k,r", [(40, 300, 16), (33, 129, 6), (17, 64, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("programs", [1, 64])
+def test_add_lowrank_matches_definition(kern, monkeypatch, m, k, r, dtype, programs):
+    """``W + γ·U·D`` in one pass equals the float64 sum within one rounding of the output dtype."""
+    monkeypatch.setitem(kern._CFG, "programs", programs)
+    monkeypatch.setitem(kern._CFG, "BK", 64)
+    g = torch.Generator().manual_seed(m + k + r)
+    w = torch.randn(m, k, generator=g).to(dtype)
+    up = torch.randn(m, r, generator=g).to(dtype)
+    down = (0.3 * torch.randn(r, k, generator=g)).to(dtype)
+    out = kern.add_lowrank(w, up, down, 0.4)
+    assert out.dtype == dtype and out.shape == w.shape
+    assert _rel(out, w.double() + 0.4 * up.double() @ down.double()) < TOL[dtype][0]
+
+
+def _glora_reference(mod, a1, a2, b1, b2, gamma, x):
+    """GLoRA's definition: W′ = W + γ·(W·A1·A2 + B1·B2) on the flattened weight (1×1 convs and linears)."""
+    w = mod.weight.double()
+    w2 = w.reshape(w.shape[0], -1)
+    wp = (w2 + gamma * (w2 @ a1.flatten(1) @ a2.flatten(1) + b1.flatten(1) @ b2.flatten(1))).reshape(w.shape)
+    b = mod.bias.double()
+    return F.linear(x, wp, b) if w.dim() == 2 else F.conv2d(x, wp, b)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1x1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("multiplier", [1.0, 0.5])
+def test_glora_layer_trains_through_kernel(kern, monkeypatch, kind, dtype, multiplier):
+    """A GLoRA layer on the rebuilt op with ``add_lowrank`` forced in (forward build and backward rebuild):
+    output and the gradients of a1, a2, b1, b2 and x equal the float64 definition."""
+    calls = _spy(monkeypatch, kern, ["add_lowrank"])
+    monkeypatch.setitem(kern._CFG, "programs", 8)
+    torch.manual_seed(1)
+    mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(24, 20, 1)
+    x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 24, 5, 5)
+    model = nn.Sequential(mod).to(dtype)
+    net = lyco.create(model, preset="full", algo="glora", rank=4, alpha=2.0, seed=0, mode="rebuild")
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net.set_multiplier(multiplier)
+    (layer,) = net.layers.values()
+    t = layer.tensors()
+    params = [t[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")]
+    xl = x.to(dtype).requires_grad_()
+    y = model(xl)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert calls == {"add_lowrank": 2}  # forward build, backward rebuild
+
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    xr = xl.detach().double().requires_grad_()
+    ref = _glora_reference(mod, *leaves, multiplier * float(t["alpha"]) / 4, xr)
+    ref.backward(gy.double())
+    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
+    assert _rel(y, ref) < tv
+    for p, want in zip((*params, xl), (*[lf.grad for lf in leaves], xr.grad)):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert _rel(p.grad, want) < tg

@@ -1,6 +1,9 @@
-"""Fused Triton kernels for DoRA-over-LoRA's rebuilt op (magnitude on the output axis), on CUDA.
+"""Fused Triton kernels for weights of the form ``W′ = W + γ·U·D`` (U, D rank-sized), on CUDA:
+GLoRA's rebuilt op (:func:`add_lowrank`: ``W + k·[W·A1 │ B1]·[A2 ; B2]`` in one read of W and one write,
+where ``addmm`` first copies W into its output: 4 weight-sized passes → 2) and DoRA over LoRA's
+(magnitude on the output axis; :func:`build`, :func:`backward`).
 
-The torch path of :class:`lyco.algorithms.dora._LoraDoraBuild` makes ≈ 24 weight-sized passes per
+DoRA: the torch path of :class:`lyco.algorithms.dora._LoraDoraBuild` makes ≈ 24 weight-sized passes per
 layer and step (``addmm`` first copies W into its output, the row norm, the ``addcmul``, the same again
 in the backward's rebuild, then the gradient's ``rowdot``, scale, ``addcmul`` and two GEMMs reading it)
 and ≈ 20 kernels. Here each kernel works on a block of 16 rows × a range of columns and keeps
@@ -106,16 +109,18 @@ if triton is not None:
     @triton.jit
     def _build_kernel(W, U, D, MAG, P, NP, OUT, VEC, M, K, R, swm, swk, sum_, sur, sdr, sdk, som, sok,
                       gain, s, eps, KS,
-                      FROM_P: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      FROM_P: tl.constexpr, PLAIN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      BR: tl.constexpr, UPCAST: tl.constexpr):
         """W_eff = (1 − s)·W + s·g ⊙ W′ on this program's columns; FROM_P: g from the norms' partial sums
-        (and (g, n, ‖W′‖) stored by the first column split), else g read from VEC."""
+        (and (g, n, ‖W′‖) stored by the first column split), else g read from VEC; PLAIN: W′ itself."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         rr = tl.arange(0, BR)
         u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
                     other=0.0)
-        if FROM_P:
+        if PLAIN:
+            g = tl.zeros((BM,), dtype=tl.float32)  # unused
+        elif FROM_P:
             acc = tl.zeros((BM,), dtype=tl.float32)
             for j in range(0, NP):
                 acc += tl.load(P + j * M + rows, mask=rmask, other=0.0)
@@ -136,9 +141,12 @@ if triton is not None:
             wp = W + rows[:, None] * swm + cols[None, :] * swk
             wc, cmask = _w_prime(wp, D + rr[:, None] * sdr + cols[None, :] * sdk, u, rmask, rr < R, cols, K,
                                  gain, UPCAST)
-            weff = a[:, None] * wc
-            if s != 1.0:
-                weff += (1.0 - s) * tl.load(wp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            if PLAIN:
+                weff = wc
+            else:
+                weff = a[:, None] * wc
+                if s != 1.0:
+                    weff += (1.0 - s) * tl.load(wp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             tl.store(OUT + rows[:, None] * som + cols[None, :] * sok, weff.to(OUT.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
 
@@ -249,8 +257,22 @@ def build(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float,
         w2, up2, down2, src, p, p.shape[0], out, vec, m, k, up2.shape[1],
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), float(s), _EPS, ks,
-        FROM_P=from_p, **_common(w2, up2, down2))
+        FROM_P=from_p, PLAIN=False, **_common(w2, up2, down2))
     return out, vec
+
+
+def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float) -> torch.Tensor:
+    """``W + γ·U·D`` (w2's shape and dtype, accumulated in fp32 and rounded once, as ``addmm``), reading W
+    once: ``up2`` ``(out, r)`` and ``down2`` ``(r, K)`` in w2's dtype."""
+    m, k = w2.shape
+    rb, ns, ks = _grid(w2)
+    out = torch.empty_like(w2)
+    _build_kernel[(rb, ns)](
+        w2, up2, down2, w2, w2, 1, out, w2, m, k, up2.shape[1],
+        w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
+        out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
+        FROM_P=False, PLAIN=True, **_common(w2, up2, down2))
+    return out
 
 
 def backward(e: torch.Tensor, w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, vec: torch.Tensor,
