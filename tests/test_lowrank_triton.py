@@ -184,6 +184,27 @@ def test_usable_only_on_cuda_half_precision():
     assert not lowrank_triton.usable(torch.zeros(2, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_self_test_passes_on_working_kernels(kern, dtype, recwarn):
+    assert kern._self_test(torch.device("cpu"), dtype) is True
+    assert not [w for w in recwarn if "Triton kernels are off" in str(w.message)]
+
+
+def test_self_test_turns_kernels_off_when_they_fail(kern, monkeypatch):
+    """A kernel that cannot compile (an exception) or computes something else (a wrong value) turns the
+    kernels off with one warning naming the reason, so training continues on the torch path."""
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed")
+    monkeypatch.setattr(kern, "backward", broken)
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+        assert kern._self_test(torch.device("cpu"), torch.bfloat16) is False
+    monkeypatch.undo()
+    real = kern.add_lowrank
+    monkeypatch.setattr(kern, "add_lowrank", lambda w, u, d, gain: real(w, u, d, 1.5 * gain))
+    with pytest.warns(RuntimeWarning, match="relative error"):
+        assert kern._self_test(torch.device("cpu"), torch.bfloat16) is False
+
+
 @pytest.mark.parametrize("m,k,r", [(40, 300, 16), (33, 129, 6), (17, 64, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("programs", [1, 64])

@@ -57,10 +57,64 @@ _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
 _SMS: dict = {}
 
 
+#: (device, dtype) → whether the kernels passed their self-test there (:func:`_self_test`, once per process)
+_CHECKED: dict = {}
+
+
 def usable(w: torch.Tensor) -> bool:
-    """Whether the fused kernels take this layer (see the module doc)."""
-    return (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling())
+    """Whether the fused kernels take this layer (see the module doc). The first time for a device and dtype
+    the kernels are compiled and checked against torch math on a small weight (:func:`_self_test`); where that
+    fails (an older GPU, a Triton that cannot compile them) they are off for the process, with one warning.
+    Not decided while a CUDA graph is being captured (the check synchronises): the torch path then."""
+    if not (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling()):
+        return False
+    key = (w.device, w.dtype)
+    ok = _CHECKED.get(key)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        ok = _CHECKED[key] = _self_test(w.device, w.dtype)
+    return ok
+
+
+def _self_test(device, dtype) -> bool:
+    """Every kernel variant on a 48 × 300 weight of rank 8 (forward build, rebuild, both backwards, the plain
+    build) against the same math in fp32 torch; False (and a warning naming the reason) on an exception or a
+    relative error above 2 % (bf16 rounding is 0.4 %)."""
+    import warnings
+    reason = None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < ((8, 0) if dtype == torch.bfloat16
+                                                                              else (7, 0)):
+        reason = f"compute capability {torch.cuda.get_device_capability(device)} is below what the kernels need"
+    else:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w, u, d, e = (torch.randn(*sh, generator=g).to(device, dtype)
+                          for sh in ((48, 300), (48, 8), (8, 300), (48, 300)))
+            mag = torch.rand(48, generator=g).to(device) + 0.5
+            wc = w.float() + 0.5 * u.float() @ d.float()
+            n = wc.norm(dim=1) + _EPS
+            out, vec = build(w, u, d, 0.5, 0.7, mag=mag)
+            again, _ = build(w, u, d, 0.5, 0.7, vec=vec)
+            ref = 0.3 * w.float() + 0.7 * wc * (mag / n)[:, None]
+            dgr = (e.float() * wc).sum(1)
+            h_ref = 0.35 * (mag / n)[:, None] * e.float()
+            errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc)]
+            for detach in (False, True):
+                h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
+                hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
+                errs += [(h, hr), (gu, hr @ d.float().t()), (gmag, 0.7 * dgr / n)]
+            worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
+            if not worst <= 2e-2:
+                reason = f"their self-test's relative error is {worst:.2e}"
+        except Exception as exc:  # a compile or launch failure: keep training on the torch path
+            reason = f"{type(exc).__name__}: {exc}"
+    if reason is not None:
+        warnings.warn(f"lyco: the fused Triton kernels are off on {device} for {dtype} ({reason}); "
+                      "using the torch path (LYCO_TRITON=0 silences this)", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 # decided when the kernels are defined, as Triton decides whether @triton.jit interprets them
