@@ -54,7 +54,6 @@ _EPS = torch.finfo(torch.float32).eps
 #: (few programs on the small layers) ran at 4.2–4.9× the bytes-at-copy-bandwidth time whatever the tile;
 #: split to 4 per SM, 3.3× with BK = 128 (run 40; 2 or 8 per SM, 2–4 stages: within 2 %; BK 256–512: slower).
 _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
-_SMS: dict = {}
 
 
 #: (device, dtype) → whether the kernels passed their self-test there (:func:`_self_test`, once per process)
@@ -248,33 +247,48 @@ if triton is not None:
         tl.store(GUP + tl.program_id(1) * M * R + rows[:, None] * R + rr[None, :], gu, mask=umask)
 
 
+# Host-side helpers in plain integer math: triton.cdiv / next_power_of_2 are constexpr functions that cost a
+# few µs per call from Python (13 calls per DoRA backward; cProfile on the H100 host), and eager training is
+# host-bound. The launch geometry and keyword arguments are cached per shape and configuration.
+_GRIDS: dict = {}
+_KWARGS: dict = {}
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _br(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _grid(w2: torch.Tensor):
     """(row blocks, column splits, columns per split) for a ``(out, K)`` weight (see ``_CFG``)."""
-    m, k = w2.shape
     c = _CFG
+    m, k = w2.shape
+    key = (m, k, w2.device, c["BM"], c["BK"], c["programs"])
+    got = _GRIDS.get(key)
+    if got is not None:
+        return got
     target = c["programs"]
     if target is None:
         dev = w2.device
-        if dev.type == "cuda":
-            if dev not in _SMS:
-                _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-            target = 4 * _SMS[dev]
-        else:
-            target = 1
-    rb, nk = triton.cdiv(m, c["BM"]), triton.cdiv(k, c["BK"])
-    ns = min(nk, max(1, triton.cdiv(target, rb)))
-    ks = triton.cdiv(nk, ns) * c["BK"]
-    return rb, triton.cdiv(k, ks), ks
+        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    rb, nk = _cdiv(m, c["BM"]), _cdiv(k, c["BK"])
+    ns = min(nk, max(1, _cdiv(target, rb)))
+    ks = _cdiv(nk, ns) * c["BK"]
+    got = _GRIDS[key] = (rb, _cdiv(k, ks), ks)
+    return got
 
 
 def _common(w2, up2, down2):
     c = _CFG
-    return dict(BM=c["BM"], BK=c["BK"], BR=_br(up2.shape[1]), UPCAST=_UPCAST, num_warps=c["num_warps"],
-                num_stages=c["num_stages"])
+    key = (up2.shape[1], c["BM"], c["BK"], c["num_warps"], c["num_stages"])
+    got = _KWARGS.get(key)
+    if got is None:
+        got = _KWARGS[key] = dict(BM=c["BM"], BK=c["BK"], BR=_br(up2.shape[1]), UPCAST=_UPCAST,
+                                  num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return got
 
 
 def _rowdot(a, w2, up2, down2, gain, grid):
