@@ -88,25 +88,8 @@ def _self_test(device, dtype) -> bool:
         reason = f"compute capability {torch.cuda.get_device_capability(device)} is below what the kernels need"
     else:
         try:
-            g = torch.Generator().manual_seed(0)
-            w, u, d, e = (torch.randn(*sh, generator=g).to(device, dtype)
-                          for sh in ((48, 300), (48, 8), (8, 300), (48, 300)))
-            mag = torch.rand(48, generator=g).to(device) + 0.5
-            wc = w.float() + 0.5 * u.float() @ d.float()
-            n = wc.norm(dim=1) + _EPS
-            out, vec = build(w, u, d, 0.5, 0.7, mag=mag)
-            again, _ = build(w, u, d, 0.5, 0.7, vec=vec)
-            ref = 0.3 * w.float() + 0.7 * wc * (mag / n)[:, None]
-            dgr = (e.float() * wc).sum(1)
-            h_ref = 0.35 * (mag / n)[:, None] * e.float()
-            errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc)]
-            for detach in (False, True):
-                h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
-                hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
-                errs += [(h, hr), (gu, hr @ d.float().t()), (gmag, 0.7 * dgr / n)]
-            worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
-            if not worst <= 2e-2:
-                reason = f"their self-test's relative error is {worst:.2e}"
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):
+                reason = _compare(device, dtype)
         except Exception as exc:  # a compile or launch failure: keep training on the torch path
             reason = f"{type(exc).__name__}: {exc}"
     if reason is not None:
@@ -114,6 +97,28 @@ def _self_test(device, dtype) -> bool:
                       "using the torch path (LYCO_TRITON=0 silences this)", RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def _compare(device, dtype) -> str | None:
+    """The self-test's comparisons (see :func:`_self_test`): None, or why the kernels disagree."""
+    g = torch.Generator().manual_seed(0)
+    w, u, d, e = (torch.randn(*sh, generator=g).to(device, dtype)
+                  for sh in ((48, 300), (48, 8), (8, 300), (48, 300)))
+    mag = torch.rand(48, generator=g).to(device) + 0.5
+    wc = w.float() + 0.5 * u.float() @ d.float()
+    n = wc.norm(dim=1) + _EPS
+    out, vec = build(w, u, d, 0.5, 0.7, mag=mag)
+    again, _ = build(w, u, d, 0.5, 0.7, vec=vec)
+    ref = 0.3 * w.float() + 0.7 * wc * (mag / n)[:, None]
+    dgr = (e.float() * wc).sum(1)
+    h_ref = 0.35 * (mag / n)[:, None] * e.float()
+    errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc)]
+    for detach in (False, True):
+        h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
+        hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
+        errs += [(h, hr), (gu, hr @ d.float().t()), (gmag, 0.7 * dgr / n)]
+    worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
+    return None if worst <= 2e-2 else f"their self-test's relative error is {worst:.2e}"
 
 
 # decided when the kernels are defined, as Triton decides whether @triton.jit interprets them
