@@ -62,6 +62,24 @@ def _torch():
     return torch
 
 
+def capture_graph(fn, warmup: int = 2):
+    """``fn`` (CUDA work) run ``warmup`` times on a side stream, captured as one CUDA graph, replayed once and
+    synchronised: the graph, ready to time (the benchmarks' device-time measure without launch overhead)."""
+    torch = _torch()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g
+
+
 def _gpu_name() -> str | None:
     torch = _torch()
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

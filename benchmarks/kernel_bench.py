@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "experiments"))
 import lowrank_gemm_triton as lg  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import capture_graph  # noqa: E402
 
 # (M, K, N): batch 8 × tokens, in, out — attention at 64², 32², 16², 8²; cross-attention k/v; GEGLU
 # proj (×2 out) and ff out
@@ -30,17 +32,7 @@ SHAPES = [(32768, 320, 320), (32768, 320, 2560), (32768, 1280, 320), (8192, 640,
 
 
 def graph_time(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
+    g = capture_graph(fn, warmup=3)
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     e0.record()
     for _ in range(reps):

@@ -41,28 +41,21 @@ def main():
     d = torch.randn(16, k, device=dev, dtype=dt)
     mag = torch.rand(m, device=dev) + 0.5
     e = torch.randn(m, k, device=dev, dtype=dt)
-    torch_build = _LoraDoraBuild(0.5, 1.0, False)
     res = {
         "addmm (GLoRA torch path)": per_call_us(lambda: torch.addmm(w, u, d, alpha=0.5)),
         "add_lowrank (GLoRA Triton)": per_call_us(lambda: K.add_lowrank(w, u, d, 0.5)),
     }
-    os.environ["LYCO_TRITON"] = "0"
-    res["DoRA forward build, torch path"] = per_call_us(lambda: torch_build.forward_aux(w, None, u, d, mag))
-    keep = torch_build.forward_aux(w, None, u, d, mag)[2]
+    for path, env in (("torch path", "0"), ("Triton", "1")):
+        os.environ["LYCO_TRITON"] = env  # read by the build at its forward (lowrank_triton.usable)
+        b = _LoraDoraBuild(0.5, 1.0, False)
+        res[f"DoRA forward build, {path}"] = per_call_us(lambda: b.forward_aux(w, None, u, d, mag))
+        keep = b.forward_aux(w, None, u, d, mag)[2]
 
-    def torch_bwd():
-        _, aux = torch_build.recompute(keep, w, None, u, d, mag)
-        torch_build.vjp(aux, (u, d, mag), e, None, (True, True, True))
-    res["DoRA backward (rebuild + vjp), torch path"] = per_call_us(torch_bwd)
+        def bwd():
+            _, aux = b.recompute(keep, w, None, u, d, mag)
+            b.vjp(aux, (u, d, mag), e, None, (True, True, True))
+        res[f"DoRA backward (rebuild + vjp), {path}"] = per_call_us(bwd)
     del os.environ["LYCO_TRITON"]
-    kb = _LoraDoraBuild(0.5, 1.0, False)
-    res["DoRA forward build, Triton"] = per_call_us(lambda: kb.forward_aux(w, None, u, d, mag))
-    keep = kb.forward_aux(w, None, u, d, mag)[2]
-
-    def k_bwd():
-        _, aux = kb.recompute(keep, w, None, u, d, mag)
-        kb.vjp(aux, (u, d, mag), e, None, (True, True, True))
-    res["DoRA backward (rebuild + vjp), Triton"] = per_call_us(k_bwd)
     for name, us in res.items():
         print(f"{name:45s} {us:7.1f} µs per call")
     out = {"device": torch.cuda.get_device_name(), "shape": [m, k], "rank": 16, "us_per_call": res}
