@@ -12,9 +12,9 @@ w = torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
 with warnings.catch_warnings(record=True) as ws:
     warnings.simplefilter("always")
     t0 = time.perf_counter()
-    ok = K.usable(w)
+    ok = K.usable(w, 16)
     t1 = time.perf_counter()
-    ok16 = K.usable(w.half())
+    ok16 = K.usable(w.half(), 16)
     t2 = time.perf_counter()
 print(f"usable bf16 {ok} ({t1 - t0:.2f} s, first use: compile + self-test), fp16 {ok16} ({t2 - t1:.2f} s), "
       f"warnings {[str(x.message) for x in ws]}")

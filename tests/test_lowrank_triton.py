@@ -126,7 +126,7 @@ def _spy(monkeypatch, kern, names):
             calls[_name] += 1
             return _fn(*a, **kw)
         monkeypatch.setattr(kern, name, wrapped)
-    monkeypatch.setattr(kern, "usable", lambda w: True)
+    monkeypatch.setattr(kern, "usable", lambda w, rank: True)
     return calls
 
 
@@ -180,8 +180,8 @@ def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach)
 
 def test_usable_only_on_cuda_half_precision():
     """The GPU path is taken for CUDA bf16/fp16 weights only; CPU and fp32 stay on torch."""
-    assert not lowrank_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16))
-    assert not lowrank_triton.usable(torch.zeros(2, 2))
+    assert not lowrank_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16), 8)
+    assert not lowrank_triton.usable(torch.zeros(2, 2), 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

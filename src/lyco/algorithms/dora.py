@@ -160,7 +160,7 @@ class _LoraDoraBuild:
         ``s·(g − 1)`` (w's dtype), ``n/s`` (for ``∂mag = dgr/(n/s)``), ``α = γ·s·g`` (w's dtype, the scale
         of E in ``∂(UD)``) and ``κ = g/(n·‖W′‖)`` (the norm term's, absent with a detached norm)."""
         w2, up2, down2 = self._factors(w, up, down)
-        if lowrank_triton.usable(w2):
+        if lowrank_triton.usable(w2, up2.shape[1]):
             # CUDA, bf16/fp16: two fused row kernels (lowrank_triton's doc) instead of ≈ 24 weight passes
             self.fused = True
             w_eff, vec = lowrank_triton.build(w2, up2, down2, self.gain, self.s, mag=mag)

@@ -97,7 +97,7 @@ class _GLoRABuild:
     def _add(self, w2, left, right):
         """``W + k·left·right``: on CUDA bf16/fp16 one Triton pass (read W, write W′; ``addmm`` first copies
         W into its output: 4 weight-sized passes), else ``addmm``. Both accumulate in fp32 and round once."""
-        if lowrank_triton.usable(w2):
+        if lowrank_triton.usable(w2, left.shape[1]):
             return lowrank_triton.add_lowrank(w2, left, right, self.k)
         return torch.addmm(w2, left, right, alpha=self.k)
 

@@ -60,12 +60,17 @@ _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
 _CHECKED: dict = {}
 
 
-def usable(w: torch.Tensor) -> bool:
+#: the largest inner rank (U's columns) the kernels take: U·D tiles of up to 64 × BK stay in registers; the
+#: self-test compiles the 16- and 64-wide variants (larger ranks take the torch path)
+MAX_RANK = 64
+
+
+def usable(w: torch.Tensor, rank: int) -> bool:
     """Whether the fused kernels take this layer (see the module doc). The first time for a device and dtype
     the kernels are compiled and checked against torch math on a small weight (:func:`_self_test`); where that
     fails (an older GPU, a Triton that cannot compile them) they are off for the process, with one warning.
     Not decided while a CUDA graph is being captured (the check synchronises): the torch path then."""
-    if not (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
+    if not (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and rank <= MAX_RANK
             and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling()):
         return False
     key = (w.device, w.dtype)
@@ -78,9 +83,9 @@ def usable(w: torch.Tensor) -> bool:
 
 
 def _self_test(device, dtype) -> bool:
-    """Every kernel variant on a 48 × 300 weight of rank 8 (forward build, rebuild, both backwards, the plain
-    build) against the same math in fp32 torch; False (and a warning naming the reason) on an exception or a
-    relative error above 2 % (bf16 rounding is 0.4 %)."""
+    """Every kernel variant on a 48 × 300 weight of rank 8 and of rank :data:`MAX_RANK` (forward build,
+    rebuild, both backwards, the plain build) against the same math in fp32 torch; False (and a warning
+    naming the reason) on an exception or a relative error above 2 % (bf16 rounding is 0.4 %)."""
     import warnings
     reason = None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < ((8, 0) if dtype == torch.bfloat16
@@ -89,7 +94,7 @@ def _self_test(device, dtype) -> bool:
     else:
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                reason = _compare(device, dtype)
+                reason = _compare(device, dtype, 8) or _compare(device, dtype, MAX_RANK)
         except Exception as exc:  # a compile or launch failure: keep training on the torch path
             reason = f"{type(exc).__name__}: {exc}"
     if reason is not None:
@@ -99,11 +104,12 @@ def _self_test(device, dtype) -> bool:
     return True
 
 
-def _compare(device, dtype) -> str | None:
-    """The self-test's comparisons (see :func:`_self_test`): None, or why the kernels disagree."""
-    g = torch.Generator().manual_seed(0)
+def _compare(device, dtype, r: int) -> str | None:
+    """The self-test's comparisons at rank ``r`` (see :func:`_self_test`): None, or why the kernels disagree."""
+    g = torch.Generator().manual_seed(r)
     w, u, d, e = (torch.randn(*sh, generator=g).to(device, dtype)
-                  for sh in ((48, 300), (48, 8), (8, 300), (48, 300)))
+                  for sh in ((48, 300), (48, r), (r, 300), (48, 300)))
+    d = d * (8 / r) ** 0.5  # U·D of the same size at every rank
     mag = torch.rand(48, generator=g).to(device) + 0.5
     wc = w.float() + 0.5 * u.float() @ d.float()
     n = wc.norm(dim=1) + _EPS
@@ -118,7 +124,7 @@ def _compare(device, dtype) -> str | None:
         hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
         errs += [(h, hr), (gu, hr @ d.float().t()), (gmag, 0.7 * dgr / n)]
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
-    return None if worst <= 2e-2 else f"their self-test's relative error is {worst:.2e}"
+    return None if worst <= 2e-2 else f"their self-test's relative error at rank {r} is {worst:.2e}"
 
 
 # decided when the kernels are defined, as Triton decides whether @triton.jit interprets them
