@@ -128,7 +128,9 @@ class _LoraDoraBuild:
     dtype its consumer needs (``out=`` casts in the same kernel): the backward's vector work was ≈ 12
     small kernels per layer (casts and the quotient rule), now two. GPU run 29 (H100, SD1.5 b8,
     ``results/run29_h100_dora_vec/``): 8376 → 6840 kernels per step, one-graph step 89.3 → 87.8 ms
-    (LyCORIS 104.8), eager 210.9 ms pooled over two rounds (LyCORIS 300.1)."""
+    (LyCORIS 104.8), eager 210.9 ms pooled over two rounds (LyCORIS 300.1). On CUDA bf16/fp16 the build, the
+    rebuild and this backward run on :mod:`.lowrank_triton`'s fused kernels instead (W′ kept in registers, never
+    stored; run 40: 87.8 → 79.4 ms as a graph, LyCORIS 104.9), the torch code below everywhere else."""
 
     def __init__(self, gain: float, s: float, detach_norm: bool):
         self.gain, self.s, self.detach = gain, s, detach_norm
@@ -161,7 +163,8 @@ class _LoraDoraBuild:
         of E in ``∂(UD)``) and ``κ = g/(n·‖W′‖)`` (the norm term's, absent with a detached norm)."""
         w2, up2, down2 = self._factors(w, up, down)
         if lowrank_triton.usable(w2, up2.shape[1]):
-            # CUDA, bf16/fp16: two fused row kernels (lowrank_triton's doc) instead of ≈ 24 weight passes
+            # CUDA, bf16/fp16, rank ≤ 64: lowrank_triton's fused kernels (two launches here, three in the backward;
+            # ≈ 11 weight-sized passes per step instead of ≈ 24)
             self.fused = True
             w_eff, vec = lowrank_triton.build(w2, up2, down2, self.gain, self.s, mag=mag)
             return like(w_eff, w.shape, w.dtype), b, (vec,)

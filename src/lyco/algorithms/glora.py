@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeMismatch
+from . import lowrank_triton
 from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
     layer_op, register, scalar_of,
 )
-from . import lowrank_triton
 from .rebuild import like, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
