@@ -130,6 +130,37 @@ def _spy(monkeypatch, kern, names):
     return calls
 
 
+
+def _perturbed_tensors(model, multiplier, **create):
+    """One adapter on ``model``'s only layer (rebuilt op), its tensors moved off their initialisation (an
+    up of zeros would hide half the gradient), at ``multiplier``: the layer's tensor dict."""
+    net = lyco.create(model, preset="full", seed=0, mode="rebuild", **create)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net.set_multiplier(multiplier)
+    (layer,) = net.layers.values()
+    return layer.tensors()
+
+
+def _step_matches_reference(model, x, dtype, params, reference, calls, expected_calls):
+    """One forward and backward of ``model`` in ``dtype`` (the kernels' calls counted as expected), then its
+    output and the gradients of ``params`` and x against ``reference(float64 leaves, float64 x)``."""
+    xl = x.to(dtype).requires_grad_()
+    y = model(xl)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert calls == expected_calls
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    xr = xl.detach().double().requires_grad_()
+    ref = reference(leaves, xr)
+    ref.backward(gy.double())
+    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
+    assert _rel(y, ref) < tv
+    for p, want in zip((*params, xl), (*[lf.grad for lf in leaves], xr.grad)):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert _rel(p.grad, want) < tg
+
 def _layer_reference(mod, up, down, mag, gain, s, x, detach):
     w = mod.weight.double()
     wd = _definition(w.reshape(w.shape[0], -1), up.double().flatten(1), down.double().flatten(1),
@@ -150,32 +181,13 @@ def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach)
     mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(6, 20, 3, padding=1)
     x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 6, 7, 7)
     model = nn.Sequential(mod).to(dtype)
-    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=3.0, conv_rank=4, conv_alpha=3.0,
-                      dora=True, seed=0, mode="rebuild", dora_detach_norm=detach)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    net.set_multiplier(s)
-    (layer,) = net.layers.values()
-    t = layer.tensors()
-    up, down, mag = t["lora_up.weight"], t["lora_down.weight"], t["dora_scale"]
+    t = _perturbed_tensors(model, s, algo="lora", rank=4, alpha=3.0, conv_rank=4, conv_alpha=3.0, dora=True,
+                           dora_detach_norm=detach)
     gain = float(t["alpha"]) / 4
-
-    xl = x.to(dtype).requires_grad_()
-    y = model(xl)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    assert calls == {"build": 2, "backward": 1}  # forward build, backward rebuild, fused backward
-
-    leaves = [tt.detach().double().requires_grad_() for tt in (up, down, mag)]
-    xr = xl.detach().double().requires_grad_()
-    ref = _layer_reference(mod, *leaves, gain, s, xr, detach)
-    ref.backward(gy.double())
-    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
-    assert _rel(y, ref) < tv
-    for p, want in zip((up, down, mag, xl), (*[lf.grad for lf in leaves], xr.grad)):
-        assert p.grad is not None and p.grad.dtype == p.dtype
-        assert _rel(p.grad, want) < tg
+    _step_matches_reference(
+        model, x, dtype, [t["lora_up.weight"], t["lora_down.weight"], t["dora_scale"]],
+        lambda leaves, xr: _layer_reference(mod, *leaves, gain, s, xr, detach),
+        calls, {"build": 2, "backward": 1})  # forward build, backward rebuild, fused backward
 
 
 def test_usable_only_on_cuda_half_precision():
@@ -242,26 +254,9 @@ def test_glora_layer_trains_through_kernel(kern, monkeypatch, kind, dtype, multi
     mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(24, 20, 1)
     x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 24, 5, 5)
     model = nn.Sequential(mod).to(dtype)
-    net = lyco.create(model, preset="full", algo="glora", rank=4, alpha=2.0, seed=0, mode="rebuild")
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    net.set_multiplier(multiplier)
-    (layer,) = net.layers.values()
-    t = layer.tensors()
-    params = [t[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")]
-    xl = x.to(dtype).requires_grad_()
-    y = model(xl)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    assert calls == {"add_lowrank": 2}  # forward build, backward rebuild
-
-    leaves = [p.detach().double().requires_grad_() for p in params]
-    xr = xl.detach().double().requires_grad_()
-    ref = _glora_reference(mod, *leaves, multiplier * float(t["alpha"]) / 4, xr)
-    ref.backward(gy.double())
-    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
-    assert _rel(y, ref) < tv
-    for p, want in zip((*params, xl), (*[lf.grad for lf in leaves], xr.grad)):
-        assert p.grad is not None and p.grad.dtype == p.dtype
-        assert _rel(p.grad, want) < tg
+    t = _perturbed_tensors(model, multiplier, algo="glora", rank=4, alpha=2.0)
+    gamma = multiplier * float(t["alpha"]) / 4
+    _step_matches_reference(
+        model, x, dtype, [t[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")],
+        lambda leaves, xr: _glora_reference(mod, *leaves, gamma, xr),
+        calls, {"add_lowrank": 2})  # forward build, backward rebuild
