@@ -9,6 +9,8 @@ value lyco computed some other way.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -190,10 +192,38 @@ def test_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, s, detach)
         calls, {"build": 2, "backward": 1})  # forward build, backward rebuild, fused backward
 
 
-def test_usable_only_on_cuda_half_precision():
-    """The GPU path is taken for CUDA bf16/fp16 weights only; CPU and fp32 stay on torch."""
+def test_eligible_layers(monkeypatch):
+    """The kernels are considered for CUDA bf16/fp16 weights of inner rank ≤ MAX_RANK only, and never with
+    LYCO_TRITON=0; a CPU weight never (whatever its dtype)."""
+    def cuda_weight(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype)
+    monkeypatch.delenv("LYCO_TRITON", raising=False)
+    assert lowrank_triton.eligible(cuda_weight(torch.bfloat16), 16)
+    assert lowrank_triton.eligible(cuda_weight(torch.float16), lowrank_triton.MAX_RANK)
+    assert not lowrank_triton.eligible(cuda_weight(torch.float32), 16)
+    assert not lowrank_triton.eligible(cuda_weight(torch.bfloat16), lowrank_triton.MAX_RANK + 1)
+    assert not lowrank_triton.eligible(torch.zeros(2, 2, dtype=torch.bfloat16), 8)
     assert not lowrank_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16), 8)
-    assert not lowrank_triton.usable(torch.zeros(2, 2), 8)
+    monkeypatch.setenv("LYCO_TRITON", "0")
+    assert not lowrank_triton.eligible(cuda_weight(torch.bfloat16), 16)
+
+
+def test_self_test_runs_once_per_device_and_dtype_and_never_during_capture(monkeypatch):
+    """The self-test decides once per (device, dtype) and is remembered; during a CUDA graph capture nothing
+    is decided (torch path) and the test runs at the next call outside it."""
+    runs = []
+    monkeypatch.setattr(lowrank_triton, "_CHECKED", {})
+    monkeypatch.setattr(lowrank_triton, "_self_test", lambda dev, dt: runs.append((dev, dt)) or dt == torch.bfloat16)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    dev = torch.device("cpu")
+    assert lowrank_triton._checked(dev, torch.bfloat16) is False and runs == []
+    capturing[0] = False
+    assert lowrank_triton._checked(dev, torch.bfloat16) is True
+    assert lowrank_triton._checked(dev, torch.bfloat16) is True
+    assert lowrank_triton._checked(dev, torch.float16) is False
+    assert lowrank_triton._checked(dev, torch.float16) is False
+    assert runs == [(dev, torch.bfloat16), (dev, torch.float16)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

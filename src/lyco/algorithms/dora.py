@@ -164,7 +164,7 @@ class _LoraDoraBuild:
         w2, up2, down2 = self._factors(w, up, down)
         if lowrank_triton.usable(w2, up2.shape[1]):
             # CUDA, bf16/fp16, rank ≤ 64: lowrank_triton's fused kernels (two launches here, three in the backward;
-            # ≈ 11 weight-sized passes per step instead of ≈ 24)
+            # ≈ 11 weight-sized passes per step instead of ≈ 24, counted from the code)
             self.fused = True
             w_eff, vec = lowrank_triton.build(w2, up2, down2, self.gain, self.s, mag=mag)
             return like(w_eff, w.shape, w.dtype), b, (vec,)

@@ -5,9 +5,10 @@ where ``addmm`` first copies W into its output: 4 weight-sized passes → 2) and
 
 DoRA: the torch path of :class:`lyco.algorithms.dora._LoraDoraBuild` makes ≈ 24 weight-sized passes per
 layer and step (``addmm`` first copies W into its output, the row norm, the ``addcmul``, the same again
-in the backward's rebuild, then the gradient's ``rowdot``, scale, ``addcmul`` and two GEMMs reading it)
-and ≈ 20 kernels. Here each kernel works on a block of 16 rows × a range of columns and keeps
-``W′ = W + γ·U·D`` in registers (recomputed from W and the rank-sized U, D — never stored); a row's
+in the backward's rebuild, then the gradient's ``rowdot``, scale, ``addcmul`` and two GEMMs reading it;
+these kernels ≈ 11, by the same count) and 16 kernels more per layer and step than these (run 38: 6840 →
+3750 per step over 192 layers; 4320 once the columns were split, run 40). Here each kernel works on a block
+of 16 rows × a range of columns and keeps ``W′ = W + γ·U·D`` in registers (recomputed from W and the rank-sized U, D — never stored); a row's
 columns are split over programs until a launch has ≈ 4 programs per SM (few rows otherwise leave most
 SMs idle), and what needs a whole row (the norm, ``⟨E_j, W′_j⟩``) is summed from per-split partials
 (fixed order: deterministic, so the trainer's CUDA graphs stay bit-identical to eager):
@@ -28,9 +29,10 @@ whole rows per program 7.7 ms per step for the three, split columns 5.4 ms (byte
 Numerics: W′ is formed in fp32 (the torch path rounds it to the weight's dtype first), W_eff is rounded
 once. Same function, at least as accurate; tests compare both to a float64 reference.
 
-Selected automatically (:func:`usable`): CUDA tensors, bf16/fp16 weights, Triton importable, not under
-``torch.compile`` (which takes the differentiable build), and ``LYCO_TRITON`` not ``0``. Everything
-else takes the torch path. CPU tests run these kernels in Triton's interpreter
+Selected automatically (:func:`usable`): CUDA tensors, bf16/fp16 weights, inner rank ≤ 64, Triton
+importable, not under ``torch.compile`` (which takes the differentiable build), ``LYCO_TRITON`` not ``0``,
+and the kernels' self-test passed on that device and dtype (once per process; a failure turns them off with
+one warning). Everything else takes the torch path. CPU tests run these kernels in Triton's interpreter
 (``TRITON_INTERPRET=1``), where a bf16 ``tl.dot`` is wrong (triton 3.6): ``UPCAST`` makes the
 interpreted kernels multiply in fp32 (the GPU keeps bf16/fp16 tensor-core dots, accumulated in fp32).
 """
@@ -66,26 +68,36 @@ MAX_RANK = 64
 
 
 def usable(w: torch.Tensor, rank: int) -> bool:
-    """Whether the fused kernels take this layer (see the module doc). The first time for a device and dtype
-    the kernels are compiled and checked against torch math on a small weight (:func:`_self_test`); where that
-    fails (an older GPU, a Triton that cannot compile them) they are off for the process, with one warning.
-    Not decided while a CUDA graph is being captured (the check synchronises): the torch path then."""
-    if not (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and rank <= MAX_RANK
-            and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling()):
-        return False
-    key = (w.device, w.dtype)
+    """Whether the fused kernels take this layer (see the module doc): :func:`eligible`, and the kernels
+    passed their self-test on this device and dtype (:func:`_checked`)."""
+    return eligible(w, rank) and _checked(w.device, w.dtype)
+
+
+def eligible(w, rank: int) -> bool:
+    """Triton importable, a CUDA weight in bf16/fp16, an inner rank ≤ :data:`MAX_RANK`, ``LYCO_TRITON`` not
+    ``0``, and not under ``torch.compile`` (which takes the differentiable build)."""
+    return (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and rank <= MAX_RANK
+            and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling())
+
+
+def _checked(device, dtype) -> bool:
+    """The first time for a device and dtype the kernels are compiled and checked against torch math on a
+    small weight (:func:`_self_test`); where that fails (an older GPU, a Triton that cannot compile them) they
+    are off for the process, with one warning. Not decided while a CUDA graph is being captured (the check
+    synchronises): the torch path then, and the check at the next call outside a capture."""
+    key = (device, dtype)
     ok = _CHECKED.get(key)
     if ok is None:
         if torch.cuda.is_current_stream_capturing():
             return False
-        ok = _CHECKED[key] = _self_test(w.device, w.dtype)
+        ok = _CHECKED[key] = _self_test(device, dtype)
     return ok
 
 
 def _self_test(device, dtype) -> bool:
     """Every kernel variant on a 48 × 300 weight of rank 8 and of rank :data:`MAX_RANK` (forward build,
     rebuild, both backwards, the plain build) against the same math in fp32 torch; False (and a warning
-    naming the reason) on an exception or a relative error above 2 % (bf16 rounding is 0.4 %)."""
+    naming the reason) on an exception or a relative error above 2 % (one bf16 ulp is 0.4 % relative)."""
     import warnings
     reason = None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < ((8, 0) if dtype == torch.bfloat16
@@ -292,12 +304,13 @@ def _grid(w2: torch.Tensor):
     return got
 
 
-def _common(w2, up2, down2):
+def _common(r: int):
+    """The launches' compile-time arguments for inner rank ``r`` under ``_CFG`` (cached)."""
     c = _CFG
-    key = (up2.shape[1], c["BM"], c["BK"], c["num_warps"], c["num_stages"])
+    key = (r, c["BM"], c["BK"], c["num_warps"], c["num_stages"])
     got = _KWARGS.get(key)
     if got is None:
-        got = _KWARGS[key] = dict(BM=c["BM"], BK=c["BK"], BR=_br(up2.shape[1]), UPCAST=_UPCAST,
+        got = _KWARGS[key] = dict(BM=c["BM"], BK=c["BK"], BR=_br(r), UPCAST=_UPCAST,
                                   num_warps=c["num_warps"], num_stages=c["num_stages"])
     return got
 
@@ -311,7 +324,7 @@ def _rowdot(a, w2, up2, down2, gain, grid):
     _rowdot_kernel[(rb, ns)](
         src, w2, up2, down2, p, m, k, up2.shape[1], src.stride(0), src.stride(1), w2.stride(0), w2.stride(1),
         up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1), float(gain), ks,
-        SELF=a is None, **_common(w2, up2, down2))
+        SELF=a is None, **_common(up2.shape[1]))
     return p
 
 
@@ -336,7 +349,7 @@ def build(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float,
         w2, up2, down2, src, p, p.shape[0], out, vec, m, k, up2.shape[1],
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), float(s), _EPS, ks,
-        FROM_P=from_p, PLAIN=False, **_common(w2, up2, down2))
+        FROM_P=from_p, PLAIN=False, **_common(up2.shape[1]))
     return out, vec
 
 
@@ -350,7 +363,7 @@ def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: 
         w2, up2, down2, w2, w2, 1, out, w2, m, k, up2.shape[1],
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
-        FROM_P=False, PLAIN=True, **_common(w2, up2, down2))
+        FROM_P=False, PLAIN=True, **_common(up2.shape[1]))
     return out
 
 
@@ -372,5 +385,5 @@ def backward(e: torch.Tensor, w2: torch.Tensor, up2: torch.Tensor, down2: torch.
         e, w2, up2, down2, vec, p, ns, h, gup, gmag, m, k, r,
         e.stride(0), e.stride(1), w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1),
         down2.stride(0), down2.stride(1), h.stride(0), h.stride(1), float(gain), float(s), ks,
-        DETACH=detach, **_common(w2, up2, down2))
+        DETACH=detach, **_common(up2.shape[1]))
     return h, (gup[0] if ns == 1 else gup.sum(0)), gmag
