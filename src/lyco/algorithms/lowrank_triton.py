@@ -203,10 +203,12 @@ if triton is not None:
             norm = tl.sqrt(acc)
             n = norm + eps
             g = tl.load(MAG + rows, mask=rmask, other=0.0).to(tl.float32) / n
-            first = rmask & (tl.program_id(1) == 0)
-            tl.store(VEC + rows, g, mask=first)
-            tl.store(VEC + M + rows, n, mask=first)
-            tl.store(VEC + 2 * M + rows, norm, mask=first)
+            # A branch on the split rather than ``rmask & (program_id == 0)`` as a mask: Triton 3.9's
+            # interpreter makes that mask int32 and refuses it (compiled code takes either).
+            if tl.program_id(1) == 0:
+                tl.store(VEC + rows, g, mask=rmask)
+                tl.store(VEC + M + rows, n, mask=rmask)
+                tl.store(VEC + 2 * M + rows, norm, mask=rmask)
         else:
             g = tl.load(VEC + rows, mask=rmask, other=0.0)
         a = s * g
@@ -243,7 +245,8 @@ if triton is not None:
             dgr += tl.load(P + j * M + rows, mask=rmask, other=0.0)
         g = tl.load(VEC + rows, mask=rmask, other=0.0)
         n = tl.load(VEC + M + rows, mask=rmask, other=1.0)
-        tl.store(GMAG + rows, (s * dgr / n).to(GMAG.dtype.element_ty), mask=rmask & (tl.program_id(1) == 0))
+        if tl.program_id(1) == 0:  # a branch, not a mask: see _build_kernel
+            tl.store(GMAG + rows, (s * dgr / n).to(GMAG.dtype.element_ty), mask=rmask)
         alpha = gain * s * g
         if DETACH:
             c = tl.zeros((BM,), dtype=tl.float32)
