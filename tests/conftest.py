@@ -33,3 +33,21 @@ def _one_torch_thread_per_xdist_worker():
     if _WORKER:
         torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Triton's interpreter with NumPy ≥ 2.4: triton 3.6's interpreter turns a loop bound (a 1-element
+    array) into an int with ``int()``, which NumPy ≥ 2.4 refuses; the element is read instead while the
+    module's tests run (compiled kernels on the GPU never go through this)."""
+    import triton.runtime.interpreter as interp
+
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+    yield interp
+    interp._patch_lang_tensor = orig

@@ -19,27 +19,16 @@ import torch.nn.functional as F
 import lyco
 from lyco.algorithms import lowrank_triton
 
-import triton.runtime.interpreter as _interp  # Triton is in the test extra
 
 _EPS = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
-def kern():
+def kern(triton_interpreter):
     """lowrank_triton as the suite imports it: interpreted (tests/conftest.py sets TRITON_INTERPRET=1 before
     anything imports Triton), so its kernels run on CPU tensors."""
     assert lowrank_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
-    # triton 3.6's interpreter turns a loop bound (a 1-element array) into an int with int(), which
-    # NumPy ≥ 2.4 refuses; read the element instead while these tests run (the GPU path compiles).
-    orig = _interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interp._patch_lang_tensor = patched
     yield lowrank_triton
-    _interp._patch_lang_tensor = orig
 
 
 def _definition(w, up, down, mag, gain, s, detach=False):
