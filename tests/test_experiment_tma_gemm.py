@@ -42,3 +42,22 @@ def test_matches_float64(triton_interpreter, kmajor, fused, m, k, n, r):
         assert h is None
     assert c.shape == (m, n)
     torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kmajor", [True, False])
+def test_epilogue_form_matches_float64(triton_interpreter, kmajor):
+    """``h`` given (the caller's thin GEMM): only ``+ s·h·Q`` is fused, ``p`` is not read."""
+    m, k, n = 70, 96, 72
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) if kmajor else torch.randn(k, n, generator=g)
+    h = torch.randn(m, 16, generator=g)
+    q = torch.randn(n, 16, generator=g) if kmajor else torch.randn(16, n, generator=g)
+    bias = torch.randn(n, generator=g) if kmajor else None
+    W, Q = (w.t(), q.t()) if kmajor else (w, q)
+    ref = x.double() @ W.double() + 0.7 * h.double() @ Q.double()
+    if bias is not None:
+        ref = ref + bias.double()
+    c, h_out = lg.lowrank_gemm(x, w, None, q, 0.7, bias, False, kmajor, CFG, h=h)
+    assert h_out is h
+    torch.testing.assert_close(c.double(), ref, rtol=1e-5, atol=1e-4)

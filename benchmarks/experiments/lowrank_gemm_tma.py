@@ -13,6 +13,8 @@ Layouts (row-major descriptors; TMA wants the last dimension contiguous):
 * input gradient ``∂x = ∂y·W + s·(∂y·U)·D``: A = ∂y (M×K), B = W (K×N), P = U (K×r), Q = D (r×N).
 
 ``H = A·P`` (the forward's h, the backward's ∂y·U) is written by the tiles of the first column block.
+With ``h`` given instead (computed beforehand by a thin cuBLAS GEMM, which the backward needs anyway for
+∂U / ∂D), only the epilogue ``+ s·h·Q`` is fused: no second dot in the k-loop (run 51).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _tile(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _kernel(a_desc, b_desc, p_desc, q_desc, c_desc, h_desc, BIAS, M, N, K, s,
-            B_KMAJOR: tl.constexpr, FUSED: tl.constexpr, WRITE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+            B_KMAJOR: tl.constexpr, FUSED: tl.constexpr, H_IN: tl.constexpr, WRITE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
             NUM_SMS: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr):
     start = tl.program_id(0)
@@ -57,13 +59,20 @@ def _kernel(a_desc, b_desc, p_desc, q_desc, c_desc, h_desc, BIAS, M, N, K, s,
             else:
                 b = b_desc.load([ok, on])
             acc = tl.dot(a, b, acc)
-            if FUSED:
+            if FUSED and not H_IN:
                 if B_KMAJOR:
                     p = p_desc.load([0, ok]).T
                 else:
                     p = p_desc.load([ok, 0])
                 hacc = tl.dot(a, p, hacc)
-        if FUSED:
+        if FUSED and H_IN:
+            h = h_desc.load([om, 0])
+            if B_KMAJOR:
+                q = q_desc.load([on, 0]).T
+            else:
+                q = q_desc.load([0, on])
+            acc += tl.dot(h, q) * s
+        elif FUSED:
             h = hacc.to(c_desc.dtype)
             if WRITE_H:
                 if pid_n == 0:
@@ -83,36 +92,41 @@ _SMS = {}
 
 
 def lowrank_gemm(a, b, p=None, q=None, s=1.0, bias=None, want_h=False, b_kmajor=True,
-                 cfg=(128, 128, 64, 3, 8, False, True)):
+                 cfg=(128, 128, 64, 3, 8, False, True), h=None):
     """``(C, H)``: ``C = a·op(b) (+ bias) (+ s·(a·op(p))·op(q))``, op = transpose when ``b_kmajor``
-    (weights stored out×in). ``cfg`` = (BM, BN, BK, stages, warps, warp_specialize, flatten)."""
+    (weights stored out×in); with ``h`` (M×r, = ``a·op(p)`` computed by the caller) ``C = a·op(b) (+ bias)
+    + s·h·op(q)`` and ``p`` unused. ``cfg`` = (BM, BN, BK, stages, warps, warp_specialize, flatten)."""
     bm, bn, bk, stages, warps, ws, flat = cfg
     m, k = a.shape
     n = b.shape[0] if b_kmajor else b.shape[1]
-    fused = p is not None
-    r = (p.shape[0] if b_kmajor else p.shape[1]) if fused else 16
+    h_in = h is not None
+    fused = p is not None or h_in
+    r = h.shape[1] if h_in else (p.shape[0] if b_kmajor else p.shape[1]) if fused else 16
     br = max(16, triton.next_power_of_2(r))
+    if h_in and r != br:
+        raise ValueError("lowrank_gemm: a given h must have a power-of-two width >= 16")
     c = torch.empty((m, n), device=a.device, dtype=a.dtype)
-    h = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_h else None
+    if not h_in:
+        h = torch.empty((m, r), device=a.device, dtype=a.dtype) if want_h else None
     a_d = TensorDescriptor.from_tensor(a, [bm, bk])
     b_d = TensorDescriptor.from_tensor(b, [bn, bk] if b_kmajor else [bk, bn])
     c_d = TensorDescriptor.from_tensor(c, [bm, bn])
     if fused:
-        p_d = TensorDescriptor.from_tensor(p, [br, bk] if b_kmajor else [bk, br])
+        p_d = c_d if h_in else TensorDescriptor.from_tensor(p, [br, bk] if b_kmajor else [bk, br])
         q_d = TensorDescriptor.from_tensor(q, [bn, br] if b_kmajor else [br, bn])
     else:
         p_d = q_d = c_d
-    h_d = TensorDescriptor.from_tensor(h, [bm, br]) if want_h else c_d
+    h_d = TensorDescriptor.from_tensor(h, [bm, br]) if (want_h or h_in) else c_d
     dev = a.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if a.is_cuda else 4
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     progs = min(_SMS[dev], tiles)
     _kernel[(progs,)](a_d, b_d, p_d, q_d, c_d, h_d, bias if bias is not None else c, m, n, k, float(s),
-                      B_KMAJOR=b_kmajor, FUSED=fused, WRITE_H=want_h, HAS_BIAS=bias is not None,
+                      B_KMAJOR=b_kmajor, FUSED=fused, H_IN=h_in, WRITE_H=want_h and not h_in, HAS_BIAS=bias is not None,
                       BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=8, NUM_SMS=progs, WS=ws, FLATTEN=flat,
                       num_stages=stages, num_warps=warps)
-    return c, h
+    return c, (h if want_h or h_in else None)
 
 
 if __name__ == "__main__":  # CPU check in the interpreter: TRITON_INTERPRET=1 python lowrank_gemm_tma.py
