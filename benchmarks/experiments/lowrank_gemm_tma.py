@@ -37,7 +37,8 @@ def _tile(tile_id, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _kernel(a_desc, b_desc, p_desc, q_desc, c_desc, h_desc, BIAS, M, N, K, s,
-            B_KMAJOR: tl.constexpr, FUSED: tl.constexpr, H_IN: tl.constexpr, WRITE_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+            B_KMAJOR: tl.constexpr, FUSED: tl.constexpr, H_IN: tl.constexpr, WRITE_H: tl.constexpr,
+            HAS_BIAS: tl.constexpr,
             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
             NUM_SMS: tl.constexpr, WS: tl.constexpr, FLATTEN: tl.constexpr):
     start = tl.program_id(0)
