@@ -66,18 +66,14 @@ def _kernel(a_desc, b_desc, p_desc, q_desc, c_desc, h_desc, BIAS, M, N, K, s,
                 else:
                     p = p_desc.load([ok, 0])
                 hacc = tl.dot(a, p, hacc)
-        if FUSED and H_IN:
-            h = h_desc.load([om, 0])
-            if B_KMAJOR:
-                q = q_desc.load([on, 0]).T
+        if FUSED:
+            if H_IN:
+                h = h_desc.load([om, 0])
             else:
-                q = q_desc.load([0, on])
-            acc += tl.dot(h, q) * s
-        elif FUSED:
-            h = hacc.to(c_desc.dtype)
-            if WRITE_H:
-                if pid_n == 0:
-                    h_desc.store([om, 0], h)
+                h = hacc.to(c_desc.dtype)
+                if WRITE_H:
+                    if pid_n == 0:
+                        h_desc.store([om, 0], h)
             if B_KMAJOR:
                 q = q_desc.load([on, 0]).T
             else:
