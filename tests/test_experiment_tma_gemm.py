@@ -1,4 +1,4 @@
-"""The fused low-rank GEMM experiment of issue 7 (``benchmarks/experiments/lowrank_gemm_tma.py``, H100 run 50)
+"""The fused low-rank GEMM experiment of issue 7 (``benchmarks/experiments/lowrank_gemm_tma.py``, H100 runs 50–51)
 run in Triton's interpreter against float64 math, so that the benchmark that measured it keeps measuring a
 correct kernel: both weight layouts (forward: weights out×in; input gradient: in the other order), with and
 without the adapter, ragged shapes (partial tiles on every edge, TMA's zero padding), rank below the padded
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks", "experiments"))
-lg = pytest.importorskip("lowrank_gemm_tma")  # needs Triton: in the test extra on Linux x86-64
+import lowrank_gemm_tma as lg  # noqa: E402 - needs Triton: in the test extra (Linux x86-64)
 
 CFG = (32, 32, 32, 2, 4, False, True)  # small tiles: several tiles and k-steps per program at these sizes
 

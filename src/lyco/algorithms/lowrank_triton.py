@@ -204,7 +204,8 @@ if triton is not None:
             n = norm + eps
             g = tl.load(MAG + rows, mask=rmask, other=0.0).to(tl.float32) / n
             # A branch on the split rather than ``rmask & (program_id == 0)`` as a mask: Triton 3.9's
-            # interpreter makes that mask int32 and refuses it (compiled code takes either).
+            # interpreter makes that mask int32 and refuses it (compiled by Triton 3.6 on the H100, either
+            # form works: runs 45-50).
             if tl.program_id(1) == 0:
                 tl.store(VEC + rows, g, mask=rmask)
                 tl.store(VEC + M + rows, n, mask=rmask)
