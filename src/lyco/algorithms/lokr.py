@@ -44,6 +44,7 @@ from .base import (
     CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
+from . import factor_triton
 from .factorize import factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
@@ -272,10 +273,15 @@ class LoKr(Algorithm):
         if tucker:  # stored (r, out_k): A is its transpose
             a = a.t()
         out_k, r = a.shape
-        # U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ]: one broadcast multiply, (out, in_m·r) (views, not indexing:
-        # each Python-level index is a host call per layer; the last reshape copies only for Tucker's
-        # transposed A, whose layout the multiply keeps)
-        up = torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
+        # U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ], (out, in_m·r): on CUDA bf16/fp16 one Triton launch forward and one
+        # backward (factor_triton.kron_up); else one broadcast multiply (views, not indexing: each
+        # Python-level index is a host call per layer; the last reshape copies only for Tucker's transposed
+        # A, whose layout the multiply keeps), which autograd differentiates with two multiplies and two
+        # reductions over U-sized tensors
+        if factor_triton.usable(a, factor_triton.kron_inner(in_m, r)):
+            up = factor_triton.kron_up(w1, a)
+        else:
+            up = torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
         if spec.kind == LINEAR:
             in_n = x.shape[-1] // in_m
             h = F.linear(x.reshape(-1, in_n), b).view(*x.shape[:-1], in_m * r)

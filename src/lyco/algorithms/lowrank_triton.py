@@ -74,30 +74,36 @@ def usable(w: torch.Tensor, rank: int) -> bool:
 
 
 def eligible(w, rank: int) -> bool:
-    """Triton importable, a CUDA weight in bf16/fp16, an inner rank ≤ :data:`MAX_RANK`, ``LYCO_TRITON`` not
-    ``0``, and not under ``torch.compile`` (which takes the differentiable build)."""
-    return (triton is not None and w.is_cuda and w.dtype in (torch.bfloat16, torch.float16) and rank <= MAX_RANK
+    """:func:`enabled` for ``w`` and an inner rank ≤ :data:`MAX_RANK`."""
+    return enabled(w) and rank <= MAX_RANK
+
+
+def enabled(t) -> bool:
+    """What every lyco Triton kernel needs (this module's and :mod:`.factor_triton`'s): Triton importable, a
+    CUDA tensor in bf16/fp16, ``LYCO_TRITON`` not ``0``, and not under ``torch.compile`` (which takes the
+    differentiable torch path)."""
+    return (triton is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
             and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling())
 
 
-def _checked(device, dtype) -> bool:
-    """The first time for a device and dtype the kernels are compiled and checked against torch math on a
-    small weight (:func:`_self_test`); where that fails (an older GPU, a Triton that cannot compile them) they
-    are off for the process, with one warning. Not decided while a CUDA graph is being captured (the check
-    synchronises): the torch path then, and the check at the next call outside a capture."""
+def gate(cache: dict, device, dtype, test) -> bool:
+    """The first time for a device and dtype a kernel family is compiled and checked against torch math
+    (``test(device, dtype)``, remembered in ``cache``); where that fails (an older GPU, a Triton that cannot
+    compile them) the family is off for the process. Not decided while a CUDA graph is being captured (the
+    check synchronises): the torch path then, and the check at the next call outside a capture."""
     key = (device, dtype)
-    ok = _CHECKED.get(key)
+    ok = cache.get(key)
     if ok is None:
         if torch.cuda.is_current_stream_capturing():
             return False
-        ok = _CHECKED[key] = _self_test(device, dtype)
+        ok = cache[key] = test(device, dtype)
     return ok
 
 
-def _self_test(device, dtype) -> bool:
-    """Every kernel variant on a 48 × 300 weight of rank 8 and of rank :data:`MAX_RANK` (forward build,
-    rebuild, both backwards, the plain build) against the same math in fp32 torch; False (and a warning
-    naming the reason) on an exception or a relative error above 2 % (one bf16 ulp is 0.4 % relative)."""
+def self_test(device, dtype, compare, what: str) -> bool:
+    """Run ``compare(device, dtype)`` (None, or why the kernels disagree with torch) without autograd or
+    autocast; False and one warning naming ``what`` and the reason on a disagreement, an exception (a compile
+    or launch failure) or a GPU below what the kernels need."""
     import warnings
     reason = None
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < ((8, 0) if dtype == torch.bfloat16
@@ -106,14 +112,27 @@ def _self_test(device, dtype) -> bool:
     else:
         try:
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                reason = _compare(device, dtype, 8) or _compare(device, dtype, MAX_RANK)
+                reason = compare(device, dtype)
         except Exception as exc:  # a compile or launch failure: keep training on the torch path
             reason = f"{type(exc).__name__}: {exc}"
     if reason is not None:
-        warnings.warn(f"lyco: the fused Triton kernels are off on {device} for {dtype} ({reason}); "
-                      "using the torch path (LYCO_TRITON=0 silences this)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lyco: {what} are off on {device} for {dtype} ({reason}); "
+                      "using the torch path (LYCO_TRITON=0 silences this)", RuntimeWarning, stacklevel=4)
         return False
     return True
+
+
+def _checked(device, dtype) -> bool:
+    """:func:`gate` for these kernels (:func:`_self_test`)."""
+    return gate(_CHECKED, device, dtype, _self_test)
+
+
+def _self_test(device, dtype) -> bool:
+    """Every kernel variant on a 48 × 300 weight of rank 8 and of rank :data:`MAX_RANK` (forward build,
+    rebuild, both backwards, the plain build) against the same math in fp32 torch; False (and a warning
+    naming the reason) on an exception or a relative error above 2 % (one bf16 ulp is 0.4 % relative)."""
+    return self_test(device, dtype, lambda dev, dt: _compare(dev, dt, 8) or _compare(dev, dt, MAX_RANK),
+                     "the fused Triton kernels")
 
 
 def _compare(device, dtype, r: int) -> str | None:

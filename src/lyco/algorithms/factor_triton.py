@@ -1,0 +1,373 @@
+"""Triton kernels for the small factor products LoHa and LoKr build every step, forward and backward, on CUDA:
+
+* LoHa's Khatri–Rao pair (:func:`khatri_rao`): ``Ka[o, i·r2+j] = a1[o,i]·a2[o,j]`` ``(out, r1·r2)`` and
+  ``Kb[i·r2+j, c] = b1[i,c]·b2[j,c]`` ``(r1·r2, n)`` — the up and down of LoHa's rank-r1·r2 LoRA form
+  (:mod:`.loha`); backward ``∂a1[o,i] = Σ_j ∂Ka[o,i,j]·a2[o,j]``, ``∂a2[o,j] = Σ_i ∂Ka[o,i,j]·a1[o,i]``, and
+  the same over columns for b1, b2.
+* LoKr's up (:func:`kron_up`): ``U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ]`` ``(out_l·out_k, in_m·r)`` — the up of
+  LoKr's low-rank form (:mod:`.lokr`); backward ``∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j]`` (programs over A's
+  rows) and ``∂W1[i,j] = Σ_kρ ∂U[i,k,j,ρ]·A[k,ρ]`` (one program per entry of W1, over every k in a fixed
+  order: deterministic), in one launch.
+
+Why: in torch these are broadcast multiplies forward and, through autograd, a multiply and a reduction per
+factor backward — generic strided kernels, ≈ 4.5 µs each at these sizes. GPU run 52 (H100, SD1.5 b8,
+``results/run52_h100_kr_cost/``): LoHa's step as one CUDA graph 98.65 ms against 90.59 for a plain LoRA of
+the same GEMM shapes (``benchmarks/experiments/extra_algos.py``: ``lora-kr``) — the Khatri–Rao products
+cost 8.1 ms per step over 242 layers (1484 multiplies and 808 reductions in the profile). Here: one launch
+forward and one backward per layer and factor pair (both products of a pair in one launch), each reading
+its inputs once.
+
+Numerics: forward bit-identical to torch (the product of two bf16/fp16 numbers is exact in fp32 and
+rounded once, as torch's multiply does); backward sums the products in fp32 and rounds once (torch rounds
+each product to the dtype first, then sums in fp32) — at least as accurate; tests compare both with
+float64 definitions.
+
+Selected by :func:`usable`: :func:`.lowrank_triton.enabled` (Triton, CUDA bf16/fp16, ``LYCO_TRITON`` not
+``0``, not under ``torch.compile``), the padded inner sizes within the tiles below, and this family's
+self-test passed on the device and dtype (once per process, :func:`.lowrank_triton.gate`). Everything else
+— the CPU, fp32, compile — takes the torch forms in :mod:`.loha` and :mod:`.lokr`. CPU tests run the kernels
+in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lowrank_triton import enabled, gate, self_test, triton
+
+if triton is not None:
+    import triton.language as tl
+
+#: elements of one program's product tile (rows × r1 × r2, or A's rows × in_m × r) at most; padded inner tiles
+#: above half of it take the torch path
+_TILE = 4096
+#: launch geometry: ``kr_tile`` elements of a Khatri–Rao program's tile (rows or columns × r1·r2), and the
+#: number of programs the kron kernels spread A's rows over. Run 54's first geometry (4096-element tiles, up to
+#: 64 rows of A per program looping over W1's rows both ways, ∂W1 from per-program partials summed and cast
+#: by torch: few programs, three kernels) ran 7–7.6 µs per launch; ``benchmarks/factor_kernel_bench.py`` over
+#: SD1.5's 242 layers as one CUDA graph (runs 55–56, H100): Khatri–Rao 1.36–1.45 ms per step for tiles of
+#: 256–1024 (4096: 1.72; torch 7.12), kron 1.57–1.67 ms for 64–256 programs (32: 2.05; torch 6.39).
+_CFG = {"kr_tile": 512, "kron_programs": 128}
+#: (device, dtype) → whether this family passed its self-test there (once per process)
+_CHECKED: dict = {}
+_GEOM: dict = {}
+
+
+def _p2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def usable(t: torch.Tensor, inner: int) -> bool:
+    """Whether the kernels take factors like ``t`` whose padded inner tile (``r1·r2`` padded per factor, or
+    ``in_m·r``) is ``inner`` elements: :func:`.lowrank_triton.enabled`, ``inner`` at most half a tile, and the
+    self-test passed on this device and dtype."""
+    return enabled(t) and inner * 2 <= _TILE and gate(_CHECKED, t.device, t.dtype, _self_test)
+
+
+def _self_test(device, dtype) -> bool:
+    return self_test(device, dtype, _compare, "the Khatri–Rao/Kronecker Triton kernels")
+
+
+def _compare(device, dtype) -> str | None:
+    """Both families, with power-of-two and ragged sizes, against fp32 torch math: None, or the worst error."""
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    errs = []
+    for out, r1, r2, n in ((48, 8, 8, 300), (33, 3, 5, 129)):
+        a1, a2, b1, b2 = rnd(out, r1), rnd(out, r2), rnd(r1, n), rnd(r2, n)
+        gka, gkb = rnd(out, r1 * r2), rnd(r1 * r2, n)
+        ka, kb = _kr_forward(a1, a2, b1, b2)
+        grads = _kr_backward(a1, a2, b1, b2, gka, gkb)
+        A1, A2, B1, B2, GA, GB = (t.float() for t in (a1, a2, b1, b2, gka, gkb))
+        errs += [(ka, (A1[:, :, None] * A2[:, None, :]).reshape(out, -1)),
+                 (kb, (B1[:, None] * B2[None]).reshape(-1, n)),
+                 (grads[0], (GA.view(out, r1, r2) * A2[:, None]).sum(2)),
+                 (grads[1], (GA.view(out, r1, r2) * A1[:, :, None]).sum(1)),
+                 (grads[2], (GB.view(r1, r2, n) * B2[None]).sum(1)),
+                 (grads[3], (GB.view(r1, r2, n) * B1[:, None]).sum(0))]
+    for ol, im, ok, r in ((8, 8, 40, 16), (3, 5, 7, 6)):
+        w1, a, gu = rnd(ol, im), rnd(ok, r), rnd(ol * ok, im * r)
+        u = _kron_forward(w1, a)
+        gw1, ga = _kron_backward(w1, a, gu)
+        W1, A, GU = w1.float(), a.float(), gu.float().view(ol, ok, im, r)
+        errs += [(u, (W1[:, None, :, None] * A[None, :, None, :]).reshape(ol * ok, im * r)),
+                 (gw1, (GU * A[None, :, None, :]).sum((1, 3))), (ga, (GU * W1[:, None, :, None]).sum((0, 2)))]
+    worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
+    return None if worst <= 2e-2 else f"their self-test's relative error is {worst:.2e}"
+
+
+if triton is not None:
+
+    # Each half of a launch is its own function: Triton merges the variables of an ``if``'s two branches, so
+    # tiles of different shapes under one name in both would not compile (caught by run 53's self-test).
+    @triton.jit
+    def _rows_fwd(A1, A2, KA, M, R1, R2, sa1m, sa1r, sa2m, sa2r, pid,
+                  BM: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        ii = tl.arange(0, R1P)
+        jj = tl.arange(0, R2P)
+        rows = pid * BM + tl.arange(0, BM)
+        rm = rows < M
+        a1 = tl.load(A1 + rows[:, None] * sa1m + ii[None, :] * sa1r, mask=rm[:, None] & (ii[None, :] < R1),
+                     other=0.0).to(tl.float32)
+        a2 = tl.load(A2 + rows[:, None] * sa2m + jj[None, :] * sa2r, mask=rm[:, None] & (jj[None, :] < R2),
+                     other=0.0).to(tl.float32)
+        k = a1[:, :, None] * a2[:, None, :]
+        tl.store(KA + rows[:, None, None] * (R1 * R2) + ii[None, :, None] * R2 + jj[None, None, :],
+                 k.to(KA.dtype.element_ty),
+                 mask=rm[:, None, None] & (ii[None, :, None] < R1) & (jj[None, None, :] < R2))
+
+    @triton.jit
+    def _cols_fwd(B1, B2, KB, N, R1, R2, sb1r, sb1n, sb2r, sb2n, pid,
+                  BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        ii = tl.arange(0, R1P)
+        jj = tl.arange(0, R2P)
+        cols = pid * BN + tl.arange(0, BN)
+        cm = cols < N
+        b1 = tl.load(B1 + ii[:, None] * sb1r + cols[None, :] * sb1n, mask=(ii[:, None] < R1) & cm[None, :],
+                     other=0.0).to(tl.float32)
+        b2 = tl.load(B2 + jj[:, None] * sb2r + cols[None, :] * sb2n, mask=(jj[:, None] < R2) & cm[None, :],
+                     other=0.0).to(tl.float32)
+        k = b1[:, None, :] * b2[None, :, :]
+        tl.store(KB + (ii[:, None, None] * R2 + jj[None, :, None]) * N + cols[None, None, :],
+                 k.to(KB.dtype.element_ty),
+                 mask=(ii[:, None, None] < R1) & (jj[None, :, None] < R2) & cm[None, None, :])
+
+    @triton.jit
+    def _kr_fwd_kernel(A1, A2, B1, B2, KA, KB, M, N, R1, R2, sa1m, sa1r, sa2m, sa2r, sb1r, sb1n, sb2r, sb2n, NBM,
+                       BM: tl.constexpr, BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        """Programs < NBM: BM rows of Ka; the others: BN columns of Kb (both contiguous)."""
+        pid = tl.program_id(0)
+        if pid < NBM:
+            _rows_fwd(A1, A2, KA, M, R1, R2, sa1m, sa1r, sa2m, sa2r, pid, BM, R1P, R2P)
+        else:
+            _cols_fwd(B1, B2, KB, N, R1, R2, sb1r, sb1n, sb2r, sb2n, pid - NBM, BN, R1P, R2P)
+
+    @triton.jit
+    def _rows_bwd(A1, A2, GKA, GA1, GA2, M, R1, R2, sa1m, sa1r, sa2m, sa2r, sgam, sgar, pid,
+                  BM: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        ii = tl.arange(0, R1P)
+        jj = tl.arange(0, R2P)
+        rows = pid * BM + tl.arange(0, BM)
+        rm = rows < M
+        m1 = rm[:, None] & (ii[None, :] < R1)
+        m2 = rm[:, None] & (jj[None, :] < R2)
+        a1 = tl.load(A1 + rows[:, None] * sa1m + ii[None, :] * sa1r, mask=m1, other=0.0).to(tl.float32)
+        a2 = tl.load(A2 + rows[:, None] * sa2m + jj[None, :] * sa2r, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(GKA + rows[:, None, None] * sgam + (ii[None, :, None] * R2 + jj[None, None, :]) * sgar,
+                    mask=rm[:, None, None] & (ii[None, :, None] < R1) & (jj[None, None, :] < R2),
+                    other=0.0).to(tl.float32)
+        ga1 = tl.sum(g * a2[:, None, :], axis=2)
+        ga2 = tl.sum(g * a1[:, :, None], axis=1)
+        tl.store(GA1 + rows[:, None] * R1 + ii[None, :], ga1.to(GA1.dtype.element_ty), mask=m1)
+        tl.store(GA2 + rows[:, None] * R2 + jj[None, :], ga2.to(GA2.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _cols_bwd(B1, B2, GKB, GB1, GB2, N, R1, R2, sb1r, sb1n, sb2r, sb2n, sgbr, sgbn, pid,
+                  BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        ii = tl.arange(0, R1P)
+        jj = tl.arange(0, R2P)
+        cols = pid * BN + tl.arange(0, BN)
+        cm = cols < N
+        m1 = (ii[:, None] < R1) & cm[None, :]
+        m2 = (jj[:, None] < R2) & cm[None, :]
+        b1 = tl.load(B1 + ii[:, None] * sb1r + cols[None, :] * sb1n, mask=m1, other=0.0).to(tl.float32)
+        b2 = tl.load(B2 + jj[:, None] * sb2r + cols[None, :] * sb2n, mask=m2, other=0.0).to(tl.float32)
+        g = tl.load(GKB + (ii[:, None, None] * R2 + jj[None, :, None]) * sgbr + cols[None, None, :] * sgbn,
+                    mask=(ii[:, None, None] < R1) & (jj[None, :, None] < R2) & cm[None, None, :],
+                    other=0.0).to(tl.float32)
+        gb1 = tl.sum(g * b2[None, :, :], axis=1)
+        gb2 = tl.sum(g * b1[:, None, :], axis=0)
+        tl.store(GB1 + ii[:, None] * N + cols[None, :], gb1.to(GB1.dtype.element_ty), mask=m1)
+        tl.store(GB2 + jj[:, None] * N + cols[None, :], gb2.to(GB2.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _kr_bwd_kernel(A1, A2, B1, B2, GKA, GKB, GA1, GA2, GB1, GB2, M, N, R1, R2,
+                       sa1m, sa1r, sa2m, sa2r, sb1r, sb1n, sb2r, sb2n, sgam, sgar, sgbr, sgbn, NBM,
+                       BM: tl.constexpr, BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+        """Programs < NBM: ∂a1, ∂a2 on BM rows from ∂Ka; the others: ∂b1, ∂b2 on BN columns from ∂Kb
+        (outputs contiguous)."""
+        pid = tl.program_id(0)
+        if pid < NBM:
+            _rows_bwd(A1, A2, GKA, GA1, GA2, M, R1, R2, sa1m, sa1r, sa2m, sa2r, sgam, sgar, pid, BM, R1P, R2P)
+        else:
+            _cols_bwd(B1, B2, GKB, GB1, GB2, N, R1, R2, sb1r, sb1n, sb2r, sb2n, sgbr, sgbn, pid - NBM, BN, R1P, R2P)
+
+    @triton.jit
+    def _kron_fwd_kernel(W1, A, U, IM, OK, R, sw1i, sw1j, sak, sar,
+                         BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
+        """Program (k block, i): U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ] for BK rows k of A (U contiguous)."""
+        kk = tl.program_id(0) * BK + tl.arange(0, BK)
+        i = tl.program_id(1)
+        jj = tl.arange(0, IMP)
+        rr = tl.arange(0, RP)
+        km = kk < OK
+        a = tl.load(A + kk[:, None] * sak + rr[None, :] * sar, mask=km[:, None] & (rr[None, :] < R),
+                    other=0.0).to(tl.float32)
+        w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < IM, other=0.0).to(tl.float32)
+        u = w1[None, :, None] * a[:, None, :]
+        tl.store(U + (i * OK + kk[:, None, None]) * (IM * R) + jj[None, :, None] * R + rr[None, None, :],
+                 u.to(U.dtype.element_ty),
+                 mask=km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R))
+
+    @triton.jit
+    def _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid,
+                     BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
+        """∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j] for BK rows k, every row i of W1 in turn."""
+        kk = pid * BK + tl.arange(0, BK)
+        jj = tl.arange(0, IMP)
+        rr = tl.arange(0, RP)
+        km = kk < OK
+        tmask = km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R)
+        ga = tl.zeros((BK, RP), dtype=tl.float32)
+        for i in range(0, OL):
+            w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < IM, other=0.0).to(tl.float32)
+            g = tl.load(GU + (i * OK + kk[:, None, None]) * sgu0 + (jj[None, :, None] * R + rr[None, None, :]) * sgu1,
+                        mask=tmask, other=0.0).to(tl.float32)
+            ga += tl.sum(g * w1[None, :, None], axis=1)
+        tl.store(GA + kk[:, None] * R + rr[None, :], ga.to(GA.dtype.element_ty),
+                 mask=km[:, None] & (rr[None, :] < R))
+
+    @triton.jit
+    def _kron_grad_w1(A, GU, GW1, IM, OK, R, sak, sar, sgu0, sgu1, q,
+                      BKW: tl.constexpr, RP: tl.constexpr):
+        """∂W1[i,j] = Σ_kρ ∂U[i,k,j,ρ]·A[k,ρ] for one entry q = i·in_m + j, over every k in blocks of BKW (a
+        fixed order)."""
+        i = q // IM
+        j = q % IM
+        rr = tl.arange(0, RP)
+        acc = tl.zeros((BKW, RP), dtype=tl.float32)
+        for k0 in range(0, OK, BKW):
+            kk = k0 + tl.arange(0, BKW)
+            m = (kk[:, None] < OK) & (rr[None, :] < R)
+            a = tl.load(A + kk[:, None] * sak + rr[None, :] * sar, mask=m, other=0.0).to(tl.float32)
+            g = tl.load(GU + (i * OK + kk[:, None]) * sgu0 + (j * R + rr[None, :]) * sgu1, mask=m,
+                        other=0.0).to(tl.float32)
+            acc += g * a
+        tl.store(GW1 + q, tl.sum(tl.sum(acc, axis=1), axis=0).to(GW1.dtype.element_ty))
+
+    @triton.jit
+    def _kron_bwd_kernel(W1, A, GU, GW1, GA, OL, IM, OK, R, sw1i, sw1j, sak, sar, sgu0, sgu1, NKB,
+                         BK: tl.constexpr, BKW: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
+        """Programs < NKB: ∂A on BK rows of A each; the out_l·in_m others: one entry of ∂W1 each (outputs
+        contiguous, no partial sums left for the caller)."""
+        pid = tl.program_id(0)
+        if pid < NKB:
+            _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid, BK, IMP, RP)
+        else:
+            _kron_grad_w1(A, GU, GW1, IM, OK, R, sak, sar, sgu0, sgu1, pid - NKB, BKW, RP)
+
+
+def _kr_geometry(m: int, n: int, r1: int, r2: int):
+    tile = _CFG["kr_tile"]
+    key = ("kr", m, n, r1, r2, tile)
+    got = _GEOM.get(key)
+    if got is None:
+        r1p, r2p = _p2(r1), _p2(r2)
+        bm = max(2, min(128, tile // (r1p * r2p)))
+        bn = max(16, min(256, tile // (r1p * r2p)))
+        nbm = -(-m // bm)
+        got = _GEOM[key] = (nbm, nbm + -(-n // bn), dict(BM=bm, BN=bn, R1P=r1p, R2P=r2p))
+    return got
+
+
+def _kr_forward(a1, a2, b1, b2):
+    m, r1 = a1.shape
+    r2, n = b2.shape
+    ka = torch.empty(m, r1 * r2, dtype=a1.dtype, device=a1.device)
+    kb = torch.empty(r1 * r2, n, dtype=b1.dtype, device=b1.device)
+    nbm, grid, kw = _kr_geometry(m, n, r1, r2)
+    _kr_fwd_kernel[(grid,)](a1, a2, b1, b2, ka, kb, m, n, r1, r2, *a1.stride(), *a2.stride(), *b1.stride(),
+                            *b2.stride(), nbm, **kw)
+    return ka, kb
+
+
+def _kr_backward(a1, a2, b1, b2, gka, gkb):
+    m, r1 = a1.shape
+    r2, n = b2.shape
+    outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a1, a2, b1, b2)]
+    nbm, grid, kw = _kr_geometry(m, n, r1, r2)
+    _kr_bwd_kernel[(grid,)](a1, a2, b1, b2, gka, gkb, *outs, m, n, r1, r2, *a1.stride(), *a2.stride(),
+                            *b1.stride(), *b2.stride(), *gka.stride(), *gkb.stride(), nbm, **kw)
+    return outs
+
+
+def _kron_geometry(ok: int, im: int, r: int):
+    programs = _CFG["kron_programs"]
+    key = ("kron", ok, im, r, programs)
+    got = _GEOM.get(key)
+    if got is None:
+        imp, rp = _p2(im), _p2(r)
+        bk = max(2, min(_p2(-(-ok // programs)), _TILE // (imp * rp)))
+        bkw = max(2, min(_p2(ok), _TILE // rp))  # ∂W1's programs: (rows of A × r) tiles
+        got = _GEOM[key] = (-(-ok // bk), dict(BK=bk, BKW=bkw, IMP=imp, RP=rp))
+    return got
+
+
+def _kron_forward(w1, a):
+    ol, im = w1.shape
+    ok, r = a.shape
+    u = torch.empty(ol * ok, im * r, dtype=a.dtype, device=a.device)
+    nkb, kw = _kron_geometry(ok, im, r)
+    _kron_fwd_kernel[(nkb, ol)](w1, a, u, im, ok, r, *w1.stride(), *a.stride(), BK=kw["BK"], IMP=kw["IMP"],
+                                RP=kw["RP"])
+    return u
+
+
+def _kron_backward(w1, a, gu):
+    ol, im = w1.shape
+    ok, r = a.shape
+    nkb, kw = _kron_geometry(ok, im, r)
+    gw1 = torch.empty(ol, im, dtype=w1.dtype, device=w1.device)
+    ga = torch.empty(ok, r, dtype=a.dtype, device=a.device)
+    _kron_bwd_kernel[(nkb + ol * im,)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride(), *a.stride(), *gu.stride(),
+                                       nkb, **kw)
+    return gw1, ga
+
+
+class _KhatriRao(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a1, a2, b1, b2):
+        ctx.save_for_backward(a1, a2, b1, b2)
+        return _kr_forward(a1, a2, b1, b2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gka, gkb):
+        return tuple(_kr_backward(*ctx.saved_tensors, gka, gkb))
+
+
+class _KronUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w1, a):
+        ctx.save_for_backward(w1, a)
+        return _kron_forward(w1, a)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gu):
+        return _kron_backward(*ctx.saved_tensors, gu)
+
+
+def khatri_rao(a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor):
+    """``(Ka, Kb)`` of the module doc by the kernels, differentiable; the caller checks :func:`usable` (with
+    ``inner = r1·r2`` padded) and that the four factors share a device and dtype."""
+    return _KhatriRao.apply(a1, a2, b1, b2)
+
+
+def kron_up(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``U = kron(W1, A)`` of the module doc by the kernel, differentiable; the caller checks :func:`usable`
+    (``inner = in_m·r`` padded) and that both factors share a device and dtype."""
+    return _KronUp.apply(w1, a)
+
+
+def kr_inner(r1: int, r2: int) -> int:
+    """The padded tile size :func:`usable` takes for a Khatri–Rao pair of ranks r1, r2."""
+    return _p2(r1) * _p2(r2)
+
+
+def kron_inner(in_m: int, r: int) -> int:
+    """The padded tile size :func:`usable` takes for LoKr's up with W1 ``(·, in_m)`` and rank r."""
+    return _p2(in_m) * _p2(r)

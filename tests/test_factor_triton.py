@@ -1,0 +1,224 @@
+"""The Triton kernels of ``lyco.algorithms.factor_triton`` (LoHa's Khatri–Rao pair, LoKr's ``kron(W1, A)`` up),
+run on the CPU in Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``).
+
+Each kernel's output and gradients are checked against the definitions written in float64 here, then whole
+LoHa and LoKr layers are trained through them (forced in) against the float64 merged-weight layer. Nothing
+is compared with a value lyco computed another way.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import factor_triton
+
+
+@pytest.fixture(scope="module")
+def kern(triton_interpreter):
+    from lyco.algorithms import lowrank_triton
+    assert lowrank_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    yield factor_triton
+
+
+# dtype → (tolerance on values, on gradients), relative to the largest entry. The interpreter converts
+# fp32 → bf16 by truncation (one ulp = 2⁻⁷ relative), the GPU rounds to nearest.
+TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+def _leaves(dtype, *tensors):
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("out,r1,r2,n", [(48, 8, 8, 300), (33, 3, 5, 129), (5, 1, 7, 17), (130, 16, 4, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_khatri_rao_matches_definition(kern, out, r1, r2, n, dtype):
+    """Ka[o, i·r2+j] = a1[o,i]·a2[o,j], Kb[i·r2+j, c] = b1[i,c]·b2[j,c], and the gradients of a1, a2, b1, b2
+    for random upstream gradients, against float64 autograd on the definition."""
+    g = torch.Generator().manual_seed(out * n + r1)
+    raw = [torch.randn(*s, generator=g) for s in ((out, r1), (out, r2), (r1, n), (r2, n))]
+    gka, gkb = torch.randn(out, r1 * r2, generator=g), torch.randn(r1 * r2, n, generator=g)
+    a1, a2, b1, b2 = _leaves(dtype, *raw)
+    ka, kb = kern.khatri_rao(a1, a2, b1, b2)
+    assert ka.shape == (out, r1 * r2) and kb.shape == (r1 * r2, n) and ka.dtype == kb.dtype == dtype
+    torch.autograd.backward((ka, kb), (gka.to(dtype), gkb.to(dtype)))
+    A1, A2, B1, B2 = (t.detach().double().requires_grad_() for t in (a1, a2, b1, b2))
+    KA = torch.stack([torch.outer(A1[o], A2[o]).reshape(-1) for o in range(out)])
+    KB = torch.stack([B1[i] * B2[j] for i in range(r1) for j in range(r2)])
+    torch.autograd.backward((KA, KB), (gka.to(dtype).double(), gkb.to(dtype).double()))
+    tv, tg = TOL[dtype]
+    assert _rel(ka, KA) < tv and _rel(kb, KB) < tv
+    for leaf, ref in zip((a1, a2, b1, b2), (A1, A2, B1, B2)):
+        assert leaf.grad.dtype == dtype and leaf.grad.shape == leaf.shape
+        assert _rel(leaf.grad, ref.grad) < tg
+
+
+@pytest.mark.parametrize("ol,im,ok,r", [(8, 8, 40, 16), (3, 5, 7, 6), (1, 4, 100, 3), (16, 2, 5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kron_up_matches_definition(kern, ol, im, ok, r, dtype):
+    """U = kron(W1, A) (torch.kron in float64), ∂W1 and ∂A for a random upstream gradient; several programs
+    add their ∂W1 parts (A's rows split over programs)."""
+    g = torch.Generator().manual_seed(ol * ok + r)
+    w1, a = _leaves(dtype, torch.randn(ol, im, generator=g), torch.randn(ok, r, generator=g))
+    gu = torch.randn(ol * ok, im * r, generator=g).to(dtype)
+    u = kern.kron_up(w1, a)
+    u.backward(gu)
+    W1, A = (t.detach().double().requires_grad_() for t in (w1, a))
+    U = torch.kron(W1, A)
+    U.backward(gu.double())
+    tv, tg = TOL[dtype]
+    assert u.shape == U.shape and _rel(u, U) < tv
+    assert _rel(w1.grad, W1.grad) < tg and _rel(a.grad, A.grad) < tg
+
+
+def test_kernels_take_strided_factors(kern):
+    """Transposed factors (LoKr's Tucker A is a transposed view; autograd hands transposed gradients) are read
+    through their strides."""
+    g = torch.Generator().manual_seed(3)
+    a1, a2 = (torch.randn(4, 30, generator=g).t().requires_grad_() for _ in range(2))
+    b1, b2 = (torch.randn(50, 4, generator=g).t().requires_grad_() for _ in range(2))
+    gka = torch.randn(16, 30, generator=g).t()
+    gkb = torch.randn(50, 16, generator=g).t()
+    ka, kb = kern.khatri_rao(a1, a2, b1, b2)
+    torch.autograd.backward((ka, kb), (gka, gkb))
+    refs = [t.detach().clone().requires_grad_() for t in (a1, a2, b1, b2)]
+    KA = (refs[0][:, :, None] * refs[1][:, None, :]).reshape(30, 16)
+    KB = (refs[2][:, None] * refs[3][None]).reshape(16, 50)
+    torch.autograd.backward((KA, KB), (gka, gkb))
+    assert _rel(ka, KA.double()) < 1e-6 and _rel(kb, KB.double()) < 1e-6
+    for leaf, ref in zip((a1, a2, b1, b2), refs):
+        assert _rel(leaf.grad, ref.grad.double()) < 1e-5
+    w1 = torch.randn(3, 4, generator=g).requires_grad_()
+    a = torch.randn(6, 9, generator=g).t().requires_grad_()   # (9, 6), strides (1, 9)
+    gu = torch.randn(4 * 6, 3 * 9, generator=g).t()           # U's shape (27, 24), strides (1, 27)
+    u = kern.kron_up(w1, a)
+    u.backward(gu)
+    W1, A = w1.detach().clone().requires_grad_(), a.detach().contiguous().requires_grad_()
+    U = torch.kron(W1, A)
+    U.backward(gu.contiguous())  # torch.kron's backward cannot take this strided gradient
+    assert _rel(u, U.double()) < 1e-6
+    assert _rel(w1.grad, W1.grad.double()) < 1e-5 and _rel(a.grad, A.grad.double()) < 1e-5
+
+
+def _force(monkeypatch, kern, name):
+    """The kernels taken on the CPU (``usable`` true), counting the calls of ``name``."""
+    calls = [0]
+    fn = getattr(kern, name)
+
+    def wrapped(*a, **k):
+        calls[0] += 1
+        return fn(*a, **k)
+    monkeypatch.setattr(kern, name, wrapped)
+    monkeypatch.setattr(kern, "usable", lambda t, inner: True)
+    return calls
+
+
+def _perturbed(model, multiplier, **create):
+    net = lyco.create(model, preset="full", seed=0, **create)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    net.set_multiplier(multiplier)
+    (layer,) = net.layers.values()
+    return layer.tensors()
+
+
+def _check_layer(mod, model, x, dtype, params, delta_weight):
+    """One forward and backward in ``dtype``: output and the gradients of ``params`` and x against the float64
+    layer with weight ``W + delta_weight(float64 leaves)``."""
+    xl = x.to(dtype).requires_grad_()
+    y = model(xl)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    leaves = [p.detach().double().requires_grad_() for p in params]
+    xr = xl.detach().double().requires_grad_()
+    w = mod.weight.double() + delta_weight(leaves).reshape(mod.weight.shape)
+    ref = F.linear(xr, w, mod.bias.double()) if w.dim() == 2 else F.conv2d(xr, w, mod.bias.double(), padding=1)
+    ref.backward(gy.double())
+    tv, tg = (1e-6, 1e-5) if dtype == torch.float32 else (3e-2, 6e-2)
+    assert _rel(y, ref) < tv
+    for p, want in zip((*params, xl), (*[lf.grad for lf in leaves], xr.grad)):
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert _rel(p.grad, want) < tg
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["auto", "rebuild"])
+def test_loha_layer_trains_through_kernels(kern, monkeypatch, kind, dtype, mode):
+    """A LoHa layer (delta path, and the rebuilt op's low-rank form) with the Khatri–Rao kernel forced in: one
+    launch forward, its output and every gradient equal to the float64 layer with ΔW = 0.7·γ·(A1B1)⊙(A2B2)."""
+    calls = _force(monkeypatch, kern, "khatri_rao")
+    torch.manual_seed(0)
+    mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(6, 20, 3, padding=1)
+    x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 6, 7, 7)
+    model = nn.Sequential(mod).to(dtype)
+    t = _perturbed(model, 0.7, algo="loha", rank=3, alpha=2.0, conv_rank=2, conv_alpha=1.5, mode=mode)
+    gain = 0.7 * float(t["alpha"]) / t["hada_w1_b"].shape[0]
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    _check_layer(mod, model, x, dtype, [t[k] for k in names],
+                 lambda lv: gain * (lv[0] @ lv[1]) * (lv[2] @ lv[3]))
+    assert calls[0] >= 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lokr_layer_trains_through_kernel(kern, monkeypatch, kind, dtype):
+    """A LoKr layer with a low-rank W2 (its LoRA form) with the kron kernel forced in: output and every
+    gradient equal to the float64 layer with ΔW = 0.7·γ·kron(W1, A·B)."""
+    calls = _force(monkeypatch, kern, "kron_up")
+    torch.manual_seed(1)
+    mod = nn.Linear(64, 48) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(3, 5, 64) if kind == "linear" else torch.randn(2, 16, 6, 6)
+    model = nn.Sequential(mod).to(dtype)
+    t = _perturbed(model, 0.7, algo="lokr", rank=2, alpha=1.5, conv_rank=2, conv_alpha=1.5, factor=4)
+    assert "lokr_w2_a" in t and "lokr_w1" in t
+    gain = 0.7 * float(t["alpha"]) / t["lokr_w2_b"].shape[0]
+    _check_layer(mod, model, x, dtype, [t["lokr_w1"], t["lokr_w2_a"], t["lokr_w2_b"]],
+                 lambda lv: gain * torch.kron(lv[0], lv[1] @ lv[2]))
+    assert calls[0] == 1
+
+
+def test_usable_needs_cuda_half_precision_and_the_switch(monkeypatch):
+    """Considered for CUDA bf16/fp16 factors whose padded tile fits, never with LYCO_TRITON=0; a CPU tensor
+    never."""
+    monkeypatch.setattr(factor_triton, "_CHECKED", {(None, torch.bfloat16): True, (None, torch.float32): True})
+
+    def cuda(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, device=None)
+    monkeypatch.delenv("LYCO_TRITON", raising=False)
+    assert factor_triton.usable(cuda(torch.bfloat16), factor_triton.kr_inner(8, 8))
+    assert not factor_triton.usable(cuda(torch.bfloat16), factor_triton.kr_inner(64, 64))
+    assert not factor_triton.usable(cuda(torch.float32), 64)
+    assert not factor_triton.usable(torch.zeros(2, 2, dtype=torch.bfloat16), 64)
+    monkeypatch.setenv("LYCO_TRITON", "0")
+    assert not factor_triton.usable(cuda(torch.bfloat16), 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_self_test_passes_on_working_kernels(kern, dtype, recwarn):
+    assert kern._self_test(torch.device("cpu"), dtype) is True
+    assert not [w for w in recwarn if "Triton kernels are off" in str(w.message)]
+
+
+def test_self_test_turns_kernels_off_when_they_fail(kern, monkeypatch):
+    """A kernel that raises or computes a wrong value turns the family off with a warning naming why."""
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed")
+    monkeypatch.setattr(kern, "_kron_backward", broken)
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+        assert kern._self_test(torch.device("cpu"), torch.bfloat16) is False
+    monkeypatch.undo()
+    real = kern._kr_backward
+    monkeypatch.setattr(kern, "_kr_backward", lambda *a: [g * 1.5 for g in real(*a)])
+    with pytest.warns(RuntimeWarning, match="relative error"):
+        assert kern._self_test(torch.device("cpu"), torch.bfloat16) is False
