@@ -29,6 +29,11 @@ from pathlib import Path
 
 import torch
 
+# LoHa's/LoKr's factor kernels run by default only in steps captured as graphs (lyco/algorithms/factor_triton.py):
+# both runs compared here take them, so eager and graph compute the same thing (set it to "0" to check the
+# torch forms instead)
+os.environ.setdefault("LYCO_FACTOR_KERNELS", "1")
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lyco.formats.safetensors_io import load_tensors  # noqa: E402

@@ -192,6 +192,7 @@ def test_usable_needs_cuda_half_precision_and_the_switch(monkeypatch):
     """Considered for CUDA bf16/fp16 factors whose padded tile fits, never with LYCO_TRITON=0; a CPU tensor
     never."""
     monkeypatch.setattr(factor_triton, "_CHECKED", {(None, torch.bfloat16): True, (None, torch.float32): True})
+    monkeypatch.setenv("LYCO_FACTOR_KERNELS", "1")  # the policy apart (test below)
 
     def cuda(dtype):
         return SimpleNamespace(is_cuda=True, dtype=dtype, device=None)
@@ -222,3 +223,38 @@ def test_self_test_turns_kernels_off_when_they_fail(kern, monkeypatch):
     monkeypatch.setattr(kern, "_kr_backward", lambda *a: [g * 1.5 for g in real(*a)])
     with pytest.warns(RuntimeWarning, match="relative error"):
         assert kern._self_test(torch.device("cpu"), torch.bfloat16) is False
+
+
+def test_policy_runs_the_kernels_in_graph_steps_only_by_default(monkeypatch):
+    """``LYCO_FACTOR_KERNELS`` unset or ``graph``: only inside ``graph_step`` (nested blocks too); ``1``
+    everywhere, ``0`` nowhere; anything else is an error naming the variable."""
+    monkeypatch.delenv("LYCO_FACTOR_KERNELS", raising=False)
+    assert not factor_triton.wanted()
+    with factor_triton.graph_step():
+        assert factor_triton.wanted()
+        with factor_triton.graph_step():
+            assert factor_triton.wanted()
+        assert factor_triton.wanted()
+    assert not factor_triton.wanted()
+    with pytest.raises(RuntimeError), factor_triton.graph_step():
+        raise RuntimeError("a failed capture")
+    assert not factor_triton.wanted()  # left even when the block raised
+    monkeypatch.setenv("LYCO_FACTOR_KERNELS", "1")
+    assert factor_triton.wanted()
+    monkeypatch.setenv("LYCO_FACTOR_KERNELS", "0")
+    with factor_triton.graph_step():
+        assert not factor_triton.wanted()
+    monkeypatch.setenv("LYCO_FACTOR_KERNELS", "yes")
+    with pytest.raises(ValueError, match="LYCO_FACTOR_KERNELS='yes'"):
+        factor_triton.wanted()
+
+
+def test_usable_follows_the_policy(monkeypatch):
+    """A CUDA bf16 factor that passed the self-test is taken only where the policy wants the kernels."""
+    monkeypatch.setattr(factor_triton, "_CHECKED", {(None, torch.bfloat16): True})
+    monkeypatch.delenv("LYCO_FACTOR_KERNELS", raising=False)
+    monkeypatch.delenv("LYCO_TRITON", raising=False)
+    t = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=None)
+    assert not factor_triton.usable(t, 64)
+    with factor_triton.graph_step():
+        assert factor_triton.usable(t, 64)

@@ -47,6 +47,28 @@ def test_replay_uses_new_inputs_and_accumulates_like_eager():
     assert (g.captures, g.replays, g.eager_calls, len(g.graphs)) == (2, 4, 0, 2)
 
 
+def test_warm_up_and_capture_run_as_a_graph_step(monkeypatch):
+    """The warm-up calls and the recorded call run inside ``factor_triton.graph_step`` (LoHa's/LoKr's kernels
+    are meant for captured steps; lyco/algorithms/factor_triton.py), an eager call outside it."""
+    from lyco.algorithms import factor_triton
+    monkeypatch.delenv("LYCO_FACTOR_KERNELS", raising=False)
+    w = torch.randn(3, 2, requires_grad=True)
+    seen = []
+    inner = _loss_fn(w)
+
+    def fn(inp):
+        seen.append(factor_triton.wanted())
+        return inner(inp)
+
+    g = StandInGraph(fn, [w], warmup=2)
+    g({"x": torch.randn(4, 3), "y": torch.randn(4, 2)})
+    assert seen[:3] == [True, True, True]  # two warm-up calls and the recording
+    assert not factor_triton.wanted()
+    g.disabled_reason = "off"
+    g({"x": torch.randn(4, 3), "y": torch.randn(4, 2)})
+    assert seen[-1] is False  # an eager step
+
+
 def test_capture_failure_falls_back_to_eager_without_side_effects(caplog):
     w = torch.randn(3, 2, requires_grad=True)
     w.grad = torch.full_like(w, 0.5)  # mid-accumulation

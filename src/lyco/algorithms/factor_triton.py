@@ -22,14 +22,25 @@ rounded once, as torch's multiply does); backward sums the products in fp32 and 
 each product to the dtype first, then sums in fp32) — at least as accurate; tests compare both with
 float64 definitions.
 
+When: a Triton launch costs the host more than the torch ops it replaces (each launch binds 20–30 arguments
+in Python), so where a step is issued eagerly and the host is the bottleneck — every eager step measured on
+the H100 hosts — the kernels lose what they win on the device: SDXL b4 (runs 60–61) LoKr eagerly 576 ms on
+the torch path against 659–670 with the kernels, as one CUDA graph 275.4 against 257.0. So by default
+(``LYCO_FACTOR_KERNELS=graph``) they run only inside :func:`graph_step`: the steps a caller is about to capture
+as a CUDA graph, where the host's cost is paid once (lyco's trainer wraps its warm-up and capture in it, the
+benchmark its graph column). ``LYCO_FACTOR_KERNELS=1`` uses them everywhere, ``0`` nowhere.
+
 Selected by :func:`usable`: :func:`.lowrank_triton.enabled` (Triton, CUDA bf16/fp16, ``LYCO_TRITON`` not
-``0``, not under ``torch.compile``), the padded inner sizes within the tiles below, and this family's
-self-test passed on the device and dtype (once per process, :func:`.lowrank_triton.gate`). Everything else
-— the CPU, fp32, compile — takes the torch forms in :mod:`.loha` and :mod:`.lokr`. CPU tests run the kernels
-in Triton's interpreter.
+``0``, not under ``torch.compile``), the padded inner sizes within the tiles below, the policy above, and this
+family's self-test passed on the device and dtype (once per process, :func:`.lowrank_triton.gate`). Everything
+else — the CPU, fp32, compile, eager steps by default — takes the torch forms in :mod:`.loha` and
+:mod:`.lokr`. CPU tests run the kernels in Triton's interpreter.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 
@@ -57,11 +68,36 @@ def _p2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+#: depth of :func:`graph_step` blocks (a list: mutable module state)
+_GRAPH_STEP = [0]
+_MODES = ("graph", "1", "0")
+
+
+@contextlib.contextmanager
+def graph_step():
+    """Within this block the kernels run under the default policy (``LYCO_FACTOR_KERNELS=graph``, see the module
+    doc): wrap the warm-up and the capture of a step that will be replayed as a CUDA graph."""
+    _GRAPH_STEP[0] += 1
+    try:
+        yield
+    finally:
+        _GRAPH_STEP[0] -= 1
+
+
+def wanted() -> bool:
+    """The policy of the module doc, from ``LYCO_FACTOR_KERNELS`` (``graph`` when unset)."""
+    mode = os.environ.get("LYCO_FACTOR_KERNELS", "graph")
+    if mode not in _MODES:
+        raise ValueError(f"LYCO_FACTOR_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    return mode == "1" or (mode == "graph" and _GRAPH_STEP[0] > 0)
+
+
 def usable(t: torch.Tensor, inner: int) -> bool:
     """Whether the kernels take factors like ``t`` whose padded inner tile (``r1·r2`` padded per factor, or
-    ``in_m·r``) is ``inner`` elements: :func:`.lowrank_triton.enabled`, ``inner`` at most half a tile, and the
-    self-test passed on this device and dtype."""
-    return enabled(t) and inner * 2 <= _TILE and gate(_CHECKED, t.device, t.dtype, _self_test)
+    ``in_m·r``) is ``inner`` elements: :func:`.lowrank_triton.enabled`, ``inner`` at most half a tile, the policy
+    (:func:`wanted`), and the self-test passed on this device and dtype."""
+    return (enabled(t) and inner * 2 <= _TILE and wanted()
+            and gate(_CHECKED, t.device, t.dtype, _self_test))
 
 
 def _self_test(device, dtype) -> bool:

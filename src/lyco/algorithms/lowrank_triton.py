@@ -110,11 +110,19 @@ def self_test(device, dtype, compare, what: str) -> bool:
                                                                               else (7, 0)):
         reason = f"compute capability {torch.cuda.get_device_capability(device)} is below what the kernels need"
     else:
+        # the check reads its errors back to the host: allowed even inside a step run with torch's sync
+        # debugging set to raise (the warm-up before a CUDA graph capture does that, lyco.train.graphs)
+        sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
         try:
+            if sync_mode:
+                torch.cuda.set_sync_debug_mode(0)
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 reason = compare(device, dtype)
         except Exception as exc:  # a compile or launch failure: keep training on the torch path
             reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            if sync_mode:
+                torch.cuda.set_sync_debug_mode(sync_mode)
     if reason is not None:
         warnings.warn(f"lyco: {what} are off on {device} for {dtype} ({reason}); "
                       "using the torch path (LYCO_TRITON=0 silences this)", RuntimeWarning, stacklevel=4)
