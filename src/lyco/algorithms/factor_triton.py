@@ -22,7 +22,7 @@ rounded once, as torch's multiply does); backward sums the products in fp32 and 
 each product to the dtype first, then sums in fp32) — at least as accurate; tests compare both with
 float64 definitions.
 
-When: a Triton launch costs the host more than the torch ops it replaces (each launch binds 20–30 arguments
+When: a Triton launch costs the host more than the torch ops it replaces (each launch binds 13–31 arguments
 in Python), so where a step is issued eagerly and the host is the bottleneck — every eager step measured on
 the H100 hosts — the kernels lose what they win on the device: SDXL b4 (runs 60–61) LoKr eagerly 576 ms on
 the torch path against 659–670 with the kernels, as one CUDA graph 275.4 against 257.0. So by default
