@@ -14,8 +14,8 @@ factor backward — generic strided kernels, ≈ 4.5 µs each at these sizes. GP
 ``results/run52_h100_kr_cost/``): LoHa's step as one CUDA graph 98.65 ms against 90.59 for a plain LoRA of
 the same GEMM shapes (``benchmarks/experiments/extra_algos.py``: ``lora-kr``) — the Khatri–Rao products
 cost 8.1 ms per step over 242 layers (1484 multiplies and 808 reductions in the profile). Here: one launch
-forward and one backward per layer and factor pair (both products of a pair in one launch), each reading
-its inputs once.
+forward and one backward per layer and factor pair (both products of a pair in one launch); LoKr's backward
+reads ∂U twice (its ∂A and its ∂W1 programs; U is at most 5120 × 128 at SD1.5, from L2).
 
 Numerics: forward bit-identical to torch (the product of two bf16/fp16 numbers is exact in fp32 and
 rounded once, as torch's multiply does); backward sums the products in fp32 and rounds once (torch rounds
@@ -44,7 +44,7 @@ import os
 
 import torch
 
-from .lowrank_triton import enabled, gate, self_test, triton
+from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
 
 if triton is not None:
     import triton.language as tl
@@ -304,8 +304,8 @@ def _kr_geometry(m: int, n: int, r1: int, r2: int):
         r1p, r2p = _p2(r1), _p2(r2)
         bm = max(2, min(128, tile // (r1p * r2p)))
         bn = max(16, min(256, tile // (r1p * r2p)))
-        nbm = -(-m // bm)
-        got = _GEOM[key] = (nbm, nbm + -(-n // bn), dict(BM=bm, BN=bn, R1P=r1p, R2P=r2p))
+        nbm = _cdiv(m, bm)
+        got = _GEOM[key] = (nbm, nbm + _cdiv(n, bn), dict(BM=bm, BN=bn, R1P=r1p, R2P=r2p))
     return got
 
 
@@ -336,9 +336,9 @@ def _kron_geometry(ok: int, im: int, r: int):
     got = _GEOM.get(key)
     if got is None:
         imp, rp = _p2(im), _p2(r)
-        bk = max(2, min(_p2(-(-ok // programs)), _TILE // (imp * rp)))
+        bk = max(2, min(_p2(_cdiv(ok, programs)), _TILE // (imp * rp)))
         bkw = max(2, min(_p2(ok), _TILE // rp))  # ∂W1's programs: (rows of A × r) tiles
-        got = _GEOM[key] = (-(-ok // bk), dict(BK=bk, BKW=bkw, IMP=imp, RP=rp))
+        got = _GEOM[key] = (_cdiv(ok, bk), dict(BK=bk, BKW=bkw, IMP=imp, RP=rp))
     return got
 
 
