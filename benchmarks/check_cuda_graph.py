@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-# LoHa's/LoKr's factor kernels run by default only in steps captured as graphs (lyco/algorithms/factor_triton.py):
-# both runs compared here take them, so eager and graph compute the same thing (set it to "0" to check the
-# torch forms instead)
+# LoHa's/LoKr's factor kernels and the low-rank bypass op run by default only in steps captured as graphs
+# (lyco/algorithms/graph_policy.py): both runs compared here take them, so eager and graph compute the same thing
+# (set either to "0" to check the other forms instead)
 os.environ.setdefault("LYCO_FACTOR_KERNELS", "1")
+os.environ.setdefault("LYCO_BYPASS_OP", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 

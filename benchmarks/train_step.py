@@ -641,7 +641,7 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int) -> dict
     fused AdamW), then replayed: the step's device time without any CPU launch overhead — the same
     treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
     host inside the step."""
-    from lyco.algorithms import factor_triton
+    from lyco.algorithms import graph_policy
     opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True, capturable=True) if params else None
 
     def body():
@@ -678,7 +678,7 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int) -> dict
     side.wait_stream(torch.cuda.current_stream())
     # lyco's kernels meant for captured steps (factor_triton: LoHa/LoKr builds) in the warm-up and capture, as
     # lyco's trainer runs them (lyco.train.graphs); the eager columns keep the eager default
-    with torch.cuda.stream(side), factor_triton.graph_step():
+    with torch.cuda.stream(side), graph_policy.graph_step():
         for _ in range(3):
             clear()
             body()
@@ -687,7 +687,7 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int) -> dict
     clear()
     g = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(g, stream=side), factor_triton.graph_step():
+        with torch.cuda.graph(g, stream=side), graph_policy.graph_step():
             body()
         for _ in range(3):
             g.replay()

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from lyco.algorithms import factor_triton
+from lyco.algorithms import factor_triton, graph_policy
 
 
 @pytest.fixture(scope="module")
@@ -230,19 +230,19 @@ def test_policy_runs_the_kernels_in_graph_steps_only_by_default(monkeypatch):
     everywhere, ``0`` nowhere; anything else is an error naming the variable."""
     monkeypatch.delenv("LYCO_FACTOR_KERNELS", raising=False)
     assert not factor_triton.wanted()
-    with factor_triton.graph_step():
+    with graph_policy.graph_step():
         assert factor_triton.wanted()
-        with factor_triton.graph_step():
+        with graph_policy.graph_step():
             assert factor_triton.wanted()
         assert factor_triton.wanted()
     assert not factor_triton.wanted()
-    with pytest.raises(RuntimeError), factor_triton.graph_step():
+    with pytest.raises(RuntimeError), graph_policy.graph_step():
         raise RuntimeError("a failed capture")
     assert not factor_triton.wanted()  # left even when the block raised
     monkeypatch.setenv("LYCO_FACTOR_KERNELS", "1")
     assert factor_triton.wanted()
     monkeypatch.setenv("LYCO_FACTOR_KERNELS", "0")
-    with factor_triton.graph_step():
+    with graph_policy.graph_step():
         assert not factor_triton.wanted()
     monkeypatch.setenv("LYCO_FACTOR_KERNELS", "yes")
     with pytest.raises(ValueError, match="LYCO_FACTOR_KERNELS='yes'"):
@@ -256,5 +256,5 @@ def test_usable_follows_the_policy(monkeypatch):
     monkeypatch.delenv("LYCO_TRITON", raising=False)
     t = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=None)
     assert not factor_triton.usable(t, 64)
-    with factor_triton.graph_step():
+    with graph_policy.graph_step():
         assert factor_triton.usable(t, 64)

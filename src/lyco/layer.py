@@ -9,6 +9,9 @@
   Rebuild: ``y = op(x, W + Σ m_i·ΔW_i)``; one adapter on a linear/conv layer goes through
   ``algorithms/rebuild.py`` (x kept for backward, W′ rebuilt there). ``mode = "auto"`` (default) takes
   the rebuild where the algorithm prefers it (DoRA, (IA)³, GLoRA, BOFT, Full, LoKr). Both are tested equal.
+  In steps captured as CUDA graphs (``algorithms/graph_policy.py``) one low-rank adapter (LoRA/LoCon, LoHa)
+  on a plain ``nn.Linear``/``nn.Conv2d`` runs the bypass through ``algorithms/lowrank.py``'s bypass op where
+  the shapes say it pays (same forward, ∂x through the merged weight).
 * Merge/unmerge are exact: the first merge takes a snapshot of the original weight (its own
   dtype); the merged weight is always recomputed as ``cast(snapshot + Σ m_i ΔW_i)`` in fp32 (fp64
   for fp64 weights), and unmerging the last adapter copies the snapshot back bit for bit —
@@ -25,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .algorithms.base import Algorithm, LayerSpec, channel_view, layer_op
+from .algorithms import lowrank as _lowrank
 from .errors import ConfigError, ShapeMismatch
 
 _HOST_ATTR = "_lyco_host"
@@ -241,6 +245,17 @@ class AdapterLayer(nn.Module):
                                              detach_norm=True)
         return self.algorithm.rebuild_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
 
+    def bypass_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """``f(x) + m·Δy`` by the algorithm's bypass op (exact forward, a leaner backward; the host calls it under
+        the captured-steps policy, :mod:`.algorithms.lowrank`), or None. Never with a dropout-family option or
+        DyLoRA's rank sampling in training: those act on the delta path."""
+        if self.training:
+            o = self.opts
+            if (o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout")
+                    or self.algorithm.name == "dylora"):
+                return None
+        return self.algorithm.bypass_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
+
     def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):
         """(W', b') = this adapter applied to (W, b) at ``multiplier`` (differentiable)."""
         t = self._hot_tensors()
@@ -268,6 +283,9 @@ class LayerHost:
         # its output with in-place 2-D GEMMs (addmm_) rather than batched ones
         self._flat_linear = (spec.kind == "linear" and self._prev_forward is None
                              and type(module).forward is nn.Linear.forward)
+        # a plain nn.Linear / nn.Conv2d: the host may run the whole layer itself (the bypass op)
+        self._plain = self._flat_linear or (spec.kind == "conv2d" and self._prev_forward is None
+                                            and type(module).forward is nn.Conv2d.forward)
         self._orig = self._prev_forward if self._prev_forward is not None else type(module).forward.__get__(module)
         self._forward = self._make_forward()
         object.__setattr__(module, "forward", self._forward)
@@ -318,6 +336,12 @@ class LayerHost:
                         b = b2 if b is None else b + b2
             return layer_op(x, self.spec, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
         w, b = mod.weight, mod.bias
+        if len(active) == 1 and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
+            x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
+            if _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(self.spec, x2):
+                y = active[0].bypass_op(x2, w, b)
+                if y is not None:
+                    return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
         if self._flat_linear and x.dim() > 2 and not args and not kwargs:
             lead = x.shape[:-1]
             x = x.reshape(-1, x.shape[-1])

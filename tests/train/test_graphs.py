@@ -48,22 +48,24 @@ def test_replay_uses_new_inputs_and_accumulates_like_eager():
 
 
 def test_warm_up_and_capture_run_as_a_graph_step(monkeypatch):
-    """The warm-up calls and the recorded call run inside ``factor_triton.graph_step`` (LoHa's/LoKr's kernels
-    are meant for captured steps; lyco/algorithms/factor_triton.py), an eager call outside it."""
-    from lyco.algorithms import factor_triton
+    """The warm-up calls and the recorded call run inside ``graph_policy.graph_step`` (LoHa's/LoKr's kernels
+    and the low-rank bypass op are meant for captured steps; lyco/algorithms/graph_policy.py), an eager call
+    outside it."""
+    from lyco.algorithms import factor_triton, lowrank
     monkeypatch.delenv("LYCO_FACTOR_KERNELS", raising=False)
+    monkeypatch.delenv("LYCO_BYPASS_OP", raising=False)
     w = torch.randn(3, 2, requires_grad=True)
     seen = []
     inner = _loss_fn(w)
 
     def fn(inp):
-        seen.append(factor_triton.wanted())
+        seen.append(factor_triton.wanted() and lowrank.bypass_wanted())
         return inner(inp)
 
     g = StandInGraph(fn, [w], warmup=2)
     g({"x": torch.randn(4, 3), "y": torch.randn(4, 2)})
     assert seen[:3] == [True, True, True]  # two warm-up calls and the recording
-    assert not factor_triton.wanted()
+    assert not factor_triton.wanted() and not lowrank.bypass_wanted()
     g.disabled_reason = "off"
     g({"x": torch.randn(4, 3), "y": torch.randn(4, 2)})
     assert seen[-1] is False  # an eager step

@@ -392,6 +392,16 @@ class Algorithm:
         build, keys = merged_build(self, t, spec, multiplier)
         return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
 
+    def bypass_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
+                  bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
+        """``op(x, W, b) + Δy`` computed exactly, with :mod:`.lowrank`'s bypass backward (∂x through the merged
+        weight), where this adapter's delta is a low-rank product on this layer (:meth:`lowrank_factors`);
+        else None. The layer host calls it only where :func:`.lowrank.bypass_ready` holds."""
+        f = self.lowrank_factors(t, spec, x.dtype)
+        if f is None:
+            return None
+        return bypass_op(x, spec, weight, bias, f[0], f[1], f[2] * multiplier)
+
     def lowrank_factors(self, t: Mapping[str, Any], spec: LayerSpec,
                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(D, U, γ)`` with ``ΔW = γ·U·D`` — ``D`` ``(r, in)`` or a conv kernel ``(r, in, *k)`` carrying
@@ -502,5 +512,5 @@ def detect_for(tensors: Mapping[str, torch.Tensor]) -> Algorithm | None:
 
 # The shared layer ops are built on the helpers above; imported last (they import this module), once,
 # rather than inside the hot per-call methods.
-from .lowrank import lowrank_op  # noqa: E402
+from .lowrank import bypass_op, lowrank_op  # noqa: E402
 from .rebuild import merged_build, rebuilt_op  # noqa: E402

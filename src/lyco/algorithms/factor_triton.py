@@ -26,7 +26,7 @@ When: a Triton launch costs the host more than the torch ops it replaces (each l
 in Python), so where a step is issued eagerly and the host is the bottleneck — every eager step measured on
 the H100 hosts — the kernels lose what they win on the device: SDXL b4 (runs 60–61) LoKr eagerly 576 ms on
 the torch path against 659–670 with the kernels, as one CUDA graph 275.4 against 257.0. So by default
-(``LYCO_FACTOR_KERNELS=graph``) they run only inside :func:`graph_step`: the steps a caller is about to capture
+(``LYCO_FACTOR_KERNELS=graph``, :mod:`.graph_policy`) they run only inside :func:`.graph_policy.graph_step`: the steps a caller is about to capture
 as a CUDA graph, where the host's cost is paid once (lyco's trainer wraps its warm-up and capture in it, the
 benchmark its graph column). ``LYCO_FACTOR_KERNELS=1`` uses them everywhere, ``0`` nowhere.
 
@@ -39,11 +39,9 @@ else — the CPU, fp32, compile, eager steps by default — takes the torch form
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
+from . import graph_policy
 from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
 
 if triton is not None:
@@ -68,28 +66,9 @@ def _p2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-#: depth of :func:`graph_step` blocks (a list: mutable module state)
-_GRAPH_STEP = [0]
-_MODES = ("graph", "1", "0")
-
-
-@contextlib.contextmanager
-def graph_step():
-    """Within this block the kernels run under the default policy (``LYCO_FACTOR_KERNELS=graph``, see the module
-    doc): wrap the warm-up and the capture of a step that will be replayed as a CUDA graph."""
-    _GRAPH_STEP[0] += 1
-    try:
-        yield
-    finally:
-        _GRAPH_STEP[0] -= 1
-
-
 def wanted() -> bool:
-    """The policy of the module doc, from ``LYCO_FACTOR_KERNELS`` (``graph`` when unset)."""
-    mode = os.environ.get("LYCO_FACTOR_KERNELS", "graph")
-    if mode not in _MODES:
-        raise ValueError(f"LYCO_FACTOR_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
-    return mode == "1" or (mode == "graph" and _GRAPH_STEP[0] > 0)
+    """The policy of the module doc, from ``LYCO_FACTOR_KERNELS`` (``graph`` when unset; :mod:`.graph_policy`)."""
+    return graph_policy.wanted("LYCO_FACTOR_KERNELS")
 
 
 def usable(t: torch.Tensor, inner: int) -> bool:

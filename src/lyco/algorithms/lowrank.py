@@ -18,10 +18,17 @@ element), so deltas far below that vanish from the forward (what LyCORIS's defau
 training does); that is why ``mode = "auto"`` keeps these algorithms on the delta path. The gradients
 of U and D never see the merge.
 
-What was measured and rejected (benchmarks/NOTES.md, runs 10–11): running the *exact* bypass forward
-``f(x) + s·U·h`` through an op like this one (merged weight only for ∂x) saved ≈ 1 ms of device time
-per SD1.5 b8 step but its Python backward cost more host time than autograd's C++ nodes (eager LoCon
-and LoHa steps 10–20 % slower); a Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS.
+**The bypass op** (:func:`bypass_op`, the delta path's ``f(x) + s·U·(D∗x)`` computed exactly forward) has
+the same backward: ``∂x = opᵀ(∂y, W + s·U·D)`` — one input-gradient GEMM/conv with the merged weight in
+place of the frozen layer's and the adapter's own (``(s·Uᵀ∂y)∗ᵀD``), and no sum of the two; ``∂U`` from the
+saved ``h``; for a k×k conv with stride 1, ``∂D`` as one batched GEMM of the rank-sized ``∂h``'s shifted
+copies (an im2col of ∂h, r·k² rows) against x in its NCHW layout, where cuDNN's weight gradient converts x
+to NHWC first. It costs a Python backward per layer: runs 10–11 (benchmarks/NOTES.md) measured ≈ 1 ms of
+device time saved per SD1.5 b8 step and eager LoCon/LoHa steps 10–20 % slower for host time, so it runs
+under :mod:`.graph_policy` (``LYCO_BYPASS_OP``: by default only in steps captured as CUDA graphs, where the
+host's cost is paid once). Its ∂x carries the merge's rounding (as the rebuild path's does; a delta far
+below 2⁻⁹·|W| drops out of the gradient that reaches earlier layers, not out of the forward or of ∂U/∂D).
+A Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS (runs 11, 50–51).
 
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
@@ -33,7 +40,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LINEAR, LayerSpec, layer_op
+import math
+import os
+
+from . import graph_policy
+from .base import CONV2D, LINEAR, LayerSpec, layer_op
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
 #: one cheap call to skip the per-device autocast queries in the common case (no autocast anywhere)
@@ -159,3 +170,172 @@ def lowrank_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: tor
     else:
         y = _LowRankOp.apply(x, (spec, float(s), cd), weight, bias, down, up)
     return y if lead is None else y.view(*lead, y.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bypass op (module doc): exact forward, ∂x through the merged weight, conv ∂D as an im2col of ∂h
+# ----------------------------------------------------------------------------------------------------------
+
+#: layer kinds the bypass op takes (``LYCO_BYPASS_OP_KINDS``, comma-separated; benchmarks/NOTES.md change 49)
+_BYPASS_KINDS_DEFAULT = "linear,conv2d"
+
+
+def bypass_wanted() -> bool:
+    """The captured-steps policy for the bypass op (``LYCO_BYPASS_OP``; :mod:`.graph_policy`)."""
+    return graph_policy.wanted("LYCO_BYPASS_OP")
+
+
+def bypass_kinds() -> frozenset:
+    return frozenset(k.strip() for k in os.environ.get("LYCO_BYPASS_OP_KINDS", _BYPASS_KINDS_DEFAULT).split(",")
+                     if k.strip())
+
+
+def bypass_ready(spec: LayerSpec) -> bool:
+    """The checks a layer host makes before building the factors: gradients on, the policy, the layer kind,
+    not compiling, no autocast."""
+    return (torch.is_grad_enabled() and spec.kind in (LINEAR, CONV2D) and bypass_wanted()
+            and spec.kind in bypass_kinds() and not torch.compiler.is_compiling()
+            and not (_any_autocast() and (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))))
+
+
+def bypass_supports(spec: LayerSpec, x: torch.Tensor) -> bool:
+    """Linear layers on 2-D rows; ungrouped zero-padded 2-D convs on a contiguous (NCHW) batched input."""
+    if spec.kind == LINEAR:
+        return x.dim() == 2 and x.shape[1] == spec.in_dim
+    return (spec.kind == CONV2D and spec.groups == 1 and spec.padding_mode == "zeros"
+            and not isinstance(spec.padding, str) and x.dim() == 4 and x.is_contiguous())
+
+
+def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
+    """Whether the op is faster than the delta path on this layer and input (x as :func:`bypass_supports` takes
+    it). The merged weight costs about two weight-sized passes (out·in·∏k), the delta path's ∂x about four
+    input-sized ones (positions·in) plus its own small GEMM/conv, so the op pays from some positions/(out·∏k)
+    on. Measured per layer on SD1.5 b8 (run 66, ``benchmarks/experiments/bypass_op_layers.py``, H100, forward +
+    backward as CUDA graphs): linear layers gain at positions ≥ 1.6·out (0.66–0.97× the delta path's time) and
+    lose below ≈ 0.5·out (1.03–1.31×); 3×3 convs gain at positions ≥ 12.8·out (0.81–1.02×) and lose at
+    ≤ 6.4·out (1.02–1.15×) — one rule, positions ≥ out·∏k, takes every gain (−2.5 ms on the linears,
+    −1.1 ms on the 3×3 convs per step, summed per layer). 1×1 convs lost at every shape (1.13–1.30×, also
+    at 102 positions per output channel): never."""
+    if spec.kind == LINEAR:
+        return x.shape[0] >= spec.out_dim
+    k = math.prod(spec.kernel)
+    return k > 1 and x.shape[0] * x.shape[2] * x.shape[3] >= spec.out_dim * k
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _im2col_ok(spec: LayerSpec) -> bool:
+    """∂D by :func:`_conv_wgrad_nchw`: stride 1, dilation 1, padding at most k − 1 on each axis."""
+    (ph, pw), (kh, kw) = _pair(spec.padding), spec.kernel
+    return _pair(spec.stride) == (1, 1) and _pair(spec.dilation) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+
+
+def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """``∂D`` of ``h = conv2d(x, D)`` (stride 1, dilation 1, zero padding p ≤ k − 1) for ``∂h``, as one
+    batched GEMM over the NCHW input in place.
+
+    ∂D[ρ, c, ty, tx] = Σ_{n,y,x} ∂h[n, ρ, y − ty + p, x − tx + p]·x[n, c, y, x] (∂h zero outside its extent).
+    With ∂h zero-padded by q = k − 1 − p on each side (∂hp), ∂h[y − ty + p] = ∂hp[y + (k − 1 − ty)]: the
+    shifted copies ``cols[n, ρ, a, b, y, x] = ∂hp[n, ρ, y + a, x + b]`` (a = k − 1 − ty: taps in flipped
+    order, so every stride of the view is non-negative) are one strided copy of r·k² rank-sized planes,
+    and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch."""
+    n, c, hh, ww = x.shape
+    r = gh.shape[1]
+    (kh, kw), (ph, pw) = spec.kernel, _pair(spec.padding)
+    qh, qw = kh - 1 - ph, kw - 1 - pw
+    # contiguous: F.pad keeps a channels-last-looking layout (a 1×1 ∂h is both), the view below assumes rows
+    ghp = (F.pad(gh, (qw, qw, qh, qh)) if (qh or qw) else gh).contiguous()
+    hp, wp = ghp.shape[2], ghp.shape[3]
+    cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
+        n, r * kh * kw, hh * ww)
+    g = torch.bmm(cols, x.reshape(n, c, hh * ww).transpose(1, 2)).sum(0)   # (r·kh·kw, c), taps flipped
+    return g.view(r, kh, kw, c).permute(0, 3, 1, 2).flip(2, 3).contiguous()
+
+
+class _BypassOp(torch.autograd.Function):
+    """``y = op(x, W, b) + s·U·(D∗x)``; backward in the module doc."""
+
+    @staticmethod
+    def forward(ctx, x, cfg, weight, bias, down, up):
+        spec, s, cd = cfg
+        xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
+        dd, u2, d2 = _factors(down, up, cd)
+        y = layer_op(xd, spec, wd, bd)
+        if spec.kind == LINEAR:
+            h = F.linear(xd, d2)
+            y.addmm_(h, u2.t(), alpha=s)
+        else:
+            h = layer_op(xd, spec, dd)
+            n, o, r = y.shape[0], y.shape[1], h.shape[1]
+            y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
+            y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
+        ctx.cfg = (spec, s, x.shape, x.dtype)
+        ctx.save_for_backward(xd, h, weight, bias, down, up)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        xd, h, weight, bias, down, up = ctx.saved_tensors
+        spec, s, xshape, xdt = ctx.cfg
+        need_x, _, need_w, need_b, need_d, need_u = ctx.needs_input_grad  # (x, cfg, weight, bias, down, up)
+        cd = gy.dtype
+        dd, u2, d2 = _factors(down, up, cd)
+        xc = cast(xd, cd)
+        gx = gw = gb = gd = gu = None
+        if need_x or need_w or need_b:
+            # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
+            w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
+            gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+        if need_d or need_u:
+            if spec.kind == LINEAR:
+                if need_u:
+                    gu = gy.t() @ h
+                    if s != 1.0:
+                        gu.mul_(s)
+                if need_d:
+                    gd = (gy @ u2).t() @ xc
+                    if s != 1.0:
+                        gd.mul_(s)
+            else:
+                gy = gy.contiguous()
+                n, o, r = gy.shape[0], gy.shape[1], h.shape[1]
+                g3 = gy.view(n, o, -1)
+                if need_u:
+                    gu = torch.bmm(g3, h.view(n, r, -1).transpose(1, 2)).sum(0)
+                    if s != 1.0:
+                        gu.mul_(s)
+                if need_d:
+                    gh = torch.matmul(u2.t(), g3).view(h.shape)  # (n, r, Ho, Wo): ∂h / s
+                    if s != 1.0:
+                        gh.mul_(s)
+                    if _im2col_ok(spec):
+                        gd = _conv_wgrad_nchw(xc, gh, spec)
+                    else:
+                        gd = op_backward(spec, xc, dd, gh, False, True, False)[1]
+        if gx is not None:
+            gx = like(gx, xshape, xdt)
+        if gw is not None:
+            gw = like(gw, weight.shape, weight.dtype)
+        if gb is not None:
+            gb = cast(gb, bias.dtype)
+        if gd is not None:
+            gd = like(gd, down.shape, down.dtype)
+        if gu is not None:
+            gu = like(gu, up.shape, up.dtype)
+        return gx, None, gw, gb, gd, gu
+
+
+def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
+              down: torch.Tensor, up: torch.Tensor, s: float) -> torch.Tensor | None:
+    """``op(x, W, b) + s·U·(D∗x)`` (x: 2-D rows for a linear layer) with the backward of the module doc;
+    None where the op does not apply (the caller takes the delta path): the layer or input unsupported
+    (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute."""
+    if not bypass_supports(spec, x):
+        return None
+    if not (x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return None
+    return _BypassOp.apply(x, (spec, float(s), x.dtype), weight, bias, down, up)

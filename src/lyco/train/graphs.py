@@ -51,7 +51,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..algorithms import factor_triton
+from ..algorithms import graph_policy
 
 log = logging.getLogger("lyco.train")
 
@@ -214,7 +214,7 @@ class GraphedStep:
                   for t in leaves]
         args = tree_unflatten(static, spec)
         try:
-            with self._side_stream(), factor_triton.graph_step():
+            with self._side_stream(), graph_policy.graph_step():
                 for i in range(self.warmup):
                     # the last warm-up call runs with torch's sync debugging set to "error": an operation that
                     # waits for the host (which would break the capture with an unhelpful "operation failed
@@ -227,7 +227,7 @@ class GraphedStep:
             # (graphs are on by default since [train] cuda_graph = "auto")
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-            with factor_triton.graph_step():  # kernels whose host cost only a replayed graph hides
+            with graph_policy.graph_step():  # kernels whose host cost only a replayed graph hides
                 replay, out = self._record(lambda: self.fn(args))
         except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
             self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)

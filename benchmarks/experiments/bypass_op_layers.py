@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Per layer: the low-rank bypass op against the delta path, forward + backward as CUDA graphs (issue 7, run 66).
+
+Run 65 (``benchmarks/run_bypass_op.sh``) found the op (``lyco/algorithms/lowrank.py``: exact forward, ∂x through
+the merged weight ``W + s·U·D``, a conv's ∂D by an im2col of ∂h) a gain on SD1.5 b8's linear layers and none on
+its convs as a whole step — within the step's ±1 ms noise. Which layers gain and which lose follows from the
+shapes (the merged weight costs two weight-sized passes, the delta path's ∂x about four input-sized ones), so
+this times every one of SD1.5's 242 ``lin+conv`` layers alone with LoCon's adapters (rank 16 on linears, 8 on
+3×3 convs), one layer's forward and backward (∂x and the adapter's gradients) captured ``--reps`` times in one
+CUDA graph, three ways: ``delta`` (``LYCO_BYPASS_OP=0``), ``op`` (``=1``), and for convs ``op-cudnn-wgrad`` (the op
+with ∂D by cuDNN's weight gradient instead of the im2col). Writes one JSON row per layer with its shapes.
+
+    python benchmarks/experiments/bypass_op_layers.py [--out DIR] [--smoke]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from train_step import attach_lyco, build_unet, layer_sets, make_inputs  # noqa: E402
+
+from lyco.algorithms import lowrank  # noqa: E402
+
+
+def graph_us(fn, reps_in_graph: int, replays: int = 7) -> float:
+    """Median µs of one ``fn()`` call: ``reps_in_graph`` calls captured in one CUDA graph, replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        for _ in range(reps_in_graph):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / reps_in_graph)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=".")
+    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--smoke", action="store_true", help="CPU, the tiny UNet: the paths run, no timing")
+    a = p.parse_args()
+    dev, dt = torch.device("cpu" if a.smoke else "cuda"), torch.bfloat16
+    unet = build_unet("sd15", a.smoke, dev, dt)
+    names = layer_sets(unet)
+    handle = attach_lyco(unet, "locon", names, "auto", dt)
+    mods = dict(unet.named_modules())
+    shapes = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, args[0].shape)
+        return hook
+    targets = names["lin"] + names["conv"]
+    hooks = [mods[n].register_forward_pre_hook(record(n)) for n in targets]
+    inp, _ = make_inputs(unet, 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
+    with torch.no_grad():
+        unet(**inp)
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():  # a trained-looking up (LoRA starts it at zero)
+        for prm in handle.params:
+            prm.add_((0.02 * torch.randn(prm.shape, generator=gen)).to(prm.device, prm.dtype))
+    rows = []
+    t0 = time.time()
+    real_im2col = lowrank._im2col_ok
+    for name in targets:
+        m = mods[name]
+        (ad,) = m._lyco_host.adapters
+        params = [v for v in ad.tensors().values() if v.requires_grad]
+        x = torch.randn(*shapes[name], generator=gen).to(dev, dt).requires_grad_()
+        with torch.no_grad():
+            gy = torch.randn_like(m(x))
+
+        def fn():
+            return torch.autograd.grad(m(x), [x] + params, gy)
+        conv = isinstance(m, torch.nn.Conv2d)
+        row = {"name": name, "kind": "conv2d" if conv else "linear", "x": list(shapes[name]),
+               "in": m.weight.shape[1], "out": m.weight.shape[0], "k": list(m.weight.shape[2:]),
+               "positions": x.numel() // x.shape[1 if conv else -1]}
+        ways = [("delta", "0", real_im2col), ("op", "1", real_im2col)]
+        if conv:
+            ways.append(("op-cudnn-wgrad", "1", lambda spec: False))
+        outs = {}
+        for way, flag, im2col in ways:
+            os.environ["LYCO_BYPASS_OP"] = flag
+            lowrank._im2col_ok = im2col
+            outs[way] = [t.float() for t in fn()]
+            if not a.smoke:
+                row[way] = graph_us(fn, a.reps)
+        lowrank._im2col_ok = real_im2col
+        # the ways agree (bf16: ∂x of the op carries the merge's rounding)
+        row["max_rel_diff"] = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                                  for w in outs if w != "delta" for o, r in zip(outs[w], outs["delta"]))
+        rows.append(row)
+        if len(rows) % 20 == 0:
+            print(f"{len(rows)}/{len(targets)} layers, {time.time() - t0:.0f} s", flush=True)
+    os.environ.pop("LYCO_BYPASS_OP", None)
+    res = {"device": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(), "rows": rows}
+    if not a.smoke:
+        for kind in ("linear", "conv2d"):
+            sel = [r for r in rows if r["kind"] == kind]
+            tot = {w: sum(r[w] for r in sel) / 1000.0 for w in ("delta", "op", "op-cudnn-wgrad") if w in sel[0]}
+            best = sum(min(r[w] for w in tot) for r in sel) / 1000.0
+            print(f"{kind}: {len(sel)} layers, ms per step " + ", ".join(f"{w} {v:.2f}" for w, v in tot.items())
+                  + f", best per layer {best:.2f}", flush=True)
+    print(f"worst relative difference of the op's outputs to the delta path's: "
+          f"{max(r['max_rel_diff'] for r in rows):.2e}", flush=True)
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bypass_op_layers.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Paths meant for training steps captured as CUDA graphs, and the switch that selects them.
+
+Some fast paths trade host time for device time: a Triton launch binds its arguments in Python, a
+hand-written autograd backward runs Python per layer. Where a step is issued eagerly the host is the
+bottleneck on every machine measured (benchmarks/NOTES.md, changes 47–49), so those paths lose there what
+they win on the device; in a step captured as a CUDA graph the host's cost is paid once, at capture. Each
+such path has an environment variable with three values:
+
+* ``graph`` (default, also when unset): only inside :func:`graph_step` — the steps a caller is about to
+  capture (lyco's trainer wraps its warm-up and capture in it, ``benchmarks/train_step.py`` its graph column);
+* ``1``: everywhere (``benchmarks/check_cuda_graph.py`` sets it so that its eager and captured runs compute
+  the same thing, bit for bit);
+* ``0``: nowhere.
+
+The paths: LoHa's/LoKr's factor kernels (``LYCO_FACTOR_KERNELS``, :mod:`.factor_triton`) and the low-rank
+bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+#: depth of :func:`graph_step` blocks (a list: mutable module state)
+_DEPTH = [0]
+MODES = ("graph", "1", "0")
+
+
+@contextlib.contextmanager
+def graph_step():
+    """Within this block the paths under the default policy (``graph``) run: wrap the warm-up and the capture
+    of a step that will be replayed as a CUDA graph. Blocks nest."""
+    _DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DEPTH[0] -= 1
+
+
+def in_graph_step() -> bool:
+    return _DEPTH[0] > 0
+
+
+def wanted(var: str) -> bool:
+    """Whether the path switched by the environment variable ``var`` runs here (module doc); an unknown value
+    is an error naming the variable."""
+    mode = os.environ.get(var, "graph")
+    if mode not in MODES:
+        raise ValueError(f"{var}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode == "1" or (mode == "graph" and _DEPTH[0] > 0)

@@ -1,0 +1,231 @@
+"""The low-rank bypass op (``algorithms/lowrank.py``: exact forward ``f(x) + s·U·(D∗x)``, ∂x through the merged
+weight, a conv's ∂D as one batched GEMM over the shifted copies of ∂h) against independent float64 math, and
+the captured-steps policy that selects it (``LYCO_BYPASS_OP``)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import graph_policy, lowrank
+from lyco.algorithms.base import LayerSpec
+
+CONVS = {
+    "3x3-p1": dict(kernel_size=3, padding=1),
+    "3x3-p0": dict(kernel_size=3, padding=0),
+    "3x3-p2": dict(kernel_size=3, padding=2),
+    "3x5-p12": dict(kernel_size=(3, 5), padding=(1, 2)),
+    "1x1": dict(kernel_size=1),
+    "3x3-s2": dict(kernel_size=3, stride=2, padding=1),     # ∂D by the conv's own weight gradient
+    "3x3-d2": dict(kernel_size=3, dilation=2, padding=2),   # likewise
+    "3x3-p3": dict(kernel_size=3, padding=3),               # padding > k − 1: likewise
+}
+
+
+def _dense_delta(algo, t):
+    """ΔW without the layer's shape, from the file tensors, in float64 — written here from the formulas."""
+    if algo == "lora":
+        up, down = t["lora_up.weight"], t["lora_down.weight"]
+        g = float(t["alpha"]) / down.shape[0]
+        if "scalar" in t:
+            g = g * t["scalar"]
+        return g * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1))
+    a1, b1, a2, b2 = (t[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    g = float(t["alpha"]) / b1.shape[0]
+    return g * (a1 @ b1.reshape(b1.shape[0], -1)) * (a2 @ b2.reshape(b2.shape[0], -1))
+
+
+def _setup(mod, cfg, seed=0):
+    model = nn.Sequential(mod).double()
+    net = lyco.create(model, preset="full", seed=seed, **cfg)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_((0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    return model, net
+
+
+def _adapter_tensors(mod):
+    (a,) = mod._lyco_host.adapters
+    return a, a.tensors()
+
+
+def _node(y):
+    """The autograd node that made y (through the host's reshape of a 3-D linear input's rows)."""
+    fn = y.grad_fn
+    if fn is None:
+        return None
+    if fn.name() in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn.name()
+
+
+def _run(model, x, gy):
+    y = model(x)
+    _, t = _adapter_tensors(model[0])
+    params = [v for v in t.values() if v.requires_grad]
+    grads = torch.autograd.grad(y, [x] + params, gy)
+    return y, grads, _node(y)
+
+
+def _reference(mod, algo, x, gy, m):
+    """y = op(x, W + m·ΔW, b) in float64 by plain autograd through the dense ΔW."""
+    a, t = _adapter_tensors(mod)
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+    xr = x.detach().clone().requires_grad_()
+    dw = _dense_delta(algo, leaves).reshape(mod.weight.shape)
+    w = mod.weight.detach() + m * dw
+    if isinstance(mod, nn.Linear):
+        y = F.linear(xr, w, mod.bias)
+    else:
+        y = F.conv2d(xr, w, mod.bias, mod.stride, mod.padding, mod.dilation)
+    params = [leaves[k] for k, v in t.items() if v.requires_grad]
+    return y, torch.autograd.grad(y, [xr] + params, gy)
+
+
+CFGS = {
+    "lora": dict(algo="lora", rank=3, alpha=2.0),
+    "lora-scalar": dict(algo="lora", rank=3, alpha=2.0, use_scalar=True),
+    "loha": dict(algo="loha", rank=2, alpha=1.5),
+}
+
+
+@pytest.mark.parametrize("cfg", list(CFGS))
+@pytest.mark.parametrize("layer", ["linear-3d", "linear-2d"] + list(CONVS) + ["3x3-p1@1x1"])
+@pytest.mark.parametrize("m", [1.0, 0.7])
+def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
+    """Every geometry the op takes, whether or not the shape rule would choose it here. ``3x3-p1@1x1``: a 1×1
+    input (SD1.5's 8×8 level at the tiny UNet's size), where ∂h is both contiguous and channels-last — the
+    im2col once read it with the wrong strides and returned ∂D = 0."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    torch.manual_seed(0)
+    if layer.startswith("linear"):
+        mod = nn.Linear(12, 10)
+        x = torch.randn(2, 5, 12) if layer == "linear-3d" else torch.randn(7, 12)
+    else:
+        geom, _, spatial = layer.partition("@")
+        mod = nn.Conv2d(12, 16, bias=layer != "1x1", **CONVS[geom])
+        x = torch.randn(2, 12, 1, 1) if spatial else torch.randn(2, 12, 7, 9)
+    model, net = _setup(mod, CFGS[cfg])
+    net.set_multiplier(m)
+    x = x.double().requires_grad_()
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert node == "_BypassOpBackward"  # the op ran
+    yr, gr = _reference(mod, CFGS[cfg]["algo"], x, gy, m)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(gr)
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x5-p12", "1x1"])
+def test_conv_weight_gradient_by_shifted_copies(layer):
+    """``_conv_wgrad_nchw`` against torch's own conv weight gradient, float64."""
+    conv = nn.Conv2d(5, 4, **CONVS[layer])
+    spec = LayerSpec.from_module(conv)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 8, 6, generator=g, dtype=torch.float64)
+    ho, wo = conv(x.float()).shape[2:]
+    gh = torch.randn(3, 4, ho, wo, generator=g, dtype=torch.float64)
+    ref = torch.nn.grad.conv2d_weight(x, conv.weight.shape, gh, 1, conv.padding)
+    torch.testing.assert_close(lowrank._conv_wgrad_nchw(x, gh, spec), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["linear", "3x3-p1"])
+def test_bf16_forward_is_the_delta_paths(monkeypatch, layer):
+    """In bf16 the op's forward is the delta path's, bit for bit (the same kernels in the same order); its
+    gradients are within bf16 rounding of the float64 reference."""
+    torch.manual_seed(0)
+    mod = nn.Linear(32, 24) if layer == "linear" else nn.Conv2d(8, 16, **CONVS[layer])
+    model, net = _setup(mod, CFGS["lora"])
+    model.to(torch.bfloat16)
+    x = (torch.randn(4, 6, 32) if layer == "linear" else torch.randn(2, 8, 10, 10)).bfloat16().requires_grad_()
+    gy = torch.randn_like(model(x).detach())
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LYCO_BYPASS_OP", flag)
+        out[flag] = _run(model, x, gy)
+    assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
+    assert torch.equal(out["0"][0], out["1"][0])
+    model64 = model.double()
+    _, gr = _reference(mod, "lora", x.detach().double().requires_grad_(), gy.double(), 1.0)
+    for g, r in zip(out["1"][1], gr):
+        err = (g.double() - r).abs().max() / r.abs().max()
+        assert err < 2e-2, err
+    del model64
+
+
+def test_policy_captured_steps_only_by_default(monkeypatch):
+    """Unset/``graph``: the op only inside ``graph_step``; ``0`` never; ``1`` everywhere; the kinds switch;
+    never without gradients."""
+    monkeypatch.delenv("LYCO_BYPASS_OP", raising=False)
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    torch.manual_seed(0)
+    model, net = _setup(nn.Conv2d(4, 6, 3, padding=1), CFGS["lora"])
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)  # 72 positions ≥ 6·9: the shapes pay
+    assert _node(model(x)) != "_BypassOpBackward"
+    with graph_policy.graph_step():
+        assert _node(model(x)) == "_BypassOpBackward"
+        with torch.no_grad():
+            assert _node(model(x)) is None
+        monkeypatch.setenv("LYCO_BYPASS_OP_KINDS", "linear")
+        assert _node(model(x)) != "_BypassOpBackward"
+        monkeypatch.delenv("LYCO_BYPASS_OP_KINDS")
+        monkeypatch.setenv("LYCO_BYPASS_OP", "0")
+        assert _node(model(x)) != "_BypassOpBackward"
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    assert _node(model(x)) == "_BypassOpBackward"
+    monkeypatch.setenv("LYCO_BYPASS_OP", "on")
+    with pytest.raises(ValueError, match="LYCO_BYPASS_OP='on'"):
+        model(x)
+
+
+@pytest.mark.parametrize("layer, shape, taken", [
+    ("linear", (15, 16), False), ("linear", (16, 16), True), ("linear", (2, 8, 16), True),
+    ("3x3", (2, 8, 6, 6), False), ("3x3", (2, 8, 9, 8), True), ("1x1", (4, 8, 32, 32), False),
+])
+def test_shape_rule(monkeypatch, layer, shape, taken):
+    """Taken where the input has at least out·∏k positions (one output channel's weights per position), never
+    on a 1×1 conv (``lowrank.bypass_pays``: the rule from run 66's per-layer timings)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    torch.manual_seed(0)
+    mod = {"linear": nn.Linear(16, 16), "3x3": nn.Conv2d(8, 16, 3, padding=1), "1x1": nn.Conv2d(8, 16, 1)}[layer]
+    model, net = _setup(mod, CFGS["lora"])
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert (_node(model(x)) == "_BypassOpBackward") == taken
+
+
+@pytest.mark.parametrize("cfg, taken", [
+    (dict(algo="lora", rank=2), True),   # the control: the same layer and input take the op
+    (dict(algo="loha", rank=2), True),
+    (dict(algo="lora", rank=2, dropout=0.1), False),
+    (dict(algo="lora", rank=2, rank_dropout=0.2), False),
+    (dict(algo="dylora", rank=4, block_size=2), False),
+    (dict(algo="lora", rank=2, use_tucker=True), False),
+    (dict(algo="lora", rank=2, dora=True), False),
+    (dict(algo="lokr", rank=2, factor=2), False),
+])
+def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
+    """Dropout family and DyLoRA in training, and adapters that are not a two-factor product here, keep the
+    delta path."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    torch.manual_seed(0)
+    model, net = _setup(nn.Conv2d(16, 16, 3, padding=1), cfg)
+    model.train()
+    x = torch.randn(2, 16, 9, 9, dtype=torch.float64, requires_grad=True)  # 162 positions ≥ 16·9
+    assert (_node(model(x)) == "_BypassOpBackward") == taken
+
+
+def test_two_adapters_keep_the_delta_path(monkeypatch):
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).double()  # 8 rows ≥ 8 outputs: one adapter would take the op
+    lyco.create(model, preset="full", algo="lora", rank=2)
+    lyco.create(model, preset="full", algo="lora", rank=2, seed=1)
+    assert len(model[0]._lyco_host.adapters) == 2
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert _node(model(x)) != "_BypassOpBackward"
