@@ -25,6 +25,8 @@ CONVS = {
 
 def _dense_delta(algo, t):
     """ΔW without the layer's shape, from the file tensors, in float64 — written here from the formulas."""
+    if algo == "lokr":
+        return _dense_lokr(t)
     if algo == "lora":
         up, down = t["lora_up.weight"], t["lora_down.weight"]
         g = float(t["alpha"]) / down.shape[0]
@@ -34,6 +36,12 @@ def _dense_delta(algo, t):
     a1, b1, a2, b2 = (t[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
     g = float(t["alpha"]) / b1.shape[0]
     return g * (a1 @ b1.reshape(b1.shape[0], -1)) * (a2 @ b2.reshape(b2.shape[0], -1))
+
+
+def _dense_lokr(t):
+    """γ·kron(W1, A·B) of a LoKr with full W1 and low-rank W2, float64, from the definition."""
+    g = float(t["alpha"]) / t["lokr_w2_b"].shape[0]
+    return g * torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"])
 
 
 def _setup(mod, cfg, seed=0):
@@ -118,6 +126,28 @@ def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
     yr, gr = _reference(mod, CFGS[cfg]["algo"], x, gy, m)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
     assert len(grads) == len(gr)
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("shape", [(60, 64), (2, 30, 64)])
+def test_lokr_linear_takes_the_op_as_a_lora(monkeypatch, m, shape):
+    """LoKr with a low-rank W2 on a linear layer: ``kron(I, B)`` and ``kron(W1, A)`` as the op's factors;
+    outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)``."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    torch.manual_seed(0)
+    mod = nn.Linear(64, 48)
+    model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
+    net.set_multiplier(m)
+    _, t = _adapter_tensors(mod)
+    assert "lokr_w2_a" in t and "lokr_w1" in t
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert node == "_BypassOpBackward"
+    yr, gr = _reference(mod, "lokr", x, gy, m)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, gr):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
@@ -207,7 +237,7 @@ def test_shape_rule(monkeypatch, layer, shape, taken):
     (dict(algo="dylora", rank=4, block_size=2), False),
     (dict(algo="lora", rank=2, use_tucker=True), False),
     (dict(algo="lora", rank=2, dora=True), False),
-    (dict(algo="lokr", rank=2, factor=2), False),
+    (dict(algo="lokr", rank=2, factor=2), False),   # convs: LoKr keeps its grouped conv
 ])
 def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
     """Dropout family and DyLoRA in training, and adapters that are not a two-factor product here, keep the

@@ -262,26 +262,46 @@ class LoKr(Algorithm):
         ksz = math.prod(spec.kernel) if spec.is_conv else 1
         return r * (spec.in_dim * ksz + spec.out_dim * in_m) < spec.out_dim * spec.flat_in
 
+    def _kron_up(self, t, dt) -> torch.Tensor:
+        """``U = kron(W1, A)`` ``(out, in_m·r)`` in ``dt``, differentiable in the factors."""
+        w1 = self._w1(t, dt)
+        a = cast(t["lokr_w2_a"], dt)
+        out_l, in_m = w1.shape
+        if "lokr_t2" in t:  # stored (r, out_k): A is its transpose
+            a = a.t()
+        out_k, r = a.shape
+        # U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ]: on CUDA bf16/fp16 one Triton launch forward and one backward
+        # (factor_triton.kron_up); else one broadcast multiply (views, not indexing: each Python-level index is
+        # a host call per layer; the last reshape copies only for Tucker's transposed A, whose layout the
+        # multiply keeps), which autograd differentiates with two multiplies and two reductions over U-sized
+        # tensors
+        if factor_triton.usable(a, factor_triton.kron_inner(in_m, r)):
+            return factor_triton.kron_up(w1, a)
+        return torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
+
+    def lowrank_factors(self, t, spec, dtype):
+        """A low-rank W2 on a linear layer where the LoRA form pays (:meth:`_kron_lora_pays`):
+        ``(kron(I_in_m, B), kron(W1, A), γ)`` — D block-diagonal and dense here ``(in_m·r, in)``, small — so
+        that :mod:`.lowrank`'s bypass op takes it as any LoRA (its ``h = x·Dᵀ`` is the grouped product's h at
+        in_m× the multiply-adds of the grouped GEMM, still far below the layer's own; ∂B is the sum of ∂D's
+        diagonal blocks, through ``kron``'s backward). Convs keep the delta path's grouped conv: a dense D
+        would make the op's ∂D im2col in_m× larger. LoKr's rebuild path is its own (:meth:`rebuild_op`)."""
+        if (spec.kind != LINEAR or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
+                or isinstance(self._gain(t), torch.Tensor)):
+            return None
+        b = cast(t["lokr_w2_b"], dtype)
+        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        down = torch.kron(torch.eye(in_m, dtype=b.dtype, device=b.device), b)
+        return down, self._kron_up(t, dtype), self._gain(t)
+
     def _kron_lora(self, acc, x, t, spec, s, inplace):
         """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout
         does not allow the grouped view (unbatched conv input). ``s`` a Python number."""
         dt = x.dtype
-        w1 = self._w1(t, dt)
-        a, b = cast(t["lokr_w2_a"], dt), cast(t["lokr_w2_b"], dt)
-        out_l, in_m = w1.shape
-        tucker = "lokr_t2" in t
-        if tucker:  # stored (r, out_k): A is its transpose
-            a = a.t()
-        out_k, r = a.shape
-        # U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ], (out, in_m·r): on CUDA bf16/fp16 one Triton launch forward and one
-        # backward (factor_triton.kron_up); else one broadcast multiply (views, not indexing: each
-        # Python-level index is a host call per layer; the last reshape copies only for Tucker's transposed
-        # A, whose layout the multiply keeps), which autograd differentiates with two multiplies and two
-        # reductions over U-sized tensors
-        if factor_triton.usable(a, factor_triton.kron_inner(in_m, r)):
-            up = factor_triton.kron_up(w1, a)
-        else:
-            up = torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
+        b = cast(t["lokr_w2_b"], dt)
+        r = b.shape[0]
+        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        up = self._kron_up(t, dt)
         if spec.kind == LINEAR:
             in_n = x.shape[-1] // in_m
             h = F.linear(x.reshape(-1, in_n), b).view(*x.shape[:-1], in_m * r)
