@@ -222,6 +222,27 @@ def make_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0):
     return inp, target
 
 
+def layer_input_shapes(unet, names, batch: int, latent: int, device, dtype) -> dict:
+    """The input shape of each layer in ``names`` (module names of ``unet``) in one no-grad forward at this
+    batch and latent size (forward pre-hooks, removed after)."""
+    mods = dict(unet.named_modules())
+    shapes = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, args[0].shape)  # returns None: the arguments stay as they are
+        return hook
+    hooks = [mods[n].register_forward_pre_hook(record(n)) for n in names]
+    inp, _ = make_inputs(unet, batch, latent, device, dtype)
+    try:
+        with torch.no_grad():
+            unet(**inp)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
 def layer_sets(unet) -> dict[str, list[str]]:
     """Exact module names of the ``lin`` and ``conv`` sets (see the module doc)."""
     lin, conv = [], []

@@ -42,6 +42,7 @@ CASES = [
     ("conv1d", lambda: nn.Conv1d(6, 4, 3, stride=2, padding=2, dilation=2), (2, 6, 11)),
     ("conv2d", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (2, 4, 7, 6)),
     ("conv2d-1x1", lambda: nn.Conv2d(4, 6, 1, bias=False), (2, 4, 3, 3)),
+    ("conv2d-3x5-s1", lambda: nn.Conv2d(4, 6, (3, 5), padding=(0, 2)), (2, 4, 7, 6)),  # ∂D by the im2col of ∂h
     ("conv3d", lambda: nn.Conv3d(4, 6, 3, padding=(1, 0, 2)), (1, 4, 3, 4, 5)),
 ]
 

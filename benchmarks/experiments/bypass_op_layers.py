@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
-from train_step import attach_lyco, build_unet, layer_sets, make_inputs  # noqa: E402
+from train_step import attach_lyco, build_unet, layer_input_shapes, layer_sets  # noqa: E402
 
 from lyco.algorithms import lowrank  # noqa: E402
 
@@ -66,19 +66,8 @@ def main():
     names = layer_sets(unet)
     handle = attach_lyco(unet, "locon", names, "auto", dt)
     mods = dict(unet.named_modules())
-    shapes = {}
-
-    def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, args[0].shape)
-        return hook
     targets = names["lin"] + names["conv"]
-    hooks = [mods[n].register_forward_pre_hook(record(n)) for n in targets]
-    inp, _ = make_inputs(unet, 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
-    with torch.no_grad():
-        unet(**inp)
-    for h in hooks:
-        h.remove()
+    shapes = layer_input_shapes(unet, targets, 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # a trained-looking up (LoRA starts it at zero)
         for prm in handle.params:

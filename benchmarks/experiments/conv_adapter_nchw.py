@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from dora_kernel_bench import graph_ms  # noqa: E402
-from train_step import build_unet, layer_sets, make_inputs  # noqa: E402
+from train_step import build_unet, layer_input_shapes, layer_sets  # noqa: E402
 
 
 class _TapSum(torch.autograd.Function):
@@ -83,18 +83,7 @@ def main():
     dev, dt = torch.device("cpu" if a.smoke else "cuda"), torch.bfloat16
     unet = build_unet("sd15", a.smoke, dev, dt)
     mods = dict(unet.named_modules())
-    shapes = {}
-
-    def record(name):
-        def hook(module, args):
-            shapes.setdefault(name, args[0].shape)  # returns None: the arguments stay as they are
-        return hook
-    hooks = [mods[name].register_forward_pre_hook(record(name)) for name in layer_sets(unet)["conv"]]
-    inp, _ = make_inputs(unet, 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
-    with torch.no_grad():
-        unet(**inp)
-    for hk in hooks:
-        hk.remove()
+    shapes = layer_input_shapes(unet, layer_sets(unet)["conv"], 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
     g = torch.Generator(device="cpu").manual_seed(0)
     layers = []
     for name, shp in shapes.items():

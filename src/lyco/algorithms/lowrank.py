@@ -1,6 +1,7 @@
-"""The rebuild path's op for low-rank deltas: ``y = op(x, W + s·U·D, b)`` with a factored backward,
-for every adapter whose delta is a product ``ΔW = γ·U·D`` (LoRA/LoCon, DyLoRA outside training, and
-LoHa through its Khatri–Rao form, a LoRA of rank r1·r2). ``mode = "rebuild"`` takes it.
+"""Two ops for low-rank deltas, one backward: the rebuild path's ``y = op(x, W + s·U·D, b)`` and the bypass
+op (below), for every adapter whose delta is a product ``ΔW = γ·U·D`` (LoRA/LoCon, DyLoRA outside training,
+LoHa through its Khatri–Rao form, a LoRA of rank r1·r2, and LoKr's low-rank W2 on linear layers:
+``kron(W1, A)·kron(I, B)``). ``mode = "rebuild"`` takes the first.
 
 ``D`` is ``(r, in)`` or a conv kernel ``(r, in, *k)`` that carries the layer's stride, padding and
 dilation; ``U`` is ``(out, r)`` (or ``(out, r, 1…)``); ``s = m·γ`` is a Python number.
@@ -9,7 +10,9 @@ Against the generic rebuilt op of :mod:`.rebuild` (``∂W′ = ∂yᵀx`` — on
 full fine-tuning pays — then ``∂θ`` by a nested autograd pass through ``merged``) the adapter's
 gradients come from the factors: ``h = D∗x`` (recomputed in backward: one read of x),
 ``∂U = s·∂yᵀh``, ``∂D = s·(Uᵀ∂y)ᵀx`` — three skinny products that read ∂y and x, no weight-sized
-gradient, no autograd re-entry — and ``∂x = opᵀ(∂y, W + s·U·D)``, the frozen layer's own input
+gradient, no autograd re-entry; for a 2-D conv with stride 1 ``∂D`` is one batched GEMM of the rank-sized
+∂h's shifted copies (an im2col of ∂h, r·k² rows) against x in its NCHW layout, where cuDNN's weight gradient
+converts x to NHWC first (:func:`_conv_wgrad_nchw`) — and ``∂x = opᵀ(∂y, W + s·U·D)``, the frozen layer's own input
 gradient with the merged weight (one weight-sized ``addmm`` to rebuild it). Only x and the factors are
 kept for backward, never ``W′`` (as in :mod:`.rebuild`).
 
@@ -21,9 +24,7 @@ of U and D never see the merge.
 **The bypass op** (:func:`bypass_op`, the delta path's ``f(x) + s·U·(D∗x)`` computed exactly forward) has
 the same backward: ``∂x = opᵀ(∂y, W + s·U·D)`` — one input-gradient GEMM/conv with the merged weight in
 place of the frozen layer's and the adapter's own (``(s·Uᵀ∂y)∗ᵀD``), and no sum of the two; ``∂U`` from the
-saved ``h``; for a k×k conv with stride 1, ``∂D`` as one batched GEMM of the rank-sized ``∂h``'s shifted
-copies (an im2col of ∂h, r·k² rows) against x in its NCHW layout, where cuDNN's weight gradient converts x
-to NHWC first. It costs a Python backward per layer: runs 10–11 (benchmarks/NOTES.md) measured ≈ 1 ms of
+saved ``h``; ``∂D`` as above. It costs a Python backward per layer: runs 10–11 (benchmarks/NOTES.md) measured ≈ 1 ms of
 device time saved per SD1.5 b8 step and eager LoCon/LoHa steps 10–20 % slower for host time, so it runs
 under :mod:`.graph_policy` (``LYCO_BYPASS_OP``: by default only in steps captured as CUDA graphs, where the
 host's cost is paid once). Its ∂x carries the merge's rounding (as the rebuild path's does; a delta far
@@ -37,11 +38,11 @@ cast to it explicitly.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 import math
 import os
+
+import torch
+import torch.nn.functional as F
 
 from . import graph_policy
 from .base import CONV2D, LINEAR, LayerSpec, layer_op
@@ -107,50 +108,60 @@ class _LowRankOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xd, weight, bias, down, up = ctx.saved_tensors
-        spec, s, xshape, xdt = ctx.cfg
-        need_x, _, need_w, need_b, need_d, need_u = ctx.needs_input_grad  # (x, cfg, weight, bias, down, up)
-        cd = gy.dtype
-        r = down.shape[0]
-        dd, u2, d2 = _factors(down, up, cd)
-        xc = cast(xd, cd)
-        gx = gw = gb = gd = gu = None
-        if need_x or need_w or need_b:
-            w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
-            gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
-        if need_d or need_u:
-            if spec.kind == LINEAR:  # 2-D x and ∂y (lowrank_op flattens the leading dims outside)
-                if need_u:
-                    gu = gy.t() @ F.linear(xc, d2)
-                    if s != 1.0:
-                        gu.mul_(s)
-                if need_d:
-                    gd = (gy @ u2).t() @ xc
-                    if s != 1.0:
-                        gd.mul_(s)
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, None, weight, bias, down, up)
+
+
+def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
+    """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
+    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it."""
+    spec, s, xshape, xdt = cfg
+    need_x, _, need_w, need_b, need_d, need_u = needs
+    cd = gy.dtype
+    dd, u2, d2 = _factors(down, up, cd)
+    xc = cast(xd, cd)
+    gx = gw = gb = gd = gu = None
+    if need_x or need_w or need_b:
+        # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
+        w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
+        gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+    if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
+        if need_u:
+            gu = gy.t() @ (F.linear(xc, d2) if h is None else h)
+            if s != 1.0:
+                gu.mul_(s)
+        if need_d:
+            gd = (gy @ u2).t() @ xc
+            if s != 1.0:
+                gd.mul_(s)
+    elif need_d or need_u:
+        gy = gy.contiguous()
+        n, o, r = gy.shape[0], gy.shape[1], dd.shape[0]
+        g3 = gy.view(n, o, -1)
+        if need_u:
+            if h is None:
+                h = layer_op(xc, spec, dd)
+            gu = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0)
+            if s != 1.0:
+                gu.mul_(s)
+        if need_d:
+            gh = torch.matmul(u2.t(), g3).view((n, r) + tuple(gy.shape[2:]))  # ∂h / s
+            if s != 1.0:
+                gh.mul_(s)
+            if _im2col_ok(spec):
+                gd = _conv_wgrad_nchw(xc, gh, spec)
             else:
-                n, o = gy.shape[0], gy.shape[1]
-                g3 = gy.reshape(n, o, -1)
-                if need_u:
-                    h = layer_op(xc, spec, dd)
-                    gu = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0)
-                    if s != 1.0:
-                        gu.mul_(s)
-                if need_d:
-                    gh = torch.matmul(u2.t(), g3)  # (n, r, L): ∂h/s
-                    if s != 1.0:
-                        gh.mul_(s)
-                    gd = op_backward(spec, xc, dd, gh.view((n, r) + tuple(gy.shape[2:])), False, True, False)[1]
-        if gx is not None:
-            gx = like(gx, xshape, xdt)
-        if gw is not None:
-            gw = like(gw, weight.shape, weight.dtype)
-        if gb is not None:
-            gb = cast(gb, bias.dtype)
-        if gd is not None:
-            gd = like(gd, down.shape, down.dtype)
-        if gu is not None:
-            gu = like(gu, up.shape, up.dtype)
-        return gx, None, gw, gb, gd, gu
+                gd = op_backward(spec, xc, dd, gh, False, True, False)[1]
+    if gx is not None:
+        gx = like(gx, xshape, xdt)
+    if gw is not None:
+        gw = like(gw, weight.shape, weight.dtype)
+    if gb is not None:
+        gb = cast(gb, bias.dtype)
+    if gd is not None:
+        gd = like(gd, down.shape, down.dtype)
+    if gu is not None:
+        gu = like(gu, up.shape, up.dtype)
+    return gx, None, gw, gb, gd, gu
 
 
 def lowrank_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -228,6 +239,8 @@ def _pair(v) -> tuple[int, int]:
 
 def _im2col_ok(spec: LayerSpec) -> bool:
     """∂D by :func:`_conv_wgrad_nchw`: stride 1, dilation 1, padding at most k − 1 on each axis."""
+    if spec.kind != CONV2D:
+        return False
     (ph, pw), (kh, kw) = _pair(spec.padding), spec.kernel
     return _pair(spec.stride) == (1, 1) and _pair(spec.dilation) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
 
@@ -279,53 +292,7 @@ class _BypassOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xd, h, weight, bias, down, up = ctx.saved_tensors
-        spec, s, xshape, xdt = ctx.cfg
-        need_x, _, need_w, need_b, need_d, need_u = ctx.needs_input_grad  # (x, cfg, weight, bias, down, up)
-        cd = gy.dtype
-        dd, u2, d2 = _factors(down, up, cd)
-        xc = cast(xd, cd)
-        gx = gw = gb = gd = gu = None
-        if need_x or need_w or need_b:
-            # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
-            w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
-            gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
-        if need_d or need_u:
-            if spec.kind == LINEAR:
-                if need_u:
-                    gu = gy.t() @ h
-                    if s != 1.0:
-                        gu.mul_(s)
-                if need_d:
-                    gd = (gy @ u2).t() @ xc
-                    if s != 1.0:
-                        gd.mul_(s)
-            else:
-                gy = gy.contiguous()
-                n, o, r = gy.shape[0], gy.shape[1], h.shape[1]
-                g3 = gy.view(n, o, -1)
-                if need_u:
-                    gu = torch.bmm(g3, h.view(n, r, -1).transpose(1, 2)).sum(0)
-                    if s != 1.0:
-                        gu.mul_(s)
-                if need_d:
-                    gh = torch.matmul(u2.t(), g3).view(h.shape)  # (n, r, Ho, Wo): ∂h / s
-                    if s != 1.0:
-                        gh.mul_(s)
-                    if _im2col_ok(spec):
-                        gd = _conv_wgrad_nchw(xc, gh, spec)
-                    else:
-                        gd = op_backward(spec, xc, dd, gh, False, True, False)[1]
-        if gx is not None:
-            gx = like(gx, xshape, xdt)
-        if gw is not None:
-            gw = like(gw, weight.shape, weight.dtype)
-        if gb is not None:
-            gb = cast(gb, bias.dtype)
-        if gd is not None:
-            gd = like(gd, down.shape, down.dtype)
-        if gu is not None:
-            gu = like(gu, up.shape, up.dtype)
-        return gx, None, gw, gb, gd, gu
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up)
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
