@@ -11,7 +11,7 @@ step_table() {
   shift 2
   mkdir -p "$OUT/$dir"
   python3 benchmarks/train_step.py "$@" --deadline $((S + secs)) --out "$OUT/$dir" > "$OUT/$dir/train_step.log" 2>&1
-  grep "^\[sd15" "$OUT/$dir/train_step.log" | cut -c1-175
+  grep "^\[sd" "$OUT/$dir/train_step.log" | cut -c1-175
   echo "$dir: wall $(( $(date +%s) - S )) s"
 }
 
