@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 70: LoKr's conv adapters through the bypass op too (B on each channel group inside the op, its
-# gradient by the im2col over the groups folded into the batch; lyco/algorithms/lokr.py bypass_factors): the
+# gradient by the im2col over the groups folded into the batch; commit "LoKr's conv adapters through the bypass
+# op", reverted after this run: no gain — results/run70_h100_bypass_lokr_conv/summary.txt): the
 # trainer's graphs against eager with the op in both; SD1.5 b8 LoKr with the op on every layer kind against
 # linears only (run 68's state, LYCO_BYPASS_OP_KINDS=linear), A/B/A; then SDXL b4 LoCon with and without the op.
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \

@@ -152,30 +152,6 @@ def test_lokr_linear_takes_the_op_as_a_lora(monkeypatch, m, shape):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("m", [1.0, 0.7])
-@pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x3-s2", "3x3-d2"])
-def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer):
-    """LoKr with a low-rank W2 on a 3×3 conv: B applied to each of the in_m channel groups inside the op (∂B
-    summed over the groups; the im2col where the geometry allows, cuDNN's weight gradient else), the merged
-    weight with ``kron(I, B)``; outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)``."""
-    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
-    torch.manual_seed(0)
-    mod = nn.Conv2d(32, 48, **CONVS[layer])
-    model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
-    net.set_multiplier(m)
-    _, t = _adapter_tensors(mod)
-    assert "lokr_w2_a" in t and "lokr_w1" in t and "lokr_t2" not in t
-    x = torch.randn(2, 32, 9, 7, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn_like(model(x).detach())
-    y, grads, node = _run(model, x, gy)
-    assert node == "_BypassOpBackward"
-    yr, gr = _reference(mod, "lokr", x, gy, m)
-    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
-    for g, r in zip(grads, gr):
-        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
-
-
 @pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x5-p12", "1x1"])
 def test_conv_weight_gradient_by_shifted_copies(layer):
     """``_conv_wgrad_nchw`` against torch's own conv weight gradient, float64."""
@@ -261,9 +237,7 @@ def test_shape_rule(monkeypatch, layer, shape, taken):
     (dict(algo="dylora", rank=4, block_size=2), False),
     (dict(algo="lora", rank=2, use_tucker=True), False),
     (dict(algo="lora", rank=2, dora=True), False),
-    (dict(algo="lokr", rank=2, factor=2), True),    # low-rank W2: the op with B on each channel group
-    (dict(algo="lokr", rank=2, factor=2, use_tucker=True), False),
-    (dict(algo="lokr", rank=2, factor=2, full_matrix=True), False),   # full W2: LoKr's rebuilt op
+    (dict(algo="lokr", rank=2, factor=2), False),   # convs: LoKr keeps its grouped conv
 ])
 def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
     """Dropout family and DyLoRA in training, and adapters that are not a two-factor product here, keep the

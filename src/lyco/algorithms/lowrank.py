@@ -100,7 +100,7 @@ class _LowRankOp(torch.autograd.Function):
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd = cfg
         y, xd = _forward(x, spec, s, weight, bias, down, up, cd)
-        ctx.cfg = (spec, s, x.shape, x.dtype, 1)
+        ctx.cfg = (spec, s, x.shape, x.dtype)
         ctx.save_for_backward(xd, weight, bias, down, up)
         return y
 
@@ -113,10 +113,8 @@ class _LowRankOp(torch.autograd.Function):
 
 def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
-    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it. ``groups`` > 1 (the bypass
-    op on a conv only): ``down`` is one ``(r, in/groups, *k)`` kernel applied to each of the input's channel
-    groups, i.e. ``D = kron(I_groups, down)`` block-diagonal."""
-    spec, s, xshape, xdt, groups = cfg
+    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it."""
+    spec, s, xshape, xdt = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
@@ -124,8 +122,6 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     gx = gw = gb = gd = gu = None
     if need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
-        if need_x and groups > 1:
-            d2 = torch.kron(torch.eye(groups, dtype=cd, device=d2.device), d2)  # (groups·r, in·∏k)
         w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
         gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
     if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
@@ -139,7 +135,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
                 gd.mul_(s)
     elif need_d or need_u:
         gy = gy.contiguous()
-        n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
+        n, o, r = gy.shape[0], gy.shape[1], dd.shape[0]
         g3 = gy.view(n, o, -1)
         if need_u:
             if h is None:
@@ -151,9 +147,6 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             gh = torch.matmul(u2.t(), g3).view((n, r) + tuple(gy.shape[2:]))  # ∂h / s
             if s != 1.0:
                 gh.mul_(s)
-            if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
-                xc = xc.view(n * groups, -1, *xc.shape[2:])
-                gh = gh.view(n * groups, -1, *gh.shape[2:])
             if _im2col_ok(spec):
                 gd = _conv_wgrad_nchw(xc, gh, spec)
             else:
@@ -279,7 +272,7 @@ class _BypassOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
-        spec, s, cd, groups = cfg
+        spec, s, cd = cfg
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
         dd, u2, d2 = _factors(down, up, cd)
         y = layer_op(xd, spec, wd, bd)
@@ -287,16 +280,11 @@ class _BypassOp(torch.autograd.Function):
             h = F.linear(xd, d2)
             y.addmm_(h, u2.t(), alpha=s)
         else:
-            n = xd.shape[0]
-            if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
-                hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
-                h = hg.view(n, -1, *hg.shape[2:])
-            else:
-                h = layer_op(xd, spec, dd)
-            o, r = y.shape[1], h.shape[1]
+            h = layer_op(xd, spec, dd)
+            n, o, r = y.shape[0], y.shape[1], h.shape[1]
             y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
             y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
-        ctx.cfg = (spec, s, x.shape, x.dtype, groups)
+        ctx.cfg = (spec, s, x.shape, x.dtype)
         ctx.save_for_backward(xd, h, weight, bias, down, up)
         return y
 
@@ -308,15 +296,13 @@ class _BypassOp(torch.autograd.Function):
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
-              down: torch.Tensor, up: torch.Tensor, s: float, groups: int = 1) -> torch.Tensor | None:
+              down: torch.Tensor, up: torch.Tensor, s: float) -> torch.Tensor | None:
     """``op(x, W, b) + s·U·(D∗x)`` (x: 2-D rows for a linear layer) with the backward of the module doc;
     None where the op does not apply (the caller takes the delta path): the layer or input unsupported
-    (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute.
-    ``groups`` > 1 (convs): ``down`` ``(r, in/groups, *k)`` acts on each channel group — ``D = kron(I, down)``,
-    h's channels group-major (LoKr's low-rank W2)."""
-    if not bypass_supports(spec, x) or (groups > 1 and (spec.kind == LINEAR or x.shape[1] % groups)):
+    (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute."""
+    if not bypass_supports(spec, x):
         return None
     if not (x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)):
         return None
-    return _BypassOp.apply(x, (spec, float(s), x.dtype, int(groups)), weight, bias, down, up)
+    return _BypassOp.apply(x, (spec, float(s), x.dtype), weight, bias, down, up)
