@@ -30,7 +30,11 @@ Measured (H100/H200, ``benchmarks/check_cuda_graph.py``, ``train_graph.py``, ``d
 adapters are bit-identical to eager training on the tiny model for LoRA, LoCon, LoHa, LoKr, DoRA,
 Diag-OFT, BOFT, GLoRA, (IA)³ and Full; with the text
 encoder trained the gradients differ by ~1e-4 relative (rounding; presumably other kernels inside a
-capture). One failure seen, outside the trainer: in the DDP benchmark, capturing a LoRA step right
+capture). Those comparisons run lyco's captured-steps-only paths in both modes (``check_cuda_graph.py`` sets
+``LYCO_FACTOR_KERNELS=1`` and ``LYCO_BYPASS_OP=1``); by default (``algorithms/graph_policy.py``) only the
+warm-up and the capture take them, so an eager step (a fallback, an extra signature) computes LoHa's/LoKr's
+factor gradients summed in another order and the low-rank adapters' ∂x without the merged weight's rounding:
+the same function, gradients equal to bf16 rounding, not bit for bit. One failure seen, outside the trainer: in the DDP benchmark, capturing a LoRA step right
 after an *eager* forward + backward of the same network in the same process failed (twice in a row)
 with "operation failed due to a previous error during capture" (a second attempt failed the same
 way), while LoKr did not and a capture made first always succeeded; the trainer captures at its first
@@ -227,7 +231,7 @@ class GraphedStep:
             # (graphs are on by default since [train] cuda_graph = "auto")
             if torch.cuda.is_initialized():
                 torch.cuda.empty_cache()
-            with graph_policy.graph_step():  # kernels whose host cost only a replayed graph hides
+            with graph_policy.graph_step():  # paths whose host cost only a replayed graph hides
                 replay, out = self._record(lambda: self.fn(args))
         except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
             self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)
