@@ -189,6 +189,37 @@ def test_bf16_forward_is_the_delta_paths(monkeypatch, layer):
     del model64
 
 
+@pytest.mark.parametrize("layer", ["linear", "3x3-p1"])
+def test_autocast_mixed_precision(monkeypatch, layer):
+    """``lyco train``'s mixed precision: a bf16 base, fp32 adapter, the step under autocast. The op computes in
+    autocast's dtype (bf16 output, as the delta path's), returns each gradient in its input's dtype (fp32 for the
+    adapter), and both agree with float64 math to bf16 rounding."""
+    torch.manual_seed(0)
+    mod = nn.Linear(32, 24) if layer == "linear" else nn.Conv2d(8, 16, **CONVS[layer])
+    model, net = _setup(mod, CFGS["lora"])
+    mod.to(torch.bfloat16)
+    _, t = _adapter_tensors(mod)
+    for v in t.values():  # the adapter in fp32, as the trainer keeps it
+        v.data = v.data.float()
+    x = (torch.randn(4, 6, 32) if layer == "linear" else torch.randn(2, 8, 10, 10)).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gy = torch.randn_like(model(x).detach())
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LYCO_BYPASS_OP", flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[flag] = _run(model, x, gy)
+    assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
+    assert out["1"][0].dtype == out["0"][0].dtype == torch.bfloat16
+    assert [g.dtype for g in out["1"][1]] == [g.dtype for g in out["0"][1]] == [torch.bfloat16] + [torch.float32] * 2
+    mod.double()
+    yr, gr = _reference(mod, "lora", x.detach().double().requires_grad_(), gy.double(), 1.0)
+    for got in (out["0"], out["1"]):
+        assert ((got[0].double() - yr).abs().max() / yr.abs().max()) < 2e-2
+        for g, r in zip(got[1], gr):
+            assert ((g.double() - r).abs().max() / r.abs().max()) < 2e-2
+
+
 def test_policy_captured_steps_only_by_default(monkeypatch):
     """Unset/``graph``: the op only inside ``graph_step``; ``0`` never; ``1`` everywhere; the kinds switch;
     never without gradients."""

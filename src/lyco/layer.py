@@ -9,9 +9,10 @@
   Rebuild: ``y = op(x, W + Σ m_i·ΔW_i)``; one adapter on a linear/conv layer goes through
   ``algorithms/rebuild.py`` (x kept for backward, W′ rebuilt there). ``mode = "auto"`` (default) takes
   the rebuild where the algorithm prefers it (DoRA, (IA)³, GLoRA, BOFT, Full, LoKr). Both are tested equal.
-  In steps captured as CUDA graphs (``algorithms/graph_policy.py``) one low-rank adapter (LoRA/LoCon, LoHa)
-  on a plain ``nn.Linear``/``nn.Conv2d`` runs the bypass through ``algorithms/lowrank.py``'s bypass op where
-  the shapes say it pays (same forward, ∂x through the merged weight).
+  In steps captured as CUDA graphs (``algorithms/graph_policy.py``) one low-rank adapter (LoRA/LoCon, LoHa;
+  LoKr with a low-rank W2 on linear layers) on a plain ``nn.Linear``/``nn.Conv2d`` runs the bypass through
+  ``algorithms/lowrank.py``'s bypass op where the shapes say it pays (same forward, ∂x through the merged
+  weight).
 * Merge/unmerge are exact: the first merge takes a snapshot of the original weight (its own
   dtype); the merged weight is always recomputed as ``cast(snapshot + Σ m_i ΔW_i)`` in fp32 (fp64
   for fp64 weights), and unmerging the last adapter copies the snapshot back bit for bit —

@@ -203,10 +203,9 @@ def bypass_kinds() -> frozenset:
 
 def bypass_ready(spec: LayerSpec) -> bool:
     """The checks a layer host makes before building the factors: gradients on, the policy, the layer kind,
-    not compiling, no autocast."""
+    not compiling."""
     return (torch.is_grad_enabled() and spec.kind in (LINEAR, CONV2D) and bypass_wanted()
-            and spec.kind in bypass_kinds() and not torch.compiler.is_compiling()
-            and not (_any_autocast() and (torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu"))))
+            and spec.kind in bypass_kinds() and not torch.compiler.is_compiling())
 
 
 def bypass_supports(spec: LayerSpec, x: torch.Tensor) -> bool:
@@ -305,4 +304,6 @@ def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torc
     if not (x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)):
         return None
-    return _BypassOp.apply(x, (spec, float(s), x.dtype), weight, bias, down, up)
+    # under autocast (lyco train's mixed precision: a bf16/fp16 base, fp32 adapter) every operand is cast to the
+    # dtype autocast would compute the layer in, as the rebuild op does; the gradients go back in each input's dtype
+    return _BypassOp.apply(x, (spec, float(s), _compute_dtype(x)), weight, bias, down, up)
