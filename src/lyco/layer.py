@@ -215,12 +215,9 @@ class AdapterLayer(nn.Module):
                    base_out: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """``acc + m·Δy`` for this input: the fused fast path unless a dropout-family option (or
         DyLoRA's rank sampling) is active in training."""
-        if self.training:
-            o = self.opts
-            if (o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout")
-                    or self.algorithm.name == "dylora"):
-                d = self.delta_output(x, weight, bias, base_out)
-                return acc if d is None else acc + d.to(acc.dtype)
+        if self._delta_only():
+            d = self.delta_output(x, weight, bias, base_out)
+            return acc if d is None else acc + d.to(acc.dtype)
         if self.opts.get("dora_detach_norm") and getattr(self.algorithm, "is_dora", False):
             # DoRA paper §4.3 / PEFT: ‖W′‖ constant in backward (see algorithms/dora.py)
             return self.algorithm.forward_accumulate(acc, x, self._hot_tensors(), self.spec, weight, bias, base_out,
@@ -250,12 +247,17 @@ class AdapterLayer(nn.Module):
         """``f(x) + m·Δy`` by the algorithm's bypass op (exact forward, a leaner backward; the host calls it under
         the captured-steps policy, :mod:`.algorithms.lowrank`), or None. Never with a dropout-family option or
         DyLoRA's rank sampling in training: those act on the delta path."""
-        if self.training:
-            o = self.opts
-            if (o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout")
-                    or self.algorithm.name == "dylora"):
-                return None
+        if self._delta_only():
+            return None
         return self.algorithm.bypass_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
+
+    def _delta_only(self) -> bool:
+        """In training, a dropout-family option or DyLoRA's rank sampling: only ``delta_output`` applies them."""
+        if not self.training:
+            return False
+        o = self.opts
+        return bool(o.get("dropout") or o.get("rank_dropout") or o.get("module_dropout")
+                    or self.algorithm.name == "dylora")
 
     def merged_weight(self, weight: torch.Tensor, bias: torch.Tensor | None, multiplier: float):
         """(W', b') = this adapter applied to (W, b) at ``multiplier`` (differentiable)."""
