@@ -181,12 +181,11 @@ def test_bf16_forward_is_the_delta_paths(monkeypatch, layer):
         out[flag] = _run(model, x, gy)
     assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
     assert torch.equal(out["0"][0], out["1"][0])
-    model64 = model.double()
+    model.double()  # the reference in float64 from the same (bf16) weights and adapter values
     _, gr = _reference(mod, "lora", x.detach().double().requires_grad_(), gy.double(), 1.0)
     for g, r in zip(out["1"][1], gr):
         err = (g.double() - r).abs().max() / r.abs().max()
         assert err < 2e-2, err
-    del model64
 
 
 @pytest.mark.parametrize("layer", ["linear", "3x3-p1"])
@@ -240,6 +239,10 @@ def test_policy_captured_steps_only_by_default(monkeypatch):
         assert _node(model(x)) != "_BypassOpBackward"
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     assert _node(model(x)) == "_BypassOpBackward"
+    monkeypatch.setenv("LYCO_BYPASS_OP_KINDS", "conv")
+    with pytest.raises(ValueError, match="LYCO_BYPASS_OP_KINDS='conv'"):
+        model(x)
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS")
     monkeypatch.setenv("LYCO_BYPASS_OP", "on")
     with pytest.raises(ValueError, match="LYCO_BYPASS_OP='on'"):
         model(x)
@@ -284,11 +287,12 @@ def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
 def test_two_adapters_keep_the_delta_path(monkeypatch):
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8)).double()  # 8 rows ≥ 8 outputs: one adapter would take the op
+    model = nn.Sequential(nn.Linear(8, 8)).double()
+    x = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)  # 8 rows ≥ 8 outputs: the shapes pay
     lyco.create(model, preset="full", algo="lora", rank=2)
+    assert _node(model(x)) == "_BypassOpBackward"  # the control: one adapter takes the op
     lyco.create(model, preset="full", algo="lora", rank=2, seed=1)
     assert len(model[0]._lyco_host.adapters) == 2
-    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     assert _node(model(x)) != "_BypassOpBackward"
 
 

@@ -76,6 +76,12 @@ class LayerSpec:
         return math.prod(self.kernel) if self.kernel else 1
 
     @property
+    def pads(self) -> tuple[int, ...]:
+        """Zero padding per spatial axis, for ``padding`` given as an int or a tuple (not ``"same"``/``"valid"``)."""
+        p = self.padding
+        return tuple(p) if isinstance(p, (tuple, list)) else (p,) * len(self.kernel)
+
+    @property
     def is_conv(self) -> bool:
         return self.kind in CONV_KINDS
 
@@ -141,10 +147,8 @@ def layer_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch
         return F.linear(x, weight, bias)
     if spec.kind in CONV_KINDS:
         if spec.padding_mode != "zeros":
-            n = len(spec.kernel)
-            pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
             rev = []
-            for p in reversed(pad):
+            for p in reversed(spec.pads):
                 rev += [p, p]
             x = F.pad(x, rev, mode=spec.padding_mode)
             return _CONV_FN[spec.kind](x, weight, bias, spec.stride, 0, spec.dilation, spec.groups)

@@ -230,6 +230,11 @@ class LoKr(Algorithm):
         return a @ b
 
     @staticmethod
+    def _in_m(t: Mapping[str, torch.Tensor]) -> int:
+        """in_m: W1's columns (full ``lokr_w1`` or its ``_b`` half)."""
+        return int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+
+    @staticmethod
     def _w2_flat(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """W2 as 2-D ``(out_k, in_n·∏k)``, row-major (the flattened conv layout)."""
         if "lokr_w2" in t:
@@ -258,7 +263,7 @@ class LoKr(Algorithm):
                                         and spec.padding_mode == "zeros" and not isinstance(spec.padding, str))):
             return False
         r = int(t["lokr_w2_b"].shape[0])
-        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        in_m = LoKr._in_m(t)
         ksz = math.prod(spec.kernel) if spec.is_conv else 1
         return r * (spec.in_dim * ksz + spec.out_dim * in_m) < spec.out_dim * spec.flat_in
 
@@ -293,7 +298,7 @@ class LoKr(Algorithm):
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
         b = cast(t["lokr_w2_b"], dtype)
-        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        in_m = LoKr._in_m(t)
         down = torch.kron(torch.eye(in_m, dtype=b.dtype, device=b.device), b)
         return down, self._kron_up(t, dtype), self._gain(t)
 
@@ -303,7 +308,7 @@ class LoKr(Algorithm):
         dt = x.dtype
         b = cast(t["lokr_w2_b"], dt)
         r = b.shape[0]
-        in_m = int((t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_b"]).shape[-1])
+        in_m = LoKr._in_m(t)
         up = self._kron_up(t, dt)
         if spec.kind == LINEAR:
             in_n = x.shape[-1] // in_m

@@ -38,7 +38,6 @@ cast to it explicitly.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -197,8 +196,13 @@ def bypass_wanted() -> bool:
 
 
 def bypass_kinds() -> frozenset:
-    return frozenset(k.strip() for k in os.environ.get("LYCO_BYPASS_OP_KINDS", _BYPASS_KINDS_DEFAULT).split(",")
-                     if k.strip())
+    """The layer kinds of ``LYCO_BYPASS_OP_KINDS``; an unknown kind is an error naming the variable (a typo would
+    otherwise turn the op off without a word)."""
+    raw = os.environ.get("LYCO_BYPASS_OP_KINDS", _BYPASS_KINDS_DEFAULT)
+    kinds = frozenset(k.strip() for k in raw.split(",") if k.strip())
+    if not kinds <= {LINEAR, CONV2D}:
+        raise ValueError(f"LYCO_BYPASS_OP_KINDS={raw!r}: expected a comma-separated list of {LINEAR}, {CONV2D}")
+    return kinds
 
 
 def bypass_ready(spec: LayerSpec) -> bool:
@@ -221,27 +225,23 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
     it). The merged weight costs about two weight-sized passes (out·in·∏k), the delta path's ∂x about four
     input-sized ones (positions·in) plus its own small GEMM/conv, so the op pays from some positions/(out·∏k)
     on. Measured per layer on SD1.5 b8 (run 66, ``benchmarks/experiments/bypass_op_layers.py``, H100, forward +
-    backward as CUDA graphs): linear layers gain at positions ≥ 1.6·out (0.66–0.97× the delta path's time) and
+    backward as CUDA graphs): linear layers gain at positions ≥ 1.6·out (0.66–0.99× the delta path's time) and
     lose below ≈ 0.5·out (1.03–1.31×); 3×3 convs gain at positions ≥ 12.8·out (0.81–1.02×) and lose at
     ≤ 6.4·out (1.02–1.15×) — one rule, positions ≥ out·∏k, takes every gain (−2.5 ms on the linears,
     −1.1 ms on the 3×3 convs per step, summed per layer). 1×1 convs lost at every shape (1.13–1.30×, also
     at 102 positions per output channel): never."""
     if spec.kind == LINEAR:
         return x.shape[0] >= spec.out_dim
-    k = math.prod(spec.kernel)
+    k = spec.kernel_numel
     return k > 1 and x.shape[0] * x.shape[2] * x.shape[3] >= spec.out_dim * k
 
 
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _im2col_ok(spec: LayerSpec) -> bool:
-    """∂D by :func:`_conv_wgrad_nchw`: stride 1, dilation 1, padding at most k − 1 on each axis."""
+    """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis."""
     if spec.kind != CONV2D:
         return False
-    (ph, pw), (kh, kw) = _pair(spec.padding), spec.kernel
-    return _pair(spec.stride) == (1, 1) and _pair(spec.dilation) == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+    (ph, pw), (kh, kw) = spec.pads, spec.kernel
+    return spec.stride == (1, 1) and spec.dilation == (1, 1) and ph <= kh - 1 and pw <= kw - 1
 
 
 def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
@@ -255,7 +255,7 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torc
     and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch."""
     n, c, hh, ww = x.shape
     r = gh.shape[1]
-    (kh, kw), (ph, pw) = spec.kernel, _pair(spec.padding)
+    (kh, kw), (ph, pw) = spec.kernel, spec.pads
     qh, qw = kh - 1 - ph, kw - 1 - pw
     # contiguous: F.pad keeps a channels-last-looking layout (a 1×1 ∂h is both), the view below assumes rows
     ghp = (F.pad(gh, (qw, qw, qh, qh)) if (qh or qw) else gh).contiguous()

@@ -93,9 +93,8 @@ def op_backward(spec: LayerSpec, x: torch.Tensor, w: torch.Tensor, gy: torch.Ten
             gb = g2.sum(0)
         return gx, gw, gb
     n = len(spec.kernel)
-    pad = spec.padding if isinstance(spec.padding, tuple) else (spec.padding,) * n
     gx, gw, gb = CONV_BWD(
-        gy, xd, w, [w.shape[0]] if need_b else None, list(spec.stride), list(pad), list(spec.dilation),
+        gy, xd, w, [w.shape[0]] if need_b else None, list(spec.stride), list(spec.pads), list(spec.dilation),
         False, [0] * n, spec.groups, [need_x, need_w, need_b])
     return gx, gw, gb
 
