@@ -152,6 +152,79 @@ def test_lokr_linear_takes_the_op_as_a_lora(monkeypatch, m, shape):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
+WIDE = {  # (config, in): in + the op's rank a multiple of 8, out = 64 ≥ 2·(in + rank): lowrank._cat_pays holds
+    "lora": (dict(algo="lora", rank=3, alpha=2.0), 13),
+    "lora-scalar": (dict(algo="lora", rank=3, alpha=2.0, use_scalar=True), 13),
+    "loha": (dict(algo="loha", rank=2, alpha=1.5), 12),                 # Khatri–Rao rank 4
+    "lokr": (dict(algo="lokr", rank=2, alpha=1.5, factor=4), 16),       # h: in_m·r = 4·2 channels
+}
+
+
+def _saved_input_row_stride(y):
+    fn = y.grad_fn
+    if fn.name() != "_BypassOpBackward":
+        fn = fn.next_functions[0][0]
+    return fn.saved_tensors[0].stride(0)
+
+
+@pytest.mark.parametrize("cfg", list(WIDE))
+@pytest.mark.parametrize("shape", [(9,), (2, 5)])
+@pytest.mark.parametrize("m", [1.0, 0.7])
+def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
+    """A layer wider out than in takes ``y = [x | h]·[W | s·U]ᵀ + b`` forward and ``[∂x | ∂h/s] = ∂y·[W′ | U]``
+    backward (``lowrank._cat_pays``): outputs and gradients equal float64 math on the dense ΔW. That the path ran
+    is read from what the op kept: x as a view of ``[x | h]`` (rows in + r apart)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    conf, n_in = WIDE[cfg]
+    torch.manual_seed(0)
+    mod = nn.Linear(n_in, 64)
+    model, net = _setup(mod, conf)
+    net.set_multiplier(m)
+    x = torch.randn(*shape, n_in, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert node == "_BypassOpBackward"
+    assert _saved_input_row_stride(model(x)) % 8 == 0 and _saved_input_row_stride(model(x)) > n_in
+    yr, gr = _reference(mod, conf["algo"], x, gy, m)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_in, n_out, r, taken", [
+    (320, 2560, 16, True), (320, 2560, 64, True), (320, 2560, 128, True),   # SD1.5's GEGLU: LoRA, LoHa, LoKr
+    (320, 320, 16, False), (1280, 320, 16, False),                           # square, narrowing
+    (320, 640, 16, False),                                                   # out < 2·(in + r)
+    (321, 2560, 16, False),                                                  # [x | h] rows not 16-byte aligned
+])
+def test_concatenated_gemms_rule(n_in, n_out, r, taken):
+    assert lowrank._cat_pays(LayerSpec.from_module(nn.Linear(n_in, n_out)), r) == taken
+    assert not lowrank._cat_pays(LayerSpec.from_module(nn.Conv2d(n_in, n_out, 1)), r)
+
+
+def test_wide_linear_bf16_within_rounding(monkeypatch):
+    """In bf16 the concatenated forward rounds once (the delta path twice): output and gradients of both paths
+    within bf16 rounding of float64 math on the same values, and the op's output no further from it."""
+    torch.manual_seed(0)
+    mod = nn.Linear(48, 256)
+    model, net = _setup(mod, dict(algo="lora", rank=16, alpha=8.0))
+    model.to(torch.bfloat16)
+    x = torch.randn(4, 80, 48).bfloat16().requires_grad_()  # 320 rows ≥ 256 outputs: the shapes pay
+    gy = torch.randn_like(model(x).detach())
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LYCO_BYPASS_OP", flag)
+        out[flag] = _run(model, x, gy)
+    assert out["1"][2] == "_BypassOpBackward" and _saved_input_row_stride(model(x)) == 64
+    model.double()
+    yr, gr = _reference(mod, "lora", x.detach().double().requires_grad_(), gy.double(), 1.0)
+    err = {f: ((o[0].double() - yr).abs().max() / yr.abs().max()).item() for f, o in out.items()}
+    assert err["1"] < 1e-2 and err["1"] <= err["0"] * 1.01, err
+    for g, r in zip(out["1"][1], gr):
+        assert ((g.double() - r).abs().max() / r.abs().max()) < 2e-2
+
+
 @pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x5-p12", "1x1"])
 def test_conv_weight_gradient_by_shifted_copies(layer):
     """``_conv_wgrad_nchw`` against torch's own conv weight gradient, float64."""

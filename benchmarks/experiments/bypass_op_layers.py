@@ -55,11 +55,48 @@ def graph_us(fn, reps_in_graph: int, replays: int = 7) -> float:
     return ts[len(ts) // 2]
 
 
+def kernel_table(fn, cuda: bool, calls: int = 5) -> list[str]:
+    """The kernels (or, on the CPU, the ops) of one ``fn()`` call by self device time, averaged over ``calls``."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=True) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        on_dev = str(getattr(e, "device_type", "")).endswith("CUDA")
+        if cuda != on_dev:
+            continue
+        t = float(getattr(e, "self_device_time_total", 0.0) if cuda else e.self_cpu_time_total)
+        rows.append((t / calls, e.count / calls, e.key[:110]))
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows)
+    copies = []  # where the copies come from: the op that called each copy_, with the shapes
+    for e in prof.events():
+        if e.name == "aten::copy_":
+            chain, p = [], e.cpu_parent
+            while p is not None and len(chain) < 3:
+                chain.append(p.name)
+                p = p.cpu_parent
+            copies.append(f"    copy_ {e.input_shapes[:2]} <- {' <- '.join(chain)}")
+    return ([f"  {t:8.1f} us {c:4.0f}x  {k}" for t, c, k in rows if t > 0] + [f"  {total:8.1f} us total"]
+            + sorted(set(copies)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=".")
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, the tiny UNet: the paths run, no timing")
+    p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
+    p.add_argument("--profile", action="store_true",
+                   help="per layer and way, the kernels of one forward + backward (torch.profiler, eager calls; "
+                        "device time per kernel) into kernels.txt")
     a = p.parse_args()
     dev, dt = torch.device("cpu" if a.smoke else "cuda"), torch.bfloat16
     unet = build_unet("sd15", a.smoke, dev, dt)
@@ -67,14 +104,20 @@ def main():
     handle = attach_lyco(unet, "locon", names, "auto", dt)
     mods = dict(unet.named_modules())
     targets = names["lin"] + names["conv"]
+    if a.only:
+        targets = [t for t in a.only.split(",") if t]
+        missing = [t for t in targets if t not in mods]
+        if missing:
+            raise SystemExit(f"--only: no such layer in the SD1.5 UNet: {missing}")
     shapes = layer_input_shapes(unet, targets, 2 if a.smoke else 8, 8 if a.smoke else 64, dev, dt)
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():  # a trained-looking up (LoRA starts it at zero)
         for prm in handle.params:
             prm.add_((0.02 * torch.randn(prm.shape, generator=gen)).to(prm.device, prm.dtype))
-    rows = []
+    rows, prof_lines = [], []
     t0 = time.time()
-    real_im2col = lowrank._im2col_ok
+    real_im2col, real_cat = lowrank._im2col_ok, lowrank._cat_pays
+    lowrank.bypass_pays = lambda spec, x: True
     for name in targets:
         m = mods[name]
         (ad,) = m._lyco_host.adapters
@@ -89,17 +132,25 @@ def main():
         row = {"name": name, "kind": "conv2d" if conv else "linear", "x": list(shapes[name]),
                "in": m.weight.shape[1], "out": m.weight.shape[0], "k": list(m.weight.shape[2:]),
                "positions": x.numel() // x.shape[1 if conv else -1]}
-        ways = [("delta", "0", real_im2col), ("op", "1", real_im2col)]
+        # the op on every layer it supports (the shape rule lowrank.bypass_pays forced), with and without the
+        # concatenated GEMMs of wide linear layers (lowrank._cat_pays), and a conv's ∂D by cuDNN
+        ways = [("delta", "0", real_im2col, real_cat), ("op", "1", real_im2col, real_cat)]
+        if not conv and m.weight.shape[0] >= 2 * m.weight.shape[1]:
+            ways.append(("op-nocat", "1", real_im2col, lambda spec, r: False))
         if conv:
-            ways.append(("op-cudnn-wgrad", "1", lambda spec: False))
+            ways.append(("op-cudnn-wgrad", "1", lambda spec: False, real_cat))
         outs = {}
-        for way, flag, im2col in ways:
+        for way, flag, im2col, cat in ways:
             os.environ["LYCO_BYPASS_OP"] = flag
-            lowrank._im2col_ok = im2col
+            lowrank._im2col_ok, lowrank._cat_pays = im2col, cat
             outs[way] = [t.float() for t in fn()]
             if not a.smoke:
                 row[way] = graph_us(fn, a.reps)
-        lowrank._im2col_ok = real_im2col
+            if a.profile:
+                prof_lines.append(f"== {name} {row['x']} {way}" + (f": {row[way]:.1f} us in a graph" if way in row
+                                                                      else ""))
+                prof_lines.extend(kernel_table(fn, dev.type == "cuda"))
+        lowrank._im2col_ok, lowrank._cat_pays = real_im2col, real_cat
         # the ways agree (bf16: ∂x of the op carries the merge's rounding)
         row["max_rel_diff"] = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
                                   for w in outs if w != "delta" for o, r in zip(outs[w], outs["delta"]))
@@ -111,13 +162,18 @@ def main():
     if not a.smoke:
         for kind in ("linear", "conv2d"):
             sel = [r for r in rows if r["kind"] == kind]
-            tot = {w: sum(r[w] for r in sel) / 1000.0 for w in ("delta", "op", "op-cudnn-wgrad") if w in sel[0]}
-            best = sum(min(r[w] for w in tot) for r in sel) / 1000.0
+            tot = {w: sum(r.get(w, r["op"]) for r in sel) / 1000.0
+                   for w in ("delta", "op", "op-nocat", "op-cudnn-wgrad") if any(w in r for r in sel)}
+            best = sum(min(r.get(w, r["op"]) for w in tot) for r in sel) / 1000.0
             print(f"{kind}: {len(sel)} layers, ms per step " + ", ".join(f"{w} {v:.2f}" for w, v in tot.items())
                   + f", best per layer {best:.2f}", flush=True)
     print(f"worst relative difference of the op's outputs to the delta path's: "
           f"{max(r['max_rel_diff'] for r in rows):.2e}", flush=True)
     os.makedirs(a.out, exist_ok=True)
+    if a.profile:
+        with open(os.path.join(a.out, "kernels.txt"), "w") as f:
+            f.write("\n".join(prof_lines) + "\n")
+        print("\n".join(prof_lines), flush=True)
     with open(os.path.join(a.out, "bypass_op_layers.json"), "w") as f:
         json.dump(res, f, indent=1)
 

@@ -118,8 +118,15 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
     xc = cast(xd, cd)
-    gx = gw = gb = gd = gu = None
-    if need_x or need_w or need_b:
+    gx = gw = gb = gd = gu = gh = None
+    if spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1]):
+        # a wide layer: ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest
+        # tensor here, is read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
+        gxh = gy @ torch.cat([_merged(weight, u2, d2, s, cd), u2], 1)
+        gx, gh = gxh[:, :spec.in_dim], gxh[:, spec.in_dim:]
+        if need_b:
+            gb = gy.sum(0)
+    elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
         gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
@@ -129,7 +136,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             if s != 1.0:
                 gu.mul_(s)
         if need_d:
-            gd = (gy @ u2).t() @ xc
+            gd = (gy @ u2 if gh is None else gh).t() @ xc
             if s != 1.0:
                 gd.mul_(s)
     elif need_d or need_u:
@@ -143,7 +150,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             if s != 1.0:
                 gu.mul_(s)
         if need_d:
-            gh = torch.matmul(u2.t(), g3).view((n, r) + tuple(gy.shape[2:]))  # ∂h / s
+            # ∂h / s as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
+            # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
+            gh = torch.bmm(u2.t().expand(n, r, o), g3).view((n, r) + tuple(gy.shape[2:]))
             if s != 1.0:
                 gh.mul_(s)
             if _im2col_ok(spec):
@@ -236,6 +245,19 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
     return k > 1 and x.shape[0] * x.shape[2] * x.shape[3] >= spec.out_dim * k
 
 
+def _cat_pays(spec: LayerSpec, r: int) -> bool:
+    """Whether a linear layer takes the concatenated GEMMs of :class:`_BypassOp`: forward
+    ``y = [x | h]·[W | s·U]ᵀ + b`` (one GEMM with K = in + r) instead of ``f(x)`` plus an in-place
+    ``y += s·h·Uᵀ``, backward ``[∂x | ∂h/s] = ∂y·[W′ | U]``. The in-place add reads and writes the output (two
+    output-sized passes), the concatenation reads x and writes ``[x | h]`` (two input-sized passes) and widens the
+    frozen GEMM by r/in; backward, ∂y is read once instead of twice and ∂x comes back as a strided view (its
+    consumer may copy it: two input-sized passes). So it pays on layers wider out than in — SD's GEGLU projections
+    (in → 8·in), 16 of SD1.5's 192 adapted linear layers, whose in-place add was the largest adapter kernel of
+    a LoRA step (run 71) — and is taken where out ≥ 2·(in + r) and the rows of ``[x | h]`` stay 16-byte aligned
+    for the tensor cores ((in + r) a multiple of 8)."""
+    return spec.kind == LINEAR and spec.out_dim >= 2 * (spec.in_dim + r) and (spec.in_dim + r) % 8 == 0
+
+
 def _im2col_ok(spec: LayerSpec) -> bool:
     """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis."""
     if spec.kind != CONV2D:
@@ -274,11 +296,19 @@ class _BypassOp(torch.autograd.Function):
         spec, s, cd = cfg
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
         dd, u2, d2 = _factors(down, up, cd)
-        y = layer_op(xd, spec, wd, bd)
-        if spec.kind == LINEAR:
+        if spec.kind == LINEAR and _cat_pays(spec, d2.shape[0]):
+            # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b, rounded
+            # once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are views of it
+            h = F.linear(xd, d2)
+            xh = torch.cat([xd, h], 1)
+            y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
+            xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+        elif spec.kind == LINEAR:
+            y = layer_op(xd, spec, wd, bd)
             h = F.linear(xd, d2)
             y.addmm_(h, u2.t(), alpha=s)
         else:
+            y = layer_op(xd, spec, wd, bd)
             h = layer_op(xd, spec, dd)
             n, o, r = y.shape[0], y.shape[1], h.shape[1]
             y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
