@@ -192,6 +192,30 @@ def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x3-s2", "3x3-d2"])
+def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer):
+    """LoKr with a low-rank W2 on a 3×3 conv: B applied to each of the in_m channel groups inside the op (∂B
+    summed over the groups; the im2col where the geometry allows, cuDNN's weight gradient else), the merged
+    weight with ``kron(I, B)``; outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)``."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    torch.manual_seed(0)
+    mod = nn.Conv2d(32, 48, **CONVS[layer])
+    model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
+    net.set_multiplier(m)
+    _, t = _adapter_tensors(mod)
+    assert "lokr_w2_a" in t and "lokr_w1" in t and "lokr_t2" not in t
+    x = torch.randn(2, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert node == "_BypassOpBackward"
+    yr, gr = _reference(mod, "lokr", x, gy, m)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("n_in, n_out, r, taken", [
     (320, 2560, 16, True), (320, 2560, 64, True), (320, 2560, 128, True),   # SD1.5's GEGLU: LoRA, LoHa, LoKr
     (320, 320, 16, False), (1280, 320, 16, False),                           # square, narrowing
@@ -323,11 +347,12 @@ def test_policy_captured_steps_only_by_default(monkeypatch):
 
 @pytest.mark.parametrize("layer, shape, taken", [
     ("linear", (15, 16), False), ("linear", (16, 16), True), ("linear", (2, 8, 16), True),
-    ("3x3", (2, 8, 6, 6), False), ("3x3", (2, 8, 9, 8), True), ("1x1", (4, 8, 32, 32), False),
+    ("3x3", (1, 8, 4, 4), False), ("3x3", (2, 8, 3, 3), True), ("3x3", (2, 8, 9, 8), True),
+    ("1x1", (1, 8, 3, 5), False), ("1x1", (1, 8, 4, 4), True), ("1x1", (4, 8, 32, 32), True),
 ])
 def test_shape_rule(monkeypatch, layer, shape, taken):
-    """Taken where the input has at least out·∏k positions (one output channel's weights per position), never
-    on a 1×1 conv (``lowrank.bypass_pays``: the rule from run 66's per-layer timings)."""
+    """Taken where the input has at least out positions on a linear layer or 1×1 conv (16 here), out·∏k/8 on a
+    larger kernel (18 for this 3×3 conv) (``lowrank.bypass_pays``: the rule from run 72's per-layer timings)."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     torch.manual_seed(0)
     mod = {"linear": nn.Linear(16, 16), "3x3": nn.Conv2d(8, 16, 3, padding=1), "1x1": nn.Conv2d(8, 16, 1)}[layer]
@@ -344,7 +369,9 @@ def test_shape_rule(monkeypatch, layer, shape, taken):
     (dict(algo="dylora", rank=4, block_size=2), False),
     (dict(algo="lora", rank=2, use_tucker=True), False),
     (dict(algo="lora", rank=2, dora=True), False),
-    (dict(algo="lokr", rank=2, factor=2), False),   # convs: LoKr keeps its grouped conv
+    (dict(algo="lokr", rank=2, factor=2), True),    # low-rank W2: the op with B on each channel group
+    (dict(algo="lokr", rank=2, factor=2, use_tucker=True), False),
+    (dict(algo="lokr", rank=2, factor=2, full_matrix=True), False),   # full W2: LoKr's rebuilt op
 ])
 def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
     """Dropout family and DyLoRA in training, and adapters that are not a two-factor product here, keep the

@@ -399,12 +399,19 @@ class Algorithm:
     def bypass_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                   bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W, b) + Δy`` computed exactly, with :mod:`.lowrank`'s bypass backward (∂x through the merged
-        weight), where this adapter's delta is a low-rank product on this layer (:meth:`lowrank_factors`);
+        weight), where this adapter's delta is a low-rank product on this layer (:meth:`bypass_factors`);
         else None. The layer host calls it only where :func:`.lowrank.bypass_ready` holds."""
-        f = self.lowrank_factors(t, spec, x.dtype)
+        f = self.bypass_factors(t, spec, x.dtype)
         if f is None:
             return None
-        return bypass_op(x, spec, weight, bias, f[0], f[1], f[2] * multiplier)
+        return bypass_op(x, spec, weight, bias, f[0], f[1], f[2] * multiplier, f[3])
+
+    def bypass_factors(self, t: Mapping[str, Any], spec: LayerSpec,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, int] | None:
+        """``(D, U, γ, groups)`` for :meth:`bypass_op`: :meth:`lowrank_factors` with one group, unless the
+        algorithm has a grouped down (``D = kron(I_groups, down)`` on a conv; LoKr)."""
+        f = self.lowrank_factors(t, spec, dtype)
+        return None if f is None else (*f, 1)
 
     def lowrank_factors(self, t: Mapping[str, Any], spec: LayerSpec,
                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
-    alpha_tensor, flat, layer_op, rebuild_tucker, register,
+    CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear,
+    alpha_scale, alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
 from . import factor_triton
 from .factorize import factorization
@@ -289,11 +289,11 @@ class LoKr(Algorithm):
         ``(kron(I_in_m, B), kron(W1, A), γ)`` — D block-diagonal and dense here ``(in_m·r, in)``, small — so
         that :mod:`.lowrank`'s bypass op takes it as any LoRA (its ``h = x·Dᵀ`` is the grouped product's h at
         in_m× the multiply-adds of the grouped GEMM, still far below the layer's own; ∂B is the sum of ∂D's
-        diagonal blocks, through ``kron``'s backward). Convs keep the delta path's grouped conv: a dense D
-        would make the op's ∂D im2col in_m× larger, and a grouped variant of the op (B on each channel group
-        inside it, ∂B by the im2col over the groups folded into the batch) measured no gain: SD1.5 b8 as one
-        CUDA graph 94.41 ms against 94.33 with the linears alone (H100 run 70), so it was not kept. LoKr's
-        rebuild path is its own (:meth:`rebuild_op`)."""
+        diagonal blocks, through ``kron``'s backward). Convs take the op with a grouped down instead
+        (:meth:`bypass_factors`): a dense D would make the op's ∂D im2col in_m× larger. That grouped variant
+        measured no gain in H100 run 70 (94.41 vs 94.33 ms) and was reverted — but every conv through the op
+        then copied the whole ∂y once in its ∂h (``torch.matmul`` folding a 2-D Uᵀ, found in run 71), so it is
+        back, measured again in run 73. LoKr's rebuild path is its own (:meth:`rebuild_op`)."""
         if (spec.kind != LINEAR or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
@@ -301,6 +301,18 @@ class LoKr(Algorithm):
         in_m = LoKr._in_m(t)
         down = torch.kron(torch.eye(in_m, dtype=b.dtype, device=b.device), b)
         return down, self._kron_up(t, dtype), self._gain(t)
+
+    def bypass_factors(self, t, spec, dtype):
+        """On a 2-D conv where the LoRA form pays (no Tucker core, no trained ``scalar``): ``(B as a
+        (r, in_n, *k) kernel, kron(W1, A), γ, in_m)`` — the bypass op applies B to each of x's in_m channel
+        groups, as :meth:`_grouped_down` does; linear layers: :meth:`lowrank_factors`."""
+        if spec.kind == LINEAR:
+            return super().bypass_factors(t, spec, dtype)
+        if (spec.kind != CONV2D or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
+                or isinstance(self._gain(t), torch.Tensor)):
+            return None
+        b = cast(t["lokr_w2_b"], dtype)
+        return b.reshape(b.shape[0], -1, *spec.kernel), self._kron_up(t, dtype), self._gain(t), LoKr._in_m(t)
 
     def _kron_lora(self, acc, x, t, spec, s, inplace):
         """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout

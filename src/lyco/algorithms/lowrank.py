@@ -99,7 +99,7 @@ class _LowRankOp(torch.autograd.Function):
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd = cfg
         y, xd = _forward(x, spec, s, weight, bias, down, up, cd)
-        ctx.cfg = (spec, s, x.shape, x.dtype)
+        ctx.cfg = (spec, s, x.shape, x.dtype, 1)
         ctx.save_for_backward(xd, weight, bias, down, up)
         return y
 
@@ -112,8 +112,10 @@ class _LowRankOp(torch.autograd.Function):
 
 def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
-    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it."""
-    spec, s, xshape, xdt = cfg
+    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it. ``groups`` > 1 (the bypass
+    op on a conv only): ``down`` is one ``(r, in/groups, *k)`` kernel applied to each of the input's channel
+    groups, i.e. ``D = kron(I_groups, down)`` block-diagonal."""
+    spec, s, xshape, xdt, groups = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
@@ -128,6 +130,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             gb = gy.sum(0)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
+        if need_x and groups > 1:
+            d2 = torch.kron(torch.eye(groups, dtype=cd, device=d2.device), d2)  # (groups·r, in·∏k)
         w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
         gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
     if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
@@ -141,7 +145,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
                 gd.mul_(s)
     elif need_d or need_u:
         gy = gy.contiguous()
-        n, o, r = gy.shape[0], gy.shape[1], dd.shape[0]
+        n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
         g3 = gy.view(n, o, -1)
         if need_u:
             if h is None:
@@ -155,6 +159,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             gh = torch.bmm(u2.t().expand(n, r, o), g3).view((n, r) + tuple(gy.shape[2:]))
             if s != 1.0:
                 gh.mul_(s)
+            if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
+                xc = xc.view(n * groups, -1, *xc.shape[2:])
+                gh = gh.view(n * groups, -1, *gh.shape[2:])
             if _im2col_ok(spec):
                 gd = _conv_wgrad_nchw(xc, gh, spec)
             else:
@@ -233,16 +240,18 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
     """Whether the op is faster than the delta path on this layer and input (x as :func:`bypass_supports` takes
     it). The merged weight costs about two weight-sized passes (out·in·∏k), the delta path's ∂x about four
     input-sized ones (positions·in) plus its own small GEMM/conv, so the op pays from some positions/(out·∏k)
-    on. Measured per layer on SD1.5 b8 (run 66, ``benchmarks/experiments/bypass_op_layers.py``, H100, forward +
-    backward as CUDA graphs): linear layers gain at positions ≥ 1.6·out (0.66–0.99× the delta path's time) and
-    lose below ≈ 0.5·out (1.03–1.31×); 3×3 convs gain at positions ≥ 12.8·out (0.81–1.02×) and lose at
-    ≤ 6.4·out (1.02–1.15×) — one rule, positions ≥ out·∏k, takes every gain (−2.5 ms on the linears,
-    −1.1 ms on the 3×3 convs per step, summed per layer). 1×1 convs lost at every shape (1.13–1.30×, also
-    at 102 positions per output channel): never."""
+    on. Measured per layer on SD1.5 b8 (``benchmarks/experiments/bypass_op_layers.py``, H100, forward + backward
+    as CUDA graphs, the op forced on every layer). Run 72, after the conv backward stopped copying ∂y: linear
+    layers and 1×1 convs gain at positions ≥ 0.96·out (0.61–0.99× the delta path's time) and lose at ≤ 0.48·out
+    (1.02–1.64×); 3×3 convs gain from 0.18·out·9 on (0.75–0.98×) and lose at 0.04·out·9 (1.09–1.14×, SD1.5's
+    8×8 level). So: positions ≥ out on linear layers and 1×1 convs, positions ≥ out·∏k/8 on larger kernels.
+    (Run 66 had left 1×1 convs out — 1.13–1.30× at every shape — and drawn the conv line at out·∏k; both were the
+    copy's doing.)"""
     if spec.kind == LINEAR:
         return x.shape[0] >= spec.out_dim
+    positions = x.shape[0] * x.shape[2] * x.shape[3]
     k = spec.kernel_numel
-    return k > 1 and x.shape[0] * x.shape[2] * x.shape[3] >= spec.out_dim * k
+    return positions >= spec.out_dim if k == 1 else 8 * positions >= spec.out_dim * k
 
 
 def _cat_pays(spec: LayerSpec, r: int) -> bool:
@@ -293,7 +302,7 @@ class _BypassOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
-        spec, s, cd = cfg
+        spec, s, cd, groups = cfg
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
         dd, u2, d2 = _factors(down, up, cd)
         if spec.kind == LINEAR and _cat_pays(spec, d2.shape[0]):
@@ -309,11 +318,16 @@ class _BypassOp(torch.autograd.Function):
             y.addmm_(h, u2.t(), alpha=s)
         else:
             y = layer_op(xd, spec, wd, bd)
-            h = layer_op(xd, spec, dd)
-            n, o, r = y.shape[0], y.shape[1], h.shape[1]
+            n = xd.shape[0]
+            if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
+                hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
+                h = hg.view(n, -1, *hg.shape[2:])
+            else:
+                h = layer_op(xd, spec, dd)
+            o, r = y.shape[1], h.shape[1]
             y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
             y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
-        ctx.cfg = (spec, s, x.shape, x.dtype)
+        ctx.cfg = (spec, s, x.shape, x.dtype, groups)
         ctx.save_for_backward(xd, h, weight, bias, down, up)
         return y
 
@@ -325,15 +339,17 @@ class _BypassOp(torch.autograd.Function):
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
-              down: torch.Tensor, up: torch.Tensor, s: float) -> torch.Tensor | None:
+              down: torch.Tensor, up: torch.Tensor, s: float, groups: int = 1) -> torch.Tensor | None:
     """``op(x, W, b) + s·U·(D∗x)`` (x: 2-D rows for a linear layer) with the backward of the module doc;
     None where the op does not apply (the caller takes the delta path): the layer or input unsupported
-    (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute."""
-    if not bypass_supports(spec, x):
+    (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute.
+    ``groups`` > 1 (convs): ``down`` ``(r, in/groups, *k)`` acts on each channel group — ``D = kron(I, down)``,
+    h's channels group-major (LoKr's low-rank W2)."""
+    if not bypass_supports(spec, x) or (groups > 1 and (spec.kind == LINEAR or x.shape[1] % groups)):
         return None
     if not (x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)):
         return None
     # under autocast (lyco train's mixed precision: a bf16/fp16 base, fp32 adapter) every operand is cast to the
     # dtype autocast would compute the layer in, as the rebuild op does; the gradients go back in each input's dtype
-    return _BypassOp.apply(x, (spec, float(s), _compute_dtype(x)), weight, bias, down, up)
+    return _BypassOp.apply(x, (spec, float(s), _compute_dtype(x), int(groups)), weight, bias, down, up)
