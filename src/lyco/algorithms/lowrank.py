@@ -29,7 +29,11 @@ device time saved per SD1.5 b8 step and eager LoCon/LoHa steps 10–20 % slower 
 under :mod:`.graph_policy` (``LYCO_BYPASS_OP``: by default only in steps captured as CUDA graphs, where the
 host's cost is paid once). Its ∂x carries the merge's rounding (as the rebuild path's does; a delta far
 below 2⁻⁹·|W| drops out of the gradient that reaches earlier layers, not out of the forward or of ∂U/∂D).
-A Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS (runs 11, 50–51).
+A Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS (runs 11, 50–51). On a layer wider out
+than in (:func:`_cat_pays`: GEGLU's projection) the frozen GEMM itself takes the adapter's up, as one GEMM over
+``[x | h]`` and ``[W | s·U]`` — the same sum, rounded once in bf16 where the delta path rounds ``f(x)`` and then
+the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 on a conv enters with a grouped down
+(``groups`` = in_m: its B on each channel group, ``D = kron(I, B)`` only in the merged weight).
 
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
