@@ -396,7 +396,7 @@ def test_two_adapters_keep_the_delta_path(monkeypatch):
     assert _node(model(x)) != "_BypassOpBackward"
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha"])
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr"])
 def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     """The layer hosts of a whole (tiny, SD1-structured) UNet with LoCon/LoHa on every linear and conv layer, in
     float64: inside ``graph_step`` (the op, forced on every supported layer) the output and every adapter gradient
@@ -407,7 +407,8 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     monkeypatch.delenv("LYCO_BYPASS_OP", raising=False)
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
     unet = tiny_components("sd1", dtype=torch.float64)["unet"]
-    net = lyco.create({"unet": unet}, algo=algo, rank=4, alpha=2.0, preset="full", conv_rank=2, seed=0)
+    extra = dict(factor=2) if algo == "lokr" else {}   # LoKr: low-rank W2 on every layer, convs with a grouped down
+    net = lyco.create({"unet": unet}, algo=algo, rank=4, alpha=2.0, preset="full", conv_rank=2, seed=0, **extra)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in net.trainable_parameters():
@@ -416,9 +417,9 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     cfg = unet.config
     x = torch.randn(2, cfg.in_channels, 16, 16, generator=g, dtype=torch.float64)
     ctx = torch.randn(2, 7, cfg.cross_attention_dim, generator=g, dtype=torch.float64)
-    calls = []
+    calls, seen = [], []
     real = lowrank._BypassOp.apply
-    monkeypatch.setattr(lowrank._BypassOp, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(lowrank._BypassOp, "apply", lambda *a: calls.append(1) or seen.append(a) or real(*a))
 
     def step():
         y = unet(x, 10, encoder_hidden_states=ctx).sample
@@ -428,8 +429,10 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     with graph_policy.graph_step():
         y1, g1 = step()
     # LoRA: most layers take the op (the others: inputs not contiguous NCHW, e.g. proj_out fed by a permuted view);
-    # LoHa: where its Khatri–Rao form pays at these tiny widths
+    # LoHa and LoKr: where their low-rank forms pay at these tiny widths
     assert len(calls) >= (len(net.layers) // 2 if algo == "lora" else 1), (len(calls), len(net.layers))
+    if algo == "lokr":  # the grouped conv down ran (cfg's groups > 1)
+        assert any(isinstance(a[1], tuple) and a[1][3] > 1 and a[1][0].kind == "conv2d" for a in seen), seen[:3]
     torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-10)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
