@@ -284,35 +284,23 @@ class LoKr(Algorithm):
             return factor_triton.kron_up(w1, a)
         return torch.mul(w1.reshape(out_l, 1, in_m, 1), a.reshape(1, out_k, 1, r)).reshape(out_l * out_k, in_m * r)
 
-    def lowrank_factors(self, t, spec, dtype):
-        """A low-rank W2 on a linear layer where the LoRA form pays (:meth:`_kron_lora_pays`):
-        ``(kron(I_in_m, B), kron(W1, A), γ)`` — D block-diagonal and dense here ``(in_m·r, in)``, small — so
-        that :mod:`.lowrank`'s bypass op takes it as any LoRA (its ``h = x·Dᵀ`` is the grouped product's h at
-        in_m× the multiply-adds of the grouped GEMM, still far below the layer's own; ∂B is the sum of ∂D's
-        diagonal blocks, through ``kron``'s backward). Convs take the op with a grouped down instead
-        (:meth:`bypass_factors`): a dense D would make the op's ∂D im2col in_m× larger. That grouped variant
-        measured no gain in H100 run 70 (94.41 vs 94.33 ms) and was reverted — but every conv through the op
-        then copied the whole ∂y once in its ∂h (``torch.matmul`` folding a 2-D Uᵀ, found in run 71), so it is
-        back, measured again in run 73. LoKr's rebuild path is its own (:meth:`rebuild_op`)."""
-        if (spec.kind != LINEAR or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
-                or isinstance(self._gain(t), torch.Tensor)):
-            return None
-        b = cast(t["lokr_w2_b"], dtype)
-        in_m = LoKr._in_m(t)
-        down = torch.kron(torch.eye(in_m, dtype=b.dtype, device=b.device), b)
-        return down, self._kron_up(t, dtype), self._gain(t)
-
     def bypass_factors(self, t, spec, dtype):
-        """On a 2-D conv where the LoRA form pays (no Tucker core, no trained ``scalar``): ``(B as a
-        (r, in_n, *k) kernel, kron(W1, A), γ, in_m)`` — the bypass op applies B to each of x's in_m channel
-        groups, as :meth:`_grouped_down` does; linear layers: :meth:`lowrank_factors`."""
-        if spec.kind == LINEAR:
-            return super().bypass_factors(t, spec, dtype)
-        if (spec.kind != CONV2D or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
+        """On a linear layer or 2-D conv where the LoRA form pays (no Tucker core, no trained ``scalar``): ``(B as
+        an (r, in_n[, *k]) matrix or kernel, kron(W1, A), γ, in_m)``, i.e. ``ΔW = γ·kron(W1, A)·kron(I, B)`` — the
+        bypass op applies B to each of x's in_m channel groups, as :meth:`_grouped_down` does, and never forms
+        ``kron(I, B)``: its merged weight is one GEMM over W's rows split into in_m blocks, ∂B one GEMM over the
+        groups folded into the rows. History: linear layers first took a dense ``kron(I, B)`` (an identity, the
+        Kronecker product and its backward per layer and step, an h GEMM at in_m× the multiply-adds; run 68:
+        95.47 → 94.35 ms); the grouped conv variant measured no gain in run 70 (94.41 vs 94.33 ms) and was
+        reverted — but every conv through the op then copied all of ∂y in its ∂h (``torch.matmul`` folding a 2-D
+        Uᵀ, found in run 71); back in run 73: 93.41 → 91.66 ms. LoKr's rebuild path is its own
+        (:meth:`rebuild_op`)."""
+        if (spec.kind not in (LINEAR, CONV2D) or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
         b = cast(t["lokr_w2_b"], dtype)
-        return b.reshape(b.shape[0], -1, *spec.kernel), self._kron_up(t, dtype), self._gain(t), LoKr._in_m(t)
+        down = b if spec.kind == LINEAR else b.reshape(b.shape[0], -1, *spec.kernel)
+        return down, self._kron_up(t, dtype), self._gain(t), LoKr._in_m(t)
 
     def _kron_lora(self, acc, x, t, spec, s, inplace):
         """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout

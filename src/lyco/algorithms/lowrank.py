@@ -1,6 +1,6 @@
 """Two ops for low-rank deltas, one backward: the rebuild path's ``y = op(x, W + s·U·D, b)`` and the bypass
 op (below), for every adapter whose delta is a product ``ΔW = γ·U·D`` (LoRA/LoCon, DyLoRA outside training,
-LoHa through its Khatri–Rao form, a LoRA of rank r1·r2, and LoKr's low-rank W2 on linear layers:
+LoHa through its Khatri–Rao form, a LoRA of rank r1·r2, and — the bypass op only — LoKr's low-rank W2:
 ``kron(W1, A)·kron(I, B)``). ``mode = "rebuild"`` takes the first.
 
 ``D`` is ``(r, in)`` or a conv kernel ``(r, in, *k)`` that carries the layer's stride, padding and
@@ -32,8 +32,8 @@ below 2⁻⁹·|W| drops out of the gradient that reaches earlier layers, not ou
 A Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS (runs 11, 50–51). On a layer wider out
 than in (:func:`_cat_pays`: GEGLU's projection) the frozen GEMM itself takes the adapter's up, as one GEMM over
 ``[x | h]`` and ``[W | s·U]`` — the same sum, rounded once in bf16 where the delta path rounds ``f(x)`` and then
-the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 on a conv enters with a grouped down
-(``groups`` = in_m: its B on each channel group, ``D = kron(I, B)`` only in the merged weight).
+the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 enters with a grouped down
+(``groups`` = in_m: its B on each channel group of a linear or conv input; ``D = kron(I, B)`` is never formed).
 
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
@@ -74,12 +74,31 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
-    """``W + s·U·D`` in ``dtype`` (one GEMM; the GEMM accumulates in fp32 and rounds once)."""
+def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype: torch.dtype,
+            groups: int = 1) -> torch.Tensor:
+    """``W + s·U·D`` in ``dtype`` (one GEMM; the GEMM accumulates in fp32 and rounds once). ``groups`` > 1: D is
+    ``kron(I_groups, d2)`` (block-diagonal, never formed): W's rows are ``groups`` blocks of ``in·∏k/groups``
+    columns, and block m of row o gains ``s·U[o, m-th r columns]·d2`` — one GEMM over ``out·groups`` rows of
+    W's own memory (viewed, not copied, for a contiguous W)."""
     wf = cast(w, dtype)
+    o = wf.shape[0]
+    if groups > 1:
+        return torch.addmm(wf.reshape(o * groups, -1), u2.reshape(o * groups, -1), d2, alpha=s).view(w.shape)
     if wf.dim() == 2:
         return torch.addmm(wf, u2, d2, alpha=s)
-    return torch.addmm(wf.reshape(wf.shape[0], -1), u2, d2, alpha=s).view(w.shape)
+    return torch.addmm(wf.reshape(o, -1), u2, d2, alpha=s).view(w.shape)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·a@b`` with s in the GEMM's alpha: a ``mul_`` after it would be one more kernel per layer and step — in a
+    captured step each costs its launch slot (≈ 2 µs) whatever its size. ``beta = 0``: the (uninitialised, 0-d)
+    input is never read."""
+    return a @ b if s == 1.0 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·bmm(a, b)``, s in the batched GEMM's alpha (as :func:`_mm`)."""
+    return torch.bmm(a, b) if s == 1.0 else torch.baddbmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
 def _factors(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
@@ -117,8 +136,8 @@ class _LowRankOp(torch.autograd.Function):
 def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
     — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it. ``groups`` > 1 (the bypass
-    op on a conv only): ``down`` is one ``(r, in/groups, *k)`` kernel applied to each of the input's channel
-    groups, i.e. ``D = kron(I_groups, down)`` block-diagonal."""
+    op only): ``down`` is one ``(r, in/groups[, *k])`` matrix or kernel applied to each of the input's channel
+    groups, i.e. ``D = kron(I_groups, down)`` block-diagonal (never formed)."""
     spec, s, xshape, xdt, groups = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
@@ -128,25 +147,26 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     if spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1]):
         # a wide layer: ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest
         # tensor here, is read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
-        gxh = gy @ torch.cat([_merged(weight, u2, d2, s, cd), u2], 1)
+        gxh = gy @ torch.cat([_merged(weight, u2, d2, s, cd, groups), u2], 1)
         gx, gh = gxh[:, :spec.in_dim], gxh[:, spec.in_dim:]
         if need_b:
             gb = gy.sum(0)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
-        if need_x and groups > 1:
-            d2 = torch.kron(torch.eye(groups, dtype=cd, device=d2.device), d2)  # (groups·r, in·∏k)
-        w_in = _merged(weight, u2, d2, s, cd) if need_x else cast(weight, cd)
+        w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
         gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
     if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
         if need_u:
-            gu = gy.t() @ (F.linear(xc, d2) if h is None else h)
-            if s != 1.0:
-                gu.mul_(s)
+            gu = _mm(gy.t(), F.linear(xc, d2) if h is None else h, s)
         if need_d:
-            gd = (gy @ u2 if gh is None else gh).t() @ xc
-            if s != 1.0:
-                gd.mul_(s)
+            gh = gy @ u2 if gh is None else gh
+            if groups == 1:
+                gd = _mm(gh.t(), xc, s)
+            elif gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
+                gd = _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s)
+            else:  # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
+                p = gh.shape[0]
+                gd = _bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s).sum(0)
     elif need_d or need_u:
         gy = gy.contiguous()
         n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
@@ -154,15 +174,11 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
         if need_u:
             if h is None:
                 h = layer_op(xc, spec, dd)
-            gu = torch.bmm(g3, h.reshape(n, r, -1).transpose(1, 2)).sum(0)
-            if s != 1.0:
-                gu.mul_(s)
+            gu = _bmm(g3, h.reshape(n, r, -1).transpose(1, 2), s).sum(0)
         if need_d:
-            # ∂h / s as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
+            # ∂h as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
             # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
-            gh = torch.bmm(u2.t().expand(n, r, o), g3).view((n, r) + tuple(gy.shape[2:]))
-            if s != 1.0:
-                gh.mul_(s)
+            gh = _bmm(u2.t().expand(n, r, o), g3, s).view((n, r) + tuple(gy.shape[2:]))
             if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
                 xc = xc.view(n * groups, -1, *xc.shape[2:])
                 gh = gh.view(n * groups, -1, *gh.shape[2:])
@@ -309,17 +325,20 @@ class _BypassOp(torch.autograd.Function):
         spec, s, cd, groups = cfg
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
         dd, u2, d2 = _factors(down, up, cd)
-        if spec.kind == LINEAR and _cat_pays(spec, d2.shape[0]):
-            # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b, rounded
-            # once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are views of it
-            h = F.linear(xd, d2)
-            xh = torch.cat([xd, h], 1)
-            y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
-            xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
-        elif spec.kind == LINEAR:
-            y = layer_op(xd, spec, wd, bd)
-            h = F.linear(xd, d2)
-            y.addmm_(h, u2.t(), alpha=s)
+        if spec.kind == LINEAR:
+            if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
+                h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
+            else:
+                h = F.linear(xd, d2)
+            if _cat_pays(spec, h.shape[1]):
+                # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b, rounded
+                # once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are views of it
+                xh = torch.cat([xd, h], 1)
+                y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
+                xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+            else:
+                y = layer_op(xd, spec, wd, bd)
+                y.addmm_(h, u2.t(), alpha=s)
         else:
             y = layer_op(xd, spec, wd, bd)
             n = xd.shape[0]
@@ -347,9 +366,9 @@ def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torc
     """``op(x, W, b) + s·U·(D∗x)`` (x: 2-D rows for a linear layer) with the backward of the module doc;
     None where the op does not apply (the caller takes the delta path): the layer or input unsupported
     (:func:`bypass_supports`; the caller checked :func:`bypass_ready`), or no gradient to compute.
-    ``groups`` > 1 (convs): ``down`` ``(r, in/groups, *k)`` acts on each channel group — ``D = kron(I, down)``,
-    h's channels group-major (LoKr's low-rank W2)."""
-    if not bypass_supports(spec, x) or (groups > 1 and (spec.kind == LINEAR or x.shape[1] % groups)):
+    ``groups`` > 1: ``down`` ``(r, in/groups[, *k])`` acts on each channel group — ``D = kron(I, down)``, h's
+    channels group-major (LoKr's low-rank W2)."""
+    if not bypass_supports(spec, x) or (groups > 1 and x.shape[1] % groups):
         return None
     if not (x.requires_grad or weight.requires_grad or down.requires_grad or up.requires_grad
             or (bias is not None and bias.requires_grad)):
