@@ -311,11 +311,15 @@ def _name_regex(names) -> str:
     return "re:(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
-def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype, layer_opts=None, lokr_path=None) -> Handle:
+def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype, layer_opts=None, lokr_path=None,
+                alpha_scale: float = 1.0) -> Handle:
     import lyco
     from lyco.algorithms import lokr as lokr_mod
     lokr_mod.FORCE_PATH = lokr_path
     spec = dict(ALGOS[algo]["lyco"])
+    for k in ("alpha", "conv_alpha"):  # --alpha-scale: the configurations users train (alpha ≠ rank: γ ≠ 1)
+        if k in spec and alpha_scale != 1.0:
+            spec[k] = spec[k] * alpha_scale
     layer_names = names[ALGOS[algo]["layers"]]
     preset = {"name": "bench", "include_conv": True, "unet": {"target_names": [_name_regex(layer_names)]}}
     a = spec.pop("algo")
@@ -333,6 +337,8 @@ def attach_lyco(unet, algo: str, names: dict, mode: str, adapter_dtype, layer_op
         info["layer_opts"] = dict(layer_opts)
     if lokr_path:
         info["lokr_path"] = lokr_path
+    if alpha_scale != 1.0:
+        info["alpha_scale"] = alpha_scale
     return Handle(net.trainable_parameters(), detach, info, lyco_net=net)
 
 
@@ -835,7 +841,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             lib = v["lib"]
             if lib == "lyco":
                 handle = attach_lyco(unet, algo, ctx["names"], v["mode"], ctx["adapter_dtype"],
-                                     v.get("layer_opts"), v.get("lokr_path"))
+                                     v.get("layer_opts"), v.get("lokr_path"), a.alpha_scale)
             elif lib == "lycoris":
                 handle = attach_lycoris(unet, algo, ctx["names"], v["backend"], v["bypass"],
                                         ctx["adapter_dtype"], a.smoke)
@@ -1152,6 +1158,9 @@ def main(argv=None):
                    help="torch.compile backend (inductor; aot_eager checks the plumbing without codegen)")
     p.add_argument("--adapter-dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--init-scale", type=float, default=0.3)
+    p.add_argument("--alpha-scale", type=float, default=1.0,
+                   help="lyco's alpha (and conv alpha) times this (default 1: alpha = rank, γ = 1; e.g. 0.5 for "
+                        "alpha = rank/2, as users often train) — the peers keep alpha = rank")
     p.add_argument("--lycoris-tune", default=None, choices=("on", "off"),
                    help="LYCORIS_KERNEL_TUNE for the Triton kernels (default: LyCORIS's own, on)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 steps: exercise the whole script")
