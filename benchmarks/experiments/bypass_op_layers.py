@@ -93,6 +93,7 @@ def main():
     p.add_argument("--out", default=".")
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, the tiny UNet: the paths run, no timing")
+    p.add_argument("--algo", default="locon", help="the adapters (train_step.py's configurations: locon, loha, lokr)")
     p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
     p.add_argument("--profile", action="store_true",
                    help="per layer and way, the kernels of one forward + backward (torch.profiler, eager calls; "
@@ -101,7 +102,7 @@ def main():
     dev, dt = torch.device("cpu" if a.smoke else "cuda"), torch.bfloat16
     unet = build_unet("sd15", a.smoke, dev, dt)
     names = layer_sets(unet)
-    handle = attach_lyco(unet, "locon", names, "auto", dt)
+    handle = attach_lyco(unet, a.algo, names, "auto", dt)
     mods = dict(unet.named_modules())
     targets = names["lin"] + names["conv"]
     if a.only:
@@ -144,6 +145,12 @@ def main():
             os.environ["LYCO_BYPASS_OP"] = flag
             lowrank._im2col_ok, lowrank._cat_pays = im2col, cat
             outs[way] = [t.float() for t in fn()]
+            if way == "op":  # whether this layer's adapter takes the op at all (else both ways are the delta path)
+                with torch.enable_grad():
+                    node = m(x).grad_fn
+                if node is not None and node.name() in ("ViewBackward0", "UnsafeViewBackward0"):
+                    node = node.next_functions[0][0]  # the host's view of a linear layer's 2-D rows
+                row["op_taken"] = node is not None and "_BypassOp" in node.name()
             if not a.smoke:
                 row[way] = graph_us(fn, a.reps)
             if a.profile:
@@ -158,7 +165,7 @@ def main():
         if len(rows) % 20 == 0:
             print(f"{len(rows)}/{len(targets)} layers, {time.time() - t0:.0f} s", flush=True)
     os.environ.pop("LYCO_BYPASS_OP", None)
-    res = {"device": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(), "rows": rows}
+    res = {"device": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(), "algo": a.algo, "rows": rows}
     if not a.smoke:
         for kind in ("linear", "conv2d"):
             sel = [r for r in rows if r["kind"] == kind]
@@ -167,6 +174,7 @@ def main():
             best = sum(min(r.get(w, r["op"]) for w in tot) for r in sel) / 1000.0
             print(f"{kind}: {len(sel)} layers, ms per step " + ", ".join(f"{w} {v:.2f}" for w, v in tot.items())
                   + f", best per layer {best:.2f}", flush=True)
+    print(f"the op taken on {sum(r.get('op_taken', False) for r in rows)} of {len(rows)} layers", flush=True)
     print(f"worst relative difference of the op's outputs to the delta path's: "
           f"{max(r['max_rel_diff'] for r in rows):.2e}", flush=True)
     os.makedirs(a.out, exist_ok=True)
