@@ -148,9 +148,9 @@ def main():
             if way == "op":  # whether this layer's adapter takes the op at all (else both ways are the delta path)
                 with torch.enable_grad():
                     node = m(x).grad_fn
-                if node is not None and node.name() in ("ViewBackward0", "UnsafeViewBackward0"):
+                if node is not None and type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):
                     node = node.next_functions[0][0]  # the host's view of a linear layer's 2-D rows
-                row["op_taken"] = node is not None and "_BypassOp" in node.name()
+                row["op_taken"] = node is not None and "_BypassOp" in type(node).__name__
             if not a.smoke:
                 row[way] = graph_us(fn, a.reps)
             if a.profile:
