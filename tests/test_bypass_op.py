@@ -115,8 +115,9 @@ def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
         x = torch.randn(2, 5, 12) if layer == "linear-3d" else torch.randn(7, 12)
     else:
         geom, _, spatial = layer.partition("@")
-        mod = nn.Conv2d(12, 16, bias=layer != "1x1", **CONVS[geom])
-        x = torch.randn(2, 12, 1, 1) if spatial else torch.randn(2, 12, 7, 9)
+        # 20 input channels: the rank·∏k shifted copies of ∂h (LoRA 3·9, LoHa 4·9) within 2·20, so the im2col's ∂D
+        mod = nn.Conv2d(20, 16, bias=layer != "1x1", **CONVS[geom])
+        x = torch.randn(2, 20, 1, 1) if spatial else torch.randn(2, 20, 7, 9)
     model, net = _setup(mod, CFGS[cfg])
     net.set_multiplier(m)
     x = x.double().requires_grad_()
@@ -194,22 +195,28 @@ def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
 
 @pytest.mark.parametrize("m", [1.0, 0.7])
 @pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x3-s2", "3x3-d2"])
-def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer):
+@pytest.mark.parametrize("channels, im2col", [(32, False), (64, True)])
+def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer, channels, im2col):
     """LoKr with a low-rank W2 on a 3×3 conv: B applied to each of the in_m channel groups inside the op (∂B
-    summed over the groups; the im2col where the geometry allows, cuDNN's weight gradient else), the merged
+    summed over the groups; the im2col where the geometry and the width of h allow — h has in_m·r = 8 channels
+    here, 72 shifted planes: within 2·64 input channels, not 2·32 — cuDNN's weight gradient else), the merged
     weight with ``kron(I, B)``; outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)``."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    used = []
+    real = lowrank._conv_wgrad_nchw
+    monkeypatch.setattr(lowrank, "_conv_wgrad_nchw", lambda *a: used.append(1) or real(*a))
     torch.manual_seed(0)
-    mod = nn.Conv2d(32, 48, **CONVS[layer])
+    mod = nn.Conv2d(channels, 48, **CONVS[layer])
     model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
     net.set_multiplier(m)
     _, t = _adapter_tensors(mod)
     assert "lokr_w2_a" in t and "lokr_w1" in t and "lokr_t2" not in t
-    x = torch.randn(2, 32, 9, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, channels, 9, 7, dtype=torch.float64, requires_grad=True)
     gy = torch.randn_like(model(x).detach())
     y, grads, node = _run(model, x, gy)
     assert node == "_BypassOpBackward"
+    assert bool(used) == (im2col and layer in ("3x3-p1", "3x3-p0"))  # stride 2 / dilation 2: cuDNN's always
     yr, gr = _reference(mod, "lokr", x, gy, m)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, gr):
@@ -247,6 +254,18 @@ def test_wide_linear_bf16_within_rounding(monkeypatch):
     assert err["1"] < 1e-2 and err["1"] <= err["0"] * 1.01, err
     for g, r in zip(out["1"][1], gr):
         assert ((g.double() - r).abs().max() / r.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("conv, r, ok", [
+    (dict(in_channels=320, kernel_size=3, padding=1), 8, True),       # LoCon rank 8: 72 planes ≤ 640
+    (dict(in_channels=320, kernel_size=3, padding=1), 128, False),    # LoKr's h (in_m·r = 128): 1152 > 640
+    (dict(in_channels=640, kernel_size=3, padding=1), 128, True),     # 1152 ≤ 1280
+    (dict(in_channels=320, kernel_size=3, padding=1, stride=2), 8, False),
+    (dict(in_channels=320, kernel_size=3, padding=2, dilation=2), 8, False),
+    (dict(in_channels=320, kernel_size=3, padding=3), 8, False),     # padding > k − 1
+])
+def test_im2col_rule(conv, r, ok):
+    assert lowrank._im2col_ok(LayerSpec.from_module(nn.Conv2d(out_channels=16, **conv)), r) == ok
 
 
 @pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x5-p12", "1x1"])

@@ -139,7 +139,7 @@ def main():
         if not conv and m.weight.shape[0] >= 2 * m.weight.shape[1]:
             ways.append(("op-nocat", "1", real_im2col, lambda spec, r: False))
         if conv:
-            ways.append(("op-cudnn-wgrad", "1", lambda spec: False, real_cat))
+            ways.append(("op-cudnn-wgrad", "1", lambda spec, r: False, real_cat))
         outs = {}
         for way, flag, im2col, cat in ways:
             os.environ["LYCO_BYPASS_OP"] = flag

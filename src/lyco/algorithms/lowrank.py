@@ -182,7 +182,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
             if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
                 xc = xc.view(n * groups, -1, *xc.shape[2:])
                 gh = gh.view(n * groups, -1, *gh.shape[2:])
-            if _im2col_ok(spec):
+            if _im2col_ok(spec, r):
                 gd = _conv_wgrad_nchw(xc, gh, spec)
             else:
                 gd = op_backward(spec, xc, dd, gh, False, True, False)[1]
@@ -287,12 +287,18 @@ def _cat_pays(spec: LayerSpec, r: int) -> bool:
     return spec.kind == LINEAR and spec.out_dim >= 2 * (spec.in_dim + r) and (spec.in_dim + r) % 8 == 0
 
 
-def _im2col_ok(spec: LayerSpec) -> bool:
-    """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis."""
+def _im2col_ok(spec: LayerSpec, r: int) -> bool:
+    """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis, and
+    the shifted copies of ∂h (r·∏k planes, r = h's channels) at most twice x's channels — else cuDNN's weight
+    gradient, which converts x to NHWC instead. Run 78 (every SD1.5 b8 layer alone, ``bypass_op_layers.py
+    --algo``): LoCon's and LoHa's (r·9 = 72, 144) copies beat cuDNN on every 3×3 conv they take; LoKr's (h:
+    in_m·r = 128 channels, 1152 planes) lost at 320 input channels (5225 vs 4975 µs over 8 layers) and won or
+    tied from 640 on."""
     if spec.kind != CONV2D:
         return False
     (ph, pw), (kh, kw) = spec.pads, spec.kernel
-    return spec.stride == (1, 1) and spec.dilation == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+    return (spec.stride == (1, 1) and spec.dilation == (1, 1) and ph <= kh - 1 and pw <= kw - 1
+            and r * kh * kw <= 2 * spec.in_dim)
 
 
 def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
