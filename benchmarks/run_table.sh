@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 GPU runs 19, 24, 30, 44, 57, 63, 69 and 75: the whole SD1.5 b8 table at this commit in one run (every algorithm, lyco as
+# Issue 7 GPU runs 19, 24, 30, 44, 57, 63, 69, 75 and 79: the whole SD1.5 b8 table at this commit in one run (every algorithm, lyco as
 # mode "auto" picks, PEFT and LyCORIS eager where they implement it; eager and one CUDA graph).
 # Peers skipped as in run_issue7.sh (LyCORIS where it was ≥ 40 % slower and not lighter than PEFT).
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
