@@ -80,6 +80,27 @@ def capture_graph(fn, warmup: int = 2):
     return g
 
 
+def graph_us(fn, reps_in_graph: int, replays: int = 7) -> float:
+    """Median µs of one ``fn()`` call: ``reps_in_graph`` calls captured in one CUDA graph (:func:`capture_graph`),
+    the graph replayed ``replays`` times, each timed with CUDA events."""
+    torch = _torch()
+
+    def body():
+        for _ in range(reps_in_graph):
+            fn()
+    g = capture_graph(body)
+    ts = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1000.0 / reps_in_graph)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
 def _gpu_name() -> str | None:
     torch = _torch()
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

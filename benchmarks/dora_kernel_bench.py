@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _common import capture_graph  # noqa: E402
+from _common import graph_us  # noqa: E402
 from train_step import build_unet, layer_sets  # noqa: E402
 
 from lyco.algorithms import lowrank_triton as K  # noqa: E402
@@ -44,17 +44,8 @@ DEFAULT = dict(K._CFG)
 
 
 def graph_ms(fn, reps=10):
-    g = capture_graph(fn)
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    """Median ms of one ``fn()`` as a CUDA graph replayed ``reps`` times (``_common.graph_us``)."""
+    return graph_us(fn, 1, replays=reps) / 1000.0
 
 
 def main():

@@ -23,36 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from _common import graph_us  # noqa: E402
 from train_step import attach_lyco, build_unet, layer_input_shapes, layer_sets  # noqa: E402
 
 from lyco.algorithms import lowrank  # noqa: E402
-
-
-def graph_us(fn, reps_in_graph: int, replays: int = 7) -> float:
-    """Median µs of one ``fn()`` call: ``reps_in_graph`` calls captured in one CUDA graph, replayed."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=side):
-        for _ in range(reps_in_graph):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / reps_in_graph)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def kernel_table(fn, cuda: bool, calls: int = 5) -> list[str]:

@@ -21,10 +21,14 @@ Each timed as 20 calls captured in one CUDA graph, median of 7 replays, after a 
 import argparse
 import json
 import os
+import sys
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _common import graph_us  # noqa: E402
 
 
 @triton.jit
@@ -105,31 +109,6 @@ def fused_gu_gh(gy, h, u, BK=32, warps=8, stages=2, splits=None):
     return gh, ws.sum(0)
 
 
-def graph_us(fn, reps=20, replays=7):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1000.0 / reps)
-    return sorted(ts)[len(ts) // 2]
-
-
 def rel(a, b):
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
@@ -168,7 +147,7 @@ def main():
             got = fn()
             errs = [rel(got[0], ref_gu), rel(got[2], ref_gd)] + ([] if got[1] is None else [rel(got[1], ref_gh)])
             row[w + "_err"] = max(errs)
-            row[w] = graph_us(fn) if max(errs) < 2e-2 else None
+            row[w] = graph_us(fn, 20) if max(errs) < 2e-2 else None
             total[w] = total.get(w, 0.0) + (row[w] or row["torch"]) * count
         rows.append(row)
         print(f"{name:22s} " + "  ".join(f"{w} {row[w]:.1f}us (err {row[w + '_err']:.1e})" if row[w] else
