@@ -28,6 +28,16 @@ if _WORKER:
     torch.set_num_threads(1)
 
 
+def pytest_collection_finish(session):
+    """Collection imported every test module, and a module may set its own thread count at import
+    (``tests/world/test_pretrained.py``: 2): back to one before the first test. The per-test fixture below
+    runs too late for session- and module-scoped fixtures, which pytest builds before it — a shared model's
+    base outputs computed with 2 threads in a worker's first test, compared with 1-thread outputs later,
+    differed in the fifth digit (tests/interop's "nothing modified" checks failed on a clean clone)."""
+    if _WORKER:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread_per_xdist_worker():
     if _WORKER:
