@@ -335,6 +335,46 @@ def test_autocast_mixed_precision(monkeypatch, layer):
             assert ((g.double() - r).abs().max() / r.abs().max()) < 2e-2
 
 
+@pytest.mark.parametrize("layer", ["linear", "linear-wide", "3x3-p1"])
+def test_autocast_mixed_precision_lokr_grouped(monkeypatch, layer):
+    """As above for LoKr's grouped down (B on each channel group; the merged weight over W's rows in in_m
+    blocks), on a linear layer, a wide one (the concatenated GEMMs, ∂B per group from the strided x) and a conv:
+    bf16 output, fp32 gradients for W1, A, B, all within bf16 rounding of float64 math on ``kron(W1, A·B)``."""
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    torch.manual_seed(0)
+    mod = {"linear": nn.Linear(64, 48), "linear-wide": nn.Linear(16, 64),
+           "3x3-p1": nn.Conv2d(64, 48, **CONVS["3x3-p1"])}[layer]
+    model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
+    mod.to(torch.bfloat16)
+    _, t = _adapter_tensors(mod)
+    for v in t.values():
+        v.data = v.data.float()
+    n_in = mod.weight.shape[1]
+    x = (torch.randn(4, 6, n_in) if layer.startswith("linear") else torch.randn(2, 64, 9, 7)).bfloat16()
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gy = torch.randn_like(model(x).detach())
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LYCO_BYPASS_OP", flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[flag] = _run(model, x, gy)
+    assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
+    if layer == "linear-wide":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _saved_input_row_stride(model(x)) == 24   # [x | h]: 16 + in_m·r = 16 + 4·2
+    assert out["1"][0].dtype == torch.bfloat16
+    assert [g.dtype for g in out["1"][1]] == [torch.bfloat16] + [torch.float32] * (len(out["1"][1]) - 1)
+    mod.double()
+    for v in t.values():  # the reference in float64 from the same values
+        v.data = v.data.double()
+    yr, gr = _reference(mod, "lokr", x.detach().double().requires_grad_(), gy.double(), 1.0)
+    for got in (out["0"], out["1"]):
+        assert ((got[0].double() - yr).abs().max() / yr.abs().max()) < 2e-2
+        for g, r in zip(got[1], gr):
+            assert ((g.double() - r).abs().max() / r.abs().max()) < 2e-2
+
+
 def test_policy_captured_steps_only_by_default(monkeypatch):
     """Unset/``graph``: the op only inside ``graph_step``; ``0`` never; ``1`` everywhere; the kinds switch;
     never without gradients."""
