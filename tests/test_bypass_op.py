@@ -304,19 +304,14 @@ def test_bf16_forward_is_the_delta_paths(monkeypatch, layer):
         assert err < 2e-2, err
 
 
-@pytest.mark.parametrize("layer", ["linear", "3x3-p1"])
-def test_autocast_mixed_precision(monkeypatch, layer):
-    """``lyco train``'s mixed precision: a bf16 base, fp32 adapter, the step under autocast. The op computes in
-    autocast's dtype (bf16 output, as the delta path's), returns each gradient in its input's dtype (fp32 for the
-    adapter), and both agree with float64 math to bf16 rounding."""
-    torch.manual_seed(0)
-    mod = nn.Linear(32, 24) if layer == "linear" else nn.Conv2d(8, 16, **CONVS[layer])
-    model, net = _setup(mod, CFGS["lora"])
+def _mixed_precision_runs(monkeypatch, mod, model, x):
+    """``lyco train``'s mixed precision on one layer: its base in bf16, the adapter in fp32 (as the trainer keeps
+    it), forward and backward under CPU autocast on the delta path (``"0"``) and through the op (``"1"``);
+    returns ``(∂y, {flag: (y, grads, node)})``."""
     mod.to(torch.bfloat16)
     _, t = _adapter_tensors(mod)
-    for v in t.values():  # the adapter in fp32, as the trainer keeps it
+    for v in t.values():
         v.data = v.data.float()
-    x = (torch.randn(4, 6, 32) if layer == "linear" else torch.randn(2, 8, 10, 10)).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gy = torch.randn_like(model(x).detach())
     out = {}
@@ -325,6 +320,19 @@ def test_autocast_mixed_precision(monkeypatch, layer):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out[flag] = _run(model, x, gy)
     assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
+    return gy, out
+
+
+@pytest.mark.parametrize("layer", ["linear", "3x3-p1"])
+def test_autocast_mixed_precision(monkeypatch, layer):
+    """``lyco train``'s mixed precision: a bf16 base, fp32 adapter, the step under autocast. The op computes in
+    autocast's dtype (bf16 output, as the delta path's), returns each gradient in its input's dtype (fp32 for the
+    adapter), and both agree with float64 math to bf16 rounding."""
+    torch.manual_seed(0)
+    mod = nn.Linear(32, 24) if layer == "linear" else nn.Conv2d(8, 16, **CONVS[layer])
+    model, net = _setup(mod, CFGS["lora"])
+    x = (torch.randn(4, 6, 32) if layer == "linear" else torch.randn(2, 8, 10, 10)).bfloat16().requires_grad_()
+    gy, out = _mixed_precision_runs(monkeypatch, mod, model, x)
     assert out["1"][0].dtype == out["0"][0].dtype == torch.bfloat16
     assert [g.dtype for g in out["1"][1]] == [g.dtype for g in out["0"][1]] == [torch.bfloat16] + [torch.float32] * 2
     mod.double()
@@ -345,21 +353,10 @@ def test_autocast_mixed_precision_lokr_grouped(monkeypatch, layer):
     mod = {"linear": nn.Linear(64, 48), "linear-wide": nn.Linear(16, 64),
            "3x3-p1": nn.Conv2d(64, 48, **CONVS["3x3-p1"])}[layer]
     model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
-    mod.to(torch.bfloat16)
-    _, t = _adapter_tensors(mod)
-    for v in t.values():
-        v.data = v.data.float()
     n_in = mod.weight.shape[1]
     x = (torch.randn(4, 6, n_in) if layer.startswith("linear") else torch.randn(2, 64, 9, 7)).bfloat16()
-    x.requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        gy = torch.randn_like(model(x).detach())
-    out = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("LYCO_BYPASS_OP", flag)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out[flag] = _run(model, x, gy)
-    assert out["1"][2] == "_BypassOpBackward" and out["0"][2] != "_BypassOpBackward"
+    gy, out = _mixed_precision_runs(monkeypatch, mod, model, x.requires_grad_())
+    _, t = _adapter_tensors(mod)
     if layer == "linear-wide":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert _saved_input_row_stride(model(x)) == 24   # [x | h]: 16 + in_m·r = 16 + 4·2
