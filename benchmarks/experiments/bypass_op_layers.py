@@ -10,7 +10,8 @@ this times every one of SD1.5's 242 ``lin+conv`` layers alone with LoCon's adapt
 CUDA graph, three ways: ``delta`` (``LYCO_BYPASS_OP=0``), ``op`` (``=1``), and for convs ``op-cudnn-wgrad`` (the op
 with ∂D by cuDNN's weight gradient instead of the im2col). Writes one JSON row per layer with its shapes.
 
-    python benchmarks/experiments/bypass_op_layers.py [--out DIR] [--smoke]
+    python benchmarks/experiments/bypass_op_layers.py [--out DIR] [--smoke] [--algo lokr]
+    python benchmarks/experiments/bypass_op_layers.py --profile --only down_blocks.0.resnets.0.conv1
 """
 
 import argparse
@@ -67,7 +68,8 @@ def main():
     p.add_argument("--out", default=".")
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, the tiny UNet: the paths run, no timing")
-    p.add_argument("--algo", default="locon", help="the adapters (train_step.py's configurations: locon, loha, lokr)")
+    p.add_argument("--algo", default="locon", choices=["locon", "loha", "lokr"],
+                   help="the adapters on every lin+conv layer (train_step.py's configurations of these names)")
     p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
     p.add_argument("--profile", action="store_true",
                    help="per layer and way, the kernels of one forward + backward (torch.profiler, eager calls; "

@@ -91,7 +91,8 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
 
 def _mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
     """``s·a@b`` with s in the GEMM's alpha: a ``mul_`` after it would be one more kernel per layer and step — in a
-    captured step each costs its launch slot (≈ 2 µs) whatever its size. ``beta = 0``: the (uninitialised, 0-d)
+    captured step each costs its slot whatever its size (≈ 1.6 µs: run 71's smallest kernel, LoKr's 242
+    ``_kron_fwd`` calls in 0.39 ms). ``beta = 0``: the (uninitialised, 0-d)
     input is never read."""
     return a @ b if s == 1.0 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
@@ -263,7 +264,7 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
     on. Measured per layer on SD1.5 b8 (``benchmarks/experiments/bypass_op_layers.py``, H100, forward + backward
     as CUDA graphs, the op forced on every layer). Run 72, after the conv backward stopped copying ∂y: linear
     layers and 1×1 convs gain at positions ≥ 0.96·out (0.61–0.99× the delta path's time) and lose at ≤ 0.48·out
-    (1.02–1.64×); 3×3 convs gain from 0.18·out·9 on (0.75–0.98×) and lose at 0.04·out·9 (1.09–1.14×, SD1.5's
+    (1.02–1.64×); 3×3 convs gain from 0.18·out·9 on (0.75–1.00×) and lose at 0.04·out·9 (1.09–1.14×, SD1.5's
     8×8 level). So: positions ≥ out on linear layers and 1×1 convs, positions ≥ out·∏k/8 on larger kernels.
     (Run 66 had left 1×1 convs out — 1.13–1.30× at every shape — and drawn the conv line at out·∏k; both were the
     copy's doing.)"""
@@ -281,7 +282,7 @@ def _cat_pays(spec: LayerSpec, r: int) -> bool:
     output-sized passes), the concatenation reads x and writes ``[x | h]`` (two input-sized passes) and widens the
     frozen GEMM by r/in; backward, ∂y is read once instead of twice and ∂x comes back as a strided view (its
     consumer may copy it: two input-sized passes). So it pays on layers wider out than in — SD's GEGLU projections
-    (in → 8·in), 16 of SD1.5's 192 adapted linear layers, whose in-place add was the largest adapter kernel of
+    (in → 8·in), 16 of the 192 layers in SD1.5's `lin` set, whose in-place add was the largest adapter kernel of
     a LoRA step (run 71) — and is taken where out ≥ 2·(in + r) and the rows of ``[x | h]`` stay 16-byte aligned
     for the tensor cores ((in + r) a multiple of 8)."""
     return spec.kind == LINEAR and spec.out_dim >= 2 * (spec.in_dim + r) and (spec.in_dim + r) % 8 == 0
@@ -290,10 +291,12 @@ def _cat_pays(spec: LayerSpec, r: int) -> bool:
 def _im2col_ok(spec: LayerSpec, r: int) -> bool:
     """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis, and
     the shifted copies of ∂h (r·∏k planes, r = h's channels) at most twice x's channels — else cuDNN's weight
-    gradient, which converts x to NHWC instead. Run 78 (every SD1.5 b8 layer alone, ``bypass_op_layers.py
-    --algo``): LoCon's and LoHa's (r·9 = 72, 144) copies beat cuDNN on every 3×3 conv they take; LoKr's (h:
-    in_m·r = 128 channels, 1152 planes) lost at 320 input channels (5225 vs 4975 µs over 8 layers) and won or
-    tied from 640 on."""
+    gradient, which converts x to NHWC instead. Runs 72 and 78 (every SD1.5 b8 layer alone, ``bypass_op_layers.py
+    --algo``; the 36 3×3 convs the shape rule takes): LoCon's copies (r·9 = 72 planes) were faster on 33, LoHa's
+    (144) on 34, the others within 4 µs; LoKr's (h: in_m·r = 128 channels, 1152 planes) lost on all 8 convs with
+    320 input channels (5225 vs 4975 µs), and by ≈ 2 % on the three with 640 at 64×64, which this line keeps on the
+    copies: a ratio alone does not separate them from the 640-channel convs at 32×32, where the copies won (3089
+    vs 3246 µs over 7)."""
     if spec.kind != CONV2D:
         return False
     (ph, pw), (kh, kw) = spec.pads, spec.kernel
