@@ -23,6 +23,15 @@ CONVS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _lokr_lora_form(monkeypatch):
+    """These tiny layers are narrow enough for LoKr's weight-gradient rule to send them to the rebuilt op in the
+    op's steps under ``mode="auto"`` (``LoKr.prefers_rebuild_in_op``, tested in test_lokr_lowrank.py): off, so
+    LoKr takes the op here."""
+    from lyco.algorithms.lokr import LoKr
+    monkeypatch.setattr(LoKr, "WGRAD_PER_H", 0.0)
+
+
 def _dense_delta(algo, t):
     """ΔW without the layer's shape, from the file tensors, in float64 — written here from the formulas."""
     if algo == "lokr":

@@ -62,7 +62,8 @@ def test_khatri_rao_matches_definition(kern, out, r1, r2, n, dtype):
         assert _rel(leaf.grad, ref.grad) < tg
 
 
-@pytest.mark.parametrize("ol,im,ok,r", [(8, 8, 40, 16), (3, 5, 7, 6), (1, 4, 100, 3), (16, 2, 5, 1)])
+@pytest.mark.parametrize("ol,im,ok,r", [(8, 8, 40, 16), (3, 5, 7, 6), (1, 4, 100, 3), (16, 2, 5, 1),
+                                        (12, 16, 9, 16)])  # the last: ∂A's programs loop over W1's rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kron_up_matches_definition(kern, ol, im, ok, r, dtype):
     """U = kron(W1, A) (torch.kron in float64), ∂W1 and ∂A for a random upstream gradient; several programs

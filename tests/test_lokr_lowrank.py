@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from lyco.algorithms import lokr as lokr_mod
+from lyco.algorithms import lokr as lokr_mod, lowrank
 
 
 class Net(nn.Module):
@@ -111,6 +111,78 @@ def test_kron_lora_equals_dense_kron(case, multiplier, mode, monkeypatch):
 
     img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
     ref = _reference(model, net, multiplier, img2, tok2)
+    want = _grads(ref, [img2, tok2] + params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def _harmonic_width(out_dim, in_dim, ksize):
+    """``out·in·∏k / (out + in·∏k)``, written here from the rule's definition."""
+    flat = in_dim * ksize
+    return out_dim * flat / (out_dim + flat)
+
+
+@pytest.mark.parametrize("shape,rebuild", [
+    # SD1.5 layers with the benchmark's rank 16 / factor 8 (h = 8·16 channels), as runs 83–84 measured them
+    ((320, 320, ()), True), ((320, 2560, ()), True), ((1280, 320, ()), True), ((768, 320, ()), True),
+    ((640, 640, ()), True), ((768, 640, ()), False), ((640, 5120, ()), False), ((1280, 1280, ()), False),
+    ((320, 320, (3, 3)), True), ((640, 320, (3, 3)), True), ((640, 640, (3, 3)), False),
+    ((320, 640, (3, 3)), False), ((1280, 1280, (3, 3)), False), ((320, 320, (1, 1)), True),
+])
+def test_weight_grad_rule_on_sd15_shapes(shape, rebuild):
+    """Where the bypass op runs, auto's choice between it and the rebuilt op for a low-rank W2, per layer from
+    the shapes (LoKr.prefers_rebuild_in_op): the rebuilt op where the harmonic width is at most 340 at a
+    128-channel h — the layers where GPU runs 83–84 measured it faster. Outside the op's steps the LoRA form
+    (prefers_rebuild stays False)."""
+    in_dim, out_dim, k = shape
+    mod = nn.Linear(in_dim, out_dim) if not k else nn.Conv2d(in_dim, out_dim, k, padding=k[0] // 2)
+    net = lyco.create(nn.Sequential(mod).requires_grad_(False), preset="full", algo="lokr", rank=16, factor=8)
+    layer = next(iter(net.layers.values()))
+    t = layer.tensors()
+    assert t["lokr_w1"].shape[1] * t["lokr_w2_b"].shape[0] == 128
+    ksize = k[0] * k[1] if k else 1
+    assert (_harmonic_width(out_dim, in_dim, ksize) <= 340.0) == rebuild
+    assert layer.algorithm.prefers_rebuild_in_op(t, layer.spec) == rebuild
+    assert not layer.prefers_rebuild
+
+
+@pytest.mark.parametrize("policy,mode", [("1", "auto"), ("1", "bypass"), ("graph", "auto")])
+def test_narrow_layers_rebuilt_in_the_op_steps(policy, mode, monkeypatch):
+    """With the bypass op on (``LYCO_BYPASS_OP=1``) and ``mode = "auto"`` the layers the rule names narrow (named
+    from the shapes here) run the rebuilt op, the others the op; ``mode = "bypass"`` or an eager step under the
+    default policy never rebuild. Outputs and every gradient equal the dense float64 reference in each case."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", policy)
+    # the op's shape rule (positions ≥ out, …) would leave these tiny inputs on the delta path: every layer here
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    torch.manual_seed(0)
+    model = Net().double().requires_grad_(False)
+    net = lyco.create(model, preset="full", seed=0, mode=mode, **CASES["plain"])
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_((0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    mods = {"conv": model.conv, "conv1d": model.conv1d, "lin": model.lin, "lin2d": model.lin2d}
+    narrow = set()
+    for name, layer in net.layers.items():
+        mod = mods[name.split("__")[-1]]
+        t = layer.tensors()
+        width = t["lokr_w1"].shape[1] * t["lokr_w2_b"].shape[0]
+        if _harmonic_width(mod.weight.shape[0], mod.weight.shape[1], mod.weight[0, 0].numel()) <= 340 / 128 * width:
+            narrow.add(id(t["lokr_w1"]))
+    assert 0 < len(narrow) < len(net.layers)  # both paths exercised
+
+    rebuilt = []
+    orig = lokr_mod.LoKr.rebuild_op
+    monkeypatch.setattr(lokr_mod.LoKr, "rebuild_op",
+                        lambda self, x, t, *a: rebuilt.append(id(t["lokr_w1"])) or orig(self, x, t, *a))
+    img, tok = (v.clone().requires_grad_(True) for v in _inputs())
+    params = list(net.trainable_parameters())
+    out = model(img, tok)
+    got = _grads(out, [img, tok] + params)
+    assert set(rebuilt) == (narrow if (policy, mode) == ("1", "auto") else set())
+    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
+    ref = _reference(model, net, 1.0, img2, tok2)
     want = _grads(ref, [img2, tok2] + params)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
     for a, b in zip(got, want):

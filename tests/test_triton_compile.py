@@ -40,11 +40,12 @@ _SCRIPT = textwrap.dedent('''
         cases.append(("kr_fwd", factor_triton._kr_fwd_kernel, ("A1", "A2", "B1", "B2", "KA", "KB"), (), (), c))
         cases.append(("kr_bwd", factor_triton._kr_bwd_kernel,
                       ("A1", "A2", "B1", "B2", "GKA", "GKB", "GA1", "GA2", "GB1", "GB2"), (), (), c))
-    for bk, bkw, imp, rp in ((32, 256, 8, 16), (2, 2, 2, 128)):
+    # kron_bwd: ∂A over all of W1's rows in one tile (OLP 8, SD1.5's geometry), and the row loop (OLP 0)
+    for bk, bkw, imp, rp, bka, olp in ((32, 256, 8, 16, 2, 8), (2, 2, 2, 128, 2, 0)):
         cases.append(("kron_fwd", factor_triton._kron_fwd_kernel, ("W1", "A", "U"), (), (),
                       dict(BK=bk, IMP=imp, RP=rp)))
         cases.append(("kron_bwd", factor_triton._kron_bwd_kernel, ("W1", "A", "GU", "GW1", "GA"), (), (),
-                      dict(BK=bk, BKW=bkw, IMP=imp, RP=rp)))
+                      dict(BK=bka, BKW=bkw, IMP=imp, RP=rp, OLP=olp)))
     lt = lowrank_triton
     for self_ in (False, True):
         cases.append(("rowdot", lt._rowdot_kernel, ("A", "W", "U", "D"), ("gain",), ("P",),

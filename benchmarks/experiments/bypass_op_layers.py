@@ -71,6 +71,11 @@ def main():
     p.add_argument("--algo", default="locon", choices=["locon", "loha", "lokr"],
                    help="the adapters on every lin+conv layer (train_step.py's configurations of these names)")
     p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
+    p.add_argument("--set", default="lin+conv", choices=["lin", "conv", "lin+conv"],
+                   help="the layers timed when --only is not given")
+    p.add_argument("--rebuild", action="store_true",
+                   help="also time the rebuilt op (the adapter's mode set to 'rebuild': one merged weight, its "
+                        "weight gradient by the frozen layer's own wgrad GEMM/conv)")
     p.add_argument("--profile", action="store_true",
                    help="per layer and way, the kernels of one forward + backward (torch.profiler, eager calls; "
                         "device time per kernel) into kernels.txt")
@@ -80,7 +85,7 @@ def main():
     names = layer_sets(unet)
     handle = attach_lyco(unet, a.algo, names, "auto", dt)
     mods = dict(unet.named_modules())
-    targets = names["lin"] + names["conv"]
+    targets = names[a.set]
     if a.only:
         targets = [t for t in a.only.split(",") if t]
         missing = [t for t in targets if t not in mods]
@@ -116,10 +121,13 @@ def main():
             ways.append(("op-nocat", "1", real_im2col, lambda spec, r: False))
         if conv:
             ways.append(("op-cudnn-wgrad", "1", lambda spec, r: False, real_cat))
+        if a.rebuild:
+            ways.append(("rebuild", "0", real_im2col, real_cat))
         outs = {}
         for way, flag, im2col, cat in ways:
             os.environ["LYCO_BYPASS_OP"] = flag
             lowrank._im2col_ok, lowrank._cat_pays = im2col, cat
+            ad.mode = "rebuild" if way == "rebuild" else "auto"
             outs[way] = [t.float() for t in fn()]
             if way == "op":  # whether this layer's adapter takes the op at all (else both ways are the delta path)
                 with torch.enable_grad():
@@ -134,6 +142,7 @@ def main():
                                                                       else ""))
                 prof_lines.extend(kernel_table(fn, dev.type == "cuda"))
         lowrank._im2col_ok, lowrank._cat_pays = real_im2col, real_cat
+        ad.mode = "auto"
         # the ways agree (bf16: ∂x of the op carries the merge's rounding)
         row["max_rel_diff"] = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
                                   for w in outs if w != "delta" for o, r in zip(outs[w], outs["delta"]))
@@ -146,7 +155,7 @@ def main():
         for kind in ("linear", "conv2d"):
             sel = [r for r in rows if r["kind"] == kind]
             tot = {w: sum(r.get(w, r["op"]) for r in sel) / 1000.0
-                   for w in ("delta", "op", "op-nocat", "op-cudnn-wgrad") if any(w in r for r in sel)}
+                   for w in ("delta", "op", "op-nocat", "op-cudnn-wgrad", "rebuild") if any(w in r for r in sel)}
             best = sum(min(r.get(w, r["op"]) for w in tot) for r in sel) / 1000.0
             print(f"{kind}: {len(sel)} layers, ms per step " + ", ".join(f"{w} {v:.2f}" for w, v in tot.items())
                   + f", best per layer {best:.2f}", flush=True)

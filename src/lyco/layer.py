@@ -245,11 +245,17 @@ class AdapterLayer(nn.Module):
 
     def bypass_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``f(x) + m·Δy`` by the algorithm's bypass op (exact forward, a leaner backward; the host calls it under
-        the captured-steps policy, :mod:`.algorithms.lowrank`), or None. Never with a dropout-family option or
+        the captured-steps policy, :mod:`.algorithms.lowrank`) — or, under ``mode = "auto"`` where the algorithm
+        prefers it there (``prefers_rebuild_in_op``), the rebuild path — or None. Never with a dropout-family option or
         DyLoRA's rank sampling in training: those act on the delta path."""
         if self._delta_only():
             return None
-        return self.algorithm.bypass_op(x, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
+        t = self._hot_tensors()
+        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec):
+            y = self.rebuild_op(x, weight, bias)
+            if y is not None:
+                return y
+        return self.algorithm.bypass_op(x, t, self.spec, weight, bias, self._multiplier)
 
     def _delta_only(self) -> bool:
         """In training, a dropout-family option or DyLoRA's rank sampling: only ``delta_output`` applies them."""

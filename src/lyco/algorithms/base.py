@@ -381,6 +381,11 @@ class Algorithm:
         on this layer. Default: the class's ``prefers_rebuild``."""
         return self.prefers_rebuild
 
+    def prefers_rebuild_in_op(self, t: Mapping[str, Any], spec: LayerSpec) -> bool:
+        """Per layer (``mode = "auto"``), in the steps that take the bypass op (:mod:`.lowrank`'s captured-steps
+        policy): whether the rebuild path beats the op there. Default False (LoKr: its narrow layers)."""
+        return False
+
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                    bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W′, b′)`` for the rebuild path, or None (then the host runs ``layer_op`` on

@@ -229,19 +229,32 @@ if triton is not None:
 
     @triton.jit
     def _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid,
-                     BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
-        """∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j] for BK rows k, every row i of W1 in turn."""
+                     BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr, OLP: tl.constexpr):
+        """∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j] for BK rows k: with OLP > 0 every row i of W1 in one
+        (OLP, BK, IMP, RP) tile — no chain of dependent loads — else row by row."""
         kk = pid * BK + tl.arange(0, BK)
         jj = tl.arange(0, IMP)
         rr = tl.arange(0, RP)
         km = kk < OK
-        tmask = km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R)
-        ga = tl.zeros((BK, RP), dtype=tl.float32)
-        for i in range(0, OL):
-            w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < IM, other=0.0).to(tl.float32)
-            g = tl.load(GU + (i * OK + kk[:, None, None]) * sgu0 + (jj[None, :, None] * R + rr[None, None, :]) * sgu1,
-                        mask=tmask, other=0.0).to(tl.float32)
-            ga += tl.sum(g * w1[None, :, None], axis=1)
+        if OLP > 0:
+            ii = tl.arange(0, OLP)
+            w1 = tl.load(W1 + ii[:, None] * sw1i + jj[None, :] * sw1j,
+                         mask=(ii[:, None] < OL) & (jj[None, :] < IM), other=0.0).to(tl.float32)
+            g = tl.load(GU + (ii[:, None, None, None] * OK + kk[None, :, None, None]) * sgu0
+                        + (jj[None, None, :, None] * R + rr[None, None, None, :]) * sgu1,
+                        mask=(ii[:, None, None, None] < OL) & km[None, :, None, None]
+                        & (jj[None, None, :, None] < IM) & (rr[None, None, None, :] < R),
+                        other=0.0).to(tl.float32)
+            ga = tl.sum(tl.sum(g * w1[:, None, :, None], axis=2), axis=0)
+        else:
+            tmask = km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R)
+            ga = tl.zeros((BK, RP), dtype=tl.float32)
+            for i in range(0, OL):
+                w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < IM, other=0.0).to(tl.float32)
+                g = tl.load(GU + (i * OK + kk[:, None, None]) * sgu0
+                            + (jj[None, :, None] * R + rr[None, None, :]) * sgu1,
+                            mask=tmask, other=0.0).to(tl.float32)
+                ga += tl.sum(g * w1[None, :, None], axis=1)
         tl.store(GA + kk[:, None] * R + rr[None, :], ga.to(GA.dtype.element_ty),
                  mask=km[:, None] & (rr[None, :] < R))
 
@@ -265,12 +278,13 @@ if triton is not None:
 
     @triton.jit
     def _kron_bwd_kernel(W1, A, GU, GW1, GA, OL, IM, OK, R, sw1i, sw1j, sak, sar, sgu0, sgu1, NKB,
-                         BK: tl.constexpr, BKW: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
+                         BK: tl.constexpr, BKW: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr,
+                         OLP: tl.constexpr):
         """Programs < NKB: ∂A on BK rows of A each; the out_l·in_m others: one entry of ∂W1 each (outputs
         contiguous, no partial sums left for the caller)."""
         pid = tl.program_id(0)
         if pid < NKB:
-            _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid, BK, IMP, RP)
+            _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid, BK, IMP, RP, OLP)
         else:
             _kron_grad_w1(A, GU, GW1, IM, OK, R, sak, sar, sgu0, sgu1, pid - NKB, BKW, RP)
 
@@ -309,15 +323,25 @@ def _kr_backward(a1, a2, b1, b2, gka, gkb):
     return outs
 
 
-def _kron_geometry(ok: int, im: int, r: int):
+def _kron_geometry(ok: int, im: int, r: int, ol: int):
+    """``(programs over A's rows forward, kwargs forward, the same backward)``. Backward's ∂A programs take all
+    of W1's rows in one tile where (rows of W1 padded)·2·in_m·r fits half a tile (``OLP``; else 0: a loop over
+    W1's rows, each iteration a dependent load — run 81 had the backward at 4.3 µs per launch, the forward
+    at 1.6)."""
     programs = _CFG["kron_programs"]
-    key = ("kron", ok, im, r, programs)
+    key = ("kron", ok, im, r, ol, programs)
     got = _GEOM.get(key)
     if got is None:
-        imp, rp = _p2(im), _p2(r)
-        bk = max(2, min(_p2(_cdiv(ok, programs)), _TILE // (imp * rp)))
+        imp, rp, olp = _p2(im), _p2(r), _p2(ol)
+        rows = _p2(_cdiv(ok, programs))
+        bk = max(2, min(rows, _TILE // (imp * rp)))
         bkw = max(2, min(_p2(ok), _TILE // rp))  # ∂W1's programs: (rows of A × r) tiles
-        got = _GEOM[key] = (_cdiv(ok, bk), dict(BK=bk, BKW=bkw, IMP=imp, RP=rp))
+        if olp * imp * rp * 2 <= _TILE:
+            bka = max(2, min(rows, _TILE // (olp * imp * rp)))
+        else:
+            bka, olp = bk, 0
+        got = _GEOM[key] = (_cdiv(ok, bk), dict(BK=bk, IMP=imp, RP=rp),
+                            _cdiv(ok, bka), dict(BK=bka, BKW=bkw, IMP=imp, RP=rp, OLP=olp))
     return got
 
 
@@ -325,16 +349,15 @@ def _kron_forward(w1, a):
     ol, im = w1.shape
     ok, r = a.shape
     u = torch.empty(ol * ok, im * r, dtype=a.dtype, device=a.device)
-    nkb, kw = _kron_geometry(ok, im, r)
-    _kron_fwd_kernel[(nkb, ol)](w1, a, u, im, ok, r, *w1.stride(), *a.stride(), BK=kw["BK"], IMP=kw["IMP"],
-                                RP=kw["RP"])
+    nkb, kw = _kron_geometry(ok, im, r, ol)[:2]
+    _kron_fwd_kernel[(nkb, ol)](w1, a, u, im, ok, r, *w1.stride(), *a.stride(), **kw)
     return u
 
 
 def _kron_backward(w1, a, gu):
     ol, im = w1.shape
     ok, r = a.shape
-    nkb, kw = _kron_geometry(ok, im, r)
+    nkb, kw = _kron_geometry(ok, im, r, ol)[2:]
     gw1 = torch.empty(ol, im, dtype=w1.dtype, device=w1.device)
     ga = torch.empty(ok, r, dtype=a.dtype, device=a.device)
     _kron_bwd_kernel[(nkb + ol * im,)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride(), *a.stride(), *gu.stride(),

@@ -35,6 +35,7 @@ to the materialised ΔW there.
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
 import torch
@@ -350,8 +351,49 @@ class LoKr(Algorithm):
         rounds, ``results/run27_h100_lokr_lowrank/``): one-graph device time 100.7 / 100.7 ms vs 104.3 /
         104.3 on the rebuilt op (PEFT 135.9: 0.74×); eager 186.1 / 187.1 vs 284.1 / 201.7 (PEFT 318.3 /
         219.0); peak 9.51 vs 8.85 GiB (PEFT 10.38) — h ``(…, in_m·r)`` kept per layer. Full W2 stays on
-        the rebuilt op (its structured form needs an output-sized intermediate)."""
+        the rebuilt op (its structured form needs an output-sized intermediate). In steps that take the bypass
+        op, narrow layers take the rebuilt op instead (:meth:`bypass_op`)."""
         return rebuild_supports(spec) and not self._kron_lora_pays(t, spec)
+
+    def prefers_rebuild_in_op(self, t, spec):
+        """Where the bypass op runs (``mode = "auto"``): the rebuilt op instead on a *narrow* layer with a
+        low-rank W2 (:meth:`_weight_grad_pays`) — its one weight-gradient GEMM costs less than the passes over
+        the activations the LoRA form's h needs. Only there — steps captured as CUDA graphs by default
+        (``LYCO_BYPASS_OP``, :mod:`.graph_policy`): eager steps are bound by the host, and the rebuilt op's
+        Python backward per layer made eager SD1.5 b8 LoKr steps ≈ 60 ms slower when this choice was made for
+        every step (runs 85 and 87: 241–292 vs 167–189 ms eager; one CUDA graph 87.3–87.6 vs 89.2–89.6)."""
+        return "lokr_w2_b" in t and rebuild_supports(spec) and self._weight_grad_pays(t, spec)
+
+    #: break-even of :meth:`_weight_grad_pays` per channel of LoKr's h (``in_m·r``): 340 at the benchmark's
+    #: 128-channel h (runs 83–84); ``LYCO_LOKR_WGRAD_PER_H`` overrides it (0: the rule off — a diagnostic
+    #: switch for A/B runs)
+    WGRAD_PER_H = float(os.environ.get("LYCO_LOKR_WGRAD_PER_H", 340.0 / 128.0))
+
+    @staticmethod
+    def _weight_grad_pays(t, spec) -> bool:
+        """Whether the rebuilt op beats the LoRA form (the bypass op or the delta path) on this layer: the
+        "harmonic width" ``out·in·∏k / (out + in·∏k)`` at most ``WGRAD_PER_H · in_m·r``.
+
+        Why: per output position the rebuilt op pays one weight-gradient GEMM (``out·in·∏k`` multiply-adds,
+        the forward's count) and reads x and ∂y once there; the LoRA form pays no weight-sized GEMM but
+        reads x twice (h, ∂B) and ∂y twice (∂U, ∂h), writes and reads the ``in_m·r``-wide h and ∂h, and runs
+        its grouped GEMMs (K = in_n, N = r: tensor-core tiles mostly empty) — costs that grow with
+        ``in + out`` and with h's width. Both scale with the positions, so the break-even is a width,
+        independent of batch and resolution. Measured (GPU runs 83–84, H100, SD1.5 b8 bf16, rank 16 /
+        factor 8: h 128 channels wide on every layer; each layer alone, forward + backward as a CUDA graph,
+        ``results/run83_h100_rebuild_convs``, ``run84_h100_rebuild_lin``): the rebuilt op against the
+        bypass op at 64×64 — q/k/v/out 320→320 113.5 vs 162.8 µs, GEGLU 320→2560 344 vs 509, ff.out
+        1280→320 217 vs 273, proj 1×1 convs 129 vs 173, 3×3 convs 320→320 543 vs 660 and 640→320 856 vs
+        934 (harmonic widths 160–303); 640-wide layers at 32×32 (harmonic 320) within 2 %; from 349 on
+        (768→640, 3×3 640→640 at 576: 455 vs 514 µs, every 1280-wide layer: up to 2× slower) the LoRA
+        form wins. The threshold scales with h's width (narrower h, cheaper LoRA form) — measured only at
+        128 channels.
+
+        Numerics: the rebuilt op rounds ``W + ΔW`` once to the compute dtype in the forward (module doc of
+        :mod:`.rebuild`), as this algorithm's full-W2 layers always have; the factors' gradients are exact
+        functions of ∂y and x."""
+        width = LoKr._in_m(t) * int(t["lokr_w2_b"].shape[0])
+        return spec.out_dim * spec.flat_in <= LoKr.WGRAD_PER_H * width * (spec.out_dim + spec.flat_in)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         """Linear and zero-padded conv layers: the rebuilt op with :class:`_KronBuild` (own backward over
