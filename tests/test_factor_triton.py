@@ -81,6 +81,27 @@ def test_kron_up_matches_definition(kern, ol, im, ok, r, dtype):
     assert _rel(w1.grad, W1.grad) < tg and _rel(a.grad, A.grad) < tg
 
 
+@pytest.mark.parametrize("n,ol,im,ok,r", [(3, 8, 8, 40, 16), (2, 3, 5, 7, 6), (4, 12, 16, 9, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kron_batched_matches_definition(kern, n, ol, im, ok, r, dtype):
+    """The stacked forms (one launch for n members: ``factor_batch``'s): U[b] = kron(W1[b], A[b]) and, for a
+    random stacked ∂U, ∂W1[b] and ∂A[b] — each member against torch.kron's float64 autograd on its own factors."""
+    g = torch.Generator().manual_seed(n * ok + r)
+    w1 = torch.randn(n, ol, im, generator=g).to(dtype)
+    a = torch.randn(n, ok, r, generator=g).to(dtype)
+    gu = torch.randn(n, ol * ok, im * r, generator=g).to(dtype)
+    u = kern.kron_forward_batched(w1, a)
+    gw1, ga = kern.kron_backward_batched(w1, a, gu)
+    tv, tg = TOL[dtype]
+    assert u.shape == (n, ol * ok, im * r) and gw1.shape == w1.shape and ga.shape == a.shape
+    for b in range(n):
+        W1, A = (t[b].double().requires_grad_() for t in (w1, a))
+        U = torch.kron(W1, A)
+        U.backward(gu[b].double())
+        assert _rel(u[b], U) < tv
+        assert _rel(gw1[b], W1.grad) < tg and _rel(ga[b], A.grad) < tg
+
+
 def test_kernels_take_strided_factors(kern):
     """Transposed factors (LoKr's Tucker A is a transposed view; autograd hands transposed gradients) are read
     through their strides."""

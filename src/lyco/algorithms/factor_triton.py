@@ -211,11 +211,16 @@ if triton is not None:
             _cols_bwd(B1, B2, GKB, GB1, GB2, N, R1, R2, sb1r, sb1n, sb2r, sb2n, sgbr, sgbn, pid - NBM, BN, R1P, R2P)
 
     @triton.jit
-    def _kron_fwd_kernel(W1, A, U, IM, OK, R, sw1i, sw1j, sak, sar,
+    def _kron_fwd_kernel(W1, A, U, IM, OK, R, sw1i, sw1j, sak, sar, sw1b, sab, sub,
                          BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr):
-        """Program (k block, i): U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ] for BK rows k of A (U contiguous)."""
+        """Program (k block, i, b): U[(i,k),(j,ρ)] = W1[i,j]·A[k,ρ] for BK rows k of A (U contiguous) of member b
+        of a stacked batch (batch strides 0: one layer)."""
         kk = tl.program_id(0) * BK + tl.arange(0, BK)
         i = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        W1 += b * sw1b
+        A += b * sab
+        U += b * sub
         jj = tl.arange(0, IMP)
         rr = tl.arange(0, RP)
         km = kk < OK
@@ -278,11 +283,18 @@ if triton is not None:
 
     @triton.jit
     def _kron_bwd_kernel(W1, A, GU, GW1, GA, OL, IM, OK, R, sw1i, sw1j, sak, sar, sgu0, sgu1, NKB,
+                         sw1b, sab, sgub, sgw1b, sgab,
                          BK: tl.constexpr, BKW: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr,
                          OLP: tl.constexpr):
         """Programs < NKB: ∂A on BK rows of A each; the out_l·in_m others: one entry of ∂W1 each (outputs
-        contiguous, no partial sums left for the caller)."""
+        contiguous, no partial sums left for the caller); program_id(1): the member of a stacked batch."""
         pid = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        W1 += b * sw1b
+        A += b * sab
+        GU += b * sgub
+        GW1 += b * sgw1b
+        GA += b * sgab
         if pid < NKB:
             _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid, BK, IMP, RP, OLP)
         else:
@@ -350,7 +362,7 @@ def _kron_forward(w1, a):
     ok, r = a.shape
     u = torch.empty(ol * ok, im * r, dtype=a.dtype, device=a.device)
     nkb, kw = _kron_geometry(ok, im, r, ol)[:2]
-    _kron_fwd_kernel[(nkb, ol)](w1, a, u, im, ok, r, *w1.stride(), *a.stride(), **kw)
+    _kron_fwd_kernel[(nkb, ol, 1)](w1, a, u, im, ok, r, *w1.stride(), *a.stride(), 0, 0, 0, **kw)
     return u
 
 
@@ -360,8 +372,33 @@ def _kron_backward(w1, a, gu):
     nkb, kw = _kron_geometry(ok, im, r, ol)[2:]
     gw1 = torch.empty(ol, im, dtype=w1.dtype, device=w1.device)
     ga = torch.empty(ok, r, dtype=a.dtype, device=a.device)
-    _kron_bwd_kernel[(nkb + ol * im,)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride(), *a.stride(), *gu.stride(),
-                                       nkb, **kw)
+    _kron_bwd_kernel[(nkb + ol * im, 1)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride(), *a.stride(), *gu.stride(),
+                                         nkb, 0, 0, 0, 0, 0, **kw)
+    return gw1, ga
+
+
+def kron_forward_batched(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``U[b] = kron(W1[b], A[b])`` for stacked ``W1 (n, ol, im)``, ``A (n, ok, r)`` in one launch → ``(n, ol·ok,
+    im·r)`` (not differentiable; :mod:`.factor_batch` wraps it). The caller checks :func:`usable`."""
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    u = torch.empty(n, ol * ok, im * r, dtype=a.dtype, device=a.device)
+    nkb, kw = _kron_geometry(ok, im, r, ol)[:2]
+    _kron_fwd_kernel[(nkb, ol, n)](w1, a, u, im, ok, r, *w1.stride()[1:], *a.stride()[1:], w1.stride(0),
+                                   a.stride(0), u.stride(0), **kw)
+    return u
+
+
+def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂W1, ∂A)`` stacked for the stacked ``∂U (n, ol·ok, im·r)`` in one launch (dtypes of W1 and A)."""
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    nkb, kw = _kron_geometry(ok, im, r, ol)[2:]
+    gw1 = torch.empty(n, ol, im, dtype=w1.dtype, device=w1.device)
+    ga = torch.empty(n, ok, r, dtype=a.dtype, device=a.device)
+    _kron_bwd_kernel[(nkb + ol * im, n)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride()[1:], *a.stride()[1:],
+                                         *gu.stride()[1:], nkb, w1.stride(0), a.stride(0), gu.stride(0),
+                                         gw1.stride(0), ga.stride(0), **kw)
     return gw1, ga
 
 

@@ -45,7 +45,7 @@ from .base import (
     CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear,
     alpha_scale, alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
-from . import factor_triton
+from . import factor_batch, factor_triton
 from .factorize import factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
@@ -269,7 +269,17 @@ class LoKr(Algorithm):
         return r * (spec.in_dim * ksz + spec.out_dim * in_m) < spec.out_dim * spec.flat_in
 
     def _kron_up(self, t, dt) -> torch.Tensor:
-        """``U = kron(W1, A)`` ``(out, in_m·r)`` in ``dt``, differentiable in the factors."""
+        """``U = kron(W1, A)`` ``(out, in_m·r)`` in ``dt``, differentiable in the factors: from one batched build
+        per forward pass for all layers of this shape where :mod:`.factor_batch` takes the call (trainable full
+        W1, non-Tucker A), else this layer's own (:meth:`_kron_up_own`)."""
+        if "lokr_w1" in t and "lokr_t2" not in t:
+            w1, a = t["lokr_w1"], t["lokr_w2_a"]
+            if factor_batch.eligible(w1, a):
+                return factor_batch.kron_up(w1, a, dt, lambda: self._kron_up_own(t, dt))
+        return self._kron_up_own(t, dt)
+
+    def _kron_up_own(self, t, dt) -> torch.Tensor:
+        """This layer's own ``U = kron(W1, A)`` in ``dt``."""
         w1 = self._w1(t, dt)
         a = cast(t["lokr_w2_a"], dt)
         out_l, in_m = w1.shape
