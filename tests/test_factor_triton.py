@@ -85,7 +85,8 @@ def test_kron_up_matches_definition(kern, ol, im, ok, r, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kron_batched_matches_definition(kern, n, ol, im, ok, r, dtype):
     """The stacked forms (one launch for n members: ``factor_batch``'s): U[b] = kron(W1[b], A[b]) and, for a
-    random stacked ∂U, ∂W1[b] and ∂A[b] — each member against torch.kron's float64 autograd on its own factors."""
+    random stacked ∂U, ∂W1[b] and ∂A[b] — each member against torch.kron's float64 autograd on its own
+    factors."""
     g = torch.Generator().manual_seed(n * ok + r)
     w1 = torch.randn(n, ol, im, generator=g).to(dtype)
     a = torch.randn(n, ok, r, generator=g).to(dtype)

@@ -246,8 +246,8 @@ class AdapterLayer(nn.Module):
     def bypass_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
         """``f(x) + m·Δy`` by the algorithm's bypass op (exact forward, a leaner backward; the host calls it under
         the captured-steps policy, :mod:`.algorithms.lowrank`) — or, under ``mode = "auto"`` where the algorithm
-        prefers it there (``prefers_rebuild_in_op``), the rebuild path — or None. Never with a dropout-family option or
-        DyLoRA's rank sampling in training: those act on the delta path."""
+        prefers it there (``prefers_rebuild_in_op``), the rebuild path — or None. Never with a dropout-family
+        option or DyLoRA's rank sampling in training: those act on the delta path."""
         if self._delta_only():
             return None
         t = self._hot_tensors()

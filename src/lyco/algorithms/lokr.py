@@ -362,7 +362,7 @@ class LoKr(Algorithm):
         104.3 on the rebuilt op (PEFT 135.9: 0.74×); eager 186.1 / 187.1 vs 284.1 / 201.7 (PEFT 318.3 /
         219.0); peak 9.51 vs 8.85 GiB (PEFT 10.38) — h ``(…, in_m·r)`` kept per layer. Full W2 stays on
         the rebuilt op (its structured form needs an output-sized intermediate). In steps that take the bypass
-        op, narrow layers take the rebuilt op instead (:meth:`bypass_op`)."""
+        op, narrow layers take the rebuilt op instead (:meth:`prefers_rebuild_in_op`)."""
         return rebuild_supports(spec) and not self._kron_lora_pays(t, spec)
 
     def prefers_rebuild_in_op(self, t, spec):
