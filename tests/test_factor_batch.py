@@ -66,7 +66,7 @@ def _setup():
 def counts(monkeypatch):
     """Per-layer builds and batched builds in the calls that follow."""
     c = {"own": 0, "batch": 0}
-    own, fwd = lokr_mod.LoKr._kron_up_own, factor_batch._KronBatch.forward
+    own, fwd = lokr_mod.LoKr._kron_up_own, factor_batch._StackBatch.forward
 
     def own_spy(self, t, dt):
         c["own"] += 1
@@ -76,7 +76,7 @@ def counts(monkeypatch):
         c["batch"] += 1
         return fwd(ctx, *a)
     monkeypatch.setattr(lokr_mod.LoKr, "_kron_up_own", own_spy)
-    monkeypatch.setattr(factor_batch._KronBatch, "forward", staticmethod(fwd_spy))
+    monkeypatch.setattr(factor_batch._StackBatch, "forward", staticmethod(fwd_spy))
     factor_batch._BATCHES.clear()
     yield c
     factor_batch._BATCHES.clear()
@@ -242,3 +242,103 @@ def test_member_with_freed_storage_left_out(counts):
     got = _step(model, net, x, skip=True)
     assert counts["batch"] == 2 and counts["own"] == 0
     _assert_same(got, _reference(model, net, x, skip=True))
+
+
+class HadaNet(nn.Module):
+    """Three 64→64 linear layers (one batch key) and a 3×3 conv 16→32 (another), all on LoHa's Khatri–Rao
+    form."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.ModuleList([nn.Linear(64, 64) for _ in range(3)])
+        self.c = nn.Conv2d(16, 32, 3, padding=1)
+
+    def forward(self, x, img):
+        for lin in self.l:
+            x = torch.tanh(lin(x))
+        return x.square().sum() + torch.tanh(self.c(img)).square().sum()
+
+
+def _hada_setup(dtype):
+    """HadaNet in ``dtype`` with a LoHa on every layer, its factors moved off their init; (model, net, params)."""
+    torch.manual_seed(0)
+    model = HadaNet().to(dtype).requires_grad_(False)
+    net = lyco.create(model, preset="full", algo="loha", rank=3, alpha=2.0, seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model, net, list(net.trainable_parameters())
+
+
+def _hada_dense(model, net, x, img):
+    """The model on W + γ·(a1·b1)⊙(a2·b2) per layer, float64, from the file tensors."""
+    lay = {name.removeprefix("model__"): layer for name, layer in net.layers.items()}
+
+    def w(mod, key):
+        t = lay[key].tensors()
+        g = float(t["alpha"]) / t["hada_w1_b"].shape[0]
+        dw = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        return mod.weight + g * dw.reshape(mod.weight.shape)
+
+    for i, lin in enumerate(model.l):
+        x = torch.tanh(F.linear(x, w(lin, f"l__{i}"), lin.bias))
+    return x.square().sum() + torch.tanh(F.conv2d(img, w(model.c, "c"), model.c.bias, padding=1)).square().sum()
+
+
+def test_loha_khatri_rao_batched_and_exact(monkeypatch):
+    """LoHa's pair (Ka, Kb) from one batch per shape after the first pass: the model's output and every factor's
+    gradient equal the dense float64 model in every pass, across in-place updates."""
+    factor_batch._BATCHES.clear()
+    own = []
+    from lyco.algorithms import loha as loha_mod
+    orig = loha_mod.khatri_rao_pair
+    monkeypatch.setattr(loha_mod, "khatri_rao_pair", lambda *a: own.append(1) or orig(*a))
+    batches = []
+    fwd = factor_batch._StackBatch.forward
+
+    def fwd_spy(ctx, token, kind, *a):
+        batches.append(kind.name)
+        return fwd(ctx, token, kind, *a)
+    monkeypatch.setattr(factor_batch._StackBatch, "forward", staticmethod(fwd_spy))
+    model, net, params = _hada_setup(torch.float64)
+    x, img = torch.randn(3, 64, dtype=torch.float64), torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    for step in range(3):
+        own.clear()
+        batches.clear()
+        y = model(x, img)
+        got = torch.autograd.grad(y, params)
+        assert (len(own), len(batches)) == ((4, 0) if step == 0 else (0, 2))
+        assert set(batches) <= {"khatri-rao"}
+        ref = _hada_dense(model, net, x, img)
+        want = torch.autograd.grad(ref, params)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        with torch.no_grad():
+            for p in params:
+                p.mul_(0.9).add_(0.01)
+    factor_batch._BATCHES.clear()
+
+
+def test_loha_batched_kernels_in_a_layer(monkeypatch, triton_interpreter):
+    """LoHa with the Triton kernels forced in (the interpreter): the batched launches serve the second pass and
+    the fp32 model stays within fp32 rounding of the dense float64 model."""
+    factor_batch._BATCHES.clear()
+    monkeypatch.setattr(factor_triton, "usable", lambda t, inner: True)
+    launched = []
+    f, b = factor_triton.khatri_rao_batched, factor_triton.khatri_rao_backward_batched
+    monkeypatch.setattr(factor_triton, "khatri_rao_batched", lambda *a: launched.append("fwd") or f(*a))
+    monkeypatch.setattr(factor_triton, "khatri_rao_backward_batched", lambda *a: launched.append("bwd") or b(*a))
+    model, net, params = _hada_setup(torch.float32)
+    x, img = torch.randn(3, 64), torch.randn(2, 16, 5, 5)
+    for _ in range(2):
+        got = torch.autograd.grad(model(x, img), params)
+    assert sorted(launched) == ["bwd", "bwd", "fwd", "fwd"]  # the second pass: two shapes, one launch each way
+    model.double()
+    for p in params:
+        p.data = p.data.double()
+    want = torch.autograd.grad(_hada_dense(model, net, x.double(), img.double()), params)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
+    factor_batch._BATCHES.clear()

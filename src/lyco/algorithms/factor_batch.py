@@ -1,11 +1,14 @@
 """One batched build per forward pass of the small factor products many layers of one shape rebuild every step —
-LoKr's up ``U = kron(W1, A)`` of its low-rank form (:mod:`.lokr`) — differentiable, with one batched backward.
+LoKr's up ``U = kron(W1, A)`` of its low-rank form (:mod:`.lokr`) and LoHa's Khatri–Rao pair (:mod:`.loha`) —
+differentiable, with one batched backward.
 
 Why (issue 7): each LoKr layer on its LoRA form builds U forward and reduces ∂U to ∂W1, ∂A backward — two kernel
 launches per layer and step even as Triton kernels (:mod:`.factor_triton`); GPU run 81's profile of a captured
 SD1.5 b8 step had them at 1.43 ms over 242 launches each way (1.6 µs forward, 4.3 backward: launch slots, not
 work). Here the layers of one shape share one stack of their factors, one build and, backward, one stack of their
-∂U's and one reduction: five launches per shape group instead of two per layer.
+∂U's and one reduction: five launches per shape group instead of two per layer (LoHa's pair likewise: its
+four factors stacked, one launch each way). Measured on an H100, SD1.5 b8 as one CUDA graph, A/B/A against
+``LYCO_FACTOR_BATCH=0``: LoKr 87.46 → 86.89 / 86.93 ms (run 91), LoHa 85.99 → 85.19 / 85.16 (run 92).
 
 Which layers form a batch (the bookkeeping of :class:`.oft._InverseBatch`, differentiable here): a layer's call is
 served from the batch while its entry is unused, its factors' version counters have not moved (an optimizer
@@ -87,117 +90,182 @@ def _kron_grads(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[to
     return gw1, ga.view(n, ok, r)
 
 
-class _KronBatch(torch.autograd.Function):
-    """Inputs ``(token, dt, n, W1_1…W1_n, A_1…A_n)``; outputs ``U_1…U_n`` in ``dt`` (views of one stacked result).
-    ``token[0]`` turns true when the backward has run (the batch is spent)."""
+def _kr_build(a1, a2, b1, b2):
+    """LoHa's pair stacked: ``Ka[b] (n, out, r1·r2)`` and ``Kb[b] (n, r1·r2, c)`` (:mod:`.loha`'s Khatri–Rao)."""
+    n, out, r1 = a1.shape
+    r2, c = b2.shape[1:]
+    if factor_triton.usable(a1, factor_triton.kr_inner(r1, r2)):
+        return factor_triton.khatri_rao_batched(a1, a2, b1, b2)
+    return (torch.mul(a1.view(n, out, r1, 1), a2.view(n, out, 1, r2)).view(n, out, r1 * r2),
+            torch.mul(b1.view(n, r1, 1, c), b2.view(n, 1, r2, c)).view(n, r1 * r2, c))
+
+
+def _kr_grads(a1, a2, b1, b2, gka, gkb):
+    """``(∂a1, ∂a2, ∂b1, ∂b2)`` stacked, from the stacked ``∂Ka``, ``∂Kb``."""
+    n, out, r1 = a1.shape
+    r2, c = b2.shape[1:]
+    if factor_triton.usable(a1, factor_triton.kr_inner(r1, r2)):
+        return factor_triton.khatri_rao_backward_batched(a1, a2, b1, b2, gka, gkb)
+    g4 = gka.view(n * out, r1, r2)  # ∂a1[o,i] = Σ_j ∂Ka[o,i,j]·a2[o,j], ∂a2[o,j] = Σ_i ∂Ka[o,i,j]·a1[o,i]
+    ga1 = torch.bmm(g4, a2.reshape(n * out, r2, 1)).view(n, out, r1)
+    ga2 = torch.bmm(a1.reshape(n * out, 1, r1), g4).view(n, out, r2)
+    h4 = gkb.view(n, r1, r2, c)       # ∂b1[i,c] = Σ_j ∂Kb[i,j,c]·b2[j,c], ∂b2[j,c] = Σ_i ∂Kb[i,j,c]·b1[i,c]
+    gb1 = (h4 * b2.view(n, 1, r2, c)).sum(2)
+    gb2 = (h4 * b1.view(n, r1, 1, c)).sum(1)
+    return ga1, ga2, gb1, gb2
+
+
+class _Kind:
+    """A product batched here: ``k`` factors in, ``m`` outputs per member; ``build(*stacked)`` → the m stacked
+    outputs, ``grads(*stacked, *stacked output gradients)`` → the k stacked factor gradients."""
+
+    def __init__(self, name, k, m, build, grads):
+        self.name, self.k, self.m, self.build, self.grads = name, k, m, build, grads
+
+
+KRON = _Kind("kron", 2, 1, lambda w1, a: (_kron_build(w1, a),), _kron_grads)
+KHATRI_RAO = _Kind("khatri-rao", 4, 2, _kr_build, _kr_grads)
+
+
+class _StackBatch(torch.autograd.Function):
+    """Inputs ``(token, kind, dt, n, *factors)`` with the factors factor-major (every member's first factor, then
+    every member's second, …); outputs member-major (member 0's m outputs, then member 1's, …) in ``dt``, views
+    of the stacked results. ``token[0]`` turns true when the backward has run (the batch is spent)."""
 
     @staticmethod
-    def forward(ctx, token, dt, n, *factors):
+    def forward(ctx, token, kind, dt, n, *factors):
         ctx.set_materialize_grads(False)
-        ctx.token = token
-        w1s, as_ = factors[:n], factors[n:]
-        w1 = torch.stack(w1s)
-        a = torch.stack(as_)
-        w1c = w1 if w1.dtype == dt else w1.to(dt)
-        ac = a if a.dtype == dt else a.to(dt)
-        ctx.save_for_backward(w1c, ac)
-        ctx.n, ctx.dtypes = n, (w1s[0].dtype, as_[0].dtype)
-        return tuple(_kron_build(w1c, ac).unbind(0))
+        ctx.token, ctx.kind, ctx.n = token, kind, n
+        stacked, dtypes = [], []
+        for f in range(kind.k):
+            st = torch.stack(factors[f * n:(f + 1) * n])
+            dtypes.append(st.dtype)
+            stacked.append(st if st.dtype == dt else st.to(dt))
+        ctx.dtypes = dtypes
+        ctx.save_for_backward(*stacked)
+        built = kind.build(*stacked)
+        ctx.out_meta = [(o.shape[1:], o.dtype, o.device) for o in built]
+        outs = [o.unbind(0) for o in built]
+        return tuple(outs[j][b] for b in range(n) for j in range(kind.m))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, *gus):
-        w1, a = ctx.saved_tensors
+    def backward(ctx, *gouts):
+        stacked = ctx.saved_tensors
         ctx.token[0] = True  # this node's saved tensors are gone now: its outputs must not be served again
-        used = [g is not None for g in gus]
+        kind, n = ctx.kind, ctx.n
+        used = [any(g is not None for g in gouts[b * kind.m:(b + 1) * kind.m]) for b in range(n)]
+        nothing = (None,) * (4 + kind.k * n)
         if not any(used):
-            return (None, None, None) + (None,) * (2 * ctx.n)
-        like = next(g for g in gus if g is not None)
-        zero = None
-        rows = []
-        for g in gus:
-            if g is None:
-                zero = torch.zeros_like(like) if zero is None else zero
-                g = zero
-            rows.append(g)
-        gw1, ga = _kron_grads(w1, a, torch.stack(rows).to(w1.dtype))
-        gw1 = gw1 if gw1.dtype == ctx.dtypes[0] else gw1.to(ctx.dtypes[0])
-        ga = ga if ga.dtype == ctx.dtypes[1] else ga.to(ctx.dtypes[1])
-        g1 = [g if u else None for g, u in zip(gw1.unbind(0), used)]
-        g2 = [g if u else None for g, u in zip(ga.unbind(0), used)]
-        return (None, None, None, *g1, *g2)
+            return nothing
+        gstack = []
+        for j in range(kind.m):  # per output: the members' gradients stacked, zeros where a member's is None
+            col = [gouts[b * kind.m + j] for b in range(n)]
+            zero = None
+            rows = []
+            for g in col:
+                if g is None:  # a member that did not use this output (or no member did)
+                    if zero is None:
+                        shape, dtype, device = ctx.out_meta[j]
+                        zero = torch.zeros(shape, dtype=dtype, device=device)
+                    g = zero
+                rows.append(g)
+            gstack.append(torch.stack(rows).to(stacked[0].dtype))
+        grads = kind.grads(*stacked, *gstack)
+        out = [None] * (kind.k * n)
+        for f, (g, dt0) in enumerate(zip(grads, ctx.dtypes)):
+            g = g if g.dtype == dt0 else g.to(dt0)
+            for b, gb in enumerate(g.unbind(0)):
+                if used[b]:
+                    out[f * n + b] = gb
+        return (None, None, None, None, *out)
 
 
 class _Batch:
-    """The members of one key (shapes, dtypes, device) and their last batch (module doc)."""
+    """The members of one key (kind, shapes, dtypes, device) and their last batch (module doc)."""
 
-    def __init__(self):
-        self.index: dict[int, int] = {}   # id(W1) → entry, for the members of the current batch
-        self.refs: list = []              # weakrefs to the members' (W1, A)
-        self.outs: list = []              # per member: its U from the last batch until it is served
+    def __init__(self, kind: _Kind):
+        self.kind = kind
+        self.index: dict[int, int] = {}   # id(first factor) → entry, for the members of the current batch
+        self.refs: list = []              # weakrefs to the members' factors
+        self.outs: list = []              # per member: its outputs from the last batch until they are served
         self.fresh: list[bool] = []
-        self.versions: list[tuple[int, int]] = []
-        self.seen: dict[int, tuple] = {}  # id(W1) → (weakref W1, weakref A, the tick of its last call)
+        self.versions: list[tuple] = []
+        self.seen: dict[int, tuple] = {}  # id(first factor) → (weakrefs to the factors, the tick of its last call)
         self.tick = 0
         self.capturing = False            # inside a CUDA graph capture that has recomputed the batch
         self.spent = [False]              # the last batch's node has run its backward (its saved tensors freed)
 
-    def get(self, w1: torch.Tensor, a: torch.Tensor, dt: torch.dtype, own):
-        key = id(w1)
+    def get(self, factors: tuple, dt: torch.dtype, own):
+        key = id(factors[0])
         i = self.index.get(key)
-        if i is not None and (self.refs[i][0]() is not w1 or self.refs[i][1]() is not a):
-            i = None  # a dead member's id reused, or another A with this W1
+        if i is not None and any(r() is not f for r, f in zip(self.refs[i], factors)):
+            i = None  # a dead member's id reused, or other factors with this first one
         prev = self.seen.get(key)
-        since = prev[2] if prev is not None and prev[0]() is w1 and prev[1]() is a else None
-        self.seen[key] = (weakref.ref(w1), weakref.ref(a), self.tick)
+        since = prev[1] if prev is not None and all(r() is f for r, f in zip(prev[0], factors)) else None
+        self.seen[key] = (tuple(weakref.ref(f) for f in factors), self.tick)
         self.tick += 1
-        in_capture = _capturing(a)
+        in_capture = _capturing(factors[0])
         if not in_capture:
             self.capturing = False
-        if (i is not None and self.fresh[i] and not self.spent[0] and self.versions[i] == (w1._version, a._version)
+        if (i is not None and self.fresh[i] and not self.spent[0]
+                and self.versions[i] == tuple(f._version for f in factors)
                 and (self.capturing or not in_capture)):
             return self._serve(i)
-        if since is None:  # its first call: its own U; it joins the batch at the next recomputation
+        if since is None:  # its first call: its own build; it joins the batch at the next recomputation
             return own()
         self._compute(dt, since)
         self.capturing = in_capture
         return self._serve(self.index[key])
 
-    def _serve(self, i: int) -> torch.Tensor:
-        """Member i's U, handed out once and no longer held here: a held U keeps its batch's autograd graph alive,
-        and with it the factors' gradient accumulators — created on the stream of the step that made them, so a
-        later step on another stream (a CUDA graph's warm-up and capture) would reuse accumulators of the wrong
-        stream (GPU run 90: the capture failed so)."""
+    def _serve(self, i: int):
+        """Member i's outputs, handed out once and no longer held here: held outputs keep their batch's autograd
+        graph alive, and with it the factors' gradient accumulators — created on the stream of the step that made
+        them, so a later step on another stream (a CUDA graph's warm-up and capture) would reuse accumulators of
+        the wrong stream (GPU run 90: the capture failed so)."""
         self.fresh[i] = False
         out, self.outs[i] = self.outs[i], None
         return out
 
     def _compute(self, dt, since: int):
         live = []
-        for r1, r2, tick in list(self.seen.values()):
-            w1, a = r1(), r2()
-            if w1 is not None and a is not None and tick >= since and _backed(w1) and _backed(a):
-                live.append((w1, a))
-        self.seen = {k: v for k, v in self.seen.items() if v[0]() is not None and v[1]() is not None}
-        n = len(live)
+        for refs, tick in list(self.seen.values()):
+            fs = tuple(r() for r in refs)
+            if tick >= since and all(f is not None and _backed(f) for f in fs):
+                live.append(fs)
+        self.seen = {k: v for k, v in self.seen.items() if all(r() is not None for r in v[0])}
+        n, kind = len(live), self.kind
         self.spent = [False]
-        self.outs = []  # the last batch's unserved U's go first (see _serve)
-        self.outs = list(_KronBatch.apply(self.spent, dt, n, *(m[0] for m in live), *(m[1] for m in live)))
-        self.refs = [(weakref.ref(w1), weakref.ref(a)) for w1, a in live]
-        self.index = {id(w1): k for k, (w1, _) in enumerate(live)}
+        self.outs = []  # the last batch's unserved outputs go first (see _serve)
+        flat = _StackBatch.apply(self.spent, kind, dt, n, *(m[f] for f in range(kind.k) for m in live))
+        self.outs = [flat[b] if kind.m == 1 else tuple(flat[b * kind.m:(b + 1) * kind.m]) for b in range(n)]
+        self.refs = [tuple(weakref.ref(f) for f in m) for m in live]
+        self.index = {id(m[0]): b for b, m in enumerate(live)}
         self.fresh = [True] * n
-        self.versions = [(w1._version, a._version) for w1, a in live]
+        self.versions = [tuple(f._version for f in m) for m in live]
 
 
 _BATCHES: dict[tuple, _Batch] = {}
+
+
+def _batch(kind: _Kind, factors, dt) -> _Batch:
+    key = (kind.name, *(tuple(f.shape) for f in factors), *(f.dtype for f in factors), dt, factors[0].device)
+    batch = _BATCHES.get(key)
+    if batch is None:
+        batch = _BATCHES[key] = _Batch(kind)
+    return batch
 
 
 def kron_up(w1: torch.Tensor, a: torch.Tensor, dt: torch.dtype, own) -> torch.Tensor:
     """This layer's ``U = kron(W1, A)`` in ``dt`` ``(ol·ok, im·r)`` from the batch of its shape (module doc);
     ``own()`` builds it for this layer alone. The caller checks :func:`eligible` (``W1`` 2-D, ``A`` ``(ok, r)``,
     both trainable leaves of one device)."""
-    key = ("kron", tuple(w1.shape), tuple(a.shape), w1.dtype, a.dtype, dt, a.device)
-    batch = _BATCHES.get(key)
-    if batch is None:
-        batch = _BATCHES[key] = _Batch()
-    return batch.get(w1, a, dt, own)
+    return _batch(KRON, (w1, a), dt).get((w1, a), dt, own)
+
+
+def khatri_rao(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, dt: torch.dtype, own):
+    """This LoHa layer's ``(Ka, Kb)`` — ``(out, r1·r2)`` and ``(r1·r2, c)`` in ``dt`` — from the batch of its
+    shape; ``own()`` builds them for this layer alone. The caller checks :func:`eligible` (a1, a2
+    ``(out, r·)``; b1, b2 ``(r·, c)``: the flattened down halves)."""
+    fs = (a1, a2, b1, b2)
+    return _batch(KHATRI_RAO, fs, dt).get(fs, dt, own)

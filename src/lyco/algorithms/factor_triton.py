@@ -151,10 +151,24 @@ if triton is not None:
                  mask=(ii[:, None, None] < R1) & (jj[None, :, None] < R2) & cm[None, None, :])
 
     @triton.jit
+    def _kr_member(M, N, R1, R2):
+        """Element offsets of member program_id(1) of a stacked contiguous batch: a1, a2, b1, b2, Ka, Kb."""
+        b = tl.program_id(1).to(tl.int64)
+        return b * M * R1, b * M * R2, b * R1 * N, b * R2 * N, b * M * R1 * R2, b * R1 * R2 * N
+
+    @triton.jit
     def _kr_fwd_kernel(A1, A2, B1, B2, KA, KB, M, N, R1, R2, sa1m, sa1r, sa2m, sa2r, sb1r, sb1n, sb2r, sb2n, NBM,
                        BM: tl.constexpr, BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
-        """Programs < NBM: BM rows of Ka; the others: BN columns of Kb (both contiguous)."""
+        """Programs < NBM: BM rows of Ka; the others: BN columns of Kb (both contiguous). program_id(1): the member
+        of a stacked batch (every operand then contiguous; one layer: member 0, any strides)."""
         pid = tl.program_id(0)
+        oa1, oa2, ob1, ob2, oka, okb = _kr_member(M, N, R1, R2)
+        A1 += oa1
+        A2 += oa2
+        B1 += ob1
+        B2 += ob2
+        KA += oka
+        KB += okb
         if pid < NBM:
             _rows_fwd(A1, A2, KA, M, R1, R2, sa1m, sa1r, sa2m, sa2r, pid, BM, R1P, R2P)
         else:
@@ -203,8 +217,19 @@ if triton is not None:
                        sa1m, sa1r, sa2m, sa2r, sb1r, sb1n, sb2r, sb2n, sgam, sgar, sgbr, sgbn, NBM,
                        BM: tl.constexpr, BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
         """Programs < NBM: ∂a1, ∂a2 on BM rows from ∂Ka; the others: ∂b1, ∂b2 on BN columns from ∂Kb
-        (outputs contiguous)."""
+        (outputs contiguous). program_id(1): the member of a stacked batch (as the forward)."""
         pid = tl.program_id(0)
+        oa1, oa2, ob1, ob2, oka, okb = _kr_member(M, N, R1, R2)
+        A1 += oa1
+        GA1 += oa1
+        A2 += oa2
+        GA2 += oa2
+        B1 += ob1
+        GB1 += ob1
+        B2 += ob2
+        GB2 += ob2
+        GKA += oka
+        GKB += okb
         if pid < NBM:
             _rows_bwd(A1, A2, GKA, GA1, GA2, M, R1, R2, sa1m, sa1r, sa2m, sa2r, sgam, sgar, pid, BM, R1P, R2P)
         else:
@@ -320,7 +345,7 @@ def _kr_forward(a1, a2, b1, b2):
     ka = torch.empty(m, r1 * r2, dtype=a1.dtype, device=a1.device)
     kb = torch.empty(r1 * r2, n, dtype=b1.dtype, device=b1.device)
     nbm, grid, kw = _kr_geometry(m, n, r1, r2)
-    _kr_fwd_kernel[(grid,)](a1, a2, b1, b2, ka, kb, m, n, r1, r2, *a1.stride(), *a2.stride(), *b1.stride(),
+    _kr_fwd_kernel[(grid, 1)](a1, a2, b1, b2, ka, kb, m, n, r1, r2, *a1.stride(), *a2.stride(), *b1.stride(),
                             *b2.stride(), nbm, **kw)
     return ka, kb
 
@@ -330,8 +355,33 @@ def _kr_backward(a1, a2, b1, b2, gka, gkb):
     r2, n = b2.shape
     outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a1, a2, b1, b2)]
     nbm, grid, kw = _kr_geometry(m, n, r1, r2)
-    _kr_bwd_kernel[(grid,)](a1, a2, b1, b2, gka, gkb, *outs, m, n, r1, r2, *a1.stride(), *a2.stride(),
+    _kr_bwd_kernel[(grid, 1)](a1, a2, b1, b2, gka, gkb, *outs, m, n, r1, r2, *a1.stride(), *a2.stride(),
                             *b1.stride(), *b2.stride(), *gka.stride(), *gkb.stride(), nbm, **kw)
+    return outs
+
+
+def khatri_rao_batched(a1, a2, b1, b2):
+    """LoHa's pair for stacked contiguous ``a1 (n, m, r1)``, ``a2 (n, m, r2)``, ``b1 (n, r1, c)``, ``b2 (n, r2, c)``
+    in one launch → ``(Ka (n, m, r1·r2), Kb (n, r1·r2, c))`` (not differentiable; :mod:`.factor_batch` wraps it).
+    The caller checks :func:`usable`."""
+    n, m, r1 = a1.shape
+    r2, c = b2.shape[1:]
+    ka = torch.empty(n, m, r1 * r2, dtype=a1.dtype, device=a1.device)
+    kb = torch.empty(n, r1 * r2, c, dtype=b1.dtype, device=b1.device)
+    nbm, grid, kw = _kr_geometry(m, c, r1, r2)
+    _kr_fwd_kernel[(grid, n)](a1, a2, b1, b2, ka, kb, m, c, r1, r2, *a1.stride()[1:], *a2.stride()[1:],
+                              *b1.stride()[1:], *b2.stride()[1:], nbm, **kw)
+    return ka, kb
+
+
+def khatri_rao_backward_batched(a1, a2, b1, b2, gka, gkb):
+    """``(∂a1, ∂a2, ∂b1, ∂b2)`` stacked for the stacked contiguous ``∂Ka``, ``∂Kb`` in one launch."""
+    n, m, r1 = a1.shape
+    r2, c = b2.shape[1:]
+    outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (a1, a2, b1, b2)]
+    nbm, grid, kw = _kr_geometry(m, c, r1, r2)
+    _kr_bwd_kernel[(grid, n)](a1, a2, b1, b2, gka, gkb, *outs, m, c, r1, r2, *a1.stride()[1:], *a2.stride()[1:],
+                              *b1.stride()[1:], *b2.stride()[1:], *gka.stride()[1:], *gkb.stride()[1:], nbm, **kw)
     return outs
 
 

@@ -34,7 +34,7 @@ from .base import (
     CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, layer_op, rebuild_tucker, register,
 )
-from . import factor_triton
+from . import factor_batch, factor_triton
 from .rebuild import cast
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -183,6 +183,14 @@ class LoHa(Algorithm):
             return tuple(t[k] for k in keys)
         return tuple(cast(t[k], dtype) for k in keys)
 
+    def _kr_pair(self, t, dtype):
+        """``(Ka, Kb)`` in ``dtype``, differentiable: from one batched build per forward pass for all layers of this
+        shape where :mod:`.factor_batch` takes the call, else this layer's own (:func:`khatri_rao_pair`)."""
+        a1, b1, a2, b2 = self._halves(t)
+        if factor_batch.eligible(a1, b1, a2, b2):
+            return factor_batch.khatri_rao(a1, b1, a2, b2, dtype, lambda: khatri_rao_pair(*self._halves(t, dtype)))
+        return khatri_rao_pair(*self._halves(t, dtype))
+
     def delta_weight(self, t, spec, weight=None):
         a1, b1, a2, b2 = self._halves(t)
         if "hada_t1" in t:
@@ -199,11 +207,11 @@ class LoHa(Algorithm):
         r12 = int(t["hada_w1_b"].shape[0]) * int(t["hada_w2_b"].shape[0])
         if not tucker and not isinstance(gain, torch.Tensor):
             if spec.kind == LINEAR and khatri_rao_pays(spec, r12):
-                up, down = khatri_rao_pair(*self._halves(t, x.dtype))
+                up, down = self._kr_pair(t, x.dtype)
                 return accumulate_linear(acc, F.linear(x, down), up, gain * multiplier, inplace)
             if (spec.kind in CONV_KINDS and spec.groups == 1 and spec.padding_mode == "zeros"
                     and x.dim() == len(spec.kernel) + 2 and khatri_rao_pays(spec, r12)):
-                up, down = khatri_rao_pair(*self._halves(t, x.dtype))
+                up, down = self._kr_pair(t, x.dtype)
                 down = down.reshape((r12, spec.in_dim) + spec.kernel)
                 h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
                 return accumulate_conv1x1(acc, h, up, gain * multiplier)
@@ -216,7 +224,7 @@ class LoHa(Algorithm):
         r12 = int(t["hada_w1_b"].shape[0]) * int(t["hada_w2_b"].shape[0])
         if "hada_t1" in t or isinstance(gain, torch.Tensor) or not khatri_rao_pays(spec, r12):
             return None
-        up, down = khatri_rao_pair(*self._halves(t, dtype))
+        up, down = self._kr_pair(t, dtype)
         if spec.kind in CONV_KINDS:
             down = down.reshape((r12, spec.in_dim) + spec.kernel)
         return down, up, gain
