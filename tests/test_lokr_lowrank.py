@@ -232,3 +232,19 @@ def test_kron_lora_skipped_when_it_does_not_pay(monkeypatch):
     t = layer.tensors()
     want = x @ (model[0].weight + _kron_dw(t, model[0].weight.shape)).T + model[0].bias
     torch.testing.assert_close(model(x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("raw,want", [(None, 2.5), ("0", 0.0), ("3.25", 3.25), ("abc", None), ("-1", None),
+                                      ("nan", None)])
+def test_wgrad_threshold_from_the_environment(monkeypatch, raw, want):
+    """``LYCO_LOKR_WGRAD_PER_H``: unset → the default, a number ≥ 0 → it, anything else an error naming it."""
+    from lyco.errors import ConfigError
+    if raw is None:
+        monkeypatch.delenv("LYCO_LOKR_WGRAD_PER_H", raising=False)
+    else:
+        monkeypatch.setenv("LYCO_LOKR_WGRAD_PER_H", raw)
+    if want is None:
+        with pytest.raises(ConfigError, match="LYCO_LOKR_WGRAD_PER_H"):
+            lokr_mod._env_float("LYCO_LOKR_WGRAD_PER_H", 2.5)
+    else:
+        assert lokr_mod._env_float("LYCO_LOKR_WGRAD_PER_H", 2.5) == want

@@ -1,4 +1,5 @@
-"""The batched Cayley inverse of the OFT/BOFT rebuilt op (``oft._InverseBatch``): every unconstrained
+"""The batched Cayley inverse of the OFT/BOFT rebuilt op (``oft.batched_inverse`` on
+``factor_batch.PassBatch``): every unconstrained
 layer's ``(I − Q)⁻¹`` in one call per forward pass. What could go wrong is staleness — a layer using an
 inverse computed from blocks that have changed since (an optimizer step, a layer that a forward pass
 skipped, a new layer). Each test trains or runs the same model twice from the same state: on the rebuilt
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import lyco
-from lyco.algorithms import oft
+from lyco.algorithms import factor_batch, oft
 
 
 class Branches(nn.Module):
@@ -37,10 +38,10 @@ class Branches(nn.Module):
 
 @pytest.fixture
 def computes(monkeypatch):
-    """A list that gets one entry per batched recomputation (``_InverseBatch._compute``)."""
+    """A list that gets one entry per batched recomputation (``oft._inverse_compute``)."""
     calls = []
-    orig = oft._InverseBatch._compute
-    monkeypatch.setattr(oft._InverseBatch, "_compute", lambda self, *args: calls.append(1) or orig(self, *args))
+    orig = oft._inverse_compute
+    monkeypatch.setattr(oft, "_inverse_compute", lambda *args: calls.append(1) or orig(*args))
     return calls
 
 
@@ -130,14 +131,14 @@ def test_one_batched_inverse_per_forward_and_dead_layers_dropped(computes):
         m1(x, img).backward()                      # captures one forward and replays it with new blocks,
     assert len(calls) == 2                         # so the recomputation must be part of every forward
     batch = next(b for b in oft._INVERSE_BATCHES.values()
-                 if {id(p) for p in n1.trainable_parameters()} <= {id(r()) for r in b.refs})
+                 if {id(p) for p in n1.trainable_parameters()} <= {id(r[0]()) for r in b.refs})
     # another network trains while the first one stays alive but idle: from its second pass on, the batch
     # holds exactly its layers (a CUDA graph captured now must not read the idle network's blocks, which
     # may be freed while the graph lives)
     (m6, n6), _ = _pair("diag-oft", seed=10)
     for _ in range(2):
         _step(m6, n6, x, img)
-    assert sorted(id(r()) for r in batch.refs) == sorted(id(p) for p in n6.trainable_parameters())
+    assert sorted(id(r[0]()) for r in batch.refs) == sorted(id(p) for p in n6.trainable_parameters())
     ref1 = weakref.ref(next(iter(n1.trainable_parameters())))
     del m1, n1, m6, n6, _
     gc.collect()
@@ -146,14 +147,14 @@ def test_one_batched_inverse_per_forward_and_dead_layers_dropped(computes):
     for _ in range(2):
         _step(m5, n5, x, img)
     # dead layers dropped
-    assert sorted(id(r()) for r in batch.refs) == sorted(id(p) for p in n5.trainable_parameters())
+    assert sorted(id(r[0]()) for r in batch.refs) == sorted(id(p) for p in n5.trainable_parameters())
 
 
 def test_a_capture_recomputes_even_when_every_entry_is_fresh(computes, monkeypatch):
     """A pass over branch a computes branch b's inverses too (b was in the previous pass); a following
     pass over b alone finds its entries unused and its blocks unchanged: served as they are in eager mode
     (right), but the first call inside a CUDA graph capture must recompute — a replay would otherwise read
-    the pre-capture batch forever. (The capture is simulated: ``oft._capturing`` patched.)"""
+    the pre-capture batch forever. (The capture is simulated: ``factor_batch._capturing`` patched.)"""
     calls = computes
     (m1, n1), _ = _pair("diag-oft", seed=13)
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -170,7 +171,7 @@ def test_a_capture_recomputes_even_when_every_entry_is_fresh(computes, monkeypat
         m1(x, img).backward()
     m1.which = "b"
     calls.clear()
-    monkeypatch.setattr(oft, "_capturing", lambda t: True)
+    monkeypatch.setattr(factor_batch, "_capturing", lambda t: True)
     m1(x, img).backward()
     assert len(calls) == 1                   # capture: recomputed at its first call, then served
 
@@ -206,11 +207,35 @@ def test_a_capture_whose_first_layer_is_new_still_recomputes(computes, monkeypat
         m1(x, img).backward()
     # forget a's layers so that a's layers are new again, as layers added just before a capture
     batch = next(b for b in oft._INVERSE_BATCHES.values()
-                 if {id(p) for p in n1.trainable_parameters()} <= {id(r()) for r in b.refs})
+                 if {id(p) for p in n1.trainable_parameters()} <= {id(r[0]()) for r in b.refs})
     a_ids = {id(p) for name, p in n1.named_parameters() if "__a__" in name}
     batch.seen = {k: v for k, v in batch.seen.items() if k not in a_ids}
     m1.which = "ab"
     calls.clear()
-    monkeypatch.setattr(oft, "_capturing", lambda t: True)
+    monkeypatch.setattr(factor_batch, "_capturing", lambda t: True)
     m1(x, img).backward()
     assert len(calls) == 1                   # b's first call recomputed although its entry was fresh
+
+
+def test_member_with_freed_storage_left_out(computes):
+    """A sharding wrapper (FSDP) frees a parameter's storage between its calls: branch b's blocks freed, a pass
+    over branch a alone recomputes the batch without them (reading them would read freed memory) and matches
+    the per-layer path."""
+    (m1, n1), (m2, n2) = _pair("diag-oft", seed=16)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    img = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    for _ in range(2):
+        _step(m1, n1, x, img)
+        _step(m2, n2, x, img)
+    for name, p in n1.named_parameters():
+        if "__b__" in name:
+            p.untyped_storage().resize_(0)
+    m1.which = m2.which = "a"
+    computes.clear()
+    l1, g1 = _step(m1, n1, x, img)
+    l2, g2 = _step(m2, n2, x, img)
+    assert len(computes) == 1
+    torch.testing.assert_close(l1, l2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g1, g2):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

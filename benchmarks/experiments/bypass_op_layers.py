@@ -12,6 +12,9 @@ with ∂D by cuDNN's weight gradient instead of the im2col). Writes one JSON row
 
     python benchmarks/experiments/bypass_op_layers.py [--out DIR] [--smoke] [--algo lokr]
     python benchmarks/experiments/bypass_op_layers.py --profile --only down_blocks.0.resnets.0.conv1
+    python benchmarks/experiments/bypass_op_layers.py --algo lokr --set conv --rebuild   # runs 83-84
+
+``--rebuild`` adds a fourth way, the rebuilt op (the adapter's mode set to "rebuild"), per layer.
 """
 
 import argparse

@@ -10,7 +10,7 @@ work). Here the layers of one shape share one stack of their factors, one build 
 four factors stacked, one launch each way). Measured on an H100, SD1.5 b8 as one CUDA graph, A/B/A against
 ``LYCO_FACTOR_BATCH=0``: LoKr 87.46 → 86.89 / 86.93 ms (run 91), LoHa 85.99 → 85.19 / 85.16 (run 92).
 
-Which layers form a batch (the bookkeeping of :class:`.oft._InverseBatch`, differentiable here): a layer's call is
+Which layers form a batch (:class:`PassBatch`, which OFT's batched Cayley inverse uses too): a layer's call is
 served from the batch while its entry is unused, its factors' version counters have not moved (an optimizer
 step) and no backward pass has run through the batch (a layer checked alone, forward and backward, before the
 next one is called). The first layer of a new forward pass finds its entry used and recomputes the batch over
@@ -181,14 +181,20 @@ class _StackBatch(torch.autograd.Function):
         return (None, None, None, None, *out)
 
 
-class _Batch:
-    """The members of one key (kind, shapes, dtypes, device) and their last batch (module doc)."""
+class PassBatch:
+    """The members of one key and their last batch (module doc): the per-pass bookkeeping shared by this module's
+    products and OFT's batched Cayley inverse (:func:`.oft.batched_inverse`).
 
-    def __init__(self, kind: _Kind):
-        self.kind = kind
+    ``compute(live, dt, token)`` builds the batch for ``live`` (one tuple of factors per member) and returns one
+    output per member; a differentiable build sets ``token[0]`` when its backward has run (the batch is spent
+    then). ``serve_once``: a member's output is handed out once and not held here — required for outputs that
+    carry an autograd graph (:meth:`_serve`); constants (OFT's inverse) stay held and are served while fresh."""
+
+    def __init__(self, compute, serve_once: bool = True):
+        self.compute, self.serve_once = compute, serve_once
         self.index: dict[int, int] = {}   # id(first factor) → entry, for the members of the current batch
-        self.refs: list = []              # weakrefs to the members' factors
-        self.outs: list = []              # per member: its outputs from the last batch until they are served
+        self.refs: list = []              # per member: weakrefs to its factors
+        self.outs: list = []              # per member: its output from the last batch (until served, serve_once)
         self.fresh: list[bool] = []
         self.versions: list[tuple] = []
         self.seen: dict[int, tuple] = {}  # id(first factor) → (weakrefs to the factors, the tick of its last call)
@@ -197,6 +203,7 @@ class _Batch:
         self.spent = [False]              # the last batch's node has run its backward (its saved tensors freed)
 
     def get(self, factors: tuple, dt: torch.dtype, own):
+        """This member's output; ``own()`` builds it for this member alone (its first call)."""
         key = id(factors[0])
         i = self.index.get(key)
         if i is not None and any(r() is not f for r, f in zip(self.refs[i], factors)):
@@ -205,6 +212,8 @@ class _Batch:
         since = prev[1] if prev is not None and all(r() is f for r, f in zip(prev[0], factors)) else None
         self.seen[key] = (tuple(weakref.ref(f) for f in factors), self.tick)
         self.tick += 1
+        # inside a CUDA graph capture the batch is served only once the capture has recomputed it: a replay runs
+        # no host code, so a batch the graph did not compute itself would be read unchanged by every replay
         in_capture = _capturing(factors[0])
         if not in_capture:
             self.capturing = False
@@ -219,40 +228,52 @@ class _Batch:
         return self._serve(self.index[key])
 
     def _serve(self, i: int):
-        """Member i's outputs, handed out once and no longer held here: held outputs keep their batch's autograd
-        graph alive, and with it the factors' gradient accumulators — created on the stream of the step that made
-        them, so a later step on another stream (a CUDA graph's warm-up and capture) would reuse accumulators of
-        the wrong stream (GPU run 90: the capture failed so)."""
+        """Member i's output. With ``serve_once`` handed out once and no longer held here: held outputs keep their
+        batch's autograd graph alive, and with it the factors' gradient accumulators — created on the stream of
+        the step that made them, so a later step on another stream (a CUDA graph's warm-up and capture) would
+        reuse accumulators of the wrong stream (GPU run 90: the capture failed so)."""
         self.fresh[i] = False
-        out, self.outs[i] = self.outs[i], None
+        out = self.outs[i]
+        if self.serve_once:
+            self.outs[i] = None
         return out
 
     def _compute(self, dt, since: int):
+        """The batch over the members called since the caller's previous call (its previous forward pass), those
+        whose factors are alive and still hold their storage."""
         live = []
         for refs, tick in list(self.seen.values()):
             fs = tuple(r() for r in refs)
             if tick >= since and all(f is not None and _backed(f) for f in fs):
                 live.append(fs)
         self.seen = {k: v for k, v in self.seen.items() if all(r() is not None for r in v[0])}
-        n, kind = len(live), self.kind
         self.spent = [False]
         self.outs = []  # the last batch's unserved outputs go first (see _serve)
-        flat = _StackBatch.apply(self.spent, kind, dt, n, *(m[f] for f in range(kind.k) for m in live))
-        self.outs = [flat[b] if kind.m == 1 else tuple(flat[b * kind.m:(b + 1) * kind.m]) for b in range(n)]
+        self.outs = list(self.compute(live, dt, self.spent))
         self.refs = [tuple(weakref.ref(f) for f in m) for m in live]
         self.index = {id(m[0]): b for b, m in enumerate(live)}
-        self.fresh = [True] * n
+        self.fresh = [True] * len(live)
         self.versions = [tuple(f._version for f in m) for m in live]
 
 
-_BATCHES: dict[tuple, _Batch] = {}
+def _stacked(kind: _Kind):
+    """:class:`PassBatch`'s ``compute`` for a stacked product: one :class:`_StackBatch` node, the outputs per
+    member (a tuple where the kind has several)."""
+    def compute(live, dt, token):
+        n = len(live)
+        flat = _StackBatch.apply(token, kind, dt, n, *(m[f] for f in range(kind.k) for m in live))
+        return [flat[b] if kind.m == 1 else tuple(flat[b * kind.m:(b + 1) * kind.m]) for b in range(n)]
+    return compute
 
 
-def _batch(kind: _Kind, factors, dt) -> _Batch:
+_BATCHES: dict[tuple, PassBatch] = {}
+
+
+def _batch(kind: _Kind, factors, dt) -> PassBatch:
     key = (kind.name, *(tuple(f.shape) for f in factors), *(f.dtype for f in factors), dt, factors[0].device)
     batch = _BATCHES.get(key)
     if batch is None:
-        batch = _BATCHES[key] = _Batch(kind)
+        batch = _BATCHES[key] = PassBatch(_stacked(kind))
     return batch
 
 

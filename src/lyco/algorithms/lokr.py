@@ -46,6 +46,7 @@ from .base import (
     alpha_scale, alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
 from . import factor_batch, factor_triton
+from ..errors import ConfigError
 from .factorize import factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
@@ -92,6 +93,21 @@ def lokr_shapes(spec: LayerSpec, rank: int, factor: int = -1, decompose_both: bo
     else:
         shapes["lokr_w2"] = (out_k, in_n) + k
     return shapes
+
+
+def _env_float(var: str, default: float) -> float:
+    """A non-negative number from the environment variable ``var`` (``default`` when unset); anything else is an
+    error naming the variable."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0:
+        raise ConfigError(f"{var}={raw!r}: expected a number ≥ 0 (0 turns the rule off; default {default:.4g})")
+    return value
 
 
 class _KronBuild:
@@ -369,15 +385,17 @@ class LoKr(Algorithm):
         """Where the bypass op runs (``mode = "auto"``): the rebuilt op instead on a *narrow* layer with a
         low-rank W2 (:meth:`_weight_grad_pays`) — its one weight-gradient GEMM costs less than the passes over
         the activations the LoRA form's h needs. Only there — steps captured as CUDA graphs by default
-        (``LYCO_BYPASS_OP``, :mod:`.graph_policy`): eager steps are bound by the host, and the rebuilt op's
-        Python backward per layer made eager SD1.5 b8 LoKr steps ≈ 60 ms slower when this choice was made for
-        every step (runs 85 and 87: 241–292 vs 167–189 ms eager; one CUDA graph 87.3–87.6 vs 89.2–89.6)."""
+        (``LYCO_BYPASS_OP``, :mod:`.graph_policy`), as the op itself: eager steps are bound by the host (a Python
+        backward per layer costs there what it saves on the device). With this choice in every step, eager SD1.5
+        b8 LoKr steps measured 241–292 ms against 167–189 without it (runs 85 and 87) — but one later run
+        (89) measured 183–235 ms for identical eager code, so that eager cost is not established; the graph
+        gain is (87.3–87.6 vs 89.2–89.6 ms, runs 85/87/89)."""
         return "lokr_w2_b" in t and rebuild_supports(spec) and self._weight_grad_pays(t, spec)
 
     #: break-even of :meth:`_weight_grad_pays` per channel of LoKr's h (``in_m·r``): 340 at the benchmark's
     #: 128-channel h (runs 83–84); ``LYCO_LOKR_WGRAD_PER_H`` overrides it (0: the rule off — a diagnostic
     #: switch for A/B runs)
-    WGRAD_PER_H = float(os.environ.get("LYCO_LOKR_WGRAD_PER_H", 340.0 / 128.0))
+    WGRAD_PER_H = _env_float("LYCO_LOKR_WGRAD_PER_H", 340.0 / 128.0)
 
     @staticmethod
     def _weight_grad_pays(t, spec) -> bool:

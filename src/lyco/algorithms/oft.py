@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import weakref
 from typing import Mapping
 
 import torch
@@ -62,6 +61,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_conv1x1, accumulate_linear, alpha_tensor,
     channel_view, register, scalar_of,
 )
+from . import factor_batch
 from .factorize import factorization, power2factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
@@ -486,98 +486,40 @@ class DiagOFT(_OFTBase):
 # --------------------------------------------------------------------------------------
 
 
-def _capturing(t: torch.Tensor) -> bool:
-    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+def _inverse_compute(live, cdt, token):
+    """:class:`.factor_batch.PassBatch`'s ``compute`` for OFT: ``M = (I − Q)⁻¹`` of every member's blocks in one
+    batched call (no autograd record: the M's are constants, each layer's backward uses its own kept M)."""
+    n = live[0][0].shape[-1]
+    with torch.no_grad():
+        flat = torch.cat([b.detach().reshape(-1, n, n) for (b,) in live])
+        i_minus_q = torch.sub(_eye(n, cdt, flat.device), flat).add_(flat.transpose(-1, -2))
+        minv = torch.linalg.inv_ex(i_minus_q)[0]
+    sizes = [b.numel() // (n * n) for (b,) in live]
+    return [m.view(b.shape) for m, (b,) in zip(minv.split(sizes), live)]
 
 
-class _InverseBatch:
-    """``M = (I − Q)⁻¹`` of the unconstrained Diag-OFT/BOFT layers of one block size, blocks dtype, compute
-    dtype and device, computed in **one** batched call per forward pass instead of one per layer (issue 7:
-    the per-layer Cayley was ≈ 8 small kernels of an OFT layer's forward; 192 layers on SD1.5).
-
-    A layer's call is served from the batch while its entry is unused and its blocks' version counter has
-    not moved (an optimizer step, ``load_state_dict``). The first layer of a new forward pass finds its entry
-    used and recomputes the batch over the layers called since its own previous call — the layers of the
-    previous forward pass; a layer never called before computes its own M and joins at the next
-    recomputation — so a first forward pass is per-layer (memory as without the batch) and every later one
-    batched; a layer the previous pass skipped is not in the batch and recomputes it when called.
-
-    Eager calls are kept right by the version counters (a used entry only saves work). Inside a CUDA graph
-    capture the first call always recomputes, so the recomputation is part of the graph and every replay
-    redoes it with the current blocks; the captured batch holds the layers called since that layer's
-    previous call — the step's warm-up pass — not another network's layers, whose memory the graph could
-    outlive. Gradient checkpointing's re-run recomputes (same values). The M's are constants for autograd:
-    each layer's backward uses its own kept M, as without the batch. The last batch stays referenced until
-    the next recomputation (the size of the blocks in fp32: 15 MB for SD1.5's Diag-OFT at block 16)."""
-
-    def __init__(self):
-        self.index: dict[int, int] = {}   # id(blocks) → entry, for the members of the current batch
-        self.refs: list = []              # weakrefs to the members' blocks
-        self.mats: list = []              # per member: its M (a view into one batched result)
-        self.fresh: list[bool] = []
-        self.versions: list[int] = []
-        self.seen: dict[int, tuple] = {}  # id(blocks) → (weakref, the tick of its last call)
-        self.tick = 0
-        self.capturing = False            # inside a CUDA graph capture that has recomputed the batch
-
-    def inverse(self, blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor:
-        """This layer's M; ``own()`` computes it for this layer alone."""
-        key = id(blocks)
-        i = self.index.get(key)
-        if i is not None and self.refs[i]() is not blocks:  # a dead member's id reused
-            i = None
-        prev = self.seen.get(key)
-        since = prev[1] if prev is not None and prev[0]() is blocks else None
-        self.seen[key] = (self.refs[i] if i is not None else weakref.ref(blocks), self.tick)
-        self.tick += 1
-        # inside a CUDA graph capture the batch is served only once the capture has recomputed it: a
-        # replay runs no host code, so a batch the graph did not compute itself would be read unchanged
-        # by every replay
-        in_capture = _capturing(blocks)
-        if not in_capture:
-            self.capturing = False
-        if (i is not None and self.fresh[i] and self.versions[i] == blocks._version
-                and (self.capturing or not in_capture)):
-            self.fresh[i] = False
-            return self.mats[i]
-        if since is None:  # its first call: computes its own, joins the batch at the next recomputation
-            with torch.no_grad():  # as the batch: no autograd record (checkpointing counts what a pass saves)
-                return own()
-        self._compute(blocks, cdt, since)
-        self.capturing = in_capture
-        i = self.index[key]
-        self.fresh[i] = False
-        return self.mats[i]
-
-    def _compute(self, caller, cdt, since: int):
-        """The batch over the layers called since the caller's previous call (its previous forward pass)."""
-        self.seen = {k: v for k, v in self.seen.items() if v[0]() is not None}
-        live = [b for b in (ref() for ref, tick in self.seen.values() if tick >= since) if b is not None]
-        n = caller.shape[-1]
-        with torch.no_grad():
-            flat = torch.cat([b.detach().reshape(-1, n, n) for b in live])
-            i_minus_q = torch.sub(_eye(n, cdt, flat.device), flat).add_(flat.transpose(-1, -2))
-            minv = torch.linalg.inv_ex(i_minus_q)[0]
-        sizes = [b.numel() // (n * n) for b in live]
-        self.refs = [weakref.ref(b) for b in live]
-        self.index = {id(b): k for k, b in enumerate(live)}
-        self.mats = [m.view(b.shape) for m, b in zip(minv.split(sizes), live)]
-        self.fresh = [True] * len(live)
-        self.versions = [b._version for b in live]
-
-
-_INVERSE_BATCHES: dict[tuple, _InverseBatch] = {}
+#: (block size, blocks dtype, compute dtype, device) → the batch of the unconstrained Diag-OFT/BOFT layers
+_INVERSE_BATCHES: dict[tuple, factor_batch.PassBatch] = {}
 
 
 def batched_inverse(blocks: torch.Tensor, cdt: torch.dtype, own) -> torch.Tensor:
-    """This layer's ``(I − Q)⁻¹`` (unconstrained ``Q = B − Bᵀ``) from the batch of its kind
-    (:class:`_InverseBatch`); ``own()`` computes it for this layer alone."""
+    """This layer's ``M = (I − Q)⁻¹`` (unconstrained ``Q = B − Bᵀ``) from one batched call per forward pass over
+    the unconstrained Diag-OFT/BOFT layers of its block size, blocks dtype, compute dtype and device, instead of
+    one per layer (issue 7: the per-layer Cayley was ≈ 8 small kernels of an OFT layer's forward; 192 layers on
+    SD1.5); ``own()`` computes it for this layer alone. The bookkeeping is :class:`.factor_batch.PassBatch`'s
+    (which layers, when recomputed, CUDA graph captures, members whose storage was freed); the M's are
+    constants for autograd, so they stay held and a layer's first call computes its own without an autograd
+    record (checkpointing counts what a pass saves). Gradient checkpointing's re-run recomputes (same values)."""
     key = (blocks.shape[-1], blocks.dtype, cdt, blocks.device)
     batch = _INVERSE_BATCHES.get(key)
     if batch is None:
-        batch = _INVERSE_BATCHES[key] = _InverseBatch()
-    return batch.inverse(blocks, cdt, own)
+        # the module-level function looked up per call (tests count its calls)
+        batch = _INVERSE_BATCHES[key] = factor_batch.PassBatch(lambda *a: _inverse_compute(*a), serve_once=False)
+
+    def first():
+        with torch.no_grad():
+            return own()
+    return batch.get((blocks,), cdt, first)
 
 
 def _batched_build(build, blocks, weight, bias):
@@ -585,7 +527,8 @@ def _batched_build(build, blocks, weight, bias):
     (the rebuilt op then runs the build's own forward; a trainable base goes through autograd instead),
     gradients on, not under ``torch.compile`` (which traces the per-layer form)."""
     if (build.kappa is None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not weight.requires_grad and not (bias is not None and bias.requires_grad)):
+            and not weight.requires_grad and not (bias is not None and bias.requires_grad)
+            and not getattr(blocks, "_fsdp_flattened", False)):  # FSDP frees its units' storage between calls
         cdt = compute_dtype(weight, blocks)
         build.minv = batched_inverse(blocks, cdt, lambda: build._inverse(blocks, cdt)[0])
     return build
