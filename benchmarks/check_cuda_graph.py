@@ -34,6 +34,8 @@ import torch
 # (set either to "0" to check the other forms instead)
 os.environ.setdefault("LYCO_FACTOR_KERNELS", "1")
 os.environ.setdefault("LYCO_BYPASS_OP", "1")
+os.environ.setdefault("LYCO_BYPASS_STREAMS", "1")
+os.environ.setdefault("LYCO_MERGE_KERNEL", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 

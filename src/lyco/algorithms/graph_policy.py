@@ -12,8 +12,11 @@ such path has an environment variable with three values:
   the same thing, bit for bit);
 * ``0``: nowhere.
 
-The paths: LoHa's/LoKr's factor kernels (``LYCO_FACTOR_KERNELS``, :mod:`.factor_triton`) and the low-rank
-bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`).
+The paths: LoHa's/LoKr's factor kernels (``LYCO_FACTOR_KERNELS``, :mod:`.factor_triton`), the low-rank
+bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adapter's own products
+(``LYCO_BYPASS_STREAMS``, :func:`.lowrank.side_stream`; the stream's events and a Python context per region are
+host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches), and its merged
+weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`).
 """
 
 from __future__ import annotations

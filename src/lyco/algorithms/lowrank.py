@@ -13,7 +13,8 @@ gradients come from the factors: ``h = D∗x`` (recomputed in backward: one read
 gradient, no autograd re-entry; for a 2-D conv with stride 1 ``∂D`` is one batched GEMM of the rank-sized
 ∂h's shifted copies (an im2col of ∂h, r·k² rows) against x in its NCHW layout, where cuDNN's weight gradient
 converts x to NHWC first (:func:`_conv_wgrad_nchw`) — and ``∂x = opᵀ(∂y, W + s·U·D)``, the frozen layer's own input
-gradient with the merged weight (one weight-sized ``addmm`` to rebuild it). Only x and the factors are
+gradient with the merged weight (one weight-sized ``addmm`` to rebuild it; in captured steps one Triton pass,
+:func:`_merge_kernel`). Only x and the factors are
 kept for backward, never ``W′`` (as in :mod:`.rebuild`).
 
 Numerics, as every rebuild: ``W + s·U·D`` is rounded once to the compute dtype (bf16: 2⁻⁹ relative per
@@ -35,6 +36,15 @@ than in (:func:`_cat_pays`: GEGLU's projection) the frozen GEMM itself takes the
 the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 enters with a grouped down
 (``groups`` = in_m: its B on each channel group of a linear or conv input; ``D = kron(I, B)`` is never formed).
 
+**Two streams** (:func:`side_stream`, ``LYCO_BYPASS_STREAMS``, by default in captured steps only): the adapter's own
+gradients (∂U, ∂h, ∂D) need nothing the frozen layer's input gradient computes, and a conv adapter's forward h
+nothing the frozen conv computes, so they run on a side stream while the frozen layer's GEMM/conv runs; in a
+CUDA graph the fork and the join are edges and the branches overlap. H100, SD1.5 b8 as one graph (runs 93, 95;
+benchmarks/NOTES.md change 67): LoCon 83.4–83.7 → 82.2 ms (backward −1.1, conv forward −0.3), LoHa
+84.6 → 83.2, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
+saved 0.3 ms but cost a second cuBLAS workspace on the side stream (32 MiB, one per thread's handle and
+stream) — more than LoCon's memory margin under PEFT's peak.
+
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
 cast to it explicitly.
@@ -42,6 +52,7 @@ cast to it explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -74,6 +85,64 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+#: one side stream per CUDA device for the adapter's own products (:func:`side_stream`)
+_SIDE: dict = {}
+
+
+def side_stream(t: torch.Tensor):
+    """The stream the op runs the adapter's own products on while the frozen layer's GEMM/conv runs on the current
+    one (``LYCO_BYPASS_STREAMS``, :mod:`.graph_policy`: by default in captured steps, where the fork and join become
+    edges of the graph and the two branches run concurrently), or None (the CPU, the policy off).
+
+    Why it is safe with torch's caching allocator without ``record_stream`` (which, during a capture, would keep
+    every such block from reuse until the capture ends): every region on the side stream starts by waiting for the
+    current stream (:func:`_fork`) and the op waits for the side stream (:func:`_join`) before it returns. So (1) a
+    tensor of the current stream that the side stream reads is freed only after the join — its reuse comes after
+    the side stream's reads; (2) a tensor the side stream allocates and the current stream uses later (h, ∂U, ∂D)
+    is freed outside any region, and the side stream can reuse its block only in a later region, whose fork orders
+    it after everything the current stream was given before — that last use included; (3) temporaries the side
+    stream allocates and frees within a region are ordered on that stream."""
+    if not graph_policy.wanted("LYCO_BYPASS_STREAMS") or t.device.type != "cuda":
+        return None
+    st = _SIDE.get(t.device)
+    if st is None:
+        st = _SIDE[t.device] = torch.cuda.Stream(t.device)
+    return st
+
+
+@contextlib.contextmanager
+def _fork(side):
+    """Run the block on ``side`` after everything issued so far on the current stream (a no-op for None). Every
+    fork is joined (:func:`_join`) before the op returns; and a join never comes without a fork before it in the
+    same call: in a capture, waiting on an event of a stream not yet forked into it is an error."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join(side) -> None:
+    """The current stream waits for what ``side`` was given so far."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
+
+
+def _merge_kernel(w: torch.Tensor, r: int) -> bool:
+    """Whether :func:`_merged` builds ``W + s·U·D`` with :func:`.lowrank_triton.add_lowrank` — one pass that reads W
+    and writes W′, where ``addmm`` copies W into its output and then runs a GEMM that reads and writes it again
+    (one device-to-device copy per layer in a LoRA step's profile, run 81): ``LYCO_MERGE_KERNEL``
+    (:mod:`.graph_policy`, captured steps by default — a Triton launch binds its arguments in Python, host time an
+    eager step pays per layer), and the kernels' own conditions (CUDA, bf16/fp16, rank ≤ 64, their self-test). Both
+    accumulate U·D in fp32 and round ``W + s·U·D`` once. H100, SD1.5 b8 as one graph (run 97, NOTES change 68):
+    LoRA 76.8 → 76.5 ms, LoCon 82.0 → 81.3, LoHa 83.5 → 82.8."""
+    if not graph_policy.wanted("LYCO_MERGE_KERNEL"):
+        return False
+    from . import lowrank_triton
+    return lowrank_triton.usable(w, r)
+
+
 def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype: torch.dtype,
             groups: int = 1) -> torch.Tensor:
     """``W + s·U·D`` in ``dtype`` (one GEMM; the GEMM accumulates in fp32 and rounds once). ``groups`` > 1: D is
@@ -82,6 +151,9 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
     W's own memory (viewed, not copied, for a contiguous W)."""
     wf = cast(w, dtype)
     o = wf.shape[0]
+    if groups == 1 and wf.is_contiguous() and _merge_kernel(wf, u2.shape[1]):
+        from .lowrank_triton import add_lowrank
+        return add_lowrank(wf.view(o, -1), u2.contiguous(), d2.contiguous(), s).view(w.shape)
     if groups > 1:
         return torch.addmm(wf.reshape(o * groups, -1), u2.reshape(o * groups, -1), d2, alpha=s).view(w.shape)
     if wf.dim() == 2:
@@ -144,49 +216,32 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
     xc = cast(xd, cd)
-    gx = gw = gb = gd = gu = gh = None
-    if spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1]):
-        # a wide layer: ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest
-        # tensor here, is read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
+    gx = gw = gb = gd = gu = None
+    if spec.kind != LINEAR and (need_d or need_u):
+        gy = gy.contiguous()
+    # the adapter's own gradients need nothing the input gradient computes — except on a wide linear layer, whose
+    # ∂x GEMM yields ∂h too (_cat_pays) — so they run on the side stream while the frozen layer's ∂x runs
+    cat = spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1])
+    side = side_stream(gy) if (need_d or need_u) else None
+    with _fork(side):
+        if need_u:
+            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1])
+        if need_d and not cat:
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None)
+    if cat:
+        # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
+        # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
         gxh = gy @ torch.cat([_merged(weight, u2, d2, s, cd, groups), u2], 1)
         gx, gh = gxh[:, :spec.in_dim], gxh[:, spec.in_dim:]
         if need_b:
             gb = gy.sum(0)
+        with _fork(side):
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
         gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
-    if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
-        if need_u:
-            gu = _mm(gy.t(), F.linear(xc, d2) if h is None else h, s)
-        if need_d:
-            gh = gy @ u2 if gh is None else gh
-            if groups == 1:
-                gd = _mm(gh.t(), xc, s)
-            elif gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
-                gd = _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s)
-            else:  # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
-                p = gh.shape[0]
-                gd = _bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s).sum(0)
-    elif need_d or need_u:
-        gy = gy.contiguous()
-        n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
-        g3 = gy.view(n, o, -1)
-        if need_u:
-            if h is None:
-                h = layer_op(xc, spec, dd)
-            gu = _bmm(g3, h.reshape(n, r, -1).transpose(1, 2), s).sum(0)
-        if need_d:
-            # ∂h as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
-            # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
-            gh = _bmm(u2.t().expand(n, r, o), g3, s).view((n, r) + tuple(gy.shape[2:]))
-            if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
-                xc = xc.view(n * groups, -1, *xc.shape[2:])
-                gh = gh.view(n * groups, -1, *gh.shape[2:])
-            if _im2col_ok(spec, r):
-                gd = _conv_wgrad_nchw(xc, gh, spec)
-            else:
-                gd = op_backward(spec, xc, dd, gh, False, True, False)[1]
+    _join(side)
     if gx is not None:
         gx = like(gx, xshape, xdt)
     if gw is not None:
@@ -198,6 +253,39 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     if gu is not None:
         gu = like(gu, up.shape, up.dtype)
     return gx, None, gw, gb, gd, gu
+
+
+def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int) -> torch.Tensor:
+    """``∂U = s·∂yᵀh`` (h recomputed from x where the op did not keep it); a conv's summed over the batch."""
+    if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
+        return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s)
+    n, o = gy.shape[0], gy.shape[1]
+    if h is None:
+        h = layer_op(xc, spec, dd)
+    return _bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s).sum(0)
+
+
+def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh) -> torch.Tensor:
+    """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`."""
+    if spec.kind == LINEAR:
+        gh = gy @ u2 if gh is None else gh
+        if groups == 1:
+            return _mm(gh.t(), xc, s)
+        if gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
+            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s)
+        # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
+        p = gh.shape[0]
+        return _bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s).sum(0)
+    n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
+    # ∂h as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
+    # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
+    gh = _bmm(u2.t().expand(n, r, o), gy.view(n, o, -1), s).view((n, r) + tuple(gy.shape[2:]))
+    if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
+        xc = xc.view(n * groups, -1, *xc.shape[2:])
+        gh = gh.view(n * groups, -1, *gh.shape[2:])
+    if _im2col_ok(spec, r):
+        return _conv_wgrad_nchw(xc, gh, spec)
+    return op_backward(spec, xc, dd, gh, False, True, False)[1]
 
 
 def lowrank_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -335,6 +423,8 @@ class _BypassOp(torch.autograd.Function):
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
         dd, u2, d2 = _factors(down, up, cd)
         if spec.kind == LINEAR:
+            # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
+            # and cuBLAS keeps a workspace per (thread's handle, stream) — 32 MiB more for −0.3 ms (run 95)
             if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
                 h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
             else:
@@ -349,13 +439,17 @@ class _BypassOp(torch.autograd.Function):
                 y = layer_op(xd, spec, wd, bd)
                 y.addmm_(h, u2.t(), alpha=s)
         else:
-            y = layer_op(xd, spec, wd, bd)
+            # the adapter's conv (cuDNN, with its layout conversions) on the side stream while the frozen conv runs
+            side = side_stream(xd)
             n = xd.shape[0]
-            if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
-                hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
-                h = hg.view(n, -1, *hg.shape[2:])
-            else:
-                h = layer_op(xd, spec, dd)
+            with _fork(side):
+                if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
+                    hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
+                    h = hg.view(n, -1, *hg.shape[2:])
+                else:
+                    h = layer_op(xd, spec, dd)
+            y = layer_op(xd, spec, wd, bd)
+            _join(side)
             o, r = y.shape[1], h.shape[1]
             y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
             y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)

@@ -1,0 +1,167 @@
+"""The bypass op's side stream (``algorithms/lowrank.py``: ``side_stream``, ``_fork``/``_join``): which products run
+on it, and the ordering the allocator argument in ``side_stream``'s doc rests on — every region on the side stream
+starts by waiting for the current stream, the op waits for the side stream before it returns, and never waits
+on it without a fork first in the same call (in a CUDA graph capture that wait would be an error). The CPU has
+no streams, so a recording stand-in replaces them; the values are checked against float64 math with the
+stand-in in place. Whether two real streams race is the GPU runs' check (``benchmarks/check_cuda_graph.py``).
+Also here: the op's merged weight by the Triton kernel (``LYCO_MERGE_KERNEL``), forced in on the CPU's interpreter."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lyco.algorithms import lowrank
+from lyco.algorithms.base import LayerSpec
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log, self.device = name, log, torch.device("cpu")
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """A recording main and side stream; ``log`` lists waits, and every product below as ``name@stream``."""
+    log = []
+    main, side = _Stream("main", log), _Stream("side", log)
+    cur = [main]
+
+    @contextlib.contextmanager
+    def on(s):
+        prev, cur[0] = cur[0], s
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    monkeypatch.setattr(lowrank, "side_stream", lambda t: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            log.append(f"{name}@{cur[0].name}")
+            return fn(*a, **k)
+        monkeypatch.setattr(lowrank, name, wrapped)
+
+    for name in ("_grad_up", "_grad_down", "_merged", "layer_op"):
+        spy(name, getattr(lowrank, name))
+    return log
+
+
+def _check_pairs(log):
+    """Every fork joined after its last side product; no join before a fork."""
+    waits = [e for e in log if "waits" in e]
+    assert waits, log
+    assert waits[0] == "side waits main" and waits[-1] == "main waits side", log
+    assert log[-1] == "main waits side", log  # nothing runs after the join, before the op returns
+    forked = False
+    for e in log:
+        if e == "side waits main":
+            forked = True
+        elif e == "main waits side":
+            assert forked, log
+
+
+def _run(mod, x, r=4, s=0.7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spec = LayerSpec.from_module(mod)
+    w = mod.weight.detach().double()
+    b = mod.bias.detach().double()
+    k = tuple(w.shape[2:])
+    down = (torch.randn((r, w.shape[1]) + k, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    up = (torch.randn((w.shape[0], r) + (1,) * len(k), generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, spec, w, b, down, up, s)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    # float64 reference from the definition: y = op(x, W + s·U·D, b)
+    xr, dr, ur = (t.detach().clone().requires_grad_() for t in (x, down, up))
+    wm = w + s * (ur.reshape(ur.shape[0], r) @ dr.reshape(r, -1)).reshape(w.shape)
+    yr = F.linear(xr, wm, b) if w.dim() == 2 else F.conv2d(xr, wm, b, spec.stride, spec.padding)
+    yr.backward(gy)
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_linear_layer_backward_products_on_the_side_stream(streams):
+    mod = nn.Linear(12, 10)
+    _run(mod, torch.randn(40, 12, dtype=torch.float64))
+    # forward: h and the frozen GEMM on the current stream (no cuBLAS workspace for the side stream there)
+    assert not any(e.endswith("@side") for e in streams[:streams.index("side waits main")]), streams
+    i = streams.index("side waits main")
+    assert streams[i + 1:i + 3] == ["_grad_up@side", "_grad_down@side"], streams
+    assert "_merged@main" in streams[i + 3:], streams  # ∂x through the merged weight, beside them
+    _check_pairs(streams)
+
+
+def test_wide_linear_layer_waits_for_the_shared_gemm_before_its_down_gradient(streams):
+    mod = nn.Linear(8, 40)  # out ≥ 2·(in + r), (in + r) % 8 == 0: ∂h comes from the ∂x GEMM (_cat_pays)
+    assert lowrank._cat_pays(LayerSpec.from_module(mod), 8)
+    _run(mod, torch.randn(30, 8, dtype=torch.float64), r=8)
+    bwd = streams[streams.index("side waits main"):]
+    assert bwd[:2] == ["side waits main", "_grad_up@side"], bwd
+    m = bwd.index("_merged@main")
+    assert bwd[m + 1:m + 3] == ["side waits main", "_grad_down@side"], bwd  # ∂h is the GEMM's: after it
+    _check_pairs(streams)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=1)])
+def test_conv_adapter_forward_and_backward_on_the_side_stream(streams, kw):
+    mod = nn.Conv2d(6, 5, **kw)
+    _run(mod, torch.randn(2, 6, 7, 7, dtype=torch.float64))
+    fwd_end = streams.index("main waits side")
+    fwd = streams[:fwd_end + 1]
+    # the adapter's conv h on the side stream, the frozen conv on the current one, joined before the up's add
+    assert fwd == ["side waits main", "layer_op@side", "layer_op@main", "main waits side"], fwd
+    bwd = streams[fwd_end + 1:]
+    assert bwd[:3] == ["side waits main", "_grad_up@side", "_grad_down@side"], bwd
+    _check_pairs(bwd)
+    _check_pairs(fwd)
+
+
+def test_side_stream_policy(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setenv("LYCO_BYPASS_STREAMS", "1")
+    assert lowrank.side_stream(x) is None  # the CPU has no streams
+    monkeypatch.setenv("LYCO_BYPASS_STREAMS", "sometimes")
+    with pytest.raises(ValueError, match="LYCO_BYPASS_STREAMS"):  # a typo is an error, not the stream off
+        lowrank.side_stream(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv3x3"])
+def test_merged_weight_by_the_kernel_in_the_op(monkeypatch, triton_interpreter, kind):
+    """``LYCO_MERGE_KERNEL``: the op's ∂x through ``W + s·U·D`` built by ``lowrank_triton.add_lowrank`` (forced in;
+    Triton's interpreter on the CPU) — the kernel is called once per backward with the layer's flattened weight, and
+    ∂x, ∂U, ∂D, y equal float64 math within fp32 rounding."""
+    from lyco.algorithms import lowrank_triton
+    calls = []
+    real = lowrank_triton.add_lowrank
+    monkeypatch.setattr(lowrank_triton, "add_lowrank", lambda w, u, d, s: calls.append(tuple(w.shape)) or real(w, u, d, s))
+    monkeypatch.setattr(lowrank, "_merge_kernel", lambda w, r: True)
+    mod = {"linear": nn.Linear(24, 20), "wide-linear": nn.Linear(8, 40), "conv3x3": nn.Conv2d(6, 5, 3, padding=1)}[kind]
+    x = torch.randn(30, mod.in_features) if kind != "conv3x3" else torch.randn(2, 6, 7, 7)
+    r = 8
+    spec = LayerSpec.from_module(mod)
+    g = torch.Generator().manual_seed(1)
+    w, b = mod.weight.detach(), mod.bias.detach()
+    k = tuple(w.shape[2:])
+    down = (0.3 * torch.randn((r, w.shape[1]) + k, generator=g)).requires_grad_()
+    up = (0.3 * torch.randn((w.shape[0], r) + (1,) * len(k), generator=g)).requires_grad_()
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, spec, w, b, down, up, 0.7)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    assert calls == [(w.shape[0], w[0].numel())]
+    xr, dr, ur = (t.detach().double().requires_grad_() for t in (x, down, up))
+    wm = w.double() + 0.7 * (ur.reshape(ur.shape[0], r) @ dr.reshape(r, -1)).reshape(w.shape)
+    yr = F.linear(xr, wm, b.double()) if w.dim() == 2 else F.conv2d(xr, wm, b.double(), padding=1)
+    yr.backward(gy.double())
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
