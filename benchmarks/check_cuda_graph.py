@@ -44,6 +44,9 @@ from lyco.train import from_dict  # noqa: E402
 from lyco.train.loop import Trainer  # noqa: E402
 from lyco.train.synthetic import make_shapes  # noqa: E402
 
+#: --clear-batches (main sets it)
+CLEAR_BATCHES = [False]
+
 # name: (network table, train table additions)
 CASES = {
     "lora": ({"algo": "lora", "rank": 8}, {}),
@@ -157,6 +160,9 @@ def moved_gradients(data: Path, out: Path, net: dict, train: dict) -> float:
 
 
 def run(data: Path, out: Path, net: dict, train: dict, graph: bool, steps: int):
+    if CLEAR_BATCHES[0]:
+        from lyco.algorithms import factor_batch
+        factor_batch._BATCHES.clear()
     tr = Trainer(config(data, out, net, train, graph, steps)).setup()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -167,7 +173,7 @@ def run(data: Path, out: Path, net: dict, train: dict, graph: bool, steps: int):
     info = {"s_per_step": sec / steps, "losses": [v for _, v in res.losses]}
     if g is not None:
         info.update(captures=g.captures, replays=g.replays, eager_calls=g.eager_calls,
-                    disabled_reason=g.disabled_reason)
+                    retried=getattr(g, "retried", 0), disabled_reason=g.disabled_reason)
     return load_tensors(res.adapter_path)[0], info
 
 
@@ -179,18 +185,26 @@ def main() -> int:
     ap.add_argument("--eager-twice", action="store_true", help="also train eager a second time (noise reference)")
     ap.add_argument("--one-bucket", action="store_true", help="square images only (one graph)")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest relative L2 difference of the gradients")
+    ap.add_argument("--no-retry", action="store_true", help="a failed capture is not tried again (counts failures)")
+    ap.add_argument("--clear-batches", action="store_true",
+                    help="forget factor_batch's batches before each trainer (an experiment on the capture failures)")
     a = ap.parse_args()
+    CLEAR_BATCHES[0] = a.clear_batches
+    if a.no_retry:
+        from lyco.train.graphs import GraphedStep
+        GraphedStep.capture_retries = 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
     os.makedirs(a.out, exist_ok=True)
-    work = Path(tempfile.mkdtemp())
-    data = work / "train"
+    base = Path(tempfile.mkdtemp())
+    data = base / "train"
     make_shapes(data / "4_lycoshape", 8, seed=3, sizes=((64, 64),) if a.one_bucket else ((64, 64), (128, 64)))
     rows, bad = [], 0
-    for name in a.cases.split(","):
+    for rep, name in enumerate(a.cases.split(",")):
         net, train = CASES[name]
         row = {"case": name}
+        work = base / str(rep)  # a case may be named more than once (repeats: the capture's intermittent failure)
         try:
             ea, ei = run(data, work / f"{name}-eager", net, train, False, a.steps)
             ga, gi = run(data, work / f"{name}-graph", net, train, True, a.steps)

@@ -97,6 +97,46 @@ def test_capture_failure_falls_back_to_eager_without_side_effects(caplog):
     assert (g.captures, g.replays, g.eager_calls) == (0, 0, 2)
 
 
+class _FlakyRecord(StandInGraph):
+    """A stand-in whose first ``fail`` recordings fail as a capture does (after running the call: a real capture
+    runs the forward and backward before its end fails)."""
+
+    def __init__(self, *a, fail: int, **k):
+        super().__init__(*a, **k)
+        self.fail, self.recordings = fail, 0
+
+    def _record(self, call):
+        self.recordings += 1
+        if self.recordings <= self.fail:
+            call()
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return super()._record(call)
+
+
+@pytest.mark.parametrize("fail", [1, 2])
+def test_a_failed_capture_is_tried_once_more(caplog, fail):
+    """One failed capture: warmed up and captured again, then replayed — with no trace of the failed attempt on the
+    gradients; two: the step runs eagerly, as for any failure."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, requires_grad=True)
+    w.grad = torch.full_like(w, 0.25)
+    ref_w = w.detach().clone().requires_grad_(True)
+    ref_w.grad = w.grad.clone()
+    batches = [{"x": torch.randn(4, 3), "y": torch.randn(4, 2)} for _ in range(3)]
+    ref = [float(_loss_fn(ref_w)(b)) for b in batches]
+    g = _FlakyRecord(_loss_fn(w), [w], warmup=2, fail=fail)
+    with caplog.at_level("WARNING", logger="lyco.train"):
+        got = [float(g(b)) for b in batches]
+    assert got == pytest.approx(ref, rel=1e-6)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-6, atol=1e-7)
+    assert "capturing once more" in caplog.text and g.retried == 1
+    if fail == 1:
+        assert (g.captures, g.replays, g.eager_calls, g.disabled_reason) == (1, 3, 0, None)
+    else:
+        assert (g.captures, g.replays, g.eager_calls) == (0, 0, 3)
+        assert "previous error during capture" in g.disabled_reason and "could not be captured" in caplog.text
+
+
 def test_more_shapes_than_max_graphs_run_eagerly():
     w = torch.randn(3, 2, requires_grad=True)
     g = StandInGraph(_loss_fn(w), [w], max_graphs=2)
