@@ -39,9 +39,9 @@ the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 
 **Two streams** (:func:`side_stream`, ``LYCO_BYPASS_STREAMS``, by default in captured steps only): the adapter's own
 gradients (∂U, ∂h, ∂D) need nothing the frozen layer's input gradient computes, and a conv adapter's forward h
 nothing the frozen conv computes, so they run on a side stream while the frozen layer's GEMM/conv runs; in a
-CUDA graph the fork and the join are edges and the branches overlap. H100, SD1.5 b8 as one graph (runs 93, 95;
-benchmarks/NOTES.md change 67): LoCon 83.4–83.7 → 82.2 ms (backward −1.1, conv forward −0.3), LoHa
-84.6 → 83.2, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
+CUDA graph the fork and the join are edges and the branches overlap. H100, SD1.5 b8 as one graph (runs 95–96;
+benchmarks/NOTES.md change 67): LoCon 83.5 → 82.1–82.2 ms (backward −1.1, conv forward −0.3), LoHa
+84.7 → 83.5–83.6, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
 saved 0.3 ms but cost a second cuBLAS workspace on the side stream (32 MiB, one per thread's handle and
 stream) — more than LoCon's memory margin under PEFT's peak.
 
