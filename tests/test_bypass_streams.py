@@ -165,3 +165,30 @@ def test_merged_weight_by_the_kernel_in_the_op(monkeypatch, triton_interpreter, 
     yr.backward(gy.double())
     for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
+def test_grouped_merged_weight_by_the_kernel(monkeypatch, triton_interpreter):
+    """LoKr's grouped down (``groups`` = 3: ``D = kron(I_3, B)``, never formed) with the kernel forced in: one call on
+    W viewed as its ``out·groups`` row blocks, and the op equal to float64 math with D formed."""
+    from lyco.algorithms import lowrank_triton
+    calls = []
+    real = lowrank_triton.add_lowrank
+    monkeypatch.setattr(lowrank_triton, "add_lowrank", lambda w, u, d, s: calls.append(tuple(w.shape)) or real(w, u, d, s))
+    monkeypatch.setattr(lowrank, "_merge_kernel", lambda w, r: True)
+    mod, g, r = nn.Linear(24, 20), 3, 4
+    gen = torch.Generator().manual_seed(2)
+    w, b = mod.weight.detach(), mod.bias.detach()
+    down = (0.3 * torch.randn(r, 24 // g, generator=gen)).requires_grad_()
+    up = (0.3 * torch.randn(20, g * r, generator=gen)).requires_grad_()
+    x = torch.randn(30, 24, generator=gen)
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, LayerSpec.from_module(mod), w, b, down, up, 0.7, groups=g)
+    gy = torch.randn(y.shape, generator=gen)
+    y.backward(gy)
+    assert calls == [(20 * g, 24 // g)]
+    xr, dr, ur = (t.detach().double().requires_grad_() for t in (x, down, up))
+    wm = w.double() + 0.7 * ur @ torch.block_diag(*[dr] * g)
+    yr = F.linear(xr, wm, b.double())
+    yr.backward(gy.double())
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5

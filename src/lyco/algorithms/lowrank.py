@@ -136,7 +136,8 @@ def _merge_kernel(w: torch.Tensor, r: int) -> bool:
     (:mod:`.graph_policy`, captured steps by default — a Triton launch binds its arguments in Python, host time an
     eager step pays per layer), and the kernels' own conditions (CUDA, bf16/fp16, rank ≤ 64, their self-test). Both
     accumulate U·D in fp32 and round ``W + s·U·D`` once. H100, SD1.5 b8 as one graph (run 97, NOTES change 68):
-    LoRA 76.8 → 76.5 ms, LoCon 82.0 → 81.3, LoHa 83.5 → 82.8."""
+    LoRA 76.8 → 76.5 ms, LoCon 82.0 → 81.3, LoHa 83.5 → 82.8; LoKr's grouped form (change 74, run 104)
+    87.1 → 86.9."""
     if not graph_policy.wanted("LYCO_MERGE_KERNEL"):
         return False
     from . import lowrank_triton
@@ -151,9 +152,10 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
     W's own memory (viewed, not copied, for a contiguous W)."""
     wf = cast(w, dtype)
     o = wf.shape[0]
-    if groups == 1 and wf.is_contiguous() and _merge_kernel(wf, u2.shape[1]):
+    if wf.is_contiguous() and _merge_kernel(wf, d2.shape[0]):  # rows of W′ = out·groups blocks, as addmm's below
         from .lowrank_triton import add_lowrank
-        return add_lowrank(wf.view(o, -1), u2.contiguous(), d2.contiguous(), s).view(w.shape)
+        return add_lowrank(wf.view(o * groups, -1), u2.reshape(o * groups, -1).contiguous(), d2.contiguous(),
+                           s).view(w.shape)
     if groups > 1:
         return torch.addmm(wf.reshape(o * groups, -1), u2.reshape(o * groups, -1), d2, alpha=s).view(w.shape)
     if wf.dim() == 2:
