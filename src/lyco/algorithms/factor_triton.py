@@ -151,10 +151,12 @@ if triton is not None:
                  mask=(ii[:, None, None] < R1) & (jj[None, :, None] < R2) & cm[None, None, :])
 
     @triton.jit
-    def _kr_member(M, N, R1, R2):
-        """Element offsets of member program_id(1) of a stacked contiguous batch: a1, a2, b1, b2, Ka, Kb."""
+    def _kr_member(A1, A2, B1, B2, KA, KB, M, N, R1, R2):
+        """The six pointers (a1, a2, b1, b2, Ka, Kb — or their gradients, which have the same shapes) moved to member
+        program_id(1) of a stacked contiguous batch."""
         b = tl.program_id(1).to(tl.int64)
-        return b * M * R1, b * M * R2, b * R1 * N, b * R2 * N, b * M * R1 * R2, b * R1 * R2 * N
+        return (A1 + b * M * R1, A2 + b * M * R2, B1 + b * R1 * N, B2 + b * R2 * N, KA + b * M * R1 * R2,
+                KB + b * R1 * R2 * N)
 
     @triton.jit
     def _kr_fwd_kernel(A1, A2, B1, B2, KA, KB, M, N, R1, R2, sa1m, sa1r, sa2m, sa2r, sb1r, sb1n, sb2r, sb2n, NBM,
@@ -162,13 +164,7 @@ if triton is not None:
         """Programs < NBM: BM rows of Ka; the others: BN columns of Kb (both contiguous). program_id(1): the member
         of a stacked batch (every operand then contiguous; one layer: member 0, any strides)."""
         pid = tl.program_id(0)
-        oa1, oa2, ob1, ob2, oka, okb = _kr_member(M, N, R1, R2)
-        A1 += oa1
-        A2 += oa2
-        B1 += ob1
-        B2 += ob2
-        KA += oka
-        KB += okb
+        A1, A2, B1, B2, KA, KB = _kr_member(A1, A2, B1, B2, KA, KB, M, N, R1, R2)
         if pid < NBM:
             _rows_fwd(A1, A2, KA, M, R1, R2, sa1m, sa1r, sa2m, sa2r, pid, BM, R1P, R2P)
         else:
@@ -219,17 +215,8 @@ if triton is not None:
         """Programs < NBM: ∂a1, ∂a2 on BM rows from ∂Ka; the others: ∂b1, ∂b2 on BN columns from ∂Kb
         (outputs contiguous). program_id(1): the member of a stacked batch (as the forward)."""
         pid = tl.program_id(0)
-        oa1, oa2, ob1, ob2, oka, okb = _kr_member(M, N, R1, R2)
-        A1 += oa1
-        GA1 += oa1
-        A2 += oa2
-        GA2 += oa2
-        B1 += ob1
-        GB1 += ob1
-        B2 += ob2
-        GB2 += ob2
-        GKA += oka
-        GKB += okb
+        A1, A2, B1, B2, GKA, GKB = _kr_member(A1, A2, B1, B2, GKA, GKB, M, N, R1, R2)
+        GA1, GA2, GB1, GB2, _, _ = _kr_member(GA1, GA2, GB1, GB2, GKA, GKB, M, N, R1, R2)
         if pid < NBM:
             _rows_bwd(A1, A2, GKA, GA1, GA2, M, R1, R2, sa1m, sa1r, sa2m, sa2r, sgam, sgar, pid, BM, R1P, R2P)
         else:

@@ -42,8 +42,8 @@ nothing the frozen conv computes, so they run on a side stream while the frozen 
 CUDA graph the fork and the join are edges and the branches overlap. H100, SD1.5 b8 as one graph (runs 95–96;
 benchmarks/NOTES.md change 67): LoCon 83.5 → 82.1–82.2 ms (backward −1.1, conv forward −0.3), LoHa
 84.7 → 83.5–83.6, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
-saved 0.3 ms but cost a second cuBLAS workspace on the side stream (32 MiB, one per thread's handle and
-stream) — more than LoCon's memory margin under PEFT's peak.
+saved 0.3 ms but raised every peak by 0.03 GiB (run 95; torch keeps a cuBLAS workspace per thread's handle and
+stream, and the forward's thread would need one for the side stream too) — LoCon's margin under PEFT's peak.
 
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
@@ -132,7 +132,8 @@ def _join(side) -> None:
 def _merge_kernel(w: torch.Tensor, r: int) -> bool:
     """Whether :func:`_merged` builds ``W + s·U·D`` with :func:`.lowrank_triton.add_lowrank` — one pass that reads W
     and writes W′, where ``addmm`` copies W into its output and then runs a GEMM that reads and writes it again
-    (one device-to-device copy per layer in a LoRA step's profile, run 81): ``LYCO_MERGE_KERNEL``
+    (run 81's LoRA profile has 176 device-to-device copies per step, as many as its layers that merge this way —
+    attributed to ``addmm`` by that count, not traced): ``LYCO_MERGE_KERNEL``
     (:mod:`.graph_policy`, captured steps by default — a Triton launch binds its arguments in Python, host time an
     eager step pays per layer), and the kernels' own conditions (CUDA, bf16/fp16, rank ≤ 64, their self-test). Both
     accumulate U·D in fp32 and round ``W + s·U·D`` once. H100, SD1.5 b8 as one graph (run 97, NOTES change 68):
@@ -426,7 +427,7 @@ class _BypassOp(torch.autograd.Function):
         dd, u2, d2 = _factors(down, up, cd)
         if spec.kind == LINEAR:
             # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
-            # and cuBLAS keeps a workspace per (thread's handle, stream) — 32 MiB more for −0.3 ms (run 95)
+            # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95)
             if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
                 h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
             else:

@@ -127,6 +127,13 @@ class GraphedStep:
             self._pool = g.pool()
         return g.replay, out
 
+    def _restore(self, grads: list[torch.Tensor], rng) -> None:
+        """The gradients and RNG states as before a warm-up and capture (which must leave no trace)."""
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.grad.copy_(g)
+        self._set_rng_states(rng)
+
     @staticmethod
     def _rng_states():
         return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
@@ -250,20 +257,14 @@ class GraphedStep:
                     self.retried += 1
                     log.warning("cuda_graph: the capture failed (%s); warming up and capturing once more",
                                 f"{type(e).__name__}: {e}".splitlines()[0][:200] + _where(e.__traceback__))
-                    with torch.no_grad():
-                        for p, g in zip(self.params, saved):
-                            p.grad.copy_(g)
-                    self._set_rng_states(rng)
+                    self._restore(saved, rng)
         except Exception as e:  # noqa: BLE001 — any failure to capture means: train without graphs
             self.disabled_reason = f"{type(e).__name__}: {e}".splitlines()[0][:300] + _where(e.__traceback__)
             log.warning("cuda_graph: the training step could not be captured (%s); training continues "
                         "without CUDA graphs", self.disabled_reason)
             return None
         finally:
-            with torch.no_grad():
-                for p, g in zip(self.params, saved):
-                    p.grad.copy_(g)
-            self._set_rng_states(rng)
+            self._restore(saved, rng)
         self.captures += 1
         return _Captured(replay, static, out)
 
