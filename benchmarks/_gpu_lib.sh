@@ -26,3 +26,9 @@ graph_check() {
   echo
   grep "cases ok" "$OUT/check_cuda_graph.log"
 }
+
+# pack_out: everything under $OUT but summary.txt into $OUT/results.tgz (the device tool brings back few files)
+pack_out() {
+  (cd "$OUT" && tar czf /tmp/results.tgz --exclude=summary.txt . && find . -type f ! -name summary.txt -delete \
+    && mv /tmp/results.tgz results.tgz)
+}

@@ -116,7 +116,7 @@ def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
     input (SD1.5's 8×8 level at the tiny UNet's size), where ∂h is both contiguous and channels-last — the
     im2col once read it with the wrong strides and returned ∂D = 0."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
     torch.manual_seed(0)
     if layer.startswith("linear"):
@@ -185,7 +185,7 @@ def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
     backward (``lowrank._cat_pays``): outputs and gradients equal float64 math on the dense ΔW. That the path ran
     is read from what the op kept: x as a view of ``[x | h]`` (rows in + r apart)."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     conf, n_in = WIDE[cfg]
     torch.manual_seed(0)
     mod = nn.Linear(n_in, 64)
@@ -211,7 +211,7 @@ def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer, chann
     here, 72 shifted planes: within 2·64 input channels, not 2·32 — cuDNN's weight gradient else), the merged
     weight with ``kron(I, B)``; outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)``."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     used = []
     real = lowrank._conv_wgrad_nchw
     monkeypatch.setattr(lowrank, "_conv_wgrad_nchw", lambda *a: used.append(1) or real(*a))
@@ -357,7 +357,7 @@ def test_autocast_mixed_precision_lokr_grouped(monkeypatch, layer):
     """As above for LoKr's grouped down (B on each channel group; the merged weight over W's rows in in_m
     blocks), on a linear layer, a wide one (the concatenated GEMMs, ∂B per group from the strided x) and a conv:
     bf16 output, fp32 gradients for W1, A, B, all within bf16 rounding of float64 math on ``kron(W1, A·B)``."""
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     torch.manual_seed(0)
     mod = {"linear": nn.Linear(64, 48), "linear-wide": nn.Linear(16, 64),
            "3x3-p1": nn.Conv2d(64, 48, **CONVS["3x3-p1"])}[layer]
@@ -426,6 +426,21 @@ def test_shape_rule(monkeypatch, layer, shape, taken):
     assert (_node(model(x)) == "_BypassOpBackward") == taken
 
 
+@pytest.mark.parametrize("algo, nhwc, taken", [("lora", True, True), ("lokr", True, False), ("lora", False, False)])
+def test_shape_rule_channels_last(monkeypatch, triton_interpreter, algo, nhwc, taken):
+    """A k×k conv below the rule's positions ≥ out·∏k/8 (16 < 18 here) is taken where the op runs channels-last
+    with its epilogue (``_conv_nhwc``, ``_conv_epilogue``; forced in: the CPU has neither) and the input has
+    positions ≥ in·∏k/24 — for ungrouped adapters: LoKr's grouped down (``bypass_grouped``) keeps the delta path."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: nhwc)
+    monkeypatch.setattr(lowrank, "_conv_nhwc", lambda spec, x: nhwc)
+    torch.manual_seed(0)
+    cfg = dict(algo=algo, rank=2) if algo == "lora" else dict(algo="lokr", rank=2, factor=2)
+    model, net = _setup(nn.Conv2d(8, 16, 3, padding=1), cfg)
+    x = torch.randn(1, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert (_node(model(x)) == "_BypassOpBackward") == taken
+
+
 @pytest.mark.parametrize("cfg, taken", [
     (dict(algo="lora", rank=2), True),   # the control: the same layer and input take the op
     (dict(algo="loha", rank=2), True),
@@ -470,7 +485,7 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     pytest.importorskip("diffusers")
     from lyco.models.tiny import tiny_components
     monkeypatch.delenv("LYCO_BYPASS_OP", raising=False)
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x: True)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     unet = tiny_components("sd1", dtype=torch.float64)["unet"]
     extra = dict(factor=2) if algo == "lokr" else {}   # LoKr: low-rank W2 on every layer, convs with a grouped down
     net = lyco.create({"unet": unet}, algo=algo, rank=4, alpha=2.0, preset="full", conv_rank=2, seed=0, **extra)

@@ -56,6 +56,10 @@ _SCRIPT = textwrap.dedent('''
     for detach in (False, True):
         cases.append(("grad", lt._grad_kernel, ("E", "W", "U", "D", "H"), ("gain", "s"), ("VEC", "P", "GUP", "GMAG"),
                       dict(DETACH=detach, BM=16, BK=128, BR=64, UPCAST=False)))
+    for has_b, br in ((True, 16), (False, 64)):
+        cases.append(("up_add", lt._up_add_kernel, ("Y", "U", "H", "B", "OUT"), ("gain",), (),
+                      dict(HAS_B=has_b, BM=64, BP=128, BR=br, UPCAST=False)))
+    cases.append(("copy3", lt._copy3_kernel, ("X", "OUT"), (), (), dict(BM=64, BP=64)))
     out = []
     for DT, arch in (("bf16", 90), ("fp16", 80)):  # Hopper (the benchmarks' card) and Ampere
         for name, fn, ptr, f32, fptr, const in cases:
@@ -75,6 +79,6 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 15
+    assert len(results) == 2 * 18
     failed = [r for r in results if not r[4]]
     assert not failed, failed

@@ -74,11 +74,15 @@ def main():
     p.add_argument("--algo", default="locon", choices=["locon", "loha", "lokr"],
                    help="the adapters on every lin+conv layer (train_step.py's configurations of these names)")
     p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
-    p.add_argument("--set", default="lin+conv", choices=["lin", "conv", "lin+conv"],
+    p.add_argument("--set", default="lin+conv", choices=["lin", "conv", "lin+conv", "allconv"],
                    help="the layers timed when --only is not given")
     p.add_argument("--rebuild", action="store_true",
                    help="also time the rebuilt op (the adapter's mode set to 'rebuild': one merged weight, its "
                         "weight gradient by the frozen layer's own wgrad GEMM/conv)")
+    p.add_argument("--epilogue", action="store_true",
+                   help="convs also as op-epi (LYCO_CONV_EPILOGUE=1: the bias and the up in one Triton pass) and "
+                        "op-nhwc (and LYCO_CONV_NHWC=1: a k×k conv's input channels-last once), op-nhwc-torch "
+                        "(the same by torch's strided copy); the plain op with both 0")
     p.add_argument("--profile", action="store_true",
                    help="per layer and way, the kernels of one forward + backward (torch.profiler, eager calls; "
                         "device time per kernel) into kernels.txt")
@@ -88,7 +92,8 @@ def main():
     names = layer_sets(unet)
     handle = attach_lyco(unet, a.algo, names, "auto", dt)
     mods = dict(unet.named_modules())
-    targets = names[a.set]
+    targets = ([n for n in names["lin+conv"] if isinstance(mods[n], torch.nn.Conv2d)] if a.set == "allconv"
+               else names[a.set])
     if a.only:
         targets = [t for t in a.only.split(",") if t]
         missing = [t for t in targets if t not in mods]
@@ -101,8 +106,8 @@ def main():
             prm.add_((0.02 * torch.randn(prm.shape, generator=gen)).to(prm.device, prm.dtype))
     rows, prof_lines = [], []
     t0 = time.time()
-    real_im2col, real_cat = lowrank._im2col_ok, lowrank._cat_pays
-    lowrank.bypass_pays = lambda spec, x: True
+    real_im2col, real_cat, real_nhwc = lowrank._im2col_ok, lowrank._cat_pays, lowrank._nhwc_copy
+    lowrank.bypass_pays = lambda spec, x, grouped=False: True
     for name in targets:
         m = mods[name]
         (ad,) = m._lyco_host.adapters
@@ -124,11 +129,19 @@ def main():
             ways.append(("op-nocat", "1", real_im2col, lambda spec, r: False))
         if conv:
             ways.append(("op-cudnn-wgrad", "1", lambda spec, r: False, real_cat))
+            if a.epilogue:
+                ways += [("op-epi", "1", real_im2col, real_cat), ("op-nhwc", "1", real_im2col, real_cat),
+                         ("op-nhwc-torch", "1", real_im2col, real_cat)]
         if a.rebuild:
             ways.append(("rebuild", "0", real_im2col, real_cat))
         outs = {}
         for way, flag, im2col, cat in ways:
             os.environ["LYCO_BYPASS_OP"] = flag
+            os.environ["LYCO_CONV_EPILOGUE"] = "1" if way.startswith(("op-epi", "op-nhwc")) else "0"
+            os.environ["LYCO_CONV_NHWC"] = "1" if way.startswith("op-nhwc") else "0"
+            # op-nhwc-torch: the input converted by torch's strided copy instead of lowrank_triton.channels_last
+            lowrank._nhwc_copy = (lambda t: t.contiguous(memory_format=torch.channels_last)) \
+                if way == "op-nhwc-torch" else real_nhwc
             lowrank._im2col_ok, lowrank._cat_pays = im2col, cat
             ad.mode = "rebuild" if way == "rebuild" else "auto"
             outs[way] = [t.float() for t in fn()]
@@ -152,13 +165,16 @@ def main():
         rows.append(row)
         if len(rows) % 20 == 0:
             print(f"{len(rows)}/{len(targets)} layers, {time.time() - t0:.0f} s", flush=True)
-    os.environ.pop("LYCO_BYPASS_OP", None)
+    for var in ("LYCO_BYPASS_OP", "LYCO_CONV_EPILOGUE", "LYCO_CONV_NHWC"):
+        os.environ.pop(var, None)
     res = {"device": "cpu (smoke)" if a.smoke else torch.cuda.get_device_name(), "algo": a.algo, "rows": rows}
     if not a.smoke:
         for kind in ("linear", "conv2d"):
             sel = [r for r in rows if r["kind"] == kind]
             tot = {w: sum(r.get(w, r["op"]) for r in sel) / 1000.0
-                   for w in ("delta", "op", "op-nocat", "op-cudnn-wgrad", "rebuild") if any(w in r for r in sel)}
+                   for w in ("delta", "op", "op-nocat", "op-cudnn-wgrad", "op-epi", "op-nhwc", "op-nhwc-torch",
+                             "rebuild")
+                   if any(w in r for r in sel)}
             best = sum(min(r.get(w, r["op"]) for w in tot) for r in sel) / 1000.0
             print(f"{kind}: {len(sel)} layers, ms per step " + ", ".join(f"{w} {v:.2f}" for w, v in tot.items())
                   + f", best per layer {best:.2f}", flush=True)

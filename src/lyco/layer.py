@@ -347,7 +347,8 @@ class LayerHost:
         w, b = mod.weight, mod.bias
         if len(active) == 1 and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
             x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
-            if _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(self.spec, x2):
+            if _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(
+                    self.spec, x2, active[0].algorithm.bypass_grouped):
                 y = active[0].bypass_op(x2, w, b)
                 if y is not None:
                     return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])

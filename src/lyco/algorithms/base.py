@@ -316,6 +316,9 @@ class Algorithm:
     linear_in_multiplier: ClassVar[bool] = True
     #: whether DoRA can wrap this algorithm
     supports_dora: ClassVar[bool] = False
+    #: whether the bypass op's down acts on channel groups (LoKr's low-rank W2, :meth:`bypass_factors`): the op's
+    #: shape rule (:func:`.lowrank.bypass_pays`) then leaves out what it measured only for ungrouped adapters
+    bypass_grouped: ClassVar[bool] = False
 
     # -- detection --------------------------------------------------------------------
     @classmethod

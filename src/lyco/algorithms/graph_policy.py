@@ -16,7 +16,9 @@ The paths: LoHa's/LoKr's factor kernels (``LYCO_FACTOR_KERNELS``, :mod:`.factor_
 bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adapter's own products
 (``LYCO_BYPASS_STREAMS``, :func:`.lowrank.side_stream`; the stream's events and a Python context per region are
 host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches), and its merged
-weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`).
+weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), its conv forward's bias and up
+in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
+(``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`).
 """
 
 from __future__ import annotations

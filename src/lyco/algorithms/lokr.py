@@ -175,6 +175,7 @@ class LoKr(Algorithm):
                "unbalanced_factorization": False, "use_tucker": False, "use_scalar": False,
                "rs_lora": False}
     supports_dora = True
+    bypass_grouped = True
 
     @classmethod
     def detect(cls, keys, tensors=None) -> bool:

@@ -45,6 +45,21 @@ benchmarks/NOTES.md change 67): LoCon 83.5 → 82.1–82.2 ms (backward −1.1, 
 saved 0.3 ms but raised every peak by 0.03 GiB (run 95; torch keeps a cuBLAS workspace per thread's handle and
 stream, and the forward's thread would need one for the side stream too) — LoCon's margin under PEFT's peak.
 
+**The conv forward's epilogue** (:func:`_conv_epilogue`, ``LYCO_CONV_EPILOGUE``; :func:`_conv_nhwc`,
+``LYCO_CONV_NHWC``; both captured steps by default): the frozen conv runs without its bias and one Triton pass
+(:func:`.lowrank_triton.up_add`) writes ``y = conv(x, W) + s·U·h + b`` — torch adds a cuDNN conv's bias in a
+broadcast pass of its own and the up was an in-place ``baddbmm``, two read-modify-writes of the output. A k×k conv's
+input goes channels-last once, by a tiled Triton copy, for both the frozen conv and the adapter's (cuDNN converts an
+NCHW input for each of them and converts its output back), and the epilogue's pass writes the NCHW output from the
+channels-last one. Every SD1.5 b8 conv alone (run 107, forward + backward): the 3×3 convs 25.1 → 21.8 ms summed, the
+1×1 convs 3.0 → 2.5; the step as one graph (runs 107–108): LoCon 81.3 → 77.7–77.8 ms, LoHa 82.8 → 79.3–79.4, LoRA (its
+32 1×1 convs) 76.5 → 75.9–76.1, LoKr (ungrouped paths only) 86.5 → 85.2–85.5. The channels-last copy by torch's
+strided ``contiguous`` lost to cuDNN's own conversions at 64×64 (run 107: 7.13 vs 6.03 ms over those 12 convs);
+the backward's ∂x channels-last the same way (∂y in and ∂x out by the tiled copy) cost +2 ms on LoCon's step (run
+108) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
+(``conv + s·U·h + b`` in fp32) where the delta path rounds ``conv + b`` and then the sum: within bf16 rounding of
+it, no longer bit-identical.
+
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
 Function. Autocast: the compute dtype is the one autocast would pick for ``op(x, W)``; every operand is
 cast to it explicitly.
@@ -143,6 +158,31 @@ def _merge_kernel(w: torch.Tensor, r: int) -> bool:
         return False
     from . import lowrank_triton
     return lowrank_triton.usable(w, r)
+
+
+def _conv_epilogue(x: torch.Tensor, spec: LayerSpec) -> bool:
+    """Whether the op's conv forward adds the adapter's up and the layer's bias in one Triton pass
+    (:func:`.lowrank_triton.up_add`) instead of torch's bias pass after the cuDNN conv (a broadcast add that reads
+    and writes the output: run 72's profile, 28–30 µs of a 64×64 conv's 130–470) and an in-place ``baddbmm``:
+    ``LYCO_CONV_EPILOGUE`` (:mod:`.graph_policy`, captured steps by default) and the kernel's own conditions."""
+    if not graph_policy.wanted("LYCO_CONV_EPILOGUE"):
+        return False
+    from . import lowrank_triton
+    return lowrank_triton.up_add_ok(x, x.numel() // x.shape[1] * spec.out_dim)
+
+
+def _nhwc_copy(x: torch.Tensor) -> torch.Tensor:
+    """x channels-last, by :func:`.lowrank_triton.channels_last` (one tiled copy)."""
+    from .lowrank_triton import channels_last
+    return channels_last(x)
+
+
+def _conv_nhwc(spec: LayerSpec, x: torch.Tensor) -> bool:
+    """Whether a k×k conv (not 1×1: cuDNN runs those as GEMMs on NCHW, no conversion) takes its input
+    channels-last, converted once for the frozen conv and the adapter's (with the epilogue only, whose pass writes
+    the NCHW output): ``LYCO_CONV_NHWC`` (:mod:`.graph_policy`). Run 72's profile of a 64×64 3×3 conv: 9 layout
+    conversions, 124 µs of its 472."""
+    return spec.kernel_numel > 1 and graph_policy.wanted("LYCO_CONV_NHWC")
 
 
 def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype: torch.dtype,
@@ -348,7 +388,7 @@ def bypass_supports(spec: LayerSpec, x: torch.Tensor) -> bool:
             and not isinstance(spec.padding, str) and x.dim() == 4 and x.is_contiguous())
 
 
-def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
+def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool:
     """Whether the op is faster than the delta path on this layer and input (x as :func:`bypass_supports` takes
     it). The merged weight costs about two weight-sized passes (out·in·∏k), the delta path's ∂x about four
     input-sized ones (positions·in) plus its own small GEMM/conv, so the op pays from some positions/(out·∏k)
@@ -363,7 +403,16 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor) -> bool:
         return x.shape[0] >= spec.out_dim
     positions = x.shape[0] * x.shape[2] * x.shape[3]
     k = spec.kernel_numel
-    return positions >= spec.out_dim if k == 1 else 8 * positions >= spec.out_dim * k
+    if k == 1:
+        return positions >= spec.out_dim
+    if 8 * positions >= spec.out_dim * k:
+        return True
+    # Channels-last with the epilogue (_conv_nhwc) the op drops cuDNN's layout conversions, fixed costs that
+    # dominate at SD1.5's 8×8 level: there run 106 measured it 0.94× the delta path with in = out = 1280
+    # (296 vs 312 µs) and 1.02× with in = 2560 (541 vs 531) — ungrouped adapters only (LoKr's lost by 27 µs there
+    # without it, run 83, and its grouped down reads NCHW).
+    return (not grouped and 24 * positions >= spec.in_dim * k and _conv_epilogue(x, spec)
+            and _conv_nhwc(spec, x))
 
 
 def _cat_pays(spec: LayerSpec, r: int) -> bool:
@@ -442,20 +491,34 @@ class _BypassOp(torch.autograd.Function):
                 y = layer_op(xd, spec, wd, bd)
                 y.addmm_(h, u2.t(), alpha=s)
         else:
-            # the adapter's conv (cuDNN, with its layout conversions) on the side stream while the frozen conv runs
+            # the adapter's conv (cuDNN) on the side stream while the frozen conv runs
             side = side_stream(xd)
             n = xd.shape[0]
+            epi = _conv_epilogue(xd, spec)
+            # a k×k conv in NCHW: cuDNN converts x to channels-last for each of the two convs and converts the
+            # frozen conv's output back; converted once here, both convs read it (a grouped adapter's conv reads
+            # the NCHW x: its groups are views of it) and up_add's pass writes NCHW
+            xin = _nhwc_copy(xd) if epi and _conv_nhwc(spec, xd) else xd
             with _fork(side):
                 if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
                     hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
                     h = hg.view(n, -1, *hg.shape[2:])
                 else:
-                    h = layer_op(xd, spec, dd)
-            y = layer_op(xd, spec, wd, bd)
+                    h = layer_op(xin, spec, dd)
+            # with the epilogue the bias joins the up's pass: torch adds a cuDNN conv's bias in a pass of its own
+            y = layer_op(xin, spec, wd, None if epi else bd)
             _join(side)
-            o, r = y.shape[1], h.shape[1]
-            y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
-            y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
+            if epi:
+                from .lowrank_triton import up_add
+                y3 = y.flatten(2)  # a view in NCHW and in channels-last
+                # Rounded once, y + s·U·h + b in fp32: the delta path rounds conv(x) + b, then the sum (this
+                # branch's forward is within bf16 rounding of it, no longer bit-identical; the cat path's likewise)
+                y = up_add(y3, u2, h.flatten(2), s, bd, None if xin is not xd else y3).view(
+                    n, -1, *y.shape[2:])
+            else:
+                o, r = y.shape[1], h.shape[1]
+                y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
+                y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
         ctx.cfg = (spec, s, x.shape, x.dtype, groups)
         ctx.save_for_backward(xd, h, weight, bias, down, up)
         return y

@@ -1,7 +1,9 @@
 """Fused Triton kernels for weights of the form ``W′ = W + γ·U·D`` (U, D rank-sized), on CUDA:
 GLoRA's rebuilt op (:func:`add_lowrank`: ``W + k·[W·A1 │ B1]·[A2 ; B2]`` in one read of W and one write,
 where ``addmm`` first copies W into its output: 4 weight-sized passes → 2) and DoRA over LoRA's
-(magnitude on the output axis; :func:`build`, :func:`backward`).
+(magnitude on the output axis; :func:`build`, :func:`backward`); the bypass op's (:mod:`.lowrank`) conv epilogue
+``Y + γ·U·H + b`` over a batch (:func:`up_add`) and the tiled NCHW → channels-last copy of its input
+(:func:`channels_last`).
 
 DoRA: the torch path of :class:`lyco.algorithms.dora._LoraDoraBuild` makes ≈ 24 weight-sized passes per
 layer and step (``addmm`` first copies W into its output, the row norm, the ``addcmul``, the same again
@@ -162,6 +164,20 @@ def _compare(device, dtype, r: int) -> str | None:
         h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
         hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
         errs += [(h, hr), (gu, hr @ d.float().t()), (gmag, 0.7 * dgr / n)]
+    # up_add: a channels-last source into a new NCHW result with a bias, and in place on an NCHW one without
+    y4 = torch.randn(2, 48, 5, 7, generator=g).to(device, dtype)
+    h4 = torch.randn(2, r, 5, 7, generator=g).to(device, dtype)
+    b4 = torch.randn(48, generator=g).to(device, dtype)
+    uh = torch.einsum("or,nrp->nop", u.float(), h4.float().flatten(2))
+    y_ref = y4.float().flatten(2) + 0.5 * uh
+    ycl, hcl = y4.contiguous(memory_format=torch.channels_last), h4.contiguous(memory_format=torch.channels_last)
+    errs.append((up_add(ycl.flatten(2), u, hcl.flatten(2), 0.5, b4), y_ref + b4.float()[:, None]))
+    y_in = y4.clone().flatten(2)
+    errs.append((up_add(y_in, u, h4.flatten(2), 0.5, out=y_in), y_ref))
+    cl = channels_last(y4)
+    errs.append((cl, y4.float()))
+    if not cl.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last's result is not channels-last"
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
     return None if worst <= 2e-2 else f"their self-test's relative error at rank {r} is {worst:.2e}"
 
@@ -301,6 +317,48 @@ if triton is not None:
         tl.store(GUP + tl.program_id(1) * M * R + rows[:, None] * R + rr[None, :], gu, mask=umask)
 
 
+    @triton.jit
+    def _up_add_kernel(Y, U, H, B, OUT, M, P, R, syn, sym, syp, sum_, sur, shn, shr, shp, son, som, sop, gain,
+                       HAS_B: tl.constexpr, BM: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr,
+                       UPCAST: tl.constexpr):
+        """OUT[n] = Y[n] + γ·U·H[n] (+ b down the rows) on one (rows × positions) tile of batch member n, in fp32,
+        rounded once. Y, H and OUT take any strides: a stride of 1 is specialised by Triton, so a channels-last Y
+        read along its rows and an NCHW OUT written along its positions are both coalesced (the compiler moves
+        the tile between the two layouts through shared memory)."""
+        n = tl.program_id(2)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BP + tl.arange(0, BP)
+        rmask = rows < M
+        cmask = cols < P
+        m2 = rmask[:, None] & cmask[None, :]
+        y = tl.load(Y + n * syn + rows[:, None] * sym + cols[None, :] * syp, mask=m2, other=0.0).to(tl.float32)
+        uh = tl.zeros((BM, BP), dtype=tl.float32)
+        for r0 in range(0, R, BR):  # one step up to rank BR (≤ 64), more for wider h (LoKr's grouped: 128)
+            rr = r0 + tl.arange(0, BR)
+            u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
+                        other=0.0)
+            h = tl.load(H + n * shn + rr[:, None] * shr + cols[None, :] * shp,
+                        mask=(rr[:, None] < R) & cmask[None, :], other=0.0)
+            if UPCAST:
+                uh += tl.dot(u.to(tl.float32), h.to(tl.float32))
+            else:
+                uh += tl.dot(u, h)
+        y += gain * uh
+        if HAS_B:
+            y += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        tl.store(OUT + n * son + rows[:, None] * som + cols[None, :] * sop, y.to(OUT.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _copy3_kernel(X, OUT, M, P, sxn, sxm, sxp, son, som, sop, BM: tl.constexpr, BP: tl.constexpr):
+        """OUT[n] = X[n] on one (rows × positions) tile, both in any strides: a layout change (NCHW ↔ channels-last)
+        read and written coalesced (a stride of 1 is specialised; the tile crosses layouts in shared memory)."""
+        n = tl.program_id(2)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BP + tl.arange(0, BP)
+        m2 = (rows < M)[:, None] & (cols < P)[None, :]
+        v = tl.load(X + n * sxn + rows[:, None] * sxm + cols[None, :] * sxp, mask=m2)
+        tl.store(OUT + n * son + rows[:, None] * som + cols[None, :] * sop, v, mask=m2)
+
 # Host-side helpers in plain integer math: triton.cdiv / next_power_of_2 are constexpr functions that cost a
 # few µs per call from Python (13 calls per DoRA backward; cProfile on the H100 host), and eager training is
 # host-bound. The launch geometry and keyword arguments are cached per shape and configuration.
@@ -395,6 +453,59 @@ def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: 
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
         FROM_P=False, PLAIN=True, **_common(up2.shape[1]))
+    return out
+
+
+#: :func:`up_add`'s tile: BM output channels × BP positions per program (``num_warps``, ``num_stages`` as Triton's)
+_UP_CFG = {"BM": 64, "BP": 128, "num_warps": 4, "num_stages": 1}
+
+
+def up_add(y3: torch.Tensor, up2: torch.Tensor, h3: torch.Tensor, gain: float, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``Y[n] + γ·U·H[n] (+ b)`` for every batch member n, accumulated in fp32 and rounded once: a conv adapter's
+    up (``U`` ``(out, r)``, ``H`` = h ``(N, r, P)``) added to the frozen conv's output ``Y`` ``(N, out, P)`` with the
+    layer's bias in the same pass. Y and H in any strides (a channels-last conv output viewed as ``(N, out, P)``
+    included); the result in ``out`` (which may be Y itself: every element is read before it is written, by the
+    same program) or a new contiguous ``(N, out, P)``. All in one dtype; offsets in int32 (the caller keeps
+    tensors below 2³¹ elements, :func:`up_add_ok`)."""
+    n, m, p = y3.shape
+    r = up2.shape[1]
+    if out is None:
+        out = torch.empty((n, m, p), device=y3.device, dtype=y3.dtype)
+    c = _UP_CFG
+    grid = (_cdiv(m, c["BM"]), _cdiv(p, c["BP"]), n)
+    b = bias if bias is not None else y3
+    _up_add_kernel[grid](
+        y3, up2, h3, b, out, m, p, r, y3.stride(0), y3.stride(1), y3.stride(2), up2.stride(0), up2.stride(1),
+        h3.stride(0), h3.stride(1), h3.stride(2), out.stride(0), out.stride(1), out.stride(2), float(gain),
+        HAS_B=bias is not None, BM=c["BM"], BP=c["BP"], BR=min(_br(r), MAX_RANK), UPCAST=_UPCAST,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return out
+
+
+def up_add_ok(x: torch.Tensor, numel: int) -> bool:
+    """Whether :func:`up_add` (any rank: it steps over h's channels 64 at a time) and :func:`channels_last` take a
+    conv of input ``x`` and an output of at most ``numel`` elements: :func:`enabled`, the family's self-test passed
+    (:func:`_checked`), and both below 2³¹ elements (the kernels' int32 offsets)."""
+    return max(numel, x.numel()) < 2 ** 31 and enabled(x) and _checked(x.device, x.dtype)
+
+
+#: :func:`channels_last`'s tile (rows = channels × positions)
+_COPY_CFG = {"BM": 64, "BP": 64, "num_warps": 4}
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous(memory_format=torch.channels_last)`` for an NCHW ``(N, C, H, W)`` tensor as one tiled copy
+    — torch's strided copy reads one layout coalesced and scatters the other (runs 106–107: a 64×64 conv slower
+    channels-last than with cuDNN's own conversions through torch's copy, faster through this one)."""
+    n, c = x.shape[0], x.shape[1]
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    x3, o3 = x.flatten(2), out.flatten(2)
+    p = x3.shape[2]
+    cfg = _COPY_CFG
+    _copy3_kernel[(_cdiv(c, cfg["BM"]), _cdiv(p, cfg["BP"]), n)](
+        x3, o3, c, p, x3.stride(0), x3.stride(1), x3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
+        BM=cfg["BM"], BP=cfg["BP"], num_warps=cfg["num_warps"])
     return out
 
 

@@ -1,0 +1,96 @@
+"""The bypass op's conv forward with its epilogue (``algorithms/lowrank.py``: ``_conv_epilogue``, ``_conv_nhwc``;
+``lowrank_triton.up_add``): the frozen conv without its bias, then ``y + s·U·h + b`` in one Triton pass — in place
+on a 1×1 conv's NCHW output, or for a k×k conv from channels-last convs (the input converted once for both) into a
+new NCHW output. Forced in on the CPU, where Triton's interpreter runs the kernel; every value against float64
+math, the whole backward included (the backward does not change, but it now reads a channels-last h)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lyco.algorithms import lowrank, lowrank_triton
+from lyco.algorithms.base import LayerSpec
+
+CASES = {
+    "3x3-nhwc": (nn.Conv2d(6, 5, 3, padding=1), True),
+    "3x3-nchw": (nn.Conv2d(6, 5, 3, padding=1), False),
+    "3x3-stride2-nhwc": (nn.Conv2d(6, 7, 3, stride=2, padding=1), True),
+    "1x1": (nn.Conv2d(6, 9, 1), True),  # never channels-last: cuDNN runs 1×1 convs as GEMMs on NCHW
+    "3x3-nobias-nhwc": (nn.Conv2d(6, 5, 3, padding=1, bias=False), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_conv_epilogue_matches_float64(monkeypatch, triton_interpreter, case):
+    mod, nhwc = CASES[case]
+    calls = []
+    real = lowrank_triton.up_add
+
+    def spy(y3, u2, h3, s, bias=None, out=None):
+        calls.append((y3.is_contiguous(), h3.is_contiguous(), bias is not None, out is y3))
+        return real(y3, u2, h3, s, bias, out)
+    monkeypatch.setattr(lowrank_triton, "up_add", spy)
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
+    real_cl = lowrank_triton.channels_last
+    copies = []
+    monkeypatch.setattr(lowrank_triton, "channels_last", lambda t: copies.append(tuple(t.shape)) or real_cl(t))
+    r = 4
+    g = torch.Generator().manual_seed(3)
+    w = mod.weight.detach()
+    b = None if mod.bias is None else (mod.bias.detach() + 0.5)  # a bias large enough to be seen
+    k = tuple(w.shape[2:])
+    down = (0.3 * torch.randn((r, w.shape[1]) + k, generator=g)).requires_grad_()
+    up = (0.3 * torch.randn((w.shape[0], r, 1, 1), generator=g)).requires_grad_()
+    x = torch.randn(2, 6, 9, 8, generator=g)
+    xx = x.clone().requires_grad_()
+    spec = LayerSpec.from_module(mod)
+    y = lowrank.bypass_op(xx, spec, w, b, down, up, 0.7)
+    assert y.is_contiguous()  # NCHW, as the frozen conv's output would be
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    # one pass per forward; k×k with NHWC: channels-last y and h in, a new output; else in place on NCHW
+    chl = nhwc and k != (1, 1)
+    assert calls == [(not chl, not chl, b is not None, not chl)]
+    assert copies == ([tuple(x.shape)] if chl else [])  # x channels-last by one tiled copy, the backward NCHW
+    xr, dr, ur = (t.detach().double().requires_grad_() for t in (x, down, up))
+    kw = dict(stride=mod.stride, padding=mod.padding)
+    yr = F.conv2d(xr, w.double(), None if b is None else b.double(), **kw) + 0.7 * F.conv2d(
+        F.conv2d(xr, dr, None, **kw), ur)
+    yr.backward(gy.double())
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
+def test_conv_epilogue_off_keeps_the_bias_in_the_conv(monkeypatch):
+    """With the policy off (``LYCO_CONV_EPILOGUE=0``) the kernel is never asked for, on any device."""
+    monkeypatch.setenv("LYCO_CONV_EPILOGUE", "0")
+    x = torch.zeros(1, 2, 3, 3)
+    assert not lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
+    monkeypatch.setenv("LYCO_CONV_EPILOGUE", "1")  # forced on: still the kernel's conditions (CPU: no)
+    assert not lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
+    monkeypatch.setenv("LYCO_CONV_EPILOGUE", "often")
+    with pytest.raises(ValueError, match="LYCO_CONV_EPILOGUE"):
+        lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
+
+
+def test_up_add_against_float64(triton_interpreter):
+    """The kernels alone (and ``channels_last``'s copy): a channels-last source with a bias into a new NCHW result, in place on NCHW without one,
+    ranks below, at and above the dot's 16-wide tile, a tile edge on both axes."""
+    g = torch.Generator().manual_seed(4)
+    for r in (3, 16, 40):
+        u = torch.randn(70, r, generator=g)
+        y4 = torch.randn(3, 70, 11, 13, generator=g)
+        h4 = torch.randn(3, r, 11, 13, generator=g)
+        b = torch.randn(70, generator=g)
+        ref = y4.double().flatten(2) + 0.25 * torch.einsum("or,nrp->nop", u.double(), h4.double().flatten(2))
+        got = lowrank_triton.up_add(y4.contiguous(memory_format=torch.channels_last).flatten(2), u,
+                                    h4.contiguous(memory_format=torch.channels_last).flatten(2), 0.25, b)
+        assert got.is_contiguous()
+        assert (got.double() - ref - b.double()[:, None]).abs().max().item() < 1e-5
+        cl = lowrank_triton.channels_last(y4)
+        assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, y4)
+        yi = y4.clone().flatten(2)
+        assert lowrank_triton.up_add(yi, u, h4.flatten(2), 0.25, out=yi) is yi
+        assert (yi.double() - ref).abs().max().item() < 1e-5
