@@ -56,7 +56,8 @@ channels-last one. Every SD1.5 b8 conv alone (run 107, forward + backward): the 
 32 1×1 convs) 76.5 → 75.9–76.1, LoKr (ungrouped paths only) 86.5 → 85.2–85.5. The channels-last copy by torch's
 strided ``contiguous`` lost to cuDNN's own conversions at 64×64 (run 107: 7.13 vs 6.03 ms over those 12 convs);
 the backward's ∂x channels-last the same way (∂y in and ∂x out by the tiled copy) cost +2 ms on LoCon's step (run
-108) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
+108; +5.7 with the merged weight written channels-last by a Triton merge, run 110: cuDNN's channels-last dgrad at
+64×64 is the slow part) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
 (``conv + s·U·h + b`` in fp32) where the delta path rounds ``conv + b`` and then the sum: within bf16 rounding of
 it, no longer bit-identical.
 
