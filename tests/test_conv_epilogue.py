@@ -94,3 +94,31 @@ def test_up_add_against_float64(triton_interpreter):
         yi = y4.clone().flatten(2)
         assert lowrank_triton.up_add(yi, u, h4.flatten(2), 0.25, out=yi) is yi
         assert (yi.double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("nhwc", [True, False])
+def test_conv_epilogue_with_a_grouped_down(monkeypatch, triton_interpreter, nhwc):
+    """LoKr's grouped down (``groups`` = 2: B on each channel group of x, ``D = kron(I_2, B)`` never formed; its conv
+    reads the NCHW x while the frozen conv reads the channels-last one) with the epilogue forced in, h 2·r = 72 channels
+    wide (the kernel's rank loop takes two 64-wide steps): the op against float64 math with D formed."""
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
+    mod, g, r = nn.Conv2d(6, 5, 3, padding=1), 2, 36
+    gen = torch.Generator().manual_seed(6)
+    w, b = mod.weight.detach(), mod.bias.detach()
+    down = (0.3 * torch.randn(r, 6 // g, 3, 3, generator=gen)).requires_grad_()
+    up = (0.05 * torch.randn(5, g * r, generator=gen)).requires_grad_()  # LoKr's kron(W1, A): 2-D
+    x = torch.randn(2, 6, 7, 6, generator=gen)
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, LayerSpec.from_module(mod), w, b, down, up, 0.7, groups=g)
+    gy = torch.randn(y.shape, generator=gen)
+    y.backward(gy)
+    xr, dr, ur = (t.detach().double().requires_grad_() for t in (x, down, up))
+    dfull = torch.zeros(g * r, 6, 3, 3, dtype=torch.float64)
+    for i in range(g):
+        dfull = dfull.index_put((torch.arange(i * r, (i + 1) * r)[:, None], torch.arange(i * 3, (i + 1) * 3)[None, :]),
+                                dr)
+    yr = F.conv2d(xr, w.double(), b.double(), padding=1) + 0.7 * F.conv2d(F.conv2d(xr, dfull, padding=1), ur.view(5, g * r, 1, 1))
+    yr.backward(gy.double())
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
