@@ -27,6 +27,16 @@ graph_check() {
   grep "cases ok" "$OUT/check_cuda_graph.log"
 }
 
+# layer_table SECONDS bypass_op_layers.py-args…: every layer alone (benchmarks/experiments/bypass_op_layers.py) into
+# $OUT/layers within SECONDS; prints its rc, the wall time so far and its summary lines.
+layer_table() {
+  local secs=$1
+  shift
+  mkdir -p "$OUT/layers"
+  timeout "$secs" python3 benchmarks/experiments/bypass_op_layers.py "$@" --out "$OUT/layers" > "$OUT/layers/log.txt" 2>&1
+  echo "layers rc=$? wall $(( $(date +%s) - S )) s"; grep -v "layers, " "$OUT/layers/log.txt" | grep -v Warn | tail -4
+}
+
 # pack_out: everything under $OUT but summary.txt into $OUT/results.tgz (the device tool brings back few files)
 pack_out() {
   (cd "$OUT" && tar czf /tmp/results.tgz --exclude=summary.txt . && find . -type f ! -name summary.txt -delete \

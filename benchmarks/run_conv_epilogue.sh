@@ -8,10 +8,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; OUT=$OUT bash benchmarks/run_conv_epilogue.sh
 . benchmarks/_gpu_lib.sh
-mkdir -p "$OUT/layers"
-timeout 200 python3 benchmarks/experiments/bypass_op_layers.py --set allconv --epilogue --out "$OUT/layers" \
-  > "$OUT/layers/log.txt" 2>&1
-echo "layers rc=$? wall $(( $(date +%s) - S )) s"; grep -v "layers, " "$OUT/layers/log.txt" | grep -v Warn | tail -4
+layer_table 200 --set allconv --epilogue
 ARGS="--models sd15 --batches 8 --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --algos lora,locon,loha --variants lyco"
 step_table on 300 $ARGS --baselines floor
 (export LYCO_CONV_EPILOGUE=0; step_table off 350 $ARGS --no-baselines)

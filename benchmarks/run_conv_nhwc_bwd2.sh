@@ -6,10 +6,7 @@
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; OUT=$OUT bash benchmarks/run_conv_nhwc_bwd2.sh
 . benchmarks/_gpu_lib.sh
-mkdir -p "$OUT/layers"
-timeout 130 python3 benchmarks/experiments/bypass_op_layers.py --set conv --epilogue --out "$OUT/layers" \
-  > "$OUT/layers/log.txt" 2>&1
-echo "layers rc=$? wall $(( $(date +%s) - S )) s"; grep -v "layers, " "$OUT/layers/log.txt" | grep -v Warn | tail -3
+layer_table 130 --set conv --epilogue
 ARGS="--models sd15 --batches 8 --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --algos locon,loha,lokr --variants lyco"
 step_table on 230 $ARGS --baselines floor
 (export LYCO_CONV_NHWC_BWD=0; step_table off 290 $ARGS --no-baselines)
