@@ -53,8 +53,9 @@ input goes channels-last once, by a tiled Triton copy, for both the frozen conv 
 NCHW input for each of them and converts its output back), and the epilogue's pass writes the NCHW output from the
 channels-last one. Every SD1.5 b8 conv alone (run 107, forward + backward): the 3×3 convs 25.1 → 21.8 ms summed, the
 1×1 convs 3.0 → 2.5; the step as one graph (runs 107–108): LoCon 81.3 → 77.7–77.8 ms, LoHa 82.8 → 79.3–79.4, LoRA (its
-32 1×1 convs) 76.5 → 75.9–76.1, LoKr (ungrouped paths only) 86.5 → 85.2–85.5. The channels-last copy by torch's
-strided ``contiguous`` lost to cuDNN's own conversions at 64×64 (run 107: 7.13 vs 6.03 ms over those 12 convs);
+32 1×1 convs) 76.5 → 75.9–76.1, LoKr 86.5 → 85.2–85.5 (its grouped adapter's conv keeps reading the NCHW x). The
+channels-last copy by torch's strided ``contiguous`` lost even to cuDNN's own conversions at 64×64 (run 107, the 12
+convs there: 7.13 ms with it, 6.74 with cuDNN's conversions, 6.03 with the tiled copy);
 the backward's ∂x channels-last the same way (∂y in and ∂x out by the tiled copy) cost +2 ms on LoCon's step (run
 108; +5.7 with the merged weight written channels-last by a Triton merge, run 110: cuDNN's channels-last dgrad at
 64×64 is the slow part) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
@@ -397,7 +398,9 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
     as CUDA graphs, the op forced on every layer). Run 72, after the conv backward stopped copying ∂y: linear
     layers and 1×1 convs gain at positions ≥ 0.96·out (0.61–0.99× the delta path's time) and lose at ≤ 0.48·out
     (1.02–1.64×); 3×3 convs gain from 0.18·out·9 on (0.75–1.00×) and lose at 0.04·out·9 (1.09–1.14×, SD1.5's
-    8×8 level). So: positions ≥ out on linear layers and 1×1 convs, positions ≥ out·∏k/8 on larger kernels.
+    8×8 level). So: positions ≥ out on linear layers and 1×1 convs, positions ≥ out·∏k/8 on larger kernels — or,
+    for an ungrouped adapter (``grouped``: the algorithm's ``bypass_grouped``) whose conv runs channels-last with the
+    epilogue (:func:`_conv_nhwc`), positions ≥ in·∏k/24 (runs 106–107, comment below).
     (Run 66 had left 1×1 convs out — 1.13–1.30× at every shape — and drawn the conv line at out·∏k; both were the
     copy's doing.)"""
     if spec.kind == LINEAR:
@@ -409,9 +412,9 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
     if 8 * positions >= spec.out_dim * k:
         return True
     # Channels-last with the epilogue (_conv_nhwc) the op drops cuDNN's layout conversions, fixed costs that
-    # dominate at SD1.5's 8×8 level: there run 106 measured it 0.94× the delta path with in = out = 1280
-    # (296 vs 312 µs) and 1.02× with in = 2560 (541 vs 531) — ungrouped adapters only (LoKr's lost by 27 µs there
-    # without it, run 83, and its grouped down reads NCHW).
+    # dominate at SD1.5's 8×8 level: there runs 106–107 measured it 0.93–0.95× the delta path with in = out = 1280
+    # (289–297 vs 311–313 µs) and 1.02× with in = 2560 (541 vs 531, run 106) — ungrouped adapters only (LoKr's lost
+    # by 27 µs there without it, run 83, and its grouped down reads NCHW).
     return (not grouped and 24 * positions >= spec.in_dim * k and _conv_epilogue(x, spec)
             and _conv_nhwc(spec, x))
 
