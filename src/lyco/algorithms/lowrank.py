@@ -413,8 +413,9 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
         return True
     # Channels-last with the epilogue (_conv_nhwc) the op drops cuDNN's layout conversions, fixed costs that
     # dominate at SD1.5's 8×8 level: there runs 106–107 measured it 0.93–0.95× the delta path with in = out = 1280
-    # (289–297 vs 311–313 µs) and 1.02× with in = 2560 (541 vs 531, run 106) — ungrouped adapters only (LoKr's lost
-    # by 27 µs there without it, run 83, and its grouped down reads NCHW).
+    # (289–297 vs 311–315 µs) and 1.00–1.02× with in = 2560 (run 106: 541 vs 531; run 107, the tiled copy: 529–531
+    # vs 529–532), which this line leaves out — ungrouped adapters only (LoKr's lost by 27 µs there without it, run
+    # 83, and its grouped down reads NCHW).
     return (not grouped and 24 * positions >= spec.in_dim * k and _conv_epilogue(x, spec)
             and _conv_nhwc(spec, x))
 
