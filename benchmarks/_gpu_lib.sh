@@ -27,6 +27,16 @@ graph_check() {
   grep "cases ok" "$OUT/check_cuda_graph.log"
 }
 
+# aba VAR T_ON T_OFF T_ON2 train_step.py-args…: an A/B/A of one switch — the step table with it as set (the floor
+# alongside) into $OUT/on, with VAR=0 into $OUT/off, as set again into $OUT/on2; T_* are step_table's deadlines.
+aba() {
+  local var=$1 t1=$2 t2=$3 t3=$4
+  shift 4
+  step_table on "$t1" "$@" --baselines floor
+  (export "$var=0"; step_table off "$t2" "$@" --no-baselines)
+  step_table on2 "$t3" "$@" --no-baselines
+}
+
 # layer_table SECONDS bypass_op_layers.py-args…: every layer alone (benchmarks/experiments/bypass_op_layers.py) into
 # $OUT/layers within SECONDS; prints its rc, the wall time so far and its summary lines.
 layer_table() {

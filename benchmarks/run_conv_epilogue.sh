@@ -10,8 +10,6 @@
 . benchmarks/_gpu_lib.sh
 layer_table 200 --set allconv --epilogue
 ARGS="--models sd15 --batches 8 --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --algos lora,locon,loha --variants lyco"
-step_table on 300 $ARGS --baselines floor
-(export LYCO_CONV_EPILOGUE=0; step_table off 350 $ARGS --no-baselines)
-step_table on2 400 $ARGS --no-baselines
+aba LYCO_CONV_EPILOGUE 300 350 400 $ARGS
 graph_check 140 lora,locon,loha,lokr,lora-fp16,locon-rebuild
 pack_out

@@ -8,8 +8,6 @@
 . benchmarks/_gpu_lib.sh
 layer_table 130 --set conv --epilogue
 ARGS="--models sd15 --batches 8 --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --algos locon,loha,lokr --variants lyco"
-step_table on 230 $ARGS --baselines floor
-(export LYCO_CONV_NHWC_BWD=0; step_table off 290 $ARGS --no-baselines)
-step_table on2 350 $ARGS --no-baselines
+aba LYCO_CONV_NHWC_BWD 230 290 350 $ARGS
 graph_check 120 locon,loha,lokr,lora-fp16,lokr-lowrank
 pack_out

@@ -7,8 +7,6 @@
 #     && export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1; OUT=$OUT bash benchmarks/run_side_down.sh
 . benchmarks/_gpu_lib.sh
 ARGS="--models sd15 --batches 8 --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --algos lora,locon,loha"
-step_table on 100 $ARGS --variants lyco --baselines floor
-(export LYCO_LINEAR_SIDE_DOWN=0; step_table off 150 $ARGS --variants lyco --no-baselines)
-step_table on2 200 $ARGS --variants lyco --no-baselines
+aba LYCO_LINEAR_SIDE_DOWN 100 150 200 $ARGS --variants lyco
 graph_check 100 lora,locon,loha,lora-fp16,lora-ckpt
 pack_out

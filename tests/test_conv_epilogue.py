@@ -63,16 +63,33 @@ def test_conv_epilogue_matches_float64(monkeypatch, triton_interpreter, case):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
 
 
-def test_conv_epilogue_off_keeps_the_bias_in_the_conv(monkeypatch):
-    """With the policy off (``LYCO_CONV_EPILOGUE=0``) the kernel is never asked for, on any device."""
-    monkeypatch.setenv("LYCO_CONV_EPILOGUE", "0")
-    x = torch.zeros(1, 2, 3, 3)
-    assert not lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
-    monkeypatch.setenv("LYCO_CONV_EPILOGUE", "1")  # forced on: still the kernel's conditions (CPU: no)
-    assert not lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
+@pytest.mark.parametrize("policy, taken", [("0", False), ("1", True)])
+def test_conv_epilogue_policy(monkeypatch, triton_interpreter, policy, taken):
+    """``LYCO_CONV_EPILOGUE``: with the kernel's own conditions met (forced: the CPU has no CUDA) the policy alone
+    decides whether the op's forward takes ``up_add`` — off, the bias stays in the conv and the up is ``baddbmm``;
+    the output equals float64 math either way. A typo is an error naming the variable."""
+    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "0")
+    calls = []
+    real = lowrank_triton.up_add
+    monkeypatch.setattr(lowrank_triton, "up_add", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("LYCO_CONV_EPILOGUE", policy)
+    mod = nn.Conv2d(2, 3, 3, padding=1)
+    spec = LayerSpec.from_module(mod)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2, 5, 5, generator=g, requires_grad=True)
+    down = (0.3 * torch.randn(4, 2, 3, 3, generator=g)).requires_grad_()
+    up = (0.3 * torch.randn(3, 4, 1, 1, generator=g)).requires_grad_()
+    w, b = mod.weight.detach(), mod.bias.detach() + 0.5
+    assert lowrank._conv_epilogue(x, spec) == taken
+    y = lowrank.bypass_op(x, spec, w, b, down, up, 0.7)
+    assert calls == ([1] if taken else [])
+    ref = (F.conv2d(x.double(), w.double(), b.double(), padding=1)
+           + 0.7 * F.conv2d(F.conv2d(x.double(), down.double(), padding=1), up.double()))
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
     monkeypatch.setenv("LYCO_CONV_EPILOGUE", "often")
     with pytest.raises(ValueError, match="LYCO_CONV_EPILOGUE"):
-        lowrank._conv_epilogue(x, LayerSpec.from_module(nn.Conv2d(2, 3, 3)))
+        lowrank._conv_epilogue(x, spec)
 
 
 def test_up_add_against_float64(triton_interpreter):
