@@ -663,13 +663,25 @@ def run_steps(step, warmup: int, steps: int, cuda: bool):
 _SIDE_STREAM = None
 
 
-def run_graph(model_fn, inputs, target, params, floor: bool, steps: int) -> dict:
+def bench_optimizer(params, lyco: bool, **kw):
+    """AdamW for the step: torch's for the floor's ceiling and the peers; for lyco ``lyco.optim.FlatAdamW`` (one
+    flat buffer per group, one update launch: the optimizer ``lyco train`` runs) unless ``LYCO_BENCH_OPTIM=torch``
+    — the A/B switch of the run scripts."""
+    if not params:
+        return None
+    if lyco and os.environ.get("LYCO_BENCH_OPTIM", "flat") == "flat":
+        from lyco.optim import FlatAdamW
+        return FlatAdamW(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False) -> dict:
     """The same training step captured once as a CUDA graph (forward, backward and a capturable
     fused AdamW), then replayed: the step's device time without any CPU launch overhead — the same
     treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
     host inside the step."""
     from lyco.algorithms import graph_policy
-    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True, capturable=True) if params else None
+    opt = bench_optimizer(params, lyco, lr=1e-6, weight_decay=0.0, fused=True, capturable=True)
 
     def body():
         out = model_fn(**inputs, return_dict=False)[0]
@@ -790,11 +802,9 @@ def format_profile(name: str, pr: dict) -> str:
     return "\n".join(lines)
 
 
-def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool):
-    opt = None
-    if params:
-        kw = {"fused": True} if (cuda and fused_ok) else {}
-        opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, **kw)
+def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool, lyco: bool = False):
+    kw = {"fused": True} if (cuda and fused_ok) else {}
+    opt = bench_optimizer(params, lyco, lr=1e-6, weight_decay=0.0, **kw)
 
     def step():
         out = model_fn(**inputs, return_dict=False)[0]
@@ -868,7 +878,12 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         if a.compile:
             torch._dynamo.reset()
             step_model = torch.compile(unet, backend=a.compile_backend)
-        step, opt = make_step(step_model, ctx["inputs"], ctx["target"], params, floor, cuda, fused_ok=True)
+        is_lyco = handle is not None and handle.lyco_net is not None
+        if is_lyco:
+            rec["optimizer"] = ("lyco.optim.FlatAdamW" if os.environ.get("LYCO_BENCH_OPTIM", "flat") == "flat"
+                                else "torch.optim.AdamW")
+        step, opt = make_step(step_model, ctx["inputs"], ctx["target"], params, floor, cuda, fused_ok=True,
+                              lyco=is_lyco)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rec.update(run_steps(step, a.warmup, a.steps, cuda))
@@ -888,7 +903,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
             try:
                 rec.update(run_graph(step_model, ctx["inputs"], ctx["target"], params, floor,
-                                     a.graph_steps or a.steps))
+                                     a.graph_steps or a.steps, lyco=is_lyco))
             except Exception as e:  # noqa: BLE001 — e.g. a host sync inside the step
                 msg = str(e).strip().splitlines()
                 rec["graph_error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"

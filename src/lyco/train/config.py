@@ -158,6 +158,10 @@ class OptimizerConfig:
     args: dict = opt(None, "extra keyword arguments for the optimizer (e.g. {d_coef = 2} for prodigy)",
                      factory=dict, flag="optimizer-arg")
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0 = no clipping)")
+    flat: bool = opt(True, "adamw: keep each parameter group in one flat buffer and update it in one fused launch "
+                           "(lyco.optim.FlatAdamW: torch AdamW's math, the same checkpoints; false = "
+                           "torch.optim.AdamW per tensor; FSDP and extra args other than fused/capturable use torch's)",
+                     flag="flat-adamw")
     lr_scheduler: str = opt("constant", "constant, constant_with_warmup, linear, cosine, cosine_with_restarts",
                             choices=LR_SCHEDULERS)
     lr_warmup_steps: float = opt(0, "linear warmup over this many optimizer steps (a value below 1 is a "

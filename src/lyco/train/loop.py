@@ -260,7 +260,10 @@ class TrainingModule(nn.Module):
 # --------------------------------------------------------------------------------------
 
 
-def make_optimizer(cfg: Config, groups: list[dict]):
+def make_optimizer(cfg: Config, groups: list[dict], flat_ok: bool = True):
+    """The configured optimizer over ``groups``. AdamW is :class:`lyco.optim.FlatAdamW` (``[optimizer] flat``, on
+    by default: one update launch per group instead of one per few dozen tensors — run 112, benchmarks/NOTES.md)
+    unless ``flat_ok`` is False (FSDP's local shards) or ``args`` asks for an option only torch's class has."""
     o = cfg.optimizer
     kw: dict[str, Any] = {"lr": o.learning_rate, "weight_decay": o.weight_decay}
     if o.type in ("adamw", "adamw8bit", "prodigy"):
@@ -269,7 +272,8 @@ def make_optimizer(cfg: Config, groups: list[dict]):
         kw["eps"] = o.eps
     kw.update(o.args)
     if o.type == "adamw":
-        cls = torch.optim.AdamW
+        from ..optim import FlatAdamW, flat_adamw_supports
+        cls = FlatAdamW if (o.flat and flat_ok and flat_adamw_supports(kw)) else torch.optim.AdamW
     elif o.type == "adamw8bit":
         try:
             import bitsandbytes as bnb  # type: ignore
@@ -834,7 +838,7 @@ class Trainer:
             groups = self._param_groups()  # the same groups, now of the sharded parameters …
             self._shards = LocalShards([p for g in groups for p in g["params"]])
             groups = [{**g, "params": [self._shards.local_of(p) for p in g["params"]]} for g in groups]  # … local
-        self.optimizer = make_optimizer(cfg, groups)
+        self.optimizer = make_optimizer(cfg, groups, flat_ok=strategy != "fsdp")
         self.total_steps = self._count_total_steps()
         w = cfg.optimizer.lr_warmup_steps
         warm = int(w * self.total_steps) if 0 < w < 1 else int(w)
@@ -850,6 +854,11 @@ class Trainer:
         self._grad_sync = None
         if strategy in ("single", "ddp"):
             self.model, self.optimizer, self.dataloader = acc.prepare(self.model, self.optimizer, self.dataloader)
+            # prepare moves the model (model.to(device)); on a CPU run of several processes that copies every
+            # parameter (torch's .to("cpu:0")): give FlatAdamW's buffer back to them before anything captures them
+            readopt = getattr(self._inner_optimizer(), "readopt", None)
+            if readopt is not None:
+                readopt()
             if strategy == "ddp":
                 register_ddp_hook(self.model)
         else:
@@ -1371,7 +1380,12 @@ class Trainer:
         n_train = sum(it.repeats for it in self.items if not it.is_reg)
         n_reg = sum(it.repeats for it in self.items if it.is_reg)
         bpe = self._batches_per_process(0)
-        optimizer_desc = f"{type(self._inner_optimizer()).__module__}.{type(self._inner_optimizer()).__name__}(" + \
+        # FlatAdamW is torch's AdamW run on flat buffers — the same update element for element — so the file names
+        # torch's class: the recipe, as kohya's ss_optimizer records it, not how its launches were grouped (and the
+        # same text whichever [distributed] strategy trained it)
+        from ..optim import FlatAdamW
+        ocls = torch.optim.AdamW if isinstance(self._inner_optimizer(), FlatAdamW) else type(self._inner_optimizer())
+        optimizer_desc = f"{ocls.__module__}.{ocls.__name__}(" + \
             ",".join(f"{k}={v}" for k, v in [("weight_decay", o.weight_decay), ("betas", tuple(o.betas)),
                                              *o.args.items()]) + ")"
         ss = {
