@@ -138,10 +138,13 @@ def machine_info(*facts: str, **keyed: str) -> dict[str, Any]:
 
 
 class StepClock:
-    """A :class:`lyco.train.loop.Trainer` callback that times optimizer steps: on every ``step`` event it
-    waits for the device and stamps ``time.perf_counter()``. Steps ``warmup+1 … warmup+steps`` are then
-    timed by :meth:`ms_per_step` (the stamps' span ÷ steps) and :meth:`median_ms` (median single step),
-    so that setup, caching and graph capture (the first steps) stay out."""
+    """A :class:`lyco.train.loop.Trainer` callback that times optimizer steps: on every ``step`` event it stamps
+    ``time.perf_counter()``. Steps ``warmup+1 … warmup+steps`` are then timed by :meth:`ms_per_step` (the stamps'
+    span ÷ steps) and :meth:`median_ms` (median single step), so that setup, caching and graph capture (the first
+    steps) stay out. It does not wait for the device: the trainer announces a step once it has read the step's
+    loss from the device, and its step-ahead loop (``Trainer._step_ahead``) does so while the next step already
+    runs — a synchronisation here would drain that queue every step and time something the trainer never does.
+    Every stamp is taken at the same point of the trainer's cycle, so their span is n steps of it."""
 
     def __init__(self):
         self.stamps: dict[int, float] = {}
@@ -149,9 +152,6 @@ class StepClock:
     def __call__(self, trainer, event: str, step: int = 0, **_):
         if event == "step":
             import time
-            torch = _torch()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
             self.stamps[step] = time.perf_counter()
 
     def seconds(self, warmup: int, steps: int) -> float:
@@ -163,3 +163,85 @@ class StepClock:
     def median_ms(self, warmup: int, steps: int) -> float:
         d = sorted(self.stamps[s + 1] - self.stamps[s] for s in range(warmup, warmup + steps))
         return 1000 * d[len(d) // 2]
+
+
+def summarize_profile(prof, steps: int, wall_ms: float, cuda: bool, top: int = 15) -> dict:
+    """A torch.profiler run over ``steps`` steps of ``wall_ms`` each: the kernels that dominate (self device time
+    per step), kernel count per step, summed kernel time vs wall time per step (busy fraction: ≪ 1 means the GPU
+    idles, waiting for the host), and the top CPU-side ops."""
+    avgs = prof.key_averages()
+
+    def dev_self(e):
+        for k in ("self_device_time_total", "self_cuda_time_total"):
+            v = getattr(e, k, None)
+            if v is not None:
+                return float(v)
+        return 0.0
+
+    kernels, cpu_ops = [], []
+    for e in avgs:
+        dt = str(getattr(e, "device_type", ""))
+        if cuda and dt.endswith("CUDA"):
+            kernels.append(e)
+        elif not e.key.startswith("ProfilerStep"):
+            cpu_ops.append(e)
+    k_total = sum(dev_self(e) for e in kernels) / 1e3 / steps
+    k_count = sum(e.count for e in kernels) / steps
+    kernels.sort(key=dev_self, reverse=True)
+    cpu_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"wall_ms_per_step": wall_ms, "kernel_ms_per_step": k_total, "kernels_per_step": k_count,
+            "gpu_busy_fraction": (k_total / wall_ms) if wall_ms > 0 else None,
+            "top_kernels": [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                             "ms_per_step": dev_self(e) / 1e3 / steps,
+                             "share": dev_self(e) / 1e3 / steps / k_total if k_total else None}
+                            for e in kernels[:top]],
+            "top_cpu_ops": [{"name": e.key[:80], "calls_per_step": e.count / steps,
+                             "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in cpu_ops[:top]]}
+
+
+def format_profile(name: str, pr: dict) -> str:
+    """:func:`summarize_profile`'s record as text."""
+    busy = pr.get("gpu_busy_fraction")
+    lines = [f"== {name}: wall {pr['wall_ms_per_step']:.1f} ms/step (profiled), kernels {pr['kernels_per_step']:.0f}/step "
+             f"summing to {pr['kernel_ms_per_step']:.1f} ms (GPU busy {busy * 100 if busy else float('nan'):.0f} %)"]
+    for k in pr["top_kernels"]:
+        share = k["share"] * 100 if k["share"] is not None else float("nan")
+        lines.append(f"  {k['ms_per_step']:8.2f} ms {share:5.1f} % {k['calls_per_step']:7.0f}×  {k['name']}")
+    lines.append("  CPU self time, top ops:")
+    for k in pr["top_cpu_ops"]:
+        lines.append(f"  {k['self_cpu_ms_per_step']:8.2f} ms        {k['calls_per_step']:7.0f}×  {k['name']}")
+    return "\n".join(lines)
+
+
+class StepProfiler:
+    """A :class:`lyco.train.loop.Trainer` callback: torch.profiler over the optimizer steps ``start+1 … start+n``
+    (everything the trainer does between two ``step`` events: data, the forward/backward or its graph replay,
+    clipping, the optimizer, logging), summarised by :func:`summarize_profile` into :attr:`result`."""
+
+    def __init__(self, start: int, n: int, top: int = 25):
+        self.start, self.n, self.top = start, n, top
+        self.result: dict | None = None
+        self._prof = None
+        self._t0 = 0.0
+
+    def __call__(self, trainer, event: str, step: int = 0, **_):
+        if event != "step" or self.result is not None:
+            return
+        import time
+        torch = _torch()
+        cuda = torch.cuda.is_available()
+        if step == self.start:
+            from torch.profiler import ProfilerActivity, profile
+            if cuda:
+                torch.cuda.synchronize()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+        elif self._prof is not None and step == self.start + self.n:
+            if cuda:
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - self._t0) * 1e3 / self.n
+            self._prof.__exit__(None, None, None)
+            self.result = summarize_profile(self._prof, self.n, wall, cuda, self.top)
+            self._prof = None

@@ -60,7 +60,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
-from _common import StepClock  # noqa: E402  (benchmarks/)
+from _common import StepClock, StepProfiler, format_profile  # noqa: E402  (benchmarks/)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -122,7 +122,7 @@ def train_config(model, algo, train_dir, res, out_dir, cache_dir, a, graph: bool
                  "cache_dir": str(cache_dir), "trigger_word": "" if model == "world" else "lycoshape"},
         "network": copy.deepcopy(ALGOS[algo]),
         "optimizer": {"learning_rate": a.lr},
-        "train": {"max_train_steps": a.warmup + a.steps, "batch_size": a.batch or BATCH[model], "seed": 42,
+        "train": {"max_train_steps": a.warmup + a.steps + a.profile, "batch_size": a.batch or BATCH[model], "seed": 42,
                   "mixed_precision": "bf16", "cpu": a.device == "cpu"},
         "output": {"output_dir": str(out_dir), "output_name": "adapter", "save_dtype": "fp32",
                    "save_state": False, "overwrite": True, "log_with": "none", "progress_bar": False},
@@ -147,6 +147,11 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
         return {"skipped": f"config: {type(e).__name__}: {e}"}
     pipe = copy.deepcopy(ctx["template"]) if model == "world" else sd15_pipeline(a.device, a.smoke)
     clock = StepClock()
+    callbacks = [clock]
+    prof = None
+    if a.profile:  # the profiled steps come after the timed ones: the timing stays unprofiled
+        prof = StepProfiler(a.warmup + a.steps, a.profile)
+        callbacks.append(prof)
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -154,7 +159,7 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start_gib = torch.cuda.memory_allocated() / 2**30 if cuda else None  # the pipeline (sd15), or a leak
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, pipeline=pipe, callbacks=[clock])
+    trainer = Trainer(cfg, pipeline=pipe, callbacks=callbacks)
     try:
         res = trainer.train()
     finally:
@@ -167,6 +172,8 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "start_gib": start_gib, "wall_s": wall,
            "steps": res.steps, "last_loss": res.losses[-1][1] if res.losses else None,
            "adapter": res.adapter_path, "graph": _graph_evidence(trainer)}
+    if prof is not None and prof.result is not None:
+        row["profile"] = prof.result
     del trainer, pipe, res
     gc.collect()
     if cuda:
@@ -201,6 +208,10 @@ def compare(path_a: str, path_b: str) -> dict:
 # ------------------------------------------------------------------------------------ reporting
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
     res = {"meta": meta, "rows": rows}
+    profiles = [format_profile(f"{r['model']} {r['algo']} {v}", r[v]["profile"]) for r in rows
+                for v in ("eager", "graph", "eager2") if isinstance(r.get(v), dict) and r[v].get("profile")]
+    if profiles:
+        (out / "profile.txt").write_text("\n\n".join(profiles) + "\n", encoding="utf-8")
     for name, text in (("train_graph.json", json.dumps(res, indent=1, default=str)), ("train_graph.md", markdown(res))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
@@ -259,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tol", type=float, default=1e-3, help="largest relative L2 of the whole adapter, eager vs graph")
     p.add_argument("--eager-twice", action="store_true", help="a second eager run: run-to-run noise reference")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many optimizer steps after the timed ones (torch.profiler: kernels, CPU ops, "
+                        "GPU busy fraction) into each variant's record and <out>/profile.txt")
     p.add_argument("--deadline", type=float, default=None, help="unix time after which no new row starts")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--smoke", action="store_true",

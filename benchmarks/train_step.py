@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from _common import machine_info  # noqa: E402  (benchmarks/)
+from _common import format_profile, machine_info, summarize_profile  # noqa: E402  (benchmarks/)
 
 # ------------------------------------------------------------------------------------------------
 # What is measured
@@ -665,8 +665,8 @@ _SIDE_STREAM = None
 
 def bench_optimizer(params, lyco: bool, **kw):
     """AdamW for the step: torch's for the floor's ceiling and the peers; for lyco ``lyco.optim.FlatAdamW`` (one
-    flat buffer per group, one update launch: the optimizer ``lyco train`` runs) unless ``LYCO_BENCH_OPTIM=torch``
-    — the A/B switch of the run scripts."""
+    flat buffer per group, one update launch: the optimizer ``lyco train`` runs) unless ``LYCO_BENCH_OPTIM`` is set
+    to anything but ``flat`` — the A/B switch of the run scripts (``aba`` sets it to 0)."""
     if not params:
         return None
     if lyco and os.environ.get("LYCO_BENCH_OPTIM", "flat") == "flat":
@@ -747,7 +747,7 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
 def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
     """torch.profiler over ``steps`` steps: the kernels that dominate (self device time per step),
     kernel count per step, summed kernel time vs wall time per step (busy fraction: ≪ 1 means
-    the GPU idles, waiting for launches), and the top CPU-side ops."""
+    the GPU idles, waiting for launches), and the top CPU-side ops (``_common.summarize_profile``)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     step()
@@ -758,48 +758,7 @@ def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
             step()
         sync(cuda)
         wall = (time.perf_counter() - t0) * 1e3 / steps
-    avgs = prof.key_averages()
-
-    def dev_self(e):
-        for k in ("self_device_time_total", "self_cuda_time_total"):
-            v = getattr(e, k, None)
-            if v is not None:
-                return float(v)
-        return 0.0
-
-    kernels, cpu_ops = [], []
-    for e in avgs:
-        dt = str(getattr(e, "device_type", ""))
-        if cuda and dt.endswith("CUDA"):
-            kernels.append(e)
-        elif not e.key.startswith("ProfilerStep"):
-            cpu_ops.append(e)
-    k_total = sum(dev_self(e) for e in kernels) / 1e3 / steps
-    k_count = sum(e.count for e in kernels) / steps
-    kernels.sort(key=dev_self, reverse=True)
-    cpu_ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    out = {"wall_ms_per_step": wall, "kernel_ms_per_step": k_total, "kernels_per_step": k_count,
-           "gpu_busy_fraction": (k_total / wall) if wall > 0 else None,
-           "top_kernels": [{"name": e.key[:120], "calls_per_step": e.count / steps,
-                            "ms_per_step": dev_self(e) / 1e3 / steps,
-                            "share": dev_self(e) / 1e3 / steps / k_total if k_total else None}
-                           for e in kernels[:top]],
-           "top_cpu_ops": [{"name": e.key[:80], "calls_per_step": e.count / steps,
-                            "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in cpu_ops[:10]]}
-    return out
-
-
-def format_profile(name: str, pr: dict) -> str:
-    busy = pr.get("gpu_busy_fraction")
-    lines = [f"== {name}: wall {pr['wall_ms_per_step']:.1f} ms/step (profiled), kernels {pr['kernels_per_step']:.0f}/step "
-             f"summing to {pr['kernel_ms_per_step']:.1f} ms (GPU busy {busy * 100 if busy else float('nan'):.0f} %)"]
-    for k in pr["top_kernels"]:
-        share = k["share"] * 100 if k["share"] is not None else float("nan")
-        lines.append(f"  {k['ms_per_step']:8.2f} ms {share:5.1f} % {k['calls_per_step']:7.0f}×  {k['name']}")
-    lines.append("  CPU self time, top ops:")
-    for k in pr["top_cpu_ops"]:
-        lines.append(f"  {k['self_cpu_ms_per_step']:8.2f} ms        {k['calls_per_step']:7.0f}×  {k['name']}")
-    return "\n".join(lines)
+    return summarize_profile(prof, steps, wall, cuda, top)
 
 
 def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool, lyco: bool = False):
@@ -879,11 +838,10 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             torch._dynamo.reset()
             step_model = torch.compile(unet, backend=a.compile_backend)
         is_lyco = handle is not None and handle.lyco_net is not None
-        if is_lyco:
-            rec["optimizer"] = ("lyco.optim.FlatAdamW" if os.environ.get("LYCO_BENCH_OPTIM", "flat") == "flat"
-                                else "torch.optim.AdamW")
         step, opt = make_step(step_model, ctx["inputs"], ctx["target"], params, floor, cuda, fused_ok=True,
                               lyco=is_lyco)
+        if opt is not None:
+            rec["optimizer"] = f"{type(opt).__module__}.{type(opt).__name__}"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rec.update(run_steps(step, a.warmup, a.steps, cuda))

@@ -195,3 +195,52 @@ def test_moved_parameters_are_refused_then_readopted():
     lin.weight.data = lin.weight.detach().double()
     with pytest.raises(RuntimeError, match="float64"):
         opt.readopt()
+
+
+def test_found_inf_skips_the_update_on_the_device():
+    """found_inf = 1: parameters, moments and step counts stay as they were (the NaN guard of lyco train); the run
+    then goes on exactly as one where that step never happened."""
+    ps, pt = _params(), _params()
+    a, b = FlatAdamW(ps, lr=1e-2, weight_decay=0.1), FlatAdamW(pt, lr=1e-2, weight_decay=0.1)
+    assert a.skips_on_found_inf
+    for step in range(4):
+        gs = _grads(step)
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        if step == 2:  # a skipped step with garbage gradients
+            for p in ps:
+                p.grad.fill_(float("nan"))
+            before = [p.detach().clone() for p in ps]
+            a.found_inf = torch.ones(())
+            a.step()
+            a.found_inf = None
+            assert all(torch.equal(p, q) for p, q in zip(ps, before))
+            assert float(a.state_dict()["state"][0]["step"]) == 2.0
+            continue
+        a.step()
+        for q, g in zip(pt, gs):
+            q.grad = g.clone()
+        b.found_inf = torch.zeros(())
+        b.step()
+    for p, q in zip(ps, pt):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    nf = FlatAdamW(_params(), fused=False)
+    nf.found_inf = torch.ones(())
+    for p in nf.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="fused"):
+        nf.step()
+
+
+def test_zero_grad_in_place_keeps_the_gradient_tensors():
+    """set_to_none=False (lyco train's captured steps: the graph accumulates into the same tensors) zeroes each
+    gradient in place; set_to_none=True drops them."""
+    ps = _params()
+    opt = FlatAdamW(ps)
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g.clone()
+    ids = [id(p.grad) for p in ps]
+    opt.zero_grad(set_to_none=False)
+    assert [id(p.grad) for p in ps] == ids and all(not p.grad.any() for p in ps)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)

@@ -118,26 +118,36 @@ class _Bucket:
             o += k
         return n
 
-    def step(self, hyper: dict) -> None:
+    def step(self, hyper: dict, found_inf: torch.Tensor | None = None) -> None:
         self.check()
         if self.split is None and any(p.grad is None for p in self.params):
             self._go_split(hyper)
-        if self.split is not None:
-            self.split.param_groups[0].update(hyper)
-            self.split.step()
-            return
-        self.inner.param_groups[0].update(hyper)
-        # the flat gradient lives only for the update: a buffer kept between steps would sit on the peak of the
-        # forward/backward (run 112: +0.01–0.02 GiB), a copy made here comes after the activations are freed
-        self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.params])
-        self.inner.step()
-        self.flat.grad = None
+        opt = self.split if self.split is not None else self.inner
+        opt.param_groups[0].update(hyper)
+        opt.found_inf = found_inf  # torch's Adam passes it to its fused kernel (None: always update)
+        try:
+            if opt is self.split:
+                opt.step()
+                return
+            # the flat gradient lives only for the update: a buffer kept between steps would sit on the peak of the
+            # forward/backward (run 112: +0.01–0.02 GiB), a copy made here comes after the activations are freed
+            self.flat.grad = torch.cat([p.grad.reshape(-1) for p in self.params])
+            opt.step()
+            self.flat.grad = None
+        finally:
+            opt.found_inf = None
 
 
 class FlatAdamW(torch.optim.Optimizer):
     """AdamW whose update runs on one flat buffer per parameter group (module doc)."""
 
     _HYPER = ("lr", "betas", "eps", "weight_decay")
+
+    #: None, or a float tensor of one element on the parameters' device: where it is nonzero, :meth:`step` leaves
+    #: parameters, moments and step counts as they are — decided on the device, no host sync (torch's fused AdamW
+    #: kernels take it; AMP's GradScaler uses the same argument). ``lyco train`` sets it to "the loss was not
+    #: finite" so that it never has to wait for the device before the update (:attr:`skips_on_found_inf`).
+    found_inf: torch.Tensor | None = None
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, fused: bool | None = None,
@@ -181,12 +191,38 @@ class FlatAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.found_inf is not None and not self.skips_on_found_inf:
+            raise RuntimeError("FlatAdamW.found_inf needs torch's fused kernels (fused=True on CUDA or the CPU)")
         for g, buckets in zip(self.param_groups, self._buckets):
             hyper = self._hyper(g)
             for b in buckets:
                 if any(p.grad is not None for p in b.params):
-                    b.step(hyper)
+                    b.step(hyper, self.found_inf)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's semantics; zeroing in place is one ``_foreach_zero_`` per device and dtype — the base class loops
+        over the parameters here (its ``foreach`` default is off for an optimizer without that option): one kernel
+        and one Python call per tensor, 397 per step in run 114's CUDA-graph training."""
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in by_kind.values():
+            torch._foreach_zero_(grads)
+
+    @property
+    def skips_on_found_inf(self) -> bool:
+        """Whether :attr:`found_inf` works here: every group's update runs torch's fused kernel."""
+        return all(b.fused for bs in self._buckets for b in bs)
 
     # -- torch AdamW's per-parameter state_dict ----------------------------------------------------
     def _ordered(self) -> list[tuple[torch.Tensor, dict | None]]:

@@ -152,3 +152,58 @@ def test_nan_loss_stops_training_keeping_the_last_good_checkpoint(tmp_path, monk
     assert len(a.modules) > 0
     del last
     bad_input("NaN training loss", "stopped (TrainingError), last good checkpoint kept and loadable")
+
+
+@pytest.mark.parametrize("flat", [True, False])  # the step-ahead loop (a device-side NaN guard) and the synchronous one
+def test_nan_loss_leaves_the_adapter_of_the_last_good_step(tmp_path, monkeypatch, flat):
+    """No checkpoint at the NaN step: the step-ahead loop learns of the NaN one step late, after the NaN step's update
+    was skipped on the device and before the next one is applied — the adapter in memory is the one of a run that
+    stopped after the last good step, and the error names the NaN step."""
+    from lyco.train import from_dict
+    from lyco.train.loop import Trainer, TrainingError
+    from lyco.train.synthetic import make_shapes
+
+    data = tmp_path / "data"
+    make_shapes(data / "2_shape", 4, seed=3, sizes=((32, 32),))
+
+    def cfg(out, steps):
+        return from_dict({
+            "model": {"path": "tiny:sd1"},
+            "data": {"train_dir": str(data), "resolution": [32, 32], "bucket_reso_steps": 32, "min_bucket_reso": 32,
+                     "max_bucket_reso": 64, "cache_dir": str(tmp_path / "cache")},
+            "network": {"algo": "lora", "rank": 2},
+            "optimizer": {"learning_rate": 1e-3, "flat": flat},
+            "train": {"max_train_steps": steps, "batch_size": 2},
+            "output": {"output_dir": str(out), "progress_bar": False, "log_with": "none", "save_dtype": "fp32",
+                       "save_state": False},
+            "eval": {"enabled": False},
+        })
+
+    ref = Trainer(cfg(tmp_path / "ref", 3))
+    try:
+        ref.train()
+        want = {k: v.detach().clone() for k, v in ref.network.state_dict().items()}
+    finally:
+        ref.close()
+    real = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **kw):
+        loss = real(self, *a, **kw)
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(Trainer, "compute_loss", poisoned)
+    tr = Trainer(cfg(tmp_path / "out", 6))
+    try:
+        with pytest.raises(TrainingError, match="NaN at step 4 "):
+            tr.train()
+        got = tr.network.state_dict()
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        assert [s for s, _ in tr.losses] == [1, 2, 3]  # the NaN step is not recorded as a step
+        assert tr._step_ahead() is flat
+    finally:
+        tr.close()
+    assert not list((tmp_path / "out").glob("*.safetensors"))

@@ -346,6 +346,30 @@ def test_setup_errors(tmp_path, shapes_dir, monkeypatch):
         make_optimizer(make_cfg(tmp_path, shapes_dir, optimizer={"args": {"nesterov": True}}), groups)
     with pytest.raises(lyco.ConfigError, match="unknown option 'factr'"):
         Trainer(make_cfg(tmp_path, shapes_dir, network={"options": {"factr": 4}})).setup()
+
+
+def test_adamw_class_follows_the_flat_key(tmp_path, shapes_dir):
+    """[optimizer] flat picks lyco.optim.FlatAdamW (the default) or torch's AdamW; args only torch's class takes, and
+    FSDP's local shards, get torch's."""
+    from lyco.optim import FlatAdamW
+    from lyco.train.loop import make_optimizer
+
+    def cls(flat_ok=True, **opt):
+        groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+        return type(make_optimizer(make_cfg(tmp_path, shapes_dir, optimizer=opt), groups, flat_ok=flat_ok))
+
+    assert cls() is FlatAdamW
+    assert cls(args={"fused": False}) is FlatAdamW
+    assert cls(flat=False) is torch.optim.AdamW
+    assert cls(args={"amsgrad": True}) is torch.optim.AdamW
+    assert cls(flat_ok=False) is torch.optim.AdamW
+    # the trainer itself steps FlatAdamW, and its file names the recipe: torch's AdamW
+    tr = Trainer(make_cfg(tmp_path, shapes_dir)).setup()
+    try:
+        assert isinstance(tr._inner_optimizer(), FlatAdamW)
+        assert tr.metadata()["ss_optimizer"].startswith("torch.optim.adamw.AdamW(")
+    finally:
+        tr.close()
     with pytest.raises(lyco.ConfigError, match="tiny:sd3"):
         Trainer(make_cfg(tmp_path, shapes_dir, model="tiny:sd3")).setup()
     with pytest.raises(lyco.ConfigError, match="does not exist"):
