@@ -123,7 +123,7 @@ def train_config(model, algo, train_dir, res, out_dir, cache_dir, a, graph: bool
         "network": copy.deepcopy(ALGOS[algo]),
         "optimizer": {"learning_rate": a.lr},
         "train": {"max_train_steps": a.warmup + a.steps + a.profile, "batch_size": a.batch or BATCH[model], "seed": 42,
-                  "mixed_precision": "bf16", "cpu": a.device == "cpu"},
+                  "mixed_precision": "bf16", "autocast": not a.no_autocast, "cpu": a.device == "cpu"},
         "output": {"output_dir": str(out_dir), "output_name": "adapter", "save_dtype": "fp32",
                    "save_state": False, "overwrite": True, "log_with": "none", "progress_bar": False},
         "eval": {"enabled": False},
@@ -230,7 +230,8 @@ def markdown(res: dict) -> str:
     m, s = res["meta"], res["meta"]["settings"]
     lines = [f"# `[train] cuda_graph`: lyco Trainer, eager vs graph", "",
              f"Device: **{m['device']}**, torch {m['torch']}, python {m['python']}, lyco {m['commit']}.  ",
-             f"Settings: {'SMOKE (CPU, tiny models: timings mean nothing), ' if s['smoke'] else ''}bf16 mixed precision, AdamW lr {s['lr']}, {s['warmup']} warm-up + {s['steps']} timed steps "
+             f"Settings: {'SMOKE (CPU, tiny models: timings mean nothing), ' if s['smoke'] else ''}bf16 mixed precision"
+             f"{'' if s.get('autocast', True) else ' without autocast'}, AdamW lr {s['lr']}, {s['warmup']} warm-up + {s['steps']} timed steps "
              f"(the adapters compared after all {s['warmup'] + s['steps']}), batch {s['batch']}, "
              f"algorithms {json.dumps(ALGOS)}; tolerance: whole-adapter rel L2 ≤ {s['tol']}.", "",
              "| model | algo | eager ms/step | graph ms/step | speedup | eager peak GiB | graph peak GiB | "
@@ -270,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--tol", type=float, default=1e-3, help="largest relative L2 of the whole adapter, eager vs graph")
     p.add_argument("--eager-twice", action="store_true", help="a second eager run: run-to-run noise reference")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="[train] autocast = false: the bf16 model without autocast (the fp32 adapter cast to bf16)")
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many optimizer steps after the timed ones (torch.profiler: kernels, CPU ops, "
                         "GPU busy fraction) into each variant's record and <out>/profile.txt")
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "settings": {"models": models, "algos": algos, "steps": a.steps, "warmup": a.warmup, "lr": a.lr,
                          "batch": {m: a.batch or BATCH[m] for m in models}, "tol": a.tol, "smoke": a.smoke,
-                         "device": a.device, "eager_twice": a.eager_twice}}
+                         "device": a.device, "eager_twice": a.eager_twice, "autocast": not a.no_autocast}}
     rows: list[dict] = []
     failed, longest = False, 0.0
     print(f"train_graph: {meta['device']}, torch {meta['torch']}, {models} x {algos}", flush=True)

@@ -570,3 +570,24 @@ def test_network_mode_reaches_every_layer(mode, tmp_path):
             assert taken == {dora if mode == "auto" else mode == "rebuild"}
         finally:
             net.detach()
+
+
+def test_bf16_without_autocast(tmp_path, shapes_dir):
+    """[train] autocast = false: the accelerator runs without mixed precision while the model is cast to bf16 and the
+    fp32 adapter trains on it; fp16 refuses it (loss scaling needs autocast)."""
+    with pytest.raises(lyco.ConfigError, match="autocast = false needs mixed_precision = 'bf16'"):
+        Trainer(make_cfg(tmp_path / "h", shapes_dir, train={"mixed_precision": "fp16", "autocast": False}))
+    runs = {}
+    for ac in (True, False):
+        cfg = make_cfg(tmp_path / str(ac), shapes_dir,
+                       train={"mixed_precision": "bf16", "autocast": ac, "cpu": True, "max_train_steps": 2})
+        tr = Trainer(cfg)
+        try:
+            res = tr.train()
+            runs[ac] = (tr.accelerator.mixed_precision, tr.weight_dtype, tr.pipe.unet.dtype,
+                        {p.dtype for p in tr.network.parameters()}, [l for _, l in res.losses])
+        finally:
+            tr.close()
+    assert runs[True][:4] == ("bf16", torch.bfloat16, torch.bfloat16, {torch.float32})
+    assert runs[False][:4] == ("no", torch.bfloat16, torch.bfloat16, {torch.float32})
+    assert len(runs[False][4]) == 2 and all(math.isfinite(x) for x in runs[False][4])

@@ -800,7 +800,9 @@ class Trainer:
             log.info("cuda_graph: %s (%s)", "on" if self.cuda_graph else "off", self.cuda_graph_reason)
 
         # precision and placement
-        mp = acc.mixed_precision
+        # bf16 without autocast ([train] autocast = false): the accelerator runs without mixed precision, the
+        # model is still cast to bf16 and computes in it
+        mp = "bf16" if self._bf16_plain() else acc.mixed_precision
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
         dev = acc.device
         pipe.unet.to(dev, dtype=self.weight_dtype)
@@ -953,7 +955,7 @@ class Trainer:
         if os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() == "true" and cfg.distributed.strategy != "fsdp":
             self.cfg = cfg = cfg.replace(distributed={"strategy": "fsdp"})
         handlers = [DistributedDataParallelKwargs(**ddp_kwargs(cfg.distributed, self._find_unused))]
-        mp = cfg.train.mixed_precision
+        mp = "no" if self._bf16_plain() else cfg.train.mixed_precision
         # accelerate keeps one global state per process; a second Trainer in the same single process
         # (tests, notebooks) may want another precision or accumulation: start from a clean state.
         from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -1037,6 +1039,13 @@ class Trainer:
         self.dataloader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
                                                       collate_fn=data_mod.collate, num_workers=d.num_workers,
                                                       pin_memory=self._pin_batches())
+
+    def _bf16_plain(self) -> bool:
+        """bf16 without autocast (``[train] autocast = false``): the bf16 model and its activations as they are.
+        Under autocast the norms run in fp32 with casts around them and every product casts its operands: on an
+        H100, SD1.5-sized LoRA as a CUDA graph, ≈ 2000 cast kernels (≈ 10 ms) of the step's 93 ms (run 116)."""
+        t = self.cfg.train
+        return t.mixed_precision == "bf16" and not t.autocast
 
     def _pin_batches(self) -> bool:
         """Batches in page-locked memory where they go to a CUDA device: their copies there then run asynchronously
