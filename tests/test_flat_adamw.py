@@ -21,6 +21,19 @@ def _grads(step, dtype=torch.float32):
     return [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
 
 
+def _run_both(flat, ref, ps, pt, steps, skip=lambda step, i: False):
+    """``steps`` updates of both optimizers with the same gradients (None where ``skip``), then the parameters
+    compared."""
+    for step in range(steps):
+        for i, (p, q, g) in enumerate(zip(ps, pt, _grads(step))):
+            p.grad = None if skip(step, i) else g.clone()
+            q.grad = None if skip(step, i) else g.clone()
+        flat.step()
+        ref.step()
+    for p, q in zip(ps, pt):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def _reference(p0, grads_per_step, lr, betas, eps, wd):
     """AdamW (decoupled weight decay, bias-corrected) in float64, one parameter: the textbook update."""
     p = p0.double().clone()
@@ -101,16 +114,7 @@ def test_missing_gradient_matches_torch():
     ps, pt = _params(), _params()
     flat = FlatAdamW(ps, lr=1e-2, weight_decay=0.1)
     ref = torch.optim.AdamW(pt, lr=1e-2, weight_decay=0.1, fused=True)
-    for step in range(5):
-        gs = _grads(step)
-        for i, (p, q, g) in enumerate(zip(ps, pt, gs)):
-            skip = step in (2, 3) and i in (1, 4)
-            p.grad = None if skip else g.clone()
-            q.grad = None if skip else g.clone()
-        flat.step()
-        ref.step()
-    for p, q in zip(ps, pt):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _run_both(flat, ref, ps, pt, 5, skip=lambda step, i: step in (2, 3) and i in (1, 4))
     sd = flat.state_dict()
     assert float(sd["state"][1]["step"]) == 3.0 and float(sd["state"][0]["step"]) == 5.0
 
@@ -244,3 +248,28 @@ def test_zero_grad_in_place_keeps_the_gradient_tensors():
     assert [id(p.grad) for p in ps] == ids and all(not p.grad.any() for p in ps)
     opt.zero_grad()
     assert all(p.grad is None for p in ps)
+
+
+def test_large_tensors_are_updated_as_they_are(monkeypatch):
+    """Tensors of LARGE elements or more stay out of the flat buffer (their own storage, torch's update over them);
+    the results and the state_dict are the same as for the all-flat optimizer and torch's."""
+    monkeypatch.setattr(FlatAdamW, "LARGE", 100)  # (1000,) and (4, 4, 3, 3) count as large here
+    ps, pt = _params(), _params()
+    storages = [p.untyped_storage().data_ptr() for p in ps]
+    flat = FlatAdamW(ps, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(pt, lr=1e-2, weight_decay=0.1, fused=True)
+    big = [i for i, s in enumerate(SHAPES) if math.prod(s) >= 100]
+    assert big == [3, 4]
+    assert all(ps[i].untyped_storage().data_ptr() == storages[i] for i in big)  # not moved
+    small = [i for i in range(len(SHAPES)) if i not in big]
+    assert len({ps[i].untyped_storage().data_ptr() for i in small}) == 1  # one buffer for the rest
+    # a large one without a gradient at step 2: skipped, as torch does
+    _run_both(flat, ref, ps, pt, 4, skip=lambda step, i: step == 2 and i == 4)
+    sd, sr = flat.state_dict(), ref.state_dict()
+    assert sorted(sd["state"]) == sorted(sr["state"])
+    for i in sd["state"]:
+        assert float(sd["state"][i]["step"]) == float(sr["state"][i]["step"])
+        torch.testing.assert_close(sd["state"][i]["exp_avg_sq"], sr["state"][i]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+    again = FlatAdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(sd)
+    assert float(again.state_dict()["state"][4]["step"]) == 3.0
