@@ -17,11 +17,13 @@ Models (``--models``):
     by the trainer's latent cache, ``[data] cache_latents``), a 1-layer CLIP text encoder of width 768
     (SD1.5's cross-attention width) and the tiny byte-level tokenizer of ``lyco.models.tiny``;
     8 synthetic 512 px images (``lyco.train.synthetic.make_shapes``) with repeats; batch 8.
+  * ``sdxl``: the SDXL UNet from its real config the same way, both text encoders cut to one layer at their real
+    widths, the same small VAE; 4 synthetic 1024 px images; batch 4.
 Algorithms (``--algos``, preset attn-mlp, text encoder trained too, as ``lyco train`` defaults):
 lora rank 16, lokr rank 8 factor 8, loha rank 8 (alpha = rank). bf16 mixed precision, AdamW 1e-4.
 
-How. Time: the trainer's ``step`` callback (called after every optimizer step) synchronises the
-device and stamps ``time.perf_counter()``; ms/step = (stamp[warmup+steps] − stamp[warmup]) / steps,
+How. Time: the trainer's ``step`` callback (called once the step's loss was read from the device) stamps
+``time.perf_counter()`` (``_common.StepClock``); ms/step = (stamp[warmup+steps] − stamp[warmup]) / steps,
 so graph capture (first steps) and setup are excluded. Peak: ``torch.cuda.max_memory_allocated``
 reset before the trainer is built (base model, adapter, optimizer, activations, graph pools).
 Correctness: both runs train warmup+steps steps and save fp32 adapters; the row fails when the whole
@@ -69,7 +71,7 @@ ALGOS = {  # [network] tables
     "lokr": {"algo": "lokr", "rank": 8, "alpha": 8, "preset": "attn-mlp", "options": {"factor": 8}},
     "loha": {"algo": "loha", "rank": 8, "alpha": 8, "preset": "attn-mlp"},
 }
-BATCH = {"world": 16, "sd15": 8}
+BATCH = {"world": 16, "sd15": 8, "sdxl": 4}
 
 
 # ------------------------------------------------------------------------------------ models, data
@@ -93,6 +95,30 @@ def sd15_pipeline(device: str, smoke: bool):
     return C.assemble_pipeline("sd1", comps, C.build_scheduler("sd1"), tok)
 
 
+def sdxl_pipeline(device: str, smoke: bool):
+    """A fresh SDXL-shaped pipeline: the SDXL UNet from its real config (random weights on the device, bf16), both
+    text encoders cut to one layer (their real widths: 768 and 1280, pooled 1280 — what the UNet's cross-attention
+    and added embeddings expect), the small ×8 VAE of :func:`sd15_pipeline`; smoke: the tiny SDXL pipeline."""
+    from lyco.models import configs as C, tiny
+    if smoke:
+        return tiny.tiny_pipeline("sdxl", seed=0)
+    tok = tiny.tiny_tokenizer()
+    ids = dict(num_hidden_layers=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    te, te2 = C.get_config("sdxl", "text_encoder"), C.get_config("sdxl", "text_encoder_2")
+    te.update(ids)
+    te2.update(ids)
+    vae = C.get_config("sdxl", "vae")
+    vae.update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+    with torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        torch.manual_seed(0)
+        comps = {"unet": C.build_from_config(C.get_config("sdxl", "unet"), device=device, dtype=torch.bfloat16),
+                 "text_encoder": C.build_from_config(te, device=device, dtype=torch.bfloat16),
+                 "text_encoder_2": C.build_from_config(te2, device=device, dtype=torch.bfloat16),
+                 "vae": C.build_from_config(vae, device=device)}
+    return C.assemble_pipeline("sdxl", comps, C.build_scheduler("sdxl"), tok, tok)
+
+
 def world_template():
     from lyco.world import base
     return base.load_pipeline(device="cpu")  # fp32 on the CPU: deep-copied for every training
@@ -108,7 +134,7 @@ def make_data(model: str, root: Path, batch: int, need: int, smoke: bool) -> tup
         scene.write_concept_dataset("star", root, n=n, seed=0, repeats=repeats, overwrite=True)
         return root, scene.IMAGE_SIZE
     from lyco.train.synthetic import make_shapes
-    size = 32 if smoke else 512
+    size = 32 if smoke else 1024 if model == "sdxl" else 512
     make_shapes(root / f"{repeats}_lycoshape", n, seed=0, sizes=((size, size),))
     return root, size
 
@@ -145,7 +171,8 @@ def run_variant(model, algo, variant, ctx, a) -> dict:
                            graph=variant == "graph")
     except Exception as e:  # noqa: BLE001 — the option may not exist yet in this checkout
         return {"skipped": f"config: {type(e).__name__}: {e}"}
-    pipe = copy.deepcopy(ctx["template"]) if model == "world" else sd15_pipeline(a.device, a.smoke)
+    pipe = (copy.deepcopy(ctx["template"]) if model == "world" else
+            sdxl_pipeline(a.device, a.smoke) if model == "sdxl" else sd15_pipeline(a.device, a.smoke))
     clock = StepClock()
     callbacks = [clock]
     prof = None
