@@ -5,4 +5,5 @@
 #   OUT=$OUT bash benchmarks/run_trainer_ahead.sh
 mkdir -p "$OUT/tg"
 BUDGET=330 bash benchmarks/run_train_graph.sh "$OUT/tg" --models sd15 --algos lora,loha --warmup 5 --steps 20 --profile 3
-(cd "$OUT" && tar czf /tmp/results.tgz tg && rm -rf tg && mv /tmp/results.tgz results.tgz)
+. benchmarks/_gpu_lib.sh
+pack_out

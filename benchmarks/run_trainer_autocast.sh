@@ -10,5 +10,4 @@ BUDGET=150 bash benchmarks/run_train_graph.sh "$OUT/noac" --models sd15 --algos 
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 . benchmarks/_gpu_lib.sh
 graph_check 120 lora,locon,loha,lora-fp16
-(cd "$OUT" && tar czf /tmp/results.tgz ac noac ccg check_cuda_graph.log && rm -rf ac noac ccg check_cuda_graph.log \
-  && mv /tmp/results.tgz results.tgz)
+pack_out

@@ -6,4 +6,5 @@
 mkdir -p "$OUT/ac" "$OUT/noac"
 BUDGET=200 bash benchmarks/run_train_graph.sh "$OUT/ac" --models sdxl --algos lora --warmup 4 --steps 12
 BUDGET=200 bash benchmarks/run_train_graph.sh "$OUT/noac" --models sdxl --algos lora --warmup 4 --steps 12 --no-autocast
-(cd "$OUT" && tar czf /tmp/results.tgz ac noac && rm -rf ac noac && mv /tmp/results.tgz results.tgz)
+. benchmarks/_gpu_lib.sh
+pack_out

@@ -4,4 +4,5 @@
 #   OUT=$OUT bash benchmarks/run_trainer_sdxl2.sh
 mkdir -p "$OUT/tg"
 BUDGET=260 bash benchmarks/run_train_graph.sh "$OUT/tg" --models sdxl --algos loha,lokr --warmup 4 --steps 12
-(cd "$OUT" && tar czf /tmp/results.tgz tg && rm -rf tg && mv /tmp/results.tgz results.tgz)
+. benchmarks/_gpu_lib.sh
+pack_out

@@ -179,6 +179,17 @@ def test_errors():
     with pytest.raises(ValueError, match="parameter groups"):
         opt.load_state_dict({"state": {}, "param_groups": [{"params": [0, 1]}]})
     assert flat_adamw_supports({"lr": 1, "betas": (0.9, 0.9)}) and not flat_adamw_supports({"foreach": True})
+    # a saved state whose tensors do not fit this optimizer's parameters (the total alike) names the parameter
+    ps = _params()
+    src = FlatAdamW(ps)
+    for p, g in zip(ps, _grads(0)):
+        p.grad = g.clone()
+    src.step()
+    sd = src.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].reshape(-1)[:20]   # (7, 3) → 20 elements
+    sd["state"][1]["exp_avg"] = torch.cat([sd["state"][1]["exp_avg"].reshape(-1), torch.zeros(1)])
+    with pytest.raises(ValueError, match=r"parameter 0's saved exp_avg has shape \(20,\); expected \(7, 3\)"):
+        FlatAdamW(_params()).load_state_dict(sd)
 
 
 def test_moved_parameters_are_refused_then_readopted():

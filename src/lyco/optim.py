@@ -3,14 +3,18 @@
 An adapter has many small tensors (an SD1.5 LoRA on attention and feed-forward: 384, 5–40 k elements each;
 LoHa twice as many). torch's fused AdamW updates a list of tensors in launches of at most a few dozen tensors
 each, every tensor at least one thread block however small: on an H100 the 384 tensors of that LoRA took 11
-launches and 0.36 ms per step for 190 MB of traffic (``benchmarks/NOTES.md``, run 109's profile) — ≈ 0.5 TB/s.
+launches and 0.36 ms per step (``benchmarks/NOTES.md``, run 109's profile) for ≈ 190 MB of traffic (counted: 6.78 M
+parameters × 28 bytes read and written) — ≈ 0.5 TB/s.
 :class:`FlatAdamW` keeps each group's parameters as views of one contiguous buffer (the parameters stay the same
 ``nn.Parameter`` objects, leaves of autograd, with their names, shapes and hooks; only their storage moves), gathers
 their gradients into one flat gradient with one ``torch.cat`` and runs torch's own AdamW on the flat tensor: one
-update launch per group.
+update launch per group. Tensors of :attr:`FlatAdamW.LARGE` elements or more stay as they are (torch's update over
+them is already bandwidth-bound; gathering them would only copy their gradients).
 
 Semantics are torch's ``AdamW`` (decoupled weight decay, bias correction per step) element for element — the flat
-update runs the same kernel on the same values (tested bit-identical against ``torch.optim.AdamW(fused=True)``).
+update runs the same kernel on the same values (tested against ``torch.optim.AdamW(fused=True)`` on the CPU:
+bit-identical in bf16, within one rounding in fp32, where torch's CPU kernel treats a tensor's vectorised body and
+its scalar tail apart, and against float64 AdamW math).
 One difference of bookkeeping, not of math: torch skips a parameter whose ``.grad`` is None and keeps a step count
 per parameter. The flat update needs one count per group, so the first step where a group has a parameter without
 a gradient switches that group, for good, to torch's per-parameter update on views of the same state (each
@@ -18,7 +22,8 @@ parameter's count starting from the group's) — exactly torch's behaviour from 
 
 ``state_dict()`` is torch AdamW's per-parameter form (parameters numbered in group order; ``exp_avg``,
 ``exp_avg_sq``, ``step`` each), so checkpoints move freely between this class and ``torch.optim.AdamW``, and
-``load_state_dict`` takes either's.
+``load_state_dict`` takes either's. :attr:`FlatAdamW.found_inf` skips an update on the device (``lyco train``'s NaN
+guard, which then never waits for the device).
 
 Supported options: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``fused`` (default: where torch has a fused
 kernel for the device), ``capturable`` (the step inside a CUDA graph). Anything else (``amsgrad``, ``maximize``,
@@ -292,7 +297,7 @@ class FlatAdamW(torch.optim.Optimizer):
                     continue
                 steps = {float(s["step"]) for s in sts if s is not None}
                 if len(steps) == 1 and all(s is not None for s in sts) and b.flat is not None:
-                    self._load_flat(b, sts)
+                    self._load_flat(b, sts, [pid_of[id(p)] for p in b.params])
                 else:  # counts differ (a saved per-parameter history): torch's per-parameter update from here
                     b._go_split(hyper)
                     for p, s in zip(b.params, sts):
@@ -305,13 +310,15 @@ class FlatAdamW(torch.optim.Optimizer):
                                 "exp_avg_sq": s["exp_avg_sq"].detach().to(p.device, p.dtype).clone().view(p.shape)}
 
     @staticmethod
-    def _load_flat(b: _Bucket, sts: list[dict]) -> None:
+    def _load_flat(b: _Bucket, sts: list[dict], pids: list[int]) -> None:
         dev, dt = b.flat.device, b.flat.dtype
+        for p, s, pid in zip(b.params, sts, pids):
+            for k in ("exp_avg", "exp_avg_sq"):
+                if s[k].numel() != p.numel():
+                    raise ValueError(f"FlatAdamW.load_state_dict: parameter {pid}'s saved {k} has shape "
+                                     f"{tuple(s[k].shape)}; expected {tuple(p.shape)}")
         m = torch.cat([s["exp_avg"].detach().reshape(-1).to(dev, dt) for s in sts])
         v = torch.cat([s["exp_avg_sq"].detach().reshape(-1).to(dev, dt) for s in sts])
-        if m.numel() != b.flat.numel():
-            raise ValueError(f"FlatAdamW.load_state_dict: saved state has {m.numel()} elements for a group of "
-                             f"{b.flat.numel()}")
         step = sts[0]["step"].detach().clone().to(torch.float32)
         if b.fused or b.capturable:
             step = step.to(dev)
@@ -321,4 +328,4 @@ class FlatAdamW(torch.optim.Optimizer):
 
 def flat_adamw_supports(options: dict) -> bool:
     """Whether :class:`FlatAdamW` takes these ``torch.optim.AdamW`` keyword arguments."""
-    return set(options) <= {"lr", "betas", "eps", "weight_decay", "fused", "capturable"}
+    return set(options) <= set(FlatAdamW._HYPER) | {"fused", "capturable"}

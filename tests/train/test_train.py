@@ -575,8 +575,9 @@ def test_network_mode_reaches_every_layer(mode, tmp_path):
 def test_bf16_without_autocast(tmp_path, shapes_dir):
     """[train] autocast = false: the accelerator runs without mixed precision while the model is cast to bf16 and the
     fp32 adapter trains on it; fp16 refuses it (loss scaling needs autocast)."""
-    with pytest.raises(lyco.ConfigError, match="autocast = false needs mixed_precision = 'bf16'"):
-        Trainer(make_cfg(tmp_path / "h", shapes_dir, train={"mixed_precision": "fp16", "autocast": False}))
+    for mp in ("fp16", "no"):  # an option that would do nothing (or the wrong thing) is refused
+        with pytest.raises(lyco.ConfigError, match="autocast = false needs mixed_precision = 'bf16'"):
+            Trainer(make_cfg(tmp_path / "h", shapes_dir, train={"mixed_precision": mp, "autocast": False}))
     runs = {}
     for ac in (True, False):
         cfg = make_cfg(tmp_path / str(ac), shapes_dir,

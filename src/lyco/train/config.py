@@ -547,8 +547,9 @@ def validate(cfg: Config) -> None:
     if t.cuda_graph is True:  # "auto" turns itself off instead (resolve_cuda_graph)
         for _, msg in cuda_graph_blockers(cfg):
             raise ConfigError(msg)
-    need(t.autocast or t.mixed_precision != "fp16",
-         "[train] autocast = false needs mixed_precision = 'bf16' (fp16 trains with autocast and loss scaling)")
+    need(t.autocast or t.mixed_precision == "bf16",
+         "[train] autocast = false needs mixed_precision = 'bf16' (fp16 trains with autocast and loss scaling; "
+         "without mixed precision there is no autocast to turn off)")
     need(not (cfg.distributed.strategy == "fsdp" and t.mixed_precision == "fp16"),
          "[distributed] strategy = 'fsdp' with [train] mixed_precision = 'fp16' is not supported (fp16 loss "
          "scaling of sharded gradients); use bf16")
