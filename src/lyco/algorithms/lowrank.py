@@ -146,6 +146,83 @@ def _join(side) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
+#: the factors' casts within one training step (:func:`step_casts`): (storage, dtypes) → the whole storage cast
+_CASTS: list = [None]
+
+#: storages of at most this many elements are cast whole (one kernel for every factor that lives in them)
+CAST_WHOLE_MAX = 1 << 26
+
+
+@contextlib.contextmanager
+def step_casts():
+    """Within this block the ops cast an adapter's factors to the compute dtype once per storage, not per layer
+    and direction: the first factor met in a storage (a :class:`lyco.optim.FlatAdamW` group's flat buffer holds
+    all of them) casts the whole storage, and every factor in it — forward and backward, its own layer's and
+    every other's — is a view of that one cast. Without the block each op casts its two factors in forward and
+    again in backward: under mixed precision (fp32 adapter, bf16 model) 709 cast kernels of a LoRA step on SD1.5
+    (H100 run 117's profile, NOTES change 83). The trainer wraps each step's forward and backward in it (the
+    parameters do not change inside a step: the optimizer runs outside); a CUDA graph captured inside it replays
+    the storage's cast at its first use each time. Blocks nest (each its own casts)."""
+    prev = _CASTS[0]
+    _CASTS[0] = {}
+    try:
+        yield
+    finally:
+        _CASTS[0] = prev
+
+
+def _cast_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` — inside :func:`step_casts` a view of its storage's one cast, else ``t.to(dtype)``.
+    Not differentiable: for the ops' Functions, whose forward and backward run without autograd."""
+    if t.dtype == dtype:
+        return t
+    cache = _CASTS[0]
+    if cache is None or t.numel() == 0:
+        return t.to(dtype)
+    # keyed by the storage's address, and the entry holds the storage: while it is cached no other tensor can be
+    # given that memory (a factor built in the step — LoHa's — and freed would otherwise pass its address on)
+    st = t.untyped_storage()
+    n = st.nbytes() // t.element_size()
+    with torch.no_grad():
+        if n > max(CAST_WHOLE_MAX, t.numel()):  # a factor inside something large: cast it alone, once
+            key = (st.data_ptr(), t.dtype, dtype, t.storage_offset(), tuple(t.shape), t.stride())
+            hit = cache.get(key)
+            if hit is None:
+                hit = cache[key] = (st, t.detach().to(dtype))
+            return hit[1]
+        key = (st.data_ptr(), t.dtype, dtype)
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = (st, t.new_empty(0).set_(st, 0, (n,), (1,)).to(dtype))
+        return hit[1].as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+#: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
+_OUT_DTYPE: dict = {}
+
+
+def _out_dtype_ok(a: torch.Tensor, dt: torch.dtype | None, scaled: bool = False) -> bool:
+    """Whether a GEMM of ``a``'s dtype can write ``dt`` itself (torch's ``mm``, or with ``scaled`` ``addmm`` and an
+    alpha, with ``out_dtype``: CUDA, bf16/fp16 in, fp32 out): an adapter's gradient in its parameter's fp32 straight
+    from the GEMM's fp32 accumulator — no bf16 rounding of it and no cast kernel after it (400 per LoRA step under
+    mixed precision, run 117). Probed once per combination on a 1×1 product (a dispatch error, not a device one)."""
+    if dt is None or dt == a.dtype or dt != torch.float32 or a.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (a.device.type, a.dtype, dt)
+    ok = _OUT_DTYPE.get(key)
+    if ok is None:
+        one = a.new_ones((1, 1))
+        ok = []
+        for call in (lambda: torch.mm(one, one, out_dtype=dt),
+                     lambda: torch.addmm(one.new_empty((), dtype=dt), one, one, beta=0, alpha=0.5, out_dtype=dt)):
+            try:
+                ok.append(call().dtype == dt)
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok.append(False)
+        ok = _OUT_DTYPE[key] = tuple(ok)
+    return ok[1] if scaled else ok[0]
+
+
 def _merge_kernel(w: torch.Tensor, r: int) -> bool:
     """Whether :func:`_merged` builds ``W + s·U·D`` with :func:`.lowrank_triton.add_lowrank` — one pass that reads W
     and writes W′, where ``addmm`` copies W into its output and then runs a GEMM that reads and writes it again
@@ -206,11 +283,15 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
     return torch.addmm(wf.reshape(o, -1), u2, d2, alpha=s).view(w.shape)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, s: float, dt: torch.dtype | None = None) -> torch.Tensor:
     """``s·a@b`` with s in the GEMM's alpha: a ``mul_`` after it would be one more kernel per layer and step — in a
     captured step each costs its slot whatever its size (≈ 1.6 µs: run 71's smallest kernel, LoKr's 242
     ``_kron_fwd`` calls in 0.39 ms). ``beta = 0``: the (uninitialised, 0-d)
-    input is never read."""
+    input is never read. ``dt``: the result's dtype where the GEMM can write it (:func:`_out_dtype_ok`), else a's."""
+    if _out_dtype_ok(a, dt, s != 1.0):
+        if s == 1.0:
+            return torch.mm(a, b, out_dtype=dt)
+        return torch.addmm(a.new_empty((), dtype=dt), a, b, beta=0, alpha=s, out_dtype=dt)
     return a @ b if s == 1.0 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
@@ -220,28 +301,35 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _factors(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
-    """(D in its layer layout, U as (out, r), D as (r, in·∏k)), all in ``dtype``."""
+    """(D in its layer layout, U as (out, r), D as (r, in·∏k)), all in ``dtype`` (:func:`_cast_factor`)."""
     r = down.shape[0]
-    dd, ud = cast(down, dtype), cast(up, dtype)
+    dd, ud = _cast_factor(down, dtype), _cast_factor(up, dtype)
     u2 = ud if ud.dim() == 2 else ud.reshape(ud.shape[0], r)
     d2 = dd if dd.dim() == 2 else dd.reshape(r, -1)
     return dd, u2, d2
 
 
 def _forward(x, spec: LayerSpec, s: float, weight, bias, down, up, cd):
-    """``op(x, W + s·U·D, b)`` in the compute dtype ``cd``, x 2-D for a linear layer."""
+    """``op(x, W + s·U·D, b)`` in the compute dtype ``cd``, x 2-D for a linear layer; also x, D and U in ``cd``."""
     xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
-    _, u2, d2 = _factors(down, up, cd)
-    return layer_op(xd, spec, _merged(wd, u2, d2, s, cd), bd), xd
+    dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
+    _, u2, d2 = _factors(dd, ud, cd)
+    return layer_op(xd, spec, _merged(wd, u2, d2, s, cd), bd), xd, dd, ud
+
+
+def _meta(x, groups, down, up) -> tuple:
+    """What the backward needs of the inputs besides the saved tensors: the factors are saved in the compute dtype
+    (cast once, not again in backward) and their gradients go back in the parameters' shapes and dtypes."""
+    return x.shape, x.dtype, groups, (down.shape, down.dtype), (up.shape, up.dtype)
 
 
 class _LowRankOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd = cfg
-        y, xd = _forward(x, spec, s, weight, bias, down, up, cd)
-        ctx.cfg = (spec, s, x.shape, x.dtype, 1)
-        ctx.save_for_backward(xd, weight, bias, down, up)
+        y, xd, dd, ud = _forward(x, spec, s, weight, bias, down, up, cd)
+        ctx.cfg = (spec, s) + _meta(x, 1, down, up)
+        ctx.save_for_backward(xd, weight, bias, dd, ud)
         return y
 
     @staticmethod
@@ -253,10 +341,12 @@ class _LowRankOp(torch.autograd.Function):
 
 def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
-    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it. ``groups`` > 1 (the bypass
-    op only): ``down`` is one ``(r, in/groups[, *k])`` matrix or kernel applied to each of the input's channel
-    groups, i.e. ``D = kron(I_groups, down)`` block-diagonal (never formed)."""
-    spec, s, xshape, xdt, groups = cfg
+    — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it; ``down`` and ``up`` as the
+    forward cast them (:func:`_meta`). ``groups`` > 1 (the bypass op only): ``down`` is one ``(r, in/groups[, *k])``
+    matrix or kernel applied to each of the input's channel groups, i.e. ``D = kron(I_groups, down)``
+    block-diagonal (never formed). The factors' gradients come out of their GEMMs in the parameters' dtype where
+    the GEMM can write it (:func:`_out_dtype_ok`; a conv's batch sum reduces into it)."""
+    spec, s, xshape, xdt, groups, (dshape, ddt), (ushape, udt) = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
@@ -270,9 +360,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     side = side_stream(gy) if (need_d or need_u) else None
     with _fork(side):
         if need_u:
-            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1])
+            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt)
         if need_d and not cat:
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None)
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
         # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
@@ -281,7 +371,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
         if need_b:
             gb = gy.sum(0)
         with _fork(side):
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh)
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
@@ -294,33 +384,40 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     if gb is not None:
         gb = cast(gb, bias.dtype)
     if gd is not None:
-        gd = like(gd, down.shape, down.dtype)
+        gd = like(gd, dshape, ddt)
     if gu is not None:
-        gu = like(gu, up.shape, up.dtype)
+        gu = like(gu, ushape, udt)
     return gx, None, gw, gb, gd, gu
 
 
-def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int) -> torch.Tensor:
-    """``∂U = s·∂yᵀh`` (h recomputed from x where the op did not keep it); a conv's summed over the batch."""
+def _sum0(t: torch.Tensor, dt: torch.dtype | None) -> torch.Tensor:
+    """``t.sum(0)``, written in ``dt`` (the sum accumulates in fp32 either way; no cast after it)."""
+    return t.sum(0) if dt is None or dt == t.dtype else t.sum(0, dtype=dt)
+
+
+def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None) -> torch.Tensor:
+    """``∂U = s·∂yᵀh`` (h recomputed from x where the op did not keep it); a conv's summed over the batch. ``dt``:
+    the dtype to write it in where the GEMM or the sum can (:func:`_mm`)."""
     if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
-        return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s)
+        return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s, dt)
     n, o = gy.shape[0], gy.shape[1]
     if h is None:
         h = layer_op(xc, spec, dd)
-    return _bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s).sum(0)
+    return _sum0(_bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s), dt)
 
 
-def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh) -> torch.Tensor:
-    """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`."""
+def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, dt=None) -> torch.Tensor:
+    """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`, ``dt`` as
+    :func:`_grad_up`."""
     if spec.kind == LINEAR:
         gh = gy @ u2 if gh is None else gh
         if groups == 1:
-            return _mm(gh.t(), xc, s)
+            return _mm(gh.t(), xc, s, dt)
         if gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
-            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s)
+            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s, dt)
         # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
         p = gh.shape[0]
-        return _bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s).sum(0)
+        return _sum0(_bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s), dt)
     n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
     # ∂h as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
     # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
@@ -329,7 +426,7 @@ def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh) -
         xc = xc.view(n * groups, -1, *xc.shape[2:])
         gh = gh.view(n * groups, -1, *gh.shape[2:])
     if _im2col_ok(spec, r):
-        return _conv_wgrad_nchw(xc, gh, spec)
+        return _conv_wgrad_nchw(xc, gh, spec, dt)
     return op_backward(spec, xc, dd, gh, False, True, False)[1]
 
 
@@ -449,7 +546,7 @@ def _im2col_ok(spec: LayerSpec, r: int) -> bool:
             and r * kh * kw <= 2 * spec.in_dim)
 
 
-def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None) -> torch.Tensor:
     """``∂D`` of ``h = conv2d(x, D)`` (stride 1, dilation 1, zero padding p ≤ k − 1) for ``∂h``, as one
     batched GEMM over the NCHW input in place.
 
@@ -457,7 +554,8 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torc
     With ∂h zero-padded by q = k − 1 − p on each side (∂hp), ∂h[y − ty + p] = ∂hp[y + (k − 1 − ty)]: the
     shifted copies ``cols[n, ρ, a, b, y, x] = ∂hp[n, ρ, y + a, x + b]`` (a = k − 1 − ty: taps in flipped
     order, so every stride of the view is non-negative) are one strided copy of r·k² rank-sized planes,
-    and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch."""
+    and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch (into
+    ``dt`` where given: :func:`_sum0`)."""
     n, c, hh, ww = x.shape
     r = gh.shape[1]
     (kh, kw), (ph, pw) = spec.kernel, spec.pads
@@ -467,7 +565,7 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec) -> torc
     hp, wp = ghp.shape[2], ghp.shape[3]
     cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
         n, r * kh * kw, hh * ww)
-    g = torch.bmm(cols, x.reshape(n, c, hh * ww).transpose(1, 2)).sum(0)   # (r·kh·kw, c), taps flipped
+    g = _sum0(torch.bmm(cols, x.reshape(n, c, hh * ww).transpose(1, 2)), dt)   # (r·kh·kw, c), taps flipped
     return g.view(r, kh, kw, c).permute(0, 3, 1, 2).flip(2, 3).contiguous()
 
 
@@ -478,7 +576,8 @@ class _BypassOp(torch.autograd.Function):
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd, groups = cfg
         xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
-        dd, u2, d2 = _factors(down, up, cd)
+        dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
+        dd, u2, d2 = _factors(dd, ud, cd)
         if spec.kind == LINEAR:
             # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
             # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95)
@@ -524,8 +623,8 @@ class _BypassOp(torch.autograd.Function):
                 o, r = y.shape[1], h.shape[1]
                 y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
                 y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
-        ctx.cfg = (spec, s, x.shape, x.dtype, groups)
-        ctx.save_for_backward(xd, h, weight, bias, down, up)
+        ctx.cfg = (spec, s) + _meta(x, groups, down, up)
+        ctx.save_for_backward(xd, h, weight, bias, dd, ud)
         return y
 
     @staticmethod

@@ -1146,9 +1146,19 @@ class Trainer:
 
     def _graph_fn(self, inp: dict) -> torch.Tensor:
         """Forward and backward of one micro-batch: what ``[train] cuda_graph`` captures."""
-        loss = self.loss_of(self.model, inp)
-        self.accelerator.backward(loss)
+        with self._step_casts():
+            loss = self.loss_of(self.model, inp)
+            self.accelerator.backward(loss)
         return loss.detach()
+
+    def _step_casts(self):
+        """The adapter's factors cast to the compute dtype once per step and flat buffer, not per layer and direction
+        (:func:`lyco.algorithms.lowrank.step_casts`). Not under FSDP: a unit's storage is freed after its forward and
+        gathered again for its backward, so an address would not name the same factors throughout the step."""
+        if self.strategy == "fsdp":
+            return contextlib.nullcontext()
+        from ..algorithms.lowrank import step_casts
+        return step_casts()
 
     # ------------------------------------------------------------------ evaluation
     def eval_batch(self):
@@ -1272,9 +1282,10 @@ class Trainer:
                         loss = self._graph(self.loss_inputs(latents, batch["captions"], batch["time_ids"], gen,
                                                             is_reg=batch["is_reg"]))
                     else:
-                        loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
-                                                 is_reg=batch["is_reg"])
-                        acc.backward(loss)
+                        with self._step_casts():
+                            loss = self.compute_loss(model, latents, batch["captions"], batch["time_ids"], gen,
+                                                     is_reg=batch["is_reg"])
+                            acc.backward(loss)
                     # The NaN/Inf check reads the loss on the host, which waits for the device. It
                     # comes after the backward pass (still before the update), so that forward and
                     # backward are queued in one go instead of the device idling in between.

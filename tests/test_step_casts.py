@@ -1,0 +1,116 @@
+"""``lowrank.step_casts``: within one training step the low-rank ops cast an fp32 adapter's factors to the compute
+dtype once per storage (a FlatAdamW group's flat buffer), not per layer and direction — the same values, far fewer
+cast kernels; and the ops keep the factors they cast in forward for their backward."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lyco
+from lyco.algorithms import lowrank
+from lyco.optim import FlatAdamW
+
+
+class _Casts(TorchDispatchMode):
+    """Records the element count of every fp32 → bf16 copy dispatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                and out.dtype == torch.bfloat16):
+            self.sizes.append(args[0].numel())
+        return out
+
+
+def _mixed_model(conv: bool):
+    """Three adapted layers, the base in bf16, the LoRA in fp32 (``lyco train``'s mixed precision), the adapter's
+    parameters made views of one flat buffer by FlatAdamW."""
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1))
+    else:
+        model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2.0, seed=1)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.data = (p.data.float() + 0.1 * torch.randn(p.shape))
+    params = list(net.trainable_parameters())
+    FlatAdamW(params, lr=1e-3)
+    return model, params
+
+
+def _step(model, params, x, gy, cached: bool):
+    """Forward and backward under CPU autocast (bf16), inside ``step_casts`` or not: (y, ∂x and ∂θ, cast sizes)."""
+    for p in params:
+        p.grad = None
+    xr = x.detach().clone().requires_grad_()
+    rec = _Casts()
+    ctx = lowrank.step_casts() if cached else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with rec, ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(xr)
+        y.backward(gy)
+    return y.detach(), [xr.grad] + [p.grad.clone() for p in params], rec.sizes
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv"])
+def test_one_cast_per_storage_and_the_same_numbers(monkeypatch, conv):
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    model, params = _mixed_model(conv)
+    x = (torch.randn(2, 8, 6, 6) if conv else torch.randn(40, 32)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gy = torch.randn_like(model(x).float()).bfloat16()
+    y0, g0, casts0 = _step(model, params, x, gy, cached=False)
+    y1, g1, casts1 = _step(model, params, x, gy, cached=True)
+    flat = params[0].untyped_storage().nbytes() // 4
+    assert sum(p.numel() for p in params) == flat  # the FlatAdamW buffer holds exactly the adapter
+    # per layer one cast of each factor in forward, none again in backward (the op keeps what it cast) …
+    assert sorted(casts0) == sorted(p.numel() for p in params)
+    # … and within step_casts one cast of the whole buffer for all of them
+    assert casts1 == [flat]
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert [g.dtype for g in g1[1:]] == [torch.float32] * len(params)
+
+
+def test_a_freed_factor_does_not_pass_its_cast_on():
+    """Factors built inside a step (LoHa's products) are cast by their own storage: while the cast is kept the
+    storage is kept too, so a new tensor cannot be given its address and be mistaken for it."""
+    with lowrank.step_casts():
+        for i in range(50):
+            t = torch.randn(256) * (i + 1)
+            c = lowrank._cast_factor(t, torch.bfloat16)
+            assert torch.equal(c, t.to(torch.bfloat16)), i
+            del t, c
+
+
+def test_outside_the_block_nothing_is_kept():
+    t = torch.randn(16)
+    assert lowrank._CASTS[0] is None
+    c = lowrank._cast_factor(t, torch.bfloat16)
+    assert torch.equal(c, t.to(torch.bfloat16)) and lowrank._CASTS[0] is None
+    with lowrank.step_casts():
+        lowrank._cast_factor(t, torch.bfloat16)
+        with lowrank.step_casts():  # nested: its own casts
+            assert lowrank._CASTS[0] == {}
+        assert len(lowrank._CASTS[0]) == 1
+    assert lowrank._CASTS[0] is None
+
+
+def test_a_factor_inside_a_large_storage_is_cast_alone(monkeypatch):
+    monkeypatch.setattr(lowrank, "CAST_WHOLE_MAX", 64)
+    big = torch.randn(1000)
+    a, b = big[10:20].view(2, 5), big[500:512].view(3, 4)
+    rec = _Casts()
+    with rec, lowrank.step_casts():
+        ca, cb = lowrank._cast_factor(a, torch.bfloat16), lowrank._cast_factor(b, torch.bfloat16)
+        assert lowrank._cast_factor(a, torch.bfloat16) is ca  # once per step
+    assert rec.sizes == [10, 12]
+    assert torch.equal(ca, a.to(torch.bfloat16)) and torch.equal(cb, b.to(torch.bfloat16))
