@@ -114,3 +114,55 @@ def test_a_factor_inside_a_large_storage_is_cast_alone(monkeypatch):
         assert lowrank._cast_factor(a, torch.bfloat16) is ca  # once per step
     assert rec.sizes == [10, 12]
     assert torch.equal(ca, a.to(torch.bfloat16)) and torch.equal(cb, b.to(torch.bfloat16))
+
+
+class _SharedInput(nn.Module):
+    """A norm whose output three adapted layers read (q, k and v of an attention block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(32)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.q(h) + self.k(h) * self.v(h)
+
+
+def test_one_cast_of_an_input_three_layers_share(monkeypatch):
+    """Under autocast the norm's output is fp32 and each op casts it to bf16: within step_casts the three ops share
+    one cast (the same values: outputs and gradients equal)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    torch.manual_seed(0)
+    model = _SharedInput()
+    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2.0, seed=1)
+    model.to(torch.bfloat16)
+    model.norm.float()  # CUDA's autocast runs norms in fp32; the CPU's does not: an fp32 norm on an fp32 input
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.data = p.data.float() + 0.1 * torch.randn(p.shape)
+    params = list(net.trainable_parameters())
+    x = torch.randn(40, 32)
+    gy = torch.randn(40, 32).bfloat16()
+    y0, g0, casts0 = _step(model, params, x, gy, cached=False)
+    y1, g1, casts1 = _step(model, params, x, gy, cached=True)
+    assert casts0.count(x.numel()) == 3
+    assert casts1.count(x.numel()) == 1
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+def test_a_changed_input_is_cast_again():
+    """The entry is keyed by the input's version: an in-place change between two ops is not missed."""
+    x = torch.randn(8, 4)
+    with lowrank.step_casts():
+        a = lowrank._cast_input(x, torch.bfloat16)
+        assert lowrank._cast_input(x, torch.bfloat16) is a
+        x.mul_(2)
+        b = lowrank._cast_input(x, torch.bfloat16)
+        assert b is not a and torch.equal(b, x.to(torch.bfloat16))
+        y = x.view(4, 8)  # same memory, another layout: its own cast
+        c = lowrank._cast_input(y, torch.bfloat16)
+        assert c.shape == (4, 8) and torch.equal(c, y.to(torch.bfloat16))

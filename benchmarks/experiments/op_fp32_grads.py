@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The low-rank bypass op under ``lyco train``'s mixed precision (bf16 base under autocast, fp32 LoRA held by
-FlatAdamW) on the GPU, inside ``lowrank.step_casts``, against float64 math — issue 7, NOTES change 83.
+FlatAdamW) on the GPU, inside ``lowrank.step_casts``, against float64 math — issue 7, NOTES changes 83–84.
 
-On CUDA the factors' gradients come out of their GEMMs in fp32 (``lowrank._out_dtype_ok``: torch's ``mm``/``addmm``
-with ``out_dtype``), which the CPU tests cannot reach; this checks those numbers before the trainer is timed with
-them, and prints the same errors with the old form (bf16 GEMM output cast to fp32) beside them.
+On CUDA the factors' gradients (and a linear layer's ∂x where its input is fp32, a norm's output under autocast)
+come out of their GEMMs in fp32 (``lowrank._out_dtype_ok``: torch's ``mm``/``addmm`` with ``out_dtype``), which the
+CPU tests cannot reach; this checks those numbers before the trainer is timed with them, and prints the same errors
+with the old form (bf16 GEMM output cast to fp32) beside them.
 
     python benchmarks/experiments/op_fp32_grads.py        # exit 1 if any relative error exceeds --tol
 """
@@ -23,15 +24,16 @@ import lyco  # noqa: E402
 from lyco.algorithms import lowrank  # noqa: E402
 from lyco.optim import FlatAdamW  # noqa: E402
 
-CASES = {  # name: (layer, input shape)
+CASES = {  # name: (layer, input shape); "fp32-in": the input in fp32, as a norm's output under autocast
     "linear 8192x320->320": (lambda: nn.Linear(320, 320), (8192, 320)),
+    "linear fp32-in 8192x320->320": (lambda: nn.Linear(320, 320), (8192, 320)),
     "linear-wide 2048x320->2560": (lambda: nn.Linear(320, 2560), (2048, 320)),
     "conv3x3 2x64x32x32": (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 32, 32)),
     "conv1x1 2x128x32x32": (lambda: nn.Conv2d(128, 96, 1), (2, 128, 32, 32)),
 }
 
 
-def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str):
+def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False):
     torch.manual_seed(0)
     layer = make()
     model = nn.Sequential(layer).to(dev)
@@ -45,7 +47,8 @@ def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str):
     (a,) = layer._lyco_host.adapters
     t = a.tensors()
     down_p, up_p = t["lora_down.weight"], t["lora_up.weight"]
-    x = torch.randn(shape, device=dev).bfloat16().requires_grad_()
+    x = torch.randn(shape, device=dev)
+    x = (x if x32 else x.bfloat16()).requires_grad_()
     with torch.autocast(dev, dtype=torch.bfloat16):
         gy = torch.randn_like(model(x).float()).bfloat16()
     lowrank._OUT_DTYPE.clear()
@@ -68,7 +71,7 @@ def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str):
         yr = F.conv2d(xr, w + dw.reshape(w.shape), b, layer.stride, layer.padding)
     ref = [yr.detach()] + list(torch.autograd.grad(yr, [xr, dr, ur], gy.double()))
     errs = [((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref)]
-    return node, [g.dtype for g in got[2:]], errs
+    return node, [g.dtype for g in got[1:]], errs
 
 
 def main():
@@ -83,7 +86,7 @@ def main():
     for name, (make, shape) in CASES.items():
         for rank, alpha in ((16, 16.0), (16, 8.0)):
             for fp32 in (True, False):
-                node, dts, errs = run(make, shape, rank, alpha, fp32, dev)
+                node, dts, errs = run(make, shape, rank, alpha, fp32, dev, "fp32-in" in name)
                 ok = lowrank._OUT_DTYPE.get((dev, torch.bfloat16, torch.float32))
                 print(f"{name:28s} s={alpha / rank:<4} {'fp32 GEMM' if fp32 else 'bf16+cast'} (out_dtype {ok}) "
                       f"{node} grads {[str(d)[6:] for d in dts]}  rel err y {errs[0]:.1e} dx {errs[1]:.1e} "

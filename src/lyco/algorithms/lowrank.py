@@ -197,6 +197,27 @@ def _cast_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[1].as_strided(t.shape, t.stride(), t.storage_offset())
 
 
+def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's input in the compute dtype — inside :func:`step_casts` the previous op's cast where the previous op
+    had the same input (under autocast a LayerNorm's fp32 output feeds q, k and v, and each cast it: three casts of
+    one tensor, now one; the same values). One entry, keyed by the input's memory, layout and version, and holding
+    its storage (no other tensor can be given that memory while the entry stands); the next op's other input
+    replaces it. Not differentiable (as :func:`_cast_factor`)."""
+    if x.dtype == dtype:
+        return x
+    cache = _CASTS[0]
+    if cache is None:
+        return x.to(dtype)
+    st = x.untyped_storage()
+    key = (st.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x._version, x.dtype, dtype)
+    hit = cache.get("input")
+    if hit is not None and hit[0] == key:
+        return hit[2]
+    xd = x.to(dtype)
+    cache["input"] = (key, st, xd)
+    return xd
+
+
 #: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
 _OUT_DTYPE: dict = {}
 
@@ -311,7 +332,7 @@ def _factors(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
 
 def _forward(x, spec: LayerSpec, s: float, weight, bias, down, up, cd):
     """``op(x, W + s·U·D, b)`` in the compute dtype ``cd``, x 2-D for a linear layer; also x, D and U in ``cd``."""
-    xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
+    xd, wd, bd = _cast_input(x, cd), cast(weight, cd), cast(bias, cd)
     dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
     _, u2, d2 = _factors(dd, ud, cd)
     return layer_op(xd, spec, _merged(wd, u2, d2, s, cd), bd), xd, dd, ud
@@ -375,7 +396,13 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
-        gx, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+        if spec.kind == LINEAR and need_x and _out_dtype_ok(gy, xdt):
+            # an input of another dtype (autocast: a norm's fp32 output) gets ∂x in it from the GEMM itself — no bf16
+            # rounding and no cast kernel after it (each of q, k and v cast its ∂x for autograd's fp32 sum)
+            gx = torch.mm(gy, w_in, out_dtype=xdt)
+            need_x = False
+        gx2, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+        gx = gx if gx2 is None else gx2
     _join(side)
     if gx is not None:
         gx = like(gx, xshape, xdt)
@@ -575,7 +602,7 @@ class _BypassOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd, groups = cfg
-        xd, wd, bd = cast(x, cd), cast(weight, cd), cast(bias, cd)
+        xd, wd, bd = _cast_input(x, cd), cast(weight, cd), cast(bias, cd)
         dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd)
         if spec.kind == LINEAR:
