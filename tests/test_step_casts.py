@@ -166,3 +166,93 @@ def test_a_changed_input_is_cast_again():
         y = x.view(4, 8)  # same memory, another layout: its own cast
         c = lowrank._cast_input(y, torch.bfloat16)
         assert c.shape == (4, 8) and torch.equal(c, y.to(torch.bfloat16))
+
+
+class _Adds(TorchDispatchMode):
+    """Counts in-place adds (autograd's accumulation into an existing ``.grad``) and in-place addmm's."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_ = self.addmm_ = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.add_.Tensor:
+            self.add_ += 1
+        if func in (torch.ops.aten.addmm_.default, torch.ops.aten.addmm.out):
+            self.addmm_ += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _fp32_lora(hook=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
+    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2.0, seed=1)
+    params = list(net.trainable_parameters())
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn(p.shape))
+    if hook is not None:
+        params[0].register_hook(hook)
+    return model, params
+
+
+def _accumulate(model, params, xs, sink: bool, persistent: bool = True):
+    """Two micro-batches' backward into gradients that exist before the first (as the trainer's captured steps keep
+    them) or not; returns the gradients and the op counts."""
+    for p in params:
+        p.grad = torch.zeros_like(p) if persistent else None
+    rec = _Adds()
+    with rec, lowrank.step_casts(grad_sink=sink):
+        for x in xs:
+            model(x).square().mean().backward()
+    return [p.grad.clone() for p in params], rec
+
+
+def test_grad_sink_adds_into_the_gradients(monkeypatch):
+    """With the sink the linear layers' factor gradients are added into ``.grad`` by their GEMMs: autograd's
+    per-parameter adds are gone and the accumulated gradients are autograd's (fp32 rounding)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    model, params = _fp32_lora()
+    xs = [torch.randn(40, 32), torch.randn(40, 32)]
+    ref, rec0 = _accumulate(model, params, xs, sink=False)
+    got, rec1 = _accumulate(model, params, xs, sink=True)
+    assert rec0.add_ - rec1.add_ == 2 * len(params)   # one add per parameter and micro-batch, gone
+    assert rec1.addmm_ - rec0.addmm_ == 2 * len(params)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # no gradient yet (the first micro-batch of an eager step): autograd takes the first one (no add), the second
+    # micro-batch adds into it by the GEMM
+    first, rec2 = _accumulate(model, params, xs, sink=True, persistent=False)
+    for a, b in zip(ref, first):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert rec2.add_ == 0 and rec2.addmm_ - rec0.addmm_ == len(params)
+
+
+def test_grad_sink_leaves_hooked_parameters_to_autograd(monkeypatch):
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    seen = []
+    model, params = _fp32_lora(hook=lambda g: seen.append(g.clone()))
+    xs = [torch.randn(40, 32)]
+    ref, _ = _accumulate(*_fp32_lora(), xs, sink=False)
+    got, _ = _accumulate(model, params, xs, sink=True)
+    assert len(seen) == 1 and torch.equal(seen[0], got[0])   # the hooked factor went through autograd
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_sink_needs_a_gemm_that_adds_into_the_gradients_dtype(monkeypatch):
+    """bf16 products into fp32 gradients need torch's ``addmm(out_dtype=)`` (CUDA); where it is missing (the CPU)
+    the gradients go back to autograd as before."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    model, params = _mixed_model(conv=False)
+    x = torch.randn(40, 32).bfloat16()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rec = _Adds()
+    with rec, lowrank.step_casts(grad_sink=True):
+        model(x).float().square().mean().backward()
+    assert lowrank._OUT_DTYPE[("cpu", torch.bfloat16, torch.float32)][2] is False
+    assert rec.add_ == len(params) and all(p.grad.abs().sum() > 0 for p in params)

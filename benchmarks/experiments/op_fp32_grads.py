@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The low-rank bypass op under ``lyco train``'s mixed precision (bf16 base under autocast, fp32 LoRA held by
-FlatAdamW) on the GPU, inside ``lowrank.step_casts``, against float64 math — issue 7, NOTES changes 83–84.
+FlatAdamW) on the GPU, inside ``lowrank.step_casts``, against float64 math — issue 7, NOTES changes 83–85.
 
-On CUDA the factors' gradients (and a linear layer's ∂x where its input is fp32, a norm's output under autocast)
-come out of their GEMMs in fp32 (``lowrank._out_dtype_ok``: torch's ``mm``/``addmm`` with ``out_dtype``), which the
+On CUDA the factors' gradients (and a linear layer's ∂x where its input is fp32, a norm's output under autocast;
+with ``grad_sink`` added into the parameters' existing gradients, NOTES change 85) come out of their GEMMs in fp32 (``lowrank._out_dtype_ok``: torch's ``mm``/``addmm`` with ``out_dtype``), which the
 CPU tests cannot reach; this checks those numbers before the trainer is timed with them, and prints the same errors
 with the old form (bf16 GEMM output cast to fp32) beside them.
 
@@ -27,13 +27,17 @@ from lyco.optim import FlatAdamW  # noqa: E402
 CASES = {  # name: (layer, input shape); "fp32-in": the input in fp32, as a norm's output under autocast
     "linear 8192x320->320": (lambda: nn.Linear(320, 320), (8192, 320)),
     "linear fp32-in 8192x320->320": (lambda: nn.Linear(320, 320), (8192, 320)),
+    "linear sink 8192x320->320": (lambda: nn.Linear(320, 320), (8192, 320)),
+    "linear-wide sink 2048x320->2560": (lambda: nn.Linear(320, 2560), (2048, 320)),
     "linear-wide 2048x320->2560": (lambda: nn.Linear(320, 2560), (2048, 320)),
     "conv3x3 2x64x32x32": (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 32, 32)),
     "conv1x1 2x128x32x32": (lambda: nn.Conv2d(128, 96, 1), (2, 128, 32, 32)),
 }
 
 
-def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False):
+def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False, sink: bool = False):
+    """One layer's op against float64; ``sink``: the factors' gradients added by their GEMMs into gradients that
+    exist before the step (``step_casts(grad_sink=True)``), over two identical micro-batches (twice the reference)."""
     torch.manual_seed(0)
     layer = make()
     model = nn.Sequential(layer).to(dev)
@@ -53,11 +57,15 @@ def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False):
         gy = torch.randn_like(model(x).float()).bfloat16()
     lowrank._OUT_DTYPE.clear()
     if not fp32_gemm:
-        lowrank._OUT_DTYPE[(dev, torch.bfloat16, torch.float32)] = (False, False)
-    with lowrank.step_casts(), torch.autocast(dev, dtype=torch.bfloat16):
-        y = model(x)
-        node = y.grad_fn.name()
-        y.backward(gy)
+        lowrank._OUT_DTYPE[(dev, torch.bfloat16, torch.float32)] = (False, False, False)
+    if sink:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    with lowrank.step_casts(grad_sink=sink), torch.autocast(dev, dtype=torch.bfloat16):
+        for _ in range(2 if sink else 1):
+            y = model(x)
+            node = y.grad_fn.name()
+            y.backward(gy)
     got = [y.detach(), x.grad, down_p.grad, up_p.grad]
     # float64: y = op(x, W + s·U·D, b) from the same values (the bf16 base, the fp32 adapter)
     xr = x.detach().double().requires_grad_()
@@ -69,7 +77,7 @@ def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False):
         yr = F.linear(xr, w + dw, b)
     else:
         yr = F.conv2d(xr, w + dw.reshape(w.shape), b, layer.stride, layer.padding)
-    ref = [yr.detach()] + list(torch.autograd.grad(yr, [xr, dr, ur], gy.double()))
+    ref = [yr.detach()] + [g * (2 if sink else 1) for g in torch.autograd.grad(yr, [xr, dr, ur], gy.double())]
     errs = [((g.double() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref)]
     return node, [g.dtype for g in got[1:]], errs
 
@@ -86,8 +94,10 @@ def main():
     for name, (make, shape) in CASES.items():
         for rank, alpha in ((16, 16.0), (16, 8.0)):
             for fp32 in (True, False):
-                node, dts, errs = run(make, shape, rank, alpha, fp32, dev, "fp32-in" in name)
+                node, dts, errs = run(make, shape, rank, alpha, fp32, dev, "fp32-in" in name, "sink" in name)
                 ok = lowrank._OUT_DTYPE.get((dev, torch.bfloat16, torch.float32))
+                if "sink" in name:
+                    ok = f"{ok}, sunk {lowrank._out_dtype_ok(torch.empty(0, dtype=torch.bfloat16, device=dev), torch.float32, into=True) and fp32}"
                 print(f"{name:28s} s={alpha / rank:<4} {'fp32 GEMM' if fp32 else 'bf16+cast'} (out_dtype {ok}) "
                       f"{node} grads {[str(d)[6:] for d in dts]}  rel err y {errs[0]:.1e} dx {errs[1]:.1e} "
                       f"dD {errs[2]:.1e} dU {errs[3]:.1e}")

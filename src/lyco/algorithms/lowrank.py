@@ -149,12 +149,15 @@ def _join(side) -> None:
 #: the factors' casts within one training step (:func:`step_casts`): (storage, dtypes) → the whole storage cast
 _CASTS: list = [None]
 
+#: whether the ops add their factors' gradients into the parameters' ``.grad`` themselves (:func:`step_casts`)
+_SINK: list = [False]
+
 #: storages of at most this many elements are cast whole (one kernel for every factor that lives in them)
 CAST_WHOLE_MAX = 1 << 26
 
 
 @contextlib.contextmanager
-def step_casts():
+def step_casts(grad_sink: bool = False):
     """Within this block the ops cast an adapter's factors to the compute dtype once per storage, not per layer
     and direction: the first factor met in a storage (a :class:`lyco.optim.FlatAdamW` group's flat buffer holds
     all of them) casts the whole storage, and every factor in it — forward and backward, its own layer's and
@@ -162,13 +165,21 @@ def step_casts():
     again in backward: under mixed precision (fp32 adapter, bf16 model) 709 cast kernels of a LoRA step on SD1.5
     (H100 run 117's profile, NOTES change 83). The trainer wraps each step's forward and backward in it (the
     parameters do not change inside a step: the optimizer runs outside); a CUDA graph captured inside it replays
-    the storage's cast at its first use each time. Blocks nest (each its own casts)."""
-    prev = _CASTS[0]
-    _CASTS[0] = {}
+    the storage's cast at its first use each time. Blocks nest (each its own casts).
+
+    ``grad_sink``: a linear layer's factor that is a parameter with a ``.grad`` already (the trainer's captured steps
+    keep them, views of one flat buffer; a second micro-batch of an accumulation) gets its gradient added into that
+    ``.grad`` by the GEMM that computes it (``beta = 1``; in fp32 from bf16 products where torch's ``addmm`` takes
+    ``out_dtype``), and the op returns none for it — autograd's per-parameter accumulation, one add kernel per factor
+    (384 per LoRA step on SD1.5), is skipped. Only where nothing else watches that accumulation: no hook on the
+    parameter (:func:`_sink_into`), and the caller's — the trainer enables it with one process or its flat gradient
+    all-reduce, never under DDP's per-parameter hooks or FSDP."""
+    prev = _CASTS[0], _SINK[0]
+    _CASTS[0], _SINK[0] = {}, bool(grad_sink)
     try:
         yield
     finally:
-        _CASTS[0] = prev
+        _CASTS[0], _SINK[0] = prev
 
 
 def _cast_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -222,11 +233,12 @@ def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _OUT_DTYPE: dict = {}
 
 
-def _out_dtype_ok(a: torch.Tensor, dt: torch.dtype | None, scaled: bool = False) -> bool:
+def _out_dtype_ok(a: torch.Tensor, dt: torch.dtype | None, scaled: bool = False, into: bool = False) -> bool:
     """Whether a GEMM of ``a``'s dtype can write ``dt`` itself (torch's ``mm``, or with ``scaled`` ``addmm`` and an
-    alpha, with ``out_dtype``: CUDA, bf16/fp16 in, fp32 out): an adapter's gradient in its parameter's fp32 straight
-    from the GEMM's fp32 accumulator — no bf16 rounding of it and no cast kernel after it (400 per LoRA step under
-    mixed precision, run 117). Probed once per combination on a 1×1 product (a dispatch error, not a device one)."""
+    alpha, or with ``into`` ``addmm`` adding into its ``out``, with ``out_dtype``: CUDA, bf16/fp16 in, fp32 out): an
+    adapter's gradient in its parameter's fp32 straight from the GEMM's fp32 accumulator — no bf16 rounding of it and
+    no cast kernel after it (400 per LoRA step under mixed precision, run 117). Probed once per combination on a 1×1
+    product (a dispatch error, not a device one)."""
     if dt is None or dt == a.dtype or dt != torch.float32 or a.dtype not in (torch.bfloat16, torch.float16):
         return False
     key = (a.device.type, a.dtype, dt)
@@ -234,14 +246,43 @@ def _out_dtype_ok(a: torch.Tensor, dt: torch.dtype | None, scaled: bool = False)
     if ok is None:
         one = a.new_ones((1, 1))
         ok = []
+        acc = one.new_zeros((1, 1), dtype=dt)
         for call in (lambda: torch.mm(one, one, out_dtype=dt),
-                     lambda: torch.addmm(one.new_empty((), dtype=dt), one, one, beta=0, alpha=0.5, out_dtype=dt)):
+                     lambda: torch.addmm(one.new_empty((), dtype=dt), one, one, beta=0, alpha=0.5, out_dtype=dt),
+                     lambda: torch.addmm(acc, one, one, beta=1, alpha=0.5, out_dtype=dt, out=acc)):
             try:
                 ok.append(call().dtype == dt)
             except (RuntimeError, TypeError, NotImplementedError):
                 ok.append(False)
         ok = _OUT_DTYPE[key] = tuple(ok)
-    return ok[1] if scaled else ok[0]
+    return ok[2] if into else ok[1] if scaled else ok[0]
+
+
+#: what :func:`_mm` returns where it added its product into the parameter's gradient itself
+_SUNK = object()
+
+
+def _sink_leaves(down: torch.Tensor, up: torch.Tensor):
+    """The factors a Function may add gradients into later (:func:`step_casts`' ``grad_sink``): those that are
+    parameters (leaves that require a gradient), else None; None where the sink is off."""
+    if not _SINK[0]:
+        return None
+    return tuple(t if t.is_leaf and t.requires_grad else None for t in (down, up))
+
+
+def _sink_into(p: torch.Tensor | None, shape2d: tuple, cd: torch.dtype) -> torch.Tensor | None:
+    """``p.grad`` as the 2-D matrix a linear layer's factor gradient has, where the op may add into it: the sink on,
+    a dense gradient of p's shape (a view of the trainer's flat buffer), no hook on p (its tensor hooks and post-
+    accumulate hooks would not see the gradient), and a GEMM that can add ``cd`` products into the gradient's dtype."""
+    if p is None or not _SINK[0]:
+        return None
+    g = p.grad
+    if (g is None or g.shape != p.shape or not g.is_contiguous() or g.device != p.device or p._backward_hooks
+            or getattr(p, "_post_accumulate_grad_hooks", None)):
+        return None
+    if g.dtype != cd and not _out_dtype_ok(g.new_empty(0, dtype=cd), g.dtype, into=True):
+        return None
+    return g.view(shape2d)
 
 
 def _merge_kernel(w: torch.Tensor, r: int) -> bool:
@@ -304,11 +345,18 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
     return torch.addmm(wf.reshape(o, -1), u2, d2, alpha=s).view(w.shape)
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, s: float, dt: torch.dtype | None = None) -> torch.Tensor:
+def _mm(a: torch.Tensor, b: torch.Tensor, s: float, dt: torch.dtype | None = None, into=None):
     """``s·a@b`` with s in the GEMM's alpha: a ``mul_`` after it would be one more kernel per layer and step — in a
     captured step each costs its slot whatever its size (≈ 1.6 µs: run 71's smallest kernel, LoKr's 242
     ``_kron_fwd`` calls in 0.39 ms). ``beta = 0``: the (uninitialised, 0-d)
-    input is never read. ``dt``: the result's dtype where the GEMM can write it (:func:`_out_dtype_ok`), else a's."""
+    input is never read. ``dt``: the result's dtype where the GEMM can write it (:func:`_out_dtype_ok`), else a's.
+    ``into`` (:func:`_sink_into`): the product added into it by the GEMM (``beta = 1``), and :data:`_SUNK` returned."""
+    if into is not None:
+        if into.dtype == a.dtype:
+            into.addmm_(a, b, alpha=s)
+        else:
+            torch.addmm(into, a, b, beta=1, alpha=s, out_dtype=into.dtype, out=into)
+        return _SUNK
     if _out_dtype_ok(a, dt, s != 1.0):
         if s == 1.0:
             return torch.mm(a, b, out_dtype=dt)
@@ -350,6 +398,7 @@ class _LowRankOp(torch.autograd.Function):
         spec, s, cd = cfg
         y, xd, dd, ud = _forward(x, spec, s, weight, bias, down, up, cd)
         ctx.cfg = (spec, s) + _meta(x, 1, down, up)
+        ctx.leaves = _sink_leaves(down, up)
         ctx.save_for_backward(xd, weight, bias, dd, ud)
         return y
 
@@ -357,22 +406,28 @@ class _LowRankOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xd, weight, bias, down, up = ctx.saved_tensors
-        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, None, weight, bias, down, up)
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, None, weight, bias, down, up, ctx.leaves)
 
 
-def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
+def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
     — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it; ``down`` and ``up`` as the
     forward cast them (:func:`_meta`). ``groups`` > 1 (the bypass op only): ``down`` is one ``(r, in/groups[, *k])``
     matrix or kernel applied to each of the input's channel groups, i.e. ``D = kron(I_groups, down)``
     block-diagonal (never formed). The factors' gradients come out of their GEMMs in the parameters' dtype where
-    the GEMM can write it (:func:`_out_dtype_ok`; a conv's batch sum reduces into it)."""
+    the GEMM can write it (:func:`_out_dtype_ok`; a conv's batch sum reduces into it). ``leaves``
+    (:func:`_sink_leaves`): on a linear layer with one group, a factor's gradient is added into its parameter's
+    ``.grad`` by its GEMM where :func:`_sink_into` allows, and none is returned for it."""
     spec, s, xshape, xdt, groups, (dshape, ddt), (ushape, udt) = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd)
     xc = cast(xd, cd)
     gx = gw = gb = gd = gu = None
+    into_d = into_u = None
+    if leaves is not None and spec.kind == LINEAR and groups == 1:
+        into_d = _sink_into(leaves[0], tuple(d2.shape), cd) if need_d else None
+        into_u = _sink_into(leaves[1], tuple(u2.shape), cd) if need_u else None
     if spec.kind != LINEAR and (need_d or need_u):
         gy = gy.contiguous()
     # the adapter's own gradients need nothing the input gradient computes — except on a wide linear layer, whose
@@ -381,9 +436,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
     side = side_stream(gy) if (need_d or need_u) else None
     with _fork(side):
         if need_u:
-            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt)
+            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u)
         if need_d and not cat:
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt)
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
         # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
@@ -392,7 +447,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
         if need_b:
             gb = gy.sum(0)
         with _fork(side):
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt)
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt, into_d)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
@@ -410,10 +465,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up):
         gw = like(gw, weight.shape, weight.dtype)
     if gb is not None:
         gb = cast(gb, bias.dtype)
-    if gd is not None:
-        gd = like(gd, dshape, ddt)
-    if gu is not None:
-        gu = like(gu, ushape, udt)
+    gd = None if gd is None or gd is _SUNK else like(gd, dshape, ddt)
+    gu = None if gu is None or gu is _SUNK else like(gu, ushape, udt)
     return gx, None, gw, gb, gd, gu
 
 
@@ -422,24 +475,25 @@ def _sum0(t: torch.Tensor, dt: torch.dtype | None) -> torch.Tensor:
     return t.sum(0) if dt is None or dt == t.dtype else t.sum(0, dtype=dt)
 
 
-def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None) -> torch.Tensor:
+def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None, into=None):
     """``∂U = s·∂yᵀh`` (h recomputed from x where the op did not keep it); a conv's summed over the batch. ``dt``:
-    the dtype to write it in where the GEMM or the sum can (:func:`_mm`)."""
+    the dtype to write it in where the GEMM or the sum can, ``into`` a linear layer's gradient to add it into
+    (:func:`_mm`)."""
     if spec.kind == LINEAR:  # 2-D x and ∂y (the ops' callers flatten the leading dims outside)
-        return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s, dt)
+        return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s, dt, into)
     n, o = gy.shape[0], gy.shape[1]
     if h is None:
         h = layer_op(xc, spec, dd)
     return _sum0(_bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s), dt)
 
 
-def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, dt=None) -> torch.Tensor:
-    """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`, ``dt`` as
-    :func:`_grad_up`."""
+def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, dt=None, into=None):
+    """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`, ``dt`` and
+    ``into`` (one group only) as :func:`_grad_up`."""
     if spec.kind == LINEAR:
         gh = gy @ u2 if gh is None else gh
         if groups == 1:
-            return _mm(gh.t(), xc, s, dt)
+            return _mm(gh.t(), xc, s, dt, into)
         if gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
             return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s, dt)
         # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
@@ -651,6 +705,7 @@ class _BypassOp(torch.autograd.Function):
                 y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
                 y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
         ctx.cfg = (spec, s) + _meta(x, groups, down, up)
+        ctx.leaves = _sink_leaves(down, up)
         ctx.save_for_backward(xd, h, weight, bias, dd, ud)
         return y
 
@@ -658,7 +713,7 @@ class _BypassOp(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xd, h, weight, bias, down, up = ctx.saved_tensors
-        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up)
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves)
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
