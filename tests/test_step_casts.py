@@ -256,3 +256,25 @@ def test_grad_sink_needs_a_gemm_that_adds_into_the_gradients_dtype(monkeypatch):
         model(x).float().square().mean().backward()
     assert lowrank._OUT_DTYPE[("cpu", torch.bfloat16, torch.float32)][2] is False
     assert rec.add_ == len(params) and all(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_grad_sink_only_where_the_backward_accumulates(monkeypatch):
+    """``torch.autograd.grad`` returns the parameters' gradients and ``.backward(inputs=…)`` leaves the others alone:
+    in a sink block neither may add into ``.grad``."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    model, params = _fp32_lora()
+    x = torch.randn(40, 32)
+    ref = torch.autograd.grad(model(x).square().mean(), params)
+    with torch.no_grad():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    with lowrank.step_casts(grad_sink=True):
+        got = torch.autograd.grad(model(x).square().mean(), params)
+        xr = x.clone().requires_grad_()
+        model(xr).square().mean().backward(inputs=[xr])
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+    assert xr.grad is not None
+    for g, r in zip(got, ref):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -173,7 +173,9 @@ def step_casts(grad_sink: bool = False):
     ``out_dtype``), and the op returns none for it — autograd's per-parameter accumulation, one add kernel per factor
     (384 per LoRA step on SD1.5), is skipped. Only where nothing else watches that accumulation: no hook on the
     parameter (:func:`_sink_into`), and the caller's — the trainer enables it with one process or its flat gradient
-    all-reduce, never under DDP's per-parameter hooks or FSDP."""
+    all-reduce, never under DDP's per-parameter hooks or FSDP — and only in a backward pass that accumulates into
+    that parameter (``.backward()``; not ``torch.autograd.grad`` nor ``.backward(inputs=…)`` without it: asked of
+    autograd's engine per call, :func:`_engine_accumulates`)."""
     prev = _CASTS[0], _SINK[0]
     _CASTS[0], _SINK[0] = {}, bool(grad_sink)
     try:
@@ -258,6 +260,16 @@ def _out_dtype_ok(a: torch.Tensor, dt: torch.dtype | None, scaled: bool = False,
     return ok[2] if into else ok[1] if scaled else ok[0]
 
 
+def _engine_accumulates(p: torch.Tensor) -> bool:
+    """Whether the backward pass running now accumulates into ``p.grad`` (autograd's engine will run p's
+    AccumulateGrad node): false for ``torch.autograd.grad`` and for ``.backward(inputs=…)`` without p."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+        return bool(torch._C._will_engine_execute_node(get_gradient_edge(p).node))
+    except (RuntimeError, AttributeError, ImportError):  # autograd.grad over a leaf raises: not accumulating
+        return False
+
+
 #: what :func:`_mm` returns where it added its product into the parameter's gradient itself
 _SUNK = object()
 
@@ -278,7 +290,7 @@ def _sink_into(p: torch.Tensor | None, shape2d: tuple, cd: torch.dtype) -> torch
         return None
     g = p.grad
     if (g is None or g.shape != p.shape or not g.is_contiguous() or g.device != p.device or p._backward_hooks
-            or getattr(p, "_post_accumulate_grad_hooks", None)):
+            or getattr(p, "_post_accumulate_grad_hooks", None) or not _engine_accumulates(p)):
         return None
     if g.dtype != cd and not _out_dtype_ok(g.new_empty(0, dtype=cd), g.dtype, into=True):
         return None
