@@ -70,6 +70,8 @@ ALGOS = {  # [network] tables
     "lora": {"algo": "lora", "rank": 16, "alpha": 16, "preset": "attn-mlp"},
     "lokr": {"algo": "lokr", "rank": 8, "alpha": 8, "preset": "attn-mlp", "options": {"factor": 8}},
     "loha": {"algo": "loha", "rank": 8, "alpha": 8, "preset": "attn-mlp"},
+    "dora": {"algo": "lora", "rank": 16, "alpha": 16, "preset": "attn-mlp", "dora": True},
+    "glora": {"algo": "glora", "rank": 8, "alpha": 8, "preset": "attn-mlp"},
 }
 BATCH = {"world": 16, "sd15": 8, "sdxl": 4}
 

@@ -1,4 +1,4 @@
-"""``lowrank.step_casts``: within one training step the low-rank ops cast an fp32 adapter's factors to the compute
+"""``casts.step_casts``: within one training step the low-rank ops cast an fp32 adapter's factors to the compute
 dtype once per storage (a FlatAdamW group's flat buffer), not per layer and direction — the same values, far fewer
 cast kernels; and the ops keep the factors they cast in forward for their backward."""
 
@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lyco
-from lyco.algorithms import lowrank
+from lyco.algorithms import casts, lowrank
 from lyco.optim import FlatAdamW
 
 
@@ -27,15 +27,15 @@ class _Casts(TorchDispatchMode):
         return out
 
 
-def _mixed_model(conv: bool):
-    """Three adapted layers, the base in bf16, the LoRA in fp32 (``lyco train``'s mixed precision), the adapter's
-    parameters made views of one flat buffer by FlatAdamW."""
+def _mixed_model(conv: bool, **algo):
+    """Three adapted layers, the base in bf16, the adapter (LoRA unless ``algo`` says otherwise) in fp32
+    (``lyco train``'s mixed precision), its parameters made views of one flat buffer by FlatAdamW."""
     torch.manual_seed(0)
     if conv:
         model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1))
     else:
         model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32))
-    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2.0, seed=1)
+    net = lyco.create(model, preset="full", **({"algo": "lora", "rank": 4, "alpha": 2.0, "seed": 1} | algo))
     model.to(torch.bfloat16)
     with torch.no_grad():
         for p in net.trainable_parameters():
@@ -51,7 +51,7 @@ def _step(model, params, x, gy, cached: bool):
         p.grad = None
     xr = x.detach().clone().requires_grad_()
     rec = _Casts()
-    ctx = lowrank.step_casts() if cached else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    ctx = casts.step_casts() if cached else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
     with rec, ctx, torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(xr)
         y.backward(gy)
@@ -83,35 +83,35 @@ def test_one_cast_per_storage_and_the_same_numbers(monkeypatch, conv):
 def test_a_freed_factor_does_not_pass_its_cast_on():
     """Factors built inside a step (LoHa's products) are cast by their own storage: while the cast is kept the
     storage is kept too, so a new tensor cannot be given its address and be mistaken for it."""
-    with lowrank.step_casts():
+    with casts.step_casts():
         for i in range(50):
             t = torch.randn(256) * (i + 1)
-            c = lowrank._cast_factor(t, torch.bfloat16)
+            c = casts.cast_factor(t, torch.bfloat16)
             assert torch.equal(c, t.to(torch.bfloat16)), i
             del t, c
 
 
 def test_outside_the_block_nothing_is_kept():
     t = torch.randn(16)
-    assert lowrank._CASTS[0] is None
-    c = lowrank._cast_factor(t, torch.bfloat16)
-    assert torch.equal(c, t.to(torch.bfloat16)) and lowrank._CASTS[0] is None
-    with lowrank.step_casts():
-        lowrank._cast_factor(t, torch.bfloat16)
-        with lowrank.step_casts():  # nested: its own casts
-            assert lowrank._CASTS[0] == {}
-        assert len(lowrank._CASTS[0]) == 1
-    assert lowrank._CASTS[0] is None
+    assert casts._CASTS[0] is None
+    c = casts.cast_factor(t, torch.bfloat16)
+    assert torch.equal(c, t.to(torch.bfloat16)) and casts._CASTS[0] is None
+    with casts.step_casts():
+        casts.cast_factor(t, torch.bfloat16)
+        with casts.step_casts():  # nested: its own casts
+            assert casts._CASTS[0] == {}
+        assert len(casts._CASTS[0]) == 1
+    assert casts._CASTS[0] is None
 
 
 def test_a_factor_inside_a_large_storage_is_cast_alone(monkeypatch):
-    monkeypatch.setattr(lowrank, "CAST_WHOLE_MAX", 64)
+    monkeypatch.setattr(casts, "CAST_WHOLE_MAX", 64)
     big = torch.randn(1000)
     a, b = big[10:20].view(2, 5), big[500:512].view(3, 4)
     rec = _Casts()
-    with rec, lowrank.step_casts():
-        ca, cb = lowrank._cast_factor(a, torch.bfloat16), lowrank._cast_factor(b, torch.bfloat16)
-        assert lowrank._cast_factor(a, torch.bfloat16) is ca  # once per step
+    with rec, casts.step_casts():
+        ca, cb = casts.cast_factor(a, torch.bfloat16), casts.cast_factor(b, torch.bfloat16)
+        assert casts.cast_factor(a, torch.bfloat16) is ca  # once per step
     assert rec.sizes == [10, 12]
     assert torch.equal(ca, a.to(torch.bfloat16)) and torch.equal(cb, b.to(torch.bfloat16))
 
@@ -157,14 +157,14 @@ def test_one_cast_of_an_input_three_layers_share(monkeypatch):
 def test_a_changed_input_is_cast_again():
     """The entry is keyed by the input's version: an in-place change between two ops is not missed."""
     x = torch.randn(8, 4)
-    with lowrank.step_casts():
-        a = lowrank._cast_input(x, torch.bfloat16)
-        assert lowrank._cast_input(x, torch.bfloat16) is a
+    with casts.step_casts():
+        a = casts.cast_input(x, torch.bfloat16)
+        assert casts.cast_input(x, torch.bfloat16) is a
         x.mul_(2)
-        b = lowrank._cast_input(x, torch.bfloat16)
+        b = casts.cast_input(x, torch.bfloat16)
         assert b is not a and torch.equal(b, x.to(torch.bfloat16))
         y = x.view(4, 8)  # same memory, another layout: its own cast
-        c = lowrank._cast_input(y, torch.bfloat16)
+        c = casts.cast_input(y, torch.bfloat16)
         assert c.shape == (4, 8) and torch.equal(c, y.to(torch.bfloat16))
 
 
@@ -202,7 +202,7 @@ def _accumulate(model, params, xs, sink: bool, persistent: bool = True):
     for p in params:
         p.grad = torch.zeros_like(p) if persistent else None
     rec = _Adds()
-    with rec, lowrank.step_casts(grad_sink=sink):
+    with rec, casts.step_casts(grad_sink=sink):
         for x in xs:
             model(x).square().mean().backward()
     return [p.grad.clone() for p in params], rec
@@ -252,7 +252,7 @@ def test_grad_sink_needs_a_gemm_that_adds_into_the_gradients_dtype(monkeypatch):
     for p in params:
         p.grad = torch.zeros_like(p)
     rec = _Adds()
-    with rec, lowrank.step_casts(grad_sink=True):
+    with rec, casts.step_casts(grad_sink=True):
         model(x).float().square().mean().backward()
     assert lowrank._OUT_DTYPE[("cpu", torch.bfloat16, torch.float32)][2] is False
     assert rec.add_ == len(params) and all(p.grad.abs().sum() > 0 for p in params)
@@ -269,7 +269,7 @@ def test_grad_sink_only_where_the_backward_accumulates(monkeypatch):
     with torch.no_grad():
         for p in params:
             p.grad = torch.zeros_like(p)
-    with lowrank.step_casts(grad_sink=True):
+    with casts.step_casts(grad_sink=True):
         got = torch.autograd.grad(model(x).square().mean(), params)
         xr = x.clone().requires_grad_()
         model(xr).square().mean().backward(inputs=[xr])
@@ -278,3 +278,22 @@ def test_grad_sink_only_where_the_backward_accumulates(monkeypatch):
     for g, r in zip(got, ref):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("algo", [dict(algo="lora", dora=True), dict(algo="glora")], ids=["dora", "glora"])
+def test_rebuilt_ops_cast_once_per_storage(algo):
+    """DoRA's and GLoRA's builds inside the rebuilt op (forward and backward) take their fp32 factors from the
+    storage's one cast (``casts.cast_in_op``): one cast kernel for all layers, the same outputs and gradients."""
+    model, params = _mixed_model(False, **algo)
+    x = torch.randn(40, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gy = torch.randn_like(model(x).float()).bfloat16()
+    y0, g0, casts0 = _step(model, params, x, gy, cached=False)
+    y1, g1, casts1 = _step(model, params, x, gy, cached=True)
+    flat = params[0].untyped_storage().nbytes() // 4
+    assert sum(p.numel() for p in params) == flat
+    factors = sum(p.numel() for p in params if p.dim() == 2)   # the 2-D factors (DoRA's magnitude is a vector)
+    assert sum(casts0) >= factors and casts1 == [flat]
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The low-rank bypass op under ``lyco train``'s mixed precision (bf16 base under autocast, fp32 LoRA held by
-FlatAdamW) on the GPU, inside ``lowrank.step_casts``, against float64 math — issue 7, NOTES changes 83–85.
+FlatAdamW) on the GPU, inside ``casts.step_casts``, against float64 math — issue 7, NOTES changes 83–85.
 
 On CUDA the factors' gradients (and a linear layer's ∂x where its input is fp32, a norm's output under autocast;
 with ``grad_sink`` added into the parameters' existing gradients, NOTES change 85) come out of their GEMMs in fp32 (``lowrank._out_dtype_ok``: torch's ``mm``/``addmm`` with ``out_dtype``), which the
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 os.environ["LYCO_BYPASS_OP"] = "1"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 import lyco  # noqa: E402
-from lyco.algorithms import lowrank  # noqa: E402
+from lyco.algorithms import casts, lowrank  # noqa: E402
 from lyco.optim import FlatAdamW  # noqa: E402
 
 CASES = {  # name: (layer, input shape); "fp32-in": the input in fp32, as a norm's output under autocast
@@ -62,7 +62,7 @@ def run(make, shape, rank, alpha, fp32_gemm: bool, dev: str, x32: bool = False, 
         for p in params:
             p.grad = torch.zeros_like(p)
     SUNK[0] = 0
-    with lowrank.step_casts(grad_sink=sink), torch.autocast(dev, dtype=torch.bfloat16):
+    with casts.step_casts(grad_sink=sink), torch.autocast(dev, dtype=torch.bfloat16):
         for _ in range(2 if sink else 1):
             y = model(x)
             node = y.grad_fn.name()

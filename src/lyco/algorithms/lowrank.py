@@ -75,8 +75,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import graph_policy
+from . import casts, graph_policy
 from .base import CONV2D, LINEAR, LayerSpec, layer_op
+from .casts import cast_factor, cast_input, step_casts  # noqa: F401  (step_casts: this module's callers' entry)
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
 #: one cheap call to skip the per-device autocast queries in the common case (no autocast anywhere)
@@ -146,91 +147,6 @@ def _join(side) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
-#: the factors' casts within one training step (:func:`step_casts`): (storage, dtypes) → the whole storage cast
-_CASTS: list = [None]
-
-#: whether the ops add their factors' gradients into the parameters' ``.grad`` themselves (:func:`step_casts`)
-_SINK: list = [False]
-
-#: storages of at most this many elements are cast whole (one kernel for every factor that lives in them)
-CAST_WHOLE_MAX = 1 << 26
-
-
-@contextlib.contextmanager
-def step_casts(grad_sink: bool = False):
-    """Within this block the ops cast an adapter's factors to the compute dtype once per storage, not per layer
-    and direction: the first factor met in a storage (a :class:`lyco.optim.FlatAdamW` group's flat buffer holds
-    all of them) casts the whole storage, and every factor in it — forward and backward, its own layer's and
-    every other's — is a view of that one cast. Without the block each op casts its two factors in forward and
-    again in backward: under mixed precision (fp32 adapter, bf16 model) 709 cast kernels of a LoRA step on SD1.5
-    (H100 run 117's profile, NOTES change 83). The trainer wraps each step's forward and backward in it (the
-    parameters do not change inside a step: the optimizer runs outside); a CUDA graph captured inside it replays
-    the storage's cast at its first use each time. Blocks nest (each its own casts).
-
-    ``grad_sink``: a linear layer's factor that is a parameter with a ``.grad`` already (the trainer's captured steps
-    keep them, views of one flat buffer; a second micro-batch of an accumulation) gets its gradient added into that
-    ``.grad`` by the GEMM that computes it (``beta = 1``; in fp32 from bf16 products where torch's ``addmm`` takes
-    ``out_dtype``), and the op returns none for it — autograd's per-parameter accumulation, one add kernel per factor
-    (384 per LoRA step on SD1.5), is skipped. Only where nothing else watches that accumulation: no hook on the
-    parameter (:func:`_sink_into`), and the caller's — the trainer enables it with one process or its flat gradient
-    all-reduce, never under DDP's per-parameter hooks or FSDP — and only in a backward pass that accumulates into
-    that parameter (``.backward()``; not ``torch.autograd.grad`` nor ``.backward(inputs=…)`` without it: asked of
-    autograd's engine per call, :func:`_engine_accumulates`)."""
-    prev = _CASTS[0], _SINK[0]
-    _CASTS[0], _SINK[0] = {}, bool(grad_sink)
-    try:
-        yield
-    finally:
-        _CASTS[0], _SINK[0] = prev
-
-
-def _cast_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` — inside :func:`step_casts` a view of its storage's one cast, else ``t.to(dtype)``.
-    Not differentiable: for the ops' Functions, whose forward and backward run without autograd."""
-    if t.dtype == dtype:
-        return t
-    cache = _CASTS[0]
-    if cache is None or t.numel() == 0:
-        return t.to(dtype)
-    # keyed by the storage's address, and the entry holds the storage: while it is cached no other tensor can be
-    # given that memory (a factor built in the step — LoHa's — and freed would otherwise pass its address on)
-    st = t.untyped_storage()
-    n = st.nbytes() // t.element_size()
-    with torch.no_grad():
-        if n > max(CAST_WHOLE_MAX, t.numel()):  # a factor inside something large: cast it alone, once
-            key = (st.data_ptr(), t.dtype, dtype, t.storage_offset(), tuple(t.shape), t.stride())
-            hit = cache.get(key)
-            if hit is None:
-                hit = cache[key] = (st, t.detach().to(dtype))
-            return hit[1]
-        key = (st.data_ptr(), t.dtype, dtype)
-        hit = cache.get(key)
-        if hit is None:
-            hit = cache[key] = (st, t.new_empty(0).set_(st, 0, (n,), (1,)).to(dtype))
-        return hit[1].as_strided(t.shape, t.stride(), t.storage_offset())
-
-
-def _cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A layer's input in the compute dtype — inside :func:`step_casts` the previous op's cast where the previous op
-    had the same input (under autocast a LayerNorm's fp32 output feeds q, k and v, and each cast it: three casts of
-    one tensor, now one; the same values). One entry, keyed by the input's memory, layout and version, and holding
-    its storage (no other tensor can be given that memory while the entry stands); the next op's other input
-    replaces it. Not differentiable (as :func:`_cast_factor`)."""
-    if x.dtype == dtype:
-        return x
-    cache = _CASTS[0]
-    if cache is None:
-        return x.to(dtype)
-    st = x.untyped_storage()
-    key = (st.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x._version, x.dtype, dtype)
-    hit = cache.get("input")
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    xd = x.to(dtype)
-    cache["input"] = (key, st, xd)
-    return xd
-
-
 #: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
 _OUT_DTYPE: dict = {}
 
@@ -275,9 +191,9 @@ _SUNK = object()
 
 
 def _sink_leaves(down: torch.Tensor, up: torch.Tensor):
-    """The factors a Function may add gradients into later (:func:`step_casts`' ``grad_sink``): those that are
+    """The factors a Function may add gradients into later (:func:`.casts.step_casts`' ``grad_sink``): those that are
     parameters (leaves that require a gradient), else None; None where the sink is off."""
-    if not _SINK[0]:
+    if not casts.sink_on():
         return None
     return tuple(t if t.is_leaf and t.requires_grad else None for t in (down, up))
 
@@ -286,7 +202,7 @@ def _sink_into(p: torch.Tensor | None, shape2d: tuple, cd: torch.dtype) -> torch
     """``p.grad`` as the 2-D matrix a linear layer's factor gradient has, where the op may add into it: the sink on,
     a dense gradient of p's shape (a view of the trainer's flat buffer), no hook on p (its tensor hooks and post-
     accumulate hooks would not see the gradient), and a GEMM that can add ``cd`` products into the gradient's dtype."""
-    if p is None or not _SINK[0]:
+    if p is None or not casts.sink_on():
         return None
     g = p.grad
     if (g is None or g.shape != p.shape or not g.is_contiguous() or g.device != p.device or p._backward_hooks
@@ -382,9 +298,9 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
 
 
 def _factors(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
-    """(D in its layer layout, U as (out, r), D as (r, in·∏k)), all in ``dtype`` (:func:`_cast_factor`)."""
+    """(D in its layer layout, U as (out, r), D as (r, in·∏k)), all in ``dtype`` (:func:`.casts.cast_factor`)."""
     r = down.shape[0]
-    dd, ud = _cast_factor(down, dtype), _cast_factor(up, dtype)
+    dd, ud = cast_factor(down, dtype), cast_factor(up, dtype)
     u2 = ud if ud.dim() == 2 else ud.reshape(ud.shape[0], r)
     d2 = dd if dd.dim() == 2 else dd.reshape(r, -1)
     return dd, u2, d2
@@ -392,8 +308,8 @@ def _factors(down: torch.Tensor, up: torch.Tensor, dtype: torch.dtype):
 
 def _forward(x, spec: LayerSpec, s: float, weight, bias, down, up, cd):
     """``op(x, W + s·U·D, b)`` in the compute dtype ``cd``, x 2-D for a linear layer; also x, D and U in ``cd``."""
-    xd, wd, bd = _cast_input(x, cd), cast(weight, cd), cast(bias, cd)
-    dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
+    xd, wd, bd = cast_input(x, cd), cast(weight, cd), cast(bias, cd)
+    dd, ud = cast_factor(down, cd), cast_factor(up, cd)
     _, u2, d2 = _factors(dd, ud, cd)
     return layer_op(xd, spec, _merged(wd, u2, d2, s, cd), bd), xd, dd, ud
 
@@ -668,8 +584,8 @@ class _BypassOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd, groups = cfg
-        xd, wd, bd = _cast_input(x, cd), cast(weight, cd), cast(bias, cd)
-        dd, ud = _cast_factor(down, cd), _cast_factor(up, cd)
+        xd, wd, bd = cast_input(x, cd), cast(weight, cd), cast(bias, cd)
+        dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd)
         if spec.kind == LINEAR:
             # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,

@@ -1153,7 +1153,7 @@ class Trainer:
 
     def _step_casts(self):
         """The adapter's factors cast to the compute dtype once per step and flat buffer, not per layer and direction
-        (:func:`lyco.algorithms.lowrank.step_casts`); with one process or the flat all-reduce, the ops' factor
+        (:func:`lyco.algorithms.casts.step_casts`); with one process or the flat all-reduce, the ops' factor
         gradients added into the parameters' gradients by their GEMMs (its ``grad_sink``: nothing but the optimizer
         reads them; DDP's buckets are filled by per-parameter hooks that would not fire). Not under FSDP: a unit's
         storage is freed after its forward and gathered again for its backward, so an address would not name the
@@ -1161,7 +1161,7 @@ class Trainer:
         strategy = self.strategy
         if strategy == "fsdp":
             return contextlib.nullcontext()
-        from ..algorithms.lowrank import step_casts
+        from ..algorithms.casts import step_casts
         return step_casts(grad_sink=strategy in ("single", "flat"))
 
     # ------------------------------------------------------------------ evaluation
