@@ -52,3 +52,29 @@ pack_out() {
   (cd "$OUT" && tar czf /tmp/results.tgz --exclude=summary.txt . && find . -type f ! -name summary.txt -delete \
     && mv /tmp/results.tgz results.tgz)
 }
+
+# trainer_env: the carried wheels (.whl: diffusers, peft, lycoris) into /tmp/site and the environment that
+# benchmarks/train_graph.py runs in; prints the card.
+trainer_env() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+  export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+}
+
+# trainer_row LEG SECONDS SCRIPT train_graph.py-args…: one train_graph.py run into $OUT/LEG, cut at SECONDS — SCRIPT is
+# this tree's benchmarks/train_graph.py or a carried older tree's copy (whose src/ it imports); prints its rc, the
+# wall time so far and its graph lines.
+trainer_row() {
+  local leg=$1 secs=$2 py=$3
+  shift 3
+  mkdir -p "$OUT/$leg"
+  timeout "$secs" python3 "$py" --out "$OUT/$leg" "$@" > "$OUT/$leg/log.txt" 2>&1
+  echo "$leg rc=$? wall $(( $(date +%s) - S )) s"; grep -E "^  [^ ]+ graph:" "$OUT/$leg/log.txt" | cut -c1-110
+}
+
+# op_check SECONDS PATTERN: benchmarks/experiments/op_fp32_grads.py (the low-rank op under mixed precision on the GPU
+# against float64) into $OUT/op_fp32_grads.txt; prints its rc and the lines matching PATTERN.
+op_check() {
+  timeout "$1" python3 benchmarks/experiments/op_fp32_grads.py > "$OUT/op_fp32_grads.txt" 2>&1
+  echo "op_fp32_grads rc=$?"; grep -v Warn "$OUT/op_fp32_grads.txt" | grep -E "$2" | cut -c1-210
+}
