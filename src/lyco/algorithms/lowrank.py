@@ -67,7 +67,8 @@ come from one cast of their storage per step and an input several ops share is c
 the factors as cast for their backward; the factors' gradients — and a linear layer's ∂x where its input is fp32 (a
 norm's output under autocast) — leave their GEMMs in fp32 (``out_dtype``, :func:`_out_dtype_ok`); with ``grad_sink`` a
 linear layer's factor gradients are added into the parameters' existing ``.grad`` by those GEMMs (:func:`_sink_into`).
-H100, the real trainer (benchmarks/NOTES.md changes 83–85): SD1.5-sized LoRA 91.7 → 87.5 ms per step with autocast,
+H100, the real trainer (benchmarks/NOTES.md changes 83–85, each measured against the code before it in its own run,
+runs 122–125): SD1.5-sized LoRA 91.7 → 87.5 ms per step with autocast,
 80.1 → 77.5 without; SDXL-sized 262.1 → 246.8.
 
 Under ``torch.compile`` the op is not used; with autograd disabled the forward runs without the
