@@ -297,3 +297,17 @@ def test_rebuilt_ops_cast_once_per_storage(algo):
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy, cached, sink", [("single", True, True), ("flat", True, True),
+                                                    ("ddp", True, False), ("fsdp", False, False)])
+def test_the_trainer_sinks_only_where_nothing_else_reads_the_accumulation(strategy, cached, sink):
+    """DDP fills its buckets from per-parameter hooks on autograd's accumulation, which the sink would skip; FSDP
+    frees a unit's storage between its forward and its backward, so an address would not name the same factors."""
+    from types import SimpleNamespace
+
+    from lyco.train.loop import Trainer
+    with Trainer._step_casts(SimpleNamespace(strategy=strategy)):
+        assert (casts._CASTS[0] is not None) == cached
+        assert casts.sink_on() == sink
+    assert casts._CASTS[0] is None and not casts.sink_on()
