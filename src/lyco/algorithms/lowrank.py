@@ -584,6 +584,8 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
         n, r * kh * kw, hh * ww)
     g = _sum0(torch.bmm(cols, x.reshape(n, c, hh * ww).transpose(1, 2)), dt)   # (r·kh·kw, c), taps flipped
+    if kh == kw == 1:  # no taps to put back in order: flip would still copy (32 kernels per SD1.5 LoRA step)
+        return g.view(r, c, 1, 1)
     return g.view(r, kh, kw, c).permute(0, 3, 1, 2).flip(2, 3).contiguous()
 
 
