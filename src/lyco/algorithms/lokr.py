@@ -326,7 +326,9 @@ class LoKr(Algorithm):
         if (spec.kind not in (LINEAR, CONV2D) or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
-        b = cast(t["lokr_w2_b"], dtype)
+        # B as it is: the op casts its factors itself (in a training step from the storage's one cast,
+        # casts.cast_factor) — a cast here went through autograd, one kernel forward and one backward per layer
+        b = t["lokr_w2_b"]
         down = b if spec.kind == LINEAR else b.reshape(b.shape[0], -1, *spec.kernel)
         return down, self._kron_up(t, dtype), self._gain(t), LoKr._in_m(t)
 
