@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 126 (NOTES change 86): DoRA's and GLoRA's builds inside the rebuilt op take their fp32 factors from
-# the storage's one cast per step (casts.cast_in_op). The real trainer (SD1.5-sized, autocast, graph) with DoRA r16
+# the storage's one cast per step (casts.cast_factor). The real trainer (SD1.5-sized, autocast, graph) with DoRA r16
 # and GLoRA r8, this code against the code before (.ab_mid), then the trainer's graphs against eager.
 #   OUT=$OUT bash benchmarks/run_trainer_dora.sh      (carry .whl and .ab_mid)
 . benchmarks/_gpu_lib.sh

@@ -2,6 +2,8 @@
 dtype once per storage (a FlatAdamW group's flat buffer), not per layer and direction — the same values, far fewer
 cast kernels; and the ops keep the factors they cast in forward for their backward."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -51,7 +53,7 @@ def _step(model, params, x, gy, cached: bool):
         p.grad = None
     xr = x.detach().clone().requires_grad_()
     rec = _Casts()
-    ctx = casts.step_casts() if cached else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    ctx = casts.step_casts() if cached else contextlib.nullcontext()
     with rec, ctx, torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(xr)
         y.backward(gy)
@@ -283,7 +285,7 @@ def test_grad_sink_only_where_the_backward_accumulates(monkeypatch):
 @pytest.mark.parametrize("algo", [dict(algo="lora", dora=True), dict(algo="glora")], ids=["dora", "glora"])
 def test_rebuilt_ops_cast_once_per_storage(algo):
     """DoRA's and GLoRA's builds inside the rebuilt op (forward and backward) take their fp32 factors from the
-    storage's one cast (``casts.cast_in_op``): one cast kernel for all layers, the same outputs and gradients."""
+    storage's one cast (``casts.cast_factor``): one cast kernel for all layers, the same outputs and gradients."""
     model, params = _mixed_model(False, **algo)
     x = torch.randn(40, 32).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -311,3 +313,17 @@ def test_the_trainer_sinks_only_where_nothing_else_reads_the_accumulation(strate
         assert (casts._CASTS[0] is not None) == cached
         assert casts.sink_on() == sink
     assert casts._CASTS[0] is None and not casts.sink_on()
+
+
+def test_a_cast_autograd_records_stays_differentiable():
+    """Where autograd records (a build's own autograd form, a nested pass through it) the cast is the plain
+    differentiable one: the gradient reaches the fp32 parameter; inside a Function's body (no grad) the cached view."""
+    p = nn.Parameter(torch.randn(4, 3))
+    with casts.step_casts():
+        c = casts.cast_factor(p, torch.bfloat16)
+        assert c.requires_grad and c.grad_fn is not None
+        (c.float() * 2).sum().backward()
+        with torch.no_grad():
+            v = casts.cast_factor(p, torch.bfloat16)
+            assert not v.requires_grad and casts.cast_factor(p, torch.bfloat16).data_ptr() == v.data_ptr()
+    torch.testing.assert_close(p.grad, torch.full_like(p, 2.0))

@@ -1,5 +1,5 @@
 """The adapter's casts within one training step (:func:`step_casts`) — shared by the ops of :mod:`.lowrank` and the
-rebuilt ops' builds (DoRA, GLoRA: :func:`cast_in_op`).
+rebuilt ops' builds (DoRA, GLoRA), through :func:`cast_factor` and :func:`cast_input`.
 
 Under mixed precision (``lyco train``: a bf16 model, the adapter's parameters in fp32, kept by
 :class:`lyco.optim.FlatAdamW` as views of one flat buffer) each op cast its factors to the compute dtype in forward and
@@ -53,12 +53,14 @@ def step_casts(grad_sink: bool = False):
 
 
 def cast_factor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` — inside :func:`step_casts` a view of its storage's one cast, else ``t.to(dtype)``.
-    Not differentiable: for the ops' Functions, whose forward and backward run without autograd."""
+    """``t`` in ``dtype`` — inside :func:`step_casts` a view of its storage's one cast, else ``t.to(dtype)``. The
+    cached view is not differentiable: it serves code that runs inside an autograd Function's forward or backward
+    (the low-rank ops, the rebuilt ops' builds); where autograd records (a build's own autograd form, a nested pass
+    through it) the cast is the differentiable ``t.to(dtype)``."""
     if t.dtype == dtype:
         return t
     cache = _CASTS[0]
-    if cache is None or t.numel() == 0:
+    if cache is None or t.numel() == 0 or (t.requires_grad and torch.is_grad_enabled()):
         return t.to(dtype)
     # keyed by the storage's address, and the entry holds the storage: while it is cached no other tensor can be
     # given that memory (a factor built in the step — LoHa's — and freed would otherwise pass its address on)
@@ -83,11 +85,11 @@ def cast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     had the same input (under autocast a LayerNorm's fp32 output feeds q, k and v, and each cast it: three casts of
     one tensor, now one; the same values). One entry, keyed by the input's memory, layout and version, and holding
     its storage (no other tensor can be given that memory while the entry stands); the next op's other input
-    replaces it. Not differentiable (as :func:`cast_factor`)."""
+    replaces it. Cached only where autograd does not record (as :func:`cast_factor`)."""
     if x.dtype == dtype:
         return x
     cache = _CASTS[0]
-    if cache is None:
+    if cache is None or (x.requires_grad and torch.is_grad_enabled()):
         return x.to(dtype)
     st = x.untyped_storage()
     key = (st.data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x._version, x.dtype, dtype)
@@ -103,13 +105,3 @@ def sink_on() -> bool:
     """Whether the block in force asks the low-rank ops to add factor gradients into ``.grad`` (``grad_sink``)."""
     return _SINK[0]
 
-
-def cast_in_op(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` for code that runs inside an autograd Function's forward or backward (a rebuilt op's build):
-    :func:`cast_factor` there; a differentiable ``t.to(dtype)`` where autograd records (the build's own autograd form,
-    a nested pass through it)."""
-    if t.dtype == dtype:
-        return t
-    if torch.is_grad_enabled() and t.requires_grad:
-        return t.to(dtype)
-    return cast_factor(t, dtype)

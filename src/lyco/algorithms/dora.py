@@ -39,7 +39,7 @@ import torch
 
 from . import lowrank_triton
 from .base import Algorithm, LayerSpec, channel_view, input_channel_view, layer_op
-from .casts import cast_in_op
+from .casts import cast_factor
 from .rebuild import cast, like, merged_build, rebuilt_op, rowdot, supports as rebuild_supports
 
 _EPS = torch.finfo(torch.float32).eps
@@ -139,11 +139,11 @@ class _LoraDoraBuild:
 
     @staticmethod
     def _factors(w, up, down):
-        # cast_in_op: inside the rebuilt op's forward and backward (lyco train's step) the fp32 factors are views of
+        # cast_factor: inside the rebuilt op's forward and backward (lyco train's step) the fp32 factors are views of
         # one cast of their storage per step, not two casts per layer and direction (NOTES change 86)
         w2 = w if w.dim() == 2 else w.reshape(w.shape[0], -1)
-        up2 = cast_in_op(up, w.dtype).reshape(up.shape[0], -1)
-        return w2, up2, cast_in_op(down, w.dtype).reshape(up2.shape[1], -1)
+        up2 = cast_factor(up, w.dtype).reshape(up.shape[0], -1)
+        return w2, up2, cast_factor(down, w.dtype).reshape(up2.shape[1], -1)
 
     def __call__(self, w, b, up, down, mag):
         """Differentiable (autograd) form: under ``torch.compile`` and as the reference."""

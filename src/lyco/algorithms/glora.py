@@ -43,7 +43,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_linear, alpha_scale, alpha_tensor, flat,
     layer_op, register, scalar_of,
 )
-from .casts import cast_in_op
+from .casts import cast_factor
 from .rebuild import like, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {CONV1D: F.conv1d, CONV2D: F.conv2d, CONV3D: F.conv3d}
@@ -105,8 +105,8 @@ class _GLoRABuild:
     def _parts(self, w, a1, a2, b1, b2):
         w2 = w if w.dim() == 2 else flat(w)
         dt = w.dtype
-        # the fp32 factors as views of one cast of their storage per step inside the op (casts.cast_in_op)
-        a1f, a2f, b1f, b2f = (cast_in_op(t, dt).reshape(t.shape[0], -1) for t in (a1, a2, b1, b2))
+        # the fp32 factors as views of one cast of their storage per step inside the op (casts.cast_factor)
+        a1f, a2f, b1f, b2f = (cast_factor(t, dt).reshape(t.shape[0], -1) for t in (a1, a2, b1, b2))
         left = torch.cat([w2 @ a1f, b1f], dim=1)     # (out, 2r)
         right = torch.cat([a2f, b2f], dim=0)         # (2r, in)
         return w2, a1f, left, right

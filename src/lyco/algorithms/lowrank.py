@@ -86,7 +86,7 @@ import torch.nn.functional as F
 
 from . import casts, graph_policy
 from .base import CONV2D, LINEAR, LayerSpec, layer_op
-from .casts import cast_factor, cast_input, step_casts  # noqa: F401  (step_casts: this module's callers' entry)
+from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
 #: one cheap call to skip the per-device autocast queries in the common case (no autocast anywhere)
