@@ -38,6 +38,7 @@ os.environ.setdefault("LYCO_BYPASS_STREAMS", "1")
 os.environ.setdefault("LYCO_MERGE_KERNEL", "1")
 os.environ.setdefault("LYCO_CONV_EPILOGUE", "1")
 os.environ.setdefault("LYCO_CONV_NHWC", "1")
+os.environ.setdefault("LYCO_SHARED_INPUT", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 

@@ -257,6 +257,19 @@ class AdapterLayer(nn.Module):
                 return y
         return self.algorithm.bypass_op(x, t, self.spec, weight, bias, self._multiplier)
 
+    def bypass_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(D, U, s)`` with this adapter's delta ``s·U·D`` where :meth:`bypass_op` would take the bypass op with one
+        group — what a group of layers sharing an input runs as one op (:mod:`.siblings`) — else None."""
+        if self._delta_only():
+            return None
+        t = self._hot_tensors()
+        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec):
+            return None
+        f = self.algorithm.bypass_factors(t, self.spec, dtype)
+        if f is None or f[3] != 1:
+            return None
+        return f[0], f[1], f[2] * self._multiplier
+
     def _delta_only(self) -> bool:
         """In training, a dropout-family option or DyLoRA's rank sampling: only ``delta_output`` applies them."""
         if not self.training:
@@ -296,6 +309,8 @@ class LayerHost:
         self._plain = self._flat_linear or (spec.kind == "conv2d" and self._prev_forward is None
                                             and type(module).forward is nn.Conv2d.forward)
         self._orig = self._prev_forward if self._prev_forward is not None else type(module).forward.__get__(module)
+        #: the layers reading this one's input, run as one op (:mod:`.siblings`; set by ``Network.attach``)
+        self.group = None
         self._forward = self._make_forward()
         object.__setattr__(module, "forward", self._forward)
         object.__setattr__(module, _HOST_ATTR, self)
@@ -347,6 +362,10 @@ class LayerHost:
         w, b = mod.weight, mod.bias
         if len(active) == 1 and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
             x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
+            if self.group is not None and self._flat_linear:
+                y = self.group.run(self, x, x2)
+                if y is not None:
+                    return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
             if _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(
                     self.spec, x2, active[0].algorithm.bypass_grouped):
                 y = active[0].bypass_op(x2, w, b)
@@ -358,6 +377,25 @@ class LayerHost:
             y = F.linear(x, w, b)
             return self._accumulate(active, x, y, w, b).reshape(*lead, y.shape[-1])
         return self._accumulate(active, x, self._orig(x, *args, **kwargs), w, b)
+
+    def shared_ready(self, x2: torch.Tensor) -> bool:
+        """Whether this layer, called now on the 2-D rows ``x2``, would take the bypass op with one adapter whose down
+        is one matrix (not LoKr's per channel group) — checked before any factor is built (:mod:`.siblings`)."""
+        active = self._active
+        if active is None:
+            active = self._refresh()
+        return (len(active) == 1 and not self._rebuild and self._flat_linear
+                and not active[0].algorithm.bypass_grouped and _lowrank.bypass_ready(self.spec)
+                and _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(self.spec, x2))
+
+    def shared_part(self, x2: torch.Tensor):
+        """``(spec, W, b, D, U, s)`` for :func:`.algorithms.lowrank_shared.shared_op` where :meth:`shared_ready`
+        holds and the adapter's delta is such a product (its factors built here), else None."""
+        f = self._active[0].bypass_parts(x2.dtype)
+        if f is None:
+            return None
+        mod = self.module
+        return (self.spec, mod.weight, mod.bias) + f
 
     @staticmethod
     def _accumulate(active, x, y, w, b):

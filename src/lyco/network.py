@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from . import algorithms, naming, presets as presets_mod
+from . import algorithms, naming, presets as presets_mod, siblings
 from .adapter import TEXT_COMPONENTS, Adapter, ModuleAdapter, split_name
 from .algorithms.base import LayerSpec, layer_kind
 from .algorithms.dora import init_magnitude, wrap as dora_wrap
@@ -330,6 +330,7 @@ class Network(nn.Module):
                     h.remove(self.layers[key])
             raise
         self.attached = True
+        siblings.link(self._components.values())
         return self
 
     def detach(self) -> None:
@@ -342,6 +343,7 @@ class Network(nn.Module):
             p.requires_grad_(True)
         self._frozen = []
         self.attached = False
+        siblings.link(self._components.values())
 
     remove = detach
 

@@ -1,0 +1,159 @@
+"""One op for several low-rank adapted linear layers that read **the same input** — a self-attention block's
+q, k and v (``to_q``/``to_k``/``to_v`` of diffusers' ``Attention``, ``q_proj``/``k_proj``/``v_proj`` of CLIP),
+a cross-attention's k and v on the text states — as :mod:`.lowrank`'s bypass op computes each of them:
+``y_i = x·W_iᵀ + b_i + s_i·U_i·(D_i·x)``, the same sums, with the work the members share done once.
+
+Per member the bypass op reads x for its down ``h_i = D_i·x`` and again in backward for ``∂D_i``, and autograd sums
+the members' ∂x (two adds of an input-sized tensor for three members: read two, write one). Here:
+
+* forward: ``h = [D_0; D_1; …]·x`` — one GEMM, x read once for all downs — then each member's frozen GEMM and an
+  in-place ``y_i += s_i·U_i·h_i`` (as the bypass op). Tried and taken out: writing ``[x | s·h]`` once and letting
+  each member's frozen GEMM take its up along (``y_i = [x | s·h]·[W_i | 0 | U_i]ᵀ + b_i``: one copy of x for the
+  group instead of two output-sized passes per member) — H100 run 127, SD1.5 b8 LoRA as one graph: 74.94 ms
+  with it and without (benchmarks/NOTES.md change 89).
+* backward: ``∂x = Σ_i ∂y_i·(W_i + s_i·U_i·D_i)`` as GEMMs adding into one tensor (``beta = 1``) — no autograd
+  sum; ``∂h_i = s_i·∂y_i·U_i`` side by side in one tensor and ``∂D = ∂hᵀ·x`` one GEMM for all members (x read
+  once), ``∂U_i = s_i·∂y_iᵀ·h_i`` per member — on the side stream (:func:`.lowrank.side_stream`) beside ∂x, as
+  the bypass op's own products.
+
+Kept for backward: x and h — what each member's bypass op kept, once. The members' outputs are
+separate tensors (one autograd node with several outputs: its backward runs when all their gradients are in;
+an output nobody used gets none and contributes nothing).
+
+Which layers form a group and how the layer hosts hand one op's outputs to its members: :mod:`lyco.siblings`.
+Under ``torch.compile`` and with autograd off the hosts do not group. benchmarks/NOTES.md change 89.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LINEAR
+from .casts import cast_factor, cast_input
+from .lowrank import _fork, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, _SUNK, side_stream
+from .rebuild import cast, like
+
+
+def supports(x: torch.Tensor, parts) -> bool:
+    """2-D rows, every member a linear layer over x's width with a frozen weight and bias, a ``(r, in)`` down."""
+    if x.dim() != 2 or len(parts) < 2:
+        return False
+    for spec, w, b, d, u, _ in parts:
+        if (spec.kind != LINEAR or spec.in_dim != x.shape[1] or w.requires_grad or (b is not None and b.requires_grad)
+                or d.dim() != 2 or u.dim() != 2 or d.shape[1] != x.shape[1] or u.shape[1] != d.shape[0]):
+            return False
+    return True
+
+
+class _SharedOp(torch.autograd.Function):
+    """Outputs ``y_i`` of every member (module doc). Inputs: ``x``, the configuration, then per member
+    ``(W, b, D, U)``."""
+
+    @staticmethod
+    def forward(ctx, x, cfg, *flat):
+        specs, ss, cd = cfg
+        n = len(specs)
+        ws, bs = flat[0::4], flat[1::4]
+        dd = [cast_factor(d, cd) for d in flat[2::4]]
+        ud = [cast_factor(u, cd) for u in flat[3::4]]
+        rs = [d.shape[0] for d in dd]
+        offs = [sum(rs[:i]) for i in range(n)]
+        d_all = torch.cat(dd, 0)
+        xs = cast_input(x, cd)
+        h = F.linear(xs, d_all)
+        ys = []
+        for i in range(n):
+            y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
+            y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
+            ys.append(y)
+        ctx.set_materialize_grads(False)
+        ctx.cfg = (specs, ss, x.shape, x.dtype, rs, offs,
+                   tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))
+        ctx.leaves = [_sink_leaves(d, u) for d, u in zip(flat[2::4], flat[3::4])]
+        ctx.save_for_backward(xs, h, *ws, *dd, *ud)
+        return tuple(ys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gys):
+        specs, ss, xshape, xdt, rs, offs, metas = ctx.cfg
+        n = len(specs)
+        saved = ctx.saved_tensors
+        xs, h = saved[0], saved[1]
+        ws, dd, ud = saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:2 + 3 * n]
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_d = [needs[2 + 4 * i + 2] and gys[i] is not None for i in range(n)]
+        need_u = [needs[2 + 4 * i + 3] and gys[i] is not None for i in range(n)]
+        live = [i for i in range(n) if gys[i] is not None]
+        grads: list = [None] * (2 + 4 * n)
+        if not live:
+            return tuple(grads)
+        gy0 = gys[live[0]]
+        cd = gy0.dtype
+        gd: list = [None] * n
+        gu: list = [None] * n
+        side = side_stream(gy0) if any(need_d) or any(need_u) else None
+        with _fork(side):
+            for i in live:
+                dshape, ddt, ushape, udt = metas[i]
+                leaves = ctx.leaves[i]
+                if need_u[i]:
+                    into = _sink_into(leaves[1], tuple(ushape), cd) if leaves is not None else None
+                    gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
+            if any(need_d):
+                # ∂h_i = s_i·∂y_i·U_i side by side (columns of members that need no ∂D stay zero), then one ∂D GEMM
+                gh = gy0.new_zeros((gy0.shape[0], sum(rs))) if not all(need_d) else gy0.new_empty(
+                    (gy0.shape[0], sum(rs)))
+                for i in range(n):
+                    if need_d[i]:
+                        sl = gh[:, offs[i]:offs[i] + rs[i]]
+                        torch.addmm(sl.new_empty(()), gys[i], ud[i], beta=0, alpha=ss[i], out=sl)
+                ddt = metas[live[0]][1]
+                same = all(metas[i][1] == ddt for i in range(n))
+                g_all = _mm(gh.t(), xs, 1.0, ddt if same else None)
+                for i in range(n):
+                    if need_d[i]:
+                        gd[i] = g_all[offs[i]:offs[i] + rs[i]]
+        if need_x:
+            # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
+            # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast)
+            # (without such GEMMs an input of another dtype gets each product cast and added in its dtype, as
+            # autograd's sum of the members' own ∂x would)
+            fp = xdt if _out_dtype_ok(gy0, xdt) and _out_dtype_ok(gy0, xdt, into=True) else None
+            gx = None
+            for i in live:
+                w = _merged(ws[i], ud[i], dd[i], ss[i], cd)
+                if gx is None:
+                    gx = torch.mm(gys[i], w, out_dtype=fp) if fp is not None else cast(gys[i] @ w, xdt)
+                elif fp is not None:
+                    torch.addmm(gx, gys[i], w, beta=1, out_dtype=fp, out=gx)
+                elif gx.dtype == cd:
+                    gx.addmm_(gys[i], w)
+                else:
+                    gx.add_(gys[i] @ w)
+            grads[0] = like(gx, xshape, xdt)
+        _join(side)
+        for i in range(n):
+            dshape, ddt, ushape, udt = metas[i]
+            if gd[i] is not None:
+                grads[2 + 4 * i + 2] = like(gd[i], dshape, ddt)
+            if gu[i] is not None and gu[i] is not _SUNK:
+                grads[2 + 4 * i + 3] = like(gu[i], ushape, udt)
+        return tuple(grads)
+
+
+def shared_op(x: torch.Tensor, parts, cd: torch.dtype) -> list[torch.Tensor] | None:
+    """Each member's ``x·W_iᵀ + b_i + s_i·U_i·(D_i·x)`` (module doc); ``parts``: per member ``(spec, W, b, D, U, s)``
+    with ``D`` ``(r_i, in)``, ``U`` ``(out_i, r_i)``, s a Python number; ``cd`` the compute dtype
+    (:func:`.lowrank._compute_dtype`). None where the group is not supported (:func:`supports`)."""
+    if not supports(x, parts):
+        return None
+    specs = tuple(p[0] for p in parts)
+    ss = tuple(float(p[5]) for p in parts)
+    flat = []
+    for _, w, b, d, u, _ in parts:
+        flat += [w, b, d, u]
+    return list(_SharedOp.apply(x, (specs, ss, cd), *flat))
+
