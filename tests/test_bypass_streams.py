@@ -192,3 +192,74 @@ def test_grouped_merged_weight_by_the_kernel(monkeypatch, triton_interpreter):
     yr.backward(gy.double())
     for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
+def test_deferred_join_when_every_factor_gradient_is_sunk(streams, monkeypatch):
+    """``LYCO_SIDE_DEFER``: an op whose side-stream products all add into ``.grad`` (the sink) does not wait for them
+    before it returns; the current stream waits for that region after the next op's backward issued its own (one
+    region left running, ``DEFER_LAG``), and for the last one at the end of the backward pass — each wait after the
+    region's products, the tensors they read held until then; the gradients equal float64 math. Without the sink
+    (gradients returned to autograd) every op still joins before it returns."""
+    from lyco.algorithms import casts
+
+    log = streams
+    monkeypatch.setenv("LYCO_SIDE_DEFER", "1")
+    n_ev = [0]
+
+    class _Event:
+        def __init__(self):
+            n_ev[0] += 1
+            self.name = f"ev{n_ev[0]}"
+
+        def record(self, stream):
+            log.append(f"{self.name} on {stream.name}")
+
+    main = torch.cuda.current_stream()
+    monkeypatch.setattr(type(main), "wait_event", lambda self, ev: log.append(f"{self.name} waits {ev.name}"),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    g = torch.Generator().manual_seed(4)
+    layers = [nn.Linear(12, 12).double() for _ in range(3)]
+    factors = [((torch.randn(4, 12, generator=g, dtype=torch.float64) * 0.3).requires_grad_(),
+                (torch.randn(12, 4, generator=g, dtype=torch.float64) * 0.3).requires_grad_()) for _ in layers]
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64)
+
+    def step(sink):
+        for d, u in factors:
+            d.grad, u.grad = torch.zeros_like(d), torch.zeros_like(u)
+        log.clear()
+        with casts.step_casts(grad_sink=sink):
+            h = x.clone().requires_grad_()
+            y = h
+            for mod, (d, u) in zip(layers, factors):
+                y = lowrank.bypass_op(y, LayerSpec.from_module(mod), mod.weight.detach(), mod.bias.detach(), d, u, 0.7)
+            y.square().sum().backward()
+        assert not lowrank._PENDING  # everything waited for and released at the end of the pass
+        return [t.grad.clone() for f in factors for t in f], list(log)
+
+    got, log_sink = step(True)
+    ref, log_plain = step(False)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # float64 reference from the definition
+    yr = x
+    leaves = [tuple(t.detach().clone().requires_grad_() for t in f) for f in factors]
+    for mod, (d, u) in zip(layers, leaves):
+        yr = F.linear(yr, mod.weight.detach() + 0.7 * u @ d, mod.bias.detach())
+    yr.square().sum().backward()
+    for a, b in zip(got, [t.grad for f in leaves for t in f]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    bwd = log_sink[log_sink.index("side waits main"):]
+    assert "main waits side" not in bwd, bwd
+    records = [e for e in bwd if e.endswith(" on side")]
+    waits = [e for e in bwd if e.startswith("main waits ev")]
+    assert len(records) == 3 and [w.split()[-1] for w in waits] == [r.split()[0] for r in records], bwd
+    # region k is waited for only after region k+1 was issued (and the last at the pass's end)
+    for k, r in enumerate(records[:-1]):
+        assert bwd.index(records[k + 1]) < bwd.index(f"main waits {r.split()[0]}"), bwd
+    assert bwd[-1] == f"main waits {records[-1].split()[0]}", bwd
+    # every wait comes after the products of the region it waits for
+    for r in records:
+        assert bwd.index(r) > max(i for i, e in enumerate(bwd[:bwd.index(r)]) if e.endswith("@side")), bwd
+    plain = log_plain[log_plain.index("side waits main"):]
+    assert plain.count("main waits side") == 3 and not any(" on side" in e for e in plain), plain
