@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 131 (NOTES change 90): the op's backward no longer waits for its side-stream products where they all
 # add into .grad (the sink: lyco train's linear LoRA layers) — the next backward nodes run beside them
-# (lowrank._defer, LYCO_SIDE_DEFER). The ops against float64 on the GPU with it (sink rows), then the real trainer
+# (lowrank._defer, LYCO_SIDE_DEFER). Not kept (no gain, +0.1 GiB): the change is benchmarks/experiments/side_defer.patch. The ops against float64 on the GPU with it (sink rows), then the real trainer
 # (SD1.5-sized LoRA, graph) A/B/A with and without autocast, then the trainer's graphs against eager.
 #   OUT=$OUT bash benchmarks/run_side_defer.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh

@@ -18,9 +18,8 @@ bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adap
 host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), its conv forward's bias and up
 in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
-(``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`); the layers that read one input as one op
-(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); and the side stream's work of a backward left running beside the next
-nodes where it returns nothing to autograd (``LYCO_SIDE_DEFER``, :func:`.lowrank._defer`).
+(``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`); and the layers that read one input as one op
+(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`).
 """
 
 from __future__ import annotations

@@ -151,54 +151,9 @@ def _fork(side):
 
 
 def _join(side) -> None:
-    """The current stream waits for what ``side`` was given so far (deferred work included: :func:`_defer`)."""
+    """The current stream waits for what ``side`` was given so far."""
     if side is not None:
         torch.cuda.current_stream(side.device).wait_stream(side)
-        _PENDING.clear()
-
-
-#: side-stream work of op backwards that the current stream has not waited for yet (:func:`_defer`): (event, stream,
-#: the tensors of the current stream that work reads)
-_PENDING: list = []
-#: the autograd graph task whose end settles what is still pending (:func:`_defer`)
-_SETTLE_TASK: list = [None]
-#: deferred regions left running behind the current stream's work (:func:`_defer`)
-DEFER_LAG = 1
-
-
-def _settle(keep: int = 0) -> None:
-    """The current stream waits for the deferred side-stream work but the newest ``keep`` regions; what the waited-for
-    work read is released (its memory may go to the current stream's next allocations only after that work)."""
-    while len(_PENDING) > keep:
-        ev, side, _ = _PENDING.pop(0)
-        torch.cuda.current_stream(side.device).wait_event(ev)
-
-
-def _defer(side, reads) -> bool:
-    """In place of :func:`_join` at the end of an op's backward whose side-stream work returns nothing to autograd
-    (every factor gradient added into ``.grad`` by its GEMM — the sink): the current stream goes on with the next
-    nodes of the backward pass, and waits for this region only after the next deferred region was issued
-    (:data:`DEFER_LAG`), or at the end of the backward pass (a callback of autograd's engine), or at the next
-    :func:`_join`. ``reads``: the current stream's tensors the region reads, held until then — so that no later
-    allocation of the current stream reuses their memory while the side stream still reads it (the allocator's
-    ``record_stream`` would hold such blocks until a CUDA graph's capture ends). ``LYCO_SIDE_DEFER``
-    (:mod:`.graph_policy`). Why: a join per op makes each op's backward as long as the longer of its two branches —
-    the side stream's thin ∂U/∂D GEMMs on most layers (run 130's profile: 2.5 ms of split-K GEMMs per SD1.5 LoRA
-    step) — where the next nodes of the backward (attention, norms) could have run beside them. False where it does
-    not apply (then the caller joins)."""
-    if side is None or not graph_policy.wanted("LYCO_SIDE_DEFER"):
-        return False
-    task = torch._C._current_graph_task_id()
-    if task < 0:
-        return False
-    ev = torch.cuda.Event()
-    ev.record(side)
-    _PENDING.append((ev, side, reads))
-    if _SETTLE_TASK[0] != task:
-        _SETTLE_TASK[0] = task
-        torch.autograd.Variable._execution_engine.queue_callback(_settle)
-    _settle(DEFER_LAG)
-    return True
 
 
 #: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
@@ -440,9 +395,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
             need_x = False
         gx2, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
         gx = gx if gx2 is None else gx2
-    if not ((gu is _SUNK or not need_u) and (gd is _SUNK or not need_d)
-            and _defer(side, (gy, xc, h, dd, u2, d2, gxh if cat else None))):
-        _join(side)
+    _join(side)
     if gx is not None:
         gx = like(gx, xshape, xdt)
     if gw is not None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .base import LINEAR
 from .casts import cast_factor, cast_input
-from .lowrank import _defer, _fork, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, _SUNK, side_stream
+from .lowrank import _fork, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, _SUNK, side_stream
 from .rebuild import cast, like
 
 
@@ -116,11 +116,6 @@ class _SharedOp(torch.autograd.Function):
                 for i in range(n):
                     if need_d[i]:
                         gd[i] = g_all[offs[i]:offs[i] + rs[i]]
-                        leaves = ctx.leaves[i]
-                        into = _sink_into(leaves[0], tuple(metas[i][0]), cd) if leaves is not None else None
-                        if into is not None:
-                            into.add_(gd[i].view(into.shape))  # the sink, as the members' own ops (one add each)
-                            gd[i] = _SUNK
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
             # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast)
@@ -139,12 +134,10 @@ class _SharedOp(torch.autograd.Function):
                 else:
                     gx.add_(gys[i] @ w)
             grads[0] = like(gx, xshape, xdt)
-        if not (all((gu[i] is _SUNK or not need_u[i]) and (gd[i] is _SUNK or not need_d[i]) for i in live)
-                and _defer(side, (gys, xs, h, dd, ud))):
-            _join(side)
+        _join(side)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
-            if gd[i] is not None and gd[i] is not _SUNK:
+            if gd[i] is not None:
                 grads[2 + 4 * i + 2] = like(gd[i], dshape, ddt)
             if gu[i] is not None and gu[i] is not _SUNK:
                 grads[2 + 4 * i + 3] = like(gu[i], ushape, udt)
