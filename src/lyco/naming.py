@@ -382,6 +382,16 @@ def is_text_model_root(module: nn.Module) -> bool:
 #: the top-level children of a transformers CLIP text model (what follows ``text_model.``)
 _TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 
+#: children of one module that read the same input (:mod:`lyco.siblings` runs their adapters as one op): the
+#: attribute names, and where they apply — ``"self"``: only under a parent that is not cross-attention (diffusers'
+#: ``Attention.is_cross_attention``: q, k and v all read the hidden states), ``"cross"``: only under one that is (k and
+#: v read the text states), ``"any"``: always (CLIP's and other transformers' self-attention)
+SHARED_INPUT_CHILDREN = (
+    (("to_q", "to_k", "to_v"), "self"),
+    (("to_k", "to_v"), "cross"),
+    (("q_proj", "k_proj", "v_proj"), "any"),
+)
+
 
 def text_flat_canonical(flat: str) -> str:
     """A flattened text-encoder path from a file → its canonical form, with the ``text_model`` level.

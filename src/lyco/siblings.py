@@ -1,7 +1,7 @@
 """Adapted layers that read the same input, run as one op (:mod:`.algorithms.lowrank_shared`): the layer hosts of a
 group hand each other that op's outputs.
 
-Which layers (:func:`link`, by the model's structure — known before the first forward, so an eager step and a
+Which layers (:func:`link`, by the model's structure, the names in :data:`.naming.SHARED_INPUT_CHILDREN` — known before the first forward, so an eager step and a
 captured one group alike from the first step on, and a checkpointed region recomputes what it first computed):
 
 * diffusers' ``Attention``: ``to_q``, ``to_k``, ``to_v`` in self-attention (all three read the hidden states);
@@ -32,16 +32,9 @@ from torch import nn
 from .algorithms import graph_policy
 from .algorithms.lowrank import _compute_dtype
 from .algorithms.lowrank_shared import shared_op
+from .naming import SHARED_INPUT_CHILDREN
 
 log = logging.getLogger(__name__)
-
-#: children of one module that read the same input: (names, only where the parent is not cross-attention)
-_SETS = (
-    (("to_q", "to_k", "to_v"), "self"),
-    (("to_k", "to_v"), "cross"),
-    (("q_proj", "k_proj", "v_proj"), "any"),
-)
-
 
 def wanted() -> bool:
     return graph_policy.wanted("LYCO_SHARED_INPUT")
@@ -104,7 +97,7 @@ class Group:
 
 def _groups_under(root: nn.Module, host_of):
     for parent in root.modules():
-        for names, when in _SETS:
+        for names, when in SHARED_INPUT_CHILDREN:
             kids = [getattr(parent, n, None) for n in names]
             if not all(isinstance(k, nn.Module) for k in kids):
                 continue

@@ -118,9 +118,8 @@ class _SharedOp(torch.autograd.Function):
                         gd[i] = g_all[offs[i]:offs[i] + rs[i]]
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
-            # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast)
-            # (without such GEMMs an input of another dtype gets each product cast and added in its dtype, as
-            # autograd's sum of the members' own ∂x would)
+            # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast); without such GEMMs each product is
+            # cast to x's dtype and added there, as autograd's sum of the members' own ∂x would be
             fp = xdt if _out_dtype_ok(gy0, xdt) and _out_dtype_ok(gy0, xdt, into=True) else None
             gx = None
             for i in live:
