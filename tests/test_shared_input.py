@@ -185,6 +185,7 @@ def test_checkpointed_attention_recomputes_the_group(early_stop):
     ctx = torch.utils.checkpoint.set_checkpoint_early_stop(early_stop)
     with ctx:
         y = checkpoint(model, x, use_reentrant=False)
+    assert "_SharedOpBackward" in _nodes(y)  # grouped in the first run (and its recomputation must save the same)
     y.square().sum().backward()
     ry, rgx, _, leaves = _dense(model, net, x)
     torch.testing.assert_close(y, ry, rtol=1e-10, atol=1e-10)
