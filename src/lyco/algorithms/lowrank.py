@@ -238,6 +238,36 @@ def _merge_kernel(w: torch.Tensor, r: int) -> bool:
     return lowrank_triton.usable(w, r)
 
 
+#: the shapes :func:`_fused_gemm` takes: at least this many rows (positions), at most these output and input widths
+_FUSED_ROWS, _FUSED_OUT, _FUSED_IN = 8192, 640, 1280
+
+
+def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
+    """Whether a linear layer's op forward is one Triton GEMM (:func:`.lowrank_gemm.fused_linear`: the frozen
+    product, the down accumulated in the same k-loop, the up and the bias in its epilogue) instead of cuBLAS's
+    frozen GEMM, a thin down GEMM and an in-place up: ``LYCO_FUSED_GEMM`` (:mod:`.graph_policy`, captured steps by
+    default — a launch binds six tensor descriptors in Python), the kernel's own conditions, and the shapes where
+    it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 8192 rows, ≤ 640 output and ≤ 1280 input
+    channels, rank ≤ 32 (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's
+    feed-forward output)."""
+    if not (x.shape[0] >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
+            and graph_policy.wanted("LYCO_FUSED_GEMM")):
+        return False
+    from . import lowrank_gemm
+    return lowrank_gemm.usable(x)
+
+
+def _fused_linear(x, spec: LayerSpec, w, b, d2, u2, s: float, h=None):
+    """``(y, h)`` of a linear layer's op forward by :func:`.lowrank_gemm.fused_linear` (h written into the given
+    ``h`` where there is one) where :func:`_fused_gemm` takes the layer and the kernel its operands; else None."""
+    if not _fused_gemm(x, spec, d2.shape[0]):
+        return None
+    from . import lowrank_gemm
+    if not lowrank_gemm.supports(x, w, b, d2, u2, h):
+        return None
+    return lowrank_gemm.fused_linear(x, w, b, d2, u2, s, h)
+
+
 def _conv_epilogue(x: torch.Tensor, spec: LayerSpec) -> bool:
     """Whether the op's conv forward adds the adapter's up and the layer's bias in one Triton pass
     (:func:`.lowrank_triton.up_add`) instead of torch's bias pass after the cuDNN conv (a broadcast add that reads
@@ -601,19 +631,24 @@ class _BypassOp(torch.autograd.Function):
         if spec.kind == LINEAR:
             # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
             # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95)
-            if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
-                h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
+            fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
+            if fused is not None:  # one Triton GEMM (_fused_gemm)
+                y, h = fused
             else:
-                h = F.linear(xd, d2)
-            if _cat_pays(spec, h.shape[1]):
-                # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b, rounded
-                # once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are views of it
-                xh = torch.cat([xd, h], 1)
-                y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
-                xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
-            else:
-                y = layer_op(xd, spec, wd, bd)
-                y.addmm_(h, u2.t(), alpha=s)
+                if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
+                    h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
+                else:
+                    h = F.linear(xd, d2)
+                if _cat_pays(spec, h.shape[1]):
+                    # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
+                    # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
+                    # views of it
+                    xh = torch.cat([xd, h], 1)
+                    y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
+                    xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+                else:
+                    y = layer_op(xd, spec, wd, bd)
+                    y.addmm_(h, u2.t(), alpha=s)
         else:
             # the adapter's conv (cuDNN) on the side stream while the frozen conv runs
             side = side_stream(xd)

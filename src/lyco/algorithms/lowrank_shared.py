@@ -10,7 +10,9 @@ the members' ∂x (two adds of an input-sized tensor for three members: read two
   in-place ``y_i += s_i·U_i·h_i`` (as the bypass op). Tried and taken out: writing ``[x | s·h]`` once and letting
   each member's frozen GEMM take its up along (``y_i = [x | s·h]·[W_i | 0 | U_i]ᵀ + b_i``: one copy of x for the
   group instead of two output-sized passes per member) — H100 run 127, SD1.5 b8 LoRA as one graph: 74.94 ms
-  with it and without (benchmarks/NOTES.md change 89).
+  with it and without (benchmarks/NOTES.md change 89). Where every member's layer takes the fused GEMM
+  (:func:`.lowrank._fused_gemm`: many rows, narrow layers), each member is one such launch instead, its down
+  accumulated in its own frozen product's k-loop and written into its columns of the group's h (change 91).
 * backward: ``∂x = Σ_i ∂y_i·(W_i + s_i·U_i·D_i)`` as GEMMs adding into one tensor (``beta = 1``) — no autograd
   sum; ``∂h_i = s_i·∂y_i·U_i`` side by side in one tensor and ``∂D = ∂hᵀ·x`` one GEMM for all members (x read
   once), ``∂U_i = s_i·∂y_iᵀ·h_i`` per member — on the side stream (:func:`.lowrank.side_stream`) beside ∂x, as
@@ -31,7 +33,10 @@ import torch.nn.functional as F
 
 from .base import LINEAR
 from .casts import cast_factor, cast_input
-from .lowrank import _fork, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, _SUNK, side_stream
+from .lowrank import (
+    _SUNK, _fork, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, side_stream,
+)
+from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
 
 
@@ -44,6 +49,18 @@ def supports(x: torch.Tensor, parts) -> bool:
                 or d.dim() != 2 or u.dim() != 2 or d.shape[1] != x.shape[1] or u.shape[1] != d.shape[0]):
             return False
     return True
+
+
+def _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd):
+    """``(h, [(W, b, h_i)])`` where every member's forward can be :func:`.lowrank_gemm.fused_linear` (h the group's
+    ``(rows, Σ r)``, h_i member i's columns of it), else None."""
+    if not all(_fused_gemm(xs, sp, r) for sp, r in zip(specs, rs)):
+        return None
+    h = xs.new_empty((xs.shape[0], sum(rs)))
+    parts = [(cast(w, cd), cast(b, cd), h[:, o:o + r]) for w, b, o, r in zip(ws, bs, offs, rs)]
+    if not all(fused_supports(xs, w, b, d, u, hs) for (w, b, hs), d, u in zip(parts, dd, ud)):
+        return None
+    return h, parts
 
 
 class _SharedOp(torch.autograd.Function):
@@ -59,14 +76,21 @@ class _SharedOp(torch.autograd.Function):
         ud = [cast_factor(u, cd) for u in flat[3::4]]
         rs = [d.shape[0] for d in dd]
         offs = [sum(rs[:i]) for i in range(n)]
-        d_all = torch.cat(dd, 0)
         xs = cast_input(x, cd)
-        h = F.linear(xs, d_all)
+        fused = _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd)
         ys = []
-        for i in range(n):
-            y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
-            y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
-            ys.append(y)
+        if fused is not None:
+            # each member one Triton GEMM (lowrank._fused_gemm) writing its h into its columns of the group's h: x is
+            # read by each member's frozen product anyway, and the down rides along in the same k-loop
+            h, parts = fused
+            for i, (w, b, hs) in enumerate(parts):
+                ys.append(fused_linear(xs, w, b, dd[i], ud[i], ss[i], hs)[0])
+        else:
+            h = F.linear(xs, torch.cat(dd, 0))
+            for i in range(n):
+                y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
+                y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
+                ys.append(y)
         ctx.set_materialize_grads(False)
         ctx.cfg = (specs, ss, x.shape, x.dtype, rs, offs,
                    tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""The fused low-rank GEMM (``lyco/algorithms/lowrank_gemm.py``: ``y = x·Wᵀ + b + s·(x·Dᵀ)·Uᵀ`` and h in one Triton
+launch) on the GPU — issue 7, NOTES change 91: per SD1.5 b8 linear shape, its relative error against float64 (y and h,
+h written into a NaN-poisoned column slice, every element checked), then device time per call as CUDA-graph replays
+over four input sets in turn (so x is not served from L2): the fused kernel, the bypass op's three kernels (cuBLAS's
+frozen GEMM, the thin down GEMM, the in-place up), and cuBLAS's frozen GEMM alone.
+
+    python benchmarks/experiments/fused_gemm_check.py     # exit 1 if a relative error exceeds --tol
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from lyco.algorithms import lowrank_gemm  # noqa: E402
+
+# (rows, in, out, bias): SD1.5 b8's linear shapes the rule takes, and two it leaves out (2048 rows; 5120 out)
+SHAPES = [(32768, 320, 320, False), (32768, 320, 320, True), (32768, 1280, 320, True), (8192, 640, 640, False),
+          (8192, 640, 640, True), (2048, 1280, 1280, False), (8192, 640, 5120, True)]
+
+
+def rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def timed(fn, reps=20):
+    """µs per call: ``fn(i)`` for the four input sets captured in one graph, replayed ``reps`` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(4):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(4):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / reps / 4)
+    return sorted(times)[2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--rank", type=int, default=16)
+    args = ap.parse_args()
+    dev, dt, r, s = "cuda", torch.bfloat16, args.rank, 0.5
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "usable:", lowrank_gemm.usable(
+        torch.empty(1, device=dev, dtype=dt)))
+    bad = False
+    for m, k, n, bias in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(m + k + n)
+        xs = [torch.randn(m, k, device=dev, dtype=dt, generator=g) for _ in range(4)]
+        w = (torch.randn(n, k, device=dev, dtype=dt, generator=g) / k ** 0.5).contiguous()
+        d = torch.randn(r, k, device=dev, dtype=dt, generator=g) / k ** 0.5
+        u = torch.randn(n, r, device=dev, dtype=dt, generator=g) / r ** 0.5
+        b = torch.randn(n, device=dev, dtype=dt, generator=g) if bias else None
+        hbuf = torch.full((m, 3 * r), float("nan"), device=dev, dtype=dt)
+        hs = hbuf[:, r:2 * r]
+        assert lowrank_gemm.supports(xs[0], w, b, d, u, hs)
+        y, h = lowrank_gemm.fused_linear(xs[0], w, b, d, u, s, hs)
+        x64 = xs[0].double()
+        h_ref = x64 @ d.double().t()
+        y_ref = x64 @ w.double().t() + s * h_ref @ u.double().t() + (b.double() if bias else 0)
+        errs = (rel(y, y_ref), rel(h, h_ref))
+        written = not torch.isnan(hs).any().item() and torch.isnan(hbuf[:, :r]).all().item() and \
+            torch.isnan(hbuf[:, 2 * r:]).all().item() and not torch.isnan(y).any().item()
+        bad |= max(errs) > args.tol or not written
+        # the bypass op's cuBLAS form on the same inputs, for its own error against float64
+        h3 = F.linear(xs[0], d)
+        y3 = F.linear(xs[0], w, b)
+        y3.addmm_(h3, u.t(), alpha=s)
+        hb = [torch.empty(m, r, device=dev, dtype=dt) for _ in range(4)]
+
+        def fused(i):
+            lowrank_gemm.fused_linear(xs[i], w, b, d, u, s, hb[i])
+
+        def three(i):
+            hh = F.linear(xs[i], d)
+            yy = F.linear(xs[i], w, b)
+            yy.addmm_(hh, u.t(), alpha=s)
+
+        def plain(i):
+            F.linear(xs[i], w, b)
+
+        t = {name: timed(fn) for name, fn in (("fused", fused), ("three", three), ("cublas", plain))}
+        print(f"{m}x{k}->{n} bias={bias}: rel err y {errs[0]:.2e} (cuBLAS form {rel(y3, y_ref):.2e}) h {errs[1]:.2e} "
+              f"written={written} | µs fused {t['fused']:.1f} three-kernel {t['three']:.1f} "
+              f"cuBLAS alone {t['cublas']:.1f} | fused/three {t['fused'] / t['three']:.2f}")
+    print("FAIL" if bad else "all within tolerance")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
