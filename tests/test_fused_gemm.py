@@ -41,6 +41,18 @@ def test_kernel_matches_float64(triton_interpreter, monkeypatch, cfg, m, k, n, r
     assert torch.isnan(hbuf[:, :8]).all()  # nothing written outside h's columns
 
 
+def test_configuration_from_the_environment(triton_interpreter, monkeypatch):
+    monkeypatch.setenv("LYCO_FUSED_GEMM_CFG", "64,64,32,2,4/32,64,32,2,4")
+    assert lowrank_gemm._config(20000) == (64, 64, 32, 2, 4) and lowrank_gemm._config(100) == (32, 64, 32, 2, 4)
+    x, w, b, d, u = _operands(100, 96, 80, 16, True, 9)
+    y, h = lowrank_gemm.fused_linear(x, w, b, d, u, 0.25)
+    ry, rh = _reference(x, w, b, d, u, 0.25)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv("LYCO_FUSED_GEMM_CFG", "64,64,32")
+    with pytest.raises(ValueError, match="LYCO_FUSED_GEMM_CFG='64,64,32'"):
+        lowrank_gemm._config(100)
+
+
 def test_kernel_without_h_given(triton_interpreter):
     x, w, b, d, u = _operands(48, 32, 40, 8, True, 5)
     y, h = lowrank_gemm.fused_linear(x, w, b, d, u, -1.5)

@@ -57,6 +57,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=1e-2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--sweep", metavar="FILE", help="time every configuration (sweep) and write the best to FILE")
     args = ap.parse_args()
     dev, dt, r, s = "cuda", torch.bfloat16, args.rank, 0.5
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "usable:", lowrank_gemm.usable(
@@ -102,7 +103,56 @@ def main():
               f"written={written} | µs fused {t['fused']:.1f} three-kernel {t['three']:.1f} "
               f"cuBLAS alone {t['cublas']:.1f} | fused/three {t['fused'] / t['three']:.2f}")
     print("FAIL" if bad else "all within tolerance")
+    if args.sweep:
+        sweep(dev, dt, r, s, args.sweep)
     sys.exit(1 if bad else 0)
+
+
+CONFIGS = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (128, 64, 64, 5, 4), (128, 64, 64, 4, 8), (128, 256, 64, 3, 8),
+           (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 64, 3, 8), (128, 128, 128, 3, 8), (256, 64, 64, 3, 8),
+           (128, 64, 128, 3, 4), (64, 256, 64, 3, 8)]
+
+
+def sweep(dev, dt, r, s, path):
+    """Every configuration of :data:`CONFIGS` on the shapes the rule takes, as ``fused_linear`` picks it by rows (the
+    many-row one for 32768 rows, the other for 8192): µs per shape, the best per class by the layers' counts in
+    SD1.5 b8 (32768 × 320 → 320: 30 layers, with a bias 10 of them; 32768 × 1280 → 320: 5; 8192 × 640 → 640: 30),
+    written to ``path`` as ``LYCO_FUSED_GEMM_CFG``."""
+    classes = {"large": [(32768, 320, 320, False, 20), (32768, 320, 320, True, 10), (32768, 1280, 320, True, 5)],
+               "small": [(8192, 640, 640, False, 20), (8192, 640, 640, True, 10)]}
+    best = {}
+    for cls, shapes in classes.items():
+        totals = []
+        for cfg in CONFIGS:
+            os.environ["LYCO_FUSED_GEMM_CFG"] = "/".join([",".join(map(str, cfg))] * 2)
+            total, parts = 0.0, []
+            try:
+                for m, k, n, bias, count in shapes:
+                    g = torch.Generator(device=dev).manual_seed(m + k + n)
+                    xs = [torch.randn(m, k, device=dev, dtype=dt, generator=g) for _ in range(4)]
+                    w = torch.randn(n, k, device=dev, dtype=dt, generator=g) / k ** 0.5
+                    d = torch.randn(r, k, device=dev, dtype=dt, generator=g) / k ** 0.5
+                    u = torch.randn(n, r, device=dev, dtype=dt, generator=g) / r ** 0.5
+                    b = torch.randn(n, device=dev, dtype=dt, generator=g) if bias else None
+                    y, _ = lowrank_gemm.fused_linear(xs[0], w, b, d, u, s)
+                    ref = F.linear(xs[0], w, b).float() + s * (F.linear(xs[0], d).float() @ u.float().t())
+                    if rel(y, ref.double()) > 2e-2:
+                        raise RuntimeError(f"wrong result at {m}x{k}->{n}")
+                    hb = [torch.empty(m, r, device=dev, dtype=dt) for _ in range(4)]
+                    t = timed(lambda i: lowrank_gemm.fused_linear(xs[i], w, b, d, u, s, hb[i]))
+                    parts.append(f"{t:.1f}")
+                    total += t * count
+            except Exception as exc:  # a configuration Triton cannot compile (shared memory): skipped
+                print(f"sweep {cls} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            totals.append((total, cfg))
+            print(f"sweep {cls} {cfg}: µs {' '.join(parts)} | weighted {total / 1e3:.3f} ms")
+        best[cls] = min(totals)[1]
+        print(f"sweep {cls}: best {best[cls]} ({min(totals)[0] / 1e3:.3f} ms; default "
+              f"{dict((c, t) for t, c in totals).get(lowrank_gemm._CFG_LARGE if cls == 'large' else lowrank_gemm._CFG_SMALL, float('nan')) / 1e3:.3f})")
+    os.environ.pop("LYCO_FUSED_GEMM_CFG", None)
+    with open(path, "w") as f:
+        f.write(f"export LYCO_FUSED_GEMM_CFG={','.join(map(str, best['large']))}/{','.join(map(str, best['small']))}\n")
 
 
 if __name__ == "__main__":

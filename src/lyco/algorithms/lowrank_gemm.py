@@ -26,6 +26,8 @@ CPU tests run it in Triton's interpreter (fp32: the interpreter's bf16 ``tl.dot`
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
@@ -45,8 +47,29 @@ MAX_RANK = 64
 #: tiles) and at 8192 (64-row tiles: more tiles for the 132 SMs)
 _CFG_LARGE = (128, 128, 64, 4, 8)
 _CFG_SMALL = (64, 128, 64, 4, 4)
-#: rows from which the 128-row tiles are taken
+#: rows from which the first configuration is taken
 _LARGE_ROWS = 16384
+#: ``LYCO_FUSED_GEMM_CFG`` value → its two configurations (a tuning knob for other GPUs; parsed once)
+_PARSED: dict = {}
+
+
+def _config(m: int) -> tuple:
+    """(BM, BN, BK, stages, warps) for ``m`` rows: :data:`_CFG_LARGE` from :data:`_LARGE_ROWS` rows on, else
+    :data:`_CFG_SMALL`, or the two given as ``LYCO_FUSED_GEMM_CFG="BM,BN,BK,stages,warps/BM,BN,BK,stages,warps"``."""
+    env = os.environ.get("LYCO_FUSED_GEMM_CFG")
+    if env:
+        cfgs = _PARSED.get(env)
+        if cfgs is None:
+            try:
+                cfgs = tuple(tuple(int(v) for v in part.split(",")) for part in env.split("/"))
+                if len(cfgs) != 2 or any(len(c) != 5 for c in cfgs):
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"LYCO_FUSED_GEMM_CFG={env!r}: expected 'BM,BN,BK,stages,warps/BM,BN,BK,stages,warps' "
+                                 "(the configuration from 16384 rows on, then the one below)") from None
+            _PARSED[env] = cfgs
+        return cfgs[0] if m >= _LARGE_ROWS else cfgs[1]
+    return _CFG_LARGE if m >= _LARGE_ROWS else _CFG_SMALL
 #: (device, dtype) → whether the kernel passed its self-test there (once per process)
 _CHECKED: dict = {}
 #: device index → multiprocessor count (the persistent grid)
@@ -94,7 +117,7 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: to
     m, k = x.shape
     n, r = w.shape[0], d.shape[0]
     br = max(16, triton.next_power_of_2(r))
-    bm, bn, bk, stages, warps = _CFG_LARGE if m >= _LARGE_ROWS else _CFG_SMALL
+    bm, bn, bk, stages, warps = _config(m)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if h is None:
         h = torch.empty((m, r), device=x.device, dtype=x.dtype)
