@@ -152,3 +152,81 @@ def test_op_and_group_take_the_kernel_and_match_dense_math(triton_interpreter, m
         torch.testing.assert_close(gx.double(), rgx, rtol=1e-4, atol=1e-4, msg=f"dx, fused {mode}")
         for n, g_ in gp.items():
             torch.testing.assert_close(g_.double(), rgp[n], rtol=1e-4, atol=1e-4, msg=f"{n}, fused {mode}")
+
+
+@pytest.mark.parametrize("nb,c,hw,o,r,bias", [(3, 72, (5, 8), 136, 16, True), (2, 64, (16, 8), 64, 8, False)])
+def test_conv1x1_kernel_matches_float64(triton_interpreter, nb, c, hw, o, r, bias):
+    g = torch.Generator().manual_seed(nb + c + o)
+    x = torch.randn(nb, c, *hw, generator=g)
+    w, d, u = torch.randn(o, c, generator=g), torch.randn(r, c, generator=g), torch.randn(o, r, generator=g)
+    b = torch.randn(o, generator=g) if bias else None
+    assert lowrank_gemm.supports_conv1x1(x, w, b, d, u)
+    y, h = lowrank_gemm.fused_conv1x1(x, w, b, d, u, 0.6)
+    x64 = x.double()
+    rh = torch.nn.functional.conv2d(x64, d.double()[:, :, None, None])
+    ry = torch.nn.functional.conv2d(x64, w.double()[:, :, None, None], None if b is None else b.double())
+    ry = ry + 0.6 * torch.nn.functional.conv2d(rh, u.double()[:, :, None, None])
+    assert y.shape == ry.shape and h.shape == rh.shape and y.is_contiguous() and h.is_contiguous()
+    torch.testing.assert_close(h.double(), rh, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y.double(), ry, rtol=1e-5, atol=1e-4)
+
+
+def test_conv1x1_supports():
+    x = torch.randn(2, 64, 4, 4)
+    w, d, u = torch.randn(32, 64), torch.randn(16, 64), torch.randn(32, 16)
+    assert lowrank_gemm.supports_conv1x1(x, w, None, d, u)
+    assert not lowrank_gemm.supports_conv1x1(x.contiguous(memory_format=torch.channels_last), w, None, d, u)
+    assert not lowrank_gemm.supports_conv1x1(torch.randn(2, 64, 3, 3), w, None, d, u)  # 9 positions: 36-byte rows
+    assert not lowrank_gemm.supports_conv1x1(x, w, None, d, u[:, :8])
+
+
+def test_conv1x1_op_takes_the_kernel_and_matches_dense_math(triton_interpreter, monkeypatch):
+    """A LoRA on a 1×1 conv (the transformers' proj_in/proj_out in SD1.5) through the bypass op with the fused
+    forward, against float64 math from the merged weight; the same with the kernel off; a 3×3 conv never takes it."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setenv("LYCO_FUSED_CONV", "1")
+    monkeypatch.setattr(lowrank, "_FUSED_ROWS", 1)
+    monkeypatch.setattr(lowrank, "_FUSED_CONV_ROWS", 1)
+    monkeypatch.setattr(lowrank_gemm, "usable", lambda x: True)
+    calls = []
+    real = lowrank_gemm.fused_conv1x1
+    monkeypatch.setattr(lowrank_gemm, "fused_conv1x1", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 24, 1), nn.SiLU(), nn.Conv2d(24, 16, 3, padding=1))
+    net = lyco.create(model, preset="full", algo="lora", rank=8, alpha=4, conv_rank=8, conv_alpha=4, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 16, 4, 4)
+    params = dict(net.named_parameters())
+
+    def dense():
+        leaves = {n: p.detach().double().clone().requires_grad_(True) for n, p in params.items()}
+        xr = x.double().clone().requires_grad_(True)
+        t = xr
+        for i, mod in enumerate(model):
+            if isinstance(mod, nn.Conv2d):
+                d = leaves[f"layers.model__{i}.params.lora_down__weight"]
+                u = leaves[f"layers.model__{i}.params.lora_up__weight"]
+                w = mod.weight.detach().double() + 0.5 * (u.flatten(1) @ d.flatten(1)).view_as(mod.weight)
+                t = torch.nn.functional.conv2d(t, w, mod.bias.detach().double(), padding=mod.padding)
+            else:
+                t = mod(t)
+        t.square().sum().backward()
+        return t.detach(), xr.grad, {n: leaves[n].grad for n in params}
+
+    ry, rgx, rgp = dense()
+    for mode, n_calls in (("1", 1), ("0", 0)):
+        monkeypatch.setenv("LYCO_FUSED_GEMM", mode)
+        calls.clear()
+        for p in net.trainable_parameters():
+            p.grad = None
+        xr = x.clone().requires_grad_(True)
+        y = model(xr)
+        y.square().sum().backward()
+        assert len(calls) == n_calls  # the 1×1 conv only
+        torch.testing.assert_close(y.double(), ry, rtol=1e-4, atol=1e-4, msg=f"y, fused {mode}")
+        torch.testing.assert_close(xr.grad.double(), rgx, rtol=1e-4, atol=1e-4, msg=f"dx, fused {mode}")
+        for n, p in params.items():
+            torch.testing.assert_close(p.grad.double(), rgp[n], rtol=1e-4, atol=1e-4, msg=f"{n}, fused {mode}")
