@@ -40,7 +40,6 @@ os.environ.setdefault("LYCO_CONV_EPILOGUE", "1")
 os.environ.setdefault("LYCO_CONV_NHWC", "1")
 os.environ.setdefault("LYCO_SHARED_INPUT", "1")
 os.environ.setdefault("LYCO_FUSED_GEMM", "1")
-os.environ.setdefault("LYCO_FUSED_CONV", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (The 1×1 conv path measured here was taken out after run 135 — no gain in the step; NOTES change 92, kept as
+# benchmarks/experiments/fused_conv1x1.patch: LYCO_FUSED_CONV no longer exists.)
 # Issue 7 GPU run 134 (NOTES change 92): a 1×1 conv's op forward (SD1.5's transformer proj_in/proj_out) as one Triton
 # GEMM over the NCHW input (lowrank_gemm.fused_conv1x1). The kernels per shape against float64 and timed
 # (fused_gemm_check.py: the conv form against the bypass op's cuDNN form, five tile configurations), then SD1.5 b8 as

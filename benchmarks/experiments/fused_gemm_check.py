@@ -102,62 +102,10 @@ def main():
         print(f"{m}x{k}->{n} bias={bias}: rel err y {errs[0]:.2e} (cuBLAS form {rel(y3, y_ref):.2e}) h {errs[1]:.2e} "
               f"written={written} | µs fused {t['fused']:.1f} three-kernel {t['three']:.1f} "
               f"cuBLAS alone {t['cublas']:.1f} | fused/three {t['fused'] / t['three']:.2f}")
-    bad |= conv_shapes(dev, dt, r, s, args.tol)
     print("FAIL" if bad else "all within tolerance")
     if args.sweep:
         sweep(dev, dt, r, s, args.sweep)
     sys.exit(1 if bad else 0)
-
-
-# (images, channels in, side, channels out): SD1.5 b8's 1×1 convs the rule takes (proj_in/proj_out, 10 each level)
-CONV_SHAPES = [(8, 320, 64, 320), (8, 640, 32, 640)]
-CONV_CONFIGS = [(64, 128, 64, 4, 4), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8), (128, 64, 64, 4, 4),
-                (64, 64, 64, 4, 4)]
-
-
-def conv_shapes(dev, dt, r, s, tol) -> bool:
-    """``fused_conv1x1`` per shape: error against float64, then µs per call for each of :data:`CONV_CONFIGS`
-    against the bypass op's cuDNN form (frozen conv without bias, the down conv, the Triton up-and-bias pass) and
-    cuDNN's conv with its bias alone. True where an error exceeds ``tol``."""
-    from lyco.algorithms.lowrank_triton import up_add
-    bad = False
-    default = lowrank_gemm._CFG_CONV
-    for nb, c, side, o in CONV_SHAPES:
-        g = torch.Generator(device=dev).manual_seed(nb + c + o)
-        xs = [torch.randn(nb, c, side, side, device=dev, dtype=dt, generator=g) for _ in range(4)]
-        w = torch.randn(o, c, device=dev, dtype=dt, generator=g) / c ** 0.5
-        d = torch.randn(r, c, device=dev, dtype=dt, generator=g) / c ** 0.5
-        u = torch.randn(o, r, device=dev, dtype=dt, generator=g) / r ** 0.5
-        b = torch.randn(o, device=dev, dtype=dt, generator=g)
-        assert lowrank_gemm.supports_conv1x1(xs[0], w, b, d, u)
-        y, h = lowrank_gemm.fused_conv1x1(xs[0], w, b, d, u, s)
-        x64 = xs[0].double().flatten(2)
-        h_ref = torch.einsum("rc,ncp->nrp", d.double(), x64)
-        y_ref = torch.einsum("oc,ncp->nop", w.double(), x64) + b.double()[:, None] + s * torch.einsum(
-            "or,nrp->nop", u.double(), h_ref)
-        errs = (rel(y.flatten(2), y_ref), rel(h.flatten(2), h_ref))
-        bad |= max(errs) > tol or torch.isnan(y).any().item() or torch.isnan(h).any().item()
-        w4, d4 = w[:, :, None, None], d[:, :, None, None]
-
-        def cudnn_form(i):
-            yy = F.conv2d(xs[i], w4)
-            hh = F.conv2d(xs[i], d4)
-            y3 = yy.flatten(2)
-            up_add(y3, u, hh.flatten(2), s, b, y3)
-
-        t_cudnn = timed(cudnn_form)
-        t_plain = timed(lambda i: F.conv2d(xs[i], w4, b))
-        parts = []
-        for cfg in CONV_CONFIGS:
-            lowrank_gemm._CFG_CONV = cfg
-            try:
-                parts.append(f"{cfg}: {timed(lambda i: lowrank_gemm.fused_conv1x1(xs[i], w, b, d, u, s)):.1f}")
-            except Exception as exc:
-                parts.append(f"{cfg}: {type(exc).__name__}")
-        lowrank_gemm._CFG_CONV = default
-        print(f"conv1x1 {nb}x{c}x{side}x{side}->{o}: rel err y {errs[0]:.2e} h {errs[1]:.2e} | µs cuDNN form "
-              f"{t_cudnn:.1f}, cuDNN conv+bias alone {t_plain:.1f}, fused {'; '.join(parts)}")
-    return bad
 
 
 CONFIGS = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (128, 64, 64, 5, 4), (128, 64, 64, 4, 8), (128, 256, 64, 3, 8),

@@ -17,8 +17,7 @@ bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adap
 (``LYCO_BYPASS_STREAMS``, :func:`.lowrank.side_stream`; the stream's events and a Python context per region are
 host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as
-one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`; a 1×1 conv's also needs
-``LYCO_FUSED_CONV``), its conv forward's bias and up
+one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`), its conv forward's bias and up
 in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
 (``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`); and the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`).

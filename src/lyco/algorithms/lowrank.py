@@ -242,11 +242,6 @@ def _merge_kernel(w: torch.Tensor, r: int) -> bool:
 _FUSED_ROWS, _FUSED_OUT, _FUSED_IN = 8192, 640, 1280
 
 
-def _fused_rows(x: torch.Tensor, spec: LayerSpec) -> int:
-    """The GEMM rows of the layer on x: a linear layer's rows, a conv's positions over the batch."""
-    return x.shape[0] if spec.kind == LINEAR else x.numel() // x.shape[1]
-
-
 def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
     """Whether a linear layer's op forward is one Triton GEMM (:func:`.lowrank_gemm.fused_linear`: the frozen
     product, the down accumulated in the same k-loop, the up and the bias in its epilogue) instead of cuBLAS's
@@ -254,9 +249,8 @@ def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
     default — a launch binds six tensor descriptors in Python), the kernel's own conditions, and the shapes where
     it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 8192 rows, ≤ 640 output and ≤ 1280 input
     channels, rank ≤ 32 (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's
-    feed-forward output; also a 1×1 conv on NCHW rows, :func:`.lowrank_gemm.fused_conv1x1`: the transformers' proj_in
-    and proj_out there)."""
-    if not (_fused_rows(x, spec) >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
+    feed-forward output)."""
+    if not (x.shape[0] >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
             and graph_policy.wanted("LYCO_FUSED_GEMM")):
         return False
     from . import lowrank_gemm
@@ -272,28 +266,6 @@ def _fused_linear(x, spec: LayerSpec, w, b, d2, u2, s: float, h=None):
     if not lowrank_gemm.supports(x, w, b, d2, u2, h):
         return None
     return lowrank_gemm.fused_linear(x, w, b, d2, u2, s, h)
-
-
-#: positions over the batch from which a 1×1 conv takes :func:`_fused_conv`: run 134 (H100, every tile configuration
-#: of ``fused_gemm_check.py``) timed SD1.5 b8's proj_in/proj_out at 64×64 (32768 positions, 320 channels) 32.3 µs
-#: against 41.8 for the op's cuDNN form (the frozen conv, the down conv, the Triton up-and-bias pass), at 32×32 (8192,
-#: 640) 27.7 against 24.4
-_FUSED_CONV_ROWS = 16384
-
-
-def _fused_conv(x, spec: LayerSpec, w, b, d2, u2, s: float):
-    """``(y, h)`` of a 1×1 conv's op forward (stride 1, no padding) by :func:`.lowrank_gemm.fused_conv1x1` where
-    :func:`_fused_gemm` takes the layer, it has :data:`_FUSED_CONV_ROWS` positions, ``LYCO_FUSED_CONV``
-    (:mod:`.graph_policy`, captured steps by default) is on too, and the kernel takes the operands; else None."""
-    if (spec.kind != CONV2D or spec.kernel != (1, 1) or spec.stride != (1, 1) or spec.dilation != (1, 1)
-            or tuple(spec.pads) != (0, 0) or _fused_rows(x, spec) < _FUSED_CONV_ROWS
-            or not graph_policy.wanted("LYCO_FUSED_CONV") or not _fused_gemm(x, spec, d2.shape[0])):
-        return None
-    from . import lowrank_gemm
-    w2 = w.reshape(w.shape[0], -1)
-    if not lowrank_gemm.supports_conv1x1(x, w2, b, d2, u2):
-        return None
-    return lowrank_gemm.fused_conv1x1(x, w2, b, d2, u2, s)
 
 
 def _conv_epilogue(x: torch.Tensor, spec: LayerSpec) -> bool:
@@ -677,8 +649,6 @@ class _BypassOp(torch.autograd.Function):
                 else:
                     y = layer_op(xd, spec, wd, bd)
                     y.addmm_(h, u2.t(), alpha=s)
-        elif groups == 1 and (fused := _fused_conv(xd, spec, wd, bd, d2, u2, s)) is not None:
-            y, h = fused  # a 1×1 conv as one Triton GEMM over the NCHW input (_fused_gemm)
         else:
             # the adapter's conv (cuDNN) on the side stream while the frozen conv runs
             side = side_stream(xd)

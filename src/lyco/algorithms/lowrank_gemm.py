@@ -12,7 +12,7 @@ three-kernel form rounds ``x·Wᵀ + b`` first, then the sum), h rounded to the 
 (as the three-kernel form, whose up reads the stored h).
 
 Where it pays (:func:`.lowrank._fused_gemm`; measured per shape, H100, SD1.5 b8 as CUDA graphs — runs 50–51,
-``benchmarks/experiments/lowrank_gemm_tma.py``, and this session's run, benchmarks/NOTES.md change 91): the
+``benchmarks/experiments/lowrank_gemm_tma.py``, and run 132, ``benchmarks/experiments/fused_gemm_check.py``; benchmarks/NOTES.md change 91): the
 wide-and-thin layers, many rows (positions) over a narrow output — 32768 × 320 → 320 (q/k/v/out of SD1.5's
 64×64 level) 28.9 µs against 58.5 for the three kernels (cuBLAS's frozen GEMM alone 30.4 there: its tile
 leaves two waves), 8192 × 640 → 640 21.3 against 24.8; no gain from 2048 rows or 1280 output channels on.
@@ -137,48 +137,6 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: to
     return y, h
 
 
-#: (BM, BN, BK, stages, warps) of :func:`fused_conv1x1`: BM output channels × BN positions per tile (the best of five
-#: in run 134 at 8 × 320 × 64 × 64: 32.3 µs, the 64-channel tiles 37.0)
-_CFG_CONV = (128, 128, 64, 4, 8)
-
-
-def supports_conv1x1(x, w, b, d, u) -> bool:
-    """Operands :func:`fused_conv1x1` takes: x ``(N, C, H, W)`` contiguous, W ``(O, C)``, D ``(r, C)``, U ``(O, r)`` of
-    one dtype, TMA-addressable (the positions' rows 16-byte aligned), r ≤ :data:`MAX_RANK`, a bias of O or none."""
-    if x.dim() != 4 or not x.is_contiguous() or x.data_ptr() % 16 or (x.shape[2] * x.shape[3] * x.element_size()) % 16:
-        return False
-    return supports(x.new_empty((16, x.shape[1])), w, b, d, u)
-
-
-def fused_conv1x1(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, u: torch.Tensor,
-                  s: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y, h)`` of a 1×1 conv on an NCHW input: ``y[n] = W·x[n] + b + s·U·h[n]``, ``h[n] = D·x[n]`` (per image a
-    GEMM over its positions, x read in place), one launch over every image; y ``(N, O, H, W)`` and h ``(N, r, H, W)``
-    contiguous NCHW, as cuDNN's convs return them."""
-    nb, c, hh, ww = x.shape
-    p = hh * ww
-    o, r = w.shape[0], d.shape[0]
-    br = max(16, triton.next_power_of_2(r))
-    bm, bn, bk, stages, warps = _CFG_CONV
-    y = torch.empty((nb, o, hh, ww), device=x.device, dtype=x.dtype)
-    h = torch.empty((nb, r, hh, ww), device=x.device, dtype=x.dtype)
-    # images as the first axis of 3-D descriptors: a tile never crosses into the next image (TMA pads and clips)
-    x_d = TensorDescriptor.from_tensor(x.view(nb, c, p), [1, bk, bn])
-    y_d = TensorDescriptor.from_tensor(y.view(nb, o, p), [1, bm, bn])
-    h_d = TensorDescriptor.from_tensor(h.view(nb, r, p), [1, br, bn])
-    w_d = TensorDescriptor.from_tensor(w, [bm, bk])
-    d_d = TensorDescriptor.from_tensor(d, [br, bk])
-    u_d = TensorDescriptor.from_tensor(u, [bm, br])
-    dev = x.device.index or 0
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 4
-    progs = min(_SMS[dev], nb * _cdiv(o, bm) * _cdiv(p, bn))
-    _conv1x1_kernel[(progs,)](w_d, x_d, d_d, u_d, y_d, h_d, b if b is not None else y, nb, o, c, p, float(s),
-                              HAS_BIAS=b is not None, BM=bm, BN=bn, BK=bk, BR=br, NUM_SMS=progs,
-                              num_stages=stages, num_warps=warps)
-    return y, h
-
-
 def _self_test(device, dtype) -> bool:
     """The kernel on ragged shapes (partial tiles on every edge, rank 8 and 16, with and without a bias, h into a
     column slice) against the same math in fp32 torch; False (and a warning) on an exception or a relative error
@@ -200,16 +158,6 @@ def _compare(device, dtype) -> str | None:
             y_ref = y_ref + b.float()
         for a, ref in ((y, y_ref), (h, h_ref)):
             worst = max(worst, ((a.float() - ref).abs().max() / ref.abs().max()).item())
-    # the 1×1 conv: 3 images of 5×7 positions, 72 channels in, 136 out (partial tiles on every edge)
-    x, w, d, u = (torch.randn(*sh, generator=g).to(device, dtype) for sh in ((3, 72, 5, 8), (136, 72), (16, 72),
-                                                                              (136, 16)))
-    b = torch.randn(136, generator=g).to(device, dtype)
-    y, h = fused_conv1x1(x, w, b, d, u, 0.5)
-    h_ref = torch.einsum("rc,ncp->nrp", d.float(), x.float().flatten(2))
-    y_ref = (torch.einsum("oc,ncp->nop", w.float(), x.float().flatten(2)) + b.float()[:, None]
-             + 0.5 * torch.einsum("or,nrp->nop", u.float(), h_ref.to(dtype).float()))
-    for a, ref in ((y.flatten(2), y_ref), (h.flatten(2), h_ref)):
-        worst = max(worst, ((a.float() - ref).abs().max() / ref.abs().max()).item())
     return None if worst <= 2e-2 else f"its self-test's relative error is {worst:.2e}"
 
 
@@ -251,37 +199,3 @@ if triton is not None:
                 rn = on + tl.arange(0, BN)
                 acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             y_desc.store([om, on], acc.to(y_desc.dtype))
-
-    @triton.jit
-    def _conv1x1_kernel(w_desc, x_desc, d_desc, u_desc, y_desc, h_desc, BIAS, NB, O, C, P, s,
-                        HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        BR: tl.constexpr, NUM_SMS: tl.constexpr):
-        """Per image n and tile (output channels om…, positions op…): ``acc = W·x[n] + s·U·(D·x[n]) + b``, the x
-        tile shared by the frozen product and the down; consecutive tiles take the output-channel blocks of one
-        position block (its x tile from L2)."""
-        num_m = tl.cdiv(O, BM)
-        num_p = tl.cdiv(P, BN)
-        per_image = num_m * num_p
-        k_tiles = tl.cdiv(C, BK)
-        for tile_id in tl.range(tl.program_id(0), NB * per_image, NUM_SMS, flatten=True):
-            n = tile_id // per_image
-            rem = tile_id % per_image
-            pid_p = rem // num_m
-            pid_m = rem % num_m
-            om = pid_m * BM
-            op = pid_p * BN
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            hacc = tl.zeros((BR, BN), dtype=tl.float32)
-            for ki in range(k_tiles):
-                ok = ki * BK
-                xt = x_desc.load([n, ok, op]).reshape(BK, BN)  # channels past C: TMA's zero padding
-                acc = tl.dot(w_desc.load([om, ok]), xt, acc)
-                hacc = tl.dot(d_desc.load([0, ok]), xt, hacc)
-            h = hacc.to(y_desc.dtype)
-            if pid_m == 0:
-                h_desc.store([n, 0, op], h.reshape(1, BR, BN))  # rows past r clipped by the descriptor
-            acc += tl.dot(u_desc.load([om, 0]), h) * s
-            if HAS_BIAS:
-                rm = om + tl.arange(0, BM)
-                acc += tl.load(BIAS + rm, mask=rm < O, other=0.0).to(tl.float32)[:, None]
-            y_desc.store([n, om, op], acc.to(y_desc.dtype).reshape(1, BM, BN))
