@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# (The rows form was taken out after this run — slower; NOTES change 94, kept as
+# benchmarks/experiments/fused_gemm_rows.patch: LYCO_FUSED_GEMM_FORM no longer exists.)
 # Issue 7 GPU run 138 (NOTES change 94): the fused GEMM with one program per row block (h accumulated with the first
 # column block and kept for the others, LYCO_FUSED_GEMM_FORM=rows) against one program per tile (each computes h):
 # the kernel per shape against float64 and timed (rows form), then SD1.5 b8 LoRA as graphs rows / tiles / rows.

@@ -25,12 +25,10 @@ def _reference(x, w, b, d, u, s):
     return (y if b is None else y + b.double()), h
 
 
-@pytest.mark.parametrize("form", ["tiles", "rows"])
 @pytest.mark.parametrize("cfg", ["default", "small"])
 @pytest.mark.parametrize("m,k,n,r,bias", [(200, 160, 264, 16, True), (70, 96, 72, 8, False),
                                           (300, 64, 136, 32, True)])
-def test_kernel_matches_float64(triton_interpreter, monkeypatch, form, cfg, m, k, n, r, bias):
-    monkeypatch.setenv("LYCO_FUSED_GEMM_FORM", form)
+def test_kernel_matches_float64(triton_interpreter, monkeypatch, cfg, m, k, n, r, bias):
     if cfg == "small":  # 32-row tiles: up to 10 row blocks (past GROUP_M = 8), several tiles per program
         monkeypatch.setattr(lowrank_gemm, "_CFG_SMALL", (32, 32, 32, 2, 4))
     x, w, b, d, u = _operands(m, k, n, r, bias, m + k + n + r)

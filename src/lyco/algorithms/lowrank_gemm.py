@@ -130,27 +130,11 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: to
     dev = x.device.index or 0
     if dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 4
-    if _form() == "rows":
-        progs = min(_SMS[dev], _cdiv(m, bm))
-        _fused_rows_kernel[(progs,)](x_d, w_d, d_d, u_d, y_d, h_d, b if b is not None else y, m, n, k, float(s),
-                                     HAS_BIAS=b is not None, BM=bm, BN=bn, BK=bk, BR=br, NUM_SMS=progs,
-                                     num_stages=stages, num_warps=warps)
-        return y, h
     progs = min(_SMS[dev], _cdiv(m, bm) * _cdiv(n, bn))
     _fused_kernel[(progs,)](x_d, w_d, d_d, u_d, y_d, h_d, b if b is not None else y, m, n, k, float(s),
                             HAS_BIAS=b is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=8, NUM_SMS=progs,
                             num_stages=stages, num_warps=warps)
     return y, h
-
-
-def _form() -> str:
-    """``tiles`` (one program per output tile, each computing h for its rows) or ``rows`` (one program per row block,
-    h computed once with the first column block and kept for the others): ``LYCO_FUSED_GEMM_FORM``, an experiment's
-    switch (NOTES change 94)."""
-    form = os.environ.get("LYCO_FUSED_GEMM_FORM", "tiles")
-    if form not in ("tiles", "rows"):
-        raise ValueError(f"LYCO_FUSED_GEMM_FORM={form!r}: expected 'tiles' or 'rows'")
-    return form
 
 
 def _self_test(device, dtype) -> bool:
@@ -215,40 +199,3 @@ if triton is not None:
                 rn = on + tl.arange(0, BN)
                 acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             y_desc.store([om, on], acc.to(y_desc.dtype))
-
-    @triton.jit
-    def _epilogue(acc, h, u_desc, y_desc, BIAS, om, on, N, s, HAS_BIAS: tl.constexpr, BN: tl.constexpr):
-        """``acc + s·h·U[on…]ᵀ (+ b)`` stored at (om, on)."""
-        acc += tl.dot(h, u_desc.load([on, 0]).T) * s
-        if HAS_BIAS:
-            rn = on + tl.arange(0, BN)
-            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        y_desc.store([om, on], acc.to(y_desc.dtype))
-
-    @triton.jit
-    def _fused_rows_kernel(x_desc, w_desc, d_desc, u_desc, y_desc, h_desc, BIAS, M, N, K, s,
-                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                           BR: tl.constexpr, NUM_SMS: tl.constexpr):
-        """One program per row block: the first column block's k-loop accumulates h too, the others reuse it."""
-        num_m = tl.cdiv(M, BM)
-        num_n = tl.cdiv(N, BN)
-        k_tiles = tl.cdiv(K, BK)
-        for pid_m in tl.range(tl.program_id(0), num_m, NUM_SMS):
-            om = pid_m * BM
-            acc = tl.zeros((BM, BN), dtype=tl.float32)
-            hacc = tl.zeros((BM, BR), dtype=tl.float32)
-            for ki in range(k_tiles):
-                ok = ki * BK
-                a = x_desc.load([om, ok])
-                acc = tl.dot(a, w_desc.load([0, ok]).T, acc)
-                hacc = tl.dot(a, d_desc.load([0, ok]).T, hacc)
-            h = hacc.to(y_desc.dtype)
-            h_desc.store([om, 0], h)
-            _epilogue(acc, h, u_desc, y_desc, BIAS, om, 0, N, s, HAS_BIAS, BN)
-            for pid_n in range(1, num_n):
-                on = pid_n * BN
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-                for ki in range(k_tiles):
-                    ok = ki * BK
-                    acc = tl.dot(x_desc.load([om, ok]), w_desc.load([on, ok]).T, acc)
-                _epilogue(acc, h, u_desc, y_desc, BIAS, om, on, N, s, HAS_BIAS, BN)
