@@ -152,3 +152,27 @@ def test_op_and_group_take_the_kernel_and_match_dense_math(triton_interpreter, m
         torch.testing.assert_close(gx.double(), rgx, rtol=1e-4, atol=1e-4, msg=f"dx, fused {mode}")
         for n, g_ in gp.items():
             torch.testing.assert_close(g_.double(), rgp[n], rtol=1e-4, atol=1e-4, msg=f"{n}, fused {mode}")
+
+
+def test_shape_rule_takes_only_the_measured_shapes(monkeypatch):
+    """``lowrank._fused_gemm``: many rows over narrow layers and low ranks only (the shapes run 132 measured faster),
+    and only where the switch is on and the kernel usable."""
+    from lyco.algorithms.base import LINEAR, LayerSpec
+    monkeypatch.setenv("LYCO_FUSED_GEMM", "1")
+    monkeypatch.setattr(lowrank_gemm, "usable", lambda x: True)
+
+    def takes(rows, i, o, r=16):
+        spec = LayerSpec(kind=LINEAR, weight_shape=(o, i), has_bias=True)
+        return lowrank._fused_gemm(torch.empty(rows, i), spec, r)
+
+    assert takes(32768, 320, 320) and takes(8192, 640, 640) and takes(32768, 1280, 320)
+    assert not takes(8191, 640, 640)  # rows below the rule
+    assert not takes(2048, 1280, 1280)  # 16×16 level: no gain measured
+    assert not takes(8192, 640, 5120)  # a GEGLU projection: the [x | h] form stays
+    assert not takes(8192, 2560, 640)  # input wider than measured
+    assert not takes(32768, 320, 320, r=64)  # LoHa's Khatri–Rao rank
+    monkeypatch.setenv("LYCO_FUSED_GEMM", "0")
+    assert not takes(32768, 320, 320)
+    monkeypatch.setenv("LYCO_FUSED_GEMM", "1")
+    monkeypatch.setattr(lowrank_gemm, "usable", lambda x: False)
+    assert not takes(32768, 320, 320)

@@ -248,8 +248,8 @@ def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
     frozen GEMM, a thin down GEMM and an in-place up: ``LYCO_FUSED_GEMM`` (:mod:`.graph_policy`, captured steps by
     default — a launch binds six tensor descriptors in Python), the kernel's own conditions, and the shapes where
     it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 8192 rows, ≤ 640 output and ≤ 1280 input
-    channels, rank ≤ 32 (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's
-    feed-forward output)."""
+    channels (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's feed-forward
+    output), rank ≤ 32 (measured at rank 16; LoHa's rank-64 Khatri–Rao form stays on the three kernels)."""
     if not (x.shape[0] >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
             and graph_policy.wanted("LYCO_FUSED_GEMM")):
         return False

@@ -11,11 +11,13 @@ is at most a few column blocks where this kernel is taken). Accumulated in fp32,
 three-kernel form rounds ``x·Wᵀ + b`` first, then the sum), h rounded to the dtype before the up's product
 (as the three-kernel form, whose up reads the stored h).
 
-Where it pays (:func:`.lowrank._fused_gemm`; measured per shape, H100, SD1.5 b8 as CUDA graphs — runs 50–51,
-``benchmarks/experiments/lowrank_gemm_tma.py``, and run 132, ``benchmarks/experiments/fused_gemm_check.py``; benchmarks/NOTES.md change 91): the
-wide-and-thin layers, many rows (positions) over a narrow output — 32768 × 320 → 320 (q/k/v/out of SD1.5's
-64×64 level) 28.9 µs against 58.5 for the three kernels (cuBLAS's frozen GEMM alone 30.4 there: its tile
-leaves two waves), 8192 × 640 → 640 21.3 against 24.8; no gain from 2048 rows or 1280 output channels on.
+Where it pays (:func:`.lowrank._fused_gemm`; H100, bf16, rank 16, CUDA-graph replays over four input sets — run 132,
+``benchmarks/experiments/fused_gemm_check.py``, benchmarks/NOTES.md change 91): many rows (positions) over a narrow
+output. 32768 × 320 → 320 (SD1.5 b8's 64×64 attention projections) 27.9 µs against 44.4 for the three kernels
+(cuBLAS's frozen GEMM alone 19.2), with a bias 29.3 against 57.8 (cuBLAS's biased GEMM alone 31.0); 32768 × 1280 →
+320 77.4 against 113.7; 8192 × 640 → 640 22.4 against 27.5. No gain at 2048 × 1280 → 1280 (21.9 against 21.6). At
+8192 × 640 → 5120 (a GEGLU projection) it beats the three kernels (153.0 against 177.2) but not cuBLAS's product
+alone (85.8), which the op's ``[x │ h]`` form (:func:`.lowrank._cat_pays`) uses there.
 
 Selected by :func:`usable` and :func:`supports`: :func:`.lowrank_triton.enabled` (Triton, CUDA bf16/fp16,
 ``LYCO_TRITON`` not ``0``, not under ``torch.compile``), a GPU with TMA (compute capability ≥ 9.0), Triton's
@@ -44,7 +46,7 @@ else:  # pragma: no cover - depends on the install
 #: the largest rank the kernel takes (h's accumulator is BM × rank-padded-to-a-power-of-two in registers)
 MAX_RANK = 64
 #: (BM, BN, BK, stages, warps) by rows: the best of run 51's eight configurations at 32768 rows (128-row
-#: tiles) and at 8192 (64-row tiles: more tiles for the 132 SMs)
+#: tiles) and at 8192 (64-row tiles); run 133's sweep of eleven found none better by more than 2 %
 _CFG_LARGE = (128, 128, 64, 4, 8)
 _CFG_SMALL = (64, 128, 64, 4, 4)
 #: rows from which the first configuration is taken
@@ -70,6 +72,8 @@ def _config(m: int) -> tuple:
             _PARSED[env] = cfgs
         return cfgs[0] if m >= _LARGE_ROWS else cfgs[1]
     return _CFG_LARGE if m >= _LARGE_ROWS else _CFG_SMALL
+
+
 #: (device, dtype) → whether the kernel passed its self-test there (once per process)
 _CHECKED: dict = {}
 #: device index → multiprocessor count (the persistent grid)
