@@ -35,6 +35,7 @@ import torch
 os.environ.setdefault("LYCO_FACTOR_KERNELS", "1")
 os.environ.setdefault("LYCO_BYPASS_OP", "1")
 os.environ.setdefault("LYCO_BYPASS_STREAMS", "1")
+os.environ.setdefault("LYCO_SIDE_SPLIT", "1")
 os.environ.setdefault("LYCO_MERGE_KERNEL", "1")
 os.environ.setdefault("LYCO_CONV_EPILOGUE", "1")
 os.environ.setdefault("LYCO_CONV_NHWC", "1")

@@ -126,6 +126,53 @@ def test_conv_adapter_forward_and_backward_on_the_side_stream(streams, kw):
     _check_pairs(fwd)
 
 
+@pytest.fixture
+def split(streams, monkeypatch):
+    """The recording streams plus a third, ``up`` (:func:`lowrank.up_stream`: ``LYCO_SIDE_SPLIT``)."""
+    up = _Stream("up", streams)
+    monkeypatch.setattr(lowrank, "up_stream", lambda t: up)
+    return streams
+
+
+def _check_split(bwd):
+    """∂U alone on ``up`` and ∂D alone on ``side``, each stream forked from main before its product and joined
+    by main after it, before the op returns; nothing of the adapter on main."""
+    for prod, st in (("_grad_up", "up"), ("_grad_down", "side")):
+        on = [i for i, e in enumerate(bwd) if e.startswith(prod + "@")]
+        assert len(on) == 1 and bwd[on[0]] == f"{prod}@{st}", bwd
+        fork, join = bwd.index(f"{st} waits main"), len(bwd) - 1 - bwd[::-1].index(f"main waits {st}")
+        assert fork < on[0] < join, bwd
+    assert set(bwd[-2:]) == {"main waits side", "main waits up"}, bwd
+
+
+@pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv3x3"])
+def test_up_gradient_on_a_second_side_stream(split, kind):
+    """``LYCO_SIDE_SPLIT``: ∂U on its own stream beside the ∂h → ∂D chain (the wide layer's ∂D still after the
+    shared ∂x GEMM that yields ∂h); values against float64 math (:func:`_run`)."""
+    if kind == "conv3x3":
+        _run(nn.Conv2d(6, 5, 3, padding=1), torch.randn(2, 6, 7, 7, dtype=torch.float64))
+        bwd = split[split.index("main waits side") + 1:]  # after the forward's own fork and join
+    else:
+        mod, r = (nn.Linear(12, 10), 4) if kind == "linear" else (nn.Linear(8, 40), 8)
+        _run(mod, torch.randn(30, mod.in_features, dtype=torch.float64), r=r)
+        bwd = split[split.index("up waits main"):]
+    _check_split(bwd)
+    if kind == "wide-linear":
+        assert bwd.index("_merged@main") < bwd.index("_grad_down@side"), bwd
+    else:  # ∂D does not wait for ∂x's GEMM
+        assert bwd.index("_grad_down@side") < bwd.index("_merged@main"), bwd
+
+
+def test_up_stream_policy(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.setenv("LYCO_BYPASS_STREAMS", "1")
+    monkeypatch.setenv("LYCO_SIDE_SPLIT", "1")
+    assert lowrank.up_stream(x) is None  # the CPU has no streams
+    monkeypatch.setenv("LYCO_SIDE_SPLIT", "maybe")
+    with pytest.raises(ValueError, match="LYCO_SIDE_SPLIT"):
+        lowrank.up_stream(x)
+
+
 def test_side_stream_policy(monkeypatch):
     x = torch.zeros(2)
     monkeypatch.setenv("LYCO_BYPASS_STREAMS", "1")

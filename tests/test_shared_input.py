@@ -317,3 +317,53 @@ def test_loha_khatri_rao_factors_group_like_their_own_ops(monkeypatch):
     torch.testing.assert_close(b[1], a[1], rtol=1e-10, atol=1e-12)
     for p, q in zip(b[2], a[2]):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_up_gradients_on_a_second_side_stream(monkeypatch):
+    """``LYCO_SIDE_SPLIT`` (:func:`lyco.algorithms.lowrank.up_stream`): the group's ∂U GEMMs on their own stream
+    beside the ∂h → ∂D chain on the side stream, each forked from the current stream before its products and
+    joined after them, before the op returns; ∂x on the current stream. Recording stand-ins for the streams (the
+    CPU has none); values against the float64 math of :func:`_dense`."""
+    import contextlib
+
+    log, cur = [], ["main"]
+
+    class St:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cpu")
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    main, side, up = St("main"), St("side"), St("up")
+
+    @contextlib.contextmanager
+    def on(s):
+        prev, cur[0] = cur[0], s.name
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    monkeypatch.setattr(lowrank_shared, "side_stream", lambda t: side)
+    monkeypatch.setattr(lowrank_shared, "up_stream", lambda t: up)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    real_mm, real_merged = lowrank_shared._mm, lowrank_shared._merged
+
+    def mm(a, b, *k, **kw):  # ∂U: (out, rows)·(rows, r); ∂D: (Σr, rows)·(rows, in)
+        log.append(("dU" if b.shape[1] == 8 else "dD") + "@" + cur[0])
+        return real_mm(a, b, *k, **kw)
+
+    monkeypatch.setattr(lowrank_shared, "_mm", mm)
+    monkeypatch.setattr(lowrank_shared, "_merged", lambda *a, **k: log.append("merge@" + cur[0]) or real_merged(*a, **k))
+    model = nn.Sequential(Attn()).double()
+    net = _net(model)
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    _check(model, net, x)
+    assert log.count("dU@up") == 3 and log.count("dD@side") == 1 and log.count("merge@main") == 3, log
+    assert not any(e.startswith(("dU@", "dD@")) and not e.endswith(("@up", "@side")) for e in log), log
+    for prod, st in (("dU@up", "up"), ("dD@side", "side")):
+        first, last = log.index(prod), len(log) - 1 - log[::-1].index(prod)
+        assert log.index(f"{st} waits main") < first and last < log.index(f"main waits {st}"), log
+    assert set(log[-2:]) == {"main waits side", "main waits up"}, log

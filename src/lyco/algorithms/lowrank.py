@@ -44,6 +44,9 @@ benchmarks/NOTES.md change 67): LoCon 83.5 → 82.1–82.2 ms (backward −1.1, 
 84.7 → 83.5–83.6, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
 saved 0.3 ms but raised every peak by 0.03 GiB (run 95; torch keeps a cuBLAS workspace per thread's handle and
 stream, and the forward's thread would need one for the side stream too) — LoCon's margin under PEFT's peak.
+In the backward ∂U runs on a second side stream (:func:`up_stream`, ``LYCO_SIDE_SPLIT``) beside the ∂h → ∂D chain,
+the longer branch (run 139, NOTES change 95: LoRA 73.80 → 73.22–73.33 ms, LoCon 75.52 → 74.83–74.90, LoHa
+78.06 → 77.48–77.57; its cuBLAS workspace +0.03 GiB on the peaks).
 
 **The conv forward's epilogue** (:func:`_conv_epilogue`, ``LYCO_CONV_EPILOGUE``; :func:`_conv_nhwc`,
 ``LYCO_CONV_NHWC``; both captured steps by default): the frozen conv runs without its bias and one Triton pass
@@ -134,6 +137,26 @@ def side_stream(t: torch.Tensor):
     st = _SIDE.get(t.device)
     if st is None:
         st = _SIDE[t.device] = torch.cuda.Stream(t.device)
+    return st
+
+
+#: a second side stream per CUDA device for the up's gradient (:func:`up_stream`)
+_UP: dict = {}
+
+
+def up_stream(t: torch.Tensor):
+    """A second side stream for ``∂U`` where an op's backward computes both factor gradients
+    (``LYCO_SIDE_SPLIT``, :mod:`.graph_policy`, with the side stream itself on), or None: ∂U then runs on it
+    beside the ``∂h → ∂D`` chain on :func:`side_stream` instead of before it. The side stream is the backward's
+    longer branch (benchmarks/NOTES.md change 69: its thin products outlast the frozen layer's ∂x), and ∂U needs
+    neither ∂h nor ∂D. Same discipline as the side stream (fork before, join before the op returns), so the same
+    allocator argument holds; torch keeps a cuBLAS workspace for this stream too (the backward's thread only)."""
+    if (not graph_policy.wanted("LYCO_SIDE_SPLIT") or not graph_policy.wanted("LYCO_BYPASS_STREAMS")
+            or t.device.type != "cuda"):
+        return None
+    st = _UP.get(t.device)
+    if st is None:
+        st = _UP[t.device] = torch.cuda.Stream(t.device)
     return st
 
 
@@ -401,10 +424,14 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
     # ∂x GEMM yields ∂h too (_cat_pays) — so they run on the side stream while the frozen layer's ∂x runs
     cat = spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1])
     side = side_stream(gy) if (need_d or need_u) else None
-    with _fork(side):
+    su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
+    with _fork(side if su is None else su):
         if need_u:
             gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u)
-        if need_d and not cat:
+        if need_d and not cat and su is None:
+            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
+    if need_d and not cat and su is not None:
+        with _fork(side):
             gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
@@ -426,6 +453,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
         gx2, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
         gx = gx if gx2 is None else gx2
     _join(side)
+    _join(su)
     if gx is not None:
         gx = like(gx, xshape, xdt)
     if gw is not None:

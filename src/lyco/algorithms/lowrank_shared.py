@@ -35,6 +35,7 @@ from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _SUNK, _fork, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, side_stream,
+    up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -119,27 +120,36 @@ class _SharedOp(torch.autograd.Function):
         gd: list = [None] * n
         gu: list = [None] * n
         side = side_stream(gy0) if any(need_d) or any(need_u) else None
-        with _fork(side):
+        # the ∂U's on a second side stream beside the ∂h → ∂D chain where there is one (lowrank.up_stream)
+        su = up_stream(gy0) if side is not None and any(need_u) and any(need_d) else None
+
+        def grad_downs():
+            # ∂h_i = s_i·∂y_i·U_i side by side (columns of members that need no ∂D stay zero), then one ∂D GEMM
+            gh = gy0.new_zeros((gy0.shape[0], sum(rs))) if not all(need_d) else gy0.new_empty(
+                (gy0.shape[0], sum(rs)))
+            for i in range(n):
+                if need_d[i]:
+                    sl = gh[:, offs[i]:offs[i] + rs[i]]
+                    torch.addmm(sl.new_empty(()), gys[i], ud[i], beta=0, alpha=ss[i], out=sl)
+            ddt = metas[live[0]][1]
+            same = all(metas[i][1] == ddt for i in range(n))
+            g_all = _mm(gh.t(), xs, 1.0, ddt if same else None)
+            for i in range(n):
+                if need_d[i]:
+                    gd[i] = g_all[offs[i]:offs[i] + rs[i]]
+
+        with _fork(side if su is None else su):
             for i in live:
                 dshape, ddt, ushape, udt = metas[i]
                 leaves = ctx.leaves[i]
                 if need_u[i]:
                     into = _sink_into(leaves[1], tuple(ushape), cd) if leaves is not None else None
                     gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
-            if any(need_d):
-                # ∂h_i = s_i·∂y_i·U_i side by side (columns of members that need no ∂D stay zero), then one ∂D GEMM
-                gh = gy0.new_zeros((gy0.shape[0], sum(rs))) if not all(need_d) else gy0.new_empty(
-                    (gy0.shape[0], sum(rs)))
-                for i in range(n):
-                    if need_d[i]:
-                        sl = gh[:, offs[i]:offs[i] + rs[i]]
-                        torch.addmm(sl.new_empty(()), gys[i], ud[i], beta=0, alpha=ss[i], out=sl)
-                ddt = metas[live[0]][1]
-                same = all(metas[i][1] == ddt for i in range(n))
-                g_all = _mm(gh.t(), xs, 1.0, ddt if same else None)
-                for i in range(n):
-                    if need_d[i]:
-                        gd[i] = g_all[offs[i]:offs[i] + rs[i]]
+            if any(need_d) and su is None:
+                grad_downs()
+        if su is not None:
+            with _fork(side):
+                grad_downs()
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
             # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast); without such GEMMs each product is
@@ -158,6 +168,7 @@ class _SharedOp(torch.autograd.Function):
                     gx.add_(gys[i] @ w)
             grads[0] = like(gx, xshape, xdt)
         _join(side)
+        _join(su)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
             if gd[i] is not None:
