@@ -239,3 +239,73 @@ def test_grouped_merged_weight_by_the_kernel(monkeypatch, triton_interpreter):
     yr.backward(gy.double())
     for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
+def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch):
+    """``LYCO_MERGE_AHEAD`` (:func:`lowrank._ahead_link`): forward A (bypass op) → G (a q/k/v group) → B (bypass
+    op); the backward runs B, G, A. B's backward builds G's three merged weights on the up stream, G's builds A's;
+    A's and G's backward merge nothing themselves, B (last in the forward: nothing before its backward) merges its
+    own on the current stream. Every output and gradient against float64 math with the merged weights."""
+    from lyco.algorithms import lowrank_shared
+    monkeypatch.setattr(lowrank, "_ahead_on", lambda x: True)
+    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
+    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
+    log = split
+    merged = lowrank._merged  # the fixture's spy (logs "_merged@stream")
+    monkeypatch.setattr(lowrank_shared, "_merged", merged)
+    g = torch.Generator().manual_seed(5)
+
+    def layer(i, o, r=4):
+        w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+        b = torch.randn(o, generator=g, dtype=torch.float64)
+        d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
+        u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
+        return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
+
+    A, B = layer(12, 16), layer(16, 10)
+    G = [layer(16, 16) for _ in range(3)]
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+
+    def run(lin, grp):
+        x1 = lin(A, x)
+        q, k, v = grp(x1)
+        z = lin(B, q + k * v)
+        (z * gz).sum().backward()
+        return z.detach()
+
+    z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
+            lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+    got = [x.grad] + [t.grad for p in [A, B] + G for t in p[3:5]]
+    assert log.count("_merged@up") == 4 and log.count("_merged@main") == 1, log
+    ups, main = [i for i, e in enumerate(log) if e == "_merged@up"], log.index("_merged@main")
+    # B's backward: G's three issued on the up stream before B's own on main; then G's backward: A's
+    assert ups[2] < main < ups[3], log
+    # the dense reference: fresh leaves, every layer through its merged weight
+    x.grad = None
+    leaves = {id(t): t.detach().clone().requires_grad_() for p in [A, B] + G for t in p[3:5]}
+
+    def dense(p, t):
+        d, u = leaves[id(p[3])], leaves[id(p[4])]
+        return F.linear(t, p[1] + p[5] * u @ d, p[2])
+
+    zr = run(dense, lambda t: [dense(p, t) for p in G])
+    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
+    ref = [x.grad] + [leaves[id(t)].grad for p in [A, B] + G for t in p[3:5]]
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_a_spent_holder_is_not_built():
+    """A holder taken by its own backward (built or not) is spent: a build after that does nothing, and it keeps
+    no tensor."""
+    calls = []
+    h = lowrank._Ahead(lambda a: calls.append(a) or torch.ones(2), (torch.zeros(3),))
+    assert h.take() is None and h.args is None
+    h.build()
+    assert calls == [] and h.w is None
+    h2 = lowrank._Ahead(lambda a: a + 1, (torch.zeros(2),))
+    h2.build()
+    h2.build()  # once
+    w = h2.take()
+    assert torch.equal(w, torch.ones(2)) and h2.take() is None and h2.args is None

@@ -46,7 +46,9 @@ saved 0.3 ms but raised every peak by 0.03 GiB (run 95; torch keeps a cuBLAS wor
 stream, and the forward's thread would need one for the side stream too) — LoCon's margin under PEFT's peak.
 In the backward ∂U runs on a second side stream (:func:`up_stream`, ``LYCO_SIDE_SPLIT``) beside the ∂h → ∂D chain,
 the longer branch (run 139, NOTES change 95: LoRA 73.80 → 73.22–73.33 ms, LoCon 75.52 → 74.83–74.90, LoHa
-78.06 → 77.48–77.57; its cuBLAS workspace +0.03 GiB on the peaks).
+78.06 → 77.48–77.57; its cuBLAS workspace +0.03 GiB on the peaks). After its ∂U each op's backward builds the
+next backward's merged weight there (:func:`_ahead_link`, ``LYCO_MERGE_AHEAD``; run 140, change 96: LoRA
+73.36 → 73.05–73.12 ms, LoCon 74.94 → 74.66–74.72, LoHa 77.60 → 77.41–77.43, LoKr 84.68 → 84.47–84.60).
 
 **The conv forward's epilogue** (:func:`_conv_epilogue`, ``LYCO_CONV_EPILOGUE``; :func:`_conv_nhwc`,
 ``LYCO_CONV_NHWC``; both captured steps by default): the frozen conv runs without its bias and one Triton pass
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +180,80 @@ def _join(side) -> None:
     """The current stream waits for what ``side`` was given so far."""
     if side is not None:
         torch.cuda.current_stream(side.device).wait_stream(side)
+
+
+class _Ahead:
+    """The weight an op's backward multiplies ∂y by for ∂x (``W + s·U·D``, or ``[W + s·U·D | U]`` where ∂h comes
+    along), built ahead by the backward of the op that ran after it in the forward (:func:`_ahead_link`): autograd
+    runs the backward in about the reverse of the forward's order, so that op's backward usually comes just before
+    this one's. States: pending (``fn`` set, ``w`` None), built (``w`` set), spent (``fn`` None: taken by its own
+    backward, built or not — a build after that would be waste, so none is started)."""
+
+    __slots__ = ("fn", "args", "w", "__weakref__")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.w = fn, args, None
+
+    def build(self) -> None:
+        if self.fn is not None and self.w is None:
+            self.w = self.fn(*self.args)
+
+    def take(self):
+        """The weight built ahead, or None; the holder is spent (it keeps no tensor)."""
+        w, self.fn, self.args, self.w = self.w, None, None, None
+        return w
+
+
+#: device → weak reference to the last op's :class:`_Ahead` in the forward's order (:func:`_ahead_link`)
+_LAST: dict = {}
+
+
+def _ahead_link(ctx, x: torch.Tensor, fn, *args) -> None:
+    """Where ``LYCO_MERGE_AHEAD`` (:mod:`.graph_policy`, captured steps by default) and the ∂x an op's backward
+    computes through a merged weight: ``ctx.ahead = (this op's holder, a weak reference to the previous op's)``
+    — the holder builds ``fn(*args)``. The backward (:func:`_ahead_start`) starts the previous op's build on the
+    up stream (:func:`up_stream`) beside its own products, and the previous op's backward takes it
+    (:func:`_ahead_take`) instead of merging on its critical path. Nothing holds a holder but its own op's
+    context: an op whose backward never runs takes its holder along when its graph is freed.
+
+    Why the up stream: it carries only ∂U, the shortest of the backward's three branches after change 95; change
+    69 built the merges ahead on the side stream, then the longest branch, and lost. The stream discipline is the
+    side stream's (:func:`side_stream`): the W′ allocated on the up stream is read on the current stream only after
+    the building op's join, and freed there after the consumer's GEMM was issued — the up stream can reuse its
+    block only in a later region, whose fork orders it after that GEMM."""
+    ctx.ahead = None
+    if not _ahead_on(x):
+        return
+    mine = _Ahead(fn, args)
+    ref = _LAST.get(x.device)
+    _LAST[x.device] = weakref.ref(mine)
+    ctx.ahead = (mine, ref)
+
+
+def _ahead_on(x: torch.Tensor) -> bool:
+    """Whether ops link their merged-weight builds (:func:`_ahead_link`): CUDA and ``LYCO_MERGE_AHEAD``."""
+    return x.is_cuda and graph_policy.wanted("LYCO_MERGE_AHEAD")
+
+
+def _ahead_take(ahead):
+    """This op's weight built ahead (:func:`_ahead_link`), or None."""
+    return None if ahead is None else ahead[0].take()
+
+
+def _ahead_start(ahead) -> None:
+    """Build the previous op's weight on the current stream (the caller's fork of the up stream) if it is still
+    pending."""
+    if ahead is not None and ahead[1] is not None:
+        prev = ahead[1]()
+        if prev is not None:
+            prev.build()
+
+
+def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool) -> torch.Tensor:
+    """The weight of an op's ∂x GEMM: ``W + s·U·D`` (:func:`_merged`), with ``U`` beside it where the GEMM yields
+    ∂h too (:func:`_cat_pays`)."""
+    w = _merged(weight, u2, d2, s, cd, groups)
+    return torch.cat([w, u2], 1) if cat else w
 
 
 #: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
@@ -399,7 +476,7 @@ class _LowRankOp(torch.autograd.Function):
         return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, None, weight, bias, down, up, ctx.leaves)
 
 
-def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
+def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=None):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
     — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it; ``down`` and ``up`` as the
     forward cast them (:func:`_meta`). ``groups`` > 1 (the bypass op only): ``down`` is one ``(r, in/groups[, *k])``
@@ -407,7 +484,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
     block-diagonal (never formed). The factors' gradients come out of their GEMMs in the parameters' dtype where
     the GEMM can write it (:func:`_out_dtype_ok`; a conv's batch sum reduces into it). ``leaves``
     (:func:`_sink_leaves`): on a linear layer with one group, a factor's gradient is added into its parameter's
-    ``.grad`` by its GEMM where :func:`_sink_into` allows, and none is returned for it."""
+    ``.grad`` by its GEMM where :func:`_sink_into` allows, and none is returned for it. ``ahead``: the bypass op's
+    :func:`_ahead_link` — ∂x's weight as built ahead where it was, and the previous op's started here."""
     spec, s, xshape, xdt, groups, (dshape, ddt), (ushape, udt) = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
@@ -425,18 +503,21 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
     cat = spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1])
     side = side_stream(gy) if (need_d or need_u) else None
     su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
+    pre = _ahead_take(ahead)
     with _fork(side if su is None else su):
         if need_u:
             gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u)
         if need_d and not cat and su is None:
             gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
+        if su is not None:
+            _ahead_start(ahead)
     if need_d and not cat and su is not None:
         with _fork(side):
             gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
         # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
-        gxh = gy @ torch.cat([_merged(weight, u2, d2, s, cd, groups), u2], 1)
+        gxh = gy @ (pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, True))
         gx, gh = gxh[:, :spec.in_dim], gxh[:, spec.in_dim:]
         if need_b:
             gb = gy.sum(0)
@@ -444,7 +525,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None):
             gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt, into_d)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
-        w_in = _merged(weight, u2, d2, s, cd, groups) if need_x else cast(weight, cd)
+        w_in = (pre if pre is not None else _merged(weight, u2, d2, s, cd, groups)) if need_x else cast(weight, cd)
         if spec.kind == LINEAR and need_x and _out_dtype_ok(gy, xdt):
             # an input of another dtype (autocast: a norm's fp32 output) gets ∂x in it from the GEMM itself — no bf16
             # rounding and no cast kernel after it (each of q, k and v cast its ∂x for autograd's fp32 sum)
@@ -709,13 +790,19 @@ class _BypassOp(torch.autograd.Function):
         ctx.cfg = (spec, s) + _meta(x, groups, down, up)
         ctx.leaves = _sink_leaves(down, up)
         ctx.save_for_backward(xd, h, weight, bias, dd, ud)
+        ctx.ahead = None
+        n = ctx.needs_input_grad
+        if n[0] and not n[2]:  # ∂x through the merged weight (_grads): its build can come ahead
+            cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
+            _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         xd, h, weight, bias, down, up = ctx.saved_tensors
-        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves)
+        ahead, ctx.ahead = ctx.ahead, None
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves, ahead)
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
-    _SUNK, _fork, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _sink_into, _sink_leaves, side_stream,
-    up_stream,
+    _SUNK, _ahead_link, _ahead_start, _ahead_take, _fork, _fused_gemm, _join, _merged, _mm, _out_dtype_ok,
+    _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -62,6 +62,11 @@ def _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd):
     if not all(fused_supports(xs, w, b, d, u, hs) for (w, b, hs), d, u in zip(parts, dd, ud)):
         return None
     return h, parts
+
+
+def _merged_all(ws, ud, dd, ss, cd) -> list:
+    """Every member's ``W_i + s_i·U_i·D_i`` (the group's ∂x weights, :func:`.lowrank._ahead_link`)."""
+    return [_merged(w, u, d, s, cd) for w, u, d, s in zip(ws, ud, dd, ss)]
 
 
 class _SharedOp(torch.autograd.Function):
@@ -97,6 +102,9 @@ class _SharedOp(torch.autograd.Function):
                    tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))
         ctx.leaves = [_sink_leaves(d, u) for d, u in zip(flat[2::4], flat[3::4])]
         ctx.save_for_backward(xs, h, *ws, *dd, *ud)
+        ctx.ahead = None
+        if ctx.needs_input_grad[0]:  # every member's merged weight, built ahead by the next op's backward
+            _ahead_link(ctx, xs, _merged_all, ws, ud, dd, ss, cd)
         return tuple(ys)
 
     @staticmethod
@@ -113,6 +121,8 @@ class _SharedOp(torch.autograd.Function):
         need_u = [needs[2 + 4 * i + 3] and gys[i] is not None for i in range(n)]
         live = [i for i in range(n) if gys[i] is not None]
         grads: list = [None] * (2 + 4 * n)
+        ahead, ctx.ahead = ctx.ahead, None
+        pre = _ahead_take(ahead)
         if not live:
             return tuple(grads)
         gy0 = gys[live[0]]
@@ -147,6 +157,8 @@ class _SharedOp(torch.autograd.Function):
                     gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
             if any(need_d) and su is None:
                 grad_downs()
+            if su is not None:
+                _ahead_start(ahead)
         if su is not None:
             with _fork(side):
                 grad_downs()
@@ -157,7 +169,7 @@ class _SharedOp(torch.autograd.Function):
             fp = xdt if _out_dtype_ok(gy0, xdt) and _out_dtype_ok(gy0, xdt, into=True) else None
             gx = None
             for i in live:
-                w = _merged(ws[i], ud[i], dd[i], ss[i], cd)
+                w = pre[i] if pre is not None else _merged(ws[i], ud[i], dd[i], ss[i], cd)
                 if gx is None:
                     gx = torch.mm(gys[i], w, out_dtype=fp) if fp is not None else cast(gys[i] @ w, xdt)
                 elif fp is not None:
