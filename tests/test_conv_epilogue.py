@@ -21,9 +21,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("wcl", [False, True])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_conv_epilogue_matches_float64(monkeypatch, triton_interpreter, case):
+def test_conv_epilogue_matches_float64(monkeypatch, triton_interpreter, case, wcl):
+    """``wcl``: ``LYCO_CONV_WEIGHT_CL`` — the channels-last convs' weights (the frozen one and the down) by the same
+    tiled copy instead of torch's inside the conv."""
     mod, nhwc = CASES[case]
+    monkeypatch.setenv("LYCO_CONV_WEIGHT_CL", "1" if wcl else "0")
     calls = []
     real = lowrank_triton.up_add
 
@@ -53,7 +57,8 @@ def test_conv_epilogue_matches_float64(monkeypatch, triton_interpreter, case):
     # one pass per forward; k×k with NHWC: channels-last y and h in, a new output; else in place on NCHW
     chl = nhwc and k != (1, 1)
     assert calls == [(not chl, not chl, b is not None, not chl)]
-    assert copies == ([tuple(x.shape)] if chl else [])  # x channels-last by one tiled copy, the backward NCHW
+    # x channels-last by one tiled copy (and with wcl the down's and the frozen weight's), the backward NCHW
+    assert copies == (([tuple(x.shape)] + ([tuple(down.shape), tuple(w.shape)] if wcl else [])) if chl else [])
     xr, dr, ur = (t.detach().double().requires_grad_() for t in (x, down, up))
     kw = dict(stride=mod.stride, padding=mod.padding)
     yr = F.conv2d(xr, w.double(), None if b is None else b.double(), **kw) + 0.7 * F.conv2d(
@@ -108,6 +113,11 @@ def test_up_add_against_float64(triton_interpreter):
         assert (got.double() - ref - b.double()[:, None]).abs().max().item() < 1e-5
         cl = lowrank_triton.channels_last(y4)
         assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, y4)
+    # conv weights: k² positions, fewer than the square tile's (the deep tile), ragged rows and several row tiles
+    for shape in ((70, 300, 3, 3), (5, 6, 1, 1), (9, 40, 5, 5), (3, 17, 8, 9)):
+        wt = torch.randn(shape, generator=g)
+        cl = lowrank_triton.channels_last(wt)
+        assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, wt), shape
         yi = y4.clone().flatten(2)
         assert lowrank_triton.up_add(yi, u, h4.flatten(2), 0.25, out=yi) is yi
         assert (yi.double() - ref).abs().max().item() < 1e-5

@@ -385,6 +385,18 @@ def _nhwc_copy(x: torch.Tensor) -> torch.Tensor:
     return channels_last(x)
 
 
+def _weight_cl(w: torch.Tensor) -> torch.Tensor:
+    """A conv weight channels-last for a conv over a channels-last input — torch's cuDNN conv makes the weight
+    channels-last itself (``weight.contiguous(memory_format)``, a strided elementwise copy), here by the tiled copy
+    (:func:`.lowrank_triton.channels_last`) where ``LYCO_CONV_WEIGHT_CL`` (:mod:`.graph_policy`, captured steps by
+    default). Run 141's LoCon profile: 226 copy kernels more than LoRA's, +1.8 ms, most of them the frozen 3×3
+    weights (SD1.5: 541 M elements, 1 GiB per forward) — where the floor's cuDNN converts the weight with its own
+    tiled kernel."""
+    if w.is_contiguous(memory_format=torch.channels_last) or not graph_policy.wanted("LYCO_CONV_WEIGHT_CL"):
+        return w
+    return _nhwc_copy(w)
+
+
 def _conv_nhwc(spec: LayerSpec, x: torch.Tensor) -> bool:
     """Whether a k×k conv (not 1×1: cuDNN runs those as GEMMs on NCHW, no conversion) takes its input
     channels-last, converted once for the frozen conv and the adapter's (with the epilogue only, whose pass writes
@@ -772,9 +784,9 @@ class _BypassOp(torch.autograd.Function):
                     hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
                     h = hg.view(n, -1, *hg.shape[2:])
                 else:
-                    h = layer_op(xin, spec, dd)
+                    h = layer_op(xin, spec, dd if xin is xd else _weight_cl(dd))
             # with the epilogue the bias joins the up's pass: torch adds a cuDNN conv's bias in a pass of its own
-            y = layer_op(xin, spec, wd, None if epi else bd)
+            y = layer_op(xin, spec, wd if xin is xd else _weight_cl(wd), None if epi else bd)
             _join(side)
             if epi:
                 from .lowrank_triton import up_add

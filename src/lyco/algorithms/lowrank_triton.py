@@ -503,9 +503,13 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
     x3, o3 = x.flatten(2), out.flatten(2)
     p = x3.shape[2]
     cfg = _COPY_CFG
-    _copy3_kernel[(_cdiv(c, cfg["BM"]), _cdiv(p, cfg["BP"]), n)](
+    bm, bp = cfg["BM"], cfg["BP"]
+    if p < bp:  # a conv weight (out, in, k, k): k² positions — a tile as deep as them, as many elements as the square one
+        bp = max(16, 1 << (p - 1).bit_length())
+        bm = cfg["BM"] * cfg["BP"] // bp
+    _copy3_kernel[(_cdiv(c, bm), _cdiv(p, bp), n)](
         x3, o3, c, p, x3.stride(0), x3.stride(1), x3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
-        BM=cfg["BM"], BP=cfg["BP"], num_warps=cfg["num_warps"])
+        BM=bm, BP=bp, num_warps=cfg["num_warps"])
     return out
 
 
