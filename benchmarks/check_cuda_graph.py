@@ -41,6 +41,7 @@ os.environ.setdefault("LYCO_MERGE_KERNEL", "1")
 os.environ.setdefault("LYCO_CONV_EPILOGUE", "1")
 os.environ.setdefault("LYCO_CONV_NHWC", "1")
 os.environ.setdefault("LYCO_CONV_WEIGHT_CL", "1")
+os.environ.setdefault("LYCO_TAPS_DOWN", "1")
 os.environ.setdefault("LYCO_SHARED_INPUT", "1")
 os.environ.setdefault("LYCO_FUSED_GEMM", "1")
 

@@ -149,3 +149,52 @@ def test_conv_epilogue_with_a_grouped_down(monkeypatch, triton_interpreter, nhwc
     yr.backward(gy.double())
     for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+
+
+@pytest.mark.parametrize("case", ["3x3-nhwc", "3x3-nobias-nhwc", "3x3-stride2-nhwc", "3x3-nchw", "1x1"])
+def test_taps_down_in_the_op(monkeypatch, triton_interpreter, case):
+    """``LYCO_TAPS_DOWN``: a stride-1 k×k conv adapter's down over the channels-last input as one GEMM of the
+    per-tap products and ``lowrank_triton.tap_sum`` (forced in; Triton's interpreter) — taken only there (not at
+    stride 2, not on the NCHW path, not for a 1×1 conv, which never goes channels-last); the op's output and every
+    gradient against float64 math."""
+    mod, nhwc = CASES[case]
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
+    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
+    monkeypatch.setenv("LYCO_TAPS_DOWN", "1")
+    calls = []
+    real = lowrank_triton.tap_sum
+    monkeypatch.setattr(lowrank_triton, "tap_sum", lambda *a: calls.append(a[1:7]) or real(*a))
+    r, g = 4, torch.Generator().manual_seed(8)
+    w = mod.weight.detach().double()
+    b = None if mod.bias is None else mod.bias.detach().double() + 0.5
+    down = (0.3 * torch.randn((r,) + tuple(w.shape[1:]), generator=g, dtype=torch.float64)).requires_grad_()
+    up = (0.3 * torch.randn((w.shape[0], r, 1, 1), generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(2, 6, 9, 8, generator=g, dtype=torch.float64)
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, LayerSpec.from_module(mod), w, b, down, up, 0.7)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+    taken = nhwc and mod.stride == (1, 1) and mod.kernel_size != (1, 1)
+    assert calls == ([(2, 9, 8, r, (3, 3), (1, 1))] if taken else []), calls
+    xr, dr, ur = (t.detach().clone().requires_grad_() for t in (x, down, up))
+    kw = dict(stride=mod.stride, padding=mod.padding)
+    yr = F.conv2d(xr, w, b, **kw) + 0.7 * F.conv2d(F.conv2d(xr, dr, None, **kw), ur)
+    yr.backward(gy)
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_tap_sum_against_float64(triton_interpreter):
+    """The tap sum alone, from per-tap products computed here: ragged positions (several blocks), kernels 3×3,
+    1×3 and 5×5 with their paddings, ranks 1, 8 and 20; against torch's conv in float64."""
+    g = torch.Generator().manual_seed(9)
+    for (n, c, hh, ww), (r, kh, kw), pad in (((2, 7, 9, 13), (8, 3, 3), (1, 1)), ((1, 5, 5, 6), (20, 1, 3), (0, 1)),
+                                             ((3, 4, 12, 11), (1, 3, 3), (1, 1)), ((2, 3, 7, 5), (4, 5, 5), (2, 2))):
+        x = torch.randn(n, c, hh, ww, generator=g, dtype=torch.float64)
+        d = torch.randn(r, c, kh, kw, generator=g, dtype=torch.float64)
+        z = x.permute(0, 2, 3, 1).reshape(-1, c) @ d.permute(2, 3, 0, 1).reshape(-1, c).t()
+        h = lowrank_triton.tap_sum(z.float(), n, hh, ww, r, (kh, kw), pad, torch.float32)
+        ref = F.conv2d(x, d, padding=pad)
+        assert h.shape == ref.shape and h.is_contiguous()
+        assert ((h.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (x.shape, d.shape)

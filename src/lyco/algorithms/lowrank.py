@@ -60,7 +60,10 @@ channels-last one. Every SD1.5 b8 conv alone (run 107, forward + backward): the 
 1×1 convs 3.0 → 2.5; the step as one graph (runs 107–108): LoCon 81.3 → 77.7–77.8 ms, LoHa 82.8 → 79.3–79.4, LoRA (its
 32 1×1 convs) 76.5 → 75.9–76.1, LoKr 86.5 → 85.2–85.5 (its grouped adapter's conv keeps reading the NCHW x). The
 channels-last copy by torch's strided ``contiguous`` lost even to cuDNN's own conversions at 64×64 (run 107, the 12
-convs there: 7.13 ms with it, 6.74 with cuDNN's conversions, 6.03 with the tiled copy);
+convs there: 7.13 ms with it, 6.74 with cuDNN's conversions, 6.03 with the tiled copy). On that path the weights go
+channels-last by the same tiled copy (:func:`_weight_cl`; run 142: LoCon 75.43 → 75.02–75.06 ms, LoHa 78.42 →
+77.92–77.94), and the adapter's down is one GEMM of its per-tap products and a Triton tap sum (:func:`_taps_down`;
+run 143: LoCon 74.22 → 73.29–73.31, LoHa 76.89 → 75.71–75.72; cuDNN's r-output conv pays for a 64-wide tile);
 the backward's ∂x channels-last the same way (∂y in and ∂x out by the tiled copy) cost +2 ms on LoCon's step (run
 108; +5.7 with the merged weight written channels-last by a Triton merge, run 110: cuDNN's channels-last dgrad at
 64×64 is the slow part) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
@@ -395,6 +398,32 @@ def _weight_cl(w: torch.Tensor) -> torch.Tensor:
     if w.is_contiguous(memory_format=torch.channels_last) or not graph_policy.wanted("LYCO_CONV_WEIGHT_CL"):
         return w
     return _nhwc_copy(w)
+
+
+def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+    """A conv adapter's down ``h = conv(x, D)`` over the channels-last input as one GEMM over the positions —
+    ``z = x·[D_t]ᵀ``, the r·k² per-tap products in fp32 (``mm`` with ``out_dtype``) — and the tap sum of
+    :func:`.lowrank_triton.tap_sum` (fp32, rounded once, h NCHW), where ``LYCO_TAPS_DOWN`` (:mod:`.graph_policy`,
+    captured steps by default) and the layer is a stride-1, dilation-1, ungrouped, zero-padded 2-D conv; else None
+    (cuDNN's conv). cuDNN runs the r-output conv as an implicit GEMM whose smallest tile is 64 outputs wide, 8×
+    the rank's multiply-adds (run 142: 32 µs at 8 × 320 × 64², 22–36 µs at 16×16 and 8×8, where the frozen conv
+    is short); the GEMM's N is r·k² = 72."""
+    if not (spec.kind == CONV2D and tuple(spec.stride) == (1, 1) and tuple(spec.dilation) == (1, 1)
+            and spec.groups == 1 and spec.padding_mode == "zeros" and not isinstance(spec.padding, str)
+            and x.stride(1) == 1 and graph_policy.wanted("LYCO_TAPS_DOWN")):
+        return None
+    low = x.dtype in (torch.bfloat16, torch.float16)
+    if low and not _out_dtype_ok(x, torch.float32):  # z rounded to bf16 per tap: cuDNN's conv rounds once
+        return None
+    from . import lowrank_triton
+    if not lowrank_triton.up_add_ok(x, x.numel()):
+        return None
+    n, c, hh, ww = x.shape
+    r = d.shape[0]
+    xm = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: x is channels-last
+    dm = d.permute(2, 3, 0, 1).reshape(-1, c)  # (tap, ρ) rows
+    z = torch.mm(xm, dm.t(), out_dtype=torch.float32) if low else torch.mm(xm, dm.t())
+    return lowrank_triton.tap_sum(z, n, hh, ww, r, spec.kernel, spec.pads, x.dtype)
 
 
 def _conv_nhwc(spec: LayerSpec, x: torch.Tensor) -> bool:
@@ -784,7 +813,9 @@ class _BypassOp(torch.autograd.Function):
                     hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
                     h = hg.view(n, -1, *hg.shape[2:])
                 else:
-                    h = layer_op(xin, spec, dd if xin is xd else _weight_cl(dd))
+                    h = _taps_down(spec, xin, dd) if xin is not xd else None
+                    if h is None:
+                        h = layer_op(xin, spec, dd if xin is xd else _weight_cl(dd))
             # with the epilogue the bias joins the up's pass: torch adds a cuDNN conv's bias in a pass of its own
             y = layer_op(xin, spec, wd if xin is xd else _weight_cl(wd), None if epi else bd)
             _join(side)

@@ -176,6 +176,11 @@ def _compare(device, dtype, r: int) -> str | None:
     errs.append((up_add(y_in, u, h4.flatten(2), 0.5, out=y_in), y_ref))
     cl = channels_last(y4)
     errs.append((cl, y4.float()))
+    # tap_sum: a 3×3 conv with padding 1 of a channels-last (2, 48, 5, 7) input as one GEMM and the sum
+    dk = torch.randn(r, 48, 3, 3, generator=g).to(device, dtype)
+    zt = (ycl.permute(0, 2, 3, 1).reshape(-1, 48).float() @ dk.permute(2, 3, 0, 1).reshape(9 * r, 48).float().t())
+    errs.append((tap_sum(zt, 2, 5, 7, r, (3, 3), (1, 1), dtype),
+                 torch.nn.functional.conv2d(y4.float(), dk.float(), padding=1)))
     if not cl.is_contiguous(memory_format=torch.channels_last):
         return "channels_last's result is not channels-last"
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
@@ -349,6 +354,30 @@ if triton is not None:
         tl.store(OUT + n * son + rows[:, None] * som + cols[None, :] * sop, y.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
+    def _tap_sum_kernel(Z, H, R, HH, WW, szr, shn, shr, shp, PH: tl.constexpr, PW: tl.constexpr,
+                        KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
+        """H[n, ρ, p] = Σ_taps Z[(n, p + tap offset), tap·R + ρ] (zero outside the image) for one block of BP
+        positions of image n: the tap sum of a conv whose per-tap products Z were one GEMM over the positions.
+        Z ``(N·HH·WW, KH·KW·R)`` rows of stride ``szr``, fp32; the sum in fp32, rounded once into H."""
+        n = tl.program_id(1)
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        pmask = p < HH * WW
+        py = p // WW
+        px = p - py * WW
+        rr = tl.arange(0, BR)
+        rmask = rr < R
+        acc = tl.zeros((BP, BR), dtype=tl.float32)
+        for t in tl.static_range(KH * KW):
+            sy = py + (t // KW - PH)
+            sx = px + (t % KW - PW)
+            ok = pmask & (sy >= 0) & (sy < HH) & (sx >= 0) & (sx < WW)
+            row = n * HH * WW + sy * WW + sx
+            acc += tl.load(Z + row[:, None] * szr + t * R + rr[None, :], mask=ok[:, None] & rmask[None, :],
+                           other=0.0).to(tl.float32)
+        tl.store(H + n * shn + rr[None, :] * shr + p[:, None] * shp, acc.to(H.dtype.element_ty),
+                 mask=pmask[:, None] & rmask[None, :])
+
+    @triton.jit
     def _copy3_kernel(X, OUT, M, P, sxn, sxm, sxp, son, som, sop, BM: tl.constexpr, BP: tl.constexpr):
         """OUT[n] = X[n] on one (rows × positions) tile, both in any strides: a layout change (NCHW ↔ channels-last)
         read and written coalesced (a stride of 1 is specialised; the tile crosses layouts in shared memory)."""
@@ -511,6 +540,23 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
         x3, o3, c, p, x3.stride(0), x3.stride(1), x3.stride(2), o3.stride(0), o3.stride(1), o3.stride(2),
         BM=bm, BP=bp, num_warps=cfg["num_warps"])
     return out
+
+
+#: :func:`tap_sum`'s positions per program
+_TAP_BP = 128
+
+
+def tap_sum(z: torch.Tensor, n: int, hh: int, ww: int, r: int, kernel: tuple, pads: tuple,
+            dtype: torch.dtype) -> torch.Tensor:
+    """``h`` ``(n, r, hh, ww)`` (NCHW, ``dtype``) of a stride-1 conv with r outputs from its per-tap products
+    ``z`` ``(n·hh·ww, kh·kw·r)`` (row = position, columns tap-major: ``z[p, t·r + ρ] = Σ_c x[p, c]·D[ρ, c, t]``):
+    ``h[n, ρ, p] = Σ_t z[p + offset_t, t·r + ρ]``, zero outside the image, summed in fp32 and rounded once."""
+    kh, kw = kernel
+    h = torch.empty((n, r, hh, ww), device=z.device, dtype=dtype)
+    _tap_sum_kernel[(_cdiv(hh * ww, _TAP_BP), n)](
+        z, h, r, hh, ww, z.stride(0), h.stride(0), h.stride(1), h.stride(3), PH=int(pads[0]), PW=int(pads[1]),
+        KH=kh, KW=kw, BP=_TAP_BP, BR=max(2, 1 << (r - 1).bit_length()), num_warps=4)
+    return h
 
 
 def backward(e: torch.Tensor, w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, vec: torch.Tensor,
