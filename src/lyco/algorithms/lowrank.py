@@ -416,10 +416,10 @@ def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     if low and not _out_dtype_ok(x, torch.float32):  # z rounded to bf16 per tap: cuDNN's conv rounds once
         return None
     from . import lowrank_triton
-    if not lowrank_triton.up_add_ok(x, x.numel()):
-        return None
     n, c, hh, ww = x.shape
     r = d.shape[0]
+    if not lowrank_triton.up_add_ok(x, n * hh * ww * spec.kernel_numel * r):  # z's elements too: int32 offsets
+        return None
     xm = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: x is channels-last
     dm = d.permute(2, 3, 0, 1).reshape(-1, c)  # (tap, ρ) rows
     z = torch.mm(xm, dm.t(), out_dtype=torch.float32) if low else torch.mm(xm, dm.t())
