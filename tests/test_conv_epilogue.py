@@ -198,3 +198,47 @@ def test_tap_sum_against_float64(triton_interpreter):
         ref = F.conv2d(x, d, padding=pad)
         assert h.shape == ref.shape and h.is_contiguous()
         assert ((h.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5, (x.shape, d.shape)
+    # channel groups (one d on each, h group-major): z's rows are (position, group)
+    x = torch.randn(2, 6, 5, 7, generator=g, dtype=torch.float64)
+    d = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    z = x.permute(0, 2, 3, 1).reshape(-1, 2) @ d.permute(2, 3, 0, 1).reshape(-1, 2).t()
+    h = lowrank_triton.tap_sum(z.float(), 2, 5, 7, 3, (3, 3), (1, 1), torch.float32, groups=3)
+    ref = F.conv2d(x, d.repeat(3, 1, 1, 1), padding=1, groups=3)
+    assert ((h.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("nhwc, wide", [(True, True), (True, False), (False, True)])
+def test_taps_down_with_a_grouped_down(monkeypatch, triton_interpreter, nhwc, wide):
+    """LoKr's grouped down (``groups`` = 3: d on each channel group, ``D = kron(I_3, d)`` never formed) with
+    ``LYCO_TAPS_DOWN`` forced in: over the channels-last x the groups are rows of one GEMM and h's channels come out
+    group-major (one tap sum over the groups); on the NCHW path, and where z's row (3·9·4 = 108) exceeds
+    ``_TAPS_GROUPED_WIDTH`` × x's 6 channels (``wide`` False: the rule as shipped), cuDNN's grouped form. Against
+    float64 math with D formed, every gradient included."""
+    if wide:
+        monkeypatch.setattr(lowrank, "_TAPS_GROUPED_WIDTH", 1000)
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
+    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
+    monkeypatch.setenv("LYCO_TAPS_DOWN", "1")
+    calls = []
+    real = lowrank_triton.tap_sum
+    monkeypatch.setattr(lowrank_triton, "tap_sum", lambda *a: calls.append(a[1:]) or real(*a))
+    mod, g, r = nn.Conv2d(6, 5, 3, padding=1), 3, 4
+    gen = torch.Generator().manual_seed(12)
+    w, b = mod.weight.detach().double(), mod.bias.detach().double()
+    down = (0.3 * torch.randn(r, 6 // g, 3, 3, generator=gen, dtype=torch.float64)).requires_grad_()
+    up = (0.05 * torch.randn(5, g * r, generator=gen, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(2, 6, 7, 6, generator=gen, dtype=torch.float64)
+    xx = x.clone().requires_grad_()
+    y = lowrank.bypass_op(xx, LayerSpec.from_module(mod), w, b, down, up, 0.7, groups=g)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    y.backward(gy)
+    assert calls == ([(2, 7, 6, r, (3, 3), (1, 1), torch.float64, g)] if nhwc and wide else []), calls
+    xr, dr, ur = (t.detach().clone().requires_grad_() for t in (x, down, up))
+    dfull = torch.zeros(g * r, 6, 3, 3, dtype=torch.float64)
+    for i in range(g):
+        dfull[i * r:(i + 1) * r, i * (6 // g):(i + 1) * (6 // g)] = dr
+    yr = F.conv2d(xr, w, b, padding=1) + 0.7 * F.conv2d(F.conv2d(xr, dfull, padding=1), ur[:, :, None, None])
+    yr.backward(gy)
+    for a, ref in ((y, yr), (xx.grad, xr.grad), (down.grad, dr.grad), (up.grad, ur.grad)):
+        assert ((a - ref).abs().max() / ref.abs().max()).item() < 1e-5

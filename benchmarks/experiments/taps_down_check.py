@@ -3,7 +3,8 @@
 in fp32, then ``lowrank_triton.tap_sum``) on the GPU — issue 7, NOTES change 99: per SD1.5 b8 3×3 stride-1 conv
 shape (channels-last input, rank 8 as LoCon's and 16 as LoHa's Khatri–Rao form), the relative error of h against
 float64 (cuDNN's alongside), then device time per call as CUDA-graph replays over four input sets in turn: the GEMM
-and the sum, and cuDNN's conv on the same channels-last input and weight (what the op runs without it).
+and the sum, and cuDNN's conv on the same channels-last input and weight (what the op runs without it); then LoKr's
+grouped down (change 100: 8 channel groups, rank 16) against the op's cuDNN form over the NCHW x folded into the batch.
 
     python benchmarks/experiments/taps_down_check.py     # exit 1 if a relative error exceeds --tol
 """
@@ -58,6 +59,25 @@ def main():
             tot[rank][1] += t_t
             print(f"r{rank:<3d}{n}x{c}x{s}x{s}  err {err:.1e} (cuDNN {err_c:.1e})  cuDNN {t_c:7.1f} us  "
                   f"GEMM+tap sum {t_t:7.1f} us", flush=True)
+    # LoKr's grouped down (factor 8: d on each of 8 channel groups, rank 16), against the op's cuDNN form without
+    # it (the NCHW x folded into the batch, a conv of C/8 channels)
+    for n, c, s in SHAPES:
+        grp, rank = 8, 16
+        spec = LayerSpec.from_module(nn.Conv2d(c, 320, 3, padding=1))
+        xs = [torch.randn(n, c, s, s, generator=g).to(dev, dt) for _ in range(4)]
+        xcl = [t.contiguous(memory_format=torch.channels_last) for t in xs]
+        d = (torch.randn(rank, c // grp, 3, 3, generator=g) / (9 * c / grp) ** 0.5).to(dev, dt)
+        h = lowrank._taps_down(spec, xcl[0], d, grp)
+        ref = F.conv2d(xs[0].double(), d.double().repeat(grp, 1, 1, 1), padding=1, groups=grp)
+        err = ((h.double() - ref).norm() / ref.norm()).item()
+        worst = max(worst, err)
+        t_c = timed(lambda i: F.conv2d(xs[i].view(n * grp, -1, s, s), d, padding=1))
+        t_t = timed(lambda i: lowrank._taps_down(spec, xcl[i], d, grp))
+        tot.setdefault("lokr", [0.0, 0.0])
+        tot["lokr"][0] += t_c
+        tot["lokr"][1] += t_t
+        print(f"grouped 8 r16 {n}x{c}x{s}x{s}  err {err:.1e}  cuDNN (folded) {t_c:7.1f} us  GEMM+tap sum {t_t:7.1f} us",
+              flush=True)
     for rank, (c_, t_) in tot.items():
         print(f"rank {rank}: summed over the shapes cuDNN {c_:.1f} us, GEMM+tap sum {t_:.1f} us")
     print(f"worst relative error {worst:.2e} (tolerance {a.tol})")

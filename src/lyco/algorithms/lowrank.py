@@ -400,14 +400,24 @@ def _weight_cl(w: torch.Tensor) -> torch.Tensor:
     return _nhwc_copy(w)
 
 
-def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor | None:
+#: grouped downs take :func:`_taps_down` where z's row (groups·k²·r fp32) is at most this many times x's channels
+_TAPS_GROUPED_WIDTH = 2
+
+
+def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor, groups: int = 1) -> torch.Tensor | None:
     """A conv adapter's down ``h = conv(x, D)`` over the channels-last input as one GEMM over the positions —
     ``z = x·[D_t]ᵀ``, the r·k² per-tap products in fp32 (``mm`` with ``out_dtype``) — and the tap sum of
     :func:`.lowrank_triton.tap_sum` (fp32, rounded once, h NCHW), where ``LYCO_TAPS_DOWN`` (:mod:`.graph_policy`,
     captured steps by default) and the layer is a stride-1, dilation-1, ungrouped, zero-padded 2-D conv; else None
     (cuDNN's conv). cuDNN runs the r-output conv as an implicit GEMM whose smallest tile is 64 outputs wide, 8×
     the rank's multiply-adds (run 142: 32 µs at 8 × 320 × 64², 22–36 µs at 16×16 and 8×8, where the frozen conv
-    is short); the GEMM's N is r·k² = 72."""
+    is short); the GEMM's N is r·k² = 72. ``groups`` > 1 (LoKr's grouped down, ``D = kron(I, d)``): the channel
+    groups of a position are rows of the GEMM (x channels-last viewed ``(positions·groups, C/groups)``), h's
+    channels group-major — where cuDNN ran the grouped down over the NCHW x folded into the batch. z has
+    groups·k²·r columns: LoKr's 8 groups of rank 16 make 1152, 3.6× a 320-channel x's bytes in fp32, and there the
+    GEMM (K = C/groups = 40) and z's traffic lost to cuDNN (run 146: 8 × 320 × 64² 139.7 µs against 116.2; 640
+    channels equal at 64×64, faster at 32×32; 960 and wider 1.3–3.2× faster), so a grouped down takes it only where
+    z's row is at most ``_TAPS_GROUPED_WIDTH`` × the channels."""
     if not (spec.kind == CONV2D and tuple(spec.stride) == (1, 1) and tuple(spec.dilation) == (1, 1)
             and spec.groups == 1 and spec.padding_mode == "zeros" and not isinstance(spec.padding, str)
             and x.stride(1) == 1 and graph_policy.wanted("LYCO_TAPS_DOWN")):
@@ -418,12 +428,15 @@ def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor) -> torch.Tenso
     from . import lowrank_triton
     n, c, hh, ww = x.shape
     r = d.shape[0]
-    if not lowrank_triton.up_add_ok(x, n * hh * ww * spec.kernel_numel * r):  # z's elements too: int32 offsets
+    if groups > 1 and groups * spec.kernel_numel * r > _TAPS_GROUPED_WIDTH * c:
         return None
-    xm = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: x is channels-last
-    dm = d.permute(2, 3, 0, 1).reshape(-1, c)  # (tap, ρ) rows
+    if not lowrank_triton.up_add_ok(x, n * hh * ww * groups * spec.kernel_numel * r):  # z's too: int32 offsets
+        return None
+    cg = c // groups
+    xm = x.permute(0, 2, 3, 1).reshape(-1, cg)  # a view: x is channels-last (rows: position, then group)
+    dm = d.permute(2, 3, 0, 1).reshape(-1, cg)  # (tap, ρ) rows
     z = torch.mm(xm, dm.t(), out_dtype=torch.float32) if low else torch.mm(xm, dm.t())
-    return lowrank_triton.tap_sum(z, n, hh, ww, r, spec.kernel, spec.pads, x.dtype)
+    return lowrank_triton.tap_sum(z, n, hh, ww, r, spec.kernel, spec.pads, x.dtype, groups)
 
 
 def _conv_nhwc(spec: LayerSpec, x: torch.Tensor) -> bool:
@@ -805,17 +818,17 @@ class _BypassOp(torch.autograd.Function):
             n = xd.shape[0]
             epi = _conv_epilogue(xd, spec)
             # a k×k conv in NCHW: cuDNN converts x to channels-last for each of the two convs and converts the
-            # frozen conv's output back; converted once here, both convs read it (a grouped adapter's conv reads
-            # the NCHW x: its groups are views of it) and up_add's pass writes NCHW
+            # frozen conv's output back; converted once here, both convs read it (a grouped adapter's cuDNN conv
+            # reads the NCHW x: its groups are views of it) and up_add's pass writes NCHW
             xin = _nhwc_copy(xd) if epi and _conv_nhwc(spec, xd) else xd
             with _fork(side):
-                if groups > 1:  # the kernel on each channel group, the groups folded into the batch (views)
+                # over the channels-last x: one GEMM of the per-tap products and their sum (_taps_down), else cuDNN
+                h = _taps_down(spec, xin, dd, groups) if xin is not xd else None
+                if h is None and groups > 1:  # the kernel on each channel group, the groups folded into the batch
                     hg = layer_op(xd.view(n * groups, -1, *xd.shape[2:]), spec, dd)
                     h = hg.view(n, -1, *hg.shape[2:])
-                else:
-                    h = _taps_down(spec, xin, dd) if xin is not xd else None
-                    if h is None:
-                        h = layer_op(xin, spec, dd if xin is xd else _weight_cl(dd))
+                elif h is None:
+                    h = layer_op(xin, spec, dd if xin is xd else _weight_cl(dd))
             # with the epilogue the bias joins the up's pass: torch adds a cuDNN conv's bias in a pass of its own
             y = layer_op(xin, spec, wd if xin is xd else _weight_cl(wd), None if epi else bd)
             _join(side)

@@ -354,12 +354,14 @@ if triton is not None:
         tl.store(OUT + n * son + rows[:, None] * som + cols[None, :] * sop, y.to(OUT.dtype.element_ty), mask=m2)
 
     @triton.jit
-    def _tap_sum_kernel(Z, H, R, HH, WW, szr, shn, shr, shp, PH: tl.constexpr, PW: tl.constexpr,
+    def _tap_sum_kernel(Z, H, R, HH, WW, G, szr, shn, shr, shp, PH: tl.constexpr, PW: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
-        """H[n, ρ, p] = Σ_taps Z[(n, p + tap offset), tap·R + ρ] (zero outside the image) for one block of BP
-        positions of image n: the tap sum of a conv whose per-tap products Z were one GEMM over the positions.
-        Z ``(N·HH·WW, KH·KW·R)`` rows of stride ``szr``, fp32; the sum in fp32, rounded once into H."""
+        """H[n, g·R + ρ, p] = Σ_taps Z[((n, p + tap offset), g), tap·R + ρ] (zero outside the image) for one block
+        of BP positions of image n and channel group g: the tap sum of a conv whose per-tap products Z were one GEMM
+        over the positions (× groups). Z ``(N·HH·WW·G, KH·KW·R)`` rows of stride ``szr``, fp32; the sum in fp32,
+        rounded once into H."""
         n = tl.program_id(1)
+        g = tl.program_id(2)
         p = tl.program_id(0) * BP + tl.arange(0, BP)
         pmask = p < HH * WW
         py = p // WW
@@ -371,10 +373,10 @@ if triton is not None:
             sy = py + (t // KW - PH)
             sx = px + (t % KW - PW)
             ok = pmask & (sy >= 0) & (sy < HH) & (sx >= 0) & (sx < WW)
-            row = n * HH * WW + sy * WW + sx
+            row = (n * HH * WW + sy * WW + sx) * G + g
             acc += tl.load(Z + row[:, None] * szr + t * R + rr[None, :], mask=ok[:, None] & rmask[None, :],
                            other=0.0).to(tl.float32)
-        tl.store(H + n * shn + rr[None, :] * shr + p[:, None] * shp, acc.to(H.dtype.element_ty),
+        tl.store(H + n * shn + (g * R + rr[None, :]) * shr + p[:, None] * shp, acc.to(H.dtype.element_ty),
                  mask=pmask[:, None] & rmask[None, :])
 
     @triton.jit
@@ -547,14 +549,15 @@ _TAP_BP = 128
 
 
 def tap_sum(z: torch.Tensor, n: int, hh: int, ww: int, r: int, kernel: tuple, pads: tuple,
-            dtype: torch.dtype) -> torch.Tensor:
-    """``h`` ``(n, r, hh, ww)`` (NCHW, ``dtype``) of a stride-1 conv with r outputs from its per-tap products
-    ``z`` ``(n·hh·ww, kh·kw·r)`` (row = position, columns tap-major: ``z[p, t·r + ρ] = Σ_c x[p, c]·D[ρ, c, t]``):
-    ``h[n, ρ, p] = Σ_t z[p + offset_t, t·r + ρ]``, zero outside the image, summed in fp32 and rounded once."""
+            dtype: torch.dtype, groups: int = 1) -> torch.Tensor:
+    """``h`` ``(n, groups·r, hh, ww)`` (NCHW, ``dtype``) of a stride-1 conv with r outputs per channel group from its
+    per-tap products ``z`` ``(n·hh·ww·groups, kh·kw·r)`` (row = (position, group), columns tap-major:
+    ``z[(p, g), t·r + ρ] = Σ_c x[p, g-th channel group][c]·D[ρ, c, t]``): ``h[n, g·r + ρ, p] = Σ_t z[(p + offset_t,
+    g), t·r + ρ]``, zero outside the image, summed in fp32 and rounded once (channels group-major)."""
     kh, kw = kernel
-    h = torch.empty((n, r, hh, ww), device=z.device, dtype=dtype)
-    _tap_sum_kernel[(_cdiv(hh * ww, _TAP_BP), n)](
-        z, h, r, hh, ww, z.stride(0), h.stride(0), h.stride(1), h.stride(3), PH=int(pads[0]), PW=int(pads[1]),
+    h = torch.empty((n, groups * r, hh, ww), device=z.device, dtype=dtype)
+    _tap_sum_kernel[(_cdiv(hh * ww, _TAP_BP), n, groups)](
+        z, h, r, hh, ww, groups, z.stride(0), h.stride(0), h.stride(1), h.stride(3), PH=int(pads[0]), PW=int(pads[1]),
         KH=kh, KW=kw, BP=_TAP_BP, BR=max(2, 1 << (r - 1).bit_length()), num_warps=4)
     return h
 
