@@ -151,6 +151,19 @@ def test_conv_epilogue_with_a_grouped_down(monkeypatch, triton_interpreter, nhwc
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
 
 
+def _taps_forced(monkeypatch, nhwc: bool) -> list:
+    """``LYCO_TAPS_DOWN`` forced in on the CPU (the epilogue and the kernels' conditions lifted; Triton's
+    interpreter), the NHWC path as ``nhwc``; returns the list each ``tap_sum`` call appends its arguments to."""
+    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
+    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
+    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
+    monkeypatch.setenv("LYCO_TAPS_DOWN", "1")
+    calls = []
+    real = lowrank_triton.tap_sum
+    monkeypatch.setattr(lowrank_triton, "tap_sum", lambda *a: calls.append(a[1:]) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("case", ["3x3-nhwc", "3x3-nobias-nhwc", "3x3-stride2-nhwc", "3x3-nchw", "1x1"])
 def test_taps_down_in_the_op(monkeypatch, triton_interpreter, case):
     """``LYCO_TAPS_DOWN``: a stride-1 k×k conv adapter's down over the channels-last input as one GEMM of the
@@ -158,13 +171,7 @@ def test_taps_down_in_the_op(monkeypatch, triton_interpreter, case):
     stride 2, not on the NCHW path, not for a 1×1 conv, which never goes channels-last); the op's output and every
     gradient against float64 math."""
     mod, nhwc = CASES[case]
-    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
-    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
-    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
-    monkeypatch.setenv("LYCO_TAPS_DOWN", "1")
-    calls = []
-    real = lowrank_triton.tap_sum
-    monkeypatch.setattr(lowrank_triton, "tap_sum", lambda *a: calls.append(a[1:7]) or real(*a))
+    calls = _taps_forced(monkeypatch, nhwc)
     r, g = 4, torch.Generator().manual_seed(8)
     w = mod.weight.detach().double()
     b = None if mod.bias is None else mod.bias.detach().double() + 0.5
@@ -176,7 +183,7 @@ def test_taps_down_in_the_op(monkeypatch, triton_interpreter, case):
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     y.backward(gy)
     taken = nhwc and mod.stride == (1, 1) and mod.kernel_size != (1, 1)
-    assert calls == ([(2, 9, 8, r, (3, 3), (1, 1))] if taken else []), calls
+    assert calls == ([(2, 9, 8, r, (3, 3), (1, 1), torch.float64, 1)] if taken else []), calls
     xr, dr, ur = (t.detach().clone().requires_grad_() for t in (x, down, up))
     kw = dict(stride=mod.stride, padding=mod.padding)
     yr = F.conv2d(xr, w, b, **kw) + 0.7 * F.conv2d(F.conv2d(xr, dr, None, **kw), ur)
@@ -216,13 +223,7 @@ def test_taps_down_with_a_grouped_down(monkeypatch, triton_interpreter, nhwc, wi
     float64 math with D formed, every gradient included."""
     if wide:
         monkeypatch.setattr(lowrank, "_TAPS_GROUPED_WIDTH", 1000)
-    monkeypatch.setattr(lowrank, "_conv_epilogue", lambda x, spec: True)
-    monkeypatch.setattr(lowrank_triton, "up_add_ok", lambda x, numel: True)
-    monkeypatch.setenv("LYCO_CONV_NHWC", "1" if nhwc else "0")
-    monkeypatch.setenv("LYCO_TAPS_DOWN", "1")
-    calls = []
-    real = lowrank_triton.tap_sum
-    monkeypatch.setattr(lowrank_triton, "tap_sum", lambda *a: calls.append(a[1:]) or real(*a))
+    calls = _taps_forced(monkeypatch, nhwc)
     mod, g, r = nn.Conv2d(6, 5, 3, padding=1), 3, 4
     gen = torch.Generator().manual_seed(12)
     w, b = mod.weight.detach().double(), mod.bias.detach().double()

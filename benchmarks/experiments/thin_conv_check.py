@@ -23,11 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lyco.algorithms import lowrank, lowrank_triton  # noqa: E402
 from fused_gemm_check import timed  # noqa: E402
-
-# (batch, in channels, side): SD1.5 b8's 3×3 stride-1 conv inputs (down, mid and up blocks; the up blocks' conv1
-# reads the concatenated skip)
-SHAPES = [(8, 320, 64), (8, 640, 64), (8, 960, 64), (8, 320, 32), (8, 640, 32), (8, 960, 32), (8, 1280, 32),
-          (8, 640, 16), (8, 1280, 16), (8, 2560, 16), (8, 1280, 8), (8, 2560, 8)]
+from taps_down_check import SHAPES  # noqa: E402  (SD1.5 b8's 3×3 stride-1 conv inputs)
 
 
 def main():
