@@ -63,7 +63,7 @@ channels-last copy by torch's strided ``contiguous`` lost even to cuDNN's own co
 convs there: 7.13 ms with it, 6.74 with cuDNN's conversions, 6.03 with the tiled copy). On that path the weights go
 channels-last by the same tiled copy (:func:`_weight_cl`; run 142: LoCon 75.43 → 75.02–75.06 ms, LoHa 78.42 →
 77.92–77.94), and the adapter's down is one GEMM of its per-tap products and a Triton tap sum (:func:`_taps_down`;
-run 143: LoCon 74.22 → 73.29–73.31, LoHa 76.89 → 75.71–75.72; cuDNN's r-output conv pays for a 64-wide tile);
+run 143: LoCon 74.22 → 73.29–73.31, LoHa 76.89 → 75.71–75.72; cuDNN's r-output conv ran 64-output tiles in run 141's profile);
 the backward's ∂x channels-last the same way (∂y in and ∂x out by the tiled copy) cost +2 ms on LoCon's step (run
 108; +5.7 with the merged weight written channels-last by a Triton merge, run 110: cuDNN's channels-last dgrad at
 64×64 is the slow part) and was taken out. With it SD1.5's 8×8 convs join the op (:func:`bypass_pays`). The output is rounded once
@@ -409,8 +409,8 @@ def _taps_down(spec: LayerSpec, x: torch.Tensor, d: torch.Tensor, groups: int = 
     ``z = x·[D_t]ᵀ``, the r·k² per-tap products in fp32 (``mm`` with ``out_dtype``) — and the tap sum of
     :func:`.lowrank_triton.tap_sum` (fp32, rounded once, h NCHW), where ``LYCO_TAPS_DOWN`` (:mod:`.graph_policy`,
     captured steps by default) and the layer is a stride-1, dilation-1, zero-padded 2-D conv; else None
-    (cuDNN's conv). cuDNN runs the r-output conv as an implicit GEMM whose smallest tile is 64 outputs wide, 8×
-    the rank's multiply-adds (runs 142–143: 32 µs at 8 × 320 × 64², 13–36 µs at 16×16 and 8×8, where the frozen
+    (cuDNN's conv). cuDNN ran the r-output conv as implicit GEMMs tiled 64 outputs wide (run 141's profile: ``…tilesize64x64x64…``),
+    8× the rank's multiply-adds (runs 142–143: 32 µs at 8 × 320 × 64², 13–36 µs at 16×16 and 8×8, where the frozen
     conv is short); the GEMM's N is r·k² = 72 (run 143: 19.9 µs there, 198 against cuDNN's 467 µs summed over
     SD1.5 b8's twelve shapes, errors equal). The layer's own conv is ungrouped; ``groups`` > 1 (LoKr's grouped down, ``D = kron(I, d)``): the channel
     groups of a position are rows of the GEMM (x channels-last viewed ``(positions·groups, C/groups)``), h's
