@@ -252,6 +252,25 @@ def _ahead_start(ahead) -> None:
             prev.build()
 
 
+def _side_products(side, su, up, down, ahead):
+    """Issue an op's backward products on its side streams (both ops' backward; the caller joins ``side`` and
+    ``su`` before it returns): ``up()`` (the ∂U's) on the up stream :func:`up_stream` where there is one, then the
+    previous op's merged weight ahead there (:func:`_ahead_start`); ``down()`` (∂h → ∂D) on the side stream —
+    after ``up()`` on that same stream where there is no up stream. Either may be None. Returns their results."""
+    gu = gd = None
+    with _fork(side if su is None else su):
+        if up is not None:
+            gu = up()
+        if down is not None and su is None:
+            gd = down()
+        if su is not None:
+            _ahead_start(ahead)
+    if down is not None and su is not None:
+        with _fork(side):
+            gd = down()
+    return gu, gd
+
+
 def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool) -> torch.Tensor:
     """The weight of an op's ∂x GEMM: ``W + s·U·D`` (:func:`_merged`), with ``U`` beside it where the GEMM yields
     ∂h too (:func:`_cat_pays`)."""
@@ -392,9 +411,9 @@ def _weight_cl(w: torch.Tensor) -> torch.Tensor:
     """A conv weight channels-last for a conv over a channels-last input — torch's cuDNN conv makes the weight
     channels-last itself (``weight.contiguous(memory_format)``, a strided elementwise copy), here by the tiled copy
     (:func:`.lowrank_triton.channels_last`) where ``LYCO_CONV_WEIGHT_CL`` (:mod:`.graph_policy`, captured steps by
-    default). Run 141's LoCon profile: 226 copy kernels more than LoRA's, +1.8 ms, most of them the frozen 3×3
-    weights (SD1.5: 541 M elements, 1 GiB per forward) — where the floor's cuDNN converts the weight with its own
-    tiled kernel."""
+    default). Run 141's LoCon profile: 226 copy kernels more than LoRA's, +1.8 ms; the frozen 3×3 weights are the
+    largest of the tensors copied (SD1.5: 541 M elements, 1 GiB per forward) — the floor's cuDNN converts them with
+    its own tiled kernel. Run 142: LoCon 75.43 → 75.02–75.06 ms with this copy."""
     if w.is_contiguous(memory_format=torch.channels_last) or not graph_policy.wanted("LYCO_CONV_WEIGHT_CL"):
         return w
     return _nhwc_copy(w)
@@ -559,16 +578,10 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     side = side_stream(gy) if (need_d or need_u) else None
     su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
     pre = _ahead_take(ahead)
-    with _fork(side if su is None else su):
-        if need_u:
-            gu = _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u)
-        if need_d and not cat and su is None:
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
-        if su is not None:
-            _ahead_start(ahead)
-    if need_d and not cat and su is not None:
-        with _fork(side):
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)
+    gu, gd = _side_products(
+        side, su, (lambda: _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u)) if need_u else None,
+        (lambda: _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)) if need_d and not cat else None,
+        ahead)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
         # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
-    _SUNK, _ahead_link, _ahead_start, _ahead_take, _fork, _fused_gemm, _join, _merged, _mm, _out_dtype_ok,
-    _sink_into, _sink_leaves, side_stream, up_stream,
+    _SUNK, _ahead_link, _ahead_take, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _side_products, _sink_into,
+    _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -148,20 +148,15 @@ class _SharedOp(torch.autograd.Function):
                 if need_d[i]:
                     gd[i] = g_all[offs[i]:offs[i] + rs[i]]
 
-        with _fork(side if su is None else su):
+        def grad_ups():
             for i in live:
-                dshape, ddt, ushape, udt = metas[i]
+                ushape, udt = metas[i][2:]
                 leaves = ctx.leaves[i]
                 if need_u[i]:
                     into = _sink_into(leaves[1], tuple(ushape), cd) if leaves is not None else None
                     gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
-            if any(need_d) and su is None:
-                grad_downs()
-            if su is not None:
-                _ahead_start(ahead)
-        if su is not None:
-            with _fork(side):
-                grad_downs()
+
+        _side_products(side, su, grad_ups, grad_downs if any(need_d) else None, ahead)
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
             # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast); without such GEMMs each product is
