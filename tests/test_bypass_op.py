@@ -451,7 +451,8 @@ def test_shape_rule_channels_last(monkeypatch, triton_interpreter, algo, nhwc, t
     (dict(algo="lora", rank=2, dora=True), False),
     (dict(algo="lokr", rank=2, factor=2), True),    # low-rank W2: the op with B on each channel group
     (dict(algo="lokr", rank=2, factor=2, use_tucker=True), False),
-    (dict(algo="lokr", rank=2, factor=2, full_matrix=True), False),   # full W2: LoKr's rebuilt op
+    # full W2 with many positions per weight (162 > 0.75·16·9, LoKr.prefers_op_over_rebuild): its rebuilt op
+    (dict(algo="lokr", rank=2, factor=2, full_matrix=True), False),
 ])
 def test_not_taken_where_the_delta_path_must_run(monkeypatch, cfg, taken):
     """Dropout family and DyLoRA in training, and adapters that are not a two-factor product here, keep the
@@ -516,3 +517,47 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
     torch.testing.assert_close(y1, y0, rtol=1e-10, atol=1e-10)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def _dense_lokr_full(t):
+    """kron(W1, W2) of a LoKr with both factors full (γ = 1), float64, from the definition (W2 flattened per row)."""
+    w2 = t["lokr_w2"]
+    return torch.kron(t["lokr_w1"], w2.reshape(w2.shape[0], -1))
+
+
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x3-s2", "3x3-d2"])
+@pytest.mark.parametrize("channels", [32, 64])
+def test_lokr_full_w2_conv_takes_the_op_over_the_rebuild(monkeypatch, m, layer, channels):
+    """LoKr with a full W2 on a 3×3 conv (``full_matrix``): ``mode = "auto"`` rebuilds it, but in a step that takes
+    the op and where the positions are few per weight (``LoKr.prefers_op_over_rebuild``) the op runs it as a LoRA —
+    down W2 on each of the in_m channel groups, up ``kron(W1, I)``; outputs and gradients (x, W1, W2) equal float64
+    math on ``kron(W1, W2)``. With the rule off the same layer takes the rebuilt op."""
+    from lyco.algorithms.lokr import LoKr
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(LoKr, "EYE_POSITIONS", 1e9)
+    torch.manual_seed(0)
+    mod = nn.Conv2d(channels, 48, **CONVS[layer])
+    model, net = _setup(mod, dict(algo="lokr", rank=2, factor=4, full_matrix=True))
+    net.set_multiplier(m)
+    a, t = _adapter_tensors(mod)
+    assert set(t) == {"lokr_w1", "lokr_w2", "alpha"} and a.prefers_rebuild
+    x = torch.randn(2, channels, 9, 7, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert node == "_BypassOpBackward"
+    leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+    xr = x.detach().clone().requires_grad_()
+    w = mod.weight.detach() + m * _dense_lokr_full(leaves).reshape(mod.weight.shape)
+    yr = F.conv2d(xr, w, mod.bias, mod.stride, mod.padding, mod.dilation)
+    gr = torch.autograd.grad(yr, [xr] + [leaves[k] for k, v in t.items() if v.requires_grad], gy)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(gr) == 3
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(LoKr, "EYE_POSITIONS", 0.0)
+    y0, grads0, node0 = _run(model, x, gy)
+    assert node0 != "_BypassOpBackward"
+    torch.testing.assert_close(y0, yr, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads0, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)

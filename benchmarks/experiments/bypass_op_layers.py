@@ -14,7 +14,9 @@ with ∂D by cuDNN's weight gradient instead of the im2col). Writes one JSON row
     python benchmarks/experiments/bypass_op_layers.py --profile --only down_blocks.0.resnets.0.conv1
     python benchmarks/experiments/bypass_op_layers.py --algo lokr --set conv --rebuild   # runs 83-84
 
-``--rebuild`` adds a fourth way, the rebuilt op (the adapter's mode set to "rebuild"), per layer.
+``--rebuild`` adds a fourth way, the rebuilt op (the adapter's mode set to "rebuild"), per layer. ``--algo lokr-full``
+(LoKr with full W2): ``delta`` is then the rebuilt op too (``mode = "auto"`` rebuilds it where the op is off), ``op``
+the full W2's LoRA form on every k×k conv (``LoKr.prefers_op_over_rebuild`` forced; run 148).
 """
 
 import argparse
@@ -71,7 +73,7 @@ def main():
     p.add_argument("--out", default=".")
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="CPU, the tiny UNet: the paths run, no timing")
-    p.add_argument("--algo", default="locon", choices=["locon", "loha", "lokr"],
+    p.add_argument("--algo", default="locon", choices=["locon", "loha", "lokr", "lokr-full"],
                    help="the adapters on every lin+conv layer (train_step.py's configurations of these names)")
     p.add_argument("--only", default="", help="comma list of layer names (default: every lin+conv layer)")
     p.add_argument("--set", default="lin+conv", choices=["lin", "conv", "lin+conv", "allconv"],
@@ -104,6 +106,9 @@ def main():
     with torch.no_grad():  # a trained-looking up (LoRA starts it at zero)
         for prm in handle.params:
             prm.add_((0.02 * torch.randn(prm.shape, generator=gen)).to(prm.device, prm.dtype))
+    if a.algo == "lokr-full":  # the op ways take a full W2's LoRA form on every k×k conv (the rule forced)
+        from lyco.algorithms.lokr import LoKr
+        LoKr.EYE_POSITIONS = 1e9
     rows, prof_lines = [], []
     t0 = time.time()
     real_im2col, real_cat, real_nhwc = lowrank._im2col_ok, lowrank._cat_pays, lowrank._nhwc_copy

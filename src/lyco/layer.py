@@ -257,6 +257,18 @@ class AdapterLayer(nn.Module):
                 return y
         return self.algorithm.bypass_op(x, t, self.spec, weight, bias, self._multiplier)
 
+    def bypass_op_over_rebuild(self, x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None) -> torch.Tensor | None:
+        """On the rebuild path (``mode = "auto"``), in a step that takes the bypass op: the op instead where the
+        algorithm prefers it on this layer and input (``prefers_op_over_rebuild``; LoKr's full W2 on k×k convs with
+        few positions per weight), else None (the host rebuilds)."""
+        if self._delta_only():
+            return None
+        t = self._hot_tensors()
+        if not self.algorithm.prefers_op_over_rebuild(t, self.spec, x):
+            return None
+        return self.algorithm.bypass_op(x, t, self.spec, weight, bias, self._multiplier)
+
     def bypass_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(D, U, s)`` with this adapter's delta ``s·U·D`` where :meth:`bypass_op` would take the bypass op with one
         group — what a group of layers sharing an input runs as one op (:mod:`.siblings`) — else None."""
@@ -333,6 +345,9 @@ class LayerHost:
     def _refresh(self) -> tuple:
         active = tuple(a for a in self.adapters if a.enabled and not a.is_merged and a.multiplier != 0.0)
         self._rebuild = any(a.mode == "rebuild" or (a.mode == "auto" and a.prefers_rebuild) for a in active)
+        # one adapter on the rebuild path whose algorithm may take the bypass op there instead (op steps only)
+        self._op_first = (self._rebuild and len(active) == 1 and active[0].mode == "auto"
+                          and active[0].algorithm.op_over_rebuild)
         self._active = active
         return active
 
@@ -345,6 +360,11 @@ class LayerHost:
         mod = self.module
         if self._rebuild:
             if len(active) == 1:
+                if (self._op_first and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec)
+                        and _lowrank.bypass_supports(self.spec, x)):
+                    y = active[0].bypass_op_over_rebuild(x, mod.weight, mod.bias)
+                    if y is not None:
+                        return y
                 y = active[0].rebuild_op(x, mod.weight, mod.bias)
                 if y is not None:
                     return y

@@ -389,6 +389,15 @@ class Algorithm:
         policy): whether the rebuild path beats the op there. Default False (LoKr: its narrow layers)."""
         return False
 
+    #: whether :meth:`prefers_op_over_rebuild` can hold for this algorithm (the layer host asks only then)
+    op_over_rebuild: ClassVar[bool] = False
+
+    def prefers_op_over_rebuild(self, t: Mapping[str, Any], spec: LayerSpec, x: torch.Tensor) -> bool:
+        """Per layer and input (``mode = "auto"``), where :meth:`prefers_rebuild_for` holds, in the steps that take the
+        bypass op: whether :meth:`bypass_op` beats the rebuild path there. Default False (LoKr: a full W2 on a k×k
+        conv with few positions per weight)."""
+        return False
+
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                    bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W′, b′)`` for the rebuild path, or None (then the host runs ``layer_op`` on

@@ -24,7 +24,10 @@ rule ``kron(W1, A·B) = kron(W1, A) · kron(I_in_m, B)``, so ``ΔW = U·D`` with
 on each of the in_m channel groups, i.e. one GEMM (a conv over in_m× the batch) on x viewed
 ``(…·in_m, in_n)``. The delta path is then ``acc + s·h·Uᵀ`` with ``h = (x grouped)·Bᵀ`` viewed
 ``(…, in_m·r)``: two GEMMs, as LoRA's, and only the rank-sized h kept (:meth:`LoKr._kron_lora`). Tucker
-W2 likewise, with the core conv after the grouped 1×1 down.
+W2 likewise, with the core conv after the grouped 1×1 down. A full W2 is the same product with ``A = I``:
+``kron(W1, W2) = kron(W1, I_out_k) · kron(I_in_m, W2)`` — down W2 itself on the channel groups, up
+``kron(W1, I)`` (out × in_m·out_k, as wide as the layer): the bypass op's form on k×k convs with few positions
+per weight (:meth:`LoKr._eye_form`, :meth:`LoKr.prefers_op_over_rebuild`), the rebuilt op elsewhere.
 
 Deliberate differences from LyCORIS: γ is applied once everywhere (its merge path applies γ²);
 with both factors full and rs_lora its forward scales by √r while loaders use 1: we use 1 and
@@ -163,6 +166,29 @@ class _KronBuild:
             g2 = torch.matmul(cast(t1, gw.dtype).transpose(2, 3), e4).sum(0, keepdim=True)
             g2 = cast(g2 * self.s if self.s != 1.0 else g2, t2.dtype)
         return g1, g2
+
+
+class _KronEye(torch.autograd.Function):
+    """``U = kron(W1, I_out_k)`` ``(out_l·out_k, in_m·out_k)`` in ``dtype``: the up of a full W2's LoRA form
+    (:meth:`LoKr.bypass_factors`). Its only non-zeros are ``U[(i,k),(j,k)] = W1[i,j]``, so the forward writes W1
+    on a strided diagonal of a zero tensor and the backward sums ∂U's same diagonal over k (in fp32 at least,
+    rounded once to W1's dtype) — where autograd through ``torch.kron(W1, eye)`` would multiply and reduce U-sized tensors."""
+
+    @staticmethod
+    def forward(ctx, w1, out_k: int, dtype: torch.dtype):
+        out_l, in_m = w1.shape
+        u = w1.new_zeros((out_l, out_k, in_m, out_k), dtype=dtype)
+        u.diagonal(dim1=1, dim2=3).copy_(w1.to(dtype).unsqueeze(-1).expand(out_l, in_m, out_k))
+        ctx.shape = (out_l, out_k, in_m, out_k)
+        ctx.w1_dtype = w1.dtype
+        return u.view(out_l * out_k, in_m * out_k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gu):
+        acc = torch.promote_types(gu.dtype, torch.float32)
+        g = gu.reshape(ctx.shape).diagonal(dim1=1, dim2=3).sum(-1, dtype=acc)
+        return g.to(ctx.w1_dtype), None, None
 
 
 @register
@@ -322,7 +348,10 @@ class LoKr(Algorithm):
         95.47 → 94.35 ms); the grouped conv variant measured no gain in run 70 (94.41 vs 94.33 ms) and was
         reverted — but every conv through the op then copied all of ∂y in its ∂h (``torch.matmul`` folding a 2-D
         Uᵀ, found in run 71); back in run 73: 93.41 → 91.66 ms. LoKr's rebuild path is its own
-        (:meth:`rebuild_op`)."""
+        (:meth:`rebuild_op`). A full W2 on a k×k conv (:meth:`_eye_form`): ``(W2, kron(W1, I_out_k), γ, in_m)``."""
+        if self._eye_form(t, spec) and not isinstance(self._gain(t), torch.Tensor):
+            w2 = t["lokr_w2"]
+            return w2, _KronEye.apply(self._w1(t), int(w2.shape[0]), dtype), float(self._gain(t)), LoKr._in_m(t)
         if (spec.kind not in (LINEAR, CONV2D) or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
@@ -331,6 +360,16 @@ class LoKr(Algorithm):
         b = t["lokr_w2_b"]
         down = b if spec.kind == LINEAR else b.reshape(b.shape[0], -1, *spec.kernel)
         return down, self._kron_up(t, dtype), self._gain(t), LoKr._in_m(t)
+
+    @staticmethod
+    def _eye_form(t, spec) -> bool:
+        """Whether a *full* W2 on this layer has the op's LoRA form ``kron(W1, W2) = kron(W1, I)·kron(I, W2)``: the
+        down W2 itself (``r = out_k``, a conv over in_m× the batch), the up ``kron(W1, I_out_k)`` (:class:`_KronEye`,
+        out × in_m·out_k: for a k×k conv 1/∏k of the layer's multiply-adds where in_m = out_l). Only 2-D k×k convs
+        (zero padding, ungrouped, no trained ``scalar``): on a linear layer that up costs as much as the layer
+        itself, three times per step — the rebuilt op's one weight-gradient GEMM is cheaper."""
+        return ("lokr_w2" in t and "scalar" not in t and spec.kind == CONV2D and spec.groups == 1
+                and spec.kernel_numel > 1 and spec.padding_mode == "zeros" and not isinstance(spec.padding, str))
 
     def _kron_lora(self, acc, x, t, spec, s, inplace):
         """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout
@@ -380,8 +419,9 @@ class LoKr(Algorithm):
         rounds, ``results/run27_h100_lokr_lowrank/``): one-graph device time 100.7 / 100.7 ms vs 104.3 /
         104.3 on the rebuilt op (PEFT 135.9: 0.74×); eager 186.1 / 187.1 vs 284.1 / 201.7 (PEFT 318.3 /
         219.0); peak 9.51 vs 8.85 GiB (PEFT 10.38) — h ``(…, in_m·r)`` kept per layer. Full W2 stays on
-        the rebuilt op (its structured form needs an output-sized intermediate). In steps that take the bypass
-        op, narrow layers take the rebuilt op instead (:meth:`prefers_rebuild_in_op`)."""
+        the rebuilt op (its structured form needs an output-sized intermediate) — except, in steps that take the
+        bypass op, on k×k convs with few positions per weight (:meth:`prefers_op_over_rebuild`). In those steps,
+        narrow layers with a low-rank W2 take the rebuilt op instead (:meth:`prefers_rebuild_in_op`)."""
         return rebuild_supports(spec) and not self._kron_lora_pays(t, spec)
 
     def prefers_rebuild_in_op(self, t, spec):
@@ -394,6 +434,34 @@ class LoKr(Algorithm):
         (89) measured 183–235 ms for identical eager code, so that eager cost is not established; the graph
         gain is (87.3–87.6 vs 89.2–89.6 ms, runs 85/87/89)."""
         return "lokr_w2_b" in t and rebuild_supports(spec) and self._weight_grad_pays(t, spec)
+
+    op_over_rebuild = True
+
+    #: break-even of :meth:`prefers_op_over_rebuild`: a full W2's LoRA form on a k×k conv while the positions are at
+    #: most this many times the layer's ``in·∏k`` (runs 149 and 152: 0.75 against 4 and 0.4);
+    #: ``LYCO_LOKR_EYE_POSITIONS`` overrides it (0: never — a diagnostic switch for A/B runs)
+    EYE_POSITIONS = _env_float("LYCO_LOKR_EYE_POSITIONS", 0.75)
+
+    def prefers_op_over_rebuild(self, t, spec, x):
+        """A full W2 on a k×k conv (:meth:`_eye_form`) where the input has few positions per weight
+        (``positions ≤ EYE_POSITIONS·in·∏k``): the rebuilt op's costs there are weight-sized (the merged weight twice,
+        ∂W′ with its layout conversion and its two reductions: passes over out·in·∏k elements that do not shrink
+        with the positions), the LoRA form's activation-sized. Only in the steps that take the op (the layer host
+        asks where ``mode = "auto"`` rebuilds, :mod:`.graph_policy`'s captured steps by default); eager steps keep
+        the rebuilt op.
+
+        Measured (H100, SD1.5 b8 ``lokr-full``: factor 8, both factors full on every lin+conv layer). Per layer
+        (run 149, ``results/run149_h100_lokr_eye2/``, each 3×3 conv alone as a CUDA graph, before the rebuilt op's
+        Triton kernels): at 8×8, 1280 → 1280, the rebuilt op 651 µs against 378 on this form; 2560 → 1280 1066
+        against 635; at 32×32, 1280 → 1280 (positions 0.71·in·∏k) 1635 against 1367; 640 → 640 (1.42) 500 against
+        509; 960 → 640 (0.95) 703 against 1147; at 64×64 (3.8–11.4) the rebuilt op by 15–40 %. The step as one graph:
+        run 148 (rule at 4, no kernels) 93.6 against 101.75 ms without it; run 149 0.75 against 4: 87.86 against
+        88.55; run 152, with the rebuilt op's kernels: **86.38 / 86.52** against 89.50 without the rule and 86.81 at
+        0.4 (floor 67.08: 1.29×). SDXL b4 (run 151): 239.74 against 239.58 without it — neutral there."""
+        if not self._eye_form(t, spec) or isinstance(self._gain(t), torch.Tensor):
+            return False
+        positions = x.shape[0] * x.shape[2] * x.shape[3]
+        return positions <= LoKr.EYE_POSITIONS * spec.flat_in
 
     #: break-even of :meth:`_weight_grad_pays` per channel of LoKr's h (``in_m·r``): 340 at the benchmark's
     #: 128-channel h (runs 83–84); ``LYCO_LOKR_WGRAD_PER_H`` overrides it (0: the rule off — a diagnostic
