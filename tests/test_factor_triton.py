@@ -126,6 +126,24 @@ def test_kron_batched_matches_definition(kern, n, ol, im, ok, r, dtype):
         assert _rel(gw1[b], W1.grad) < tg and _rel(ga[b], A.grad) < tg
 
 
+@pytest.mark.parametrize("ol,ok,im,c", [(8, 40, 8, 360), (3, 5, 7, 130), (2, 24, 3, 1440), (1, 3, 1, 1),
+                                        (4, 33, 2, 200)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kron_weight_grads_match_definition(kern, ol, ok, im, c, dtype):
+    """LoKr's rebuilt-op backward: for E ``(L, K, M, C)``, ``Σ_kc E[i,k,j,c]·W2[k,c]`` and ``Σ_ij E[i,k,j,c]·W1[i,j]``
+    — the gradients of W1 and W2 through ``kron(W1, W2)`` (torch.kron's float64 autograd) for the upstream E. Tiles
+    of (k, c) ragged in both (130, 200, 33 rows) and several programs per row of W1."""
+    g = torch.Generator().manual_seed(ol * ok + c)
+    e = torch.randn(ol, ok, im, c, generator=g).to(dtype)
+    w1, w2 = torch.randn(ol, im, generator=g).to(dtype), torch.randn(ok, c, generator=g).to(dtype)
+    g1, g2 = kern.kron_weight_grads(e, w1, w2)
+    assert g1.dtype == g2.dtype == torch.float32 and g1.shape == (ol, im) and g2.shape == (ok, c)
+    W1, W2 = (t.double().requires_grad_() for t in (w1, w2))
+    torch.kron(W1, W2).backward(e.double().permute(0, 1, 2, 3).reshape(ol * ok, im * c))
+    # fp32 sums of exact products: only the summation order differs from float64
+    assert _rel(g1, W1.grad) < 1e-5 and _rel(g2, W2.grad) < 1e-5
+
+
 def test_kernels_take_strided_factors(kern):
     """Transposed factors (LoKr's Tucker A is a transposed view; autograd hands transposed gradients) are read
     through their strides."""
@@ -231,6 +249,23 @@ def test_lokr_layer_trains_through_kernel(kern, monkeypatch, kind, dtype):
     gain = 0.7 * float(t["alpha"]) / t["lokr_w2_b"].shape[0]
     _check_layer(mod, model, x, dtype, [t["lokr_w1"], t["lokr_w2_a"], t["lokr_w2_b"]],
                  lambda lv: gain * torch.kron(lv[0], lv[1] @ lv[2]))
+    assert calls[0] == 1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lokr_rebuilt_layer_trains_through_weight_grad_kernel(kern, monkeypatch, kind, dtype):
+    """A LoKr layer with both factors full on the rebuilt op (``mode = "rebuild"``) with the weight-gradient kernel
+    forced in: output and every gradient equal to the float64 layer with ΔW = 0.7·kron(W1, W2)."""
+    calls = _force(monkeypatch, kern, "kron_weight_grads")
+    torch.manual_seed(2)
+    mod = nn.Linear(64, 48) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(3, 5, 64) if kind == "linear" else torch.randn(2, 16, 6, 6)
+    model = nn.Sequential(mod).to(dtype)
+    t = _perturbed(model, 0.7, algo="lokr", rank=2, factor=4, full_matrix=True, mode="rebuild")
+    assert set(t) == {"lokr_w1", "lokr_w2", "alpha"}
+    _check_layer(mod, model, x, dtype, [t["lokr_w1"], t["lokr_w2"]],
+                 lambda lv: 0.7 * torch.kron(lv[0], lv[1].reshape(lv[1].shape[0], -1)))
     assert calls[0] == 1
 
 
