@@ -144,6 +144,24 @@ def test_kron_weight_grads_match_definition(kern, ol, ok, im, c, dtype):
     assert _rel(g1, W1.grad) < 1e-5 and _rel(g2, W2.grad) < 1e-5
 
 
+@pytest.mark.parametrize("ol,ok,im,c", [(8, 40, 8, 360), (3, 5, 7, 130), (1, 3, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kron_merge_matches_definition(kern, ol, ok, im, c, dtype):
+    """``W + s·kron(W1, W2)`` (torch.kron in float64) with fp32 factors and W in ``dtype``: within one rounding of W's
+    dtype (the fp32 product and sum, then one rounding: one ulp, the interpreter's truncation); a transposed W2 view
+    read through its strides."""
+    g = torch.Generator().manual_seed(ol + c)
+    w = torch.randn(ol * ok, im * c, generator=g).to(dtype)
+    w1, w2t = torch.randn(ol, im, generator=g), torch.randn(c, ok, generator=g)
+    out = kern.kron_merge(w.view(ol, ok, im, c), w1, w2t.t(), -0.7).view(w.shape)
+    d = 0.7 * torch.kron(w1.double(), w2t.t().contiguous().double())
+    ref = w.double() - d
+    assert out.dtype == dtype
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 0.0  # bf16: the final rounding (the interpreter truncates)
+    fp32 = 4 * 2.0 ** -24 * (w.double().abs() + d.abs())  # the fp32 product, scale and sum
+    assert ((out.double() - ref).abs() <= ulp * ref.abs() + fp32).all()
+
+
 def test_kernels_take_strided_factors(kern):
     """Transposed factors (LoKr's Tucker A is a transposed view; autograd hands transposed gradients) are read
     through their strides."""
@@ -255,9 +273,10 @@ def test_lokr_layer_trains_through_kernel(kern, monkeypatch, kind, dtype):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lokr_rebuilt_layer_trains_through_weight_grad_kernel(kern, monkeypatch, kind, dtype):
-    """A LoKr layer with both factors full on the rebuilt op (``mode = "rebuild"``) with the weight-gradient kernel
-    forced in: output and every gradient equal to the float64 layer with ΔW = 0.7·kron(W1, W2)."""
+    """A LoKr layer with both factors full on the rebuilt op (``mode = "rebuild"``) with the merge and
+    weight-gradient kernels forced in: output and every gradient equal to the float64 layer with ΔW = 0.7·kron(W1, W2)."""
     calls = _force(monkeypatch, kern, "kron_weight_grads")
+    merges = _force(monkeypatch, kern, "kron_merge")
     torch.manual_seed(2)
     mod = nn.Linear(64, 48) if kind == "linear" else nn.Conv2d(16, 24, 3, padding=1)
     x = torch.randn(3, 5, 64) if kind == "linear" else torch.randn(2, 16, 6, 6)
@@ -266,7 +285,7 @@ def test_lokr_rebuilt_layer_trains_through_weight_grad_kernel(kern, monkeypatch,
     assert set(t) == {"lokr_w1", "lokr_w2", "alpha"}
     _check_layer(mod, model, x, dtype, [t["lokr_w1"], t["lokr_w2"]],
                  lambda lv: 0.7 * torch.kron(lv[0], lv[1].reshape(lv[1].shape[0], -1)))
-    assert calls[0] == 1
+    assert calls[0] == 1 and merges[0] == 2  # the forward's merged weight and the backward's rebuild
 
 
 def test_usable_needs_cuda_half_precision_and_the_switch(monkeypatch):

@@ -8,8 +8,8 @@
   LoKr's low-rank form (:mod:`.lokr`); backward ``∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j]`` (programs over A's
   rows) and ``∂W1[i,j] = Σ_kρ ∂U[i,k,j,ρ]·A[k,ρ]`` (one program per entry of W1, over every k in a fixed
   order: deterministic), in one launch.
-* LoKr's rebuilt op, backward (:func:`kron_weight_grads`): ``∂W1``, ``∂W2`` from the merged weight's gradient E in
-  one pass over E.
+* LoKr's rebuilt op: the merged weight ``W + s·kron(W1, W2)`` in one pass (:func:`kron_merge`), and backward
+  ``∂W1``, ``∂W2`` from its gradient E in one pass over E (:func:`kron_weight_grads`).
 
 Why: in torch these are broadcast multiplies forward and, through autograd, a multiply and a reduction per
 factor backward — generic strided kernels, ≈ 4.5 µs each at these sizes. GPU run 52 (H100, SD1.5 b8,
@@ -116,7 +116,8 @@ def _compare(device, dtype) -> str | None:
         e, w1, w2 = rnd(ol, ok, im, c), rnd(ol, im), rnd(ok, c)
         g1, g2 = kron_weight_grads(e, w1, w2)
         E, W1, W2 = e.float(), w1.float(), w2.float()
-        errs += [(g1, (E * W2[None, :, None, :]).sum((1, 3))), (g2, (E * W1[:, None, :, None]).sum((0, 2)))]
+        errs += [(g1, (E * W2[None, :, None, :]).sum((1, 3))), (g2, (E * W1[:, None, :, None]).sum((0, 2))),
+                 (kron_merge(e, w1, w2, 0.5), E + 0.5 * W1[:, None, :, None] * W2[None, :, None, :])]
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
     return None if worst <= 2e-2 else f"their self-test's relative error is {worst:.2e}"
 
@@ -342,6 +343,24 @@ if triton is not None:
         tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], acc, mask=m)
 
 
+    @triton.jit
+    def _kron_merge_kernel(W, W1, W2, OUT, N, K, M, C, s, sw1i, sw1j, sw2k, sw2c, BLOCK: tl.constexpr):
+        """``OUT[i,k,j,c] = W[i,k,j,c] + s·W1[i,j]·W2[k,c]`` over the flat index (W and OUT contiguous), in fp32,
+        rounded once."""
+        off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = off < N
+        c = off % C
+        q = off // C
+        j = q % M
+        q = q // M
+        k = q % K
+        i = q // K
+        w = tl.load(W + off, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(W1 + i * sw1i + j * sw1j, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(W2 + k * sw2k + c * sw2c, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + off, (w + s * (a * b)).to(OUT.dtype.element_ty), mask=mask)
+
+
 def _kr_geometry(m: int, n: int, r1: int, r2: int):
     tile = _CFG["kr_tile"]
     key = ("kr", m, n, r1, r2, tile)
@@ -488,6 +507,25 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tu
     p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
     _kron_wgrad_kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc)
     return p1.sum(0), p2.sum(0)
+
+
+#: elements per program of :func:`kron_merge`
+_MERGE_BLOCK = 2048
+
+
+def kron_merge(w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float) -> torch.Tensor:
+    """``W + s·kron(W1, W2)`` for a contiguous W viewed ``(L, K, M, C)`` (as :func:`kron_weight_grads`), ``W1``
+    ``(L, M)``, ``W2`` ``(K, C)`` of any float dtype: one pass (W read once, the result written once in W's dtype,
+    computed in fp32 from the factors as they are and rounded once). Where it replaces torch's broadcast
+    ``addcmul`` of the factors cast to W's dtype (``lokr._KronBuild``; run 149's profile of a 13 M-element linear
+    weight at SD1.5's 8×8 level: 48 µs per merge, twice per step — the forward and the backward's rebuild). The
+    caller checks :func:`usable` and that W has fewer than 2³¹ elements."""
+    L, K, M, C = w.shape
+    out = torch.empty_like(w)
+    n = w.numel()
+    _kron_merge_kernel[(_cdiv(n, _MERGE_BLOCK),)](w, w1, w2, out, n, K, M, C, float(s), *w1.stride(), *w2.stride(),
+                                                  BLOCK=_MERGE_BLOCK)
+    return out
 
 
 class _KhatriRao(torch.autograd.Function):

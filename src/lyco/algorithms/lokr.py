@@ -113,6 +113,10 @@ def _env_float(var: str, default: float) -> float:
     return value
 
 
+#: diagnostic switch (``LYCO_KRON_MERGE=0``: off) for :meth:`_KronBuild._merged_nograd`'s one-pass merge, for A/B runs
+_MERGE_KERNEL = os.environ.get("LYCO_KRON_MERGE", "1") != "0"
+
+
 class _KronBuild:
     """LoKr for :mod:`.rebuild`: ``W′ = W + s·kron(W1, W2)`` with θ = (W1, W2 flat) formed outside the op
     (under autograd: they are the small factors, ``a @ b`` or a Tucker rebuild at most).
@@ -125,7 +129,15 @@ class _KronBuild:
 
     Autograd through ``torch.kron`` (the generic rebuilt op) did the same with broadcast multiplies and
     reductions over weight-sized tensors: on an H200 at SD1.5 b8, ≈ 1000 elementwise kernels per step
-    taking 13.6 ms plus 7 ms of reductions (``results/run12_h200_profile/``)."""
+    taking 13.6 ms plus 7 ms of reductions (``results/run12_h200_profile/``).
+
+    Where :mod:`.factor_triton`'s kernels are taken (CUDA bf16/fp16, captured steps by default) the merge and the
+    two reductions are one Triton pass each (:func:`.factor_triton.kron_merge`, :func:`.factor_triton.kron_weight_grads`:
+    fp32 sums, rounded once): the batched matrix-vector products took 121 + 43 µs and torch's ``addcmul`` 54 µs per
+    merge on a 14.7 M-element weight (run 148's profile, SD1.5's 8×8 conv) — about a third of the memory
+    bandwidth. SD1.5 b8 ``lokr-full`` as one graph (H100): the reductions' kernel 93.77 → 88.55 ms (run 149, A/B
+    against ``LYCO_FACTOR_KERNELS=0``), the merge's 88.08 → 86.40 / 86.46 (run 150, A/B/A against
+    ``LYCO_KRON_MERGE=0``)."""
 
     bias_grad = False
 
@@ -149,11 +161,21 @@ class _KronBuild:
     def __call__(self, w, b, t1, t2):  # differentiable (a trainable base weight)
         return self.merged(w, t1, t2), b
 
+    def _merged_nograd(self, w, t1, t2):
+        """:meth:`merged` outside autograd (the op's forward and backward): one Triton pass where the factor kernels
+        are taken (:func:`.factor_triton.kron_merge`, fp32 from the factors as stored, rounded once), else the
+        ``addcmul`` of the factors cast to W's dtype."""
+        if w.is_contiguous() and w.numel() < 2 ** 31 and _MERGE_KERNEL and factor_triton.usable(w, 0):
+            w4 = factor_triton.kron_merge(self._as4(w, t1, t2), t1.view(t1.shape[0], t1.shape[2]),
+                                          t2.view(t2.shape[1], t2.shape[3]), self.s)
+            return w4.view(w.shape)
+        return self.merged(w, t1, t2)
+
     def forward_aux(self, w, b, t1, t2):
-        return self.merged(w, t1, t2), b, ()
+        return self._merged_nograd(w, t1, t2), b, ()
 
     def recompute(self, keep, w, b, t1, t2):
-        return self.merged(w, t1, t2), None
+        return self._merged_nograd(w, t1, t2), None
 
     def vjp(self, aux, theta, gw, gb, needs):
         t1, t2 = theta
