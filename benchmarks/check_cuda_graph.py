@@ -84,6 +84,12 @@ CASES = {
     "lokr-lowrank": ({"algo": "lokr", "rank": 2, "options": {"factor": 4}}, {}),
     "lokr-lowrank-ckpt": ({"algo": "lokr", "rank": 2, "options": {"factor": 4}}, {"gradient_checkpointing": True}),
     "lokr-ckpt": ({"algo": "lokr", "rank": 4, "options": {"factor": 4}}, {"gradient_checkpointing": True}),
+    # both factors full on every layer: the rebuilt op with its Triton merge and weight-gradient kernels, and in
+    # captured steps a k×k conv with few positions per weight as the op's LoRA form (lokr.py: _eye_form; with
+    # LYCO_LOKR_EYE_POSITIONS large, every k×k conv)
+    "lokr-full": ({"algo": "lokr", "rank": 4, "preset": "full", "options": {"factor": 4, "full_matrix": True}}, {}),
+    "lokr-full-ckpt": ({"algo": "lokr", "rank": 4, "preset": "full", "options": {"factor": 4, "full_matrix": True}},
+                       {"gradient_checkpointing": True}),
     "lora-rebuild": ({"algo": "lora", "rank": 8, "mode": "rebuild"}, {}),
     "locon-rebuild": ({"algo": "lora", "rank": 8, "preset": "full", "conv_rank": 4, "mode": "rebuild"}, {}),
     "loha-rebuild": ({"algo": "loha", "rank": 4, "mode": "rebuild"}, {}),
