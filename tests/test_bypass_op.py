@@ -519,6 +519,17 @@ def test_whole_tiny_unet_equals_the_delta_path(monkeypatch, algo):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
+def test_eye_form_checks_its_shapes():
+    """The op's ``eye`` form names what it expected: a conv, W1 ``(out/eye, groups)``, a down of ``eye`` rows."""
+    spec = LayerSpec.from_module(nn.Conv2d(8, 16, 3, padding=1))
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    w, w2 = torch.randn(16, 8, 3, 3), torch.randn(4, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"eye=4.*W1 \(4, 2\).*got conv2d, W1 \(3, 2\)"):
+        lowrank.bypass_op(x, spec, w, None, w2, torch.randn(3, 2), 1.0, 2, eye=4)
+    y = lowrank.bypass_op(x, spec, w, None, w2.requires_grad_(), torch.randn(4, 2), 1.0, 2, eye=4)
+    assert y.shape == (1, 16, 4, 4)
+
+
 def _dense_lokr_full(t):
     """kron(W1, W2) of a LoKr with both factors full (γ = 1), float64, from the definition (W2 flattened per row)."""
     w2 = t["lokr_w2"]

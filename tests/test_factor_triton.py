@@ -288,6 +288,26 @@ def test_lokr_rebuilt_layer_trains_through_weight_grad_kernel(kern, monkeypatch,
     assert calls[0] == 1 and merges[0] == 2  # the forward's merged weight and the backward's rebuild
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lokr_full_w2_op_merges_through_kernel(kern, monkeypatch, dtype):
+    """A LoKr conv with both factors full on the bypass op's LoRA form (``kron(W1, I)·kron(I, W2)``, the rule
+    forced) with the kernels forced in: the ∂x weight ``W + s·kron(W1, W2)`` by :func:`kron_merge` (W1 read off U's
+    diagonal), output and every gradient equal to the float64 layer with ΔW = 0.7·kron(W1, W2)."""
+    from lyco.algorithms.lokr import LoKr
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(LoKr, "EYE_POSITIONS", 1e9)
+    merges = _force(monkeypatch, kern, "kron_merge")
+    torch.manual_seed(3)
+    mod = nn.Conv2d(16, 24, 3, padding=1)
+    x = torch.randn(2, 16, 6, 6)
+    model = nn.Sequential(mod).to(dtype)
+    t = _perturbed(model, 0.7, algo="lokr", rank=2, factor=4, full_matrix=True)
+    assert set(t) == {"lokr_w1", "lokr_w2", "alpha"}
+    _check_layer(mod, model, x, dtype, [t["lokr_w1"], t["lokr_w2"]],
+                 lambda lv: 0.7 * torch.kron(lv[0], lv[1].reshape(lv[1].shape[0], -1)))
+    assert merges[0] == 1  # the backward's ∂x weight; the forward is exact (no merged weight)
+
+
 def test_usable_needs_cuda_half_precision_and_the_switch(monkeypatch):
     """Considered for CUDA bf16/fp16 factors whose padded tile fits, never with LYCO_TRITON=0; a CPU tensor
     never."""

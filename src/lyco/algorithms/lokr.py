@@ -48,7 +48,7 @@ from .base import (
     CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear,
     alpha_scale, alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
-from . import factor_batch, factor_triton
+from . import factor_batch, factor_triton, lowrank
 from ..errors import ConfigError
 from .factorize import factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
@@ -196,29 +196,6 @@ class _KronBuild:
             g2 = torch.matmul(cast(t1, gw.dtype).transpose(2, 3), e4).sum(0, keepdim=True)
             g2 = cast(g2 * self.s if self.s != 1.0 else g2, t2.dtype)
         return g1, g2
-
-
-class _KronEye(torch.autograd.Function):
-    """``U = kron(W1, I_out_k)`` ``(out_l·out_k, in_m·out_k)`` in ``dtype``: the up of a full W2's LoRA form
-    (:meth:`LoKr.bypass_factors`). Its only non-zeros are ``U[(i,k),(j,k)] = W1[i,j]``, so the forward writes W1
-    on a strided diagonal of a zero tensor and the backward sums ∂U's same diagonal over k (in fp32 at least,
-    rounded once to W1's dtype) — where autograd through ``torch.kron(W1, eye)`` would multiply and reduce U-sized tensors."""
-
-    @staticmethod
-    def forward(ctx, w1, out_k: int, dtype: torch.dtype):
-        out_l, in_m = w1.shape
-        u = w1.new_zeros((out_l, out_k, in_m, out_k), dtype=dtype)
-        u.diagonal(dim1=1, dim2=3).copy_(w1.to(dtype).unsqueeze(-1).expand(out_l, in_m, out_k))
-        ctx.shape = (out_l, out_k, in_m, out_k)
-        ctx.w1_dtype = w1.dtype
-        return u.view(out_l * out_k, in_m * out_k)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gu):
-        acc = torch.promote_types(gu.dtype, torch.float32)
-        g = gu.reshape(ctx.shape).diagonal(dim1=1, dim2=3).sum(-1, dtype=acc)
-        return g.to(ctx.w1_dtype), None, None
 
 
 @register
@@ -378,10 +355,7 @@ class LoKr(Algorithm):
         95.47 → 94.35 ms); the grouped conv variant measured no gain in run 70 (94.41 vs 94.33 ms) and was
         reverted — but every conv through the op then copied all of ∂y in its ∂h (``torch.matmul`` folding a 2-D
         Uᵀ, found in run 71); back in run 73: 93.41 → 91.66 ms. LoKr's rebuild path is its own
-        (:meth:`rebuild_op`). A full W2 on a k×k conv (:meth:`_eye_form`): ``(W2, kron(W1, I_out_k), γ, in_m)``."""
-        if self._eye_form(t, spec) and not isinstance(self._gain(t), torch.Tensor):
-            w2 = t["lokr_w2"]
-            return w2, _KronEye.apply(self._w1(t), int(w2.shape[0]), dtype), float(self._gain(t)), LoKr._in_m(t)
+        (:meth:`rebuild_op`); a full W2's op is :meth:`bypass_op`'s."""
         if (spec.kind not in (LINEAR, CONV2D) or "lokr_t2" in t or not self._kron_lora_pays(t, spec)
                 or isinstance(self._gain(t), torch.Tensor)):
             return None
@@ -394,12 +368,25 @@ class LoKr(Algorithm):
     @staticmethod
     def _eye_form(t, spec) -> bool:
         """Whether a *full* W2 on this layer has the op's LoRA form ``kron(W1, W2) = kron(W1, I)·kron(I, W2)``: the
-        down W2 itself (``r = out_k``, a conv over in_m× the batch), the up ``kron(W1, I_out_k)`` (:class:`_KronEye`,
-        out × in_m·out_k: for a k×k conv 1/∏k of the layer's multiply-adds where in_m = out_l). Only 2-D k×k convs
-        (zero padding, ungrouped, no trained ``scalar``): on a linear layer that up costs as much as the layer
-        itself, three times per step — the rebuilt op's one weight-gradient GEMM is cheaper."""
+        down W2 itself (``r = out_k``, a conv over in_m× the batch), the up ``kron(W1, I_out_k)`` (out ×
+        in_m·out_k: for a k×k conv 1/∏k of the layer's multiply-adds where in_m = out_l; built inside the op,
+        :meth:`bypass_op`). Only 2-D k×k convs (zero padding, ungrouped, no trained ``scalar``): on a linear layer
+        that up costs as much as the layer itself, three times per step — the rebuilt op's one weight-gradient
+        GEMM is cheaper."""
         return ("lokr_w2" in t and "scalar" not in t and spec.kind == CONV2D and spec.groups == 1
                 and spec.kernel_numel > 1 and spec.padding_mode == "zeros" and not isinstance(spec.padding, str))
+
+    def bypass_op(self, x, t, spec, weight, bias, multiplier):
+        """A full W2 on a k×k conv (:meth:`_eye_form`): the bypass op with ``eye = out_k`` — down W2 on the in_m
+        channel groups, up ``kron(W1, I)`` built inside the op from W1, whose gradient the op returns directly
+        (``Σ_k ∂U[(i,k),(j,k)]`` as one batched GEMM over ∂y and h, never the out × in_m·out_k ∂U:
+        :func:`.lowrank._grad_up`). Else the default (:meth:`bypass_factors`)."""
+        gain = self._gain(t)
+        if self._eye_form(t, spec) and not isinstance(gain, torch.Tensor):
+            w2 = t["lokr_w2"]
+            return lowrank.bypass_op(x, spec, weight, bias, w2, self._w1(t), float(gain) * multiplier,
+                                     LoKr._in_m(t), eye=int(w2.shape[0]))
+        return super().bypass_op(x, t, spec, weight, bias, multiplier)
 
     def _kron_lora(self, acc, x, t, spec, s, inplace):
         """``acc + s·(B applied per channel group)·kron(W1, A)ᵀ`` (module doc), or None where x's layout
@@ -487,7 +474,8 @@ class LoKr(Algorithm):
         509; 960 → 640 (0.95) 703 against 1147; at 64×64 (3.8–11.4) the rebuilt op by 15–40 %. The step as one graph:
         run 148 (rule at 4, no kernels) 93.6 against 101.75 ms without it; run 149 0.75 against 4: 87.86 against
         88.55; run 152, with the rebuilt op's kernels: **86.38 / 86.52** against 89.50 without the rule and 86.81 at
-        0.4 (floor 67.08: 1.29×). SDXL b4 (run 151): 239.74 against 239.58 without it — neutral there."""
+        0.4 (floor 67.08: 1.29×); run 153, with ∂W1 straight from ∂y and h (:meth:`bypass_op`): 84.66 / 84.71
+        against 86.48 (1.26×). SDXL b4 (run 151): 239.74 against 239.58 without it — neutral there."""
         if not self._eye_form(t, spec) or isinstance(self._gain(t), torch.Tensor):
             return False
         positions = x.shape[0] * x.shape[2] * x.shape[3]
