@@ -572,3 +572,51 @@ def test_lokr_full_w2_conv_takes_the_op_over_the_rebuild(monkeypatch, m, layer, 
     torch.testing.assert_close(y0, yr, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads0, gr):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("layer", ["linear-3d", "linear-2d", "1x1", "3x3-p1"])
+def test_glora_takes_the_op_as_a_rank_2r_lora(monkeypatch, m, layer):
+    """GLoRA (``mode = "auto"`` rebuilds it) in a step that takes the op: on a linear layer or 1×1 conv the op with
+    ``U = [W·A1 | B1]``, ``D = [A2 ; B2]``; outputs and gradients (x, a1, a2, b1, b2) equal float64 math on
+    ``W + m·γ·(W·a1·a2 + b1·b2)``. A 3×3 conv (b2 carries the kernel, a2 does not) keeps the rebuilt op; so does
+    every layer with ``GLoRA.op_over_rebuild`` off."""
+    from lyco.algorithms.glora import GLoRA
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    torch.manual_seed(0)
+    if layer.startswith("linear"):
+        mod = nn.Linear(12, 10)
+        x = torch.randn(2, 5, 12) if layer == "linear-3d" else torch.randn(7, 12)
+    else:
+        mod = nn.Conv2d(12, 10, **CONVS[layer])
+        x = torch.randn(2, 12, 5, 4)
+    model, net = _setup(mod, dict(algo="glora", rank=3, alpha=2.0))
+    net.set_multiplier(m)
+    a, t = _adapter_tensors(mod)
+    assert a.prefers_rebuild
+    x = x.double().requires_grad_()
+    gy = torch.randn_like(model(x).detach())
+    y, grads, node = _run(model, x, gy)
+    assert (node == "_BypassOpBackward") == (layer != "3x3-p1")
+    lv = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+    xr = x.detach().clone().requires_grad_()
+    w = mod.weight.detach()
+    w2 = w.reshape(w.shape[0], -1)
+    a1, a2, b1, b2 = (lv[k].reshape(lv[k].shape[0], -1) for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight"))
+    gamma = float(t["alpha"]) / a2.shape[0]
+    if layer == "3x3-p1":  # W·A1 contracts W's input axis, per kernel tap
+        wa = torch.einsum("oikl,ir,rj->ojkl", w, a1, a2)
+    else:
+        wa = (w2 @ a1 @ a2).reshape(w.shape)
+    wm = w + m * gamma * (wa + (b1 @ b2).reshape(w.shape))
+    yr = F.linear(xr, wm, mod.bias) if layer.startswith("linear") else F.conv2d(
+        xr, wm, mod.bias, mod.stride, mod.padding, mod.dilation)
+    gr = torch.autograd.grad(yr, [xr] + [lv[k] for k, v in t.items() if v.requires_grad], gy)
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(gr) == 5
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    monkeypatch.setattr(GLoRA, "op_over_rebuild", False)
+    net.set_multiplier(m)  # the host reads the class switch when it refreshes
+    mod._lyco_host._active = None
+    assert _run(model, x, gy)[2] != "_BypassOpBackward"

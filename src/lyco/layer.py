@@ -360,11 +360,12 @@ class LayerHost:
         mod = self.module
         if self._rebuild:
             if len(active) == 1:
-                if (self._op_first and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec)
-                        and _lowrank.bypass_supports(self.spec, x)):
-                    y = active[0].bypass_op_over_rebuild(x, mod.weight, mod.bias)
-                    if y is not None:
-                        return y
+                if self._op_first and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
+                    x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
+                    if _lowrank.bypass_supports(self.spec, x2):
+                        y = active[0].bypass_op_over_rebuild(x2, mod.weight, mod.bias)
+                        if y is not None:
+                            return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
                 y = active[0].rebuild_op(x, mod.weight, mod.bias)
                 if y is not None:
                     return y
