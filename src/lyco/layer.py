@@ -260,8 +260,8 @@ class AdapterLayer(nn.Module):
     def bypass_op_over_rebuild(self, x: torch.Tensor, weight: torch.Tensor,
                                bias: torch.Tensor | None) -> torch.Tensor | None:
         """On the rebuild path (``mode = "auto"``), in a step that takes the bypass op: the op instead where the
-        algorithm prefers it on this layer and input (``prefers_op_over_rebuild``; LoKr's full W2 on k×k convs with
-        few positions per weight), else None (the host rebuilds)."""
+        algorithm prefers it on this layer and input (``prefers_op_over_rebuild``: LoKr's full W2 on k×k convs with
+        few positions per weight, GLoRA on linear layers and 1×1 convs), else None (the host rebuilds)."""
         if self._delta_only():
             return None
         t = self._hot_tensors()

@@ -395,7 +395,7 @@ class Algorithm:
     def prefers_op_over_rebuild(self, t: Mapping[str, Any], spec: LayerSpec, x: torch.Tensor) -> bool:
         """Per layer and input (``mode = "auto"``), where :meth:`prefers_rebuild_for` holds, in the steps that take the
         bypass op: whether :meth:`bypass_op` beats the rebuild path there. Default False (LoKr: a full W2 on a k×k
-        conv with few positions per weight)."""
+        conv with few positions per weight; GLoRA: linear layers and 1×1 convs)."""
         return False
 
     def rebuild_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
