@@ -90,6 +90,10 @@ CASES = {
     "lokr-full": ({"algo": "lokr", "rank": 4, "preset": "full", "options": {"factor": 4, "full_matrix": True}}, {}),
     "lokr-full-ckpt": ({"algo": "lokr", "rank": 4, "preset": "full", "options": {"factor": 4, "full_matrix": True}},
                        {"gradient_checkpointing": True}),
+    "lokr-full-fp16": ({"algo": "lokr", "rank": 4, "preset": "full", "options": {"factor": 4, "full_matrix": True}},
+                       {"mixed_precision": "fp16"}),
+    # GLoRA through the bypass op in captured steps (glora.py: GLoRA.bypass_op), with fp16 autocast
+    "glora-fp16": ({"algo": "glora", "rank": 4}, {"mixed_precision": "fp16"}),
     "lora-rebuild": ({"algo": "lora", "rank": 8, "mode": "rebuild"}, {}),
     "locon-rebuild": ({"algo": "lora", "rank": 8, "preset": "full", "conv_rank": 4, "mode": "rebuild"}, {}),
     "loha-rebuild": ({"algo": "loha", "rank": 4, "mode": "rebuild"}, {}),
