@@ -271,8 +271,9 @@ class GLoRA(Algorithm):
         rebuilds); the rebuilt op elsewhere. Measured (run 154, H100, SD1.5 b8 ``glora`` as one CUDA graph, A/B/A
         against ``LYCO_GLORA_OP=0``): 77.00 / 77.69 / 76.91 ms, peak 8.76 against 8.70 GiB (h kept per layer;
         LyCORIS 9.38 in run 155). Less than the weight gradients it drops (a LoRA of the same rank runs 73.3 ms):
-        each layer builds U and D and splits their gradients — about ten small kernels per layer and step — and
-        the q/k/v group (:mod:`..siblings`) does not take these layers."""
+        each layer builds U and D and splits their gradients (by the code: five small kernels forward, casts and
+        gradient accumulations backward — not profiled), and the q/k/v group (:mod:`..siblings`) does not take
+        these layers."""
         gain = self._op_form(t, spec)
         if gain is None:
             return None

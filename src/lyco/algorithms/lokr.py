@@ -134,8 +134,8 @@ class _KronBuild:
     Where :mod:`.factor_triton`'s kernels are taken (CUDA bf16/fp16, captured steps by default) the merge and the
     two reductions are one Triton pass each (:func:`.factor_triton.kron_merge`, :func:`.factor_triton.kron_weight_grads`:
     fp32 sums, rounded once): the batched matrix-vector products took 121 + 43 µs and torch's ``addcmul`` 54 µs per
-    merge on a 14.7 M-element weight (run 148's profile, SD1.5's 8×8 conv) — about a third of the memory
-    bandwidth. SD1.5 b8 ``lokr-full`` as one graph (H100): the reductions' kernel 93.77 → 88.55 ms (run 149, A/B
+    merge on a 14.7 M-element weight (run 148's profile, SD1.5's 8×8 conv) — the merge at about a third of the
+    memory bandwidth, the products at less than a tenth. SD1.5 b8 ``lokr-full`` as one graph (H100): the reductions' kernel 93.77 → 88.55 ms (run 149, A/B
     against ``LYCO_FACTOR_KERNELS=0``), the merge's 88.08 → 86.40 / 86.46 (run 150, A/B/A against
     ``LYCO_KRON_MERGE=0``)."""
 
