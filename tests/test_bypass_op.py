@@ -620,3 +620,42 @@ def test_glora_takes_the_op_as_a_rank_2r_lora(monkeypatch, m, layer):
     net.set_multiplier(m)  # the host reads the class switch when it refreshes
     mod._lyco_host._active = None
     assert _run(model, x, gy)[2] != "_BypassOpBackward"
+
+
+@pytest.mark.parametrize("cfg", ["lora", "loha", "lokr-full", "lokr"])
+@pytest.mark.parametrize("flag", ["1", "0"])
+def test_dgrad_on_a_channels_last_merged_weight(monkeypatch, cfg, flag):
+    """``LYCO_DGRAD_WEIGHT_CL``: where a k×k conv's positions are at most in·∏k, its ∂x runs on the merged weight made
+    channels-last (``lowrank._dgrad_cl``) — ∂x comes back channels-last, every value as float64 math on the merged
+    weight; with the switch off ∂x stays NCHW. Positions above in·∏k keep NCHW either way, and so does LoKr's
+    grouped low-rank op (measured slower with it)."""
+    from lyco.algorithms.lokr import LoKr
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setenv("LYCO_DGRAD_WEIGHT_CL", flag)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    monkeypatch.setattr(LoKr, "EYE_POSITIONS", 1e9)
+    torch.manual_seed(0)
+    mod = nn.Conv2d(16, 24, 3, padding=1)
+    conf = (dict(algo="lokr", rank=2, factor=4, full_matrix=True) if cfg == "lokr-full"
+            else dict(algo="lokr", rank=2, alpha=1.5, factor=4) if cfg == "lokr"
+            else dict(CFGS[cfg], conv_rank=2))
+    model, net = _setup(mod, conf)
+    net.set_multiplier(0.7)
+    _, t = _adapter_tensors(mod)
+    if cfg == "lokr":
+        assert "lokr_w2_b" in t
+    for hw, cl in ((3, flag == "1" and cfg != "lokr"), (13, False)):  # 2·3·3 = 18 ≤ 16·9 positions; 338 above
+        x = torch.randn(2, 16, hw, hw, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn_like(model(x).detach())
+        y, grads, node = _run(model, x, gy)
+        assert node == "_BypassOpBackward"
+        assert grads[0].is_contiguous(memory_format=torch.channels_last) == cl
+        assert grads[0].is_contiguous() == (not cl)
+        lv = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+        xr = x.detach().clone().requires_grad_()
+        dw = (_dense_lokr_full(lv) if cfg == "lokr-full" else _dense_delta(cfg, lv)).reshape(mod.weight.shape)
+        yr = F.conv2d(xr, mod.weight.detach() + 0.7 * dw, mod.bias, padding=1)
+        gr = torch.autograd.grad(yr, [xr] + [lv[k] for k, v in t.items() if v.requires_grad], gy)
+        torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+        for g, r in zip(grads, gr):
+            torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)

@@ -22,7 +22,8 @@ weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`
 one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`), its conv forward's bias and up
 in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
 (``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`) with its weights made channels-last by the same tiled copy
-(``LYCO_CONV_WEIGHT_CL``, :func:`.lowrank._weight_cl`) and its adapter's down as one GEMM and a tap sum
+(``LYCO_CONV_WEIGHT_CL``, :func:`.lowrank._weight_cl`; its ∂x's merged weight too where the weight outweighs the
+input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); and the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`).
 """

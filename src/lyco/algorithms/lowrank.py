@@ -271,11 +271,31 @@ def _side_products(side, su, up, down, ahead):
     return gu, gd
 
 
-def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool, eye: int = 0) -> torch.Tensor:
+def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool, eye: int = 0, cl: bool = False) -> torch.Tensor:
     """The weight of an op's ∂x GEMM: ``W + s·U·D`` (:func:`_merged`), with ``U`` beside it where the GEMM yields
-    ∂h too (:func:`_cat_pays`)."""
+    ∂h too (:func:`_cat_pays`); ``cl``: a conv's, channels-last (:func:`_dgrad_cl`)."""
     w = _merged(weight, u2, d2, s, cd, groups, eye)
+    if cl:
+        return _nhwc_copy(w) if w.is_cuda else w.contiguous(memory_format=torch.channels_last)
     return torch.cat([w, u2], 1) if cat else w
+
+
+def _dgrad_cl(spec: LayerSpec, xshape, groups: int = 1, eye: int = 0) -> bool:
+    """Whether a k×k conv's ∂x runs on a channels-last merged weight, made by the tiled copy
+    (:func:`.lowrank_triton.channels_last`) where the op builds it — ahead, on the up stream, where
+    ``LYCO_MERGE_AHEAD`` — instead of cuDNN converting it inside the dgrad, on the critical path: where the weight
+    outweighs the input per channel (positions ≤ in·∏k: SD1.5's 8×8–32×32 levels at 1280 channels), under
+    ``LYCO_DGRAD_WEIGHT_CL`` (:mod:`.graph_policy`). The dgrad then takes ∂y and gives ∂x channels-last (cuDNN's
+    choice for a channels-last weight): activation-sized, small where this holds.
+
+    Measured (H100, SD1.5 b8 as one CUDA graph, floor 67.05; runs 157–158, A/B/A against the switch at 0): LoCon
+    72.99 / 73.20 / 72.96 ms, LoHa 75.40 / 75.61 / 75.42, LoKr with a full W2 (the ``eye`` form) 84.48 off / 83.92
+    on (run 157's first leg ran out of time there) — but LoKr's grouped low-rank op 81.84 / 81.47 / 81.81: slower,
+    cause not found, so grouped downs other than the eye form keep cuDNN's conversion."""
+    if (spec.kind != CONV2D or spec.kernel_numel == 1 or (groups > 1 and not eye)
+            or not graph_policy.wanted("LYCO_DGRAD_WEIGHT_CL")):
+        return False
+    return xshape[0] * xshape[2] * xshape[3] <= spec.flat_in
 
 
 #: (device type, input dtype, output dtype) → whether torch's GEMMs take ``out_dtype`` there
@@ -614,7 +634,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
             gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt, into_d)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
-        w_in = (pre if pre is not None else _merged(weight, u2, d2, s, cd, groups, eye)) if need_x else cast(weight, cd)
+        w_in = ((pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, False, eye,
+                                                                  _dgrad_cl(spec, xshape, groups, eye)))
+                if need_x else cast(weight, cd))
         if spec.kind == LINEAR and need_x and _out_dtype_ok(gy, xdt):
             # an input of another dtype (autocast: a norm's fp32 output) gets ∂x in it from the GEMM itself — no bf16
             # rounding and no cast kernel after it (each of q, k and v cast its ∂x for autograd's fp32 sum)
@@ -890,7 +912,8 @@ class _BypassOp(torch.autograd.Function):
         n = ctx.needs_input_grad
         if n[0] and not n[2]:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
-            _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye)
+            _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye,
+                        spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye))
         return y
 
     @staticmethod
