@@ -513,13 +513,19 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tu
 _MERGE_BLOCK = 2048
 
 
+def kron_merge_ok(w: torch.Tensor) -> bool:
+    """Whether :func:`kron_merge` takes the weight ``w``: contiguous, fewer than 2³¹ elements (the kernel's int32 flat
+    index) and :func:`usable`."""
+    return w.is_contiguous() and w.numel() < 2 ** 31 and usable(w, 0)
+
+
 def kron_merge(w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float) -> torch.Tensor:
     """``W + s·kron(W1, W2)`` for a contiguous W viewed ``(L, K, M, C)`` (as :func:`kron_weight_grads`), ``W1``
     ``(L, M)``, ``W2`` ``(K, C)`` of any float dtype: one pass (W read once, the result written once in W's dtype,
     computed in fp32 from the factors as they are and rounded once). Where it replaces torch's broadcast
     ``addcmul`` of the factors cast to W's dtype (``lokr._KronBuild``; run 149's profile of a 13 M-element linear
     weight at SD1.5's 8×8 level: 48 µs per merge, twice per step — the forward and the backward's rebuild). The
-    caller checks :func:`usable` and that W has fewer than 2³¹ elements."""
+    caller checks :func:`kron_merge_ok`."""
     L, K, M, C = w.shape
     out = torch.empty_like(w)
     n = w.numel()

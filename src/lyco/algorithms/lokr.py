@@ -165,7 +165,7 @@ class _KronBuild:
         """:meth:`merged` outside autograd (the op's forward and backward): one Triton pass where the factor kernels
         are taken (:func:`.factor_triton.kron_merge`, fp32 from the factors as stored, rounded once), else the
         ``addcmul`` of the factors cast to W's dtype."""
-        if w.is_contiguous() and w.numel() < 2 ** 31 and _MERGE_KERNEL and factor_triton.usable(w, 0):
+        if _MERGE_KERNEL and factor_triton.kron_merge_ok(w):
             w4 = factor_triton.kron_merge(self._as4(w, t1, t2), t1.view(t1.shape[0], t1.shape[2]),
                                           t2.view(t2.shape[1], t2.shape[3]), self.s)
             return w4.view(w.shape)

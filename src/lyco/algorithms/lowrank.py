@@ -498,9 +498,9 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
     whose every product but one per element is zero (run 150's profile of SD1.5's 8×8 conv: 21 + 23 µs)."""
     wf = cast(w, dtype)
     o = wf.shape[0]
-    if eye and wf.is_contiguous() and wf.numel() < 2 ** 31:
+    if eye:
         from . import factor_triton
-        if factor_triton.usable(wf, 0):
+        if factor_triton.kron_merge_ok(wf):
             L, m = o // eye, u2.shape[1] // eye
             w1 = u2.view(L, eye, m, eye)[:, 0, :, 0]
             return factor_triton.kron_merge(wf.view(L, eye, m, -1), w1, d2, s).view(w.shape)
