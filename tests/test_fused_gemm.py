@@ -155,7 +155,7 @@ def test_op_and_group_take_the_kernel_and_match_dense_math(triton_interpreter, m
 
 
 def test_shape_rule_takes_only_the_measured_shapes(monkeypatch):
-    """``lowrank._fused_gemm``: many rows over narrow layers and low ranks only (the shapes run 132 measured faster),
+    """``lowrank._fused_gemm``: many rows over narrow layers and low ranks only (the shapes runs 132 and 160 measured faster),
     and only where the switch is on and the kernel usable."""
     from lyco.algorithms.base import LINEAR, LayerSpec
     monkeypatch.setenv("LYCO_FUSED_GEMM", "1")
@@ -166,10 +166,12 @@ def test_shape_rule_takes_only_the_measured_shapes(monkeypatch):
         return lowrank._fused_gemm(torch.empty(rows, i), spec, r)
 
     assert takes(32768, 320, 320) and takes(8192, 640, 640) and takes(32768, 1280, 320)
-    assert not takes(8191, 640, 640)  # rows below the rule
-    assert not takes(2048, 1280, 1280)  # 16×16 level: no gain measured
+    # run 160's shapes of SD1.5 b1 and SDXL: down to 1024 rows, inputs up to 2560
+    assert takes(4096, 320, 320) and takes(1024, 640, 640) and takes(16384, 2560, 640) and takes(8192, 2560, 640)
+    assert not takes(1023, 640, 640)  # rows below the rule
+    assert not takes(2048, 1280, 1280) and not takes(4096, 1280, 1280)  # 1280 outputs: no gain measured
     assert not takes(8192, 640, 5120)  # a GEGLU projection: the [x | h] form stays
-    assert not takes(8192, 2560, 640)  # input wider than measured
+    assert not takes(4096, 5120, 1280) and not takes(8192, 5120, 640)  # inputs wider than measured (1.23× at 5120)
     assert not takes(32768, 320, 320, r=64)  # LoHa's Khatri–Rao rank
     monkeypatch.setenv("LYCO_FUSED_GEMM", "0")
     assert not takes(32768, 320, 320)

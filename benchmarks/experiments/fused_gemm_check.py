@@ -21,6 +21,12 @@ from lyco.algorithms import lowrank_gemm  # noqa: E402
 # (rows, in, out, bias): SD1.5 b8's linear shapes the rule takes, and two it leaves out (2048 rows; 5120 out)
 SHAPES = [(32768, 320, 320, False), (32768, 320, 320, True), (32768, 1280, 320, True), (8192, 640, 640, False),
           (8192, 640, 640, True), (2048, 1280, 1280, False), (8192, 640, 5120, True)]
+# --shapes other: the linear shapes of SDXL b4 and b1 at 1024 px and of SD1.5 b1 — the rule leaves most of them out
+# (fewer than 8192 rows or wider than 640 out); timed to see whether it should take them (session 21)
+OTHER_SHAPES = [(4096, 1280, 1280, False), (4096, 1280, 1280, True), (4096, 5120, 1280, True),
+                (4096, 1280, 10240, True), (16384, 640, 640, False), (16384, 640, 640, True),
+                (16384, 2560, 640, True), (16384, 640, 5120, True), (1024, 1280, 1280, False),
+                (4096, 640, 640, False), (4096, 320, 320, False), (1024, 640, 640, False), (256, 1280, 1280, False)]
 
 
 def rel(a, ref):
@@ -57,13 +63,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tol", type=float, default=1e-2)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--shapes", default="sd15b8", choices=("sd15b8", "other"),
+                    help="SD1.5 b8's shapes (default) or those of SDXL b4/b1 and SD1.5 b1")
     ap.add_argument("--sweep", metavar="FILE", help="time every configuration (sweep) and write the best to FILE")
     args = ap.parse_args()
     dev, dt, r, s = "cuda", torch.bfloat16, args.rank, 0.5
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "usable:", lowrank_gemm.usable(
         torch.empty(1, device=dev, dtype=dt)))
     bad = False
-    for m, k, n, bias in SHAPES:
+    for m, k, n, bias in (SHAPES if args.shapes == "sd15b8" else OTHER_SHAPES):
         g = torch.Generator(device=dev).manual_seed(m + k + n)
         xs = [torch.randn(m, k, device=dev, dtype=dt, generator=g) for _ in range(4)]
         w = (torch.randn(n, k, device=dev, dtype=dt, generator=g) / k ** 0.5).contiguous()

@@ -381,7 +381,9 @@ def _merge_kernel(w: torch.Tensor, r: int) -> bool:
 
 
 #: the shapes :func:`_fused_gemm` takes: at least this many rows (positions), at most these output and input widths
-_FUSED_ROWS, _FUSED_OUT, _FUSED_IN = 8192, 640, 1280
+#: (8192 rows and 1280 inputs until run 160 timed the other sizes' shapes: 1024 × 640 → 640 0.62× the three kernels,
+#: 4096 × 320 → 320 0.66×, 16384 × 2560 → 640 0.83×; 1280 outputs no gain at 1024–4096 rows, 5120 inputs 1.23×)
+_FUSED_ROWS, _FUSED_OUT, _FUSED_IN = 1024, 640, 2560
 
 
 def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
@@ -389,9 +391,9 @@ def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
     product, the down accumulated in the same k-loop, the up and the bias in its epilogue) instead of cuBLAS's
     frozen GEMM, a thin down GEMM and an in-place up: ``LYCO_FUSED_GEMM`` (:mod:`.graph_policy`, captured steps by
     default — a launch binds six tensor descriptors in Python), the kernel's own conditions, and the shapes where
-    it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 8192 rows, ≤ 640 output and ≤ 1280 input
+    it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 1024 rows, ≤ 640 output and ≤ 2560 input
     channels (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's feed-forward
-    output), rank ≤ 32 (measured at rank 16; LoHa's rank-64 Khatri–Rao form stays on the three kernels)."""
+    output; SD1.5 b1 the same levels; SDXL the 64×64 level's), rank ≤ 32 (measured at rank 16; LoHa's rank-64 Khatri–Rao form stays on the three kernels)."""
     if not (x.shape[0] >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
             and graph_policy.wanted("LYCO_FUSED_GEMM")):
         return False

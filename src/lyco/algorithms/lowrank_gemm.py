@@ -17,7 +17,11 @@ output. 32768 × 320 → 320 (SD1.5 b8's 64×64 attention projections) 27.9 µs 
 (cuBLAS's frozen GEMM alone 19.2), with a bias 29.3 against 57.8 (cuBLAS's biased GEMM alone 31.0); 32768 × 1280 →
 320 77.4 against 113.7; 8192 × 640 → 640 22.4 against 27.5. No gain at 2048 × 1280 → 1280 (21.9 against 21.6). At
 8192 × 640 → 5120 (a GEGLU projection) it beats the three kernels (153.0 against 177.2) but not cuBLAS's product
-alone (85.8), which the op's ``[x │ h]`` form (:func:`.lowrank._cat_pays`) uses there.
+alone (85.8), which the op's ``[x │ h]`` form (:func:`.lowrank._cat_pays`) uses there. The other sizes' shapes
+(run 160, ``fused_gemm_check.py --shapes other``; SD1.5 b1, SDXL b1 and b4): gains down to 1024 rows wherever the output
+is at most 640 wide — 1024 × 640 → 640 6.5 against 10.5 µs, 4096 × 320 → 320 8.0 against 12.0, 4096 × 640 → 640 14.6
+against 17.3, 16384 × 640 → 640 36.7 against 46.5, 16384 × 2560 → 640 114.7 against 137.5 — and none at 1280 outputs
+(1024 and 4096 rows: 1.00–1.04×) or 5120 inputs (4096 × 5120 → 1280: 1.23×).
 
 Selected by :func:`usable` and :func:`supports`: :func:`.lowrank_triton.enabled` (Triton, CUDA bf16/fp16,
 ``LYCO_TRITON`` not ``0``, not under ``torch.compile``), a GPU with TMA (compute capability ≥ 9.0), Triton's
