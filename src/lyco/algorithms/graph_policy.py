@@ -24,8 +24,9 @@ in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and
 (``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`) with its weights made channels-last by the same tiled copy
 (``LYCO_CONV_WEIGHT_CL``, :func:`.lowrank._weight_cl`; its ∂x's merged weight too where the weight outweighs the
 input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
-(``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); and the layers that read one input as one op
-(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`).
+(``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
+(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); and (IA)³'s output mode keeping the output, its gradient from it by
+two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`).
 """
 
 from __future__ import annotations

@@ -22,12 +22,16 @@ Deliberate differences from LyCORIS:
 
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, channel_view, input_channel_view, layer_op,
     register,
 )
+from . import graph_policy
 from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
 
 
@@ -80,6 +84,84 @@ class _OutputScaleBuild:
         if self.s != 1.0:
             g = g * self.s
         return (like(g, wv.shape, wv.dtype),)
+
+
+#: the narrowest input (``in_features``) on which :func:`_keep_output` takes a linear layer: the weight-gradient GEMM it
+#: saves costs ≈ 2·in multiply-adds per output element, the two passes over ∂y and y it adds ≈ 4 bytes (≈ 430 inputs
+#: break even at an H100's ≈ 600 TFLOP/s and ≈ 2.8 TB/s); ``LYCO_IA3_KEEP_OUTPUT_MIN_IN`` overrides it (A/B runs)
+KEEP_OUTPUT_MIN_IN = 512
+
+
+def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
+    """Whether an output-mode layer takes :class:`_KeepOutput`: ``LYCO_IA3_KEEP_OUTPUT`` (:mod:`.graph_policy`,
+    captured steps by default — two Triton launches per layer), a linear layer with at least
+    :data:`KEEP_OUTPUT_MIN_IN` inputs, its weight and bias frozen, gradients on, not under ``torch.compile``, and on
+    CUDA the kernels of :mod:`.scale_triton` usable (the CPU takes its torch form)."""
+    if spec.kind != LINEAR or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if spec.in_dim < int(os.environ.get("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN)):
+        return False
+    if not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
+        return False
+    if x.is_cuda:
+        from . import scale_triton
+        return scale_triton.usable(x)
+    return True
+
+
+class _KeepOutput(torch.autograd.Function):
+    """Output-mode (IA)³ on a linear layer, ``y = x·W′ᵀ + b`` with ``W′ = W + s·(W ⊙ w)`` rows (as the rebuilt op),
+    keeping the **output** ``y`` for backward instead of ``x``; backward rebuilds W′ for ``∂x = ∂y·W′`` and takes
+    ``∂w = s·Σ_n ∂y ⊙ (x·Wᵀ) = s·Σ_n ∂y ⊙ (y − b) / (1 + s·w)`` per channel from ∂y and y (two reads,
+    :mod:`.scale_triton`) — where the rebuilt op runs a weight-gradient GEMM ``∂W′ = ∂yᵀ·x`` (the layer's forward
+    multiply-adds again) and a row dot with W.
+
+    Memory: the output is usually kept by what reads it (attention keeps q/k/v, GEGLU its input), the input often
+    is not (nothing else keeps the input of a feed-forward output layer), so keeping y instead of x costs little or
+    saves — as Diag-OFT's output-keeping op (:mod:`.oft`).
+
+    Numerics (decision): ``x·Wᵀ = (y − b)/d`` is exact in exact arithmetic for ``d = 1 + s·w ≠ 0``. With y rounded to
+    the dtype, the recovered value carries y's rounding divided by ``|d|``; on a layer without a bias that is y's own
+    relative rounding, on one with a bias up to ``2⁻⁹·|b|/|d|``. So ``|d|`` is held at ``2⁻⁶`` or more
+    (:data:`.scale_triton.MIN_SCALE`, sign kept): a channel whose scale has come within 1/64 of zero — switched off —
+    gets its gradient scaled down by ``|d|·2⁶`` (the exact one is a finite value the output no longer carries), where
+    the rebuilt op's is exact. Taken only where :func:`_keep_output` holds; the rebuilt op stays everywhere else.
+
+    Measured (H100, bf16, as CUDA graphs; issue 7 runs 162–163, benchmarks/NOTES.md change 108): SD1.5 b8 75.40 →
+    **73.41 ms**, peak 8.66 → 8.12 GiB; SDXL b4 1024 px 231.6–232.3 (run 162, the kernels off) → **202.2 ms**, peak
+    30.30 → 26.94 GiB — where PEFT's (IA)³ takes 85.0 and 234.6 ms. The float64 gradient check of the benchmark
+    (every layer shape, the kernels in eager steps too) 3.9e-3 against the rebuilt op's 3.5e-3 (SDXL 4.1e-3 / 3.3e-3):
+    the recovered x·Wᵀ carries y's bf16 rounding."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, wv, s):
+        w2, _ = _OutputScaleBuild(s)(weight, None, wv)
+        y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
+        ctx.s, ctx.x_dtype = s, x.dtype
+        ctx.save_for_backward(y, weight, bias, wv)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        y, weight, bias, wv = ctx.saved_tensors
+        s = ctx.s
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            w2, _ = _OutputScaleBuild(s)(weight, None, wv)
+            gx = g2 @ cast(w2, gy.dtype)
+            gx = cast(gx.reshape(*gy.shape[:-1], gx.shape[-1]), ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            from . import scale_triton
+            y2 = y.reshape(-1, y.shape[-1])
+            b = cast(bias, y.dtype)
+            if g2.stride(-1) != 1:
+                g2 = g2.contiguous()
+            fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
+            gw = fn(g2, y2, b, wv, s)
+        return gx, None, None, gw, None
 
 
 @register
@@ -138,14 +220,18 @@ class IA3(Algorithm):
         # ``addcmul`` on f(x) − b, which keeps f(x) − b of every layer: peak 8.72 vs 10.64 GiB (LyCORIS
         # 9.23, PEFT 10.62), one-graph device time 71.3 vs 85.9 ms (PEFT 79.6), eager within noise
         # (p10 86.8 vs 90.6 ms). Layers the rebuilt op does not cover (norms, padding modes) stay on
-        # the bypass.
+        # the bypass. In captured steps, linear layers with ≥ 512 inputs keep the output instead of x
+        # (_KeepOutput, issue 7 run 163: SD1.5 b8 75.40 → 73.41 ms, SDXL b4 ≈ 232 → 202.2 ms).
         if ia3_on_input(t):
             return True
         return rebuild_supports(spec)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         if not ia3_on_input(t):
-            # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward (keeps x, not f(x) − b)
+            # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward, keeping y and ∂w from ∂y and y where
+            # _keep_output holds (_KeepOutput's doc), else keeping x (the rebuilt op: ∂w through ∂W′)
+            if _keep_output(x, spec, weight, bias):
+                return _KeepOutput.apply(x, weight, bias, t["weight"], float(multiplier))
             return rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier)), t["weight"])
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)

@@ -1,0 +1,129 @@
+"""(IA)³'s per-channel gradient from a layer's output, in two Triton launches on CUDA (:func:`channel_grad`):
+
+``∂w[c] = s·Σ_n ∂y[n,c]·(y[n,c] − b[c]) / d[c]`` with ``d = 1 + s·w`` — the gradient of an output-mode (IA)³ vector
+``w`` (``y = (1 + s·w) ⊙ (x·Wᵀ) + b``) recovered from the layer's output ``y`` instead of a weight-gradient GEMM (see
+:class:`.ia3._KeepOutput` for where and why). The first launch reads ∂y and y once (programs over row blocks ×
+column blocks, fp32 partial sums per row block: no atomics, deterministic); the second sums the partials, divides and
+writes ∂w in w's dtype. Torch would take a multiply, a subtraction and a reduction over activation-sized temporaries
+(four passes or more) and three small kernels after them.
+
+Numerics: products and sums in fp32 from the stored bf16/fp16 values; ``d`` in fp32 from ``w`` as stored. ``|d|`` is
+held at ``2⁻⁶`` or more (its sign kept; :data:`MIN_SCALE`) — the caller's doc says what that means.
+
+Selected by :func:`usable`: :func:`.lowrank_triton.enabled` (Triton, CUDA bf16/fp16, ``LYCO_TRITON`` not ``0``, not
+under ``torch.compile``) and this module's self-test passed on the device and dtype (once per process,
+:func:`.lowrank_triton.gate`). :func:`channel_grad_torch` is the same math in torch (the CPU; the tests' reference is
+float64 written out in the tests). CPU tests run the kernels in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
+
+if triton is not None:
+    import triton.language as tl
+
+#: the smallest ``|1 + s·w|`` the division uses (module doc)
+MIN_SCALE = 2.0 ** -6
+#: rows and columns a program of the first launch reads per step of its loop
+_BM, _BC = 64, 64
+#: programs the first launch aims at (row blocks × column blocks): a few per SM of an H100
+_PROGRAMS = 512
+
+#: (device, dtype) → whether the kernels passed their self-test there
+_CHECKED: dict = {}
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether :func:`channel_grad` runs on ``t``'s device and dtype (module doc)."""
+    return enabled(t) and gate(_CHECKED, t.device, t.dtype, _self_test)
+
+
+def _scale(w: torch.Tensor, s: float, dt: torch.dtype) -> torch.Tensor:
+    d = 1.0 + s * w.to(dt)
+    return torch.where(d.abs() < MIN_SCALE, torch.where(d < 0, -MIN_SCALE, MIN_SCALE), d)
+
+
+def channel_grad_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
+                       s: float) -> torch.Tensor:
+    """:func:`channel_grad` in torch (fp32 math, or float64 for float64 tensors)."""
+    dt = torch.promote_types(y2.dtype, torch.float32)
+    v = y2.to(dt) if bias is None else y2.to(dt) - bias.to(dt)
+    g = (gy2.to(dt) * v).sum(0)
+    return (s * g / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
+
+
+def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
+                 s: float) -> torch.Tensor:
+    """``s·Σ_n ∂y[n,c]·(y[n,c] − b[c]) / d[c]``, ``d = 1 + s·w`` held at ``|d| ≥`` :data:`MIN_SCALE`, for 2-D ``∂y``
+    and ``y`` ``(N, C)`` with unit column stride, ``b`` ``(C,)`` or None, ``w`` of C elements (any shape, any float
+    dtype): the result in w's shape and dtype. The caller checks :func:`usable`."""
+    n, c = y2.shape
+    grid_c = _cdiv(c, _BC)
+    grid_m = max(1, min(_cdiv(n, _BM), _PROGRAMS // grid_c))
+    rows = _cdiv(_cdiv(n, grid_m), _BM) * _BM  # rows per program, whole steps of the loop
+    grid_m = _cdiv(n, rows)
+    part = torch.empty(grid_m, c, device=y2.device, dtype=torch.float32)
+    _partial_kernel[(grid_m, grid_c)](gy2, y2, bias if bias is not None else y2, part, n, c, rows,
+                                      gy2.stride(0), y2.stride(0), HAS_BIAS=bias is not None, BM=_BM, BC=_BC)
+    wf = w.reshape(-1)
+    out = torch.empty(c, device=y2.device, dtype=w.dtype)
+    _finish_kernel[(_cdiv(c, 256),)](part, wf, out, grid_m, c, float(s), MIN_SCALE, BC=256)
+    return out.reshape(w.shape)
+
+
+def _self_test(device, dtype) -> bool:
+    return self_test(device, dtype, _compare, "the (IA)³ channel-gradient Triton kernels")
+
+
+def _compare(device, dtype) -> str | None:
+    """Ragged shapes (partial row and column blocks, several row blocks per program), with and without a bias, a
+    scale near zero (the clamp), a strided ∂y: against :func:`channel_grad_torch`."""
+    g = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for n, c, bias in ((1000, 200, True), (77, 33, False)):
+        gy = torch.randn(n, c + 5, generator=g).to(device, dtype)[:, 5:]
+        y = torch.randn(n, c, generator=g).to(device, dtype)
+        b = torch.randn(c, generator=g).to(device, dtype) if bias else None
+        w = torch.randn(c, generator=g).to(device) * 0.3
+        w[0] = (-1.0 + 2.0 ** -8) / 0.7  # |d| ≈ 2⁻⁸: the clamp (not d = 0, whose sign an FMA may flip: run 162)
+        got = channel_grad(gy, y, b, w, 0.7)
+        ref = channel_grad_torch(gy, y, b, w, 0.7)
+        worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
+    return None if worst <= 1e-3 else f"its self-test's relative error is {worst:.2e}"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_kernel(G, Y, B, P, N, C, ROWS, sg, sy, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                        BC: tl.constexpr):
+        pm = tl.program_id(0)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        cmask = cols < C
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BC,), dtype=tl.float32)
+        first = pm * ROWS
+        for i in range(0, ROWS, BM):
+            rows = first + i + tl.arange(0, BM)
+            m = (rows < N)[:, None] & cmask[None, :]
+            gv = tl.load(G + rows[:, None] * sg + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            yv = tl.load(Y + rows[:, None] * sy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                yv = tl.where(m, yv - b[None, :], 0.0)
+            acc += tl.sum(gv * yv, axis=0)
+        tl.store(P + pm * C + cols, acc, mask=cmask)
+
+    @triton.jit
+    def _finish_kernel(P, W, OUT, GM, C, s, lo, BC: tl.constexpr):
+        cols = tl.program_id(0) * BC + tl.arange(0, BC)
+        cmask = cols < C
+        acc = tl.zeros((BC,), dtype=tl.float32)
+        for i in range(0, GM):
+            acc += tl.load(P + i * C + cols, mask=cmask, other=0.0)
+        d = 1.0 + s * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        d = tl.where(tl.abs(d) < lo, tl.where(d < 0, -lo, lo), d)
+        tl.store(OUT + cols, (s * acc / d).to(OUT.dtype.element_ty), mask=cmask)

@@ -1,0 +1,169 @@
+"""(IA)³'s output mode keeping the output (``ia3._KeepOutput``) and its channel-gradient kernels
+(``scale_triton``, run in Triton's interpreter): against float64 definitions written here —
+``y = x·(W ⊙ (1 + m·w))ᵀ + b`` and ``∂w = m·Σ_n ∂y ⊙ (x·Wᵀ)`` by autograd in float64 — never against lyco's other path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lyco
+from lyco.algorithms import ia3, rebuild, scale_triton
+
+
+def _rel(a, b):
+    return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture()
+def keep(monkeypatch):
+    """The path forced on for every width (the CPU takes the torch form of the gradient)."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "0")
+
+
+def _model(bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(40, 24, bias=bias)).to(dtype)
+    net = lyco.create(model, algo="ia3", seed=0)
+    (layer,) = net.layers.values()
+    with torch.no_grad():
+        layer.params["weight"].copy_(0.4 * torch.randn(24, generator=g))
+    return model, net, layer
+
+
+def _reference(model, layer, x, m):
+    """float64: the layer's definition with w a leaf, autograd throughout."""
+    lin = model[0]
+    w = layer.params["weight"].detach().double().clone().requires_grad_()
+    xr = x.detach().double().clone().requires_grad_()
+    W = lin.weight.double() * (1 + m * w)[:, None]
+    y = xr @ W.t() + (lin.bias.double() if lin.bias is not None else 0)
+    return y, xr, w
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("lead", [(30,), (3, 10)])
+def test_keep_output_matches_definition(keep, bias, m, lead):
+    model, net, layer = _model(bias)
+    net.set_multiplier(m)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(*lead, 24, generator=g, dtype=torch.float64)
+    calls = []
+    orig = ia3._KeepOutput.apply
+    ia3._KeepOutput.apply = lambda *a: calls.append(1) or orig(*a)
+    try:
+        y = model(x)
+    finally:
+        ia3._KeepOutput.apply = orig
+    assert calls, "the layer did not take the output-keeping op"
+    y.backward(gy)
+    ref, xr, w = _reference(model, layer, x, m)
+    ref.backward(gy)
+    assert _rel(y, ref) < 1e-12
+    assert _rel(x.grad, xr.grad) < 1e-12
+    assert _rel(layer.params["weight"].grad, w.grad) < 1e-10
+
+
+def test_keep_output_saves_the_output_not_the_input(keep):
+    """The op keeps y (which the next layer here keeps anyway) and no tensor of x's size."""
+    model, net, layer = _model()
+    x = torch.randn(64, 40, dtype=torch.float64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    acts = [t for t in saved if t.numel() >= 64 * 24]
+    assert [t.data_ptr() for t in acts] == [y.data_ptr()], [tuple(t.shape) for t in acts]
+
+
+def test_keep_output_rule(monkeypatch):
+    """Narrow inputs, the switch off, a trainable base weight: the rebuilt op (which keeps x)."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    spec_wide = lyco.algorithms.base.LayerSpec(kind=lyco.algorithms.base.LINEAR, weight_shape=(24, 512))
+    spec_narrow = lyco.algorithms.base.LayerSpec(kind=lyco.algorithms.base.LINEAR, weight_shape=(24, 511))
+    w_wide, w_narrow = torch.zeros(24, 512), torch.zeros(24, 511)
+    x = torch.zeros(2, 512)
+    assert ia3._keep_output(x, spec_wide, w_wide, None)
+    assert not ia3._keep_output(x[:, :511], spec_narrow, w_narrow, None)
+    assert not ia3._keep_output(x, spec_wide, w_wide.requires_grad_(), None)
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "0")
+    assert not ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "graph")  # the default: captured steps only
+    assert not ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
+    # a layer the rule leaves out goes through the rebuilt op
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "0")
+    model, net, layer = _model()
+    seen = []
+    orig = rebuild._RebuiltOp.apply
+    monkeypatch.setattr(rebuild._RebuiltOp, "apply", lambda *a: seen.append(1) or orig(*a))
+    model(torch.randn(4, 40, dtype=torch.float64))
+    assert seen
+
+
+def test_keep_output_clamps_a_switched_off_channel(keep):
+    """A channel whose scale 1 + m·w is within 2⁻⁶ of zero: its gradient is the exact one times d/2⁻⁶ (the doc's
+    decision), finite; the other channels exact."""
+    model, net, layer = _model(bias=False)
+    with torch.no_grad():
+        layer.params["weight"][3] = -1.0 + 2.0 ** -8  # d = 2⁻⁸
+        layer.params["weight"][5] = -1.0  # d = 0
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(30, 40, generator=g, dtype=torch.float64)
+    gy = torch.randn(30, 24, generator=g, dtype=torch.float64)
+    model(x).backward(gy)
+    ref, xr, w = _reference(model, layer, x, 1.0)
+    ref.backward(gy)
+    got, exact = layer.params["weight"].grad, w.grad
+    assert torch.isfinite(got).all()
+    assert abs(got[3] - exact[3] * 2.0 ** -8 / 2.0 ** -6) < 1e-12 * exact.abs().max()
+    assert abs(got[5]) < 1e-12 * exact.abs().max()  # y − b is exactly 0 there
+    others = [c for c in range(24) if c not in (3, 5)]
+    assert _rel(got[others], exact[others]) < 1e-10
+
+
+@pytest.fixture(scope="module")
+def kern(triton_interpreter):
+    from lyco.algorithms import lowrank_triton
+    assert lowrank_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    yield scale_triton
+
+
+@pytest.mark.parametrize("n,c,bias", [(1000, 200, True), (77, 33, False), (64, 64, True), (5, 300, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_grad_kernel_matches_definition(kern, n, c, bias, dtype):
+    """``m·Σ_n ∂y·(y − b) / d`` in float64 from the same stored values; ragged row and column blocks, several row
+    blocks per program, a strided ∂y, w in fp32 and the result in its dtype; a clamped channel."""
+    g = torch.Generator().manual_seed(n + c)
+    gy = torch.randn(n, c + 3, generator=g).to(dtype)[:, 3:]
+    y = torch.randn(n, c, generator=g).to(dtype)
+    b = torch.randn(c, generator=g).to(dtype) if bias else None
+    w = 0.3 * torch.randn(c, generator=g)
+    w[c // 2] = -1 / 0.7 + 1e-3  # |d| < 2⁻⁶
+    got = kern.channel_grad(gy, y, b, w, 0.7)
+    assert got.dtype == w.dtype and got.shape == w.shape
+    v = y.double() - (b.double() if bias else 0)
+    d = 1 + 0.7 * w.double()
+    d = torch.where(d.abs() < 2.0 ** -6, torch.sign(d) * 2.0 ** -6, d)
+    ref = 0.7 * (gy.double() * v).sum(0) / d
+    assert _rel(got, ref) < 1e-5  # fp32 sums of exact products: only the order differs
+
+
+def test_keep_output_under_autocast(keep):
+    """The trainer's mixed precision: fp32 model and adapter, bf16 autocast, an fp32 input — the op's GEMMs in bf16,
+    the gradients back in their tensors' dtypes, within bf16 rounding of the float64 definition."""
+    model, net, layer = _model(dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(50, 40, generator=g, requires_grad=True)
+    gy = torch.randn(50, 24, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().backward(gy)
+    assert x.grad.dtype == torch.float32 and layer.params["weight"].grad.dtype == torch.float32
+    ref, xr, w = _reference(model, layer, x, 1.0)
+    ref.backward(gy.double())
+    assert _rel(y, ref) < 2e-2 and _rel(x.grad, xr.grad) < 2e-2
+    assert _rel(layer.params["weight"].grad, w.grad) < 2e-2
