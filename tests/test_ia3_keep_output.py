@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import lyco
-from lyco.algorithms import ia3, rebuild, scale_triton
+from lyco.algorithms import graph_policy, ia3, rebuild, scale_triton
 
 
 def _rel(a, b):
@@ -93,6 +93,13 @@ def test_keep_output_rule(monkeypatch):
     assert not ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
     monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "graph")  # the default: captured steps only
     assert not ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
+    with graph_policy.graph_step():
+        assert ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "wide")
+    with pytest.raises(ValueError, match="LYCO_IA3_KEEP_OUTPUT_MIN_IN='wide'"):
+        ia3._keep_output(x, spec_wide, torch.zeros(24, 512), None)
+    monkeypatch.delenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN")
     # a layer the rule leaves out goes through the rebuilt op
     monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "0")
     model, net, layer = _model()

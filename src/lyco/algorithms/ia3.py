@@ -92,6 +92,17 @@ class _OutputScaleBuild:
 KEEP_OUTPUT_MIN_IN = 512
 
 
+def _min_in() -> int:
+    """:data:`KEEP_OUTPUT_MIN_IN`, or ``LYCO_IA3_KEEP_OUTPUT_MIN_IN`` where set (an error naming it if not an integer)."""
+    env = os.environ.get("LYCO_IA3_KEEP_OUTPUT_MIN_IN")
+    if env is None:
+        return KEEP_OUTPUT_MIN_IN
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"LYCO_IA3_KEEP_OUTPUT_MIN_IN={env!r}: expected an integer (input features)") from None
+
+
 def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     """Whether an output-mode layer takes :class:`_KeepOutput`: ``LYCO_IA3_KEEP_OUTPUT`` (:mod:`.graph_policy`,
     captured steps by default — two Triton launches per layer), a linear layer with at least
@@ -101,7 +112,7 @@ def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
         return False
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
-    if spec.in_dim < int(os.environ.get("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN)):
+    if spec.in_dim < _min_in():
         return False
     if not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
         return False
