@@ -108,13 +108,14 @@ def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     captured steps by default — two Triton launches per layer), a linear layer with at least
     :data:`KEEP_OUTPUT_MIN_IN` inputs, its weight and bias frozen, gradients on, not under ``torch.compile``, and on
     CUDA the kernels of :mod:`.scale_triton` usable (the CPU takes its torch form)."""
-    if spec.kind != LINEAR or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # the switch first: an eager step (the default policy) leaves after one environment lookup
+    if spec.kind != LINEAR or not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
+        return False
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
     if spec.in_dim < _min_in():
-        return False
-    if not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
         return False
     if x.is_cuda:
         from . import scale_triton
