@@ -6,6 +6,7 @@ over four input sets in turn (so x is not served from L2): the fused kernel, the
 frozen GEMM, the thin down GEMM, the in-place up), and cuBLAS's frozen GEMM alone.
 
     python benchmarks/experiments/fused_gemm_check.py     # exit 1 if a relative error exceeds --tol
+    python benchmarks/experiments/fused_gemm_check.py --shapes other     # SDXL b4/b1 and SD1.5 b1 shapes (run 160)
 """
 
 import argparse
