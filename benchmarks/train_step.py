@@ -675,11 +675,13 @@ def bench_optimizer(params, lyco: bool, **kw):
     return torch.optim.AdamW(params, **kw)
 
 
-def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False) -> dict:
+def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False,
+              trace: Path | None = None) -> dict:
     """The same training step captured once as a CUDA graph (forward, backward and a capturable
     fused AdamW), then replayed: the step's device time without any CPU launch overhead — the same
     treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
-    host inside the step."""
+    host inside the step. ``trace``: one more replay under torch.profiler, its kernels written there
+    (``graph_trace.py``: the timeline's span split into idle and each kernel's exposed time)."""
     from lyco.algorithms import graph_policy
     opt = bench_optimizer(params, lyco, lr=1e-6, weight_decay=0.0, fused=True, capturable=True)
 
@@ -737,11 +739,36 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
             g.replay()
             tm.stop(s)
         ts = tm.times_ms()
-        return {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB}
+        rec = {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB}
+        if trace is not None:
+            try:
+                rec["graph_trace"] = trace_replay(g, trace)
+            except Exception as e:  # noqa: BLE001 — the timing stands without it
+                rec["graph_trace_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return rec
     finally:
         del g
         clear()
         torch.cuda.synchronize()
+
+
+def trace_replay(g, path: Path) -> dict:
+    """One replay of ``g`` under torch.profiler (device activity only), its kernels written to ``path``
+    (``graph_trace.from_chrome``'s form); returns the timeline's span, busy and idle µs and the kernel count. The
+    profiler sees a graph's kernels only if it ran once before the process's first capture (``main`` does that)."""
+    import graph_trace
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.replay()
+        torch.cuda.synchronize()
+    tmp = path.with_name(path.stem + ".chrome.json")
+    prof.export_chrome_trace(str(tmp))
+    ks = graph_trace.from_chrome(tmp)
+    tmp.unlink()
+    path.write_text(json.dumps({"kernels": ks}))
+    s = graph_trace.summary(ks)
+    return {k: round(s[k], 1) for k in ("span", "busy", "idle", "sum")} | {"count": s["count"]}
 
 
 def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
@@ -860,8 +887,12 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
+                tkeys = ctx.get("graph_trace", ())
+                traced = key in tkeys or rec["algo"] in tkeys or "all" in tkeys
+                tpath = (Path(a.out) / f"graph_trace_{ctx['model']}_b{ctx['batch']}_{rec['algo']}_{variant}.json"
+                         if traced else None)
                 rec.update(run_graph(step_model, ctx["inputs"], ctx["target"], params, floor,
-                                     a.graph_steps or a.steps, lyco=is_lyco))
+                                     a.graph_steps or a.steps, lyco=is_lyco, trace=tpath))
             except Exception as e:  # noqa: BLE001 — e.g. a host sync inside the step
                 msg = str(e).strip().splitlines()
                 rec["graph_error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
@@ -901,6 +932,11 @@ def describe(rec) -> str:
     s = f"{head} {rec['median_ms']:8.2f} ms (p10 {rec['p10_ms']:.2f} p90 {rec['p90_ms']:.2f} host {rec.get('host_ms', 0):.1f})"
     if "graph_median_ms" in rec:
         s += f"  graph {rec['graph_median_ms']:.2f} ms"
+        if "graph_trace" in rec:
+            t = rec["graph_trace"]
+            s += f" (traced: span {t['span'] / 1e3:.2f} = busy {t['busy'] / 1e3:.2f} + idle {t['idle'] / 1e3:.2f}, {t['count']} kernels)"
+        elif "graph_trace_error" in rec:
+            s += f" (trace failed: {rec['graph_trace_error'][:80]})"
     elif "graph_error" in rec:
         s += f"  graph FAIL ({rec['graph_error'][:60]})"
     if "peak_gib" in rec:
@@ -1116,6 +1152,9 @@ def main(argv=None):
     p.add_argument("--profile", default="",
                    help="comma list of algo/variant (or algo, or 'floor', or 'all') to profile with "
                         "torch.profiler: top kernels, kernels/step, GPU busy fraction → profile*.{json,txt}")
+    p.add_argument("--graph-trace", default="",
+                   help="with --graph: comma list of algo/variant (or algo, 'floor', 'all') whose captured step is "
+                        "replayed once more under torch.profiler → graph_trace_*.json (benchmarks/graph_trace.py)")
     p.add_argument("--skip", default="",
                    help="comma list of algo/variant pairs not to run (e.g. peers far from best in a previous run)")
     p.add_argument("--tag", default="", help="suffix of the output files (train_step<tag>.json/.md)")
@@ -1164,6 +1203,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
+        if a.graph_trace:  # the profiler sees a graph's kernels only if it ran before the first capture
+            from torch.profiler._utils import _init_for_cuda_graphs
+            _init_for_cuda_graphs()
     meta = {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'cpu'}) smoke",
             **machine_info("torch", "python", "diffusers", "peft", "transformers", "triton", "lycoris"),
             "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
@@ -1222,7 +1264,8 @@ def main(argv=None):
             base_out1 = unet(**inputs1, return_dict=False)[0]
         ctx = dict(args=a, unet=unet, cuda=cuda, dtype=dtype, adapter_dtype=adapter_dtype, names=names,
                    originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
-                   model=model, batch=batch, profile=profile_set, profile_top=a.profile_top)
+                   model=model, batch=batch, profile=profile_set, profile_top=a.profile_top,
+                   graph_trace={x for x in a.graph_trace.split(",") if x})
         plan = [] if a.no_baselines else [(None, b) for b in ("floor", "fullft") if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]

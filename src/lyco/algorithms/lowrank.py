@@ -776,11 +776,11 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
     (Run 66 had left 1×1 convs out — 1.13–1.30× at every shape — and drawn the conv line at out·∏k; both were the
     copy's doing.)"""
     if spec.kind == LINEAR:
-        return x.shape[0] >= spec.out_dim
+        return x.shape[0] > 0 and x.shape[0] >= _rows_factor(x) * spec.out_dim
     positions = x.shape[0] * x.shape[2] * x.shape[3]
     k = spec.kernel_numel
     if k == 1:
-        return positions >= spec.out_dim
+        return positions > 0 and positions >= _rows_factor(x) * spec.out_dim
     if 8 * positions >= spec.out_dim * k:
         return True
     # Channels-last with the epilogue (_conv_nhwc) the op drops cuDNN's layout conversions, fixed costs that
@@ -790,6 +790,29 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
     # 83, and its grouped down reads NCHW).
     return (not grouped and 24 * positions >= spec.in_dim * k and _conv_epilogue(x, spec)
             and _conv_nhwc(spec, x))
+
+
+#: c in :func:`bypass_pays`'s ``positions ≥ c·out`` on linear layers and 1×1 convs: without the side streams (run 72's
+#: per-layer timings, which predate them) and with them (:func:`_rows_factor`)
+_ROWS_PLAIN = 1.0
+_ROWS_STREAMS = 1.0
+
+
+def _rows_factor(x: torch.Tensor) -> float:
+    """c of ``positions ≥ c·out`` (:func:`bypass_pays`, linear layers and 1×1 convs): ``LYCO_BYPASS_ROWS`` where
+    set (a number ≥ 0; 0 takes the op on every such layer), else ``_ROWS_STREAMS`` where the op's products run on
+    the side streams (:func:`side_stream`), ``_ROWS_PLAIN`` elsewhere."""
+    raw = os.environ.get("LYCO_BYPASS_ROWS")
+    if raw is not None:
+        try:
+            c = float(raw)
+        except ValueError:
+            c = -1.0
+        if not c >= 0.0:
+            raise ValueError(f"LYCO_BYPASS_ROWS={raw!r}: expected a number ≥ 0 (the op where positions ≥ that "
+                             "times the layer's outputs)")
+        return c
+    return _ROWS_STREAMS if side_stream(x) is not None else _ROWS_PLAIN
 
 
 def _cat_pays(spec: LayerSpec, r: int) -> bool:

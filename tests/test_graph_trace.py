@@ -1,0 +1,94 @@
+"""benchmarks/graph_trace.py: the split of a timeline's span into idle time and each kernel's exposed time, checked
+against a brute-force computation over a fine time grid on random timelines."""
+
+import gzip
+import json
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import graph_trace  # noqa: E402
+
+
+def _grid(ks, step=0.25):
+    """Exposed time per kernel and idle time charged to the kernel ending each gap, by sampling the timeline at
+    every ``step`` (the kernels' times are multiples of ``step``, so sampling midpoints is exact)."""
+    t0 = min(k["t"] for k in ks)
+    t1 = max(k["t"] + k["d"] for k in ks)
+    exposed = [0.0] * len(ks)
+    idle = 0.0
+    n = round((t1 - t0) / step)
+    for i in range(n):
+        mid = t0 + (i + 0.5) * step
+        act = [j for j, k in enumerate(ks) if k["t"] < mid < k["t"] + k["d"]]
+        if act:
+            for j in act:
+                exposed[j] += step / len(act)
+        else:
+            idle += step
+    return exposed, idle, t1 - t0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_summary_matches_a_sampled_timeline(seed):
+    rng = random.Random(seed)
+    ks = []
+    for _ in range(30):
+        t = rng.randrange(0, 400) * 0.25
+        d = rng.randrange(1, 40) * 0.25
+        ks.append({"n": rng.choice(["gemm_a", "triton_b", "elementwise_c", "xyz"]), "t": t, "d": d,
+                   "s": rng.choice([7, 13])})
+    ks.sort(key=lambda k: k["t"])
+    s = graph_trace.summary(ks)
+    exposed, idle, span = _grid(ks)
+    assert s["span"] == pytest.approx(span)
+    assert s["idle"] == pytest.approx(idle)
+    assert s["busy"] == pytest.approx(span - idle)
+    assert s["sum"] == pytest.approx(sum(k["d"] for k in ks))
+    by_name = {}
+    for k, e in zip(ks, exposed):
+        by_name[k["n"]] = by_name.get(k["n"], 0.0) + e
+    for n, e in by_name.items():
+        assert s["names"][n]["exposed"] == pytest.approx(e)
+    # every idle gap is charged to exactly one kernel (the one starting when it ends)
+    assert sum(d["idle_before"] for d in s["names"].values()) == pytest.approx(idle)
+    assert sum(d["exposed"] for d in s["kinds"].values()) == pytest.approx(span - idle)
+    assert sum(v["count"] for v in s["streams"].values()) == len(ks)
+
+
+def test_idle_is_charged_to_the_kernel_that_ends_the_gap():
+    ks = [{"n": "gemm_a", "t": 0.0, "d": 2.0, "s": 7}, {"n": "triton_b", "t": 5.0, "d": 1.0, "s": 7},
+          {"n": "gemm_a", "t": 5.5, "d": 1.0, "s": 9}]
+    s = graph_trace.summary(ks)
+    assert s["names"]["triton_b"]["idle_before"] == pytest.approx(3.0)
+    assert s["names"]["gemm_a"]["idle_before"] == 0.0
+    # 5.5–6.0 shared by two kernels, 6.0–6.5 gemm_a alone
+    assert s["names"]["triton_b"]["exposed"] == pytest.approx(0.5 + 0.25)
+    assert s["names"]["gemm_a"]["exposed"] == pytest.approx(2.0 + 0.25 + 0.5)
+
+
+def test_chrome_trace_reading(tmp_path):
+    ev = [{"ph": "X", "cat": "kernel", "name": "k2", "ts": 110.5, "dur": 3.0, "args": {"stream": 7}},
+          {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 90.0, "dur": 30.0},
+          {"ph": "X", "cat": "kernel", "name": "k1", "ts": 100.0, "dur": 4.0, "args": {"stream": 9}},
+          {"ph": "X", "cat": "gpu_memset", "name": "Memset", "ts": 120.0, "dur": 1.0, "args": {"stream": 7}}]
+    p = tmp_path / "t.json.gz"
+    with gzip.open(p, "wt") as f:
+        json.dump({"traceEvents": ev}, f)
+    ks = graph_trace.from_chrome(p)
+    assert [(k["n"], k["t"], k["d"], k["s"]) for k in ks] == [("k1", 0.0, 4.0, 9), ("k2", 10.5, 3.0, 7),
+                                                              ("Memset", 20.0, 1.0, 7)]
+
+
+def test_diff_and_format_name_the_kinds():
+    a = graph_trace.summary([{"n": "nvjet_gemm", "t": 0.0, "d": 4.0, "s": 1}, {"n": "splitKreduce", "t": 6, "d": 1, "s": 1}])
+    b = graph_trace.summary([{"n": "nvjet_gemm", "t": 0.0, "d": 4.0, "s": 1}])
+    assert a["idle"] == pytest.approx(2.0) and a["kinds"]["splitK-reduce"]["idle_before"] == pytest.approx(2.0)
+    text = graph_trace.diff(a, b, "x")
+    assert "kernels +1," in text.splitlines()[0]
+    assert any(line.split()[:2] == ["splitK-reduce", "+1"] for line in text.splitlines())
+    assert graph_trace.kind("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert graph_trace.kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
