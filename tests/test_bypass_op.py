@@ -426,6 +426,35 @@ def test_shape_rule(monkeypatch, layer, shape, taken):
     assert (_node(model(x)) == "_BypassOpBackward") == taken
 
 
+@pytest.mark.parametrize("layer, shape, env, streams, taken", [
+    ("linear", (3, 16), None, True, True), ("linear", (3, 16), None, False, False),
+    ("1x1", (1, 8, 1, 3), None, True, True), ("1x1", (1, 8, 1, 3), None, False, False),
+    ("linear", (0, 16), None, True, False),
+    ("linear", (7, 16), "0.5", False, False), ("linear", (8, 16), "0.5", False, True),
+    ("linear", (7, 16), "0.5", True, False), ("1x1", (1, 8, 2, 4), "0.5", True, True),
+    ("linear", (15, 16), "1", True, False), ("linear", (1, 16), "0", False, True),
+    ("3x3", (1, 8, 4, 4), "0", True, False),
+])
+def test_shape_rule_rows_factor(monkeypatch, layer, shape, env, streams, taken):
+    """Linear layers and 1×1 convs: positions ≥ c·out (16 outputs here), c = 1 without the side streams and 0 with
+    them (``lowrank._rows_factor``: every such layer in captured steps), ``LYCO_BYPASS_ROWS`` over both; a k×k conv
+    keeps its own line (out·∏k/8 = 18 positions here)."""
+    if env is None:
+        monkeypatch.delenv("LYCO_BYPASS_ROWS", raising=False)
+    else:
+        monkeypatch.setenv("LYCO_BYPASS_ROWS", env)
+    monkeypatch.setattr(lowrank, "side_stream", lambda t: object() if streams else None)
+    mod = {"linear": nn.Linear(16, 16), "3x3": nn.Conv2d(8, 16, 3, padding=1), "1x1": nn.Conv2d(8, 16, 1)}[layer]
+    assert lowrank.bypass_pays(LayerSpec.from_module(mod), torch.zeros(shape)) == taken
+
+
+@pytest.mark.parametrize("raw", ["-1", "x", "nan", ""])
+def test_rows_factor_rejects_a_bad_value(monkeypatch, raw):
+    monkeypatch.setenv("LYCO_BYPASS_ROWS", raw)
+    with pytest.raises(ValueError, match="LYCO_BYPASS_ROWS"):
+        lowrank.bypass_pays(LayerSpec.from_module(nn.Linear(4, 4)), torch.zeros(2, 4))
+
+
 @pytest.mark.parametrize("algo, nhwc, taken", [("lora", True, True), ("lokr", True, False), ("lora", False, False)])
 def test_shape_rule_channels_last(monkeypatch, triton_interpreter, algo, nhwc, taken):
     """A k×k conv below the rule's positions ≥ out·∏k/8 (16 < 18 here) is taken where the op runs channels-last

@@ -774,7 +774,8 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
     for an ungrouped adapter (``grouped``: the algorithm's ``bypass_grouped``) whose conv runs channels-last with the
     epilogue (:func:`_conv_nhwc`), positions ≥ in·∏k/24 (runs 106–107, comment below).
     (Run 66 had left 1×1 convs out — 1.13–1.30× at every shape — and drawn the conv line at out·∏k; both were the
-    copy's doing.)"""
+    copy's doing.) Where the op's products run on the side streams (captured steps) the line for linear layers and
+    1×1 convs is lower: positions ≥ c·out with c from :func:`_rows_factor` (0 there: every such layer)."""
     if spec.kind == LINEAR:
         return x.shape[0] > 0 and x.shape[0] >= _rows_factor(x) * spec.out_dim
     positions = x.shape[0] * x.shape[2] * x.shape[3]
@@ -792,10 +793,15 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
             and _conv_nhwc(spec, x))
 
 
-#: c in :func:`bypass_pays`'s ``positions ≥ c·out`` on linear layers and 1×1 convs: without the side streams (run 72's
-#: per-layer timings, which predate them) and with them (:func:`_rows_factor`)
+#: c in :func:`bypass_pays`'s ``positions ≥ c·out`` on linear layers and 1×1 convs (:func:`_rows_factor`): without the
+#: side streams, run 72's per-layer timings (which predate them); with them, every such layer — the delta path's
+#: backward is five GEMMs and a sum in a row, the op's ∂x GEMM runs beside its products. Run 164's timeline of SDXL
+#: b1's LoRA step (1024 rows against 1280 outputs on most layers, so the delta path there): 4705 kernels more than
+#: the floor's, concurrency 1.02; run 165, the whole step as a graph, c = 1 / 0 / 1: LoRA 84.64 / 80.04 / 84.35 ms,
+#: LoCon 85.40 / 80.93, LoHa 87.18 / 83.92, LoKr 93.18 / 91.16; SDXL b4 LoRA (cross-attention's k and v: 308 rows)
+#: 202.91 / 200.22 (benchmarks/NOTES.md change 109)
 _ROWS_PLAIN = 1.0
-_ROWS_STREAMS = 1.0
+_ROWS_STREAMS = 0.0
 
 
 def _rows_factor(x: torch.Tensor) -> float:
