@@ -7,7 +7,7 @@
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15 --variants lyco"
-step_table s1_new 100 --jobs sd15:1 --algos lora,locon,loha,lokr,glora --baselines floor $A
+step_table s1_new 100 --jobs sd15:1 --algos lora,locon,loha,lokr,glora,ia3 --baselines floor $A
 (export LYCO_BYPASS_ROWS=1; step_table s1_old 160 --jobs sd15:1 --algos lora,locon,loha,lokr,glora --no-baselines $A)
 step_table s1_new2 185 --jobs sd15:1 --algos lora,locon --no-baselines $A
 step_table s8_new 235 --jobs sd15:8 --algos lora,locon --baselines floor $A
