@@ -178,12 +178,14 @@ def _saved_input_row_stride(y):
 
 
 @pytest.mark.parametrize("cfg", list(WIDE))
-@pytest.mark.parametrize("shape", [(9,), (2, 5)])
+@pytest.mark.parametrize("shape, cat", [((48,), True), ((2, 24), True), ((9,), False), ((2, 5), False)])
 @pytest.mark.parametrize("m", [1.0, 0.7])
-def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
-    """A layer wider out than in takes ``y = [x | h]·[W | s·U]ᵀ + b`` forward and ``[∂x | ∂h/s] = ∂y·[W′ | U]``
-    backward (``lowrank._cat_pays``): outputs and gradients equal float64 math on the dense ΔW. That the path ran
-    is read from what the op kept: x as a view of ``[x | h]`` (rows in + r apart)."""
+def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, cat, m):
+    """A layer wider out than in takes ``[∂x | ∂h/s] = ∂y·[W′ | U]`` backward (``lowrank._cat_pays``) and, with
+    rows·(out − in − r) > out·(in + r) (``lowrank._cat_forward_pays``: over 21 rows for these layers, 38 for LoKr's, out = 64),
+    ``y = [x | h]·[W | s·U]ᵀ + b`` forward: outputs and gradients equal float64 math on the dense ΔW on both sides of
+    the forward's line. That the forward concatenated is read from what the op kept: x as a view of ``[x | h]``
+    (rows in + r apart)."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     conf, n_in = WIDE[cfg]
@@ -195,7 +197,8 @@ def test_wide_linear_concatenated_gemms(monkeypatch, cfg, shape, m):
     gy = torch.randn_like(model(x).detach())
     y, grads, node = _run(model, x, gy)
     assert node == "_BypassOpBackward"
-    assert _saved_input_row_stride(model(x)) % 8 == 0 and _saved_input_row_stride(model(x)) > n_in
+    stride = _saved_input_row_stride(model(x))
+    assert (stride % 8 == 0 and stride > n_in) if cat else stride == n_in
     yr, gr = _reference(mod, conf["algo"], x, gy, m)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, gr):
@@ -241,6 +244,17 @@ def test_lokr_conv_takes_the_op_with_a_grouped_down(monkeypatch, m, layer, chann
 def test_concatenated_gemms_rule(n_in, n_out, r, taken):
     assert lowrank._cat_pays(LayerSpec.from_module(nn.Linear(n_in, n_out)), r) == taken
     assert not lowrank._cat_pays(LayerSpec.from_module(nn.Conv2d(n_in, n_out, 1)), r)
+
+
+@pytest.mark.parametrize("n_in, n_out, r, rows, taken", [
+    (1280, 10240, 16, 1024, False), (1280, 10240, 16, 1484, True), (1280, 10240, 16, 1483, False),  # SDXL b1
+    (1280, 10240, 16, 512, False), (320, 2560, 16, 4096, True), (640, 5120, 16, 1024, True),       # SD1.5
+])
+def test_concatenated_forward_rows_rule(n_in, n_out, r, rows, taken):
+    """The forward's concatenations pay where rows·(out − in − r) > out·(in + r): the weight's copy against the
+    in-place up's pass over the output."""
+    spec = LayerSpec.from_module(nn.Linear(n_in, n_out))
+    assert lowrank._cat_forward_pays(spec, rows, r) == taken
 
 
 def test_wide_linear_bf16_within_rounding(monkeypatch):
@@ -363,7 +377,9 @@ def test_autocast_mixed_precision_lokr_grouped(monkeypatch, layer):
            "3x3-p1": nn.Conv2d(64, 48, **CONVS["3x3-p1"])}[layer]
     model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
     n_in = mod.weight.shape[1]
-    x = (torch.randn(4, 6, n_in) if layer.startswith("linear") else torch.randn(2, 64, 9, 7)).bfloat16()
+    # the wide layer with 48 rows: its forward concatenates from 39 on (lowrank._cat_forward_pays)
+    x = (torch.randn(4, 12 if layer == "linear-wide" else 6, n_in) if layer.startswith("linear")
+         else torch.randn(2, 64, 9, 7)).bfloat16()
     gy, out = _mixed_precision_runs(monkeypatch, mod, model, x.requires_grad_())
     _, t = _adapter_tensors(mod)
     if layer == "linear-wide":

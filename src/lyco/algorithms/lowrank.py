@@ -834,6 +834,17 @@ def _cat_pays(spec: LayerSpec, r: int) -> bool:
     return spec.kind == LINEAR and spec.out_dim >= 2 * (spec.in_dim + r) and (spec.in_dim + r) % 8 == 0
 
 
+def _cat_forward_pays(spec: LayerSpec, rows: int, r: int) -> bool:
+    """Whether the forward of a layer :func:`_cat_pays` takes concatenates (the backward's ``∂y·[W′ | U]`` does not
+    depend on it): the concatenations write ``[x | h]`` and ``[W | s·U]`` — rows·(in + r) and out·(in + r) elements,
+    each read once too — where the in-place up reads and writes the output, rows·out; so they pay where
+    ``rows·(out − in − r) > out·(in + r)``. The weight's copy is fixed per layer and the output's pass scales with the
+    rows: at SDXL b1 (1024 rows; GEGLU's 1280 → 10240, r = 16: from 1484 rows on) run 165's timeline has the
+    copy of ``[W | s·U]`` at 18.8 µs on the forward's one stream per such layer, beside a 48.6 µs GEMM; SD1.5 b8's
+    layers (≥ 4096 rows but the 8×8 level's 512) were where the rule was measured (run 71)."""
+    return rows * (spec.out_dim - spec.in_dim - r) > spec.out_dim * (spec.in_dim + r)
+
+
 def _im2col_ok(spec: LayerSpec, r: int) -> bool:
     """∂D by :func:`_conv_wgrad_nchw`: a 2-D conv, stride 1, dilation 1, padding at most k − 1 on each axis, and
     the shifted copies of ∂h (r·∏k planes, r = h's channels) at most twice x's channels — else cuDNN's weight
@@ -895,7 +906,7 @@ class _BypassOp(torch.autograd.Function):
                     h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
                 else:
                     h = F.linear(xd, d2)
-                if _cat_pays(spec, h.shape[1]):
+                if _cat_pays(spec, h.shape[1]) and _cat_forward_pays(spec, xd.shape[0], h.shape[1]):
                     # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
                     # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
                     # views of it
