@@ -64,8 +64,9 @@ def from_chrome(path: str | Path) -> list[dict]:
 
 
 def load(path: str | Path) -> list[dict]:
-    """A trace written by ``train_step.py --graph-trace`` (``{"kernels": [...]}``)."""
-    return json.loads(Path(path).read_text())["kernels"]
+    """A trace written by ``train_step.py --graph-trace`` (``{"kernels": [...]}``; gzipped as committed: ``.json.gz``)."""
+    p = Path(path)
+    return json.loads(gzip.open(p, "rt").read() if p.suffix == ".gz" else p.read_text())["kernels"]
 
 
 def summary(ks: list[dict]) -> dict:
@@ -166,11 +167,12 @@ def main() -> None:
     a = p.parse_args()
     rd = lambda f: load(f) if Path(f).name.startswith("graph_trace_") else from_chrome(f)
     s = summary(rd(a.trace))
-    print(fmt(s, Path(a.trace).stem, a.top))
+    name = lambda f: Path(f).name.split(".")[0]
+    print(fmt(s, name(a.trace), a.top))
     if a.base:
         b = summary(rd(a.base))
-        print(fmt(b, Path(a.base).stem, a.top))
-        print(diff(s, b, f"{Path(a.trace).stem} − {Path(a.base).stem}", a.top + 3))
+        print(fmt(b, name(a.base), a.top))
+        print(diff(s, b, f"{name(a.trace)} − {name(a.base)}", a.top + 3))
 
 
 if __name__ == "__main__":

@@ -92,3 +92,11 @@ def test_diff_and_format_name_the_kinds():
     assert any(line.split()[:2] == ["splitK-reduce", "+1"] for line in text.splitlines())
     assert graph_trace.kind("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NNT") == "gemm"
     assert graph_trace.kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
+
+
+def test_load_reads_plain_and_gzipped(tmp_path):
+    ks = [{"n": "k", "t": 0.0, "d": 1.5, "s": 7}]
+    (tmp_path / "graph_trace_a.json").write_text(json.dumps({"kernels": ks}))
+    with gzip.open(tmp_path / "graph_trace_b.json.gz", "wt") as f:
+        json.dump({"kernels": ks}, f)
+    assert graph_trace.load(tmp_path / "graph_trace_a.json") == graph_trace.load(tmp_path / "graph_trace_b.json.gz") == ks
