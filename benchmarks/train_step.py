@@ -28,6 +28,9 @@ CUDA graph and times its replays — the device time without launch overhead, th
 every library (a library that synchronises with the host inside the step fails capture, recorded);
 ``--profile algo/variant,…`` writes ``profile<tag>.{json,txt}``: top kernels by self device time
 per step, kernels per step, summed kernel time vs wall (GPU busy fraction) and the top CPU ops;
+``--graph --graph-trace algo/variant,…`` writes one more replay's kernels per configuration
+(``graph_trace_<model>_b<batch>_<algo>_<variant>.json``; ``benchmarks/graph_trace.py`` splits the span into
+idle time and each kernel's exposed time, and subtracts two such traces);
 ``--compile`` compiles the UNet for every configuration alike (floor, full fine-tune, lyco, peers).
 Before timing, lyco's layers are checked on the device against fp32 merged-weight math: outputs
 (``full_err``) and gradients of x and of every adapter tensor (``grad_err``).

@@ -31,8 +31,8 @@ under :mod:`.graph_policy` (``LYCO_BYPASS_OP``: by default only in steps capture
 host's cost is paid once). Its ∂x carries the merge's rounding (as the rebuild path's does; a delta far
 below 2⁻⁹·|W| drops out of the gradient that reaches earlier layers, not out of the forward or of ∂U/∂D).
 A Triton kernel fusing the adapter into the frozen GEMM lost to cuBLAS (runs 11, 50–51). On a layer wider out
-than in (:func:`_cat_pays`: GEGLU's projection) the frozen GEMM itself takes the adapter's up, as one GEMM over
-``[x | h]`` and ``[W | s·U]`` — the same sum, rounded once in bf16 where the delta path rounds ``f(x)`` and then
+than in (:func:`_cat_pays`: GEGLU's projection; with enough rows, :func:`_cat_forward_pays`) the frozen GEMM itself
+takes the adapter's up, as one GEMM over ``[x | h]`` and ``[W | s·U]`` — the same sum, rounded once in bf16 where the delta path rounds ``f(x)`` and then
 the sum — and the backward's ∂x GEMM gives ∂h with it. LoKr's low-rank W2 enters with a grouped down
 (``groups`` = in_m: its B on each channel group of a linear or conv input; ``D = kron(I, B)`` is never formed).
 
@@ -830,18 +830,21 @@ def _cat_pays(spec: LayerSpec, r: int) -> bool:
     consumer may copy it: two input-sized passes). So it pays on layers wider out than in — SD's GEGLU projections
     (in → 8·in), 16 of the 192 layers in SD1.5's `lin` set, whose in-place add was the largest adapter kernel of
     a LoRA step (run 71) — and is taken where out ≥ 2·(in + r) and the rows of ``[x | h]`` stay 16-byte aligned
-    for the tensor cores ((in + r) a multiple of 8)."""
+    for the tensor cores ((in + r) a multiple of 8); the forward's concatenation also where the rows pay for the
+    weight's copy (:func:`_cat_forward_pays`)."""
     return spec.kind == LINEAR and spec.out_dim >= 2 * (spec.in_dim + r) and (spec.in_dim + r) % 8 == 0
 
 
 def _cat_forward_pays(spec: LayerSpec, rows: int, r: int) -> bool:
-    """Whether the forward of a layer :func:`_cat_pays` takes concatenates (the backward's ``∂y·[W′ | U]`` does not
-    depend on it): the concatenations write ``[x | h]`` and ``[W | s·U]`` — rows·(in + r) and out·(in + r) elements,
+    """Whether a layer that :func:`_cat_pays` takes concatenates in its forward too (the backward's ``∂y·[W′ | U]``
+    does not depend on it): the concatenations write ``[x | h]`` and ``[W | s·U]`` — rows·(in + r) and out·(in + r) elements,
     each read once too — where the in-place up reads and writes the output, rows·out; so they pay where
     ``rows·(out − in − r) > out·(in + r)``. The weight's copy is fixed per layer and the output's pass scales with the
     rows: at SDXL b1 (1024 rows; GEGLU's 1280 → 10240, r = 16: from 1484 rows on) run 165's timeline has the
     copy of ``[W | s·U]`` at 18.8 µs on the forward's one stream per such layer, beside a 48.6 µs GEMM; SD1.5 b8's
-    layers (≥ 4096 rows but the 8×8 level's 512) were where the rule was measured (run 71)."""
+    layers (≥ 4096 rows but the 8×8 level's 512) were where the rule was measured (run 71). Run 167 (H100, the step
+    as a graph, this rule / without it / this rule): SDXL b1 LoRA 78.88 / 79.95 / 78.90 ms, LoCon 79.48 / 80.60;
+    SD1.5 b8 73.47 / 73.40 / 73.43 (benchmarks/NOTES.md change 110)."""
     return rows * (spec.out_dim - spec.in_dim - r) > spec.out_dim * (spec.in_dim + r)
 
 
