@@ -30,7 +30,7 @@ from pathlib import Path
 #: (kind, pattern on the kernel name), first match wins
 KINDS = [
     ("splitK-reduce", r"splitKreduce|reduce_kernel.*splitk|Splitk"),
-    ("attention", r"flash|fmha|attention|sdpa|efficient_attention"),
+    ("attention", r"flash|fmha|attention|sdpa|efficient_attention|cudnn::fusion"),  # cuDNN SDPA's dq/do·o kernels
     ("conv", r"cudnn|implicit_gemm|conv|dgrad|wgrad|xmma_fprop|nchwToNhwc|nhwcToNchw"),
     ("triton", r"^triton|^_|fused_lowrank|_kernel$"),
     ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|Kernel2|magma|cublas"),

@@ -92,6 +92,9 @@ def test_diff_and_format_name_the_kinds():
     assert any(line.split()[:2] == ["splitK-reduce", "+1"] for line in text.splitlines())
     assert graph_trace.kind("nvjet_hsh_128x64_64x4_1x2_h_bz_coopA_NNT") == "gemm"
     assert graph_trace.kind("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
+    # cuDNN attention's helper kernels are attention, not convolution (their names contain "conv")
+    assert graph_trace.kind("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*)") == "attention"
+    assert graph_trace.kind("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "conv"
 
 
 def test_load_reads_plain_and_gzipped(tmp_path):

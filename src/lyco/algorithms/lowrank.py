@@ -796,7 +796,8 @@ def bypass_pays(spec: LayerSpec, x: torch.Tensor, grouped: bool = False) -> bool
 #: c in :func:`bypass_pays`'s ``positions ≥ c·out`` on linear layers and 1×1 convs (:func:`_rows_factor`): without the
 #: side streams, run 72's per-layer timings (which predate them); with them, every such layer — the delta path's
 #: backward is five GEMMs and a sum in a row, the op's ∂x GEMM runs beside its products. Run 164's timeline of SDXL
-#: b1's LoRA step (1024 rows against 1280 outputs on most layers, so the delta path there): 4705 kernels more than
+#: b1's LoRA step (642 of its 722 linear layers below rows ≥ out: 502 at 1024 rows against 1280 outputs, 140 k/v at
+#: 77 rows — so the delta path there): 4705 kernels more than
 #: the floor's, concurrency 1.02; run 165, the whole step as a graph, c = 1 / 0 / 1: LoRA 84.64 / 80.04 / 84.35 ms,
 #: LoCon 85.40 / 80.93, LoHa 87.18 / 83.92, LoKr 93.18 / 91.16; SDXL b4 LoRA (cross-attention's k and v: 308 rows)
 #: 202.91 / 200.22 (benchmarks/NOTES.md change 109)
@@ -842,7 +843,7 @@ def _cat_forward_pays(spec: LayerSpec, rows: int, r: int) -> bool:
     ``rows·(out − in − r) > out·(in + r)``. The weight's copy is fixed per layer and the output's pass scales with the
     rows: at SDXL b1 (1024 rows; GEGLU's 1280 → 10240, r = 16: from 1484 rows on) run 165's timeline has the
     copy of ``[W | s·U]`` at 18.8 µs on the forward's one stream per such layer, beside a 48.6 µs GEMM; SD1.5 b8's
-    layers (≥ 4096 rows but the 8×8 level's 512) were where the rule was measured (run 71). Run 167 (H100, the step
+    layers (2048–32768 rows but the 8×8 level's 512) were where the rule was measured (run 71). Run 167 (H100, the step
     as a graph, this rule / without it / this rule): SDXL b1 LoRA 78.88 / 79.95 / 78.90 ms, LoCon 79.48 / 80.60;
     SD1.5 b8 73.47 / 73.40 / 73.43 (benchmarks/NOTES.md change 110)."""
     return rows * (spec.out_dim - spec.in_dim - r) > spec.out_dim * (spec.in_dim + r)
