@@ -239,17 +239,24 @@ def test_self_test_turns_kernels_off_when_they_fail(kern, monkeypatch):
 @pytest.mark.parametrize("m,k,r", [(40, 300, 16), (33, 129, 6), (17, 64, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("programs", [1, 64])
-def test_add_lowrank_matches_definition(kern, monkeypatch, m, k, r, dtype, programs):
-    """``W + γ·U·D`` in one pass equals the float64 sum within one rounding of the output dtype."""
-    monkeypatch.setitem(kern._CFG, "programs", programs)
-    monkeypatch.setitem(kern._CFG, "BK", 64)
+@pytest.mark.parametrize("with_up", [False, True])
+@pytest.mark.parametrize("bm", [16, 64])
+def test_add_lowrank_matches_definition(kern, monkeypatch, m, k, r, dtype, programs, with_up, bm):
+    """``W + γ·U·D`` in one pass equals the float64 sum within one rounding of the output dtype; ``with_up``:
+    ``[W + γ·U·D | U]``, U's columns exactly U (every row, whichever program wrote them); row blocks of 16 and 64
+    (the tail block masked at every m here)."""
+    monkeypatch.setitem(kern._MERGE_CFG, "programs", programs)
+    monkeypatch.setitem(kern._MERGE_CFG, "BM", bm)
+    monkeypatch.setitem(kern._MERGE_CFG, "BK", 64)
     g = torch.Generator().manual_seed(m + k + r)
     w = torch.randn(m, k, generator=g).to(dtype)
     up = torch.randn(m, r, generator=g).to(dtype)
     down = (0.3 * torch.randn(r, k, generator=g)).to(dtype)
-    out = kern.add_lowrank(w, up, down, 0.4)
-    assert out.dtype == dtype and out.shape == w.shape
-    assert _rel(out, w.double() + 0.4 * up.double() @ down.double()) < TOL[dtype][0]
+    out = kern.add_lowrank(w, up, down, 0.4, with_up=with_up)
+    assert out.dtype == dtype and out.shape == (m, k + r if with_up else k) and out.is_contiguous()
+    assert _rel(out[:, :k], w.double() + 0.4 * up.double() @ down.double()) < TOL[dtype][0]
+    if with_up:
+        assert torch.equal(out[:, k:], up)
 
 
 def _glora_reference(mod, a1, a2, b1, b2, gamma, x):
@@ -268,7 +275,7 @@ def test_glora_layer_trains_through_kernel(kern, monkeypatch, kind, dtype, multi
     """A GLoRA layer on the rebuilt op with ``add_lowrank`` forced in (forward build and backward rebuild):
     output and the gradients of a1, a2, b1, b2 and x equal the float64 definition."""
     calls = _spy(monkeypatch, kern, ["add_lowrank"])
-    monkeypatch.setitem(kern._CFG, "programs", 8)
+    monkeypatch.setitem(kern._MERGE_CFG, "programs", 8)
     torch.manual_seed(1)
     mod = nn.Linear(40, 24) if kind == "linear" else nn.Conv2d(24, 20, 1)
     x = torch.randn(3, 5, 40) if kind == "linear" else torch.randn(2, 24, 5, 5)

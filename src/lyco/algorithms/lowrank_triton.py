@@ -58,6 +58,8 @@ _EPS = torch.finfo(torch.float32).eps
 #: (few programs on the small layers) ran at 4.2–4.9× the bytes-at-copy-bandwidth time whatever the tile;
 #: split to 4 per SM, 3.3× with BK = 128 (run 40; 2 or 8 per SM, 2–4 stages: within 2 %; BK 256–512: slower).
 _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
+#: :func:`add_lowrank`'s (the bypass op's merges, GLoRA's rebuild), same keys
+_MERGE_CFG = dict(_CFG)
 
 
 #: (device, dtype) → whether the kernels passed their self-test there (:func:`_self_test`, once per process)
@@ -234,14 +236,19 @@ if triton is not None:
     def _build_kernel(W, U, D, MAG, P, NP, OUT, VEC, M, K, R, swm, swk, sum_, sur, sdr, sdk, som, sok,
                       gain, s, eps, KS,
                       FROM_P: tl.constexpr, PLAIN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                      BR: tl.constexpr, UPCAST: tl.constexpr):
+                      BR: tl.constexpr, UPCAST: tl.constexpr, CAT_U: tl.constexpr = False):
         """W_eff = (1 − s)·W + s·g ⊙ W′ on this program's columns; FROM_P: g from the norms' partial sums
-        (and (g, n, ‖W′‖) stored by the first column split), else g read from VEC; PLAIN: W′ itself."""
+        (and (g, n, ‖W′‖) stored by the first column split), else g read from VEC; PLAIN: W′ itself. CAT_U: U
+        stored too, by the first column split, in OUT's columns K … K + R − 1 (``[W′ | U]``)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         rr = tl.arange(0, BR)
-        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
-                    other=0.0)
+        umask = rmask[:, None] & (rr[None, :] < R)
+        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=umask, other=0.0)
+        if CAT_U:
+            if tl.program_id(1) == 0:  # a branch, not a mask: see below
+                tl.store(OUT + rows[:, None] * som + (K + rr)[None, :] * sok, u.to(OUT.dtype.element_ty),
+                         mask=umask)
         if PLAIN:
             g = tl.zeros((BM,), dtype=tl.float32)  # unused
         elif FROM_P:
@@ -405,9 +412,10 @@ def _br(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def _grid(w2: torch.Tensor):
-    """(row blocks, column splits, columns per split) for a ``(out, K)`` weight (see ``_CFG``)."""
-    c = _CFG
+def _grid(w2: torch.Tensor, c: dict | None = None):
+    """(row blocks, column splits, columns per split) for a ``(out, K)`` weight under launch configuration ``c``
+    (``_CFG`` by default)."""
+    c = _CFG if c is None else c
     m, k = w2.shape
     key = (m, k, w2.device, c["BM"], c["BK"], c["programs"])
     got = _GRIDS.get(key)
@@ -424,9 +432,9 @@ def _grid(w2: torch.Tensor):
     return got
 
 
-def _common(r: int):
-    """The launches' compile-time arguments for inner rank ``r`` under ``_CFG`` (cached)."""
-    c = _CFG
+def _common(r: int, c: dict | None = None):
+    """The launches' compile-time arguments for inner rank ``r`` under ``c`` (``_CFG`` by default; cached)."""
+    c = _CFG if c is None else c
     key = (r, c["BM"], c["BK"], c["num_warps"], c["num_stages"])
     got = _KWARGS.get(key)
     if got is None:
@@ -473,17 +481,22 @@ def build(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float,
     return out, vec
 
 
-def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float) -> torch.Tensor:
+def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: float,
+                with_up: bool = False) -> torch.Tensor:
     """``W + γ·U·D`` (w2's shape and dtype, accumulated in fp32 and rounded once, as ``addmm``), reading W
-    once: ``up2`` ``(out, r)`` and ``down2`` ``(r, K)`` in w2's dtype."""
+    once: ``up2`` ``(out, r)`` and ``down2`` ``(r, K)`` in w2's dtype. ``with_up``: ``[W + γ·U·D | U]``, a
+    contiguous ``(out, K + r)`` written by the same launch — the bypass op's backward weight of a wide linear
+    layer (:func:`.lowrank._w_in`), which ``torch.cat`` would copy whole once more after the merge (change 111:
+    run 165's timeline has that copy at 18.8 µs per SDXL GEGLU projection)."""
     m, k = w2.shape
-    rb, ns, ks = _grid(w2)
-    out = torch.empty_like(w2)
+    r = up2.shape[1]
+    rb, ns, ks = _grid(w2, _MERGE_CFG)
+    out = torch.empty((m, k + r) if with_up else (m, k), device=w2.device, dtype=w2.dtype)
     _build_kernel[(rb, ns)](
-        w2, up2, down2, w2, w2, 1, out, w2, m, k, up2.shape[1],
+        w2, up2, down2, w2, w2, 1, out, w2, m, k, r,
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
-        FROM_P=False, PLAIN=True, **_common(up2.shape[1]))
+        FROM_P=False, PLAIN=True, CAT_U=with_up, **_common(r, _MERGE_CFG))
     return out
 
 
