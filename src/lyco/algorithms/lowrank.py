@@ -125,6 +125,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _SIDE: dict = {}
 
 
+def _side_priority() -> int:
+    """The side streams' priority (``LYCO_SIDE_PRIORITY``, an integer, torch's convention: lower runs first; 0, the
+    default, is a plain stream's). A CUDA graph's kernels keep the priority of the stream they were captured on
+    (torch instantiates graphs with ``cudaGraphInstantiateFlagUseNodePriority``). Experiment of run 170."""
+    v = os.environ.get("LYCO_SIDE_PRIORITY", "").strip()
+    try:
+        return int(v) if v else 0
+    except ValueError:
+        raise ValueError(f"LYCO_SIDE_PRIORITY must be an integer (a stream priority), got {v!r}") from None
+
+
 def side_stream(t: torch.Tensor):
     """The stream the op runs the adapter's own products on while the frozen layer's GEMM/conv runs on the current
     one (``LYCO_BYPASS_STREAMS``, :mod:`.graph_policy`: by default in captured steps, where the fork and join become
@@ -142,7 +153,7 @@ def side_stream(t: torch.Tensor):
         return None
     st = _SIDE.get(t.device)
     if st is None:
-        st = _SIDE[t.device] = torch.cuda.Stream(t.device)
+        st = _SIDE[t.device] = torch.cuda.Stream(t.device, priority=_side_priority())
     return st
 
 
@@ -162,7 +173,7 @@ def up_stream(t: torch.Tensor):
         return None
     st = _UP.get(t.device)
     if st is None:
-        st = _UP[t.device] = torch.cuda.Stream(t.device)
+        st = _UP[t.device] = torch.cuda.Stream(t.device, priority=_side_priority())
     return st
 
 

@@ -59,7 +59,7 @@ _EPS = torch.finfo(torch.float32).eps
 #: split to 4 per SM, 3.3× with BK = 128 (run 40; 2 or 8 per SM, 2–4 stages: within 2 %; BK 256–512: slower).
 _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
 #: :func:`add_lowrank`'s (the bypass op's merges, GLoRA's rebuild), same keys
-_MERGE_CFG = dict(_CFG)
+_MERGE_CFG = dict(_CFG, BM=32)
 
 
 #: (device, dtype) → whether the kernels passed their self-test there (:func:`_self_test`, once per process)
