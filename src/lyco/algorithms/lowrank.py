@@ -125,6 +125,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _SIDE: dict = {}
 
 
+def _forward_side(x: torch.Tensor):
+    """The side stream for a linear layer's forward down ``h = x·Dᵀ`` beside the frozen GEMM
+    (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`; with the side stream itself on), or None: on this stream before
+    it. Experiment of run 171 (off by default until measured)."""
+    if os.environ.get("LYCO_FORWARD_SIDE", "0") == "0" or not graph_policy.wanted("LYCO_FORWARD_SIDE"):
+        return None
+    return side_stream(x)
+
+
 def _side_priority() -> int:
     """The side streams' priority (``LYCO_SIDE_PRIORITY``, an integer, torch's convention: lower runs first; 0, the
     default, is a plain stream's). A CUDA graph's kernels keep the priority of the stream they were captured on
@@ -918,17 +927,26 @@ class _BypassOp(torch.autograd.Function):
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
-            # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
-            # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95)
+            # h on this stream unless _forward_side: on the side stream it is the forward thread's first cuBLAS call
+            # there, and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms
+            # at SD1.5 b8 (run 95)
             fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
             if fused is not None:  # one Triton GEMM (_fused_gemm)
                 y, h = fused
             else:
-                if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
-                    h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
-                else:
-                    h = F.linear(xd, d2)
-                if _cat_pays(spec, h.shape[1]) and _cat_forward_pays(spec, xd.shape[0], h.shape[1]):
+                rh = d2.shape[0] * (xd.shape[1] // d2.shape[1])  # h's width (groups × r)
+                cat = _cat_pays(spec, rh) and _cat_forward_pays(spec, xd.shape[0], rh)
+                fside = None if cat else _forward_side(xd)
+                with _fork(fside):
+                    if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
+                        h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
+                    else:
+                        h = F.linear(xd, d2)
+                if fside is not None:  # the frozen GEMM beside the down, the up after both
+                    y = layer_op(xd, spec, wd, bd)
+                    _join(fside)
+                    y.addmm_(h, u2.t(), alpha=s)
+                elif cat:
                     # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
                     # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
                     # views of it
