@@ -101,6 +101,17 @@ def test_linear_layer_backward_products_on_the_side_stream(streams):
     _check_pairs(streams)
 
 
+def test_linear_layer_forward_down_on_the_side_stream(streams, monkeypatch):
+    """``LYCO_FORWARD_SIDE``: the forward's down on the side stream (forked before it), the frozen GEMM on the
+    current one beside it, joined before the up's add — values still float64 math's (``_run``)."""
+    monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
+    _run(torch.nn.Linear(12, 10), torch.randn(40, 12, dtype=torch.float64))
+    fwd = streams[:streams.index("main waits side") + 1]
+    assert fwd == ["side waits main", "layer_op@main", "main waits side"], fwd
+    _check_pairs(fwd)
+    _check_pairs(streams[len(fwd):])
+
+
 def test_wide_linear_layer_waits_for_the_shared_gemm_before_its_down_gradient(streams):
     mod = nn.Linear(8, 40)  # out ≥ 2·(in + r), (in + r) % 8 == 0: ∂h comes from the ∂x GEMM (_cat_pays)
     assert lowrank._cat_pays(LayerSpec.from_module(mod), 8)
