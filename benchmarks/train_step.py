@@ -717,9 +717,7 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
     # workspace from the caching allocator, never freed — ≈ 64 MiB more "allocated" per config (run 6)
     global _SIDE_STREAM
     if _SIDE_STREAM is None:
-        # BENCH_CAPTURE_PRIORITY (run 170's experiment): the capture stream's priority, which its kernels keep in the
-        # graph (torch's graphs use node priorities) — against lyco's side streams' (LYCO_SIDE_PRIORITY)
-        _SIDE_STREAM = torch.cuda.Stream(priority=int(os.environ.get("BENCH_CAPTURE_PRIORITY", "0")))
+        _SIDE_STREAM = torch.cuda.Stream()
     side = _SIDE_STREAM
     side.wait_stream(torch.cuda.current_stream())
     # lyco's kernels meant for captured steps (factor_triton: LoHa/LoKr builds) in the warm-up and capture, as

@@ -125,24 +125,19 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _SIDE: dict = {}
 
 
-def _forward_side(x: torch.Tensor):
-    """The side stream for a linear layer's forward down ``h = x·Dᵀ`` beside the frozen GEMM
-    (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`; with the side stream itself on), or None: on this stream before
-    it. Experiment of run 171 (off by default until measured)."""
-    if os.environ.get("LYCO_FORWARD_SIDE", "0") == "0" or not graph_policy.wanted("LYCO_FORWARD_SIDE"):
+def _forward_side(x: torch.Tensor, r: int):
+    """The side stream for a linear layer's forward down ``h = x·Dᵀ`` (rank ``r``) beside the frozen GEMM, computed
+    there by :func:`.lowrank_triton.down` (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`; the side stream on, the
+    Triton kernels usable for x), or None: the down on this stream, before the frozen GEMM, by cuBLAS. Not cuBLAS
+    on the side stream: from the forward's thread it would make torch keep one more cuBLAS workspace for that
+    (thread, stream), 32 MiB on Hopper (run 95: +0.03 GiB peak for −0.3 ms at SD1.5 b8, kept off then; run 171:
+    SDXL b1 LoRA 77.24 → 76.5 ms, its graph's peak 11.65 → 11.68 GiB, PEFT's 11.65)."""
+    if not graph_policy.wanted("LYCO_FORWARD_SIDE") or not x.is_cuda or x.dim() != 2:
+        return None
+    from . import lowrank_triton
+    if not lowrank_triton.usable(x, r):
         return None
     return side_stream(x)
-
-
-def _side_priority() -> int:
-    """The side streams' priority (``LYCO_SIDE_PRIORITY``, an integer, torch's convention: lower runs first; 0, the
-    default, is a plain stream's). A CUDA graph's kernels keep the priority of the stream they were captured on
-    (torch instantiates graphs with ``cudaGraphInstantiateFlagUseNodePriority``). Experiment of run 170."""
-    v = os.environ.get("LYCO_SIDE_PRIORITY", "").strip()
-    try:
-        return int(v) if v else 0
-    except ValueError:
-        raise ValueError(f"LYCO_SIDE_PRIORITY must be an integer (a stream priority), got {v!r}") from None
 
 
 def side_stream(t: torch.Tensor):
@@ -162,7 +157,7 @@ def side_stream(t: torch.Tensor):
         return None
     st = _SIDE.get(t.device)
     if st is None:
-        st = _SIDE[t.device] = torch.cuda.Stream(t.device, priority=_side_priority())
+        st = _SIDE[t.device] = torch.cuda.Stream(t.device)
     return st
 
 
@@ -182,7 +177,7 @@ def up_stream(t: torch.Tensor):
         return None
     st = _UP.get(t.device)
     if st is None:
-        st = _UP[t.device] = torch.cuda.Stream(t.device, priority=_side_priority())
+        st = _UP[t.device] = torch.cuda.Stream(t.device)
     return st
 
 
@@ -927,35 +922,37 @@ class _BypassOp(torch.autograd.Function):
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
-            # h on this stream unless _forward_side: on the side stream it is the forward thread's first cuBLAS call
-            # there, and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms
-            # at SD1.5 b8 (run 95)
+            # h on this stream before the frozen GEMM, or on the side stream beside it by a Triton kernel
+            # (_forward_side: not cuBLAS there)
             fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
             if fused is not None:  # one Triton GEMM (_fused_gemm)
                 y, h = fused
             else:
                 rh = d2.shape[0] * (xd.shape[1] // d2.shape[1])  # h's width (groups × r)
                 cat = _cat_pays(spec, rh) and _cat_forward_pays(spec, xd.shape[0], rh)
-                fside = None if cat else _forward_side(xd)
-                with _fork(fside):
+                fside = None if cat or groups > 1 else _forward_side(xd, d2.shape[0])
+                if fside is not None:  # the down on the side stream beside the frozen GEMM, the up after both
+                    from .lowrank_triton import down as triton_down
+                    with _fork(fside):
+                        h = triton_down(xd, d2)
+                    y = layer_op(xd, spec, wd, bd)
+                    _join(fside)
+                    y.addmm_(h, u2.t(), alpha=s)
+                else:
                     if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
                         h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
                     else:
                         h = F.linear(xd, d2)
-                if fside is not None:  # the frozen GEMM beside the down, the up after both
-                    y = layer_op(xd, spec, wd, bd)
-                    _join(fside)
-                    y.addmm_(h, u2.t(), alpha=s)
-                elif cat:
-                    # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
-                    # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
-                    # views of it
-                    xh = torch.cat([xd, h], 1)
-                    y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
-                    xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
-                else:
-                    y = layer_op(xd, spec, wd, bd)
-                    y.addmm_(h, u2.t(), alpha=s)
+                    if cat:
+                        # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
+                        # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h
+                        # are views of it
+                        xh = torch.cat([xd, h], 1)
+                        y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
+                        xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+                    else:
+                        y = layer_op(xd, spec, wd, bd)
+                        y.addmm_(h, u2.t(), alpha=s)
         else:
             # the adapter's conv (cuDNN) on the side stream while the frozen conv runs
             side = side_stream(xd)

@@ -92,15 +92,17 @@ class _SharedOp(torch.autograd.Function):
             for i, (w, b, hs) in enumerate(parts):
                 ys.append(fused_linear(xs, w, b, dd[i], ud[i], ss[i], hs)[0])
         else:
-            fside = _forward_side(xs)
-            with _fork(fside):
-                h = F.linear(xs, torch.cat(dd, 0))
-            if fside is not None:  # every member's frozen GEMM beside the down, then the ups
+            fside = _forward_side(xs, sum(rs))
+            if fside is not None:  # the group's down beside every member's frozen GEMM (lowrank._forward_side), the ups after
+                from .lowrank_triton import down as triton_down
+                with _fork(fside):
+                    h = triton_down(xs, torch.cat(dd, 0))
                 ys = [F.linear(xs, cast(ws[i], cd), cast(bs[i], cd)) for i in range(n)]
                 _join(fside)
                 for i in range(n):
                     ys[i].addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
             else:
+                h = F.linear(xs, torch.cat(dd, 0))
                 for i in range(n):
                     y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
                     y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
