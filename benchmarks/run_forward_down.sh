@@ -5,6 +5,7 @@
 # A/B against it off at SDXL b1, SD1.5 b8 and SD1.5 b1 with the graph's peak; the trainer's graphs against eager for
 # LoRA with it; SDXL b4 LoRA with PEFT in the same run.
 #   OUT=$OUT bash benchmarks/run_forward_down.sh      (carry .whl)
+# After the run: slower (NOTES change 113); reverted with the switch — on a later tree every leg runs the default.
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src

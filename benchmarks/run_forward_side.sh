@@ -3,6 +3,8 @@
 # forward's down h = x·Dᵀ on the side stream beside the frozen GEMM (LYCO_FORWARD_SIDE=graph: linear layers and the
 # q/k/v group op), A/B against it off, at SDXL b1, SD1.5 b8 and SD1.5 b1 — time and the graph's peak.
 #   OUT=$OUT bash benchmarks/run_forward_side.sh      (carry .whl)
+# After the run: LYCO_FORWARD_SIDE was tried with cuBLAS here, then with a Triton kernel (run 172); neither kept —
+# the switch is gone from the tree (NOTES change 113), so on a later tree its legs run the default.
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src

@@ -4,6 +4,8 @@
 # step — the capture stream high (BENCH_CAPTURE_PRIORITY=-1: the frozen layers' chain first) or lyco's side
 # streams high (LYCO_SIDE_PRIORITY=-1: the adapter's products first), against both at 0, at SDXL b1 and SD1.5 b8.
 #   OUT=$OUT bash benchmarks/run_priority.sh      (carry .whl)
+# After the run: no effect (NOTES session 23); both switches were removed from the tree, so on a later tree the
+# legs that set them run the default.
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src

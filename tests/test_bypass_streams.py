@@ -101,32 +101,6 @@ def test_linear_layer_backward_products_on_the_side_stream(streams):
     _check_pairs(streams)
 
 
-def test_linear_layer_forward_down_on_the_side_stream(streams, monkeypatch):
-    """``LYCO_FORWARD_SIDE``: the forward's down on the side stream (forked before it), the frozen GEMM on the
-    current one beside it, joined before the up's add — values still float64 math's (``_run``)."""
-    from lyco.algorithms import lowrank_triton
-    side = lowrank.side_stream(None)  # the fixture's stand-in
-    monkeypatch.setattr(lowrank, "_forward_side", lambda x, r: side)
-    cur = []
-    real_stream = torch.cuda.stream
-
-    @contextlib.contextmanager
-    def on(s):  # the fixture's stream switch, remembering which stream is current
-        cur.append(s.name)
-        with real_stream(s):
-            yield
-        cur.pop()
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    # the Triton kernel's own test is in test_lowrank_triton.py; here its float64 equal, recording its stream
-    monkeypatch.setattr(lowrank_triton, "down", lambda x, d: streams.append(
-        "down@" + (cur[-1] if cur else "main")) or F.linear(x, d))
-    _run(torch.nn.Linear(12, 10), torch.randn(40, 12, dtype=torch.float64))
-    fwd = streams[:streams.index("main waits side") + 1]
-    assert fwd == ["side waits main", "down@side", "layer_op@main", "main waits side"], fwd
-    _check_pairs(fwd)
-    _check_pairs(streams[len(fwd):])
-
-
 def test_wide_linear_layer_waits_for_the_shared_gemm_before_its_down_gradient(streams):
     mod = nn.Linear(8, 40)  # out ≥ 2·(in + r), (in + r) % 8 == 0: ∂h comes from the ∂x GEMM (_cat_pays)
     assert lowrank._cat_pays(LayerSpec.from_module(mod), 8)
@@ -338,22 +312,3 @@ def test_a_spent_holder_is_not_built():
     h2.build()  # once
     w = h2.take()
     assert torch.equal(w, torch.ones(2)) and h2.take() is None and h2.args is None
-
-
-def test_forward_side_policy(monkeypatch):
-    """``LYCO_FORWARD_SIDE``: never on the CPU or with the policy off, a typo an error naming the variable; on, it is
-    the side stream where the Triton kernels take x (stand-ins for CUDA here)."""
-    from lyco.algorithms import lowrank_triton
-    x = torch.randn(4, 8)
-    monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
-    assert lowrank._forward_side(x, 4) is None  # a CPU tensor
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
-    monkeypatch.setattr(lowrank_triton, "usable", lambda t, r: r <= 64)
-    monkeypatch.setattr(lowrank, "side_stream", lambda t: "side")
-    assert lowrank._forward_side(x, 4) == "side"
-    assert lowrank._forward_side(x, 65) is None  # a rank the kernel does not take
-    monkeypatch.setenv("LYCO_FORWARD_SIDE", "0")
-    assert lowrank._forward_side(x, 4) is None
-    monkeypatch.setenv("LYCO_FORWARD_SIDE", "sometimes")
-    with pytest.raises(ValueError, match="LYCO_FORWARD_SIDE"):
-        lowrank._forward_side(x, 4)

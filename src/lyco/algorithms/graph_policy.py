@@ -15,8 +15,7 @@ such path has an environment variable with three values:
 The paths: LoHa's/LoKr's factor kernels (``LYCO_FACTOR_KERNELS``, :mod:`.factor_triton`), the low-rank
 bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adapter's own products
 (``LYCO_BYPASS_STREAMS``, :func:`.lowrank.side_stream`; the stream's events and a Python context per region are
-host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches) — a linear
-layer's forward down there too, by a Triton kernel (``LYCO_FORWARD_SIDE``, :func:`.lowrank._forward_side`) — with a second
+host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches) with a second
 one for ∂U (``LYCO_SIDE_SPLIT``, :func:`.lowrank.up_stream`) that also builds the next backward's merged weight
 ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as

@@ -125,21 +125,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 _SIDE: dict = {}
 
 
-def _forward_side(x: torch.Tensor, r: int):
-    """The side stream for a linear layer's forward down ``h = x·Dᵀ`` (rank ``r``) beside the frozen GEMM, computed
-    there by :func:`.lowrank_triton.down` (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`; the side stream on, the
-    Triton kernels usable for x), or None: the down on this stream, before the frozen GEMM, by cuBLAS. Not cuBLAS
-    on the side stream: from the forward's thread it would make torch keep one more cuBLAS workspace for that
-    (thread, stream), 32 MiB on Hopper (run 95: +0.03 GiB peak for −0.3 ms at SD1.5 b8, kept off then; run 171:
-    SDXL b1 LoRA 77.24 → 76.5 ms, its graph's peak 11.65 → 11.68 GiB, PEFT's 11.65)."""
-    if not graph_policy.wanted("LYCO_FORWARD_SIDE") or not x.is_cuda or x.dim() != 2:
-        return None
-    from . import lowrank_triton
-    if not lowrank_triton.usable(x, r):
-        return None
-    return side_stream(x)
-
-
 def side_stream(t: torch.Tensor):
     """The stream the op runs the adapter's own products on while the frozen layer's GEMM/conv runs on the current
     one (``LYCO_BYPASS_STREAMS``, :mod:`.graph_policy`: by default in captured steps, where the fork and join become
@@ -290,7 +275,8 @@ def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool, eye: int = 0, cl
     """The weight of an op's ∂x GEMM: ``W + s·U·D`` (:func:`_merged`), with ``U`` beside it where the GEMM yields
     ∂h too (:func:`_cat_pays`); ``cl``: a conv's, channels-last (:func:`_dgrad_cl`). Where the merge kernel builds
     W′ (:func:`_merge_kernel`), ``[W′ | U]`` comes out of its one launch (change 111): ``torch.cat`` after it copied
-    the whole W′ once more (run 165, SDXL b1: 18.8 µs per GEGLU projection, 1280 → 10240)."""
+    the whole W′ once more (run 165, SDXL b1: 18.8 µs per GEGLU projection, 1280 → 10240). Run 169 (H100, the step as
+    a graph, this / the cat / this): SDXL b1 LoRA 77.36 / 78.57 / 77.70 ms."""
     if cat and groups == 1 and not eye and not cl:
         wf = cast(weight, cd)
         if wf.dim() == 2 and wf.is_contiguous() and _merge_kernel(wf, d2.shape[0]):
@@ -922,37 +908,29 @@ class _BypassOp(torch.autograd.Function):
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
-            # h on this stream before the frozen GEMM, or on the side stream beside it by a Triton kernel
-            # (_forward_side: not cuBLAS there)
+            # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
+            # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95);
+            # run 171 (SDXL b1, beside the frozen GEMM): LoRA 77.24 → 76.5 ms, the graph's peak 11.65 → 11.68 GiB
+            # (PEFT's 11.65). By a Triton kernel there instead (no workspace; run 172): SDXL b1 77.68 → 79.09 ms,
+            # SDXL b4 199.6 → 204.5 — slower than the frozen GEMM beside it. Neither kept (benchmarks/NOTES.md 113)
             fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
             if fused is not None:  # one Triton GEMM (_fused_gemm)
                 y, h = fused
             else:
-                rh = d2.shape[0] * (xd.shape[1] // d2.shape[1])  # h's width (groups × r)
-                cat = _cat_pays(spec, rh) and _cat_forward_pays(spec, xd.shape[0], rh)
-                fside = None if cat or groups > 1 else _forward_side(xd, d2.shape[0])
-                if fside is not None:  # the down on the side stream beside the frozen GEMM, the up after both
-                    from .lowrank_triton import down as triton_down
-                    with _fork(fside):
-                        h = triton_down(xd, d2)
-                    y = layer_op(xd, spec, wd, bd)
-                    _join(fside)
-                    y.addmm_(h, u2.t(), alpha=s)
+                if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
+                    h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
                 else:
-                    if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
-                        h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
-                    else:
-                        h = F.linear(xd, d2)
-                    if cat:
-                        # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
-                        # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h
-                        # are views of it
-                        xh = torch.cat([xd, h], 1)
-                        y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
-                        xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
-                    else:
-                        y = layer_op(xd, spec, wd, bd)
-                        y.addmm_(h, u2.t(), alpha=s)
+                    h = F.linear(xd, d2)
+                if _cat_pays(spec, h.shape[1]) and _cat_forward_pays(spec, xd.shape[0], h.shape[1]):
+                    # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
+                    # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
+                    # views of it
+                    xh = torch.cat([xd, h], 1)
+                    y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
+                    xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+                else:
+                    y = layer_op(xd, spec, wd, bd)
+                    y.addmm_(h, u2.t(), alpha=s)
         else:
             # the adapter's conv (cuDNN) on the side stream while the frozen conv runs
             side = side_stream(xd)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
-    _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _side_products, _sink_into,
+    _SUNK, _ahead_link, _ahead_take, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _side_products, _sink_into,
     _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -92,21 +92,11 @@ class _SharedOp(torch.autograd.Function):
             for i, (w, b, hs) in enumerate(parts):
                 ys.append(fused_linear(xs, w, b, dd[i], ud[i], ss[i], hs)[0])
         else:
-            fside = _forward_side(xs, sum(rs))
-            if fside is not None:  # the group's down beside every member's frozen GEMM (lowrank._forward_side), the ups after
-                from .lowrank_triton import down as triton_down
-                with _fork(fside):
-                    h = triton_down(xs, torch.cat(dd, 0))
-                ys = [F.linear(xs, cast(ws[i], cd), cast(bs[i], cd)) for i in range(n)]
-                _join(fside)
-                for i in range(n):
-                    ys[i].addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
-            else:
-                h = F.linear(xs, torch.cat(dd, 0))
-                for i in range(n):
-                    y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
-                    y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
-                    ys.append(y)
+            h = F.linear(xs, torch.cat(dd, 0))
+            for i in range(n):
+                y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
+                y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
+                ys.append(y)
         ctx.set_materialize_grads(False)
         ctx.cfg = (specs, ss, x.shape, x.dtype, rs, offs,
                    tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))

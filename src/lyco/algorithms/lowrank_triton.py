@@ -1,6 +1,7 @@
 """Fused Triton kernels for weights of the form ``W′ = W + γ·U·D`` (U, D rank-sized), on CUDA:
-GLoRA's rebuilt op (:func:`add_lowrank`: ``W + k·[W·A1 │ B1]·[A2 ; B2]`` in one read of W and one write,
-where ``addmm`` first copies W into its output: 4 weight-sized passes → 2) and DoRA over LoRA's
+GLoRA's rebuilt op and the bypass op's merged weights (:func:`add_lowrank`: ``W + k·[W·A1 │ B1]·[A2 ; B2]`` in one
+read of W and one write, where ``addmm`` first copies W into its output: 4 weight-sized passes → 2; ``[W′ │ U]`` from
+the same launch where the op's ∂x GEMM yields ∂h too) and DoRA over LoRA's
 (magnitude on the output axis; :func:`build`, :func:`backward`); the bypass op's (:mod:`.lowrank`) conv epilogue
 ``Y + γ·U·H + b`` over a batch (:func:`up_add`) and the tiled NCHW → channels-last copy of its input
 (:func:`channels_last`).
@@ -58,7 +59,11 @@ _EPS = torch.finfo(torch.float32).eps
 #: (few programs on the small layers) ran at 4.2–4.9× the bytes-at-copy-bandwidth time whatever the tile;
 #: split to 4 per SM, 3.3× with BK = 128 (run 40; 2 or 8 per SM, 2–4 stages: within 2 %; BK 256–512: slower).
 _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
-#: :func:`add_lowrank`'s (the bypass op's merges, GLoRA's rebuild), same keys
+#: :func:`add_lowrank`'s (the bypass op's merges, GLoRA's rebuild), same keys: 32-row blocks. Run 169
+#: (``benchmarks/merge_kernel_bench.py``, H100, every merge of a LoRA step as one graph, twelve tiles): SDXL's 582
+#: ``lin`` merges (7.1 GiB moved) 4.16 ms at DoRA's 16-row tile, 3.83 at this one (1.95 TB/s), 2 per SM or 64-row
+#: blocks 4.4–5.1; beside a chain of ∂x-sized GEMMs on another stream it added 2.54 ms to them against 2.79;
+#: SD1.5's 160: 0.739 → 0.716 ms. In the step within noise (SDXL b1 LoRA 77.28 ms against 77.36 / 77.70)
 _MERGE_CFG = dict(_CFG, BM=32)
 
 
@@ -141,7 +146,7 @@ def _checked(device, dtype) -> bool:
 
 def _self_test(device, dtype) -> bool:
     """Every kernel variant on a 48 × 300 weight of rank 8 and of rank :data:`MAX_RANK` (forward build,
-    rebuild, both backwards, the plain build, the down) against the same math in fp32 torch; False (and a warning
+    rebuild, both backwards, the plain build) against the same math in fp32 torch; False (and a warning
     naming the reason) on an exception or a relative error above 2 % (one bf16 ulp is 0.4 % relative)."""
     return self_test(device, dtype, lambda dev, dt: _compare(dev, dt, 8) or _compare(dev, dt, MAX_RANK),
                      "the fused Triton kernels")
@@ -161,7 +166,7 @@ def _compare(device, dtype, r: int) -> str | None:
     ref = 0.3 * w.float() + 0.7 * wc * (mag / n)[:, None]
     dgr = (e.float() * wc).sum(1)
     h_ref = 0.35 * (mag / n)[:, None] * e.float()
-    errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc), (down(e, d), e.float() @ d.float().t())]
+    errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc)]
     for detach in (False, True):
         h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
         hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
@@ -328,29 +333,6 @@ if triton is not None:
                 gu += tl.dot(h, tl.trans(d))
         tl.store(GUP + tl.program_id(1) * M * R + rows[:, None] * R + rr[None, :], gu, mask=umask)
 
-
-    @triton.jit
-    def _down_kernel(X, D, H, M, K, R, sxm, sxk, sdr, sdk, shm, shr,
-                     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
-        """H[rows] = X[rows]·Dᵀ (R ≤ BR columns), accumulated in fp32 over K and rounded once."""
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        rmask = rows < M
-        rr = tl.arange(0, BR)
-        kk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BR), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            cols = k0 + kk
-            cmask = cols < K
-            a = tl.load(X + rows[:, None] * sxm + cols[None, :] * sxk, mask=rmask[:, None] & cmask[None, :],
-                        other=0.0)
-            b = tl.load(D + rr[None, :] * sdr + cols[:, None] * sdk, mask=(rr[None, :] < R) & cmask[:, None],
-                        other=0.0)
-            if UPCAST:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
-            else:
-                acc += tl.dot(a, b)
-        tl.store(H + rows[:, None] * shm + rr[None, :] * shr, acc.to(H.dtype.element_ty),
-                 mask=rmask[:, None] & (rr[None, :] < R))
 
     @triton.jit
     def _up_add_kernel(Y, U, H, B, OUT, M, P, R, syn, sym, syp, sum_, sur, shn, shr, shp, son, som, sop, gain,
@@ -521,26 +503,6 @@ def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: 
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
         FROM_P=False, PLAIN=True, CAT_U=with_up, **_common(r, _MERGE_CFG))
     return out
-
-
-#: :func:`down`'s tile: BM rows per program, BK columns per step of the k-loop
-_DOWN_CFG = {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3}
-
-
-def down(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``h = x·Dᵀ`` (``x`` ``(rows, K)``, ``d`` ``(r, K)``, r ≤ :data:`MAX_RANK`, one dtype), a new contiguous
-    ``(rows, r)``, accumulated in fp32 and rounded once as cuBLAS's GEMM: the forward's down on the bypass op's side
-    stream (:func:`.lowrank._forward_side`), where a cuBLAS call from the forward's thread would make torch keep
-    one more cuBLAS workspace (32 MiB on Hopper) for that (thread, stream) — run 171: +0.03 GiB on SDXL b1's
-    graph peak, above PEFT's. Offsets in int32 (the caller keeps x below 2³¹ elements)."""
-    m, k = x.shape
-    r = d.shape[0]
-    h = torch.empty((m, r), device=x.device, dtype=x.dtype)
-    c = _DOWN_CFG
-    _down_kernel[(_cdiv(m, c["BM"]),)](
-        x, d, h, m, k, r, x.stride(0), x.stride(1), d.stride(0), d.stride(1), h.stride(0), h.stride(1),
-        BM=c["BM"], BK=c["BK"], BR=_br(r), UPCAST=_UPCAST, num_warps=c["num_warps"], num_stages=c["num_stages"])
-    return h
 
 
 #: :func:`up_add`'s tile: BM output channels × BP positions per program (``num_warps``, ``num_stages`` as Triton's)
