@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from _common import capture_graph  # noqa: E402
+from _common import graph_us  # noqa: E402
 from train_step import MODELS, layer_sets  # noqa: E402
 
 from lyco.algorithms import lowrank_triton as K  # noqa: E402
@@ -46,17 +46,9 @@ CONFIGS = {
 }
 
 
-def span_ms(g, reps=15):
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+def span_ms(fn) -> float:
+    """Median ms of ``fn()`` captured as one CUDA graph and replayed 15 times (``_common.graph_us``)."""
+    return graph_us(fn, 1, replays=15) / 1000.0
 
 
 def layers_of(model: str, which: str, rank: int, dev, dt):
@@ -117,11 +109,11 @@ def main():
                 def merges():
                     for w, u, d, wide in layers:
                         K.add_lowrank(w, u, d, 0.75, with_up=wide)
-                alone = span_ms(capture_graph(merges))
+                alone = span_ms(merges)
                 if n_gemm is None:  # the GEMM chain about as long as the first configuration's merges
-                    one = span_ms(capture_graph(lambda: [xg @ wg for _ in range(50)])) / 50
+                    one = span_ms(lambda: [xg @ wg for _ in range(50)]) / 50
                     n_gemm = max(1, round(alone / one))
-                    gemms_ms = span_ms(capture_graph(lambda: [xg @ wg for _ in range(n_gemm)]))
+                    gemms_ms = span_ms(lambda: [xg @ wg for _ in range(n_gemm)])
                     res["gemms"], res["gemms_ms"] = n_gemm, gemms_ms
 
                 def both():
@@ -132,7 +124,7 @@ def main():
                             xg @ wg
                     merges()
                     torch.cuda.current_stream().wait_stream(s2)
-                beside = span_ms(capture_graph(both))
+                beside = span_ms(both)
                 res["configs"][cname] = dict(cfg=cfg, alone_ms=alone, beside_ms=beside, max_rel_err=worst)
                 print(f"  {cname:22s} alone {alone:6.3f} ms ({nbytes / alone / 1e6:5.0f} GB/s)  beside "
                       f"{n_gemm} GEMMs ({res['gemms_ms']:.3f} ms alone): span {beside:6.3f}, "

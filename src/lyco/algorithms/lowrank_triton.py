@@ -61,8 +61,9 @@ _EPS = torch.finfo(torch.float32).eps
 _CFG = {"BM": 16, "BK": 128, "num_warps": 4, "num_stages": 3, "programs": None}
 #: :func:`add_lowrank`'s (the bypass op's merges, GLoRA's rebuild), same keys: 32-row blocks. Run 169
 #: (``benchmarks/merge_kernel_bench.py``, H100, every merge of a LoRA step as one graph, twelve tiles): SDXL's 582
-#: ``lin`` merges (7.1 GiB moved) 4.16 ms at DoRA's 16-row tile, 3.83 at this one (1.95 TB/s), 2 per SM or 64-row
-#: blocks 4.4–5.1; beside a chain of ∂x-sized GEMMs on another stream it added 2.54 ms to them against 2.79;
+#: ``lin`` merges (7122 MiB moved) 4.16 ms at DoRA's 16-row tile, 3.83 at this one (1.95 TB/s), 2 programs per SM
+#: or 64–128-row blocks 4.15–5.10, one pipeline stage 5.31; beside a chain of ∂x-sized GEMMs on another stream it
+#: added 2.54 ms to them against 2.79;
 #: SD1.5's 160: 0.739 → 0.716 ms. In the step within noise (SDXL b1 LoRA 77.28 ms against 77.36 / 77.70)
 _MERGE_CFG = dict(_CFG, BM=32)
 
@@ -251,7 +252,7 @@ if triton is not None:
         umask = rmask[:, None] & (rr[None, :] < R)
         u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=umask, other=0.0)
         if CAT_U:
-            if tl.program_id(1) == 0:  # a branch, not a mask: see below
+            if tl.program_id(1) == 0:  # a branch, not a mask: see the FROM_P branch below
                 tl.store(OUT + rows[:, None] * som + (K + rr)[None, :] * sok, u.to(OUT.dtype.element_ty),
                          mask=umask)
         if PLAIN:
