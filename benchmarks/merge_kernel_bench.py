@@ -75,6 +75,9 @@ def main():
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default=".")
     a = p.parse_args()
+    unknown = [c for c in a.configs.split(",") if c not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     dev, dt = torch.device("cuda"), torch.bfloat16
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     default = dict(K._MERGE_CFG)
