@@ -18,17 +18,21 @@ from lyco.algorithms.base import LayerSpec
 
 
 class _Stream:
-    def __init__(self, name, log):
-        self.name, self.log, self.device = name, log, torch.device("cpu")
+    def __init__(self, name, log, device="cpu"):
+        self.name, self.log, self.device = name, log, torch.device(device)
 
     def wait_stream(self, other):
         self.log.append(f"{self.name} waits {other.name}")
 
 
+class _Log(list):
+    """The recording: a list of events (and the stand-in side stream as ``.side``)."""
+
+
 @pytest.fixture
 def streams(monkeypatch):
     """A recording main and side stream; ``log`` lists waits, and every product below as ``name@stream``."""
-    log = []
+    log = _Log()
     main, side = _Stream("main", log), _Stream("side", log)
     cur = [main]
 
@@ -41,6 +45,7 @@ def streams(monkeypatch):
             cur[0] = prev
 
     monkeypatch.setattr(lowrank, "side_stream", lambda t: side)
+    log.side = side  # type: ignore[attr-defined]  (the blas fixture makes it a CUDA stand-in)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     monkeypatch.setattr(torch.cuda, "stream", on)
 
@@ -90,15 +95,111 @@ def _run(mod, x, r=4, s=0.7, seed=0):
         torch.testing.assert_close(a, ref, rtol=1e-10, atol=1e-10)
 
 
+_MIB = 2**20
+#: torch's sizes in the stand-in cuBLAS workspace API (Hopper's cuBLAS default; an Lt size above the side's)
+_TORCH_WS = {"b": 32 * _MIB, "lt": 8 * _MIB}
+
+
+@pytest.fixture
+def blas(streams, monkeypatch):
+    """A stand-in for torch's cuBLAS workspace-size API (``lowrank._WS_API``; the CPU build has none) that logs
+    each setting as ``ws B LT`` (MiB) into the recording, and a CUDA side stream (``_side_blas`` acts on CUDA
+    streams only). Returns the recording; its ``.sizes`` is the API's state."""
+    sizes = dict(_TORCH_WS)
+
+    def setter(key):
+        def set_(v):
+            sizes[key] = int(v)
+            streams.append(f"ws {sizes['b'] / _MIB:g} {sizes['lt'] / _MIB:g}")
+        return set_
+
+    monkeypatch.setattr(lowrank, "_WS_API", (lambda: sizes["b"], setter("b"), lambda: sizes["lt"], setter("lt")))
+    streams.side.device = torch.device("cuda")
+    streams.sizes = sizes
+    return streams
+
+
+def _ws_at_products(log):
+    """Each product of the recording (``name@stream``) with the workspace setting in force when it ran."""
+    cur, out = f"ws {_TORCH_WS['b'] / _MIB:g} {_TORCH_WS['lt'] / _MIB:g}", []
+    for e in log:
+        if e.startswith("ws "):
+            cur = e
+        elif "@" in e:
+            out.append((e, cur))
+    return out
+
+
 def test_linear_layer_backward_products_on_the_side_stream(streams):
     mod = nn.Linear(12, 10)
     _run(mod, torch.randn(40, 12, dtype=torch.float64))
-    # forward: h and the frozen GEMM on the current stream (no cuBLAS workspace for the side stream there)
+    # forward: h and the frozen GEMM on the current stream (LYCO_FORWARD_SIDE: captured steps only by default)
     assert not any(e.endswith("@side") for e in streams[:streams.index("side waits main")]), streams
     i = streams.index("side waits main")
     assert streams[i + 1:i + 3] == ["_grad_up@side", "_grad_down@side"], streams
     assert "_merged@main" in streams[i + 3:], streams  # ∂x through the merged weight, beside them
     _check_pairs(streams)
+
+
+def test_linear_layer_forward_down_on_the_side_stream(blas, monkeypatch):
+    """``LYCO_FORWARD_SIDE``: the forward's down on the side stream (forked before it, under the side's small cuBLAS
+    workspace), the frozen GEMM on the current one beside it at torch's, joined before the up's add — values still
+    float64 math's (``_run``)."""
+    monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
+    _run(torch.nn.Linear(12, 10), torch.randn(40, 12, dtype=torch.float64))
+    fwd = blas[:blas.index("main waits side") + 1]
+    assert fwd == ["side waits main", "ws 4 8", "ws 4 4", "ws 32 4", "ws 32 8", "layer_op@main",
+                   "main waits side"], fwd
+    _check_pairs(fwd)
+    _check_pairs(blas[len(fwd):])
+
+
+def test_forward_down_stays_where_the_side_workspace_cannot_be_set(streams, monkeypatch):
+    """Without torch's workspace-size API (the CPU build's ``_WS_API``), or with ``LYCO_SIDE_BLAS_WORKSPACE=torch``,
+    the forward's down stays on the current stream: at torch's own 32 MiB the forward thread's workspace on the side
+    stream put the captured step's peak over PEFT's (run 171)."""
+    monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
+    assert lowrank._forward_side(torch.zeros(2)) is None
+    monkeypatch.setattr(lowrank, "_WS_API", (lambda: 1, lambda v: None, lambda: 1, lambda v: None))
+    assert lowrank._forward_side(torch.zeros(2)) is streams.side
+    monkeypatch.setenv("LYCO_SIDE_BLAS_WORKSPACE", "torch")
+    assert lowrank._forward_side(torch.zeros(2)) is None
+
+
+@pytest.mark.parametrize("mod,x", [(nn.Linear(12, 10), (40, 12)), (nn.Linear(8, 40), (30, 8)),
+                                   (nn.Conv2d(6, 5, 3, padding=1), (2, 6, 7, 7))])
+@pytest.mark.parametrize("ws", [None, "0", "16", "torch"])
+def test_side_products_run_under_the_side_workspace(blas, split, monkeypatch, mod, x, ws):
+    """``_side_blas``: every product on a side stream runs with cuBLAS's workspace at ``LYCO_SIDE_BLAS_WORKSPACE``
+    (MiB, default 4; the Lt size no larger; torch's sizes where ``torch``), every product on the current stream
+    at torch's, and torch's sizes are back when the op returns — forward (the down beside the frozen GEMM or the
+    conv's adapter) and backward (∂U on the up stream, ∂h → ∂D on the side stream)."""
+    monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
+    if ws is not None:
+        monkeypatch.setenv("LYCO_SIDE_BLAS_WORKSPACE", ws)
+    _run(mod, torch.randn(*x, dtype=torch.float64), r=8 if mod.weight.shape[0] == 40 else 4)
+    side_mib = {None: 4, "0": 0, "16": 16, "torch": None}[ws]
+    want_side = "ws 32 8" if side_mib is None else f"ws {side_mib} {min(side_mib, 8)}"
+    seen = _ws_at_products(blas)
+    assert any(p.endswith(("@side", "@up")) for p, _ in seen), blas
+    for prod, at in seen:
+        assert at == (want_side if prod.endswith(("@side", "@up")) else "ws 32 8"), (prod, blas)
+    assert blas.sizes == _TORCH_WS
+
+
+def test_side_workspace_restored_after_an_error(blas):
+    with pytest.raises(RuntimeError, match="boom"):
+        with lowrank._side_blas(blas.side):
+            assert blas.sizes == {"b": 4 * _MIB, "lt": 4 * _MIB}
+            raise RuntimeError("boom")
+    assert blas.sizes == _TORCH_WS
+
+
+@pytest.mark.parametrize("bad", ["-1", "big", "nan", ""])
+def test_side_workspace_variable_errors(blas, monkeypatch, bad):
+    monkeypatch.setenv("LYCO_SIDE_BLAS_WORKSPACE", bad)
+    with pytest.raises(ValueError, match="LYCO_SIDE_BLAS_WORKSPACE"):
+        lowrank._side_workspace()
 
 
 def test_wide_linear_layer_waits_for_the_shared_gemm_before_its_down_gradient(streams):
@@ -129,7 +230,7 @@ def test_conv_adapter_forward_and_backward_on_the_side_stream(streams, kw):
 @pytest.fixture
 def split(streams, monkeypatch):
     """The recording streams plus a third, ``up`` (:func:`lowrank.up_stream`: ``LYCO_SIDE_SPLIT``)."""
-    up = _Stream("up", streams)
+    up = _Stream("up", streams, streams.side.device.type)  # a CUDA stand-in too where the blas fixture came first
     monkeypatch.setattr(lowrank, "up_stream", lambda t: up)
     return streams
 

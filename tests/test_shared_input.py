@@ -367,3 +367,42 @@ def test_up_gradients_on_a_second_side_stream(monkeypatch):
         first, last = log.index(prod), len(log) - 1 - log[::-1].index(prod)
         assert log.index(f"{st} waits main") < first and last < log.index(f"main waits {st}"), log
     assert set(log[-2:]) == {"main waits side", "main waits up"}, log
+
+
+def test_forward_down_on_the_side_stream(monkeypatch):
+    """``LYCO_FORWARD_SIDE``: the group's one down GEMM on the side stream (forked before it), every member's frozen
+    GEMM on the current stream beside it, joined before the first up's add; values against :func:`_dense`'s
+    float64 math. Recording stand-ins for the streams (the CPU has none)."""
+    import contextlib
+    import torch.nn.functional as F
+
+    log, cur = [], ["main"]
+
+    class St:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cpu")
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    main, side = St("main"), St("side")
+
+    @contextlib.contextmanager
+    def on(s):
+        prev, cur[0] = cur[0], s.name
+        try:
+            yield
+        finally:
+            cur[0] = prev
+
+    monkeypatch.setattr(lowrank_shared, "_forward_side", lambda t: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    real_linear = F.linear
+    monkeypatch.setattr(lowrank_shared.F, "linear", lambda x, w, b=None: log.append(
+        ("down" if w.shape[0] == 24 else "frozen") + "@" + cur[0]) or real_linear(x, w, b))
+    model = nn.Sequential(Attn()).double()
+    net = _net(model)
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    _check(model, net, x)
+    assert log == ["side waits main", "down@side", "frozen@main", "frozen@main", "frozen@main", "main waits side"], log

@@ -146,6 +146,17 @@ def side_stream(t: torch.Tensor):
     return st
 
 
+def _forward_side(x: torch.Tensor):
+    """The side stream for a linear layer's forward down ``h = x·Dᵀ`` beside the frozen GEMM
+    (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`, captured steps by default, with the side stream itself on), or
+    None: h on the current stream before the frozen GEMM. Only where cuBLAS's workspace on the side stream can be
+    kept small (:func:`_side_blas`): at torch's 32 MiB the forward thread's workspace there put the graph's peak
+    over PEFT's (runs 95 and 171)."""
+    if not graph_policy.wanted("LYCO_FORWARD_SIDE") or _side_workspace() is None:
+        return None
+    return side_stream(x)
+
+
 #: a second side stream per CUDA device for the up's gradient (:func:`up_stream`)
 _UP: dict = {}
 
@@ -166,16 +177,66 @@ def up_stream(t: torch.Tensor):
     return st
 
 
+#: torch's getters and setters of the cuBLAS and cuBLASLt workspace sizes (``torch._C``; absent before torch 2.11)
+_WS_API = tuple(getattr(torch._C, "_cuda_" + n, None) for n in (
+    "getCublasWorkspaceSize", "setCublasWorkspaceSize", "getCublasLtWorkspaceSize", "setCublasLtWorkspaceSize"))
+
+
+def _side_workspace() -> int | None:
+    """The cuBLAS workspace in bytes for the GEMMs on lyco's side streams (``LYCO_SIDE_BLAS_WORKSPACE``, MiB;
+    ``torch`` leaves torch's own size), or None where this torch cannot set it."""
+    v = os.environ.get("LYCO_SIDE_BLAS_WORKSPACE", "4")
+    if v == "torch" or None in _WS_API:
+        return None
+    try:
+        mib = float(v)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise ValueError(f"LYCO_SIDE_BLAS_WORKSPACE={v!r}: expected a size in MiB (a number >= 0) or 'torch'")
+    return int(mib * 2**20)
+
+
+@contextlib.contextmanager
+def _side_blas(side):
+    """cuBLAS's workspace for the block's GEMMs on ``side`` at :func:`_side_workspace`'s size, torch's sizes back
+    after it.
+
+    Why: torch keeps one cuBLAS workspace per (thread's cuBLAS handle, stream) pair, allocated at the size set at
+    its first use — 32 MiB on Hopper — and holds it for the life of the process; a captured step uses the side
+    streams from two threads (the forward's, the backward's autograd thread) on two streams, so each of lyco's
+    side-stream pairs added 32 MiB to the step's peak (NOTES changes 95 and 113: the graph's peak over PEFT's at
+    SDXL b4, and the reason the forward's down stayed off the side stream). The side streams run the adapter's
+    thin products (rank-wide outputs; split-K partials of out × r floats), which need far less. torch (2.11+)
+    records each workspace's size and allocates a larger one where a later call asks for more, so a GEMM on
+    these streams outside this block stays correct. The sizes are process-wide settings: this block sets them
+    only around the side regions the calling thread issues (the forward and the backward do not run at once)."""
+    size = None if side is None or getattr(side.device, "type", None) != "cuda" else _side_workspace()
+    if size is None:
+        yield
+        return
+    get_b, set_b, get_lt, set_lt = _WS_API
+    prev_b, prev_lt = get_b(), get_lt()
+    set_b(min(size, prev_b))
+    set_lt(min(size, prev_lt))
+    try:
+        yield
+    finally:
+        set_b(prev_b)
+        set_lt(prev_lt)
+
+
 @contextlib.contextmanager
 def _fork(side):
-    """Run the block on ``side`` after everything issued so far on the current stream (a no-op for None). Every
-    fork is joined (:func:`_join`) before the op returns; and a join never comes without a fork before it in the
-    same call: in a capture, waiting on an event of a stream not yet forked into it is an error."""
+    """Run the block on ``side`` after everything issued so far on the current stream (a no-op for None), cuBLAS's
+    workspace there at :func:`_side_blas`'s size. Every fork is joined (:func:`_join`) before the op returns; and a
+    join never comes without a fork before it in the same call: in a capture, waiting on an event of a stream not
+    yet forked into it is an error."""
     if side is None:
         yield
         return
     side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), _side_blas(side):
         yield
 
 
@@ -908,20 +969,29 @@ class _BypassOp(torch.autograd.Function):
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
-            # h stays on this stream: on the side stream it would be the forward thread's first cuBLAS call there,
-            # and torch keeps a cuBLAS workspace per (thread's handle, stream) — +0.03 GiB peak for −0.3 ms (run 95);
-            # run 171 (SDXL b1, beside the frozen GEMM): LoRA 77.24 → 76.5 ms, the graph's peak 11.65 → 11.68 GiB
-            # (PEFT's 11.65). By a Triton kernel there instead (no workspace; run 172): SDXL b1 77.68 → 79.09 ms,
-            # SDXL b4 199.6 → 204.5 — slower than the frozen GEMM beside it. Neither kept (benchmarks/NOTES.md 113)
+            # h beside the frozen GEMM on the side stream where _forward_side allows (cuBLAS's workspace there
+            # kept small by _side_blas), else on this stream before it. History: on the side stream at torch's
+            # 32 MiB workspace +0.03 GiB peak for −0.3 ms at SD1.5 b8 (run 95), and at SDXL b1 (run 171) LoRA
+            # 77.24 → 76.5 ms with the graph's peak 11.65 → 11.68 GiB (PEFT's 11.65); by a Triton kernel there
+            # instead (no workspace; run 172) SDXL b1 77.68 → 79.09 ms, SDXL b4 199.6 → 204.5 — slower than the
+            # frozen GEMM beside it (benchmarks/NOTES.md 113)
             fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
             if fused is not None:  # one Triton GEMM (_fused_gemm)
                 y, h = fused
             else:
-                if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
-                    h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
-                else:
-                    h = F.linear(xd, d2)
-                if _cat_pays(spec, h.shape[1]) and _cat_forward_pays(spec, xd.shape[0], h.shape[1]):
+                rh = d2.shape[0] * (xd.shape[1] // d2.shape[1])  # h's width (groups × r)
+                cat = _cat_pays(spec, rh) and _cat_forward_pays(spec, xd.shape[0], rh)
+                fside = None if cat else _forward_side(xd)
+                with _fork(fside):
+                    if groups > 1:  # d2 on each of the rows' channel groups, the groups folded into the rows
+                        h = F.linear(xd.reshape(-1, d2.shape[1]), d2).view(xd.shape[0], -1)
+                    else:
+                        h = F.linear(xd, d2)
+                if fside is not None:  # the frozen GEMM beside the down, the up after both
+                    y = layer_op(xd, spec, wd, bd)
+                    _join(fside)
+                    y.addmm_(h, u2.t(), alpha=s)
+                elif cat:
                     # one GEMM for the frozen layer and the adapter's up (_cat_pays): y = [x | h]·[W | s·U]ᵀ + b,
                     # rounded once (the delta path rounds f(x), then the sum); only [x | h] is kept, x and h are
                     # views of it

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
-    _SUNK, _ahead_link, _ahead_take, _fused_gemm, _join, _merged, _mm, _out_dtype_ok, _side_products, _sink_into,
-    _sink_leaves, side_stream, up_stream,
+    _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _join, _merged, _mm, _out_dtype_ok,
+    _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -92,11 +92,19 @@ class _SharedOp(torch.autograd.Function):
             for i, (w, b, hs) in enumerate(parts):
                 ys.append(fused_linear(xs, w, b, dd[i], ud[i], ss[i], hs)[0])
         else:
-            h = F.linear(xs, torch.cat(dd, 0))
-            for i in range(n):
-                y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
-                y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
-                ys.append(y)
+            fside = _forward_side(xs)  # the down beside the members' frozen GEMMs where it may (lowrank._forward_side)
+            with _fork(fside):
+                h = F.linear(xs, torch.cat(dd, 0))
+            if fside is not None:  # every member's frozen GEMM beside the down, then the ups
+                ys = [F.linear(xs, cast(ws[i], cd), cast(bs[i], cd)) for i in range(n)]
+                _join(fside)
+                for i in range(n):
+                    ys[i].addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
+            else:
+                for i in range(n):
+                    y = F.linear(xs, cast(ws[i], cd), cast(bs[i], cd))
+                    y.addmm_(h[:, offs[i]:offs[i] + rs[i]], ud[i].t(), alpha=ss[i])
+                    ys.append(y)
         ctx.set_materialize_grads(False)
         ctx.cfg = (specs, ss, x.shape, x.dtype, rs, offs,
                    tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))
