@@ -5,7 +5,8 @@ SD1.5 and SDXL UNets (random weights, bf16, one GPU).
 Per configuration it measures one training step (forward + backward + AdamW step on the trainable
 parameters only): the median of ``--steps`` steps after ``--warmup`` steps, timed with CUDA events,
 and the peak memory (``torch.cuda.max_memory_allocated``, reset per configuration, so it includes
-the base model, the adapter, its gradients and optimizer state, and the activations).
+the base model, the adapter, its gradients and optimizer state, and the activations; and torch's cuBLAS
+workspaces of the configuration's own streams and threads: ``fresh_memory`` frees the earlier ones first).
 
 Layer sets (identical for every library, passed to each as exact module names):
   * ``lin``      every ``nn.Linear`` and 1×1 ``nn.Conv2d`` inside a ``Transformer2DModel``
@@ -714,14 +715,16 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
         torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
     # one side stream for every config (capture included): each new stream gets its own cuBLAS
-    # workspace from the caching allocator, never freed — ≈ 64 MiB more "allocated" per config (run 6)
+    # workspace from the caching allocator, kept by torch — ≈ 64 MiB more "allocated" per config (run 6;
+    # fresh_memory frees them between measurements since session 24)
     global _SIDE_STREAM
     if _SIDE_STREAM is None:
         _SIDE_STREAM = torch.cuda.Stream()
     side = _SIDE_STREAM
     side.wait_stream(torch.cuda.current_stream())
     # lyco's kernels meant for captured steps (factor_triton: LoHa/LoKr builds) in the warm-up and capture, as
-    # lyco's trainer runs them (lyco.train.graphs); the eager columns keep the eager default
+    # lyco's trainer runs them (lyco.train.graphs); the eager columns keep the eager default. graph_step also runs
+    # the backward on this thread (LYCO_CALLER_BACKWARD) — for every variant alike, floor and peers included
     with torch.cuda.stream(side), graph_policy.graph_step():
         for _ in range(3):
             clear()
@@ -813,6 +816,22 @@ def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_o
 # ------------------------------------------------------------------------------------------------
 
 
+def fresh_memory() -> None:
+    """Start a memory measurement from what the configuration allocates itself. torch keeps one cuBLAS workspace
+    per (thread's handle, stream) for the process's life (32 MiB on Hopper), so a configuration measured after
+    another counted the earlier one's workspaces too: after lyco's captured step every peer's peak carried lyco's
+    two side-stream workspaces, and lyco's eager peak the floor's captured-step ones (session 24; before it the
+    tables compared peaks that held different sets). Freed here, after a synchronisation, with no CUDA graph left
+    to replay; each measurement then holds the workspaces of its own streams and threads."""
+    gc.collect()
+    torch.cuda.synchronize()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
 def run_config(ctx, algo: str | None, variant: str) -> dict:
     """Attach, randomise, check, time, detach. Every failure is caught and recorded."""
     a = ctx["args"]
@@ -825,8 +844,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
     try:
         gc.collect()
         if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            fresh_memory()
             rec["base_alloc_gib"] = torch.cuda.memory_allocated() / GiB
         floor = variant == "floor"
         params = []
@@ -873,7 +891,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         if opt is not None:
             rec["optimizer"] = f"{type(opt).__module__}.{type(opt).__name__}"
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            fresh_memory()
         rec.update(run_steps(step, a.warmup, a.steps, cuda))
         if cuda:
             rec["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
@@ -886,9 +904,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         del step, opt
         graph_algos = a.graph_algos.split(",")
         if a.graph and cuda and (algo is None or "all" in graph_algos or algo in graph_algos):
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            fresh_memory()
             try:
                 tkeys = ctx.get("graph_trace", ())
                 traced = key in tkeys or rec["algo"] in tkeys or "all" in tkeys

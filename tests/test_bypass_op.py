@@ -703,3 +703,45 @@ def test_dgrad_on_a_channels_last_merged_weight(monkeypatch, cfg, flag):
         torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
         for g, r in zip(grads, gr):
             torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_graph_step_runs_the_backward_on_the_calling_thread(monkeypatch):
+    """``graph_step`` (``LYCO_CALLER_BACKWARD``): autograd's multithreading off inside the outermost block — a
+    Function's backward sees it off and runs on the caller's thread — and back as it was after it (nested blocks,
+    an error inside); ``0`` keeps torch's threads; a typo is an error that leaves no block open."""
+    import threading
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append((torch._C._is_multithreading_enabled(), threading.get_ident()))
+            return g * 2
+
+    def step():
+        Probe.apply(torch.ones(3, requires_grad=True)).sum().backward()
+
+    assert torch._C._is_multithreading_enabled()
+    with graph_policy.graph_step():
+        with graph_policy.graph_step():
+            step()
+        assert not torch._C._is_multithreading_enabled()
+    assert torch._C._is_multithreading_enabled()
+    assert seen == [(False, threading.get_ident())]
+    with pytest.raises(RuntimeError, match="inside"), graph_policy.graph_step():
+        raise RuntimeError("inside")
+    assert torch._C._is_multithreading_enabled() and not graph_policy.in_graph_step()
+    monkeypatch.setenv("LYCO_CALLER_BACKWARD", "0")
+    with graph_policy.graph_step():
+        step()
+        assert graph_policy.in_graph_step()
+    assert seen[-1][0] is True
+    monkeypatch.setenv("LYCO_CALLER_BACKWARD", "no")
+    with pytest.raises(ValueError, match="LYCO_CALLER_BACKWARD"), graph_policy.graph_step():
+        pass
+    assert not graph_policy.in_graph_step() and torch._C._is_multithreading_enabled()

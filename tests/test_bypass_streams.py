@@ -156,14 +156,21 @@ def test_linear_layer_forward_down_on_the_side_stream(blas, monkeypatch):
 
 def test_forward_down_stays_where_the_side_workspace_cannot_be_set(streams, monkeypatch):
     """Without torch's workspace-size API (the CPU build's ``_WS_API``), or with ``LYCO_SIDE_BLAS_WORKSPACE=torch``,
-    the forward's down stays on the current stream: at torch's own 32 MiB the forward thread's workspace on the side
-    stream put the captured step's peak over PEFT's (run 171)."""
+    the forward's down stays on the current stream unless the backward runs on the forward's thread: at torch's own
+    32 MiB the forward thread's workspace on the side stream put the captured step's peak over PEFT's (run 171)."""
     monkeypatch.setenv("LYCO_FORWARD_SIDE", "1")
+    assert lowrank._forward_side(torch.zeros(2)) is None
+    # the backward on this thread (graph_step's caller backward): its side products need the workspace anyway
+    with torch.autograd.set_multithreading_enabled(False):
+        assert lowrank._forward_side(torch.zeros(2)) is streams.side
     assert lowrank._forward_side(torch.zeros(2)) is None
     monkeypatch.setattr(lowrank, "_WS_API", (lambda: 1, lambda v: None, lambda: 1, lambda v: None))
     assert lowrank._forward_side(torch.zeros(2)) is streams.side
     monkeypatch.setenv("LYCO_SIDE_BLAS_WORKSPACE", "torch")
     assert lowrank._forward_side(torch.zeros(2)) is None
+    monkeypatch.setenv("LYCO_FORWARD_SIDE", "0")
+    with torch.autograd.set_multithreading_enabled(False):
+        assert lowrank._forward_side(torch.zeros(2)) is None
 
 
 @pytest.mark.parametrize("mod,x", [(nn.Linear(12, 10), (40, 12)), (nn.Linear(8, 40), (30, 8)),

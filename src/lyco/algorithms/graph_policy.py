@@ -26,13 +26,17 @@ in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and
 input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); and (IA)³'s output mode keeping the output, its gradient from it by
-two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`).
+two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`). And one setting that is not a path:
+the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
+there — outside a graph step torch's threads stay).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+
+import torch
 
 #: depth of :func:`graph_step` blocks (a list: mutable module state)
 _DEPTH = [0]
@@ -42,11 +46,29 @@ MODES = ("graph", "1", "0")
 @contextlib.contextmanager
 def graph_step():
     """Within this block the paths under the default policy (``graph``) run: wrap the warm-up and the capture
-    of a step that will be replayed as a CUDA graph. Blocks nest."""
+    of a step that will be replayed as a CUDA graph. Blocks nest.
+
+    The block also runs autograd's backward on the calling thread (``LYCO_CALLER_BACKWARD``, ``graph`` by default,
+    ``0`` keeps torch's device threads; :func:`torch.autograd.set_multithreading_enabled`, thread-local): torch
+    keeps one cuBLAS workspace per (thread's handle, stream) pair for the process's life (32 MiB on Hopper), and a
+    step whose backward runs on autograd's device thread needs a second set of them for every stream both halves
+    use — the frozen model's own stream for every model, and lyco's side streams for its adapters' products. On
+    one thread the forward and the backward share them (the forward's down beside the frozen GEMM then costs no
+    workspace of its own, :func:`.lowrank._forward_side`). A captured step replays without the host, so which
+    thread issued it does not change its time. It applies to whatever the block runs — a peer's step in the
+    benchmarks as much as lyco's."""
+    caller = _DEPTH[0] == 0 and os.environ.get("LYCO_CALLER_BACKWARD", "graph") != "0"
+    if caller:
+        _mode("LYCO_CALLER_BACKWARD")  # a typo is an error, before the block starts
     _DEPTH[0] += 1
+    prev = torch._C._is_multithreading_enabled() if caller else None
+    if caller:
+        torch._C._set_multithreading_enabled(False)
     try:
         yield
     finally:
+        if caller:
+            torch._C._set_multithreading_enabled(prev)
         _DEPTH[0] -= 1
 
 
@@ -54,10 +76,15 @@ def in_graph_step() -> bool:
     return _DEPTH[0] > 0
 
 
-def wanted(var: str) -> bool:
-    """Whether the path switched by the environment variable ``var`` runs here (module doc); an unknown value
-    is an error naming the variable."""
+def _mode(var: str) -> str:
     mode = os.environ.get(var, "graph")
     if mode not in MODES:
         raise ValueError(f"{var}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def wanted(var: str) -> bool:
+    """Whether the path switched by the environment variable ``var`` runs here (module doc); an unknown value
+    is an error naming the variable."""
+    mode = _mode(var)
     return mode == "1" or (mode == "graph" and _DEPTH[0] > 0)

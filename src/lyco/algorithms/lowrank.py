@@ -149,10 +149,14 @@ def side_stream(t: torch.Tensor):
 def _forward_side(x: torch.Tensor):
     """The side stream for a linear layer's forward down ``h = x·Dᵀ`` beside the frozen GEMM
     (``LYCO_FORWARD_SIDE``, :mod:`.graph_policy`, captured steps by default, with the side stream itself on), or
-    None: h on the current stream before the frozen GEMM. Only where cuBLAS's workspace on the side stream can be
-    kept small (:func:`_side_blas`): at torch's 32 MiB the forward thread's workspace there put the graph's peak
-    over PEFT's (runs 95 and 171)."""
-    if not graph_policy.wanted("LYCO_FORWARD_SIDE") or _side_workspace() is None:
+    None: h on the current stream before the frozen GEMM. Only where it costs no cuBLAS workspace of 32 MiB: torch
+    keeps one per (thread's handle, stream), and the forward thread's on the side stream put the graph's peak over
+    PEFT's (runs 95 and 171) — so only where the backward runs on this thread too (:func:`.graph_policy.graph_step`:
+    the backward's side products need that workspace anyway) or where the side stream's workspace is kept small
+    (:func:`_side_blas`)."""
+    if not graph_policy.wanted("LYCO_FORWARD_SIDE"):
+        return None
+    if torch._C._is_multithreading_enabled() and _side_workspace() is None:
         return None
     return side_stream(x)
 
