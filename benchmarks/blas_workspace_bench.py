@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 import torch
@@ -118,31 +119,38 @@ def main():
     res = {"device": torch.cuda.get_device_name(), "memory": memory_check(dev), "times": []}
     print(json.dumps(res["memory"], indent=1))
     if None in lowrank._WS_API:
-        print("this torch cannot set cuBLAS's workspace size: no timings")
+        # this torch cannot set the size (torch 2.11: run 173): time at the process's own size instead — torch's
+        # default, or CUBLAS_WORKSPACE_CONFIG's (process-wide; the run script starts one process per size)
+        cfg = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        mib = (sum(int(a) * int(b) for a, b in re.findall(r":(\d+):(\d+)", cfg)) / 1024) if cfg else 32.0
+        print(f"this torch cannot set cuBLAS's workspace size: timings at the process's own, {mib:g} MiB")
+        sizes, setting = [mib], False
     else:
-        sizes = [float(v) for v in args.sizes.split(",")]
-        side = torch.cuda.Stream()
-        for key in args.models.split(","):
-            model, batch = key.split(":")
-            model, batch = f"{model}_b{batch}", int(batch)
-            tot = {sz: {} for sz in sizes}
-            for rows, din, dout, count in SHAPES[key.split(":")[0]]:
-                rows *= batch
-                for name, fn in products(rows, din, dout, dev):
-                    row = {"model": model, "rows": rows, "in": din, "out": dout, "count": count, "product": name}
-                    for sz in sizes:
+        sizes, setting = [float(v) for v in args.sizes.split(",")], True
+    side = torch.cuda.Stream()
+    for key in args.models.split(","):
+        model, batch = key.split(":")
+        model, batch = f"{model}_b{batch}", int(batch)
+        tot = {sz: {} for sz in sizes}
+        for rows, din, dout, count in SHAPES[key.split(":")[0]]:
+            rows *= batch
+            for name, fn in products(rows, din, dout, dev):
+                row = {"model": model, "rows": rows, "in": din, "out": dout, "count": count, "product": name}
+                for sz in sizes:
+                    if setting:
                         os.environ["LYCO_SIDE_BLAS_WORKSPACE"] = f"{sz:g}"
-                        us = graph_us(fn, side)
-                        row[f"{sz:g}"] = round(us, 2)
-                        tot[sz][name] = tot[sz].get(name, 0.0) + us * count
-                    res["times"].append(row)
-                    print(model, rows, din, dout, name, " ".join(f"{k}={row[f'{k:g}']}" for k in sizes), flush=True)
-            for sz in sizes:
-                print(f"{model} ws {sz:g} MiB: summed over the step's layers (ms) "
-                      + ", ".join(f"{k} {v / 1000:.3f}" for k, v in tot[sz].items())
-                      + f"; all {sum(tot[sz].values()) / 1000:.3f}")
-            res[f"{model}_sum_ms"] = {f"{sz:g}": {k: v / 1000 for k, v in tot[sz].items()} for sz in sizes}
-    with open(os.path.join(args.out, "blas_workspace.json"), "w") as f:
+                    us = graph_us(fn, side)
+                    row[f"{sz:g}"] = round(us, 2)
+                    tot[sz][name] = tot[sz].get(name, 0.0) + us * count
+                res["times"].append(row)
+                print(model, rows, din, dout, name, " ".join(f"{k}={row[f'{k:g}']}" for k in sizes), flush=True)
+        for sz in sizes:
+            print(f"{model} ws {sz:g} MiB: summed over the step's layers (ms) "
+                  + ", ".join(f"{k} {v / 1000:.3f}" for k, v in tot[sz].items())
+                  + f"; all {sum(tot[sz].values()) / 1000:.3f}")
+        res[f"{model}_sum_ms"] = {f"{sz:g}": {k: v / 1000 for k, v in tot[sz].items()} for sz in sizes}
+    tag = "" if setting else f"_{sizes[0]:g}mib"
+    with open(os.path.join(args.out, f"blas_workspace{tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
 
