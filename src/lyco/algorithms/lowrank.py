@@ -41,9 +41,13 @@ gradients (∂U, ∂h, ∂D) need nothing the frozen layer's input gradient comp
 nothing the frozen conv computes, so they run on a side stream while the frozen layer's GEMM/conv runs; in a
 CUDA graph the fork and the join are edges and the branches overlap. H100, SD1.5 b8 as one graph (runs 95–96;
 benchmarks/NOTES.md change 67): LoCon 83.5 → 82.1–82.2 ms (backward −1.1, conv forward −0.3), LoHa
-84.7 → 83.5–83.6, LoRA and LoKr within 0.1 ms. A linear layer's forward h stays on the current stream: there the fork
-saved 0.3 ms but raised every peak by 0.03 GiB (run 95; torch keeps a cuBLAS workspace per thread's handle and
-stream, and the forward's thread would need one for the side stream too) — LoCon's margin under PEFT's peak.
+84.7 → 83.5–83.6, LoRA and LoKr within 0.1 ms. A linear layer's forward h runs on the side stream only where that
+costs no cuBLAS workspace of its own (:func:`_forward_side`): torch keeps a 32 MiB workspace per thread's handle and
+stream, and with the backward on autograd's device thread the forward's thread needed one more for the side stream
+(run 95: −0.3 ms for +0.03 GiB on every peak); captured steps run the backward on the calling thread
+(:func:`.graph_policy.graph_step`), which shares it (run 174: SDXL b1 LoRA 77.30 → 76.46 ms, SD1.5 b1 23.53 →
+23.24 in run 176; SDXL b4 and SD1.5 b8 unchanged). Every side region keeps cuBLAS's workspace there small where torch
+can size it (:func:`_side_blas`).
 In the backward ∂U runs on a second side stream (:func:`up_stream`, ``LYCO_SIDE_SPLIT``) beside the ∂h → ∂D chain,
 the longer branch (run 139, NOTES change 95: LoRA 73.80 → 73.22–73.33 ms, LoCon 75.52 → 74.83–74.90, LoHa
 78.06 → 77.48–77.57; its cuBLAS workspace +0.03 GiB on the peaks). After its ∂U each op's backward builds the
@@ -153,7 +157,8 @@ def _forward_side(x: torch.Tensor):
     keeps one per (thread's handle, stream), and the forward thread's on the side stream put the graph's peak over
     PEFT's (runs 95 and 171) — so only where the backward runs on this thread too (:func:`.graph_policy.graph_step`:
     the backward's side products need that workspace anyway) or where the side stream's workspace is kept small
-    (:func:`_side_blas`)."""
+    (:func:`_side_blas`). Run 174 (H100, with the backward on the caller; against both off): SDXL b1 LoRA 77.30 →
+    76.46 ms, SDXL b4 199.30 / 199.52, SD1.5 b8 73.01 / 72.94; run 176: SD1.5 b1 23.53 → 23.24."""
     if not graph_policy.wanted("LYCO_FORWARD_SIDE"):
         return None
     if torch._C._is_multithreading_enabled() and _side_workspace() is None:
@@ -214,7 +219,11 @@ def _side_blas(side):
     thin products (rank-wide outputs; split-K partials of out × r floats), which need far less. torch (2.11+)
     records each workspace's size and allocates a larger one where a later call asks for more, so a GEMM on
     these streams outside this block stays correct. The sizes are process-wide settings: this block sets them
-    only around the side regions the calling thread issues (the forward and the backward do not run at once)."""
+    only around the side regions the calling thread issues (the forward and the backward do not run at once).
+    Measured (run 175, H100, one process per size through ``CUBLAS_WORKSPACE_CONFIG``: torch 2.11 there has no
+    setters, run 173): the thin products summed over a step's layers take the same time at 32, 4 and 1 MiB (SDXL
+    b4 19.97 / 20.03 / 19.57 ms), and SDXL b1's whole LoRA step with every workspace at 4 MiB 76.44 ms against
+    76.46 at 32 (run 174) — the default 4 MiB. The peak this saves where torch has the setters is not measured."""
     size = None if side is None or getattr(side.device, "type", None) != "cuda" else _side_workspace()
     if size is None:
         yield
