@@ -32,6 +32,8 @@ per step, kernels per step, summed kernel time vs wall (GPU busy fraction) and t
 ``--graph --graph-trace algo/variant,…`` writes one more replay's kernels per configuration
 (``graph_trace_<model>_b<batch>_<algo>_<variant>.json``; ``benchmarks/graph_trace.py`` splits the span into
 idle time and each kernel's exposed time, and subtracts two such traces);
+``--graph --memory-peak algo/variant,…`` records the allocator's history over the graph phase and writes what is
+live at its peak by allocation site (``memory_peak_*.json``, ``benchmarks/memory_peak.py``);
 ``--compile`` compiles the UNet for every configuration alike (floor, full fine-tune, lyco, peers).
 Before timing, lyco's layers are checked on the device against fp32 merged-weight math: outputs
 (``full_err``) and gradients of x and of every adapter tensor (``grad_err``).
@@ -680,12 +682,25 @@ def bench_optimizer(params, lyco: bool, **kw):
 
 
 def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False,
-              trace: Path | None = None) -> dict:
+              trace: Path | None = None, mem: Path | None = None) -> dict:
     """The same training step captured once as a CUDA graph (forward, backward and a capturable
     fused AdamW), then replayed: the step's device time without any CPU launch overhead — the same
     treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
     host inside the step. ``trace``: one more replay under torch.profiler, its kernels written there
-    (``graph_trace.py``: the timeline's span split into idle and each kernel's exposed time)."""
+    (``graph_trace.py``: the timeline's span split into idle and each kernel's exposed time). ``mem``: the
+    allocator's history over the check step, the warm-up and the capture, its peak's live blocks by allocation
+    site written there (``memory_peak.py``)."""
+    if mem is not None:
+        import memory_peak
+        memory_peak.record_start()
+    try:
+        return _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
+    finally:
+        if mem is not None:  # stopped already where the capture succeeded; stopping twice is harmless
+            torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem) -> dict:
     from lyco.algorithms import graph_policy
     opt = bench_optimizer(params, lyco, lr=1e-6, weight_decay=0.0, fused=True, capturable=True)
 
@@ -736,6 +751,11 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
     try:
         with torch.cuda.graph(g, stream=side), graph_policy.graph_step():
             body()
+        mem_rec = None
+        if mem is not None:  # before the replays: they allocate nothing
+            import memory_peak
+            m = memory_peak.record_stop(mem)
+            mem_rec = {"peak_mib": round(m["peak_mib"], 1), "sites": m["sites"][:6]}
         for _ in range(3):
             g.replay()
         torch.cuda.synchronize()
@@ -746,6 +766,8 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
             tm.stop(s)
         ts = tm.times_ms()
         rec = {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB}
+        if mem_rec is not None:
+            rec["memory_peak"] = mem_rec
         if trace is not None:
             try:
                 rec["graph_trace"] = trace_replay(g, trace)
@@ -910,8 +932,11 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
                 traced = key in tkeys or rec["algo"] in tkeys or "all" in tkeys
                 tpath = (Path(a.out) / f"graph_trace_{ctx['model']}_b{ctx['batch']}_{rec['algo']}_{variant}.json"
                          if traced else None)
+                mkeys = ctx.get("memory_peak", ())
+                mpath = (Path(a.out) / f"memory_peak_{ctx['model']}_b{ctx['batch']}_{rec['algo']}_{variant}.json"
+                         if key in mkeys or rec["algo"] in mkeys or "all" in mkeys else None)
                 rec.update(run_graph(step_model, ctx["inputs"], ctx["target"], params, floor,
-                                     a.graph_steps or a.steps, lyco=is_lyco, trace=tpath))
+                                     a.graph_steps or a.steps, lyco=is_lyco, trace=tpath, mem=mpath))
             except Exception as e:  # noqa: BLE001 — e.g. a host sync inside the step
                 msg = str(e).strip().splitlines()
                 rec["graph_error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
@@ -1174,6 +1199,9 @@ def main(argv=None):
     p.add_argument("--graph-trace", default="",
                    help="with --graph: comma list of algo/variant (or algo, 'floor', 'all') whose captured step is "
                         "replayed once more under torch.profiler → graph_trace_*.json (benchmarks/graph_trace.py)")
+    p.add_argument("--memory-peak", default="",
+                   help="with --graph: comma list of algo/variant (or algo, 'floor', 'all') whose graph phase is "
+                        "recorded by torch's allocator history → memory_peak_*.json (benchmarks/memory_peak.py)")
     p.add_argument("--skip", default="",
                    help="comma list of algo/variant pairs not to run (e.g. peers far from best in a previous run)")
     p.add_argument("--tag", default="", help="suffix of the output files (train_step<tag>.json/.md)")
@@ -1284,7 +1312,8 @@ def main(argv=None):
         ctx = dict(args=a, unet=unet, cuda=cuda, dtype=dtype, adapter_dtype=adapter_dtype, names=names,
                    originals=originals, inputs=inputs, inputs1=inputs1, base_out1=base_out1, target=target,
                    model=model, batch=batch, profile=profile_set, profile_top=a.profile_top,
-                   graph_trace={x for x in a.graph_trace.split(",") if x})
+                   graph_trace={x for x in a.graph_trace.split(",") if x},
+                   memory_peak={x for x in a.memory_peak.split(",") if x})
         plan = [] if a.no_baselines else [(None, b) for b in ("floor", "fullft") if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]
