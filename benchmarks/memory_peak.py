@@ -6,7 +6,10 @@ that checks for host synchronisations, the warm-up and the capture — and hands
 replays its allocation events in order, finds the moment the allocated total was highest, and groups the blocks
 live then by their allocation site: the innermost stack frame in the benchmark's, lyco's or a peer's code (torch's
 own frames skipped; a C++ autograd node's allocations carry the frames of the code that called ``backward``), or
-``(no Python frame)``. Blocks of exactly 32 MiB are counted apart: cuBLAS's workspaces on Hopper are (attributed to
+``(no Python frame)``. The totals are relative to the allocation when the recording started, and a free of a block
+allocated before it is not seen (run 177: lyco's FlatAdamW moves the parameters into one flat buffer, which shows
+as +81 MiB at SDXL b4 where the parameters' own blocks, freed, were never counted). Blocks of exactly 32 MiB are
+counted apart: cuBLAS's workspaces on Hopper are (attributed to
 the GEMM's caller), and an activation may be. Two such summaries (lyco's and PEFT's) show where their peaks differ.
 
     python benchmarks/memory_peak.py results/runNN/memory_peak_sdxl_b4_lora_lyco.json [other.json]
