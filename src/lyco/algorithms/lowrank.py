@@ -186,7 +186,8 @@ def up_stream(t: torch.Tensor):
     return st
 
 
-#: torch's getters and setters of the cuBLAS and cuBLASLt workspace sizes (``torch._C``; absent before torch 2.11)
+#: torch's getters and setters of the cuBLAS and cuBLASLt workspace sizes (``torch._C``; absent in torch 2.11, run
+#: 173; torch 2.13's CUDA builds declare them)
 _WS_API = tuple(getattr(torch._C, "_cuda_" + n, None) for n in (
     "getCublasWorkspaceSize", "setCublasWorkspaceSize", "getCublasLtWorkspaceSize", "setCublasLtWorkspaceSize"))
 
@@ -212,12 +213,12 @@ def _side_blas(side):
     after it.
 
     Why: torch keeps one cuBLAS workspace per (thread's cuBLAS handle, stream) pair, allocated at the size set at
-    its first use — 32 MiB on Hopper — and holds it for the life of the process; a captured step uses the side
-    streams from two threads (the forward's, the backward's autograd thread) on two streams, so each of lyco's
-    side-stream pairs added 32 MiB to the step's peak (NOTES changes 95 and 113: the graph's peak over PEFT's at
-    SDXL b4, and the reason the forward's down stayed off the side stream). The side streams run the adapter's
-    thin products (rank-wide outputs; split-K partials of out × r floats), which need far less. torch (2.11+)
-    records each workspace's size and allocates a larger one where a later call asks for more, so a GEMM on
+    its first use — 32 MiB on Hopper — and holds it for the life of the process; each of lyco's two side streams
+    costs a captured step one such workspace per thread that issues to it (the forward's, and autograd's device
+    thread unless the backward runs on the caller, :func:`.graph_policy.graph_step`): run 174 measured the graph's
+    peak over PEFT's by exactly those (NOTES session 24). The side streams run the adapter's thin products
+    (rank-wide outputs; split-K partials of out × r floats), which need far less. A torch with these setters
+    (2.13) records each workspace's size and allocates a larger one where a later call asks for more, so a GEMM on
     these streams outside this block stays correct. The sizes are process-wide settings: this block sets them
     only around the side regions the calling thread issues (the forward and the backward do not run at once).
     Measured (run 175, H100, one process per size through ``CUBLAS_WORKSPACE_CONFIG``: torch 2.11 there has no
@@ -983,7 +984,7 @@ class _BypassOp(torch.autograd.Function):
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
             # h beside the frozen GEMM on the side stream where _forward_side allows (cuBLAS's workspace there
-            # kept small by _side_blas), else on this stream before it. History: on the side stream at torch's
+            # shared with the backward on this thread, or kept small by _side_blas), else on this stream before it. History: on the side stream at torch's
             # 32 MiB workspace +0.03 GiB peak for −0.3 ms at SD1.5 b8 (run 95), and at SDXL b1 (run 171) LoRA
             # 77.24 → 76.5 ms with the graph's peak 11.65 → 11.68 GiB (PEFT's 11.65); by a Triton kernel there
             # instead (no workspace; run 172) SDXL b1 77.68 → 79.09 ms, SDXL b4 199.6 → 204.5 — slower than the
