@@ -3,15 +3,16 @@ workspace takes at torch's size and under ``lowrank._side_blas``, and what the s
 products at SD1.5's and SDXL's shapes.
 
 torch keeps one cuBLAS workspace per (thread's handle, stream) for the process's life, at the size set when the pair
-is first used (32 MiB on Hopper). A captured lyco step uses its side streams from the forward's thread and the
-backward's, so each pair costs that much of the step's peak. ``lowrank._side_blas`` sets torch's workspace size
-(``torch._C._cuda_setCublasWorkspaceSize``, torch 2.11+) around the side regions instead. This script:
+is first used (32 MiB on Hopper). A captured lyco step uses its two side streams, so each costs that much of the
+step's peak (per issuing thread). ``lowrank._side_blas`` sets torch's workspace size around the side regions
+(``torch._C._cuda_setCublasWorkspaceSize``: torch 2.13's CUDA builds; not torch 2.11, run 173). This script:
 
 1. prints whether this torch has the API, the memory a fresh stream's first GEMM allocates at torch's size and under
    ``_side_blas`` (``LYCO_SIDE_BLAS_WORKSPACE``), and that a GEMM on a small-workspace stream outside the block is
    still right (torch allocates a larger workspace then);
 2. times each thin product (the forward's down ``x·Dᵀ``, the backward's ``∂y·U``, ``∂yᵀ·h`` and ``∂hᵀ·x``) at the
-   models' shapes on a side stream, as one CUDA graph of 50 calls per (shape, size), for workspace sizes in MiB
+   models' shapes on a stream of its own, as one CUDA graph of 50 calls per (shape, size) (run 175 timed the mean of
+   20 replays on one side stream; ``_common.graph_us``'s median of 7 since), for workspace sizes in MiB
    (``--sizes``; 32 is torch's own), and the sum over a model's layers (``--models``: the per-level layer counts
    below, attention and feed-forward linear layers, rank 16).
 
@@ -28,7 +29,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from _common import graph_us  # noqa: E402
 
 from lyco.algorithms import lowrank  # noqa: E402
 
@@ -57,25 +60,13 @@ def products(rows, din, dout, dev):
             ("∂U ∂yᵀ·h", lambda: gy.t() @ h), ("∂D ∂hᵀ·x", lambda: gh.t() @ x)]
 
 
-def graph_us(fn, side, reps=50, replays=20):
-    """µs per call of ``fn`` on ``side`` under ``_side_blas``, as one CUDA graph of ``reps`` calls."""
-    with torch.cuda.stream(side), lowrank._side_blas(side):
-        for _ in range(3):
+def side_us(fn) -> float:
+    """µs per call of ``fn`` as one CUDA graph of 50 calls (``_common.graph_us``: on a stream of its own) under
+    ``_side_blas`` — what lyco's side regions set there."""
+    def scoped():
+        with lowrank._side_blas(torch.cuda.current_stream()):
             fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=side), lowrank._side_blas(side):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(replays):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1000 / (replays * reps)
+    return graph_us(scoped, 50)
 
 
 def memory_check(dev):
@@ -127,7 +118,6 @@ def main():
         sizes, setting = [mib], False
     else:
         sizes, setting = [float(v) for v in args.sizes.split(",")], True
-    side = torch.cuda.Stream()
     for key in args.models.split(","):
         model, batch = key.split(":")
         model, batch = f"{model}_b{batch}", int(batch)
@@ -139,7 +129,7 @@ def main():
                 for sz in sizes:
                     if setting:
                         os.environ["LYCO_SIDE_BLAS_WORKSPACE"] = f"{sz:g}"
-                    us = graph_us(fn, side)
+                    us = side_us(fn)
                     row[f"{sz:g}"] = round(us, 2)
                     tot[sz][name] = tot[sz].get(name, 0.0) + us * count
                 res["times"].append(row)

@@ -319,11 +319,9 @@ def test_loha_khatri_rao_factors_group_like_their_own_ops(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
 
 
-def test_up_gradients_on_a_second_side_stream(monkeypatch):
-    """``LYCO_SIDE_SPLIT`` (:func:`lyco.algorithms.lowrank.up_stream`): the group's ∂U GEMMs on their own stream
-    beside the ∂h → ∂D chain on the side stream, each forked from the current stream before its products and
-    joined after them, before the op returns; ∂x on the current stream. Recording stand-ins for the streams (the
-    CPU has none); values against the float64 math of :func:`_dense`."""
+def _stand_in_streams(monkeypatch, *names):
+    """Recording stand-ins for CUDA streams (the CPU has none): ``main`` (the current stream) and one per name.
+    Returns the log (``"A waits B"`` per wait), the current stream's name as ``cur[0]`` and the stand-ins by name."""
     import contextlib
 
     log, cur = [], ["main"]
@@ -335,7 +333,7 @@ def test_up_gradients_on_a_second_side_stream(monkeypatch):
         def wait_stream(self, other):
             log.append(f"{self.name} waits {other.name}")
 
-    main, side, up = St("main"), St("side"), St("up")
+    st = {n: St(n) for n in ("main",) + names}
 
     @contextlib.contextmanager
     def on(s):
@@ -345,10 +343,19 @@ def test_up_gradients_on_a_second_side_stream(monkeypatch):
         finally:
             cur[0] = prev
 
-    monkeypatch.setattr(lowrank_shared, "side_stream", lambda t: side)
-    monkeypatch.setattr(lowrank_shared, "up_stream", lambda t: up)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: st["main"])
     monkeypatch.setattr(torch.cuda, "stream", on)
+    return log, cur, st
+
+
+def test_up_gradients_on_a_second_side_stream(monkeypatch):
+    """``LYCO_SIDE_SPLIT`` (:func:`lyco.algorithms.lowrank.up_stream`): the group's ∂U GEMMs on their own stream
+    beside the ∂h → ∂D chain on the side stream, each forked from the current stream before its products and
+    joined after them, before the op returns; ∂x on the current stream. Recording stand-ins for the streams (the
+    CPU has none); values against the float64 math of :func:`_dense`."""
+    log, cur, st = _stand_in_streams(monkeypatch, "side", "up")
+    monkeypatch.setattr(lowrank_shared, "side_stream", lambda t: st["side"])
+    monkeypatch.setattr(lowrank_shared, "up_stream", lambda t: st["up"])
     real_mm, real_merged = lowrank_shared._mm, lowrank_shared._merged
 
     def mm(a, b, *k, **kw):  # ∂U: (out, rows)·(rows, r); ∂D: (Σr, rows)·(rows, in)
@@ -373,31 +380,10 @@ def test_forward_down_on_the_side_stream(monkeypatch):
     """``LYCO_FORWARD_SIDE``: the group's one down GEMM on the side stream (forked before it), every member's frozen
     GEMM on the current stream beside it, joined before the first up's add; values against :func:`_dense`'s
     float64 math. Recording stand-ins for the streams (the CPU has none)."""
-    import contextlib
     import torch.nn.functional as F
 
-    log, cur = [], ["main"]
-
-    class St:
-        def __init__(self, name):
-            self.name, self.device = name, torch.device("cpu")
-
-        def wait_stream(self, other):
-            log.append(f"{self.name} waits {other.name}")
-
-    main, side = St("main"), St("side")
-
-    @contextlib.contextmanager
-    def on(s):
-        prev, cur[0] = cur[0], s.name
-        try:
-            yield
-        finally:
-            cur[0] = prev
-
-    monkeypatch.setattr(lowrank_shared, "_forward_side", lambda t: side)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
-    monkeypatch.setattr(torch.cuda, "stream", on)
+    log, cur, st = _stand_in_streams(monkeypatch, "side")
+    monkeypatch.setattr(lowrank_shared, "_forward_side", lambda t: st["side"])
     real_linear = F.linear
     monkeypatch.setattr(lowrank_shared.F, "linear", lambda x, w, b=None: log.append(
         ("down" if w.shape[0] == 24 else "frozen") + "@" + cur[0]) or real_linear(x, w, b))
