@@ -106,6 +106,9 @@ def main():
     ap.add_argument("--sizes", default="32,8,4,1,0", help="workspace sizes in MiB (32: torch's own on Hopper)")
     ap.add_argument("--models", default="sdxl:1,sdxl:4,sd15:1,sd15:8", help="model:batch (rows scale with batch)")
     args = ap.parse_args()
+    for key in args.models.split(","):
+        if key.count(":") != 1 or key.split(":")[0] not in SHAPES or not key.split(":")[1].isdigit():
+            ap.error(f"--models: {key!r} is not model:batch with model one of {', '.join(SHAPES)}")
     dev = torch.device("cuda")
     res = {"device": torch.cuda.get_device_name(), "memory": memory_check(dev), "times": []}
     print(json.dumps(res["memory"], indent=1))

@@ -708,7 +708,9 @@ def test_dgrad_on_a_channels_last_merged_weight(monkeypatch, cfg, flag):
 def test_graph_step_runs_the_backward_on_the_calling_thread(monkeypatch):
     """``graph_step`` (``LYCO_CALLER_BACKWARD``): autograd's multithreading off inside the outermost block — a
     Function's backward sees it off and runs on the caller's thread — and back as it was after it (nested blocks,
-    an error inside); ``0`` keeps torch's threads; a typo is an error that leaves no block open."""
+    an error inside); ``0`` keeps torch's threads; a typo is an error that leaves no block open. On the CPU
+    autograd runs the backward on the caller's thread either way: the thread is checked for form, the flag the
+    backward sees is what can fail here (the GPU's device threads are run 175's check, check_cuda_graph.py)."""
     import threading
 
     seen = []

@@ -202,7 +202,7 @@ def test_side_workspace_restored_after_an_error(blas):
     assert blas.sizes == _TORCH_WS
 
 
-@pytest.mark.parametrize("bad", ["-1", "big", "nan", ""])
+@pytest.mark.parametrize("bad", ["-1", "big", "nan", "inf", ""])
 def test_side_workspace_variable_errors(blas, monkeypatch, bad):
     monkeypatch.setenv("LYCO_SIDE_BLAS_WORKSPACE", bad)
     with pytest.raises(ValueError, match="LYCO_SIDE_BLAS_WORKSPACE"):

@@ -58,18 +58,13 @@ def graph_step():
     workspace of its own, :func:`.lowrank._forward_side`). A captured step replays without the host, so which
     thread issued it does not change its time. It applies to whatever the block runs — a peer's step in the
     benchmarks as much as lyco's."""
-    caller = _DEPTH[0] == 0 and os.environ.get("LYCO_CALLER_BACKWARD", "graph") != "0"
-    if caller:
-        _mode("LYCO_CALLER_BACKWARD")  # a typo is an error, before the block starts
+    caller = _DEPTH[0] == 0 and _mode("LYCO_CALLER_BACKWARD") != "0"  # a typo is an error, before the block
+    threads = torch.autograd.set_multithreading_enabled(False) if caller else contextlib.nullcontext()
     _DEPTH[0] += 1
-    prev = torch._C._is_multithreading_enabled() if caller else None
-    if caller:
-        torch._C._set_multithreading_enabled(False)
     try:
-        yield
+        with threads:
+            yield
     finally:
-        if caller:
-            torch._C._set_multithreading_enabled(prev)
         _DEPTH[0] -= 1
 
 

@@ -202,8 +202,8 @@ def _side_workspace() -> int | None:
         mib = float(v)
     except ValueError:
         mib = -1.0
-    if not mib >= 0:
-        raise ValueError(f"LYCO_SIDE_BLAS_WORKSPACE={v!r}: expected a size in MiB (a number >= 0) or 'torch'")
+    if not 0 <= mib < 2**20:  # NaN, negative and infinite sizes fail here
+        raise ValueError(f"LYCO_SIDE_BLAS_WORKSPACE={v!r}: expected a size in MiB (a finite number >= 0) or 'torch'")
     return int(mib * 2**20)
 
 
