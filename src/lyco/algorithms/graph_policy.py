@@ -26,8 +26,9 @@ in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and
 (``LYCO_CONV_WEIGHT_CL``, :func:`.lowrank._weight_cl`; its ∂x's merged weight too where the weight outweighs the
 input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
-(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); and (IA)³'s output mode keeping the output, its gradient from it by
-two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`). And one setting that is not a path:
+(``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
+two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`); and the bypass op's linear input
+regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen`). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
 there — outside a graph step torch's threads stay).
 """

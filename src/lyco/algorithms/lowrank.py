@@ -97,7 +97,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import casts, graph_policy
+from . import casts, graph_policy, regen
 from .base import CONV2D, LINEAR, LayerSpec, layer_op
 from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
@@ -690,7 +690,17 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd, eye)
-    xc = cast(xd, cd)
+    if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
+        rg, kept = xd
+        xc = None  # the bypass op keeps h, so ∂U does not read x; op_backward reads only its rank (no ∂W)
+
+        def x_now():
+            return cast(rg.value(kept), cd)
+    else:
+        xc = cast(xd, cd)
+
+        def x_now():
+            return xc
     gx = gw = gb = gd = gu = None
     into_d = into_u = None
     if leaves is not None and spec.kind == LINEAR and groups == 1:
@@ -706,7 +716,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     pre = _ahead_take(ahead)
     gu, gd = _side_products(
         side, su, (lambda: _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u, eye)) if need_u else None,
-        (lambda: _grad_down(spec, s, groups, gy, xc, dd, d2, u2, None, ddt, into_d)) if need_d and not cat else None,
+        (lambda: _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, None, ddt, into_d)) if need_d and not cat else None,
         ahead)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
@@ -716,7 +726,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         if need_b:
             gb = gy.sum(0)
         with _fork(side):
-            gd = _grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, ddt, into_d)
+            gd = _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, gh, ddt, into_d)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = ((pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, False, eye,
@@ -727,7 +737,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
             # rounding and no cast kernel after it (each of q, k and v cast its ∂x for autograd's fp32 sum)
             gx = torch.mm(gy, w_in, out_dtype=xdt)
             need_x = False
-        gx2, gw, gb = op_backward(spec, xc, w_in, gy, need_x, need_w, need_b)
+        gx2, gw, gb = op_backward(spec, xc if xc is not None else gy.new_empty((0, spec.in_dim)), w_in, gy, need_x,
+                                  need_w, need_b)
         gx = gx if gx2 is None else gx2
     _join(side)
     _join(su)
@@ -1048,9 +1059,19 @@ class _BypassOp(torch.autograd.Function):
                 y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
         ctx.cfg = (spec, s) + _meta(x, groups, down, up, eye)
         ctx.leaves = _sink_leaves(down, up)
-        ctx.save_for_backward(xd, h, weight, bias, dd, ud)
-        ctx.ahead = None
         n = ctx.needs_input_grad
+        # x regenerated in backward from what its producer keeps anyway (a GEGLU's a and gelu(g)) where that
+        # applies (.regen): only x's own memory is at stake, on a linear layer whose input is not cast (the cast
+        # would be a tensor of the op's own) and whose weight takes no gradient (∂W would need x on the critical
+        # path)
+        found = regen.find(x) if spec.kind == LINEAR and xd is x and groups == 1 and not n[2] else None
+        if found is None:
+            ctx.regen = None
+            ctx.save_for_backward(xd, h, weight, bias, dd, ud)
+        else:
+            ctx.regen = found[0]
+            ctx.save_for_backward(*found[1], h, weight, bias, dd, ud)
+        ctx.ahead = None
         if n[0] and not n[2]:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
             _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye,
@@ -1060,7 +1081,12 @@ class _BypassOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        xd, h, weight, bias, down, up = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        rg = ctx.regen
+        if rg is None:
+            xd, h, weight, bias, down, up = saved
+        else:  # x as the pair (how, what) the side stream's ∂D rebuilds it from (_grads)
+            xd, (h, weight, bias, down, up) = (rg, saved[:rg.n]), saved[rg.n:]
         ahead, ctx.ahead = ctx.ahead, None
         return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves, ahead)
 

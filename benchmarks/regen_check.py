@@ -1,0 +1,95 @@
+"""On the GPU: the captured-step path's gradients with adapted linear layers' inputs regenerated in backward
+(``LYCO_INPUT_REGEN``, ``lyco.algorithms.regen``) against the same with the inputs kept — bit for bit — on the
+real UNet config, and how many layers regenerate per step. Attention runs through SDPA's math path here (flash
+attention's backward adds with atomics: two identical steps would differ already), and the step runs eagerly inside
+``graph_step`` (the captured-steps paths, no capture: ``check_cuda_graph.py`` covers capture = eager).
+
+    python benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora,locon --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_step as ts  # noqa: E402
+
+
+def grads_of(unet, inputs, target, params, regen_on: bool):
+    from lyco.algorithms import graph_policy, regen
+    os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
+    calls = {"n": 0, "hit": 0}
+    find = regen.find
+
+    def counting(x):
+        r = find(x)
+        calls["n"] += 1
+        calls["hit"] += r is not None
+        return r
+    regen.find = counting
+    try:
+        for p in params:
+            p.grad = None
+        with graph_policy.graph_step():
+            out = unet(**inputs, return_dict=False)[0]
+            F.mse_loss(out.float(), target.float()).backward()
+        if unet.device.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        regen.find = find
+    return [p.grad.clone() if p.grad is not None else None for p in params], calls
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="sd15", choices=sorted(ts.MODELS))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--algos", default="lora,locon")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--smoke", action="store_true", help="the tiny UNet on the CPU (a check of this script)")
+    a = ap.parse_args(argv)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    dev, dtype = torch.device("cpu" if a.smoke else "cuda"), torch.bfloat16
+    unet = ts.build_unet(a.model, a.smoke, dev, dtype)
+    names = ts.layer_sets(unet)
+    inputs, target = ts.make_inputs(unet, a.batch, a.latent, dev, dtype)
+    rows = []
+    for algo in a.algos.split(","):
+        h = ts.attach_lyco(unet, algo, names, ts.VARIANTS["lyco"]["mode"], torch.float32)
+        params = list(h.params)
+        ts.randomise_(params, seed=1, scale=1.0)
+        keep1, c1 = grads_of(unet, inputs, target, params, False)
+        keep2, _ = grads_of(unet, inputs, target, params, False)
+        reg, c3 = grads_of(unet, inputs, target, params, True)
+        det = all(torch.equal(x, y) for x, y in zip(keep1, keep2) if x is not None)
+        same = all(torch.equal(x, y) for x, y in zip(keep1, reg) if x is not None)
+        worst = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+                    for x, y in zip(keep1, reg) if x is not None)
+        row = {"model": a.model, "batch": a.batch, "latent": a.latent, "algo": algo, "params": len(params),
+               "ops_asked": c3["n"], "regenerated": c3["hit"], "ops_asked_off": c1["n"], "regenerated_off": c1["hit"],
+               "kept_deterministic": det, "bitwise_equal": same, "max_rel_diff": worst,
+               "ok": bool(det and same and c3["hit"] > 0 and c1["hit"] == 0)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        h.detach()
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"regen_check_{a.model}.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+         "rows": rows}, indent=1))
+    print("regen_check:", "ok" if all(r["ok"] for r in rows) else "FAILED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""An op's input regenerated in backward from what its producer keeps anyway, instead of kept itself.
+
+A low-rank adapter's ``∂D = s·(∂y·U)ᵀ·x`` needs the layer's input x in backward, so the adapter keeps x — and a
+frozen layer keeps nothing (its ∂x needs only W). Where x is the fresh output of an elementwise op whose own backward
+keeps the tensors x is computed from, keeping those instead costs no memory at all — they live until that op's
+backward anyway, which comes after the layer's — and x is one elementwise pass away. The case that matters: a
+transformer block's feed-forward ``Linear(a ⊙ gelu(g))`` (diffusers' GEGLU → ``ff.net.2``; CLIP-L's quick-GELU,
+``t ⊙ sigmoid(1.702·t)`` → ``fc2``): the mul keeps ``a`` and ``gelu(g)``, the adapter kept their product besides —
+the widest tensor of the block (4 × the model width). GELU and SiLU outputs (SDXL's OpenCLIP ``fc2``) likewise:
+their op keeps its input.
+
+The recomputation runs the producer's own op on the same tensors, so x comes back bit for bit (an elementwise
+kernel's result does not depend on the launch) — the gradients are the ones the kept x gives.
+
+When it applies (:func:`find`, the caller having checked its own conditions): ``LYCO_INPUT_REGEN``
+(:mod:`.graph_policy`, captured steps by default, where the bypass op runs); x (or the tensor x is a full
+contiguous view of, a 2-D reshape of it) is an unmodified output (version 0) of ``a * b`` with both operands kept
+and of x's shape, of ``gelu`` or of ``silu``; no saved-tensor hooks are active (under
+``torch.utils.checkpoint``'s non-reentrant form, or activation offloading, unpacking a producer's tensor could run
+the hooks' machinery: the input is kept as before). A producer's tensor that was modified in place since raises on
+unpacking: the input is kept then too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import graph_policy
+
+_top_hooks = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+
+
+def _hooks_active() -> bool:
+    if _top_hooks is None:  # this torch cannot say: never regenerate
+        return True
+    return _top_hooks(False) is not None
+
+
+class Regen:
+    """How to rebuild an input: ``kind`` (``mul``, ``gelu``, ``silu``), its parameter (GELU's ``approximate``),
+    the shape the consumer saw and the count of tensors it takes from the saved ones (:func:`find`)."""
+
+    __slots__ = ("kind", "param", "shape", "n")
+
+    def __init__(self, kind: str, param, shape: torch.Size, n: int):
+        self.kind, self.param, self.shape, self.n = kind, param, shape, n
+
+    def value(self, tensors) -> torch.Tensor:
+        """x, from the tensors :func:`find` returned (as saved and unpacked)."""
+        if self.kind == "mul":
+            out = torch.mul(tensors[0], tensors[1])
+        elif self.kind == "gelu":
+            out = F.gelu(tensors[0], approximate=self.param)
+        else:
+            out = F.silu(tensors[0])
+        return out.view(self.shape)
+
+
+def _producer(x: torch.Tensor) -> torch.Tensor | None:
+    """The tensor whose grad_fn made x: x itself, or the base x is a whole contiguous view of (a layer host's 2-D
+    rows of a ``(batch, tokens, width)`` activation)."""
+    if x.grad_fn is None or x._version != 0:
+        return None
+    base = x._base
+    if base is None:
+        return x
+    if (base.grad_fn is None or not x.is_contiguous() or not base.is_contiguous() or base.numel() != x.numel()
+            or base.data_ptr() != x.data_ptr()):
+        return None
+    return base
+
+
+def find(x: torch.Tensor):
+    """``(Regen, tensors)`` where x can be rebuilt from tensors its producer keeps (module doc), else None."""
+    if not graph_policy.wanted("LYCO_INPUT_REGEN") or _hooks_active():
+        return None
+    p = _producer(x)
+    if p is None:
+        return None
+    fn = p.grad_fn
+    name = fn.name()
+    try:
+        if name == "MulBackward0":
+            a, b = fn._saved_self, fn._saved_other
+            if a is None or b is None or a.shape != p.shape or b.shape != p.shape:
+                return None
+            out = (Regen("mul", None, x.shape, 2), (a, b))
+        elif name == "GeluBackward0":
+            a = fn._saved_self
+            if a is None or a.shape != p.shape:
+                return None
+            out = (Regen("gelu", fn._saved_approximate, x.shape, 1), (a,))
+        elif name == "SiluBackward0":
+            a = fn._saved_self
+            if a is None or a.shape != p.shape:
+                return None
+            out = (Regen("silu", None, x.shape, 1), (a,))
+        else:
+            return None
+    except RuntimeError:  # a kept tensor modified in place since, or freed: keep x
+        return None
+    return out

@@ -1,0 +1,203 @@
+"""An adapted linear layer's input regenerated in backward from its producer's kept tensors (``algorithms/regen.py``,
+``LYCO_INPUT_REGEN``): the same gradients as with the input kept — bit for bit, and against independent float64
+math — the input itself no longer among the op's saved tensors, and every condition under which it must be kept."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import graph_policy, lowrank, regen
+
+
+class GEGLUFeedForward(nn.Module):
+    """diffusers' ``FeedForward`` with GEGLU, as its forward computes it: proj → chunk → a ⊙ gelu(g) → out."""
+
+    def __init__(self, d=12, inner=16, act="geglu"):
+        super().__init__()
+        self.act = act
+        self.proj = nn.Linear(d, 2 * inner if act == "geglu" else inner)
+        self.out = nn.Linear(inner, d)
+        self.seen = []
+
+    def forward(self, x):
+        h = self.proj(x)
+        if self.act == "geglu":
+            a, g = h.chunk(2, dim=-1)
+            z = a * F.gelu(g)
+        elif self.act == "quick_gelu":  # CLIP-L's
+            z = h * torch.sigmoid(1.702 * h)
+        elif self.act == "gelu_tanh":
+            z = F.gelu(h, approximate="tanh")
+        else:
+            z = F.silu(h)
+        self.seen.append(z)
+        return self.out(z)
+
+
+def _setup(act="geglu", seed=0):
+    torch.manual_seed(seed)
+    model = GEGLUFeedForward(act=act).double()
+    net = lyco.create(model, preset="full", seed=seed, algo="lora", rank=3, alpha=2.0)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model, net
+
+
+def _params(model):
+    return [p for n, p in model.named_parameters() if p.requires_grad and "lora" in n.lower()] or [
+        p for p in model.parameters() if p.requires_grad]
+
+
+def _out_node(y):
+    fn = y.grad_fn
+    if fn.name() in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):
+        fn = fn.next_functions[0][0]
+    return fn
+
+
+def _step(model, net, x, gy):
+    model.seen.clear()
+    y = model(x)
+    params = list(net.trainable_parameters())
+    node = _out_node(y)
+    saved = {t.untyped_storage().data_ptr() for t in node.saved_tensors}
+    grads = torch.autograd.grad(y, [x] + params, gy)
+    return y, grads, node, saved
+
+
+@pytest.fixture
+def op_everywhere(monkeypatch):
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    return monkeypatch
+
+
+def _reference(model, net, x, gy, act):
+    """The feed-forward with both layers' merged weights ``W + (α/r)·U·D`` in float64, by plain autograd."""
+    params = list(net.trainable_parameters())
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    ids = {id(p): i for i, p in enumerate(params)}
+
+    def merged(layer):
+        (a,) = layer._lyco_host.adapters
+        t = a.tensors()
+        up, down = leaves[ids[id(t["lora_up.weight"])]], leaves[ids[id(t["lora_down.weight"])]]
+        return layer.weight.detach() + (float(t["alpha"]) / down.shape[0]) * up @ down
+
+    xr = x.detach().clone().requires_grad_()
+    h = F.linear(xr, merged(model.proj), model.proj.bias)
+    if act == "geglu":
+        a, g = h.chunk(2, dim=-1)
+        z = a * F.gelu(g)
+    elif act == "quick_gelu":
+        z = h * torch.sigmoid(1.702 * h)
+    elif act == "gelu_tanh":
+        z = F.gelu(h, approximate="tanh")
+    else:
+        z = F.silu(h)
+    y = F.linear(z, merged(model.out), model.out.bias)
+    return y, torch.autograd.grad(y, [xr] + leaves, gy)
+
+
+@pytest.mark.parametrize("act", ["geglu", "quick_gelu", "gelu_tanh", "silu"])
+def test_regenerated_input_gives_the_kept_inputs_gradients_and_is_not_kept(op_everywhere, act):
+    model, net = _setup(act)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 5, 12, dtype=torch.float64)
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "0")
+    y0, g0, node0, saved0 = _step(model, net, x, gy)
+    z0 = model.seen[0]
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "1")
+    y1, g1, node1, saved1 = _step(model, net, x, gy)
+    z1 = model.seen[0]
+    assert node0.name() == node1.name() == "_BypassOpBackward"
+    # kept: the op saved the product's storage; regenerated: it did not (what it keeps are the producer's tensors)
+    assert z0.untyped_storage().data_ptr() in saved0
+    assert z1.untyped_storage().data_ptr() not in saved1
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+    yr, gr = _reference(model, net, x, gy, act)
+    torch.testing.assert_close(y1, yr, rtol=1e-10, atol=1e-10)
+    for a, b in zip(g1, gr):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_regeneration_is_bitwise_in_bf16(op_everywhere):
+    """bf16, where a regenerated product that differed in one rounding would change ∂D's bits."""
+    model, net = _setup("geglu")
+    model.to(torch.bfloat16)
+    x = torch.randn(3, 7, 12, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(3, 7, 12, dtype=torch.bfloat16)
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "0")
+    _, g0, _, _ = _step(model, net, x, gy)
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "1")
+    _, g1, _, saved1 = _step(model, net, x, gy)
+    assert model.seen[0].untyped_storage().data_ptr() not in saved1
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+def test_default_policy_regenerates_in_graph_steps_only(op_everywhere):
+    model, net = _setup("geglu")
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 5, 12, dtype=torch.float64)
+    op_everywhere.delenv("LYCO_INPUT_REGEN", raising=False)
+    _, _, _, saved = _step(model, net, x, gy)
+    assert model.seen[0].untyped_storage().data_ptr() in saved
+    with graph_policy.graph_step():
+        _, _, _, saved = _step(model, net, x, gy)
+    assert model.seen[0].untyped_storage().data_ptr() not in saved
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "yes")
+    with pytest.raises(ValueError, match="LYCO_INPUT_REGEN"):
+        regen.find(x * x)
+
+
+def test_saved_tensor_hooks_keep_the_input(op_everywhere):
+    """Under saved-tensor hooks (non-reentrant checkpointing, offloading) the producer's tensors are not unpacked."""
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "1")
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    z = a * b
+    assert regen.find(z) is not None
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert regen.find(z) is None
+    model, net = _setup("geglu")
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 5, 12, dtype=torch.float64)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y, grads, _, _ = _step(model, net, x, gy)
+    yr, gr = _reference(model, net, x, gy, "geglu")
+    for g, r in zip(grads, gr):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_what_cannot_be_regenerated(monkeypatch):
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    a = torch.randn(4, 6, requires_grad=True)
+    b = torch.randn(4, 6, requires_grad=True)
+    c = torch.randn(4, 6)  # no gradient: the mul keeps only c, not a
+    assert regen.find(a * c) is None
+    assert regen.find(a * b[:1]) is None  # broadcast: an operand of another shape
+    assert regen.find(a + b) is None  # not a producer it knows
+    assert regen.find(a) is None  # a leaf
+    z = a * b
+    z.mul_(2)  # modified in place: no longer what the mul made
+    assert regen.find(z) is None
+    z = a * b
+    a2 = a.detach()
+    a2.add_(1)  # the mul's kept operand modified in place: unpacking it raises, x is kept
+    assert regen.find(z) is None
+    w = (a * b).t()  # a view that is not the whole contiguous product
+    assert regen.find(w) is None
+    z = a * b
+    found = regen.find(z.reshape(-1))  # the 2-D/1-D rows a layer host makes: the view's base
+    assert found is not None and torch.equal(found[0].value(found[1]), z.reshape(-1))
+    g = F.gelu(a, approximate="tanh")
+    found = regen.find(g)
+    assert found is not None and found[0].param == "tanh" and torch.equal(found[0].value(found[1]), g)
