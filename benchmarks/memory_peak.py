@@ -1,8 +1,8 @@
 """What is allocated at a training step's peak, by the code that allocated it (issue 7, session 24).
 
 ``train_step.py --graph --memory-peak KEYS`` records torch's allocator history
-(``torch.cuda.memory._record_memory_history``, Python stacks) over a configuration's graph phase — the eager step
-that checks for host synchronisations, the warm-up and the capture — and hands the snapshot to :func:`peak`, which
+(``torch.cuda.memory._record_memory_history``, Python stacks) over a configuration's graph phase — the warm-up and
+the capture (since run 179; runs 177–178 included the eager step that checks for host synchronisations) — and hands the snapshot to :func:`peak`, which
 replays its allocation events in order, finds the moment the allocated total was highest, and groups the blocks
 live then by their allocation site: the innermost stack frame in the benchmark's, lyco's or a peer's code (torch's
 own frames skipped; a C++ autograd node's allocations carry the frames of the code that called ``backward``), or

@@ -688,11 +688,9 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
     treatment for every library. Fails (recorded, not fatal) where a library synchronises with the
     host inside the step. ``trace``: one more replay under torch.profiler, its kernels written there
     (``graph_trace.py``: the timeline's span split into idle and each kernel's exposed time). ``mem``: the
-    allocator's history over the check step, the warm-up and the capture, its peak's live blocks by allocation
-    site written there (``memory_peak.py``)."""
-    if mem is not None:
-        import memory_peak
-        memory_peak.record_start()
+    allocator's history over the warm-up and the capture, its peak's live blocks by allocation
+    site written there (``memory_peak.py``). Both the peak and the history start after the eager step that checks
+    for host synchronisations."""
     try:
         return _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
     finally:
@@ -729,6 +727,12 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
     finally:
         torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+    # the peak from here: the check step is eager (lyco's captured-steps paths off: a different step from the one
+    # captured) and its peak counted in the graph column's until run 178, where lyco's captured step came in under it
+    fresh_memory()
+    if mem is not None:
+        import memory_peak
+        memory_peak.record_start()
     # one side stream for every config (capture included): each new stream gets its own cuBLAS
     # workspace from the caching allocator, kept by torch — ≈ 64 MiB more "allocated" per config (run 6;
     # fresh_memory frees them between measurements since session 24)
