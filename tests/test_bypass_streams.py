@@ -420,3 +420,64 @@ def test_a_spent_holder_is_not_built():
     h2.build()  # once
     w = h2.take()
     assert torch.equal(w, torch.ones(2)) and h2.take() is None and h2.args is None
+
+
+@pytest.mark.parametrize("ahead", ["1", "0"])
+def test_regenerated_input_built_ahead_by_the_next_ops_backward(split, monkeypatch, ahead):
+    """``LYCO_INPUT_REGEN`` with ``LYCO_REGEN_AHEAD`` (:func:`lowrank._regen_ahead`): forward A (bypass op on the
+    product ``p ⊙ q``, its input regenerated in backward) → B (bypass op); B's backward builds A's merged weight and
+    A's input on the up stream, and A's backward regenerates nothing itself. With ``LYCO_REGEN_AHEAD=0`` A's ∂D region
+    on the side stream regenerates it. The same gradients as float64 math either way; and a build ahead whose kept
+    tensors were modified in place since reads nothing (the backward's own unpacking then raises, as autograd's)."""
+    from lyco.algorithms import regen
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    monkeypatch.setenv("LYCO_REGEN_AHEAD", ahead)
+    monkeypatch.setattr(lowrank, "_ahead_on", lambda x: True)
+    log = split
+    real = regen.Regen.value
+    monkeypatch.setattr(regen.Regen, "value", lambda self, t: log.append("regen") or real(self, t))
+    g = torch.Generator().manual_seed(7)
+
+    def layer(i, o, r=4):
+        w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+        b = torch.randn(o, generator=g, dtype=torch.float64)
+        d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
+        u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
+        return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
+
+    A, B = layer(12, 16), layer(16, 10)
+    p = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+
+    def run(lin):
+        z = lin(B, lin(A, p * q))
+        (z * gz).sum().backward()
+        return z.detach()
+
+    z = run(lambda L, t: lowrank.bypass_op(t, L[0], L[1], L[2], L[3], L[4], L[5]))
+    got = [p.grad, q.grad] + [t.grad for L in (A, B) for t in L[3:5]]
+    assert log.count("regen") == 1, log
+    i = log.index("regen")
+    if ahead == "1":  # in B's backward, on the up stream with A's merged weight: before any side region of B's
+        assert log[i - 1] == "_merged@up" and "_grad_down@side" not in log[log.index("up waits main"):i], log
+        assert "_merged@main" in log[i:] and log.count("_grad_down@side") == 2, log
+    else:  # in A's backward: after B's ∂D, right before A's
+        assert log[i + 1] == "_grad_down@side" and log.count("_grad_down@side") == 2, log
+        assert log[:i].count("_grad_down@side") == 1, log
+    p.grad = q.grad = None
+    leaves = {id(t): t.detach().clone().requires_grad_() for L in (A, B) for t in L[3:5]}
+    zr = run(lambda L, t: F.linear(t, L[1] + L[5] * leaves[id(L[4])] @ leaves[id(L[3])], L[2]))
+    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
+    ref = [p.grad, q.grad] + [leaves[id(t)].grad for L in (A, B) for t in L[3:5]]
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    # a kept tensor modified in place after the forward: the build ahead reads nothing; the backward raises
+    log.clear()
+    p.grad = q.grad = None
+    y = lowrank.bypass_op(lowrank.bypass_op(p * q, *A), *B)
+    with torch.no_grad():
+        p.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    assert "regen" not in log, log

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 7 GPU run 182 (session 25): the regenerated input built ahead by the next op's backward on its up stream
+# (LYCO_REGEN_AHEAD) against regenerating it in the ∂D region (LYCO_REGEN_AHEAD=0, runs 179–181) and against keeping it
+# (LYCO_INPUT_REGEN=0), PEFT in the same run; bitwise against the kept input on the real SD1.5 config and the
+# trainer's graphs = eager with it.
+#   OUT=$OUT bash benchmarks/run_regen_ahead.sh      (carry .whl)
+. benchmarks/_gpu_lib.sh
+trainer_env
+export PYTHONPATH=/tmp/site:$PWD/src
+timeout 80 python3 benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora --out "$OUT/regen" \
+  > "$OUT/regen_check.log" 2>&1; echo "regen_check rc=$?"; grep -E '^\{|regen_check' "$OUT/regen_check.log" | cut -c1-300
+graph_check 70 lora
+echo "graph_check: wall $(( $(date +%s) - S )) s"
+A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15"
+step_table s8 190 --jobs sd15:8 --algos lora,glora --baselines floor --variants lyco,peft $A
+(export LYCO_REGEN_AHEAD=0; step_table s8_sync 215 --jobs sd15:8 --algos lora,glora --no-baselines --variants lyco $A)
+(export LYCO_INPUT_REGEN=0; step_table s8_off 240 --jobs sd15:8 --algos lora,glora --no-baselines --variants lyco $A)
+step_table x4 310 --jobs sdxl:4 --algos lora --no-baselines --variants lyco,peft $A
+(export LYCO_REGEN_AHEAD=0; step_table x4_sync 350 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
+(export LYCO_INPUT_REGEN=0; step_table x4_off 390 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
+for d in s8 s8_sync s8_off x4 x4_sync x4_off; do
+  python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'graph', round(x.get('graph_median_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), 'graph_peak', round(x.get('graph_peak_gib') or 0, 3), x.get('status')) for x in r['records']]" 2>/dev/null
+done
+pack_out
