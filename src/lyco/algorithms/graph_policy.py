@@ -28,8 +28,7 @@ input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's d
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`); and the bypass op's linear input
-regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen`),
-built ahead by the next op's backward with its merged weight (``LYCO_REGEN_AHEAD``, :func:`.lowrank._regen_ahead`). And one setting that is not a path:
+regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen`). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
 there — outside a graph step torch's threads stay).
 """

@@ -267,34 +267,26 @@ class _Ahead:
     this one's. States: pending (``fn`` set, ``w`` None), built (``w`` set), spent (``fn`` None: taken by its own
     backward, built or not — a build after that would be waste, so none is started)."""
 
-    __slots__ = ("fn", "args", "w", "xfn", "x", "__weakref__")
+    __slots__ = ("fn", "args", "w", "__weakref__")
 
-    def __init__(self, fn, args, xfn=None):
-        self.fn, self.args, self.w, self.xfn, self.x = fn, args, None, xfn, None
+    def __init__(self, fn, args):
+        self.fn, self.args, self.w = fn, args, None
 
     def build(self) -> None:
         if self.fn is not None and self.w is None:
             self.w = self.fn(*self.args)
-        if self.xfn is not None and self.x is None:
-            self.x = self.xfn()
 
     def take(self):
-        """The weight built ahead, or None; the holder is spent (it keeps no tensor but an input built ahead, for
-        :meth:`take_x`)."""
-        w, self.fn, self.args, self.w, self.xfn = self.w, None, None, None, None
+        """The weight built ahead, or None; the holder is spent (it keeps no tensor)."""
+        w, self.fn, self.args, self.w = self.w, None, None, None
         return w
-
-    def take_x(self):
-        """The op's regenerated input built ahead (``xfn``, :func:`_regen_ahead`), or None."""
-        x, self.x = self.x, None
-        return x
 
 
 #: device → weak reference to the last op's :class:`_Ahead` in the forward's order (:func:`_ahead_link`)
 _LAST: dict = {}
 
 
-def _ahead_link(ctx, x: torch.Tensor, fn, *args, xfn=None) -> None:
+def _ahead_link(ctx, x: torch.Tensor, fn, *args) -> None:
     """Where ``LYCO_MERGE_AHEAD`` (:mod:`.graph_policy`, captured steps by default) and the ∂x an op's backward
     computes through a merged weight: ``ctx.ahead = (this op's holder, a weak reference to the previous op's)``
     — the holder builds ``fn(*args)``. The backward (:func:`_ahead_start`) starts the previous op's build on the
@@ -306,23 +298,14 @@ def _ahead_link(ctx, x: torch.Tensor, fn, *args, xfn=None) -> None:
     69 built the merges ahead on the side stream, then the longest branch, and lost. The stream discipline is the
     side stream's (:func:`side_stream`): the W′ allocated on the up stream is read on the current stream only after
     the building op's join, and freed there after the consumer's GEMM was issued — the up stream can reuse its
-    block only in a later region, whose fork orders it after that GEMM. ``xfn``: the op's input regenerated
-    (:func:`_regen_ahead`) in the same build — read on the side stream by ∂D, after the building op's join; freed
-    after ∂D is issued, when this op's up-stream region (the only one that could take its block before the next
-    fork) has been issued already (:func:`_side_products` issues it first)."""
+    block only in a later region, whose fork orders it after that GEMM."""
     ctx.ahead = None
     if not _ahead_on(x):
         return
-    mine = _Ahead(fn, args, xfn)
+    mine = _Ahead(fn, args)
     ref = _LAST.get(x.device)
     _LAST[x.device] = weakref.ref(mine)
     ctx.ahead = (mine, ref)
-
-
-def _regen_ahead_on() -> bool:
-    """Whether a regenerated input is built ahead with the merged weight (:func:`_regen_ahead`;
-    ``LYCO_REGEN_AHEAD``, :mod:`.graph_policy`, captured steps by default)."""
-    return graph_policy.wanted("LYCO_REGEN_AHEAD")
 
 
 def _ahead_on(x: torch.Tensor) -> bool:
@@ -333,28 +316,6 @@ def _ahead_on(x: torch.Tensor) -> bool:
 def _ahead_take(ahead):
     """This op's weight built ahead (:func:`_ahead_link`), or None."""
     return None if ahead is None else ahead[0].take()
-
-
-def _ahead_take_x(ahead):
-    """This op's input regenerated ahead (:func:`_regen_ahead`), or None."""
-    return None if ahead is None else ahead[0].take_x()
-
-
-def _regen_ahead(found, cd):
-    """The build of an op's input from its producer's tensors (:mod:`.regen`; ``found`` as :func:`.regen.find`
-    returns it) in the compute dtype, for the previous op's backward to run ahead (:func:`_ahead_link`) — on its up
-    stream, beside that op's products, where it was on the ∂D's stream, the backward's longer branch (run 179:
-    +4.6 ms at SDXL b4 there). The tensors are held here beyond autograd's saved-tensor checks, so the build checks
-    their versions itself: one modified in place since is not read (the backward then unpacks the saved ones, which
-    raises as autograd does)."""
-    rg, kept = found
-    versions = tuple(t._version for t in kept)
-
-    def build():
-        if tuple(t._version for t in kept) != versions:
-            return None
-        return cast(rg.value(kept), cd)
-    return build
 
 
 def _ahead_start(ahead) -> None:
@@ -729,13 +690,12 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd, eye)
-    if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): built ahead, else by ∂D on its stream
+    if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
         rg, kept = xd
         xc = None  # the bypass op keeps h, so ∂U does not read x; op_backward reads only its rank (no ∂W)
-        xpre = _ahead_take_x(ahead)
 
         def x_now():
-            return xpre if xpre is not None else cast(rg.value(kept), cd)
+            return cast(rg.value(kept), cd)
     else:
         xc = cast(xd, cd)
 
@@ -1103,7 +1063,9 @@ class _BypassOp(torch.autograd.Function):
         # x regenerated in backward from what its producer keeps anyway (a GEGLU's a and gelu(g)) where that
         # applies (.regen): only x's own memory is at stake, on a linear layer whose input is not cast (the cast
         # would be a tensor of the op's own) and whose weight takes no gradient (∂W would need x on the critical
-        # path)
+        # path). Regenerated in the ∂D region that reads it; built ahead by the next op's backward on its up stream
+        # instead (with the merged weight, _ahead_link) it measured the same (run 182, H100: SD1.5 b8 LoRA 73.91 /
+        # 73.94 ms, SDXL b4 203.85 / 203.84): the pass costs the backward's bandwidth wherever it runs — taken out
         found = regen.find(x) if spec.kind == LINEAR and xd is x and groups == 1 and not n[2] else None
         if found is None:
             ctx.regen = None
@@ -1115,8 +1077,7 @@ class _BypassOp(torch.autograd.Function):
         if n[0] and not n[2]:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
             _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye,
-                        spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye),
-                        xfn=None if found is None or not _regen_ahead_on() else _regen_ahead(found, cd))
+                        spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye))
         return y
 
     @staticmethod

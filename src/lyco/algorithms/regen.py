@@ -10,7 +10,16 @@ the widest tensor of the block (4 × the model width). GELU and SiLU outputs (SD
 their op keeps its input.
 
 The recomputation runs the producer's own op on the same tensors, so x comes back bit for bit (an elementwise
-kernel's result does not depend on the launch) — the gradients are the ones the kept x gives.
+kernel's result does not depend on the launch) — the gradients are the ones the kept x gives (the CPU tests; on the
+GPU ``benchmarks/regen_check.py``, runs 178 and 182: every adapter gradient of an SD1.5-config UNet step equal).
+
+What it trades (H100, captured steps, the step's peak and time with it on / off, PEFT's peak in brackets; runs
+179–182, benchmarks/NOTES.md change 117): SD1.5 b8 LoRA 8.18 / 8.79 GiB [8.75] for 73.9 / 72.8 ms, LoCon 8.30 / 8.92
+[8.88] for 73.9 / 72.7, LoHa 8.59 / 9.20 [10.32] for 76.3 / 75.3; SDXL b4 LoRA 27.47 / 30.60 [30.53] for 203.8 /
+198.6–198.9, LoHa 28.71 / 31.84 [35.14] for 214.3 / 209.8; SDXL b1 LoRA 10.78 / 11.56 [11.49] for 77.8 / 76.4 — 6–10 %
+of the peak for 1.3–2.6 % of the time: the extra elementwise pass (read a and b, write x) costs the backward's
+bandwidth, built ahead on another stream or not (run 182). On by default where the bypass op runs (captured steps):
+the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs for the last 2 % of speed.
 
 When it applies (:func:`find`, the caller having checked its own conditions): ``LYCO_INPUT_REGEN``
 (:mod:`.graph_policy`, captured steps by default, where the bypass op runs); x (or the tensor x is a full
