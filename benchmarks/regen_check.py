@@ -2,7 +2,8 @@
 (``LYCO_INPUT_REGEN``, ``lyco.algorithms.regen``) against the same with the inputs kept — bit for bit — on the
 real UNet config, and how many layers regenerate per step. Attention runs through SDPA's math path here (flash
 attention's backward adds with atomics: two identical steps would differ already), and the step runs eagerly inside
-``graph_step`` (the captured-steps paths, no capture: ``check_cuda_graph.py`` covers capture = eager).
+``graph_step`` (the captured-steps paths, no capture: ``check_cuda_graph.py`` covers capture = eager) or, with
+``--eager``, outside it (LoRA's delta path).
 
     python benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora,locon --out DIR
 """
@@ -10,6 +11,7 @@ attention's backward adds with atomics: two identical steps would differ already
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402
 
 
-def grads_of(unet, inputs, target, params, regen_on: bool):
+def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False):
     from lyco.algorithms import graph_policy, regen
     os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
     calls = {"n": 0, "hit": 0}
@@ -38,7 +40,7 @@ def grads_of(unet, inputs, target, params, regen_on: bool):
     try:
         for p in params:
             p.grad = None
-        with graph_policy.graph_step():
+        with contextlib.nullcontext() if eager else graph_policy.graph_step():
             out = unet(**inputs, return_dict=False)[0]
             F.mse_loss(out.float(), target.float()).backward()
         if unet.device.type == "cuda":
@@ -56,6 +58,7 @@ def main(argv=None):
     ap.add_argument("--algos", default="lora,locon")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--smoke", action="store_true", help="the tiny UNet on the CPU (a check of this script)")
+    ap.add_argument("--eager", action="store_true", help="outside graph_step: the eager paths (LoRA's delta path)")
     a = ap.parse_args(argv)
     torch.backends.cuda.enable_flash_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
@@ -70,14 +73,14 @@ def main(argv=None):
         h = ts.attach_lyco(unet, algo, names, ts.VARIANTS["lyco"]["mode"], torch.float32)
         params = list(h.params)
         ts.randomise_(params, seed=1, scale=1.0)
-        keep1, c1 = grads_of(unet, inputs, target, params, False)
-        keep2, _ = grads_of(unet, inputs, target, params, False)
-        reg, c3 = grads_of(unet, inputs, target, params, True)
+        keep1, c1 = grads_of(unet, inputs, target, params, False, a.eager)
+        keep2, _ = grads_of(unet, inputs, target, params, False, a.eager)
+        reg, c3 = grads_of(unet, inputs, target, params, True, a.eager)
         det = all(torch.equal(x, y) for x, y in zip(keep1, keep2) if x is not None)
         same = all(torch.equal(x, y) for x, y in zip(keep1, reg) if x is not None)
         worst = max(((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
                     for x, y in zip(keep1, reg) if x is not None)
-        row = {"model": a.model, "batch": a.batch, "latent": a.latent, "algo": algo, "params": len(params),
+        row = {"model": a.model, "batch": a.batch, "eager": a.eager, "latent": a.latent, "algo": algo, "params": len(params),
                "ops_asked": c3["n"], "regenerated": c3["hit"], "ops_asked_off": c1["n"], "regenerated_off": c1["hit"],
                "kept_deterministic": det, "bitwise_equal": same, "max_rel_diff": worst,
                "ok": bool(det and same and c3["hit"] > 0 and c1["hit"] == 0)}
@@ -85,7 +88,7 @@ def main(argv=None):
         rows.append(row)
         h.detach()
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"regen_check_{a.model}.json").write_text(json.dumps(
+    (a.out / f"regen_check_{a.model}{'_eager' if a.eager else ''}.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)", "torch": torch.__version__,
          "rows": rows}, indent=1))
     print("regen_check:", "ok" if all(r["ok"] for r in rows) else "FAILED")

@@ -2,6 +2,8 @@
 ``LYCO_INPUT_REGEN``): the same gradients as with the input kept — bit for bit, and against independent float64
 math — the input itself no longer among the op's saved tensors, and every condition under which it must be kept."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -59,21 +61,43 @@ def _out_node(y):
     return fn
 
 
+def _saved_storages(y):
+    """The storages of every tensor any node of y's autograd graph keeps for backward."""
+    seen, todo, out = set(), [y.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kept = list(getattr(fn, "saved_tensors", ()) or ())
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                try:
+                    kept.append(getattr(fn, name))
+                except RuntimeError:
+                    pass
+        out.update(t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor))
+        todo.extend(f for f, _ in fn.next_functions)
+    return out
+
+
 def _step(model, net, x, gy):
     model.seen.clear()
     y = model(x)
     params = list(net.trainable_parameters())
     node = _out_node(y)
-    saved = {t.untyped_storage().data_ptr() for t in node.saved_tensors}
+    saved = _saved_storages(y)
     grads = torch.autograd.grad(y, [x] + params, gy)
     return y, grads, node, saved
 
 
-@pytest.fixture
-def op_everywhere(monkeypatch):
-    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+@pytest.fixture(params=["op", "delta"])
+def op_everywhere(request, monkeypatch):
+    """The bypass op on every layer (the captured steps' path), or the delta path (eager steps': LoRA's down)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1" if request.param == "op" else "0")
     monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    monkeypatch.path = request.param
     return monkeypatch
 
 
@@ -115,7 +139,10 @@ def test_regenerated_input_gives_the_kept_inputs_gradients_and_is_not_kept(op_ev
     op_everywhere.setenv("LYCO_INPUT_REGEN", "1")
     y1, g1, node1, saved1 = _step(model, net, x, gy)
     z1 = model.seen[0]
-    assert node0.name() == node1.name() == "_BypassOpBackward"
+    if op_everywhere.path == "op":
+        assert node0.name() == node1.name() == "_BypassOpBackward"
+    else:
+        assert node0.name() == node1.name() == "AddmmBackward0"  # base + up·h, one GEMM (accumulate_linear)
     # kept: the op saved the product's storage; regenerated: it did not (what it keeps are the producer's tensors)
     assert z0.untyped_storage().data_ptr() in saved0
     assert z1.untyped_storage().data_ptr() not in saved1
@@ -143,11 +170,17 @@ def test_regeneration_is_bitwise_in_bf16(op_everywhere):
         assert torch.equal(a, b)
 
 
-def test_default_policy_regenerates_in_graph_steps_only(op_everywhere):
+def test_default_policy_regenerates_everywhere(op_everywhere):
+    """Unset: on in eager steps and in graph steps alike; ``graph`` confines it to graph steps; a typo is an error."""
     model, net = _setup("geglu")
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 5, 12, dtype=torch.float64)
     op_everywhere.delenv("LYCO_INPUT_REGEN", raising=False)
+    for ctx in (contextlib.nullcontext(), graph_policy.graph_step()):
+        with ctx:
+            _, _, _, saved = _step(model, net, x, gy)
+        assert model.seen[0].untyped_storage().data_ptr() not in saved
+    op_everywhere.setenv("LYCO_INPUT_REGEN", "graph")
     _, _, _, saved = _step(model, net, x, gy)
     assert model.seen[0].untyped_storage().data_ptr() in saved
     with graph_policy.graph_step():
@@ -156,6 +189,28 @@ def test_default_policy_regenerates_in_graph_steps_only(op_everywhere):
     op_everywhere.setenv("LYCO_INPUT_REGEN", "yes")
     with pytest.raises(ValueError, match="LYCO_INPUT_REGEN"):
         regen.find(x * x)
+
+
+def test_delta_path_under_autocast_sends_each_gradient_in_its_inputs_dtype(monkeypatch):
+    """CPU autocast (bf16) over a float32 model: the down's product in bf16 as the layer's own ``F.linear``, each
+    gradient back in its input's dtype — equal to the kept input's."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "0")
+    model, net = _setup("geglu")
+    model.float()
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    gy = torch.randn(2, 5, 12)
+    out = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LYCO_INPUT_REGEN", flag)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, grads, _, saved = _step(model, net, x, gy)
+        assert (model.seen[0].untyped_storage().data_ptr() in saved) == (flag == "0")
+        out.append((y, grads))
+    want = [x.dtype] + [p.dtype for p in net.trainable_parameters()]
+    assert [g.dtype for g in out[1][1]] == want  # (the adapter's float64 parameters: _setup made them so)
+    assert torch.equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_saved_tensor_hooks_keep_the_input(op_everywhere):
@@ -201,3 +256,26 @@ def test_what_cannot_be_regenerated(monkeypatch):
     g = F.gelu(a, approximate="tanh")
     found = regen.find(g)
     assert found is not None and found[0].param == "tanh" and torch.equal(found[0].value(found[1]), g)
+
+
+def test_linear_with_an_input_autocast_casts(monkeypatch):
+    """An fp32 input under bf16 autocast (the product computed in bf16 by the Function's own ``F.linear``): ∂x and ∂w
+    go back in float32, equal to autograd's through autocast's casts."""
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 10, generator=g, requires_grad=True)
+    w = torch.randn(3, 10, generator=g, requires_grad=True)
+    gh = torch.randn(6, 3, generator=g)
+    out = []
+    for fn in (torch.nn.functional.linear, regen.linear):
+        a.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = F.silu(a)
+            h = fn(x, w)
+        h.backward(gh.to(h.dtype))
+        out.append((h, a.grad, w.grad))
+    assert out[1][0].grad_fn.name() == "_RegenLinearBackward"
+    assert out[0][0].dtype == out[1][0].dtype == torch.bfloat16
+    for r, t in zip(out[0], out[1]):
+        assert r.dtype == t.dtype
+        torch.testing.assert_close(t, r, rtol=1e-2, atol=1e-2)

@@ -28,7 +28,8 @@ input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's d
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`); and the bypass op's linear input
-regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen`). And one setting that is not a path:
+regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —
+``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and the pass is free). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
 there — outside a graph step torch's threads stay).
 """
@@ -73,15 +74,16 @@ def in_graph_step() -> bool:
     return _DEPTH[0] > 0
 
 
-def _mode(var: str) -> str:
-    mode = os.environ.get(var, "graph")
+def _mode(var: str, default: str = "graph") -> str:
+    mode = os.environ.get(var, default)
     if mode not in MODES:
         raise ValueError(f"{var}={mode!r}: expected one of {', '.join(MODES)}")
     return mode
 
 
-def wanted(var: str) -> bool:
+def wanted(var: str, default: str = "graph") -> bool:
     """Whether the path switched by the environment variable ``var`` runs here (module doc); an unknown value
-    is an error naming the variable."""
-    mode = _mode(var)
+    is an error naming the variable. ``default``: the mode when it is unset (``graph`` but for a path that pays in
+    eager steps too)."""
+    mode = _mode(var, default)
     return mode == "1" or (mode == "graph" and _DEPTH[0] > 0)

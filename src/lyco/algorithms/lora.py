@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from . import regen
 from .base import (
     CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, flat, layer_op, rebuild_tucker, register,
@@ -124,7 +125,7 @@ class LoRA(Algorithm):
         else:
             s = gain * multiplier
         if spec.kind == LINEAR:
-            return accumulate_linear(acc, F.linear(x, down), up, s, inplace)
+            return accumulate_linear(acc, regen.linear(x, down), up, s, inplace)  # x regenerated where it can be
         h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
         return accumulate_conv1x1(acc, h, up, s)
 
@@ -145,7 +146,7 @@ class LoRA(Algorithm):
         mid = t.get("lora_mid.weight")
         gain = self._gain(t)
         if spec.kind == LINEAR:
-            h = F.linear(x, down)
+            h = regen.linear(x, down)  # x regenerated in backward where its producer keeps what makes it (.regen)
             if rank_mask is not None:
                 h = h * rank_mask.to(h.dtype)
             return F.linear(h, up) * gain

@@ -21,8 +21,11 @@ of the peak for 1.3–2.6 % of the time: the extra elementwise pass (read a and 
 bandwidth, built ahead on another stream or not (run 182). On by default where the bypass op runs (captured steps):
 the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs for the last 2 % of speed.
 
+Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
+(:func:`linear`: the layer's ``F.linear(x, D)`` kept x for ∂D as autograd saves it).
+
 When it applies (:func:`find`, the caller having checked its own conditions): ``LYCO_INPUT_REGEN``
-(:mod:`.graph_policy`, captured steps by default, where the bypass op runs); x (or the tensor x is a full
+(:mod:`.graph_policy`, ``1`` — everywhere — by default); not under ``torch.compile``; x (or the tensor x is a full
 contiguous view of, a 2-D reshape of it) is an unmodified output (version 0) of ``a * b`` with both operands kept
 and of x's shape, of ``gelu`` or of ``silu``; no saved-tensor hooks are active (under
 ``torch.utils.checkpoint``'s non-reentrant form, or activation offloading, unpacking a producer's tensor could run
@@ -80,15 +83,20 @@ def _producer(x: torch.Tensor) -> torch.Tensor | None:
     return base
 
 
+_KINDS = ("MulBackward0", "GeluBackward0", "SiluBackward0")
+
+
 def find(x: torch.Tensor):
-    """``(Regen, tensors)`` where x can be rebuilt from tensors its producer keeps (module doc), else None."""
-    if not graph_policy.wanted("LYCO_INPUT_REGEN") or _hooks_active():
-        return None
+    """``(Regen, tensors)`` where x can be rebuilt from tensors its producer keeps (module doc), else None. The
+    cheap refusals first: it is asked on every adapted linear layer's input of an eager step."""
     p = _producer(x)
     if p is None:
         return None
     fn = p.grad_fn
     name = fn.name()
+    if (name not in _KINDS or torch.compiler.is_compiling() or not graph_policy.wanted("LYCO_INPUT_REGEN", "1")
+            or _hooks_active()):
+        return None
     try:
         if name == "MulBackward0":
             a, b = fn._saved_self, fn._saved_other
@@ -110,3 +118,43 @@ def find(x: torch.Tensor):
     except RuntimeError:  # a kept tensor modified in place since, or freed: keep x
         return None
     return out
+
+
+class _RegenLinear(torch.autograd.Function):
+    """``F.linear(x, w)`` (no bias) keeping the tensors x is rebuilt from instead of x: its backward is autograd's
+    for the same product — ``∂x = ∂h·w``, ``∂w = ∂hᵀ·x`` over x's rows — with x regenerated for ∂w. The kept
+    tensors come in detached (no graph edge to them; their version counters stay shared, so an in-place change
+    since raises on unpacking, as autograd's own saved x would)."""
+
+    @staticmethod
+    def forward(ctx, x, w, rg, *kept):
+        ctx.rg, ctx.xdt = rg, x.dtype
+        ctx.save_for_backward(w, *kept)
+        return F.linear(x, w)  # under autocast in its dtype, as the layer's own F.linear
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gh):
+        w, *kept = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        g2 = gh.reshape(-1, gh.shape[-1])
+        cd = g2.dtype  # the forward's compute dtype: the inputs' own, or autocast's (then each gradient goes back
+        gx = gw = None  # in its input's dtype, as autocast's casts would send it)
+        if need_x:
+            gx = g2.mm(w.to(cd)).view(*gh.shape[:-1], w.shape[1]).to(ctx.xdt)
+        if need_w:
+            x = ctx.rg.value(kept).to(cd)
+            gw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(w.dtype)  # as autograd's mm backward lays it out
+        return (gx, gw, None) + (None,) * len(kept)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` for an adapter's down on the delta path, x regenerated in backward where :func:`find`
+    allows and w takes a gradient (else x is not kept anyway)."""
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return F.linear(x, w)
+    found = find(x)
+    if found is None:
+        return F.linear(x, w)
+    rg, kept = found
+    return _RegenLinear.apply(x, w, rg, *(t.detach() for t in kept))
