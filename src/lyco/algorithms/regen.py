@@ -88,14 +88,16 @@ _KINDS = ("MulBackward0", "GeluBackward0", "SiluBackward0")
 
 def find(x: torch.Tensor):
     """``(Regen, tensors)`` where x can be rebuilt from tensors its producer keeps (module doc), else None. The
-    cheap refusals first: it is asked on every adapted linear layer's input of an eager step."""
+    cheap refusals first: it is asked on every adapted linear layer's input of an eager step. Under ``torch.compile``
+    never (grad_fn is not traceable: a graph break per layer)."""
+    if torch.compiler.is_compiling():
+        return None
     p = _producer(x)
     if p is None:
         return None
     fn = p.grad_fn
     name = fn.name()
-    if (name not in _KINDS or torch.compiler.is_compiling() or not graph_policy.wanted("LYCO_INPUT_REGEN", "1")
-            or _hooks_active()):
+    if name not in _KINDS or not graph_policy.wanted("LYCO_INPUT_REGEN", "1") or _hooks_active():
         return None
     try:
         if name == "MulBackward0":
