@@ -123,6 +123,8 @@ def find(x: torch.Tensor):
 
 
 class _RegenLinear(torch.autograd.Function):
+    # once differentiable, as the bypass op: a second-order gradient through it would need x's own graph to a and b,
+    # which the rebuilt x does not carry — autograd raises there (LYCO_INPUT_REGEN=0 keeps F.linear's double backward)
     """``F.linear(x, w)`` (no bias) keeping the tensors x is rebuilt from instead of x: its backward is autograd's
     for the same product — ``∂x = ∂h·w``, ``∂w = ∂hᵀ·x`` over x's rows — with x regenerated for ∂w. The kept
     tensors come in detached (no graph edge to them; their version counters stay shared, so an in-place change
