@@ -15,6 +15,15 @@ step_table() {
   echo "$dir: wall $(( $(date +%s) - S )) s"
 }
 
+# step_records DIR…: one line per configuration of each $OUT/DIR/train_step.json — model, batch, algo, variant, the
+# eager median and p10, the graph median (0 without --graph), the eager and graph peaks (GiB) and the status.
+step_records() {
+  local d
+  for d in "$@"; do
+    python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'eager', round(x.get('median_ms') or 0, 2), 'p10', round(x.get('p10_ms') or 0, 2), 'graph', round(x.get('graph_median_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), 'graph_peak', round(x.get('graph_peak_gib') or 0, 3), x.get('status')) for x in r['records']]" 2>/dev/null
+  done
+}
+
 # graph_check SECONDS CASES: the trainer's CUDA graphs against eager training (benchmarks/check_cuda_graph.py,
 # 8 steps) into $OUT/ccg, within SECONDS; prints "case true|false" per case and the summary line.
 graph_check() {

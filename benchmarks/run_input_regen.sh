@@ -3,6 +3,7 @@
 # tensors (LYCO_INPUT_REGEN, lyco/algorithms/regen.py: GEGLU's a and gelu(g) for ff.net.2) — bitwise against the kept
 # input on the real SD1.5 config, the trainer's graphs = eager with it, and its A/B in time and peak with PEFT and the
 # floor in the same run.
+# (runs 178–183 printed a subset of step_records' fields with a loop of their own)
 #   OUT=$OUT bash benchmarks/run_input_regen.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env
@@ -18,7 +19,5 @@ step_table s8 240 --jobs sd15:8 --algos lora,locon --baselines floor --variants 
 step_table x4 400 --jobs sdxl:4 --algos lora --baselines floor --variants lyco,peft $A
 (export LYCO_INPUT_REGEN=0; step_table x4_off 440 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
 step_table x1 520 --jobs sdxl:1 --algos lora --baselines floor --variants lyco,peft $A
-for d in s8 s8_off x4 x4_off x1; do
-  python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'graph', round(x.get('graph_median_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), 'graph_peak', round(x.get('graph_peak_gib') or 0, 3)) for x in r['records']]" 2>/dev/null
-done
+step_records s8 s8_off x4 x4_off x1
 pack_out

@@ -3,6 +3,7 @@
 # (LYCO_REGEN_AHEAD) against regenerating it in the ∂D region (LYCO_REGEN_AHEAD=0, runs 179–181) and against keeping it
 # (LYCO_INPUT_REGEN=0), PEFT in the same run; bitwise against the kept input on the real SD1.5 config and the
 # trainer's graphs = eager with it.
+# (runs 178–183 printed a subset of step_records' fields with a loop of their own)
 #   OUT=$OUT bash benchmarks/run_regen_ahead.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env
@@ -18,7 +19,5 @@ step_table s8 190 --jobs sd15:8 --algos lora,glora --baselines floor --variants 
 step_table x4 310 --jobs sdxl:4 --algos lora --no-baselines --variants lyco,peft $A
 (export LYCO_REGEN_AHEAD=0; step_table x4_sync 350 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
 (export LYCO_INPUT_REGEN=0; step_table x4_off 390 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
-for d in s8 s8_sync s8_off x4 x4_sync x4_off; do
-  python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'graph', round(x.get('graph_median_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), 'graph_peak', round(x.get('graph_peak_gib') or 0, 3), x.get('status')) for x in r['records']]" 2>/dev/null
-done
+step_records s8 s8_sync s8_off x4 x4_sync x4_off
 pack_out

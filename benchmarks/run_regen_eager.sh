@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 183 (session 25): LYCO_INPUT_REGEN in eager steps (LoRA's down on the delta path, regen.linear) —
 # bitwise against the kept input on the real SD1.5 config, and the eager step's peak and time on/off with PEFT.
+# (runs 178–183 printed a subset of step_records' fields with a loop of their own)
 #   OUT=$OUT bash benchmarks/run_regen_eager.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env
@@ -12,7 +13,5 @@ step_table s8 110 --jobs sd15:8 --algos lora --no-baselines --variants lyco,peft
 (export LYCO_INPUT_REGEN=0; step_table s8_off 130 --jobs sd15:8 --algos lora --no-baselines --variants lyco $A)
 step_table x4 200 --jobs sdxl:4 --algos lora --no-baselines --variants lyco,peft $A
 (export LYCO_INPUT_REGEN=0; step_table x4_off 240 --jobs sdxl:4 --algos lora --no-baselines --variants lyco $A)
-for d in s8 s8_off x4 x4_off; do
-  python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'eager', round(x.get('median_ms') or 0, 2), 'p10', round(x.get('p10_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), x.get('status')) for x in r['records']]" 2>/dev/null
-done
+step_records s8 s8_off x4 x4_off
 pack_out

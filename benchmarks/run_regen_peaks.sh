@@ -2,6 +2,7 @@
 # Issue 7 GPU run 179 (session 25): the graph column's peak from after the eager sync-check step (train_step.py: the
 # check step runs lyco's eager paths and bounded lyco's graph peak from below in run 178), LYCO_INPUT_REGEN on/off
 # with PEFT and the floor in the same run, and what is live at the peak of lyco's captured step with it on.
+# (runs 178–183 printed a subset of step_records' fields with a loop of their own)
 #   OUT=$OUT bash benchmarks/run_regen_peaks.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env
@@ -13,8 +14,6 @@ step_table s8 240 --jobs sd15:8 --algos lora,locon --baselines floor --variants 
 (export LYCO_INPUT_REGEN=0; step_table s8_off 280 --jobs sd15:8 --algos lora,locon --no-baselines --variants lyco $A)
 step_table x1 350 --jobs sdxl:1 --algos lora --baselines floor --variants lyco,peft $A
 (export LYCO_INPUT_REGEN=0; step_table x1_off 390 --jobs sdxl:1 --algos lora --no-baselines --variants lyco $A)
-for d in x4 x4_off s8 s8_off x1 x1_off; do
-  python3 -c "import json; r=json.load(open('$OUT/$d/train_step.json')); [print('$d', x['model'], x['batch'], x['algo'], x['variant'], 'graph', round(x.get('graph_median_ms') or 0, 2), 'peak', round(x.get('peak_gib') or 0, 3), 'graph_peak', round(x.get('graph_peak_gib') or 0, 3)) for x in r['records']]" 2>/dev/null
-done
+step_records x4 x4_off s8 s8_off x1 x1_off
 python3 benchmarks/memory_peak.py $OUT/x4/memory_peak_sdxl_b4_lora_lyco.json $OUT/x4/memory_peak_sdxl_b4_lora_peft.json 2>&1 | cut -c1-160 | head -50
 pack_out

@@ -15,7 +15,8 @@ gradient, no autograd re-entry; for a 2-D conv with stride 1 ``∂D`` is one bat
 converts x to NHWC first (:func:`_conv_wgrad_nchw`) — and ``∂x = opᵀ(∂y, W + s·U·D)``, the frozen layer's own input
 gradient with the merged weight (one weight-sized ``addmm`` to rebuild it; in captured steps one Triton pass,
 :func:`_merge_kernel`). Only x and the factors are
-kept for backward, never ``W′`` (as in :mod:`.rebuild`).
+kept for backward, never ``W′`` (as in :mod:`.rebuild`); the bypass op keeps, instead of a linear layer's x, the
+tensors its producer keeps anyway where x can be rebuilt from them (:mod:`.regen`: a GEGLU's operands).
 
 Numerics, as every rebuild: ``W + s·U·D`` is rounded once to the compute dtype (bf16: 2⁻⁹ relative per
 element), so deltas far below that vanish from the forward (what LyCORIS's default non-bypass
