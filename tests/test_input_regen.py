@@ -49,11 +49,6 @@ def _setup(act="geglu", seed=0):
     return model, net
 
 
-def _params(model):
-    return [p for n, p in model.named_parameters() if p.requires_grad and "lora" in n.lower()] or [
-        p for p in model.parameters() if p.requires_grad]
-
-
 def _out_node(y):
     fn = y.grad_fn
     if fn.name() in ("ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0"):

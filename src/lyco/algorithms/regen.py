@@ -11,14 +11,16 @@ their op keeps its input.
 
 The recomputation runs the producer's own op on the same tensors, so x comes back bit for bit (an elementwise
 kernel's result does not depend on the launch) — the gradients are the ones the kept x gives (the CPU tests; on the
-GPU ``benchmarks/regen_check.py``, runs 178 and 182: every adapter gradient of an SD1.5-config UNet step equal).
+GPU ``benchmarks/regen_check.py``, runs 178, 182 (captured-steps paths) and 183 (eager): every adapter gradient of
+an SD1.5-config UNet step equal).
 
 What it trades (H100, captured steps, the step's peak and time with it on / off, PEFT's peak in brackets; runs
 179–182, benchmarks/NOTES.md change 117): SD1.5 b8 LoRA 8.18 / 8.79 GiB [8.75] for 73.9 / 72.8 ms, LoCon 8.30 / 8.92
 [8.88] for 73.9 / 72.7, LoHa 8.59 / 9.20 [10.32] for 76.3 / 75.3; SDXL b4 LoRA 27.47 / 30.60 [30.53] for 203.8 /
 198.6–198.9, LoHa 28.71 / 31.84 [35.14] for 214.3 / 209.8; SDXL b1 LoRA 10.78 / 11.56 [11.49] for 77.8 / 76.4 — 6–10 %
-of the peak for 1.3–2.6 % of the time: the extra elementwise pass (read a and b, write x) costs the backward's
-bandwidth, built ahead on another stream or not (run 182). On by default where the bypass op runs (captured steps):
+of the peak for 1.2–2.6 % of the time: the extra elementwise pass (read a and b, write x) costs the backward's
+bandwidth, built ahead on another stream or not (run 182). Eager steps (run 183): the same peaks (SDXL b4 LoRA
+27.44 / 30.57 GiB), their times within the eager noise — they wait on the host. On by default, captured and eager:
 the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs for the last 2 % of speed.
 
 Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
@@ -99,36 +101,27 @@ def find(x: torch.Tensor):
     name = fn.name()
     if name not in _KINDS or not graph_policy.wanted("LYCO_INPUT_REGEN", "1") or _hooks_active():
         return None
-    try:
+    try:  # unpacking raises for a kept tensor modified in place since, or freed: x is kept then
         if name == "MulBackward0":
-            a, b = fn._saved_self, fn._saved_other
-            if a is None or b is None or a.shape != p.shape or b.shape != p.shape:
-                return None
-            out = (Regen("mul", None, x.shape, 2), (a, b))
+            kind, param, kept = "mul", None, (fn._saved_self, fn._saved_other)
         elif name == "GeluBackward0":
-            a = fn._saved_self
-            if a is None or a.shape != p.shape:
-                return None
-            out = (Regen("gelu", fn._saved_approximate, x.shape, 1), (a,))
-        elif name == "SiluBackward0":
-            a = fn._saved_self
-            if a is None or a.shape != p.shape:
-                return None
-            out = (Regen("silu", None, x.shape, 1), (a,))
+            kind, param, kept = "gelu", fn._saved_approximate, (fn._saved_self,)
         else:
-            return None
-    except RuntimeError:  # a kept tensor modified in place since, or freed: keep x
+            kind, param, kept = "silu", None, (fn._saved_self,)
+    except RuntimeError:
         return None
-    return out
+    if any(t is None or t.shape != p.shape for t in kept):  # not kept (no gradient there), or broadcast
+        return None
+    return Regen(kind, param, x.shape, len(kept)), kept
 
 
 class _RegenLinear(torch.autograd.Function):
-    # once differentiable, as the bypass op: a second-order gradient through it would need x's own graph to a and b,
-    # which the rebuilt x does not carry — autograd raises there (LYCO_INPUT_REGEN=0 keeps F.linear's double backward)
     """``F.linear(x, w)`` (no bias) keeping the tensors x is rebuilt from instead of x: its backward is autograd's
     for the same product — ``∂x = ∂h·w``, ``∂w = ∂hᵀ·x`` over x's rows — with x regenerated for ∂w. The kept
     tensors come in detached (no graph edge to them; their version counters stay shared, so an in-place change
-    since raises on unpacking, as autograd's own saved x would)."""
+    since raises on unpacking, as autograd's own saved x would). Once differentiable, as the bypass op: a
+    second-order gradient would need the rebuilt x's graph to a and b, which it does not carry
+    (``LYCO_INPUT_REGEN=0`` keeps ``F.linear``'s double backward)."""
 
     @staticmethod
     def forward(ctx, x, w, rg, *kept):
