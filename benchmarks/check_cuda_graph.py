@@ -47,6 +47,7 @@ os.environ.setdefault("LYCO_SHARED_INPUT", "1")
 os.environ.setdefault("LYCO_FUSED_GEMM", "1")
 os.environ.setdefault("LYCO_IA3_KEEP_OUTPUT", "1")
 os.environ.setdefault("LYCO_INPUT_REGEN", "1")
+os.environ.setdefault("LYCO_REGEN_KERNEL", "1")
 os.environ.setdefault("LYCO_FORWARD_SIDE", "1")  # eager: only where the backward shares the thread (lowrank._forward_side)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

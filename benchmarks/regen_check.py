@@ -3,7 +3,12 @@
 real UNet config, and how many layers regenerate per step. Attention runs through SDPA's math path here (flash
 attention's backward adds with atomics: two identical steps would differ already), and the step runs eagerly inside
 ``graph_step`` (the captured-steps paths, no capture: ``check_cuda_graph.py`` covers capture = eager) or, with
-``--eager``, outside it (LoRA's delta path).
+``--eager``, outside it (LoRA's delta path). Captured-steps paths also with ``LYCO_REGEN_KERNEL=1`` (∂D read from the
+product's two operands by one Triton kernel, ``lyco.algorithms.regen_triton``): not bitwise — its fp32 sums run in
+another order than cuBLAS's — so the gradients that differ from the kept input's (the regenerated layers' downs, and
+what an algorithm's down is built from: LoHa's two factors, run 187) must be within ``--kernel-tol`` of them, relative
+to their largest entry: one bf16 rounding by default, as ∂D comes out of either form in the compute dtype where the
+down's own dtype is (LoHa's rank-64 Khatri–Rao down: 1.1e-3 in run 187; fp32 downs 4e-6).
 
     python benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora,locon --out DIR
 """
@@ -25,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402
 
 
-def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False):
+def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, kernel: bool = False):
     from lyco.algorithms import graph_policy, regen
     os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
+    os.environ["LYCO_REGEN_KERNEL"] = "1" if kernel else "0"
     calls = {"n": 0, "hit": 0}
     find = regen.find
 
@@ -59,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--smoke", action="store_true", help="the tiny UNet on the CPU (a check of this script)")
     ap.add_argument("--eager", action="store_true", help="outside graph_step: the eager paths (LoRA's delta path)")
+    ap.add_argument("--kernel-tol", type=float, default=2.0 ** -8)
     a = ap.parse_args(argv)
     torch.backends.cuda.enable_flash_sdp(False)
     torch.backends.cuda.enable_mem_efficient_sdp(False)
@@ -84,6 +91,12 @@ def main(argv=None):
                "ops_asked": c3["n"], "regenerated": c3["hit"], "ops_asked_off": c1["n"], "regenerated_off": c1["hit"],
                "kept_deterministic": det, "bitwise_equal": same, "max_rel_diff": worst,
                "ok": bool(det and same and c3["hit"] > 0 and c1["hit"] == 0)}
+        if not a.eager and dev.type == "cuda":  # the kernel's ∂D: the regenerated layers' downs within tolerance, all else bitwise
+            ker, _ = grads_of(unet, inputs, target, params, True, False, True)
+            diff = [((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+                    for x, y in zip(ker, keep1) if x is not None and not torch.equal(x, y)]
+            row.update(kernel_params_differing=len(diff), kernel_max_rel_diff=max(diff, default=0.0))
+            row["ok"] = bool(row["ok"] and len(diff) > 0 and max(diff, default=0.0) <= a.kernel_tol)
         print(json.dumps(row), flush=True)
         rows.append(row)
         h.detach()

@@ -324,3 +324,51 @@ def test_the_tiny_sdxl_regenerates_every_feed_forward_input(monkeypatch):
         n for n, i in seen.items() if i in hits})
     for a, b in zip(g0, g1):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("act", ["geglu", "quick_gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bypass_op_reads_a_products_operands_with_the_kernel(monkeypatch, triton_interpreter, act, dtype):
+    """``LYCO_REGEN_KERNEL``: the bypass op's ∂D of a product's input from its two operands by
+    ``regen_triton.product_grad`` (interpreted here, its CUDA condition forced) — once per step, for the layer
+    after the product only; every other gradient bit for bit the mul-and-GEMM form's, the down's within the sums'
+    order (fp32) or the interpreter's truncating bf16 rounding of the product; with the trainer's sink, added into
+    ``.grad`` by the kernel and equal to what it returns."""
+    from lyco.algorithms import casts, regen_triton
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    monkeypatch.setattr(regen_triton, "usable", lambda a, b, r: True)
+    calls, real = [], regen_triton.product_grad
+    monkeypatch.setattr(regen_triton, "product_grad", lambda *a: calls.append(a[5] is not None) or real(*a))
+    model, net = _setup(act)
+    model.to(dtype)
+    x = torch.randn(3, 70, 12, dtype=dtype, requires_grad=True)
+    gy = torch.randn(3, 70, 12, dtype=dtype)
+    params = list(net.trainable_parameters())
+    (ad,) = model.out._lyco_host.adapters
+    idx = 1 + [id(p) for p in params].index(id(ad.tensors()["lora_down.weight"]))
+    monkeypatch.setenv("LYCO_REGEN_KERNEL", "0")
+    y0, g0, _, _ = _step(model, net, x, gy)
+    assert calls == []
+    monkeypatch.setenv("LYCO_REGEN_KERNEL", "1")
+    y1, g1, node, _ = _step(model, net, x, gy)
+    assert node.name() == "_BypassOpBackward" and calls == [False]
+    assert torch.equal(y0, y1)
+    for i, (a, b) in enumerate(zip(g0, g1)):
+        if i != idx:
+            assert torch.equal(a, b)
+    assert not torch.equal(g0[idx], g1[idx]) or dtype == torch.float32  # the kernel's own sums (bf16: rounding)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((g1[idx].double() - g0[idx].double()).abs().max() / g0[idx].double().abs().max()).item() < tol
+    if dtype == torch.float32:  # the sink needs a gradient the GEMMs can add into: fp32 factors (_setup's are fp64)
+        for p in params:
+            p.data = p.data.float()
+            p.grad = torch.zeros_like(p)
+        calls.clear()
+        _, g2, _, _ = _step(model, net, x, gy)
+        with casts.step_casts(grad_sink=True):
+            model(x).backward(gy)
+        assert calls == [False, True]
+        assert torch.equal(params[idx - 1].grad, g2[idx])

@@ -19,9 +19,13 @@ What it trades (H100, captured steps, the step's peak and time with it on / off,
 [8.88] for 73.9 / 72.7, LoHa 8.59 / 9.20 [10.32] for 76.3 / 75.3; SDXL b4 LoRA 27.47 / 30.60 [30.53] for 203.8 /
 198.6–198.9, LoHa 28.71 / 31.84 [35.14] for 214.3 / 209.8; SDXL b1 LoRA 10.78 / 11.56 [11.49] for 77.8 / 76.4 — 6–10 %
 of the peak for 1.2–2.6 % of the time: the extra elementwise pass (read a and b, write x) costs the backward's
-bandwidth, built ahead on another stream or not (run 182). Eager steps (run 183): the same peaks (SDXL b4 LoRA
-27.44 / 30.57 GiB), their times within the eager noise — they wait on the host. On by default, captured and eager:
-the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs for the last 2 % of speed.
+bandwidth, built ahead on another stream or not (run 182). In captured steps a product's x is no longer written at
+all since change 118: the bypass op's ∂D reads a and b in one Triton kernel (:mod:`.regen_triton`,
+``LYCO_REGEN_KERNEL``; :func:`.lowrank._regen_pair`), which leaves 0.5–1.2 % (runs 186–187: SD1.5 b8 LoRA 73.4–73.5
+ms, SDXL b4 201.2–201.4, SDXL b1 77.1; kept inputs 72.8, 198.6–198.9 and 76.4 in session 25). Eager steps (run 183):
+the same peaks (SDXL b4 LoRA 27.44 / 30.57 GiB), their times within the eager noise — they wait on the host. On by
+default, captured and eager: the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs
+for the last 1 % of speed.
 
 Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
 (:func:`linear`: the layer's ``F.linear(x, D)`` kept x for ∂D as autograd saves it).
