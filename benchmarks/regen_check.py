@@ -8,7 +8,9 @@ product's two operands by one Triton kernel, ``lyco.algorithms.regen_triton``): 
 another order than cuBLAS's — so the gradients that differ from the kept input's (the regenerated layers' downs, and
 what an algorithm's down is built from: LoHa's two factors, run 187) must be within ``--kernel-tol`` of them, relative
 to their largest entry: one bf16 rounding by default, as ∂D comes out of either form in the compute dtype where the
-down's own dtype is (LoHa's rank-64 Khatri–Rao down: 1.1e-3 in run 187; fp32 downs 4e-6).
+down's own dtype is (LoHa's rank-64 Khatri–Rao down: 1.1e-3 in run 187; fp32 downs 4e-6). With ``LYCO_NORM_REGEN``
+(layer norms' outputs rebuilt from their input and stats, by torch and by the kernel): within the same tolerance —
+x itself within one rounding.
 
     python benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora,locon --out DIR
 """
@@ -30,17 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step as ts  # noqa: E402
 
 
-def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, kernel: bool = False):
+def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, kernel: bool = False,
+             norm: bool = False):
     from lyco.algorithms import graph_policy, regen
     os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
     os.environ["LYCO_REGEN_KERNEL"] = "1" if kernel else "0"
-    calls = {"n": 0, "hit": 0}
+    os.environ["LYCO_NORM_REGEN"] = "1" if norm else "0"
+    calls = {"n": 0, "hit": 0, "norm": 0}
     find = regen.find
 
-    def counting(x):
-        r = find(x)
+    def counting(x, norm=False):
+        r = find(x, norm)
         calls["n"] += 1
         calls["hit"] += r is not None
+        calls["norm"] += r is not None and r[0].kind == "layernorm"
         return r
     regen.find = counting
     try:
@@ -91,11 +96,28 @@ def main(argv=None):
                "ops_asked": c3["n"], "regenerated": c3["hit"], "ops_asked_off": c1["n"], "regenerated_off": c1["hit"],
                "kept_deterministic": det, "bitwise_equal": same, "max_rel_diff": worst,
                "ok": bool(det and same and c3["hit"] > 0 and c1["hit"] == 0)}
+        if not a.eager:
+            # layer norms' outputs too (LYCO_NORM_REGEN), x rebuilt by torch: within one rounding of x, not bitwise
+            nrm, c4 = grads_of(unet, inputs, target, params, True, False, False, True)
+            diff = [((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+                    for x, y in zip(nrm, keep1) if x is not None and not torch.equal(x, y)]
+            row.update(norms_regenerated=c4["norm"], norm_params_differing=len(diff),
+                       norm_max_rel_diff=max(diff, default=0.0))
+            # (the CPU's layer norm keeps a bf16 input's mean and 1/σ in bf16: x rebuilt from them differs in more
+            # places — the smoke run's tolerance is 2⁻⁶; CUDA keeps them in fp32)
+            tol = a.kernel_tol if dev.type == "cuda" else 2.0 ** -6
+            row["ok"] = bool(row["ok"] and c4["norm"] > 0 and max(diff, default=0.0) <= tol)
         if not a.eager and dev.type == "cuda":  # the kernel's ∂D: the regenerated layers' downs within tolerance, all else bitwise
             ker, _ = grads_of(unet, inputs, target, params, True, False, True)
             diff = [((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
                     for x, y in zip(ker, keep1) if x is not None and not torch.equal(x, y)]
             row.update(kernel_params_differing=len(diff), kernel_max_rel_diff=max(diff, default=0.0))
+            row["ok"] = bool(row["ok"] and len(diff) > 0 and max(diff, default=0.0) <= a.kernel_tol)
+            # and the kernel forming the norms' outputs from their input and stats
+            kn, _ = grads_of(unet, inputs, target, params, True, False, True, True)
+            diff = [((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+                    for x, y in zip(kn, keep1) if x is not None and not torch.equal(x, y)]
+            row.update(kernel_norm_params_differing=len(diff), kernel_norm_max_rel_diff=max(diff, default=0.0))
             row["ok"] = bool(row["ok"] and len(diff) > 0 and max(diff, default=0.0) <= a.kernel_tol)
         print(json.dumps(row), flush=True)
         rows.append(row)

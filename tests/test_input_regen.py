@@ -330,7 +330,7 @@ def test_the_tiny_sdxl_regenerates_every_feed_forward_input(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bypass_op_reads_a_products_operands_with_the_kernel(monkeypatch, triton_interpreter, act, dtype):
     """``LYCO_REGEN_KERNEL``: the bypass op's ∂D of a product's input from its two operands by
-    ``regen_triton.product_grad`` (interpreted here, its CUDA condition forced) — once per step, for the layer
+    ``regen_triton.weight_grad`` (interpreted here, its CUDA condition forced) — once per step, for the layer
     after the product only; every other gradient bit for bit the mul-and-GEMM form's, the down's within the sums'
     order (fp32) or the interpreter's truncating bf16 rounding of the product; with the trainer's sink, added into
     ``.grad`` by the kernel and equal to what it returns."""
@@ -339,9 +339,9 @@ def test_bypass_op_reads_a_products_operands_with_the_kernel(monkeypatch, triton
     monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
-    monkeypatch.setattr(regen_triton, "usable", lambda a, b, r: True)
-    calls, real = [], regen_triton.product_grad
-    monkeypatch.setattr(regen_triton, "product_grad", lambda *a: calls.append(a[5] is not None) or real(*a))
+    monkeypatch.setattr(regen_triton, "usable", lambda ops, r: True)
+    calls, real = [], regen_triton.weight_grad
+    monkeypatch.setattr(regen_triton, "weight_grad", lambda *a: calls.append(a[4] is not None) or real(*a))
     model, net = _setup(act)
     model.to(dtype)
     x = torch.randn(3, 70, 12, dtype=dtype, requires_grad=True)

@@ -66,10 +66,10 @@ def test_product_grad_matches_float64(kern, n, k, r, dtype, strided):
 
 @pytest.mark.parametrize("programs", [1, 7, 10_000])
 def test_row_splits_sum_to_the_same_and_repeat_bitwise(kern, monkeypatch, programs):
-    """However many row splits the first launch takes (one, a few, one per row block), the sum is the product; the
-    same call twice gives the same bits (no atomics)."""
+    """However many row splits the first launch takes (one, a few, one per row block: 33, more than the second
+    launch sums per step), the sum is the product; the same call twice gives the same bits (no atomics)."""
     monkeypatch.setattr(kern, "_PROGRAMS", programs)
-    gh, a, b = _operands(700, 150, 16, torch.float32, 9, True)
+    gh, a, b = _operands(2100, 150, 16, torch.float32, 9, True)
     ref = _float64(gh, a, b, 1.0)
     one = kern.product_grad(gh, a, b, 1.0)
     assert _rel(one, ref) < TOL[torch.float32]
@@ -82,24 +82,61 @@ def test_product_grad_torch_is_the_definition():
     assert _rel(regen_triton.product_grad_torch(gh, a, b, 0.5), ref) < 1e-6
 
 
-def test_usable_only_for_cuda_half_tensors_of_one_dtype_and_rank_up_to_the_limit(monkeypatch):
-    """The kernels are considered for CUDA bf16/fp16 operands of one dtype and rank ≤ MAX_RANK, never with
-    LYCO_TRITON=0; a CPU tensor never. The self-test is not reached where the conditions fail."""
+def test_operands_and_usable(monkeypatch):
+    """The kernel takes a product's two operands or a layer norm's input, stats, weight and bias — as rows in the
+    compute dtype with unit column stride — for CUDA bf16/fp16 at rank ≤ MAX_RANK, never with LYCO_TRITON=0 or on a
+    CPU tensor; the self-test is not reached where the conditions fail."""
     from types import SimpleNamespace
+    a, b = torch.randn(2, 3, 8).bfloat16(), torch.randn(2, 3, 8).bfloat16()
+    ops = regen_triton.operands("mul", None, (a, b), torch.bfloat16)
+    assert ops.kind == "mul" and [t.shape for t in ops.tensors] == [(6, 8), (6, 8)]
+    assert regen_triton.operands("mul", None, (a, b), torch.float16) is None  # not the compute dtype
+    assert regen_triton.operands("mul", None, (a.transpose(1, 2), b.transpose(1, 2)), torch.bfloat16) is None
+    assert regen_triton.operands("gelu", "none", (a,), torch.bfloat16) is None  # a kind the kernel does not form
+    u, mean, rstd, w = torch.randn(2, 3, 8).bfloat16(), torch.randn(2, 3, 1), torch.rand(2, 3, 1), torch.randn(8)
+    ops = regen_triton.operands("layernorm", (True, False), (u, mean, rstd, w), torch.bfloat16)
+    assert ops.kind == "layernorm" and ops.tensors[3] is w and ops.tensors[4] is None
+    assert ops.tensors[1].shape == (6,) and ops.tensors[0].shape == (6, 8)
+
     monkeypatch.delenv("LYCO_TRITON", raising=False)
     monkeypatch.setattr(regen_triton, "_CHECKED", {})
     monkeypatch.setattr(regen_triton, "_self_test", lambda dev, dt: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU torch cannot say
 
     def cuda(dtype):
-        return SimpleNamespace(is_cuda=True, dtype=dtype, device=torch.device("cuda"))
-    bf, hf = cuda(torch.bfloat16), cuda(torch.float16)
-    assert regen_triton.usable(bf, bf, 16)
-    assert regen_triton.usable(hf, hf, regen_triton.MAX_RANK)
-    assert not regen_triton.usable(bf, hf, 16)
-    assert not regen_triton.usable(bf, bf, regen_triton.MAX_RANK + 1)
-    assert not regen_triton.usable(cuda(torch.float32), cuda(torch.float32), 16)
-    cpu = torch.zeros(2, 2, dtype=torch.bfloat16)
-    assert not regen_triton.usable(cpu, cpu, 16)
+        return regen_triton.Operands("mul", (SimpleNamespace(is_cuda=True, dtype=dtype, device=torch.device("cuda")),))
+    assert regen_triton.usable(cuda(torch.bfloat16), 16)
+    assert regen_triton.usable(cuda(torch.float16), regen_triton.MAX_RANK)
+    assert not regen_triton.usable(cuda(torch.bfloat16), regen_triton.MAX_RANK + 1)
+    assert not regen_triton.usable(cuda(torch.float32), 16)
+    assert not regen_triton.usable(regen_triton.operands("mul", None, (a, b), torch.bfloat16), 16)  # CPU
     monkeypatch.setenv("LYCO_TRITON", "0")
-    assert not regen_triton.usable(bf, bf, 16)
+    assert not regen_triton.usable(cuda(torch.bfloat16), 16)
+
+
+@pytest.mark.parametrize("n,k,r", [(200, 96, 16), (78, 33, 5), (130, 70, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_layer_norm_operands_match_float64(kern, n, k, r, dtype, affine, permuted):
+    """A layer norm's output formed in the kernel from its input and the mean and 1/σ torch's own layer norm kept
+    (fp32 input: fp32 stats), against ``s·∂hᵀ·layer_norm(u)`` in float64; a rank over one block of 64 (150: three);
+    the input as rows or as SD1.5's norm1 gets it — (batch, tokens, channels) of a channels-first tensor, no 2-D view."""
+    g = torch.Generator().manual_seed(n + k + r)
+    u = (torch.randn(n, k, generator=g) * 3 + 1.5).to(dtype)
+    if permuted:
+        u = u.view(2, n // 2, k).transpose(1, 2).contiguous().transpose(1, 2)  # strides (k·t, 1, t)
+    w = torch.randn(k, generator=g).to(dtype) if affine else None
+    b = torch.randn(k, generator=g).to(dtype) if affine else None
+    y = torch.nn.functional.layer_norm(u.float().requires_grad_(), (k,), None if w is None else w.float(),
+                                       None if b is None else b.float(), 1e-5)
+    mean, rstd = y.grad_fn._saved_result1, y.grad_fn._saved_result2
+    ops = kern.operands("layernorm", (affine, affine), (u, mean, rstd) + ((w, b) if affine else ()), dtype)
+    assert ops.tensors[0].dim() == (3 if permuted else 2)
+    gh = torch.randn(n, r, generator=g).to(dtype)
+    ref = 0.625 * gh.double().t() @ torch.nn.functional.layer_norm(
+        u.double(), (k,), None if w is None else w.double(), None if b is None else b.double(), 1e-5).reshape(n, k)
+    got = kern.weight_grad(gh, ops, 0.625, torch.float32)
+    # x rounded to bf16 in the kernel (the interpreter truncates): one ulp of x per element at most
+    assert _rel(got, ref) < (2e-6 if dtype == torch.float32 else 2e-2)
+    assert _rel(kern.weight_grad_torch(gh, ops, 0.625), ref) < (2e-6 if dtype == torch.float32 else 1e-2)

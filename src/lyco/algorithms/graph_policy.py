@@ -30,8 +30,9 @@ input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's d
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`); and the bypass op's linear input
 regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —
 ``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and its time stayed
-within the eager noise, run 183), the product's ∂D then read from its two operands by one Triton kernel
-(``LYCO_REGEN_KERNEL``, :func:`.lowrank._regen_pair`). And one setting that is not a path:
+within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`),
+and ∂D then read by one Triton kernel from what x is made of (``LYCO_REGEN_KERNEL``,
+:func:`.lowrank._regen_operands`). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
 there — outside a graph step torch's threads stay).
 """

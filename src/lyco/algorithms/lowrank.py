@@ -694,11 +694,11 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
         rg, kept = xd
         xc = None  # the bypass op keeps h, so ∂U does not read x; op_backward reads only its rank (no ∂W)
-        pair = _regen_pair(rg, kept, cd, spec, groups, u2.shape[1])
+        ops = _regen_operands(rg, kept, cd, spec, groups, u2.shape[1])
 
         def x_now():
-            # a product's operands as the pair ∂D reads x from without writing it (_grad_down), else x itself
-            return pair if pair is not None else cast(rg.value(kept), cd)
+            # what x is made of, as ∂D's kernel reads it without writing x (_grad_down), else x itself
+            return ops if ops is not None else cast(rg.value(kept), cd)
     else:
         xc = cast(xd, cd)
 
@@ -778,34 +778,32 @@ def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None, into
     return _sum0(_bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s), dt)
 
 
-def _regen_pair(rg, kept, cd: torch.dtype, spec: LayerSpec, groups: int, r: int):
-    """``(a, b)`` as 2-D rows where the bypass op's regenerated input ``x = a ⊙ b`` (:mod:`.regen`) goes to ∂D as its
-    two operands, read by :func:`.regen_triton.product_grad` — x never written, two passes of x's size fewer than
-    the mul and a GEMM reading x — else None (x rebuilt by the mul). ``LYCO_REGEN_KERNEL`` (:mod:`.graph_policy`,
-    captured steps by default: a Triton launch binds its arguments in Python), a linear layer with one group,
-    both operands in the compute dtype with unit column stride as rows (a GEGLU's ``a`` is a strided half of its
-    projection's output: a view), the kernels' conditions (:func:`.regen_triton.usable`). H100, the 16
-    ``ff.net.2`` products of an SD1.5 b8 step alone (run 185, ``experiments/regen_wgrad_bench.py``): cuBLAS on a
-    kept x 0.30 ms, the mul and cuBLAS 1.43, this kernel 0.58; SDXL b4's 70: 1.24, 6.44, 2.64 ms. The step as a graph,
-    kernel on / off / on (runs 186–187): SD1.5 b8 LoRA 73.41 / 74.30 / 73.50 ms, SDXL b4 201.35 / 204.80 / 201.15,
-    SDXL b1 77.06 / 77.99, SD1.5 b8 LoCon 73.18 / 74.02, LoHa 75.49 / 76.32, GLoRA 76.94 / 77.76; the trainer's graphs
-    equal to eager (lora, locon, loha)."""
-    if rg.kind != "mul" or spec.kind != LINEAR or groups != 1 or not graph_policy.wanted("LYCO_REGEN_KERNEL"):
+def _regen_operands(rg, kept, cd: torch.dtype, spec: LayerSpec, groups: int, r: int):
+    """:class:`.regen_triton.Operands` where the bypass op's regenerated input (:mod:`.regen`) goes to ∂D as what
+    it is made of, read by :func:`.regen_triton.weight_grad` — x never written: for a product ``x = a ⊙ b`` two passes
+    of x's size fewer than the mul and a GEMM reading x, for a layer norm's output the bytes of a kept x — else None
+    (x rebuilt by torch). ``LYCO_REGEN_KERNEL`` (:mod:`.graph_policy`, captured steps by default: a Triton launch
+    binds its arguments in Python), a linear layer with one group, the kernels' conditions
+    (:func:`.regen_triton.operands`, :func:`.regen_triton.usable`). H100, the 16 ``ff.net.2`` products of an SD1.5 b8
+    step alone (run 185, ``experiments/regen_wgrad_bench.py``): cuBLAS on a kept x 0.30 ms, the mul and cuBLAS 1.43,
+    this kernel 0.58; SDXL b4's 70: 1.24, 6.44, 2.64 ms. The step as a graph, kernel on / off / on (runs 186–187):
+    SD1.5 b8 LoRA 73.41 / 74.30 / 73.50 ms, SDXL b4 201.35 / 204.80 / 201.15, SDXL b1 77.06 / 77.99, SD1.5 b8 LoCon
+    73.18 / 74.02, LoHa 75.49 / 76.32, GLoRA 76.94 / 77.76; the trainer's graphs equal to eager (lora, locon, loha).
+    A layer norm's 48 products at SD1.5 b8 (run 191): cuBLAS on a kept x 0.41 ms, this kernel 0.46."""
+    if spec.kind != LINEAR or groups != 1 or not graph_policy.wanted("LYCO_REGEN_KERNEL"):
         return None
-    a, b = (t.reshape(-1, t.shape[-1]) for t in kept)
-    if a.dtype != cd or b.dtype != cd or a.stride(-1) != 1 or b.stride(-1) != 1:
-        return None
-    return (a, b) if regen_triton.usable(a, b, r) else None
+    ops = regen_triton.operands(rg.kind, rg.param, kept, cd)
+    return ops if ops is not None and regen_triton.usable(ops, r) else None
 
 
 def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, dt=None, into=None):
     """``∂D = s·(∂y·U)ᵀ∗x`` (``gh``: ``∂y·U`` where the caller has it); ``groups`` as :func:`_grads`, ``dt`` and
-    ``into`` (one group only) as :func:`_grad_up`. On a linear layer ``xc`` may be the pair ``(a, b)`` whose
-    product x is (:func:`_regen_pair`)."""
+    ``into`` (one group only) as :func:`_grad_up`. On a linear layer ``xc`` may be the operands x is made of
+    (:func:`_regen_operands`)."""
     if spec.kind == LINEAR:
         gh = gy @ u2 if gh is None else gh
-        if isinstance(xc, tuple):  # x = a ⊙ b never written: one kernel reads a and b (_regen_pair)
-            out = regen_triton.product_grad(gh, *xc, s, dt if dt is not None else gh.dtype, into)
+        if isinstance(xc, regen_triton.Operands):  # x never written: one kernel reads what it is made of
+            out = regen_triton.weight_grad(gh, xc, s, dt if dt is not None else gh.dtype, into)
             return _SUNK if out is None else out
         if groups == 1:
             return _mm(gh.t(), xc, s, dt, into)
@@ -1018,6 +1016,7 @@ class _BypassOp(torch.autograd.Function):
     def forward(ctx, x, cfg, weight, bias, down, up):
         spec, s, cd, groups, eye = cfg
         xd, wd, bd = cast_input(x, cd), cast(weight, cd), cast(bias, cd)
+        uncast, catted = xd is x, False
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
         dd, u2, d2 = _factors(dd, ud, cd, eye)
         if spec.kind == LINEAR:
@@ -1050,6 +1049,7 @@ class _BypassOp(torch.autograd.Function):
                     xh = torch.cat([xd, h], 1)
                     y = F.linear(xh, torch.cat([wd, u2 * s], 1), bd)
                     xd, h = xh[:, :spec.in_dim], xh[:, spec.in_dim:]
+                    catted = True
                 else:
                     y = layer_op(xd, spec, wd, bd)
                     y.addmm_(h, u2.t(), alpha=s)
@@ -1093,7 +1093,13 @@ class _BypassOp(torch.autograd.Function):
         # path). Regenerated in the ∂D region that reads it; built ahead by the next op's backward on its up stream
         # instead (with the merged weight, _ahead_link) it measured the same (run 182, H100: SD1.5 b8 LoRA 73.91 /
         # 73.94 ms, SDXL b4 203.85 / 203.84): the pass costs the backward's bandwidth wherever it runs — taken out
-        found = regen.find(x) if spec.kind == LINEAR and xd is x and groups == 1 and not n[2] else None
+        # A layer norm's output too (regen._find_norm: within one rounding of x; q/k/v's, attn2.to_q's and the
+        # GEGLU projection's inputs). Where the forward concatenated [x | h] (_cat_forward_pays) h is kept as a copy of
+        # its r columns, so that [x | h] is not kept through it.
+        found = (regen.find(x, norm=True) if spec.kind == LINEAR and uncast and groups == 1 and not n[2]
+                 else None)
+        if found is not None and catted:
+            h = h.clone()
         if found is None:
             ctx.regen = None
             ctx.save_for_backward(xd, h, weight, bias, dd, ud)

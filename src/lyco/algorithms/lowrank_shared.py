@@ -18,7 +18,8 @@ the members' ∂x (two adds of an input-sized tensor for three members: read two
   once), ``∂U_i = s_i·∂y_iᵀ·h_i`` per member — on the side stream (:func:`.lowrank.side_stream`) beside ∂x, as
   the bypass op's own products.
 
-Kept for backward: x and h — what each member's bypass op kept, once. The members' outputs are
+Kept for backward: x and h — what each member's bypass op kept, once; x's makings instead of x where its producer
+keeps them anyway (:mod:`.regen`: a transformer block's norm1 output, in captured steps). The members' outputs are
 separate tensors (one autograd node with several outputs: its backward runs when all their gradients are in;
 an output nobody used gets none and contributes nothing).
 
@@ -31,11 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import regen, regen_triton
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _join, _merged, _mm, _out_dtype_ok,
-    _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
+    _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -109,7 +111,11 @@ class _SharedOp(torch.autograd.Function):
         ctx.cfg = (specs, ss, x.shape, x.dtype, rs, offs,
                    tuple((d.shape, d.dtype, u.shape, u.dtype) for d, u in zip(flat[2::4], flat[3::4])))
         ctx.leaves = [_sink_leaves(d, u) for d, u in zip(flat[2::4], flat[3::4])]
-        ctx.save_for_backward(xs, h, *ws, *dd, *ud)
+        # x regenerated in backward where its producer keeps what it is made of (.regen; a transformer block's
+        # norm1 output is q/k/v's x), as the bypass op does: only an input of the op's own dtype (not cast here)
+        found = regen.find(x, norm=True) if xs is x else None
+        ctx.regen = None if found is None else found[0]
+        ctx.save_for_backward(*((xs,) if found is None else found[1]), h, *ws, *dd, *ud)
         ctx.ahead = None
         if ctx.needs_input_grad[0]:  # every member's merged weight, built ahead by the next op's backward
             _ahead_link(ctx, xs, _merged_all, ws, ud, dd, ss, cd)
@@ -121,6 +127,9 @@ class _SharedOp(torch.autograd.Function):
         specs, ss, xshape, xdt, rs, offs, metas = ctx.cfg
         n = len(specs)
         saved = ctx.saved_tensors
+        rg = ctx.regen
+        if rg is not None:  # x's makings (regen.find) in its place
+            kept, saved = saved[:rg.n], (None,) + saved[rg.n:]
         xs, h = saved[0], saved[1]
         ws, dd, ud = saved[2:2 + n], saved[2 + n:2 + 2 * n], saved[2 + 2 * n:2 + 3 * n]
         needs = ctx.needs_input_grad
@@ -151,7 +160,14 @@ class _SharedOp(torch.autograd.Function):
                     torch.addmm(sl.new_empty(()), gys[i], ud[i], beta=0, alpha=ss[i], out=sl)
             ddt = metas[live[0]][1]
             same = all(metas[i][1] == ddt for i in range(n))
-            g_all = _mm(gh.t(), xs, 1.0, ddt if same else None)
+            if rg is None:
+                g_all = _mm(gh.t(), xs, 1.0, ddt if same else None)
+            else:  # read by one kernel from what x is made of where it runs, else x rebuilt here
+                ops = _regen_operands(rg, kept, cd, specs[0], 1, gh.shape[1])
+                if ops is not None:
+                    g_all = regen_triton.weight_grad(gh, ops, 1.0, ddt if same else cd)
+                else:
+                    g_all = _mm(gh.t(), cast(rg.value(kept), cd).view(gh.shape[0], -1), 1.0, ddt if same else None)
             for i in range(n):
                 if need_d[i]:
                     gd[i] = g_all[offs[i]:offs[i] + rs[i]]

@@ -21,16 +21,27 @@ What it trades (H100, captured steps, the step's peak and time with it on / off,
 of the peak for 1.2–2.6 % of the time: the extra elementwise pass (read a and b, write x) costs the backward's
 bandwidth, built ahead on another stream or not (run 182). In captured steps a product's x is no longer written at
 all since change 118: the bypass op's ∂D reads a and b in one Triton kernel (:mod:`.regen_triton`,
-``LYCO_REGEN_KERNEL``; :func:`.lowrank._regen_pair`), which leaves 0.5–1.2 % (runs 186–187: SD1.5 b8 LoRA 73.4–73.5
+``LYCO_REGEN_KERNEL``; :func:`.lowrank._regen_operands`), which leaves 0.5–1.2 % (runs 186–187: SD1.5 b8 LoRA 73.4–73.5
 ms, SDXL b4 201.2–201.4, SDXL b1 77.1; kept inputs 72.8, 198.6–198.9 and 76.4 in session 25). Eager steps (run 183):
 the same peaks (SDXL b4 LoRA 27.44 / 30.57 GiB), their times within the eager noise — they wait on the host. On by
 default, captured and eager: the memory is what an SDXL user runs out of; ``LYCO_INPUT_REGEN=0`` keeps the inputs
 for the last 1 % of speed.
 
+**A layer norm's output** (change 119; :func:`_find_norm`): q/k/v's input (norm1), ``attn2.to_q``'s (norm2) and the
+GEGLU projection's (norm3) in every transformer block, and CLIP's q/k/v and ``fc1`` — the norm keeps its input and
+the mean and 1/σ of each row, so x is ``(u − μ)·(1/σ)·γ + β`` away: rebuilt within one rounding of x (on the GPU
+equal, run 188: torch's rebuild gave every gradient bit for bit), in captured steps only (``LYCO_NORM_REGEN``,
+``graph`` by default), where the bypass op's and the shared-input op's ∂D read the norm's input in one kernel —
+the bytes x would have cost, plus ``(u − μ)·(1/σ)·γ + β`` in registers. H100, captured steps with it on / off (run
+192): SD1.5 b8 LoRA **7.659** / 8.178 GiB (floor 7.625, PEFT 8.750) for 73.32–73.39 / 73.27 ms, LoCon 7.787 / 8.303 for
+73.19 / 73.05; SDXL b4 LoRA **25.131** / 27.470 (PEFT 30.53) for 202.64 / 202.04; SDXL b1 LoRA 10.188 / 10.775 for
+77.29 / 76.93 — 6–9 % of the peak for 0.1–0.5 % of the time.
+
 Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
 (:func:`linear`: the layer's ``F.linear(x, D)`` kept x for ∂D as autograd saves it).
 
-When it applies (:func:`find`, the caller having checked its own conditions): ``LYCO_INPUT_REGEN``
+(and the shared-input op, :mod:`.lowrank_shared`, for q/k/v's common input). When it applies (:func:`find`, the
+caller having checked its own conditions): ``LYCO_INPUT_REGEN``
 (:mod:`.graph_policy`, ``1`` — everywhere — by default); not under ``torch.compile``; x (or the tensor x is a full
 contiguous view of, a 2-D reshape of it) is an unmodified output (version 0) of ``a * b`` with both operands kept
 and of x's shape, of ``gelu`` or of ``silu``; no saved-tensor hooks are active (under
@@ -56,8 +67,9 @@ def _hooks_active() -> bool:
 
 
 class Regen:
-    """How to rebuild an input: ``kind`` (``mul``, ``gelu``, ``silu``), its parameter (GELU's ``approximate``),
-    the shape the consumer saw and the count of tensors it takes from the saved ones (:func:`find`)."""
+    """How to rebuild an input: ``kind`` (``mul``, ``gelu``, ``silu``, ``layernorm``), its parameter (GELU's
+    ``approximate``; a layer norm's ``(has weight, has bias)``), the shape the consumer saw and the count of tensors
+    it takes from the saved ones (:func:`find`)."""
 
     __slots__ = ("kind", "param", "shape", "n")
 
@@ -68,11 +80,13 @@ class Regen:
         """x, from the tensors :func:`find` returned (as saved and unpacked)."""
         if self.kind == "mul":
             out = torch.mul(tensors[0], tensors[1])
+        elif self.kind == "layernorm":
+            out = _layer_norm_value(tensors, *self.param)
         elif self.kind == "gelu":
             out = F.gelu(tensors[0], approximate=self.param)
         else:
             out = F.silu(tensors[0])
-        return out.view(self.shape)
+        return out.reshape(self.shape)  # the elementwise result keeps its operands' layout: a copy if not x's
 
 
 def _producer(x: torch.Tensor) -> torch.Tensor | None:
@@ -89,13 +103,28 @@ def _producer(x: torch.Tensor) -> torch.Tensor | None:
     return base
 
 
+def _layer_norm_value(tensors, has_w: bool, has_b: bool) -> torch.Tensor:
+    """A last-dimension layer norm's output from its input and the mean and 1/σ it saved: ``(u − μ)·(1/σ)·γ + β`` in
+    fp32 (or float64), rounded to the input's dtype once."""
+    u, mean, rstd = tensors[:3]
+    dt = torch.promote_types(u.dtype, torch.float32)
+    out = (u.to(dt) - mean.to(dt)) * rstd.to(dt)
+    if has_w:
+        out = out * tensors[3].to(dt)
+    if has_b:
+        out = out + tensors[3 + has_w].to(dt)
+    return out.to(u.dtype)
+
+
 _KINDS = ("MulBackward0", "GeluBackward0", "SiluBackward0")
+_NORM = "NativeLayerNormBackward0"
 
 
-def find(x: torch.Tensor):
+def find(x: torch.Tensor, norm: bool = False):
     """``(Regen, tensors)`` where x can be rebuilt from tensors its producer keeps (module doc), else None. The
     cheap refusals first: it is asked on every adapted linear layer's input of an eager step. Under ``torch.compile``
-    never (grad_fn is not traceable: a graph break per layer)."""
+    never (grad_fn is not traceable: a graph break per layer). ``norm``: the caller takes a layer norm's output too
+    (``LYCO_NORM_REGEN`` permitting) — rebuilt within one rounding of x, not bit for bit (:func:`_find_norm`)."""
     if torch.compiler.is_compiling():
         return None
     p = _producer(x)
@@ -103,6 +132,8 @@ def find(x: torch.Tensor):
         return None
     fn = p.grad_fn
     name = fn.name()
+    if name == _NORM:
+        return _find_norm(x, p, fn) if norm else None
     if name not in _KINDS or not graph_policy.wanted("LYCO_INPUT_REGEN", "1") or _hooks_active():
         return None
     try:  # unpacking raises for a kept tensor modified in place since, or freed: x is kept then
@@ -147,6 +178,31 @@ class _RegenLinear(torch.autograd.Function):
             x = ctx.rg.value(kept).to(cd)
             gw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(w.dtype)  # as autograd's mm backward lays it out
         return (gx, gw, None) + (None,) * len(kept)
+
+
+def _find_norm(x: torch.Tensor, p: torch.Tensor, fn):
+    """A layer norm over x's last dimension (``F.layer_norm``, ``nn.LayerNorm``): its node keeps the input, the mean
+    and 1/σ per row (fp32 on CUDA) and its weight and bias — what x is made of, no eps needed. Rebuilt by
+    :func:`_layer_norm_value` (or the bypass op's kernel, :mod:`.regen_triton`), x comes back as ``(u − μ)·(1/σ)·γ + β``
+    rounded once — torch's kernels compute the same expression in their own order (and on the CPU keep a bf16
+    input's μ and 1/σ in bf16), so an element may differ from the kept x by one rounding of x's dtype (decision: the
+    kept x is itself one rounding of the exact norm; ∂D from either is as exact as x's dtype allows). Only under
+    ``LYCO_NORM_REGEN`` (:mod:`.graph_policy`, captured steps by default: there the bypass op's ∂D reads the norm's
+    input in one kernel, the bytes x would have cost; elsewhere the rebuild is two passes more)."""
+    if (not graph_policy.wanted("LYCO_INPUT_REGEN", "1") or not graph_policy.wanted("LYCO_NORM_REGEN")
+            or _hooks_active()):
+        return None
+    try:
+        shape = tuple(fn._saved_normalized_shape)
+        u, mean, rstd = fn._saved_input, fn._saved_result1, fn._saved_result2
+        w, b = fn._saved_weight, fn._saved_bias
+    except RuntimeError:
+        return None
+    if (len(shape) != 1 or u is None or u.shape != p.shape or shape[0] != p.shape[-1] or mean is None or rstd is None
+            or mean.numel() * shape[0] != p.numel()):
+        return None
+    kept = (u, mean, rstd) + tuple(t for t in (w, b) if t is not None)
+    return Regen("layernorm", (w is not None, b is not None), x.shape, len(kept)), kept
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

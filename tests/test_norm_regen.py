@@ -1,0 +1,278 @@
+"""A layer norm's output regenerated in backward from what the norm keeps (``regen._find_norm``, ``LYCO_NORM_REGEN``):
+the bypass op and the shared-input op keep the norm's input, mean and 1/σ (kept by the norm's own backward anyway)
+instead of their input; gradients against the kept input's and against float64 math, the policy (captured steps by
+default; never on the eager delta path), the kernel path, and the tiny SDXL's norms."""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lyco
+from lyco.algorithms import graph_policy, lowrank, regen, regen_triton
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.is_cross_attention = False
+
+    def forward(self, x):
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+
+
+class Block(nn.Module):
+    """norm1 → q/k/v (one shared-input group), norm2 → ff (one bypass op), as a transformer block reads its norms."""
+
+    def __init__(self, d=16, affine=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=affine)
+        self.attn = Attn(d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=affine)
+        self.ff = nn.Linear(d, 3 * d)
+        self.seen = []
+
+    def forward(self, x):
+        n1 = self.norm1(x)
+        h = x + self.attn(n1)
+        n2 = self.norm2(h)
+        self.seen[:] = [n1, n2]
+        return self.ff(n2)
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setenv("LYCO_SHARED_INPUT", "1")
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    monkeypatch.delenv("LYCO_NORM_REGEN", raising=False)
+    monkeypatch.delenv("LYCO_INPUT_REGEN", raising=False)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    return monkeypatch
+
+
+def _setup(dtype=torch.float64, affine=True, seed=0):
+    torch.manual_seed(seed)
+    model = Block(affine=affine)
+    if affine:
+        with torch.no_grad():  # norms that are not the identity's γ = 1, β = 0
+            for m in (model.norm1, model.norm2):
+                m.weight.add_(0.5 * torch.randn_like(m.weight))
+                m.bias.add_(0.5 * torch.randn_like(m.bias))
+    model.to(dtype)
+    net = lyco.create(model, preset="full", algo="lora", rank=3, alpha=2.0, seed=seed)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.data = (p + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype)).to(dtype)
+    return model, net
+
+
+def _saved_storages(y):
+    seen, todo, out = set(), [y.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kept = list(getattr(fn, "saved_tensors", ()) or ())
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                try:
+                    kept.append(getattr(fn, name))
+                except RuntimeError:
+                    pass
+        out.update(t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor))
+        todo.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def _step(model, net, x, gy, graph=True):
+    ctx = graph_policy.graph_step() if graph else contextlib.nullcontext()
+    params = list(net.trainable_parameters())
+    with ctx:
+        y = model(x)
+        saved = _saved_storages(y)
+        grads = torch.autograd.grad(y, [x] + params, gy)
+    kept = [t.untyped_storage().data_ptr() in saved for t in model.seen]
+    return y, grads, kept
+
+
+def _reference(model, net, x, gy):
+    """The block with every projection's merged weight ``W + (α/r)·U·D`` in float64, by plain autograd."""
+    params = list(net.trainable_parameters())
+    leaves = [p.detach().double().clone().requires_grad_() for p in params]
+    ids = {id(p): i for i, p in enumerate(params)}
+
+    def lin(layer, t):
+        (a,) = layer._lyco_host.adapters
+        ts = a.tensors()
+        up, down = leaves[ids[id(ts["lora_up.weight"])]], leaves[ids[id(ts["lora_down.weight"])]]
+        w = layer.weight.detach().double() + (float(ts["alpha"]) / down.shape[0]) * up @ down
+        return F.linear(t, w, layer.bias.detach().double())
+
+    def norm(m, t):
+        return F.layer_norm(t, m.normalized_shape, None if m.weight is None else m.weight.detach().double(),
+                            None if m.bias is None else m.bias.detach().double(), m.eps)
+    xr = x.detach().double().clone().requires_grad_()
+    n1 = norm(model.norm1, xr)
+    a = model.attn
+    h = xr + torch.softmax(lin(a.to_q, n1) @ lin(a.to_k, n1).transpose(-1, -2) / 4, -1) @ lin(a.to_v, n1)
+    y = lin(model.ff, norm(model.norm2, h))
+    return y, torch.autograd.grad(y, [xr] + leaves, gy.double())
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_norm_outputs_regenerated_in_graph_steps_match_float64(paths, affine):
+    model, net = _setup(affine=affine)
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 24, 48, dtype=torch.float64)
+    paths.setenv("LYCO_NORM_REGEN", "0")
+    y0, g0, kept0 = _step(model, net, x, gy)
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    y1, g1, kept1 = _step(model, net, x, gy)
+    assert kept0 == [True, True] and kept1 == [False, False]
+    assert torch.equal(y0, y1)
+    yr, gr = _reference(model, net, x, gy)
+    torch.testing.assert_close(y1, yr, rtol=1e-10, atol=1e-10)
+    for a, b, r in zip(g0, g1, gr):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)  # float64: the rebuilt x within its rounding
+        torch.testing.assert_close(b, r, rtol=1e-9, atol=1e-9)
+
+
+def test_policy_graph_steps_only_and_never_on_the_delta_path(paths):
+    """Unset: regenerated inside ``graph_step`` only; ``LYCO_INPUT_REGEN=0`` turns it off too; the eager delta path
+    (LoRA's down through ``regen.linear``) keeps a norm's output whatever the switch; a typo is an error."""
+    model, net = _setup()
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 24, 48, dtype=torch.float64)
+    assert _step(model, net, x, gy, graph=False)[2] == [True, True]
+    assert _step(model, net, x, gy)[2] == [False, False]
+    paths.setenv("LYCO_INPUT_REGEN", "0")
+    assert _step(model, net, x, gy)[2] == [True, True]
+    paths.delenv("LYCO_INPUT_REGEN")
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    paths.setenv("LYCO_BYPASS_OP", "0")
+    paths.setenv("LYCO_SHARED_INPUT", "0")
+    assert _step(model, net, x, gy)[2] == [True, True]
+    paths.setenv("LYCO_BYPASS_OP", "1")
+    paths.setenv("LYCO_NORM_REGEN", "on")
+    with pytest.raises(ValueError, match="LYCO_NORM_REGEN"):
+        _step(model, net, x, gy)
+
+
+def test_what_a_norm_regen_refuses(paths):
+    """A norm over more than the last dimension, a norm's output modified in place, an autocast-cast input (the op's
+    own tensor: x is not the norm's output)."""
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    u = torch.randn(3, 4, 6, requires_grad=True)
+    assert regen.find(F.layer_norm(u, (6,)), norm=True)[0].kind == "layernorm"
+    assert regen.find(F.layer_norm(u, (6,))) is None  # the caller did not ask for norms
+    assert regen.find(F.layer_norm(u, (4, 6)), norm=True) is None
+    z = F.layer_norm(u, (6,))
+    z.mul_(2)
+    assert regen.find(z, norm=True) is None
+    found = regen.find(F.layer_norm(u, (6,)).reshape(-1, 6), norm=True)  # a layer host's 2-D rows
+    assert found is not None and found[0].shape == (12, 6)
+
+
+def test_bf16_within_one_rounding_of_x(paths):
+    """bf16 on the CPU, whose layer norm keeps its mean and 1/σ in bf16: the rebuilt x differs from the kept one by
+    a rounding of x in places; every gradient within bf16's tolerance of the kept input's."""
+    model, net = _setup(torch.bfloat16)
+    x = torch.randn(2, 24, 16, dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(2, 24, 48, dtype=torch.bfloat16)
+    paths.setenv("LYCO_NORM_REGEN", "0")
+    _, g0, _ = _step(model, net, x, gy)
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    _, g1, kept = _step(model, net, x, gy)
+    assert kept == [False, False]
+    for a, b in zip(g0, g1):
+        assert ((a.double() - b.double()).abs().max() / a.double().abs().max()).item() < 2e-2
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+def test_the_kernel_reads_the_norms_input(paths, triton_interpreter, permuted):
+    """``LYCO_REGEN_KERNEL``: the shared op's ∂D (rank 3 × 3) and the bypass op's from the norm's input and stats by
+    ``regen_triton.weight_grad`` (interpreted, its CUDA condition forced), fp32: the gradients within fp32 sums of
+    the kept input's; norm1's input also as SD1.5's gets it (channels-first, permuted: no 2-D view)."""
+    paths.setenv("LYCO_REGEN_KERNEL", "1")
+    paths.setattr(regen_triton, "usable", lambda ops, r: True)
+    calls, real = [], regen_triton.weight_grad
+    paths.setattr(regen_triton, "weight_grad", lambda *a: calls.append((a[1].kind, a[0].shape[1])) or real(*a))
+    model, net = _setup(torch.float32)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    if permuted:
+        x = torch.randn(2, 16, 40).transpose(1, 2).requires_grad_()
+    gy = torch.randn(2, 40, 48)
+    paths.setenv("LYCO_NORM_REGEN", "0")
+    _, g0, _ = _step(model, net, x, gy)
+    assert calls == []
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    _, g1, kept = _step(model, net, x, gy)
+    assert kept == [False, False] and sorted(calls) == [("layernorm", 3), ("layernorm", 9)]
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
+    """The real model code (diffusers' BasicTransformerBlock, CLIP's encoder layers), in a graph step with the bypass
+    op: every layer norm whose output an adapted layer reads (UNet norm1–3, CLIP layer_norm1–2; all but the text
+    encoders' first, over frozen embeddings) goes to those layers as its makings; the gradients equal the kept
+    outputs' within float64 rounding."""
+    from lyco.models.tiny import tiny_components
+    comps = tiny_components("sdxl", dtype=torch.float64)
+    net = lyco.create(comps, algo="lora", rank=2, alpha=1.0, preset="full", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    params = list(net.trainable_parameters())
+    norms = {f"{c}.{n}": m for c, comp in comps.items() for n, m in comp.named_modules()
+             if isinstance(m, nn.LayerNorm) and n.rsplit(".", 1)[-1] in ("norm1", "norm2", "norm3", "layer_norm1",
+                                                                         "layer_norm2")}
+    assert len(norms) >= 12
+    outs, hits = {}, set()
+    for n, m in norms.items():
+        # a norm whose input needs no gradient (a text encoder's first layer, over frozen embeddings) keeps nothing:
+        # its output has no producer to rebuild it from
+        def hook(mod, args, out, n=n):
+            if out.grad_fn is not None:
+                outs[n] = id(out)
+        m.register_forward_hook(hook)
+    real = regen.find
+
+    def counting(x, norm=False):
+        r = real(x, norm)
+        if r is not None and r[0].kind == "layernorm":
+            hits.add(id(x if x._base is None else x._base))
+        return r
+    paths.setattr(regen, "find", counting)
+    unet, te, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
+    ids = torch.randint(0, te.config.vocab_size, (2, 8), generator=g)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), timestep=torch.tensor([10, 500]),
+                  encoder_hidden_states=torch.randn(2, 77, 64, generator=g, dtype=torch.float64),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g, dtype=torch.float64),
+                                     "time_ids": torch.rand(2, 6, generator=g, dtype=torch.float64) * 512})
+
+    def grads():
+        outs.clear()
+        hits.clear()
+        with graph_policy.graph_step():
+            loss = unet(**inputs).sample.square().mean() + te(ids).last_hidden_state.square().mean() + te2(
+                ids).text_embeds.square().mean()
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    paths.setenv("LYCO_NORM_REGEN", "0")
+    g0 = grads()
+    assert not hits
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    g1 = grads()
+    assert len(outs) >= len(norms) - 2 and set(outs.values()) <= hits, sorted(
+        n for n, i in outs.items() if i not in hits)
+    for a, b in zip(g0, g1):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-11, atol=1e-13)
