@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
+from regen_helpers import saved_storages, tiny_sdxl_step_inputs
 from lyco.algorithms import graph_policy, lowrank, regen, regen_triton
 
 
@@ -72,31 +73,12 @@ def _setup(dtype=torch.float64, affine=True, seed=0):
     return model, net
 
 
-def _saved_storages(y):
-    seen, todo, out = set(), [y.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        kept = list(getattr(fn, "saved_tensors", ()) or ())
-        for name in dir(fn):
-            if name.startswith("_saved_"):
-                try:
-                    kept.append(getattr(fn, name))
-                except RuntimeError:
-                    pass
-        out.update(t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor))
-        todo.extend(f for f, _ in fn.next_functions)
-    return out
-
-
 def _step(model, net, x, gy, graph=True):
     ctx = graph_policy.graph_step() if graph else contextlib.nullcontext()
     params = list(net.trainable_parameters())
     with ctx:
         y = model(x)
-        saved = _saved_storages(y)
+        saved = saved_storages(y)
         grads = torch.autograd.grad(y, [x] + params, gy)
     kept = [t.untyped_storage().data_ptr() in saved for t in model.seen]
     return y, grads, kept
@@ -253,11 +235,7 @@ def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
         return r
     paths.setattr(regen, "find", counting)
     unet, te, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
-    ids = torch.randint(0, te.config.vocab_size, (2, 8), generator=g)
-    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), timestep=torch.tensor([10, 500]),
-                  encoder_hidden_states=torch.randn(2, 77, 64, generator=g, dtype=torch.float64),
-                  added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g, dtype=torch.float64),
-                                     "time_ids": torch.rand(2, 6, generator=g, dtype=torch.float64) * 512})
+    ids, inputs = tiny_sdxl_step_inputs(comps, g)
 
     def grads():
         outs.clear()

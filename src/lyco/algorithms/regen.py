@@ -35,7 +35,7 @@ equal, run 188: torch's rebuild gave every gradient bit for bit), in captured st
 the bytes x would have cost, plus ``(u − μ)·(1/σ)·γ + β`` in registers. H100, captured steps with it on / off (run
 192): SD1.5 b8 LoRA **7.659** / 8.178 GiB (floor 7.625, PEFT 8.750) for 73.32–73.39 / 73.27 ms, LoCon 7.787 / 8.303 for
 73.19 / 73.05; SDXL b4 LoRA **25.131** / 27.470 (PEFT 30.53) for 202.64 / 202.04; SDXL b1 LoRA 10.188 / 10.775 for
-77.29 / 76.93 — 6–9 % of the peak for 0.1–0.5 % of the time.
+77.29 / 76.93 — 5–9 % of the peak for 0.1–0.5 % of the time.
 
 Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
 (:func:`linear`: the layer's ``F.linear(x, D)`` kept x for ∂D as autograd saves it).

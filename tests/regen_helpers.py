@@ -1,0 +1,34 @@
+"""What the regenerated-input tests (tests/test_input_regen.py, tests/test_norm_regen.py) share: the storages an
+autograd graph keeps, and the tiny SDXL's inputs for one step of all three of its models."""
+
+import torch
+
+
+def saved_storages(y):
+    """The storages of every tensor any node of y's autograd graph keeps for backward."""
+    seen, todo, out = set(), [y.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kept = list(getattr(fn, "saved_tensors", ()) or ())
+        for name in dir(fn):
+            if name.startswith("_saved_"):
+                try:
+                    kept.append(getattr(fn, name))
+                except RuntimeError:
+                    pass
+        out.update(t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor))
+        todo.extend(f for f, _ in fn.next_functions)
+    return out
+
+
+def tiny_sdxl_step_inputs(comps, g):
+    """``(token ids, UNet inputs)`` for the tiny SDXL of :func:`lyco.models.tiny.tiny_components` in float64."""
+    ids = torch.randint(0, comps["text_encoder"].config.vocab_size, (2, 8), generator=g)
+    unet = dict(sample=torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64), timestep=torch.tensor([10, 500]),
+                encoder_hidden_states=torch.randn(2, 77, 64, generator=g, dtype=torch.float64),
+                added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g, dtype=torch.float64),
+                                   "time_ids": torch.rand(2, 6, generator=g, dtype=torch.float64) * 512})
+    return ids, unet
