@@ -126,9 +126,10 @@ def test_norm_outputs_regenerated_in_graph_steps_match_float64(paths, affine):
         torch.testing.assert_close(b, r, rtol=1e-9, atol=1e-9)
 
 
-def test_policy_graph_steps_only_and_never_on_the_delta_path(paths):
-    """Unset: regenerated inside ``graph_step`` only; ``LYCO_INPUT_REGEN=0`` turns it off too; the eager delta path
-    (LoRA's down through ``regen.linear``) keeps a norm's output whatever the switch; a typo is an error."""
+def test_policy_graph_steps_only_unless_everywhere(paths):
+    """Unset: regenerated inside ``graph_step`` only; ``LYCO_INPUT_REGEN=0`` turns it off too; the delta path (LoRA's
+    down through ``regen.linear``) takes it where the policy says — inside ``graph_step`` by default, outside it only
+    with ``1``, its gradients then within float64 rounding of the kept input's; a typo is an error."""
     model, net = _setup()
     x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(2, 24, 48, dtype=torch.float64)
@@ -137,10 +138,16 @@ def test_policy_graph_steps_only_and_never_on_the_delta_path(paths):
     paths.setenv("LYCO_INPUT_REGEN", "0")
     assert _step(model, net, x, gy)[2] == [True, True]
     paths.delenv("LYCO_INPUT_REGEN")
-    paths.setenv("LYCO_NORM_REGEN", "1")
     paths.setenv("LYCO_BYPASS_OP", "0")
     paths.setenv("LYCO_SHARED_INPUT", "0")
-    assert _step(model, net, x, gy)[2] == [True, True]
+    _, g0, kept = _step(model, net, x, gy, graph=False)
+    assert kept == [True, True]
+    assert _step(model, net, x, gy)[2] == [False, False]
+    paths.setenv("LYCO_NORM_REGEN", "1")
+    _, g1, kept = _step(model, net, x, gy, graph=False)
+    assert kept == [False, False]
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     paths.setenv("LYCO_BYPASS_OP", "1")
     paths.setenv("LYCO_NORM_REGEN", "on")
     with pytest.raises(ValueError, match="LYCO_NORM_REGEN"):

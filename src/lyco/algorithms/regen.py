@@ -30,8 +30,9 @@ for the last 1 % of speed.
 **A layer norm's output** (change 119; :func:`_find_norm`): q/k/v's input (norm1), ``attn2.to_q``'s (norm2) and the
 GEGLU projection's (norm3) in every transformer block, and CLIP's q/k/v and ``fc1`` — the norm keeps its input and
 the mean and 1/σ of each row, so x is ``(u − μ)·(1/σ)·γ + β`` away: rebuilt within one rounding of x (on the GPU
-equal, run 188: torch's rebuild gave every gradient bit for bit), in captured steps only (``LYCO_NORM_REGEN``,
-``graph`` by default), where the bypass op's and the shared-input op's ∂D read the norm's input in one kernel —
+equal, run 188: torch's rebuild gave every gradient bit for bit), by default in captured steps only
+(``LYCO_NORM_REGEN``, ``graph``; ``1`` takes it into eager steps' delta path too, x rebuilt by torch there), where the
+bypass op's and the shared-input op's ∂D read the norm's input in one kernel —
 the bytes x would have cost, plus ``(u − μ)·(1/σ)·γ + β`` in registers. H100, captured steps with it on / off (run
 192): SD1.5 b8 LoRA **7.659** / 8.178 GiB (floor 7.625, PEFT 8.750) for 73.32–73.39 / 73.27 ms, LoCon 7.787 / 8.303 for
 73.19 / 73.05; SDXL b4 LoRA **25.131** / 27.470 (PEFT 30.53) for 202.64 / 202.04; SDXL b1 LoRA 10.188 / 10.775 for
@@ -188,7 +189,7 @@ def _find_norm(x: torch.Tensor, p: torch.Tensor, fn):
     input's μ and 1/σ in bf16), so an element may differ from the kept x by one rounding of x's dtype (decision: the
     kept x is itself one rounding of the exact norm; ∂D from either is as exact as x's dtype allows). Only under
     ``LYCO_NORM_REGEN`` (:mod:`.graph_policy`, captured steps by default: there the bypass op's ∂D reads the norm's
-    input in one kernel, the bytes x would have cost; elsewhere the rebuild is two passes more)."""
+    input in one kernel, the bytes x would have cost; elsewhere — ``1`` — the rebuild is two passes more)."""
     if (not graph_policy.wanted("LYCO_INPUT_REGEN", "1") or not graph_policy.wanted("LYCO_NORM_REGEN")
             or _hooks_active()):
         return None
@@ -207,10 +208,12 @@ def _find_norm(x: torch.Tensor, p: torch.Tensor, fn):
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` for an adapter's down on the delta path, x regenerated in backward where :func:`find`
-    allows and w takes a gradient (else x is not kept anyway)."""
+    allows and w takes a gradient (else x is not kept anyway). A layer norm's output too where ``LYCO_NORM_REGEN``
+    says so — not by default outside graph steps, where an eager step's gradients stay bit for bit those of the kept
+    input; ``1`` takes it everywhere (the memory for x's rebuild by torch in backward: two passes more)."""
     if not (w.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, w)
-    found = find(x)
+    found = find(x, norm=True)
     if found is None:
         return F.linear(x, w)
     rg, kept = found
