@@ -261,3 +261,38 @@ def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
         n for n, i in outs.items() if i not in hits)
     for a, b in zip(g0, g1):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-11, atol=1e-13)
+
+
+def test_a_concatenating_forward_keeps_neither_x_nor_the_concatenation(paths):
+    """A layer wide out that concatenates ``[x | h]`` in its forward (``lowrank._cat_forward_pays``: the GEGLU
+    projection's form, in + r a multiple of 8) with its input a norm's output: the op keeps the norm's makings and a
+    copy of h's r columns — no saved tensor holds the ``rows × (in + r)`` concatenation — and its gradients are the
+    kept input's."""
+    cats = []
+    real = lowrank._cat_forward_pays
+    paths.setattr(lowrank, "_cat_forward_pays", lambda *a: cats.append(real(*a)) or cats[-1])
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.LayerNorm(13), nn.Linear(13, 64)).double()
+    net = lyco.create(model, preset="full", algo="lora", rank=3, alpha=2.0, seed=1)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = list(net.trainable_parameters())
+    x = torch.randn(4, 12, 13, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(4, 12, 64, dtype=torch.float64)
+    out = []
+    for flag in ("0", "1"):
+        paths.setenv("LYCO_NORM_REGEN", flag)
+        cats.clear()
+        with graph_policy.graph_step():
+            y = model(x)
+            node = y.grad_fn
+            while node.name() != "_BypassOpBackward":
+                node = node.next_functions[0][0]
+            sizes = [t.untyped_storage().nbytes() for t in node.saved_tensors if t is not None]
+            out.append(torch.autograd.grad(y, [x] + params, gy))
+        assert cats == [True]
+        cat_bytes = 48 * 16 * 8  # rows × (in + r), float64
+        assert (cat_bytes in sizes) == (flag == "0")  # kept: [x | h] itself (x and h are views of it)
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
