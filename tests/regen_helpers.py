@@ -32,3 +32,25 @@ def tiny_sdxl_step_inputs(comps, g):
                 added_cond_kwargs={"text_embeds": torch.randn(2, 32, generator=g, dtype=torch.float64),
                                    "time_ids": torch.rand(2, 6, generator=g, dtype=torch.float64) * 512})
     return ids, unet
+
+
+def tiny_sdxl_loss(comps, ids, unet_inputs):
+    """One loss over all three of the tiny SDXL's models (UNet, both text encoders)."""
+    return (comps["unet"](**unet_inputs).sample.square().mean()
+            + comps["text_encoder"](ids).last_hidden_state.square().mean()
+            + comps["text_encoder_2"](ids).text_embeds.square().mean())
+
+
+def record_regen_hits(monkeypatch, kind=None) -> set:
+    """The set that ``regen.find`` (patched through monkeypatch) fills with the id of every input it finds
+    regenerable (the view's base for a layer host's 2-D rows), of ``kind`` only if given."""
+    from lyco.algorithms import regen
+    hits, real = set(), regen.find
+
+    def counting(x, norm=False):
+        r = real(x, norm)
+        if r is not None and (kind is None or r[0].kind == kind):
+            hits.add(id(x if x._base is None else x._base))
+        return r
+    monkeypatch.setattr(regen, "find", counting)
+    return hits

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from regen_helpers import saved_storages, tiny_sdxl_step_inputs
+from regen_helpers import record_regen_hits, saved_storages, tiny_sdxl_loss, tiny_sdxl_step_inputs
 from lyco.algorithms import graph_policy, lowrank, regen
 
 
@@ -271,26 +271,16 @@ def test_the_tiny_sdxl_regenerates_every_feed_forward_input(monkeypatch):
     params = list(net.trainable_parameters())
     ffn = {n: m for c in comps.values() for n, m in c.named_modules() if n.endswith(("ff.net.2", "mlp.fc2"))}
     assert len(ffn) >= 8
-    seen, hits = {}, set()
+    seen = {}
     for n, m in ffn.items():
         m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, id(args[0])))
-    real = regen.find
-
-    def counting(x, norm=False):
-        r = real(x, norm)
-        if r is not None:
-            hits.add(id(x if x._base is None else x._base))
-        return r
-    monkeypatch.setattr(regen, "find", counting)
-    unet, te, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
+    hits = record_regen_hits(monkeypatch)
     ids, inputs = tiny_sdxl_step_inputs(comps, g)
 
     def grads():
         seen.clear()
         hits.clear()
-        loss = unet(**inputs).sample.square().mean() + te(ids).last_hidden_state.square().mean() + te2(
-            ids).text_embeds.square().mean()
-        return torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.autograd.grad(tiny_sdxl_loss(comps, ids, inputs), params, allow_unused=True)
 
     monkeypatch.setenv("LYCO_INPUT_REGEN", "0")
     g0 = grads()

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from regen_helpers import saved_storages, tiny_sdxl_step_inputs
+from regen_helpers import record_regen_hits, saved_storages, tiny_sdxl_loss, tiny_sdxl_step_inputs
 from lyco.algorithms import graph_policy, lowrank, regen, regen_triton
 
 
@@ -225,7 +225,7 @@ def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
              if isinstance(m, nn.LayerNorm) and n.rsplit(".", 1)[-1] in ("norm1", "norm2", "norm3", "layer_norm1",
                                                                          "layer_norm2")}
     assert len(norms) >= 12
-    outs, hits = {}, set()
+    outs = {}
     for n, m in norms.items():
         # a norm whose input needs no gradient (a text encoder's first layer, over frozen embeddings) keeps nothing:
         # its output has no producer to rebuild it from
@@ -233,24 +233,14 @@ def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
             if out.grad_fn is not None:
                 outs[n] = id(out)
         m.register_forward_hook(hook)
-    real = regen.find
-
-    def counting(x, norm=False):
-        r = real(x, norm)
-        if r is not None and r[0].kind == "layernorm":
-            hits.add(id(x if x._base is None else x._base))
-        return r
-    paths.setattr(regen, "find", counting)
-    unet, te, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
+    hits = record_regen_hits(paths, "layernorm")
     ids, inputs = tiny_sdxl_step_inputs(comps, g)
 
     def grads():
         outs.clear()
         hits.clear()
         with graph_policy.graph_step():
-            loss = unet(**inputs).sample.square().mean() + te(ids).last_hidden_state.square().mean() + te2(
-                ids).text_embeds.square().mean()
-            return torch.autograd.grad(loss, params, allow_unused=True)
+            return torch.autograd.grad(tiny_sdxl_loss(comps, ids, inputs), params, allow_unused=True)
 
     paths.setenv("LYCO_NORM_REGEN", "0")
     g0 = grads()
