@@ -36,6 +36,16 @@ graph_check() {
   grep "cases ok" "$OUT/check_cuda_graph.log"
 }
 
+# regen_check SECONDS ALGOS [regen_check.py-args…]: benchmarks/regen_check.py on the SD1.5 config (batch 2, 32×32
+# latents) into $OUT/regen, within SECONDS; prints its rc, its JSON rows (cut at 700 characters) and its verdict.
+regen_check() {
+  local secs=$1 algos=$2
+  shift 2
+  timeout "$secs" python3 benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos "$algos" "$@" \
+    --out "$OUT/regen" > "$OUT/regen_check.log" 2>&1
+  echo "regen_check rc=$?"; grep -E '^\{|regen_check' "$OUT/regen_check.log" | cut -c1-700
+}
+
 # aba VAR T_ON T_OFF T_ON2 train_step.py-args…: an A/B/A of one switch — the step table with it as set (the floor
 # alongside) into $OUT/on, with VAR=0 into $OUT/off, as set again into $OUT/on2; T_* are step_table's deadlines.
 aba() {

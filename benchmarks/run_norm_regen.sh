@@ -7,8 +7,7 @@
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
-timeout 120 python3 benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora --out "$OUT/regen" \
-  > "$OUT/regen_check.log" 2>&1; echo "regen_check rc=$?"; grep -E '^\{|regen_check' "$OUT/regen_check.log" | cut -c1-700
+regen_check 120 lora
 graph_check 100 lora,locon
 echo "checks: wall $(( $(date +%s) - S )) s"
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15"

@@ -6,8 +6,7 @@
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
-timeout 80 python3 benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora --eager --out "$OUT/regen" \
-  > "$OUT/regen_check.log" 2>&1; echo "regen_check rc=$?"; grep -E '^\{|regen_check' "$OUT/regen_check.log" | cut -c1-300
+regen_check 80 lora --eager
 A="--rounds 1 --steps 8 --warmup 2"
 step_table s8 110 --jobs sd15:8 --algos lora --no-baselines --variants lyco,peft $A
 (export LYCO_INPUT_REGEN=0; step_table s8_off 130 --jobs sd15:8 --algos lora --no-baselines --variants lyco $A)

@@ -10,8 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD/src
 mkdir -p "$OUT/wgrad"
 timeout 60 python3 benchmarks/experiments/regen_wgrad_bench.py "$OUT/wgrad" > "$OUT/wgrad/log.txt" 2>&1
 echo "wgrad rc=$?"; grep "sum µs" "$OUT/wgrad/log.txt"
-timeout 100 python3 benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora --out "$OUT/regen" \
-  > "$OUT/regen_check.log" 2>&1; echo "regen_check rc=$?"; grep -E '^\{|regen_check' "$OUT/regen_check.log" | cut -c1-400
+regen_check 100 lora
 graph_check 100 lora,locon
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15"
 step_table s8 280 --jobs sd15:8 --algos lora --baselines floor --variants lyco,peft $A

@@ -54,3 +54,17 @@ def record_regen_hits(monkeypatch, kind=None) -> set:
         return r
     monkeypatch.setattr(regen, "find", counting)
     return hits
+
+
+def tiny_sdxl_lora():
+    """``(components, params, generator)``: the tiny SDXL in float64, LoRA (rank 2) on every layer of its three models,
+    the adapters moved off their zero init so that every gradient is nonzero; the generator's state follows that."""
+    import lyco
+    from lyco.models.tiny import tiny_components
+    comps = tiny_components("sdxl", dtype=torch.float64)
+    net = lyco.create(comps, algo="lora", rank=2, alpha=1.0, preset="full", seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return comps, list(net.trainable_parameters()), g

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from regen_helpers import record_regen_hits, saved_storages, tiny_sdxl_loss, tiny_sdxl_step_inputs
+from regen_helpers import (record_regen_hits, saved_storages, tiny_sdxl_lora, tiny_sdxl_loss,
+                           tiny_sdxl_step_inputs)
 from lyco.algorithms import graph_policy, lowrank, regen
 
 
@@ -261,14 +262,7 @@ def test_the_tiny_sdxl_regenerates_every_feed_forward_input(monkeypatch):
     """The real model code the regeneration relies on (diffusers' GEGLU, transformers' quick-GELU and GELU): on the
     tiny SDXL — UNet and both text encoders, LoRA on every layer, eager steps — every ``ff.net.2`` and ``mlp.fc2``
     input is regenerated, and every adapter gradient equals the kept inputs' bit for bit."""
-    from lyco.models.tiny import tiny_components
-    comps = tiny_components("sdxl", dtype=torch.float64)
-    net = lyco.create(comps, algo="lora", rank=2, alpha=1.0, preset="full", seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    params = list(net.trainable_parameters())
+    comps, params, g = tiny_sdxl_lora()
     ffn = {n: m for c in comps.values() for n, m in c.named_modules() if n.endswith(("ff.net.2", "mlp.fc2"))}
     assert len(ffn) >= 8
     seen = {}

@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from regen_helpers import record_regen_hits, saved_storages, tiny_sdxl_loss, tiny_sdxl_step_inputs
+from regen_helpers import (record_regen_hits, saved_storages, tiny_sdxl_lora, tiny_sdxl_loss,
+                           tiny_sdxl_step_inputs)
 from lyco.algorithms import graph_policy, lowrank, regen, regen_triton
 
 
@@ -213,14 +214,7 @@ def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):
     op: every layer norm whose output an adapted layer reads (UNet norm1–3, CLIP layer_norm1–2; all but the text
     encoders' first, over frozen embeddings) goes to those layers as its makings; the gradients equal the kept
     outputs' within float64 rounding."""
-    from lyco.models.tiny import tiny_components
-    comps = tiny_components("sdxl", dtype=torch.float64)
-    net = lyco.create(comps, algo="lora", rank=2, alpha=1.0, preset="full", seed=0)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    params = list(net.trainable_parameters())
+    comps, params, g = tiny_sdxl_lora()
     norms = {f"{c}.{n}": m for c, comp in comps.items() for n, m in comp.named_modules()
              if isinstance(m, nn.LayerNorm) and n.rsplit(".", 1)[-1] in ("norm1", "norm2", "norm3", "layer_norm1",
                                                                          "layer_norm2")}

@@ -8,6 +8,9 @@ checked against float64 first; a GEGLU's ``a`` is the strided half of its projec
 
 ``--norm``: the layer norms' outputs instead (change 119): cuBLAS on a kept x against the kernel forming x from the
 norm's input and stats, at the ranks and layouts a step has (SD1.5's norm1 input permuted, q/k/v's rank 48).
+Run 191 (``results/run191_h100_regen_variants/``) timed two variants of the kernel with a ``--variants`` mode of this
+script — ∂h read along r, the second launch summing 16 row splits a load; both lost and left the kernel with that mode
+(NOTES change 119), uncommitted.
 """
 import json
 import sys
@@ -96,19 +99,10 @@ def norm_main(out_dir):
         json.dump(res, f, indent=1)
 
 
-def variants_main(out_dir):
-    """--variants (run 191, the code of that run): ∂h's tile read along r and transposed in the dot or read
-    transposed, × the second launch summing 1 or 16 row splits per load — both kinds at both sizes. Both
-    alternatives lost (NOTES change 119) and are gone from the kernel; this records how they were timed."""
-    raise SystemExit("run 191's variants are no longer in regen_triton (benchmarks/results/run191_h100_regen_variants)")
-
-
 def main():
     out_dir = sys.argv[1]
     if "--norm" in sys.argv:
         return norm_main(out_dir)
-    if "--variants" in sys.argv:
-        return variants_main(out_dir)
     dev, dt, r, s = torch.device("cuda"), torch.bfloat16, 16, 0.5
     e = torch.empty(1, 1, device=dev, dtype=dt)
     assert regen_triton.usable(regen_triton.Operands("mul", (e, e)), r)

@@ -4,8 +4,8 @@ tensors of a product (below), or a layer norm's input, mean and 1/σ, weight and
 ``∂D = s·∂hᵀ·(a ⊙ b)`` — where the bypass op rebuilds its input ``x = a ⊙ b`` in backward from what the producing mul
 keeps anyway (:mod:`.regen`: a GEGLU's operands before ``ff.net.2``), this kernel reads a and b and forms x tile by
 tile in registers, so x is never written. Torch's form is two passes more: the mul writes x (read a and b, write x),
-the GEMM reads x again — on an SD1.5 b8 step that is ≈ 1.5 GB of traffic for the 16 ``ff.net.2`` layers, what change
-117 (benchmarks/NOTES.md) cost in time.
+the GEMM reads x again — on an SD1.5 b8 step ≈ 1.5 GB more traffic for the 16 ``ff.net.2`` layers (by their shapes:
+370 M elements of x in bf16, two passes), what change 117 (benchmarks/NOTES.md) cost in time.
 
 The first launch: programs over row splits × column blocks of x, each a ``(r, BK)`` fp32 partial product over its rows
 (``tl.dot`` of ∂hᵀ's tile with x's), stored per row split — no atomics: deterministic, so a captured step replays
@@ -40,7 +40,8 @@ if triton is not None:
 #: 64/128/256 × 32/64/128 rows and columns — 0.58 ms summed over SD1.5 b8's 16 ``ff.net.2`` products, 2.64 ms over
 #: SDXL b4's 70, against 1.43 and 6.44 for the mul and cuBLAS (0.30 and 1.24 on a kept x). ``layernorm`` (run 189,
 #: narrower rows: 320–1280 columns): 128 × 64 — 0.55 ms over SD1.5 b8's 48 norm outputs' products (0.72 at 64 × 64),
-#: 2.19 over SDXL b4's 210 (3.09), against cuBLAS on a kept x 0.41 and 1.79
+#: 2.19 over SDXL b4's 210 (3.09); with the second launch over 256 columns (run 191) 0.46 and 2.01, against cuBLAS on
+#: a kept x 0.41 and 1.78
 _CFG = {"mul": {"BN": 64, "BK": 64, "num_warps": 4, "num_stages": 6},
         "layernorm": {"BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4}}
 #: programs the first launch aims at (row splits × column blocks × rank blocks): one per SM of an H100 — best of
@@ -177,12 +178,6 @@ def product_grad(gh: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, d
                  into: torch.Tensor | None = None) -> torch.Tensor | None:
     """:func:`weight_grad` of ``x = a ⊙ b`` (``a``, ``b`` ``(N, K)`` with unit column stride)."""
     return weight_grad(gh, Operands("mul", (a, b)), s, dt, into)
-
-
-def product_grad_torch(gh: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
-                       dt: torch.dtype = torch.float64) -> torch.Tensor:
-    """:func:`weight_grad_torch` of ``x = a ⊙ b``."""
-    return weight_grad_torch(gh, Operands("mul", (a, b)), s, dt)
 
 
 def _self_test(device, dtype) -> bool:
