@@ -79,7 +79,7 @@ def norm_main(out_dir):
             tot["kept"] = tot.get("kept", 0.0) + layers * row["kept_us"]
             for i, c in enumerate(NORM_CONFIGS):
                 for p in (132, 264):
-                    regen_triton._CFG["mul"].update(c)
+                    regen_triton._CFG["layernorm"].update(c)
                     regen_triton._PROGRAMS = p
                     key = f"triton{i}_p{p}"
                     into.zero_()
@@ -133,7 +133,7 @@ def main():
                 tot[name] = tot.get(name, 0.0) + layers * row[name + "_us"]
             for i, c in enumerate(CONFIGS):
                 for p in PROGRAMS:
-                    regen_triton._CFG["layernorm"].update(c)
+                    regen_triton._CFG["mul"].update(c)
                     regen_triton._PROGRAMS = p
                     key = f"triton{i}_p{p}"
                     into.zero_()
