@@ -10,7 +10,9 @@ what an algorithm's down is built from: LoHa's two factors, run 187) must be wit
 to their largest entry: one bf16 rounding by default, as ∂D comes out of either form in the compute dtype where the
 down's own dtype is (LoHa's rank-64 Khatri–Rao down: 1.1e-3 in run 187; fp32 downs 4e-6). With ``LYCO_NORM_REGEN``
 (layer norms' outputs rebuilt from their input and stats, by torch and by the kernel): within the same tolerance —
-x itself within one rounding.
+x itself within one rounding. With ``LYCO_GEGLU_FUSE`` too (a GEGLU's backward run by the op after it, with ∂D, in one
+kernel: ∂p within one rounding of torch's chain): every gradient within the same tolerance, and the count of fused
+layers.
 
     python benchmarks/regen_check.py --model sd15 --batch 2 --latent 32 --algos lora,locon --out DIR
 """
@@ -33,13 +35,20 @@ import train_step as ts  # noqa: E402
 
 
 def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, kernel: bool = False,
-             norm: bool = False):
+             norm: bool = False, geglu: bool = False):
     from lyco.algorithms import graph_policy, regen
     os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
     os.environ["LYCO_REGEN_KERNEL"] = "1" if kernel else "0"
     os.environ["LYCO_NORM_REGEN"] = "1" if norm else "0"
-    calls = {"n": 0, "hit": 0, "norm": 0}
-    find = regen.find
+    os.environ["LYCO_GEGLU_FUSE"] = "1" if geglu else "0"
+    calls = {"n": 0, "hit": 0, "norm": 0, "geglu": 0}
+    find, find_geglu = regen.find, regen.find_geglu
+
+    def counting_geglu(x):
+        r = find_geglu(x)
+        calls["geglu"] += r is not None
+        return r
+    regen.find_geglu = counting_geglu
 
     def counting(x, norm=False):
         r = find(x, norm)
@@ -57,8 +66,32 @@ def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, 
         if unet.device.type == "cuda":
             torch.cuda.synchronize()
     finally:
-        regen.find = find
+        regen.find, regen.find_geglu = find, find_geglu
     return [p.grad.clone() if p.grad is not None else None for p in params], calls
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def fp32_grads(unet, inputs, target, params, dtype):
+    """The kept-input step's adapter gradients with the frozen model in fp32 (the adapters are fp32 already; lyco's
+    bf16 kernels stand aside), then the model back in ``dtype`` (bf16 → fp32 → bf16 is exact)."""
+    ids = {id(p) for p in params}
+    base = [p for p in unet.parameters() if id(p) not in ids]
+    for p in base:
+        p.data = p.data.float()
+    try:
+        def up(v):
+            if isinstance(v, dict):
+                return {k: up(w) for k, w in v.items()}
+            return v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+        f32 = up(inputs)
+        out, _ = grads_of(unet, f32, target.float(), params, False)
+    finally:
+        for p in base:
+            p.data = p.data.to(dtype)
+    return out
 
 
 def main(argv=None):
@@ -119,6 +152,38 @@ def main(argv=None):
                     for x, y in zip(kn, keep1) if x is not None and not torch.equal(x, y)]
             row.update(kernel_norm_params_differing=len(diff), kernel_norm_max_rel_diff=max(diff, default=0.0))
             row["ok"] = bool(row["ok"] and len(diff) > 0 and max(diff, default=0.0) <= a.kernel_tol)
+            # and a GEGLU's backward run by the op after it with ∂D (LYCO_GEGLU_FUSE, change 120): ∂p within one
+            # rounding of torch's chain, so every gradient upstream of a GEGLU may differ — within the tolerance
+            # — a bf16 backward amplifies such one-ulp changes (run 195: one parameter's gradient moved 3.9 % of its
+            # largest entry), so two checks: (1) the op's torch form of the same backward (the kernel standing aside
+            # in backward: grad mode is off there) must give every gradient bit for bit — the wiring; (2) the
+            # kernel's step against the same step in fp32, parameter by parameter, no less accurate than the unfused
+            # step: the mean of the error ratios at most 1 + 2⁻⁴, each error at most 1.25× the unfused one's plus
+            # --kernel-tol
+            from lyco.algorithms import regen_triton
+            usable = regen_triton.geglu_usable
+            regen_triton.geglu_usable = lambda p, r: torch.is_grad_enabled() and usable(p, r)
+            try:
+                tf, c6 = grads_of(unet, inputs, target, params, True, False, False, False, True)
+            finally:
+                regen_triton.geglu_usable = usable
+            torch_form_same = all(torch.equal(x, y) for x, y in zip(tf, keep1) if x is not None)
+            fu, c5 = grads_of(unet, inputs, target, params, True, False, True, True, True)
+            diff = [((x.float() - y.float()).abs().max() / y.float().abs().max().clamp_min(1e-30)).item()
+                    for x, y in zip(fu, keep1) if x is not None and not torch.equal(x, y)]
+            ref = fp32_grads(unet, inputs, target, params, dtype)
+            e_keep = [rel_err(x, r) for x, r in zip(keep1, ref) if x is not None]
+            e_fu = [rel_err(x, r) for x, r in zip(fu, ref) if x is not None]
+            ratio = sum(f / max(k, 1e-30) for f, k in zip(e_fu, e_keep)) / len(e_fu)
+            worse = sum(f > 1.25 * k + a.kernel_tol for f, k in zip(e_fu, e_keep))
+            row.update(geglu_fused=c5["geglu"], geglu_torch_form_fused=c6["geglu"],
+                       geglu_torch_form_bitwise=torch_form_same, geglu_params_differing=len(diff),
+                       geglu_max_rel_diff=max(diff, default=0.0), fp32_err_kept_worst=max(e_keep),
+                       fp32_err_kept_mean=sum(e_keep) / len(e_keep), fp32_err_geglu_worst=max(e_fu),
+                       fp32_err_geglu_mean=sum(e_fu) / len(e_fu), fp32_err_ratio_mean=ratio,
+                       fp32_err_params_worse=worse)
+            row["ok"] = bool(row["ok"] and c5["geglu"] > 0 and c6["geglu"] > 0 and torch_form_same
+                             and ratio <= 1 + 2.0 ** -4 and worse == 0)
         print(json.dumps(row), flush=True)
         rows.append(row)
         h.detach()

@@ -858,6 +858,56 @@ def fresh_memory() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
+class _FrozenGegluLinear(torch.autograd.Function):
+    """A frozen ``ff.net.2`` reading a GEGLU's ``a ⊙ gelu(g)``, given the projection's output p as its input: ``∂x =
+    ∂y·W``, then the GEGLU's backward as lyco's captured LoRA step runs it (one Triton pass, no ∂D: change 120) —
+    the floor with that kernel (``floor-geglu``)."""
+
+    @staticmethod
+    def forward(ctx, p, x, weight, bias):
+        ctx.save_for_backward(p, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        from lyco.algorithms import regen_triton
+        p, w = ctx.saved_tensors
+        p2 = p.reshape(-1, p.shape[-1])
+        gx = gy.reshape(-1, gy.shape[-1]) @ w
+        if regen_triton.geglu_usable(p2, 1):
+            gp, _ = regen_triton.geglu_backward(gx, p2, None)
+        else:
+            gp, _ = regen_triton.geglu_torch(gx, p2)
+        return gp.view(p.shape), None, None, None
+
+
+def fuse_frozen_geglu(unet):
+    """The ``floor-geglu`` baseline: every ``ff.net.2`` of the frozen UNet takes its GEGLU's backward into its own
+    (:class:`_FrozenGegluLinear`) where ``lyco.algorithms.regen.find_geglu`` finds the GEGLU — under its policy, so in
+    the graph column (``graph_step``) only — as lyco's adapted ``ff.net.2`` does since change 120. lyco's LoRA step
+    runs the frozen model's GEGLU backward in that one pass, where the floor runs torch's three nodes; against this
+    baseline its ratio counts only the adapter's own work. Returns the function that restores the modules."""
+    from lyco.algorithms import regen, regen_triton
+    patched = []
+    for name, m in unet.named_modules():
+        if not (name.endswith("ff.net.2") and isinstance(m, torch.nn.Linear)):
+            continue
+
+        def fwd(x, m=m):
+            p = regen.find_geglu(x) if torch.is_grad_enabled() and x.requires_grad else None
+            if p is None or not regen_triton.geglu_usable(p, 1):
+                return F.linear(x, m.weight, m.bias)
+            return _FrozenGegluLinear.apply(p, x.detach(), m.weight, m.bias)
+        m.forward = fwd
+        patched.append(m)
+
+    def restore():
+        for m in patched:
+            m.__dict__.pop("forward", None)
+    return restore
+
+
 def run_config(ctx, algo: str | None, variant: str) -> dict:
     """Attach, randomise, check, time, detach. Every failure is caught and recorded."""
     a = ctx["args"]
@@ -865,6 +915,7 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
     rec = {"model": ctx["model"], "batch": ctx["batch"], "algo": algo or variant, "variant": variant,
            "status": "ok"}
     handle = None
+    restore = None
     t0 = time.perf_counter()
     step_model = unet
     try:
@@ -872,10 +923,12 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         if cuda:
             fresh_memory()
             rec["base_alloc_gib"] = torch.cuda.memory_allocated() / GiB
-        floor = variant == "floor"
+        floor = variant in ("floor", "floor-geglu")
         params = []
-        if variant == "floor":
+        if floor:
             ctx["inputs"]["sample"].requires_grad_(True)
+            if variant == "floor-geglu":
+                restore = fuse_frozen_geglu(unet)
         elif variant == "fullft":
             unet.requires_grad_(True)
             params = [p for p in unet.parameters()]
@@ -952,6 +1005,8 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         if not oom:
             rec["traceback"] = traceback.format_exc()[-2000:]
     finally:
+        if restore is not None:
+            restore()
         try:
             if handle is not None:
                 handle.detach()
@@ -1183,7 +1238,8 @@ def main(argv=None):
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"library variants, of {','.join(VARIANTS)}")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"of {','.join(ALGOS)}")
     p.add_argument("--no-baselines", action="store_true", help="skip floor and full fine-tune")
-    p.add_argument("--baselines", default="floor,fullft", help="which baselines to run (floor, fullft)")
+    p.add_argument("--baselines", default="floor,fullft",
+                   help="which baselines to run (floor, floor-geglu, fullft; fuse_frozen_geglu's doc)")
     p.add_argument("--graph-algos", default="all",
                    help="with --graph: the algorithms timed as a CUDA graph too ('all', or a comma list; "
                         "baselines always)")
@@ -1318,7 +1374,8 @@ def main(argv=None):
                    model=model, batch=batch, profile=profile_set, profile_top=a.profile_top,
                    graph_trace={x for x in a.graph_trace.split(",") if x},
                    memory_peak={x for x in a.memory_peak.split(",") if x})
-        plan = [] if a.no_baselines else [(None, b) for b in ("floor", "fullft") if b in a.baselines.split(",")]
+        plan = [] if a.no_baselines else [(None, b) for b in ("floor", "floor-geglu", "fullft")
+                                          if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]
         ordered += [(al, v) for al in algos for v in variants if v in SECONDARY_VARIANTS]

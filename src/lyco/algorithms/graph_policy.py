@@ -32,7 +32,8 @@ regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO
 ``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and its time stayed
 within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`),
 and ∂D then read by one Triton kernel from what x is made of (``LYCO_REGEN_KERNEL``,
-:func:`.lowrank._regen_operands`). And one setting that is not a path:
+:func:`.lowrank._regen_operands`), or, where x is a GEGLU's ``a ⊙ gelu(g)``, the GEGLU's backward run by the bypass
+op in the kernel that forms ∂D (``LYCO_GEGLU_FUSE``, :func:`.regen.find_geglu`). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``
 there — outside a graph step torch's threads stay).
 """

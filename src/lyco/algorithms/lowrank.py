@@ -691,10 +691,14 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
     dd, u2, d2 = _factors(down, up, cd, eye)
+    geglu = None  # the GEGLU projection's output the bypass op took in x's place (_geglu_input)
     if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
         rg, kept = xd
         xc = None  # the bypass op keeps h, so ∂U does not read x; op_backward reads only its rank (no ∂W)
-        ops = _regen_operands(rg, kept, cd, spec, groups, u2.shape[1])
+        if rg.kind == "geglu":
+            geglu, ops = kept[0], None
+        else:
+            ops = _regen_operands(rg, kept, cd, spec, groups, u2.shape[1])
 
         def x_now():
             # what x is made of, as ∂D's kernel reads it without writing x (_grad_down), else x itself
@@ -717,10 +721,15 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     side = side_stream(gy) if (need_d or need_u) else None
     su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
     pre = _ahead_take(ahead)
+    if not need_d or cat:
+        down_fn = None
+    elif geglu is not None:  # only ∂h on the side stream: ∂D comes with the GEGLU's backward after ∂x
+        down_fn = lambda: gy @ u2  # noqa: E731
+    else:
+        down_fn = lambda: _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, None, ddt, into_d)  # noqa: E731
     gu, gd = _side_products(
         side, su, (lambda: _grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u, eye)) if need_u else None,
-        (lambda: _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, None, ddt, into_d)) if need_d and not cat else None,
-        ahead)
+        down_fn, ahead)
     if cat:
         # ∂x and ∂h/s from one GEMM over ∂y, [∂x | ∂h/s] = ∂y·[W + s·U·D | U] — ∂y, the widest tensor here, is
         # read once instead of twice; ∂x is a strided view of the result (rows in + r apart)
@@ -728,8 +737,11 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         gx, gh = gxh[:, :spec.in_dim], gxh[:, spec.in_dim:]
         if need_b:
             gb = gy.sum(0)
-        with _fork(side):
-            gd = _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, gh, ddt, into_d)
+        if geglu is not None:
+            gd = gh
+        else:
+            with _fork(side):
+                gd = _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, gh, ddt, into_d)
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = ((pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, False, eye,
@@ -744,6 +756,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
                                   need_w, need_b)
         gx = gx if gx2 is None else gx2
     _join(side)
+    if geglu is not None:  # gd is ∂h here; ∂U's stream may still run beside
+        gx, gd = _geglu_grads(s, gx, geglu, gd, ddt, into_d)
     _join(su)
     if gx is not None:
         gx = like(gx, xshape, xdt)
@@ -1014,7 +1028,10 @@ class _BypassOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cfg, weight, bias, down, up):
-        spec, s, cd, groups, eye = cfg
+        spec, s, cd, groups, eye = cfg[:5]
+        p = None
+        if len(cfg) > 5:  # x is the GEGLU projection's output p, the layer's input comes detached (bypass_op)
+            p, x = x, cfg[5]
         xd, wd, bd = cast_input(x, cd), cast(weight, cd), cast(bias, cd)
         uncast, catted = xd is x, False
         dd, ud = cast_factor(down, cd), cast_factor(up, cd)
@@ -1084,7 +1101,7 @@ class _BypassOp(torch.autograd.Function):
                 o, r = y.shape[1], h.shape[1]
                 y3 = y.view(n, o, -1)  # cuDNN's output for a contiguous NCHW input is contiguous NCHW
                 y3.baddbmm_(u2.expand(n, o, r), h.view(n, r, -1), alpha=s)
-        ctx.cfg = (spec, s) + _meta(x, groups, down, up, eye)
+        ctx.cfg = (spec, s) + _meta(x if p is None else p, groups, down, up, eye)
         ctx.leaves = _sink_leaves(down, up)
         n = ctx.needs_input_grad
         # x regenerated in backward from what its producer keeps anyway (a GEGLU's a and gelu(g)) where that
@@ -1096,8 +1113,13 @@ class _BypassOp(torch.autograd.Function):
         # A layer norm's output too (regen._find_norm: within one rounding of x; q/k/v's, attn2.to_q's and the
         # GEGLU projection's inputs). Where the forward concatenated [x | h] (_cat_forward_pays) h is kept as a copy of
         # its r columns, so that [x | h] is not kept through it.
-        found = (regen.find(x, norm=True) if spec.kind == LINEAR and uncast and groups == 1 and not n[2]
-                 else None)
+        # Where x is a GEGLU's a ⊙ gelu(g) (bypass_op, change 120), p = [a | g] is kept and the backward runs the
+        # GEGLU's own backward with ∂D in one kernel (_geglu_grads).
+        if p is not None:
+            found = (regen.Regen("geglu", None, x.shape, 1), (p,))
+        else:
+            found = (regen.find(x, norm=True) if spec.kind == LINEAR and uncast and groups == 1 and not n[2]
+                     else None)
         if found is not None and catted:
             h = h.clone()
         if found is None:
@@ -1146,4 +1168,40 @@ def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torc
         return None
     # under autocast (lyco train's mixed precision: a bf16/fp16 base, fp32 adapter) every operand is cast to the
     # dtype autocast would compute the layer in, as the rebuild op does; the gradients go back in each input's dtype
-    return _BypassOp.apply(x, (spec, float(s), _compute_dtype(x), int(groups), int(eye)), weight, bias, down, up)
+    cfg = (spec, float(s), _compute_dtype(x), int(groups), int(eye))
+    p = _geglu_input(x, spec, weight, down, groups, eye, cfg[2])
+    if p is not None:  # the op's input edge goes to the GEGLU projection's output: x's own nodes never run
+        return _BypassOp.apply(p, cfg + (x.detach(),), weight, bias, down, up)
+    return _BypassOp.apply(x, cfg, weight, bias, down, up)
+
+
+def _geglu_input(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, down: torch.Tensor, groups: int, eye: int,
+                 cd: torch.dtype) -> torch.Tensor | None:
+    """The GEGLU projection's output the bypass op takes as its input in x's place (:func:`.regen.find_geglu`,
+    change 120), else None: a linear layer with one group whose input is in the compute dtype and takes a gradient,
+    whose weight does not (∂W would need x) and whose down does (∂D is what the fused kernel adds to the GEGLU's
+    backward), where :func:`.regen_triton.geglu_usable` holds — without the kernel the torch form of the same
+    backward (:func:`_geglu_grads`) would only add GELU's recomputation. H100, captured steps, on / off (runs 197–198,
+    benchmarks/NOTES.md change 120): SD1.5 b8 LoRA 69.98 / 73.26 ms, LoCon 69.92 / 73.10, LoHa 72.86 / 75.39; SDXL b4
+    LoRA 187.56 / 201.23, SDXL b1 73.92 / 77.69; the peaks −0.67 GiB (SD1.5 b8) and −3.1 GiB (SDXL b4)."""
+    if (spec.kind != LINEAR or groups != 1 or eye or x.dtype != cd or not x.requires_grad or weight.requires_grad
+            or not down.requires_grad):
+        return None
+    p = regen.find_geglu(x)
+    if p is None or not regen_triton.geglu_usable(p, down.shape[0]):
+        return None
+    return p
+
+
+def _geglu_grads(s: float, gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor, ddt, into):
+    """``(∂p, ∂D)`` for the bypass op whose input is a GEGLU projection's output p (:func:`_geglu_input`): from ∂x
+    (the op's input gradient through ``W + s·U·D``) and ``∂h = ∂y·U`` — by :func:`.regen_triton.geglu_backward`, one
+    pass, or where it cannot run now torch's own backward of the GEGLU (:func:`.regen_triton.geglu_torch`, bit for
+    bit what autograd's nodes would give) and ∂D on the rebuilt x. ∂D as :func:`_mm` gives it (:data:`_SUNK` where
+    added into ``into``)."""
+    p2 = p.reshape(-1, p.shape[-1])
+    if regen_triton.geglu_usable(p2, gh.shape[1]):
+        gp, gd = regen_triton.geglu_backward(gx, p2, gh, s, ddt if ddt is not None else gh.dtype, into)
+        return gp, (_SUNK if gd is None else gd)
+    gp, x = regen_triton.geglu_torch(gx, p2)
+    return gp, _mm(gh.t(), x, s, ddt, into)

@@ -38,6 +38,13 @@ the bytes x would have cost, plus ``(u − μ)·(1/σ)·γ + β`` in registers. 
 73.19 / 73.05; SDXL b4 LoRA **25.131** / 27.470 (PEFT 30.53) for 202.64 / 202.04; SDXL b1 LoRA 10.188 / 10.775 for
 77.29 / 76.93 — 5–9 % of the peak for 0.1–0.5 % of the time.
 
+**A GEGLU's backward taken into the consumer's** (change 120; :func:`find_geglu`, ``LYCO_GEGLU_FUSE``, captured steps
+by default): where x is ``a ⊙ gelu(g)`` of one projection's two halves, the bypass op takes that projection's output
+as its input in x's place and runs the mul's, GELU's and the split's backward itself, with ∂D, in one Triton pass
+(:func:`.regen_triton.geglu_backward`) — gelu(g) leaves the peak with the nodes that kept it. H100, captured steps on /
+off (runs 197–198): SD1.5 b8 LoRA 69.98 / 73.26 ms at 6.99 / 7.66 GiB (PEFT 88.37 ms, 8.75 GiB), SDXL b4 187.6 / 201.2
+ms at 22.0 / 25.1 GiB, SDXL b1 73.9 / 77.7.
+
 Two users: the bypass op (:mod:`.lowrank`, captured steps) and, in eager steps, LoRA's down on the delta path
 (:func:`linear`: the layer's ``F.linear(x, D)`` kept x for ∂D as autograd saves it).
 
@@ -68,7 +75,7 @@ def _hooks_active() -> bool:
 
 
 class Regen:
-    """How to rebuild an input: ``kind`` (``mul``, ``gelu``, ``silu``, ``layernorm``), its parameter (GELU's
+    """How to rebuild an input: ``kind`` (``mul``, ``gelu``, ``silu``, ``layernorm``, ``geglu``), its parameter (GELU's
     ``approximate``; a layer norm's ``(has weight, has bias)``), the shape the consumer saw and the count of tensors
     it takes from the saved ones (:func:`find`)."""
 
@@ -85,6 +92,9 @@ class Regen:
             out = _layer_norm_value(tensors, *self.param)
         elif self.kind == "gelu":
             out = F.gelu(tensors[0], approximate=self.param)
+        elif self.kind == "geglu":  # p = [a | g]: a ⊙ gelu(g) (find_geglu)
+            a, g = tensors[0].chunk(2, -1)
+            out = a * F.gelu(g)
         else:
             out = F.silu(tensors[0])
         return out.reshape(self.shape)  # the elementwise result keeps its operands' layout: a copy if not x's
@@ -204,6 +214,57 @@ def _find_norm(x: torch.Tensor, p: torch.Tensor, fn):
         return None
     kept = (u, mean, rstd) + tuple(t for t in (w, b) if t is not None)
     return Regen("layernorm", (w is not None, b is not None), x.shape, len(kept)), kept
+
+
+def find_geglu(x: torch.Tensor) -> torch.Tensor | None:
+    """The GEGLU projection's output ``p = [a | g]`` where x is ``a ⊙ gelu(g)`` of its two halves (diffusers' GEGLU:
+    ``proj(h).chunk(2, -1)``, then ``a * F.gelu(g)``, before ``ff.net.2``), else None — for the bypass op to take p as
+    its input in x's place (:func:`.lowrank.bypass_op`, change 120): its backward then runs the mul's, GELU's and the
+    split's backward itself, in the kernel that forms ∂D (:func:`.regen_triton.geglu_backward`), and autograd never
+    reaches those three nodes from this consumer. What it changes:
+
+    * **Time**: one pass reads a, g and ∂x and writes ∂p, where torch's three nodes read ∂x twice and write ∂a, ∂b,
+      ∂g and the concatenation (a, b, g read besides), and change 118's ∂D reads a and b once more.
+    * **Memory**: gelu(g) — kept by the mul for its backward, a tensor of x's size per block — is freed with the
+      forward's nodes, which nothing references once x is gone; p was kept anyway (the halves are views of it).
+    * **Numerics (decision)**: ∂p carries each of torch's roundings in the same order (gelu(g), then ∂b = ∂x·a,
+      then ∂g = ∂b·GELU′(g); CUDA's ``erff``/``expf`` through libdevice), so it matches torch's chain up to how the
+      compiler contracts ``cdf + g·pdf`` — within one rounding of p's dtype where it differs
+      (``benchmarks/regen_check.py`` counts those on the GPU).
+
+    Conditions: ``LYCO_GEGLU_FUSE`` (:mod:`.graph_policy`, captured steps by default) and :func:`find`'s —
+    ``LYCO_INPUT_REGEN``, not compiling, x (or the base it is a whole view of) an unmodified output of a mul with
+    both operands kept, no saved-tensor hooks; the mul's inputs the two outputs of one split (``chunk(2, -1)``:
+    halves of one contiguous tensor, a first) with g through an exact (``approximate="none"``) GELU; no tensor hook
+    and no ``retain_grad`` on x or its base (they would not see a gradient). Another consumer of x, a, g or gelu(g)
+    still sends its gradient through torch's nodes — autograd sums both into p's."""
+    if (torch.compiler.is_compiling() or not graph_policy.wanted("LYCO_GEGLU_FUSE")
+            or not graph_policy.wanted("LYCO_INPUT_REGEN", "1")):
+        return None
+    prod = _producer(x)
+    if prod is None or prod.grad_fn.name() != "MulBackward0" or _hooks_active():
+        return None
+    if any(t._backward_hooks or t.retains_grad for t in {id(x): x, id(prod): prod}.values()):
+        return None
+    mul = prod.grad_fn
+    (split, ia), (gelu, ib) = mul.next_functions
+    if (split is None or gelu is None or split.name() != "SplitBackward0" or gelu.name() != "GeluBackward0"
+            or ia != 0 or ib != 0 or gelu.next_functions[0] != (split, 1)):
+        return None
+    try:
+        a, b, g, approx = mul._saved_self, mul._saved_other, gelu._saved_self, gelu._saved_approximate
+    except RuntimeError:
+        return None
+    p = None if a is None else a._base
+    if (approx != "none" or b is None or g is None or p is None or g._base is not p or not p.requires_grad
+            or not p.is_contiguous()):
+        return None
+    k = a.shape[-1]
+    if (a.shape != prod.shape or g.shape != a.shape or b.shape != a.shape or p.shape[-1] != 2 * k
+            or p.numel() != 2 * a.numel() or a.data_ptr() != p.data_ptr() or a.stride() != g.stride()
+            or g.data_ptr() != p.data_ptr() + k * p.element_size()):
+        return None
+    return p
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

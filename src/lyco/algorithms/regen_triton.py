@@ -20,6 +20,10 @@ norm's tile is ``(u − μ)·(1/σ)·γ + β`` in fp32, rounded once: within one
 conv's NCHW output permuted to tokens × channels: no 2-D view); a rank over 64 (a shared-input group's stacked
 downs) runs as blocks of 64 rows of ∂D, each reading the operands again.
 
+:func:`geglu_backward` (change 120) goes one step further where x is a GEGLU's ``a ⊙ gelu(g)``: one kernel reads the
+projection's output ``[a | g]`` and ∂x, writes the GEGLU's input gradient ∂p — torch's three backward nodes' result,
+their roundings kept — and forms ∂D from the same tiles (:func:`.regen.find_geglu`).
+
 Selected by :func:`usable`: :func:`.lowrank_triton.enabled`, the three tensors in one dtype, and this module's
 self-test passed on the device and dtype (once per process, :func:`.lowrank_triton.gate`). CPU tests run the kernels
 in Triton's interpreter against float64 (where a bf16 ``tl.dot`` is wrong: ``UPCAST`` multiplies the rounded tiles in
@@ -34,6 +38,10 @@ from .lowrank_triton import _UPCAST, _cdiv, enabled, gate, self_test, triton
 
 if triton is not None:
     import triton.language as tl
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # an older Triton: tl.exp (ex2.approx) instead of CUDA's expf
+        libdevice = None
 
 #: per kind, the rows and columns of x a program of the first launch reads per step of its loop, its warps and
 #: pipeline stages (``benchmarks/experiments/regen_wgrad_bench.py``, H100). ``mul`` (runs 184–185): 64 × 64 best of
@@ -180,6 +188,102 @@ def product_grad(gh: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float, d
     return weight_grad(gh, Operands("mul", (a, b)), s, dt, into)
 
 
+#: the GEGLU backward's (:func:`geglu_backward`) rows and columns of K per step of its loop, warps, pipeline stages and
+#: the programs it aims at (row splits × column blocks). H100, ``benchmarks/experiments/geglu_bwd_bench.py``, summed
+#: over SD1.5 b8's 16 and SDXL b4's 70 GEGLUs: run 195 swept 32–128 × 64–128 tiles over 132–1056 programs (64 × 64 at
+#: 264: 2.75 and 13.07 ms; 32 × 64, 4 warps, 3 stages at 528: 1.79 and 8.39), run 196 16–32 × 64–128, 2–4 warps, 2–3
+#: stages over 528–2112: 16 × 64, 2 warps, 3 stages at 1056 — **1.71 and 7.53 ms**, against 4.85 and 21.69 for torch's
+#: three nodes and change 118's ∂D kernel (4.23 and 19.01 for the nodes alone: the frozen model's own GEGLU backward)
+_GEGLU_CFG = {"BN": 16, "BK": 64, "num_warps": 2, "num_stages": 3, "programs": 1056}
+#: the largest rank :func:`geglu_backward` takes (one block of ∂D's rows: the elementwise part runs once)
+GEGLU_MAX_RANK = 64
+_GEGLU_CHECKED: dict = {}
+
+
+def geglu_usable(p: torch.Tensor, r: int) -> bool:
+    """Whether :func:`geglu_backward` runs on a GEGLU projection's output ``p`` (rows of ``[a | g]``) at rank r:
+    :func:`.lowrank_triton.enabled`, rows of unit column stride, r ≤ :data:`GEGLU_MAX_RANK`, its self-test passed on
+    the device and dtype."""
+    return (enabled(p) and r <= GEGLU_MAX_RANK and p.stride(-1) == 1 and p.shape[-1] % 2 == 0
+            and gate(_GEGLU_CHECKED, p.device, p.dtype, _geglu_self_test))
+
+
+def geglu_torch(gx: torch.Tensor, p: torch.Tensor):
+    """``(∂p, x)``: the backward of ``x = a ⊙ gelu(g)`` for ``p = [a | g]`` (rows) as torch's autograd runs it —
+    the mul's ``∂x·gelu(g)`` and ``∂x·a``, GELU's backward, the split's concatenation — bit for bit on the same
+    device, and x rebuilt as the forward computed it."""
+    import torch.nn.functional as F
+    a, g = p.chunk(2, -1)
+    b = F.gelu(g)
+    gp = torch.cat([gx * b, torch.ops.aten.gelu_backward(gx * a, g)], -1)
+    return gp, a * b
+
+
+def geglu_backward(gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor | None, s: float = 1.0,
+                   dt: torch.dtype | None = None, into: torch.Tensor | None = None):
+    """``(∂p, ∂D)`` in one pass over a GEGLU: ``p = [a | g]`` ``(N, 2K)`` rows of unit column stride (the projection's
+    output), ``gx`` ``(N, K)`` the gradient of ``x = a ⊙ gelu(g)`` (unit column stride, any row stride), ``gh``
+    ``(N, r)`` the consumer's ``∂h = ∂y·U`` (any strides). ∂p is ``[∂x·gelu(g) | GELU′(g)·(∂x·a)]`` with each of
+    torch's roundings (module doc of :mod:`.regen`'s ``find_geglu``), a new ``(N, 2K)`` tensor in p's dtype; ``∂D =
+    s·∂hᵀ·x`` with x formed in registers as the mul wrote it — into ``into`` (``(r, K)``, contiguous; None returned)
+    where given, else a new tensor in ``dt`` (p's dtype if None); ``gh`` None: ∂p alone (``(∂p, None)``: a frozen
+    layer after the GEGLU, the benchmarks' ``floor-geglu``). Reads a, g and ∂x once each and writes ∂p once,
+    where torch's backward of the same three ops reads ∂x twice and writes ∂a, ∂b, ∂g and the concatenation, and the
+    consumer's ∂D reads a and b again. The caller checks :func:`geglu_usable`."""
+    n, k2 = p.shape
+    k, r = k2 // 2, (gh.shape[1] if gh is not None else 1)
+    cfg = _GEGLU_CFG
+    bn, bk = cfg["BN"], cfg["BK"]
+    rp = max(16, triton.next_power_of_2(r))
+    grid_k = _cdiv(k, bk)
+    grid_n = max(1, min(_cdiv(n, bn), cfg["programs"] // grid_k))
+    rows = _cdiv(_cdiv(n, grid_n), bn) * bn
+    grid_n = _cdiv(n, rows)
+    has_d = gh is not None
+    part = torch.empty(grid_n, r, k, device=p.device, dtype=torch.float32) if has_d else p
+    gp = torch.empty(n, k2, device=p.device, dtype=p.dtype)
+    big = max(_span(p), _span(gx), _span(gh) if has_d else 0, gp.numel()) >= 2 ** 31
+    _geglu_kernel[(grid_n, grid_k)](
+        gx, p, gh if has_d else p, gp, part, n, r, k, rows, gx.stride(0), p.stride(0),
+        gh.stride(0) if has_d else 0, gh.stride(1) if has_d else 0, RP=rp, BN=bn, BK=bk, BIG=big, HAS_D=has_d,
+        UPCAST=_UPCAST, LIBDEVICE=libdevice is not None and not _UPCAST,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if not has_d:
+        return gp, None
+    out = into if into is not None else torch.empty(r, k, device=p.device, dtype=dt or p.dtype)
+    _finish_kernel[(_cdiv(r * k, _FIN_BC),)](part, out, grid_n, r * k, float(s), ADD=into is not None, BC=_FIN_BC)
+    return gp, (None if into is not None else out)
+
+
+def _geglu_self_test(device, dtype) -> bool:
+    return self_test(device, dtype, _geglu_compare, "the fused GEGLU backward's Triton kernels")
+
+
+def _geglu_compare(device, dtype) -> str | None:
+    """Ragged shapes, a strided ∂x and ∂h, ∂D written and added into fp32: ∂p against :func:`geglu_torch` on the
+    device (within one rounding of the dtype, relative to the largest entry), ∂D against float64."""
+    g = torch.Generator().manual_seed(7)
+    worst_p = worst_d = 0.0
+    for n, k, r, add in ((1000, 200, 16, True), (77, 40, 5, False)):
+        p = (torch.randn(n, 2 * k, generator=g) * 2).to(device, dtype)
+        gx = torch.randn(n, k + 8, generator=g).to(device, dtype)[:, 8:]
+        gh = torch.randn(n, r + 3, generator=g).to(device, dtype)[:, 3:]
+        ref_p, x = geglu_torch(gx, p)
+        ref_d = 0.7 * gh.double().t() @ x.double()
+        if add:
+            base = torch.randn(r, k, generator=g).to(device)
+            got_d = base.clone()
+            got_p, _ = geglu_backward(gx, p, gh, 0.7, into=got_d)
+            ref_d = ref_d + base.double()
+        else:
+            got_p, got_d = geglu_backward(gx, p, gh, 0.7, torch.float32)
+        worst_p = max(worst_p, ((got_p.double() - ref_p.double()).abs().max() / ref_p.double().abs().max()).item())
+        worst_d = max(worst_d, ((got_d.double() - ref_d).abs().max() / ref_d.abs().max()).item())
+    if worst_d > 1e-4:
+        return f"its self-test's ∂D relative error is {worst_d:.2e}"
+    return None if worst_p <= 2.0 ** -6 else f"its self-test's ∂p relative error is {worst_p:.2e}"
+
+
 def _self_test(device, dtype) -> bool:
     return self_test(device, dtype, _compare, "the regenerated-input weight-gradient Triton kernels")
 
@@ -278,3 +382,52 @@ if triton is not None:
         if ADD:
             acc += tl.load(OUT + idx, mask=m, other=0.0).to(tl.float32)
         tl.store(OUT + idx, acc.to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _geglu_kernel(GX, P, H, GP, PART, N, R, K, ROWS, sgx, sp, shn, shr, RP: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, BIG: tl.constexpr, HAS_D: tl.constexpr, UPCAST: tl.constexpr,
+                      LIBDEVICE: tl.constexpr):
+        # per element, in fp32 with torch's roundings to p's dtype between its three ops (CUDA's GELU: x·0.5·(1 +
+        # erf(x/√2)) forward; backward dy·(cdf + x·pdf), cdf = 0.5·(1 + erf(x/√2)), pdf = exp(−x²/2)/√(2π)):
+        #   b = gelu(g) rounded, x = a·b rounded, ∂a = ∂x·b rounded, ∂b = ∂x·a rounded, ∂g = ∂b·gelu′(g) rounded
+        pn = tl.program_id(0)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        cmask = cols < K
+        rr = tl.arange(0, RP)
+        rmask = rr < R
+        acc = tl.zeros((RP, BK), dtype=tl.float32)
+        first = pn * ROWS
+        for i in range(0, ROWS, BN):
+            rows = first + i + tl.arange(0, BN)
+            nmask = rows < N
+            if BIG:
+                rows = rows.to(tl.int64)
+            m = nmask[:, None] & cmask[None, :]
+            off = rows[:, None] * sp + cols[None, :]
+            av = tl.load(P + off, mask=m, other=0.0)
+            gv = tl.load(P + off + K, mask=m, other=0.0)
+            dx = tl.load(GX + rows[:, None] * sgx + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            af = av.to(tl.float32)
+            gf = gv.to(tl.float32)
+            e = tl.math.erf(gf * 0.7071067811865476)
+            b = ((gf * 0.5) * (1.0 + e)).to(av.dtype).to(tl.float32)
+            x = (af * b).to(av.dtype)
+            db = (dx * af).to(av.dtype).to(tl.float32)
+            if LIBDEVICE:  # CUDA's expf, as torch's kernel calls it (tl.exp is ex2.approx)
+                ex = libdevice.exp((-0.5 * gf) * gf)
+            else:
+                ex = tl.exp((-0.5 * gf) * gf)
+            dg = db * (0.5 * (1.0 + e) + gf * (ex * 0.3989422804014327))
+            out = rows[:, None] * (2 * K) + cols[None, :]
+            tl.store(GP + out, (dx * b).to(av.dtype), mask=m)
+            tl.store(GP + out + K, dg.to(av.dtype), mask=m)
+            if HAS_D:
+                ht = tl.load(H + rows[None, :] * shn + rr[:, None] * shr, mask=rmask[:, None] & nmask[None, :],
+                             other=0.0)
+                if UPCAST:
+                    acc = tl.dot(ht.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(ht, x, acc)
+        if HAS_D:
+            tl.store(PART + pn * R * K + rr[:, None] * K + cols[None, :], acc,
+                     mask=rmask[:, None] & cmask[None, :])

@@ -1,0 +1,391 @@
+"""A GEGLU's backward run by the bypass op of the layer after it (``LYCO_GEGLU_FUSE``, ``regen.find_geglu``,
+``lowrank._geglu_input``; benchmarks/NOTES.md change 120): the op takes the projection's output ``p = [a | g]`` as its
+input in place of ``x = a ⊙ gelu(g)``, and its backward gives ∂p — by one Triton kernel
+(``regen_triton.geglu_backward``, run here in Triton's interpreter) that also forms ``∂D = s·∂hᵀ·x``, or by torch's
+own ops where the kernel cannot run. Checked against float64 math written here and against the unfused step's
+gradients; the mul's, GELU's and the split's nodes no longer reached, gelu(g) no longer kept, and every condition
+under which the op keeps its ordinary input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regen_helpers import saved_storages
+from test_input_regen import GEGLUFeedForward, _reference, _setup, _step
+from lyco.algorithms import lowrank, regen, regen_triton
+
+
+@pytest.fixture(scope="module")
+def kern(triton_interpreter):
+    assert regen_triton._UPCAST, "Triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    yield regen_triton
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The bypass op on every layer, the fusion asked for everywhere, the kernel's CUDA condition forced (it runs in
+    the interpreter); ``monkeypatch.kernel_calls`` counts the kernel's launches."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    monkeypatch.setenv("LYCO_GEGLU_FUSE", "1")
+    monkeypatch.setattr(regen_triton, "geglu_usable", lambda p, r: True)
+    calls, real = [], regen_triton.geglu_backward
+    monkeypatch.setattr(regen_triton, "geglu_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.kernel_calls = calls
+    return monkeypatch
+
+
+def _gelu64(g):
+    return 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+
+
+def _dgelu64(g):
+    return 0.5 * (1 + torch.erf(g / math.sqrt(2))) + g * torch.exp(-0.5 * g * g) / math.sqrt(2 * math.pi)
+
+
+def _float64(gx, p, gh, s):
+    """∂p and ∂D in float64 from the same (rounded) inputs: the exact derivative of ``a ⊙ gelu(g)``."""
+    a, g = p.double().chunk(2, -1)
+    gxd = gx.double()
+    gp = torch.cat([gxd * _gelu64(g), gxd * a * _dgelu64(g)], -1)
+    return gp, s * gh.double().t() @ (a * _gelu64(g))
+
+
+def _rel(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _lora(model, seed=0):
+    """LoRA (rank 3) on every linear layer of model, moved off its zero init (every gradient nonzero)."""
+    import lyco
+    net = lyco.create(model, preset="full", seed=seed, algo="lora", rank=3, alpha=2.0)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def _inputs(n, k, r, dtype, seed, strided):
+    g = torch.Generator().manual_seed(seed)
+    p = (torch.randn(n, 2 * k, generator=g) * 2).to(dtype)
+    if strided:  # ∂x as the wide layers' [∂x | ∂h] GEMM leaves it, ∂h a column slice
+        gx = torch.randn(n, k + 8, generator=g).to(dtype)[:, 8:]
+        gh = torch.randn(n, r + 5, generator=g).to(dtype)[:, 5:]
+    else:
+        gx = torch.randn(n, k, generator=g).to(dtype)
+        gh = torch.randn(n, r, generator=g).to(dtype)
+    return gx, p, gh
+
+
+# relative to the largest entry. fp32: the sums' order and fp32 rounding of erf/exp. bf16/fp16 against the exact
+# derivative: the roundings torch makes between the ops (gelu(g), x, ∂b = ∂x·a: one ulp each, 2⁻⁸ bf16) — and the
+# interpreter rounds fp32 → bf16 by truncation (up to one ulp more each)
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("n,k,r", [(64, 64, 16), (300, 70, 16), (77, 33, 5), (130, 40, 64), (3, 150, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_kernel_matches_float64(kern, n, k, r, dtype, strided):
+    """∂p and ∂D over partial row and column blocks, ranks below, at and above the tensor cores' 16 up to 64,
+    strided ∂x and ∂h; ∂D written in a new tensor (its dtype as asked) and added into an fp32 gradient."""
+    gx, p, gh = _inputs(n, k, r, dtype, n + k + r, strided)
+    ref_p, ref_d = _float64(gx, p, gh, 0.375)
+    gp, gd = kern.geglu_backward(gx, p, gh, 0.375, torch.float32)
+    assert gp.dtype == dtype and gp.shape == (n, 2 * k) and gp.is_contiguous()
+    assert gd.dtype == torch.float32 and gd.shape == (r, k)
+    assert _rel(gp, ref_p) < TOL[dtype]
+    assert _rel(gd, ref_d) < TOL[dtype]
+    base = torch.randn(r, k, generator=torch.Generator().manual_seed(1))
+    into = base.clone()
+    gp2, none = kern.geglu_backward(gx, p, gh, 0.375, into=into)
+    assert none is None and torch.equal(gp2, gp)
+    assert _rel(into, ref_d + base.double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_without_a_consumer_gradient(kern, dtype):
+    """``gh`` None (a frozen layer after the GEGLU): ∂p alone, the same bits as with ∂D."""
+    gx, p, gh = _inputs(150, 70, 16, dtype, 2, True)
+    gp, none = kern.geglu_backward(gx, p, None)
+    assert none is None and torch.equal(gp, kern.geglu_backward(gx, p, gh, 1.0)[0])
+    assert _rel(gp, _float64(gx, p, gh, 1.0)[0]) < TOL[dtype]
+
+
+def test_kernel_matches_torchs_chain_in_fp32(kern):
+    """Against torch's own ops on the same fp32 inputs (``geglu_torch``: what autograd's three nodes compute) — the
+    kernel's per-element formula is torch's; only erf/exp's last bits may differ."""
+    gx, p, gh = _inputs(200, 96, 16, torch.float32, 3, True)
+    ref_p, x = kern.geglu_torch(gx, p)
+    gp, gd = kern.geglu_backward(gx, p, gh, 1.0, torch.float32)
+    assert (gp - ref_p).abs().max().item() <= 1e-6 * ref_p.abs().max().item()
+    assert _rel(gd, gh.double().t() @ x.double()) < 1e-6
+
+
+@pytest.mark.parametrize("programs", [1, 3, 10_000])
+def test_row_splits_sum_to_the_same_and_repeat_bitwise(kern, monkeypatch, programs):
+    """However many row splits the launch takes, ∂D is the product and ∂p the same; the same call twice gives the
+    same bits (no atomics)."""
+    monkeypatch.setitem(kern._GEGLU_CFG, "programs", programs)
+    gx, p, gh = _inputs(700, 80, 16, torch.float32, 9, False)
+    ref_p, ref_d = _float64(gx, p, gh, 1.0)
+    gp, gd = kern.geglu_backward(gx, p, gh, 1.0)
+    assert _rel(gp, ref_p) < TOL[torch.float32] and _rel(gd, ref_d) < TOL[torch.float32]
+    gp2, gd2 = kern.geglu_backward(gx, p, gh, 1.0)
+    assert torch.equal(gp, gp2) and torch.equal(gd, gd2)
+
+
+def test_torch_form_is_autograds_chain_bit_for_bit():
+    """``geglu_torch`` — the op's backward where the kernel cannot run — against autograd's backward of the GEGLU
+    itself, in bf16 and float64."""
+    for dtype in (torch.bfloat16, torch.float64):
+        g = torch.Generator().manual_seed(4)
+        p = torch.randn(50, 2, 24, generator=g).to(dtype).requires_grad_()
+        a, gate = p.chunk(2, -1)
+        x = a * F.gelu(gate)
+        gx = torch.randn(x.shape, generator=g).to(dtype)
+        (want,) = torch.autograd.grad(x, p, gx)
+        got, xr = regen_triton.geglu_torch(gx, p.detach())
+        assert torch.equal(got, want) and torch.equal(xr, x.detach())
+
+
+def _ff_step(model, net, x, gy):
+    """:func:`test_input_regen._step` plus whether the out layer's op took p (its input edge goes straight to the
+    projection's op, not to the mul)."""
+    y, grads, node, saved = _step(model, net, x, gy)
+    nxt = [f for f, _ in node.next_functions if f is not None]
+    return y, grads, saved, any(f.name() == "_BypassOpBackward" for f in nxt)
+
+
+def _off_on(fused, dtype):
+    """The feed-forward's step in ``dtype`` without the fusion, then with it: ``(y, gradients, took p)`` each."""
+    model, net = _setup("geglu")
+    model.to(dtype)
+    x = torch.randn(3, 70, 12, dtype=dtype, requires_grad=True)
+    gy = torch.randn(3, 70, 12, dtype=dtype)
+    out = []
+    for mode in ("0", "1"):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        y, grads, _, took = _ff_step(model, net, x, gy)
+        out.append((y, grads, took))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_op_gives_the_unfused_gradients(fused, dtype):
+    """The feed-forward (proj → GEGLU → out, LoRA on both) with the fusion and without: the same output; with the
+    kernel every gradient within its sums' order (fp32) or the interpreter's truncating roundings (bf16) of the
+    unfused step's; the kernel once per step; the out layer's input edge on the projection's op."""
+    (y0, g0, took0), (y1, g1, took1) = _off_on(fused, dtype)
+    assert not took0 and took1 and fused.kernel_calls == [1]
+    assert torch.equal(y0, y1)
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    for a, b in zip(g0, g1):
+        assert _rel(b, a.double()) < tol
+
+
+def test_fused_op_against_float64_math(fused):
+    """In float32 with the kernel, every gradient against the merged-weight feed-forward in float64
+    (``test_input_regen._reference``)."""
+    model, net = _setup("geglu")
+    model.float()  # the float32 values, exactly, in the float64 reference
+    model.double()
+    x = torch.randn(2, 40, 12, dtype=torch.float64)
+    gy = torch.randn(2, 40, 12, dtype=torch.float64)
+    _, want = _reference(model, net, x, gy, "geglu")
+    model.float()
+    _, got, _, took = _ff_step(model, net, x.float().requires_grad_(), gy.float())
+    assert took
+    for a, b in zip(want, got):
+        assert _rel(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_form_gives_the_unfused_gradients_bit_for_bit(fused, dtype):
+    """Where the kernel cannot run by backward time (its check says no), the op's torch form: every gradient bit for
+    bit the unfused step's."""
+    calls = []
+    fused.setattr(regen_triton, "geglu_usable", lambda p, r: calls.append(1) or len(calls) == 1)
+    (y0, g0, _), (y1, g1, took) = _off_on(fused, dtype)
+    assert took and len(calls) == 2 and fused.kernel_calls == []
+    assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
+
+class _Probe(GEGLUFeedForward):
+    """The feed-forward keeping gelu(g) too, to find its storage among the graph's saved tensors."""
+
+    def forward(self, x):
+        h = self.proj(x)
+        a, g = h.chunk(2, dim=-1)
+        b = F.gelu(g)
+        z = a * b
+        self.seen.append((z, b))
+        return self.out(z)
+
+
+def test_gelu_output_and_x_not_kept(fused):
+    """With the fusion the step's graph keeps neither x nor gelu(g) (the mul's node is freed with x); without it,
+    gelu(g) is kept (the mul keeps it)."""
+    torch.manual_seed(0)
+    model = _Probe()
+    _lora(model)
+    x = torch.randn(2, 30, 12, requires_grad=True)
+    for mode, kept in (("0", True), ("1", False)):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        model.seen.clear()
+        y = model(x)
+        z, b = model.seen.pop()
+        ptr_z, ptr_b = z.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+        del z, b
+        saved = saved_storages(y)
+        assert ptr_z not in saved
+        assert (ptr_b in saved) == kept
+
+
+def test_other_consumers_of_x_still_get_their_gradient(fused):
+    """x read by a second consumer besides the adapted layer: that gradient goes through torch's nodes, the op's
+    through its own backward, and autograd sums both into p's — the unfused gradients."""
+
+    class TwoReaders(GEGLUFeedForward):
+        def forward(self, x):
+            a, g = self.proj(x).chunk(2, dim=-1)
+            z = a * F.gelu(g)
+            return self.out(z) + z[..., :12].square()
+
+    torch.manual_seed(1)
+    model = TwoReaders()
+    net = _lora(model)
+    x = torch.randn(2, 30, 12, requires_grad=True)
+    gy = torch.randn(2, 30, 12)
+    params = [x] + list(net.trainable_parameters())
+    out = []
+    for mode in ("0", "1"):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        out.append(torch.autograd.grad(model(x), params, gy))
+    assert fused.kernel_calls == [1]
+    for a, b in zip(*out):
+        assert _rel(b, a.double()) < 1e-6
+
+
+class _Variant(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.proj, self.out = nn.Linear(12, 32), nn.Linear(16, 12)
+
+    def forward(self, x):
+        h = self.proj(x)
+        a, g = h.chunk(2, dim=-1)
+        if self.how == "swapped":  # gelu on the first half
+            z = g * F.gelu(a)
+        elif self.how == "tanh":
+            z = a * F.gelu(g, approximate="tanh")
+        elif self.how == "hook":
+            z = a * F.gelu(g)
+            z.register_hook(lambda t: t)
+        elif self.how == "retain":
+            z = a * F.gelu(g)
+            z.retain_grad()
+        elif self.how == "thirds":  # a third of a wider projection
+            a, g, _ = torch.cat([h, h[..., :16]], -1).chunk(3, dim=-1)
+            z = a * F.gelu(g)
+        else:
+            z = a * F.gelu(g)
+        return self.out(z)
+
+
+@pytest.mark.parametrize("how,takes", [("plain", True), ("swapped", False), ("tanh", False), ("hook", False),
+                                       ("retain", False), ("thirds", False)])
+def test_what_is_not_fused(fused, how, takes):
+    """Only ``a ⊙ gelu(g)`` over the two halves of one projection, a first, exact GELU, no hook and no retained
+    gradient on x; the policy at 0 and saved-tensor hooks turn it off too. Gradients equal the unfused ones either
+    way."""
+    torch.manual_seed(2)
+    model = _Variant(how)
+    net = _lora(model)
+    x = torch.randn(2, 20, 12, requires_grad=True)
+    gy = torch.randn(2, 20, 12)
+    params = [x] + list(net.trainable_parameters())
+    hits, real = [], regen.find_geglu
+    fused.setattr(regen, "find_geglu", lambda t: hits.append(real(t)) or hits[-1])
+    ref = None
+    for mode in ("0", "1"):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        got = torch.autograd.grad(model(x), params, gy)
+        ref = ref or got
+    assert any(h is not None for h in hits) == takes
+    assert len(fused.kernel_calls) == int(takes)
+    for a, b in zip(ref, got):
+        assert _rel(b, a.double()) < 1e-6
+    if takes:
+        fused.setenv("LYCO_GEGLU_FUSE", "0")
+        hits.clear()
+        model(x)
+        assert hits == [None, None]
+        fused.setenv("LYCO_GEGLU_FUSE", "1")
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            hits.clear()
+            model(x)
+        assert all(h is None for h in hits)
+
+
+def test_default_policy_only_in_graph_steps(monkeypatch):
+    """``LYCO_GEGLU_FUSE`` unset: captured steps only (``graph_step``); an unknown value names the variable."""
+    from lyco.algorithms import graph_policy
+    monkeypatch.setenv("LYCO_INPUT_REGEN", "1")
+    monkeypatch.delenv("LYCO_GEGLU_FUSE", raising=False)
+    torch.manual_seed(0)
+    h = torch.randn(4, 32, requires_grad=True)
+    a, g = h.chunk(2, -1)
+    z = a * F.gelu(g)
+    assert regen.find_geglu(z) is None
+    with graph_policy.graph_step():
+        assert regen.find_geglu(z) is h
+    monkeypatch.setenv("LYCO_GEGLU_FUSE", "yes")
+    with pytest.raises(ValueError, match="LYCO_GEGLU_FUSE"):
+        regen.find_geglu(z)
+
+
+def test_geglu_usable_conditions(monkeypatch):
+    """The kernel needs CUDA bf16/fp16 (never on these CPU tensors), a rank of at most 64 and rows of unit column
+    stride; its self-test gates it per device and dtype."""
+    p = torch.randn(10, 32, dtype=torch.bfloat16)
+    assert not regen_triton.geglu_usable(p, 16)
+    monkeypatch.setattr(regen_triton, "enabled", lambda t: True)
+    monkeypatch.setattr(regen_triton, "gate", lambda cache, dev, dt, test: True)
+    assert regen_triton.geglu_usable(p, 16) and regen_triton.geglu_usable(p, 64)
+    assert not regen_triton.geglu_usable(p, 65)
+    assert not regen_triton.geglu_usable(p.t(), 16)
+    monkeypatch.setattr(regen_triton, "gate", lambda cache, dev, dt, test: False)
+    assert not regen_triton.geglu_usable(p, 16)
+
+
+def test_benchmarks_floor_geglu_baseline(fused):
+    """``benchmarks/train_step.py``'s ``floor-geglu`` (the frozen model with every ``ff.net.2`` taking its GEGLU's
+    backward into one kernel pass, no adapter): on the tiny UNet the input's gradient against the plain frozen model's
+    (fp32, the kernel interpreted), one kernel call per GEGLU, and the modules restored after."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import train_step as ts
+    unet = ts.build_unet("sd15", True, torch.device("cpu"), torch.float32)
+    inputs, _ = ts.make_inputs(unet, 1, 16, torch.device("cpu"), torch.float32)
+    sample = inputs["sample"].requires_grad_()
+    (want,) = torch.autograd.grad(unet(**inputs).sample.square().sum(), sample)
+    ffs = [m for n, m in unet.named_modules() if n.endswith("ff.net.2")]
+    restore = ts.fuse_frozen_geglu(unet)
+    try:
+        (got,) = torch.autograd.grad(unet(**inputs).sample.square().sum(), sample)
+    finally:
+        restore()
+    assert len(ffs) > 0 and len(fused.kernel_calls) == len(ffs)
+    assert all("forward" not in m.__dict__ for m in ffs)
+    assert _rel(got, want.double()) < 1e-5
