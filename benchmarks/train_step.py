@@ -873,13 +873,7 @@ class _FrozenGegluLinear(torch.autograd.Function):
     def backward(ctx, gy):
         from lyco.algorithms import regen_triton
         p, w = ctx.saved_tensors
-        p2 = p.reshape(-1, p.shape[-1])
-        gx = gy.reshape(-1, gy.shape[-1]) @ w
-        if regen_triton.geglu_usable(p2, 1):
-            gp, _ = regen_triton.geglu_backward(gx, p2, None)
-        else:
-            gp, _ = regen_triton.geglu_torch(gx, p2)
-        return gp.view(p.shape), None, None, None
+        return regen_triton.geglu_input_grad(gy.reshape(-1, gy.shape[-1]) @ w, p), None, None, None
 
 
 def fuse_frozen_geglu(unet):
@@ -888,15 +882,15 @@ def fuse_frozen_geglu(unet):
     the graph column (``graph_step``) only — as lyco's adapted ``ff.net.2`` does since change 120. lyco's LoRA step
     runs the frozen model's GEGLU backward in that one pass, where the floor runs torch's three nodes; against this
     baseline its ratio counts only the adapter's own work. Returns the function that restores the modules."""
-    from lyco.algorithms import regen, regen_triton
+    from lyco.algorithms import regen
     patched = []
     for name, m in unet.named_modules():
         if not (name.endswith("ff.net.2") and isinstance(m, torch.nn.Linear)):
             continue
 
         def fwd(x, m=m):
-            p = regen.find_geglu(x) if torch.is_grad_enabled() and x.requires_grad else None
-            if p is None or not regen_triton.geglu_usable(p, 1):
+            p = regen.geglu_input(x) if torch.is_grad_enabled() else None
+            if p is None:
                 return F.linear(x, m.weight, m.bias)
             return _FrozenGegluLinear.apply(p, x.detach(), m.weight, m.bias)
         m.forward = fwd

@@ -389,3 +389,44 @@ def test_benchmarks_floor_geglu_baseline(fused):
     assert len(ffs) > 0 and len(fused.kernel_calls) == len(ffs)
     assert all("forward" not in m.__dict__ for m in ffs)
     assert _rel(got, want.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_mode_ia3_takes_the_geglu_too(fused, dtype):
+    """Output-mode (IA)³'s output-keeping op on ``out`` (``ia3._KeepOutput``) takes p the same way: the GEGLU's
+    backward by the kernel without ∂D (once per step), every gradient within the kernel's roundings of the unfused
+    step's (fp32: its erf/exp; bf16: the interpreter's truncation), gelu(g) not kept; and the torch form where the
+    kernel stands aside in backward: bit for bit."""
+    import lyco
+    fused.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    fused.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "0")
+    torch.manual_seed(3)
+    model = _Probe()
+    net = lyco.create(model, preset="full", seed=0, algo="ia3")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model.to(dtype)
+    x = torch.randn(2, 30, 12, dtype=dtype, requires_grad=True)
+    gy = torch.randn(2, 30, 12, dtype=dtype)
+    params = [x] + list(net.trainable_parameters())
+
+    def step(mode):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        model.seen.clear()
+        y = model(x)
+        z, b = model.seen.pop()
+        kept_b = b.untyped_storage().data_ptr() in saved_storages(y)
+        del z, b
+        return y, torch.autograd.grad(y, params, gy), kept_b
+
+    y0, g0, kept0 = step("0")
+    y1, g1, kept1 = step("1")
+    assert fused.kernel_calls == [1] and kept0 and not kept1 and torch.equal(y0, y1)
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    for a, b in zip(g0, g1):
+        assert _rel(b, a.double()) < tol
+    fused.setattr(regen_triton, "geglu_usable", lambda p, r: torch.is_grad_enabled())
+    _, g2, _ = step("1")
+    assert fused.kernel_calls == [1] and all(torch.equal(a, b) for a, b in zip(g0, g2))

@@ -31,7 +31,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, channel_view, input_channel_view, layer_op,
     register,
 )
-from . import graph_policy
+from . import graph_policy, regen
 from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
 
 
@@ -145,26 +145,37 @@ class _KeepOutput(torch.autograd.Function):
     **73.41 ms**, peak 8.66 → 8.12 GiB; SDXL b4 1024 px 231.6–232.3 (run 162, the kernels off) → **202.2 ms**, peak
     30.30 → 26.94 GiB — where PEFT's (IA)³ takes 85.0 and 234.6 ms. The float64 gradient check of the benchmark
     (every layer shape, the kernels in eager steps too) 3.9e-3 against the rebuilt op's 3.5e-3 (SDXL 4.1e-3 / 3.3e-3):
-    the recovered x·Wᵀ carries y's bf16 rounding."""
+    the recovered x·Wᵀ carries y's bf16 rounding. On ``ff.net.2`` after a GEGLU (change 120b, ``LYCO_GEGLU_FUSE``) the
+    op takes the projection's output and turns ∂x into its gradient in one pass (:func:`.regen.geglu_input`): run
+    202, SD1.5 b8 73.30 → 72.17 ms, 8.09 → 7.79 GiB; SDXL b4 201.88 → 190.20 ms, 26.92 → 23.79 GiB."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, wv, s):
+    def forward(ctx, x, weight, bias, wv, s, xin=None):
+        # xin given: x is the GEGLU projection's output p the layer's input xin is made of (.regen.geglu_input,
+        # change 120) — the backward turns ∂x into ∂p itself, as the bypass op does for a low-rank adapter
+        p = None
+        if xin is not None:
+            p, x = x, xin
         w2, _ = _OutputScaleBuild(s)(weight, None, wv)
         y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
-        ctx.s, ctx.x_dtype = s, x.dtype
-        ctx.save_for_backward(y, weight, bias, wv)
+        ctx.s, ctx.x_dtype, ctx.geglu = s, x.dtype, p is not None
+        ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)))
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        y, weight, bias, wv = ctx.saved_tensors
+        y, weight, bias, wv, *p = ctx.saved_tensors
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = None
         if ctx.needs_input_grad[0]:
             w2, _ = _OutputScaleBuild(s)(weight, None, wv)
             gx = g2 @ cast(w2, gy.dtype)
-            gx = cast(gx.reshape(*gy.shape[:-1], gx.shape[-1]), ctx.x_dtype)
+            if ctx.geglu:
+                from .regen_triton import geglu_input_grad
+                gx = geglu_input_grad(cast(gx, ctx.x_dtype), p[0])
+            else:
+                gx = cast(gx.reshape(*gy.shape[:-1], gx.shape[-1]), ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             from . import scale_triton
             y2 = y.reshape(-1, y.shape[-1])
@@ -173,7 +184,7 @@ class _KeepOutput(torch.autograd.Function):
                 g2 = g2.contiguous()
             fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
             gw = fn(g2, y2, b, wv, s)
-        return gx, None, None, gw, None
+        return gx, None, None, gw, None, None
 
 
 @register
@@ -243,7 +254,17 @@ class IA3(Algorithm):
             # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward, keeping y and ∂w from ∂y and y where
             # _keep_output holds (_KeepOutput's doc), else keeping x (the rebuilt op: ∂w through ∂W′)
             if _keep_output(x, spec, weight, bias):
-                return _KeepOutput.apply(x, weight, bias, t["weight"], float(multiplier))
+                # a GEGLU's output: the op takes the projection's output and runs the GEGLU's backward in one pass
+                # (.regen.geglu_input, LYCO_GEGLU_FUSE, change 120)
+                p = regen.geglu_input(x)
+                # on rows, reshaped after: F.linear on a 3-D x inside the Function would return a view of a tensor
+                # autograd never sees, and a GEGLU after it could not be found from its halves' base
+                x2 = x.reshape(-1, x.shape[-1])
+                if p is not None:
+                    y = _KeepOutput.apply(p, weight, bias, t["weight"], float(multiplier), x2.detach())
+                else:
+                    y = _KeepOutput.apply(x2, weight, bias, t["weight"], float(multiplier))
+                return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
             return rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier)), t["weight"])
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)

@@ -1184,13 +1184,9 @@ def _geglu_input(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, down: t
     backward (:func:`_geglu_grads`) would only add GELU's recomputation. H100, captured steps, on / off (runs 197–198,
     benchmarks/NOTES.md change 120): SD1.5 b8 LoRA 69.98 / 73.26 ms, LoCon 69.92 / 73.10, LoHa 72.86 / 75.39; SDXL b4
     LoRA 187.56 / 201.23, SDXL b1 73.92 / 77.69; the peaks −0.67 GiB (SD1.5 b8) and −3.1 GiB (SDXL b4)."""
-    if (spec.kind != LINEAR or groups != 1 or eye or x.dtype != cd or not x.requires_grad or weight.requires_grad
-            or not down.requires_grad):
+    if spec.kind != LINEAR or groups != 1 or eye or x.dtype != cd or weight.requires_grad or not down.requires_grad:
         return None
-    p = regen.find_geglu(x)
-    if p is None or not regen_triton.geglu_usable(p, down.shape[0]):
-        return None
-    return p
+    return regen.geglu_input(x, down.shape[0])
 
 
 def _geglu_grads(s: float, gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor, ddt, into):

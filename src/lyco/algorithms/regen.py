@@ -267,6 +267,20 @@ def find_geglu(x: torch.Tensor) -> torch.Tensor | None:
     return p
 
 
+def geglu_input(x: torch.Tensor, r: int = 1) -> torch.Tensor | None:
+    """:func:`find_geglu`'s p where x takes a gradient and :func:`.regen_triton.geglu_usable` holds for p at rank r
+    (without the kernel the torch form of the same backward only adds GELU's recomputation), else None: what an op
+    on x takes as its input in x's place (the bypass op, :func:`.lowrank._geglu_input`; output-mode (IA)³'s
+    :class:`.ia3._KeepOutput`)."""
+    if not x.requires_grad:
+        return None
+    p = find_geglu(x)
+    if p is None:
+        return None
+    from . import regen_triton
+    return p if regen_triton.geglu_usable(p, r) else None
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` for an adapter's down on the delta path, x regenerated in backward where :func:`find`
     allows and w takes a gradient (else x is not kept anyway). A layer norm's output too where ``LYCO_NORM_REGEN``

@@ -219,6 +219,16 @@ def geglu_torch(gx: torch.Tensor, p: torch.Tensor):
     return gp, a * b
 
 
+def geglu_input_grad(gx: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """∂p of a GEGLU whose output's gradient is gx (any leading shape, rows of x), in p's shape: by
+    :func:`geglu_backward` without ∂D where :func:`geglu_usable` holds now, else :func:`geglu_torch` — for an op
+    that took p in x's place and has no down to form (output-mode (IA)³, the benchmarks' ``floor-geglu``)."""
+    p2 = p.reshape(-1, p.shape[-1])
+    gx2 = gx.reshape(-1, gx.shape[-1])
+    gp = geglu_backward(gx2, p2, None)[0] if geglu_usable(p2, 1) else geglu_torch(gx2, p2)[0]
+    return gp.view(p.shape)
+
+
 def geglu_backward(gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor | None, s: float = 1.0,
                    dt: torch.dtype | None = None, into: torch.Tensor | None = None):
     """``(∂p, ∂D)`` in one pass over a GEGLU: ``p = [a | g]`` ``(N, 2K)`` rows of unit column stride (the projection's
