@@ -392,14 +392,16 @@ def test_benchmarks_floor_geglu_baseline(fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_mode_ia3_takes_the_geglu_too(fused, dtype):
-    """Output-mode (IA)³'s output-keeping op on ``out`` (``ia3._KeepOutput``) takes p the same way: the GEGLU's
+@pytest.mark.parametrize("min_in", ["0", "16"])
+def test_output_mode_ia3_takes_the_geglu_too(fused, dtype, min_in):
+    """Output-mode (IA)³'s output-keeping op on ``out`` (``ia3._KeepOutput``) takes p the same way — after a
+    projection on the same op or (``min_in`` 16: its 12 inputs are below the line) on the rebuilt op: the GEGLU's
     backward by the kernel without ∂D (once per step), every gradient within the kernel's roundings of the unfused
     step's (fp32: its erf/exp; bf16: the interpreter's truncation), gelu(g) not kept; and the torch form where the
     kernel stands aside in backward: bit for bit."""
     import lyco
     fused.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
-    fused.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "0")
+    fused.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", min_in)
     torch.manual_seed(3)
     model = _Probe()
     net = lyco.create(model, preset="full", seed=0, algo="ia3")

@@ -146,8 +146,8 @@ class _KeepOutput(torch.autograd.Function):
     30.30 → 26.94 GiB — where PEFT's (IA)³ takes 85.0 and 234.6 ms. The float64 gradient check of the benchmark
     (every layer shape, the kernels in eager steps too) 3.9e-3 against the rebuilt op's 3.5e-3 (SDXL 4.1e-3 / 3.3e-3):
     the recovered x·Wᵀ carries y's bf16 rounding. On ``ff.net.2`` after a GEGLU (change 120b, ``LYCO_GEGLU_FUSE``) the
-    op takes the projection's output and turns ∂x into its gradient in one pass (:func:`.regen.geglu_input`): run
-    202, SD1.5 b8 73.30 → 72.17 ms, 8.09 → 7.79 GiB; SDXL b4 201.88 → 190.20 ms, 26.92 → 23.79 GiB."""
+    op takes the projection's output and turns ∂x into its gradient in one pass (:func:`.regen.geglu_input`): runs
+    202 and 205, SD1.5 b8 73.50 → 70.94 ms, 8.09 → 7.44 GiB; SDXL b4 201.88 → 190.20 ms, 26.92 → 23.79 GiB."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, wv, s, xin=None):

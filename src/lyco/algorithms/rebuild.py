@@ -164,6 +164,12 @@ def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: tor
     if torch.compiler.is_compiling() or not torch.is_grad_enabled():
         w2, b2 = build(weight, bias, *theta)
         return layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
+    if spec.kind == LINEAR and x.dim() > 2:
+        # on rows, reshaped after: F.linear on a 3-D x inside the Function returns a view of a tensor autograd never
+        # sees, and a GEGLU reading this output could not be found from its halves' base (.regen.find_geglu;
+        # run 204: (IA)³'s 64×64-level GEGLU projections, which take this op, left 5 of SD1.5's 16 GEGLUs unfused)
+        y = _RebuiltOp.apply(x.reshape(-1, x.shape[-1]), spec, build, weight, bias, *theta)
+        return y.view(*x.shape[:-1], y.shape[-1])
     return _RebuiltOp.apply(x, spec, build, weight, bias, *theta)
 
 
