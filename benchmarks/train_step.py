@@ -14,8 +14,9 @@ Layer sets (identical for every library, passed to each as exact module names):
                  kohya's "attn-mlp" LoRA set; SD1.5: 192 layers, SDXL: 722 layers.
   * ``lin+conv`` ``lin`` plus every k×k ``nn.Conv2d`` inside ``ResnetBlock2D``/``Downsample2D``/
                  ``Upsample2D`` (resnet conv1/conv2, down/up-sampler convs) at the conv rank.
-Baselines: ``floor`` (frozen base, no adapter, backward to the input latents) and ``fullft``
-(every UNet parameter trained with AdamW).
+Baselines: ``floor`` (frozen base, no adapter, backward to the input latents), ``floor-geglu`` (the floor with
+every ``ff.net.2`` running its GEGLU's backward as lyco's adapted layers do since change 120, in the graph column:
+:func:`fuse_frozen_geglu`; not run unless named) and ``fullft`` (every UNet parameter trained with AdamW).
 
 Run ``python benchmarks/train_step.py --help``; ``--smoke`` runs everything on the CPU with the tiny
 models of ``lyco.models.tiny`` (no GPU needed). Results go to ``--out`` (default ``$OUT`` or ``.``)
