@@ -432,3 +432,32 @@ def test_output_mode_ia3_takes_the_geglu_too(fused, dtype, min_in):
     fused.setattr(regen_triton, "geglu_usable", lambda p, r: torch.is_grad_enabled())
     _, g2, _ = step("1")
     assert fused.kernel_calls == [1] and all(torch.equal(a, b) for a, b in zip(g0, g2))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_the_tiny_sdxl_fuses_every_geglu(fused, kernel):
+    """The real model code (diffusers' GEGLU and FeedForward) on the tiny SDXL — UNet and both text encoders, LoRA on
+    every layer, the bypass op everywhere: every UNet ``ff.net.2`` takes its GEGLU's projection output (the text
+    encoders' MLPs are not GEGLUs), and every adapter gradient equals the unfused step's — bit for bit in the torch
+    form (the kernel standing aside in backward), within the kernel's fp32 sums with it (float64 model)."""
+    from regen_helpers import tiny_sdxl_lora, tiny_sdxl_loss, tiny_sdxl_step_inputs
+    comps, params, g = tiny_sdxl_lora()
+    ffn = [m for n, m in comps["unet"].named_modules() if n.endswith("ff.net.2")]
+    assert len(ffn) >= 4
+    if not kernel:
+        fused.setattr(regen_triton, "geglu_usable", lambda p, r: torch.is_grad_enabled())
+    hits, real = [], regen.find_geglu
+    fused.setattr(regen, "find_geglu", lambda t: hits.append(real(t) is not None) or real(t))
+    ids, inputs = tiny_sdxl_step_inputs(comps, g)
+    out = []
+    for mode in ("0", "1"):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        hits.clear()
+        out.append(torch.autograd.grad(tiny_sdxl_loss(comps, ids, inputs), params, allow_unused=True))
+    assert sum(hits) == len(ffn)
+    assert len(fused.kernel_calls) == (len(ffn) if kernel else 0)
+    for a, b in zip(*out):
+        if kernel:
+            assert (a is None and b is None) or _rel(b, a) < 1e-5
+        else:
+            assert (a is None and b is None) or torch.equal(a, b)
