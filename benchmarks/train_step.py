@@ -157,6 +157,8 @@ DEFAULT_VARIANTS = "lyco,peft,lycoris-eager,lycoris-triton,lycoris-triton-bypass
 SECONDARY_VARIANTS = ("lycoris-triton", "lycoris-triton-bypass", "lycoris-eager-bypass")
 
 GiB = 1024 ** 3
+#: the baselines ``--baselines`` may name, in the order they run
+BASELINES = ("floor", "floor-geglu", "fullft")
 
 
 def log(*a):
@@ -1234,7 +1236,8 @@ def main(argv=None):
     p.add_argument("--algos", default=",".join(ALGOS), help=f"of {','.join(ALGOS)}")
     p.add_argument("--no-baselines", action="store_true", help="skip floor and full fine-tune")
     p.add_argument("--baselines", default="floor,fullft",
-                   help="which baselines to run (floor, floor-geglu, fullft; fuse_frozen_geglu's doc)")
+                   help="which baselines to run, a comma list of floor, floor-geglu, fullft (floor-geglu: "
+                        "fuse_frozen_geglu's doc), e.g. --baselines floor,floor-geglu")
     p.add_argument("--graph-algos", default="all",
                    help="with --graph: the algorithms timed as a CUDA graph too ('all', or a comma list; "
                         "baselines always)")
@@ -1280,6 +1283,10 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 steps: exercise the whole script")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
+    unknown = [b for b in a.baselines.split(",") if b and b not in BASELINES]
+    if unknown:
+        p.error(f"--baselines {a.baselines!r}: unknown {', '.join(unknown)}; expected a comma list of "
+                f"{', '.join(BASELINES)}")
 
     t_start = time.perf_counter()
     if a.deadline is not None:
@@ -1369,8 +1376,7 @@ def main(argv=None):
                    model=model, batch=batch, profile=profile_set, profile_top=a.profile_top,
                    graph_trace={x for x in a.graph_trace.split(",") if x},
                    memory_peak={x for x in a.memory_peak.split(",") if x})
-        plan = [] if a.no_baselines else [(None, b) for b in ("floor", "floor-geglu", "fullft")
-                                          if b in a.baselines.split(",")]
+        plan = [] if a.no_baselines else [(None, b) for b in BASELINES if b in a.baselines.split(",")]
         # first every algorithm against its main peers, then the secondary variants (LyCORIS eager…)
         ordered = [(al, v) for al in algos for v in variants if v not in SECONDARY_VARIANTS]
         ordered += [(al, v) for al in algos for v in variants if v in SECONDARY_VARIANTS]

@@ -368,14 +368,20 @@ def test_geglu_usable_conditions(monkeypatch):
     assert not regen_triton.geglu_usable(p, 16)
 
 
-def test_benchmarks_floor_geglu_baseline(fused):
-    """``benchmarks/train_step.py``'s ``floor-geglu`` (the frozen model with every ``ff.net.2`` taking its GEGLU's
-    backward into one kernel pass, no adapter): on the tiny UNet the input's gradient against the plain frozen model's
-    (fp32, the kernel interpreted), one kernel call per GEGLU, and the modules restored after."""
+@pytest.fixture
+def ts():
+    """``benchmarks/train_step.py`` as a module."""
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    import train_step as ts
+    import train_step
+    return train_step
+
+
+def test_benchmarks_floor_geglu_baseline(fused, ts):
+    """``benchmarks/train_step.py``'s ``floor-geglu`` (the frozen model with every ``ff.net.2`` taking its GEGLU's
+    backward into one kernel pass, no adapter): on the tiny UNet the input's gradient against the plain frozen model's
+    (fp32, the kernel interpreted), one kernel call per GEGLU, and the modules restored after."""
     unet = ts.build_unet("sd15", True, torch.device("cpu"), torch.float32)
     inputs, _ = ts.make_inputs(unet, 1, 16, torch.device("cpu"), torch.float32)
     sample = inputs["sample"].requires_grad_()
@@ -461,3 +467,11 @@ def test_the_tiny_sdxl_fuses_every_geglu(fused, kernel):
             assert (a is None and b is None) or _rel(b, a) < 1e-5
         else:
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_benchmarks_unknown_baseline_is_an_error(capsys, ts):
+    """``train_step.py --baselines`` names what it does not know and what it expects, before building anything."""
+    with pytest.raises(SystemExit):
+        ts.main(["--smoke", "--baselines", "floor,flor"])
+    err = capsys.readouterr().err
+    assert "unknown flor" in err and "floor-geglu" in err
