@@ -68,3 +68,18 @@ def tiny_sdxl_lora():
         for p in net.trainable_parameters():
             p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return comps, list(net.trainable_parameters()), g
+
+
+def adapted(model, seed=0, **kw):
+    """``lyco.create(model, preset="full", seed=seed, …)`` — LoRA rank 3, alpha 2 unless ``kw`` says otherwise — with
+    every trainable parameter moved off its init by 0.3·N(0, 1) (generator ``seed + 3``): every gradient nonzero."""
+    import lyco
+    kw = {"algo": "lora", **kw}
+    if kw["algo"] == "lora":
+        kw = {"rank": 3, "alpha": 2.0, **kw}
+    net = lyco.create(model, preset="full", seed=seed, **kw)
+    g = torch.Generator().manual_seed(seed + 3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net

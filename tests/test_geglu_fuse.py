@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from regen_helpers import saved_storages
+from regen_helpers import adapted, saved_storages
 from test_input_regen import GEGLUFeedForward, _reference, _setup, _step
 from lyco.algorithms import lowrank, regen, regen_triton
 
@@ -60,17 +60,6 @@ def _float64(gx, p, gh, s):
 
 def _rel(got, ref):
     return ((got.double() - ref).abs().max() / ref.abs().max()).item()
-
-
-def _lora(model, seed=0):
-    """LoRA (rank 3) on every linear layer of model, moved off its zero init (every gradient nonzero)."""
-    import lyco
-    net = lyco.create(model, preset="full", seed=seed, algo="lora", rank=3, alpha=2.0)
-    g = torch.Generator().manual_seed(seed + 3)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 def _inputs(n, k, r, dtype, seed, strided):
@@ -236,7 +225,7 @@ def test_gelu_output_and_x_not_kept(fused):
     gelu(g) is kept (the mul keeps it)."""
     torch.manual_seed(0)
     model = _Probe()
-    _lora(model)
+    adapted(model)
     x = torch.randn(2, 30, 12, requires_grad=True)
     for mode, kept in (("0", True), ("1", False)):
         fused.setenv("LYCO_GEGLU_FUSE", mode)
@@ -262,7 +251,7 @@ def test_other_consumers_of_x_still_get_their_gradient(fused):
 
     torch.manual_seed(1)
     model = TwoReaders()
-    net = _lora(model)
+    net = adapted(model)
     x = torch.randn(2, 30, 12, requires_grad=True)
     gy = torch.randn(2, 30, 12)
     params = [x] + list(net.trainable_parameters())
@@ -310,7 +299,7 @@ def test_what_is_not_fused(fused, how, takes):
     way."""
     torch.manual_seed(2)
     model = _Variant(how)
-    net = _lora(model)
+    net = adapted(model)
     x = torch.randn(2, 20, 12, requires_grad=True)
     gy = torch.randn(2, 20, 12)
     params = [x] + list(net.trainable_parameters())
@@ -405,16 +394,11 @@ def test_output_mode_ia3_takes_the_geglu_too(fused, dtype, min_in):
     backward by the kernel without ∂D (once per step), every gradient within the kernel's roundings of the unfused
     step's (fp32: its erf/exp; bf16: the interpreter's truncation), gelu(g) not kept; and the torch form where the
     kernel stands aside in backward: bit for bit."""
-    import lyco
     fused.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
     fused.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", min_in)
     torch.manual_seed(3)
     model = _Probe()
-    net = lyco.create(model, preset="full", seed=0, algo="ia3")
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    net = adapted(model, algo="ia3")
     model.to(dtype)
     x = torch.randn(2, 30, 12, dtype=dtype, requires_grad=True)
     gy = torch.randn(2, 30, 12, dtype=dtype)

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lyco
-from regen_helpers import (record_regen_hits, saved_storages, tiny_sdxl_lora, tiny_sdxl_loss,
+from regen_helpers import (adapted, record_regen_hits, saved_storages, tiny_sdxl_lora, tiny_sdxl_loss,
                            tiny_sdxl_step_inputs)
 from lyco.algorithms import graph_policy, lowrank, regen
 
@@ -43,12 +42,7 @@ class GEGLUFeedForward(nn.Module):
 def _setup(act="geglu", seed=0):
     torch.manual_seed(seed)
     model = GEGLUFeedForward(act=act).double()
-    net = lyco.create(model, preset="full", seed=seed, algo="lora", rank=3, alpha=2.0)
-    g = torch.Generator().manual_seed(seed + 3)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model, net
+    return model, adapted(model, seed)
 
 
 def _out_node(y):
