@@ -171,3 +171,31 @@ def test_keep_output_under_autocast(keep):
     ref.backward(gy.double())
     assert _rel(y, ref) < 2e-2 and _rel(x.grad, xr.grad) < 2e-2
     assert _rel(layer.params["weight"].grad, w.grad) < 2e-2
+
+
+@pytest.mark.parametrize("shape", [(300, 77), (40, 8, 3, 3), (5, 3)])
+@pytest.mark.parametrize("wdt,s", [(torch.float32, 0.5), (torch.bfloat16, 1.0), (torch.bfloat16, -2.0)])
+def test_scale_rows_kernel_matches_definition(kern, shape, wdt, s):
+    """``W + W ⊙ c`` per row, ``c = s·w`` in w's dtype then W's (bf16), against the exact value in float64 (a product of
+    two bf16 values and its sum with W are exact there): within one unit in W's last place of it — the interpreter
+    truncates to bf16 where the GPU rounds, so c is made exact in bf16 (w drawn in bf16, s a power of two) and only
+    W′'s own rounding is left; ragged last block (the block size lowered so that a weight spans several programs),
+    a conv's 4-D weight, w in fp32 and bf16. Torch's form against the same definition (its rounding is the GPU's)."""
+    saved = dict(kern._BUILD_CFG)
+    kern._BUILD_CFG.update(BLOCK=256)
+    try:
+        g = torch.Generator().manual_seed(sum(shape))
+        w = torch.randn(shape, generator=g).to(torch.bfloat16)
+        wv = (0.3 * torch.randn(shape[0], generator=g)).to(torch.bfloat16).to(wdt)
+        got = kern.scale_rows(w, wv, s)
+    finally:
+        kern._BUILD_CFG.clear()
+        kern._BUILD_CFG.update(saved)
+    assert got.dtype == w.dtype and got.shape == w.shape
+    c = (wv.double() * s).reshape((-1,) + (1,) * (w.dim() - 1))
+    exact = w.double() + w.double() * c
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 8)  # bf16: 8 significant bits
+    assert ((got.double() - exact).abs() <= ulp).all()
+    assert (got.double() - exact).abs().max() > 0  # the rounding is W′'s own: the test sees it
+    tref = kern.scale_rows_torch(w, wv, s)
+    assert torch.equal(tref, exact.to(torch.bfloat16))

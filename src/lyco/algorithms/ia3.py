@@ -31,7 +31,7 @@ from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, channel_view, input_channel_view, layer_op,
     register,
 )
-from . import graph_policy, regen
+from . import graph_policy, regen, scale_triton
 from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
 
 
@@ -60,15 +60,16 @@ def ia3_row_col_scale(w: torch.Tensor, spec, on_input: bool) -> torch.Tensor:
 class _OutputScaleBuild:
     """(IA)³ output mode for :mod:`.rebuild`: ``W′ = W + s·(W ⊙ w)`` rows (one ``addcmul``, the weight
     rounded once; ``s·w`` is small and exact to its own precision — never ``1 + s·w`` in bf16), the
-    bias unscaled. Backward by hand: ``∂w_j = s·⟨E_j, W_j⟩`` (E = ∂L/∂W′), one batched dot."""
+    bias unscaled; one Triton launch on CUDA where no autograd records it (:func:`.scale_triton.scale_rows`).
+    Backward by hand: ``∂w_j = s·⟨E_j, W_j⟩`` (E = ∂L/∂W′), one batched dot."""
 
     def __init__(self, s: float):
         self.s = s
 
     def __call__(self, w, b, wv):
-        sw = wv if wv.dim() == 1 else wv.reshape(-1)
-        sw = cast(sw * self.s if self.s != 1.0 else sw, w.dtype)
-        return torch.addcmul(w, w, sw.unsqueeze(1) if w.dim() == 2 else sw.reshape((-1,) + (1,) * (w.dim() - 1))), b
+        if w.is_cuda and scale_triton.rows_usable(w, wv):
+            return scale_triton.scale_rows(w, wv, self.s), b
+        return scale_triton.scale_rows_torch(w, wv, self.s), b
 
     def forward_aux(self, w, b, wv):
         w2, b2 = self(w, b, wv)
@@ -118,7 +119,6 @@ def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     if spec.in_dim < _min_in():
         return False
     if x.is_cuda:
-        from . import scale_triton
         return scale_triton.usable(x)
     return True
 
@@ -168,6 +168,13 @@ class _KeepOutput(torch.autograd.Function):
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = None
+        if ctx.needs_input_grad[3]:
+            # on the current stream: run 207 put it on the side stream beside the ∂x GEMM (lowrank.side_stream) and
+            # lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; the partial sums' launches 1.70 → 2.14 ms, not hidden)
+            if g2.stride(-1) != 1:
+                g2 = g2.contiguous()
+            fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
+            gw = fn(g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
         if ctx.needs_input_grad[0]:
             w2, _ = _OutputScaleBuild(s)(weight, None, wv)
             gx = g2 @ cast(w2, gy.dtype)
@@ -176,14 +183,6 @@ class _KeepOutput(torch.autograd.Function):
                 gx = geglu_input_grad(cast(gx, ctx.x_dtype), p[0])
             else:
                 gx = cast(gx.reshape(*gy.shape[:-1], gx.shape[-1]), ctx.x_dtype)
-        if ctx.needs_input_grad[3]:
-            from . import scale_triton
-            y2 = y.reshape(-1, y.shape[-1])
-            b = cast(bias, y.dtype)
-            if g2.stride(-1) != 1:
-                g2 = g2.contiguous()
-            fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
-            gw = fn(g2, y2, b, wv, s)
         return gx, None, None, gw, None, None
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import graph_policy
 from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
 
 if triton is not None:
@@ -27,10 +28,14 @@ if triton is not None:
 
 #: the smallest ``|1 + s·w|`` the division uses (module doc)
 MIN_SCALE = 2.0 ** -6
-#: rows and columns a program of the first launch reads per step of its loop
-_BM, _BC = 64, 64
-#: programs the first launch aims at (row blocks × column blocks): a few per SM of an H100
-_PROGRAMS = 512
+#: the first launch's setting: rows and columns a program reads per step of its loop, warps, and the programs it aims
+#: at (row blocks × column blocks: a few per SM of an H100); ``benchmarks/experiments/ia3_kernel_bench.py`` sweeps it
+#: run 206 (24 settings at SD1.5 b8's and SDXL b4's shapes): 128 × 64, 8 warps, 264 programs best; run 207 (36 around
+#: it): 256 × 64, 8 warps, 528 — over the 512-input line 1.66 ms per SD1.5 b8 step and 11.69 per SDXL b4 step, against
+#: 1.95 and 15.71 for run 206's best (graph replays of one layer's inputs: partly from L2, so the step's share is less)
+_CG_CFG = dict(BM=256, BC=64, num_warps=8, programs=528)
+#: elements per program of :func:`scale_rows`, and its warps (the same benchmark sweeps them)
+_BUILD_CFG = dict(BLOCK=4096, num_warps=8)
 
 #: (device, dtype) → whether the kernels passed their self-test there
 _CHECKED: dict = {}
@@ -61,17 +66,56 @@ def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None,
     and ``y`` ``(N, C)`` with unit column stride, ``b`` ``(C,)`` or None, ``w`` of C elements (any shape, any float
     dtype): the result in w's shape and dtype. The caller checks :func:`usable`."""
     n, c = y2.shape
-    grid_c = _cdiv(c, _BC)
-    grid_m = max(1, min(_cdiv(n, _BM), _PROGRAMS // grid_c))
-    rows = _cdiv(_cdiv(n, grid_m), _BM) * _BM  # rows per program, whole steps of the loop
+    bm, bc, warps, programs = (_CG_CFG[k] for k in ("BM", "BC", "num_warps", "programs"))
+    grid_c = _cdiv(c, bc)
+    grid_m = max(1, min(_cdiv(n, bm), programs // grid_c))
+    rows = _cdiv(_cdiv(n, grid_m), bm) * bm  # rows per program, whole steps of the loop
     grid_m = _cdiv(n, rows)
     part = torch.empty(grid_m, c, device=y2.device, dtype=torch.float32)
     _partial_kernel[(grid_m, grid_c)](gy2, y2, bias if bias is not None else y2, part, n, c, rows,
-                                      gy2.stride(0), y2.stride(0), HAS_BIAS=bias is not None, BM=_BM, BC=_BC)
+                                      gy2.stride(0), y2.stride(0), HAS_BIAS=bias is not None, BM=bm, BC=bc,
+                                      num_warps=warps)
     wf = w.reshape(-1)
     out = torch.empty(c, device=y2.device, dtype=w.dtype)
     _finish_kernel[(_cdiv(c, 256),)](part, wf, out, grid_m, c, float(s), MIN_SCALE, BC=256)
     return out.reshape(w.shape)
+
+
+def scale_rows_torch(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
+    """``W′ = W + W ⊙ c`` with ``c = s·w`` per row (one ``addcmul``, the weight rounded once; ``s·w`` rounded to w's
+    own dtype, then to W's — never ``1 + s·w`` in a 16-bit dtype): the reference :func:`scale_rows` matches."""
+    sw = wv if wv.dim() == 1 else wv.reshape(-1)
+    sw = sw * s if s != 1.0 else sw
+    if sw.dtype != w.dtype:
+        sw = sw.to(w.dtype)
+    return torch.addcmul(w, w, sw.unsqueeze(1) if w.dim() == 2 else sw.reshape((-1,) + (1,) * (w.dim() - 1)))
+
+
+def rows_usable(w: torch.Tensor, wv: torch.Tensor) -> bool:
+    """Whether :func:`scale_rows` runs: ``LYCO_IA3_ROWS_KERNEL`` (:mod:`.graph_policy`, captured steps by default — a
+    Triton launch binds its arguments in Python, where an eager step waits on the host), the kernels usable on W's
+    device and dtype (:func:`usable`), W and w contiguous, no autograd to record (the kernel is not differentiable)
+    and ``w`` one entry per row of W."""
+    if not graph_policy.wanted("LYCO_IA3_ROWS_KERNEL"):
+        return False
+    if (w.requires_grad or wv.requires_grad) and torch.is_grad_enabled():
+        return False
+    return w.is_contiguous() and wv.is_contiguous() and wv.numel() == w.shape[0] and usable(w)
+
+
+def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
+    """:func:`scale_rows_torch` in one Triton launch (``(IA)³``'s output-mode weight ``W + s·(W ⊙ w)`` rows, the
+    rebuilt op's and :class:`.ia3._KeepOutput`'s build, forward and backward): W read once, W′ written once, the
+    product and sum in fp32 with a single rounding (torch's ``addcmul`` computes the same in fp32 opmath; run 206
+    counts where the two differ on the GPU). Torch launches a generic broadcast kernel there, at 30–50 % of the
+    bandwidth on these shapes (run 204's trace: 352 launches, 2.40 ms of SD1.5 b8's captured step). The caller
+    checks :func:`rows_usable`."""
+    out = torch.empty_like(w)
+    n = w.numel()
+    k = n // w.shape[0]
+    blk, warps = _BUILD_CFG["BLOCK"], _BUILD_CFG["num_warps"]
+    _rows_kernel[(_cdiv(n, blk),)](w, wv, out, n, k, float(s), HAS_S=s != 1.0, BLOCK=blk, num_warps=warps)
+    return out
 
 
 def _self_test(device, dtype) -> bool:
@@ -92,7 +136,18 @@ def _compare(device, dtype) -> str | None:
         got = channel_grad(gy, y, b, w, 0.7)
         ref = channel_grad_torch(gy, y, b, w, 0.7)
         worst = max(worst, ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
-    return None if worst <= 1e-3 else f"its self-test's relative error is {worst:.2e}"
+    if worst > 1e-3:
+        return f"its self-test's relative error is {worst:.2e}"
+    # the row scaling: a ragged last block, W of a conv's shape, an fp32 w with s ≠ 1 and a 16-bit w with s = 1; W′ is
+    # one rounding of W + W ⊙ c either way, so at most one unit in the last place from torch's addcmul
+    for shape, wdt, s in (((300, 77), torch.float32, 0.7), ((40, 8, 3, 3), dtype, 1.0)):
+        w = torch.randn(shape, generator=g).to(device, dtype)
+        wv = (torch.randn(shape[0], generator=g) * 0.3).to(device, wdt)
+        got, ref = scale_rows(w, wv, s).float(), scale_rows_torch(w, wv, s).float()
+        ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+        if bool(((got - ref).abs() > ulp).any()):
+            return "its row scaling differs from torch's addcmul by more than one unit in the last place"
+    return None
 
 
 if triton is not None:
@@ -127,3 +182,15 @@ if triton is not None:
         d = 1.0 + s * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
         d = tl.where(tl.abs(d) < lo, tl.where(d < 0, -lo, lo), d)
         tl.store(OUT + cols, (s * acc / d).to(OUT.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _rows_kernel(W, SW, OUT, N, K, s, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
+        c = tl.load(SW + offs // K, mask=m, other=0.0)
+        if HAS_S:
+            # s·w in w's own dtype first (torch's ``sw * s``), then W's dtype (the cast before the addcmul)
+            c = (c.to(tl.float32) * s).to(SW.dtype.element_ty)
+        c = c.to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + offs, (w + w * c).to(OUT.dtype.element_ty), mask=m)
