@@ -459,3 +459,105 @@ def test_benchmarks_unknown_baseline_is_an_error(capsys, ts):
         ts.main(["--smoke", "--baselines", "floor,flor"])
     err = capsys.readouterr().err
     assert "unknown flor" in err and "floor-geglu" in err
+
+
+@pytest.mark.parametrize("n,k", [(300, 70), (77, 33), (3, 150)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("with_d", [False, True])
+def test_kernel_channel_sums_for_the_projection(kern, n, k, dtype, bias, with_d):
+    """With a :class:`ChannelLink` (change 121) the kernel also offers ``Σ_n ∂p·(p − b)`` per column of p over its
+    row blocks: their sum against float64 from the ∂p it wrote and the same p and b (exact products, fp32 sums in
+    another order), ∂p and ∂D the same bits as without; the producer takes them for that ∂p only."""
+    from lyco.algorithms import scale_triton
+    gx, p, gh = _inputs(n, k, 16, dtype, n + k, True)
+    b = torch.randn(2 * k, generator=torch.Generator().manual_seed(5)).to(dtype) if bias else None
+    link = scale_triton.ChannelLink(b)
+    gh = gh if with_d else None
+    gp, gd = kern.geglu_backward(gx, p, gh, 0.5, torch.float32, chan=link)
+    gp0, gd0 = kern.geglu_backward(gx, p, gh, 0.5, torch.float32)
+    assert torch.equal(gp, gp0) and (gd is None or torch.equal(gd, gd0))
+    assert link.grad is gp and link.part.dtype == torch.float32 and link.part.shape[1] == 2 * k
+    ref = (gp.double() * (p.double() - (b.double() if bias else 0))).sum(0)
+    assert _rel(link.part.sum(0), ref) < 1e-5
+    other = gp.clone()
+    part = link.part
+    assert link.take(other) is None and link.part is None  # another tensor: nothing, and the link is emptied
+    link.offer(part, gp)
+    gp.add_(0)  # an in-place change (autograd adding another consumer's gradient into it) bumps the version
+    assert link.take(gp) is None
+    link.offer(part, gp)
+    assert link.take(gp.unsqueeze(0)) is part  # a view of the same tensor, unchanged (the projection's 3-D output)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("other_consumer", [False, True])
+@pytest.mark.parametrize("min_in", ["0", "16"])
+def test_ia3_projection_takes_its_channel_sums_from_the_geglu_kernel(fused, dtype, other_consumer, min_in):
+    """Output-mode (IA)³ on the projection and on ``out`` (``out`` keeping its output; the projection too, or with
+    ``min_in`` 16 — its 12 inputs below the line — on the rebuilt op): the out layer's GEGLU kernel hands the
+    projection its channel sums (no read of ∂p and p, or no ∂W′ GEMM, in its backward) — its ∂w then against the
+    float64 definition ``y = x·(W ⊙ (1 + w))ᵀ + b`` by autograd, as every other gradient; where p has another consumer
+    (its gradient is autograd's sum, not the kernel's ∂p) the projection forms ∂w itself — the same float64 values."""
+    from lyco.algorithms import scale_triton
+    fused.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    fused.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", min_in)
+    fused.setenv("LYCO_IA3_GEGLU_SUMS", "1")
+    torch.manual_seed(3)
+    model = GEGLUFeedForward()
+    net = adapted(model, algo="ia3")
+    taken, real_take = [], scale_triton.ChannelLink.take
+    fused.setattr(scale_triton.ChannelLink, "take", lambda self, gy: taken.append(real_take(self, gy)) or taken[-1])
+    model.to(dtype)
+    x = torch.randn(2, 30, 12, dtype=dtype, requires_grad=True)
+    gy = torch.randn(2, 30, 12, dtype=dtype)
+    gq = torch.randn(2, 30, 32, dtype=dtype)
+    if other_consumer:
+        h0 = model.proj.forward
+        fused.setattr(model.proj, "forward", lambda t: _tap(h0(t)))
+    y = model(x)
+    loss = (y.double() * gy.double()).sum() + (_TAPPED.pop().double() * gq.double()).sum() if other_consumer else None
+    params = [x] + list(net.trainable_parameters())
+    got = torch.autograd.grad(loss if other_consumer else y, params, None if other_consumer else gy)
+    assert fused.kernel_calls == [1]
+    # out's backward first (nothing offered to it), then the projection's
+    assert [t is not None for t in taken] == ([False, False] if other_consumer else [False, True])
+    # float64: the definition, w a leaf per layer
+    layers = {n.split("__")[-1]: lay for n, lay in net.layers.items()}
+    ws = {k: lay.params["weight"].detach().double().clone().requires_grad_() for k, lay in layers.items()}
+    xr = x.detach().double().clone().requires_grad_()
+
+    def lin(mod, w, t):
+        return t @ (mod.weight.double() * (1 + w)[:, None]).t() + mod.bias.double()
+    h = lin(model.proj, ws["proj"], xr)
+    a, g = h.chunk(2, -1)
+    yr = lin(model.out, ws["out"], a * F.gelu(g))
+    ref_loss = (yr * gy.double()).sum() + ((h * gq.double()).sum() if other_consumer else 0)
+    want = torch.autograd.grad(ref_loss, [xr] + [ws[n.split("__")[-1]] for n in net.layers])
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    for a_, b_ in zip(got, want):
+        assert _rel(a_, b_) < tol
+
+
+_TAPPED = []
+
+
+def _tap(h):
+    _TAPPED.append(h)
+    return h
+
+
+def test_ia3_geglu_sums_switch(fused):
+    """``LYCO_IA3_GEGLU_SUMS``: captured steps only by default (no link outside :func:`graph_step`), ``0`` nowhere."""
+    from lyco.algorithms import graph_policy, ia3
+    spec = type("S", (), {"out_dim": 32})()
+    fused.delenv("LYCO_IA3_GEGLU_SUMS", raising=False)
+    assert ia3._link(spec, None) is None
+    with graph_policy.graph_step():
+        assert ia3._link(spec, None) is not None
+    fused.setenv("LYCO_IA3_GEGLU_SUMS", "0")
+    with graph_policy.graph_step():
+        assert ia3._link(spec, None) is None
+    spec.out_dim = 33  # an odd width is no GEGLU's projection
+    fused.setenv("LYCO_IA3_GEGLU_SUMS", "1")
+    assert ia3._link(spec, None) is None

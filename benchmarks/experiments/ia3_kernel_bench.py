@@ -8,11 +8,16 @@
   settings, and for the layers under ``_keep_output``'s input line the rebuilt op's route for comparison: the
   weight-gradient GEMM ``∂yᵀ·x`` and the row dot with W.
 
+* **geglu** — at each GEGLU projection (``ff.net.0.proj``, output ``[a | g]``): the GEGLU's backward without ∂D and
+  the projection's channel gradient read from ∂p and p (two launches), against the same kernel forming the channel
+  sums beside its tiles (``chan``, change 121) and ``channel_finish``.
+
 µs per layer and the sums over the layers with their multiplicities (one build forward + one backward per layer).
 
     python benchmarks/experiments/ia3_kernel_bench.py OUT_DIR [--quick]
 
-``--quick``: the modules' own settings only; ``--channel-only``: the channel gradient only. ``--smoke``: the tiny U-Net on the CPU, the kernels in Triton's
+``--quick``: the modules' own settings only; ``--channel-only``: the channel gradient only; ``--geglu-only``: the
+GEGLU section only. ``--smoke``: the tiny U-Net on the CPU, the kernels in Triton's
 interpreter, nothing timed (the script's own check, no GPU).
 """
 import collections
@@ -63,6 +68,39 @@ def layer_shapes(model: str, batch: int):
 DEV = torch.device("cpu" if SMOKE else "cuda")
 
 
+def geglu(layers, tot, rows_out, size):
+    """The GEGLU section (module doc): the layers whose output is 8× their input (diffusers' GEGLU projections)."""
+    from lyco.algorithms import regen_triton
+    dt, s = torch.bfloat16, 1.0
+    for n, k_in, k_out, wshape, count in layers:
+        if k_out != 8 * k_in:
+            continue
+        k = k_out // 2
+        g = torch.Generator(device=DEV).manual_seed(n + k)
+        p = torch.randn(n, 2 * k, device=DEV, dtype=dt, generator=g) * 2
+        gx = torch.randn(n, k, device=DEV, dtype=dt, generator=g)
+        b = torch.randn(2 * k, device=DEV, dtype=dt, generator=g)
+        wf = torch.randn(2 * k, device=DEV, generator=g) * 0.1
+        link = scale_triton.ChannelLink(b)
+
+        def apart():
+            gp, _ = regen_triton.geglu_backward(gx, p, None)
+            return scale_triton.channel_grad(gp, p, b, wf, s)
+
+        def fused():
+            gp, _ = regen_triton.geglu_backward(gx, p, None, chan=link)
+            return scale_triton.channel_finish(link.take(gp), wf, s)
+
+        ref, got = apart(), fused()
+        row = {"geglu_rows": n, "inner": k, "layers": count,
+               "geglu_err": float((got.double() - ref.double()).abs().max() / ref.double().abs().max()),
+               "geglu_apart_us": graph_us(apart, 20), "geglu_fused_us": graph_us(fused, 20)}
+        tot["geglu_apart"] += count * row["geglu_apart_us"]
+        tot["geglu_fused"] += count * row["geglu_fused_us"]
+        rows_out.append(row)
+        print(size, json.dumps(row), flush=True)
+
+
 def main():
     global BUILD, CHANNEL, graph_us
     out_dir = sys.argv[1]
@@ -70,6 +108,7 @@ def main():
         BUILD, CHANNEL = [dict(scale_triton._BUILD_CFG)], [dict(scale_triton._CG_CFG)]
     if "--channel-only" in sys.argv:
         BUILD = []
+    geglu_only = "--geglu-only" in sys.argv
     dev, dt, s = DEV, torch.bfloat16, 1.0
     if SMOKE:
         graph_us = lambda fn, reps: (fn(), 0.0)[1]  # noqa: E731
@@ -81,7 +120,8 @@ def main():
     for size, (model, batch) in SIZES.items():
         layers = layer_shapes(model, batch)
         rows_out, tot = [], collections.Counter()
-        for n, k_in, k_out, wshape, count in layers:
+        geglu(layers, tot, rows_out, size)
+        for n, k_in, k_out, wshape, count in ([] if geglu_only else layers):
             g = torch.Generator(device=dev).manual_seed(n + k_in + k_out)
             w = torch.randn(wshape, device=dev, dtype=dt, generator=g)
             wv = (torch.randn(k_out, device=dev, generator=g) * 0.1).to(dt)

@@ -63,8 +63,20 @@ class _OutputScaleBuild:
     bias unscaled; one Triton launch on CUDA where no autograd records it (:func:`.scale_triton.scale_rows`).
     Backward by hand: ``∂w_j = s·⟨E_j, W_j⟩`` (E = ∂L/∂W′), one batched dot."""
 
-    def __init__(self, s: float):
+    def __init__(self, s: float, link=None):
         self.s = s
+        self.link = link  # a scale_triton.ChannelLink on the op's output (change 121), or None
+
+    def take_grads(self, gy, theta, needs):
+        """``(∂w,)`` from the column sums a GEGLU consumer's kernel offered for exactly ``gy`` (:class:`.scale_triton.
+        ChannelLink`: ``∂w = s·Σ ∂y·(y − b)/d``, the same value as ``s·⟨∂W′_j, W_j⟩`` in exact arithmetic), else None
+        — the rebuilt op then forms ∂W′ from the kept x."""
+        part = self.link.take(gy) if self.link is not None else None
+        if part is None:
+            return None
+        wv = theta[0]
+        fn = scale_triton.channel_finish if part.is_cuda else scale_triton.channel_finish_torch
+        return (fn(part, wv, self.s),)
 
     def __call__(self, w, b, wv):
         if w.is_cuda and scale_triton.rows_usable(w, wv):
@@ -123,6 +135,15 @@ def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     return True
 
 
+def _link(spec, bias):
+    """A :class:`.scale_triton.ChannelLink` for an output-mode layer whose output may be a GEGLU's projection output
+    (an even width; ``LYCO_IA3_GEGLU_SUMS``, :mod:`.graph_policy`, captured steps by default as the GEGLU kernel
+    itself): the consumer's kernel hands it the column sums of ∂w (change 121), or None."""
+    if spec.out_dim % 2 or not graph_policy.wanted("LYCO_IA3_GEGLU_SUMS"):
+        return None
+    return scale_triton.ChannelLink(bias)
+
+
 class _KeepOutput(torch.autograd.Function):
     """Output-mode (IA)³ on a linear layer, ``y = x·W′ᵀ + b`` with ``W′ = W + s·(W ⊙ w)`` rows (as the rebuilt op),
     keeping the **output** ``y`` for backward instead of ``x``; backward rebuilds W′ for ``∂x = ∂y·W′`` and takes
@@ -150,15 +171,16 @@ class _KeepOutput(torch.autograd.Function):
     202 and 205, SD1.5 b8 73.50 → 70.94 ms, 8.09 → 7.44 GiB; SDXL b4 201.88 → 190.20 ms, 26.92 → 23.79 GiB."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, wv, s, xin=None):
+    def forward(ctx, x, weight, bias, wv, s, xin=None, feed=None, link=None):
         # xin given: x is the GEGLU projection's output p the layer's input xin is made of (.regen.geglu_input,
-        # change 120) — the backward turns ∂x into ∂p itself, as the bypass op does for a low-rank adapter
+        # change 120) — the backward turns ∂x into ∂p itself, as the bypass op does for a low-rank adapter; feed: that
+        # projection's ChannelLink where it is an op of this kind (change 121), link: this op's own
         p = None
         if xin is not None:
             p, x = x, xin
         w2, _ = _OutputScaleBuild(s)(weight, None, wv)
         y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
-        ctx.s, ctx.x_dtype, ctx.geglu = s, x.dtype, p is not None
+        ctx.s, ctx.x_dtype, ctx.geglu, ctx.feed, ctx.link = s, x.dtype, p is not None, feed, link
         ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)))
         return y
 
@@ -169,21 +191,27 @@ class _KeepOutput(torch.autograd.Function):
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = None
         if ctx.needs_input_grad[3]:
-            # on the current stream: run 207 put it on the side stream beside the ∂x GEMM (lowrank.side_stream) and
-            # lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; the partial sums' launches 1.70 → 2.14 ms, not hidden)
-            if g2.stride(-1) != 1:
-                g2 = g2.contiguous()
-            fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
-            gw = fn(g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
+            # the column sums a GEGLU consumer's kernel formed for exactly this gradient (scale_triton.ChannelLink),
+            # else ∂y and y read here — on the current stream: run 207 put that on the side stream beside the ∂x
+            # GEMM (lowrank.side_stream) and lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; not hidden)
+            part = ctx.link.take(gy) if ctx.link is not None else None
+            if part is not None:
+                fn = scale_triton.channel_finish if y.is_cuda else scale_triton.channel_finish_torch
+                gw = fn(part, wv, s)
+            else:
+                if g2.stride(-1) != 1:
+                    g2 = g2.contiguous()
+                fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
+                gw = fn(g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
         if ctx.needs_input_grad[0]:
             w2, _ = _OutputScaleBuild(s)(weight, None, wv)
             gx = g2 @ cast(w2, gy.dtype)
             if ctx.geglu:
                 from .regen_triton import geglu_input_grad
-                gx = geglu_input_grad(cast(gx, ctx.x_dtype), p[0])
+                gx = geglu_input_grad(cast(gx, ctx.x_dtype), p[0], chan=ctx.feed)
             else:
                 gx = cast(gx.reshape(*gy.shape[:-1], gx.shape[-1]), ctx.x_dtype)
-        return gx, None, None, gw, None, None
+        return gx, None, None, gw, None, None, None, None
 
 
 @register
@@ -259,12 +287,24 @@ class IA3(Algorithm):
                 # on rows, reshaped after: F.linear on a 3-D x inside the Function would return a view of a tensor
                 # autograd never sees, and a GEGLU after it could not be found from its halves' base
                 x2 = x.reshape(-1, x.shape[-1])
+                # this op's output may be a GEGLU's projection output: a link its consumer's GEGLU kernel can hand the
+                # column sums of ∂w to (scale_triton.ChannelLink, change 121), found there on p
+                link = _link(spec, bias)
                 if p is not None:
-                    y = _KeepOutput.apply(p, weight, bias, t["weight"], float(multiplier), x2.detach())
+                    y = _KeepOutput.apply(p, weight, bias, t["weight"], float(multiplier), x2.detach(),
+                                          getattr(p, "_lyco_channel_link", None), link)
                 else:
-                    y = _KeepOutput.apply(x2, weight, bias, t["weight"], float(multiplier))
+                    y = _KeepOutput.apply(x2, weight, bias, t["weight"], float(multiplier), None, None, link)
+                if link is not None:
+                    y._lyco_channel_link = link
                 return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
-            return rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier)), t["weight"])
+            # a link for a GEGLU consumer's channel sums on linear layers (change 121; the projections under the
+            # 512-input line: SD1.5's 64×64 level) — then no ∂W′ GEMM in backward
+            link = _link(spec, bias) if spec.kind == LINEAR and torch.is_grad_enabled() else None
+            y = rebuilt_op(x, spec, weight, bias, _OutputScaleBuild(float(multiplier), link), t["weight"])
+            if link is not None and y is not None:
+                (y if y._base is None else y._base)._lyco_channel_link = link
+            return y
         w = t["weight"].reshape(-1)
         s = 1 + (w * multiplier if multiplier != 1.0 else w)
         return layer_op(x * input_channel_view(s.to(x.dtype), spec, x), spec, weight, bias)

@@ -125,9 +125,15 @@ class _RebuiltOp(torch.autograd.Function):
             # no engine re-entry per layer — on a launch-bound host that is most of the cost)
             w2, aux = build.recompute(keep, weight, bias, *theta)
             want = any(need[5:])
-            gx, gw, gb = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], want,
-                                      want and getattr(build, "bias_grad", False))
-            grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
+            # a build may have its parameters' gradients from elsewhere for this ∂y (``take_grads``, else None):
+            # output-mode (IA)³ from the GEGLU kernel of the layer reading its output (.ia3, change 121) — no ∂W′
+            take = getattr(build, "take_grads", None) if want else None
+            grads = take(gy, theta, need[5:]) if take is not None else None
+            need_w = want and grads is None
+            gx, gw, gb = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], need_w,
+                                      need_w and getattr(build, "bias_grad", False))
+            if grads is None:
+                grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
             return (cast(gx, x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
         ins = [weight, bias, *theta]

@@ -219,18 +219,19 @@ def geglu_torch(gx: torch.Tensor, p: torch.Tensor):
     return gp, a * b
 
 
-def geglu_input_grad(gx: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def geglu_input_grad(gx: torch.Tensor, p: torch.Tensor, chan=None) -> torch.Tensor:
     """∂p of a GEGLU whose output's gradient is gx (any leading shape, rows of x), in p's shape: by
     :func:`geglu_backward` without ∂D where :func:`geglu_usable` holds now, else :func:`geglu_torch` — for an op
-    that took p in x's place and has no down to form (output-mode (IA)³, the benchmarks' ``floor-geglu``)."""
+    that took p in x's place and has no down to form (output-mode (IA)³, the benchmarks' ``floor-geglu``). ``chan``:
+    :func:`geglu_backward`'s (offered only by the kernel)."""
     p2 = p.reshape(-1, p.shape[-1])
     gx2 = gx.reshape(-1, gx.shape[-1])
-    gp = geglu_backward(gx2, p2, None)[0] if geglu_usable(p2, 1) else geglu_torch(gx2, p2)[0]
+    gp = geglu_backward(gx2, p2, None, chan=chan)[0] if geglu_usable(p2, 1) else geglu_torch(gx2, p2)[0]
     return gp.view(p.shape)
 
 
 def geglu_backward(gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor | None, s: float = 1.0,
-                   dt: torch.dtype | None = None, into: torch.Tensor | None = None):
+                   dt: torch.dtype | None = None, into: torch.Tensor | None = None, chan=None):
     """``(∂p, ∂D)`` in one pass over a GEGLU: ``p = [a | g]`` ``(N, 2K)`` rows of unit column stride (the projection's
     output), ``gx`` ``(N, K)`` the gradient of ``x = a ⊙ gelu(g)`` (unit column stride, any row stride), ``gh``
     ``(N, r)`` the consumer's ``∂h = ∂y·U`` (any strides). ∂p is ``[∂x·gelu(g) | GELU′(g)·(∂x·a)]`` with each of
@@ -239,7 +240,12 @@ def geglu_backward(gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor | None, s
     where given, else a new tensor in ``dt`` (p's dtype if None); ``gh`` None: ∂p alone (``(∂p, None)``: a frozen
     layer after the GEGLU, the benchmarks' ``floor-geglu``). Reads a, g and ∂x once each and writes ∂p once,
     where torch's backward of the same three ops reads ∂x twice and writes ∂a, ∂b, ∂g and the concatenation, and the
-    consumer's ∂D reads a and b again. The caller checks :func:`geglu_usable`."""
+    consumer's ∂D reads a and b again. The caller checks :func:`geglu_usable`.
+
+    ``chan`` (:class:`.scale_triton.ChannelLink`, the producer's — output-mode (IA)³ keeping p): the same pass also
+    sums ``∂p[:, c]·(p[:, c] − b[c])`` over its rows per column (∂p as written, b the producer's bias in p's dtype,
+    fp32 sums per program) and offers those partial sums with ∂p to the link, so that the producer's ∂w needs no
+    second read of ∂p and p (change 121)."""
     n, k2 = p.shape
     k, r = k2 // 2, (gh.shape[1] if gh is not None else 1)
     cfg = _GEGLU_CFG
@@ -252,12 +258,19 @@ def geglu_backward(gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor | None, s
     has_d = gh is not None
     part = torch.empty(grid_n, r, k, device=p.device, dtype=torch.float32) if has_d else p
     gp = torch.empty(n, k2, device=p.device, dtype=p.dtype)
+    has_w = chan is not None
+    pw = torch.empty(grid_n, k2, device=p.device, dtype=torch.float32) if has_w else p
+    wb = chan.bias if has_w else None
+    if wb is not None and wb.dtype != p.dtype:
+        wb = wb.to(p.dtype)  # as the producer's own channel gradient reads it (y's dtype)
     big = max(_span(p), _span(gx), _span(gh) if has_d else 0, gp.numel()) >= 2 ** 31
     _geglu_kernel[(grid_n, grid_k)](
-        gx, p, gh if has_d else p, gp, part, n, r, k, rows, gx.stride(0), p.stride(0),
-        gh.stride(0) if has_d else 0, gh.stride(1) if has_d else 0, RP=rp, BN=bn, BK=bk, BIG=big, HAS_D=has_d,
-        UPCAST=_UPCAST, LIBDEVICE=libdevice is not None and not _UPCAST,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        gx, p, gh if has_d else p, gp, part, pw, wb if wb is not None else p, n, r, k, rows, gx.stride(0),
+        p.stride(0), gh.stride(0) if has_d else 0, gh.stride(1) if has_d else 0, RP=rp, BN=bn, BK=bk, BIG=big,
+        HAS_D=has_d, HAS_W=has_w, HAS_WB=wb is not None, UPCAST=_UPCAST,
+        LIBDEVICE=libdevice is not None and not _UPCAST, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if has_w:
+        chan.offer(pw, gp)
     if not has_d:
         return gp, None
     out = into if into is not None else torch.empty(r, k, device=p.device, dtype=dt or p.dtype)
@@ -291,7 +304,17 @@ def _geglu_compare(device, dtype) -> str | None:
         worst_d = max(worst_d, ((got_d.double() - ref_d).abs().max() / ref_d.abs().max()).item())
     if worst_d > 1e-4:
         return f"its self-test's ∂D relative error is {worst_d:.2e}"
-    return None if worst_p <= 2.0 ** -6 else f"its self-test's ∂p relative error is {worst_p:.2e}"
+    if worst_p > 2.0 ** -6:
+        return f"its self-test's ∂p relative error is {worst_p:.2e}"
+    # the producer's channel sums (change 121): against float64 from the ∂p the kernel wrote
+    from .scale_triton import ChannelLink
+    p = (torch.randn(500, 2 * 90, generator=g) * 2).to(device, dtype)
+    gx = torch.randn(500, 90, generator=g).to(device, dtype)
+    link = ChannelLink(torch.randn(2 * 90, generator=g).to(device, dtype))
+    gp, _ = geglu_backward(gx, p, None, chan=link)
+    ref = (gp.double() * (p.double() - link.bias.double())).sum(0)
+    err = ((link.part.double().sum(0) - ref).abs().max() / ref.abs().max()).item()
+    return None if err <= 1e-4 else f"its self-test's channel-sum relative error is {err:.2e}"
 
 
 def _self_test(device, dtype) -> bool:
@@ -352,6 +375,12 @@ if triton is not None:
             if HAS_B:
                 cv = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros((RP, BK), dtype=tl.float32)
+        # HAS_W: the producer's channel sums Σ ∂p·(p − b) per column of each half (geglu_backward's chan)
+        wa = tl.zeros((BK,), dtype=tl.float32)
+        wg = tl.zeros((BK,), dtype=tl.float32)
+        if HAS_WB:
+            ba = tl.load(WB + cols, mask=cmask, other=0.0).to(tl.float32)
+            bg = tl.load(WB + K + cols, mask=cmask, other=0.0).to(tl.float32)
         first = pn * ROWS
         for i in range(0, ROWS, BN):
             rows = first + i + tl.arange(0, BN)
@@ -394,9 +423,9 @@ if triton is not None:
         tl.store(OUT + idx, acc.to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _geglu_kernel(GX, P, H, GP, PART, N, R, K, ROWS, sgx, sp, shn, shr, RP: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, BIG: tl.constexpr, HAS_D: tl.constexpr, UPCAST: tl.constexpr,
-                      LIBDEVICE: tl.constexpr):
+    def _geglu_kernel(GX, P, H, GP, PART, PW, WB, N, R, K, ROWS, sgx, sp, shn, shr, RP: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, BIG: tl.constexpr, HAS_D: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_WB: tl.constexpr, UPCAST: tl.constexpr, LIBDEVICE: tl.constexpr):
         # per element, in fp32 with torch's roundings to p's dtype between its three ops (CUDA's GELU: x·0.5·(1 +
         # erf(x/√2)) forward; backward dy·(cdf + x·pdf), cdf = 0.5·(1 + erf(x/√2)), pdf = exp(−x²/2)/√(2π)):
         #   b = gelu(g) rounded, x = a·b rounded, ∂a = ∂x·b rounded, ∂b = ∂x·a rounded, ∂g = ∂b·gelu′(g) rounded
@@ -406,6 +435,12 @@ if triton is not None:
         rr = tl.arange(0, RP)
         rmask = rr < R
         acc = tl.zeros((RP, BK), dtype=tl.float32)
+        # HAS_W: the producer's channel sums Σ ∂p·(p − b) per column of each half (geglu_backward's chan)
+        wa = tl.zeros((BK,), dtype=tl.float32)
+        wg = tl.zeros((BK,), dtype=tl.float32)
+        if HAS_WB:
+            ba = tl.load(WB + cols, mask=cmask, other=0.0).to(tl.float32)
+            bg = tl.load(WB + K + cols, mask=cmask, other=0.0).to(tl.float32)
         first = pn * ROWS
         for i in range(0, ROWS, BN):
             rows = first + i + tl.arange(0, BN)
@@ -429,8 +464,19 @@ if triton is not None:
                 ex = tl.exp((-0.5 * gf) * gf)
             dg = db * (0.5 * (1.0 + e) + gf * (ex * 0.3989422804014327))
             out = rows[:, None] * (2 * K) + cols[None, :]
-            tl.store(GP + out, (dx * b).to(av.dtype), mask=m)
-            tl.store(GP + out + K, dg.to(av.dtype), mask=m)
+            da = (dx * b).to(av.dtype)
+            dgr = dg.to(av.dtype)
+            tl.store(GP + out, da, mask=m)
+            tl.store(GP + out + K, dgr, mask=m)
+            if HAS_W:
+                if HAS_WB:
+                    va = af - ba[None, :]
+                    vg = gf - bg[None, :]
+                else:
+                    va = af
+                    vg = gf
+                wa += tl.sum(tl.where(m, da.to(tl.float32) * va, 0.0), axis=0)
+                wg += tl.sum(tl.where(m, dgr.to(tl.float32) * vg, 0.0), axis=0)
             if HAS_D:
                 ht = tl.load(H + rows[None, :] * shn + rr[:, None] * shr, mask=rmask[:, None] & nmask[None, :],
                              other=0.0)
@@ -441,3 +487,6 @@ if triton is not None:
         if HAS_D:
             tl.store(PART + pn * R * K + rr[:, None] * K + cols[None, :], acc,
                      mask=rmask[:, None] & cmask[None, :])
+        if HAS_W:
+            tl.store(PW + pn * (2 * K) + cols, wa, mask=cmask)
+            tl.store(PW + pn * (2 * K) + K + cols, wg, mask=cmask)

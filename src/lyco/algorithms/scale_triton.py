@@ -81,6 +81,54 @@ def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None,
     return out.reshape(w.shape)
 
 
+def channel_finish(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
+    """:func:`channel_grad`'s second launch alone: ``s·Σ_i part[i, c] / d[c]`` (``d = 1 + s·w`` held as there) from
+    fp32 partial sums ``(programs, C)`` another kernel formed (:class:`ChannelLink`'s), in w's shape and dtype. The
+    caller checks :func:`usable` (:func:`channel_finish_torch` otherwise)."""
+    c = part.shape[1]
+    out = torch.empty(c, device=part.device, dtype=w.dtype)
+    _finish_kernel[(_cdiv(c, 256),)](part, w.reshape(-1), out, part.shape[0], c, float(s), MIN_SCALE, BC=256)
+    return out.reshape(w.shape)
+
+
+def channel_finish_torch(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
+    """:func:`channel_finish` in torch."""
+    dt = torch.promote_types(part.dtype, torch.float32)
+    return (s * part.to(dt).sum(0) / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
+
+
+class ChannelLink:
+    """Between an output-mode (IA)³ layer that keeps its output p (:class:`.ia3._KeepOutput`) and the op that reads p
+    as a GEGLU's projection output (the next ``ff.net.2``): that op's backward runs the GEGLU's backward in one kernel
+    (:func:`.regen_triton.geglu_backward`), which then also forms the column sums ``Σ_n ∂p·(p − b)`` the producer's
+    ``∂w`` needs and :meth:`offer` s them with the ∂p it wrote; the producer's backward :meth:`take` s them for the
+    gradient autograd hands it — only if that is the same tensor, unchanged (same storage, shape, strides and
+    version: another consumer of p, whose gradient autograd adds, makes it a new tensor or bumps the version), else
+    nothing and the producer reads ∂p and p itself (:func:`channel_grad`). Change 121: one read of ∂p and p fewer per
+    GEGLU projection, the GEGLU kernel's column sums beside its tiles."""
+
+    __slots__ = ("bias", "part", "grad", "version")
+
+    def __init__(self, bias: torch.Tensor | None):
+        self.bias = bias
+        self.part = self.grad = self.version = None
+
+    def offer(self, part: torch.Tensor, grad: torch.Tensor) -> None:
+        self.part, self.grad, self.version = part, grad, grad._version
+
+    def take(self, gy: torch.Tensor) -> torch.Tensor | None:
+        """The partial sums offered for exactly ``gy``, or None; the link keeps nothing after."""
+        part, grad, version = self.part, self.grad, self.version
+        self.part = self.grad = self.version = None
+        if part is None:
+            return None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        if (g2.shape != grad.shape or g2.stride() != grad.stride() or g2.data_ptr() != grad.data_ptr()
+                or g2.dtype != grad.dtype or gy._version != version):
+            return None
+        return part
+
+
 def scale_rows_torch(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     """``W′ = W + W ⊙ c`` with ``c = s·w`` per row (one ``addcmul``, the weight rounded once; ``s·w`` rounded to w's
     own dtype, then to W's — never ``1 + s·w`` in a 16-bit dtype): the reference :func:`scale_rows` matches."""
