@@ -199,3 +199,60 @@ def test_scale_rows_kernel_matches_definition(kern, shape, wdt, s):
     assert (got.double() - exact).abs().max() > 0  # the rounding is W′'s own: the test sees it
     tref = kern.scale_rows_torch(w, wv, s)
     assert torch.equal(tref, exact.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("keep_output", [True, False])
+def test_kept_weight_gives_the_same_gradients(monkeypatch, keep_output):
+    """``LYCO_IA3_KEEP_WEIGHT_MAX``: an output-mode op keeps its forward's W′ for the backward's ∂x where the weight is
+    that small (one weight-sized tensor more among the saved ones, W ⊙ (1 + w) by value), else builds it again — the
+    same gradients bit for bit either way; on the output-keeping op and on the rebuilt op; a bad value is an error."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1" if keep_output else "0")
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "0")
+    model, net, layer = _model(dtype=torch.float32)
+    x = torch.randn(30, 40, requires_grad=True)
+    gy = torch.randn(30, 24)
+    out = {}
+    for cap in ("0", str(24 * 40)):
+        monkeypatch.setenv("LYCO_IA3_KEEP_WEIGHT_MAX", cap)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = model(x)
+        out[cap] = torch.autograd.grad(y, [x, layer.params["weight"]], gy)
+        want = model[0].weight * (1 + layer.params["weight"].detach())[:, None]
+        kept_w = [t for t in saved if t.shape == (24, 40) and t.data_ptr() != model[0].weight.data_ptr()]
+        assert len(kept_w) == (0 if cap == "0" else 1)
+        if kept_w:
+            assert torch.allclose(kept_w[0], want, rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(out["0"], out[str(24 * 40)]))
+    monkeypatch.setenv("LYCO_IA3_KEEP_WEIGHT_MAX", "all")
+    with pytest.raises(ValueError, match="LYCO_IA3_KEEP_WEIGHT_MAX='all'"):
+        model(x)
+
+
+@pytest.mark.parametrize("n,c,k", [(1000, 200, 77), (77, 33, 300), (5, 300, 8)])
+@pytest.mark.parametrize("s", [1.0, 0.7])
+def test_finish_launch_builds_the_weight_too(kern, n, c, k, s):
+    """Change 122: :func:`channel_grad` / :func:`channel_finish` given W return ``(∂w, W′)`` from one last launch —
+    ∂w the same bits as without W, W′ the same bits as :func:`scale_rows` (the same per-program code; ragged blocks:
+    W′'s programs after ∂w's, a weight spanning several)."""
+    saved = dict(kern._BUILD_CFG)
+    kern._BUILD_CFG.update(BLOCK=256)
+    try:
+        g = torch.Generator().manual_seed(n + c)
+        gy = torch.randn(n, c, generator=g).to(torch.bfloat16)
+        y = torch.randn(n, c, generator=g).to(torch.bfloat16)
+        b = torch.randn(c, generator=g).to(torch.bfloat16)
+        w = 0.3 * torch.randn(c, generator=g)
+        W = torch.randn(c, k, generator=g).to(torch.bfloat16)
+        alone = kern.channel_grad(gy, y, b, w, s)
+        both = kern.channel_grad(gy, y, b, w, s, W)
+        rows = kern.scale_rows(W, w, s)
+        part = torch.randn(7, c, generator=g)
+        fin, fin_w = kern.channel_finish(part, w, s, W)
+    finally:
+        kern._BUILD_CFG.clear()
+        kern._BUILD_CFG.update(saved)
+    assert torch.equal(both[0], alone) and torch.equal(both[1], rows)
+    assert torch.equal(fin, kern.channel_finish(part, w, s)) and torch.equal(fin_w, rows)
+    ref = (s * part.double().sum(0) / (1 + s * w.double()))
+    assert _rel(fin, ref) < 1e-5

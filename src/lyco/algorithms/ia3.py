@@ -85,10 +85,10 @@ class _OutputScaleBuild:
 
     def forward_aux(self, w, b, wv):
         w2, b2 = self(w, b, wv)
-        return w2, b2, ()
+        return w2, b2, ((w2,) if _keep_weight(w2) else ())
 
     def recompute(self, keep, w, b, wv):
-        return self(w, b, wv)[0], w
+        return (keep[0] if keep else self(w, b, wv)[0]), w
 
     def vjp(self, w, theta, gw, gb, needs):
         wv = theta[0]
@@ -103,6 +103,23 @@ class _OutputScaleBuild:
 #: saves costs ≈ 2·in multiply-adds per output element, the two passes over ∂y and y it adds ≈ 4 bytes (≈ 430 inputs
 #: break even at an H100's ≈ 600 TFLOP/s and ≈ 2.8 TB/s); ``LYCO_IA3_KEEP_OUTPUT_MIN_IN`` overrides it (A/B runs)
 KEEP_OUTPUT_MIN_IN = 512
+
+
+#: the largest weight (elements) whose W′ an output-mode op keeps from its forward for the backward's ∂x instead of
+#: building it again: the small builds are launch-bound (≈ 2 µs each on an H100, run 207's trace) where their bytes
+#: are few; ``LYCO_IA3_KEEP_WEIGHT_MAX`` overrides it (0: none; A/B runs)
+KEEP_WEIGHT_MAX = 0
+
+
+def _keep_weight(w2: torch.Tensor) -> bool:
+    """Whether an output-mode op keeps its built W′ for backward (:data:`KEEP_WEIGHT_MAX`)."""
+    env = os.environ.get("LYCO_IA3_KEEP_WEIGHT_MAX")
+    if env is None:
+        return w2.numel() <= KEEP_WEIGHT_MAX
+    try:
+        return w2.numel() <= int(env)
+    except ValueError:
+        raise ValueError(f"LYCO_IA3_KEEP_WEIGHT_MAX={env!r}: expected an integer (weight elements)") from None
 
 
 def _min_in() -> int:
@@ -181,30 +198,41 @@ class _KeepOutput(torch.autograd.Function):
         w2, _ = _OutputScaleBuild(s)(weight, None, wv)
         y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
         ctx.s, ctx.x_dtype, ctx.geglu, ctx.feed, ctx.link = s, x.dtype, p is not None, feed, link
-        ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)))
+        ctx.kept_w = _keep_weight(w2)
+        ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)), *((w2,) if ctx.kept_w else ()))
         return y
 
     @staticmethod
     def backward(ctx, gy):
         y, weight, bias, wv, *p = ctx.saved_tensors
+        kept = p.pop() if ctx.kept_w else None
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = None
+        w2 = kept
         if ctx.needs_input_grad[3]:
             # the column sums a GEGLU consumer's kernel formed for exactly this gradient (scale_triton.ChannelLink),
             # else ∂y and y read here — on the current stream: run 207 put that on the side stream beside the ∂x
-            # GEMM (lowrank.side_stream) and lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; not hidden)
+            # GEMM (lowrank.side_stream) and lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; not hidden). Where ∂x
+            # needs W′ built again, the kernel's last launch builds it too (change 122)
+            build = (weight if ctx.needs_input_grad[0] and w2 is None and y.is_cuda
+                     and scale_triton.rows_usable(weight, wv) else None)
             part = ctx.link.take(gy) if ctx.link is not None else None
             if part is not None:
-                fn = scale_triton.channel_finish if y.is_cuda else scale_triton.channel_finish_torch
-                gw = fn(part, wv, s)
+                if y.is_cuda:
+                    gw = scale_triton.channel_finish(part, wv, s, build)
+                else:
+                    gw = scale_triton.channel_finish_torch(part, wv, s)
             else:
                 if g2.stride(-1) != 1:
                     g2 = g2.contiguous()
-                fn = scale_triton.channel_grad if y.is_cuda else scale_triton.channel_grad_torch
-                gw = fn(g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
+                yb = (g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
+                gw = scale_triton.channel_grad(*yb, build) if y.is_cuda else scale_triton.channel_grad_torch(*yb)
+            if build is not None:
+                gw, w2 = gw
         if ctx.needs_input_grad[0]:
-            w2, _ = _OutputScaleBuild(s)(weight, None, wv)
+            if w2 is None:
+                w2 = _OutputScaleBuild(s)(weight, None, wv)[0]
             gx = g2 @ cast(w2, gy.dtype)
             if ctx.geglu:
                 from .regen_triton import geglu_input_grad

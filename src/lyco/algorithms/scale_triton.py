@@ -61,10 +61,11 @@ def channel_grad_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor |
 
 
 def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
-                 s: float) -> torch.Tensor:
+                 s: float, weight: torch.Tensor | None = None):
     """``s·Σ_n ∂y[n,c]·(y[n,c] − b[c]) / d[c]``, ``d = 1 + s·w`` held at ``|d| ≥`` :data:`MIN_SCALE`, for 2-D ``∂y``
     and ``y`` ``(N, C)`` with unit column stride, ``b`` ``(C,)`` or None, ``w`` of C elements (any shape, any float
-    dtype): the result in w's shape and dtype. The caller checks :func:`usable`."""
+    dtype): the result in w's shape and dtype. ``weight``: :func:`channel_finish`'s (``(∂w, W′)`` returned). The
+    caller checks :func:`usable`."""
     n, c = y2.shape
     bm, bc, warps, programs = (_CG_CFG[k] for k in ("BM", "BC", "num_warps", "programs"))
     grid_c = _cdiv(c, bc)
@@ -75,20 +76,29 @@ def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None,
     _partial_kernel[(grid_m, grid_c)](gy2, y2, bias if bias is not None else y2, part, n, c, rows,
                                       gy2.stride(0), y2.stride(0), HAS_BIAS=bias is not None, BM=bm, BC=bc,
                                       num_warps=warps)
-    wf = w.reshape(-1)
-    out = torch.empty(c, device=y2.device, dtype=w.dtype)
-    _finish_kernel[(_cdiv(c, 256),)](part, wf, out, grid_m, c, float(s), MIN_SCALE, BC=256)
-    return out.reshape(w.shape)
+    return channel_finish(part, w, s, weight)
 
 
-def channel_finish(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
+def channel_finish(part: torch.Tensor, w: torch.Tensor, s: float, weight: torch.Tensor | None = None):
     """:func:`channel_grad`'s second launch alone: ``s·Σ_i part[i, c] / d[c]`` (``d = 1 + s·w`` held as there) from
-    fp32 partial sums ``(programs, C)`` another kernel formed (:class:`ChannelLink`'s), in w's shape and dtype. The
-    caller checks :func:`usable` (:func:`channel_finish_torch` otherwise)."""
+    fp32 partial sums ``(programs, C)`` another kernel formed (:class:`ChannelLink`'s), in w's shape and dtype. With
+    ``weight`` (W, contiguous, one row per entry of w): also :func:`scale_rows`'s ``W′`` for the same s, by the same
+    launch — ``(∂w, W′)`` returned (change 122: one launch per layer fewer in backward, where W′ is built again for the
+    ∂x GEMM). The caller checks :func:`usable` (:func:`channel_finish_torch` otherwise)."""
     c = part.shape[1]
     out = torch.empty(c, device=part.device, dtype=w.dtype)
-    _finish_kernel[(_cdiv(c, 256),)](part, w.reshape(-1), out, part.shape[0], c, float(s), MIN_SCALE, BC=256)
-    return out.reshape(w.shape)
+    wf = w.reshape(-1)
+    nfin = _cdiv(c, 256)
+    if weight is None:
+        _finish_kernel[(nfin,)](part, wf, out, part.shape[0], c, float(s), MIN_SCALE, BC=256)
+        return out.reshape(w.shape)
+    w2 = torch.empty_like(weight)
+    n = weight.numel()
+    blk, warps = _BUILD_CFG["BLOCK"], _BUILD_CFG["num_warps"]
+    _finish_rows_kernel[(nfin + _cdiv(n, blk),)](
+        part, wf, out, part.shape[0], c, float(s), MIN_SCALE, weight, w2, n, n // weight.shape[0], nfin,
+        HAS_S=s != 1.0, BC=256, BLOCK=blk, num_warps=warps)
+    return out.reshape(w.shape), w2
 
 
 def channel_finish_torch(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
@@ -195,6 +205,13 @@ def _compare(device, dtype) -> str | None:
         ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
         if bool(((got - ref).abs() > ulp).any()):
             return "its row scaling differs from torch's addcmul by more than one unit in the last place"
+    # ∂w and W′ from one launch (change 122): the same bits as the two kernels apart
+    gy, y = torch.randn(300, 40, generator=g).to(device, dtype), torch.randn(300, 40, generator=g).to(device, dtype)
+    w = (torch.randn(40, generator=g) * 0.3).to(device)
+    W = torch.randn(40, 70, generator=g).to(device, dtype)
+    gw, w2 = channel_grad(gy, y, None, w, 0.7, W)
+    if not (torch.equal(gw, channel_grad(gy, y, None, w, 0.7)) and torch.equal(w2, scale_rows(W, w, 0.7))):
+        return "its combined launch differs from the two kernels apart"
     return None
 
 
@@ -222,7 +239,11 @@ if triton is not None:
 
     @triton.jit
     def _finish_kernel(P, W, OUT, GM, C, s, lo, BC: tl.constexpr):
-        cols = tl.program_id(0) * BC + tl.arange(0, BC)
+        _finish_body(P, W, OUT, GM, C, s, lo, tl.program_id(0), BC)
+
+    @triton.jit
+    def _finish_body(P, W, OUT, GM, C, s, lo, pid, BC: tl.constexpr):
+        cols = pid * BC + tl.arange(0, BC)
         cmask = cols < C
         acc = tl.zeros((BC,), dtype=tl.float32)
         for i in range(0, GM):
@@ -233,7 +254,11 @@ if triton is not None:
 
     @triton.jit
     def _rows_kernel(W, SW, OUT, N, K, s, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        _rows_body(W, SW, OUT, N, K, s, tl.program_id(0), HAS_S, BLOCK)
+
+    @triton.jit
+    def _rows_body(W, SW, OUT, N, K, s, pid, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         w = tl.load(W + offs, mask=m, other=0.0).to(tl.float32)
         c = tl.load(SW + offs // K, mask=m, other=0.0)
@@ -242,3 +267,13 @@ if triton is not None:
             c = (c.to(tl.float32) * s).to(SW.dtype.element_ty)
         c = c.to(OUT.dtype.element_ty).to(tl.float32)
         tl.store(OUT + offs, (w + w * c).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _finish_rows_kernel(P, W, OUT, GM, C, s, lo, WT, WOUT, NW, KW, NFIN, HAS_S: tl.constexpr, BC: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        # the first NFIN programs: _finish_kernel's; the rest: _rows_kernel's (W′ for the ∂x GEMM) — one launch
+        pid = tl.program_id(0)
+        if pid < NFIN:
+            _finish_body(P, W, OUT, GM, C, s, lo, pid, BC)
+        else:
+            _rows_body(WT, W, WOUT, NW, KW, s, pid - NFIN, HAS_S, BLOCK)
