@@ -256,3 +256,80 @@ def test_finish_launch_builds_the_weight_too(kern, n, c, k, s):
     assert torch.equal(fin, kern.channel_finish(part, w, s)) and torch.equal(fin_w, rows)
     ref = (s * part.double().sum(0) / (1 + s * w.double()))
     assert _rel(fin, ref) < 1e-5
+
+
+def _conv_model(bias=True, dtype=torch.float64, seed=0, **conv):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(20, 12, 1, bias=bias, **conv)).to(dtype)
+    net = lyco.create(model, algo="ia3", seed=0, preset="full")
+    (layer,) = net.layers.values()
+    with torch.no_grad():
+        layer.params["weight"].copy_(0.4 * torch.randn(layer.params["weight"].shape, generator=g))
+    return model, net, layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("m", [1.0, 0.7])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "grad_channels_last"])
+def test_keep_output_conv_matches_definition(keep, monkeypatch, bias, m, layout):
+    """Change 123: a 1×1 conv on :class:`ia3._KeepOutputConv` — y, ∂x and ∂w against ``y = conv(x, W ⊙ (1 + m·w)) + b``
+    by autograd in float64, x NCHW or channels-last, ∂y NCHW or channels-last (the transformer's reshape hands
+    proj_in's gradient back that way); y is what it keeps, not x."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_CONV", "1")
+    model, net, layer = _conv_model(bias)
+    net.set_multiplier(m)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 20, 5, 7, generator=g, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    gy = torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64)
+    if layout == "grad_channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = model(x)
+    assert type(y.grad_fn).__name__ == "_KeepOutputConvBackward"
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    gx, gw = torch.autograd.grad(y, [x, layer.params["weight"]], gy)
+    conv = model[0]
+    w = layer.params["weight"].detach().double().clone().reshape(-1).requires_grad_()
+    xr = x.detach().double().clone().requires_grad_()
+    W = conv.weight.double() * (1 + m * w)[:, None, None, None]
+    yr = torch.nn.functional.conv2d(xr, W, conv.bias.double() if bias else None)
+    rx, rw = torch.autograd.grad(yr, [xr, w], gy)
+    assert _rel(y, yr) < 1e-12 and _rel(gx, rx) < 1e-12
+    assert _rel(gw.reshape(-1), rw) < 1e-10
+
+
+def test_keep_output_conv_rule(monkeypatch):
+    """Only a pointwise conv (1×1, stride 1, no padding, one group) and only with the switch on."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    x = torch.randn(2, 20, 6, 6, dtype=torch.float64)
+    for conv, sw, taken in (({}, "1", True), ({}, "0", False), (dict(stride=2), "1", False),
+                            (dict(padding=1), "1", False)):
+        monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_CONV", sw)
+        model, net, layer = _conv_model(**conv)
+        y = model(x.requires_grad_())
+        assert (type(y.grad_fn).__name__ == "_KeepOutputConvBackward") == taken, (conv, sw)
+
+
+@pytest.mark.parametrize("b,c,n", [(3, 37, 50), (8, 70, 300), (1, 5, 1000)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_grad_bcl_kernel_matches_definition(kern, b, c, n, layout, bias):
+    """:func:`channel_grad_bcl` in the interpreter: ``s·Σ_{b,l} ∂y·(y − bias) / d`` against float64 from the same
+    stored values; positions contiguous, channels contiguous, or one of each; ragged channel and position blocks."""
+    g = torch.Generator().manual_seed(b + c + n)
+
+    def t(cl):
+        v = torch.randn(b, n, c, generator=g).transpose(1, 2) if cl else torch.randn(b, c, n, generator=g)
+        return v.to(torch.bfloat16)
+    gy, y = t(layout != "contiguous"), t(layout == "channels_last")
+    bb = torch.randn(c, generator=g).to(torch.bfloat16) if bias else None
+    w = 0.3 * torch.randn(c, generator=g)
+    got = kern.channel_grad_bcl(gy, y, bb, w, 0.7)
+    v = y.double() - (bb.double()[:, None] if bias else 0)
+    ref = 0.7 * (gy.double() * v).sum((0, 2)) / (1 + 0.7 * w.double())
+    assert _rel(got, ref) < 1e-5
+    assert _rel(kern.channel_grad_bcl_torch(gy, y, bb, w, 0.7), ref) < 1e-5

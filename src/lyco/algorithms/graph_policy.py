@@ -27,7 +27,8 @@ in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and
 input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
-two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`), and its output-scale weights
+two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`; on pointwise convs too with
+``LYCO_IA3_KEEP_OUTPUT_CONV``, :class:`.ia3._KeepOutputConv`), and its output-scale weights
 ``W + s·(W ⊙ w)`` in one Triton launch each (``LYCO_IA3_ROWS_KERNEL``, :func:`.scale_triton.rows_usable`), and a
 GEGLU projection's ∂w from the column sums the GEGLU's kernel forms (``LYCO_IA3_GEGLU_SUMS``, :func:`.ia3._link`); and the bypass op's linear input
 regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —

@@ -133,19 +133,31 @@ def _min_in() -> int:
         raise ValueError(f"LYCO_IA3_KEEP_OUTPUT_MIN_IN={env!r}: expected an integer (input features)") from None
 
 
+def _pointwise(spec) -> bool:
+    """A 2-D conv that is a per-pixel linear map: 1×1, stride 1, no padding or dilation, one group (a transformer's
+    ``proj_in``/``proj_out`` in SD 1.x/2.x)."""
+    return (spec.kind == CONV2D and spec.kernel == (1, 1) and spec.groups == 1 and spec.padding_mode == "zeros"
+            and not isinstance(spec.padding, str) and all(p == 0 for p in spec.pads)
+            and all(v == 1 for v in spec.stride) and all(v == 1 for v in spec.dilation))
+
+
 def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     """Whether an output-mode layer takes :class:`_KeepOutput`: ``LYCO_IA3_KEEP_OUTPUT`` (:mod:`.graph_policy`,
     captured steps by default — two Triton launches per layer), a linear layer with at least
-    :data:`KEEP_OUTPUT_MIN_IN` inputs, its weight and bias frozen, gradients on, not under ``torch.compile``, and on
-    CUDA the kernels of :mod:`.scale_triton` usable (the CPU takes its torch form)."""
+    :data:`KEEP_OUTPUT_MIN_IN` inputs or a pointwise conv (:func:`_pointwise`; ``LYCO_IA3_KEEP_OUTPUT_CONV`` too,
+    :class:`_KeepOutputConv`, change 123), its weight and bias frozen, gradients on, not under ``torch.compile``, and
+    on CUDA the kernels of :mod:`.scale_triton` usable (the CPU takes its torch form)."""
     # the switch first: an eager step (the default policy) leaves after one environment lookup
-    if spec.kind != LINEAR or not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
+    if not graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT"):
+        return False
+    linear = spec.kind == LINEAR
+    if not linear and not (_pointwise(spec) and graph_policy.wanted("LYCO_IA3_KEEP_OUTPUT_CONV")):
         return False
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return False
-    if spec.in_dim < _min_in():
+    if linear and spec.in_dim < _min_in():
         return False
     if x.is_cuda:
         return scale_triton.usable(x)
@@ -242,6 +254,47 @@ class _KeepOutput(torch.autograd.Function):
         return gx, None, None, gw, None, None, None, None
 
 
+class _KeepOutputConv(torch.autograd.Function):
+    """:class:`_KeepOutput` for a pointwise conv (:func:`_pointwise`; change 123): ``y = conv(x, W′) + b`` keeping y,
+    ``∂w`` from ∂y and y over batch and positions (:func:`.scale_triton.channel_grad_bcl`: either may be channels-last
+    — the conv before a transformer's reshape gets its gradient back that way), ``∂x = W′ᵀ·∂y`` per position as one
+    batched GEMM. Where the rebuilt op ran cuDNN's weight gradient ``∂W′`` (a GEMM over every position, its
+    reduction) and a row dot with W. The memory is the same: x and y are the same size, and neither is kept by what
+    follows (the transformer reshapes y into a copy, the residual add reads proj_out's y). Numerics as
+    :class:`_KeepOutput`'s (the recovered ``x·Wᵀ`` carries y's rounding; ``|d| ≥ 2⁻⁶``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, wv, s):
+        w2, _ = _OutputScaleBuild(s)(weight, None, wv)
+        y = F.conv2d(x, cast(w2, x.dtype), cast(bias, x.dtype))
+        ctx.s, ctx.x_dtype, ctx.kept_w = s, x.dtype, _keep_weight(w2)
+        ctx.save_for_backward(y, weight, bias, wv, *((w2,) if ctx.kept_w else ()))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        y, weight, bias, wv, *kept = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        w2 = kept[0] if kept else None
+        nb, c = y.shape[:2]
+        gx = gw = None
+        if need[3]:
+            build = weight if need[0] and w2 is None and y.is_cuda and scale_triton.rows_usable(weight, wv) else None
+            yb = (gy.reshape(nb, c, -1), y.reshape(nb, c, -1), cast(bias, y.dtype), wv, s)
+            if y.is_cuda:
+                gw = scale_triton.channel_grad_bcl(*yb, build)
+            else:
+                gw = scale_triton.channel_grad_bcl_torch(*yb)
+            if build is not None:
+                gw, w2 = gw
+        if need[0]:
+            if w2 is None:
+                w2 = _OutputScaleBuild(s)(weight, None, wv)[0]
+            gx = torch.matmul(cast(w2, gy.dtype).reshape(c, -1).t(), gy.reshape(nb, c, -1))
+            gx = cast(gx.reshape(nb, gx.shape[1], *y.shape[2:]), ctx.x_dtype)
+        return gx, None, None, gw, None
+
+
 @register
 class IA3(Algorithm):
     name = "ia3"
@@ -309,6 +362,8 @@ class IA3(Algorithm):
             # output mode: op(x, W + m·(W ⊙ w)) with W′ rebuilt in backward, keeping y and ∂w from ∂y and y where
             # _keep_output holds (_KeepOutput's doc), else keeping x (the rebuilt op: ∂w through ∂W′)
             if _keep_output(x, spec, weight, bias):
+                if spec.kind != LINEAR:
+                    return _KeepOutputConv.apply(x, weight, bias, t["weight"], float(multiplier))
                 # a GEGLU's output: the op takes the projection's output and runs the GEGLU's backward in one pass
                 # (.regen.geglu_input, LYCO_GEGLU_FUSE, change 120)
                 p = regen.geglu_input(x)

@@ -176,6 +176,38 @@ def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     return out
 
 
+#: :func:`channel_grad_bcl`'s launch: channels and positions a program reads per step, warps, programs aimed at
+_BCL_CFG = dict(BC=32, BL=128, num_warps=8, programs=528)
+
+
+def channel_grad_bcl(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor, s: float,
+                     weight: torch.Tensor | None = None):
+    """:func:`channel_grad` for a conv's output: ``∂y`` and ``y`` ``(B, C, L)`` (any strides: NCHW's positions
+    contiguous, or channels-last), the sums over batch and positions — programs over (batch × position chunk, channel
+    block), fp32 partial sums per program, then :func:`channel_finish` (with ``weight``: W′ too, ``(∂w, W′)``). The
+    caller checks :func:`usable`."""
+    nb, c, n = y.shape
+    bc, bl, warps, programs = (_BCL_CFG[k] for k in ("BC", "BL", "num_warps", "programs"))
+    grid_c = _cdiv(c, bc)
+    split = max(1, min(_cdiv(n, bl), programs // (grid_c * nb)))
+    chunk = _cdiv(_cdiv(n, split), bl) * bl
+    split = _cdiv(n, chunk)
+    part = torch.empty(nb * split, c, device=y.device, dtype=torch.float32)
+    _partial_bcl_kernel[(nb * split, grid_c)](
+        gy, y, bias if bias is not None else y, part, c, n, chunk, split, *gy.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, BC=bc, BL=bl, num_warps=warps)
+    return channel_finish(part, w, s, weight)
+
+
+def channel_grad_bcl_torch(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
+                           s: float) -> torch.Tensor:
+    """:func:`channel_grad_bcl` in torch (fp32 math, or float64 for float64 tensors)."""
+    dt = torch.promote_types(y.dtype, torch.float32)
+    v = y.to(dt) if bias is None else y.to(dt) - bias.to(dt)[:, None]
+    g = (gy.to(dt) * v).sum((0, 2))
+    return (s * g / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
+
+
 def _self_test(device, dtype) -> bool:
     return self_test(device, dtype, _compare, "the (IA)³ channel-gradient Triton kernels")
 
@@ -205,6 +237,15 @@ def _compare(device, dtype) -> str | None:
         ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
         if bool(((got - ref).abs() > ulp).any()):
             return "its row scaling differs from torch's addcmul by more than one unit in the last place"
+    # a conv's output (B, C, L): ∂y channels-last, y not (the 1×1 conv before a transformer's reshape)
+    gy = torch.randn(3, 50, 37, generator=g).to(device, dtype).transpose(1, 2)
+    y = torch.randn(3, 37, 50, generator=g).to(device, dtype)
+    b = torch.randn(37, generator=g).to(device, dtype)
+    w = (torch.randn(37, generator=g) * 0.3).to(device)
+    got, ref = channel_grad_bcl(gy, y, b, w, 0.7), channel_grad_bcl_torch(gy, y, b, w, 0.7)
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    if err > 1e-3:
+        return f"its conv-output channel gradient's relative error is {err:.2e}"
     # ∂w and W′ from one launch (change 122): the same bits as the two kernels apart
     gy, y = torch.randn(300, 40, generator=g).to(device, dtype), torch.randn(300, 40, generator=g).to(device, dtype)
     w = (torch.randn(40, generator=g) * 0.3).to(device)
@@ -236,6 +277,27 @@ if triton is not None:
                 yv = tl.where(m, yv - b[None, :], 0.0)
             acc += tl.sum(gv * yv, axis=0)
         tl.store(P + pm * C + cols, acc, mask=cmask)
+
+    @triton.jit
+    def _partial_bcl_kernel(G, Y, B, P, C, L, CHUNK, SPLIT, gsb, gsc, gsl, ysb, ysc, ysl, HAS_BIAS: tl.constexpr,
+                            BC: tl.constexpr, BL: tl.constexpr):
+        pb = tl.program_id(0)
+        bi = pb // SPLIT
+        start = (pb % SPLIT) * CHUNK
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        cmask = cols < C
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros((BC,), dtype=tl.float32)
+        for i in range(0, CHUNK, BL):
+            pos = start + i + tl.arange(0, BL)
+            m = cmask[:, None] & (pos < L)[None, :]
+            gv = tl.load(G + bi * gsb + cols[:, None] * gsc + pos[None, :] * gsl, mask=m, other=0.0).to(tl.float32)
+            yv = tl.load(Y + bi * ysb + cols[:, None] * ysc + pos[None, :] * ysl, mask=m, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                yv = tl.where(m, yv - b[:, None], 0.0)
+            acc += tl.sum(gv * yv, axis=1)
+        tl.store(P + pb * C + cols, acc, mask=cmask)
 
     @triton.jit
     def _finish_kernel(P, W, OUT, GM, C, s, lo, BC: tl.constexpr):
