@@ -375,12 +375,6 @@ if triton is not None:
             if HAS_B:
                 cv = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros((RP, BK), dtype=tl.float32)
-        # HAS_W: the producer's channel sums Σ ∂p·(p − b) per column of each half (geglu_backward's chan)
-        wa = tl.zeros((BK,), dtype=tl.float32)
-        wg = tl.zeros((BK,), dtype=tl.float32)
-        if HAS_WB:
-            ba = tl.load(WB + cols, mask=cmask, other=0.0).to(tl.float32)
-            bg = tl.load(WB + K + cols, mask=cmask, other=0.0).to(tl.float32)
         first = pn * ROWS
         for i in range(0, ROWS, BN):
             rows = first + i + tl.arange(0, BN)
