@@ -333,3 +333,25 @@ def test_channel_grad_bcl_kernel_matches_definition(kern, b, c, n, layout, bias)
     ref = 0.7 * (gy.double() * v).sum((0, 2)) / (1 + 0.7 * w.double())
     assert _rel(got, ref) < 1e-5
     assert _rel(kern.channel_grad_bcl_torch(gy, y, bb, w, 0.7), ref) < 1e-5
+
+
+def test_keep_output_conv_under_autocast(keep, monkeypatch):
+    """The trainer's mixed precision on the pointwise conv's op: fp32 model and adapter, bf16 autocast, an fp32 input —
+    the gradients back in their tensors' dtypes, within bf16 rounding of the float64 definition."""
+    monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_CONV", "1")
+    model, net, layer = _conv_model(dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 20, 6, 5, generator=g, requires_grad=True)
+    gy = torch.randn(2, 12, 6, 5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ == "_KeepOutputConvBackward"
+    y.float().backward(gy)
+    assert x.grad.dtype == torch.float32 and layer.params["weight"].grad.dtype == torch.float32
+    conv = model[0]
+    w = layer.params["weight"].detach().double().reshape(-1).clone().requires_grad_()
+    xr = x.detach().double().clone().requires_grad_()
+    yr = torch.nn.functional.conv2d(xr, conv.weight.double() * (1 + w)[:, None, None, None], conv.bias.double())
+    yr.backward(gy.double())
+    assert _rel(y, yr) < 2e-2 and _rel(x.grad, xr.grad) < 2e-2
+    assert _rel(layer.params["weight"].grad.reshape(-1), w.grad) < 2e-2
