@@ -747,3 +747,77 @@ def test_graph_step_runs_the_backward_on_the_calling_thread(monkeypatch):
     with pytest.raises(ValueError, match="LYCO_CALLER_BACKWARD"), graph_policy.graph_step():
         pass
     assert not graph_policy.in_graph_step() and torch._C._is_multithreading_enabled()
+
+
+@pytest.mark.parametrize("conv, taken", [
+    (dict(kernel_size=3, padding=1), True),
+    (dict(kernel_size=3, padding=0), True),
+    (dict(kernel_size=3, padding=1, stride=2), False),  # _im2col_ok: stride 1 only
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_delta_path_conv_down_weight_gradient(monkeypatch, conv, taken, dtype):
+    """``LYCO_CONV_DOWN_IM2COL`` (:func:`lowrank.conv_down`): LoCon's delta path on a 3×3 conv takes ∂D from
+    ``_conv_wgrad_nchw`` — every gradient (x, down, up) against the same step with autograd's conv (the switch at
+    0): float64 to 1e-12, bf16 within its rounding; not taken where the rule refuses (stride 2)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "0")
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(24, 10, **conv)).to(dtype)
+    net = lyco.create(model, algo="lora", rank=3, alpha=2.0, conv_rank=3, conv_alpha=2.0, preset="full", seed=0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
+    x = torch.randn(2, 24, 9, 7, generator=g).to(dtype).requires_grad_()
+    params = [x] + list(net.trainable_parameters())
+    out, calls = {}, []
+    real = lowrank._ConvDown.apply
+    monkeypatch.setattr(lowrank._ConvDown, "apply", lambda *a: calls.append(1) or real(*a))
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LYCO_CONV_DOWN_IM2COL", mode)
+        calls.clear()
+        y = model(x)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+        out[mode] = (y, torch.autograd.grad(y, params, gy))
+        assert bool(calls) == (taken and mode == "1")
+    assert torch.equal(out["0"][0], out["1"][0])
+    tol = 1e-12 if dtype == torch.float64 else 2e-2
+    for a, b in zip(out["0"][1], out["1"][1]):
+        assert ((a.double() - b.double()).abs().max() / a.double().abs().max()).item() <= tol
+
+
+def test_delta_path_conv_down_under_autocast(monkeypatch):
+    """The trainer's mixed precision (fp32 model and adapter, bf16 autocast) on :func:`lowrank.conv_down`: the same
+    gradients, in the parameters' dtypes, as with autograd's conv (run 214: the backward mixed fp32 and bf16)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "0")
+    g = torch.Generator().manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(24, 10, kernel_size=3, padding=1))
+    net = lyco.create(model, algo="lora", rank=3, alpha=2.0, conv_rank=3, conv_alpha=2.0, preset="full", seed=0)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 24, 9, 7, generator=g, requires_grad=True)
+    params = [x] + list(net.trainable_parameters())
+    out = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("LYCO_CONV_DOWN_IM2COL", mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        if mode == "1":  # its backward mixes no dtypes: what it keeps is autocast's bf16 (cuDNN refuses a mix)
+            node = _find_node(y.grad_fn, "_ConvDownBackward")
+            assert node is not None and all(t.dtype == torch.bfloat16 for t in node.saved_tensors)
+        out[mode] = torch.autograd.grad(y.float().sum(), params)
+    for a, b in zip(out["0"], out["1"]):
+        assert a.dtype == b.dtype == torch.float32
+        assert ((a - b).abs().max() / a.abs().max()).item() <= 2e-2
+
+
+def _find_node(fn, name):
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if type(f).__name__ == name:
+            return f
+        todo.extend(g for g, _ in f.next_functions)
+    return None
