@@ -259,9 +259,9 @@ class _KeepOutputConv(torch.autograd.Function):
     ``∂w`` from ∂y and y over batch and positions (:func:`.scale_triton.channel_grad_bcl`: either may be channels-last
     — the conv before a transformer's reshape gets its gradient back that way), ``∂x = W′ᵀ·∂y`` per position as one
     batched GEMM. Where the rebuilt op ran cuDNN's weight gradient ``∂W′`` (a GEMM over every position, its
-    reduction) and a row dot with W. The memory is the same: x and y are the same size, and neither is kept by what
-    follows (the transformer reshapes y into a copy, the residual add reads proj_out's y). Numerics as
-    :class:`_KeepOutput`'s (the recovered ``x·Wᵀ`` carries y's rounding; ``|d| ≥ 2⁻⁶``)."""
+    reduction) and a row dot with W. x and y are the same size; run 211 (H100, SD1.5 b8) measured the step 68.22 →
+    67.46–67.49 ms and its peak 7.437 → 7.265 GiB (the kept y is shared where the kept x was not; not traced further).
+    Numerics as :class:`_KeepOutput`'s (the recovered ``x·Wᵀ`` carries y's rounding; ``|d| ≥ 2⁻⁶``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, wv, s):
