@@ -103,12 +103,19 @@ def geglu(layers, tot, rows_out, size):
 
 def main():
     global BUILD, CHANNEL, graph_us
-    out_dir = sys.argv[1]
-    if "--quick" in sys.argv or SMOKE:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="example: python "
+                                 "benchmarks/experiments/ia3_kernel_bench.py /tmp/ia3k --quick")
+    ap.add_argument("out_dir", help="where ia3_kernel_bench.json goes (must exist)")
+    for flag in ("--quick", "--channel-only", "--geglu-only", "--smoke"):
+        ap.add_argument(flag, action="store_true")
+    a = ap.parse_args()
+    out_dir = a.out_dir
+    if a.quick or SMOKE:
         BUILD, CHANNEL = [dict(scale_triton._BUILD_CFG)], [dict(scale_triton._CG_CFG)]
-    if "--channel-only" in sys.argv:
+    if a.channel_only:
         BUILD = []
-    geglu_only = "--geglu-only" in sys.argv
+    geglu_only = a.geglu_only
     dev, dt, s = DEV, torch.bfloat16, 1.0
     if SMOKE:
         graph_us = lambda fn, reps: (fn(), 0.0)[1]  # noqa: E731

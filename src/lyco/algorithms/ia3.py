@@ -113,24 +113,24 @@ KEEP_WEIGHT_MAX = 0
 
 def _keep_weight(w2: torch.Tensor) -> bool:
     """Whether an output-mode op keeps its built W′ for backward (:data:`KEEP_WEIGHT_MAX`)."""
-    env = os.environ.get("LYCO_IA3_KEEP_WEIGHT_MAX")
-    if env is None:
-        return w2.numel() <= KEEP_WEIGHT_MAX
-    try:
-        return w2.numel() <= int(env)
-    except ValueError:
-        raise ValueError(f"LYCO_IA3_KEEP_WEIGHT_MAX={env!r}: expected an integer (weight elements)") from None
+    return w2.numel() <= _env_int("LYCO_IA3_KEEP_WEIGHT_MAX", KEEP_WEIGHT_MAX, "weight elements")
 
 
 def _min_in() -> int:
     """:data:`KEEP_OUTPUT_MIN_IN`, or ``LYCO_IA3_KEEP_OUTPUT_MIN_IN`` where set (an error naming it if not an integer)."""
-    env = os.environ.get("LYCO_IA3_KEEP_OUTPUT_MIN_IN")
+    return _env_int("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features")
+
+
+def _env_int(var: str, default: int, what: str) -> int:
+    """``default``, or the environment variable ``var`` where set (an error naming it and what it counts if it is not
+    an integer)."""
+    env = os.environ.get(var)
     if env is None:
-        return KEEP_OUTPUT_MIN_IN
+        return default
     try:
         return int(env)
     except ValueError:
-        raise ValueError(f"LYCO_IA3_KEEP_OUTPUT_MIN_IN={env!r}: expected an integer (input features)") from None
+        raise ValueError(f"{var}={env!r}: expected an integer ({what})") from None
 
 
 def _pointwise(spec) -> bool:
@@ -171,6 +171,14 @@ def _link(spec, bias):
     if spec.out_dim % 2 or not graph_policy.wanted("LYCO_IA3_GEGLU_SUMS"):
         return None
     return scale_triton.ChannelLink(bias)
+
+
+def _build_in_grad(need_x: bool, kept, y: torch.Tensor, weight: torch.Tensor, wv: torch.Tensor):
+    """The weight whose W′ the channel gradient's last launch builds too (change 122: ∂x needs it, it was not kept,
+    on CUDA where the row kernel runs), or None — for the output-keeping ops' backward."""
+    if need_x and kept is None and y.is_cuda and scale_triton.rows_usable(weight, wv):
+        return weight
+    return None
 
 
 class _KeepOutput(torch.autograd.Function):
@@ -227,8 +235,7 @@ class _KeepOutput(torch.autograd.Function):
             # else ∂y and y read here — on the current stream: run 207 put that on the side stream beside the ∂x
             # GEMM (lowrank.side_stream) and lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; not hidden). Where ∂x
             # needs W′ built again, the kernel's last launch builds it too (change 122)
-            build = (weight if ctx.needs_input_grad[0] and w2 is None and y.is_cuda
-                     and scale_triton.rows_usable(weight, wv) else None)
+            build = _build_in_grad(ctx.needs_input_grad[0], w2, y, weight, wv)
             part = ctx.link.take(gy) if ctx.link is not None else None
             if part is not None:
                 if y.is_cuda:
@@ -279,7 +286,7 @@ class _KeepOutputConv(torch.autograd.Function):
         nb, c = y.shape[:2]
         gx = gw = None
         if need[3]:
-            build = weight if need[0] and w2 is None and y.is_cuda and scale_triton.rows_usable(weight, wv) else None
+            build = _build_in_grad(need[0], w2, y, weight, wv)
             yb = (gy.reshape(nb, c, -1), y.reshape(nb, c, -1), cast(bias, y.dtype), wv, s)
             if y.is_cuda:
                 gw = scale_triton.channel_grad_bcl(*yb, build)

@@ -1026,7 +1026,7 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
 class _ConvDown(torch.autograd.Function):
     """``h = conv2d(x, D)`` — a conv adapter's down on the delta path — with ∂D by :func:`_conv_wgrad_nchw` (one
     batched GEMM over ∂h's shifted copies) where autograd's conv would run cuDNN's weight gradient: for a rank-r output
-    cuDNN picks ``wgrad2d_shmem_tiling``, 40–78 µs per layer on SD1.5 b1's 16×16 and 8×8 levels (run 212's timeline,
+    cuDNN picks ``wgrad2d_shmem_tiling``, 23–78 µs per layer on SD1.5 b1's 16×16 and 8×8 levels (run 212's timeline,
     12 launches, 0.54 ms of LoCon's step) where the GEMM's K is only the positions (64–256). ∂x by cuDNN as before."""
 
     @staticmethod

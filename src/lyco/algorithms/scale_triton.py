@@ -56,8 +56,7 @@ def channel_grad_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor |
     """:func:`channel_grad` in torch (fp32 math, or float64 for float64 tensors)."""
     dt = torch.promote_types(y2.dtype, torch.float32)
     v = y2.to(dt) if bias is None else y2.to(dt) - bias.to(dt)
-    g = (gy2.to(dt) * v).sum(0)
-    return (s * g / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
+    return channel_finish_torch((gy2.to(dt) * v).sum(0, keepdim=True), w, s)
 
 
 def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
@@ -102,7 +101,8 @@ def channel_finish(part: torch.Tensor, w: torch.Tensor, s: float, weight: torch.
 
 
 def channel_finish_torch(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
-    """:func:`channel_finish` in torch."""
+    """:func:`channel_finish` in torch (fp32 math, or float64 for float64 sums) — also the last step of the torch
+    forms of :func:`channel_grad` and :func:`channel_grad_bcl`."""
     dt = torch.promote_types(part.dtype, torch.float32)
     return (s * part.to(dt).sum(0) / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
 
@@ -165,9 +165,10 @@ def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     """:func:`scale_rows_torch` in one Triton launch (``(IA)³``'s output-mode weight ``W + s·(W ⊙ w)`` rows, the
     rebuilt op's and :class:`.ia3._KeepOutput`'s build, forward and backward): W read once, W′ written once, the
     product and sum in fp32 with a single rounding (torch's ``addcmul`` computes the same in fp32 opmath; run 206
-    counts where the two differ on the GPU). Torch launches a generic broadcast kernel there, at 30–50 % of the
-    bandwidth on these shapes (run 204's trace: 352 launches, 2.40 ms of SD1.5 b8's captured step). The caller
-    checks :func:`rows_usable`."""
+    counts where the two differ on the GPU: none at any SD1.5 or SDXL shape). Torch launches a generic broadcast
+    kernel there (run 204's trace: 352 launches, 2.40 ms of SD1.5 b8's captured step); run 206 timed the builds of a
+    step at 2.09 ms with ``addcmul`` and 1.09 with this kernel (SDXL b4: 13.63 and 6.04). The caller checks
+    :func:`rows_usable`."""
     out = torch.empty_like(w)
     n = w.numel()
     k = n // w.shape[0]
@@ -176,7 +177,8 @@ def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     return out
 
 
-#: :func:`channel_grad_bcl`'s launch: channels and positions a program reads per step, warps, programs aimed at
+#: :func:`channel_grad_bcl`'s launch: channels and positions a program reads per step, warps, programs aimed at (not
+#: swept: run 211 timed the step with this setting only)
 _BCL_CFG = dict(BC=32, BL=128, num_warps=8, programs=528)
 
 
@@ -204,8 +206,7 @@ def channel_grad_bcl_torch(gy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor
     """:func:`channel_grad_bcl` in torch (fp32 math, or float64 for float64 tensors)."""
     dt = torch.promote_types(y.dtype, torch.float32)
     v = y.to(dt) if bias is None else y.to(dt) - bias.to(dt)[:, None]
-    g = (gy.to(dt) * v).sum((0, 2))
-    return (s * g / _scale(w.reshape(-1), s, dt)).to(w.dtype).reshape(w.shape)
+    return channel_finish_torch((gy.to(dt) * v).sum((0, 2))[None], w, s)
 
 
 def _self_test(device, dtype) -> bool:
