@@ -109,12 +109,13 @@ CFGS = {
 
 
 @pytest.mark.parametrize("cfg", list(CFGS))
-@pytest.mark.parametrize("layer", ["linear-3d", "linear-2d"] + list(CONVS) + ["3x3-p1@1x1"])
+@pytest.mark.parametrize("layer", ["linear-3d", "linear-2d"] + list(CONVS) + ["3x3-p1@1x1", "3x3-p1/b1", "1x1/b1"])
 @pytest.mark.parametrize("m", [1.0, 0.7])
 def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
     """Every geometry the op takes, whether or not the shape rule would choose it here. ``3x3-p1@1x1``: a 1×1
     input (SD1.5's 8×8 level at the tiny UNet's size), where ∂h is both contiguous and channels-last — the
-    im2col once read it with the wrong strides and returned ∂D = 0."""
+    im2col once read it with the wrong strides and returned ∂D = 0. ``/b1``: one sample, whose factor gradients are
+    one GEMM each instead of a batched GEMM and its batch sum."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
@@ -123,10 +124,12 @@ def test_bypass_op_matches_dense_float64(monkeypatch, cfg, layer, m):
         mod = nn.Linear(12, 10)
         x = torch.randn(2, 5, 12) if layer == "linear-3d" else torch.randn(7, 12)
     else:
+        layer, _, one = layer.partition("/")
         geom, _, spatial = layer.partition("@")
         # 20 input channels: the rank·∏k shifted copies of ∂h (LoRA 3·9, LoHa 4·9) within 2·20, so the im2col's ∂D
         mod = nn.Conv2d(20, 16, bias=layer != "1x1", **CONVS[geom])
-        x = torch.randn(2, 20, 1, 1) if spatial else torch.randn(2, 20, 7, 9)
+        n = 1 if one else 2
+        x = torch.randn(n, 20, 1, 1) if spatial else torch.randn(n, 20, 7, 9)
     model, net = _setup(mod, CFGS[cfg])
     net.set_multiplier(m)
     x = x.double().requires_grad_()
@@ -292,14 +295,15 @@ def test_im2col_rule(conv, r, ok):
 
 
 @pytest.mark.parametrize("layer", ["3x3-p1", "3x3-p0", "3x5-p12", "1x1"])
-def test_conv_weight_gradient_by_shifted_copies(layer):
-    """``_conv_wgrad_nchw`` against torch's own conv weight gradient, float64."""
+@pytest.mark.parametrize("n", [3, 1])
+def test_conv_weight_gradient_by_shifted_copies(layer, n):
+    """``_conv_wgrad_nchw`` against torch's own conv weight gradient, float64 (one sample: one GEMM, no batch sum)."""
     conv = nn.Conv2d(5, 4, **CONVS[layer])
     spec = LayerSpec.from_module(conv)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 8, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 5, 8, 6, generator=g, dtype=torch.float64)
     ho, wo = conv(x.float()).shape[2:]
-    gh = torch.randn(3, 4, ho, wo, generator=g, dtype=torch.float64)
+    gh = torch.randn(n, 4, ho, wo, generator=g, dtype=torch.float64)
     ref = torch.nn.grad.conv2d_weight(x, conv.weight.shape, gh, 1, conv.padding)
     torch.testing.assert_close(lowrank._conv_wgrad_nchw(x, gh, spec), ref, rtol=1e-12, atol=1e-12)
 

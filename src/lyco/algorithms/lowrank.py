@@ -775,6 +775,17 @@ def _sum0(t: torch.Tensor, dt: torch.dtype | None) -> torch.Tensor:
     return t.sum(0) if dt is None or dt == t.dtype else t.sum(0, dtype=dt)
 
 
+def _bmm_sum(a: torch.Tensor, b: torch.Tensor, s: float, dt: torch.dtype | None) -> torch.Tensor:
+    """``s·Σ_n a_n·b_n`` over the batch of two 3-D operands, written in ``dt``: a batched GEMM and its batch sum
+    (:func:`_sum0`) — or, for a batch of one, the one GEMM (:func:`_mm`, its fp32 output from the GEMM where it can
+    write it). A sum over one sample is a copy: run 212's timeline of SD1.5 b1 LoRA has 64 of them after the 1×1
+    convs' factor gradients (``reduce_kernel``, 0.32 ms summed, 0.17 on the critical path)."""
+    if a.shape[0] == 1:
+        g = _mm(a[0], b[0], s, dt)
+        return g if dt is None or g.dtype == dt else g.to(dt)
+    return _sum0(_bmm(a, b, s), dt)
+
+
 def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None, into=None, eye: int = 0):
     """``∂U = s·∂yᵀh`` (h recomputed from x where the op did not keep it); a conv's summed over the batch. ``dt``:
     the dtype to write it in where the GEMM or the sum can, ``into`` a linear layer's gradient to add it into
@@ -786,10 +797,10 @@ def _grad_up(spec: LayerSpec, s: float, gy, xc, h, dd, d2, r: int, dt=None, into
         return _mm(gy.t(), F.linear(xc, d2) if h is None else h, s, dt, into)
     n, o = gy.shape[0], gy.shape[1]
     if eye:
-        return _sum0(_bmm(gy.reshape(n, o // eye, -1), h.reshape(n, r // eye, -1).transpose(1, 2), s), dt)
+        return _bmm_sum(gy.reshape(n, o // eye, -1), h.reshape(n, r // eye, -1).transpose(1, 2), s, dt)
     if h is None:
         h = layer_op(xc, spec, dd)
-    return _sum0(_bmm(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s), dt)
+    return _bmm_sum(gy.view(n, o, -1), h.reshape(n, r, -1).transpose(1, 2), s, dt)
 
 
 def _regen_operands(rg, kept, cd: torch.dtype, spec: LayerSpec, groups: int, r: int):
@@ -1007,7 +1018,7 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     shifted copies ``cols[n, ρ, a, b, y, x] = ∂hp[n, ρ, y + a, x + b]`` (a = k − 1 − ty: taps in flipped
     order, so every stride of the view is non-negative) are one strided copy of r·k² rank-sized planes,
     and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch (into
-    ``dt`` where given: :func:`_sum0`)."""
+    ``dt`` where given; one GEMM for one sample: :func:`_bmm_sum`)."""
     n, c, hh, ww = x.shape
     r = gh.shape[1]
     (kh, kw), (ph, pw) = spec.kernel, spec.pads
@@ -1017,7 +1028,7 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     hp, wp = ghp.shape[2], ghp.shape[3]
     cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
         n, r * kh * kw, hh * ww)
-    g = _sum0(torch.bmm(cols, x.reshape(n, c, hh * ww).transpose(1, 2)), dt)   # (r·kh·kw, c), taps flipped
+    g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt)   # (r·kh·kw, c), taps flipped
     if kh == kw == 1:  # no taps to put back in order: flip would still copy (32 kernels per SD1.5 LoRA step)
         return g.view(r, c, 1, 1)
     return g.view(r, kh, kw, c).permute(0, 3, 1, 2).flip(2, 3).contiguous()
