@@ -31,7 +31,9 @@ GEMM (``LYCO_CONV_DOWN_IM2COL``, :func:`.lowrank.conv_down`); the layers that re
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`; on pointwise convs too with
 ``LYCO_IA3_KEEP_OUTPUT_CONV``, :class:`.ia3._KeepOutputConv`), and its output-scale weights
 ``W + s·(W ⊙ w)`` in one Triton launch each (``LYCO_IA3_ROWS_KERNEL``, :func:`.scale_triton.rows_usable`), and a
-GEGLU projection's ∂w from the column sums the GEGLU's kernel forms (``LYCO_IA3_GEGLU_SUMS``, :func:`.ia3._link`); and the bypass op's linear input
+GEGLU projection's ∂w from the column sums the GEGLU's kernel forms (``LYCO_IA3_GEGLU_SUMS``, :func:`.ia3._link`);
+Diag-OFT keeping a linear layer's output, its rotation's gradient from the block Gram of ∂y and y by one Triton launch
+(``LYCO_OFT_KEEP_OUTPUT``, :func:`.oft._keep_output`); and the bypass op's linear input
 regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —
 ``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and its time stayed
 within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`),
@@ -95,3 +97,15 @@ def wanted(var: str, default: str = "graph") -> bool:
     eager steps too)."""
     mode = _mode(var, default)
     return mode == "1" or (mode == "graph" and _DEPTH[0] > 0)
+
+
+def env_int(var: str, default: int, what: str) -> int:
+    """``default``, or the environment variable ``var`` where set (an error naming it and what it counts if it is not
+    an integer) — the numeric settings beside the paths' switches (e.g. the narrowest layer a path takes)."""
+    env = os.environ.get(var)
+    if env is None:
+        return default
+    try:
+        return int(env)
+    except ValueError:
+        raise ValueError(f"{var}={env!r}: expected an integer ({what})") from None

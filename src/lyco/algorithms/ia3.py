@@ -22,8 +22,6 @@ Deliberate differences from LyCORIS:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -113,24 +111,12 @@ KEEP_WEIGHT_MAX = 0
 
 def _keep_weight(w2: torch.Tensor) -> bool:
     """Whether an output-mode op keeps its built W′ for backward (:data:`KEEP_WEIGHT_MAX`)."""
-    return w2.numel() <= _env_int("LYCO_IA3_KEEP_WEIGHT_MAX", KEEP_WEIGHT_MAX, "weight elements")
+    return w2.numel() <= graph_policy.env_int("LYCO_IA3_KEEP_WEIGHT_MAX", KEEP_WEIGHT_MAX, "weight elements")
 
 
 def _min_in() -> int:
     """:data:`KEEP_OUTPUT_MIN_IN`, or ``LYCO_IA3_KEEP_OUTPUT_MIN_IN`` where set (an error naming it if not an integer)."""
-    return _env_int("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features")
-
-
-def _env_int(var: str, default: int, what: str) -> int:
-    """``default``, or the environment variable ``var`` where set (an error naming it and what it counts if it is not
-    an integer)."""
-    env = os.environ.get(var)
-    if env is None:
-        return default
-    try:
-        return int(env)
-    except ValueError:
-        raise ValueError(f"{var}={env!r}: expected an integer ({what})") from None
+    return graph_policy.env_int("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features")
 
 
 def _pointwise(spec) -> bool:

@@ -55,13 +55,14 @@ import math
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeMismatch
 from .base import (
     CONV1D, CONV2D, CONV3D, LINEAR, Algorithm, Tensors, accumulate_conv1x1, accumulate_linear, alpha_tensor,
     channel_view, register, scalar_of,
 )
-from . import factor_batch
+from . import factor_batch, graph_policy, oft_triton
 from .factorize import factorization, power2factorization
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
@@ -444,6 +445,19 @@ class DiagOFT(_OFTBase):
     def _own_build(self, m: float, kappa: float | None):
         return _DiagOFTBuild(m, kappa)
 
+    def rebuild_op(self, x, t, spec, weight, bias, multiplier):
+        # In captured steps a linear layer with many inputs keeps its output and takes the rotation's gradient from it
+        # (_RotateKeepOutput's doc: no weight-gradient GEMM); everything else takes the rebuilt op
+        if "rescale" not in t and _keep_output(x, spec, weight, bias, t["oft_blocks"], float(multiplier)):
+            self._check(t, spec)
+            blocks = t["oft_blocks"]
+            build = _batched_build(self._own_build(1.0, self.kappa(t)), blocks, weight, bias)
+            # on rows, reshaped after (as the rebuilt op: a GEGLU reading the output must find it from its halves)
+            x2 = x.reshape(-1, x.shape[-1])
+            y = _RotateKeepOutput.apply(x2, weight, bias, blocks, build)
+            return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
+        return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+
     def prefers_rebuild_for(self, t, spec):
         # Decision (GPU runs 17–19, H200, SD1.5 b8, ``lin`` layers, PEFT 0.21 OFT block 16 in the same run):
         # the rebuilt op (W′ = W + (R − I)ᵀW per block, own backward, Cayley inverse kept) against the
@@ -653,6 +667,85 @@ class _DiagOFTBuild(_CayleyBuild):
         with _full_precision(gw):
             ga = torch.bmm(gw.reshape(nb, b, -1), cast(w, gw.dtype).reshape(nb, b, -1).transpose(1, 2))  # ∂A′_k
         return (self._blocks_grad(theta[0], keep[1:], ga.transpose(1, 2).to(minv.dtype), self.m),)
+
+
+#: the narrowest input (``in_features``) on which :func:`_keep_output` takes a linear layer — the weight-gradient GEMM it
+#: saves costs ≈ 2·in multiply-adds per output element, the pass over ∂y and y it adds ≈ 4 bytes: the same line as
+#: output-mode (IA)³'s (:data:`.ia3.KEEP_OUTPUT_MIN_IN`); ``LYCO_OFT_KEEP_OUTPUT_MIN_IN`` overrides it (A/B runs)
+KEEP_OUTPUT_MIN_IN = 512
+
+
+def _keep_output(x: torch.Tensor, spec, weight, bias, blocks, multiplier: float) -> bool:
+    """Whether a Diag-OFT layer (no ``rescale``) takes :class:`_RotateKeepOutput`: ``LYCO_OFT_KEEP_OUTPUT``
+    (:mod:`.graph_policy`, captured steps by default — a Triton launch per layer), a linear layer with at least
+    :data:`KEEP_OUTPUT_MIN_IN` inputs at multiplier 1 (the recovery below needs the rotation itself), its weight and bias
+    frozen, gradients on, not under ``torch.compile``, and on CUDA the kernel of :mod:`.oft_triton` usable for its block
+    size (the CPU takes the torch form)."""
+    if not graph_policy.wanted("LYCO_OFT_KEEP_OUTPUT"):
+        return False
+    if spec.kind != LINEAR or multiplier != 1.0 or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if spec.in_dim < graph_policy.env_int("LYCO_OFT_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features"):
+        return False
+    if x.is_cuda:
+        return oft_triton.usable(x, blocks.shape[-1])
+    return True
+
+
+class _RotateKeepOutput(torch.autograd.Function):
+    """Diag-OFT (no ``rescale``, multiplier 1) on a linear layer, ``y = x·W′ᵀ + b`` with ``W′_k = R_kᵀ·W_k`` per block of
+    b output rows (the rebuilt op's :class:`_DiagOFTBuild`), keeping the **output** y for backward instead of x.
+
+    Per block ``y_k = z_k·R_k + b_k`` with ``z = x·Wᵀ``, so ``∂(R_kᵀ) = ∂y_kᵀ·z_k`` and, R being orthogonal,
+    ``z_k = (y_k − b_k)·R_kᵀ``: ``∂(R_kᵀ) = G_k·R_kᵀ`` with the block Gram ``G_k = Σ_t ∂y_kᵀ·(y_k − b_k)`` (one pass over
+    ∂y and y, :func:`.oft_triton.block_gram`), then the Cayley backward the rebuilt op runs
+    (:meth:`_CayleyBuild._blocks_grad`). The rebuilt op gets the same ``∂A′ = ∂(R − I)ᵀ`` from the weight-gradient
+    GEMM ``E = ∂yᵀ·x`` (the layer's forward multiply-adds again) and a weight-sized batched GEMM ``E_k·W_kᵀ``. ∂x as
+    there, ``∂y·W′`` with W′ built again.
+
+    Memory: the output is usually kept by what reads it (attention keeps q/k/v, a GEGLU its input), the input often is
+    not (a feed-forward output layer's, a norm's output shared by q/k/v) — as output-mode (IA)³'s :class:`.ia3._KeepOutput`.
+
+    Numerics (decision): the recovery is exact in exact arithmetic. y is rounded to the dtype, so ``y − b`` carries y's
+    rounding (on a layer with a bias up to ``2⁻⁹·|b|`` where |y − b| is small); the forward used A′ rounded to the
+    weight's dtype while the recovery uses the fp32 ``Rᵀ`` (off by that rounding of A′, which is ``R − I``-sized). Both
+    enter the rotation's gradient only, never the forward or ∂x. Only at multiplier 1: ``I + m·(R − I)`` is orthogonal
+    there only (and singular for some m, e.g. m = ½ with a half-turn block)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, blocks, build):
+        w2, _, keep = build.forward_aux(weight, None, blocks)      # keep: (A′ in W's dtype, M, Q₀, n, s)
+        y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
+        ctx.build, ctx.x_dtype = build, x.dtype
+        ctx.save_for_backward(y, weight, bias, blocks, *keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        y, weight, bias, blocks, a_w, *keep = ctx.saved_tensors
+        build, need = ctx.build, ctx.needs_input_grad
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = gb = None
+        if need[3]:
+            if g2.stride(-1) != 1:
+                g2 = g2.contiguous()
+            b = blocks.shape[-1]
+            bv = cast(bias, y.dtype)
+            if y.is_cuda:
+                gram = oft_triton.block_gram(g2, y, bv, b)
+            else:
+                gram = oft_triton.block_gram_torch(g2, y, bv, b)
+            minv = keep[0]
+            eye = _eye(b, minv.dtype, minv.device)
+            rt = (minv * 2.0 - eye).transpose(1, 2)                   # Rᵀ = 2·Mᵀ − I
+            ga = torch.bmm(gram.to(minv.dtype), rt)                    # ∂A′ = ∂(Rᵀ) at m = 1
+            gb = build._blocks_grad(blocks, keep, ga.transpose(1, 2), build.m)
+        if need[0]:
+            w2 = build._build(weight, a_w)
+            gx = cast(g2 @ cast(w2, gy.dtype), ctx.x_dtype)
+        return gx, None, None, gb, None
 
 
 class _BOFTBuild(_CayleyBuild):
