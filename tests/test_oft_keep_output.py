@@ -194,3 +194,67 @@ def test_block_gram_kernel_matches_definition(kern, n, c, b, bias):
 def test_block_gram_kernel_block_sizes():
     """Powers of two from 16 to 64 (a tensor-core dot's smallest side; the tile of accumulators)."""
     assert [b for b in range(1, 200) if oft_triton.supports(b)] == [16, 32, 64]
+
+
+def _cayley64(blocks):
+    """float64 R and M = (I − Q)⁻¹ of unconstrained blocks, from the formulas."""
+    q = blocks - blocks.transpose(1, 2)
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    return (eye + q) @ torch.linalg.inv(eye - q), torch.linalg.inv(eye - q)
+
+
+@pytest.mark.parametrize("shape,b", [((64, 40), 16), ((64, 8, 3, 3), 32), ((128, 300), 64)])
+def test_rotate_rows_kernel_matches_definition(kern, shape, b):
+    """``W + m·(R − I)ᵀ·W`` per block of b rows (m = 0.7) in float64 from the same fp32 values; a conv-shaped weight, a
+    ragged last column tile, M with the column-major strides ``inv_ex`` gives it."""
+    g = torch.Generator().manual_seed(b)
+    nb = shape[0] // b
+    blocks = 0.2 * torch.randn(nb, b, b, generator=g, dtype=torch.float64)
+    r, minv = _cayley64(blocks)
+    minv32 = torch.linalg.inv_ex(torch.eye(b) - (blocks - blocks.transpose(1, 2)).float())[0]
+    assert not minv32.is_contiguous()  # the layout the op hands the kernel
+    w = torch.randn(shape, generator=g)
+    got = kern.rotate_rows(w, minv32, 2 * 0.7)
+    wb = w.double().reshape(nb, b, -1)
+    ref = (wb + 0.7 * (r - torch.eye(b, dtype=torch.float64)).transpose(1, 2) @ wb).reshape(shape)
+    assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("gram", [True, False])
+@pytest.mark.parametrize("b,parts", [(16, 3), (32, 1)])
+def test_cayley_grad_kernel_matches_definition(kern, gram, b, parts):
+    """∂blocks of ``⟨D, m·(R − I)ᵀ⟩`` by float64 autograd through the Cayley map, with ``D = G·Rᵀ`` (``gram``: the sum of
+    the partials is the block Gram) or D the summed partials themselves; m = 0.7."""
+    g = torch.Generator().manual_seed(b + parts)
+    nb = 3
+    blocks = (0.2 * torch.randn(nb, b, b, generator=g, dtype=torch.float64)).requires_grad_()
+    part = torch.randn(parts, nb, b, b, generator=g)
+    minv32 = torch.linalg.inv_ex(torch.eye(b) - (blocks - blocks.transpose(1, 2)).detach().float())[0]
+    got = kern.cayley_grad(part, minv32, 2 * 0.7, torch.float32, gram)
+    r, _ = _cayley64(blocks)
+    s = part.double().sum(0)
+    d = s @ r.detach().transpose(1, 2) if gram else s
+    a = 0.7 * (r - torch.eye(b, dtype=torch.float64)).transpose(1, 2)
+    (ref,) = torch.autograd.grad((d * a).sum(), blocks)
+    assert got.shape == (nb, b, b) and got.dtype == torch.float32
+    assert _rel(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("keep_output", ["1", "0"])
+def test_kernels_in_the_op_match_definition(kern, keep, monkeypatch, keep_output):
+    """The op with the build and the Cayley backward in their kernels (the gate forced open on the CPU: the interpreter
+    runs them): output, ∂x and ∂blocks against the float64 definition — the output-keeping op and the rebuilt op."""
+    monkeypatch.setenv("LYCO_OFT_KEEP_OUTPUT", keep_output)
+    used = []
+    monkeypatch.setattr(oft_triton, "kernels_usable", lambda w, minv: used.append(1) or True)
+    model, net, layer = _model(dtype=torch.float32, out=64, block=16)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(30, 40, generator=g, requires_grad=True)
+    gy = torch.randn(30, 64, generator=g)
+    y = model(x)
+    y.backward(gy)
+    assert used
+    ref, xr, blocks = _reference(model, layer, x, None)
+    ref.backward(gy.double())
+    assert _rel(y, ref) < 1e-5 and _rel(x.grad, xr.grad) < 1e-5
+    assert _rel(layer.params["oft_blocks"].grad, blocks.grad) < 1e-4

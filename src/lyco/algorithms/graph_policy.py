@@ -33,7 +33,8 @@ two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`; on poi
 ``W + s·(W ⊙ w)`` in one Triton launch each (``LYCO_IA3_ROWS_KERNEL``, :func:`.scale_triton.rows_usable`), and a
 GEGLU projection's ∂w from the column sums the GEGLU's kernel forms (``LYCO_IA3_GEGLU_SUMS``, :func:`.ia3._link`);
 Diag-OFT keeping a linear layer's output, its rotation's gradient from the block Gram of ∂y and y by one Triton launch
-(``LYCO_OFT_KEEP_OUTPUT``, :func:`.oft._keep_output`); and the bypass op's linear input
+(``LYCO_OFT_KEEP_OUTPUT``, :func:`.oft._keep_output`) and its rows' rotation and Cayley backward in one Triton launch
+each (``LYCO_OFT_KERNELS``, :func:`.oft_triton.kernels_usable`); and the bypass op's linear input
 regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —
 ``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and its time stayed
 within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`),

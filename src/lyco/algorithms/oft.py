@@ -633,6 +633,21 @@ class _DiagOFTBuild(_CayleyBuild):
     and backward (run 8, H200, SD1.5 b8: 116.0 ms as one CUDA graph vs PEFT 105.3); rotating the
     *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead."""
 
+    def _grad_from(self, blocks, w, keep, part, gram: bool):
+        """``∂blocks`` from fp32 sums ``part`` (``(P, nb, b, b)`` partials or ``(nb, b, b)``): with ``gram`` the block
+        Gram G of :class:`_RotateKeepOutput` (``∂A′ = G·Rᵀ``), else ``∂A′`` itself; ``keep`` = (M, Q₀, n, s). One
+        launch of :func:`.oft_triton.cayley_grad` where the blocks are unconstrained and the kernels run
+        (:func:`.oft_triton.kernels_usable`), else :meth:`_CayleyBuild._blocks_grad`."""
+        minv, n = keep[0], keep[2]
+        if n is None and oft_triton.kernels_usable(w, minv):
+            return oft_triton.cayley_grad(part, minv, 2.0 * self.m, blocks.dtype, gram)
+        g = part.to(minv.dtype)
+        if g.dim() == 4:
+            g = g.sum(0)
+        if gram:
+            g = torch.bmm(g, (minv * 2.0 - _eye(minv.shape[-1], minv.dtype, minv.device)).transpose(1, 2))  # G·Rᵀ
+        return self._blocks_grad(blocks, keep, g.transpose(1, 2), self.m)
+
     def _a_w(self, minv, dtype):
         """``A′ = m·(R − I)ᵀ`` in ``dtype``: one subtraction, then the scale and the cast in one kernel."""
         d = (minv - _eye(minv.shape[-1], minv.dtype, minv.device)).transpose(1, 2)
@@ -652,21 +667,25 @@ class _DiagOFTBuild(_CayleyBuild):
 
     def forward_aux(self, w, b, blocks):
         keep = self._kept_inverse(blocks, compute_dtype(w, blocks))
+        if oft_triton.kernels_usable(w, keep[0]):  # A′ formed in the build's launch: not kept (None in its place)
+            return oft_triton.rotate_rows(w, keep[0], 2.0 * self.m), b, (None, *keep)
         a_w = self._a_w(keep[0], w.dtype)
         return self._build(w, a_w), b, (a_w, *keep)
 
     def recompute(self, keep, w, b, blocks):
+        if keep[0] is None:
+            return oft_triton.rotate_rows(w, keep[1], 2.0 * self.m), (keep, w)
         return self._build(w, keep[0]), (keep, w)
 
     def vjp(self, aux, theta, gw, gb, needs):
         if not needs[0]:
             return (None,)
         keep, w = aux
-        a_w, minv = keep[0], keep[1]
-        nb, b = a_w.shape[0], a_w.shape[-1]
+        minv = keep[1]
+        nb, b = minv.shape[0], minv.shape[-1]
         with _full_precision(gw):
             ga = torch.bmm(gw.reshape(nb, b, -1), cast(w, gw.dtype).reshape(nb, b, -1).transpose(1, 2))  # ∂A′_k
-        return (self._blocks_grad(theta[0], keep[1:], ga.transpose(1, 2).to(minv.dtype), self.m),)
+        return (self._grad_from(theta[0], w, keep[1:], ga, gram=False),)
 
 
 #: the narrowest input (``in_features``) on which :func:`_keep_output` takes a linear layer — the weight-gradient GEMM it
@@ -724,7 +743,7 @@ class _RotateKeepOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        y, weight, bias, blocks, a_w, *keep = ctx.saved_tensors
+        y, weight, bias, blocks, *keep = ctx.saved_tensors          # keep: (A′ or None, M, Q₀, n, s)
         build, need = ctx.build, ctx.needs_input_grad
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = gb = None
@@ -733,17 +752,13 @@ class _RotateKeepOutput(torch.autograd.Function):
                 g2 = g2.contiguous()
             b = blocks.shape[-1]
             bv = cast(bias, y.dtype)
-            if y.is_cuda:
-                gram = oft_triton.block_gram(g2, y, bv, b)
+            if y.is_cuda:  # the partial sums go to the Cayley backward's launch, which sums them
+                gram = oft_triton.block_gram(g2, y, bv, b, parts=True)
             else:
                 gram = oft_triton.block_gram_torch(g2, y, bv, b)
-            minv = keep[0]
-            eye = _eye(b, minv.dtype, minv.device)
-            rt = (minv * 2.0 - eye).transpose(1, 2)                   # Rᵀ = 2·Mᵀ − I
-            ga = torch.bmm(gram.to(minv.dtype), rt)                    # ∂A′ = ∂(Rᵀ) at m = 1
-            gb = build._blocks_grad(blocks, keep, ga.transpose(1, 2), build.m)
+            gb = build._grad_from(blocks, weight, keep[1:], gram, gram=True)   # ∂A′ = G·Rᵀ = ∂(Rᵀ) at m = 1
         if need[0]:
-            w2 = build._build(weight, a_w)
+            w2 = build.recompute(keep, weight, None, blocks)[0]
             gx = cast(g2 @ cast(w2, gy.dtype), ctx.x_dtype)
         return gx, None, None, gb, None
 
