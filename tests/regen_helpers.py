@@ -1,5 +1,6 @@
 """What the regenerated-input tests (tests/test_input_regen.py, tests/test_norm_regen.py) share: the storages an
-autograd graph keeps, and the tiny SDXL's inputs for one step of all three of its models."""
+autograd graph keeps, and the tiny SDXL's inputs for one step of all three of its models; and the tensors a forward
+saves (the output-keeping ops' tests, tests/test_ia3_keep_output.py and tests/test_oft_keep_output.py)."""
 
 import torch
 
@@ -22,6 +23,14 @@ def saved_storages(y):
         out.update(t.untyped_storage().data_ptr() for t in kept if isinstance(t, torch.Tensor))
         todo.extend(f for f, _ in fn.next_functions)
     return out
+
+
+def kept_by_forward(run, min_numel: int):
+    """``run()``'s result and the tensors of at least ``min_numel`` elements autograd saved while it ran."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = run()
+    return y, [t for t in saved if t.numel() >= min_numel]
 
 
 def tiny_sdxl_step_inputs(comps, g):
