@@ -631,7 +631,12 @@ class _DiagOFTBuild(_CayleyBuild):
 
     Why (issue 7): the delta path rotates the *output* — batched b×b GEMMs over every position, forward
     and backward (run 8, H200, SD1.5 b8: 116.0 ms as one CUDA graph vs PEFT 105.3); rotating the
-    *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead."""
+    *weight* is a weight-sized batched GEMM, and the layer pays one weight-gradient GEMM instead.
+
+    Where :func:`.oft_triton.kernels_usable` holds (captured steps, CUDA bf16/fp16, b a power of two 16–64) the build is
+    one launch that forms A′ from M itself (:func:`.oft_triton.rotate_rows`: A′ is then not kept, ``None`` in its place)
+    and the unconstrained Cayley backward another (:meth:`_grad_from`); H100, SDXL b4 with the output-keeping op: 237.81 ms
+    per step without them (run 216), 195.28 with them (run 218; benchmarks/NOTES.md change 127)."""
 
     def _grad_from(self, blocks, w, keep, part, gram: bool):
         """``∂blocks`` from fp32 sums ``part`` (``(P, nb, b, b)`` partials or ``(nb, b, b)``): with ``gram`` the block
@@ -720,7 +725,7 @@ class _RotateKeepOutput(torch.autograd.Function):
     Per block ``y_k = z_k·R_k + b_k`` with ``z = x·Wᵀ``, so ``∂(R_kᵀ) = ∂y_kᵀ·z_k`` and, R being orthogonal,
     ``z_k = (y_k − b_k)·R_kᵀ``: ``∂(R_kᵀ) = G_k·R_kᵀ`` with the block Gram ``G_k = Σ_t ∂y_kᵀ·(y_k − b_k)`` (one pass over
     ∂y and y, :func:`.oft_triton.block_gram`), then the Cayley backward the rebuilt op runs
-    (:meth:`_CayleyBuild._blocks_grad`). The rebuilt op gets the same ``∂A′ = ∂(R − I)ᵀ`` from the weight-gradient
+    (:meth:`_DiagOFTBuild._grad_from`: one launch of :func:`.oft_triton.cayley_grad`, or torch's). The rebuilt op gets the same ``∂A′ = ∂(R − I)ᵀ`` from the weight-gradient
     GEMM ``E = ∂yᵀ·x`` (the layer's forward multiply-adds again) and a weight-sized batched GEMM ``E_k·W_kᵀ``. ∂x as
     there, ``∂y·W′`` with W′ built again.
 
@@ -735,7 +740,7 @@ class _RotateKeepOutput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, blocks, build):
-        w2, _, keep = build.forward_aux(weight, None, blocks)      # keep: (A′ in W's dtype, M, Q₀, n, s)
+        w2, _, keep = build.forward_aux(weight, None, blocks)      # keep: (A′ in W's dtype or None, M, Q₀, n, s)
         y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
         ctx.build, ctx.x_dtype = build, x.dtype
         ctx.save_for_backward(y, weight, bias, blocks, *keep)
@@ -746,7 +751,7 @@ class _RotateKeepOutput(torch.autograd.Function):
         y, weight, bias, blocks, *keep = ctx.saved_tensors          # keep: (A′ or None, M, Q₀, n, s)
         build, need = ctx.build, ctx.needs_input_grad
         g2 = gy.reshape(-1, gy.shape[-1])
-        gx = gb = None
+        gx = gblocks = None
         if need[3]:
             if g2.stride(-1) != 1:
                 g2 = g2.contiguous()
@@ -756,11 +761,11 @@ class _RotateKeepOutput(torch.autograd.Function):
                 gram = oft_triton.block_gram(g2, y, bv, b, parts=True)
             else:
                 gram = oft_triton.block_gram_torch(g2, y, bv, b)
-            gb = build._grad_from(blocks, weight, keep[1:], gram, gram=True)   # ∂A′ = G·Rᵀ = ∂(Rᵀ) at m = 1
+            gblocks = build._grad_from(blocks, weight, keep[1:], gram, gram=True)   # ∂A′ = G·Rᵀ = ∂(Rᵀ) at m = 1
         if need[0]:
             w2 = build.recompute(keep, weight, None, blocks)[0]
             gx = cast(g2 @ cast(w2, gy.dtype), ctx.x_dtype)
-        return gx, None, None, gb, None
+        return gx, None, None, gblocks, None
 
 
 class _BOFTBuild(_CayleyBuild):
