@@ -245,3 +245,28 @@ class StepProfiler:
             self._prof.__exit__(None, None, None)
             self.result = summarize_profile(self._prof, self.n, wall, cuda, self.top)
             self._prof = None
+
+
+def lin_layer_shapes(model: str, batch: int, dev, smoke: bool) -> list[tuple]:
+    """``[(rows, in, out, weight shape, count)]`` of ``benchmarks/train_step.py``'s ``lin`` set for ``model`` at
+    ``batch``, from one no-grad forward of the bf16 U-Net on ``dev`` (shape hooks; ``smoke``: the tiny U-Net) — the
+    per-layer kernel benchmarks' layer list."""
+    import collections
+
+    import train_step as ts
+    torch = _torch()
+    dt = torch.bfloat16
+    unet = ts.build_unet(model, smoke, dev, dt)
+    names = ts.layer_sets(unet)["lin"]
+    mods = dict(unet.named_modules())
+    latent = ts.SMOKE_LATENT if smoke else ts.MODELS[model]["latent"]
+    shapes = ts.layer_input_shapes(unet, names, batch, latent, dev, dt)
+    c = collections.Counter()
+    for n in names:
+        s, w = shapes[n], mods[n].weight
+        rows = s[0] * s[2] * s[3] if w.dim() == 4 else s[:-1].numel()
+        c[(rows, w.shape[1], w.shape[0], tuple(w.shape))] += 1
+    del unet
+    if not smoke:
+        torch.cuda.empty_cache()
+    return [(r, i, o, ws, k) for (r, i, o, ws), k in sorted(c.items())]

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, "src")
 sys.path.insert(0, "benchmarks")
-from _common import graph_us  # noqa: E402
+from _common import graph_us, lin_layer_shapes  # noqa: E402
 from lyco.algorithms import scale_triton  # noqa: E402
 from lyco.algorithms.rebuild import rowdot  # noqa: E402
 
@@ -46,23 +46,8 @@ CHANNEL = [dict(BM=bm, BC=bc, num_warps=w, programs=p) for bm in (128, 256) for 
 
 
 def layer_shapes(model: str, batch: int):
-    """[(rows, in, out, count)] of the ``lin`` set, from one no-grad forward of the bf16 U-Net (shape hooks)."""
-    import train_step as ts
-    dev, dt = DEV, torch.bfloat16
-    unet = ts.build_unet(model, SMOKE, dev, dt)
-    names = ts.layer_sets(unet)["lin"]
-    mods = dict(unet.named_modules())
-    latent = ts.SMOKE_LATENT if SMOKE else ts.MODELS[model]["latent"]
-    shapes = ts.layer_input_shapes(unet, names, batch, latent, dev, dt)
-    c = collections.Counter()
-    for n in names:
-        s, w = shapes[n], mods[n].weight
-        rows = s[0] * s[2] * s[3] if w.dim() == 4 else s[:-1].numel()
-        c[(rows, w.shape[1], w.shape[0], tuple(w.shape))] += 1
-    del unet
-    if not SMOKE:
-        torch.cuda.empty_cache()
-    return [(r, i, o, ws, k) for (r, i, o, ws), k in sorted(c.items())]
+    """[(rows, in, out, weight shape, count)] of the ``lin`` set (:func:`_common.lin_layer_shapes`)."""
+    return lin_layer_shapes(model, batch, DEV, SMOKE)
 
 
 DEV = torch.device("cpu" if SMOKE else "cuda")
