@@ -256,3 +256,23 @@ def test_kernels_in_the_op_match_definition(kern, keep, monkeypatch, keep_output
     ref.backward(gy.double())
     assert _rel(y, ref) < 1e-5 and _rel(x.grad, xr.grad) < 1e-5
     assert _rel(layer.params["oft_blocks"].grad, blocks.grad) < 1e-4
+
+
+def test_keep_output_sums_partials_on_the_torch_path(keep, monkeypatch):
+    """The Gram as per-chunk partial sums (what the GPU kernel hands over) on the torch Cayley backward (a binding
+    constraint: the kernel takes unconstrained blocks only): the same gradients as the definition."""
+    orig = oft_triton.block_gram_torch
+
+    def split(*a):
+        g = orig(*a)
+        return torch.stack([0.25 * g, 0.75 * g])  # (2, nb, b, b)
+
+    monkeypatch.setattr(oft_triton, "block_gram_torch", split)
+    model, net, layer = _model(True, 1e-3)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(30, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(30, 32, generator=g, dtype=torch.float64)
+    model(x).backward(gy)
+    ref, xr, blocks = _reference(model, layer, x, float(layer.tensors()["alpha"]) * 32)
+    ref.backward(gy)
+    assert _rel(layer.params["oft_blocks"].grad, blocks.grad) < 1e-9
