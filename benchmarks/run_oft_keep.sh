@@ -11,7 +11,7 @@ A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15"
 (export LYCO_OFT_KEEP_OUTPUT=0; step_table x4off 200 --no-baselines --variants lyco --jobs sdxl:4 --algos oft $A)
 step_table x4peft 320 --no-baselines --variants peft --jobs sdxl:4 --algos oft $A
 step_table b1 440 --baselines floor --variants lyco,peft --jobs sd15:1 --algos lora,locon $A
-echo "self-test warnings: $(cat $OUT/*/train_step.log | grep -c 'self-test')"
-grep -h "self-test" $OUT/*/train_step.log | sort | uniq -c | head
+echo "lyco warnings: $(cat $OUT/*/train_step.log | grep -c 'RuntimeWarning: lyco')"
+grep -h "RuntimeWarning: lyco" $OUT/*/train_step.log | sort | uniq -c | head
 step_records x4 x4off x4peft b1
 pack_out

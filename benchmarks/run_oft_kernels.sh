@@ -12,7 +12,7 @@ A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15"
 step_table s8 260 --no-baselines --variants lyco,peft --jobs sd15:8 --algos oft $A
 step_table b1 320 --no-baselines --variants lyco,peft --jobs sd15:1 --algos oft $A
 step_table x1 450 --no-baselines --variants lyco,peft --jobs sdxl:1 --algos oft $A
-echo "self-test warnings: $(cat $OUT/*/train_step.log | grep -c 'self-test')"
-grep -h "self-test" $OUT/*/train_step.log | sort | uniq -c | head
+echo "lyco warnings: $(cat $OUT/*/train_step.log | grep -c 'RuntimeWarning: lyco')"
+grep -h "RuntimeWarning: lyco" $OUT/*/train_step.log | sort | uniq -c | head
 step_records x4 s8 b1 x1
 pack_out
