@@ -694,8 +694,10 @@ class _DiagOFTBuild(_CayleyBuild):
 
 
 #: the narrowest input (``in_features``) on which :func:`_keep_output` takes a linear layer — the weight-gradient GEMM it
-#: saves costs ≈ 2·in multiply-adds per output element, the pass over ∂y and y it adds ≈ 4 bytes: the same line as
-#: output-mode (IA)³'s (:data:`.ia3.KEEP_OUTPUT_MIN_IN`); ``LYCO_OFT_KEEP_OUTPUT_MIN_IN`` overrides it (A/B runs)
+#: saves costs ≈ 2·in multiply-adds per output element, the pass over ∂y and y it adds ≈ 4 bytes: output-mode (IA)³'s
+#: line (:data:`.ia3.KEEP_OUTPUT_MIN_IN`) by that same estimate, not measured for Diag-OFT (SDXL's layers all have 640
+#: inputs or more; SD1.5's 320-input layers stay on the rebuilt op, not A/B-tested); ``LYCO_OFT_KEEP_OUTPUT_MIN_IN``
+#: overrides it (A/B runs)
 KEEP_OUTPUT_MIN_IN = 512
 
 
