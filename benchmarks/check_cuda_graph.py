@@ -113,6 +113,10 @@ CASES = {
     # gradient checkpointing
     "diag-oft-fp16": ({"algo": "diag-oft", "rank": 4}, {"mixed_precision": "fp16"}),
     "diag-oft-ckpt": ({"algo": "diag-oft", "rank": 4}, {"gradient_checkpointing": True}),
+    # blocks of 16 where a layer allows (the output-keeping op's Triton kernels take 16 to 64) under fp16 autocast:
+    # with LYCO_OFT_KEEP_OUTPUT_MIN_IN=0 the tiny model's q/k/v and GEGLU projections (a norm's fp32 output) keep
+    # their output as the bf16 model does (issue 7, session 30)
+    "diag-oft-b16-fp16": ({"algo": "diag-oft", "rank": 16}, {"mixed_precision": "fp16"}),
     # the fixed-batch evaluation runs eager forward passes before the first capture and between replays
     "lora-eval": ({"algo": "lora", "rank": 8}, {"_eval": {"enabled": True, "num_images": 2, "every_n_steps": 2}}),
 }

@@ -269,6 +269,13 @@ class AdapterLayer(nn.Module):
             return None
         return self.algorithm.bypass_op(x, t, self.spec, weight, bias, self._multiplier)
 
+    def shared_rebuild_part(self, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """On the rebuild path (``mode = "auto"``/``"rebuild"``): this adapter's part of its group's one op
+        (``algorithm.shared_part``, :mod:`.siblings`) for the 2-D rows ``x2``, or None."""
+        if self._delta_only() or (self.training and self.algorithm.name == "dylora"):
+            return None
+        return self.algorithm.shared_part(x2, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
+
     def bypass_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(D, U, s)`` with this adapter's delta ``s·U·D`` where :meth:`bypass_op` would take the bypass op with one
         group — what a group of layers sharing an input runs as one op (:mod:`.siblings`) — else None."""
@@ -360,6 +367,13 @@ class LayerHost:
         mod = self.module
         if self._rebuild:
             if len(active) == 1:
+                if (self.group is not None and self._flat_linear and not args and not kwargs
+                        and active[0].algorithm.shared_rebuild is not None):
+                    # the layers reading this input as one op on the rebuild path ((IA)³'s, .siblings)
+                    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+                    y = self.group.run(self, x, x2)
+                    if y is not None:
+                        return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
                 if self._op_first and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
                     x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
                     if _lowrank.bypass_supports(self.spec, x2):
@@ -399,24 +413,40 @@ class LayerHost:
             return self._accumulate(active, x, y, w, b).reshape(*lead, y.shape[-1])
         return self._accumulate(active, x, self._orig(x, *args, **kwargs), w, b)
 
-    def shared_ready(self, x2: torch.Tensor) -> bool:
-        """Whether this layer, called now on the 2-D rows ``x2``, would take the bypass op with one adapter whose down
-        is one matrix (not LoKr's per channel group) — checked before any factor is built (:mod:`.siblings`)."""
+    def shared_ready(self, x2: torch.Tensor) -> str | None:
+        """Which group op this layer, called now on the 2-D rows ``x2``, would join (:mod:`.siblings`), or None:
+        ``"lowrank"`` where it would take the bypass op with one adapter whose down is one matrix (not LoKr's per
+        channel group) — checked before any factor is built; on the rebuild path the algorithm's
+        ``shared_rebuild`` where its ``shared_part`` holds ((IA)³'s output-keeping op: nothing is built for it)."""
         active = self._active
         if active is None:
             active = self._refresh()
-        return (len(active) == 1 and not self._rebuild and self._flat_linear
-                and not active[0].algorithm.bypass_grouped and _lowrank.bypass_ready(self.spec)
-                and _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(self.spec, x2))
+        if len(active) != 1 or not self._flat_linear:
+            return None
+        a = active[0]
+        if self._rebuild:
+            kind = a.algorithm.shared_rebuild
+            mod = self.module
+            if kind is not None and a.shared_rebuild_part(x2, mod.weight, mod.bias) is not None:
+                return kind
+            return None
+        if (not a.algorithm.bypass_grouped and _lowrank.bypass_ready(self.spec)
+                and _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(self.spec, x2)):
+            return "lowrank"
+        return None
 
-    def shared_part(self, x2: torch.Tensor):
-        """``(spec, W, b, D, U, s)`` for :func:`.algorithms.lowrank_shared.shared_op` where :meth:`shared_ready`
-        holds and the adapter's delta is such a product (its factors built here), else None."""
-        f = self._active[0].bypass_parts(x2.dtype)
+    def shared_part(self, x2: torch.Tensor, kind: str = "lowrank"):
+        """This layer's part of its group's op ``kind`` (:meth:`shared_ready`) — ``(spec, W, b, D, U, s)`` for
+        :func:`.algorithms.lowrank_shared.shared_op` (the adapter's factors built here), ``(spec, W, b, …)`` with the
+        algorithm's ``shared_part`` on the rebuild path — else None."""
+        mod = self.module
+        if kind == "lowrank":
+            f = self._active[0].bypass_parts(x2.dtype)
+        else:
+            f = self._active[0].shared_rebuild_part(x2, mod.weight, mod.bias)
         if f is None:
             return None
-        mod = self.module
-        return (self.spec, mod.weight, mod.bias) + f
+        return (self.spec, mod.weight, mod.bias) + tuple(f)
 
     @staticmethod
     def _accumulate(active, x, y, w, b):

@@ -1,4 +1,5 @@
-"""Adapted layers that read the same input, run as one op (:mod:`.algorithms.lowrank_shared`): the layer hosts of a
+"""Adapted layers that read the same input, run as one op (:mod:`.algorithms.lowrank_shared` for low-rank adapters
+on the bypass op, :func:`.algorithms.ia3.shared_keep_output` for (IA)³'s output-keeping op): the layer hosts of a
 group hand each other that op's outputs.
 
 Which layers (:func:`link`, by the model's structure, the names in :data:`.naming.SHARED_INPUT_CHILDREN` — known before the first forward, so an eager step and a
@@ -9,7 +10,8 @@ captured one group alike from the first step on, and a checkpointed region recom
 * ``q_proj``, ``k_proj``, ``v_proj`` under one parent (CLIP's text encoders and other transformers' self-attention).
 
 How (:class:`Group`): the first member called with an input — the *leader* of that round — runs the op for every
-member that would take the bypass op on that input (:meth:`.layer.LayerHost.shared_part`), returns its own output
+member that would take the same kind of op on that input as it would (:meth:`.layer.LayerHost.shared_ready`,
+:meth:`.layer.LayerHost.shared_part`), returns its own output
 and keeps the others'; a member called with the **same tensor object**, unmodified since (its version counter), and
 in the same adapter state, gets its output (a member called again, or with no output waiting, leads a new round).
 A member called with another input while an output waits for it — the
@@ -17,8 +19,9 @@ structure said the inputs are shared and they were not — computes its own, and
 op's extra outputs were computed for nothing, once; a debug log says so). Outputs left waiting when the next
 round starts (a region whose recomputation stopped early) are dropped.
 
-Only where the bypass op runs (captured steps by default, :func:`.algorithms.lowrank.bypass_ready`) and under
-``LYCO_SHARED_INPUT`` (:mod:`.algorithms.graph_policy`; ``0`` turns it off).
+Only where the members' own op runs (captured steps by default: :func:`.algorithms.lowrank.bypass_ready`,
+(IA)³'s ``LYCO_IA3_KEEP_OUTPUT``) and under ``LYCO_SHARED_INPUT`` (:mod:`.algorithms.graph_policy`; ``0`` turns it
+off).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from torch import nn
 
 from .algorithms import graph_policy
 from .algorithms.lowrank import _compute_dtype
+from .algorithms.ia3 import shared_keep_output
 from .algorithms.lowrank_shared import shared_op
 from .naming import SHARED_INPUT_CHILDREN
 
@@ -38,6 +42,13 @@ log = logging.getLogger(__name__)
 
 def wanted() -> bool:
     return graph_policy.wanted("LYCO_SHARED_INPUT")
+
+
+#: a group op's name (:meth:`.layer.LayerHost.shared_ready`) → the op: ``(x2, parts) → outputs or None``
+OPS = {
+    "lowrank": lambda x2, parts: shared_op(x2, parts, _compute_dtype(x2)),
+    "ia3": shared_keep_output,
+}
 
 
 class Group:
@@ -73,12 +84,15 @@ class Group:
         self._outs, self._x = {}, None
         # which members take the op, before any factor is built (a factor built and not used would be built again by
         # the layer's own op — LoHa's and LoKr's per-pass factor batches would count it as that layer's use)
-        ready = [h for h in (host,) + tuple(o for o in self.hosts if o is not host) if h.shared_ready(x2)]
-        if len(ready) < 2 or ready[0] is not host:
+        kind = host.shared_ready(x2)
+        if kind is None:
+            return None
+        ready = [host] + [h for h in self.hosts if h is not host and h.shared_ready(x2) == kind]
+        if len(ready) < 2:
             return None
         members, parts = [], []
         for h in ready:
-            p = h.shared_part(x2)
+            p = h.shared_part(x2, kind)
             if p is None:
                 if h is host:
                     return None
@@ -87,7 +101,7 @@ class Group:
             parts.append(p)
         if len(members) < 2:
             return None  # the leader's factors were built for nothing: a follower's adapter has no such product
-        ys = shared_op(x2, parts, _compute_dtype(x2))
+        ys = OPS[kind](x2, parts)
         if ys is None:
             return None
         self._x, self._ver = weakref.ref(x), x._version

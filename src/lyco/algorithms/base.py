@@ -413,6 +413,16 @@ class Algorithm:
         build, keys = merged_build(self, t, spec, multiplier)
         return rebuilt_op(x, spec, weight, bias, build, *(t[k] for k in keys))
 
+    #: the rebuild-path op a group of this algorithm's layers sharing an input runs as one (:mod:`lyco.siblings`),
+    #: a name there, or None; the layer host asks :meth:`shared_part` only where it is set ((IA)³: ``"ia3"``)
+    shared_rebuild: ClassVar[str | None] = None
+
+    def shared_part(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
+                    bias: torch.Tensor | None, multiplier: float):
+        """On the rebuild path: what this layer brings to its group's one op (:attr:`shared_rebuild`) for the 2-D
+        rows ``x``, or None (it runs :meth:`rebuild_op` alone). Default None."""
+        return None
+
     def bypass_op(self, x: torch.Tensor, t: Mapping[str, torch.Tensor], spec: LayerSpec, weight: torch.Tensor,
                   bias: torch.Tensor | None, multiplier: float) -> torch.Tensor | None:
         """``op(x, W, b) + Δy`` computed exactly, with :mod:`.lowrank`'s bypass backward (∂x through the merged

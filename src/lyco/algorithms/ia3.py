@@ -30,6 +30,7 @@ from .base import (
     register,
 )
 from . import graph_policy, regen, scale_triton
+from .lowrank import _compute_dtype
 from .rebuild import cast, like, rebuilt_op, rowdot, supports as rebuild_supports
 
 
@@ -146,7 +147,9 @@ def _keep_output(x: torch.Tensor, spec, weight, bias) -> bool:
     if linear and spec.in_dim < _min_in():
         return False
     if x.is_cuda:
-        return scale_triton.usable(x)
+        # the output's dtype decides (the kernels read ∂y and y): under autocast a norm's fp32 output (q/k/v, a GEGLU
+        # projection) gives a bf16 GEMM — what the trainer runs; the benchmark's bf16 model gives it without autocast
+        return scale_triton.usable(x, _compute_dtype(x))
     return True
 
 
@@ -202,7 +205,8 @@ class _KeepOutput(torch.autograd.Function):
         if xin is not None:
             p, x = x, xin
         w2, _ = _OutputScaleBuild(s)(weight, None, wv)
-        y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
+        cd = _compute_dtype(x)  # autocast's for an fp32 x: its own casts, W′ never made fp32 first
+        y = F.linear(cast(x, cd), cast(w2, cd), cast(bias, cd))
         ctx.s, ctx.x_dtype, ctx.geglu, ctx.feed, ctx.link = s, x.dtype, p is not None, feed, link
         ctx.kept_w = _keep_weight(w2)
         ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)), *((w2,) if ctx.kept_w else ()))
@@ -288,6 +292,91 @@ class _KeepOutputConv(torch.autograd.Function):
         return gx, None, None, gw, None
 
 
+class _SharedKeepOutput(torch.autograd.Function):
+    """:class:`_KeepOutput` for up to :data:`.scale_triton.MEMBERS` output-mode layers that read the same input — a
+    self-attention's q, k and v, a cross-attention's k and v (:mod:`lyco.siblings` finds them) — as **one GEMM**:
+    ``[y_0 | y_1 | …] = x·[W_0′; W_1′; …]ᵀ + [b_0 | b_1 | …]``, every ``W_i′`` built into the stacked weight by one
+    launch (:func:`.scale_triton.scale_rows_multi`); the members' outputs are views of that one output (column blocks).
+    Backward: the members' ∂y side by side (one copy), then what :class:`_KeepOutput` runs per layer once for all —
+    the channel sums over ``∂y`` and ``y`` (one launch), the finish with the stacked ``W′`` built again (one launch),
+    ``∂x = ∂y·W′`` as one GEMM (no autograd sum of the members' ∂x). Per self-attention the floor runs 3 GEMMs forward,
+    3 backward and 2 adds; :class:`_KeepOutput` per member added 3 launches to those (9 more); this op runs 2 forward
+    and 4 backward, the GEMMs 3× as wide (issue 7: at SDXL b1 each small launch costs ≈ 2–4 µs of the captured step).
+
+    Numerics: each member's output, ∂w and its share of ∂x are the per-layer op's sums, in one GEMM's order (one
+    accumulation over K for ∂x where autograd added three rounded products). The outputs are views of one tensor:
+    autograd refuses an in-place change to one of them with its own error (a custom function's multiple views);
+    ``LYCO_SHARED_INPUT=0`` turns grouping off."""
+
+    @staticmethod
+    def forward(ctx, x, s, *flat):
+        ws, bs, wvs = flat[0::3], flat[1::3], flat[2::3]
+        w2 = _stacked_weight(ws, wvs, s)
+        cd = _compute_dtype(x)  # autocast's for an fp32 x (as _KeepOutput)
+        b = None if bs[0] is None else torch.cat([cast(v, cd) for v in bs])
+        y = F.linear(cast(x, cd), cast(w2, cd), b)
+        ctx.s, ctx.x_dtype, ctx.cs = s, x.dtype, tuple(w.shape[0] for w in ws)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, b, *ws, *wvs)
+        return tuple(y.split(ctx.cs, 1))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *gys):
+        y, b, *rest = ctx.saved_tensors
+        n = len(ctx.cs)
+        ws, wvs = tuple(rest[:n]), tuple(rest[n:])
+        needs = ctx.needs_input_grad
+        grads: list = [None] * (2 + 3 * n)
+        if all(g is None for g in gys):
+            return tuple(grads)
+        # a member whose output nobody used: zeros in its columns, and no ∂w (as autograd gives a layer never used)
+        gy = torch.cat([y.new_zeros(y.shape[0], c) if g is None else cast(g, y.dtype).reshape(-1, c)
+                        for g, c in zip(gys, ctx.cs)], 1)
+        s, w2, gw = ctx.s, None, None
+        if any(needs[4 + 3 * i] for i in range(n)):
+            if y.is_cuda:
+                build = ws if needs[0] and all(scale_triton.rows_usable(w, v) for w, v in zip(ws, wvs)) else None
+                gw = scale_triton.channel_grad(gy, y, b, wvs, s, build)
+                if build is not None:
+                    gw, w2 = gw
+            else:
+                flat = scale_triton.channel_grad_torch(gy, y, b, torch.cat([v.reshape(-1) for v in wvs]), s)
+                gw = tuple(g.view(v.shape) for g, v in zip(flat.split(ctx.cs), wvs))
+            for i in range(n):
+                if needs[4 + 3 * i] and gys[i] is not None:
+                    grads[4 + 3 * i] = gw[i]
+        if needs[0]:
+            if w2 is None:
+                w2 = _stacked_weight(ws, wvs, s)
+            grads[0] = cast(gy @ cast(w2, gy.dtype), ctx.x_dtype)
+        return tuple(grads)
+
+
+def _stacked_weight(ws, wvs, s: float) -> torch.Tensor:
+    """``[W_0′; W_1′; …]`` (:class:`_SharedKeepOutput`): one launch on CUDA where the row kernel runs, else torch's."""
+    if ws[0].is_cuda and all(scale_triton.rows_usable(w, v) for w, v in zip(ws, wvs)):
+        return scale_triton.scale_rows_multi(ws, wvs, s)
+    return torch.cat([scale_triton.scale_rows_torch(w, v, s) for w, v in zip(ws, wvs)])
+
+
+def shared_keep_output(x: torch.Tensor, parts) -> list[torch.Tensor] | None:
+    """Each member's output by :class:`_SharedKeepOutput` for 2-D rows ``x``; ``parts`` per member
+    ``(spec, W, b, w, s)`` from :meth:`IA3.shared_part`. None (each layer runs its own op) unless every member has
+    the same s, a bias or none alike, one dtype of W and of w, and there are 2 to :data:`.scale_triton.MEMBERS`."""
+    if not 2 <= len(parts) <= scale_triton.MEMBERS or x.dim() != 2:
+        return None
+    _, w0, b0, v0, s0 = parts[0]
+    for _, w, b, v, s in parts:
+        if (s != s0 or (b is None) != (b0 is None) or w.dtype != w0.dtype or v.dtype != v0.dtype
+                or not w.is_contiguous() or w.dim() != 2 or w.shape[1] != x.shape[1]):
+            return None
+    flat = []
+    for _, w, b, v, _ in parts:
+        flat += [w, b, v]
+    return list(_SharedKeepOutput.apply(x, float(s0), *flat))
+
+
 @register
 class IA3(Algorithm):
     name = "ia3"
@@ -297,6 +386,7 @@ class IA3(Algorithm):
     kinds = (LINEAR, CONV1D, CONV2D, CONV3D)
     options = {"train_on_input": False}
     weight_independent = False
+    shared_rebuild = "ia3"
 
     def create(self, spec, opts, weight=None, generator=None) -> Tensors:
         on_input = bool(opts.get("train_on_input", False))
@@ -349,6 +439,16 @@ class IA3(Algorithm):
         if ia3_on_input(t):
             return True
         return rebuild_supports(spec)
+
+    def shared_part(self, x, t, spec, weight, bias, multiplier):
+        """``(w, s)`` where this output-mode linear layer would take :class:`_KeepOutput` on the 2-D rows ``x`` (and x
+        is not a GEGLU's output, which that op takes apart): what :func:`shared_keep_output` runs for a group of
+        layers sharing x (:mod:`lyco.siblings`); else None."""
+        if ia3_on_input(t) or spec.kind != LINEAR or not _keep_output(x, spec, weight, bias):
+            return None
+        if regen.geglu_input(x) is not None:
+            return None
+        return t["weight"], float(multiplier)
 
     def rebuild_op(self, x, t, spec, weight, bias, multiplier):
         if not ia3_on_input(t):

@@ -88,11 +88,11 @@ def eligible(w, rank: int) -> bool:
     return enabled(w) and rank <= MAX_RANK
 
 
-def enabled(t) -> bool:
+def enabled(t, dtype: torch.dtype | None = None) -> bool:
     """What every lyco Triton kernel needs (this module's and :mod:`.factor_triton`'s): Triton importable, a
-    CUDA tensor in bf16/fp16, ``LYCO_TRITON`` not ``0``, and not under ``torch.compile`` (which takes the
-    differentiable torch path)."""
-    return (triton is not None and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+    CUDA tensor in bf16/fp16 (or ``dtype`` in its place: the dtype an op computes in, autocast's for an fp32 input),
+    ``LYCO_TRITON`` not ``0``, and not under ``torch.compile`` (which takes the differentiable torch path)."""
+    return (triton is not None and t.is_cuda and (dtype or t.dtype) in (torch.bfloat16, torch.float16)
             and os.environ.get("LYCO_TRITON", "1") != "0" and not torch.compiler.is_compiling())
 
 

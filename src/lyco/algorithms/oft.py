@@ -64,6 +64,7 @@ from .base import (
 )
 from . import factor_batch, graph_policy, oft_triton
 from .factorize import factorization, power2factorization
+from .lowrank import _compute_dtype
 from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
 CONVENTIONS = ("lycoris", "comfyui")
@@ -716,7 +717,9 @@ def _keep_output(x: torch.Tensor, spec, weight, bias, blocks, multiplier: float)
     if spec.in_dim < graph_policy.env_int("LYCO_OFT_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features"):
         return False
     if x.is_cuda:
-        return oft_triton.usable(x, blocks.shape[-1])
+        # the output's dtype decides (the kernels read ∂y and y): under autocast a norm's fp32 output (q/k/v, a GEGLU
+        # projection) gives a bf16 GEMM — what the trainer runs; the benchmark's bf16 model gives it without autocast
+        return oft_triton.usable(x, blocks.shape[-1], _compute_dtype(x))
     return True
 
 
@@ -743,7 +746,8 @@ class _RotateKeepOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, blocks, build):
         w2, _, keep = build.forward_aux(weight, None, blocks)      # keep: (A′ in W's dtype or None, M, Q₀, n, s)
-        y = F.linear(x, cast(w2, x.dtype), cast(bias, x.dtype))
+        cd = _compute_dtype(x)  # autocast's for an fp32 x: its own casts, W′ never made fp32 first
+        y = F.linear(cast(x, cd), cast(w2, cd), cast(bias, cd))
         ctx.build, ctx.x_dtype = build, x.dtype
         ctx.save_for_backward(y, weight, bias, blocks, *keep)
         return y

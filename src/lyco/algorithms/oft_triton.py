@@ -53,9 +53,11 @@ def supports(b: int) -> bool:
     return 16 <= b <= 64 and b & (b - 1) == 0
 
 
-def usable(t: torch.Tensor, b: int) -> bool:
-    """Whether :func:`block_gram` runs on ``t``'s device and dtype for blocks of ``b`` (module doc)."""
-    return supports(b) and enabled(t) and gate(_CHECKED, t.device, t.dtype, _self_test)
+def usable(t: torch.Tensor, b: int, dtype: torch.dtype | None = None) -> bool:
+    """Whether :func:`block_gram` runs on ``t``'s device and dtype (or ``dtype``: what an op on t computes in, its
+    output's — autocast's for an fp32 input) for blocks of ``b`` (module doc)."""
+    dt = dtype or t.dtype
+    return supports(b) and enabled(t, dt) and gate(_CHECKED, t.device, dt, _self_test)
 
 
 def block_gram_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, b: int) -> torch.Tensor:

@@ -41,9 +41,11 @@ _BUILD_CFG = dict(BLOCK=4096, num_warps=8)
 _CHECKED: dict = {}
 
 
-def usable(t: torch.Tensor) -> bool:
-    """Whether :func:`channel_grad` runs on ``t``'s device and dtype (module doc)."""
-    return enabled(t) and gate(_CHECKED, t.device, t.dtype, _self_test)
+def usable(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether :func:`channel_grad` runs on ``t``'s device and dtype (or ``dtype``: what an op on t computes in, its
+    output's — autocast's for an fp32 input; module doc)."""
+    dt = dtype or t.dtype
+    return enabled(t, dt) and gate(_CHECKED, t.device, dt, _self_test)
 
 
 def _scale(w: torch.Tensor, s: float, dt: torch.dtype) -> torch.Tensor:
@@ -59,12 +61,13 @@ def channel_grad_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor |
     return channel_finish_torch((gy2.to(dt) * v).sum(0, keepdim=True), w, s)
 
 
-def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
-                 s: float, weight: torch.Tensor | None = None):
+def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w,
+                 s: float, weight=None):
     """``s·Σ_n ∂y[n,c]·(y[n,c] − b[c]) / d[c]``, ``d = 1 + s·w`` held at ``|d| ≥`` :data:`MIN_SCALE`, for 2-D ``∂y``
     and ``y`` ``(N, C)`` with unit column stride, ``b`` ``(C,)`` or None, ``w`` of C elements (any shape, any float
-    dtype): the result in w's shape and dtype. ``weight``: :func:`channel_finish`'s (``(∂w, W′)`` returned). The
-    caller checks :func:`usable`."""
+    dtype) — or a tuple of up to :data:`MEMBERS` such vectors whose entries together are the C columns (several
+    layers' outputs side by side: :class:`.ia3._SharedKeepOutput`) — the result in w's shape and dtype (a tuple of
+    them). ``weight``: :func:`channel_finish`'s (``(∂w, W′)`` returned). The caller checks :func:`usable`."""
     n, c = y2.shape
     bm, bc, warps, programs = (_CG_CFG[k] for k in ("BM", "BC", "num_warps", "programs"))
     grid_c = _cdiv(c, bc)
@@ -78,26 +81,37 @@ def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None,
     return channel_finish(part, w, s, weight)
 
 
-def channel_finish(part: torch.Tensor, w: torch.Tensor, s: float, weight: torch.Tensor | None = None):
+def channel_finish(part: torch.Tensor, w, s: float, weight=None):
     """:func:`channel_grad`'s second launch alone: ``s·Σ_i part[i, c] / d[c]`` (``d = 1 + s·w`` held as there) from
-    fp32 partial sums ``(programs, C)`` another kernel formed (:class:`ChannelLink`'s), in w's shape and dtype. With
-    ``weight`` (W, contiguous, one row per entry of w): also :func:`scale_rows`'s ``W′`` for the same s, by the same
-    launch — ``(∂w, W′)`` returned (change 122: one launch per layer fewer in backward, where W′ is built again for the
-    ∂x GEMM). The caller checks :func:`usable` (:func:`channel_finish_torch` otherwise)."""
+    fp32 partial sums ``(programs, C)`` another kernel formed (:class:`ChannelLink`'s), in w's shape and dtype (``w``
+    a tuple of members' vectors: a tuple of results, views of one buffer). With ``weight`` (W, contiguous, one row per
+    entry of w; a tuple of them with a tuple w): also :func:`scale_rows`'s ``W′`` for the same s by the same launch
+    (the members' rows one below the other, :func:`scale_rows_multi`'s) — ``(∂w, W′)`` returned (change 122: one launch
+    per layer fewer in backward, where W′ is built again for the ∂x GEMM). The caller checks :func:`usable`
+    (:func:`channel_finish_torch` otherwise)."""
+    many = isinstance(w, (tuple, list))
+    ws = tuple(w) if many else (w,)
     c = part.shape[1]
-    out = torch.empty(c, device=part.device, dtype=w.dtype)
-    wf = w.reshape(-1)
+    cs = [v.numel() for v in ws]
+    if len(ws) > MEMBERS or sum(cs) != c:
+        raise ValueError(f"lyco: (IA)³ channel gradient: {len(ws)} vectors of {cs} entries for {c} columns "
+                         f"(at most {MEMBERS} vectors whose entries add up to the columns)")
+    out = torch.empty(c, device=part.device, dtype=ws[0].dtype)
+    wf = _slots([v.reshape(-1) for v in ws])
     nfin = _cdiv(c, 256)
+    res = out.split(cs)
+    res = tuple(r.view(v.shape) for r, v in zip(res, ws)) if many else res[0].view(w.shape)
+    bounds = (cs[0], cs[0] + (cs[1] if len(cs) > 1 else 0))
     if weight is None:
-        _finish_kernel[(nfin,)](part, wf, out, part.shape[0], c, float(s), MIN_SCALE, BC=256)
-        return out.reshape(w.shape)
-    w2 = torch.empty_like(weight)
-    n = weight.numel()
+        _finish_kernel[(nfin,)](part, *wf, *bounds, out, part.shape[0], c, float(s), MIN_SCALE, BC=256)
+        return res
+    mats = tuple(weight) if many else (weight,)
+    w2, wsl, ns, blocks = _rows_out(mats)
     blk, warps = _BUILD_CFG["BLOCK"], _BUILD_CFG["num_warps"]
-    _finish_rows_kernel[(nfin + _cdiv(n, blk),)](
-        part, wf, out, part.shape[0], c, float(s), MIN_SCALE, weight, w2, n, n // weight.shape[0], nfin,
+    _finish_rows_kernel[(nfin + blocks,)](
+        part, *wf, *bounds, out, part.shape[0], c, float(s), MIN_SCALE, *wsl, w2, *ns, w2[0].numel(), nfin,
         HAS_S=s != 1.0, BC=256, BLOCK=blk, num_warps=warps)
-    return out.reshape(w.shape), w2
+    return res, w2
 
 
 def channel_finish_torch(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
@@ -161,6 +175,42 @@ def rows_usable(w: torch.Tensor, wv: torch.Tensor) -> bool:
     return w.is_contiguous() and wv.is_contiguous() and wv.numel() == w.shape[0] and usable(w)
 
 
+#: the most layers one launch of :func:`scale_rows_multi` or :func:`channel_finish` serves (a self-attention's q, k, v)
+MEMBERS = 3
+
+
+def _slots(ts: list) -> list:
+    """Up to :data:`MEMBERS` tensors padded to that many with the first (never read: a zero count stands beside it)."""
+    return list(ts) + [ts[0]] * (MEMBERS - len(ts))
+
+
+def _rows_out(ws) -> tuple:
+    """The stacked ``W′`` the multi-member row kernels write (every W contiguous, ``(rows, k)`` with one k), the Ws
+    in :data:`MEMBERS` slots, their element counts (0 in unused slots) and the launch's program count."""
+    if len(ws) > MEMBERS:
+        raise ValueError(f"lyco: (IA)³ row scaling: {len(ws)} weights in one launch, at most {MEMBERS}")
+    k = ws[0].numel() // ws[0].shape[0]
+    if any(not w.is_contiguous() or w.numel() // w.shape[0] != k or w.dtype != ws[0].dtype for w in ws):
+        raise ValueError("lyco: (IA)³ row scaling: the weights of one launch must be contiguous, of one dtype and "
+                         f"with one row length (got {[tuple(w.shape) for w in ws]})")
+    rows = sum(w.shape[0] for w in ws)
+    out = torch.empty((rows,) + tuple(ws[0].shape[1:]), device=ws[0].device, dtype=ws[0].dtype)
+    ns = [w.numel() for w in ws] + [0] * (MEMBERS - len(ws))
+    blk = _BUILD_CFG["BLOCK"]
+    return out, _slots(ws), ns, sum(_cdiv(n, blk) for n in ns)
+
+
+def scale_rows_multi(ws, wvs, s: float) -> torch.Tensor:
+    """:func:`scale_rows` of up to :data:`MEMBERS` weights (one row length, contiguous) and their vectors in one launch,
+    the results one below the other in one tensor ``(Σ rows, …)`` — a self-attention's ``[Wq′; Wk′; Wv′]`` for one
+    GEMM (:class:`.ia3._SharedKeepOutput`). The caller checks :func:`rows_usable` for each."""
+    out, wsl, ns, blocks = _rows_out(tuple(ws))
+    blk, warps = _BUILD_CFG["BLOCK"], _BUILD_CFG["num_warps"]
+    _rows_kernel[(blocks,)](*wsl, *_slots([v.reshape(-1) for v in wvs]), out, *ns, out[0].numel(), float(s),
+                            HAS_S=s != 1.0, BLOCK=blk, num_warps=warps)
+    return out
+
+
 def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     """:func:`scale_rows_torch` in one Triton launch (``(IA)³``'s output-mode weight ``W + s·(W ⊙ w)`` rows, the
     rebuilt op's and :class:`.ia3._KeepOutput`'s build, forward and backward): W read once, W′ written once, the
@@ -169,12 +219,7 @@ def scale_rows(w: torch.Tensor, wv: torch.Tensor, s: float) -> torch.Tensor:
     kernel there (run 204's trace: 352 launches, 2.40 ms of SD1.5 b8's captured step); run 206 timed the builds of a
     step at 2.09 ms with ``addcmul`` and 1.09 with this kernel (SDXL b4: 13.63 and 6.04). The caller checks
     :func:`rows_usable`."""
-    out = torch.empty_like(w)
-    n = w.numel()
-    k = n // w.shape[0]
-    blk, warps = _BUILD_CFG["BLOCK"], _BUILD_CFG["num_warps"]
-    _rows_kernel[(_cdiv(n, blk),)](w, wv, out, n, k, float(s), HAS_S=s != 1.0, BLOCK=blk, num_warps=warps)
-    return out
+    return scale_rows_multi((w,), (wv,), s)
 
 
 #: :func:`channel_grad_bcl`'s launch: channels and positions a program reads per step, warps, programs aimed at (not
@@ -254,6 +299,19 @@ def _compare(device, dtype) -> str | None:
     gw, w2 = channel_grad(gy, y, None, w, 0.7, W)
     if not (torch.equal(gw, channel_grad(gy, y, None, w, 0.7)) and torch.equal(w2, scale_rows(W, w, 0.7))):
         return "its combined launch differs from the two kernels apart"
+    # three layers' outputs side by side (a self-attention's q, k, v as one GEMM): ∂w per member and the stacked W′
+    cs = (16, 9, 15)
+    ws = [torch.randn(c, 70, generator=g).to(device, dtype) for c in cs]
+    wvs = [(torch.randn(c, generator=g) * 0.3).to(device) for c in cs]
+    gws, w2 = channel_grad(gy, y, None, tuple(wvs), 0.7, tuple(ws))
+    ref = channel_grad_torch(gy, y, None, torch.cat(wvs), 0.7)
+    err = ((torch.cat(gws).float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    if err > 1e-3:
+        return f"its stacked layers' channel gradient's relative error is {err:.2e}"
+    stacked = torch.cat([scale_rows_torch(a, v, 0.7) for a, v in zip(ws, wvs)]).float()
+    ulp = torch.finfo(dtype).eps * stacked.abs().clamp_min(torch.finfo(dtype).tiny)
+    if bool(((w2.float() - stacked).abs() > ulp).any()) or not torch.equal(w2, scale_rows_multi(ws, wvs, 0.7)):
+        return "its stacked layers' row scaling differs from torch's addcmul (or between its two launches)"
     return None
 
 
@@ -301,23 +359,41 @@ if triton is not None:
         tl.store(P + pb * C + cols, acc, mask=cmask)
 
     @triton.jit
-    def _finish_kernel(P, W, OUT, GM, C, s, lo, BC: tl.constexpr):
-        _finish_body(P, W, OUT, GM, C, s, lo, tl.program_id(0), BC)
+    def _finish_kernel(P, W0, W1, W2, C0, C01, OUT, GM, C, s, lo, BC: tl.constexpr):
+        _finish_body(P, W0, W1, W2, C0, C01, OUT, GM, C, s, lo, tl.program_id(0), BC)
 
     @triton.jit
-    def _finish_body(P, W, OUT, GM, C, s, lo, pid, BC: tl.constexpr):
+    def _finish_body(P, W0, W1, W2, C0, C01, OUT, GM, C, s, lo, pid, BC: tl.constexpr):
+        # columns [0, C0) read member 0's vector W0, [C0, C01) W1's, [C01, C) W2's (one member: C0 = C01 = C)
         cols = pid * BC + tl.arange(0, BC)
         cmask = cols < C
         acc = tl.zeros((BC,), dtype=tl.float32)
         for i in range(0, GM):
             acc += tl.load(P + i * C + cols, mask=cmask, other=0.0)
-        d = 1.0 + s * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = tl.load(W0 + cols, mask=cmask & (cols < C0), other=0.0).to(tl.float32)
+        v += tl.load(W1 + (cols - C0), mask=cmask & (cols >= C0) & (cols < C01), other=0.0).to(tl.float32)
+        v += tl.load(W2 + (cols - C01), mask=cmask & (cols >= C01), other=0.0).to(tl.float32)
+        d = 1.0 + s * v
         d = tl.where(tl.abs(d) < lo, tl.where(d < 0, -lo, lo), d)
         tl.store(OUT + cols, (s * acc / d).to(OUT.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _rows_kernel(W, SW, OUT, N, K, s, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
-        _rows_body(W, SW, OUT, N, K, s, tl.program_id(0), HAS_S, BLOCK)
+    def _rows_kernel(W0, W1, W2, S0, S1, S2, OUT, N0, N1, N2, K, s, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+        _rows_multi_body(W0, W1, W2, S0, S1, S2, OUT, N0, N1, N2, K, s, tl.program_id(0), HAS_S, BLOCK)
+
+    @triton.jit
+    def _rows_multi_body(W0, W1, W2, S0, S1, S2, OUT, N0, N1, N2, K, s, pid, HAS_S: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        # member i's W_i (N_i elements, rows of K) scaled by its S_i into OUT after the members before it; a launch
+        # has exactly the programs of its members' blocks, so a slot with N_i = 0 is never reached
+        nb0 = tl.cdiv(N0, BLOCK)
+        nb01 = nb0 + tl.cdiv(N1, BLOCK)
+        if pid < nb0:
+            _rows_body(W0, S0, OUT, N0, K, s, pid, HAS_S, BLOCK)
+        elif pid < nb01:
+            _rows_body(W1, S1, OUT + N0, N1, K, s, pid - nb0, HAS_S, BLOCK)
+        else:
+            _rows_body(W2, S2, OUT + N0 + N1, N2, K, s, pid - nb01, HAS_S, BLOCK)
 
     @triton.jit
     def _rows_body(W, SW, OUT, N, K, s, pid, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
@@ -332,11 +408,11 @@ if triton is not None:
         tl.store(OUT + offs, (w + w * c).to(OUT.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _finish_rows_kernel(P, W, OUT, GM, C, s, lo, WT, WOUT, NW, KW, NFIN, HAS_S: tl.constexpr, BC: tl.constexpr,
-                            BLOCK: tl.constexpr):
+    def _finish_rows_kernel(P, W0, W1, W2, C0, C01, OUT, GM, C, s, lo, T0, T1, T2, WOUT, N0, N1, N2, KW, NFIN,
+                            HAS_S: tl.constexpr, BC: tl.constexpr, BLOCK: tl.constexpr):
         # the first NFIN programs: _finish_kernel's; the rest: _rows_kernel's (W′ for the ∂x GEMM) — one launch
         pid = tl.program_id(0)
         if pid < NFIN:
-            _finish_body(P, W, OUT, GM, C, s, lo, pid, BC)
+            _finish_body(P, W0, W1, W2, C0, C01, OUT, GM, C, s, lo, pid, BC)
         else:
-            _rows_body(WT, W, WOUT, NW, KW, s, pid - NFIN, HAS_S, BLOCK)
+            _rows_multi_body(T0, T1, T2, W0, W1, W2, WOUT, N0, N1, N2, KW, s, pid - NFIN, HAS_S, BLOCK)
