@@ -19,8 +19,10 @@ def _rel(a, b):
 
 @pytest.fixture()
 def keep(monkeypatch):
-    """The path forced on for every width (the CPU takes the torch form of the gradient)."""
+    """The path forced on for every width (the CPU takes the torch form of the gradient), W′ built (change 129's
+    output-scale form is chosen per test)."""
     monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT", "1")
+    monkeypatch.setenv("LYCO_IA3_SCALE_OUTPUT", "0")
     monkeypatch.setenv("LYCO_IA3_KEEP_OUTPUT_MIN_IN", "0")
 
 
@@ -46,19 +48,29 @@ def _reference(model, layer, x, m):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("m", [1.0, 0.7])
-@pytest.mark.parametrize("lead", [(30,), (3, 10)])
-def test_keep_output_matches_definition(keep, monkeypatch, bias, m, lead):
+@pytest.mark.parametrize("lead,scale", [((30,), "0"), ((3, 10), "0"), ((30,), "1"), ((3, 10), "1"), ((60,), "1"),
+                                        ((90,), "1")])
+def test_keep_output_matches_definition(keep, monkeypatch, bias, m, lead, scale):
+    """Both forms: W′ built (``scale`` 0), or the output scaled and ∂y scaled for ∂x on the frozen W (change 129:
+    forward where rows < in = 40, backward where rows < 80 — 30 rows both, 60 backward only, 90 neither)."""
+    monkeypatch.setenv("LYCO_IA3_SCALE_OUTPUT", scale)
     model, net, layer = _model(bias)
     net.set_multiplier(m)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*lead, 40, generator=g, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(*lead, 24, generator=g, dtype=torch.float64)
-    calls = []
+    calls, cols, builds = [], [], []
     orig = ia3._KeepOutput.apply
     monkeypatch.setattr(ia3._KeepOutput, "apply", lambda *a: calls.append(1) or orig(*a))
+    orig_cols, orig_rows = scale_triton.scale_cols_torch, scale_triton.scale_rows_torch
+    monkeypatch.setattr(scale_triton, "scale_cols_torch", lambda *a: cols.append(1) or orig_cols(*a))
+    monkeypatch.setattr(scale_triton, "scale_rows_torch", lambda *a: builds.append(1) or orig_rows(*a))
     y = model(x)
     assert calls, "the layer did not take the output-keeping op"
+    rows = x.numel() // 40
+    assert (cols, builds) == (([1], []) if scale == "1" and rows < 40 else ([], [1]))
     y.backward(gy)
+    assert len(builds) == (1 if scale == "0" or rows >= 40 else 0) + (1 if scale == "0" or rows >= 80 else 0)
     ref, xr, w = _reference(model, layer, x, m)
     ref.backward(gy)
     assert _rel(y, ref) < 1e-12
@@ -353,3 +365,83 @@ def test_keep_output_conv_under_autocast(keep, monkeypatch):
     yr.backward(gy.double())
     assert _rel(y, yr) < 2e-2 and _rel(x.grad, xr.grad) < 2e-2
     assert _rel(layer.params["weight"].grad.reshape(-1), w.grad) < 2e-2
+
+
+@pytest.mark.parametrize("n,c,bias", [(77, 300, True), (1000, 33, False), (5, 128, True)])
+@pytest.mark.parametrize("s", [1.0, 0.7])
+def test_scale_cols_kernel_matches_definition(kern, n, c, bias, s):
+    """Change 129's forward pass ``y = z ⊙ (1 + s·w) + b`` over z in place: within one unit in y's last place of the
+    float64 value from the same stored z, w and b (the interpreter truncates where the GPU rounds); ragged tiles."""
+    g = torch.Generator().manual_seed(n + c)
+    z = torch.randn(n, c, generator=g).to(torch.bfloat16)
+    w = 0.3 * torch.randn(c, generator=g)
+    b = torch.randn(c, generator=g).to(torch.bfloat16) if bias else None
+    exact = z.double() * (1 + s * w.double()) + (b.double() if bias else 0)
+    zc = z.clone()
+    got = kern.scale_cols(zc, w, s, b)
+    assert got.data_ptr() == zc.data_ptr() and got.dtype == torch.bfloat16
+    # one unit of y, plus fp32's roundings of the terms before they cancel (2⁻²³ of each, twice)
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 8)
+    slack = 2.0 ** -22 * ((z.double() * (1 + s * w.double())).abs() + (b.double().abs() if bias else 0))
+    assert ((got.double() - exact).abs() <= ulp + slack).all()
+    tref = kern.scale_cols_torch(z, w, s, b)  # torch's: fp32 math rounded to nearest
+    assert ((tref.double() - exact).abs() <= ulp / 2 + slack).all()
+    assert (got.double() - exact).abs().max() > 0  # the test sees the rounding
+
+
+@pytest.mark.parametrize("n,c", [(1000, 200), (77, 33)])
+def test_scaled_channel_grad_writes_the_scaled_gradient(kern, n, c):
+    """Change 129's backward: the channel pass also writes ``∂y ⊙ (1 + s·w)`` (unclamped) — within one unit in its
+    last place of the float64 value, a strided ∂y — and ∂w is the same bits as without it."""
+    g = torch.Generator().manual_seed(n)
+    gy = torch.randn(n, c + 3, generator=g).to(torch.bfloat16)[:, 3:]
+    y = torch.randn(n, c, generator=g).to(torch.bfloat16)
+    b = torch.randn(c, generator=g).to(torch.bfloat16)
+    w = 0.3 * torch.randn(c, generator=g)
+    w[1] = -1.0 / 0.7  # d = 0: the clamp is the division's only, the scaled ∂y is exactly 0 there
+    gw, gs = kern.channel_grad(gy, y, b, w, 0.7, scaled=True)
+    assert torch.equal(gw, kern.channel_grad(gy, y, b, w, 0.7))
+    exact = gy.double() * (1 + 0.7 * w.double())
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 8)
+    slack = 2.0 ** -22 * gy.double().abs() * (1 + 0.7 * w.double().abs())  # d's own fp32 rounding
+    assert gs.is_contiguous() and ((gs.double() - exact).abs() <= ulp + slack).all()
+    assert (gs[:, 1].double().abs() < 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_output_scale_form_on_real_models(keep, monkeypatch, kind):
+    """Change 129 on the tiny U-Nets and text encoders in float64 (every layer keeping its output, the layers with
+    fewer rows than inputs scaling their output and ∂y): the loss and every gradient equal to the W′-building form's.
+    (The GEGLU-fused ``ff.net.2`` and the GEGLU's column sums need CUDA: the GPU run's gradient check covers them.)"""
+    from lyco.models.tiny import tiny_components
+    from regen_helpers import tiny_sdxl_loss, tiny_sdxl_step_inputs
+
+    def step(scale):
+        monkeypatch.setenv("LYCO_IA3_SCALE_OUTPUT", scale)
+        comps = tiny_components(kind, seed=0, dtype=torch.float64)
+        net = lyco.create(comps, algo="ia3", preset="full", seed=0)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in net.trainable_parameters():
+                p.add_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        cols = []
+        orig = scale_triton.scale_cols_torch
+        monkeypatch.setattr(scale_triton, "scale_cols_torch", lambda *a: cols.append(1) or orig(*a))
+        if kind == "sdxl":
+            ids, inputs = tiny_sdxl_step_inputs(comps, g)
+            loss = tiny_sdxl_loss(comps, ids, inputs)
+        else:
+            unet, te = comps["unet"], comps["text_encoder"]
+            ids = torch.randint(0, te.config.vocab_size, (1, 12), generator=g)
+            lat = torch.randn(1, unet.config.in_channels, 8, 8, generator=g, dtype=torch.float64)
+            loss = unet(lat, torch.tensor([10]), te(ids)[0]).sample.square().mean()
+        loss.backward()
+        monkeypatch.setattr(scale_triton, "scale_cols_torch", orig)
+        return loss.detach(), {k: p.grad for k, p in net.named_parameters()}, len(cols)
+
+    l0, g0, n0 = step("0")
+    l1, g1, n1 = step("1")
+    assert n0 == 0 and n1 > 5
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-9, atol=1e-14, msg=k)

@@ -30,7 +30,8 @@ GEMM (``LYCO_CONV_DOWN_IM2COL``, :func:`.lowrank.conv_down`); the layers that re
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`; on pointwise convs too with
 ``LYCO_IA3_KEEP_OUTPUT_CONV``, :class:`.ia3._KeepOutputConv`), and its output-scale weights
-``W + s·(W ⊙ w)`` in one Triton launch each (``LYCO_IA3_ROWS_KERNEL``, :func:`.scale_triton.rows_usable`), and a
+``W + s·(W ⊙ w)`` in one Triton launch each (``LYCO_IA3_ROWS_KERNEL``, :func:`.scale_triton.rows_usable`) — or its
+output and ∂y scaled instead where they are the smaller (``LYCO_IA3_SCALE_OUTPUT``, :func:`.ia3._scale_output`) —, and a
 GEGLU projection's ∂w from the column sums the GEGLU's kernel forms (``LYCO_IA3_GEGLU_SUMS``, :func:`.ia3._link`);
 Diag-OFT keeping a linear layer's output, its rotation's gradient from the block Gram of ∂y and y by one Triton launch
 (``LYCO_OFT_KEEP_OUTPUT``, :func:`.oft._keep_output`) and its rows' rotation and Cayley backward in one Triton launch

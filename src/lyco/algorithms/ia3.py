@@ -120,6 +120,20 @@ def _min_in() -> int:
     return graph_policy.env_int("LYCO_IA3_KEEP_OUTPUT_MIN_IN", KEEP_OUTPUT_MIN_IN, "input features")
 
 
+def _scale_output(rows: int, in_dim: int, forward: bool) -> bool:
+    """Whether :class:`_KeepOutput` scales the **output** instead of building ``W′ = W ⊙ (1 + s·w)`` rows (change
+    129; ``LYCO_IA3_SCALE_OUTPUT``, :mod:`.graph_policy`, captured steps by default): forward, the frozen GEMM
+    without its bias, then ``y = z ⊙ (1 + s·w) + b`` in one pass (:func:`.scale_triton.scale_cols`) — an output-sized
+    read and write (rows·out elements each) where the build reads and writes the weight (out·in): where rows < in;
+    backward, ``∂x = (∂y ⊙ (1 + s·w))·W`` with the scaled ∂y written by the channel-gradient pass that reads ∂y
+    anyway — one output-sized write where the build reads and writes the weight: where rows < 2·in. Same launches
+    either way. At SDXL b1 (1024 rows at the 1280-wide level: ``ff.net.2``'s 5120 inputs, the attention projections'
+    1280) it takes most of the weight traffic off; from SD1.5 b8 up only a few layers."""
+    if not graph_policy.wanted("LYCO_IA3_SCALE_OUTPUT"):
+        return False
+    return rows < (1 if forward else 2) * in_dim
+
+
 def _pointwise(spec) -> bool:
     """A 2-D conv that is a per-pixel linear map: 1×1, stride 1, no padding or dilation, one group (a transformer's
     ``proj_in``/``proj_out`` in SD 1.x/2.x)."""
@@ -204,11 +218,21 @@ class _KeepOutput(torch.autograd.Function):
         p = None
         if xin is not None:
             p, x = x, xin
-        w2, _ = _OutputScaleBuild(s)(weight, None, wv)
         cd = _compute_dtype(x)  # autocast's for an fp32 x: its own casts, W′ never made fp32 first
-        y = F.linear(cast(x, cd), cast(w2, cd), cast(bias, cd))
+        rows = x.numel() // x.shape[-1]
+        # the output scaled instead of the weight where it is the smaller (_scale_output: change 129)
+        if _scale_output(rows, weight.shape[1], forward=True):
+            z = F.linear(cast(x, cd), cast(weight, cd))
+            b = cast(bias, cd)
+            y = (scale_triton.scale_cols(z, wv, s, b) if z.is_cuda and scale_triton.cols_usable(z)
+                 else scale_triton.scale_cols_torch(z, wv, s, b))
+            w2 = None
+        else:
+            w2, _ = _OutputScaleBuild(s)(weight, None, wv)
+            y = F.linear(cast(x, cd), cast(w2, cd), cast(bias, cd))
         ctx.s, ctx.x_dtype, ctx.geglu, ctx.feed, ctx.link = s, x.dtype, p is not None, feed, link
-        ctx.kept_w = _keep_weight(w2)
+        ctx.kept_w = w2 is not None and _keep_weight(w2)
+        ctx.cols = _scale_output(rows, weight.shape[1], forward=False)
         ctx.save_for_backward(y, weight, bias, wv, *(() if p is None else (p,)), *((w2,) if ctx.kept_w else ()))
         return y
 
@@ -218,16 +242,27 @@ class _KeepOutput(torch.autograd.Function):
         kept = p.pop() if ctx.kept_w else None
         s = ctx.s
         g2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = None
+        gx = gw = gs = None
         w2 = kept
         if ctx.needs_input_grad[3]:
             # the column sums a GEGLU consumer's kernel formed for exactly this gradient (scale_triton.ChannelLink),
             # else ∂y and y read here — on the current stream: run 207 put that on the side stream beside the ∂x
             # GEMM (lowrank.side_stream) and lost 0.5 ms at SD1.5 b8 (70.18 against 69.67 ms; not hidden). Where ∂x
-            # needs W′ built again, the kernel's last launch builds it too (change 122)
+            # needs W′ built again, the kernel's last launch builds it too (change 122) — or, where ∂y is the smaller
+            # (ctx.cols, change 129), that pass writes ∂y ⊙ (1 + s·w) as it reads ∂y and ∂x takes the frozen W
             build = _build_in_grad(ctx.needs_input_grad[0], w2, y, weight, wv)
             part = ctx.link.take(gy) if ctx.link is not None else None
-            if part is not None:
+            if part is None and ctx.cols and ctx.needs_input_grad[0] and w2 is None:
+                if g2.stride(-1) != 1:
+                    g2 = g2.contiguous()
+                yb = (g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
+                if y.is_cuda:
+                    gw, gs = scale_triton.channel_grad(*yb, scaled=True)
+                else:
+                    gw = scale_triton.channel_grad_torch(*yb)
+                    gs = (g2 * scale_triton.col_scale_torch(wv, s, g2.dtype)).to(g2.dtype)
+                build = None
+            elif part is not None:
                 if y.is_cuda:
                     gw = scale_triton.channel_finish(part, wv, s, build)
                 else:
@@ -240,9 +275,12 @@ class _KeepOutput(torch.autograd.Function):
             if build is not None:
                 gw, w2 = gw
         if ctx.needs_input_grad[0]:
-            if w2 is None:
-                w2 = _OutputScaleBuild(s)(weight, None, wv)[0]
-            gx = g2 @ cast(w2, gy.dtype)
+            if gs is not None:
+                gx = gs @ cast(weight, gy.dtype)
+            else:
+                if w2 is None:
+                    w2 = _OutputScaleBuild(s)(weight, None, wv)[0]
+                gx = g2 @ cast(w2, gy.dtype)
             if ctx.geglu:
                 from .regen_triton import geglu_input_grad
                 gx = geglu_input_grad(cast(gx, ctx.x_dtype), p[0], chan=ctx.feed)

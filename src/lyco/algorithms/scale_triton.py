@@ -62,12 +62,15 @@ def channel_grad_torch(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor |
 
 
 def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None, w,
-                 s: float, weight=None):
+                 s: float, weight=None, scaled: bool = False):
     """``s·Σ_n ∂y[n,c]·(y[n,c] − b[c]) / d[c]``, ``d = 1 + s·w`` held at ``|d| ≥`` :data:`MIN_SCALE`, for 2-D ``∂y``
     and ``y`` ``(N, C)`` with unit column stride, ``b`` ``(C,)`` or None, ``w`` of C elements (any shape, any float
     dtype) — or a tuple of up to :data:`MEMBERS` such vectors whose entries together are the C columns (several
     layers' outputs side by side: :class:`.ia3._SharedKeepOutput`) — the result in w's shape and dtype (a tuple of
-    them). ``weight``: :func:`channel_finish`'s (``(∂w, W′)`` returned). The caller checks :func:`usable`."""
+    them). ``weight``: :func:`channel_finish`'s (``(∂w, W′)`` returned). ``scaled`` (one vector, no weight): the first
+    launch also writes ``∂y ⊙ (1 + s·w)`` (unclamped: the forward's scale) in ∂y's dtype, contiguous — ``(∂w, that)``
+    returned: the ∂x GEMM's left side on the frozen W where W′ is not built (:func:`scale_cols`'s forward). The
+    caller checks :func:`usable`."""
     n, c = y2.shape
     bm, bc, warps, programs = (_CG_CFG[k] for k in ("BM", "BC", "num_warps", "programs"))
     grid_c = _cdiv(c, bc)
@@ -75,10 +78,14 @@ def channel_grad(gy2: torch.Tensor, y2: torch.Tensor, bias: torch.Tensor | None,
     rows = _cdiv(_cdiv(n, grid_m), bm) * bm  # rows per program, whole steps of the loop
     grid_m = _cdiv(n, rows)
     part = torch.empty(grid_m, c, device=y2.device, dtype=torch.float32)
+    gs = torch.empty((n, c), device=gy2.device, dtype=gy2.dtype) if scaled else part
+    if scaled and (weight is not None or isinstance(w, (tuple, list))):
+        raise ValueError("lyco: (IA)³ channel gradient: the scaled ∂y is for one layer without its weight")
     _partial_kernel[(grid_m, grid_c)](gy2, y2, bias if bias is not None else y2, part, n, c, rows,
-                                      gy2.stride(0), y2.stride(0), HAS_BIAS=bias is not None, BM=bm, BC=bc,
-                                      num_warps=warps)
-    return channel_finish(part, w, s, weight)
+                                      gy2.stride(0), y2.stride(0), w.reshape(-1) if scaled else part, gs, float(s),
+                                      HAS_BIAS=bias is not None, SCALED=scaled, BM=bm, BC=bc, num_warps=warps)
+    gw = channel_finish(part, w, s, weight)
+    return (gw, gs) if scaled else gw
 
 
 def channel_finish(part: torch.Tensor, w, s: float, weight=None):
@@ -112,6 +119,43 @@ def channel_finish(part: torch.Tensor, w, s: float, weight=None):
         part, *wf, *bounds, out, part.shape[0], c, float(s), MIN_SCALE, *wsl, w2, *ns, w2[0].numel(), nfin,
         HAS_S=s != 1.0, BC=256, BLOCK=blk, num_warps=warps)
     return res, w2
+
+
+def col_scale_torch(w: torch.Tensor, s: float, dtype: torch.dtype) -> torch.Tensor:
+    """``1 + s·w`` per column in fp32 (float64 for a float64 ``dtype``), unclamped: the output-scale form's factor."""
+    dt = torch.promote_types(dtype, torch.float32)
+    return 1.0 + s * w.reshape(-1).to(dt)
+
+
+def scale_cols_torch(z: torch.Tensor, w: torch.Tensor, s: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`scale_cols` in torch (fp32 math, one rounding; float64 for float64 tensors), a new tensor."""
+    d = col_scale_torch(w, s, z.dtype)
+    y = z.to(d.dtype) * d
+    if bias is not None:
+        y = y + bias.to(d.dtype)
+    return y.to(z.dtype)
+
+
+def cols_usable(z: torch.Tensor) -> bool:
+    """Whether :func:`scale_cols` runs on ``z`` (2-D, unit column stride, the kernels usable on its device and
+    dtype)."""
+    return z.dim() == 2 and z.stride(1) == 1 and usable(z)
+
+
+def scale_cols(z: torch.Tensor, w: torch.Tensor, s: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y = z ⊙ (1 + s·w) + b`` per column of 2-D ``z`` ``(N, C)``, written over z (returned) in one Triton launch:
+    an output-mode (IA)³ layer's forward as the frozen GEMM without its bias and this pass (:class:`.ia3._KeepOutput`
+    where the output is smaller than the weight) instead of building ``W′`` — fp32 math from the stored values, one
+    rounding. The caller checks :func:`cols_usable`."""
+    n, c = z.shape
+    bm, bc, warps = (_COLS_CFG[k] for k in ("BM", "BC", "num_warps"))
+    _cols_kernel[(_cdiv(n, bm), _cdiv(c, bc))](z, w.reshape(-1), bias if bias is not None else z, n, c, z.stride(0),
+                                               float(s), HAS_BIAS=bias is not None, BM=bm, BC=bc, num_warps=warps)
+    return z
+
+
+#: :func:`scale_cols`'s tile (rows × columns per program) and warps (not swept)
+_COLS_CFG = dict(BM=32, BC=128, num_warps=4)
 
 
 def channel_finish_torch(part: torch.Tensor, w: torch.Tensor, s: float) -> torch.Tensor:
@@ -312,19 +356,36 @@ def _compare(device, dtype) -> str | None:
     ulp = torch.finfo(dtype).eps * stacked.abs().clamp_min(torch.finfo(dtype).tiny)
     if bool(((w2.float() - stacked).abs() > ulp).any()) or not torch.equal(w2, scale_rows_multi(ws, wvs, 0.7)):
         return "its stacked layers' row scaling differs from torch's addcmul (or between its two launches)"
+    # the output-scale form (change 129): the forward pass over z, and ∂y ⊙ (1 + s·w) written by the channel pass
+    z = torch.randn(77, 300, generator=g).to(device, dtype)
+    w = (torch.randn(300, generator=g) * 0.3).to(device)
+    b = torch.randn(300, generator=g).to(device, dtype)
+    ref = scale_cols_torch(z, w, 0.7, b).float()
+    got = scale_cols(z.clone(), w, 0.7, b).float()
+    tol = torch.finfo(dtype).eps * ref.abs() + 1e-5 * (z.float().abs() + b.float().abs())
+    if bool(((got - ref).abs() > tol).any()):
+        return "its column scaling differs from torch's by more than one unit in the last place"
+    gw, gs = channel_grad(z, z, b, w, 0.7, scaled=True)
+    ref = (z.float() * col_scale_torch(w, 0.7, torch.float32)).to(dtype).float()
+    tol = torch.finfo(dtype).eps * ref.abs() + 1e-5 * z.float().abs()
+    if bool(((gs.float() - ref).abs() > tol).any()) or not torch.equal(gw, channel_grad(z, z, b, w, 0.7)):
+        return "its scaled gradient differs from torch's (or its channel gradient from the unscaled launch's)"
     return None
 
 
 if triton is not None:
 
     @triton.jit
-    def _partial_kernel(G, Y, B, P, N, C, ROWS, sg, sy, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                        BC: tl.constexpr):
+    def _partial_kernel(G, Y, B, P, N, C, ROWS, sg, sy, WV, GS, s, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                        BM: tl.constexpr, BC: tl.constexpr):
+        # SCALED: also GS = ∂y ⊙ (1 + s·w), contiguous (N, C), as ∂y is read
         pm = tl.program_id(0)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         cmask = cols < C
         if HAS_BIAS:
             b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        if SCALED:
+            d = 1.0 + s * tl.load(WV + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros((BC,), dtype=tl.float32)
         first = pm * ROWS
         for i in range(0, ROWS, BM):
@@ -332,10 +393,25 @@ if triton is not None:
             m = (rows < N)[:, None] & cmask[None, :]
             gv = tl.load(G + rows[:, None] * sg + cols[None, :], mask=m, other=0.0).to(tl.float32)
             yv = tl.load(Y + rows[:, None] * sy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if SCALED:
+                tl.store(GS + rows[:, None] * C + cols[None, :], (gv * d[None, :]).to(GS.dtype.element_ty), mask=m)
             if HAS_BIAS:
                 yv = tl.where(m, yv - b[None, :], 0.0)
             acc += tl.sum(gv * yv, axis=0)
         tl.store(P + pm * C + cols, acc, mask=cmask)
+
+    @triton.jit
+    def _cols_kernel(Z, WV, B, N, C, sz, s, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        cmask = cols < C
+        m = (rows < N)[:, None] & cmask[None, :]
+        d = 1.0 + s * tl.load(WV + cols, mask=cmask, other=0.0).to(tl.float32)
+        z = tl.load(Z + rows[:, None] * sz + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        y = z * d[None, :]
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Z + rows[:, None] * sz + cols[None, :], y.to(Z.dtype.element_ty), mask=m)
 
     @triton.jit
     def _partial_bcl_kernel(G, Y, B, P, C, L, CHUNK, SPLIT, gsb, gsc, gsl, ysb, ysc, ysl, HAS_BIAS: tl.constexpr,
