@@ -72,6 +72,9 @@ ALGOS = {  # [network] tables
     "loha": {"algo": "loha", "rank": 8, "alpha": 8, "preset": "attn-mlp"},
     "dora": {"algo": "lora", "rank": 16, "alpha": 16, "preset": "attn-mlp", "dora": True},
     "glora": {"algo": "glora", "rank": 8, "alpha": 8, "preset": "attn-mlp"},
+    # the output-keeping ops ((IA)³'s, Diag-OFT's: issue 7 changes 108, 126–130) under the trainer's autocast
+    "ia3": {"algo": "ia3", "preset": "attn-mlp"},
+    "diag-oft": {"algo": "diag-oft", "rank": 16, "preset": "attn-mlp"},
 }
 BATCH = {"world": 16, "sd15": 8, "sdxl": 4}
 
