@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import lyco
 from lyco.algorithms import ia3
 from regen_helpers import kept_by_forward
-from test_shared_input import Attn, _nodes
+from test_shared_input import Attn, _nodes, attn_reference
 
 
 @pytest.fixture(autouse=True)
@@ -43,16 +43,7 @@ def _dense(model, net, x, m, ctx=None):
         y = t @ (lin.weight.detach().double() * (1 + m * w)[:, None]).t()
         return y if lin.bias is None else y + lin.bias.detach().double()
 
-    xr = x.detach().double().clone().requires_grad_(True)
-    cr = None if ctx is None else ctx.detach().double().clone().requires_grad_(True)
-    q = proj("to_q", xr)
-    if att.mode == "qk":
-        y = torch.softmax(q @ proj("to_k", xr).transpose(-1, -2) / 4, -1) @ q
-    else:
-        kv = xr if cr is None else cr
-        y = torch.softmax(q @ proj("to_k", kv).transpose(-1, -2) / 4, -1) @ proj("to_v", kv)
-    y.square().sum().backward()
-    return y.detach(), xr.grad, None if cr is None else cr.grad, leaves
+    return attn_reference(att, proj, x, ctx, torch.float64) + (leaves,)
 
 
 def _check(model, net, x, m=1.0, ctx=None, tol=1e-10):

@@ -74,8 +74,18 @@ def _dense(model, net, x, ctx=None):
         w = lin.weight.detach() + 0.5 * (u @ d)
         return t @ w.t() + lin.bias.detach()
 
-    xr = x.detach().clone().requires_grad_(True)
-    cr = None if ctx is None else ctx.detach().clone().requires_grad_(True)
+    return attn_reference(att, proj, x, ctx) + (leaves,)
+
+
+def attn_reference(att, proj, x, ctx=None, dtype=None):
+    """``(y, ∂x, ∂ctx or None)`` of :class:`Attn`'s forward with ``proj(name, t)`` for its projections and the
+    loss ``Σ y²``, by autograd over clones of x and ctx (in ``dtype`` where given) — the dense references' common
+    part."""
+    def leaf(t):
+        return (t.detach() if dtype is None else t.detach().to(dtype)).clone().requires_grad_(True)
+
+    xr = leaf(x)
+    cr = None if ctx is None else leaf(ctx)
     q = proj("to_q", xr)
     if att.mode == "qk":
         y = torch.softmax(q @ proj("to_k", xr).transpose(-1, -2) / 4, -1) @ q
@@ -83,7 +93,7 @@ def _dense(model, net, x, ctx=None):
         kv = xr if cr is None else cr
         y = torch.softmax(q @ proj("to_k", kv).transpose(-1, -2) / 4, -1) @ proj("to_v", kv)
     y.square().sum().backward()
-    return y.detach(), xr.grad, cr.grad if cr is not None else None, leaves
+    return y.detach(), xr.grad, None if cr is None else cr.grad
 
 
 def _check(model, net, x, ctx=None):
