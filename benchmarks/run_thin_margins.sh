@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run 228 (session 30): the goal cells met by the thinnest margins, re-measured at this session's code
 # beside the peer in the same run — LoRA at SD1.5 b8 (0.792× PEFT in run 197) and SDXL b1 (0.790× in run 198).
+# Run 228 ran it with deadlines 100 and 260, which left SD1.5 b8's PEFT leg out (run 229 measured it); raised since.
 #   OUT=$OUT bash benchmarks/run_thin_margins.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env
