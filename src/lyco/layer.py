@@ -371,9 +371,9 @@ class LayerHost:
                         and active[0].algorithm.shared_rebuild is not None):
                     # the layers reading this input as one op on the rebuild path ((IA)³'s, .siblings)
                     x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-                    y = self.group.run(self, x, x2)
+                    y = self._grouped(x, x2)
                     if y is not None:
-                        return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
+                        return y
                 if self._op_first and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
                     x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
                     if _lowrank.bypass_supports(self.spec, x2):
@@ -397,10 +397,9 @@ class LayerHost:
         w, b = mod.weight, mod.bias
         if len(active) == 1 and self._plain and not args and not kwargs and _lowrank.bypass_ready(self.spec):
             x2 = x.reshape(-1, x.shape[-1]) if self._flat_linear and x.dim() != 2 else x
-            if self.group is not None and self._flat_linear:
-                y = self.group.run(self, x, x2)
-                if y is not None:
-                    return y if x2 is x else y.view(*x.shape[:-1], y.shape[-1])
+            y = self._grouped(x, x2)
+            if y is not None:
+                return y
             if _lowrank.bypass_supports(self.spec, x2) and _lowrank.bypass_pays(
                     self.spec, x2, active[0].algorithm.bypass_grouped):
                 y = active[0].bypass_op(x2, w, b)
@@ -412,6 +411,16 @@ class LayerHost:
             y = F.linear(x, w, b)
             return self._accumulate(active, x, y, w, b).reshape(*lead, y.shape[-1])
         return self._accumulate(active, x, self._orig(x, *args, **kwargs), w, b)
+
+    def _grouped(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+        """This layer's output from its group's one op (:mod:`.siblings`) in x's leading shape, or None (no group, not a
+        plain linear layer, or the group does not take this call)."""
+        if self.group is None or not self._flat_linear:
+            return None
+        y = self.group.run(self, x, x2)
+        if y is None or x2 is x:
+            return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def shared_ready(self, x2: torch.Tensor) -> str | None:
         """Which group op this layer, called now on the 2-D rows ``x2``, would join (:mod:`.siblings`), or None:

@@ -252,17 +252,7 @@ class _KeepOutput(torch.autograd.Function):
             # (ctx.cols, change 129), that pass writes ∂y ⊙ (1 + s·w) as it reads ∂y and ∂x takes the frozen W
             build = _build_in_grad(ctx.needs_input_grad[0], w2, y, weight, wv)
             part = ctx.link.take(gy) if ctx.link is not None else None
-            if part is None and ctx.cols and ctx.needs_input_grad[0] and w2 is None:
-                if g2.stride(-1) != 1:
-                    g2 = g2.contiguous()
-                yb = (g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
-                if y.is_cuda:
-                    gw, gs = scale_triton.channel_grad(*yb, scaled=True)
-                else:
-                    gw = scale_triton.channel_grad_torch(*yb)
-                    gs = (g2 * scale_triton.col_scale_torch(wv, s, g2.dtype)).to(g2.dtype)
-                build = None
-            elif part is not None:
+            if part is not None:
                 if y.is_cuda:
                     gw = scale_triton.channel_finish(part, wv, s, build)
                 else:
@@ -271,7 +261,15 @@ class _KeepOutput(torch.autograd.Function):
                 if g2.stride(-1) != 1:
                     g2 = g2.contiguous()
                 yb = (g2, y.reshape(-1, y.shape[-1]), cast(bias, y.dtype), wv, s)
-                gw = scale_triton.channel_grad(*yb, build) if y.is_cuda else scale_triton.channel_grad_torch(*yb)
+                if ctx.cols and ctx.needs_input_grad[0] and w2 is None:
+                    build = None
+                    if y.is_cuda:
+                        gw, gs = scale_triton.channel_grad(*yb, scaled=True)
+                    else:
+                        gw = scale_triton.channel_grad_torch(*yb)
+                        gs = (g2 * scale_triton.col_scale_torch(wv, s, g2.dtype)).to(g2.dtype)
+                else:
+                    gw = scale_triton.channel_grad(*yb, build) if y.is_cuda else scale_triton.channel_grad_torch(*yb)
             if build is not None:
                 gw, w2 = gw
         if ctx.needs_input_grad[0]:
