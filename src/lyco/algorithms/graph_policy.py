@@ -19,8 +19,9 @@ host time an eager step would pay per layer, and the overlap needs the graph's c
 one for ∂U (``LYCO_SIDE_SPLIT``, :func:`.lowrank.up_stream`) that also builds the next backward's merged weight
 ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as
-one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`) or with its down beside the frozen
-GEMM on the side stream (``LYCO_FORWARD_SIDE``, :func:`.lowrank._forward_side`), its conv forward's bias and up
+one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`) — or through its merged weight built a
+layer ahead on the up stream (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, taken first) — or with its down
+beside the frozen GEMM on the side stream (``LYCO_FORWARD_SIDE``, :func:`.lowrank._forward_side`), its conv forward's bias and up
 in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
 (``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`) with its weights made channels-last by the same tiled copy
 (``LYCO_CONV_WEIGHT_CL``, :func:`.lowrank._weight_cl`; its ∂x's merged weight too where the weight outweighs the

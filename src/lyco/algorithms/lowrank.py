@@ -23,7 +23,8 @@ element), so deltas far below that vanish from the forward (what LyCORIS's defau
 training does); that is why ``mode = "auto"`` keeps these algorithms on the delta path. The gradients
 of U and D never see the merge.
 
-**The bypass op** (:func:`bypass_op`, the delta path's ``f(x) + s·U·(D∗x)`` computed exactly forward) has
+**The bypass op** (:func:`bypass_op`, the delta path's ``f(x) + s·U·(D∗x)`` computed exactly forward — except a
+linear layer's in captured steps, which runs through ``W + s·U·D`` built a layer ahead, :func:`_fwd_weights`) has
 the same backward: ``∂x = opᵀ(∂y, W + s·U·D)`` — one input-gradient GEMM/conv with the merged weight in
 place of the frozen layer's and the adapter's own (``(s·Uᵀ∂y)∗ᵀD``), and no sum of the two; ``∂U`` from the
 saved ``h``; ``∂D`` as above. It costs a Python backward per layer: runs 10–11 (benchmarks/NOTES.md) measured ≈ 1 ms of
@@ -326,6 +327,106 @@ def _ahead_start(ahead) -> None:
         prev = ahead[1]()
         if prev is not None:
             prev.build()
+
+
+class _FwdNode:
+    """An op's place in the forward's order for :func:`_fwd_weights`: a weak reference to the tensor that names it (its
+    first down), the call that builds its forward weights, a weak reference to the node of the op that ran after it
+    in the last forward."""
+
+    __slots__ = ("key", "build", "next", "__weakref__")
+
+    def __init__(self, key):
+        self.key, self.build, self.next = weakref.ref(key), None, None
+
+
+#: id(an op's key tensor) → its :class:`_FwdNode`; device → [the node of the last op run, (node, weights built ahead
+#: for it, issued during a capture) or None]
+_FWD_NODES: dict = {}
+_FWD_STATE: dict = {}
+#: the largest rank whose ops take :func:`_fwd_weights` (measured at LoRA's rank 16, run 236; LoHa's rank-64
+#: Khatri–Rao form keeps its forward)
+_FWD_MAX_RANK = 32
+
+
+def _fwd_merged_on(x: torch.Tensor) -> bool:
+    """Whether a linear layer's op forward runs through its merged weight built ahead (:func:`_fwd_weights`):
+    ``LYCO_FORWARD_MERGED`` (:mod:`.graph_policy`, captured steps by default) and the up stream on x's device
+    (:func:`up_stream`: CUDA; it builds them). Asked inside the op's forward, where autograd does not record (run 235
+    measured nothing while this also asked for ``torch.is_grad_enabled()``): the op exists only where a gradient
+    is wanted (:func:`bypass_op`)."""
+    return graph_policy.wanted("LYCO_FORWARD_MERGED") and up_stream(x) is not None
+
+
+def _fwd_weights(x: torch.Tensor, key: torch.Tensor, build):
+    """This op's forward weight(s) ``W + s·U·D`` — built ahead on the up stream by the op that ran before it in the
+    forward where it did, else by ``build()`` here — after issuing, on the up stream, the build of the op that came
+    after this one in the last forward (its node's ``build``, from the last forward). ``key``: a tensor that lives
+    as long as the op's adapter and names it (its down); ``build``: a call that returns the weight(s) from the op's
+    tensors at that time, or None.
+
+    Why: in a step of few rows the device runs one kernel at a time on the forward's stream, and each adapted layer
+    adds its up (an in-place ``addmm_`` after the join with its down) or the fused GEMM's longer k-loop
+    (:func:`_fused_gemm`) to it; through the merged weight the forward's stream runs the frozen layer's own GEMM
+    only (the down beside it on the side stream, as :func:`_forward_side`), and the build — the backward's merged
+    weight (:func:`_ahead_link`) a layer earlier — runs on the up stream, idle in the forward. Numerics: the
+    forward then rounds ``W + s·U·D`` to the compute dtype (the rebuild path's forward) instead of the exact
+    ``x·Wᵀ + s·(x·Dᵀ)·Uᵀ``; the gradients are the bypass op's.
+
+    Streams: the up stream's work is joined here before this op's weights are read (so the join follows the fork
+    of an earlier op of the same forward, or of this one; a build issued outside a capture is not joined inside
+    one: it is dropped and the weights built here), and a build this op issues for the next is read only after
+    that op's join; the weights are freed after the GEMM that reads them was issued, and the up stream allocates
+    again only in a later fork (the side stream's allocator argument, :func:`side_stream`). A build issued for an
+    op that does not come (the order changed) is joined by the next join of the up stream — this forward's next
+    op, or the backward's first up-stream product."""
+    st = _FWD_STATE.setdefault(x.device, [None, None])
+    node = _FWD_NODES.get(id(key))
+    if node is None or node.key() is not key:
+        node = _FWD_NODES[id(key)] = _FwdNode(key)
+    node.build = build
+    last, st[0] = st[0], node
+    if last is not None and last is not node:
+        last.next = weakref.ref(node)
+    su = up_stream(x)
+    pend, st[1] = st[1], None
+    w = None
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if pend is not None and pend[2] == capturing:
+        _join(su)
+        w = pend[1] if pend[0] is node else None
+    nxt = node.next() if node.next is not None else None
+    if nxt is not None and nxt is not node and nxt.key() is not None and nxt.build is not None:
+        with _fork(su):
+            built = nxt.build()
+        if built is not None:
+            st[1] = (nxt, built, capturing)
+    return build() if w is None else w
+
+
+def _fwd_reset(device) -> None:
+    """A backward began: the next forward starts a new order (its first op links to no op of this step's — a build
+    issued at this forward's end for the next one's first op would read the factors before the optimizer's update)
+    and a build issued for an op that did not come is dropped (the up stream's next join orders it)."""
+    st = _FWD_STATE.get(device)
+    if st is not None:
+        st[0] = st[1] = None
+
+
+def _weak_build(fn, *tensors):
+    """A call that returns ``fn(*tensors)``, or None once one of them is gone: it holds them by weak reference."""
+    refs = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else (lambda v=t: v) for t in tensors)
+
+    def build():
+        vals = tuple(r() for r in refs)
+        return None if any(v is None for v, r in zip(vals, refs) if isinstance(r, weakref.ref)) else fn(*vals)
+    return build
+
+
+def _merged_params(weight, down, up, s: float, cd):
+    """``W + s·U·D`` in ``cd`` from a linear layer's weight and its two factors as the op receives them."""
+    _, u2, d2 = _factors(down, up, cd)
+    return _merged(weight, u2, d2, s, cd)
 
 
 def _side_products(side, su, up, down, ahead):
@@ -1092,8 +1193,17 @@ class _BypassOp(torch.autograd.Function):
             # 77.24 → 76.5 ms with the graph's peak 11.65 → 11.68 GiB (PEFT's 11.65); by a Triton kernel there
             # instead (no workspace; run 172) SDXL b1 77.68 → 79.09 ms, SDXL b4 199.6 → 204.5 — slower than the
             # frozen GEMM beside it (benchmarks/NOTES.md 113)
-            fused = _fused_linear(xd, spec, wd, bd, d2, u2, s) if groups == 1 else None
-            if fused is not None:  # one Triton GEMM (_fused_gemm)
+            fmerged = groups == 1 and not eye and d2.shape[0] <= _FWD_MAX_RANK and _fwd_merged_on(xd)
+            fused = None if fmerged or groups != 1 else _fused_linear(xd, spec, wd, bd, d2, u2, s)
+            if fmerged:  # through the merged weight built ahead (_fwd_weights), the down beside it
+                wm = _fwd_weights(xd, down, _weak_build(_merged_params, weight, down, up, s, cd))
+                fside = _forward_side(xd)
+                with _fork(fside):
+                    h = F.linear(xd, d2)
+                y = F.linear(xd, wm, bd)
+                _join(fside)
+                del wm
+            elif fused is not None:  # one Triton GEMM (_fused_gemm)
                 y, h = fused
             else:
                 rh = d2.shape[0] * (xd.shape[1] // d2.shape[1])  # h's width (groups × r)
@@ -1187,6 +1297,7 @@ class _BypassOp(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
+        _fwd_reset(gy.device)
         saved = ctx.saved_tensors
         rg = ctx.regen
         if rg is None:

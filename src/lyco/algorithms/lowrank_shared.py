@@ -12,7 +12,10 @@ the members' ∂x (two adds of an input-sized tensor for three members: read two
   group instead of two output-sized passes per member) — H100 run 127, SD1.5 b8 LoRA as one graph: 74.94 ms
   with it and without (benchmarks/NOTES.md change 89). Where every member's layer takes the fused GEMM
   (:func:`.lowrank._fused_gemm`: many rows, narrow layers), each member is one such launch instead, its down
-  accumulated in its own frozen product's k-loop and written into its columns of the group's h (change 91).
+  accumulated in its own frozen product's k-loop and written into its columns of the group's h (change 91). In
+  captured steps (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, change 133) each member's frozen GEMM
+  runs through its merged weight ``W_i + s_i·U_i·D_i`` instead, all three built a layer ahead on the up stream, and
+  no up follows.
 * backward: ``∂x = Σ_i ∂y_i·(W_i + s_i·U_i·D_i)`` as GEMMs adding into one tensor (``beta = 1``) — no autograd
   sum; ``∂h_i = s_i·∂y_i·U_i`` side by side in one tensor and ``∂D = ∂hᵀ·x`` one GEMM for all members (x read
   once), ``∂U_i = s_i·∂y_iᵀ·h_i`` per member — on the side stream (:func:`.lowrank.side_stream`) beside ∂x, as
@@ -36,7 +39,8 @@ from . import regen, regen_triton
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
-    _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _join, _merged, _mm, _out_dtype_ok,
+    _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
+    _fwd_weights, _join, _merged, _merged_params, _mm, _out_dtype_ok, _weak_build,
     _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -66,6 +70,12 @@ def _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd):
     return h, parts
 
 
+def _merged_group(ss, cd, *flat) -> list:
+    """Every member's ``W_i + s_i·U_i·D_i`` in ``cd`` from the op's flat ``(W, b, D, U)`` per member (the forward's
+    weights built ahead, :func:`.lowrank._fwd_weights`)."""
+    return [_merged_params(flat[4 * i], flat[4 * i + 2], flat[4 * i + 3], s, cd) for i, s in enumerate(ss)]
+
+
 def _merged_all(ws, ud, dd, ss, cd) -> list:
     """Every member's ``W_i + s_i·U_i·D_i`` (the group's ∂x weights, :func:`.lowrank._ahead_link`)."""
     return [_merged(w, u, d, s, cd) for w, u, d, s in zip(ws, ud, dd, ss)]
@@ -85,9 +95,18 @@ class _SharedOp(torch.autograd.Function):
         rs = [d.shape[0] for d in dd]
         offs = [sum(rs[:i]) for i in range(n)]
         xs = cast_input(x, cd)
-        fused = _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd)
+        fmerged = max(rs) <= _FWD_MAX_RANK and _fwd_merged_on(xs)
+        fused = None if fmerged else _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd)
         ys = []
-        if fused is not None:
+        if fmerged:  # every member through its merged weight built ahead (.lowrank._fwd_weights), the downs beside
+            wms = _fwd_weights(xs, flat[2], _weak_build(_merged_group, ss, cd, *flat))
+            fside = _forward_side(xs)
+            with _fork(fside):
+                h = F.linear(xs, torch.cat(dd, 0))
+            ys = [F.linear(xs, wms[i], cast(bs[i], cd)) for i in range(n)]
+            _join(fside)
+            del wms
+        elif fused is not None:
             # each member one Triton GEMM (lowrank._fused_gemm) writing its h into its columns of the group's h: x is
             # read by each member's frozen product anyway, and the down rides along in the same k-loop
             h, parts = fused
@@ -143,6 +162,7 @@ class _SharedOp(torch.autograd.Function):
         if not live:
             return tuple(grads)
         gy0 = gys[live[0]]
+        _fwd_reset(gy0.device)
         cd = gy0.dtype
         gd: list = [None] * n
         gu: list = [None] * n
