@@ -154,3 +154,60 @@ def test_ops_take_the_merged_forward(monkeypatch):
     # per step: 2 blocks × (group + to_out + fc2); fc1's 24 rows are fewer than its 32 outputs: the delta path there on
     # the CPU (lowrank.bypass_pays without side streams)
     assert calls.count("group") == 4 and calls.count("single") == 8
+
+
+class _Ckpt(nn.Module):
+    """Each block under activation checkpointing: its forward runs again inside the backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        for b in self.blocks:
+            x = checkpoint(b, x, use_reentrant=False)
+        return x
+
+
+def test_checkpointed_steps_match_the_exact_forward(monkeypatch):
+    """Under checkpointing the ops' forwards run again in the backward, between other ops' backwards: the order they
+    learn and the builds they issue there must not leak stale weights into the next step."""
+    results = {}
+    for merged in (True, False):
+        monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+        monkeypatch.setenv("LYCO_SHARED_INPUT", "1")
+        monkeypatch.setenv("LYCO_FORWARD_MERGED", "1" if merged else "0")
+        fake = object()
+        monkeypatch.setattr(lowrank, "up_stream", lambda t: fake)
+        real_fork, real_join = lowrank._fork, lowrank._join
+        for m in (lowrank, lowrank_shared):
+            monkeypatch.setattr(m, "_fork", lambda side: real_fork(None if side is fake else side))
+            monkeypatch.setattr(m, "_join", lambda side: real_join(None if side is fake else side))
+        monkeypatch.setattr(lowrank, "_FWD_STATE", {})
+        monkeypatch.setattr(lowrank, "_FWD_NODES", {})
+        torch.manual_seed(0)
+        model = _Ckpt()
+        net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in net.trainable_parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        x = torch.randn(2, 12, 16, generator=g)
+        outs = []
+        for _ in range(3):
+            xr = x.clone().requires_grad_(True)
+            y = model(xr)
+            y.square().sum().backward()
+            outs.append((y.detach(), xr.grad, [p.grad.clone() for p in net.trainable_parameters()]))
+            with torch.no_grad():
+                for p in net.trainable_parameters():
+                    p.sub_(1e-4 * p.grad)
+                    p.grad = None
+        results[merged] = outs
+        monkeypatch.undo()
+    for i, ((y, gx, gp), (ry, rgx, rgp)) in enumerate(zip(results[True], results[False])):
+        torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5, msg=f"step {i} y")
+        torch.testing.assert_close(gx, rgx, rtol=1e-5, atol=1e-5, msg=f"step {i} dx")
+        for a, b in zip(gp, rgp):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {i} grads")

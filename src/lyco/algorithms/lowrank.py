@@ -578,7 +578,10 @@ def _fused_gemm(x: torch.Tensor, spec: LayerSpec, r: int) -> bool:
     default — a launch binds six tensor descriptors in Python), the kernel's own conditions, and the shapes where
     it was measured faster (module doc of :mod:`.lowrank_gemm`): ≥ 1024 rows, ≤ 640 output and ≤ 2560 input
     channels (SD1.5 b8: the 64×64 and 32×32 levels' attention projections and the 64×64 level's feed-forward
-    output; SD1.5 b1 the same levels; SDXL the 64×64 level's), rank ≤ 32 (measured at rank 16; LoHa's rank-64 Khatri–Rao form stays on the three kernels)."""
+    output; SD1.5 b1 the same levels; SDXL the 64×64 level's), rank ≤ 32 (measured at rank 16; LoHa's rank-64
+    Khatri–Rao form stays on the three kernels). Asked only where the forward through merged weights built ahead
+    (:func:`_fwd_weights`, change 133) is not taken — which, for these ranks, it is in captured steps with the up
+    stream on."""
     if not (x.shape[0] >= _FUSED_ROWS and spec.out_dim <= _FUSED_OUT and spec.in_dim <= _FUSED_IN and r <= 32
             and graph_policy.wanted("LYCO_FUSED_GEMM")):
         return False
