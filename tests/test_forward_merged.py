@@ -52,6 +52,35 @@ def test_ahead_build_is_the_registered_call_of_the_next_op(fresh_order):
     assert lowrank._fwd_weights(x, keys[2], mk(2)) == 31 and log == [2, 0]
 
 
+def test_depth_two_builds_two_ops_ahead(fresh_order, monkeypatch):
+    """``LYCO_FORWARD_MERGED_DEPTH=2``: each op keeps the next two ops' builds in flight — issued once each, taken by
+    their own op; builds for ops that do not come are dropped."""
+    monkeypatch.setenv("LYCO_FORWARD_MERGED_DEPTH", "2")
+    x = torch.zeros(1)
+    keys = [torch.zeros(1) for _ in range(4)]
+    log = []
+
+    def mk(i):
+        return lambda: log.append(i) or i * 10
+
+    for i, k in enumerate(keys):
+        lowrank._fwd_weights(x, k, mk(i))
+    lowrank._fwd_reset(x.device)
+    log.clear()
+    assert lowrank._fwd_weights(x, keys[0], mk(0)) == 0 and log == [1, 2, 0]  # ops 1 and 2 ahead, then its own
+    assert lowrank._fwd_weights(x, keys[1], mk(1)) == 10 and log == [1, 2, 0, 3]  # op 2's kept, op 3's issued
+    assert lowrank._fwd_weights(x, keys[2], mk(2)) == 20 and log == [1, 2, 0, 3]
+    assert lowrank._fwd_weights(x, keys[3], mk(3)) == 30 and log == [1, 2, 0, 3]
+    lowrank._fwd_reset(x.device)
+    log.clear()
+    # ops 1 and 2 skipped: op 3 finds neither build its own and builds it
+    assert lowrank._fwd_weights(x, keys[0], mk(0)) == 0 and log == [1, 2, 0]
+    assert lowrank._fwd_weights(x, keys[3], mk(3)) == 30 and log == [1, 2, 0, 3]
+    monkeypatch.setenv("LYCO_FORWARD_MERGED_DEPTH", "0")
+    with pytest.raises(ValueError, match="LYCO_FORWARD_MERGED_DEPTH=0"):
+        lowrank._fwd_weights(x, keys[0], mk(0))
+
+
 class _Block(nn.Module):
     """q, k, v on one input (a group), an output projection, a two-layer MLP."""
 
@@ -104,7 +133,9 @@ def _train(merged: bool, monkeypatch, steps=3):
     return out, model, net
 
 
-def test_steps_match_the_exact_forward_and_dense_math(monkeypatch):
+@pytest.mark.parametrize("depth", ["1", "3"])
+def test_steps_match_the_exact_forward_and_dense_math(monkeypatch, depth):
+    monkeypatch.setenv("LYCO_FORWARD_MERGED_DEPTH", depth)
     merged, model, net = _train(True, monkeypatch)
     exact, _, _ = _train(False, monkeypatch)
     for i, ((y, gx, gp), (ry, rgx, rgp)) in enumerate(zip(merged, exact)):

@@ -340,8 +340,8 @@ class _FwdNode:
         self.key, self.build, self.next = weakref.ref(key), None, None
 
 
-#: id(an op's key tensor) → its :class:`_FwdNode`; device → [the node of the last op run, (node, weights built ahead
-#: for it, issued during a capture) or None]
+#: id(an op's key tensor) → its :class:`_FwdNode`; device → [the node of the last op run, a list of (node, weights
+#: built ahead for it, issued during a capture, the up stream's event after the build or None) or None]
 _FWD_NODES: dict = {}
 _FWD_STATE: dict = {}
 #: the largest rank whose ops take :func:`_fwd_weights` (measured at LoRA's rank 16, run 236; LoHa's rank-64
@@ -389,19 +389,48 @@ def _fwd_weights(x: torch.Tensor, key: torch.Tensor, build):
     if last is not None and last is not node:
         last.next = weakref.ref(node)
     su = up_stream(x)
-    pend, st[1] = st[1], None
-    w = None
+    depth = _fwd_depth()
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if pend is not None and pend[2] == capturing:
-        _join(su)
-        w = pend[1] if pend[0] is node else None
-    nxt = node.next() if node.next is not None else None
-    if nxt is not None and nxt is not node and nxt.key() is not None and nxt.build is not None:
+    pend = [p for p in (st[1] or ()) if p[2] == capturing]
+    st[1] = None
+    mine = next((p for p in pend if p[0] is node), None)
+    if depth == 1:  # one build in flight at most: the up stream joined whole (runs 235–236 measured this form)
+        if pend:
+            _join(su)
+    elif mine is not None and mine[3] is not None:  # only this op's build waited for: the later ones run on
+        torch.cuda.current_stream(x.device).wait_event(mine[3])
+    # the next `depth` ops of the last forward's order: their builds kept where issued, issued where not
+    want, n = [], node
+    for _ in range(depth):
+        n = n.next() if n.next is not None else None
+        if n is None or n is node or any(n is q for q in want):
+            break
+        want.append(n)
+    keep = [p for p in pend if p is not mine and any(p[0] is q for q in want)]
+    for q in want:
+        if q.key() is None or q.build is None or any(p[0] is q for p in keep):
+            continue
         with _fork(su):
-            built = nxt.build()
+            built = q.build()
+            ev = None
+            if depth > 1 and su is not None and x.is_cuda:
+                ev = torch.cuda.Event()
+                ev.record(su)
         if built is not None:
-            st[1] = (nxt, built, capturing)
-    return build() if w is None else w
+            keep.append((q, built, capturing, ev))
+    st[1] = keep or None
+    return build() if mine is None else mine[1]
+
+
+def _fwd_depth() -> int:
+    """How many ops ahead :func:`_fwd_weights` builds: ``LYCO_FORWARD_MERGED_DEPTH`` (≥ 1), default 1 — measured (run
+    236). Deeper, each op waits for its own build's event only (the others stay in flight on the up stream) and that
+    many merged weights are alive at once: not measured."""
+    d = graph_policy.env_int("LYCO_FORWARD_MERGED_DEPTH", 1, "how many ops ahead the forward's merged weights are built")
+    if d < 1:
+        raise ValueError(f"LYCO_FORWARD_MERGED_DEPTH={d}: expected an integer ≥ 1 (how many ops ahead the forward's "
+                         "merged weights are built)")
+    return d
 
 
 def _fwd_reset(device) -> None:
