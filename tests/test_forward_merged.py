@@ -97,13 +97,13 @@ class _Block(nn.Module):
         return x + self.fc2(torch.tanh(self.fc1(x)))
 
 
-def _train(merged: bool, monkeypatch, steps=3):
-    """Outputs, ∂x and the adapters' gradients of each of ``steps`` SGD steps (lr 1e-4) on ``Σ y²``."""
+def _switch(monkeypatch, merged: bool):
+    """The bypass op and the q/k/v group on, the merged forward on or off, a fresh order. The CPU has no up stream: a
+    stand-in where the switch asks for one, and the forks and joins on it no-ops (the side stream stays None on the
+    CPU), so that the op's own condition (_fwd_merged_on) decides, inside its forward."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "1")
     monkeypatch.setenv("LYCO_SHARED_INPUT", "1")
     monkeypatch.setenv("LYCO_FORWARD_MERGED", "1" if merged else "0")
-    # the CPU has no up stream: a stand-in where the switch asks for one, and the forks and joins on it no-ops (the
-    # side stream stays None on the CPU), so that the op's own condition (_fwd_merged_on) decides, inside its forward
     fake = object()
     monkeypatch.setattr(lowrank, "up_stream", lambda t: fake)
     real_fork, real_join = lowrank._fork, lowrank._join
@@ -112,6 +112,11 @@ def _train(merged: bool, monkeypatch, steps=3):
         monkeypatch.setattr(m, "_join", lambda side: real_join(None if side is fake else side))
     monkeypatch.setattr(lowrank, "_FWD_STATE", {})
     monkeypatch.setattr(lowrank, "_FWD_NODES", {})
+
+
+def _train(merged: bool, monkeypatch, steps=3):
+    """Outputs, ∂x and the adapters' gradients of each of ``steps`` SGD steps (lr 1e-4) on ``Σ y²``."""
+    _switch(monkeypatch, merged)
     torch.manual_seed(0)
     model = nn.Sequential(_Block(), _Block())
     net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
@@ -206,17 +211,7 @@ def test_checkpointed_steps_match_the_exact_forward(monkeypatch):
     learn and the builds they issue there must not leak stale weights into the next step."""
     results = {}
     for merged in (True, False):
-        monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-        monkeypatch.setenv("LYCO_SHARED_INPUT", "1")
-        monkeypatch.setenv("LYCO_FORWARD_MERGED", "1" if merged else "0")
-        fake = object()
-        monkeypatch.setattr(lowrank, "up_stream", lambda t: fake)
-        real_fork, real_join = lowrank._fork, lowrank._join
-        for m in (lowrank, lowrank_shared):
-            monkeypatch.setattr(m, "_fork", lambda side: real_fork(None if side is fake else side))
-            monkeypatch.setattr(m, "_join", lambda side: real_join(None if side is fake else side))
-        monkeypatch.setattr(lowrank, "_FWD_STATE", {})
-        monkeypatch.setattr(lowrank, "_FWD_NODES", {})
+        _switch(monkeypatch, merged)
         torch.manual_seed(0)
         model = _Ckpt()
         net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
