@@ -222,3 +222,17 @@ def test_checkpointed_steps_match_the_exact_forward(monkeypatch):
     merged, _, _ = _train(True, monkeypatch, model_cls=_Ckpt)
     exact, _, _ = _train(False, monkeypatch, model_cls=_Ckpt)
     _assert_same_steps(merged, exact)
+
+
+def test_weak_build_holds_no_tensor_alive():
+    """A node's build outlives its step: it holds the layer's tensors weakly (a dropped adapter's weights are freed)
+    and returns None once one is gone; other arguments (a scale, a dtype, an absent bias) are passed as they are."""
+    import gc
+    import weakref
+    w, d = torch.ones(3, 2), torch.full((1, 2), 2.0)
+    build = lowrank._weak_build(lambda a, b, bias, s: a + s * b if bias is None else None, w, d, None, 0.5)
+    torch.testing.assert_close(build(), torch.full((3, 2), 2.0))
+    gone = weakref.ref(d)
+    del d
+    gc.collect()
+    assert gone() is None and build() is None

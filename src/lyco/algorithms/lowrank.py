@@ -373,10 +373,13 @@ def _fwd_weights(x: torch.Tensor, key: torch.Tensor, build):
     forward then rounds ``W + s·U·D`` to the compute dtype (the rebuild path's forward) instead of the exact
     ``x·Wᵀ + s·(x·Dᵀ)·Uᵀ``; the gradients are the bypass op's.
 
+    With ``LYCO_FORWARD_MERGED_DEPTH`` = k > 1 (:func:`_fwd_depth`) the builds of the next k ops are kept in flight,
+    each issued once, and an op waits on its own build's event instead of joining the up stream.
+
     Streams: the up stream's work is joined here before this op's weights are read (so the join follows the fork
     of an earlier op of the same forward, or of this one; a build issued outside a capture is not joined inside
     one: it is dropped and the weights built here), and a build this op issues for the next is read only after
-    that op's join; the weights are freed after the GEMM that reads them was issued, and the up stream allocates
+    that op's join (or wait on its event); the weights are freed after the GEMM that reads them was issued, and the up stream allocates
     again only in a later fork (the side stream's allocator argument, :func:`side_stream`). A build issued for an
     op that does not come (the order changed) is joined by the next join of the up stream — this forward's next
     op, or the backward's first up-stream product."""
@@ -442,13 +445,18 @@ def _fwd_reset(device) -> None:
         st[0] = st[1] = None
 
 
-def _weak_build(fn, *tensors):
-    """A call that returns ``fn(*tensors)``, or None once one of them is gone: it holds them by weak reference."""
-    refs = tuple(weakref.ref(t) if isinstance(t, torch.Tensor) else (lambda v=t: v) for t in tensors)
+def _weak_build(fn, *args):
+    """A call that returns ``fn(*args)``, or None once one of the tensors among them is gone: it holds the tensors by
+    weak reference (a node outlives its step: it must not keep a dropped adapter's or model's weights alive), the
+    other arguments as they are."""
+    refs = [weakref.ref(a) if isinstance(a, torch.Tensor) else None for a in args]
+    consts = [None if isinstance(a, torch.Tensor) else a for a in args]
 
     def build():
-        vals = tuple(r() for r in refs)
-        return None if any(v is None for v, r in zip(vals, refs) if isinstance(r, weakref.ref)) else fn(*vals)
+        vals = [c if r is None else r() for r, c in zip(refs, consts)]
+        if any(r is not None and v is None for r, v in zip(refs, vals)):
+            return None
+        return fn(*vals)
     return build
 
 

@@ -40,7 +40,7 @@ from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
-    _fwd_weights, _join, _merged, _merged_params, _mm, _out_dtype_ok, _weak_build,
+    _fwd_weights, _join, _merged, _mm, _out_dtype_ok, _weak_build,
     _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -71,9 +71,10 @@ def _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd):
 
 
 def _merged_group(ss, cd, *flat) -> list:
-    """Every member's ``W_i + s_i·U_i·D_i`` in ``cd`` from the op's flat ``(W, b, D, U)`` per member (the forward's
-    weights built ahead, :func:`.lowrank._fwd_weights`)."""
-    return [_merged_params(flat[4 * i], flat[4 * i + 2], flat[4 * i + 3], s, cd) for i, s in enumerate(ss)]
+    """Every member's ``W_i + s_i·U_i·D_i`` in ``cd`` from the op's flat ``(W, b, D, U)`` per member, the factors cast
+    here (the forward's weights built ahead, :func:`.lowrank._fwd_weights`)."""
+    return _merged_all(flat[0::4], [cast_factor(u, cd) for u in flat[3::4]], [cast_factor(d, cd) for d in flat[2::4]],
+                       ss, cd)
 
 
 def _merged_all(ws, ud, dd, ss, cd) -> list:
