@@ -45,6 +45,9 @@ def streams(monkeypatch):
             cur[0] = prev
 
     monkeypatch.setattr(lowrank, "side_stream", lambda t: side)
+    # the merged weight on every linear layer (lowrank._merged_pays would split the ∂x of these small-row layers):
+    # these tests pin that path's order; test_split_backward_order the other's
+    monkeypatch.setenv("LYCO_MERGED_ROWS", "0")
     log.side = side  # type: ignore[attr-defined]  (the blas fixture makes it a CUDA stand-in)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
     monkeypatch.setattr(torch.cuda, "stream", on)
@@ -269,6 +272,28 @@ def test_up_gradient_on_a_second_side_stream(split, kind):
         assert bwd.index("_merged@main") < bwd.index("_grad_down@side"), bwd
     else:  # ∂D does not wait for ∂x's GEMM
         assert bwd.index("_grad_down@side") < bwd.index("_merged@main"), bwd
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_split_backward_order(split, monkeypatch, wide):
+    """``lowrank._merged_pays`` declining (30 rows against 40 outputs, c = 1): no merged weight anywhere; ∂x's frozen
+    GEMM on main beside the side stream's ∂h → ∂D, and the rank-r product added into ∂x on main only after main
+    waited for the side stream (the wide layer too: no ``[W′ | U]``). Values against float64 math (:func:`_run`)."""
+    monkeypatch.setenv("LYCO_MERGED_ROWS", "1")
+    real = lowrank._mm
+
+    def mm(*a, **k):
+        split.append("_mm into" if k.get("into") is not None else "_mm")
+        return real(*a, **k)
+
+    monkeypatch.setattr(lowrank, "_mm", mm)
+    mod, r = (nn.Linear(8, 40), 8) if wide else (nn.Linear(12, 40), 4)
+    _run(mod, torch.randn(30, mod.in_features, dtype=torch.float64), r=r)
+    bwd = split[split.index("up waits main"):]
+    assert not any(e.startswith("_merged@") for e in split), split
+    _check_split([e for e in bwd if not e.startswith("_mm")])
+    add = bwd.index("_mm into")
+    assert bwd.index("_grad_down@side") < bwd.index("main waits side") < add, bwd
 
 
 def test_up_stream_policy(monkeypatch):

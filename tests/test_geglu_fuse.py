@@ -181,9 +181,13 @@ def test_fused_op_gives_the_unfused_gradients(fused, dtype):
         assert _rel(b, a.double()) < tol
 
 
-def test_fused_op_against_float64_math(fused):
+@pytest.mark.parametrize("merged_rows", [None, "1e9"])
+def test_fused_op_against_float64_math(fused, merged_rows):
     """In float32 with the kernel, every gradient against the merged-weight feed-forward in float64
-    (``test_input_regen._reference``)."""
+    (``test_input_regen._reference``); ``1e9``: the out layer's ∂x as ``∂y·W + s·∂h·D`` before the GEGLU's backward
+    (``lowrank._merged_pays``)."""
+    if merged_rows is not None:
+        fused.setenv("LYCO_MERGED_ROWS", merged_rows)
     model, net = _setup("geglu")
     model.float()  # the float32 values, exactly, in the float64 reference
     model.double()

@@ -205,8 +205,11 @@ def test_the_kernel_reads_the_norms_input(paths, triton_interpreter, permuted):
     paths.setenv("LYCO_NORM_REGEN", "1")
     _, g1, kept = _step(model, net, x, gy)
     assert kept == [False, False] and sorted(calls) == [("layernorm", 3), ("layernorm", 9)]
+    # x rebuilt from the norm's input and stats in fp32 (not read as the norm rounded it), its products summed in
+    # another order: ∂D within a few fp32 roundings of x's sums (2.5e-6 against values ≈ 0.1 on one element with
+    # Triton 3.9's interpreter and NumPy 2.4)
     for a, b in zip(g0, g1):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_the_tiny_sdxl_regenerates_every_norm_output_it_adapts(paths):

@@ -358,6 +358,38 @@ def _fwd_merged_on(x: torch.Tensor) -> bool:
     return graph_policy.wanted("LYCO_FORWARD_MERGED") and up_stream(x) is not None
 
 
+#: c in :func:`_merged_pays`'s ``rows ≥ c·k`` where ``LYCO_MERGED_ROWS`` is unset and the op runs its products on the
+#: side streams (captured steps); elsewhere 0 (every layer through the merged weight, as before the rule)
+_MERGED_ROWS = 1.0
+
+
+def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
+    """Whether a linear layer's forward (``k`` = its inputs, summed over nothing) or its ∂x (``k`` = its outputs, a
+    q/k/v group's summed) goes through a merged weight ``W′ = W + s·U·D`` at ``rows`` rows: ``rows ≥ c·k``, c from
+    ``LYCO_MERGED_ROWS`` where set (a number ≥ 0; 0: always, the form before this rule), else :data:`_MERGED_ROWS`
+    where the op's products run on the side streams (:func:`side_stream`), else 0.
+
+    Why: W′ costs a pass that reads W and writes W′ (2·in·out elements) on a side stream, and the GEMM then reads W′
+    instead of W; without it the current stream adds the rank-r product to the frozen GEMM's result in place — a
+    read and write of the output (forward, 2·rows·out) or of ∂x (backward, 2·rows·in), ∂h coming from the side
+    stream, which computes it for ∂D anyway. So the merged weight pays where rows ≥ in (forward) or rows ≥ out
+    (backward), up to what the side stream hides. At SD1.5 b1 the 1280-channel level has 256 rows: run 237's timeline
+    (H100) has its GEGLU projection's ``[W′ | U]`` build (10240 × 1280) at 29 µs beside the GEGLU kernel, which took
+    26.8 µs there against 7.2 in the floor, with the projection's ∂x GEMM waiting on both."""
+    raw = os.environ.get("LYCO_MERGED_ROWS")
+    if raw is not None:
+        try:
+            c = float(raw)
+        except ValueError:
+            c = -1.0
+        if not 0.0 <= c < float("inf"):
+            raise ValueError(f"LYCO_MERGED_ROWS={raw!r}: expected a finite number ≥ 0 (a linear layer's merged "
+                             "weight where its rows ≥ that times its inputs (forward) or outputs (∂x))")
+    else:
+        c = _MERGED_ROWS if side_stream(x) is not None else 0.0
+    return rows >= c * k
+
+
 def _fwd_weights(x: torch.Tensor, key: torch.Tensor, build):
     """This op's forward weight(s) ``W + s·U·D`` — built ahead on the up stream by the op that ran before it in the
     forward where it did, else by ``build()`` here — after issuing, on the up stream, the build of the op that came
@@ -818,7 +850,7 @@ class _LowRankOp(torch.autograd.Function):
         return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, None, weight, bias, down, up, ctx.leaves)
 
 
-def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=None):
+def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=None, split=False):
     """The backward of both ops (module doc): the Function's gradients for ``(x, cfg, weight, bias, down, up)``
     — ``h = D∗x`` as the forward kept it, or None to recompute it where ∂U needs it; ``down`` and ``up`` as the
     forward cast them (:func:`_meta`). ``groups`` > 1 (the bypass op only): ``down`` is one ``(r, in/groups[, *k])``
@@ -827,7 +859,10 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     the GEMM can write it (:func:`_out_dtype_ok`; a conv's batch sum reduces into it). ``leaves``
     (:func:`_sink_leaves`): on a linear layer with one group, a factor's gradient is added into its parameter's
     ``.grad`` by its GEMM where :func:`_sink_into` allows, and none is returned for it. ``ahead``: the bypass op's
-    :func:`_ahead_link` — ∂x's weight as built ahead where it was, and the previous op's started here."""
+    :func:`_ahead_link` — ∂x's weight as built ahead where it was, and the previous op's started here. ``split``
+    (the bypass op on a linear layer with one group whose ∂D is wanted, where :func:`_merged_pays` declines): ∂x as
+    ``∂y·W + s·∂h·D``, the frozen GEMM on the current stream and the rank-r product added into its result after the
+    side stream's ∂h (computed there for ∂D anyway) — no merged weight."""
     spec, s, xshape, xdt, groups, (dshape, ddt), (ushape, udt), eye = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
@@ -858,14 +893,20 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         gy = gy.contiguous()
     # the adapter's own gradients need nothing the input gradient computes — except on a wide linear layer, whose
     # ∂x GEMM yields ∂h too (_cat_pays) — so they run on the side stream while the frozen layer's ∂x runs
-    cat = spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1])
+    split = split and spec.kind == LINEAR and need_x and need_d and not need_w and groups == 1 and not eye
+    cat = not split and spec.kind == LINEAR and need_x and need_d and not need_w and _cat_pays(spec, u2.shape[1])
     side = side_stream(gy) if (need_d or need_u) else None
     su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
     pre = _ahead_take(ahead)
+    hs: list = []  # split: ∂h = ∂y·U from the side stream, for ∂x
     if not need_d or cat:
         down_fn = None
     elif geglu is not None:  # only ∂h on the side stream: ∂D comes with the GEGLU's backward after ∂x
         down_fn = lambda: gy @ u2  # noqa: E731
+    elif split:
+        def down_fn():
+            hs.append(gy @ u2)
+            return _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, hs[0], ddt, into_d)
     else:
         down_fn = lambda: _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, None, ddt, into_d)  # noqa: E731
     gu, gd = _side_products(
@@ -887,7 +928,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = ((pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, False, eye,
                                                                   _dgrad_cl(spec, xshape, groups, eye)))
-                if need_x else cast(weight, cd))
+                if need_x and not split else cast(weight, cd))
         if spec.kind == LINEAR and need_x and _out_dtype_ok(gy, xdt):
             # an input of another dtype (autocast: a norm's fp32 output) gets ∂x in it from the GEMM itself — no bf16
             # rounding and no cast kernel after it (each of q, k and v cast its ∂x for autograd's fp32 sum)
@@ -897,6 +938,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
                                   need_w, need_b)
         gx = gx if gx2 is None else gx2
     _join(side)
+    if split:  # ∂x += s·∂h·D, rounded once more (the merged weight's path rounds W′ instead)
+        _mm(gd if geglu is not None else hs[0], d2, s, into=gx)
     if geglu is not None:  # gd is ∂h here; ∂U's stream may still run beside
         gx, gd = _geglu_grads(s, gx, geglu, gd, ddt, into_d)
     _join(su)
@@ -1233,7 +1276,8 @@ class _BypassOp(torch.autograd.Function):
             # 77.24 → 76.5 ms with the graph's peak 11.65 → 11.68 GiB (PEFT's 11.65); by a Triton kernel there
             # instead (no workspace; run 172) SDXL b1 77.68 → 79.09 ms, SDXL b4 199.6 → 204.5 — slower than the
             # frozen GEMM beside it (benchmarks/NOTES.md 113)
-            fmerged = groups == 1 and not eye and d2.shape[0] <= _FWD_MAX_RANK and _fwd_merged_on(xd)
+            fmerged = (groups == 1 and not eye and d2.shape[0] <= _FWD_MAX_RANK and _fwd_merged_on(xd)
+                       and _merged_pays(xd, xd.shape[0], spec.in_dim))
             fused = None if fmerged or groups != 1 else _fused_linear(xd, spec, wd, bd, d2, u2, s)
             if fmerged:  # through the merged weight built ahead (_fwd_weights), the down beside it
                 wm = _fwd_weights(xd, down, _weak_build(_merged_params, weight, down, up, s, cd))
@@ -1328,7 +1372,10 @@ class _BypassOp(torch.autograd.Function):
             ctx.regen = found[0]
             ctx.save_for_backward(*found[1], h, weight, bias, dd, ud)
         ctx.ahead = None
-        if n[0] and not n[2]:  # ∂x through the merged weight (_grads): its build can come ahead
+        # ∂x as ∂y·W + s·∂h·D (_grads) where the rows do not pay for the merged weight (_merged_pays)
+        ctx.split = (spec.kind == LINEAR and groups == 1 and not eye and n[0] and n[4] and not n[2]
+                     and not _merged_pays(xd, xd.shape[0], spec.out_dim))
+        if n[0] and not n[2] and not ctx.split:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
             _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye,
                         spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye))
@@ -1345,7 +1392,7 @@ class _BypassOp(torch.autograd.Function):
         else:  # x as the pair (how, what) the side stream's ∂D rebuilds it from (_grads)
             xd, (h, weight, bias, down, up) = (rg, saved[:rg.n]), saved[rg.n:]
         ahead, ctx.ahead = ctx.ahead, None
-        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves, ahead)
+        return _grads(ctx.cfg, ctx.needs_input_grad, gy, xd, h, weight, bias, down, up, ctx.leaves, ahead, ctx.split)
 
 
 def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,

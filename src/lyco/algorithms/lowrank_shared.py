@@ -40,7 +40,7 @@ from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
-    _fwd_weights, _join, _merged, _mm, _out_dtype_ok, _weak_build,
+    _fwd_weights, _join, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
     _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -96,7 +96,7 @@ class _SharedOp(torch.autograd.Function):
         rs = [d.shape[0] for d in dd]
         offs = [sum(rs[:i]) for i in range(n)]
         xs = cast_input(x, cd)
-        fmerged = max(rs) <= _FWD_MAX_RANK and _fwd_merged_on(xs)
+        fmerged = max(rs) <= _FWD_MAX_RANK and _fwd_merged_on(xs) and _merged_pays(xs, xs.shape[0], specs[0].in_dim)
         fused = None if fmerged else _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd)
         ys = []
         if fmerged:  # every member through its merged weight built ahead (.lowrank._fwd_weights), the downs beside
@@ -137,7 +137,10 @@ class _SharedOp(torch.autograd.Function):
         ctx.regen = None if found is None else found[0]
         ctx.save_for_backward(*((xs,) if found is None else found[1]), h, *ws, *dd, *ud)
         ctx.ahead = None
-        if ctx.needs_input_grad[0]:  # every member's merged weight, built ahead by the next op's backward
+        # ∂x as Σ ∂y_i·W_i + (the group's ∂h)·[D_1; …; D_n] where the rows do not pay for the merged weights
+        # (.lowrank._merged_pays, k = the members' outputs summed)
+        ctx.split = ctx.needs_input_grad[0] and not _merged_pays(xs, xs.shape[0], sum(sp.out_dim for sp in specs))
+        if ctx.needs_input_grad[0] and not ctx.split:  # every member's merged weight, built ahead by the next op's backward
             _ahead_link(ctx, xs, _merged_all, ws, ud, dd, ss, cd)
         return tuple(ys)
 
@@ -171,14 +174,23 @@ class _SharedOp(torch.autograd.Function):
         # the ∂U's on a second side stream beside the ∂h → ∂D chain where there is one (lowrank.up_stream)
         su = up_stream(gy0) if side is not None and any(need_u) and any(need_d) else None
 
+        split = ctx.split and need_x
+        # the members whose ∂h is computed: those whose ∂D is wanted, and where ∂x takes the group's ∂h (split)
+        # every member with an output gradient
+        want_h = [need_d[i] or (split and gys[i] is not None) for i in range(n)]
+        hs: list = []
+
         def grad_downs():
-            # ∂h_i = s_i·∂y_i·U_i side by side (columns of members that need no ∂D stay zero), then one ∂D GEMM
-            gh = gy0.new_zeros((gy0.shape[0], sum(rs))) if not all(need_d) else gy0.new_empty(
+            # ∂h_i = s_i·∂y_i·U_i side by side (the other members' columns stay zero), then one ∂D GEMM
+            gh = gy0.new_zeros((gy0.shape[0], sum(rs))) if not all(want_h) else gy0.new_empty(
                 (gy0.shape[0], sum(rs)))
             for i in range(n):
-                if need_d[i]:
+                if want_h[i]:
                     sl = gh[:, offs[i]:offs[i] + rs[i]]
                     torch.addmm(sl.new_empty(()), gys[i], ud[i], beta=0, alpha=ss[i], out=sl)
+            hs.append(gh)
+            if not any(need_d):
+                return
             ddt = metas[live[0]][1]
             same = all(metas[i][1] == ddt for i in range(n))
             if rg is None:
@@ -201,7 +213,7 @@ class _SharedOp(torch.autograd.Function):
                     into = _sink_into(leaves[1], tuple(ushape), cd) if leaves is not None else None
                     gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
 
-        _side_products(side, su, grad_ups, grad_downs if any(need_d) else None, ahead)
+        _side_products(side, su, grad_ups, grad_downs if any(want_h) else None, ahead)
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
             # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast); without such GEMMs each product is
@@ -209,7 +221,10 @@ class _SharedOp(torch.autograd.Function):
             fp = xdt if _out_dtype_ok(gy0, xdt) and _out_dtype_ok(gy0, xdt, into=True) else None
             gx = None
             for i in live:
-                w = pre[i] if pre is not None else _merged(ws[i], ud[i], dd[i], ss[i], cd)
+                if split:
+                    w = cast(ws[i], cd)
+                else:
+                    w = pre[i] if pre is not None else _merged(ws[i], ud[i], dd[i], ss[i], cd)
                 if gx is None:
                     gx = torch.mm(gys[i], w, out_dtype=fp) if fp is not None else cast(gys[i] @ w, xdt)
                 elif fp is not None:
@@ -218,8 +233,17 @@ class _SharedOp(torch.autograd.Function):
                     gx.addmm_(gys[i], w)
                 else:
                     gx.add_(gys[i] @ w)
-            grads[0] = like(gx, xshape, xdt)
         _join(side)
+        if need_x:
+            if split:  # the adapters' part after the side stream's ∂h: one GEMM over the members' downs stacked
+                dcat = torch.cat(dd, 0)
+                if fp is not None:
+                    torch.addmm(gx, hs[0], dcat, beta=1, out_dtype=fp, out=gx)
+                elif gx.dtype == cd:
+                    gx.addmm_(hs[0], dcat)
+                else:
+                    gx.add_(hs[0] @ dcat)
+            grads[0] = like(gx, xshape, xdt)
         _join(su)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
