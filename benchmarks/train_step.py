@@ -701,20 +701,34 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
             torch.cuda.memory._record_memory_history(enabled=None)
 
 
+#: ``--lyco-grad-sink``: lyco's graph step as its trainer's (``lyco.train.loop``'s ``_step_casts``): the forward and
+#: backward inside ``casts.step_casts(grad_sink=True)``, the adapter's gradients kept between steps and zeroed in the
+#: step, so that the ops add their factor gradients into them (and may leave their side streams unjoined,
+#: ``lowrank._late_join``)
+_GRAD_SINK = [False]
+
+
 def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem) -> dict:
-    from lyco.algorithms import graph_policy
+    from lyco.algorithms import casts, graph_policy
     opt = bench_optimizer(params, lyco, lr=1e-6, weight_decay=0.0, fused=True, capturable=True)
+    sink = lyco and _GRAD_SINK[0] and opt is not None
+    if sink:
+        for p in params:
+            p.grad = torch.zeros_like(p)
 
     def body():
-        out = model_fn(**inputs, return_dict=False)[0]
-        loss = F.mse_loss(out.float(), target.float())
-        loss.backward()
+        if sink:
+            torch._foreach_zero_([p.grad for p in params])
+        with casts.step_casts(grad_sink=True) if sink else contextlib.nullcontext():
+            out = model_fn(**inputs, return_dict=False)[0]
+            loss = F.mse_loss(out.float(), target.float())
+            loss.backward()
         if opt is not None:
             opt.step()
 
     def clear():
         if opt is not None:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not sink)
         if floor:
             inputs["sample"].grad = None
 
@@ -1282,7 +1296,11 @@ def main(argv=None):
                    help="LYCORIS_KERNEL_TUNE for the Triton kernels (default: LyCORIS's own, on)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny models, 2 steps: exercise the whole script")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--lyco-grad-sink", action="store_true",
+                   help="with --graph: lyco's captured step as its trainer's — factor gradients added into kept .grad "
+                        "tensors by the ops (casts.step_casts(grad_sink=True)); the peers' steps unchanged")
     a = p.parse_args(argv)
+    _GRAD_SINK[0] = a.lyco_grad_sink
     unknown = [b for b in a.baselines.split(",") if b and b not in BASELINES]
     if unknown:
         p.error(f"--baselines {a.baselines!r}: unknown {', '.join(unknown)}; expected a comma list of "

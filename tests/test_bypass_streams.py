@@ -24,6 +24,9 @@ class _Stream:
     def wait_stream(self, other):
         self.log.append(f"{self.name} waits {other.name}")
 
+    def wait_event(self, ev):
+        self.log.append(f"{self.name} waits event {ev.n} ({ev.stream.name})")
+
 
 class _Log(list):
     """The recording: a list of events (and the stand-in side stream as ``.side``)."""
@@ -445,3 +448,135 @@ def test_a_spent_holder_is_not_built():
     h2.build()  # once
     w = h2.take()
     assert torch.equal(w, torch.ones(2)) and h2.take() is None and h2.args is None
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_late_join(split, monkeypatch, grouped):
+    """``LYCO_LATE_JOIN`` (:func:`lowrank._late_join`): A → B (bypass ops, or A → a q/k/v group G → B) with the
+    factor gradients added into ``.grad`` by the ops (the trainer's grad sink). B's backward leaves its up and side
+    streams unjoined (events instead; it returns nothing they compute), and the next op's backward waits on those
+    events first of all, before any product of its own; the group joins its side stream (its ∂D's are returned) but
+    not its up stream; the backward pass ends with the current stream waiting on the last op's events (autograd's
+    final callback) and nothing left pending. Values against float64 math with the merged weights."""
+    from lyco.algorithms import casts, lowrank_shared
+    log = split
+    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank_shared, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
+    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
+    monkeypatch.setattr(lowrank, "_LATE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    main = torch.cuda.current_stream()
+    count = [0]
+
+    class _Event:
+        def record(self, stream):
+            count[0] += 1
+            self.n, self.stream = count[0], stream
+            log.append(f"event {self.n} on {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    g = torch.Generator().manual_seed(7)
+
+    def layer(i, o, r=4):
+        w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+        b = torch.randn(o, generator=g, dtype=torch.float64)
+        d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
+        u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
+        d.grad, u.grad = torch.zeros_like(d), torch.zeros_like(u)  # the sink adds into existing gradients
+        return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
+
+    A, B = layer(12, 16), layer(16, 10)
+    G = [layer(16, 16) for _ in range(3)]
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+
+    def run(lin, grp):
+        t = lin(A, x)
+        if grouped:
+            q, k, v = grp(t)
+            t = q + k * v
+        z = lin(B, t)
+        (z * gz).sum().backward()
+        return z.detach()
+
+    with casts.step_casts(grad_sink=True):
+        z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
+                lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+    bwd = log[log.index("up waits main"):]
+    assert lowrank._LATE.get(main.device, []) == []
+    # B's backward ends with two events (side, up), not joins; the next op's backward waits on both before its own work
+    ev = [e for e in bwd if e.startswith("event ")]
+    assert ev[:2] == ["event 1 on side", "event 2 on up"], bwd
+    first = bwd.index("event 2 on up") + 1
+    assert bwd[first:first + 2] == ["main waits event 1 (side)", "main waits event 2 (up)"], bwd
+    if grouped:  # G: its side stream joined, its up stream left (event 3); A waits on it first of all
+        nxt = bwd.index("main waits event 2 (up)") + 1
+        g_end = bwd.index("event 3 on up")
+        assert "main waits side" in bwd[nxt:g_end] and "main waits up" not in bwd[nxt:g_end], bwd
+        assert bwd[g_end + 1] == "main waits event 3 (up)", bwd
+    # the pass ends: the current stream waits on A's events, nothing after
+    last = [e for e in bwd if e.startswith("event ")][-2:]
+    n1, n2 = (int(e.split()[1]) for e in last)
+    assert bwd[-2:] == [f"main waits event {n1} (side)", f"main waits event {n2} (up)"], bwd
+    assert not any(e in ("main waits side", "main waits up") for e in bwd if bwd.index(e) < first), bwd
+    got = [x.grad] + [t.grad for p in [A, B] + (G if grouped else []) for t in p[3:5]]
+    x.grad = None
+    leaves = {id(t): t.detach().clone().requires_grad_() for p in [A, B] + G for t in p[3:5]}
+
+    def dense(p, t):
+        d, u = leaves[id(p[3])], leaves[id(p[4])]
+        return F.linear(t, p[1] + p[5] * u @ d, p[2])
+
+    zr = run(dense, lambda t: [dense(p, t) for p in G])
+    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
+    ref = [x.grad] + [leaves[id(t)].grad for p in [A, B] + (G if grouped else []) for t in p[3:5]]
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
+def test_late_wait_drops_work_of_another_capture_state(monkeypatch):
+    """:func:`lowrank._late_wait`: the current stream waits on the events left in its own capture state; work left
+    outside a capture and found inside one (or the reverse) is dropped without a wait; the tensors held for the side
+    streams are let go either way."""
+    import gc
+    import weakref
+    log = []
+
+    class _S:
+        name, device = "main", torch.device("cpu")
+
+        def wait_event(self, ev):
+            log.append(ev)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _S())
+    monkeypatch.setattr(lowrank, "_LATE", {})
+    kept = torch.zeros(3)
+    ref = weakref.ref(kept)
+    dev = torch.device("cpu")
+    for capturing_now in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda c=capturing_now: c)
+        lowrank._LATE[dev] = [("outside", False, (kept,)), ("inside", True, None)]
+        log.clear()
+        lowrank._late_wait(dev)
+        assert log == (["inside"] if capturing_now else ["outside"]) and lowrank._LATE[dev] == []
+    del kept
+    gc.collect()
+    assert ref() is None
+
+
+def test_late_join_is_off_by_default(monkeypatch):
+    """``LYCO_LATE_JOIN`` unset: off, in captured steps too (its time is not measured); ``graph`` takes it there,
+    ``1`` everywhere; never on a CPU tensor."""
+    import types
+
+    from lyco.algorithms import graph_policy
+    t = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("LYCO_LATE_JOIN", raising=False)
+    with graph_policy.graph_step():
+        assert not lowrank._late_on(t)
+        monkeypatch.setenv("LYCO_LATE_JOIN", "graph")
+        assert lowrank._late_on(t) and not lowrank._late_on(torch.zeros(1))
+    assert not lowrank._late_on(t)
+    monkeypatch.setenv("LYCO_LATE_JOIN", "1")
+    assert lowrank._late_on(t)

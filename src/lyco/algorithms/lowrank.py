@@ -262,6 +262,59 @@ def _join(side) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
+#: device → the side streams' work an op's backward left unjoined (:func:`_late_join`): a list of (event, captured,
+#: the current stream's tensors that work reads)
+_LATE: dict = {}
+
+
+def _late_on(t: torch.Tensor) -> bool:
+    """Whether an op's backward may leave a side stream unjoined (:func:`_late_join`): ``LYCO_LATE_JOIN``
+    (:mod:`.graph_policy`; **off by default**: ``graph`` takes it in captured steps, ``1`` everywhere) on a CUDA
+    tensor. Off because its time is not measured: it acts only where the ops add the factor gradients into ``.grad``
+    (the trainer's grad sink), which ``benchmarks/train_step.py`` does with ``--lyco-grad-sink`` only; run 240 (H100)
+    measured it without the sink, where it cannot act (SD1.5 b1 LoRA 22.61 / 22.61 / 22.58 ms on / off / on), and
+    the run with the sink (``benchmarks/run_late_join2.sh``) found no device time left. Its correctness on the GPU:
+    run 240's trainer graphs against eager with it on (lora, locon, loha: equal)."""
+    return t.is_cuda and graph_policy.wanted("LYCO_LATE_JOIN", default="0")
+
+
+def _late_join(side, keep) -> None:
+    """In place of :func:`_join` at the end of an op's backward whose results do not come from ``side`` (the factor
+    gradients it added into their ``.grad`` itself, :func:`_sink_into`, or the previous op's merged weight, which
+    that op's :func:`_late_wait` orders): an event recorded on ``side``, which the current stream waits for at the next
+    low-rank op's backward (:func:`_late_wait`) or, at the latest, when the backward pass ends (autograd's final
+    callback). ``keep``: the current stream's tensors the side stream reads (∂y, h, x or its makings, the factors),
+    held until then — freed earlier, the current stream could reuse their memory while the side stream still reads
+    it (the allocator argument of :func:`side_stream`, with the join moved).
+
+    Why: the frozen model's own backward between two adapted layers (a layer norm's, the attention's) waited for the
+    adapter's ∂U and ∂D — which nothing there reads — before it could start: run 239's timeline of SD1.5 b1 (H100) has
+    the idle before the attention backward's first kernels 0.43 ms over the floor's."""
+    st = _LATE.setdefault(side.device, [])
+    ev = torch.cuda.Event()
+    ev.record(side)
+    st.append((ev, torch.cuda.is_current_stream_capturing(), keep))
+    dev = side.device
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: _late_wait(dev))
+
+
+def _late_wait(device) -> None:
+    """The current stream waits for the side streams' work left unjoined (:func:`_late_join`) and the tensors it read
+    are let go. Work left outside a capture and found inside one (a backward that raised before its final callback)
+    is dropped without a wait: a capture begins after a device synchronisation (``torch.cuda.graph``), and waiting
+    inside a capture on an event recorded outside it is not allowed; work left inside a capture and found outside it
+    belongs to a capture that failed."""
+    st = _LATE.get(device)
+    if not st:
+        return
+    capturing = torch.cuda.is_current_stream_capturing()
+    cur = torch.cuda.current_stream(device)
+    for ev, cap, _ in st:
+        if cap == capturing:
+            cur.wait_event(ev)
+    st.clear()
+
+
 class _Ahead:
     """The weight an op's backward multiplies ∂y by for ∂x (``W + s·U·D``, or ``[W + s·U·D | U]`` where ∂h comes
     along), built ahead by the backward of the op that ran after it in the forward (:func:`_ahead_link`): autograd
@@ -866,6 +919,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     spec, s, xshape, xdt, groups, (dshape, ddt), (ushape, udt), eye = cfg
     need_x, _, need_w, need_b, need_d, need_u = needs
     cd = gy.dtype
+    late = _late_on(gy)
+    if late:
+        _late_wait(gy.device)
     dd, u2, d2 = _factors(down, up, cd, eye)
     geglu = None  # the GEGLU projection's output the bypass op took in x's place (_geglu_input)
     if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
@@ -937,12 +993,20 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         gx2, gw, gb = op_backward(spec, xc if xc is not None else gy.new_empty((0, spec.in_dim)), w_in, gy, need_x,
                                   need_w, need_b)
         gx = gx if gx2 is None else gx2
-    _join(side)
+    # what the side streams read, held until the current stream waits for them where the join comes late
+    keep = (gy, xd, h, weight, bias, down, up, dd, u2, d2, xc) if late else None
+    if late and side is not None and (gd is None or gd is _SUNK) and not split and geglu is None:
+        _late_join(side, keep)
+    else:
+        _join(side)
     if split:  # ∂x += s·∂h·D, rounded once more (the merged weight's path rounds W′ instead)
         _mm(gd if geglu is not None else hs[0], d2, s, into=gx)
     if geglu is not None:  # gd is ∂h here; ∂U's stream may still run beside
         gx, gd = _geglu_grads(s, gx, geglu, gd, ddt, into_d)
-    _join(su)
+    if late and su is not None and (gu is None or gu is _SUNK):
+        _late_join(su, keep)
+    else:
+        _join(su)
     if gx is not None:
         gx = like(gx, xshape, xdt)
     if gw is not None:

@@ -40,7 +40,7 @@ from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
-    _fwd_weights, _join, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
+    _fwd_weights, _join, _late_join, _late_on, _late_wait, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
     _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -167,6 +167,9 @@ class _SharedOp(torch.autograd.Function):
             return tuple(grads)
         gy0 = gys[live[0]]
         _fwd_reset(gy0.device)
+        late = _late_on(gy0)
+        if late:
+            _late_wait(gy0.device)
         cd = gy0.dtype
         gd: list = [None] * n
         gu: list = [None] * n
@@ -233,7 +236,7 @@ class _SharedOp(torch.autograd.Function):
                     gx.addmm_(gys[i], w)
                 else:
                     gx.add_(gys[i] @ w)
-        _join(side)
+        _join(side)  # the ∂D's are returned: autograd reads them on this stream
         if need_x:
             if split:  # the adapters' part after the side stream's ∂h: one GEMM over the members' downs stacked
                 dcat = torch.cat(dd, 0)
@@ -244,7 +247,10 @@ class _SharedOp(torch.autograd.Function):
                 else:
                     gx.add_(hs[0] @ dcat)
             grads[0] = like(gx, xshape, xdt)
-        _join(su)
+        if late and su is not None and all(g is None or g is _SUNK for g in gu):
+            _late_join(su, (gys, xs, h, ws, dd, ud, kept if rg is not None else None))
+        else:
+            _join(su)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
             if gd[i] is not None:
