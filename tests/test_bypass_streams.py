@@ -380,6 +380,18 @@ def test_grouped_merged_weight_by_the_kernel(monkeypatch, triton_interpreter):
         assert ((a.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
 
 
+def _layer(g, i, o, r=4, grads=False):
+    """A linear layer's ``(spec, W, b, D, U, s)`` in float64 from ``g``, the factors leaves that take a gradient
+    (``grads``: with a zero ``.grad`` already)."""
+    w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+    b = torch.randn(o, generator=g, dtype=torch.float64)
+    d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
+    u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
+    if grads:
+        d.grad, u.grad = torch.zeros_like(d), torch.zeros_like(u)
+    return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
+
+
 def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch):
     """``LYCO_MERGE_AHEAD`` (:func:`lowrank._ahead_link`): forward A (bypass op) → G (a q/k/v group) → B (bypass
     op); the backward runs B, G, A. B's backward builds G's three merged weights on the up stream, G's builds A's;
@@ -393,16 +405,8 @@ def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch)
     merged = lowrank._merged  # the fixture's spy (logs "_merged@stream")
     monkeypatch.setattr(lowrank_shared, "_merged", merged)
     g = torch.Generator().manual_seed(5)
-
-    def layer(i, o, r=4):
-        w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
-        b = torch.randn(o, generator=g, dtype=torch.float64)
-        d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
-        u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
-        return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
-
-    A, B = layer(12, 16), layer(16, 10)
-    G = [layer(16, 16) for _ in range(3)]
+    A, B = _layer(g, 12, 16), _layer(g, 16, 10)
+    G = [_layer(g, 16, 16) for _ in range(3)]
     x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
     gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
 
@@ -477,17 +481,9 @@ def test_late_join(split, monkeypatch, grouped):
 
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     g = torch.Generator().manual_seed(7)
-
-    def layer(i, o, r=4):
-        w = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
-        b = torch.randn(o, generator=g, dtype=torch.float64)
-        d = (0.3 * torch.randn(r, i, generator=g, dtype=torch.float64)).requires_grad_()
-        u = (0.3 * torch.randn(o, r, generator=g, dtype=torch.float64)).requires_grad_()
-        d.grad, u.grad = torch.zeros_like(d), torch.zeros_like(u)  # the sink adds into existing gradients
-        return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
-
-    A, B = layer(12, 16), layer(16, 10)
-    G = [layer(16, 16) for _ in range(3)]
+    # the sink adds into existing gradients
+    A, B = _layer(g, 12, 16, grads=True), _layer(g, 16, 10, grads=True)
+    G = [_layer(g, 16, 16, grads=True) for _ in range(3)]
     x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
     gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
 

@@ -20,10 +20,29 @@ def test_rule_and_its_errors(monkeypatch):
     assert lowrank._merged_pays(x, 256, 256) and not lowrank._merged_pays(x, 255, 256)
     monkeypatch.setenv("LYCO_MERGED_ROWS", "0.25")
     assert lowrank._merged_pays(x, 64, 256) and not lowrank._merged_pays(x, 63, 256)
-    for bad in ("-1", "nan", "inf", "many"):
+    monkeypatch.setenv("LYCO_MERGED_ROWS", "inf")
+    assert not lowrank._merged_pays(x, 10**9, 1)
+    for bad in ("-1", "nan", "-inf", "many"):
         monkeypatch.setenv("LYCO_MERGED_ROWS", bad)
         with pytest.raises(ValueError, match="LYCO_MERGED_ROWS"):
             lowrank._merged_pays(x, 1, 1)
+
+
+def _setup(monkeypatch, rows: str, merged_fwd: bool):
+    """``LYCO_MERGED_ROWS=rows``, the op on every layer (``LYCO_BYPASS_ROWS=0``: fc1's 24 rows < 32 outputs included),
+    :func:`_switch`; two :class:`_Block` with LoRA (rank 4, alpha 2: s = 0.5) whose factors are all nonzero; and the
+    generator the inputs come from."""
+    monkeypatch.setenv("LYCO_MERGED_ROWS", rows)
+    monkeypatch.setenv("LYCO_BYPASS_ROWS", "0")
+    _switch(monkeypatch, merged_fwd)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), _Block())
+    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model, net, g
 
 
 def _count_builds(monkeypatch):
@@ -70,17 +89,8 @@ def test_steps_against_float64_autograd(monkeypatch, rows, merged_fwd):
     forward of its second — 32 inputs — too) or none (``0``), with the forward through merged weights or not: each
     step's output, ∂x and every factor's gradient against float64 autograd on the merged weights; the merged weights
     built as many times as the rule says."""
-    monkeypatch.setenv("LYCO_MERGED_ROWS", rows)
-    monkeypatch.setenv("LYCO_BYPASS_ROWS", "0")  # the op on every layer (fc1's 24 rows < 32 outputs included)
-    _switch(monkeypatch, merged_fwd)
+    model, net, g = _setup(monkeypatch, rows, merged_fwd)
     builds = _count_builds(monkeypatch)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(_Block(), _Block())
-    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
     x = torch.randn(2, 12, 16, generator=g)
     for step in range(3):
         want_y, want_gx, want_g = _dense_step(model, net, x)
@@ -106,16 +116,7 @@ def test_steps_against_float64_autograd(monkeypatch, rows, merged_fwd):
 def test_bf16_split_within_bf16_of_float64(monkeypatch, rows):
     """The model and adapter in bf16 (the benchmark's dtype): every gradient of a step with every layer split
     (``1e9``) within bf16's rounding of float64 autograd — the same bound the merged path (``0``) meets."""
-    monkeypatch.setenv("LYCO_MERGED_ROWS", rows)
-    monkeypatch.setenv("LYCO_BYPASS_ROWS", "0")
-    _switch(monkeypatch, False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(_Block(), _Block())
-    net = lyco.create(model, preset="full", algo="lora", rank=4, alpha=2, seed=0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model, net, g = _setup(monkeypatch, rows, False)
     model.to(torch.bfloat16)
     x = torch.randn(2, 12, 16, generator=g).to(torch.bfloat16)
     want_y, want_gx, want_g = _dense_step(model, net, x)

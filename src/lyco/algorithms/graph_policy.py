@@ -103,6 +103,21 @@ def wanted(var: str, default: str = "graph") -> bool:
     return mode == "1" or (mode == "graph" and _DEPTH[0] > 0)
 
 
+def env_factor(var: str, what: str) -> float | None:
+    """The environment variable ``var`` as a number ≥ 0 (``inf`` included), or None where it is unset; anything else is
+    an error naming it and ``what`` the number does — the factors of the paths' shape rules (rows ≥ c·channels)."""
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    try:
+        c = float(raw)
+    except ValueError:
+        c = -1.0
+    if not c >= 0.0:  # NaN and negative numbers fail here
+        raise ValueError(f"{var}={raw!r}: expected a number ≥ 0 ({what})")
+    return c
+
+
 def env_int(var: str, default: int, what: str) -> int:
     """``default``, or the environment variable ``var`` where set (an error naming it and what it counts if it is not
     an integer) — the numeric settings beside the paths' switches (e.g. the narrowest layer a path takes)."""

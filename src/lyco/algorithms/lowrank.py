@@ -417,9 +417,9 @@ _MERGED_ROWS = 1.0
 
 
 def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
-    """Whether a linear layer's forward (``k`` = its inputs, summed over nothing) or its ∂x (``k`` = its outputs, a
-    q/k/v group's summed) goes through a merged weight ``W′ = W + s·U·D`` at ``rows`` rows: ``rows ≥ c·k``, c from
-    ``LYCO_MERGED_ROWS`` where set (a number ≥ 0; 0: always, the form before this rule), else :data:`_MERGED_ROWS`
+    """Whether a linear layer's forward (``k``: its inputs) or its ∂x (``k``: its outputs; a q/k/v group's summed over
+    its members) goes through a merged weight ``W′ = W + s·U·D`` at ``rows`` rows: ``rows ≥ c·k``, c from
+    ``LYCO_MERGED_ROWS`` where set (a number ≥ 0; 0: always, the form before this rule; ``inf``: never), else :data:`_MERGED_ROWS`
     where the op's products run on the side streams (:func:`side_stream`), else 0.
 
     Why: W′ costs a pass that reads W and writes W′ (2·in·out elements) on a side stream, and the GEMM then reads W′
@@ -429,16 +429,9 @@ def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
     (backward), up to what the side stream hides. At SD1.5 b1 the 1280-channel level has 256 rows: run 237's timeline
     (H100) has its GEGLU projection's ``[W′ | U]`` build (10240 × 1280) at 29 µs beside the GEGLU kernel, which took
     26.8 µs there against 7.2 in the floor, with the projection's ∂x GEMM waiting on both."""
-    raw = os.environ.get("LYCO_MERGED_ROWS")
-    if raw is not None:
-        try:
-            c = float(raw)
-        except ValueError:
-            c = -1.0
-        if not 0.0 <= c < float("inf"):
-            raise ValueError(f"LYCO_MERGED_ROWS={raw!r}: expected a finite number ≥ 0 (a linear layer's merged "
-                             "weight where its rows ≥ that times its inputs (forward) or outputs (∂x))")
-    else:
+    c = graph_policy.env_factor("LYCO_MERGED_ROWS", "a linear layer's merged weight where its rows ≥ that times its "
+                                "inputs (forward) or outputs (∂x)")
+    if c is None:
         c = _MERGED_ROWS if side_stream(x) is not None else 0.0
     return rows >= c * k
 
@@ -1201,15 +1194,8 @@ def _rows_factor(x: torch.Tensor) -> float:
     """c of ``positions ≥ c·out`` (:func:`bypass_pays`, linear layers and 1×1 convs): ``LYCO_BYPASS_ROWS`` where
     set (a number ≥ 0; 0 takes the op on every such layer), else ``_ROWS_STREAMS`` where the op's products run on
     the side streams (:func:`side_stream`), ``_ROWS_PLAIN`` elsewhere."""
-    raw = os.environ.get("LYCO_BYPASS_ROWS")
-    if raw is not None:
-        try:
-            c = float(raw)
-        except ValueError:
-            c = -1.0
-        if not c >= 0.0:
-            raise ValueError(f"LYCO_BYPASS_ROWS={raw!r}: expected a number ≥ 0 (the op where positions ≥ that "
-                             "times the layer's outputs)")
+    c = graph_policy.env_factor("LYCO_BYPASS_ROWS", "the op where positions ≥ that times the layer's outputs")
+    if c is not None:
         return c
     return _ROWS_STREAMS if side_stream(x) is not None else _ROWS_PLAIN
 
