@@ -392,6 +392,25 @@ def _layer(g, i, o, r=4, grads=False):
     return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
 
 
+def _against_dense(run, z, got, x, layers, G):
+    """``z`` and ``got`` (∂x, then each of ``layers``' ∂D and ∂U) against the same step with every layer through its
+    merged weight in float64 autograd — fresh leaves; ``run(lin, grp)`` replays the step with ``lin(layer, t)`` and
+    ``grp(t)`` (the group ``G``'s outputs)."""
+    x.grad = None
+    leaves = {id(t): t.detach().clone().requires_grad_() for p in layers + G for t in p[3:5]}
+
+    def dense(p, t):
+        d, u = leaves[id(p[3])], leaves[id(p[4])]
+        return F.linear(t, p[1] + p[5] * u @ d, p[2])
+
+    zr = run(dense, lambda t: [dense(p, t) for p in G])
+    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
+    ref = [x.grad] + [leaves[id(t)].grad for p in layers for t in p[3:5]]
+    assert len(got) == len(ref)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+
+
 def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch):
     """``LYCO_MERGE_AHEAD`` (:func:`lowrank._ahead_link`): forward A (bypass op) → G (a q/k/v group) → B (bypass
     op); the backward runs B, G, A. B's backward builds G's three merged weights on the up stream, G's builds A's;
@@ -424,19 +443,7 @@ def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch)
     ups, main = [i for i, e in enumerate(log) if e == "_merged@up"], log.index("_merged@main")
     # B's backward: G's three issued on the up stream before B's own on main; then G's backward: A's
     assert ups[2] < main < ups[3], log
-    # the dense reference: fresh leaves, every layer through its merged weight
-    x.grad = None
-    leaves = {id(t): t.detach().clone().requires_grad_() for p in [A, B] + G for t in p[3:5]}
-
-    def dense(p, t):
-        d, u = leaves[id(p[3])], leaves[id(p[4])]
-        return F.linear(t, p[1] + p[5] * u @ d, p[2])
-
-    zr = run(dense, lambda t: [dense(p, t) for p in G])
-    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
-    ref = [x.grad] + [leaves[id(t)].grad for p in [A, B] + G for t in p[3:5]]
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    _against_dense(run, z, got, x, [A, B] + G, G)
 
 
 def test_a_spent_holder_is_not_built():
@@ -515,20 +522,9 @@ def test_late_join(split, monkeypatch, grouped):
     last = [e for e in bwd if e.startswith("event ")][-2:]
     n1, n2 = (int(e.split()[1]) for e in last)
     assert bwd[-2:] == [f"main waits event {n1} (side)", f"main waits event {n2} (up)"], bwd
-    assert not any(e in ("main waits side", "main waits up") for e in bwd if bwd.index(e) < first), bwd
-    got = [x.grad] + [t.grad for p in [A, B] + (G if grouped else []) for t in p[3:5]]
-    x.grad = None
-    leaves = {id(t): t.detach().clone().requires_grad_() for p in [A, B] + G for t in p[3:5]}
-
-    def dense(p, t):
-        d, u = leaves[id(p[3])], leaves[id(p[4])]
-        return F.linear(t, p[1] + p[5] * u @ d, p[2])
-
-    zr = run(dense, lambda t: [dense(p, t) for p in G])
-    torch.testing.assert_close(z, zr, rtol=1e-10, atol=1e-10)
-    ref = [x.grad] + [leaves[id(t)].grad for p in [A, B] + (G if grouped else []) for t in p[3:5]]
-    for a, r in zip(got, ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    assert "main waits side" not in bwd[:first] and "main waits up" not in bwd[:first], bwd
+    layers = [A, B] + (G if grouped else [])
+    _against_dense(run, z, [x.grad] + [t.grad for p in layers for t in p[3:5]], x, layers, G)
 
 
 def test_late_wait_drops_work_of_another_capture_state(monkeypatch):
