@@ -427,8 +427,10 @@ def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
     read and write of the output (forward, 2·rows·out) or of ∂x (backward, 2·rows·in), ∂h coming from the side
     stream, which computes it for ∂D anyway. So the merged weight pays where rows ≥ in (forward) or rows ≥ out
     (backward), up to what the side stream hides. At SD1.5 b1 the 1280-channel level has 256 rows: run 237's timeline
-    (H100) has its GEGLU projection's ``[W′ | U]`` build (10240 × 1280) at 29 µs beside the GEGLU kernel, which took
-    26.8 µs there against 7.2 in the floor, with the projection's ∂x GEMM waiting on both."""
+    (H100) has ten builds of 24–29 µs (by their size that level's GEGLU projections, 10240 × 1280, forward and
+    backward), the GEGLU kernel beside them at 26–28 µs against 7 in the floor, and the frozen GEMMs of the step
+    35–67 % longer than the floor's. Run 238, c = 0 / 1: SD1.5 b1 LoRA 22.80 / 22.52 ms, SDXL b1 73.60 / 72.95,
+    SD1.5 b8 69.49 / 69.28 (benchmarks/NOTES.md change 134)."""
     c = graph_policy.env_factor("LYCO_MERGED_ROWS", "a linear layer's merged weight where its rows ≥ that times its "
                                 "inputs (forward) or outputs (∂x)")
     if c is None:
