@@ -58,6 +58,7 @@ os.environ.setdefault("LYCO_OFT_KERNELS", "1")
 os.environ.setdefault("LYCO_GEGLU_FUSE", "1")
 os.environ.setdefault("LYCO_INPUT_REGEN", "1")
 os.environ.setdefault("LYCO_REGEN_KERNEL", "1")
+os.environ.setdefault("LYCO_NORM_REGEN_MIN", "0")  # every norm output regenerated, whatever its size (regen.norm_regen_min)
 os.environ.setdefault("LYCO_FORWARD_SIDE", "1")  # eager: only where the backward shares the thread (lowrank._forward_side)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

@@ -40,6 +40,7 @@ def grads_of(unet, inputs, target, params, regen_on: bool, eager: bool = False, 
     os.environ["LYCO_INPUT_REGEN"] = "1" if regen_on else "0"
     os.environ["LYCO_REGEN_KERNEL"] = "1" if kernel else "0"
     os.environ["LYCO_NORM_REGEN"] = "1" if norm else "0"
+    os.environ["LYCO_NORM_REGEN_MIN"] = "0"  # the check's small latents: every norm output, whatever its size
     os.environ["LYCO_GEGLU_FUSE"] = "1" if geglu else "0"
     calls = {"n": 0, "hit": 0, "norm": 0, "geglu": 0}
     find, find_geglu = regen.find, regen.find_geglu

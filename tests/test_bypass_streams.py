@@ -557,18 +557,18 @@ def test_late_wait_drops_work_of_another_capture_state(monkeypatch):
     assert ref() is None
 
 
-def test_late_join_is_off_by_default(monkeypatch):
-    """``LYCO_LATE_JOIN`` unset: off, in captured steps too (its time is not measured); ``graph`` takes it there,
-    ``1`` everywhere; never on a CPU tensor."""
+def test_late_join_in_captured_steps_by_default(monkeypatch):
+    """``LYCO_LATE_JOIN`` unset: on in captured steps (``graph``) and only there, ``0`` off there too, ``1``
+    everywhere; never on a CPU tensor."""
     import types
 
     from lyco.algorithms import graph_policy
     t = types.SimpleNamespace(is_cuda=True)
     monkeypatch.delenv("LYCO_LATE_JOIN", raising=False)
-    with graph_policy.graph_step():
-        assert not lowrank._late_on(t)
-        monkeypatch.setenv("LYCO_LATE_JOIN", "graph")
-        assert lowrank._late_on(t) and not lowrank._late_on(torch.zeros(1))
     assert not lowrank._late_on(t)
+    with graph_policy.graph_step():
+        assert lowrank._late_on(t) and not lowrank._late_on(torch.zeros(1))
+        monkeypatch.setenv("LYCO_LATE_JOIN", "0")
+        assert not lowrank._late_on(t)
     monkeypatch.setenv("LYCO_LATE_JOIN", "1")
     assert lowrank._late_on(t)

@@ -53,6 +53,7 @@ def paths(monkeypatch):
     monkeypatch.delenv("LYCO_BYPASS_OP_KINDS", raising=False)
     monkeypatch.delenv("LYCO_NORM_REGEN", raising=False)
     monkeypatch.delenv("LYCO_INPUT_REGEN", raising=False)
+    monkeypatch.setenv("LYCO_NORM_REGEN_MIN", "0")  # the tiny models' norm outputs are far under the default size
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     return monkeypatch
 
@@ -152,6 +153,23 @@ def test_policy_graph_steps_only_unless_everywhere(paths):
     paths.setenv("LYCO_BYPASS_OP", "1")
     paths.setenv("LYCO_NORM_REGEN", "on")
     with pytest.raises(ValueError, match="LYCO_NORM_REGEN"):
+        _step(model, net, x, gy)
+
+
+def test_the_size_rule(paths):
+    """``LYCO_NORM_REGEN_MIN``: a norm output of fewer elements is kept (unset: 2²¹, above the tiny block's 768); at
+    exactly its size regenerated, one more element asked and kept; not an integer: an error naming it."""
+    model, net = _setup()
+    x = torch.randn(2, 24, 16, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 24, 48, dtype=torch.float64)
+    paths.delenv("LYCO_NORM_REGEN_MIN")
+    assert _step(model, net, x, gy)[2] == [True, True]
+    paths.setenv("LYCO_NORM_REGEN_MIN", str(x.numel()))
+    assert _step(model, net, x, gy)[2] == [False, False]
+    paths.setenv("LYCO_NORM_REGEN_MIN", str(x.numel() + 1))
+    assert _step(model, net, x, gy)[2] == [True, True]
+    paths.setenv("LYCO_NORM_REGEN_MIN", "4M")
+    with pytest.raises(ValueError, match="LYCO_NORM_REGEN_MIN"):
         _step(model, net, x, gy)
 
 

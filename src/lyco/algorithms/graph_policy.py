@@ -18,7 +18,7 @@ bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adap
 host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches) with a second
 one for ∂U (``LYCO_SIDE_SPLIT``, :func:`.lowrank.up_stream`) that also builds the next backward's merged weight
 ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`) and whose work the current stream may wait for only at the
-next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`; ``0`` by default: not measured), and its merged
+next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as
 one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`) — or through its merged weight built a
 layer ahead on the up stream (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, taken first) — or with its down
@@ -40,8 +40,8 @@ Diag-OFT keeping a linear layer's output, its rotation's gradient from the block
 each (``LYCO_OFT_KERNELS``, :func:`.oft_triton.kernels_usable`); and the bypass op's linear input
 regenerated in backward from what its producer keeps (a GEGLU's operands; ``LYCO_INPUT_REGEN``, :mod:`.regen` —
 ``1`` by default: in eager steps LoRA's down takes it too, where the step waits on the host and its time stayed
-within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`),
-and ∂D then read by one Triton kernel from what x is made of (``LYCO_REGEN_KERNEL``,
+within the eager noise, run 183), a layer norm's output likewise (``LYCO_NORM_REGEN``, :func:`.regen._find_norm`;
+outputs of ``LYCO_NORM_REGEN_MIN`` elements or more, :func:`.regen.norm_regen_min`), and ∂D then read by one Triton kernel from what x is made of (``LYCO_REGEN_KERNEL``,
 :func:`.lowrank._regen_operands`), or, where x is a GEGLU's ``a ⊙ gelu(g)``, the GEGLU's backward run by the bypass
 op in the kernel that forms ∂D (``LYCO_GEGLU_FUSE``, :func:`.regen.find_geglu`). And one setting that is not a path:
 the backward on the calling thread inside :func:`graph_step` (``LYCO_CALLER_BACKWARD``; ``1`` acts as ``graph``

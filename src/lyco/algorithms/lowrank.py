@@ -269,13 +269,12 @@ _LATE: dict = {}
 
 def _late_on(t: torch.Tensor) -> bool:
     """Whether an op's backward may leave a side stream unjoined (:func:`_late_join`): ``LYCO_LATE_JOIN``
-    (:mod:`.graph_policy`; **off by default**: ``graph`` takes it in captured steps, ``1`` everywhere) on a CUDA
-    tensor. Off because its time is not measured: it acts only where the ops add the factor gradients into ``.grad``
-    (the trainer's grad sink), which ``benchmarks/train_step.py`` does with ``--lyco-grad-sink`` only; run 240 (H100)
-    measured it without the sink, where it cannot act (SD1.5 b1 LoRA 22.61 / 22.61 / 22.58 ms on / off / on), and
-    the run with the sink (``benchmarks/run_late_join2.sh``) found no device time left. Its correctness on the GPU:
-    run 240's trainer graphs against eager with it on (lora, locon, loha: equal)."""
-    return t.is_cuda and graph_policy.wanted("LYCO_LATE_JOIN", default="0")
+    (:mod:`.graph_policy`; ``graph`` by default: captured steps, ``1`` everywhere, ``0`` nowhere) on a CUDA tensor.
+    It acts only where the ops add the factor gradients into ``.grad`` (the trainer's grad sink;
+    ``benchmarks/train_step.py --lyco-grad-sink``). Measured (H100, SD1.5 b1 LoRA, captured step): with the sink, run
+    241, **22.75 / 22.87 / 22.76 ms** on / off / on; without it, where it cannot act, run 240, 22.61 / 22.61 / 22.58.
+    Its correctness on the GPU: the trainer's graphs against eager with it on (runs 240–241: lora, locon, loha equal)."""
+    return t.is_cuda and graph_policy.wanted("LYCO_LATE_JOIN")
 
 
 def _late_join(side, keep) -> None:
