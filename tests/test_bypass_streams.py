@@ -466,8 +466,8 @@ def test_late_join(split, monkeypatch, grouped):
     """``LYCO_LATE_JOIN`` (:func:`lowrank._late_join`): A → B (bypass ops, or A → a q/k/v group G → B) with the
     factor gradients added into ``.grad`` by the ops (the trainer's grad sink). B's backward leaves its up and side
     streams unjoined (events instead; it returns nothing they compute), and the next op's backward waits on those
-    events first of all, before any product of its own; the group joins its side stream (its ∂D's are returned) but
-    not its up stream; the backward pass ends with the current stream waiting on the last op's events (autograd's
+    events first of all, before any product of its own; the group leaves both too (its ∂D's added into ``.grad`` on
+    its side stream, ``lowrank._sink_add``; no split); the backward pass ends with the current stream waiting on the last op's events (autograd's
     final callback) and nothing left pending. Values against float64 math with the merged weights."""
     from lyco.algorithms import casts, lowrank_shared
     log = split
@@ -513,11 +513,12 @@ def test_late_join(split, monkeypatch, grouped):
     assert ev[:2] == ["event 1 on side", "event 2 on up"], bwd
     first = bwd.index("event 2 on up") + 1
     assert bwd[first:first + 2] == ["main waits event 1 (side)", "main waits event 2 (up)"], bwd
-    if grouped:  # G: its side stream joined, its up stream left (event 3); A waits on it first of all
+    if grouped:  # G: both streams left (events 3, 4); A waits on both first of all
         nxt = bwd.index("main waits event 2 (up)") + 1
-        g_end = bwd.index("event 3 on up")
-        assert "main waits side" in bwd[nxt:g_end] and "main waits up" not in bwd[nxt:g_end], bwd
-        assert bwd[g_end + 1] == "main waits event 3 (up)", bwd
+        g_end = bwd.index("event 4 on up")
+        assert bwd[g_end - 1] == "event 3 on side", bwd
+        assert "main waits side" not in bwd[nxt:g_end] and "main waits up" not in bwd[nxt:g_end], bwd
+        assert bwd[g_end + 1:g_end + 3] == ["main waits event 3 (side)", "main waits event 4 (up)"], bwd
     # the pass ends: the current stream waits on A's events, nothing after
     last = [e for e in bwd if e.startswith("event ")][-2:]
     n1, n2 = (int(e.split()[1]) for e in last)

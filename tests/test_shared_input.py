@@ -3,6 +3,8 @@ every gradient against independent float64 math, the groups found in the real mo
 attention, CLIP), the fallbacks (another input, an output nobody used, a changed adapter), checkpointing, mixed
 precision and the gradient sink."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 import lyco
 from lyco import siblings
 from lyco.algorithms import casts, lowrank_shared
+from sink_helpers import AutogradAdds
 
 
 @pytest.fixture(autouse=True)
@@ -302,6 +305,41 @@ def test_mixed_precision_close_to_the_ungrouped_op(monkeypatch):
         torch.testing.assert_close(b[1], a[1], rtol=3e-2, atol=3e-2)
         for p, q in zip(b[2], a[2]):
             assert (p - q).norm() <= 2e-2 * q.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_sink_takes_the_groups_downs(monkeypatch, dtype):
+    """With the sink the group adds its members' ∂D's (slices of its one stacked GEMM) into ``.grad`` itself
+    (``lowrank._sink_add``) and its ∂U's by their GEMMs: no accumulation left to autograd over two micro-batches into
+    kept gradients. The downs' gradients are the group's without the sink bit for bit (the same GEMM, then the add
+    autograd's accumulation did); every factor within rounding of each layer's own op without the sink."""
+    def run(shared, sink, rec=None):
+        monkeypatch.setenv("LYCO_SHARED_INPUT", shared)
+        torch.manual_seed(0)
+        model = nn.Sequential(Attn(d=32)).to(dtype)
+        net = _net(model, dtype=dtype)  # the adapter in the model's dtype: on the CPU no GEMM adds bf16 into fp32
+        params = list(net.trainable_parameters())
+        assert all(p.dtype == dtype for p in params)
+        xs = [torch.randn(2, 40, 32, dtype=dtype), torch.randn(2, 40, 32, dtype=dtype)]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        with rec or contextlib.nullcontext(), casts.step_casts(grad_sink=sink):
+            for x in xs:
+                model(x).float().square().sum().backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+    rec = AutogradAdds(monkeypatch)
+    got = run("1", True, rec)
+    # the three downs, two micro-batches (each layer's own op adds its ∂D by its GEMM: these are the group's)
+    assert rec.outside == 0 and rec.inside == 2 * 3
+    ref, unsunk = run("0", False), run("1", False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the group's and each layer's own roundings differ
+    for n, g in got.items():
+        assert g.abs().sum() > 0
+        assert (g.double() - ref[n].double()).norm() <= tol * ref[n].double().norm(), n
+        if "down" in n:
+            assert torch.equal(g, unsunk[n]), n
+    assert sum("down" in n for n in got) == 3
 
 
 def test_loha_khatri_rao_factors_group_like_their_own_ops(monkeypatch):

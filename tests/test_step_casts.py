@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lyco
 from lyco.algorithms import casts, lowrank
 from lyco.optim import FlatAdamW
+from sink_helpers import AutogradAdds
 
 
 class _Casts(TorchDispatchMode):
@@ -229,6 +230,34 @@ def test_grad_sink_adds_into_the_gradients(monkeypatch):
     for a, b in zip(ref, first):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     assert rec2.add_ == 0 and rec2.addmm_ - rec0.addmm_ == len(params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_sink_adds_conv_gradients_itself(monkeypatch, dtype):
+    """A conv's factor gradients (no GEMM adds into ``.grad`` there: batch-summed) are added into ``.grad`` by the op
+    after its products (``lowrank._sink_add``), not by autograd's accumulation: over two micro-batches into kept
+    gradients, every add is the op's, and the gradients are autograd's bit for bit (the same cast, then the same add)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)).to(dtype)
+    net = lyco.create(model, preset="full", algo="locon", rank=4, alpha=2.0, seed=1)
+    params = list(net.trainable_parameters())
+    with torch.no_grad():
+        for p in params:
+            p.data = p.data.to(dtype) + 0.1 * torch.randn(p.shape, dtype=dtype)
+    assert len(params) == 6 and all(p.dim() == 4 for p in params)
+    xs = [torch.randn(2, 8, 6, 6, dtype=dtype), torch.randn(2, 8, 6, 6, dtype=dtype)]
+    ref, _ = _accumulate(model, params, xs, sink=False)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    rec = AutogradAdds(monkeypatch)
+    with rec, casts.step_casts(grad_sink=True):
+        for x in xs:
+            model(x).square().mean().backward()  # _accumulate's loss
+    assert rec.outside == 0 and rec.inside == 2 * len(params)
+    for a, p in zip(ref, params):
+        assert p.grad.abs().sum() > 0 and torch.equal(p.grad, a)
 
 
 def test_grad_sink_leaves_hooked_parameters_to_autograd(monkeypatch):

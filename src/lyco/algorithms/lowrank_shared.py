@@ -41,7 +41,7 @@ from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
     _fwd_weights, _join, _late_join, _late_on, _late_wait, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
-    _regen_operands, _side_products, _sink_into, _sink_leaves, side_stream, up_stream,
+    _regen_operands, _side_products, _sink_add, _sink_grad, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -205,8 +205,9 @@ class _SharedOp(torch.autograd.Function):
                 else:
                     g_all = _mm(gh.t(), cast(rg.value(kept), cd).view(gh.shape[0], -1), 1.0, ddt if same else None)
             for i in range(n):
-                if need_d[i]:
-                    gd[i] = g_all[offs[i]:offs[i] + rs[i]]
+                if need_d[i]:  # into .grad here, on this stream, where the sink takes it (lowrank._sink_add)
+                    leaves = ctx.leaves[i]
+                    gd[i] = _sink_add(g_all[offs[i]:offs[i] + rs[i]], _sink_grad(leaves[0]) if leaves else None)
 
         def grad_ups():
             for i in live:
@@ -236,7 +237,9 @@ class _SharedOp(torch.autograd.Function):
                     gx.addmm_(gys[i], w)
                 else:
                     gx.add_(gys[i] @ w)
-        _join(side)  # the ∂D's are returned: autograd reads them on this stream
+        late_d = late and side is not None and not split and all(g is None or g is _SUNK for g in gd)
+        if not late_d:
+            _join(side)  # the ∂D's are returned (autograd reads them on this stream), or ∂x takes ∂h (split)
         if need_x:
             if split:  # the adapters' part after the side stream's ∂h: one GEMM over the members' downs stacked
                 dcat = torch.cat(dd, 0)
@@ -247,13 +250,16 @@ class _SharedOp(torch.autograd.Function):
                 else:
                     gx.add_(hs[0] @ dcat)
             grads[0] = like(gx, xshape, xdt)
+        keep = (gys, xs, h, ws, dd, ud, kept if rg is not None else None) if late else None
+        if late_d:
+            _late_join(side, keep)
         if late and su is not None and all(g is None or g is _SUNK for g in gu):
-            _late_join(su, (gys, xs, h, ws, dd, ud, kept if rg is not None else None))
+            _late_join(su, keep)
         else:
             _join(su)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
-            if gd[i] is not None:
+            if gd[i] is not None and gd[i] is not _SUNK:
                 grads[2 + 4 * i + 2] = like(gd[i], dshape, ddt)
             if gu[i] is not None and gu[i] is not _SUNK:
                 grads[2 + 4 * i + 3] = like(gu[i], ushape, udt)
