@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Issue 7 GPU run 247 (session 33): SD1.5 b1 at this session's code — LoRA, LoCon, LoHa, LoKr against PEFT and the
+# floor in one run (the ratios of the closing note), then the trainer's graphs against eager for LoHa (its conv
+# factors built, not leaves: change 138's sink does not take them) (≈ 5 min).
+#   OUT=$OUT bash benchmarks/run_b1_table33.sh      (carry .whl)
+. benchmarks/_gpu_lib.sh
+trainer_env
+export PYTHONPATH=/tmp/site:$PWD/src
+step_table t 220 --baselines floor --variants lyco,peft --jobs sd15:1 --algos lora,locon,loha,lokr \
+  --rounds 1 --steps 2 --warmup 1 --graph --graph-steps 15
+grep "÷best peer" "$OUT/t/train_step.log" | grep graph | cut -c1-160
+graph_check 70 loha
+echo "lyco warnings: $(cat $OUT/*/train_step.log | grep -c 'RuntimeWarning: lyco')"
+step_records t
+pack_out
