@@ -88,13 +88,22 @@ def test_steps_against_float64_autograd(monkeypatch, rows, merged_fwd):
     channels) with every layer split (``1e9``), a mix (``1``: the group's ∂x and the MLP's first layer split, the
     forward of its second — 32 inputs — too) or none (``0``), with the forward through merged weights or not: each
     step's output, ∂x and every factor's gradient against float64 autograd on the merged weights; the merged weights
-    built as many times as the rule says."""
+    built as many times as the rule says, the group's downs stacked once per step."""
     model, net, g = _setup(monkeypatch, rows, merged_fwd)
     builds = _count_builds(monkeypatch)
+    cats, real_cat = [], torch.cat
+
+    def cat(ts, *a, **k):  # the group's three downs (rank 4 × 16 inputs) stacked
+        if isinstance(ts, (list, tuple)) and len(ts) == 3 and all(tuple(t.shape) == (4, 16) for t in ts):
+            cats.append(step)
+        return real_cat(ts, *a, **k)
+
+    monkeypatch.setattr(torch, "cat", cat)
     x = torch.randn(2, 12, 16, generator=g)
     for step in range(3):
         want_y, want_gx, want_g = _dense_step(model, net, x)
         builds.clear()
+        cats.clear()
         xr = x.clone().requires_grad_(True)
         y = model(xr)
         y.square().sum().backward()
@@ -106,6 +115,8 @@ def test_steps_against_float64_autograd(monkeypatch, rows, merged_fwd):
         bwd = {"1e9": 0, "1": 2 * 2, "0": 2 * 6}[rows]  # "1": to_out (16 outputs) and fc2 (16)
         fwd = 0 if not merged_fwd else {"1e9": 0, "1": 2 * 5, "0": 2 * 6}[rows]  # "1": all but fc2 (32 inputs)
         assert len(builds) == bwd + fwd, (step, builds)
+        # once per group and step, by its forward: the split ∂x ("1e9", "1") reads the forward's stack
+        assert len(cats) == 2, (step, cats)
         with torch.no_grad():
             for p in net.trainable_parameters():
                 p.sub_(1e-4 * p.grad)

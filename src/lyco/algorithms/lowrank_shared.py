@@ -98,12 +98,13 @@ class _SharedOp(torch.autograd.Function):
         xs = cast_input(x, cd)
         fmerged = max(rs) <= _FWD_MAX_RANK and _fwd_merged_on(xs) and _merged_pays(xs, xs.shape[0], specs[0].in_dim)
         fused = None if fmerged else _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd)
-        ys = []
+        ys, dcat = [], None
         if fmerged:  # every member through its merged weight built ahead (.lowrank._fwd_weights), the downs beside
             wms = _fwd_weights(xs, flat[2], _weak_build(_merged_group, ss, cd, *flat))
             fside = _forward_side(xs)
             with _fork(fside):
-                h = F.linear(xs, torch.cat(dd, 0))
+                dcat = torch.cat(dd, 0)
+                h = F.linear(xs, dcat)
             ys = [F.linear(xs, wms[i], cast(bs[i], cd)) for i in range(n)]
             _join(fside)
             del wms
@@ -116,7 +117,8 @@ class _SharedOp(torch.autograd.Function):
         else:
             fside = _forward_side(xs)  # the down beside the members' frozen GEMMs where it may (lowrank._forward_side)
             with _fork(fside):
-                h = F.linear(xs, torch.cat(dd, 0))
+                dcat = torch.cat(dd, 0)
+                h = F.linear(xs, dcat)
             if fside is not None:  # every member's frozen GEMM beside the down, then the ups
                 ys = [F.linear(xs, cast(ws[i], cd), cast(bs[i], cd)) for i in range(n)]
                 _join(fside)
@@ -140,6 +142,10 @@ class _SharedOp(torch.autograd.Function):
         # ∂x as Σ ∂y_i·W_i + (the group's ∂h)·[D_1; …; D_n] where the rows do not pay for the merged weights
         # (.lowrank._merged_pays, k = the members' outputs summed)
         ctx.split = ctx.needs_input_grad[0] and not _merged_pays(xs, xs.shape[0], sum(sp.out_dim for sp in specs))
+        # the stacked downs the forward's h read, for the split ∂x's GEMM: the factors do not change within a step, and
+        # the backward's cat ran on its current stream, after the side stream's join (one launch per group and step;
+        # a few Σr × in elements kept). Allocated on the forward's side stream and read here only after its join.
+        ctx.dcat = dcat if ctx.split else None
         if ctx.needs_input_grad[0] and not ctx.split:  # every member's merged weight, built ahead by the next op's backward
             _ahead_link(ctx, xs, _merged_all, ws, ud, dd, ss, cd)
         return tuple(ys)
@@ -242,7 +248,7 @@ class _SharedOp(torch.autograd.Function):
             _join(side)  # the ∂D's are returned (autograd reads them on this stream), or ∂x takes ∂h (split)
         if need_x:
             if split:  # the adapters' part after the side stream's ∂h: one GEMM over the members' downs stacked
-                dcat = torch.cat(dd, 0)
+                dcat, ctx.dcat = (ctx.dcat if ctx.dcat is not None else torch.cat(dd, 0)), None
                 if fp is not None:
                     torch.addmm(gx, hs[0], dcat, beta=1, out_dtype=fp, out=gx)
                 elif gx.dtype == cd:
