@@ -1,5 +1,6 @@
 # Shared by the benchmarks/run_*.sh scripts of issue 7's GPU runs (sourced, not run). Each script sets
-# OUT (default .) and calls these; S is the run's start time, deadlines are seconds after it.
+# OUT (default .) and calls these; S is the run's start time, deadlines are seconds after it (a run script must not
+# assign S: run 243's trace paths named S moved every later deadline).
 set -u
 OUT=${OUT:-.}
 S=$(date +%s)

@@ -677,9 +677,10 @@ def _sink_add(g, into: torch.Tensor | None):
     current stream — a side stream, where the op computed g — and :data:`_SUNK` returned; ``g`` itself where there is
     no ``into`` (or g is not one of its size). For the gradients no GEMM can add into ``.grad`` itself: a conv's
     (batch-summed) and a shared-input group's downs (slices of one stacked GEMM). Autograd's accumulation would
-    add them on the current stream instead, one kernel per factor between the frozen model's own kernels: 144 of
-    them in the trainer's captured step of SD1.5 LoRA (its 32 1×1 ``proj_in``/``proj_out`` convs' factors and the
-    q/k/v and k/v groups' 80 downs; run 243's timeline, H100: 0.20 ms exposed and 0.08 ms idle before them). The same
+    add them on the current stream instead, one kernel per factor between the frozen model's own kernels: 144 more
+    bf16 adds in the trainer's captured step of SD1.5 LoRA than in the step that returns the gradients (run 243's
+    timeline, H100: 0.20 ms exposed and 0.08 ms idle before them) — by their count (not told apart in the trace) the
+    32 1×1 ``proj_in``/``proj_out`` convs' 64 factors and the q/k/v and k/v groups' 80 downs. The same
     numbers: g in the gradient's dtype first (autograd's ``like`` cast), then the add autograd's accumulation does.
     Measured (H100, SD1.5 b1, the trainer's captured step, ``train_step.py --lyco-grad-sink``): LoRA 22.75 / 22.75 /
     22.76 ms before (runs 241–242), **22.62 / 22.65** after (run 245; its step that returns the gradients 22.58 /
@@ -961,7 +962,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
             return xc
     gx = gw = gb = gd = gu = None
     into_d = into_u = None
-    add_d = add_u = None  # a conv's: added into .grad after its GEMMs, on their stream (_sink_add)
+    add_d = add_u = None  # a conv's, a grouped linear's: added into .grad after its products there (_sink_add)
     if leaves is not None and spec.kind == LINEAR and groups == 1:
         into_d = _sink_into(leaves[0], tuple(d2.shape), cd) if need_d else None
         into_u = _sink_into(leaves[1], tuple(u2.shape), cd) if need_u else None
