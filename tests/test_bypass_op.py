@@ -759,18 +759,21 @@ def test_graph_step_runs_the_backward_on_the_calling_thread(monkeypatch):
     (dict(kernel_size=3, padding=1, stride=2), False),  # _im2col_ok: stride 1 only
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_delta_path_conv_down_weight_gradient(monkeypatch, conv, taken, dtype):
-    """``LYCO_CONV_DOWN_IM2COL`` (:func:`lowrank.conv_down`): LoCon's delta path on a 3×3 conv takes ∂D from
-    ``_conv_wgrad_nchw`` — every gradient (x, down, up) against the same step with autograd's conv (the switch at
-    0): float64 to 1e-12, bf16 within its rounding; not taken where the rule refuses (stride 2)."""
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_delta_path_conv_down_weight_gradient(monkeypatch, conv, taken, dtype, algo):
+    """``LYCO_CONV_DOWN_IM2COL`` (:func:`lowrank.conv_down`): LoCon's and LoHa's (its Khatri–Rao down, run 248) delta
+    path on a 3×3 conv takes ∂D from ``_conv_wgrad_nchw`` — every gradient (x and the factors: LoHa's four through
+    its Khatri–Rao products) against the same step with autograd's conv (the switch at 0): float64 to 1e-12, bf16
+    within its rounding; not taken where the rule refuses (stride 2)."""
     monkeypatch.setenv("LYCO_BYPASS_OP", "0")
     g = torch.Generator().manual_seed(7)
-    model = nn.Sequential(nn.Conv2d(24, 10, **conv)).to(dtype)
-    net = lyco.create(model, algo="lora", rank=3, alpha=2.0, conv_rank=3, conv_alpha=2.0, preset="full", seed=0)
+    cin = 24 if algo == "lora" else 48  # LoHa's down has r·r = 9 channels: 9·9 shifted planes ≤ 2·in (_im2col_ok)
+    model = nn.Sequential(nn.Conv2d(cin, 10, **conv)).to(dtype)
+    net = lyco.create(model, algo=algo, rank=3, alpha=2.0, conv_rank=3, conv_alpha=2.0, preset="full", seed=0)
     with torch.no_grad():
         for p in net.trainable_parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
-    x = torch.randn(2, 24, 9, 7, generator=g).to(dtype).requires_grad_()
+    x = torch.randn(2, cin, 9, 7, generator=g).to(dtype).requires_grad_()
     params = [x] + list(net.trainable_parameters())
     out, calls = {}, []
     real = lowrank._ConvDown.apply

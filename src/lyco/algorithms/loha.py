@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, layer_op, rebuild_tucker, register,
 )
-from . import factor_batch, factor_triton
+from . import factor_batch, factor_triton, lowrank
 from .rebuild import cast
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
@@ -213,7 +213,12 @@ class LoHa(Algorithm):
                     and x.dim() == len(spec.kernel) + 2 and khatri_rao_pays(spec, r12)):
                 up, down = self._kr_pair(t, x.dtype)
                 down = down.reshape((r12, spec.in_dim) + spec.kernel)
-                h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
+                if spec.kind == CONV2D:
+                    # ∂D by one GEMM where cuDNN's weight gradient is slow — as LoCon's delta path (lora.py): run
+                    # 248's SD1.5 b1 LoHa timeline had 12 ``wgrad2d_shmem_tiling`` launches at 88 µs each here
+                    h = lowrank.conv_down(x, down, spec)
+                else:
+                    h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
                 return accumulate_conv1x1(acc, h, up, gain * multiplier)
         return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
 
