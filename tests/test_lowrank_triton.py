@@ -259,45 +259,6 @@ def test_add_lowrank_matches_definition(kern, monkeypatch, m, k, r, dtype, progr
         assert torch.equal(out[:, k:], up)
 
 
-@pytest.mark.parametrize("ms,rs", [((40, 40, 40), (16, 16, 16)), ((33, 17, 50), (6, 1, 4)), ((17, 64), (4, 8)),
-                                   ((20,), (3,))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("programs", [1, 64])
-@pytest.mark.parametrize("bm", [16, 32])
-def test_add_lowrank_multi_matches_definition(kern, monkeypatch, ms, rs, dtype, programs, bm):
-    """``[W_0 + γ_0·U_0·D_0; …]`` of 1–3 members in one launch equals each member's float64 sum, stacked, within one
-    rounding of the output dtype — members of different heights (every row block's tail masked), ranks (1: an
-    argument Triton would specialise) and gains (one negative), the columns split over programs or not."""
-    monkeypatch.setitem(kern._MERGE_CFG, "programs", programs)
-    monkeypatch.setitem(kern._MERGE_CFG, "BM", bm)
-    monkeypatch.setitem(kern._MERGE_CFG, "BK", 64)
-    k = 129
-    g = torch.Generator().manual_seed(sum(ms) + sum(rs))
-    ws = [torch.randn(m, k, generator=g).to(dtype) for m in ms]
-    ups = [torch.randn(m, r, generator=g).to(dtype) for m, r in zip(ms, rs)]
-    downs = [(0.3 * torch.randn(r, k, generator=g)).to(dtype) for r in rs]
-    gains = [0.4, -0.7, 1.3][:len(ms)]
-    assert kern.multi_ok(ws, ups, downs)
-    out = kern.add_lowrank_multi(ws, ups, downs, gains)
-    ref = torch.cat([w.double() + s * u.double() @ d.double() for w, u, d, s in zip(ws, ups, downs, gains)])
-    assert out.dtype == dtype and out.shape == (sum(ms), k) and out.is_contiguous()
-    o = 0
-    for m, w, u, d, s in zip(ms, ws, ups, downs, gains):  # each member's rows against its own sum
-        assert _rel(out[o:o + m], ref[o:o + m]) < TOL[dtype][0]
-        o += m
-
-
-def test_add_lowrank_multi_refuses_what_it_cannot_read():
-    """:func:`multi_ok`: no more than MEMBERS, one row length and dtype, contiguous, factors matching their weight."""
-    w, u, d = torch.zeros(8, 12), torch.zeros(8, 2), torch.zeros(2, 12)
-    assert lowrank_triton.multi_ok([w, w, w], [u, u, u], [d, d, d])
-    assert not lowrank_triton.multi_ok([w] * 4, [u] * 4, [d] * 4)
-    assert not lowrank_triton.multi_ok([w, torch.zeros(8, 13)], [u, u], [d, torch.zeros(2, 13)])
-    assert not lowrank_triton.multi_ok([w, w.t().contiguous().t()], [u, u], [d, d])
-    assert not lowrank_triton.multi_ok([w, w.half()], [u, u.half()], [d, d.half()])
-    assert not lowrank_triton.multi_ok([w], [torch.zeros(8, 3)], [d])
-
-
 def _glora_reference(mod, a1, a2, b1, b2, gamma, x):
     """GLoRA's definition: W′ = W + γ·(W·A1·A2 + B1·B2) on the flattened weight (1×1 convs and linears)."""
     w = mod.weight.double()

@@ -21,8 +21,7 @@ ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`) and whose work the cu
 next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`), and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as
 one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`) — or through its merged weight built a
-layer ahead on the up stream (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, taken first; a q/k/v group's
-weights stacked by one launch for one GEMM, ``LYCO_FORWARD_STACKED``, :func:`.lowrank_shared._merged_stack`) — or with its down
+layer ahead on the up stream (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, taken first) — or with its down
 beside the frozen GEMM on the side stream (``LYCO_FORWARD_SIDE``, :func:`.lowrank._forward_side`), its conv forward's bias and up
 in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and a k×k conv's input channels-last
 (``LYCO_CONV_NHWC``, :func:`.lowrank._conv_nhwc`) with its weights made channels-last by the same tiled copy

@@ -35,14 +35,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import graph_policy, lowrank_triton, regen, regen_triton
+from . import regen, regen_triton
 from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
-    _fwd_weights, _join, _late_join, _late_on, _late_wait, _merge_kernel, _merged, _merged_pays, _mm, _out_dtype_ok,
-    _regen_operands, _side_products, _sink_add, _sink_grad, _sink_into, _sink_leaves, _weak_build, side_stream,
-    up_stream,
+    _fwd_weights, _join, _late_join, _late_on, _late_wait, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
+    _regen_operands, _side_products, _sink_add, _sink_grad, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
 from .rebuild import cast, like
@@ -71,28 +70,11 @@ def _fused_members(xs, specs, ws, bs, dd, ud, rs, offs, cd):
     return h, parts
 
 
-def _merged_group(ss, cd, *flat):
+def _merged_group(ss, cd, *flat) -> list:
     """Every member's ``W_i + s_i·U_i·D_i`` in ``cd`` from the op's flat ``(W, b, D, U)`` per member, the factors cast
-    here (the forward's weights built ahead, :func:`.lowrank._fwd_weights`): one tensor ``[W_0′; W_1′; …]`` where
-    :func:`_merged_stack` builds it, else a list."""
-    ws, ud, dd = flat[0::4], [cast_factor(u, cd) for u in flat[3::4]], [cast_factor(d, cd) for d in flat[2::4]]
-    st = _merged_stack(ws, ud, dd, ss, cd)
-    return st if st is not None else _merged_all(ws, ud, dd, ss, cd)
-
-
-def _merged_stack(ws, ud, dd, ss, cd):
-    """``[W_0′; W_1′; …]`` ``(Σ out, in)`` in one launch (:func:`.lowrank_triton.add_lowrank_multi`) where
-    ``LYCO_FORWARD_STACKED`` (:mod:`.graph_policy`, captured steps by default) and every member's merge takes the Triton
-    kernel (:func:`.lowrank._merge_kernel`), else None. The group's forward is then one GEMM over it whose output's
-    column blocks are the members' outputs (as (IA)³'s q/k/v, :class:`.ia3._SharedKeepOutput`): per self-attention
-    the forward's three builds and three frozen GEMMs become one and one — the floor runs three GEMMs there."""
-    if not graph_policy.wanted("LYCO_FORWARD_STACKED"):
-        return None
-    wc = [cast(w, cd) for w in ws]
-    if not (all(_merge_kernel(w, d.shape[0]) for w, d in zip(wc, dd))
-            and lowrank_triton.multi_ok(wc, [u.contiguous() for u in ud], [d.contiguous() for d in dd])):
-        return None
-    return lowrank_triton.add_lowrank_multi(wc, [u.contiguous() for u in ud], [d.contiguous() for d in dd], ss)
+    here (the forward's weights built ahead, :func:`.lowrank._fwd_weights`)."""
+    return _merged_all(flat[0::4], [cast_factor(u, cd) for u in flat[3::4]], [cast_factor(d, cd) for d in flat[2::4]],
+                       ss, cd)
 
 
 def _merged_all(ws, ud, dd, ss, cd) -> list:
@@ -123,12 +105,7 @@ class _SharedOp(torch.autograd.Function):
             with _fork(fside):
                 dcat = torch.cat(dd, 0)
                 h = F.linear(xs, dcat)
-            if isinstance(wms, torch.Tensor):  # stacked (_merged_stack): one GEMM, the members' outputs its column blocks
-                b = None if all(v is None for v in bs) else torch.cat(
-                    [cast(v, cd) if v is not None else xs.new_zeros(sp.out_dim) for v, sp in zip(bs, specs)])
-                ys = list(F.linear(xs, wms, b).split([sp.out_dim for sp in specs], 1))
-            else:
-                ys = [F.linear(xs, wms[i], cast(bs[i], cd)) for i in range(n)]
+            ys = [F.linear(xs, wms[i], cast(bs[i], cd)) for i in range(n)]
             _join(fside)
             del wms
         elif fused is not None:

@@ -168,11 +168,6 @@ def _compare(device, dtype, r: int) -> str | None:
     dgr = (e.float() * wc).sum(1)
     h_ref = 0.35 * (mag / n)[:, None] * e.float()
     errs = [(out, ref), (again, ref), (add_lowrank(w, u, d, 0.5), wc)]
-    # the stacked form of three members (the second narrower, with half the rank)
-    h2 = r // 2 or 1
-    errs.append((add_lowrank_multi((w, w[:40].contiguous(), w), (u, u[:40, :h2].contiguous(), u),
-                                   (d, d[:h2].contiguous(), d), (0.5, -0.25, 0.5)),
-                 torch.cat([wc, w[:40].float() - 0.25 * u[:40, :h2].float() @ d[:h2].float(), wc])))
     for detach in (False, True):
         h, gu, gmag = backward(e, w, u, d, vec, 0.5, 0.7, detach, True, torch.float32)
         hr = h_ref if detach else h_ref - (0.35 * dgr * mag / (n * n * (n - _EPS)))[:, None] * wc
@@ -294,40 +289,6 @@ if triton is not None:
                     weff += (1.0 - s) * tl.load(wp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             tl.store(OUT + rows[:, None] * som + cols[None, :] * sok, weff.to(OUT.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
-
-    @triton.jit
-    def _merge_body(W, U, D, OUT, M, K, R, gain, blk, KS, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-                    UPCAST: tl.constexpr):
-        """``OUT = W + γ·U·D`` on row block ``blk`` and this program's columns; W, D, OUT contiguous rows of K, U of
-        R."""
-        rows = blk * BM + tl.arange(0, BM)
-        rmask = rows < M
-        rr = tl.arange(0, BR)
-        u = tl.load(U + rows[:, None] * R + rr[None, :], mask=rmask[:, None] & (rr[None, :] < R), other=0.0)
-        kk = tl.arange(0, BK)
-        k_lo = tl.program_id(1) * KS
-        for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
-            cols = k0 + kk
-            wc, cmask = _w_prime(W + rows[:, None] * K + cols[None, :], D + rr[:, None] * K + cols[None, :], u, rmask,
-                                 rr < R, cols, K, gain, UPCAST)
-            tl.store(OUT + rows[:, None] * K + cols[None, :], wc.to(OUT.dtype.element_ty),
-                     mask=rmask[:, None] & cmask[None, :])
-
-    @triton.jit(do_not_specialize=["M0", "M1", "M2", "R0", "R1", "R2"])
-    def _merge_multi_kernel(W0, W1, W2, U0, U1, U2, D0, D1, D2, OUT, M0, M1, M2, R0, R1, R2, g0, g1, g2, K, KS,
-                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
-        # member i's W_i′ into OUT's rows after the members before it; a launch has exactly its members' row blocks
-        # (times the column splits), so a slot with M_i = 0 is never reached. A body call per branch, as
-        # scale_triton's _rows_multi_body: no pointer chosen by a branch and read after it
-        pid = tl.program_id(0)
-        nb0 = tl.cdiv(M0, BM)
-        nb01 = nb0 + tl.cdiv(M1, BM)
-        if pid < nb0:
-            _merge_body(W0, U0, D0, OUT, M0, K, R0, g0, pid, KS, BM, BK, BR, UPCAST)
-        elif pid < nb01:
-            _merge_body(W1, U1, D1, OUT + M0 * K, M1, K, R1, g1, pid - nb0, KS, BM, BK, BR, UPCAST)
-        else:
-            _merge_body(W2, U2, D2, OUT + (M0 + M1) * K, M2, K, R2, g2, pid - nb01, KS, BM, BK, BR, UPCAST)
 
     @triton.jit
     def _grad_kernel(E, W, U, D, VEC, P, NP, H, GUP, GMAG, M, K, R, sem, sek, swm, swk, sum_, sur, sdr, sdk,
@@ -542,52 +503,6 @@ def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: 
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
         FROM_P=False, PLAIN=True, CAT_U=with_up, **_common(r, _MERGE_CFG))
-    return out
-
-
-#: the most weights :func:`add_lowrank_multi` stacks in one launch (a self-attention's q, k and v)
-MEMBERS = 3
-
-
-def multi_ok(ws, ups, downs) -> bool:
-    """Whether :func:`add_lowrank_multi` takes these members: 1 to :data:`MEMBERS` contiguous 2-D weights of one
-    dtype and one row length, each with a contiguous ``(out, r)`` up and ``(r, in)`` down in its dtype."""
-    if not 1 <= len(ws) <= MEMBERS:
-        return False
-    w0 = ws[0]
-    for w, u, d in zip(ws, ups, downs):
-        if (w.dim() != 2 or w.dtype != w0.dtype or w.shape[1] != w0.shape[1] or not w.is_contiguous()
-                or u.dtype != w.dtype or d.dtype != w.dtype or not u.is_contiguous() or not d.is_contiguous()
-                or u.shape != (w.shape[0], d.shape[0]) or d.shape[1] != w.shape[1]):
-            return False
-    return True
-
-
-def add_lowrank_multi(ws, ups, downs, gains) -> torch.Tensor:
-    """``[W_0 + γ_0·U_0·D_0; W_1 + γ_1·U_1·D_1; …]`` — :func:`add_lowrank` of up to :data:`MEMBERS` weights, one
-    below the other in one contiguous ``(Σ out, in)`` tensor, in one launch (each member's rows as
-    :func:`add_lowrank` computes them: U·D in fp32, ``W + γ·U·D`` rounded once). A q/k/v group's forward weight
-    for one GEMM (:func:`.lowrank_shared._merged_stack`). The caller checks :func:`multi_ok` and :func:`usable` per
-    member."""
-    c = _MERGE_CFG
-    n = len(ws)
-    k = ws[0].shape[1]
-    ms = [w.shape[0] for w in ws]
-    rs = [u.shape[1] for u in ups]
-    rb = sum(_cdiv(m, c["BM"]) for m in ms)
-    target = c["programs"]
-    if target is None:
-        dev = ws[0].device
-        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    nk = _cdiv(k, c["BK"])
-    ns = min(nk, max(1, _cdiv(target, rb)))
-    ks = _cdiv(nk, ns) * c["BK"]
-    out = torch.empty((sum(ms), k), device=ws[0].device, dtype=ws[0].dtype)
-    pad = MEMBERS - n
-    _merge_multi_kernel[(rb, _cdiv(k, ks))](
-        *ws, *(ws[0],) * pad, *ups, *(ups[0],) * pad, *downs, *(downs[0],) * pad, out,
-        *ms, *(0,) * pad, *rs, *(rs[0],) * pad, *(float(g) for g in gains), *(0.0,) * pad, k, ks,
-        **_common(max(rs), c))
     return out
 
 
