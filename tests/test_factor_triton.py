@@ -132,7 +132,8 @@ def test_kron_batched_matches_definition(kern, n, ol, im, ok, r, dtype):
 def test_kron_weight_grads_match_definition(kern, ol, ok, im, c, dtype):
     """LoKr's rebuilt-op backward: for E ``(L, K, M, C)``, ``Σ_kc E[i,k,j,c]·W2[k,c]`` and ``Σ_ij E[i,k,j,c]·W1[i,j]``
     — the gradients of W1 and W2 through ``kron(W1, W2)`` (torch.kron's float64 autograd) for the upstream E. Tiles
-    of (k, c) ragged in both (130, 200, 33 rows) and several programs per row of W1."""
+    of (k, c) ragged in both (130, 200, 33 rows) and several programs per row of W1. Then the same scaled by s and
+    written in other dtypes by the finishing launch: the fp32 sums times s, rounded once."""
     g = torch.Generator().manual_seed(ol * ok + c)
     e = torch.randn(ol, ok, im, c, generator=g).to(dtype)
     w1, w2 = torch.randn(ol, im, generator=g).to(dtype), torch.randn(ok, c, generator=g).to(dtype)
@@ -142,6 +143,10 @@ def test_kron_weight_grads_match_definition(kern, ol, ok, im, c, dtype):
     torch.kron(W1, W2).backward(e.double().permute(0, 1, 2, 3).reshape(ol * ok, im * c))
     # fp32 sums of exact products: only the summation order differs from float64
     assert _rel(g1, W1.grad) < 1e-5 and _rel(g2, W2.grad) < 1e-5
+    h1, h2 = kern.kron_weight_grads(e, w1, w2, -0.35, (torch.bfloat16, dtype))
+    assert h1.dtype == torch.bfloat16 and h2.dtype == dtype and h1.shape == (ol, im) and h2.shape == (ok, c)
+    # the fp32 sums scaled, then one rounding (the interpreter truncates to bf16: one ulp, not half)
+    assert _rel(h1, -0.35 * W1.grad) < TOL[torch.bfloat16][0] and _rel(h2, -0.35 * W2.grad) < TOL[dtype][0]
 
 
 @pytest.mark.parametrize("ol,ok,im,c", [(8, 40, 8, 360), (3, 5, 7, 130), (1, 3, 1, 1)])

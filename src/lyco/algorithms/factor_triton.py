@@ -114,9 +114,9 @@ def _compare(device, dtype) -> str | None:
                  (gw1, (GU * A[None, :, None, :]).sum((1, 3))), (ga, (GU * W1[:, None, :, None]).sum((0, 2)))]
     for ol, ok, im, c in ((8, 40, 8, 360), (3, 5, 7, 130)):
         e, w1, w2 = rnd(ol, ok, im, c), rnd(ol, im), rnd(ok, c)
-        g1, g2 = kron_weight_grads(e, w1, w2)
+        g1, g2 = kron_weight_grads(e, w1, w2, 0.5, (dtype, torch.float32))
         E, W1, W2 = e.float(), w1.float(), w2.float()
-        errs += [(g1, (E * W2[None, :, None, :]).sum((1, 3))), (g2, (E * W1[:, None, :, None]).sum((0, 2))),
+        errs += [(g1, 0.5 * (E * W2[None, :, None, :]).sum((1, 3))), (g2, 0.5 * (E * W1[:, None, :, None]).sum((0, 2))),
                  (kron_merge(e, w1, w2, 0.5), E + 0.5 * W1[:, None, :, None] * W2[None, :, None, :])]
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
     return None if worst <= 2e-2 else f"their self-test's relative error is {worst:.2e}"
@@ -344,6 +344,27 @@ if triton is not None:
 
 
     @triton.jit
+    def _sum_rows_body(P, G, T, N, s, pid, BLOCK: tl.constexpr):
+        # G[n] = s·Σ_t P[t, n] for this program's n, in fp32 over t in order, rounded once to G's dtype
+        off = pid * BLOCK + tl.arange(0, BLOCK)
+        m = off < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(0, T):
+            acc += tl.load(P + t * N + off, mask=m, other=0.0)
+        tl.store(G + off, (acc * s).to(G.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _kron_wgrad_finish_kernel(P1, P2, G1, G2, T1, T2, N1, N2, s, BLOCK: tl.constexpr):
+        """Both sums of :func:`kron_weight_grads`' partials in one launch: the first programs ``G1 = s·Σ_tiles P1``,
+        the rest ``G2 = s·Σ_i P2`` (a body per branch, as scale_triton's row kernels)."""
+        pid = tl.program_id(0)
+        nb1 = tl.cdiv(N1, BLOCK)
+        if pid < nb1:
+            _sum_rows_body(P1, G1, T1, N1, s, pid, BLOCK)
+        else:
+            _sum_rows_body(P2, G2, T2, N2, s, pid - nb1, BLOCK)
+
+    @triton.jit
     def _kron_merge_kernel(W, W1, W2, OUT, N, K, M, C, s, sw1i, sw1j, sw2k, sw2c, BLOCK: tl.constexpr):
         """``OUT[i,k,j,c] = W[i,k,j,c] + s·W1[i,j]·W2[k,c]`` over the flat index (W and OUT contiguous), in fp32,
         rounded once."""
@@ -491,13 +512,21 @@ def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -
 _WGRAD_TILE = 2048
 
 
-def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
+_FINISH_BLOCK = 1024
+
+
+def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float = 1.0,
+                      dtypes: tuple = (torch.float32, torch.float32)) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``E`` ``(L, K, M, C)`` (contiguous: the gradient of a merged weight ``W + s·kron(W1, W2)`` viewed so that
-    ``kron(W1, W2)[i,k,j,c] = W1[i,j]·W2[k,c]``), ``W1`` ``(L, M)``, ``W2`` ``(K, C)``: ``(Σ_kc E[i,k,j,c]·W2[k,c],
-    Σ_ij E[i,k,j,c]·W1[i,j])`` in fp32 — E read once by one launch (programs over (k, c) tiles × W1's rows), two small
-    sums of its fp32 partials. The caller checks :func:`usable` (any ``inner``: the tiles here do not depend on it).
+    ``kron(W1, W2)[i,k,j,c] = W1[i,j]·W2[k,c]``), ``W1`` ``(L, M)``, ``W2`` ``(K, C)``: ``(s·Σ_kc E[i,k,j,c]·W2[k,c],
+    s·Σ_ij E[i,k,j,c]·W1[i,j])`` in ``dtypes`` — E read once by one launch (programs over (k, c) tiles × W1's rows)
+    writing fp32 partials, and both their sums, the scale and the rounding to each factor's dtype by a second
+    launch. The caller checks :func:`usable` (any ``inner``: the tiles here do not depend on it).
     Where it replaces two batched matrix-vector products over E in bf16 (``lokr._KronBuild.vjp``; run 148's profile
-    of SD1.5's 8×8 3×3 conv, 1280 → 1280: 121 + 43 µs for E's 14.7 M elements)."""
+    of SD1.5's 8×8 3×3 conv, 1280 → 1280: 121 + 43 µs for E's 14.7 M elements). The finishing launch replaced two
+    ``sum``s, two casts and (s ≠ 1) two products per layer: run 249's SD1.5 b1 LoKr timeline had 222 reduces and 222
+    casts for 111 layers, 0.68 + 0.25 ms exposed."""
     L, K, M, C = e.shape
     bc = min(128, _p2(C))
     bk = max(1, min(_p2(K), _WGRAD_TILE // bc))
@@ -506,7 +535,12 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> tu
     p1 = torch.empty(tiles, L, M, dtype=torch.float32, device=e.device)
     p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
     _kron_wgrad_kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc)
-    return p1.sum(0), p2.sum(0)
+    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
+    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
+    n1, n2 = L * M, K * C
+    _kron_wgrad_finish_kernel[(_cdiv(n1, _FINISH_BLOCK) + _cdiv(n2, _FINISH_BLOCK),)](
+        p1, p2, g1, g2, tiles, L, n1, n2, float(s), BLOCK=_FINISH_BLOCK)
+    return g1, g2
 
 
 #: elements per program of :func:`kron_merge`

@@ -181,13 +181,11 @@ class _KronBuild:
         t1, t2 = theta
         e4 = self._as4(gw, t1, t2)
         if any(needs) and e4.is_contiguous() and factor_triton.usable(gw, 0):
-            # one Triton pass over E for both (fp32 sums; factor_triton.kron_weight_grads)
+            # one Triton pass over E for both, one for their fp32 sums scaled and rounded to the factors' dtypes
+            # (factor_triton.kron_weight_grads)
             g1, g2 = factor_triton.kron_weight_grads(e4, t1.view(t1.shape[0], t1.shape[2]),
-                                                     t2.view(t2.shape[1], t2.shape[3]))
-            if self.s != 1.0:
-                g1, g2 = g1 * self.s, g2 * self.s
-            return (g1.to(t1.dtype).view(t1.shape) if needs[0] else None,
-                    g2.to(t2.dtype).view(t2.shape) if needs[1] else None)
+                                                     t2.view(t2.shape[1], t2.shape[3]), self.s, (t1.dtype, t2.dtype))
+            return (g1.view(t1.shape) if needs[0] else None, g2.view(t2.shape) if needs[1] else None)
         g1 = g2 = None
         if needs[0]:  # Σ_l E[i,k,j,l]·W2[k,l] for every (i,k,j), then Σ_k → (out_l, 1, in_m, 1)
             g1 = torch.matmul(e4, cast(t2, gw.dtype).transpose(2, 3)).sum(1, keepdim=True)
