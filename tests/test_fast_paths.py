@@ -123,19 +123,42 @@ def test_fast_path_equals_plain_sum(name, multiplier, mode, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def _stand_in_side_stream(monkeypatch) -> list:
+    """A stand-in side stream on the CPU (lowrank.side_stream returns it; lowrank's forks and joins on it run in place)
+    with ``LYCO_REBUILD_STREAMS`` on: the rebuilt op's own backward takes its side-stream form. Returns the list
+    a rebuilt op's backward appends to each time it takes the stream (rebuild._side)."""
+    from lyco.algorithms import lowrank, rebuild
+    fake, taken = object(), []
+    fork, join, side = lowrank._fork, lowrank._join, rebuild._side
+    monkeypatch.setenv("LYCO_REBUILD_STREAMS", "1")
+    monkeypatch.setattr(lowrank, "side_stream", lambda t: fake)
+    monkeypatch.setattr(lowrank, "_fork", lambda s: fork(None if s is fake else s))
+    monkeypatch.setattr(lowrank, "_join", lambda s: join(None if s is fake else s))
+    monkeypatch.setattr(rebuild, "_side", lambda gy: (lambda s: taken.append(s) or s)(side(gy)))
+    return taken
+
+
 @pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
-def test_rebuilt_op_equals_plain_sum(name, multiplier, monkeypatch):
+@pytest.mark.parametrize("streams", [False, True])
+def test_rebuilt_op_equals_plain_sum(name, multiplier, streams, monkeypatch):
     """``mode = "rebuild"`` (``lyco.algorithms.rebuild``: x kept, W′ rebuilt in backward; DoRA's own
     build; Full's linear op) gives the plain bypass sum's outputs and gradients on every layer kind
-    of ``Net`` (strided/padded conv, 1×1 conv, conv1d, 3-D and 2-D linear inputs)."""
+    of ``Net`` (strided/padded conv, 1×1 conv, conv1d, 3-D and 2-D linear inputs). ``streams``: the own
+    backwards with ∂W′ and the build's backward in a side-stream region apart from ∂x (``LYCO_REBUILD_STREAMS``,
+    a stand-in stream on the CPU) — taken by every algorithm with its own backward."""
     model, net = _make(CONFIGS["dora" if name == "dora-detach" else name])
     if name == "dora-detach":
         for layer in net.layers.values():
             layer.opts["dora_detach_norm"] = True
     net.set_multiplier(multiplier)
     inputs = _inputs()
+    forks = _stand_in_side_stream(monkeypatch) if streams else []
     fast = _run(model, net, inputs, mode="rebuild")
+    # the builds with their own backward (vjp): DoRA on the output axis, LoKr, (IA)³, GLoRA, Full, OFT/BOFT
+    own = name in ("dora", "dora-detach", "lokr", "lokr-full", "ia3", "glora", "full", "diag-oft",
+                   "diag-oft-constrained", "boft", "boft-constrained")
+    assert bool(forks) == (streams and own) and all(f is not None for f in forks), (name, forks)
     if name == "dora-detach":  # the plain sum has no detached norm: the bypass's detached form is the
         ref = _run(model, net, inputs, mode="bypass")  # reference (itself tested against the definition)
     else:

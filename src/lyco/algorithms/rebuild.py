@@ -130,8 +130,21 @@ class _RebuiltOp(torch.autograd.Function):
             take = getattr(build, "take_grads", None) if want else None
             grads = take(gy, theta, need[5:]) if take is not None else None
             need_w = want and grads is None
-            gx, gw, gb = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, need[0], need_w,
-                                      need_w and getattr(build, "bias_grad", False))
+            need_b = need_w and getattr(build, "bias_grad", False)
+            w2c = cast(w2, gy.dtype)
+            side = _side(gy) if need[0] and need_w else None
+            if side is not None:
+                # ∂W′ and the build's backward from it on the side stream beside ∂x (lowrank.side_stream's discipline:
+                # forked after everything issued so far, joined before the gradients are returned)
+                from .lowrank import _fork, _join
+                with _fork(side):
+                    gw, gb = op_backward(ctx.spec, x, w2c, gy, False, True, need_b)[1:]
+                    grads = build.vjp(aux, theta, gw, gb, need[5:])
+                    del gw, gb
+                gx = op_backward(ctx.spec, x, w2c, gy, True, False, False)[0]
+                _join(side)
+                return (cast(gx, x.dtype), None, None, None, None, *grads)
+            gx, gw, gb = op_backward(ctx.spec, x, w2c, gy, need[0], need_w, need_b)
             if grads is None:
                 grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
             return (cast(gx, x.dtype), None, None, None, None, *grads)
@@ -159,6 +172,19 @@ class _RebuiltOp(torch.autograd.Function):
                 if n and leaf is not None:
                     grads_in[i] = next(got, None)
         return (cast(gx, x.dtype), None, None, *grads_in)
+
+
+def _side(gy: torch.Tensor):
+    """The side stream (:func:`.lowrank.side_stream`) for a rebuilt op's own backward where ``LYCO_REBUILD_STREAMS``
+    (:mod:`.graph_policy`, captured steps by default), else None: its weight gradient ``∂W′`` and the build's backward
+    from it (:meth:`vjp`) run there while the current stream computes ∂x — as the bypass op's products beside its
+    ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): every kernel of that chain — the
+    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream."""
+    from . import graph_policy
+    from .lowrank import side_stream
+    if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
+        return None
+    return side_stream(gy)
 
 
 def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
