@@ -155,9 +155,9 @@ def test_rebuilt_op_equals_plain_sum(name, multiplier, streams, monkeypatch):
     inputs = _inputs()
     forks = _stand_in_side_stream(monkeypatch) if streams else []
     fast = _run(model, net, inputs, mode="rebuild")
-    # the builds with their own backward (vjp): DoRA on the output axis, LoKr, (IA)³, GLoRA, Full, OFT/BOFT
-    own = name in ("dora", "dora-detach", "lokr", "lokr-full", "ia3", "glora", "full", "diag-oft",
-                   "diag-oft-constrained", "boft", "boft-constrained")
+    # the builds with their own backward (vjp) — LoKr, (IA)³, GLoRA, Full, OFT/BOFT — but DoRA's (side_backward off)
+    own = name in ("lokr", "lokr-full", "ia3", "glora", "full", "diag-oft", "diag-oft-constrained", "boft",
+                   "boft-constrained")
     assert bool(forks) == (streams and own) and all(f is not None for f in forks), (name, forks)
     if name == "dora-detach":  # the plain sum has no detached norm: the bypass's detached form is the
         ref = _run(model, net, inputs, mode="bypass")  # reference (itself tested against the definition)

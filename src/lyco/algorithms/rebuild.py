@@ -132,7 +132,7 @@ class _RebuiltOp(torch.autograd.Function):
             need_w = want and grads is None
             need_b = need_w and getattr(build, "bias_grad", False)
             w2c = cast(w2, gy.dtype)
-            side = _side(gy) if need[0] and need_w else None
+            side = _side(gy) if need[0] and need_w and getattr(build, "side_backward", True) else None
             if side is not None:
                 # ∂W′ and the build's backward from it on the side stream beside ∂x (lowrank.side_stream's discipline:
                 # forked after everything issued so far, joined before the gradients are returned)
@@ -179,7 +179,9 @@ def _side(gy: torch.Tensor):
     (:mod:`.graph_policy`, captured steps by default), else None: its weight gradient ``∂W′`` and the build's backward
     from it (:meth:`vjp`) run there while the current stream computes ∂x — as the bypass op's products beside its
     ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): every kernel of that chain — the
-    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream."""
+    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream. Run
+    251 (H100, SD1.5 b1 as one graph, on / off / on): LoKr **28.74 / 29.12 / 28.69 ms**, Full 25.38 / 25.74; DoRA
+    28.50 / 28.40 with 31 MB more graph peak — a build whose ``side_backward`` is False keeps the one stream (DoRA's)."""
     from . import graph_policy
     from .lowrank import side_stream
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
