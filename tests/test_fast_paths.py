@@ -140,25 +140,29 @@ def _stand_in_side_stream(monkeypatch) -> list:
 
 @pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
-@pytest.mark.parametrize("streams", [False, True])
+@pytest.mark.parametrize("streams", ["off", "default", "all"])
 def test_rebuilt_op_equals_plain_sum(name, multiplier, streams, monkeypatch):
     """``mode = "rebuild"`` (``lyco.algorithms.rebuild``: x kept, W′ rebuilt in backward; DoRA's own
     build; Full's linear op) gives the plain bypass sum's outputs and gradients on every layer kind
     of ``Net`` (strided/padded conv, 1×1 conv, conv1d, 3-D and 2-D linear inputs). ``streams``: the own
     backwards with ∂W′ and the build's backward in a side-stream region apart from ∂x (``LYCO_REBUILD_STREAMS``,
-    a stand-in stream on the CPU) — taken by every algorithm with its own backward."""
+    a stand-in stream on the CPU) — by default LoKr's only, ``all``: every build with its own backward."""
+    from lyco.algorithms import rebuild
+    if streams == "all":
+        monkeypatch.setattr(rebuild, "_side_wanted", lambda build: True)
     model, net = _make(CONFIGS["dora" if name == "dora-detach" else name])
     if name == "dora-detach":
         for layer in net.layers.values():
             layer.opts["dora_detach_norm"] = True
     net.set_multiplier(multiplier)
     inputs = _inputs()
-    forks = _stand_in_side_stream(monkeypatch) if streams else []
+    forks = _stand_in_side_stream(monkeypatch) if streams != "off" else []
     fast = _run(model, net, inputs, mode="rebuild")
-    # the builds with their own backward (vjp) — LoKr, (IA)³, GLoRA, Full, OFT/BOFT — but DoRA's (side_backward off)
-    own = name in ("lokr", "lokr-full", "ia3", "glora", "full", "diag-oft", "diag-oft-constrained", "boft",
-                   "boft-constrained")
-    assert bool(forks) == (streams and own) and all(f is not None for f in forks), (name, forks)
+    # the builds with their own backward (vjp): DoRA on the output axis, LoKr, (IA)³, GLoRA, Full, OFT/BOFT
+    own = name in ("dora", "dora-detach", "lokr", "lokr-full", "ia3", "glora", "full", "diag-oft",
+                   "diag-oft-constrained", "boft", "boft-constrained")
+    taken = own if streams == "all" else streams == "default" and name in ("lokr", "lokr-full")
+    assert bool(forks) == taken and all(f is not None for f in forks), (name, forks)
     if name == "dora-detach":  # the plain sum has no detached norm: the bypass's detached form is the
         ref = _run(model, net, inputs, mode="bypass")  # reference (itself tested against the definition)
     else:

@@ -133,10 +133,6 @@ class _LoraDoraBuild:
     rebuild and this backward run on :mod:`.lowrank_triton`'s fused kernels instead (W′ kept in registers, never
     stored; run 40: 87.8 → 79.4 ms as a graph, LyCORIS 104.9), the torch code below everywhere else."""
 
-    #: its ∂W′ and backward stay beside ∂x on the current stream (:func:`.rebuild._side`): on the side stream run 251
-    #: (H100, SD1.5 b1 as one graph) measured 28.50 ms against 28.40 and a graph peak of 2.592 GiB against 2.561
-    side_backward = False
-
     def __init__(self, gain: float, s: float, detach_norm: bool):
         self.gain, self.s, self.detach = gain, s, detach_norm
         self.fused = False  # set by forward_aux: the Triton kernels of lowrank_triton took this layer

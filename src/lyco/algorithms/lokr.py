@@ -140,6 +140,8 @@ class _KronBuild:
     ``LYCO_KRON_MERGE=0``)."""
 
     bias_grad = False
+    #: its ∂W′ and this backward on the side stream beside ∂x in captured steps (:func:`.rebuild._side_wanted`)
+    side_backward = True
 
     def __init__(self, s: float):
         self.s = s

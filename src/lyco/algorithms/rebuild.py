@@ -132,7 +132,7 @@ class _RebuiltOp(torch.autograd.Function):
             need_w = want and grads is None
             need_b = need_w and getattr(build, "bias_grad", False)
             w2c = cast(w2, gy.dtype)
-            side = _side(gy) if need[0] and need_w and getattr(build, "side_backward", True) else None
+            side = _side(gy) if need[0] and need_w and _side_wanted(build) else None
             if side is not None:
                 # ∂W′ and the build's backward from it on the side stream beside ∂x (lowrank.side_stream's discipline:
                 # forked after everything issued so far, joined before the gradients are returned)
@@ -179,14 +179,24 @@ def _side(gy: torch.Tensor):
     (:mod:`.graph_policy`, captured steps by default), else None: its weight gradient ``∂W′`` and the build's backward
     from it (:meth:`vjp`) run there while the current stream computes ∂x — as the bypass op's products beside its
     ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): every kernel of that chain — the
-    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream. Run
-    251 (H100, SD1.5 b1 as one graph, on / off / on): LoKr **28.74 / 29.12 / 28.69 ms**, Full 25.38 / 25.74; DoRA
-    28.50 / 28.40 with 31 MB more graph peak — a build whose ``side_backward`` is False keeps the one stream (DoRA's)."""
+    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream. Only for
+    a build that asks for it (:func:`_side_wanted`)."""
     from . import graph_policy
     from .lowrank import side_stream
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
         return None
     return side_stream(gy)
+
+
+def _side_wanted(build) -> bool:
+    """Whether a build's own backward takes the side stream (:func:`_side`): its ``side_backward`` attribute, False
+    where it has none. On where measured to gain — LoKr's (:class:`.lokr._KronBuild`). H100, one graph per step, on /
+    off (benchmarks/NOTES.md change 144): LoKr SD1.5 b1 **28.74 / 29.12 / 28.69 ms** (run 251), SD1.5 b8 79.81 / 80.60,
+    SDXL b1 87.91 / 88.44 (run 252), graph peaks unchanged. Off where it did not: Full SD1.5 b1 25.38 / 25.74 but b8
+    78.45 / 77.86 (runs 251, 253; run 252's off 77.68) — its ∂W′ is a weight-sized GEMM over all the rows, which the
+    ∂x GEMM then shares the device with; DoRA SD1.5 b1 28.50 / 28.40, graph peak 2.592 / 2.561 GiB (run 251). (IA)³'s,
+    GLoRA's, OFT's and BOFT's: not measured (tests/test_fast_paths.py runs every own backward through it)."""
+    return bool(getattr(build, "side_backward", False))
 
 
 def rebuilt_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torch.Tensor | None,
