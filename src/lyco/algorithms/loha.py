@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import (
-    CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, layer_op, rebuild_tucker, register,
 )
 from . import factor_batch, factor_triton, lowrank
@@ -213,12 +213,10 @@ class LoHa(Algorithm):
                     and x.dim() == len(spec.kernel) + 2 and khatri_rao_pays(spec, r12)):
                 up, down = self._kr_pair(t, x.dtype)
                 down = down.reshape((r12, spec.in_dim) + spec.kernel)
-                if spec.kind == CONV2D:
-                    # ∂D by one GEMM where cuDNN's weight gradient is slow — as LoCon's delta path (lora.py): run
-                    # 248's SD1.5 b1 LoHa timeline had 12 ``wgrad2d_shmem_tiling`` launches at 88 µs each here
-                    h = lowrank.conv_down(x, down, spec)
-                else:
-                    h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
+                # ∂D by one GEMM where cuDNN's weight gradient is slow, as LoCon's delta path (lora.py): run 248's SD1.5
+                # b1 LoHa timeline had 12 cuDNN ``wgrad2d_shmem_tiling`` launches (88 µs each; by their count these
+                # convs' — the trace names kernels only); with this call run 249 measured 26.34 ms against 27.09
+                h = lowrank.conv_down(x, down, spec)
                 return accumulate_conv1x1(acc, h, up, gain * multiplier)
         return super().forward_accumulate(acc, x, t, spec, weight, bias, base_out, multiplier, inplace)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import lowrank, regen
 from .base import (
-    CONV2D, CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
+    CONV_KINDS, LINEAR, Algorithm, LayerSpec, Tensors, accumulate_conv1x1, accumulate_linear, alpha_scale,
     alpha_tensor, flat, layer_op, rebuild_tucker, register,
 )
 
@@ -126,10 +126,7 @@ class LoRA(Algorithm):
             s = gain * multiplier
         if spec.kind == LINEAR:
             return accumulate_linear(acc, regen.linear(x, down), up, s, inplace)  # x regenerated where it can be
-        if spec.kind == CONV2D:
-            h = lowrank.conv_down(x, down, spec)  # ∂D by one GEMM where cuDNN's weight gradient is slow (run 212)
-        else:
-            h = _CONV_FN[spec.kind](x, down, None, spec.stride, spec.padding, spec.dilation)
+        h = lowrank.conv_down(x, down, spec)  # ∂D by one GEMM where cuDNN's weight gradient is slow (run 212)
         return accumulate_conv1x1(acc, h, up, s)
 
     def lowrank_factors(self, t, spec, dtype):

@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 
 from . import casts, graph_policy, regen, regen_triton
-from .base import CONV2D, LINEAR, LayerSpec, layer_op
+from .base import _CONV_FN, CONV2D, LINEAR, LayerSpec, layer_op
 from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
@@ -1326,16 +1326,17 @@ class _ConvDown(torch.autograd.Function):
 
 
 def conv_down(x: torch.Tensor, d: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-    """A conv adapter's down ``conv2d(x, D)`` on the delta path: :class:`_ConvDown` where ``LYCO_CONV_DOWN_IM2COL``
+    """A conv adapter's down ``conv(x, D)`` (the layer's own stride, padding and dilation) on the delta path — LoCon's
+    and LoHa's Khatri–Rao down: :class:`_ConvDown` on a 2-D conv where ``LYCO_CONV_DOWN_IM2COL``
     (:mod:`.graph_policy`, captured steps by default), D takes a gradient, :func:`_im2col_ok` holds and nothing is
-    compiling; else ``F.conv2d`` (cuDNN's backward)."""
+    compiling; else the conv of the layer's kind (cuDNN's backward)."""
     if (spec.kind == CONV2D and d.requires_grad and torch.is_grad_enabled() and _im2col_ok(spec, d.shape[0])
             and not torch.compiler.is_compiling() and graph_policy.wanted("LYCO_CONV_DOWN_IM2COL")):
         # under autocast both cast outside (differentiably, as autocast's conv would): the backward runs without
         # autocast and its products need one dtype (run 214's trainer check: fp32 weight, bf16 ∂h)
         cd = _compute_dtype(x)
         return _ConvDown.apply(x.to(cd), d.to(cd), spec)
-    return F.conv2d(x, d, None, spec.stride, spec.padding, spec.dilation)
+    return _CONV_FN[spec.kind](x, d, None, spec.stride, spec.padding, spec.dilation)
 
 
 class _BypassOp(torch.autograd.Function):

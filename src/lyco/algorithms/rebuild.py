@@ -178,9 +178,8 @@ def _side(gy: torch.Tensor):
     """The side stream (:func:`.lowrank.side_stream`) for a rebuilt op's own backward where ``LYCO_REBUILD_STREAMS``
     (:mod:`.graph_policy`, captured steps by default), else None: its weight gradient ``∂W′`` and the build's backward
     from it (:meth:`vjp`) run there while the current stream computes ∂x — as the bypass op's products beside its
-    ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): every kernel of that chain — the
-    weight-gradient GEMM or conv, ``_kron_wgrad_kernel`` 0.87 ms, its sums — was exposed on the one stream. Only for
-    a build that asks for it (:func:`_side_wanted`)."""
+    ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): ``_kron_wgrad_kernel``'s 111 launches
+    0.87 ms exposed of 0.87 summed — nothing ran beside them. Only for a build that asks for it (:func:`_side_wanted`)."""
     from . import graph_policy
     from .lowrank import side_stream
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
@@ -193,8 +192,8 @@ def _side_wanted(build) -> bool:
     where it has none. On where measured to gain — LoKr's (:class:`.lokr._KronBuild`). H100, one graph per step, on /
     off (benchmarks/NOTES.md change 144): LoKr SD1.5 b1 **28.74 / 29.12 / 28.69 ms** (run 251), SD1.5 b8 79.81 / 80.60,
     SDXL b1 87.91 / 88.44 (run 252), graph peaks unchanged. Off where it did not: Full SD1.5 b1 25.38 / 25.74 but b8
-    78.45 / 77.86 (runs 251, 253; run 252's off 77.68) — its ∂W′ is a weight-sized GEMM over all the rows, which the
-    ∂x GEMM then shares the device with; DoRA SD1.5 b1 28.50 / 28.40, graph peak 2.592 / 2.561 GiB (run 251). (IA)³'s,
+    78.45 / 77.86 (runs 251, 253; run 252's off 77.68) — presumably (not profiled) its ∂W′, a weight-sized GEMM over
+    all the rows, then shares the device with the ∂x GEMM; DoRA SD1.5 b1 28.50 / 28.40, graph peak 2.592 / 2.561 GiB (run 251). (IA)³'s,
     GLoRA's, OFT's and BOFT's: not measured (tests/test_fast_paths.py runs every own backward through it)."""
     return bool(getattr(build, "side_backward", False))
 
