@@ -199,6 +199,52 @@ def summarize_profile(prof, steps: int, wall_ms: float, cuda: bool, top: int = 1
                              "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps} for e in cpu_ops[:top]]}
 
 
+class _CpuKernel:
+    def __init__(self, name, duration):
+        self.name, self.duration = name, duration
+
+
+def kernel_makers(prof, steps: int, patterns: list[str], top: int = 12) -> list[dict]:
+    """Which code launched the kernels whose names contain one of ``patterns`` (a captured step's trace names kernels
+    only): each kernel is charged to the CPU op that launched it (torch's correlation of a kernel with its op), and
+    grouped by that op's name, its input shapes, the names of its two nearest enclosing ops (an autograd node's
+    ``evaluate_function``, a ``record_function`` range) and the innermost frame of lyco's code on its Python stack (the
+    profile must record shapes and stacks; without a device, the CPU ops themselves stand for kernels). Per pattern the ``top`` groups by device time, per step."""
+    out = []
+    groups: dict = {}
+    cpu_only = not any(getattr(e, "kernels", None) for e in prof.events())
+    for e in prof.events():
+        kernels = getattr(e, "kernels", None) or []
+        if cpu_only and str(e.device_type).endswith("CPU"):
+            kernels = [_CpuKernel(e.name, e.self_cpu_time_total)] if e.name.startswith("aten::") else []
+        for k in kernels:
+            pat = next((p for p in patterns if p in k.name), None)
+            if pat is None:
+                continue
+            # with stacks recorded, torch (2.x) makes each Python frame an enclosing event named "file.py(line): fn"
+            # (some torch versions give the op its stack as a list of frames instead)
+            chain, par = [], e.cpu_parent
+            frame = next((f for f in (getattr(e, "stack", None) or ()) if "lyco/" in f and "benchmarks/" not in f), "")
+            frame = frame.split("lyco/")[-1]
+            while par is not None and (len(chain) < 2 or not frame):
+                py = ".py(" in par.name or par.name.startswith("<built-in")
+                if not py and len(chain) < 2:
+                    chain.append(par.name[:60])
+                if py and not frame and "lyco/" in par.name and "benchmarks/" not in par.name:
+                    frame = par.name.split("lyco/")[-1]
+                par = par.cpu_parent
+            key = (pat, e.name, str(e.input_shapes)[:160], " < ".join(chain), frame[:90])
+            g = groups.setdefault(key, [0, 0.0, k.name[:80]])
+            g[0] += 1
+            g[1] += k.duration
+    for pat in patterns:
+        rows = sorted(((v[1], v[0], key, v[2]) for key, v in groups.items() if key[0] == pat), reverse=True)[:top]
+        for us, n, key, kname in rows:
+            out.append({"pattern": pat, "op": key[1], "shapes": key[2], "parents": key[3], "lyco_frame": key[4],
+                        "kernel": kname, "calls_per_step": n / steps, "ms_per_step": us / 1e3 / steps})
+    return out
+
+
 def format_profile(name: str, pr: dict) -> str:
     """:func:`summarize_profile`'s record as text."""
     busy = pr.get("gpu_busy_fraction")
@@ -207,6 +253,9 @@ def format_profile(name: str, pr: dict) -> str:
     for k in pr["top_kernels"]:
         share = k["share"] * 100 if k["share"] is not None else float("nan")
         lines.append(f"  {k['ms_per_step']:8.2f} ms {share:5.1f} % {k['calls_per_step']:7.0f}×  {k['name']}")
+    for k in pr.get("makers", ()):
+        lines.append(f"  maker[{k['pattern']}] {k['ms_per_step']:6.3f} ms {k['calls_per_step']:5.0f}×  {k['op']} "
+                     f"{k['shapes']} < {k['parents']} @ {k['lyco_frame'] or '-'}")
     lines.append("  CPU self time, top ops:")
     for k in pr["top_cpu_ops"]:
         lines.append(f"  {k['self_cpu_ms_per_step']:8.2f} ms        {k['calls_per_step']:7.0f}×  {k['name']}")

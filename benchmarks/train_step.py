@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from _common import format_profile, machine_info, summarize_profile  # noqa: E402  (benchmarks/)
+from _common import format_profile, kernel_makers, machine_info, summarize_profile  # noqa: E402  (benchmarks/)
 
 # ------------------------------------------------------------------------------------------------
 # What is measured
@@ -684,6 +684,25 @@ def bench_optimizer(params, lyco: bool, **kw):
     return torch.optim.AdamW(params, **kw)
 
 
+def _graph_makers(step, side, trace: Path) -> None:
+    """One more warm-up step — the captured step's code paths (``graph_step``, on the capture's stream), run eagerly
+    — under torch.profiler with shapes and stacks: which ops launch the kernels named by ``--graph-makers``
+    (``_common.kernel_makers``; a captured step's trace names its kernels only) → ``<trace>.makers.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lyco.algorithms import graph_policy
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
+                 with_stack=True) as prof:
+        with torch.cuda.stream(side), graph_policy.graph_step():
+            step()
+        torch.cuda.synchronize()
+    rows = kernel_makers(prof, 1, list(_GRAPH_MAKERS[0]), top=25)
+    trace.with_suffix(".makers.txt").write_text("".join(
+        f"{k['pattern']:<22} {k['ms_per_step']:7.3f} ms {k['calls_per_step']:4.0f}×  {k['op']} {k['shapes']} < "
+        f"{k['parents']} @ {k['lyco_frame'] or '-'}\n" for k in rows))
+
+
 def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False,
               trace: Path | None = None, mem: Path | None = None) -> dict:
     """The same training step captured once as a CUDA graph (forward, backward and a capturable
@@ -706,6 +725,9 @@ def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: b
 #: step, so that the ops add their factor gradients into them (and may leave their side streams unjoined,
 #: ``lowrank._late_join``)
 _GRAD_SINK = [False]
+
+#: ``--graph-makers``: kernel-name substrings whose launching ops :func:`_graph_makers` lists for every traced config
+_GRAPH_MAKERS: list = [()]
 
 
 def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem) -> dict:
@@ -765,6 +787,8 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
         for _ in range(3):
             clear()
             body()
+    if trace is not None and _GRAPH_MAKERS[0]:
+        _graph_makers(lambda: (clear(), body()), side, trace)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     clear()
@@ -820,7 +844,7 @@ def trace_replay(g, path: Path) -> dict:
     return {k: round(s[k], 1) for k in ("span", "busy", "idle", "sum")} | {"count": s["count"]}
 
 
-def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
+def profile_step(step, cuda: bool, steps: int = 3, top: int = 15, makers: tuple = ()) -> dict:
     """torch.profiler over ``steps`` steps: the kernels that dominate (self device time per step),
     kernel count per step, summed kernel time vs wall time per step (busy fraction: ≪ 1 means
     the GPU idles, waiting for launches), and the top CPU-side ops (``_common.summarize_profile``)."""
@@ -828,13 +852,16 @@ def profile_step(step, cuda: bool, steps: int = 3, top: int = 15) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     step()
     sync(cuda)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=bool(makers), with_stack=bool(makers)) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         sync(cuda)
         wall = (time.perf_counter() - t0) * 1e3 / steps
-    return summarize_profile(prof, steps, wall, cuda, top)
+    rec = summarize_profile(prof, steps, wall, cuda, top)
+    if makers:
+        rec["makers"] = kernel_makers(prof, steps, list(makers))
+    return rec
 
 
 def make_step(model_fn, inputs, target, params, floor: bool, cuda: bool, fused_ok: bool, lyco: bool = False):
@@ -988,7 +1015,8 @@ def run_config(ctx, algo: str | None, variant: str) -> dict:
         key = f"{rec['algo']}/{variant}"
         if key in ctx.get("profile", ()) or rec["algo"] in ctx.get("profile", ()) or "all" in ctx.get("profile", ()):
             try:
-                rec["profile"] = profile_step(step, cuda, top=ctx.get("profile_top", 15))
+                rec["profile"] = profile_step(step, cuda, top=ctx.get("profile_top", 15),
+                                              makers=tuple(x for x in a.profile_makers.split(",") if x))
             except Exception as e:  # noqa: BLE001
                 rec["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         del step, opt
@@ -1268,6 +1296,13 @@ def main(argv=None):
     p.add_argument("--profile", default="",
                    help="comma list of algo/variant (or algo, or 'floor', or 'all') to profile with "
                         "torch.profiler: top kernels, kernels/step, GPU busy fraction → profile*.{json,txt}")
+    p.add_argument("--profile-makers", default="",
+                   help="with --profile: comma list of kernel-name substrings whose launching ops (name, shapes, "
+                        "enclosing ops, lyco's frame) are listed — records shapes and stacks, so slower")
+    p.add_argument("--graph-makers", default="",
+                   help="with --graph-trace: comma list of kernel-name substrings whose launching ops (name, shapes, "
+                        "enclosing ops, lyco's frame) in one eager run of the captured step's paths are written to "
+                        "graph_trace_*.makers.txt")
     p.add_argument("--graph-trace", default="",
                    help="with --graph: comma list of algo/variant (or algo, 'floor', 'all') whose captured step is "
                         "replayed once more under torch.profiler → graph_trace_*.json (benchmarks/graph_trace.py)")
@@ -1301,6 +1336,7 @@ def main(argv=None):
                         "tensors by the ops (casts.step_casts(grad_sink=True)); the peers' steps unchanged")
     a = p.parse_args(argv)
     _GRAD_SINK[0] = a.lyco_grad_sink
+    _GRAPH_MAKERS[0] = tuple(x for x in a.graph_makers.split(",") if x)
     unknown = [b for b in a.baselines.split(",") if b and b not in BASELINES]
     if unknown:
         p.error(f"--baselines {a.baselines!r}: unknown {', '.join(unknown)}; expected a comma list of "
