@@ -147,6 +147,22 @@ def test_weight_grad_rule_on_sd15_shapes(shape, rebuild):
     assert not layer.prefers_rebuild
 
 
+@pytest.mark.parametrize("kind,batch,hw", [("lin", 1, 64), ("lin", 4, 64), ("lin", 8, 64), ("conv", 1, 64),
+                                            ("conv", 8, 64), ("conv", 8, 32), ("conv", 4, 64)])
+def test_rebuild_needs_rows(kind, batch, hw):
+    """The width rule's narrow layers rebuild only on inputs of at least ``REBUILD_MIN_ROWS`` (16384) rows — the
+    batch times the positions, counted here from the input's shape (SD1.5 b1's 64×64 level: 4096 rows, the LoRA
+    form; b8: 32768, rebuilt; b8 at 32×32: 8192, the LoRA form) — and the same layer without an input as before."""
+    mod = nn.Linear(320, 320) if kind == "lin" else nn.Conv2d(320, 320, 3, padding=1)
+    net = lyco.create(nn.Sequential(mod).requires_grad_(False), preset="full", algo="lokr", rank=16, factor=8)
+    layer = next(iter(net.layers.values()))
+    t = layer.tensors()
+    x = torch.zeros(batch, hw * hw, 320) if kind == "lin" else torch.zeros(batch, 320, hw, hw)
+    rows = batch * hw * hw
+    assert layer.algorithm.prefers_rebuild_in_op(t, layer.spec)  # a narrow layer (harmonic width 160 or 288)
+    assert layer.algorithm.prefers_rebuild_in_op(t, layer.spec, x) == (rows >= 16384)
+
+
 @pytest.mark.parametrize("policy,mode", [("1", "auto"), ("1", "bypass"), ("graph", "auto")])
 def test_narrow_layers_rebuilt_in_the_op_steps(policy, mode, monkeypatch):
     """With the bypass op on (``LYCO_BYPASS_OP=1``) and ``mode = "auto"`` the layers the rule names narrow (named
@@ -155,6 +171,8 @@ def test_narrow_layers_rebuilt_in_the_op_steps(policy, mode, monkeypatch):
     monkeypatch.setenv("LYCO_BYPASS_OP", policy)
     # the op's shape rule (positions ≥ out, …) would leave these tiny inputs on the delta path: every layer here
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    # and the rows rule (LoKr._rows_pay) would leave them all on the LoRA form: tested on its own below
+    monkeypatch.setattr(lokr_mod.LoKr, "REBUILD_MIN_ROWS", 0.0)
     torch.manual_seed(0)
     model = Net().double().requires_grad_(False)
     net = lyco.create(model, preset="full", seed=0, mode=mode, **CASES["plain"])

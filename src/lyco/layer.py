@@ -251,7 +251,7 @@ class AdapterLayer(nn.Module):
         if self._delta_only():
             return None
         t = self._hot_tensors()
-        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec):
+        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec, x):
             y = self.rebuild_op(x, weight, bias)
             if y is not None:
                 return y
@@ -276,13 +276,15 @@ class AdapterLayer(nn.Module):
             return None
         return self.algorithm.shared_part(x2, self._hot_tensors(), self.spec, weight, bias, self._multiplier)
 
-    def bypass_parts(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    def bypass_parts(self, dtype: torch.dtype, x: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(D, U, s)`` with this adapter's delta ``s·U·D`` where :meth:`bypass_op` would take the bypass op with one
-        group — what a group of layers sharing an input runs as one op (:mod:`.siblings`) — else None."""
+        group on the input ``x`` — what a group of layers sharing an input runs as one op (:mod:`.siblings`) — else
+        None."""
         if self._delta_only():
             return None
         t = self._hot_tensors()
-        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec):
+        if self.mode == "auto" and self.algorithm.prefers_rebuild_in_op(t, self.spec, x):
             return None
         f = self.algorithm.bypass_factors(t, self.spec, dtype)
         if f is None or f[3] != 1:
@@ -450,7 +452,7 @@ class LayerHost:
         algorithm's ``shared_part`` on the rebuild path — else None."""
         mod = self.module
         if kind == "lowrank":
-            f = self._active[0].bypass_parts(x2.dtype)
+            f = self._active[0].bypass_parts(x2.dtype, x2)
         else:
             f = self._active[0].shared_rebuild_part(x2, mod.weight, mod.bias)
         if f is None:

@@ -384,9 +384,10 @@ class Algorithm:
         on this layer. Default: the class's ``prefers_rebuild``."""
         return self.prefers_rebuild
 
-    def prefers_rebuild_in_op(self, t: Mapping[str, Any], spec: LayerSpec) -> bool:
+    def prefers_rebuild_in_op(self, t: Mapping[str, Any], spec: LayerSpec, x: torch.Tensor | None = None) -> bool:
         """Per layer (``mode = "auto"``), in the steps that take the bypass op (:mod:`.lowrank`'s captured-steps
-        policy): whether the rebuild path beats the op there. Default False (LoKr: its narrow layers)."""
+        policy): whether the rebuild path beats the op there, for the input ``x`` where given. Default False
+        (LoKr: its narrow layers on inputs with enough rows)."""
         return False
 
     #: whether :meth:`prefers_op_over_rebuild` can hold for this algorithm (the layer host asks only then)

@@ -441,16 +441,36 @@ class LoKr(Algorithm):
         narrow layers with a low-rank W2 take the rebuilt op instead (:meth:`prefers_rebuild_in_op`)."""
         return rebuild_supports(spec) and not self._kron_lora_pays(t, spec)
 
-    def prefers_rebuild_in_op(self, t, spec):
+    def prefers_rebuild_in_op(self, t, spec, x=None):
         """Where the bypass op runs (``mode = "auto"``): the rebuilt op instead on a *narrow* layer with a
         low-rank W2 (:meth:`_weight_grad_pays`) — its one weight-gradient GEMM costs less than the passes over
-        the activations the LoRA form's h needs. Only there — steps captured as CUDA graphs by default
+        the activations the LoRA form's h needs — whose input ``x`` (where given) has at least ``REBUILD_MIN_ROWS``
+        rows (:meth:`_rows_pay`). Only there — steps captured as CUDA graphs by default
         (``LYCO_BYPASS_OP``, :mod:`.graph_policy`), as the op itself: eager steps are bound by the host (a Python
         backward per layer costs there what it saves on the device). With this choice in every step, eager SD1.5
         b8 LoKr steps measured 241–292 ms against 167–189 without it (runs 85 and 87) — but one later run
         (89) measured 183–235 ms for identical eager code, so that eager cost is not established; the graph
         gain is (87.3–87.6 vs 89.2–89.6 ms, runs 85/87/89)."""
-        return "lokr_w2_b" in t and rebuild_supports(spec) and self._weight_grad_pays(t, spec)
+        return ("lokr_w2_b" in t and rebuild_supports(spec) and self._weight_grad_pays(t, spec)
+                and (x is None or self._rows_pay(x, spec)))
+
+    #: the fewest input rows (positions × batch) at which :meth:`prefers_rebuild_in_op` rebuilds a narrow layer;
+    #: ``LYCO_LOKR_REBUILD_ROWS`` overrides it (0: no row limit — the width rule alone, as before session 35)
+    REBUILD_MIN_ROWS = _env_float("LYCO_LOKR_REBUILD_ROWS", 16384.0)
+
+    @staticmethod
+    def _rows_pay(x, spec) -> bool:
+        """Whether the input's rows (``x.numel() / in``: the batch times the positions, for linear and conv inputs
+        alike) reach ``REBUILD_MIN_ROWS``. Why: the width rule (:meth:`_weight_grad_pays`) compares costs that both
+        scale with the rows — measured at SD1.5 b8 — but the rebuilt op also pays passes that do not: the merge,
+        once forward and once backward, and ∂W′ written and read by the factor reduction, each weight-sized, plus
+        four launches per layer. With few rows those dominate. H100, SD1.5 b1 LoKr f8 as one graph (run 255,
+        ``results/run255_h100_lokr_rule35/``): the width rule at 340 (111 layers rebuilt) **28.71 / 28.72 ms**, at
+        256 (only the 160- and 256-wide 64×64 layers) 28.25, off **27.76** (graph peak 2.677 → 2.758 GiB, PEFT's
+        4.08) — so at 4096 rows (SD1.5 b1's 64×64 level) even the 160-wide layers run faster in the LoRA form, where
+        at 32768 (b8) they ran 113.5 against 162.8 µs rebuilt (runs 83–84). 16384 keeps SD1.5 b8's 64×64 level
+        (32768 rows) rebuilt and moves its 32×32 level (8192; measured ties there at b8) to the LoRA form."""
+        return x.numel() >= LoKr.REBUILD_MIN_ROWS * spec.in_dim
 
     op_over_rebuild = True
 

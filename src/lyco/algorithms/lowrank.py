@@ -1297,7 +1297,27 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt)   # (r·kh·kw, c), taps flipped
     if kh == kw == 1:  # no taps to put back in order: flip would still copy (32 kernels per SD1.5 LoRA step)
         return g.view(r, c, 1, 1)
-    return g.view(r, kh, kw, c).permute(0, 3, 1, 2).flip(2, 3).contiguous()
+    # the taps put back in order and moved behind the channels by one gather (flipping both axes reverses the
+    # flattened tap index): .permute().flip().contiguous() launched two copies — the flip keeps the permuted
+    # strides — 18 + 20 launches of SD1.5 b1 LoCon's captured step (run 255's --graph-makers)
+    out = torch.index_select(g.view(r, kh * kw, c).permute(0, 2, 1), 2, _reversed_taps(kh * kw, g.device))
+    return out.view(r, c, kh, kw)
+
+
+#: (taps, device) → ``arange(taps − 1, …, 0)`` on the device, made outside a capture (a stream capture makes its own)
+_REVERSED: dict = {}
+
+
+def _reversed_taps(n: int, device: torch.device) -> torch.Tensor:
+    """The indices ``n − 1, …, 0`` on ``device`` (int64), kept per (n, device) — except while a CUDA graph is being
+    captured, where a kept tensor would come from the graph's private pool: there it is made in the capture."""
+    key = (n, device)
+    t = _REVERSED.get(key)
+    if t is None:
+        t = torch.arange(n - 1, -1, -1, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _REVERSED[key] = t
+    return t
 
 
 class _ConvDown(torch.autograd.Function):
