@@ -266,3 +266,50 @@ def test_wgrad_threshold_from_the_environment(monkeypatch, raw, want):
             lokr_mod._env_float("LYCO_LOKR_WGRAD_PER_H", 2.5)
     else:
         assert lokr_mod._env_float("LYCO_LOKR_WGRAD_PER_H", 2.5) == want
+
+
+@pytest.mark.parametrize("sink", [False, True])
+@pytest.mark.parametrize("rows", ["1e9", "0"])
+@pytest.mark.parametrize("case", ["plain", "decompose-both"])
+def test_grouped_split_input_gradient(rows, case, sink, monkeypatch):
+    """The bypass op's ∂x on a LoKr linear layer (its down ``kron(I, B)``: groups > 1) without the merged weight
+    (``LYCO_MERGED_ROWS=1e9``: ``∂y·W + s·∂h·kron(I, B)``, the groups folded into the rows) or through it (``0``):
+    the output and every gradient against the dense float64 reference — returned, or added by the op into kept
+    gradients (the trainer's grad sink, ``casts.step_casts``) — the linear layers' ∂x weights built only where the
+    rule asks for them."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setenv("LYCO_MERGED_ROWS", rows)
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    torch.manual_seed(0)
+    model = Net().double().requires_grad_(False)
+    net = lyco.create(model, preset="full", seed=0, mode="bypass", **CASES[case])
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_((0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    builds = []
+    real = lowrank._w_in
+    monkeypatch.setattr(lowrank, "_w_in", lambda weight, u2, d2, s, cd, groups, *a: builds.append(
+        (weight.dim(), groups)) or real(weight, u2, d2, s, cd, groups, *a))
+    img, tok = (v.clone().requires_grad_(True) for v in _inputs())
+    params = list(net.trainable_parameters())
+    if sink:
+        from lyco.algorithms import casts
+        for p in params:
+            p.grad = torch.full_like(p, 0.25)
+        with casts.step_casts(grad_sink=True):
+            out = model(img, tok)
+            (out.square().sum() + out.sum()).backward()
+        got = [img.grad, tok.grad] + [p.grad - 0.25 for p in params]
+    else:
+        out = model(img, tok)
+        got = _grads(out, [img, tok] + params)
+    linear = [b for b in builds if b[0] == 2]
+    assert all(gr > 1 for _, gr in linear)
+    assert len(linear) == (0 if rows == "1e9" else 2)
+    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
+    ref = _reference(model, net, 1.0, img2, tok2)
+    want = _grads(ref, [img2, tok2] + params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
