@@ -75,6 +75,17 @@ def _grads(out, leaves):
     return torch.autograd.grad((out.square().sum() + out.sum()), leaves)
 
 
+def _check_reference(model, net, m, params, out, got):
+    """``out`` and ``got`` (the gradients of x, the tokens and ``params``, :func:`_grads`' loss) against
+    :func:`_reference` on fresh inputs, float64."""
+    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
+    ref = _reference(model, net, m, img2, tok2)
+    want = _grads(ref, [img2, tok2] + params)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
 @pytest.mark.parametrize("mode", ["auto", "bypass"])
@@ -109,12 +120,7 @@ def test_kron_lora_equals_dense_kron(case, multiplier, mode, monkeypatch):
     got = _grads(out, [img, tok] + params)
     assert calls == [True] * 4  # every layer ran the LoRA form
 
-    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
-    ref = _reference(model, net, multiplier, img2, tok2)
-    want = _grads(ref, [img2, tok2] + params)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _check_reference(model, net, multiplier, params, out, got)
 
 
 def _harmonic_width(out_dim, in_dim, ksize):
@@ -199,12 +205,7 @@ def test_narrow_layers_rebuilt_in_the_op_steps(policy, mode, monkeypatch):
     out = model(img, tok)
     got = _grads(out, [img, tok] + params)
     assert set(rebuilt) == (narrow if (policy, mode) == ("1", "auto") else set())
-    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
-    ref = _reference(model, net, 1.0, img2, tok2)
-    want = _grads(ref, [img2, tok2] + params)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _check_reference(model, net, 1.0, params, out, got)
 
 
 def test_kron_lora_keeps_rank_sized_tensors_only():
@@ -307,9 +308,4 @@ def test_grouped_split_input_gradient(rows, case, sink, monkeypatch):
     linear = [b for b in builds if b[0] == 2]
     assert all(gr > 1 for _, gr in linear)
     assert len(linear) == (0 if rows == "1e9" else 2)
-    img2, tok2 = (v.clone().requires_grad_(True) for v in _inputs())
-    ref = _reference(model, net, 1.0, img2, tok2)
-    want = _grads(ref, [img2, tok2] + params)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-11)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    _check_reference(model, net, 1.0, params, out, got)

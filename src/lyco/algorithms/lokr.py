@@ -466,10 +466,13 @@ class LoKr(Algorithm):
         once forward and once backward, and ∂W′ written and read by the factor reduction, each weight-sized, plus
         four launches per layer. With few rows those dominate. H100, SD1.5 b1 LoKr f8 as one graph (run 255,
         ``results/run255_h100_lokr_rule35/``): the width rule at 340 (111 layers rebuilt) **28.71 / 28.72 ms**, at
-        256 (only the 160- and 256-wide 64×64 layers) 28.25, off **27.76** (graph peak 2.677 → 2.758 GiB, PEFT's
-        4.08) — so at 4096 rows (SD1.5 b1's 64×64 level) even the 160-wide layers run faster in the LoRA form, where
-        at 32768 (b8) they ran 113.5 against 162.8 µs rebuilt (runs 83–84). 16384 keeps SD1.5 b8's 64×64 level
-        (32768 rows) rebuilt and moves its 32×32 level (8192; measured ties there at b8) to the LoRA form."""
+        256 (harmonic widths ≤ 256 only: the 320-channel linear layers and 1×1 convs, ff.out 1280 → 320 and the
+        cross-attention k/v 768 → 320) 28.25, off **27.76** (graph peak 2.677 → 2.758 GiB, PEFT's 4.08) — so by the
+        step's time (not measured per layer) at 4096 rows (SD1.5 b1's 64×64 level) even those run faster in the LoRA
+        form, where at 32768 (b8) the 320² ones ran 113.5 against 162.8 µs rebuilt (runs 83–84). 16384 keeps SD1.5
+        b8's 64×64 level (32768 rows) rebuilt and moves its 32×32 level (8192; measured ties there at b8) and the
+        cross-attention k/v (the text's 77 rows per sample) to the LoRA form: SD1.5 b8 79.63 against 79.94 ms without
+        the row limit (run 256)."""
         return x.numel() >= LoKr.REBUILD_MIN_ROWS * spec.in_dim
 
     op_over_rebuild = True
