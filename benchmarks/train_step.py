@@ -1300,7 +1300,8 @@ def main(argv=None):
                    help="with --profile: comma list of kernel-name substrings whose launching ops (name, shapes, "
                         "enclosing ops, lyco's frame) are listed — records shapes and stacks, so slower")
     p.add_argument("--graph-makers", default="",
-                   help="with --graph-trace: comma list of kernel-name substrings whose launching ops (name, shapes, "
+                   help="with --graph-trace: comma list of kernel-name substrings (none may contain a comma: "
+                        "'elementwise_kernel<128' for elementwise_kernel<128, 4>) whose launching ops (name, shapes, "
                         "enclosing ops, lyco's frame) in one eager run of the captured step's paths are written to "
                         "graph_trace_*.makers.txt")
     p.add_argument("--graph-trace", default="",
