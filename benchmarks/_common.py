@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,7 +208,7 @@ class _CpuKernel:
 def kernel_makers(prof, steps: int, patterns: list[str], top: int = 12) -> list[dict]:
     """Which code launched the kernels whose names contain one of ``patterns`` (a captured step's trace names kernels
     only): each kernel is charged to the CPU op that launched it (torch's correlation of a kernel with its op), and
-    grouped by that op's name, its input shapes, the names of its two nearest enclosing ops (an autograd node's
+    grouped by that op's name, its input shapes, the names of its four nearest enclosing ops (an autograd node's
     ``evaluate_function``, a ``record_function`` range) and the innermost frame of lyco's code on its Python stack (the
     profile must record shapes and stacks; without a device, the CPU ops themselves stand for kernels). Per pattern
     the ``top`` groups by device time, per step. On the GPU machine (torch 2.11, session 35) no Python frames came
@@ -229,10 +230,10 @@ def kernel_makers(prof, steps: int, patterns: list[str], top: int = 12) -> list[
             chain, par = [], e.cpu_parent
             frame = next((f for f in (getattr(e, "stack", None) or ()) if "lyco/" in f and "benchmarks/" not in f), "")
             frame = frame.split("lyco/")[-1]
-            while par is not None and (len(chain) < 2 or not frame):
+            while par is not None and (len(chain) < 4 or not frame):
                 py = ".py(" in par.name or par.name.startswith("<built-in")
-                if not py and len(chain) < 2:
-                    chain.append(par.name[:60])
+                if not py and len(chain) < 4:  # a module's instance number dropped: one group per kind
+                    chain.append(re.sub(r"^(nn\.Module: \w+?)_\d+$", r"\1", par.name)[:60])
                 if py and not frame and "lyco/" in par.name and "benchmarks/" not in par.name:
                     frame = par.name.split("lyco/")[-1]
                 par = par.cpu_parent

@@ -15,16 +15,18 @@ from lyco.algorithms.base import accumulate_conv1x1  # noqa: E402
 
 
 def test_makers_name_op_shapes_parent_and_lyco_frame():
+    # no record_function range here: with one inside a profile that records stacks, torch 2.13 sometimes fails to
+    # decode an event's name (UnicodeDecodeError while parsing, ≈ 4 in 10 runs under pytest)
     acc, h, w = torch.randn(2, 6, 4, 5), torch.randn(2, 3, 4, 5), torch.randn(6, 3, 1, 1, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_stack=True) as prof:
         for _ in range(3):
-            with torch.autograd.profiler.record_function("outer_range"):
-                out = accumulate_conv1x1(acc, h, w, alpha=0.5)
-            out.sum().backward()
+            accumulate_conv1x1(acc, h, w, alpha=0.5).sum().backward()
     rows = kernel_makers(prof, 3, ["aten::baddbmm", "aten::no_such_op"])
     assert [r["pattern"] for r in rows] == ["aten::baddbmm"]  # one group: three calls of one op, one shape
     (r,) = rows
     assert r["op"] == "aten::baddbmm" and r["calls_per_step"] == 1.0 and r["ms_per_step"] > 0
     assert r["shapes"] == str([[2, 6, 20], [2, 6, 3], [2, 3, 20], [], []])
-    assert "outer_range" in r["parents"]
     assert r["lyco_frame"].startswith("algorithms/base.py(") and "accumulate_conv1x1" in r["lyco_frame"]
+    # the backward's GEMM for w's gradient, charged to its autograd node (no lyco frame: autograd's C++ runs it)
+    rows = [r for r in kernel_makers(prof, 3, ["aten::bmm"]) if "BaddbmmBackward0" in r["parents"]]
+    assert rows and all(r["lyco_frame"] == "" for r in rows)
