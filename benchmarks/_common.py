@@ -249,6 +249,12 @@ def kernel_makers(prof, steps: int, patterns: list[str], top: int = 12) -> list[
     return out
 
 
+def format_maker(k: dict) -> str:
+    """One :func:`kernel_makers` row as a line: pattern, time and calls per step, op, shapes, parents, lyco's frame."""
+    return (f"{k['pattern']:<22} {k['ms_per_step']:7.3f} ms {k['calls_per_step']:4.0f}×  {k['op']} {k['shapes']} < "
+            f"{k['parents']} @ {k['lyco_frame'] or '-'}")
+
+
 def format_profile(name: str, pr: dict) -> str:
     """:func:`summarize_profile`'s record as text."""
     busy = pr.get("gpu_busy_fraction")
@@ -257,9 +263,7 @@ def format_profile(name: str, pr: dict) -> str:
     for k in pr["top_kernels"]:
         share = k["share"] * 100 if k["share"] is not None else float("nan")
         lines.append(f"  {k['ms_per_step']:8.2f} ms {share:5.1f} % {k['calls_per_step']:7.0f}×  {k['name']}")
-    for k in pr.get("makers", ()):
-        lines.append(f"  maker[{k['pattern']}] {k['ms_per_step']:6.3f} ms {k['calls_per_step']:5.0f}×  {k['op']} "
-                     f"{k['shapes']} < {k['parents']} @ {k['lyco_frame'] or '-'}")
+    lines += [f"  {format_maker(k)}" for k in pr.get("makers", ())]
     lines.append("  CPU self time, top ops:")
     for k in pr["top_cpu_ops"]:
         lines.append(f"  {k['self_cpu_ms_per_step']:8.2f} ms        {k['calls_per_step']:7.0f}×  {k['name']}")

@@ -67,7 +67,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent / "src") not in sys.path:
     sys.path.insert(0, str(HERE.parent / "src"))
 
-from _common import format_profile, kernel_makers, machine_info, summarize_profile  # noqa: E402  (benchmarks/)
+from _common import (  # noqa: E402  (benchmarks/)
+    format_maker, format_profile, kernel_makers, machine_info, summarize_profile,
+)
 
 # ------------------------------------------------------------------------------------------------
 # What is measured
@@ -698,9 +700,7 @@ def _graph_makers(step, side, trace: Path) -> None:
             step()
         torch.cuda.synchronize()
     rows = kernel_makers(prof, 1, list(_GRAPH_MAKERS[0]), top=25)
-    trace.with_suffix(".makers.txt").write_text("".join(
-        f"{k['pattern']:<22} {k['ms_per_step']:7.3f} ms {k['calls_per_step']:4.0f}×  {k['op']} {k['shapes']} < "
-        f"{k['parents']} @ {k['lyco_frame'] or '-'}\n" for k in rows))
+    trace.with_suffix(".makers.txt").write_text("".join(format_maker(k) + "\n" for k in rows))
 
 
 def run_graph(model_fn, inputs, target, params, floor: bool, steps: int, lyco: bool = False,
