@@ -212,6 +212,61 @@ def test_torch_form_gives_the_unfused_gradients_bit_for_bit(fused, dtype):
     assert torch.equal(y0, y1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
+def _lokr_off_on(fused, dtype, rows):
+    """A wider feed-forward with LoKr (factor 4, rank 2: the out layer's down is ``kron(I, B)``, groups > 1) in
+    ``dtype``, without the fusion, then with it: ``(y, gradients, took p)`` each, the groups of every layer asked,
+    and the consumer gradient the kernel got per launch (None: ∂p alone)."""
+    torch.manual_seed(0)
+    model = GEGLUFeedForward(d=32, inner=64).double()
+    net = adapted(model, algo="lokr", rank=2, alpha=3.0, factor=4)
+    model.to(dtype)
+    if rows is not None:
+        fused.setenv("LYCO_MERGED_ROWS", rows)
+    asked, got_gh = [], []
+    real_input, real_kernel = lowrank._geglu_input, regen_triton.geglu_backward
+    fused.setattr(lowrank, "_geglu_input", lambda x, spec, w, d, groups, eye, cd: asked.append(groups) or real_input(
+        x, spec, w, d, groups, eye, cd))
+    fused.setattr(regen_triton, "geglu_backward", lambda gx, p, gh, *a, **k: got_gh.append(gh) or real_kernel(
+        gx, p, gh, *a, **k))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 24, 32, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    gy = torch.randn(2, 24, 32, generator=g, dtype=torch.float64).to(dtype)
+    out = []
+    for mode in ("0", "1"):
+        fused.setenv("LYCO_GEGLU_FUSE", mode)
+        y, grads, _, took = _ff_step(model, net, x, gy)
+        out.append((y, grads, took))
+    return out, asked, got_gh
+
+
+@pytest.mark.parametrize("rows", [None, "1e9", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_down_takes_the_geglu(fused, dtype, rows):
+    """LoKr's out layer (a grouped down) takes p too: the kernel gives ∂p alone (no consumer gradient: ∂D is the
+    groups' sum, from the kept x), and every gradient equals the unfused step's within the kernel's roundings — with
+    ∂x through the merged weight (``LYCO_MERGED_ROWS=0``), as ``∂y·W + s·∂h·kron(I, B)`` (``1e9``) or by the rule."""
+    ((y0, g0, took0), (y1, g1, took1)), asked, got_gh = _lokr_off_on(fused, dtype, rows)
+    assert 4 in asked and not took0 and took1
+    assert len(got_gh) == 1 and got_gh[0] is None
+    assert torch.equal(y0, y1)
+    tol = 1e-6 if dtype == torch.float32 else 3e-2
+    for a, b in zip(g0, g1):
+        assert _rel(b, a.double()) < tol
+
+
+def test_grouped_down_with_the_torch_form(fused):
+    """Where the kernel cannot run by backward time, the grouped op's torch form: in float64 the output bit for bit
+    and every gradient within float64's rounding of the unfused step's. (Not bit for bit: LoKr's up-side gradients
+    differ in the last bits between a first step and a later one even unfused — not from this path.)"""
+    calls = []
+    fused.setattr(regen_triton, "geglu_usable", lambda p, r: calls.append(1) or len(calls) == 1)
+    ((y0, g0, _), (y1, g1, took)), _, got_gh = _lokr_off_on(fused, torch.float64, None)
+    assert took and len(calls) == 2 and got_gh == []
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert _rel(b, a) < 1e-13
+
+
 class _Probe(GEGLUFeedForward):
     """The feed-forward keeping gelu(g) too, to find its storage among the graph's saved tensors."""
 

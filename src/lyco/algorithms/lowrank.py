@@ -944,6 +944,9 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         _late_wait(gy.device)
     dd, u2, d2 = _factors(down, up, cd, eye)
     geglu = None  # the GEGLU projection's output the bypass op took in x's place (_geglu_input)
+    geglu_p = None  # the same with groups > 1: ∂p by the GEGLU's kernel alone at the end, x kept for ∂D
+    if isinstance(xd, tuple) and xd[0].kind == "geglu" and groups > 1:
+        geglu_p, xd = xd[1]
     if isinstance(xd, tuple):  # the bypass op's x to regenerate (.regen): by ∂D, on its stream, where it is read
         rg, kept = xd
         xc = None  # the bypass op keeps h, so ∂U does not read x; op_backward reads only its rank (no ∂W)
@@ -1032,6 +1035,8 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
             _mm(gh, d2, s, into=gx)
     if geglu is not None:  # gd is ∂h here; ∂U's stream may still run beside
         gx, gd = _geglu_grads(s, gx, geglu, gd, ddt, into_d)
+    elif geglu_p is not None and gx is not None:
+        gx = regen_triton.geglu_input_grad(gx, geglu_p)
     if late and su is not None and (gu is None or gu is _SUNK):
         _late_join(su, keep)
     else:
@@ -1288,7 +1293,14 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     shifted copies ``cols[n, ρ, a, b, y, x] = ∂hp[n, ρ, y + a, x + b]`` (a = k − 1 − ty: taps in flipped
     order, so every stride of the view is non-negative) are one strided copy of r·k² rank-sized planes,
     and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch (into
-    ``dt`` where given; one GEMM for one sample: :func:`_bmm_sum`)."""
+    ``dt`` where given; one GEMM for one sample: :func:`_bmm_sum`). The taps are put back in order by one ``flip``
+    of that contiguous (r, k², c) product — a plain elementwise copy — and ∂D returned as its view (r, c, kh, kw):
+    strided, the channels innermost in memory. Its consumers read it as it is (the sink's add into ``.grad``,
+    autograd's accumulation, a cast), so moving the channels costs no kernel of its own. (Session 35's form gathered
+    the taps with one ``index_select`` over the permuted view — ``indexSelectSmallIndex``, 47 launches, 0.38 ms
+    exposed in SD1.5 b1 LoCon's captured step, H100, run 260 — and two copies before that. Flipping the overlapping
+    view of ∂h instead does not save the copy: flip's output keeps the view's tied strides, so the reshape copies
+    again.)"""
     n, c, hh, ww = x.shape
     r = gh.shape[1]
     (kh, kw), (ph, pw) = spec.kernel, spec.pads
@@ -1298,30 +1310,10 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     hp, wp = ghp.shape[2], ghp.shape[3]
     cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
         n, r * kh * kw, hh * ww)
-    g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt)   # (r·kh·kw, c), taps flipped
-    if kh == kw == 1:  # no taps to put back in order: flip would still copy (32 kernels per SD1.5 LoRA step)
-        return g.view(r, c, 1, 1)
-    # the taps put back in order and moved behind the channels by one gather (flipping both axes reverses the
-    # flattened tap index): .permute().flip().contiguous() launched two copies — the flip keeps the permuted
-    # strides — 18 + 20 launches of SD1.5 b1 LoCon's captured step (run 255's --graph-makers)
-    out = torch.index_select(g.view(r, kh * kw, c).permute(0, 2, 1), 2, _reversed_taps(kh * kw, g.device))
-    return out.view(r, c, kh, kw)
-
-
-#: (taps, device) → ``arange(taps − 1, …, 0)`` on the device, made outside a capture (a stream capture makes its own)
-_REVERSED: dict = {}
-
-
-def _reversed_taps(n: int, device: torch.device) -> torch.Tensor:
-    """The indices ``n − 1, …, 0`` on ``device`` (int64), kept per (n, device) — except while a CUDA graph is being
-    captured, where a kept tensor would come from the graph's private pool: there it is made in the capture."""
-    key = (n, device)
-    t = _REVERSED.get(key)
-    if t is None:
-        t = torch.arange(n - 1, -1, -1, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _REVERSED[key] = t
-    return t
+    g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt).view(r, kh * kw, c)  # taps flipped
+    if kh * kw > 1:  # flipping both axes reverses the flattened tap index (a 1×1 conv has none to reverse)
+        g = g.flip(1)
+    return g.transpose(1, 2).view(r, c, kh, kw)
 
 
 class _ConvDown(torch.autograd.Function):
@@ -1465,7 +1457,11 @@ class _BypassOp(torch.autograd.Function):
         # its r columns, so that [x | h] is not kept through it.
         # Where x is a GEGLU's a ⊙ gelu(g) (bypass_op, change 120), p = [a | g] is kept and the backward runs the
         # GEGLU's own backward with ∂D in one kernel (_geglu_grads).
-        if p is not None:
+        if p is not None and groups > 1:
+            # LoKr's kron(I, B) down (_geglu_input): x kept beside p — ∂D as any grouped down's, from x; the GEGLU's
+            # kernel gives ∂p alone. x is the mul's output, which the mul's node no longer keeps gelu(g) for
+            found = (regen.Regen("geglu", None, x.shape, 2), (p, x))
+        elif p is not None:
             found = (regen.Regen("geglu", None, x.shape, 1), (p,))
         else:
             found = (regen.find(x, norm=True) if spec.kind == LINEAR and uncast and groups == 1 and not n[2]
@@ -1483,7 +1479,8 @@ class _BypassOp(torch.autograd.Function):
         # — a grouped linear layer's too (LoKr's kron(I, B) down: ∂x += s·∂h·kron(I, B) as one GEMM over the groups
         # folded into the rows), where x is not regenerated. H100, SD1.5 b1 LoKr f8 (run 257's --graph-makers):
         # 35 builds of the 16×16 level's 1280 × 1280 merged weights at 256 rows, 0.27 ms, and 7 at 64 rows
-        ctx.split = (spec.kind == LINEAR and (groups == 1 or found is None) and not eye and n[0] and n[4]
+        ctx.split = (spec.kind == LINEAR and (groups == 1 or found is None or p is not None) and not eye and n[0]
+                     and n[4]
                      and not n[2] and not _merged_pays(xd, xd.shape[0], spec.out_dim))
         if n[0] and not n[2] and not ctx.split:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
@@ -1535,15 +1532,20 @@ def bypass_op(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, bias: torc
 def _geglu_input(x: torch.Tensor, spec: LayerSpec, weight: torch.Tensor, down: torch.Tensor, groups: int, eye: int,
                  cd: torch.dtype) -> torch.Tensor | None:
     """The GEGLU projection's output the bypass op takes as its input in x's place (:func:`.regen.find_geglu`,
-    change 120), else None: a linear layer with one group whose input is in the compute dtype and takes a gradient,
+    change 120), else None: a linear layer (a grouped down too, below) whose input is in the compute dtype and takes
+    a gradient,
     whose weight does not (∂W would need x) and whose down does (∂D is what the fused kernel adds to the GEGLU's
     backward), where :func:`.regen_triton.geglu_usable` holds — without the kernel the torch form of the same
     backward (:func:`_geglu_grads`) would only add GELU's recomputation. H100, captured steps, on / off (runs 197–198,
     benchmarks/NOTES.md change 120): SD1.5 b8 LoRA 69.98 / 73.26 ms, LoCon 69.92 / 73.10, LoHa 72.86 / 75.39; SDXL b4
     LoRA 187.56 / 201.23, SDXL b1 73.92 / 77.69; the peaks −0.67 GiB (SD1.5 b8) and −3.1 GiB (SDXL b4)."""
-    if spec.kind != LINEAR or groups != 1 or eye or x.dtype != cd or weight.requires_grad or not down.requires_grad:
+    if spec.kind != LINEAR or eye or x.dtype != cd or weight.requires_grad or not down.requires_grad:
         return None
-    return regen.geglu_input(x, down.shape[0])
+    # groups > 1 (LoKr's kron(I, B) down): the kernel gives ∂p alone (its ∂D is one matrix over the rows, not the
+    # groups' sum), x is kept for ∂D — the GEGLU's three backward nodes (GELU's, the mul's, the split's cat) become
+    # one kernel; the mul no longer keeps gelu(g). Run 260 (H100, SD1.5 b1 LoKr f8, eager profile of the captured
+    # step's code): GELU's backward 0.22 ms, the mul's 0.13, the split's cat 0.11 over the 16 ``ff.net.2`` layers
+    return regen.geglu_input(x, down.shape[0] if groups == 1 else 1)
 
 
 def _geglu_grads(s: float, gx: torch.Tensor, p: torch.Tensor, gh: torch.Tensor, ddt, into):
