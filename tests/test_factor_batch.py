@@ -342,3 +342,75 @@ def test_loha_batched_kernels_in_a_layer(monkeypatch, triton_interpreter):
     for a, w in zip(got, want):
         torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
     factor_batch._BATCHES.clear()
+
+
+def _sink_pass(model, params, run, start=0.25):
+    """One forward and ``.backward()`` under the trainer's grad sink, every parameter's ``.grad`` set to ``start``
+    first: each parameter's gradient as ``.grad − start``."""
+    from lyco.algorithms import casts
+    for p in params:
+        p.grad = torch.full_like(p, start)
+    with casts.step_casts(grad_sink=True):
+        run().backward()
+    return [p.grad - start for p in params]
+
+
+@pytest.mark.parametrize("tail", ["1", "0"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_tail_adds_the_batch_gradients_into_grad(counts, monkeypatch, tail, skip):
+    """Under the grad sink with ``LYCO_FACTOR_TAIL=1`` each batch's backward adds its members' gradients into their
+    ``.grad`` itself (on the CPU in place; on CUDA on the tail stream) — a member left out of the pass keeps its
+    ``.grad`` — and every gradient equals the dense float64 model's, as with the tail off."""
+    monkeypatch.setenv("LYCO_FACTOR_TAIL", tail)
+    tails, real = [], factor_batch._tail
+    monkeypatch.setattr(factor_batch, "_tail", lambda *a: tails.append(1) or real(*a))
+    model, net = _setup()
+    params = list(net.trainable_parameters())
+    x = torch.randn(3, 64, dtype=torch.float64)
+    for step in range(3):
+        tails.clear()
+        got = _sink_pass(model, params, lambda: (lambda y: y.square().sum() + y.sum())(model(x, skip=skip)))
+        assert len(tails) == (0 if step == 0 or tail == "0" else 2)
+        want = _reference(model, net, x, skip)[1]
+        for p, g in zip(params, got):
+            w = want[id(p)]
+            torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-9, atol=1e-10)
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.1).add_(0.01)
+
+
+def test_tail_declined_where_a_factor_cannot_take_it(counts, monkeypatch):
+    """A factor with a tensor hook (its hook must see the gradient) or without a ``.grad`` to add into: the batch's
+    backward returns the gradients as before — every gradient still the dense model's, the hook called."""
+    monkeypatch.setenv("LYCO_FACTOR_TAIL", "1")
+    tails, real = [], factor_batch._tail
+    monkeypatch.setattr(factor_batch, "_tail", lambda *a: tails.append(1) or real(*a))
+    model, net = _setup()
+    params = list(net.trainable_parameters())
+    seen = []
+    params[0].register_hook(lambda g: seen.append(1))
+    x = torch.randn(3, 64, dtype=torch.float64)
+    for _ in range(2):
+        got = _sink_pass(model, params, lambda: (lambda y: y.square().sum() + y.sum())(model(x)))
+    want = _reference(model, net, x)[1]
+    for p, g in zip(params, got):
+        torch.testing.assert_close(g, want[id(p)], rtol=1e-9, atol=1e-10)
+    assert seen and len(tails) == 1  # the hooked factor's batch declined, the other shape's took the tail
+
+
+def test_loha_tail_adds_into_grad(monkeypatch):
+    """LoHa's Khatri–Rao batches under the grad sink with the tail: every gradient the dense float64 model's."""
+    monkeypatch.setenv("LYCO_FACTOR_TAIL", "1")
+    factor_batch._BATCHES.clear()
+    tails, real = [], factor_batch._tail
+    monkeypatch.setattr(factor_batch, "_tail", lambda *a: tails.append(1) or real(*a))
+    model, net, params = _hada_setup(torch.float64)
+    x, img = torch.randn(3, 64, dtype=torch.float64), torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    for _ in range(2):
+        got = _sink_pass(model, params, lambda: model(x, img))
+    want = torch.autograd.grad(_hada_dense(model, net, x, img), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert len(tails) == 2
+    factor_batch._BATCHES.clear()

@@ -33,6 +33,7 @@ per-layer build's: the forward products are exact in fp32 and rounded once eithe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 
@@ -117,14 +118,127 @@ def _kr_grads(a1, a2, b1, b2, gka, gkb):
 
 class _Kind:
     """A product batched here: ``k`` factors in, ``m`` outputs per member; ``build(*stacked)`` → the m stacked
-    outputs, ``grads(*stacked, *stacked output gradients)`` → the k stacked factor gradients."""
+    outputs, ``grads(*stacked, *stacked output gradients)`` → the k stacked factor gradients; ``kernel(*stacked)``:
+    whether ``grads`` runs as the Triton launch (no cuBLAS call: :func:`_tail_stream`'s condition)."""
 
-    def __init__(self, name, k, m, build, grads):
-        self.name, self.k, self.m, self.build, self.grads = name, k, m, build, grads
+    def __init__(self, name, k, m, build, grads, kernel):
+        self.name, self.k, self.m, self.build, self.grads, self.kernel = name, k, m, build, grads, kernel
 
 
-KRON = _Kind("kron", 2, 1, lambda w1, a: (_kron_build(w1, a),), _kron_grads)
-KHATRI_RAO = _Kind("khatri-rao", 4, 2, _kr_build, _kr_grads)
+KRON = _Kind("kron", 2, 1, lambda w1, a: (_kron_build(w1, a),), _kron_grads,
+             lambda w1, a: factor_triton.usable(a, factor_triton.kron_inner(w1.shape[2], a.shape[2])))
+KHATRI_RAO = _Kind("khatri-rao", 4, 2, _kr_build, _kr_grads,
+                   lambda a1, a2, b1, b2: factor_triton.usable(a1, factor_triton.kr_inner(a1.shape[2], a2.shape[2])))
+
+
+#: the stream per CUDA device a batch's backward runs on where it adds its gradients into ``.grad`` (:func:`_tail`)
+_TAIL_STREAM: dict = {}
+#: per device: (event, recorded in a capture, tensors the tail stream reads) — waited for when the backward ends
+_TAIL_LEFT: dict = {}
+
+
+def _tail_stream(device: torch.device):
+    """The tail stream on ``device`` (made once), or None on the CPU: there the tail's work runs in place."""
+    if device.type != "cuda":
+        return None
+    st = _TAIL_STREAM.get(device)
+    if st is None:
+        st = _TAIL_STREAM[device] = torch.cuda.Stream(device)
+    return st
+
+
+def _tail_sinks(ctx, used, stacked):
+    """Per factor input (factor-major, as the node's inputs), the ``.grad`` its gradient may be added into by the
+    batch's backward itself — or None where the tail does not apply: ``LYCO_FACTOR_TAIL`` (:mod:`.graph_policy`,
+    captured steps by default), the trainer's grad sink on for the forward (``ctx.leaves``), the batch's gradients
+    by its Triton launch on CUDA (no cuBLAS workspace on one more stream), and every used member's factors sinkable
+    (:func:`.lowrank._sink_grad`: a dense ``.grad`` of the parameter's shape, no hooks, a backward that accumulates
+    into it)."""
+    from . import graph_policy, lowrank
+    leaves = ctx.leaves
+    if leaves is None or not graph_policy.wanted("LYCO_FACTOR_TAIL"):
+        return None
+    if stacked[0].is_cuda and not ctx.kind.kernel(*stacked):
+        return None
+    n = ctx.n
+    sinks = [None] * len(leaves)
+    for i, p in enumerate(leaves):
+        if not used[i % n]:
+            continue
+        g = lowrank._sink_grad(p)
+        if g is None:
+            return None
+        sinks[i] = g
+    return sinks
+
+
+def _tail_wait(device) -> None:
+    """The current stream waits for the tail stream's batches (:func:`_tail`) — at the end of the backward pass
+    (autograd's final callback) — and the tensors they read are let go. Work left outside a capture and found inside
+    one (a backward that raised before its final callback) is dropped without a wait, as :func:`.lowrank._late_wait`
+    does."""
+    st = _TAIL_LEFT.get(device)
+    if not st:
+        return
+    capturing = torch.cuda.is_current_stream_capturing()
+    cur = torch.cuda.current_stream(device)
+    for ev, cap, _ in st:
+        if cap == capturing:
+            cur.wait_event(ev)
+    st.clear()
+
+
+def _tail(kind, n, gouts, stacked, dtypes, out_meta, sinks) -> None:
+    """The batch's backward where its factors' gradients go into their ``.grad`` (:func:`_tail_sinks`): on the tail
+    stream (forked after everything issued so far), the members' gradients stacked, the batched reduction, and each
+    member's gradient added into its parameter's ``.grad``; the current stream waits for it only when the backward
+    pass ends. Why: the batch's backward runs once its last member's ∂U is in — in the middle of the frozen model's
+    backward (the first layers of the forward are the last of the backward), whose next kernels then waited for it.
+    H100, SD1.5 b1 LoKr f8 as one CUDA graph (run 262's timeline): its six ``_kron_bwd_kernel`` launches 21–96 µs
+    each, with the ∂U stacks' copies before them, 0.19 + 0.18 ms exposed. The same discipline as
+    :func:`.lowrank.side_stream`'s (the fork orders the tail after the tensors it reads; they are held until the
+    current stream has waited), with the join moved to the end as :func:`.lowrank._late_join` moves its own."""
+    from .rebuild import like
+    side = _tail_stream(gouts[next(i for i, g in enumerate(gouts) if g is not None)].device)
+    ctxm = contextlib.nullcontext()
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(side.device))
+        ctxm = torch.cuda.stream(side)
+    with ctxm:
+        gstack = _stack_outputs(kind, n, gouts, stacked, out_meta)
+        grads = kind.grads(*stacked, *gstack)
+        for f, (g, dt0) in enumerate(zip(grads, dtypes)):
+            for b, gb in enumerate(g.unbind(0)):
+                into = sinks[f * n + b]
+                if into is not None:
+                    into.add_(like(gb, into.shape, into.dtype))
+    if side is None:
+        return
+    ev = torch.cuda.Event()
+    ev.record(side)
+    _TAIL_LEFT.setdefault(side.device, []).append(
+        (ev, torch.cuda.is_current_stream_capturing(), (gouts, stacked, gstack, grads)))
+    dev = side.device
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: _tail_wait(dev))
+
+
+def _stack_outputs(kind, n, gouts, stacked, out_meta) -> list:
+    """Per output of the product, the members' gradients stacked in the factors' dtype, zeros where a member's is
+    None (a member that did not use it)."""
+    gstack = []
+    for j in range(kind.m):
+        col = [gouts[b * kind.m + j] for b in range(n)]
+        zero = None
+        rows = []
+        for g in col:
+            if g is None:
+                if zero is None:
+                    shape, dtype, device = out_meta[j]
+                    zero = torch.zeros(shape, dtype=dtype, device=device)
+                g = zero
+            rows.append(g)
+        gstack.append(torch.stack(rows).to(stacked[0].dtype))
+    return gstack
 
 
 class _StackBatch(torch.autograd.Function):
@@ -136,6 +250,10 @@ class _StackBatch(torch.autograd.Function):
     def forward(ctx, token, kind, dt, n, *factors):
         ctx.set_materialize_grads(False)
         ctx.token, ctx.kind, ctx.n = token, kind, n
+        from . import casts
+        # the parameters the backward may add its gradients into itself (_tail_sinks): under the trainer's grad sink
+        ctx.leaves = (tuple(f if f.is_leaf and f.requires_grad else None for f in factors) if casts.sink_on()
+                      else None)
         stacked, dtypes = [], []
         for f in range(kind.k):
             st = torch.stack(factors[f * n:(f + 1) * n])
@@ -158,19 +276,11 @@ class _StackBatch(torch.autograd.Function):
         nothing = (None,) * (4 + kind.k * n)
         if not any(used):
             return nothing
-        gstack = []
-        for j in range(kind.m):  # per output: the members' gradients stacked, zeros where a member's is None
-            col = [gouts[b * kind.m + j] for b in range(n)]
-            zero = None
-            rows = []
-            for g in col:
-                if g is None:  # a member that did not use this output (or no member did)
-                    if zero is None:
-                        shape, dtype, device = ctx.out_meta[j]
-                        zero = torch.zeros(shape, dtype=dtype, device=device)
-                    g = zero
-                rows.append(g)
-            gstack.append(torch.stack(rows).to(stacked[0].dtype))
+        sinks = _tail_sinks(ctx, used, stacked)
+        if sinks is not None:  # the gradients added into .grad here, off the current stream where it can be
+            _tail(kind, n, gouts, stacked, ctx.dtypes, ctx.out_meta, sinks)
+            return nothing
+        gstack = _stack_outputs(kind, n, gouts, stacked, ctx.out_meta)
         grads = kind.grads(*stacked, *gstack)
         out = [None] * (kind.k * n)
         for f, (g, dt0) in enumerate(zip(grads, ctx.dtypes)):
