@@ -309,3 +309,63 @@ def test_grouped_split_input_gradient(rows, case, sink, monkeypatch):
     assert all(gr > 1 for _, gr in linear)
     assert len(linear) == (0 if rows == "1e9" else 2)
     _check_reference(model, net, 1.0, params, out, got)
+
+
+class _Wide(nn.Module):
+    """A wide linear layer (16 → 96: the bypass op's concatenations, ``[x | h]`` forward and ``[∂x | ∂h]`` backward,
+    pay on it at these rows — ∂B then from a strided ∂h and x, by a batched GEMM and its sum) and a narrow one."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 96), nn.Linear(96, 16)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_grouped_down_gradient_into_grad(sink, monkeypatch):
+    """LoKr's grouped downs under the trainer's grad sink: ∂B added into ``.grad`` by its GEMM (β = 1) on the layer
+    whose ∂h and x are contiguous, and after the groups' batched GEMM and sum on the wide layer whose forward
+    concatenated ``[x | h]`` — every gradient against the dense float64 model's (returned gradients alike)."""
+    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
+    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
+    torch.manual_seed(0)
+    model = _Wide().double().requires_grad_(False)
+    net = lyco.create(model, preset="full", algo="lokr", rank=2, alpha=3.0, factor=4, seed=0, mode="bypass")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_((0.3 * torch.randn(p.shape, generator=g)).to(p.dtype))
+    paths = []
+    real_mm, real_sum = lowrank._mm, lowrank._sum0
+    monkeypatch.setattr(lowrank, "_mm", lambda a, b, s, dt=None, into=None: paths.append(
+        "mm-into" if into is not None else "mm") or real_mm(a, b, s, dt, into))
+    monkeypatch.setattr(lowrank, "_sum0", lambda t, dt: paths.append("sum") or real_sum(t, dt))
+    params = list(net.trainable_parameters())
+    x = torch.randn(2, 40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = lambda y: y.square().sum() + y.sum()  # noqa: E731
+    if sink:
+        from lyco.algorithms import casts
+        for p in params:
+            p.grad = torch.full_like(p, 0.25)
+        with casts.step_casts(grad_sink=True):
+            loss(model(x)).backward()
+        got = [x.grad] + [p.grad - 0.25 for p in params]
+    else:
+        got = list(torch.autograd.grad(loss(model(x)), [x] + params))
+    assert "sum" in paths and ("mm-into" in paths) == sink
+    lay = {name.removeprefix("model__"): layer for name, layer in net.layers.items()}
+    leaves = [p.detach().clone().requires_grad_() for p in params]
+    ids = {id(p): i for i, p in enumerate(params)}
+
+    def merged(mod, key):
+        t = {k: (leaves[ids[id(v)]] if id(v) in ids else v) for k, v in lay[key].tensors().items()}
+        return mod.weight + _kron_dw(t, mod.weight.shape)
+
+    xr = x.detach().clone().requires_grad_()
+    ref = F.linear(torch.tanh(F.linear(xr, merged(model.up, "up"), model.up.bias)), merged(model.down, "down"),
+                   model.down.bias)
+    want = torch.autograd.grad(loss(ref), [xr] + leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

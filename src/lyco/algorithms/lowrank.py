@@ -965,10 +965,15 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
             return xc
     gx = gw = gb = gd = gu = None
     into_d = into_u = None
-    add_d = add_u = None  # a conv's, a grouped linear's: added into .grad after its products there (_sink_add)
+    add_d = add_u = None  # a conv's, a grouped linear's up: added into .grad after its products there (_sink_add)
     if leaves is not None and spec.kind == LINEAR and groups == 1:
         into_d = _sink_into(leaves[0], tuple(d2.shape), cd) if need_d else None
         into_u = _sink_into(leaves[1], tuple(u2.shape), cd) if need_u else None
+    elif leaves is not None and spec.kind == LINEAR and not eye:
+        # a grouped down (LoKr's kron(I, B)): ∂B's one GEMM over the groups folded into the rows adds into .grad
+        # itself (_grad_down), as one group's does; its up (kron(W1, A), built) is no parameter
+        into_d = _sink_into(leaves[0], tuple(d2.shape), cd) if need_d else None
+        add_u = _sink_grad(leaves[1]) if need_u else None
     elif leaves is not None:
         add_d = _sink_grad(leaves[0]) if need_d else None
         add_u = _sink_grad(leaves[1]) if need_u else None
@@ -1115,10 +1120,11 @@ def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, d
         if groups == 1:
             return _mm(gh.t(), xc, s, dt, into)
         if gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
-            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s, dt)
-        # x a view of [x | h] (rows in + r apart): one GEMM per group, summed
+            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s, dt, into)
+        # x a view of [x | h] (rows in + r apart): one GEMM per group, summed (then added where ``into`` is given)
         p = gh.shape[0]
-        return _sum0(_bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2), s), dt)
+        return _sink_add(_sum0(_bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2),
+                                    s), dt), into)
     n, o, r = gy.shape[0], gy.shape[1], u2.shape[1]
     # ∂h as a batched GEMM with a stride-0 Uᵀ: torch.matmul((r, o), (n, o, P)) folds the batch into the
     # rows by transposing ∂y, a strided copy of the whole output gradient (run 71: two of them per conv)
