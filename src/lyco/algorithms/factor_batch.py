@@ -174,18 +174,9 @@ def _tail_sinks(ctx, used, stacked):
 
 def _tail_wait(device) -> None:
     """The current stream waits for the tail stream's batches (:func:`_tail`) — at the end of the backward pass
-    (autograd's final callback) — and the tensors they read are let go. Work left outside a capture and found inside
-    one (a backward that raised before its final callback) is dropped without a wait, as :func:`.lowrank._late_wait`
-    does."""
-    st = _TAIL_LEFT.get(device)
-    if not st:
-        return
-    capturing = torch.cuda.is_current_stream_capturing()
-    cur = torch.cuda.current_stream(device)
-    for ev, cap, _ in st:
-        if cap == capturing:
-            cur.wait_event(ev)
-    st.clear()
+    (autograd's final callback) — and the tensors they read are let go (:func:`.lowrank.wait_left`)."""
+    from . import lowrank
+    lowrank.wait_left(_TAIL_LEFT, device)
 
 
 def _tail(kind, n, gouts, stacked, dtypes, out_meta, sinks) -> None:
@@ -212,14 +203,9 @@ def _tail(kind, n, gouts, stacked, dtypes, out_meta, sinks) -> None:
                 into = sinks[f * n + b]
                 if into is not None:
                     into.add_(like(gb, into.shape, into.dtype))
-    if side is None:
-        return
-    ev = torch.cuda.Event()
-    ev.record(side)
-    _TAIL_LEFT.setdefault(side.device, []).append(
-        (ev, torch.cuda.is_current_stream_capturing(), (gouts, stacked, gstack, grads)))
-    dev = side.device
-    torch.autograd.Variable._execution_engine.queue_callback(lambda: _tail_wait(dev))
+    if side is not None:
+        from . import lowrank
+        lowrank.leave_unjoined(_TAIL_LEFT, side, (gouts, stacked, gstack, grads), _tail_wait)
 
 
 def _stack_outputs(kind, n, gouts, stacked, out_meta) -> list:

@@ -289,21 +289,35 @@ def _late_join(side, keep) -> None:
     Why: the frozen model's own backward between two adapted layers (a layer norm's, the attention's) waited for the
     adapter's ∂U and ∂D — which nothing there reads — before it could start: run 239's timeline of SD1.5 b1 (H100) has
     the idle before the attention backward's first kernels 0.43 ms over the floor's."""
-    st = _LATE.setdefault(side.device, [])
+    leave_unjoined(_LATE, side, keep, _late_wait)
+
+
+def leave_unjoined(store: dict, side, keep, wait) -> None:
+    """``side``'s work so far left for a later wait: an event recorded on it, kept in ``store[device]`` with
+    ``keep`` (the tensors it reads, held until then), and ``wait(device)`` queued as autograd's final callback — the
+    latest point the current stream waits (:func:`_late_join`; :func:`.factor_batch._tail`'s own store, waited for
+    only there)."""
+    st = store.setdefault(side.device, [])
     ev = torch.cuda.Event()
     ev.record(side)
     st.append((ev, torch.cuda.is_current_stream_capturing(), keep))
     dev = side.device
-    torch.autograd.Variable._execution_engine.queue_callback(lambda: _late_wait(dev))
+    torch.autograd.Variable._execution_engine.queue_callback(lambda: wait(dev))
 
 
 def _late_wait(device) -> None:
     """The current stream waits for the side streams' work left unjoined (:func:`_late_join`) and the tensors it read
-    are let go. Work left outside a capture and found inside one (a backward that raised before its final callback)
-    is dropped without a wait: a capture begins after a device synchronisation (``torch.cuda.graph``), and waiting
-    inside a capture on an event recorded outside it is not allowed; work left inside a capture and found outside it
-    belongs to a capture that failed."""
-    st = _LATE.get(device)
+    are let go (:func:`wait_left`)."""
+    wait_left(_LATE, device)
+
+
+def wait_left(store: dict, device) -> None:
+    """The current stream waits for the work :func:`leave_unjoined` kept in ``store[device]``, which is emptied. Work
+    left outside a capture and found inside one (a backward that raised before its final callback) is dropped without
+    a wait: a capture begins after a device synchronisation (``torch.cuda.graph``), and waiting inside a capture on an
+    event recorded outside it is not allowed; work left inside a capture and found outside it belongs to a capture
+    that failed."""
+    st = store.get(device)
     if not st:
         return
     capturing = torch.cuda.is_current_stream_capturing()
@@ -1299,14 +1313,14 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     shifted copies ``cols[n, ρ, a, b, y, x] = ∂hp[n, ρ, y + a, x + b]`` (a = k − 1 − ty: taps in flipped
     order, so every stride of the view is non-negative) are one strided copy of r·k² rank-sized planes,
     and ∂D_flipped = Σ_n cols_n · x_nᵀ (rows (ρ, a, b), columns c) a batched GEMM summed over the batch (into
-    ``dt`` where given; one GEMM for one sample: :func:`_bmm_sum`). The taps are put back in order by one ``flip``
-    of that contiguous (r, k², c) product — a plain elementwise copy — and ∂D returned as its view (r, c, kh, kw):
-    strided, the channels innermost in memory. Its consumers read it as it is (the sink's add into ``.grad``,
-    autograd's accumulation, a cast), so moving the channels costs no kernel of its own. (Session 35's form gathered
-    the taps with one ``index_select`` over the permuted view — ``indexSelectSmallIndex``, 47 launches, 0.38 ms
-    exposed in SD1.5 b1 LoCon's captured step, H100, run 260 — and two copies before that. Flipping the overlapping
-    view of ∂h instead does not save the copy: flip's output keeps the view's tied strides, so the reshape copies
-    again.)"""
+    ``dt`` where given; one GEMM for one sample: :func:`_bmm_sum`). The taps are put back in order and moved behind
+    the channels by one ``flip`` of that contiguous (r, k², c) product written through a transposed view of a
+    contiguous (r, c, kh, kw) result (``aten.flip.out``): one elementwise copy, and a contiguous ∂D — which its
+    consumers need (autograd's accumulation clones a gradient whose strides are not the parameter's; a 2-D
+    parameter's reshape copies a strided one). (Session 35's form gathered the taps with one ``index_select`` over
+    the permuted view — ``indexSelectSmallIndex``, 47 launches, 0.38 ms exposed in SD1.5 b1 LoCon's captured step,
+    H100, run 260 — and two copies before that. Flipping the overlapping view of ∂h instead does not save a copy:
+    flip's output keeps the view's tied strides, so the reshape copies again.)"""
     n, c, hh, ww = x.shape
     r = gh.shape[1]
     (kh, kw), (ph, pw) = spec.kernel, spec.pads
@@ -1316,10 +1330,13 @@ def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None
     hp, wp = ghp.shape[2], ghp.shape[3]
     cols = ghp.as_strided((n, r, kh, kw, hh, ww), (r * hp * wp, hp * wp, wp, 1, wp, 1)).reshape(
         n, r * kh * kw, hh * ww)
-    g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt).view(r, kh * kw, c)  # taps flipped
-    if kh * kw > 1:  # flipping both axes reverses the flattened tap index (a 1×1 conv has none to reverse)
-        g = g.flip(1)
-    return g.transpose(1, 2).view(r, c, kh, kw)
+    g = _bmm_sum(cols, x.reshape(n, c, hh * ww).transpose(1, 2), 1.0, dt)  # (r·kh·kw, c), taps flipped
+    if kh * kw == 1:  # no taps to reverse: (r, 1, c) is (r, c, 1, 1) already
+        return g.view(r, c, 1, 1)
+    # flipping both axes reverses the flattened tap index
+    out = g.new_empty((r, c, kh, kw))
+    torch.ops.aten.flip.out(g.view(r, kh * kw, c), [1], out=out.view(r, c, kh * kw).transpose(1, 2))
+    return out
 
 
 class _ConvDown(torch.autograd.Function):
