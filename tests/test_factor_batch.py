@@ -380,23 +380,36 @@ def test_tail_adds_the_batch_gradients_into_grad(counts, monkeypatch, tail, skip
                 p.mul_(1.1).add_(0.01)
 
 
-def test_tail_declined_where_a_factor_cannot_take_it(counts, monkeypatch):
-    """A factor with a tensor hook (its hook must see the gradient) or without a ``.grad`` to add into: the batch's
-    backward returns the gradients as before — every gradient still the dense model's, the hook called."""
+@pytest.mark.parametrize("why", ["hook", "no-grad"])
+def test_tail_declined_where_a_factor_cannot_take_it(counts, monkeypatch, why):
+    """A factor with a tensor hook (its hook must see the gradient) or without a ``.grad`` to add into: that
+    factor's batch returns the gradients as before (the other shape's takes the tail) — every gradient still the dense
+    model's, the hook called."""
     monkeypatch.setenv("LYCO_FACTOR_TAIL", "1")
     tails, real = [], factor_batch._tail
     monkeypatch.setattr(factor_batch, "_tail", lambda *a: tails.append(1) or real(*a))
     model, net = _setup()
     params = list(net.trainable_parameters())
     seen = []
-    params[0].register_hook(lambda g: seen.append(1))
+    if why == "hook":
+        params[0].register_hook(lambda g: seen.append(1))
     x = torch.randn(3, 64, dtype=torch.float64)
-    for _ in range(2):
-        got = _sink_pass(model, params, lambda: (lambda y: y.square().sum() + y.sum())(model(x)))
+    loss = lambda: (lambda y: y.square().sum() + y.sum())(model(x))  # noqa: E731
+    _sink_pass(model, params, loss)  # the first pass builds per layer: no batch yet
+    if why == "hook":
+        got = _sink_pass(model, params, loss)
+    else:
+        from lyco.algorithms import casts
+        for p in params:
+            p.grad = torch.full_like(p, 0.25)
+        params[0].grad = None
+        with casts.step_casts(grad_sink=True):
+            loss().backward()
+        got = [p.grad - (0.0 if i == 0 else 0.25) for i, p in enumerate(params)]
     want = _reference(model, net, x)[1]
     for p, g in zip(params, got):
         torch.testing.assert_close(g, want[id(p)], rtol=1e-9, atol=1e-10)
-    assert seen and len(tails) == 1  # the hooked factor's batch declined, the other shape's took the tail
+    assert len(tails) == 1 and bool(seen) == (why == "hook")
 
 
 def test_loha_tail_adds_into_grad(monkeypatch):

@@ -67,11 +67,16 @@ def eligible(*factors: torch.Tensor) -> bool:
             and torch._C._current_graph_task_id() == -1)
 
 
+def _kron_kernel(w1: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether the stacked Kronecker product and its backward run as :mod:`.factor_triton`'s launches."""
+    return factor_triton.usable(a, factor_triton.kron_inner(w1.shape[2], a.shape[2]))
+
+
 def _kron_build(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``U[b] = kron(W1[b], A[b])`` for stacked ``W1 (n, ol, im)``, ``A (n, ok, r)`` → ``(n, ol·ok, im·r)``."""
     n, ol, im = w1.shape
     _, ok, r = a.shape
-    if factor_triton.usable(a, factor_triton.kron_inner(im, r)):
+    if _kron_kernel(w1, a):
         return factor_triton.kron_forward_batched(w1, a)
     return torch.mul(w1.view(n, ol, 1, im, 1), a.view(n, 1, ok, 1, r)).view(n, ol * ok, im * r)
 
@@ -80,7 +85,7 @@ def _kron_grads(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[to
     """``(∂W1, ∂A)`` stacked, from the stacked ``∂U (n, ol·ok, im·r)``."""
     n, ol, im = w1.shape
     _, ok, r = a.shape
-    if factor_triton.usable(a, factor_triton.kron_inner(im, r)):
+    if _kron_kernel(w1, a):
         return factor_triton.kron_backward_batched(w1, a, gu)
     g5 = gu.view(n, ol, ok, im, r)
     # ∂W1[b,i,j] = Σ_kρ ∂U[b,i,k,j,ρ]·A[b,k,ρ]; ∂A[b,k,ρ] = Σ_ij ∂U[b,i,k,j,ρ]·W1[b,i,j]
@@ -91,11 +96,16 @@ def _kron_grads(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[to
     return gw1, ga.view(n, ok, r)
 
 
+def _kr_kernel(a1, a2, b1=None, b2=None) -> bool:
+    """Whether LoHa's stacked Khatri–Rao pair and its backward run as :mod:`.factor_triton`'s launches."""
+    return factor_triton.usable(a1, factor_triton.kr_inner(a1.shape[2], a2.shape[2]))
+
+
 def _kr_build(a1, a2, b1, b2):
     """LoHa's pair stacked: ``Ka[b] (n, out, r1·r2)`` and ``Kb[b] (n, r1·r2, c)`` (:mod:`.loha`'s Khatri–Rao)."""
     n, out, r1 = a1.shape
     r2, c = b2.shape[1:]
-    if factor_triton.usable(a1, factor_triton.kr_inner(r1, r2)):
+    if _kr_kernel(a1, a2):
         return factor_triton.khatri_rao_batched(a1, a2, b1, b2)
     return (torch.mul(a1.view(n, out, r1, 1), a2.view(n, out, 1, r2)).view(n, out, r1 * r2),
             torch.mul(b1.view(n, r1, 1, c), b2.view(n, 1, r2, c)).view(n, r1 * r2, c))
@@ -105,7 +115,7 @@ def _kr_grads(a1, a2, b1, b2, gka, gkb):
     """``(∂a1, ∂a2, ∂b1, ∂b2)`` stacked, from the stacked ``∂Ka``, ``∂Kb``."""
     n, out, r1 = a1.shape
     r2, c = b2.shape[1:]
-    if factor_triton.usable(a1, factor_triton.kr_inner(r1, r2)):
+    if _kr_kernel(a1, a2):
         return factor_triton.khatri_rao_backward_batched(a1, a2, b1, b2, gka, gkb)
     g4 = gka.view(n * out, r1, r2)  # ∂a1[o,i] = Σ_j ∂Ka[o,i,j]·a2[o,j], ∂a2[o,j] = Σ_i ∂Ka[o,i,j]·a1[o,i]
     ga1 = torch.bmm(g4, a2.reshape(n * out, r2, 1)).view(n, out, r1)
@@ -125,10 +135,8 @@ class _Kind:
         self.name, self.k, self.m, self.build, self.grads, self.kernel = name, k, m, build, grads, kernel
 
 
-KRON = _Kind("kron", 2, 1, lambda w1, a: (_kron_build(w1, a),), _kron_grads,
-             lambda w1, a: factor_triton.usable(a, factor_triton.kron_inner(w1.shape[2], a.shape[2])))
-KHATRI_RAO = _Kind("khatri-rao", 4, 2, _kr_build, _kr_grads,
-                   lambda a1, a2, b1, b2: factor_triton.usable(a1, factor_triton.kr_inner(a1.shape[2], a2.shape[2])))
+KRON = _Kind("kron", 2, 1, lambda w1, a: (_kron_build(w1, a),), _kron_grads, _kron_kernel)
+KHATRI_RAO = _Kind("khatri-rao", 4, 2, _kr_build, _kr_grads, _kr_kernel)
 
 
 #: the stream per CUDA device a batch's backward runs on where it adds its gradients into ``.grad`` (:func:`_tail`)
@@ -139,12 +147,8 @@ _TAIL_LEFT: dict = {}
 
 def _tail_stream(device: torch.device):
     """The tail stream on ``device`` (made once), or None on the CPU: there the tail's work runs in place."""
-    if device.type != "cuda":
-        return None
-    st = _TAIL_STREAM.get(device)
-    if st is None:
-        st = _TAIL_STREAM[device] = torch.cuda.Stream(device)
-    return st
+    from . import lowrank
+    return lowrank.kept_stream(_TAIL_STREAM, device) if device.type == "cuda" else None
 
 
 def _tail_sinks(ctx, used, stacked):
@@ -179,17 +183,17 @@ def _tail_wait(device) -> None:
     lowrank.wait_left(_TAIL_LEFT, device)
 
 
-def _tail(kind, n, gouts, stacked, dtypes, out_meta, sinks) -> None:
+def _tail(kind, n, gouts, stacked, out_meta, sinks) -> None:
     """The batch's backward where its factors' gradients go into their ``.grad`` (:func:`_tail_sinks`): on the tail
     stream (forked after everything issued so far), the members' gradients stacked, the batched reduction, and each
     member's gradient added into its parameter's ``.grad``; the current stream waits for it only when the backward
     pass ends. Why: the batch's backward runs once its last member's ∂U is in — in the middle of the frozen model's
     backward (the first layers of the forward are the last of the backward), whose next kernels then waited for it.
     H100, SD1.5 b1 LoKr f8 as one CUDA graph (run 262's timeline): its six ``_kron_bwd_kernel`` launches 21–96 µs
-    each, with the ∂U stacks' copies before them, 0.19 + 0.18 ms exposed. The same discipline as
+    each, 0.19 ms exposed, each after the copy that stacks the members' ∂U (up to 17.7 µs). The same discipline as
     :func:`.lowrank.side_stream`'s (the fork orders the tail after the tensors it reads; they are held until the
     current stream has waited), with the join moved to the end as :func:`.lowrank._late_join` moves its own."""
-    from .rebuild import like
+    from . import lowrank
     side = _tail_stream(gouts[next(i for i, g in enumerate(gouts) if g is not None)].device)
     ctxm = contextlib.nullcontext()
     if side is not None:
@@ -198,13 +202,10 @@ def _tail(kind, n, gouts, stacked, dtypes, out_meta, sinks) -> None:
     with ctxm:
         gstack = _stack_outputs(kind, n, gouts, stacked, out_meta)
         grads = kind.grads(*stacked, *gstack)
-        for f, (g, dt0) in enumerate(zip(grads, dtypes)):
+        for f, g in enumerate(grads):
             for b, gb in enumerate(g.unbind(0)):
-                into = sinks[f * n + b]
-                if into is not None:
-                    into.add_(like(gb, into.shape, into.dtype))
+                lowrank._sink_add(gb, sinks[f * n + b])  # none for a member this pass did not use
     if side is not None:
-        from . import lowrank
         lowrank.leave_unjoined(_TAIL_LEFT, side, (gouts, stacked, gstack, grads), _tail_wait)
 
 
@@ -264,7 +265,7 @@ class _StackBatch(torch.autograd.Function):
             return nothing
         sinks = _tail_sinks(ctx, used, stacked)
         if sinks is not None:  # the gradients added into .grad here, off the current stream where it can be
-            _tail(kind, n, gouts, stacked, ctx.dtypes, ctx.out_meta, sinks)
+            _tail(kind, n, gouts, stacked, ctx.out_meta, sinks)
             return nothing
         gstack = _stack_outputs(kind, n, gouts, stacked, ctx.out_meta)
         grads = kind.grads(*stacked, *gstack)

@@ -146,9 +146,15 @@ def side_stream(t: torch.Tensor):
     stream allocates and frees within a region are ordered on that stream."""
     if not graph_policy.wanted("LYCO_BYPASS_STREAMS") or t.device.type != "cuda":
         return None
-    st = _SIDE.get(t.device)
+    return kept_stream(_SIDE, t.device)
+
+
+def kept_stream(store: dict, device: torch.device):
+    """``store``'s stream for the CUDA ``device``, made on first use and kept (lyco's side streams: one per purpose and
+    device, so that the capture's branches and torch's per-stream cuBLAS workspaces stay few)."""
+    st = store.get(device)
     if st is None:
-        st = _SIDE[t.device] = torch.cuda.Stream(t.device)
+        st = store[device] = torch.cuda.Stream(device)
     return st
 
 
@@ -182,10 +188,7 @@ def up_stream(t: torch.Tensor):
     if (not graph_policy.wanted("LYCO_SIDE_SPLIT") or not graph_policy.wanted("LYCO_BYPASS_STREAMS")
             or t.device.type != "cuda"):
         return None
-    st = _UP.get(t.device)
-    if st is None:
-        st = _UP[t.device] = torch.cuda.Stream(t.device)
-    return st
+    return kept_stream(_UP, t.device)
 
 
 #: torch's getters and setters of the cuBLAS and cuBLASLt workspace sizes (``torch._C``; absent in torch 2.11, run
