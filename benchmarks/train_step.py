@@ -210,6 +210,33 @@ def build_unet(model: str, smoke: bool, device, dtype):
     return unet.train()
 
 
+def frozen_weights_cl(unet, mode: str, batch: int, latent: int, device, dtype) -> int:
+    """Session 37's experiment: the frozen k×k convs' weights stored channels-last (``mode`` "all"), or only where
+    the weight has at least as many elements as the conv's input at this batch ("rule") — cuDNN's bf16 convs run
+    NHWC and convert an NCHW weight on every call (run 260's floor at SD1.5 b1: 6.21 of 19.71 ms busy in
+    ``nchwToNhwcKernel``, mostly the 16×16 and 8×8 levels' 1280-wide weights); a channels-last weight makes torch
+    pick channels-last for the call, so the (smaller) input is converted instead. Returns the convs converted."""
+    if mode == "off":
+        return 0
+    if mode == "model":  # what diffusers' docs suggest for speed: every 4-D parameter channels-last
+        unet.to(memory_format=torch.channels_last)
+        return sum(1 for m in unet.modules() if isinstance(m, nn.Conv2d))
+    if mode == "rule":  # what lyco train does ([train] conv_weights_channels_last): decided in a forward at this batch
+        from lyco.models import layout
+        lay = layout.frozen_conv_weights_channels_last(unet)
+        inp, _ = make_inputs(unet, batch, latent, device, dtype)
+        with torch.no_grad():
+            unet(**inp)
+        lay.remove()
+        return len(lay.converted)
+    done = 0
+    for m in unet.modules():
+        if isinstance(m, nn.Conv2d) and any(k != 1 for k in m.kernel_size):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+            done += 1
+    return done
+
+
 def make_inputs(unet, batch: int, latent: int, device, dtype, seed: int = 0):
     cfg = unet.config
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -1339,6 +1366,9 @@ def main(argv=None):
     p.add_argument("--lyco-grad-sink", action="store_true",
                    help="with --graph: lyco's captured step as its trainer's — factor gradients added into kept .grad "
                         "tensors by the ops (casts.step_casts(grad_sink=True)); the peers' steps unchanged")
+    p.add_argument("--frozen-cl", default="off", choices=("off", "all", "rule", "model"),
+                   help="the frozen k×k convs' weights stored channels-last: all, or where the weight outsizes the "
+                        "conv's input at the job's batch (rule); session 37's experiment")
     a = p.parse_args(argv)
     _GRAD_SINK[0] = a.lyco_grad_sink
     _GRAPH_MAKERS[0] = tuple(x for x in a.graph_makers.split(",") if x)
@@ -1423,6 +1453,11 @@ def main(argv=None):
             log(f"[{model}] built in {time.perf_counter() - t:.1f}s: {len(names['lin'])} lin, "
                 f"{len(names['conv'])} conv layers; {count(unets[model].parameters()) / 1e6:.0f}M params")
         unet = unets[model]
+        if a.frozen_cl != "off":  # a layout for this batch: the model again from its config
+            del unets[model], unet
+            unets[model] = unet = build_unet(model, a.smoke, device, dtype)
+            log(f"[{model} b{batch}] frozen k×k conv weights channels-last ({a.frozen_cl}): "
+                f"{frozen_weights_cl(unet, a.frozen_cl, batch, SMOKE_LATENT if a.smoke else MODELS[model]['latent'], device, dtype)}")
         names = layer_sets(unet)
         originals = snapshot_modules(unet, names["lin+conv"])
         latent = SMOKE_LATENT if a.smoke else MODELS[model]["latent"]

@@ -154,7 +154,13 @@ class _KronBuild:
 
     @staticmethod
     def _as4(w, t1, t2):
-        return w.view(t1.shape[0], t2.shape[1], t1.shape[2], t2.shape[3])
+        """``w`` (the base weight, or ∂W′) as ``(out_l, out_k, in_m, c2)`` — a view of a contiguous tensor, else
+        a contiguous copy: a channels-last conv weight (a model put in ``torch.channels_last``, as diffusers'
+        docs suggest for speed, or a frozen weight kept that way) has its input channels innermost, so the
+        NCHW-flattened c2 is no view of it (session 37: every LoKr conv on the rebuilt op raised there). The
+        merge then returns W′ contiguous, which every consumer takes."""
+        shape = (t1.shape[0], t2.shape[1], t1.shape[2], t2.shape[3])
+        return w.view(shape) if w.is_contiguous() else w.reshape(shape)
 
     def merged(self, w, t1, t2):
         out = torch.addcmul(self._as4(w, t1, t2), cast(t1, w.dtype), cast(t2, w.dtype), value=self.s)

@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, LycoError
+from ..models import layout
 from . import data as data_mod
 from .config import Config, check_runnable, resolve_cuda_graph
 
@@ -832,6 +833,14 @@ class Trainer:
         if not groups:
             raise ConfigError("no parameter has a learning rate > 0: nothing to train")
         strategy = self.strategy
+        self.conv_layout = None
+        want = cfg.train.conv_weights_channels_last
+        if want is True and strategy == "fsdp":
+            raise ConfigError("[train] conv_weights_channels_last = true does not work with FSDP (its flat "
+                              "parameters have no conv layout); set it to \"auto\" or false")
+        if want is True or (want == "auto" and strategy != "fsdp" and layout.wanted(dev, self.weight_dtype)):
+            # decided per conv in the first forward — the first step's, an eager warm-up call where graphs are on
+            self.conv_layout = layout.frozen_conv_weights_channels_last(pipe.unet)
         self.model = TrainingModule(self.network, pipe.unet, self.text, register_unet=strategy == "fsdp")
         self._shards = None
         if strategy == "fsdp":

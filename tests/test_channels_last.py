@@ -1,0 +1,100 @@
+"""A model whose conv weights are channels-last (``model.to(memory_format=torch.channels_last)``, as diffusers'
+docs suggest for speed, or frozen weights kept that way) trains the same adapters: every algorithm, on every path
+(what ``mode = "auto"`` picks, the delta path, the rebuilt op), gives the output and the gradients of the same
+model in the default layout — in float64, within rounding. Session 37: LoKr's rebuilt conv raised on such a
+weight (its merge viewed W as (out_l, out_k, in_m, in_n·∏k), which a channels-last weight is not)."""
+
+import pytest
+import torch
+
+from test_fast_paths import CONFIGS, _inputs, _make, _run
+
+
+def _channels_last(model):
+    model.to(memory_format=torch.channels_last)
+    conv = model.conv.weight
+    assert not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["auto", "bypass", "rebuild"])
+def test_channels_last_weights_train_the_same(name, mode, monkeypatch):
+    ref_model, ref_net = _make(CONFIGS[name])
+    model, net = _make(CONFIGS[name])
+    _channels_last(model)
+    inputs = _inputs()
+    cl_inputs = (inputs[0].contiguous(memory_format=torch.channels_last), inputs[1])
+    got = _run(model, net, cl_inputs, mode=None if mode == "auto" else mode)
+    # the reference: the plain y + Σ m·Δy sum (test_fast_paths checks it against the fast paths) on the default layout
+    ref = _run(ref_model, ref_net, inputs, reference=True, monkeypatch=monkeypatch)
+    for a, b in zip(got[:3], ref[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert len(got[3]) == len(ref[3]) > 0
+    for a, b in zip(got[3], ref[3]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # the adapter's own tensors stay where they were: the model's layout change does not touch the base weight's values
+    assert torch.equal(model.conv.weight, ref_model.conv.weight)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_channels_last_weights_merge_and_unmerge(name):
+    """``merge`` writes W + ΔW into a channels-last weight in place (its layout kept) with the values the default
+    layout gets; ``unmerge`` gives the weights back."""
+    ref_model, ref_net = _make(CONFIGS[name])
+    model, net = _make(CONFIGS[name])
+    _channels_last(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ref_net.merge()
+    net.merge()
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref_model.state_dict()[k], rtol=1e-12, atol=1e-12)
+    net.unmerge()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=1e-12, atol=1e-12)
+
+
+def _convs():
+    m = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.Conv2d(32, 4, 3, padding=1),
+                            torch.nn.Conv2d(4, 4, 1))
+    m.requires_grad_(False)
+    return m
+
+
+def test_layout_rule_first_forward_only():
+    """:func:`lyco.models.layout.frozen_conv_weights_channels_last`: at the first forward a k×k weight with at least
+    as many elements as its input becomes channels-last (values unchanged), a smaller one stays, a 1×1 conv is not
+    hooked; the hooks are gone after it, so a later input of another size changes nothing."""
+    from lyco.models import layout
+    m = _convs()
+    m[1].weight.requires_grad_(True)  # trained: left alone whatever its size
+    ref = [c.weight.detach().clone() for c in m]
+    lay = layout.frozen_conv_weights_channels_last(m)
+    assert lay.pending == 1  # the frozen k×k conv; neither the trained one nor the 1×1 is hooked
+    x = torch.randn(1, 16, 4, 4)  # 256 input elements against 4608 in the first weight
+    y_ref = torch.nn.functional.conv2d(x, ref[0], m[0].bias, padding=1)
+    m(x)
+    assert lay.converted == ["0"] and lay.kept == [] and lay.pending == 0
+    assert m[0].weight.is_contiguous(memory_format=torch.channels_last) and not m[0].weight.is_contiguous()
+    assert m[1].weight.is_contiguous() and m[2].weight.is_contiguous()
+    assert all(torch.equal(c.weight, r) for c, r in zip(m, ref))
+    torch.testing.assert_close(m[0](x), y_ref, rtol=1e-6, atol=1e-6)
+    m2 = _convs()
+    lay2 = layout.frozen_conv_weights_channels_last(m2)
+    m2(torch.randn(8, 16, 32, 32))  # inputs larger than every weight: nothing converted
+    assert lay2.converted == [] and sorted(lay2.kept) == ["0", "1"]
+    m(torch.randn(8, 16, 32, 32))
+    assert m[0].weight.is_contiguous(memory_format=torch.channels_last)  # decided once, at the first forward
+
+
+def test_layout_hook_in_a_capture_converts_nothing(monkeypatch):
+    """A first forward reached inside a CUDA graph capture leaves the weight as it is (the captured graph would read
+    a freed weight) and drops its hook."""
+    from lyco.models import layout
+    monkeypatch.setattr(layout, "_capturing", lambda w: True)
+    m = _convs()
+    lay = layout.frozen_conv_weights_channels_last(m)
+    m(torch.randn(1, 16, 4, 4))
+    assert lay.converted == [] and sorted(lay.skipped_in_capture) == ["0", "1"] and lay.pending == 0
+    assert m[0].weight.is_contiguous()
