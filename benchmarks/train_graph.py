@@ -154,7 +154,8 @@ def train_config(model, algo, train_dir, res, out_dir, cache_dir, a, graph: bool
         "network": copy.deepcopy(ALGOS[algo]),
         "optimizer": {"learning_rate": a.lr},
         "train": {"max_train_steps": a.warmup + a.steps + a.profile, "batch_size": a.batch or BATCH[model], "seed": 42,
-                  "mixed_precision": "bf16", "autocast": not a.no_autocast, "cpu": a.device == "cpu"},
+                  "mixed_precision": "bf16", "autocast": not a.no_autocast, "cpu": a.device == "cpu",
+                  "conv_weights_channels_last": {"auto": "auto", "false": False}[a.conv_layout]},
         "output": {"output_dir": str(out_dir), "output_name": "adapter", "save_dtype": "fp32",
                    "save_state": False, "overwrite": True, "log_with": "none", "progress_bar": False},
         "eval": {"enabled": False},
@@ -308,6 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile", type=int, default=0,
                    help="profile this many optimizer steps after the timed ones (torch.profiler: kernels, CPU ops, "
                         "GPU busy fraction) into each variant's record and <out>/profile.txt")
+    p.add_argument("--conv-layout", default="auto", choices=("auto", "false"),
+                   help="[train] conv_weights_channels_last (session 37: auto = the frozen k×k conv weights "
+                        "channels-last where they outsize their input, on a GPU)")
     p.add_argument("--deadline", type=float, default=None, help="unix time after which no new row starts")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--smoke", action="store_true",
@@ -333,7 +337,8 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "settings": {"models": models, "algos": algos, "steps": a.steps, "warmup": a.warmup, "lr": a.lr,
                          "batch": {m: a.batch or BATCH[m] for m in models}, "tol": a.tol, "smoke": a.smoke,
-                         "device": a.device, "eager_twice": a.eager_twice, "autocast": not a.no_autocast}}
+                         "device": a.device, "eager_twice": a.eager_twice, "autocast": not a.no_autocast,
+                         "conv_layout": a.conv_layout}}
     rows: list[dict] = []
     failed, longest = False, 0.0
     print(f"train_graph: {meta['device']}, torch {meta['torch']}, {models} x {algos}", flush=True)
