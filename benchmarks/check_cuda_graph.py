@@ -263,8 +263,11 @@ def main() -> int:
                 worst_rel = max(worst_rel, float((x - y).norm() / x.norm().clamp_min(1e-30)))
             # pass: the gradients agree within tol (the adapters after many steps are reported too;
             # they are bit-identical wherever the graph replays exactly the eager kernels)
-            ok = max(row["first_grad_rel_l2"], row["moved_grad_rel_l2"]) <= a.tol and gi.get("captures", 0) >= 1 and gi.get("disabled_reason") is None
-            row.update(ok=ok, rel_l2=worst_rel, max_abs=worst_abs, eager_s_per_step=ei["s_per_step"],
+            # each compared on its own: max() of a NaN and a number depends on their order, and NaN <= tol is False
+            finite = all(bool(torch.isfinite(t).all()) for t in list(ea.values()) + list(ga.values()))
+            ok = (all(row[k] <= a.tol for k in ("first_grad_rel_l2", "moved_grad_rel_l2")) and finite
+                  and gi.get("captures", 0) >= 1 and gi.get("disabled_reason") is None)
+            row.update(ok=ok, adapters_finite=finite, rel_l2=worst_rel, max_abs=worst_abs, eager_s_per_step=ei["s_per_step"],
                        graph_s_per_step=gi["s_per_step"], **{k: v for k, v in gi.items() if k != "s_per_step"})
         except Exception as e:  # noqa: BLE001 — report and go on with the next case
             row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])

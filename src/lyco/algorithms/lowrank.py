@@ -1026,6 +1026,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     side = side_stream(gy) if (need_d or need_u) else None
     su = up_stream(gy) if side is not None and need_u and need_d else None  # ∂U beside ∂h → ∂D
     pre = _ahead_take(ahead)
+    gxh = None  # cat: [∂x | ∂h/s] from one GEMM on this stream; the side stream's ∂D reads its ∂h part
     hs: list = []  # split: ∂h = ∂y·U from the side stream, for ∂x
     if not need_d or cat:
         down_fn = None
@@ -1066,8 +1067,11 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
         gx2, gw, gb = op_backward(spec, xc if xc is not None else gy.new_empty((0, spec.in_dim)), w_in, gy, need_x,
                                   need_w, need_b)
         gx = gx if gx2 is None else gx2
-    # what the side streams read, held until the current stream waits for them where the join comes late
-    keep = (gy, xd, h, weight, bias, down, up, dd, u2, d2, xc) if late else None
+    # what the side streams read, held until the current stream waits for them where the join comes late — the wide
+    # layer's [∂x | ∂h/s] too: its ∂x part goes back to autograd, which frees it on this stream while the side
+    # stream's ∂D may still read ∂h (session 37: left out, the real trainer's captured SD1.5 b8 LoRA gave NaN losses
+    # and a NaN ∂D in the text encoder's wide mlp.fc1 in 3 of 4 runs, H100 runs 271–272)
+    keep = (gy, xd, h, weight, bias, down, up, dd, u2, d2, xc, gxh) if late else None
     if late and side is not None and (gd is None or gd is _SUNK) and not split and geglu is None:
         _late_join(side, keep)
     else:
