@@ -47,7 +47,7 @@ def _capturing(w: torch.Tensor) -> bool:
 
 
 def wanted(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Where ``frozen_conv_weights = "auto"`` applies the rule: a CUDA device and a half-precision model. Those
+    """Where ``[train] conv_weights_channels_last = "auto"`` applies the rule: a CUDA device and a half-precision model. Those
     are the convolutions cuDNN runs NHWC; fp32 and CPU convolutions were not measured."""
     return torch.device(device).type == "cuda" and dtype in HALF
 
