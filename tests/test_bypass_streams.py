@@ -614,3 +614,41 @@ def _tensors(obj):
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in _tensors(o)]
     return []
+
+
+@pytest.mark.parametrize("kind", ["linear", "wide-linear", "conv3x3"])
+def test_late_join_keeps_what_the_side_streams_read(split, monkeypatch, kind):
+    """Every tensor the side and up streams' products read (∂U's and ∂D's operands) is held by the late join's
+    ``keep`` — or is a parameter's ``.grad``, which its parameter holds — on each layer kind that leaves its streams
+    unjoined under the grad sink. The contract whose breach (change 156) let the allocator reuse memory a side
+    stream was still reading."""
+    from lyco.algorithms import casts
+    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank, "_LATE", {})
+    kept, read = [], []
+    monkeypatch.setattr(lowrank, "_late_join", lambda side, keep: kept.append(keep))
+    for name in ("_grad_up", "_grad_down"):
+        def spy(*a, _fn=getattr(lowrank, name), **k):
+            read.extend(t for t in list(a) + list(k.values()) if torch.is_tensor(t))
+            return _fn(*a, **k)
+        monkeypatch.setattr(lowrank, name, spy)
+    g = torch.Generator().manual_seed(5)
+    if kind == "conv3x3":
+        mod, x, r = nn.Conv2d(6, 5, 3, padding=1), torch.randn(2, 6, 7, 7, generator=g, dtype=torch.float64), 4
+    else:
+        mod, r = (nn.Linear(12, 10), 4) if kind == "linear" else (nn.Linear(8, 40), 8)
+        x = torch.randn(30, mod.in_features, generator=g, dtype=torch.float64)
+    spec = LayerSpec.from_module(mod)
+    w, b = mod.weight.detach().double(), mod.bias.detach().double()
+    k = tuple(w.shape[2:])
+    down = (0.3 * torch.randn((r, w.shape[1]) + k, generator=g, dtype=torch.float64)).requires_grad_()
+    up = (0.3 * torch.randn((w.shape[0], r) + (1,) * len(k), generator=g, dtype=torch.float64)).requires_grad_()
+    down.grad, up.grad = torch.zeros_like(down), torch.zeros_like(up)
+    xx = x.clone().requires_grad_()
+    with casts.step_casts(grad_sink=True):
+        lowrank.bypass_op(xx, spec, w, b, down, up, 0.7).square().sum().backward()
+    assert kept and read, (kept, read)
+    held = {t.untyped_storage().data_ptr() for kp in kept for t in _tensors(kp)}
+    held |= {down.grad.untyped_storage().data_ptr(), up.grad.untyped_storage().data_ptr()}
+    missing = [tuple(t.shape) for t in read if t.untyped_storage().data_ptr() not in held]
+    assert not missing, f"read on a side stream, not held until the late join's wait: {missing}"
