@@ -592,3 +592,26 @@ def test_bf16_without_autocast(tmp_path, shapes_dir):
     assert runs[True][:4] == ("bf16", torch.bfloat16, torch.bfloat16, {torch.float32})
     assert runs[False][:4] == ("no", torch.bfloat16, torch.bfloat16, {torch.float32})
     assert len(runs[False][4]) == 2 and all(math.isfinite(x) for x in runs[False][4])
+
+
+def test_a_non_finite_adapter_is_not_saved(tmp_path, shapes_dir, monkeypatch):
+    """A NaN that enters with the last optimizer step never reaches a loss: the checkpoint itself refuses to write
+    such an adapter, names the tensor and the last good file, and leaves that file as it was."""
+    real = Trainer.save_checkpoint
+    first = tmp_path / "adapter-step00000002.safetensors"
+    seen = []
+
+    def poison_then_save(self, stem, **kw):
+        if self.global_step == 4:
+            seen.append(first.read_bytes())  # the good checkpoint as it was before the bad save
+            with torch.no_grad():
+                next(iter(self.network.parameters())).view(-1)[0] = float("nan")
+        return real(self, stem, **kw)
+    monkeypatch.setattr(Trainer, "save_checkpoint", poison_then_save)
+    cfg = make_cfg(tmp_path, shapes_dir, train={"max_train_steps": 4}, output={"save_every_n_steps": 2})
+    with pytest.raises(TrainingError, match=r"adapter's \S+ is not finite .* at step 4: .*adapter.* is not written; "
+                                            r"the last good checkpoint is .*adapter-step00000002\.safetensors"):
+        _run(cfg)
+    assert seen and first.read_bytes() == seen[0] and lyco.load(str(first)).num_params() > 0
+    assert not (tmp_path / "adapter.safetensors").exists()
+    assert not list(tmp_path.glob("adapter-step00000004*"))

@@ -1615,9 +1615,19 @@ class Trainer:
         # FSDP: every process takes part in gathering the full adapter; the main process then writes
         # it with the same code (and so the same keys, shapes and metadata) as a single process
         with gathered(self._sharded_model()):
+            net = acc.unwrap_model(self.model).network
+            # every process checks (the same values: replicated, or gathered under FSDP), so all of them stop together.
+            # A NaN can enter with the last optimizer step, after the last loss was read (run 272, H100: a graph run's
+            # loss finite to the end and its saved text-encoder factors NaN), and the loss check never sees it
+            bad = next((n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if bad is not None:
+                prev = self.result.checkpoints[-1] if self.result.checkpoints else None
+                raise TrainingError(
+                    f"the adapter's {bad} is not finite (NaN/Inf) at step {self.global_step}: {path} is not written"
+                    + (f"; the last good checkpoint is {prev}" if prev else "; no checkpoint had been written yet")
+                    + ". Lower the learning rate, enable max_grad_norm, or use bf16 instead of fp16.")
             if acc.is_main_process:
                 md = self.metadata()
-                net = acc.unwrap_model(self.model).network
                 net.save(path, dtype=cfg.output.save_dtype, metadata=md, overwrite=True)
                 self.result.checkpoints.append(path)
                 log.info("saved %s", path)
