@@ -82,7 +82,11 @@ class FrozenConvLayout:
             self.kept.append(name)
             return
         with torch.no_grad():
-            w.data = w.data.contiguous(memory_format=torch.channels_last)
+            old = w.data
+            w.data = old.contiguous(memory_format=torch.channels_last)
+            if old.is_cuda:  # the copy may run on a stream other than the one the old weight's memory returns to
+                # (the trainer's graph warm-up runs on its capture stream): no reuse before the copy has read it
+                old.record_stream(torch.cuda.current_stream(old.device))
         self.converted.append(name)
         if not self._hooks:
             log.info("frozen conv weights channels-last: %d of %d k×k convs (weight ≥ input at the first step)",
