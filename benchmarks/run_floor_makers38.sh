@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run prepared in session 37 (not run yet): which ops launch the frozen step's extra elementwise kernels
 # on the channels-last conv layout (run 267's rule floor at SD1.5 b1: `elementwise_kernel<128,4>` 614× 3.34 ms against
-# 386× 2.03 as given) — the floor's timeline and makers on the layout and as given, LoRA's on the layout.
+# 418× 2.42 in run 164's plain floor as given, across runs) — the floor's timeline and makers on the layout and as given, LoRA's on the layout.
 #   OUT=$OUT bash benchmarks/run_floor_makers38.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env

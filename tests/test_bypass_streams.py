@@ -575,38 +575,6 @@ def test_late_join_in_captured_steps_by_default(monkeypatch):
     assert lowrank._late_on(t)
 
 
-def test_late_join_keeps_the_wide_layers_dh(split, monkeypatch):
-    """A wide linear layer (:func:`lowrank._cat_pays`: ``[∂x | ∂h/s] = ∂y·[W′ | U]``, one GEMM on the current stream)
-    under the grad sink with ``LYCO_LATE_JOIN``: its ∂D, added into ``.grad`` on the side stream, reads ∂h — a view of
-    that GEMM's output, whose other part, ∂x, autograd takes and frees on the current stream. Left unjoined, the side
-    stream's read must hold that memory (``keep``) until the current stream waits for it; else the allocator hands
-    it to the current stream's next tensor while the side stream still reads it (session 37: the real trainer's
-    SD1.5 b8 LoRA as a CUDA graph, H100 runs 271–272 — NaN losses and a NaN ∂D in the text encoder's ``mlp.fc1``,
-    768 → 3072, a wide layer; the eager runs finite)."""
-    from lyco.algorithms import casts
-    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
-    monkeypatch.setattr(lowrank, "_LATE", {})
-    kept, read = [], []
-    monkeypatch.setattr(lowrank, "_late_join", lambda side, keep: kept.append(keep))
-    grad_down = lowrank._grad_down
-
-    def spy(spec, s, groups, gy, xc, dd, d2, u2, gh, *a, **k):
-        read.append(gh)
-        return grad_down(spec, s, groups, gy, xc, dd, d2, u2, gh, *a, **k)
-
-    monkeypatch.setattr(lowrank, "_grad_down", spy)
-    g = torch.Generator().manual_seed(3)
-    spec, w, b, d, u, s = _layer(g, 12, 40, grads=True)  # 40 ≥ 2·(12 + 4), 16 a multiple of 8: the wide form
-    assert lowrank._cat_pays(spec, 4)
-    x = torch.randn(9, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    with casts.step_casts(grad_sink=True):
-        lowrank.bypass_op(x, spec, w, b, d, u, s).square().sum().backward()
-    assert len(read) == 1 and read[0] is not None and not read[0].is_contiguous()  # ∂h: the GEMM output's view
-    assert kept, "the side stream was joined, not left: the case this test is about did not arise"
-    held = {t.untyped_storage().data_ptr() for k in kept for t in _tensors(k)}
-    assert read[0].untyped_storage().data_ptr() in held, "∂h's memory is not held until the late join's wait"
-
-
 def _tensors(obj):
     """Every tensor in a nest of tuples and lists."""
     if torch.is_tensor(obj):
@@ -620,16 +588,22 @@ def _tensors(obj):
 def test_late_join_keeps_what_the_side_streams_read(split, monkeypatch, kind):
     """Every tensor the side and up streams' products read (∂U's and ∂D's operands) is held by the late join's
     ``keep`` — or is a parameter's ``.grad``, which its parameter holds — on each layer kind that leaves its streams
-    unjoined under the grad sink. The contract whose breach (change 156) let the allocator reuse memory a side
-    stream was still reading."""
+    unjoined under the grad sink. The wide layer (:func:`lowrank._cat_pays`) is the case change 156 mended: its ∂D
+    reads ∂h, a view of ``[∂x | ∂h/s]`` from one GEMM on the current stream, whose ∂x part autograd takes and frees
+    there; unkept, the allocator could hand that memory on while the side stream still read it (session 37: the real
+    trainer's captured SD1.5 b8 LoRA gave NaN losses and a NaN ∂D in the text encoder's wide ``mlp.fc1``, H100 runs
+    271–272; the eager runs finite)."""
     from lyco.algorithms import casts
     monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
     monkeypatch.setattr(lowrank, "_LATE", {})
     kept, read = [], []
     monkeypatch.setattr(lowrank, "_late_join", lambda side, keep: kept.append(keep))
+    dh = []  # ∂D's ∂h argument where the caller had it (the wide layer's view)
     for name in ("_grad_up", "_grad_down"):
-        def spy(*a, _fn=getattr(lowrank, name), **k):
+        def spy(*a, _fn=getattr(lowrank, name), _name=name, **k):
             read.extend(t for t in list(a) + list(k.values()) if torch.is_tensor(t))
+            if _name == "_grad_down" and torch.is_tensor(a[8]):
+                dh.append(a[8])
             return _fn(*a, **k)
         monkeypatch.setattr(lowrank, name, spy)
     g = torch.Generator().manual_seed(5)
@@ -648,6 +622,9 @@ def test_late_join_keeps_what_the_side_streams_read(split, monkeypatch, kind):
     with casts.step_casts(grad_sink=True):
         lowrank.bypass_op(xx, spec, w, b, down, up, 0.7).square().sum().backward()
     assert kept and read, (kept, read)
+    if kind == "wide-linear":  # the shared GEMM's ∂h view reached ∂D: the case this test is about arose
+        assert len(dh) == 1 and not dh[0].is_contiguous()
+        assert lowrank._cat_pays(spec, r)
     held = {t.untyped_storage().data_ptr() for kp in kept for t in _tensors(kp)}
     held |= {down.grad.untyped_storage().data_ptr(), up.grad.untyped_storage().data_ptr()}
     missing = [tuple(t.shape) for t in read if t.untyped_storage().data_ptr() not in held]

@@ -33,7 +33,7 @@ def test_channels_last_weights_train_the_same(name, mode, monkeypatch):
     assert len(got[3]) == len(ref[3]) > 0
     for a, b in zip(got[3], ref[3]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    # the adapter's own tensors stay where they were: the model's layout change does not touch the base weight's values
+    # training leaves the channels-last base weight's values as the default layout's (no path wrote into it)
     assert torch.equal(model.conv.weight, ref_model.conv.weight)
 
 

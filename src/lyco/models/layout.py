@@ -38,7 +38,12 @@ def pays(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a conv whose input is ``x`` runs faster with ``weight`` channels-last: a 2-D kernel larger than
     1×1, and at least as many elements in the weight as in the input (the operand cuDNN would convert instead).
     A 1×1 weight is channels-last and contiguous at once, so there is nothing to change."""
-    return weight.dim() == 4 and weight.shape[2] * weight.shape[3] > 1 and weight.numel() >= x.numel()
+    return _kxk(weight) and weight.numel() >= x.numel()
+
+
+def _kxk(weight: torch.Tensor) -> bool:
+    """A 2-D conv weight with a kernel larger than 1×1."""
+    return weight.dim() == 4 and weight.shape[2] * weight.shape[3] > 1
 
 
 def _capturing(w: torch.Tensor) -> bool:
@@ -104,8 +109,7 @@ def frozen_conv_weights_channels_last(model: nn.Module) -> FrozenConvLayout:
     it as the first forward runs."""
     layout = FrozenConvLayout()
     for name, m in model.named_modules():
-        if (isinstance(m, nn.Conv2d) and m.weight is not None and not m.weight.requires_grad
-                and m.weight.dim() == 4 and m.weight.shape[2] * m.weight.shape[3] > 1):
+        if isinstance(m, nn.Conv2d) and m.weight is not None and not m.weight.requires_grad and _kxk(m.weight):
             def hook(module, args, _name=name):
                 if args and torch.is_tensor(args[0]):
                     layout._decide(_name, module, args[0])

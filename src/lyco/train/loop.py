@@ -56,6 +56,10 @@ class TrainingError(LycoError):
     """The run cannot go on (NaN/Inf loss, a state that does not fit, …)."""
 
 
+#: what a run that went NaN/Inf can change
+_DIVERGED_ADVICE = "Lower the learning rate, enable max_grad_norm, or use bf16 instead of fp16."
+
+
 # --------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------
@@ -1444,18 +1448,20 @@ class Trainer:
             acc.log(logs, step=step)
         self._emit("step", step=step, loss=step_loss, lr=lr)
 
-    def _diverged(self, bad: list[float], step: int):
+    def _kept_note(self) -> str:
+        """What a stopped run leaves behind, for its error message."""
         last = self.result.checkpoints[-1] if self.result and self.result.checkpoints else None
         if last:
-            keep = f"the last good checkpoint is {last}"
-        elif self.resume_from:
-            keep = f"nothing was written since resuming from {self.resume_from}"
-        else:
-            keep = "no checkpoint had been written yet"
+            return f"the last good checkpoint is {last}"
+        if self.resume_from:
+            return f"nothing was written since resuming from {self.resume_from}"
+        return "no checkpoint had been written yet"
+
+    def _diverged(self, bad: list[float], step: int):
         raise TrainingError(
             f"loss became {'NaN' if any(math.isnan(x) for x in bad) else 'Inf'} at step {step} "
             f"(epoch {self.epoch + 1}, losses per process {bad}); the run is stopped and nothing more is "
-            f"written: {keep}. Lower the learning rate, enable max_grad_norm, or use bf16 instead of fp16.")
+            f"written: {self._kept_note()}. {_DIVERGED_ADVICE}")
 
     def _record_eval(self):
         v = self.evaluate()
@@ -1619,13 +1625,12 @@ class Trainer:
             # every process checks (the same values: replicated, or gathered under FSDP), so all of them stop together.
             # A NaN can enter with the last optimizer step, after the last loss was read (run 272, H100: a graph run's
             # loss finite to the end and its saved text-encoder factors NaN), and the loss check never sees it
-            bad = next((n for n, p in net.named_parameters() if not bool(torch.isfinite(p).all())), None)
-            if bad is not None:
-                prev = self.result.checkpoints[-1] if self.result.checkpoints else None
-                raise TrainingError(
-                    f"the adapter's {bad} is not finite (NaN/Inf) at step {self.global_step}: {path} is not written"
-                    + (f"; the last good checkpoint is {prev}" if prev else "; no checkpoint had been written yet")
-                    + ". Lower the learning rate, enable max_grad_norm, or use bf16 instead of fp16.")
+            named = list(net.named_parameters())
+            finite = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu() if named else None  # one sync
+            if finite is not None and not bool(finite.all()):
+                bad = named[int((~finite).nonzero()[0])][0]
+                raise TrainingError(f"the adapter's {bad} is not finite (NaN/Inf) at step {self.global_step}: {path} "
+                                    f"is not written; {self._kept_note()}. {_DIVERGED_ADVICE}")
             if acc.is_main_process:
                 md = self.metadata()
                 net.save(path, dtype=cfg.output.save_dtype, metadata=md, overwrite=True)
