@@ -286,3 +286,33 @@ def test_glora_layer_trains_through_kernel(kern, monkeypatch, kind, dtype, multi
         model, x, dtype, [t[k] for k in ("a1.weight", "a2.weight", "b1.weight", "b2.weight")],
         lambda leaves, xr: _glora_reference(mod, *leaves, gamma, xr),
         calls, {"add_lowrank": 2})  # forward build, backward rebuild
+
+
+@pytest.mark.parametrize("o,i,k,groups,r", [(6, 48, (3, 3), 4, 8), (40, 24, (3, 3), 8, 16), (17, 30, (1, 3), 5, 4),
+                                            (33, 64, (3, 3), 2, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("programs", [1, 64])
+@pytest.mark.parametrize("bm", [16, 64])
+def test_add_lowrank_taps_matches_definition(kern, monkeypatch, o, i, k, groups, r, dtype, programs, bm):
+    """``W + γ·U·kron(I_groups, D)`` on a channels-last conv weight, walked by taps: equal to the float64 sum on the
+    NCHW weight within one rounding, the result channels-last in W's strides. Column tiles of 64 cross channel
+    groups (12, 3, 6 or 32 channels each) and taps; row tiles cross the (out, group) rows' out channels."""
+    monkeypatch.setitem(kern._MERGE_CFG, "programs", programs)
+    monkeypatch.setitem(kern._MERGE_CFG, "BM", bm)
+    monkeypatch.setitem(kern._MERGE_CFG, "BK", 64)
+    g = torch.Generator().manual_seed(o + i + r)
+    cg = i // groups
+    w = torch.randn(o, i, *k, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    up = torch.randn(o, groups, r, generator=g).to(dtype)
+    down = (0.3 * torch.randn(r, cg, *k, generator=g)).to(dtype)
+    ref = w.double() + 0.4 * torch.einsum("omr,rcab->omcab", up.double(), down.double()).reshape(w.shape)
+    dtaps = down.permute(0, 2, 3, 1).reshape(r, -1).contiguous()
+    out = kern.add_lowrank_taps(w, up.reshape(o * groups, r), dtaps, 0.4, groups)
+    assert out.dtype == dtype and out.shape == w.shape and out.stride() == w.stride()
+    assert _rel(out, ref) < TOL[dtype][0]
+
+
+def test_add_lowrank_taps_refuses_an_nchw_weight(kern):
+    w = torch.randn(4, 8, 3, 3)
+    with pytest.raises(ValueError, match="channels-last"):
+        kern.add_lowrank_taps(w, torch.randn(8, 2), torch.randn(2, 36), 1.0, 2)

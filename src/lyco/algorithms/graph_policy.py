@@ -22,7 +22,8 @@ ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`) and whose work the cu
 next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`) — a batched factor product's backward
 (LoKr's and LoHa's ups, :mod:`.factor_batch`) on a tail stream waited for only when the backward ends, where the
 trainer's grad sink takes its gradients (``LYCO_FACTOR_TAIL``, :func:`.factor_batch._tail`) —, and its merged
-weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`), a linear layer's forward as
+weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`; a grouped down's on a channels-last
+weight too, ``LYCO_MERGE_TAPS``, :func:`.lowrank_triton.add_lowrank_taps`), a linear layer's forward as
 one Triton GEMM on Hopper (``LYCO_FUSED_GEMM``, :func:`.lowrank._fused_gemm`) — or through its merged weight built a
 layer ahead on the up stream (``LYCO_FORWARD_MERGED``, :func:`.lowrank._fwd_weights`, taken first) — or with its down
 beside the frozen GEMM on the side stream (``LYCO_FORWARD_SIDE``, :func:`.lowrank._forward_side`), its conv forward's bias and up

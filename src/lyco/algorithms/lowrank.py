@@ -855,9 +855,17 @@ def _merged(w: torch.Tensor, u2: torch.Tensor, d2: torch.Tensor, s: float, dtype
             L, m = o // eye, u2.shape[1] // eye
             w1 = u2.view(L, eye, m, eye)[:, 0, :, 0]
             return factor_triton.kron_merge(wf.view(L, eye, m, -1), w1, d2, s).view(w.shape)
-    if wf.dim() == 4 and groups == 1 and not wf.is_contiguous() and wf.is_contiguous(
-            memory_format=torch.channels_last):
-        return _merged_cl(wf, u2, d2, s)
+    if wf.dim() == 4 and not wf.is_contiguous() and wf.is_contiguous(memory_format=torch.channels_last):
+        if groups == 1:
+            return _merged_cl(wf, u2, d2, s)
+        if _merge_kernel(wf, d2.shape[0]) and graph_policy.wanted("LYCO_MERGE_TAPS"):
+            # kron(I, D) on a channels-last W: its rows (o, m) are not W's memory, so the kernel walks the taps
+            # (lowrank_triton.add_lowrank_taps); the torch form below copies W to NCHW first
+            from .lowrank_triton import add_lowrank_taps
+            o, i, kh, kw = wf.shape
+            r = d2.shape[0]
+            dtaps = d2.view(r, i // groups, kh * kw).transpose(1, 2).reshape(r, -1)  # (tap, channel) columns
+            return add_lowrank_taps(wf, u2.reshape(o * groups, r).contiguous(), dtaps, s, groups)
     if wf.is_contiguous() and _merge_kernel(wf, d2.shape[0]):  # rows of W′ = out·groups blocks, as addmm's below
         from .lowrank_triton import add_lowrank
         return add_lowrank(wf.view(o * groups, -1), u2.reshape(o * groups, -1).contiguous(), d2.contiguous(),

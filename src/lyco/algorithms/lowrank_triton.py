@@ -189,8 +189,15 @@ def _compare(device, dtype, r: int) -> str | None:
     zt = (ycl.permute(0, 2, 3, 1).reshape(-1, 48).float() @ dk.permute(2, 3, 0, 1).reshape(9 * r, 48).float().t())
     errs.append((tap_sum(zt, 2, 5, 7, r, (3, 3), (1, 1), dtype),
                  torch.nn.functional.conv2d(y4.float(), dk.float(), padding=1)))
-    if not cl.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last's result is not channels-last"
+    # add_lowrank_taps: a channels-last 3×3 (6, 48, 3, 3) weight of 4 channel groups, U (6, 4·r)
+    wt = torch.randn(6, 48, 3, 3, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    ut = torch.randn(6, 4 * r, generator=g).to(device, dtype)
+    dt4 = (torch.randn(r, 12, 3, 3, generator=g) * (8 / r) ** 0.5).to(device, dtype)
+    wt_ref = wt.float() + 0.5 * torch.einsum("omr,rctu->omctu", ut.float().view(6, 4, r), dt4.float()).reshape(wt.shape)
+    taps = add_lowrank_taps(wt, ut.view(24, r), dt4.permute(0, 2, 3, 1).reshape(r, -1).contiguous(), 0.5, 4)
+    errs.append((taps, wt_ref))
+    if not cl.is_contiguous(memory_format=torch.channels_last) or taps.stride() != wt.stride():
+        return "channels_last's or add_lowrank_taps' result is not channels-last"
     worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in errs)
     return None if worst <= 2e-2 else f"their self-test's relative error at rank {r} is {worst:.2e}"
 
@@ -289,6 +296,27 @@ if triton is not None:
                     weff += (1.0 - s) * tl.load(wp, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
             tl.store(OUT + rows[:, None] * som + cols[None, :] * sok, weff.to(OUT.dtype.element_ty),
                      mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _taps_build_kernel(W, U, D, OUT, M, K, R, G, CG, s_o, s_c, s_t, sum_, sur, sdr, sdk, gain, KS,
+                           BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, UPCAST: tl.constexpr):
+        """W′ = W + γ·U·kron(I_G, D) on this program's tile of a channels-last conv weight, OUT in W's strides: row
+        ρ = (o, m) (out channel o, channel group m: U's row ρ) at o·s_o + m·CG·s_c, column j = (t, c) (tap t,
+        channel c of the group: D's column j) at t·s_t + c·s_c — neither a single stride, hence the divisions."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < M
+        roff = (rows // G) * s_o + (rows % G) * (CG * s_c)
+        rr = tl.arange(0, BR)
+        u = tl.load(U + rows[:, None] * sum_ + rr[None, :] * sur, mask=rmask[:, None] & (rr[None, :] < R),
+                    other=0.0)
+        kk = tl.arange(0, BK)
+        k_lo = tl.program_id(1) * KS
+        for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
+            cols = k0 + kk
+            off = roff[:, None] + ((cols // CG) * s_t + (cols % CG) * s_c)[None, :]
+            wc, cmask = _w_prime(W + off, D + rr[:, None] * sdr + cols[None, :] * sdk, u, rmask, rr < R, cols, K,
+                                 gain, UPCAST)
+            tl.store(OUT + off, wc.to(OUT.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
     def _grad_kernel(E, W, U, D, VEC, P, NP, H, GUP, GMAG, M, K, R, sem, sek, swm, swk, sum_, sur, sdr, sdk,
@@ -418,11 +446,12 @@ def _br(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def _grid(w2: torch.Tensor, c: dict | None = None):
-    """(row blocks, column splits, columns per split) for a ``(out, K)`` weight under launch configuration ``c``
-    (``_CFG`` by default)."""
+def _grid(w2: torch.Tensor, c: dict | None = None, shape: tuple | None = None):
+    """(row blocks, column splits, columns per split) for a ``(out, K)`` weight (``shape`` where w2 is not one: the
+    grouped weight's rows and columns, :func:`add_lowrank_taps`) under launch configuration ``c`` (``_CFG`` by
+    default)."""
     c = _CFG if c is None else c
-    m, k = w2.shape
+    m, k = w2.shape if shape is None else shape
     key = (m, k, w2.device, c["BM"], c["BK"], c["programs"])
     got = _GRIDS.get(key)
     if got is not None:
@@ -503,6 +532,31 @@ def add_lowrank(w2: torch.Tensor, up2: torch.Tensor, down2: torch.Tensor, gain: 
         w2.stride(0), w2.stride(1), up2.stride(0), up2.stride(1), down2.stride(0), down2.stride(1),
         out.stride(0), out.stride(1), float(gain), 1.0, _EPS, ks,
         FROM_P=False, PLAIN=True, CAT_U=with_up, **_common(r, _MERGE_CFG))
+    return out
+
+
+def add_lowrank_taps(w4: torch.Tensor, up2: torch.Tensor, dtaps: torch.Tensor, gain: float,
+                     groups: int) -> torch.Tensor:
+    """``W + γ·U·kron(I_groups, D)`` for a channels-last conv weight ``w4`` ``(out, in, kh, kw)`` (memory ``(out, kh,
+    kw, in)``), the result channels-last too, in one pass (W read once, W′ written once, U·D accumulated in fp32 and
+    rounded once, as :func:`add_lowrank`): ``up2`` ``(out·groups, r)`` (row ``o·groups + m``: U's r columns for
+    channel group m), ``dtaps`` ``(r, kh·kw·in/groups)`` with its columns in (tap, channel) order — the channels-last
+    memory's. LoKr's grouped down (``D = kron(I, B)``, :func:`.lowrank._merged`) on a frozen weight kept
+    channels-last (:mod:`lyco.models.layout`): the NCHW form's rows ``(o, m)`` are W's own memory only in NCHW, so
+    without this the weight was copied to NCHW, merged by ``addmm`` (a copy and a GEMM) and converted back by cuDNN
+    inside the dgrad."""
+    o, i, kh, kw = w4.shape
+    cg, r = i // groups, up2.shape[1]
+    if w4.stride(2) != kw * w4.stride(3) or w4.stride(1) != 1:
+        raise ValueError(f"add_lowrank_taps: a channels-last (out, in, kh, kw) weight expected, strides {w4.stride()}")
+    out = torch.empty_like(w4)  # preserve_format: channels-last, W's strides
+    if out.stride() != w4.stride():
+        raise ValueError(f"add_lowrank_taps: a dense weight expected, strides {w4.stride()}")
+    m, k = o * groups, kh * kw * cg
+    rb, ns, ks = _grid(w4, _MERGE_CFG, (m, k))
+    _taps_build_kernel[(rb, ns)](
+        w4, up2, dtaps, out, m, k, r, groups, cg, w4.stride(0), w4.stride(1), w4.stride(3),
+        up2.stride(0), up2.stride(1), dtaps.stride(0), dtaps.stride(1), float(gain), ks, **_common(r, _MERGE_CFG))
     return out
 
 
