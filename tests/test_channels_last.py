@@ -101,17 +101,20 @@ def test_layout_hook_in_a_capture_converts_nothing(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1.0, 0.7])
-def test_lokr_grouped_merge_walks_a_channels_last_weights_taps(monkeypatch, triton_interpreter, m):
-    """LoKr's grouped down (``kron(I, B)``) on the bypass op: its ∂x's merged weight built from a channels-last W by
+@pytest.mark.parametrize("form", ["low-rank W2", "full W2"])
+def test_lokr_grouped_merge_walks_a_channels_last_weights_taps(monkeypatch, triton_interpreter, m, form):
+    """LoKr's grouped down on the bypass op — ``kron(I, B)`` with a low-rank W2, W2 itself on each channel group
+    with a full one (the ``eye`` form, up ``kron(W1, I)``) —: its ∂x's merged weight built from a channels-last W by
     :func:`lowrank_triton.add_lowrank_taps` (forced in on the CPU, interpreted; fp32 inside), W′ channels-last —
-    outputs and gradients (x, W1, A, B) equal float64 math on ``kron(W1, A·B)`` and the NCHW weight. Session 38:
-    the merge copied a channels-last W to NCHW first (``reshape``), and cuDNN converted W′ back in the dgrad."""
-    from test_bypass_op import _adapter_tensors, _reference, _run, _setup
+    outputs and gradients (x and the factors) equal float64 math on the dense ``kron`` and the NCHW weight. Session
+    38: the merge copied a channels-last W to NCHW first (``reshape``), and cuDNN converted W′ back in the dgrad."""
+    from test_bypass_op import _adapter_tensors, _dense_lokr_full, _reference, _run, _setup
     from lyco.algorithms import lowrank, lowrank_triton
     from lyco.algorithms.lokr import LoKr
     for var in ("LYCO_BYPASS_OP", "LYCO_MERGE_KERNEL", "LYCO_MERGE_TAPS"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setattr(LoKr, "WGRAD_PER_H", 0.0)  # the op, not the rebuilt op, at this width
+    monkeypatch.setattr(LoKr, "EYE_POSITIONS", 1e9)  # a full W2 on the op too
     monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
     monkeypatch.setattr(lowrank_triton, "usable", lambda w, rank: True)
     built = []
@@ -119,7 +122,9 @@ def test_lokr_grouped_merge_walks_a_channels_last_weights_taps(monkeypatch, trit
     monkeypatch.setattr(lowrank_triton, "add_lowrank_taps", lambda *a: built.append(real(*a)) or built[-1])
     torch.manual_seed(0)
     mod = torch.nn.Conv2d(32, 48, 3, padding=1)
-    model, net = _setup(mod, dict(algo="lokr", rank=2, alpha=1.5, factor=4))
+    cfg = dict(algo="lokr", rank=2, factor=4)
+    cfg.update(full_matrix=True) if form == "full W2" else cfg.update(alpha=1.5)
+    model, net = _setup(mod, cfg)
     net.set_multiplier(m)
     model.to(memory_format=torch.channels_last)
     assert mod.weight.is_contiguous(memory_format=torch.channels_last) and not mod.weight.is_contiguous()
@@ -129,7 +134,16 @@ def test_lokr_grouped_merge_walks_a_channels_last_weights_taps(monkeypatch, trit
     y, grads, node = _run(model, x, gy)
     assert node == "_BypassOpBackward"
     assert len(built) == 1 and built[0].is_contiguous(memory_format=torch.channels_last)
-    yr, gr = _reference(mod, "lokr", x, gy, m)
+    if form == "full W2":
+        _, t = _adapter_tensors(mod)
+        leaves = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in t.items()}
+        xr = x.detach().clone().requires_grad_()
+        w = mod.weight.detach() + m * _dense_lokr_full(leaves).reshape(mod.weight.shape)
+        yr = torch.nn.functional.conv2d(xr, w, mod.bias, padding=1)
+        gr = torch.autograd.grad(yr, [xr] + [leaves[k] for k, v in t.items() if v.requires_grad], gy)
+    else:
+        yr, gr = _reference(mod, "lokr", x, gy, m)
     torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)  # the forward never merges here
+    assert len(grads) == len(gr) >= 3
     for g, r in zip(grads, gr):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)  # ∂x through the kernel's fp32 W′
