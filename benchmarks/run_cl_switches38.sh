@@ -9,13 +9,12 @@ trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
 graph_check 100 lokr,lokr-full,locon
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --jobs sd15:1 --variants lyco --frozen-cl rule --algos locon,lokr"
-step_table base 160 --baselines floor $A
-t=160
-for v in LYCO_CONV_NHWC LYCO_CONV_WEIGHT_CL LYCO_DGRAD_WEIGHT_CL LYCO_CONV_EPILOGUE LYCO_TAPS_DOWN LYCO_MERGE_AHEAD; do
-  t=$((t + 45))
+step_table base 200 --baselines floor $A
+t=200
+for v in LYCO_CONV_NHWC LYCO_CONV_WEIGHT_CL LYCO_DGRAD_WEIGHT_CL LYCO_CONV_EPILOGUE; do
+  t=$((t + 60))
   (export $v=0; step_table "off_$v" $t --no-baselines $A)
 done
-step_table base2 $((t + 45)) --no-baselines $A
-for d in base off_LYCO_CONV_NHWC off_LYCO_CONV_WEIGHT_CL off_LYCO_DGRAD_WEIGHT_CL off_LYCO_CONV_EPILOGUE \
-         off_LYCO_TAPS_DOWN off_LYCO_MERGE_AHEAD base2; do step_records "$d"; done
+step_table base2 $((t + 60)) --no-baselines $A
+for d in base off_LYCO_CONV_NHWC off_LYCO_CONV_WEIGHT_CL off_LYCO_DGRAD_WEIGHT_CL off_LYCO_CONV_EPILOGUE base2; do step_records "$d"; done
 pack_out
