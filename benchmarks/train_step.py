@@ -1369,6 +1369,9 @@ def main(argv=None):
     p.add_argument("--frozen-cl", default="off", choices=("off", "all", "rule", "model"),
                    help="the frozen k×k convs' weights stored channels-last: all, or where the weight outsizes the "
                         "conv's input at the job's batch (rule); session 37's experiment")
+    p.add_argument("--sdpa", default="auto", choices=("auto", "flash", "efficient", "cudnn", "math"),
+                   help="the attention backend of every configuration alike (floor, lyco, peers): auto = torch's "
+                        "choice; else only that backend enabled (torch.backends.cuda.enable_*_sdp)")
     a = p.parse_args(argv)
     _GRAD_SINK[0] = a.lyco_grad_sink
     _GRAPH_MAKERS[0] = tuple(x for x in a.graph_makers.split(",") if x)
@@ -1401,6 +1404,11 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
+        if a.sdpa != "auto":  # one backend for the whole process: the floor and every library run the same one
+            for name in ("flash", "mem_efficient", "cudnn", "math"):
+                fn = getattr(torch.backends.cuda, f"enable_{name}_sdp", None)
+                if fn is not None:
+                    fn(name == {"efficient": "mem_efficient"}.get(a.sdpa, a.sdpa))
         if a.graph_trace:  # the profiler sees a graph's kernels only if it ran before the first capture
             from torch.profiler._utils import _init_for_cuda_graphs
             _init_for_cuda_graphs()
@@ -1408,7 +1416,7 @@ def main(argv=None):
             **machine_info("torch", "python", "diffusers", "peft", "transformers", "triton", "lycoris"),
             "dtype": "bf16", "adapter_dtype": a.adapter_dtype, "steps": a.steps,
             "warmup": a.warmup, "compile": a.compile and a.compile_backend, "smoke": a.smoke, "argv": sys.argv[1:],
-            "rounds": a.rounds, "graph": a.graph, **machine_info(host_cpus="logical_cpus")}
+            "rounds": a.rounds, "graph": a.graph, "sdpa": a.sdpa, **machine_info(host_cpus="logical_cpus")}
     if cuda:
         meta["ceilings"] = ceilings(device)
     log(json.dumps(meta))
