@@ -147,3 +147,24 @@ def test_lokr_grouped_merge_walks_a_channels_last_weights_taps(monkeypatch, trit
     assert len(grads) == len(gr) >= 3
     for g, r in zip(grads, gr):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)  # ∂x through the kernel's fp32 W′
+
+
+def test_a_weight_the_layout_kept_nchw_keeps_its_merged_weight_nchw(monkeypatch):
+    """A frozen weight the rule kept NCHW is marked (``lowrank.KEPT_NCHW``), and the op's ∂x then runs on an NCHW merged
+    weight where the dgrad's channels-last rule (``LYCO_DGRAD_WEIGHT_CL``) would otherwise copy it channels-last: its
+    neighbours run NCHW. A converted weight and an unmarked one of the same shape are left to that rule (run 276–277:
+    LoCon at SD1.5 b1 on the layout 0.10–0.12 ms faster with it off)."""
+    from lyco.algorithms import lowrank
+    from lyco.algorithms.base import LayerSpec
+    from lyco.models import layout
+    monkeypatch.setenv("LYCO_DGRAD_WEIGHT_CL", "1")
+    m = _convs()
+    lay = layout.frozen_conv_weights_channels_last(m)
+    x = torch.randn(1, 16, 12, 12)  # 2304 input elements: the 16 → 32 weight (4608) converted, 32 → 4 (1152) kept
+    m(x)
+    assert lay.converted == ["0"] and lay.kept == ["1"]
+    assert getattr(m[1].weight, lowrank.KEPT_NCHW, False) and not getattr(m[0].weight, lowrank.KEPT_NCHW, False)
+    spec = LayerSpec.from_module(m[1])
+    shape = (1, 32, 12, 12)  # 144 positions ≤ 32·9: the shape rule alone says channels-last
+    assert lowrank._dgrad_cl(spec, shape) and lowrank._dgrad_cl(spec, shape, weight=torch.empty_like(m[1].weight))
+    assert not lowrank._dgrad_cl(spec, shape, weight=m[1].weight)

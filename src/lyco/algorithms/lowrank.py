@@ -600,7 +600,11 @@ def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool, eye: int = 0, cl
     return torch.cat([w, u2], 1) if cat else w
 
 
-def _dgrad_cl(spec: LayerSpec, xshape, groups: int = 1, eye: int = 0) -> bool:
+#: the attribute :mod:`lyco.models.layout` sets on a frozen conv weight its rule kept NCHW (:func:`_dgrad_cl`)
+KEPT_NCHW = "_lyco_kept_nchw"
+
+
+def _dgrad_cl(spec: LayerSpec, xshape, groups: int = 1, eye: int = 0, weight=None) -> bool:
     """Whether a k×k conv's ∂x runs on a channels-last merged weight, made by the tiled copy
     (:func:`.lowrank_triton.channels_last`) where the op builds it — ahead, on the up stream, where
     ``LYCO_MERGE_AHEAD`` — instead of cuDNN converting it inside the dgrad, on the critical path: where the weight
@@ -611,9 +615,14 @@ def _dgrad_cl(spec: LayerSpec, xshape, groups: int = 1, eye: int = 0) -> bool:
     Measured (H100, SD1.5 b8 as one CUDA graph, floor 67.05; runs 157–158, A/B/A against the switch at 0): LoCon
     72.99 / 73.20 / 72.96 ms, LoHa 75.40 / 75.61 / 75.42, LoKr with a full W2 (the ``eye`` form) 84.48 off / 83.92
     on (run 157's first leg ran out of time there) — but LoKr's grouped low-rank op 81.84 / 81.47 / 81.81: slower,
-    cause not found, so grouped downs other than the eye form keep cuDNN's conversion."""
+    cause not found, so grouped downs other than the eye form keep cuDNN's conversion.
+
+    Not for a frozen ``weight`` :mod:`lyco.models.layout` kept NCHW (``KEPT_NCHW`` set on it: its input outsizes
+    it, so its neighbours run NCHW): a channels-last ∂x there is converted back around it. H100, SD1.5 b1 on that
+    layout as one graph, LoCon with this switch at 0 / on (a converted weight's W′ is channels-last either way, so
+    only the kept weights differ): 19.73 / 19.85–19.86 ms (run 276), 19.77 / 19.87 (run 277); not measured at b8."""
     if (spec.kind != CONV2D or spec.kernel_numel == 1 or (groups > 1 and not eye)
-            or not graph_policy.wanted("LYCO_DGRAD_WEIGHT_CL")):
+            or getattr(weight, KEPT_NCHW, False) or not graph_policy.wanted("LYCO_DGRAD_WEIGHT_CL")):
         return False
     return xshape[0] * xshape[2] * xshape[3] <= spec.flat_in
 
@@ -1066,7 +1075,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     elif need_x or need_w or need_b:
         # one input gradient through W + s·U·D: the frozen layer's and the adapter's at once, no sum
         w_in = ((pre if pre is not None else _w_in(weight, u2, d2, s, cd, groups, False, eye,
-                                                                  _dgrad_cl(spec, xshape, groups, eye)))
+                                                                  _dgrad_cl(spec, xshape, groups, eye, weight)))
                 if need_x and not split else cast(weight, cd))
         if spec.kind == LINEAR and need_x and _out_dtype_ok(gy, xdt):
             # an input of another dtype (autocast: a norm's fp32 output) gets ∂x in it from the GEMM itself — no bf16
@@ -1550,7 +1559,7 @@ class _BypassOp(torch.autograd.Function):
         if n[0] and not n[2] and not ctx.split:  # ∂x through the merged weight (_grads): its build can come ahead
             cat = spec.kind == LINEAR and n[4] and _cat_pays(spec, u2.shape[1])
             _ahead_link(ctx, xd, _w_in, weight, u2, d2, s, cd, groups, cat, eye,
-                        spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye))
+                        spec.kind != LINEAR and _dgrad_cl(spec, x.shape, groups, eye, weight))
         return y
 
     @staticmethod

@@ -29,6 +29,8 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..algorithms.lowrank import KEPT_NCHW
+
 log = logging.getLogger(__name__)
 
 HALF = (torch.bfloat16, torch.float16)
@@ -85,6 +87,8 @@ class FrozenConvLayout:
             return
         if w.requires_grad or not pays(w, x):
             self.kept.append(name)
+            if not w.requires_grad:  # the adapter ops leave its merged weight NCHW too (lowrank._dgrad_cl)
+                setattr(w, KEPT_NCHW, True)
             return
         with torch.no_grad():
             old = w.data
