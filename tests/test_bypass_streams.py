@@ -629,3 +629,74 @@ def test_late_join_keeps_what_the_side_streams_read(split, monkeypatch, kind):
     held |= {down.grad.untyped_storage().data_ptr(), up.grad.untyped_storage().data_ptr()}
     missing = [tuple(t.shape) for t in read if t.untyped_storage().data_ptr() not in held]
     assert not missing, f"read on a side stream, not held until the late join's wait: {missing}"
+
+
+@pytest.mark.parametrize("ahead_late, sink", [(True, False), (False, False), (True, True)])
+def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, sink):
+    """``LYCO_AHEAD_LATE`` (:func:`lowrank._ahead_late`): A → G (a q/k/v group) → B, factor gradients returned (no
+    grad sink, so each op joins its up stream to return ∂U). B's backward records an event on the up stream after
+    its ∂U and before the group's merged weights it builds there ahead, and the current stream waits on that event
+    only — the builds are left unjoined (the late join's store) and the group's backward, their consumer, waits on
+    them first of all; G likewise for A's. Off: the whole up stream joined, as before. Under the grad sink (``sink``)
+    the late join leaves the whole up stream anyway: no event between ∂U and the builds. The pass ends with nothing
+    pending; values against float64 math with the merged weights."""
+    from lyco.algorithms import casts, lowrank_shared
+    log = split
+    monkeypatch.setattr(lowrank, "_ahead_on", lambda x: True)
+    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank_shared, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank, "_ahead_late", lambda device: ahead_late)
+    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
+    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
+    monkeypatch.setattr(lowrank_shared, "_merged", lowrank._merged)  # the fixture's spy
+    monkeypatch.setattr(lowrank, "_LATE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    main = torch.cuda.current_stream()
+    count = [0]
+
+    class _Event:
+        def record(self, stream):
+            count[0] += 1
+            self.n, self.stream = count[0], stream
+            log.append(f"event {self.n} on {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    g = torch.Generator().manual_seed(9)
+    A, B = _layer(g, 12, 16, grads=sink), _layer(g, 16, 10, grads=sink)
+    G = [_layer(g, 16, 16, grads=sink) for _ in range(3)]
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+
+    def run(lin, grp):
+        q, k, v = grp(lin(A, x))
+        z = lin(B, q + k * v)
+        (z * gz).sum().backward()
+        return z.detach()
+
+    with casts.step_casts(grad_sink=sink):
+        z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
+                lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+    bwd = log[log.index("up waits main"):]
+    assert lowrank._LATE.get(main.device, []) == []
+    ups = [i for i, e in enumerate(bwd) if e == "_merged@up"]
+    assert len(ups) == 4, bwd  # B builds G's three, G builds A's
+    if sink:  # B's first event on the up stream is the late join's, after the builds
+        i_u = bwd.index("_grad_up@up")
+        assert next(i for i, e in enumerate(bwd) if i > i_u and e.startswith("event ") and e.endswith("on up")) > ups[2]
+    elif ahead_late:
+        # B: the event after its ∂U comes before G's builds; main waits on it, not on the up stream; the builds'
+        # event after them; then G's backward waits on that one first
+        i_u = bwd.index("_grad_up@up")
+        ev_u = next(e for e in bwd[i_u:] if e.startswith("event "))
+        assert bwd.index(ev_u) < ups[0] and ev_u.endswith("on up"), bwd
+        n_u = ev_u.split()[1]
+        ev_b = next(e for e in bwd[ups[2]:] if e.startswith("event "))
+        assert ev_b.endswith("on up"), bwd
+        n_b = ev_b.split()[1]
+        w_u, w_b = bwd.index(f"main waits event {n_u} (up)"), bwd.index(f"main waits event {n_b} (up)")
+        assert w_u < w_b < ups[3], bwd  # G's own wait for B's builds before anything it builds or reads
+        assert "main waits up" not in bwd[:w_b], bwd
+    else:
+        assert not any(e.startswith("event ") for e in bwd), bwd
+        assert bwd.index("main waits up") > ups[2], bwd
+    _against_dense(run, z, [x.grad] + [t.grad for p in [A, B] + G for t in p[3:5]], x, [A, B] + G, G)
