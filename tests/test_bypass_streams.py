@@ -700,3 +700,21 @@ def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, s
         assert not any(e.startswith("event ") for e in bwd), bwd
         assert bwd.index("main waits up") > ups[2], bwd
     _against_dense(run, z, [x.grad] + [t.grad for p in [A, B] + G for t in p[3:5]], x, [A, B] + G, G)
+
+
+def test_ahead_late_is_off_unless_asked(monkeypatch):
+    """``LYCO_AHEAD_LATE`` unset: off even in captured steps (no gain measured, run 278); ``graph`` on there with the
+    late join, ``1`` everywhere the late join is; never on the CPU."""
+    from lyco.algorithms import graph_policy
+    cuda = torch.device("cuda")
+    for var in ("LYCO_AHEAD_LATE", "LYCO_LATE_JOIN"):
+        monkeypatch.delenv(var, raising=False)
+    with graph_policy.graph_step():
+        assert not lowrank._ahead_late(cuda)
+        monkeypatch.setenv("LYCO_AHEAD_LATE", "graph")
+        assert lowrank._ahead_late(cuda) and not lowrank._ahead_late(torch.device("cpu"))
+        monkeypatch.setenv("LYCO_LATE_JOIN", "0")
+        assert not lowrank._ahead_late(cuda)
+    monkeypatch.setenv("LYCO_AHEAD_LATE", "1")
+    monkeypatch.setenv("LYCO_LATE_JOIN", "1")
+    assert lowrank._ahead_late(cuda)

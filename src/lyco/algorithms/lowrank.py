@@ -407,9 +407,13 @@ def _ahead_late(device: torch.device) -> bool:
     build's consumer and waits for the late-joined work first (:func:`_late_wait`). Why: run 277 (H100, SD1.5 b1
     LoRA on the frozen conv layout, one graph) has cuDNN attention's backward memset starting 4.1 µs after the
     kernel before it (1.4 in the floor), that kernel being the up stream's builds of the q/k/v weights ahead, which
-    the attention never reads: to_out's backward joined the whole up stream to return its ∂U."""
+    the attention never reads: to_out's backward joined the whole up stream to return its ∂U.
+
+    **Off by default** (``LYCO_AHEAD_LATE=graph`` or ``1`` turns it on): run 278 (H100, the same step) measured 17.74
+    ms with it on twice — against 17.76 without it in run 277, across runs, so no gain seen; the same-run A/B was
+    skipped by its time budget and the session's device time was spent."""
     return (device.type == "cuda" and graph_policy.wanted("LYCO_LATE_JOIN")
-            and graph_policy.wanted("LYCO_AHEAD_LATE"))
+            and graph_policy.wanted("LYCO_AHEAD_LATE", default="0"))
 
 
 def _join_up(su, up_done) -> None:
