@@ -726,7 +726,7 @@ def _graph_makers(step, side, trace: Path) -> None:
         with torch.cuda.stream(side), graph_policy.graph_step():
             step()
         torch.cuda.synchronize()
-    rows = kernel_makers(prof, 1, list(_GRAPH_MAKERS[0]), top=25)
+    rows = kernel_makers(prof, 1, list(_GRAPH_MAKERS[0]), top=_GRAPH_MAKERS_TOP[0])
     trace.with_suffix(".makers.txt").write_text("".join(format_maker(k) + "\n" for k in rows))
 
 
@@ -755,6 +755,9 @@ _GRAD_SINK = [False]
 
 #: ``--graph-makers``: kernel-name substrings whose launching ops :func:`_graph_makers` lists for every traced config
 _GRAPH_MAKERS: list = [()]
+#: ``--graph-makers-top``: how many launching-op groups per kernel pattern (run 274's 25 named 297 of the layout
+#: floor's 677 ``elementwise_kernel<128,4>`` launches)
+_GRAPH_MAKERS_TOP: list = [25]
 
 
 def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem) -> dict:
@@ -1335,6 +1338,9 @@ def main(argv=None):
                         "'elementwise_kernel<128' for elementwise_kernel<128, 4>) whose launching ops (name, shapes, "
                         "enclosing ops, lyco's frame) in one eager run of the captured step's paths are written to "
                         "graph_trace_*.makers.txt")
+    p.add_argument("--graph-makers-top", type=int, default=25,
+                   help="with --graph-makers: the launching-op groups listed per kernel pattern, largest first "
+                        "(0: all)")
     p.add_argument("--graph-trace", default="",
                    help="with --graph: comma list of algo/variant (or algo, 'floor', 'all') whose captured step is "
                         "replayed once more under torch.profiler → graph_trace_*.json (benchmarks/graph_trace.py)")
@@ -1375,6 +1381,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     _GRAD_SINK[0] = a.lyco_grad_sink
     _GRAPH_MAKERS[0] = tuple(x for x in a.graph_makers.split(",") if x)
+    _GRAPH_MAKERS_TOP[0] = a.graph_makers_top if a.graph_makers_top > 0 else 10 ** 9
     unknown = [b for b in a.baselines.split(",") if b and b not in BASELINES]
     if unknown:
         p.error(f"--baselines {a.baselines!r}: unknown {', '.join(unknown)}; expected a comma list of "
