@@ -461,6 +461,29 @@ def test_a_spent_holder_is_not_built():
     assert torch.equal(w, torch.ones(2)) and h2.take() is None and h2.args is None
 
 
+def _late_streams(monkeypatch, log):
+    """The late join on for the bypass op and the q/k/v group, the group on the recording streams, an empty store,
+    no capture, and a stand-in ``torch.cuda.Event`` that logs ``event N on STREAM`` when recorded; returns the main
+    stream."""
+    from lyco.algorithms import lowrank_shared
+    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank_shared, "_late_on", lambda t: True)
+    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
+    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
+    monkeypatch.setattr(lowrank, "_LATE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    count = [0]
+
+    class _Event:
+        def record(self, stream):
+            count[0] += 1
+            self.n, self.stream = count[0], stream
+            log.append(f"event {self.n} on {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    return torch.cuda.current_stream()
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_late_join(split, monkeypatch, grouped):
     """``LYCO_LATE_JOIN`` (:func:`lowrank._late_join`): A → B (bypass ops, or A → a q/k/v group G → B) with the
@@ -471,22 +494,7 @@ def test_late_join(split, monkeypatch, grouped):
     final callback) and nothing left pending. Values against float64 math with the merged weights."""
     from lyco.algorithms import casts, lowrank_shared
     log = split
-    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
-    monkeypatch.setattr(lowrank_shared, "_late_on", lambda t: True)
-    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
-    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
-    monkeypatch.setattr(lowrank, "_LATE", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    main = torch.cuda.current_stream()
-    count = [0]
-
-    class _Event:
-        def record(self, stream):
-            count[0] += 1
-            self.n, self.stream = count[0], stream
-            log.append(f"event {self.n} on {stream.name}")
-
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    main = _late_streams(monkeypatch, log)
     g = torch.Generator().manual_seed(7)
     # the sink adds into existing gradients
     A, B = _layer(g, 12, 16, grads=True), _layer(g, 16, 10, grads=True)
@@ -643,24 +651,9 @@ def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, s
     from lyco.algorithms import casts, lowrank_shared
     log = split
     monkeypatch.setattr(lowrank, "_ahead_on", lambda x: True)
-    monkeypatch.setattr(lowrank, "_late_on", lambda t: True)
-    monkeypatch.setattr(lowrank_shared, "_late_on", lambda t: True)
     monkeypatch.setattr(lowrank, "_ahead_late", lambda device: ahead_late)
-    monkeypatch.setattr(lowrank_shared, "side_stream", lowrank.side_stream)
-    monkeypatch.setattr(lowrank_shared, "up_stream", lowrank.up_stream)
     monkeypatch.setattr(lowrank_shared, "_merged", lowrank._merged)  # the fixture's spy
-    monkeypatch.setattr(lowrank, "_LATE", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    main = torch.cuda.current_stream()
-    count = [0]
-
-    class _Event:
-        def record(self, stream):
-            count[0] += 1
-            self.n, self.stream = count[0], stream
-            log.append(f"event {self.n} on {stream.name}")
-
-    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    main = _late_streams(monkeypatch, log)
     g = torch.Generator().manual_seed(9)
     A, B = _layer(g, 12, 16, grads=sink), _layer(g, 16, 10, grads=sink)
     G = [_layer(g, 16, 16, grads=sink) for _ in range(3)]
