@@ -402,8 +402,8 @@ def _ahead_start(ahead) -> bool:
 
 def _ahead_late(device: torch.device) -> bool:
     """Whether an op's backward that returns its ∂U joins the up stream only for ∂U and leaves the previous op's
-    merged weight built after it there unjoined (:func:`_side_products`): ``LYCO_AHEAD_LATE`` (:mod:`.graph_policy`,
-    captured steps by default) where the late join is on (:func:`_late_on`) — the previous op's backward is the
+    merged weight built after it there unjoined (:func:`_side_products`): ``LYCO_AHEAD_LATE`` (:mod:`.graph_policy`;
+    off unless set, see below) where the late join is on (:func:`_late_on`) — the previous op's backward is the
     build's consumer and waits for the late-joined work first (:func:`_late_wait`). Why: run 277 (H100, SD1.5 b1
     LoRA on the frozen conv layout, one graph) has cuDNN attention's backward memset starting 4.1 µs after the
     kernel before it (1.4 in the floor), that kernel being the up stream's builds of the q/k/v weights ahead, which
