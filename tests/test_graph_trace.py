@@ -103,3 +103,42 @@ def test_load_reads_plain_and_gzipped(tmp_path):
     with gzip.open(tmp_path / "graph_trace_b.json.gz", "wt") as f:
         json.dump({"kernels": ks}, f)
     assert graph_trace.load(tmp_path / "graph_trace_a.json") == graph_trace.load(tmp_path / "graph_trace_b.json.gz") == ks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gaps_match_a_sampled_timeline(seed):
+    """:func:`graph_trace.gaps`: every idle run of a random timeline (found on a fine grid) under the pair around it —
+    the kernel that ended last before it (of several ending then, the last to start) and the first to start after
+    it — with its length; the gaps add up to the summary's idle time."""
+    rng = random.Random(100 + seed)
+    ks = []
+    for _ in range(25):
+        ks.append({"n": rng.choice(["memset", "sdpa", "gemm", "build"]), "t": rng.randrange(0, 300) * 0.25,
+                   "d": rng.randrange(1, 12) * 0.25, "s": rng.choice([1, 2])})
+    ks.sort(key=lambda k: k["t"])
+    step = 0.25
+    t0, t1 = ks[0]["t"], max(k["t"] + k["d"] for k in ks)
+    n = round((t1 - t0) / step)
+    idle = [not any(k["t"] < t0 + (i + 0.5) * step < k["t"] + k["d"] for k in ks) for i in range(n)]
+    want: dict = {}
+    i = 0
+    while i < n:
+        if not idle[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and idle[j]:
+            j += 1
+        a, b = t0 + i * step, t0 + j * step
+        before = [k for k in ks if k["t"] + k["d"] <= a + 1e-9]
+        last = max(k["t"] + k["d"] for k in before)
+        prev = [k for k in before if abs(k["t"] + k["d"] - last) < 1e-9][-1]
+        nxt = next(k for k in ks if abs(k["t"] - b) < 1e-9)
+        want.setdefault((prev["n"], nxt["n"]), []).append(b - a)
+        i = j
+    got = graph_trace.gaps(ks)
+    assert set(got) == set(want)
+    for key, v in want.items():
+        assert sorted(got[key]) == pytest.approx(sorted(v)), key
+    assert sum(sum(v) for v in got.values()) == pytest.approx(graph_trace.summary(ks)["idle"])
+    assert "→" in graph_trace.fmt_gaps(got, "t")
