@@ -229,9 +229,10 @@ def frozen_weights_cl(unet, mode: str, batch: int, latent: int, device, dtype) -
             unet(**inp)
         lay.remove()
         return len(lay.converted)
+    from lyco.models import layout
     done = 0
     for m in unet.modules():
-        if isinstance(m, nn.Conv2d) and any(k != 1 for k in m.kernel_size):
+        if isinstance(m, nn.Conv2d) and layout._kxk(m.weight):
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
             done += 1
     return done
@@ -1412,10 +1413,11 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = False
         if a.sdpa != "auto":  # one backend for the whole process: the floor and every library run the same one
+            on = "mem_efficient" if a.sdpa == "efficient" else a.sdpa
             for name in ("flash", "mem_efficient", "cudnn", "math"):
                 fn = getattr(torch.backends.cuda, f"enable_{name}_sdp", None)
                 if fn is not None:
-                    fn(name == {"efficient": "mem_efficient"}.get(a.sdpa, a.sdpa))
+                    fn(name == on)
         if a.graph_trace:  # the profiler sees a graph's kernels only if it ran before the first capture
             from torch.profiler._utils import _init_for_cuda_graphs
             _init_for_cuda_graphs()

@@ -392,6 +392,17 @@ def _layer(g, i, o, r=4, grads=False):
     return LayerSpec.from_module(nn.Linear(i, o)), w, b, d, u, 0.6
 
 
+def _chain(seed, grads=False):
+    """A → G (a q/k/v group of three) → B: the layers (:func:`_layer`, ``grads`` as there), an input x (30, 12) and
+    the output's gradient gz (30, 10), float64 from one generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    A, B = _layer(g, 12, 16, grads=grads), _layer(g, 16, 10, grads=grads)
+    G = [_layer(g, 16, 16, grads=grads) for _ in range(3)]
+    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    return A, B, G, x, gz
+
+
 def _against_dense(run, z, got, x, layers, G):
     """``z`` and ``got`` (∂x, then each of ``layers``' ∂D and ∂U) against the same step with every layer through its
     merged weight in float64 autograd — fresh leaves; ``run(lin, grp)`` replays the step with ``lin(layer, t)`` and
@@ -423,11 +434,7 @@ def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch)
     log = split
     merged = lowrank._merged  # the fixture's spy (logs "_merged@stream")
     monkeypatch.setattr(lowrank_shared, "_merged", merged)
-    g = torch.Generator().manual_seed(5)
-    A, B = _layer(g, 12, 16), _layer(g, 16, 10)
-    G = [_layer(g, 16, 16) for _ in range(3)]
-    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    A, B, G, x, gz = _chain(5)
 
     def run(lin, grp):
         x1 = lin(A, x)
@@ -495,12 +502,7 @@ def test_late_join(split, monkeypatch, grouped):
     from lyco.algorithms import casts, lowrank_shared
     log = split
     main = _late_streams(monkeypatch, log)
-    g = torch.Generator().manual_seed(7)
-    # the sink adds into existing gradients
-    A, B = _layer(g, 12, 16, grads=True), _layer(g, 16, 10, grads=True)
-    G = [_layer(g, 16, 16, grads=True) for _ in range(3)]
-    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    A, B, G, x, gz = _chain(7, grads=True)  # the sink adds into existing gradients
 
     def run(lin, grp):
         t = lin(A, x)
@@ -654,11 +656,7 @@ def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, s
     monkeypatch.setattr(lowrank, "_ahead_late", lambda device: ahead_late)
     monkeypatch.setattr(lowrank_shared, "_merged", lowrank._merged)  # the fixture's spy
     main = _late_streams(monkeypatch, log)
-    g = torch.Generator().manual_seed(9)
-    A, B = _layer(g, 12, 16, grads=sink), _layer(g, 16, 10, grads=sink)
-    G = [_layer(g, 16, 16, grads=sink) for _ in range(3)]
-    x = torch.randn(30, 12, generator=g, dtype=torch.float64, requires_grad=True)
-    gz = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    A, B, G, x, gz = _chain(9, grads=sink)
 
     def run(lin, grp):
         q, k, v = grp(lin(A, x))

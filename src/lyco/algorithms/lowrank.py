@@ -663,7 +663,8 @@ def _dgrad_cl(spec: LayerSpec, xshape, groups: int = 1, eye: int = 0, weight=Non
     Not for a frozen ``weight`` :mod:`lyco.models.layout` kept NCHW (``KEPT_NCHW`` set on it: its input outsizes
     it, so its neighbours run NCHW): a channels-last ∂x there is converted back around it. H100, SD1.5 b1 on that
     layout as one graph, LoCon with this switch at 0 / on (a converted weight's W′ is channels-last either way, so
-    only the kept weights differ): 19.73 / 19.85–19.86 ms (run 276), 19.77 / 19.87 (run 277); not measured at b8."""
+    only the kept weights differ): 19.73 / 19.85 ms (run 276; 19.85 again at its end), 19.77 / 19.87 (run 277); not
+    measured at b8."""
     if (spec.kind != CONV2D or spec.kernel_numel == 1 or (groups > 1 and not eye)
             or getattr(weight, KEPT_NCHW, False) or not graph_policy.wanted("LYCO_DGRAD_WEIGHT_CL")):
         return False
