@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from . import graph_policy
 
 Tensors = dict[str, torch.Tensor]
 
@@ -217,14 +218,70 @@ def accumulate_linear(acc: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha
     return acc + d if alpha == 1.0 else torch.add(acc, d, alpha=alpha)
 
 
+class _Conv1x1AccCL(torch.autograd.Function):
+    """``acc + alpha · conv1x1(h, w)`` for a channels-last 4-D ``acc``: the positions are its rows, so one batched
+    GEMM ``(N, P, O) = acc + alpha · hᵀ·wᵀ`` writes the output channels-last like acc, and the backward is two
+    GEMMs over transposed views — ``∂h = alpha · w ᵀ·∂yᵀ`` written ``(N, R, P)`` (h's own layout: the grouped
+    down's conv backward behind it reads it as it is) and ``∂w = alpha · Σ ∂yᵀ·hᵀ`` in w's layout — with ∂acc ∂y
+    itself. Why not autograd's: a channels-last acc took the 1×1 conv fallback, whose weight gradient cuDNN ran as
+    ``wgrad2d_grouped_direct_kernel`` over the channels-last ∂y — H200, SD1.5 b1 LoKr on the frozen conv layout
+    (``--frozen-cl rule``, run 280's makers): 15 launches at 50 µs on the 8×8 level's 1280-wide delta-path convs,
+    0.75 ms of the step; a plain ``baddbmm`` over the same views would leave ∂h and ∂w strided (two copies more per
+    layer: cuDNN's conv backward and autograd's accumulation each make theirs contiguous)."""
+
+    @staticmethod
+    def forward(ctx, acc, h, w, alpha: float):
+        n, o, hh, ww = acc.shape
+        r, p = h.shape[1], hh * ww
+        wt = w.reshape(o, r).t()
+        out = torch.baddbmm(acc.permute(0, 2, 3, 1).reshape(n, p, o), h.reshape(n, r, p).transpose(1, 2),
+                            wt.unsqueeze(0) if n == 1 else wt.expand(n, r, o), alpha=alpha)
+        ctx.save_for_backward(h, w)
+        ctx.alpha = alpha
+        return out.view(n, hh, ww, o).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        h, w = ctx.saved_tensors
+        s = ctx.alpha
+        n, o, hh, ww = gy.shape
+        r, p = h.shape[1], hh * ww
+        g3t = gy.permute(0, 2, 3, 1).reshape(n, p, o).transpose(1, 2)  # (N, O, P): a view of a channels-last ∂y
+        need_acc, need_h, need_w = ctx.needs_input_grad[:3]
+        gh = gw = None
+        if need_h:
+            wt = w.reshape(o, r).t()
+            wb = wt.unsqueeze(0) if n == 1 else wt.expand(n, r, o)
+            gh = (torch.bmm(wb, g3t) if s == 1.0 else torch.baddbmm(wb.new_empty(()), wb, g3t, beta=0, alpha=s))
+            gh = gh.view(h.shape)
+        if need_w:
+            h3t = h.reshape(n, r, p).transpose(1, 2)  # (N, P, R)
+            if n == 1:
+                gw = (g3t[0] @ h3t[0] if s == 1.0
+                      else torch.addmm(h.new_empty(()), g3t[0], h3t[0], beta=0, alpha=s))
+            else:
+                gw = (torch.bmm(g3t, h3t) if s == 1.0
+                      else torch.baddbmm(h.new_empty(()), g3t, h3t, beta=0, alpha=s)).sum(0)
+            gw = gw.view(w.shape)
+        return (gy if need_acc else None), gh, gw, None
+
+
 def accumulate_conv1x1(acc: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``acc + alpha · conv1x1(h, w)`` for channels-first ``acc (N, O, *sp)``, ``h (N, R, *sp)``,
     ``w (O, R, 1…)``: one batched GEMM with the add and the scale fused. For one sample w is a batch of one by a
     view, not an expand: autograd's backward of an expand sums over the batch — for one sample a copy, one
     ``reduce_kernel`` per layer (H100, SD1.5 b1, run 257's ``--graph-makers``: LoKr's 27 on its 1280-wide delta-path
-    convs, 0.14 ms; LoCon's 25, run 255: 0.11 ms)."""
-    if (_fusable(acc, h, w) and acc.dim() >= 3 and acc.dim() == h.dim() and acc.shape[0] == h.shape[0]
-            and acc.shape[2:] == h.shape[2:] and acc.is_contiguous()):
+    convs, 0.14 ms; LoCon's 25, run 255: 0.11 ms). A channels-last 4-D acc (the frozen conv's output where its
+    weight is channels-last, :mod:`lyco.models.layout`): :class:`_Conv1x1AccCL`, the output channels-last too, where
+    ``LYCO_ACC_CL`` (:mod:`.graph_policy`, captured steps by default: its backward is Python per layer) — else the
+    1×1 conv and an add."""
+    fits = (_fusable(acc, h, w) and acc.dim() >= 3 and acc.dim() == h.dim() and acc.shape[0] == h.shape[0]
+            and acc.shape[2:] == h.shape[2:])
+    if (fits and acc.dim() == 4 and not acc.is_contiguous() and acc.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling() and graph_policy.wanted("LYCO_ACC_CL")):
+        return _Conv1x1AccCL.apply(acc, h, w, float(alpha))
+    if fits and acc.is_contiguous():
         n, o, r = acc.shape[0], acc.shape[1], h.shape[1]
         wb = w.reshape(1, o, r) if n == 1 else w.reshape(o, r).expand(n, o, r)
         out = torch.baddbmm(acc.reshape(n, o, -1), wb, h.reshape(n, r, -1), alpha=alpha)
