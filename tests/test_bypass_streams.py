@@ -641,19 +641,17 @@ def test_late_join_keeps_what_the_side_streams_read(split, monkeypatch, kind):
     assert not missing, f"read on a side stream, not held until the late join's wait: {missing}"
 
 
-@pytest.mark.parametrize("ahead_late, sink", [(True, False), (False, False), (True, True)])
-def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, sink):
-    """``LYCO_AHEAD_LATE`` (:func:`lowrank._ahead_late`): A → G (a q/k/v group) → B, factor gradients returned (no
-    grad sink, so each op joins its up stream to return ∂U). B's backward records an event on the up stream after
-    its ∂U and before the group's merged weights it builds there ahead, and the current stream waits on that event
-    only — the builds are left unjoined (the late join's store) and the group's backward, their consumer, waits on
-    them first of all; G likewise for A's. Off: the whole up stream joined, as before. Under the grad sink (``sink``)
-    the late join leaves the whole up stream anyway: no event between ∂U and the builds. The pass ends with nothing
-    pending; values against float64 math with the merged weights."""
+@pytest.mark.parametrize("sink", [False, True])
+def test_the_build_ahead_joined_with_the_up_stream(split, monkeypatch, sink):
+    """A → G (a q/k/v group) → B, the merged weights built ahead on the up stream: B's backward builds the group's
+    three there after its ∂U, G's builds A's. Factor gradients returned (no grad sink): each op joins the whole up
+    stream — ∂U and the builds after it — before it returns, and records no event of its own there (session 38's
+    ``LYCO_AHEAD_LATE`` joined ∂U alone and left the builds to their consumer; no gain measured, run 282 — taken out).
+    Under the grad sink the late join leaves the whole up stream: its event comes after the builds. The pass ends
+    with nothing pending; values against float64 math with the merged weights."""
     from lyco.algorithms import casts, lowrank_shared
     log = split
     monkeypatch.setattr(lowrank, "_ahead_on", lambda x: True)
-    monkeypatch.setattr(lowrank, "_ahead_late", lambda device: ahead_late)
     monkeypatch.setattr(lowrank_shared, "_merged", lowrank._merged)  # the fixture's spy
     main = _late_streams(monkeypatch, log)
     A, B, G, x, gz = _chain(9, grads=sink)
@@ -674,38 +672,7 @@ def test_the_build_ahead_left_for_its_consumer(split, monkeypatch, ahead_late, s
     if sink:  # B's first event on the up stream is the late join's, after the builds
         i_u = bwd.index("_grad_up@up")
         assert next(i for i, e in enumerate(bwd) if i > i_u and e.startswith("event ") and e.endswith("on up")) > ups[2]
-    elif ahead_late:
-        # B: the event after its ∂U comes before G's builds; main waits on it, not on the up stream; the builds'
-        # event after them; then G's backward waits on that one first
-        i_u = bwd.index("_grad_up@up")
-        ev_u = next(e for e in bwd[i_u:] if e.startswith("event "))
-        assert bwd.index(ev_u) < ups[0] and ev_u.endswith("on up"), bwd
-        n_u = ev_u.split()[1]
-        ev_b = next(e for e in bwd[ups[2]:] if e.startswith("event "))
-        assert ev_b.endswith("on up"), bwd
-        n_b = ev_b.split()[1]
-        w_u, w_b = bwd.index(f"main waits event {n_u} (up)"), bwd.index(f"main waits event {n_b} (up)")
-        assert w_u < w_b < ups[3], bwd  # G's own wait for B's builds before anything it builds or reads
-        assert "main waits up" not in bwd[:w_b], bwd
     else:
         assert not any(e.startswith("event ") for e in bwd), bwd
         assert bwd.index("main waits up") > ups[2], bwd
     _against_dense(run, z, [x.grad] + [t.grad for p in [A, B] + G for t in p[3:5]], x, [A, B] + G, G)
-
-
-def test_ahead_late_is_off_unless_asked(monkeypatch):
-    """``LYCO_AHEAD_LATE`` unset: off even in captured steps (no gain measured, run 278); ``graph`` on there with the
-    late join, ``1`` everywhere the late join is; never on the CPU."""
-    from lyco.algorithms import graph_policy
-    cuda = torch.device("cuda")
-    for var in ("LYCO_AHEAD_LATE", "LYCO_LATE_JOIN"):
-        monkeypatch.delenv(var, raising=False)
-    with graph_policy.graph_step():
-        assert not lowrank._ahead_late(cuda)
-        monkeypatch.setenv("LYCO_AHEAD_LATE", "graph")
-        assert lowrank._ahead_late(cuda) and not lowrank._ahead_late(torch.device("cpu"))
-        monkeypatch.setenv("LYCO_LATE_JOIN", "0")
-        assert not lowrank._ahead_late(cuda)
-    monkeypatch.setenv("LYCO_AHEAD_LATE", "1")
-    monkeypatch.setenv("LYCO_LATE_JOIN", "1")
-    assert lowrank._ahead_late(cuda)

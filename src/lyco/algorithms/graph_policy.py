@@ -19,9 +19,7 @@ asks for it — LoKr's —, ``LYCO_REBUILD_STREAMS``, :func:`.rebuild._side`; th
 host time an eager step would pay per layer, and the overlap needs the graph's concurrent branches) with a second
 one for ∂U (``LYCO_SIDE_SPLIT``, :func:`.lowrank.up_stream`) that also builds the next backward's merged weight
 ahead (``LYCO_MERGE_AHEAD``, :func:`.lowrank._ahead_link`) and whose work the current stream may wait for only at the
-next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`; where an op returns its ∂U, only the ∂U joined
-and the merged weight it built ahead after it left for that weight's consumer, ``LYCO_AHEAD_LATE``,
-:func:`.lowrank._ahead_late` — ``0`` by default: no gain measured) — a batched factor product's backward
+next op's backward (``LYCO_LATE_JOIN``, :func:`.lowrank._late_join`) — a batched factor product's backward
 (LoKr's and LoHa's ups, :mod:`.factor_batch`) on a tail stream waited for only when the backward ends, where the
 trainer's grad sink takes its gradients (``LYCO_FACTOR_TAIL``, :func:`.factor_batch._tail`) —, and its merged
 weight by a Triton kernel (``LYCO_MERGE_KERNEL``, :func:`.lowrank._merge_kernel`; a grouped down's on a channels-last

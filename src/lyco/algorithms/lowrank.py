@@ -389,40 +389,13 @@ def _ahead_take(ahead):
     return None if ahead is None else ahead[0].take()
 
 
-def _ahead_start(ahead) -> bool:
+def _ahead_start(ahead) -> None:
     """Build the previous op's weight on the current stream (the caller's fork of the up stream) if it is still
-    pending; whether it did."""
+    pending."""
     if ahead is not None and ahead[1] is not None:
         prev = ahead[1]()
         if prev is not None and prev.fn is not None and prev.w is None:
             prev.build()
-            return True
-    return False
-
-
-def _ahead_late(device: torch.device) -> bool:
-    """Whether an op's backward that returns its ∂U joins the up stream only for ∂U and leaves the previous op's
-    merged weight built after it there unjoined (:func:`_side_products`): ``LYCO_AHEAD_LATE`` (:mod:`.graph_policy`;
-    off unless set, see below) where the late join is on (:func:`_late_on`) — the previous op's backward is the
-    build's consumer and waits for the late-joined work first (:func:`_late_wait`). Why: run 277 (H100, SD1.5 b1
-    LoRA on the frozen conv layout, one graph) has cuDNN attention's backward memset starting 4.1 µs after the
-    kernel before it (1.4 in the floor), that kernel being the up stream's builds of the q/k/v weights ahead, which
-    the attention never reads: to_out's backward joined the whole up stream to return its ∂U.
-
-    **Off by default** (``LYCO_AHEAD_LATE=graph`` or ``1`` turns it on): run 278 (H100, the same step) measured 17.74
-    ms with it on twice — against 17.76 without it in run 277, across runs, so no gain seen; the same-run A/B was
-    skipped by its time budget and the session's device time was spent."""
-    return (device.type == "cuda" and graph_policy.wanted("LYCO_LATE_JOIN")
-            and graph_policy.wanted("LYCO_AHEAD_LATE", default="0"))
-
-
-def _join_up(su, up_done) -> None:
-    """The current stream waits for the up stream's ∂U: its event where :func:`_side_products` left the build after
-    it unjoined, else everything given to ``su``."""
-    if up_done is not None:
-        torch.cuda.current_stream(su.device).wait_event(up_done)
-    else:
-        _join(su)
 
 
 class _FwdNode:
@@ -589,39 +562,26 @@ def _merged_params(weight, down, up, s: float, cd):
     return _merged(weight, u2, d2, s, cd)
 
 
-def _all_sunk(gu) -> bool:
-    """Whether ``up()`` returned no gradient (None, :data:`_SUNK`, or a list of those: the q/k/v group's)."""
-    if isinstance(gu, list):
-        return all(g is None or g is _SUNK for g in gu)
-    return gu is None or gu is _SUNK
-
-
 def _side_products(side, su, up, down, ahead):
     """Issue an op's backward products on its side streams (both ops' backward; the caller joins ``side`` and
-    ``su`` before it returns — ``su`` by :func:`_join_up`): ``up()`` (the ∂U's) on the up stream :func:`up_stream`
-    where there is one, then the previous op's merged weight ahead there (:func:`_ahead_start`); ``down()`` (∂h → ∂D)
-    on the side stream — after ``up()`` on that same stream where there is no up stream. Either may be None. Returns
-    their results and, where :func:`_ahead_late` left a build unjoined, the event after ``up()`` (else None)."""
-    gu = gd = up_done = None
+    ``su`` before it returns): ``up()`` (the ∂U's) on the up stream :func:`up_stream` where there is one, then the
+    previous op's merged weight ahead there (:func:`_ahead_start`); ``down()`` (∂h → ∂D) on the side stream —
+    after ``up()`` on that same stream where there is no up stream. Either may be None. Returns their results.
+    (Session 38's ``LYCO_AHEAD_LATE``, NOTES change 160 — ∂U's own event joined where the op returns it, the build
+    after it left to its consumer — measured no gain in one run, H200 run 282: SD1.5 b1 LoRA 17.41 / 17.35 / 17.39
+    ms on / off / on; taken out in session 39.)"""
+    gu = gd = None
     with _fork(side if su is None else su):
         if up is not None:
             gu = up()
         if down is not None and su is None:
             gd = down()
         if su is not None:
-            # not where the caller leaves the up stream unjoined anyway (∂U added into .grad: the grad sink)
-            if ahead is not None and not _all_sunk(gu) and _ahead_late(su.device):
-                ev = torch.cuda.Event()
-                ev.record(su)
-                if _ahead_start(ahead):
-                    up_done = ev
-                    leave_unjoined(_LATE, su, (), _late_wait)  # the previous op's backward waits first
-            else:
-                _ahead_start(ahead)
+            _ahead_start(ahead)
     if down is not None and su is not None:
         with _fork(side):
             gd = down()
-    return gu, gd, up_done
+    return gu, gd
 
 
 def _w_in(weight, u2, d2, s: float, cd, groups: int, cat: bool, eye: int = 0, cl: bool = False) -> torch.Tensor:
@@ -1103,7 +1063,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     else:
         down_fn = lambda: _sink_add(  # noqa: E731
             _grad_down(spec, s, groups, gy, x_now(), dd, d2, u2, None, ddt, into_d), add_d)
-    gu, gd, up_done = _side_products(
+    gu, gd = _side_products(
         side, su, (lambda: _sink_add(_grad_up(spec, s, gy, xc, h, dd, d2, u2.shape[1], udt, into_u, eye), add_u))
         if need_u else None, down_fn, ahead)
     if cat:
@@ -1153,7 +1113,7 @@ def _grads(cfg, needs, gy, xd, h, weight, bias, down, up, leaves=None, ahead=Non
     if late and su is not None and (gu is None or gu is _SUNK):
         _late_join(su, keep)
     else:
-        _join_up(su, up_done)
+        _join(su)
     if gx is not None:
         gx = like(gx, xshape, xdt)
     if gw is not None:

@@ -40,7 +40,7 @@ from .base import LINEAR
 from .casts import cast_factor, cast_input
 from .lowrank import (
     _FWD_MAX_RANK, _SUNK, _ahead_link, _ahead_take, _fork, _forward_side, _fused_gemm, _fwd_merged_on, _fwd_reset,
-    _fwd_weights, _join, _join_up, _late_join, _late_on, _late_wait, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
+    _fwd_weights, _join, _late_join, _late_on, _late_wait, _merged, _merged_pays, _mm, _out_dtype_ok, _weak_build,
     _regen_operands, _side_products, _sink_add, _sink_grad, _sink_into, _sink_leaves, side_stream, up_stream,
 )
 from .lowrank_gemm import fused_linear, supports as fused_supports
@@ -222,9 +222,8 @@ class _SharedOp(torch.autograd.Function):
                 if need_u[i]:
                     into = _sink_into(leaves[1], tuple(ushape), cd) if leaves is not None else None
                     gu[i] = _mm(gys[i].t(), h[:, offs[i]:offs[i] + rs[i]], ss[i], udt, into)
-            return gu  # for _side_products: whether any ∂U is returned rather than added into .grad
 
-        _, _, up_done = _side_products(side, su, grad_ups, grad_downs if any(want_h) else None, ahead)
+        _side_products(side, su, grad_ups, grad_downs if any(want_h) else None, ahead)
         if need_x:
             # ∂x = Σ ∂y_i·W_i′ added up by the GEMMs themselves (beta = 1), in x's dtype where the GEMM can write it
             # (autocast: a norm's fp32 output — no bf16 rounding of ∂x, no cast); without such GEMMs each product is
@@ -263,7 +262,7 @@ class _SharedOp(torch.autograd.Function):
         if late and su is not None and all(g is None or g is _SUNK for g in gu):
             _late_join(su, keep)
         else:
-            _join_up(su, up_done)
+            _join(su)
         for i in range(n):
             dshape, ddt, ushape, udt = metas[i]
             if gd[i] is not None and gd[i] is not _SUNK:
