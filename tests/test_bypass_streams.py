@@ -403,6 +403,27 @@ def _chain(seed, grads=False):
     return A, B, G, x, gz
 
 
+def _chain_run(A, B, G, x, gz, grouped=True):
+    """``run(lin, grp)`` for :func:`_against_dense`: the chain A → G → B (A → B where not ``grouped``) with
+    ``lin(layer, t)`` and ``grp(t)``, the backward of ``(z·gz).sum()``, z returned."""
+    def run(lin, grp):
+        t = lin(A, x)
+        if grouped:
+            q, k, v = grp(t)
+            t = q + k * v
+        z = lin(B, t)
+        (z * gz).sum().backward()
+        return z.detach()
+    return run
+
+
+def _lyco_ops(G):
+    """The ``(lin, grp)`` of :func:`_chain_run` through lyco's ops: the bypass op per layer, the shared op for G."""
+    from lyco.algorithms import lowrank_shared
+    return (lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
+            lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+
+
 def _against_dense(run, z, got, x, layers, G):
     """``z`` and ``got`` (∂x, then each of ``layers``' ∂D and ∂U) against the same step with every layer through its
     merged weight in float64 autograd — fresh leaves; ``run(lin, grp)`` replays the step with ``lin(layer, t)`` and
@@ -435,16 +456,8 @@ def test_merged_weights_built_ahead_by_the_next_ops_backward(split, monkeypatch)
     merged = lowrank._merged  # the fixture's spy (logs "_merged@stream")
     monkeypatch.setattr(lowrank_shared, "_merged", merged)
     A, B, G, x, gz = _chain(5)
-
-    def run(lin, grp):
-        x1 = lin(A, x)
-        q, k, v = grp(x1)
-        z = lin(B, q + k * v)
-        (z * gz).sum().backward()
-        return z.detach()
-
-    z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
-            lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+    run = _chain_run(A, B, G, x, gz)
+    z = run(*_lyco_ops(G))
     got = [x.grad] + [t.grad for p in [A, B] + G for t in p[3:5]]
     assert log.count("_merged@up") == 4 and log.count("_merged@main") == 1, log
     ups, main = [i for i, e in enumerate(log) if e == "_merged@up"], log.index("_merged@main")
@@ -499,23 +512,13 @@ def test_late_join(split, monkeypatch, grouped):
     events first of all, before any product of its own; the group leaves both too (its ∂D's added into ``.grad`` on
     its side stream, ``lowrank._sink_add``; no split); the backward pass ends with the current stream waiting on the last op's events (autograd's
     final callback) and nothing left pending. Values against float64 math with the merged weights."""
-    from lyco.algorithms import casts, lowrank_shared
+    from lyco.algorithms import casts
     log = split
     main = _late_streams(monkeypatch, log)
     A, B, G, x, gz = _chain(7, grads=True)  # the sink adds into existing gradients
-
-    def run(lin, grp):
-        t = lin(A, x)
-        if grouped:
-            q, k, v = grp(t)
-            t = q + k * v
-        z = lin(B, t)
-        (z * gz).sum().backward()
-        return z.detach()
-
+    run = _chain_run(A, B, G, x, gz, grouped)
     with casts.step_casts(grad_sink=True):
-        z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
-                lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+        z = run(*_lyco_ops(G))
     bwd = log[log.index("up waits main"):]
     assert lowrank._LATE.get(main.device, []) == []
     # B's backward ends with two events (side, up), not joins; the next op's backward waits on both before its own work
@@ -655,16 +658,9 @@ def test_the_build_ahead_joined_with_the_up_stream(split, monkeypatch, sink):
     monkeypatch.setattr(lowrank_shared, "_merged", lowrank._merged)  # the fixture's spy
     main = _late_streams(monkeypatch, log)
     A, B, G, x, gz = _chain(9, grads=sink)
-
-    def run(lin, grp):
-        q, k, v = grp(lin(A, x))
-        z = lin(B, q + k * v)
-        (z * gz).sum().backward()
-        return z.detach()
-
+    run = _chain_run(A, B, G, x, gz)
     with casts.step_casts(grad_sink=sink):
-        z = run(lambda p, t: lowrank.bypass_op(t, p[0], p[1], p[2], p[3], p[4], p[5]),
-                lambda t: lowrank_shared.shared_op(t, G, torch.float64))
+        z = run(*_lyco_ops(G))
     bwd = log[log.index("up waits main"):]
     assert lowrank._LATE.get(main.device, []) == []
     ups = [i for i, e in enumerate(bwd) if e == "_merged@up"]

@@ -226,8 +226,9 @@ class _Conv1x1AccCL(torch.autograd.Function):
     itself. Why not autograd's: a channels-last acc took the 1×1 conv fallback, whose weight gradient cuDNN ran as
     ``wgrad2d_grouped_direct_kernel`` over the channels-last ∂y — H200, SD1.5 b1 LoKr on the frozen conv layout
     (``--frozen-cl rule``, run 280's makers): 15 launches at 50 µs on the 8×8 level's 1280-wide delta-path convs,
-    0.75 ms of the step; a plain ``baddbmm`` over the same views would leave ∂h and ∂w strided (two copies more per
-    layer: cuDNN's conv backward and autograd's accumulation each make theirs contiguous)."""
+    0.75 ms of the step (run 281's A/B: −0.74 ms). A plain ``baddbmm`` over the same views would leave ∂h and ∂w
+    strided — by inference from its backward's formulas, not measured: a copy more per layer each, where cuDNN's conv
+    backward and autograd's accumulation make them contiguous."""
 
     @staticmethod
     def forward(ctx, acc, h, w, alpha: float):
