@@ -16,6 +16,9 @@ this module summarises one trace or the difference of two:
 
     python benchmarks/graph_trace.py results/runNN/graph_trace_sdxl_b1_lora_lyco.json \\
         results/runNN/graph_trace_sdxl_b1_floor_floor.json
+
+and ``--minus TRACE2 BASE2`` the difference of two such differences — an adapter's time over its floor on one
+layout against the same on another (run 279's LoKr on the frozen conv layout and as given).
 """
 
 from __future__ import annotations
@@ -160,6 +163,19 @@ def fmt(s: dict, title: str = "", top: int = 12) -> str:
     return "\n".join(out)
 
 
+def sub(a: dict, b: dict) -> dict:
+    """``a`` minus ``b`` field by field, as a summary :func:`diff` takes — one side of a double difference: an adapter's
+    step minus its floor on one layout against the same on another (session 39: LoKr's +0.80 ms of adapter time on the
+    frozen conv layout was one kernel, cuDNN's ``wgrad2d_grouped_direct_kernel``, +0.75)."""
+    z = {"count": 0, "sum": 0.0, "exposed": 0.0, "idle_before": 0.0}
+
+    def table(key):
+        return {k: {f: a[key].get(k, z)[f] - b[key].get(k, z)[f] for f in z} for k in set(a[key]) | set(b[key])}
+
+    return {**{f: a[f] - b[f] for f in ("span", "busy", "idle", "sum", "count")}, "kinds": table("kinds"),
+            "names": table("names")}
+
+
 def diff(a: dict, b: dict, title: str = "", top: int = 15) -> str:
     """``a`` minus ``b`` (e.g. an adapter's step minus the floor's) by kind and by kernel name."""
     out = [f"== {title}: span {(a['span'] - b['span']) / 1e3:+.2f} ms = busy {(a['busy'] - b['busy']) / 1e3:+.2f} "
@@ -189,7 +205,12 @@ def main() -> None:
     p.add_argument("base", nargs="?", help="a second trace to subtract (e.g. the floor's)")
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--gaps", action="store_true", help="also the idle gaps by the pair of kernels around them")
+    p.add_argument("--minus", nargs=2, metavar=("TRACE2", "BASE2"),
+                   help="with base: also (trace − base) − (TRACE2 − BASE2), e.g. an adapter's time over its floor on "
+                        "one layout against the same on another")
     a = p.parse_args()
+    if a.minus and not a.base:
+        p.error("--minus needs the base trace")
     rd = lambda f: load(f) if Path(f).name.startswith("graph_trace_") else from_chrome(f)
     s = summary(rd(a.trace))
     name = lambda f: Path(f).name.split(".")[0]
@@ -202,6 +223,11 @@ def main() -> None:
         if a.gaps:
             print(fmt_gaps(gaps(rd(a.base)), name(a.base), a.top))
         print(diff(s, b, f"{name(a.trace)} − {name(a.base)}", a.top + 3))
+        if a.minus:
+            c, d = (summary(rd(f)) for f in a.minus)
+            lab = lambda f: f"{Path(f).parent.name}/{name(f)}"  # noqa: E731 — pairs from two runs share names
+            print(diff(sub(s, b), sub(c, d), f"({lab(a.trace)} − {lab(a.base)}) − ({lab(a.minus[0])} − "
+                                             f"{lab(a.minus[1])})", a.top + 3))
 
 
 if __name__ == "__main__":

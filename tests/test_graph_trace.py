@@ -142,3 +142,41 @@ def test_gaps_match_a_sampled_timeline(seed):
         assert sorted(got[key]) == pytest.approx(sorted(v)), key
     assert sum(sum(v) for v in got.values()) == pytest.approx(graph_trace.summary(ks)["idle"])
     assert "→" in graph_trace.fmt_gaps(got, "t")
+
+
+def test_double_difference_names_what_only_one_pair_adds(tmp_path, capsys, monkeypatch):
+    # (A − B) − (C − D): an adapter's kernels over its floor on one layout against another. "k_both" is added by
+    # both adapters (cancels), "k_only" by A alone, "floor_x" differs between the floors alone (cancels as well)
+    def tr(names_durs):
+        ks, t = [], 0.0
+        for n, d in names_durs:
+            ks.append({"n": n, "t": t, "d": d, "s": 7})
+            t += d + 1.0
+        return ks
+
+    A = tr([("floor_x", 5.0), ("k_both", 3.0), ("k_only", 7.0)])
+    B = tr([("floor_x", 5.0)])
+    C = tr([("floor_x", 9.0), ("k_both", 3.0)])
+    D = tr([("floor_x", 9.0)])
+    s = {k: graph_trace.summary(v) for k, v in zip("ABCD", (A, B, C, D))}
+    dd = graph_trace.sub(graph_trace.sub(s["A"], s["B"]), graph_trace.sub(s["C"], s["D"]))
+    assert dd["names"]["k_only"]["count"] == 1 and dd["names"]["k_only"]["sum"] == pytest.approx(7.0)
+    assert dd["names"]["k_both"]["count"] == 0 and dd["names"]["k_both"]["sum"] == pytest.approx(0.0)
+    assert dd["names"]["floor_x"]["sum"] == pytest.approx(0.0)
+    # span: A's 5+1+3+1+7 = 17 minus B's 5, against C's 9+1+3 = 13 minus D's 9: +8
+    assert dd["span"] == pytest.approx((17.0 - 5.0) - (13.0 - 9.0))
+    # the command line: the same through files, k_only first among the kernel names
+    paths = []
+    for k, v in zip("ABCD", (A, B, C, D)):
+        d = tmp_path / k
+        d.mkdir()
+        p = d / "graph_trace_x.json.gz"
+        with gzip.open(p, "wt") as f:
+            json.dump({"kernels": v}, f)
+        paths.append(str(p))
+    monkeypatch.setattr(sys, "argv", ["graph_trace.py", paths[0], paths[1], "--minus", paths[2], paths[3]])
+    graph_trace.main()
+    out = capsys.readouterr().out
+    tail = out[out.index("(A/graph_trace_x − B/graph_trace_x) − (C/graph_trace_x − D/graph_trace_x)"):]
+    names = tail[tail.index("kernel names"):].splitlines()[1:]
+    assert "k_only" in names[0] and "+1×" in names[0]
