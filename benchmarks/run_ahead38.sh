@@ -5,6 +5,8 @@
 # SD1.5 b1 LoRA on the frozen conv layout, on / off / on, then the trainer's graphs against eager. Run 278 ran the
 # first form (the switch then on by default, deadlines 60/110/160): the first leg's 89 s (cold compile) left the off
 # leg skipped; on 17.74 / 17.74 ms. Off by default since; the legs set it.
+# Session 39: the switch is gone (change 162, after run 282's same-run A/B: no gain); this script is the record of
+# run 278 and now times the same step in every leg.
 #   OUT=$OUT bash benchmarks/run_ahead38.sh      (carry .whl)
 . benchmarks/_gpu_lib.sh
 trainer_env

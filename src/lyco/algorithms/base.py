@@ -218,6 +218,12 @@ def accumulate_linear(acc: torch.Tensor, h: torch.Tensor, w: torch.Tensor, alpha
     return acc + d if alpha == 1.0 else torch.add(acc, d, alpha=alpha)
 
 
+def scaled_bmm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """``s·bmm(a, b)``, s in the batched GEMM's alpha: a ``mul_`` after it would be one more kernel per layer and step
+    (``beta = 0``: the uninitialised 0-d input is never read)."""
+    return torch.bmm(a, b) if s == 1.0 else torch.baddbmm(a.new_empty(()), a, b, beta=0, alpha=s)
+
+
 class _Conv1x1AccCL(torch.autograd.Function):
     """``acc + alpha · conv1x1(h, w)`` for a channels-last 4-D ``acc``: the positions are its rows, so one batched
     GEMM ``(N, P, O) = acc + alpha · hᵀ·wᵀ`` writes the output channels-last like acc, and the backward is two
@@ -253,18 +259,10 @@ class _Conv1x1AccCL(torch.autograd.Function):
         gh = gw = None
         if need_h:
             wt = w.reshape(o, r).t()
-            wb = wt.unsqueeze(0) if n == 1 else wt.expand(n, r, o)
-            gh = (torch.bmm(wb, g3t) if s == 1.0 else torch.baddbmm(wb.new_empty(()), wb, g3t, beta=0, alpha=s))
-            gh = gh.view(h.shape)
+            gh = scaled_bmm(wt.unsqueeze(0) if n == 1 else wt.expand(n, r, o), g3t, s).view(h.shape)
         if need_w:
-            h3t = h.reshape(n, r, p).transpose(1, 2)  # (N, P, R)
-            if n == 1:
-                gw = (g3t[0] @ h3t[0] if s == 1.0
-                      else torch.addmm(h.new_empty(()), g3t[0], h3t[0], beta=0, alpha=s))
-            else:
-                gw = (torch.bmm(g3t, h3t) if s == 1.0
-                      else torch.baddbmm(h.new_empty(()), g3t, h3t, beta=0, alpha=s)).sum(0)
-            gw = gw.view(w.shape)
+            gw = scaled_bmm(g3t, h.reshape(n, r, p).transpose(1, 2), s)  # (N, O, R): one GEMM for one sample
+            gw = (gw[0] if n == 1 else gw.sum(0)).view(w.shape)
         return (gy if need_acc else None), gh, gw, None
 
 

@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 
 from . import casts, graph_policy, regen, regen_triton
-from .base import _CONV_FN, CONV2D, LINEAR, LayerSpec, layer_op
+from .base import _CONV_FN, CONV2D, LINEAR, LayerSpec, layer_op, scaled_bmm as _bmm
 from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
 
@@ -928,11 +928,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, s: float, dt: torch.dtype | None = Non
             return torch.mm(a, b, out_dtype=dt)
         return torch.addmm(a.new_empty((), dtype=dt), a, b, beta=0, alpha=s, out_dtype=dt)
     return a @ b if s == 1.0 else torch.addmm(a.new_empty(()), a, b, beta=0, alpha=s)
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``s·bmm(a, b)``, s in the batched GEMM's alpha (as :func:`_mm`)."""
-    return torch.bmm(a, b) if s == 1.0 else torch.baddbmm(a.new_empty(()), a, b, beta=0, alpha=s)
 
 
 def _eye_up(w1: torch.Tensor, k: int) -> torch.Tensor:
