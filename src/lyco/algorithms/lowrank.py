@@ -99,7 +99,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import casts, graph_policy, regen, regen_triton
+from . import casts, graph_policy, regen, regen_triton, wgrad_triton
 from .base import _CONV_FN, CONV2D, LINEAR, LayerSpec, layer_op, scaled_bmm as _bmm
 from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
@@ -1195,6 +1195,9 @@ def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, d
     if groups > 1:  # the groups folded into the batch: one kernel shared by all, its gradient summed
         xc = xc.view(n * groups, -1, *xc.shape[2:])
         gh = gh.view(n * groups, -1, *gh.shape[2:])
+    gd = _triton_wgrad(xc, gh, spec, dt)
+    if gd is not None:
+        return gd
     if _im2col_ok(spec, r):
         return _conv_wgrad_nchw(xc, gh, spec, dt)
     return op_backward(spec, xc, dd, gh, False, True, False)[1]
@@ -1353,6 +1356,18 @@ def _im2col_ok(spec: LayerSpec, r: int) -> bool:
             and r * kh * kw <= 2 * spec.in_dim)
 
 
+def _triton_wgrad(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None) -> torch.Tensor | None:
+    """∂D of ``h = conv2d(x, D)`` (the layer's stride, padding and dilation; one group — a grouped down's groups are
+    in the batch) by one Triton launch (:mod:`.wgrad_triton`, ``LYCO_WGRAD_KERNEL``: captured steps by default), written
+    in ``dt``; None where it does not run (the caller's path then: :func:`_conv_wgrad_nchw` or cuDNN)."""
+    if spec.kind != CONV2D or spec.padding_mode != "zeros":
+        return None
+    form = wgrad_triton.usable(x, gh, spec.kernel, spec.stride, spec.padding, spec.dilation)
+    if form is None:
+        return None
+    return wgrad_triton.conv_wgrad(x, gh, spec.kernel, spec.stride, spec.pads, spec.dilation, dt, form=form)
+
+
 def _conv_wgrad_nchw(x: torch.Tensor, gh: torch.Tensor, spec: LayerSpec, dt=None) -> torch.Tensor:
     """``∂D`` of ``h = conv2d(x, D)`` (stride 1, dilation 1, zero padding p ≤ k − 1) for ``∂h``, as one
     batched GEMM over the NCHW input in place.
@@ -1412,17 +1427,32 @@ class _ConvDown(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = op_backward(spec, x, d, gh, True, False, False)[0]
         if ctx.needs_input_grad[1]:
-            gd = _conv_wgrad_nchw(cast(x, gh.dtype), gh, spec, d.dtype)
+            xc = cast(x, gh.dtype)
+            gd = _triton_wgrad(xc, gh, spec, d.dtype)
+            if gd is None:
+                gd = (_conv_wgrad_nchw(xc, gh, spec, d.dtype) if _im2col_ok(spec, d.shape[0])
+                      else op_backward(spec, xc, d, gh, False, True, False)[1])
         return gx, gd, None
 
 
-def conv_down(x: torch.Tensor, d: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+def _wgrad_kernel_likely(x: torch.Tensor, d: torch.Tensor, spec: LayerSpec) -> bool:
+    """Whether :func:`_triton_wgrad` will take ∂D of ``conv(x, D)`` in the backward (decided in the forward: what
+    the kernel needs of the layer, the compute dtype and the policy; ∂h's dtype is x's there)."""
+    return (spec.kind == CONV2D and spec.padding_mode == "zeros"
+            and wgrad_triton.likely(x, int(d.shape[0]), spec.kernel, spec.stride, spec.padding, spec.dilation,
+                                    _compute_dtype(x)))
+
+
+def conv_down(x: torch.Tensor, d: torch.Tensor, spec: LayerSpec, im2col: bool = True) -> torch.Tensor:
     """A conv adapter's down ``conv(x, D)`` (the layer's own stride, padding and dilation) on the delta path — LoCon's
-    and LoHa's Khatri–Rao down: :class:`_ConvDown` on a 2-D conv where ``LYCO_CONV_DOWN_IM2COL``
-    (:mod:`.graph_policy`, captured steps by default), D takes a gradient, :func:`_im2col_ok` holds and nothing is
-    compiling; else the conv of the layer's kind (cuDNN's backward)."""
-    if (spec.kind == CONV2D and d.requires_grad and torch.is_grad_enabled() and _im2col_ok(spec, d.shape[0])
-            and not torch.compiler.is_compiling() and graph_policy.wanted("LYCO_CONV_DOWN_IM2COL")):
+    and LoHa's Khatri–Rao down, LoKr's grouped W2 (its groups in the batch: ``im2col`` False, the shifted copies' rule
+    reads the layer's input channels): :class:`_ConvDown` on a 2-D conv where ``LYCO_CONV_DOWN_IM2COL``
+    (:mod:`.graph_policy`, captured steps by default), D takes a gradient, nothing is compiling and ∂D has a faster
+    path than cuDNN's weight gradient — the Triton kernel (:func:`_wgrad_kernel_likely`) or, with ``im2col``,
+    the shifted copies (:func:`_im2col_ok`); else the conv of the layer's kind (cuDNN's backward)."""
+    if (spec.kind == CONV2D and d.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and graph_policy.wanted("LYCO_CONV_DOWN_IM2COL")
+            and ((im2col and _im2col_ok(spec, d.shape[0])) or _wgrad_kernel_likely(x, d, spec))):
         # under autocast both cast outside (differentiably, as autocast's conv would): the backward runs without
         # autocast and its products need one dtype (run 214's trainer check: fp32 weight, bf16 ∂h)
         cd = _compute_dtype(x)
