@@ -75,13 +75,13 @@ def old_path(x, gh, spec, dtype):
 
 def kernel_path(x, gh, spec, dtype, cfg, form=None):
     """The kernel in ``form`` (where None: the rule's, else taps for stride 1 and cols for stride 2)."""
-    form = form or W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation)
+    form = form or W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation, x.device)
     return W.conv_wgrad(x, gh, spec.kernel, spec.stride, spec.pads, spec.dilation, dtype, cfg=cfg, form=form)
 
 
 def rule_path(x, gh, spec, dtype):
     """What the step runs: the kernel where :func:`wgrad_triton.form` takes the shape, the torch path elsewhere."""
-    if W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation) is None:
+    if W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation, x.device) is None:
         return old_path(x, gh, spec, dtype)
     return kernel_path(x, gh, spec, dtype, None)
 
@@ -116,8 +116,10 @@ def main():
             for x, gh, spec, dtype in calls:
                 rule_path(x, gh, spec, dtype)
         rec["rule_us"] = graph_us(run_rule, 1, replays=15)
+        taken = sum(W.form(x.shape, gh.shape[1], sp.kernel, sp.stride, sp.padding, sp.dilation, x.device) is not None
+                    for x, gh, sp, _ in calls)
         print(f"   the rule   {rec['rule_us']:8.1f} us  ({rec['rule_us'] / rec['torch_us']:.3f}x)  "
-              f"kernel on {sum(W.form(x.shape, gh.shape[1], sp.kernel, sp.stride, sp.padding, sp.dilation) is not None for x, gh, sp, _ in calls)} of {len(calls)}", flush=True)
+              f"kernel on {taken} of {len(calls)}", flush=True)
         for cname, cfg in CONFIGS.items():
             worst = 0.0
             for x, gh, spec, dtype in calls:
@@ -139,7 +141,7 @@ def main():
             if key in seen:
                 continue
             seen.add(key)
-            fm = W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation)
+            fm = W.form(x.shape, gh.shape[1], spec.kernel, spec.stride, spec.padding, spec.dilation, x.device)
             row = [key, shapes[key], graph_us(lambda: old_path(x, gh, spec, dtype), 5, replays=5)]
             row += [graph_us(lambda c=CONFIGS[n]: kernel_path(x, gh, spec, dtype, c), 5, replays=5) for n in PER_CALL]
             per.append(row)

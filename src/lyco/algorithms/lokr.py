@@ -426,7 +426,7 @@ class LoKr(Algorithm):
             return conv(conv(xg, b.reshape(r, -1, *(1,) * nk)), cast(t["lokr_t2"], dt), None, **kw)
         # ∂B by one Triton launch where it runs (lowrank.conv_down without its shifted copies, whose rule reads the
         # layer's channels, not a group's): cuDNN's grouped-batch weight gradient ran wgrad2d_grouped_direct_kernel,
-        # 48 µs, on SD1.5's 16×16 640-wide convs (run 262)
+        # 50 µs, on SD1.5 b1's 16×16 640-wide delta-path conv (runs 279–280)
         return lowrank.conv_down(xg, b.reshape(r, -1, *spec.kernel), spec, im2col=False)
 
     def prefers_rebuild_for(self, t, spec):

@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
+from .lowrank_triton import _cdiv, enabled, gate, self_test, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -80,8 +80,6 @@ def _config(m: int) -> tuple:
 
 #: (device, dtype) → whether the kernel passed its self-test there (once per process)
 _CHECKED: dict = {}
-#: device index → multiprocessor count (the persistent grid)
-_SMS: dict = {}
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -135,10 +133,7 @@ def fused_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, d: to
     u_d = TensorDescriptor.from_tensor(u, [bn, br])
     y_d = TensorDescriptor.from_tensor(y, [bm, bn])
     h_d = TensorDescriptor.from_tensor(h, [bm, br])
-    dev = x.device.index or 0
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count if x.is_cuda else 4
-    progs = min(_SMS[dev], _cdiv(m, bm) * _cdiv(n, bn))
+    progs = min(sm_count(x.device), _cdiv(m, bm) * _cdiv(n, bn))
     _fused_kernel[(progs,)](x_d, w_d, d_d, u_d, y_d, h_d, b if b is not None else y, m, n, k, float(s),
                             HAS_BIAS=b is not None, BM=bm, BN=bn, BK=bk, BR=br, GROUP_M=8, NUM_SMS=progs,
                             num_stages=stages, num_warps=warps)

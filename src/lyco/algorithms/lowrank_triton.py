@@ -446,6 +446,21 @@ def _br(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
+_SMS: dict = {}
+
+
+def sm_count(device, cpu: int = 4) -> int:
+    """The multiprocessors of a CUDA ``device`` (cached per device), ``cpu`` for any other: what the kernels' launch
+    geometries aim their program counts at."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu
+    got = _SMS.get(device)
+    if got is None:
+        got = _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return got
+
+
 def _grid(w2: torch.Tensor, c: dict | None = None, shape: tuple | None = None):
     """(row blocks, column splits, columns per split) for a ``(out, K)`` weight (``shape`` where w2 is not one: the
     grouped weight's rows and columns, :func:`add_lowrank_taps`) under launch configuration ``c`` (``_CFG`` by
@@ -458,8 +473,7 @@ def _grid(w2: torch.Tensor, c: dict | None = None, shape: tuple | None = None):
         return got
     target = c["programs"]
     if target is None:
-        dev = w2.device
-        target = 4 * torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+        target = 4 * sm_count(w2.device, cpu=0) or 1
     rb, nk = _cdiv(m, c["BM"]), _cdiv(k, c["BK"])
     ns = min(nk, max(1, _cdiv(target, rb)))
     ks = _cdiv(nk, ns) * c["BK"]

@@ -15,7 +15,8 @@ rows ρ (r ≤ 64), reading x and ∂h in place (any strides: NCHW, channels-las
 What it replaces: :func:`.lowrank._conv_wgrad_nchw`'s pad of ∂h, its shifted copies, a (batched) GEMM, the batch sum
 (LoKr's grouped downs at batch 1: ``reduce_kernel`` 55× at SD1.5 b1, 0.26 ms exposed in run 262) and the tap flip
 (``aten.flip.out``: two kernels) — up to six launches per layer — and cuDNN's weight gradient where that path does not
-apply (stride 2: 23–48 µs; LoKr's grouped down on the delta path). Which shapes it takes: :func:`form`.
+apply (stride 2: 11.5–48.7 µs a down in run 288, where the kernel took 8.8–17.5; LoKr's grouped down on the delta
+path). Which shapes it takes: :func:`form`.
 
 K is split over programs where the columns alone give too few (a 1×1 grouped down at 64×64: two column tiles, 32768
 positions): each program writes its fp32 partial tile, and the last program of a tile to finish — an atomic counter
@@ -42,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import graph_policy
-from .lowrank_triton import _UPCAST, _cdiv, enabled, gate, self_test, triton
+from .lowrank_triton import _UPCAST, _br, _cdiv, enabled, gate, self_test, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -60,7 +61,6 @@ _RING = 1 << 16
 
 _CHECKED: dict = {}
 _RINGS: dict = {}   # device → [counters tensor, next free index]
-_SMS: dict = {}
 
 
 def wanted() -> bool:
@@ -78,9 +78,10 @@ def max_work() -> float:
 #: the most positions one program of a launch sums (the batch's positions over the splits :func:`_geometry` gives):
 #: just above the most the kernel won with in run 288 (LoKr's 40-channel groups at 64×64: 3×3 2304, 24.6 against 35.6
 #: µs; 1×1 2048, 8.9 against 10.4). Run 289 (SD1.5 b8, before this bound) measured LoKr's step at 74.00 ms with the
-#: kernel against 73.34 without: its b8 calls sum up to 4480 positions per program (the 32×32 level's 1×1 and
-#: 40-channel 3×3 downs of 64 images × groups: 4096, 4480; the 16×16 level's 3×3: 2816), which this bound leaves to the
-#: torch path — with it the b8 step is not measured yet. LoCon's b8 calls (at most 2048) measured 65.06 against 65.04.
+#: kernel against 73.34 without. Its b8 calls were not recorded; by inference from the b1 shapes with 8× the batch
+#: they sum up to 4480 positions per program (the 32×32 level's 1×1 and 40-channel 3×3 downs of 64 images × groups:
+#: 4096, 4480; the 16×16 level's 3×3: 2816), which this bound leaves to the torch path — the b8 step with it is not
+#: measured yet. LoCon's b8 calls (at most 2048) measured 65.06 against 65.04.
 MAX_POSITIONS = 2560
 
 
@@ -99,7 +100,7 @@ def form(x_shape, r: int, kernel, stride=1, padding=0, dilation=1, device=None) 
     * a program of the launch summing more than ``MAX_POSITIONS`` positions: None;
     * stride > 1: ``"cols"`` — the torch path is cuDNN's weight gradient there (LoCon's 10.1 / 24.1 and 8.8 / 30.9,
       LoKr's 10.8 / 48.7; the 64×64 level's 17.2 / 15.9 the one loss);
-    * else ``"taps"``: LoCon's 32×32 and smaller levels 5.8–14.0 against 13.8–15.6."""
+    * else ``"taps"``: LoCon's 32×32 and smaller levels 4.7–14.0 against 13.8–15.6."""
     kh, kw = _pair(kernel)
     if r > MAX_RANK or isinstance(padding, str):
         return None
@@ -145,10 +146,6 @@ def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _bm(r: int) -> int:
-    return max(16, 1 << (r - 1).bit_length())
-
-
 def _counters(device, n: int) -> torch.Tensor:
     """``n`` zeroed counters from the device's ring (module doc)."""
     ring = _RINGS.get(device)
@@ -171,10 +168,7 @@ def _scratch(splits: int, r: int, cols: int, tiles: int, device, out: torch.Tens
 
 def _splits(tiles: int, k: int, device, cfg: dict) -> tuple[int, int]:
     """(splits, positions per split) for ``tiles`` column tiles over K = ``k`` positions."""
-    sms = _SMS.get(device)
-    if sms is None:  # no device (a rule asked about a shape): an H100's or H200's 132
-        sms = _SMS[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                              if device is not None and device.type == "cuda" else 132 if device is None else 4)
+    sms = 132 if device is None else sm_count(device)  # no device (a rule asked about a shape): an H100's or H200's
     nk = _cdiv(k, cfg["BK"])
     want = max(1, _cdiv(cfg["per_sm"] * sms, tiles))
     splits = max(1, min(want, nk // cfg["min_k_tiles"], cfg["max_splits"]))
@@ -221,12 +215,12 @@ def conv_wgrad(x: torch.Tensor, gh: torch.Tensor, kernel, stride=1, padding=0, d
         _wgrad_tap_kernel[(tiles, splits)](
             x, gh, out, part, cnt, r, c, hh, ww, ho, wo, qb, nb, per, float(scale), *x.stride(), *gh.stride(),
             splits, KH=kh, KW=kw, SY=sy, SX=sx, PY=py, PX=px, DY=dy, DX=dx, FLAT_X=flat_x, FLAT_G=flat_g,
-            SPLIT=splits > 1, BM=_bm(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
+            SPLIT=splits > 1, BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
         return out
     _wgrad_kernel[(tiles, splits)](
         x, gh, out, part, cnt, r, hh, ww, ho * wo, wo, cols, k, per, float(scale), *x.stride(), *gh.stride(),
         KH=kh, KW=kw, SY=sy, SX=sx, PY=py, PX=px, DY=dy, DX=dx, SPLITS=splits, SPLIT=splits > 1,
-        BM=_bm(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
+        BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
     return out
 
 
