@@ -27,7 +27,15 @@ program puts its counter back to zero.
 
 Measured (H200, SD1.5 b1, the step as one CUDA graph; on / off / on, ``benchmarks/run_wgrad40.sh``): run 288 LoKr
 25.97 / 26.14 / 25.96 ms, LoCon 23.66 / 23.84 / 23.66, LoHa 25.38 / 25.55 / 25.40; with a batch's 1×1 downs too (run
-289) LoKr 25.85 / 26.15 / 25.87 (floor 19.86). The trainer's graphs equal eager (lokr, locon, loha).
+289) LoKr 25.85 / 26.15 / 25.87 (floor 19.86); with the final rule (run 290, ``run_wgrad41.sh``) LoKr 25.84 / 26.13 /
+25.82 (floor 19.85), LoCon — / 23.84 / 23.60, LoHa — / 25.55 / 25.34, SD1.5 b8 LoKr 73.57 against 73.41 without and
+LoCon 65.00 against 64.97; SDXL b1 (run 291) LoCon 69.51 / 69.58 / 69.56, LoKr 79.57 / 79.59 / 79.49. The trainer's
+graphs equal eager (lokr, locon, loha).
+
+Not kept: loading one or two K blocks ahead of the one being multiplied (session 41, run 293, the patch in
+``benchmarks/results/run293_h200_wgrad_prefetch41/``) — SD1.5 b1 LoKr's ∂D calls alone 1004 µs as here, 1053 one
+ahead, 1099 two ahead (faster only on the 40-channel 64×64 and 32×32 groups: 24.9 → 22.0, 14.6 → 11.9 µs); the
+step 25.76 / 25.79 / 25.77 ms one ahead / none / one ahead.
 
 Numerics: the products of the stored bf16/fp16 values summed in fp32 over every position and image, rounded once
 (the torch path rounds each image's GEMM before its batch sum) — tests compare with float64 ``F.conv2d`` gradients.
@@ -80,8 +88,8 @@ def max_work() -> float:
 #: µs; 1×1 2048, 8.9 against 10.4). Run 289 (SD1.5 b8, before this bound) measured LoKr's step at 74.00 ms with the
 #: kernel against 73.34 without. Its b8 calls were not recorded; by inference from the b1 shapes with 8× the batch
 #: they sum up to 4480 positions per program (the 32×32 level's 1×1 and 40-channel 3×3 downs of 64 images × groups:
-#: 4096, 4480; the 16×16 level's 3×3: 2816), which this bound leaves to the torch path — the b8 step with it is not
-#: measured yet. LoCon's b8 calls (at most 2048) measured 65.06 against 65.04.
+#: 4096, 4480; the 16×16 level's 3×3: 2816), which this bound leaves to the torch path. With it (run 290): LoKr
+#: 73.57 against 73.41 (+0.16 ms, from +0.66), LoCon 65.00 against 64.97.
 MAX_POSITIONS = 2560
 
 
