@@ -214,7 +214,8 @@ def run(data: Path, out: Path, net: dict, train: dict, graph: bool, steps: int):
     info = {"s_per_step": sec / steps, "losses": [v for _, v in res.losses]}
     if g is not None:
         info.update(captures=g.captures, replays=g.replays, eager_calls=g.eager_calls,
-                    retried=getattr(g, "retried", 0), disabled_reason=g.disabled_reason)
+                    retried=getattr(g, "retried", 0), disabled_reason=g.disabled_reason,
+                    memsets_replaced=getattr(g, "memsets_replaced", 0))
     return load_tensors(res.adapter_path)[0], info
 
 

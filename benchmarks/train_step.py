@@ -827,10 +827,14 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     clear()
-    g = torch.cuda.CUDAGraph()
+    # every variant's graph — the floor's and the peers' included — as lyco's trainer makes its own: the libraries'
+    # memset nodes as kernel nodes where LYCO_GRAPH_MEMSETS=1 (lyco.train.graph_memsets, session 41; off by default)
+    from lyco.train import graph_memsets
+    g = graph_memsets.new_graph()
     try:
         with torch.cuda.graph(g, stream=side), graph_policy.graph_step():
             body()
+        replaced = graph_memsets.finish(g)
         mem_rec = None
         if mem is not None:  # before the replays: they allocate nothing
             import memory_peak
@@ -845,7 +849,8 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
             g.replay()
             tm.stop(s)
         ts = tm.times_ms()
-        rec = {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB}
+        rec = {**_stats(ts, "graph_"), "graph_peak_gib": torch.cuda.max_memory_allocated() / GiB,
+               "graph_memsets_replaced": replaced}
         if mem_rec is not None:
             rec["memory_peak"] = mem_rec
         if trace is not None:

@@ -56,6 +56,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..algorithms import graph_policy
+from . import graph_memsets
 
 log = logging.getLogger("lyco.train")
 
@@ -71,9 +72,9 @@ class GraphedStep:
     """``fn(inputs)`` captured once per input signature and replayed (see the module docstring).
 
     ``params``: the tensors whose gradients ``fn``'s backward produces (those requiring a gradient
-    are kept). Counters ``captures``/``replays``/``eager_calls``/``retried`` and ``disabled_reason`` say what
-    happened. A capture that fails is warmed up and tried ``capture_retries`` more times before the step runs
-    eagerly (a failure in the warm-up is not retried: that is the step itself)."""
+    are kept). Counters ``captures``/``replays``/``eager_calls``/``retried``/``memsets_replaced`` and
+    ``disabled_reason`` say what happened. A capture that fails is warmed up and tried ``capture_retries`` more
+    times before the step runs eagerly (a failure in the warm-up is not retried: that is the step itself)."""
 
     #: further attempts at a capture that failed (see :meth:`_capture`)
     capture_retries = 1
@@ -90,6 +91,7 @@ class GraphedStep:
         self.graphs: dict[Any, _Captured] = {}
         self.disabled_reason: str | None = None
         self.captures = self.replays = self.eager_calls = self.retried = 0
+        self.memsets_replaced = 0  # the libraries' memset nodes made kernel nodes in the captures (graph_memsets)
         self.flat_grads: list[torch.Tensor] | None = None  # see ensure_grads
         self._pool = None
         self._stream = None
@@ -118,11 +120,15 @@ class GraphedStep:
 
     def _record(self, call: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         """Capture ``call()`` into a graph: (replay, the captured output)."""
-        g = torch.cuda.CUDAGraph()
+        g = graph_memsets.new_graph()
         # thread_local: only this thread's unsafe calls invalidate the capture (a logger or a data-loader
         # thread may touch CUDA meanwhile without breaking it)
         with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
             out = call()
+        # the libraries' memset nodes (cuDNN attention's, convolutions', cuBLAS's) as kernel nodes where
+        # LYCO_GRAPH_MEMSETS=1 (off by default for now): each delayed the kernel after it by 5-9 µs in a replay
+        # (graph_memsets)
+        self.memsets_replaced += graph_memsets.finish(g)
         if self._pool is None:  # the graphs of all signatures share one memory pool (module docstring, 3.)
             self._pool = g.pool()
         return g.replay, out
