@@ -84,12 +84,19 @@ def capture_graph(fn, warmup: int = 2):
 def graph_us(fn, reps_in_graph: int, replays: int = 7) -> float:
     """Median µs of one ``fn()`` call: ``reps_in_graph`` calls captured in one CUDA graph (:func:`capture_graph`),
     the graph replayed ``replays`` times, each timed with CUDA events."""
-    torch = _torch()
-
     def body():
         for _ in range(reps_in_graph):
             fn()
-    g = capture_graph(body)
+    return replay_us(capture_graph(body), reps_in_graph, replays)
+
+
+def replay_us(g, reps_in_graph: int, replays: int = 7, warmup: int = 0) -> float:
+    """Median µs of one of the ``reps_in_graph`` calls in the instantiated graph ``g``: ``warmup`` untimed replays,
+    then ``replays`` replays each timed with CUDA events."""
+    torch = _torch()
+    for _ in range(warmup):
+        g.replay()
+    torch.cuda.synchronize()
     ts = []
     for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

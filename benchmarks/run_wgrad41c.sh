@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 GPU run of session 41 (run 293; ran with results/run293_h200_wgrad_prefetch41/prefetch.patch applied, not
 # kept — without it the bench has no prefetch configs and LYCO_WGRAD_PREFETCH does nothing): the conv weight-gradient
-# kernel's K blocks loaded ahead (wgrad_triton PREFETCH,
-# LYCO_WGRAD_PREFETCH) — run 292's SD1.5 b1 LoKr trace put `_wgrad_tap_kernel` first among the adapter's kernels
+# kernel's K blocks loaded ahead (wgrad_triton PREFETCH, LYCO_WGRAD_PREFETCH) — run 292's SD1.5 b1 LoKr trace put `_wgrad_tap_kernel` first among the adapter's kernels
 # (75×, 1.24 ms, 0.82 exposed); its ∂h gather is scalar loads the compiler cannot make asynchronous, so each K block
 # waited out a load's latency. The ∂D calls alone (0, 1, 2 ahead; two other tiles), then SD1.5 b1 LoKr, LoCon, LoHa
 # with the better of 1 and 2 ahead / none / again (the floor beside the first).

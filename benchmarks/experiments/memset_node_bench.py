@@ -13,9 +13,10 @@ Runs 294 (H200): memset 4.25 / fill 4.09 / replaced 4.30 µs a link, with the si
 memset node costs 0.16 µs more than a kernel node here, nothing like the step's 4 µs. Run 295 added cuDNN attention
 (forward and backward, SD1.5's 64×64 self-attention, 16 links; its own memset nodes): 305.6 µs a link as captured,
 303.1 with its 33 memset nodes replaced (+side 307.2 / 305.7). Both ran this script's own copy of the replacement
-(a byte-wise PTX loop); it now calls ``lyco.train.graph_memsets``, which run 296's step probe led to.
+(a PTX store loop: byte-wise in run 294, aligned byte runs as words in run 295); it now calls
+``lyco.train.graph_memsets``, which run 296's step probe led to.
 
-    PYTHONPATH=src python benchmarks/experiments/memset_node_bench.py [--links 64] [--out DIR]
+    python benchmarks/experiments/memset_node_bench.py [--links 64] [--out DIR]
 """
 
 import argparse
@@ -23,9 +24,15 @@ import ctypes
 import json
 import os
 
+import sys
+
 import torch
 
-from lyco.train import graph_memsets
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from _common import replay_us  # noqa: E402
+
+from lyco.train import graph_memsets  # noqa: E402
 
 
 def _cudart():
@@ -48,24 +55,6 @@ def memsets_to_kernels(graph) -> int:
     """Runs 294-295 replaced the memset nodes with this script's own copy of what is now
     ``lyco.train.graph_memsets`` (a byte-wise PTX loop then, words now)."""
     return graph_memsets._replace_all(graph, torch.cuda.current_device())
-
-
-def _timed(g, reps: int) -> float:
-    """Median µs per rep of an instantiated graph's replays, CUDA-event timed (``_common.graph_us`` captures its own
-    graph; these are kept graphs, rewritten before instantiation)."""
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(21):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1000.0 / reps)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def sdpa_cases(links: int, res: dict):
@@ -113,7 +102,7 @@ def sdpa_cases(links: int, res: dict):
                 replaced = memsets_to_kernels(g) if surgery else 0
                 ms, nn = _count_memset_nodes(g)
                 g.instantiate()
-                us = _timed(g, links)
+                us = replay_us(g, links, replays=21, warmup=3)
             except Exception as e:  # noqa: BLE001 - a probe: report and go on
                 print(f"{name}: failed: {e!r}", flush=True)
                 continue
@@ -188,7 +177,7 @@ def main():
             elif memset == "surgery":
                 print(f"{name}: {replaced} memset nodes replaced; result equal to the memset graph's: "
                       f"{torch.equal(x, ref[branches])}", flush=True)
-            us = _timed(g, a.links)
+            us = replay_us(g, a.links, replays=21, warmup=3)
             res["cases"][name] = dict(us_per_link=us, memset_nodes=ms, nodes=nn)
             print(f"{name:12s} {us:6.2f} us/link  ({ms} memset nodes of {nn})", flush=True)
     sdpa_cases(a.links // 4, res)

@@ -5,7 +5,8 @@ trace: cuDNN's attention before each of its forward and backward kernels, cuDNN'
 becomes a *memset node* of the graph.
 In a replay the kernel after a memset node starts late: run 292 (H200, SD1.5 b1) measured 5.3 µs on average from
 each of the floor's 94 memset nodes to the kernel after it, 9.3 µs in LoKr's step (95 nodes; a graph with the
-adapters' side streams), where a kernel follows a kernel about 0.4 µs after it ends (the same trace). The same
+adapters' side streams), where a kernel follows the one before it on its stream 0.42 µs after it ends (the
+median of both traces' other such pairs). The same
 steps with every memset node made a kernel node after capture (run 296, ``benchmarks/run_memset41.sh``, off / on /
 off): the floor 19.86 / 19.68 / 19.87 ms, LoKr 25.86 / 25.47 / 25.87, LoRA 22.07 / 21.65 / 22.08. (A chain of
 small kernels with and without memsets — ``benchmarks/experiments/memset_node_bench.py``, runs 294–295 — showed

@@ -40,6 +40,10 @@ with "operation failed due to a previous error during capture" (a second attempt
 way), while LoKr did not and a capture made first always succeeded; the trainer captures at its first
 step, before any eager backward, and falls back to eager mode should it happen. The cause is not found.
 
+The libraries' memset nodes in a captured graph (cuDNN's, cuBLAS's) can be made kernel nodes before it is
+instantiated — ``LYCO_GRAPH_MEMSETS=1``, :mod:`.graph_memsets`; off by default until its self-test is verified on a
+GPU; where it cannot run, the graph stays as captured with one warning.
+
 What a graph cannot do: decisions the host makes per step are frozen at their captured values —
 the config refuses module_dropout and DyLoRA with ``cuda_graph`` for that reason (``config.validate``);
 device-side randomness (dropout, rank dropout) is fine: the default CUDA generator is registered with
