@@ -9,6 +9,12 @@
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
+# first the device self-test alone (seconds): where it fails, the rest would measure nothing new
+python3 -c "
+import torch; from lyco.train import graph_memsets as gm
+print('self-test:', gm._self_test(0) or 'passed')
+" 2>&1 | tail -3 | tee $OUT/selftest.txt
+grep -q "self-test: passed" $OUT/selftest.txt || { pack_out; exit 1; }
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --variants lyco --jobs sd15:1 --baselines floor"
 (export LYCO_GRAPH_MEMSETS=1; step_table on 170 $A --algos lokr,lora,locon)
 (export LYCO_GRAPH_MEMSETS=0; step_table off 250 $A --algos lokr,lora,locon)

@@ -828,7 +828,7 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
     torch.cuda.synchronize()
     clear()
     # every variant's graph — the floor's and the peers' included — as lyco's trainer makes its own: the libraries'
-    # memset nodes as kernel nodes where LYCO_GRAPH_MEMSETS=1 (lyco.train.graph_memsets, session 41; off by default)
+    # memset nodes as kernel nodes where LYCO_GRAPH_MEMSETS=1 (lyco.train.graph_memsets, session 41; the default since run 298)
     from lyco.train import graph_memsets
     g = graph_memsets.new_graph()
     try:

@@ -20,17 +20,16 @@ are written as 16- or 4-byte words (:func:`plan`). A replacement that fails half
 removed, the memset kept) and no further node is touched: the graph is never left with a node that lacks an edge.
 
 Used by :class:`lyco.train.graphs.GraphedStep` on every capture (and by ``benchmarks/train_step.py`` for every
-variant's graph, the floor's included) where ``LYCO_GRAPH_MEMSETS=1``. **Off by default for now**: run 297 (this
-module as written, on by default) found its self-test failing on the H200 with "listing graph nodes failed: invalid
-argument" — by inference (not yet seen on a GPU) the driver refusing a node list asked for with a count of 0: the
-self-test's first memset has no dependency, its last no dependent, where the step's memsets have both, which is why
-run 296's probe did not meet it — so every graph stayed as captured (the steps as with it
-off: floor 19.98 / 19.97 ms, LoKr 26.05 / 26.03; the trainer's graphs equal eager with 0 replaced). The fix
-(:func:`_nodes`) is not yet run on a GPU; the default turns on once the self-test passes there, the trainer's graphs
-equal eager with memsets replaced, and the step's gain is measured again. Where the driver calls are not available
-(no CUDA, another platform, a torch without ``CUDAGraph(keep_graph=True)``) or the self-test fails — a graph with
-memsets of each element size, 2-D included, replayed with and without the replacement, the bytes compared — the
-graph stays as captured, with one warning.
+variant's graph, the floor's included); **on by default** since run 298, ``LYCO_GRAPH_MEMSETS=0`` leaves graphs as
+captured. Run 297 found the first form's self-test failing on the H200 ("listing graph nodes failed: invalid
+argument": the driver refuses a node list asked for with a count of 0 — the self-test's first memset has no
+dependency, its last no dependent, where the step's memsets have both, which is why run 296's probe did not meet it);
+with :func:`_nodes` fixed, run 298 (H200, ``benchmarks/run_memset42.sh``, on / off / on): the self-test passed, the
+trainer's graphs equal eager for lora, locon and lokr with 92–186 memset nodes replaced, and SD1.5 b1 the floor
+19.81 / 19.98 / 19.81 ms, LoKr 25.64 / 26.08 / 25.64, LoRA 21.80 / 22.21 / 21.79, LoCon 23.40 / 23.80 / 23.38.
+Where the driver calls are not available (no CUDA, another platform, a torch without ``CUDAGraph(keep_graph=True)``)
+or the self-test fails — a graph with memsets of each element size, 2-D included, replayed with and without the
+replacement, the bytes compared — the graph stays as captured, with one warning.
 """
 
 from __future__ import annotations
@@ -107,8 +106,8 @@ DONE:
 _MEMSET_NODE = 2  # CU_GRAPH_NODE_TYPE_MEMSET
 
 
-#: ``LYCO_GRAPH_MEMSETS`` when unset: off until the self-test's fix after run 297 is verified on a GPU (module doc)
-DEFAULT = "0"
+#: ``LYCO_GRAPH_MEMSETS`` when unset: on since run 298 verified the self-test, the graphs and the gain (module doc)
+DEFAULT = "1"
 
 
 def wanted() -> bool:

@@ -41,8 +41,8 @@ way), while LoKr did not and a capture made first always succeeded; the trainer 
 step, before any eager backward, and falls back to eager mode should it happen. The cause is not found.
 
 The libraries' memset nodes in a captured graph (cuDNN's, cuBLAS's) can be made kernel nodes before it is
-instantiated — ``LYCO_GRAPH_MEMSETS=1``, :mod:`.graph_memsets`; off by default until its self-test is verified on a
-GPU; where it cannot run, the graph stays as captured with one warning.
+instantiated — :mod:`.graph_memsets`, on by default (``LYCO_GRAPH_MEMSETS=0`` keeps them); where it cannot run or
+its device self-test fails, the graph stays as captured with one warning.
 
 What a graph cannot do: decisions the host makes per step are frozen at their captured values —
 the config refuses module_dropout and DyLoRA with ``cuda_graph`` for that reason (``config.validate``);
@@ -130,7 +130,7 @@ class GraphedStep:
         with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
             out = call()
         # the libraries' memset nodes (cuDNN attention's, convolutions', cuBLAS's) as kernel nodes where
-        # LYCO_GRAPH_MEMSETS=1 (off by default for now): each delayed the kernel after it by 5-9 µs in a replay
+        # LYCO_GRAPH_MEMSETS=1 (the default): each delayed the kernel after it by 5-9 µs in a replay
         # (graph_memsets)
         self.memsets_replaced += graph_memsets.finish(g)
         if self._pool is None:  # the graphs of all signatures share one memory pool (module docstring, 3.)
