@@ -1423,6 +1423,10 @@ def main(argv=None):
                 fn = getattr(torch.backends.cuda, f"enable_{name}_sdp", None)
                 if fn is not None:
                     fn(name == on)
+        if os.environ.get("LYCO_PROBE_SM_CARVEOUT"):  # session 42's probe (experiments/sm_carveout.py)
+            sys.path.insert(0, str(Path(__file__).parent / "experiments"))
+            import sm_carveout
+            print("sm carveout:", sm_carveout.apply(int(os.environ["LYCO_PROBE_SM_CARVEOUT"])), flush=True)
         if a.graph_trace:  # the profiler sees a graph's kernels only if it ran before the first capture
             from torch.profiler._utils import _init_for_cuda_graphs
             _init_for_cuda_graphs()
