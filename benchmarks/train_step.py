@@ -829,10 +829,13 @@ def _run_graph(model_fn, inputs, target, params, floor, steps, lyco, trace, mem)
     clear()
     # every variant's graph — the floor's and the peers' included — as lyco's trainer makes its own: the libraries'
     # memset nodes as kernel nodes where LYCO_GRAPH_MEMSETS=1 (lyco.train.graph_memsets, session 41; the default since run 298)
-    from lyco.train import graph_memsets
+    from lyco.train import blas_carveout, graph_memsets
     g = graph_memsets.new_graph()
     try:
-        with torch.cuda.graph(g, stream=side), graph_policy.graph_step():
+        # lyco's capture as its trainer's: LYCO_BLAS_CARVEOUT's SMs left to the side streams (off by default;
+        # lyco.train.blas_carveout) — not the floor's or the peers' (no side streams of lyco's there)
+        with (blas_carveout.during_capture() if lyco else contextlib.nullcontext()), \
+                torch.cuda.graph(g, stream=side), graph_policy.graph_step():
             body()
         replaced = graph_memsets.finish(g)
         mem_rec = None

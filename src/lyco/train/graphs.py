@@ -60,7 +60,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..algorithms import graph_policy
-from . import graph_memsets
+from . import blas_carveout, graph_memsets
 
 log = logging.getLogger("lyco.train")
 
@@ -127,7 +127,10 @@ class GraphedStep:
         g = graph_memsets.new_graph()
         # thread_local: only this thread's unsafe calls invalidate the capture (a logger or a data-loader
         # thread may touch CUDA meanwhile without breaking it)
-        with torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream(), capture_error_mode="thread_local"):
+        # LYCO_BLAS_CARVEOUT (off by default): cuBLAS's kernels chosen for fewer SMs, the rest left to the side
+        # streams' products, during the capture only (blas_carveout)
+        with blas_carveout.during_capture(), torch.cuda.graph(g, pool=self._pool, stream=self._capture_stream(),
+                                                              capture_error_mode="thread_local"):
             out = call()
         # the libraries' memset nodes (cuDNN attention's, convolutions', cuBLAS's) as kernel nodes where
         # LYCO_GRAPH_MEMSETS=1 (the default): each delayed the kernel after it by 5-9 µs in a replay
