@@ -12,8 +12,11 @@ descriptor's ``SM_COUNT_TARGET`` on torch's cuBLASLt paths) make cuBLAS choose f
 Measured with both set process-wide (``benchmarks/experiments/sm_carveout.py``, H200): SDXL b1 LoRA 68.25 / 67.82 /
 68.27 / 67.81 ms at k = 0 / 16 / 0 / 16 (run 302), LoKr 78.53 / 78.42 / 78.55 / 78.42; run 301: LoRA 68.38 at 0,
 68.53 at 8, 67.88 at 16, 70.86 at 32; SD1.5 b1 LoRA 21.81 → 21.73, LoCon 23.41 → 23.35 at 16; the floor (no side
-streams) 58.39 → 58.98 and 19.82 → 19.88 — which is why this applies to lyco's captures only. Batch 8 and SDXL b4
-(many-wave GEMMs) are not measured: **off by default** (``LYCO_BLAS_CARVEOUT`` = the SMs to leave out, 0 = off).
+streams) 58.39 → 58.98 and 19.82 → 19.88 — which is why this applies to lyco's captures only. This module (set
+during the capture only, run 303): SDXL b1 LoRA **67.42 / 67.88 / 67.60 ms** at 16 / 0 / 16 (floor 58.17: 1.159–1.162×
+against 1.167×), the graph's peak 9.853 → 9.884 GiB (the floor's 9.911). Batch 8 and SDXL b4 (many-wave GEMMs, where
+fewer SMs may cost more than the wave saves) are not measured: **off by default** (``LYCO_BLAS_CARVEOUT`` = the SMs
+to leave out, 0 = off; 16 is what was measured).
 
 :func:`during_capture` sets both around a capture and puts the previous values back after it: the kernels chosen
 are baked into the graph, and nothing outside the capture (the user's own GEMMs, eager steps) sees the setting.
