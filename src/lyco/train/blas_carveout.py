@@ -21,7 +21,8 @@ to leave out, 0 = off; 16 is what was measured).
 :func:`during_capture` sets both around a capture and puts the previous values back after it: the kernels chosen
 are baked into the graph, and nothing outside the capture (the user's own GEMMs, eager steps) sees the setting.
 Captured steps run their backward on the calling thread (:func:`lyco.algorithms.graph_policy.graph_step`), so the
-calling thread's cuBLAS handle is the one every GEMM of the capture uses. Where the cuBLAS library or torch's
+calling thread's cuBLAS handle is the one every GEMM of the capture uses (with ``LYCO_CALLER_BACKWARD=0`` the
+backward's GEMMs run on autograd's thread and its handle, and take only torch's cuBLASLt setting). Where the cuBLAS library or torch's
 handle cannot be reached the capture runs as it would without, with one warning.
 """
 
