@@ -1,30 +1,31 @@
 #!/usr/bin/env python3
 """Probe (issue 7, session 42): the frozen GEMMs of an adapted step told to leave SMs to the adapter's side streams.
 
-Run 300's SDXL b1 traces (H200, 132 SMs): the frozen 1280² GEMMs at 1024 rows — cuBLAS's ``128x80`` tile, 8 × 16 =
-128 CTAs, one wave — take 8.1 µs (median) in the floor's step and 12.0 in LoRA's (306 of them; the forward's
-``80x128 bias`` 8.5 → 12.0, 186), LoKr's 14.8: in LoRA's step the adapter's thin products run beside them on the
-side streams, holding some SMs, so a few of the GEMM's CTAs wait for a second wave. cuBLAS can be told to pick its
-kernel for fewer SMs (``cublasSetSmCountTarget`` on a handle; torch's ``_set_sm_carveout_experimental`` sets the
-cuBLASLt descriptor's ``SM_COUNT_TARGET`` on the paths that use cuBLASLt).
+Run 300's SDXL b1 traces (H200, 132 SMs): the frozen 1280² GEMMs at 1024 rows — cuBLAS's ``128x80`` tile, by inference
+from its name 8 × 16 = 128 CTAs, one wave (the trace has no shapes) — take 8.1 µs (median) in the floor's step and 12.0
+in LoRA's (306 of them; the forward's ``80x128 bias`` 8.5 → 12.0, 186), LoKr's 14.8: in LoRA's step the adapter's thin
+products run beside them on the side streams, holding some SMs, so a few of the GEMM's CTAs wait for a second wave.
+cuBLAS can be told to pick its kernel for fewer SMs (``cublasSetSmCountTarget`` on a handle; torch's
+``_set_sm_carveout_experimental`` sets the cuBLASLt descriptor's ``SM_COUNT_TARGET`` on the paths that use cuBLASLt).
 
 ``apply(k)`` sets both for the process (k SMs left out; 0 undoes); ``python sm_carveout.py`` times a 1024 × 1280 ×
-1280 GEMM chain alone and beside a side stream of thin products, for several k (one graph each).
+1280 GEMM chain alone and beside a side stream of thin products, for several k (one graph each). The library's form,
+set during lyco's captures only, is ``lyco.train.blas_carveout`` (its cuBLAS library is the one loaded here).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
+from _common import capture_graph, replay_us  # noqa: E402
 
-def _cublas():
-    for line in open("/proc/self/maps"):
-        if "libcublas.so" in line and "libcublasLt" not in line:
-            return ctypes.CDLL(line.split()[-1])
-    return ctypes.CDLL("libcublas.so.12")
+from lyco.train.blas_carveout import _cublas  # noqa: E402
 
 
 def apply(carveout: int) -> str:
@@ -70,7 +71,6 @@ def _bench(carveout: int, side: bool, reps: int = 20) -> float:
     x = torch.randn(1024, 1280, device="cuda", dtype=torch.bfloat16, generator=g0)
     u = torch.randn(1280, 16, device="cuda", dtype=torch.bfloat16, generator=g0)
     s2 = torch.cuda.Stream()
-    cap = torch.cuda.Stream()
 
     def body():
         outs = []
@@ -86,25 +86,9 @@ def _bench(carveout: int, side: bool, reps: int = 20) -> float:
                 torch.cuda.current_stream().wait_stream(s2)
         return outs
 
-    with torch.cuda.stream(cap):
-        body()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=cap):
-        body()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    ts = []
-    for _ in range(15):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1) * 1000 / reps)
+    us = replay_us(capture_graph(body), reps, replays=15, warmup=3)
     apply(0)
-    return sorted(ts)[len(ts) // 2]
+    return us
 
 
 def main() -> None:

@@ -237,7 +237,9 @@ def _sm_count(device: int) -> int:
 def _nodes(query, *args) -> list[int]:
     n = ctypes.c_size_t(0)
     _check(query(*args, None, ctypes.byref(n)), "listing graph nodes")
-    if n.value == 0:  # an array with a count of 0: an invalid argument to the driver, by inference (run 297)
+    # an array with a count of 0 is an invalid argument to the driver: run 297's self-test failure; run 298's
+    # passed with this
+    if n.value == 0:
         return []
     arr = (ctypes.c_void_p * max(1, n.value))()
     _check(query(*args, arr, ctypes.byref(n)), "listing graph nodes")
