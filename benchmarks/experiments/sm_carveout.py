@@ -10,7 +10,8 @@ cuBLAS can be told to pick its kernel for fewer SMs (``cublasSetSmCountTarget`` 
 
 ``apply(k)`` sets both for the process (k SMs left out; 0 undoes); ``python sm_carveout.py`` times a 1024 × 1280 ×
 1280 GEMM chain alone and beside a side stream of thin products, for several k (one graph each). The library's form,
-set during lyco's captures only, is ``lyco.train.blas_carveout`` (its cuBLAS library is the one loaded here).
+set during lyco's captures only, is ``lyco.train.blas_carveout`` (its cuBLAS library, ``lyco.algorithms.blas_sms``,
+is the one loaded here).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 from _common import capture_graph, replay_us  # noqa: E402
 
-from lyco.train.blas_carveout import _cublas  # noqa: E402
+from lyco.algorithms.blas_sms import _cublas  # noqa: E402
 
 
 def apply(carveout: int) -> str:

@@ -1,5 +1,6 @@
-"""cuBLAS's SM count target during a capture (``lyco.train.blas_carveout``): on the CPU, against a stand-in cuBLAS
-library and a stand-in of torch's carveout setting — what is set, for how long, and what is put back."""
+"""cuBLAS's SM count target during a capture (``lyco.train.blas_carveout``) and around the side streams' GEMMs
+(``lyco.algorithms.blas_sms.side``, through ``lowrank._side_blas``): on the CPU, against a stand-in cuBLAS library and
+a stand-in of torch's carveout setting — what is set, for how long, and what is put back."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import warnings
 import pytest
 import torch
 
+from lyco.algorithms import blas_sms as S
+from lyco.algorithms import lowrank
 from lyco.train import blas_carveout as M
 
 
@@ -47,14 +50,14 @@ def device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: Props())
     monkeypatch.setattr(torch.cuda, "current_blas_handle", lambda: 0x1234)
-    monkeypatch.setattr(M, "_LIB", [lib])
-    monkeypatch.setattr(M, "_WARNED", set())
+    monkeypatch.setattr(S, "_LIB", [lib])
+    monkeypatch.setattr(S, "_WARNED", set())
 
     def set_c(v):
         warnings.warn("experimental", UserWarning)  # torch warns once: the block must not pass it on
         carve["v"] = v
 
-    monkeypatch.setattr(M, "_torch_carveout", lambda: (lambda: carve["v"], set_c))
+    monkeypatch.setattr(S, "_torch_carveout", lambda: (lambda: carve["v"], set_c))
     return lib, carve
 
 
@@ -121,12 +124,12 @@ def test_a_failing_call_leaves_the_defaults_with_one_warning(monkeypatch, device
             with M.during_capture() as k:
                 assert k == 0
         assert lib.targets[0x1234] == 0 and carve["v"] is None
-    assert len(M._WARNED) == 1 and f"cublas{fail.capitalize()}SmCountTarget failed" in next(iter(M._WARNED))
+    assert len(S._WARNED) == 1 and f"cublas{fail.capitalize()}SmCountTarget failed" in next(iter(S._WARNED))
 
 
 def test_without_the_library(monkeypatch, device):
     _, carve = device
-    monkeypatch.setattr(M, "_LIB", [None])
+    monkeypatch.setattr(S, "_LIB", [None])
     monkeypatch.setenv("LYCO_BLAS_CARVEOUT", "16")
     with pytest.warns(RuntimeWarning, match="could not be loaded"):
         with M.during_capture() as k:
@@ -136,15 +139,68 @@ def test_without_the_library(monkeypatch, device):
 
 def test_without_cuda_nothing_happens(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(M, "_LIB", [])  # would be loaded on first use: not here
+    monkeypatch.setattr(S, "_LIB", [])  # would be loaded on first use: not here
     monkeypatch.setenv("LYCO_BLAS_CARVEOUT", "16")
     with M.during_capture() as k:
         assert k == 0
-    assert M._LIB == []
+    assert S._LIB == []
 
 
 def test_this_torch_has_the_carveout_setting():
     """The stand-in replaces torch's pair; the module reads the real names, which torch 2.13 (and 2.11 on the GPU
     machine, run 301) has."""
-    get_c, set_c = M._torch_carveout()
+    get_c, set_c = S._torch_carveout()
     assert callable(get_c) and callable(set_c)
+
+
+class SideStream:
+    """What ``_side_blas`` reads of a stream: its device."""
+
+    def __init__(self, kind: str = "cuda"):
+        self.device = torch.device(kind)
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    state = {"on": True}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: state["on"])
+    monkeypatch.setattr(lowrank, "_side_workspace", lambda: None)  # the workspace sizes: not what is tested here
+    return state
+
+
+def test_side_switch(monkeypatch):
+    monkeypatch.delenv("LYCO_SIDE_SMS", raising=False)
+    assert S.side_sms() == int(S.DEFAULT_SIDE) > 0
+    monkeypatch.setenv("LYCO_SIDE_SMS", "48")
+    assert S.side_sms() == 48
+    for bad in ("-2", "3.0", "many"):
+        monkeypatch.setenv("LYCO_SIDE_SMS", bad)
+        with pytest.raises(ValueError, match="LYCO_SIDE_SMS"):
+            S.side_sms()
+
+
+def test_side_region_in_a_capture_is_set_and_put_back(monkeypatch, device, capturing):
+    lib, carve = device
+    lib.targets[0x1234] = 116  # the capture-wide target of LYCO_BLAS_CARVEOUT=16: back after the side region
+    carve["v"] = 16
+    monkeypatch.setenv("LYCO_SIDE_SMS", "32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with lowrank._side_blas(SideStream()):
+            assert lib.targets[0x1234] == 32 and carve["v"] == 132 - 32
+    assert lib.targets[0x1234] == 116 and carve["v"] == 16
+    with pytest.raises(RuntimeError, match="in the region"):
+        with lowrank._side_blas(SideStream()):
+            raise RuntimeError("in the region")
+    assert lib.targets[0x1234] == 116 and carve["v"] == 16
+
+
+@pytest.mark.parametrize("case", ["not capturing", "off", "as many as the device", "no side stream", "cpu stream"])
+def test_side_region_left_alone(monkeypatch, device, capturing, case):
+    lib, carve = device
+    monkeypatch.setenv("LYCO_SIDE_SMS", {"off": "0", "as many as the device": "132"}.get(case, "32"))
+    capturing["on"] = case != "not capturing"
+    stream = {"no side stream": None, "cpu stream": SideStream("cpu")}.get(case, SideStream())
+    with lowrank._side_blas(stream):
+        pass
+    assert lib.calls == [] and carve["v"] is None

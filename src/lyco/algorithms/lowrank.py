@@ -99,7 +99,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from . import casts, graph_policy, regen, regen_triton, wgrad_triton
+from . import blas_sms, casts, graph_policy, regen, regen_triton, wgrad_triton
 from .base import _CONV_FN, CONV2D, LINEAR, LayerSpec, layer_op, scaled_bmm as _bmm
 from .casts import cast_factor, cast_input
 from .rebuild import cast, like, op_backward, supports as rebuild_supports
@@ -229,20 +229,24 @@ def _side_blas(side):
     Measured (run 175, H100, one process per size through ``CUBLAS_WORKSPACE_CONFIG``: torch 2.11 there has no
     setters, run 173): the thin products summed over a step's layers take the same time at 32, 4 and 1 MiB (SDXL
     b4 19.97 / 20.03 / 19.57 ms), and SDXL b1's whole LoRA step with every workspace at 4 MiB 76.44 ms against
-    76.46 at 32 (run 174) — the default 4 MiB. The peak this saves where torch has the setters is not measured."""
-    size = None if side is None or getattr(side.device, "type", None) != "cuda" else _side_workspace()
-    if size is None:
-        yield
-        return
-    get_b, set_b, get_lt, set_lt = _WS_API
-    prev_b, prev_lt = get_b(), get_lt()
-    set_b(min(size, prev_b))
-    set_lt(min(size, prev_lt))
-    try:
-        yield
-    finally:
-        set_b(prev_b)
-        set_lt(prev_lt)
+    76.46 at 32 (run 174) — the default 4 MiB. The peak this saves where torch has the setters is not measured.
+    In a capture the block's GEMMs are also chosen for ``LYCO_SIDE_SMS`` SMs (:func:`.blas_sms.side`: fewer CTAs
+    beside the frozen GEMMs; runs 305–306)."""
+    cuda = side is not None and getattr(side.device, "type", None) == "cuda"
+    size = _side_workspace() if cuda else None
+    with blas_sms.side(cuda):
+        if size is None:
+            yield
+            return
+        get_b, set_b, get_lt, set_lt = _WS_API
+        prev_b, prev_lt = get_b(), get_lt()
+        set_b(min(size, prev_b))
+        set_lt(min(size, prev_lt))
+        try:
+            yield
+        finally:
+            set_b(prev_b)
+            set_lt(prev_lt)
 
 
 @contextlib.contextmanager
