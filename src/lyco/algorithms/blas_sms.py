@@ -35,6 +35,8 @@ import warnings
 
 import torch
 
+from . import graph_policy
+
 #: ``LYCO_SIDE_SMS`` when unset (module doc: runs 305–306)
 DEFAULT_SIDE = "32"
 
@@ -43,14 +45,11 @@ _WARNED: set = set()
 
 
 def sms_setting(name: str, default: str) -> int:
-    """The whole number of SMs >= 0 in the environment variable ``name`` (``default`` when unset)."""
-    v = os.environ.get(name, default)
-    try:
-        k = int(v)
-    except ValueError:
-        k = -1
+    """The whole number of SMs >= 0 in the environment variable ``name`` (``default`` when unset): read by
+    :func:`.graph_policy.env_int`, an error naming the variable where it is not a whole number or is negative."""
+    k = graph_policy.env_int(name, int(default), "a number of SMs, 0 = off")
     if k < 0:
-        raise ValueError(f"{name}={v!r}: expected a whole number of SMs >= 0 (0 = off)")
+        raise ValueError(f"{name}={os.environ.get(name)!r}: expected a whole number of SMs >= 0 (0 = off)")
     return k
 
 
