@@ -28,6 +28,19 @@ def test_rule_and_its_errors(monkeypatch):
             lowrank._merged_pays(x, 1, 1)
 
 
+def test_default_where_the_side_streams_run(monkeypatch):
+    """Unset, where the op's products run on the side streams (a stand-in stream here): c = 0.75 (run 312) — SDXL b1's
+    1280-channel level (1024 rows, 1280 inputs) through W′, its ff.net.2 (5120 inputs) and a q/k/v group's ∂x (3840
+    outputs) not; SD1.5 b1's 1280-channel level (256 rows) not, its 640-channel one (1024 rows, 640 inputs) yes."""
+    x = torch.zeros(1)
+    monkeypatch.delenv("LYCO_MERGED_ROWS", raising=False)
+    monkeypatch.setattr(lowrank, "side_stream", lambda t: object())
+    assert lowrank._merged_pays(x, 1024, 1280) and lowrank._merged_pays(x, 1024, 640)
+    assert lowrank._merged_pays(x, 960, 1280) and not lowrank._merged_pays(x, 959, 1280)
+    assert not lowrank._merged_pays(x, 1024, 5120) and not lowrank._merged_pays(x, 1024, 3840)
+    assert not lowrank._merged_pays(x, 256, 1280)
+
+
 def _setup(monkeypatch, rows: str, merged_fwd: bool):
     """``LYCO_MERGED_ROWS=rows``, the op on every layer (``LYCO_BYPASS_ROWS=0``: fc1's 24 rows < 32 outputs included),
     :func:`_switch`; two :class:`_Block` with LoRA (rank 4, alpha 2: s = 0.5) whose factors are all nonzero; and the

@@ -432,8 +432,15 @@ def _fwd_merged_on(x: torch.Tensor) -> bool:
 
 
 #: c in :func:`_merged_pays`'s ``rows ≥ c·k`` where ``LYCO_MERGED_ROWS`` is unset and the op runs its products on the
-#: side streams (captured steps); elsewhere 0 (every layer through the merged weight, as before the rule)
-_MERGED_ROWS = 1.0
+#: side streams (captured steps); elsewhere 0 (every layer through the merged weight, as before the rule). 1 from run
+#: 238 (H100: only 0 and 1 measured) to session 44; 0.75 since run 312 (H200, SDXL b1 LoRA, c = 1 / 0.75 / 2 / inf /
+#: 0.75: 67.17 / 66.44 / 67.25 / 68.10 / 66.44 ms; 0.15 in run 313: 67.20). What 0.75 adds at the sizes measured:
+#: SDXL b1's 1280-channel level (1024 rows, 1280 inputs: 0.8) forward and its 640-channel level's GEGLU ∂x (4096 rows,
+#: 5120 outputs), SDXL b4's 1280-level ff.net.2 forward (4096 rows, 5120 inputs), SD1.5 b8's cross-attention k/v
+#: forward (616 rows, 768 inputs); SD1.5 b1 none. Run 313: SDXL b1 LoKr 76.68 → 76.24, LoCon 67.36 → 66.78; SDXL b4
+#: LoRA 170.76 → 170.63 (run 312), SD1.5 b8 LoRA 64.52 → 64.48 — ties; graph peaks SDXL b1 +0.11 (LoRA) and +0.14 GiB
+#: (LoCon; 10.13, PEFT's LoRA 11.53 eager) — by inference the merged weights of the layers it adds.
+_MERGED_ROWS = 0.75
 
 
 def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
@@ -450,7 +457,8 @@ def _merged_pays(x: torch.Tensor, rows: int, k: int) -> bool:
     (H100) has ten builds of 24–29 µs (by their size that level's GEGLU projections, 10240 × 1280, forward and
     backward), the GEGLU kernel beside them at 26–28 µs against 7 in the floor, and the frozen GEMMs of the step
     35–67 % longer than the floor's. Run 238, c = 0 / 1: SD1.5 b1 LoRA 22.80 / 22.52 ms, SDXL b1 73.60 / 72.95,
-    SD1.5 b8 69.49 / 69.28 (benchmarks/NOTES.md change 134)."""
+    SD1.5 b8 69.49 / 69.28 (benchmarks/NOTES.md change 134); c = 0.75 since run 312 (:data:`_MERGED_ROWS`): a layer
+    at 0.8 of the line (SDXL b1's 1280-channel level) gains more than the build costs beside the frozen GEMMs."""
     c = graph_policy.env_factor("LYCO_MERGED_ROWS", "a linear layer's merged weight where its rows ≥ that times its "
                                 "inputs (forward) or outputs (∂x)")
     if c is None:
