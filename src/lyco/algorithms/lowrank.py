@@ -439,7 +439,7 @@ def _fwd_merged_on(x: torch.Tensor) -> bool:
 #: 5120 outputs), SDXL b4's 1280-level ff.net.2 forward (4096 rows, 5120 inputs), SD1.5 b8's cross-attention k/v
 #: forward (616 rows, 768 inputs); SD1.5 b1 none. Run 313: SDXL b1 LoKr 76.68 → 76.24, LoCon 67.36 → 66.78; SDXL b4
 #: LoRA 170.76 → 170.63 (run 312), SD1.5 b8 LoRA 64.52 → 64.48 — ties; graph peaks SDXL b1 +0.11 (LoRA) and +0.14 GiB
-#: (LoCon; 10.13, PEFT's LoRA 11.53 eager) — by inference the merged weights of the layers it adds.
+#: (LoCon; 10.13; PEFT's LoRA 11.53 eager, H100 run 198) — by inference the merged weights of the layers it adds.
 _MERGED_ROWS = 0.75
 
 
