@@ -4,7 +4,8 @@
 # layers sit on both sides of 1: the 1280-channel level's 1024 rows against 1280 inputs (0.8), ff.net.2's 5120
 # (0.2), the 640-channel level's GEGLU ∂x (4096 rows, 5120 outputs: 0.8), its ff.net.2 forward (1.6).
 # c = 1 / 0.75 / 0.15 / 2 / inf / 1 / 0.75 (floor in the first leg), then SDXL b4 LoRA at 1 and 0.75 (its
-# ff.net.2 at 0.8 switches). SD1.5's layers do not change between 0.45 and 1.
+# ff.net.2 at 0.8 switches). SD1.5 b1's layers do not change between 0.55 and 1 (its q/k/v groups' ∂x at the
+# 640-channel level: 0.53); SD1.5 b8's cross-attention k/v forward (616 rows, 768 inputs) does (run 313).
 #   OUT=$OUT bash benchmarks/run_mergedrows45.sh      (carry .whl; ≈ 330 s and the start)
 . benchmarks/_gpu_lib.sh
 trainer_env

@@ -53,17 +53,16 @@ def main() -> None:
         b = torch.randn(rows, r, device=dev, dtype=torch.bfloat16, generator=g)
         ref = (b.double().t() @ a.double())  # (r, c): the kernel's ∂D layout; cuBLAS's ∂U is its transpose
         xv, gv = _views(a, b)
-        fns = {
-            "cublas": lambda: torch.mm(a.t(), b),
-            "cublas_side": None,
-            "taps": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="taps"),
-            "cols": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="cols"),
-        }
 
         def side():
             with blas_sms.side(True):
                 return torch.mm(a.t(), b)
-        fns["cublas_side"] = side
+        fns = {
+            "cublas": lambda: torch.mm(a.t(), b),
+            "cublas_side": side,
+            "taps": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="taps"),
+            "cols": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="cols"),
+        }
         rec = {"rows": rows, "c": c, "r": r}
         for name, fn in fns.items():
             out = fn()

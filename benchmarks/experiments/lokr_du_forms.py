@@ -5,11 +5,12 @@ session 44 for the next; not yet run).
 Run 300's SDXL b1 timelines have LoKr's step with +944 ``splitKreduce_kernel`` launches over LoRA's (3.59 ms exposed)
 and +466 ``nvjet…32x64…splitK…NTN`` GEMMs — by inference ``∂U = s·∂yᵀh`` of the LoRA form ``U = kron(W1, A)``: out ×
 128 (in_m·r = 8·16), K = the rows (4096 at the 640-channel level, 1024 at the 1280-channel one). LoRA's rank-16 ∂U
-takes a kernel without split-K. The op writes ∂U in ``udt`` (fp32 where the GEMM can write it: the factor batch's
-backward reduces it to ∂W1, ∂A). Forms, each as it would run on the side stream of a capture (``blas_sms.side``):
+takes a kernel without split-K. The op writes ∂U in U's dtype (``lowrank._meta``'s ``up.dtype``: bf16 here, and the
+trace's reduce kernels write bf16); the factor batch's backward reduces it to ∂W1, ∂A. Forms, each as it would run on
+the side stream of a capture (``blas_sms.side``):
 
-* ``mm``: ``torch.mm(∂yᵀ, h)`` in bf16 — the op where the GEMM cannot write fp32;
-* ``mm_f32``: the same with ``out_dtype=float32`` — the op's form on CUDA bf16 (``lowrank._mm``);
+* ``mm``: ``torch.mm(∂yᵀ, h)`` in bf16 — the op's form with s = 1 (``lowrank._mm``);
+* ``mm_f32``: the same with ``out_dtype=float32``;
 * ``addmm_f32``: ``addmm(·, ∂yᵀ, h, beta=0, alpha=s, out_dtype=float32)`` — with the scale in the GEMM;
 * ``chunks{c}``: K split by hand into c chunks as a batched GEMM (c, out, 128) in fp32 and summed — the split-K's
   partials made visible, to see whether a reduction fused into the factor batch's backward could take their sum.
