@@ -13,7 +13,7 @@ Per SDXL b1 shape (rows, c, r): cuBLAS ``torch.mm(a.t(), b)`` with the side regi
 32 SMs in a capture) and without, the kernel in its ``taps`` and ``cols`` forms; µs per call, 20 calls captured in
 one graph, median of 7 replays, after a check against float64.
 
-    python benchmarks/experiments/linear_wgrad_kernel.py [--out FILE]
+    python benchmarks/experiments/linear_wgrad_kernel.py [--out FILE] [--shapes lokr]
 """
 
 import argparse
@@ -32,6 +32,10 @@ from lyco.algorithms import blas_sms, wgrad_triton  # noqa: E402
 # 1024 at 1280; the attention and proj layers' c = channels, the GEGLU's projection out 8·channels, ff.net.2 in 4·.
 SHAPES = [(rows, c, r) for rows, ch in ((4096, 640), (1024, 1280))
           for c in (ch, 4 * ch, 8 * ch) for r in (16, 64)]
+#: ``--shapes lokr`` (session 45, run 317's makers): LoKr's ∂B on a linear layer at SDXL b1 — its in_m = 8 groups
+#: folded into the rows (rows·8, in/8, r 16); per step 424× (8192, 160) (the 1280-channel level's 1280-input
+#: layers), 65× (32768, 80), 60× (8192, 640), 10× (32768, 320). cuBLAS splits each in K and adds a splitKreduce.
+LOKR_SHAPES = [(8192, 160, 16), (32768, 80, 16), (8192, 640, 16), (32768, 320, 16)]
 
 
 def _views(a, b):
@@ -42,12 +46,14 @@ def _views(a, b):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--shapes", choices=("lora", "lokr"), default="lora")
     args = ap.parse_args()
+    shapes = LOKR_SHAPES if args.shapes == "lokr" else SHAPES
     dev = torch.device("cuda")
     print(torch.cuda.get_device_name(dev), "SMs", blas_sms.device_sms(), "side SMs", blas_sms.side_sms(), flush=True)
     rows_out = []
     tot = {}
-    for rows, c, r in SHAPES:
+    for rows, c, r in shapes:
         g = torch.Generator(device=dev).manual_seed(rows + c + r)
         a = torch.randn(rows, c, device=dev, dtype=torch.bfloat16, generator=g)
         b = torch.randn(rows, r, device=dev, dtype=torch.bfloat16, generator=g)
@@ -63,6 +69,10 @@ def main() -> None:
             "taps": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="taps"),
             "cols": lambda: wgrad_triton.conv_wgrad(xv, gv, 1, form="cols"),
         }
+        if args.shapes == "lokr":  # the groups as 8 images of rows/8 positions (the conv rule's batch form)
+            xg = a.view(rows // 8, 8, c).permute(1, 2, 0).unsqueeze(-1)
+            gg = b.view(rows // 8, 8, r).permute(1, 2, 0).unsqueeze(-1)
+            fns["taps_g8"] = lambda: wgrad_triton.conv_wgrad(xg, gg, 1, form="taps")
         rec = {"rows": rows, "c": c, "r": r}
         for name, fn in fns.items():
             out = fn()
