@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lyco
-from lyco.algorithms import graph_policy, lowrank, wgrad_triton as W
+from lyco.algorithms import lowrank, wgrad_triton as W
 
 
 def _rel(a, b):
@@ -182,114 +182,4 @@ def test_lowrank_paths_take_the_kernel(monkeypatch, kernel_on_cpu, algo, op, str
         assert kernel_on_cpu == ([] if mode == "0" else ["taps" if stride == 1 else "cols"])
     torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-6, atol=1e-6)
     for a, b in zip(out["1"][1], out["0"][1]):
-        assert a.shape == b.shape and _rel(a, b) < 1e-5
-
-
-@pytest.mark.parametrize("geom", sorted(GEOMS))
-@pytest.mark.parametrize("acc", [None, torch.float32, torch.float64])
-def test_linear_wgrad_matches_float64(geom, acc):
-    """A grouped linear down's ``∂B = s·∂h′ᵀx′`` (the rows as one image's positions, read in place from row-major
-    operands) against float64 — returned, or added into a kept gradient of its own dtype (``into``: the trainer's
-    grad sink), in every launch geometry (K unsplit and split with the last program's sum)."""
-    g = torch.Generator().manual_seed(21)
-    x2 = torch.randn(333, 24, generator=g)
-    g2 = torch.randn(333, 6, generator=g)
-    want = 0.7 * (g2.double().t() @ x2.double())
-    cfg = GEOMS[geom]
-    if acc is None:
-        got = W.linear_wgrad(x2, g2, torch.float32, scale=0.7) if cfg is None else W.conv_wgrad(
-            x2.t()[None, :, :, None], g2.t()[None, :, :, None], 1, dtype=torch.float32, scale=0.7, cfg=cfg,
-            form="taps").view(6, 24)
-        assert got.shape == (6, 24) and got.dtype == torch.float32
-        assert _rel(got, want) < 1e-5
-        return
-    kept = torch.randn(6, 24, generator=g, dtype=acc)
-    into = kept.clone()
-    if cfg is None:
-        got = W.linear_wgrad(x2, g2, scale=0.7, into=into)
-    else:
-        got = W.conv_wgrad(x2.t()[None, :, :, None], g2.t()[None, :, :, None], 1, scale=0.7, cfg=cfg, form="taps",
-                           into=into.view(6, 24, 1, 1)).view(6, 24)
-    assert got.data_ptr() == into.data_ptr() and got.dtype == acc
-    assert _rel(into - kept, want) < 1e-5
-
-
-def test_conv_wgrad_into_checks_its_target():
-    """``into`` must be the result's shape and contiguous: a wrong one is an error naming both, never a silent write
-    through a view."""
-    x, gh = _case(torch.Generator().manual_seed(2), (1, 6, 5, 5), 4, 3, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"contiguous \(4, 6, 3, 3\)"):
-        W.conv_wgrad(x, gh, 3, 1, 1, 1, into=torch.zeros(4, 6, 3, 2))
-    with pytest.raises(ValueError, match="strides"):
-        W.conv_wgrad(x, gh, 3, 1, 1, 1, into=torch.zeros(6, 4, 3, 3).transpose(0, 1))
-
-
-def test_linear_rule(monkeypatch):
-    """:func:`wgrad_triton.linear_usable` at an H200's 132 multiprocessors: SDXL b1 LoKr's grouped linear downs (run
-    318) take the kernel; none past ``MAX_POSITIONS`` a program (SDXL b4's 640-channel level: 131072 rows), a rank
-    past ``MAX_RANK``, rows that are not contiguous, mixed dtypes, or with ``LYCO_WGRAD_KERNEL`` or
-    ``LYCO_WGRAD_LINEAR`` 0 (each ``graph`` by default: only in a graph step)."""
-    monkeypatch.setattr(W, "enabled", lambda t, dtype=None: True)
-    monkeypatch.setattr(W, "gate", lambda *a: True)
-    monkeypatch.setattr(W, "sm_count", lambda device, cpu=4: 132)
-    monkeypatch.setenv("LYCO_WGRAD_KERNEL", "1")
-    monkeypatch.setenv("LYCO_WGRAD_LINEAR", "1")
-
-    def ok(p, c, r, dtype=torch.bfloat16, t=False):
-        x2 = torch.empty((c, p), dtype=dtype, device="meta").t() if t else torch.empty((p, c), dtype=dtype,
-                                                                                    device="meta")
-        return W.linear_usable(x2, torch.empty((p, r), dtype=torch.bfloat16, device="meta"))
-    for p, c in ((8192, 160), (8192, 640), (32768, 320), (32768, 80)):
-        assert ok(p, c, 16)
-    assert not ok(131072, 80, 16)  # 16 splits of 8192 positions
-    assert ok(40960, 80, 16) and not ok(49152, 80, 16)  # 2560 / 3072 positions a program
-    assert not ok(8192, 160, W.MAX_RANK + 1)
-    assert not ok(8192, 160, 16, t=True)
-    assert not ok(8192, 160, 16, dtype=torch.float16)
-    monkeypatch.setenv("LYCO_WGRAD_LINEAR", "0")
-    assert not ok(8192, 160, 16)
-    monkeypatch.setenv("LYCO_WGRAD_LINEAR", "1")
-    monkeypatch.setenv("LYCO_WGRAD_KERNEL", "0")
-    assert not ok(8192, 160, 16)
-    for var in ("LYCO_WGRAD_KERNEL", "LYCO_WGRAD_LINEAR"):
-        monkeypatch.delenv(var)
-    assert not ok(8192, 160, 16)
-    with graph_policy.graph_step():
-        assert ok(8192, 160, 16)
-
-
-@pytest.mark.parametrize("sink", [False, True])
-def test_lokr_linear_grouped_down_takes_the_kernel(monkeypatch, kernel_on_cpu, sink):
-    """LoKr's grouped low-rank W2 on a linear layer (the bypass op's ``kron(I, B)`` down): with
-    ``LYCO_WGRAD_KERNEL=1`` ∂B comes from the kernel — returned, or added into the kept gradient under the trainer's
-    grad sink — and every gradient equals the step with it off within fp32's rounding."""
-    monkeypatch.setenv("LYCO_BYPASS_OP", "1")
-    monkeypatch.setenv("LYCO_WGRAD_LINEAR", "1")
-    monkeypatch.setattr(lowrank, "bypass_pays", lambda spec, x, grouped=False: True)
-    from lyco.algorithms import casts
-    g = torch.Generator().manual_seed(5)
-    model = nn.Sequential(nn.Linear(64, 48))  # LoKr factor 4: W1 4×4, W2 12×16 at rank 4
-    net = lyco.create(model, preset="full", seed=0, mode="bypass", algo="lokr", rank=4, alpha=3.0, factor=4)
-    with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g))
-    params = list(net.trainable_parameters())
-    assert any(p.shape == (4, 16) for p in params)  # the low-rank W2's B: the grouped down
-    x = torch.randn(3, 50, 64, generator=g, requires_grad=True)
-    gy = torch.randn(3, 50, 48, generator=g)
-    out = {}
-    for mode in ("0", "1"):
-        monkeypatch.setenv("LYCO_WGRAD_KERNEL", mode)
-        kernel_on_cpu.clear()
-        if sink:
-            x.grad = None
-            for p in params:
-                p.grad = torch.full_like(p, 0.25)
-            with casts.step_casts(grad_sink=True):
-                model(x).backward(gy)
-            out[mode] = [x.grad] + [p.grad - 0.25 for p in params]
-        else:
-            out[mode] = list(torch.autograd.grad(model(x), [x] + params, gy))
-        assert kernel_on_cpu == ([] if mode == "0" else ["taps"])
-    for a, b in zip(out["1"], out["0"]):
         assert a.shape == b.shape and _rel(a, b) < 1e-5

@@ -33,9 +33,7 @@ in one Triton pass (``LYCO_CONV_EPILOGUE``, :func:`.lowrank._conv_epilogue`) and
 input, ``LYCO_DGRAD_WEIGHT_CL``, :func:`.lowrank._dgrad_cl`) and its adapter's down as one GEMM and a tap sum
 (``LYCO_TAPS_DOWN``, :func:`.lowrank._taps_down`); a conv adapter's down on the delta path with ∂D by one batched
 GEMM (``LYCO_CONV_DOWN_IM2COL``, :func:`.lowrank.conv_down`) — or by one Triton launch where its shape rule takes the
-down, the bypass op's and the delta path's (``LYCO_WGRAD_KERNEL``, :mod:`.wgrad_triton`; a LoKr linear layer's
-grouped down's too, ``LYCO_WGRAD_LINEAR``, :func:`.wgrad_triton.linear_usable`) — and its up into a channels-last
-frozen conv's output
+down, the bypass op's and the delta path's (``LYCO_WGRAD_KERNEL``, :mod:`.wgrad_triton`) — and its up into a channels-last frozen conv's output
 by batched GEMMs over the positions (``LYCO_ACC_CL``, :func:`.base.accumulate_conv1x1`); the layers that read one input as one op
 (``LYCO_SHARED_INPUT``, :mod:`lyco.siblings`); (IA)³'s output mode keeping the output, its gradient from it by
 two Triton launches (``LYCO_IA3_KEEP_OUTPUT``, :func:`.ia3._keep_output`; on pointwise convs too with

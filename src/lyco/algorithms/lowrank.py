@@ -1195,13 +1195,7 @@ def _grad_down(spec: LayerSpec, s: float, groups: int, gy, xc, dd, d2, u2, gh, d
         if groups == 1:
             return _mm(gh.t(), xc, s, dt, into)
         if gh.is_contiguous() and xc.is_contiguous():  # the groups folded into the rows: one GEMM
-            g2, x2 = gh.view(-1, d2.shape[0]), xc.view(-1, d2.shape[1])
-            if (into is None or into.is_contiguous()) and wgrad_triton.linear_usable(x2, g2):
-                # K = rows × groups, the product r × in/groups: cuBLAS splits K and adds a splitKreduce launch, the
-                # kernel sums its partials in the launch (SDXL b1 LoKr: 424 calls a step at (8192, 160), run 318)
-                out = wgrad_triton.linear_wgrad(x2, g2, dt if dt is not None else g2.dtype, s, into)
-                return _SUNK if into is not None else out
-            return _mm(g2.t(), x2, s, dt, into)
+            return _mm(gh.view(-1, d2.shape[0]).t(), xc.view(-1, d2.shape[1]), s, dt, into)
         # x a view of [x | h] (rows in + r apart): one GEMM per group, summed (then added where ``into`` is given)
         p = gh.shape[0]
         return _sink_add(_sum0(_bmm(gh.view(p, groups, -1).permute(1, 2, 0), xc.view(p, groups, -1).permute(1, 0, 2),

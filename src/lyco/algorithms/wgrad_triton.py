@@ -150,37 +150,6 @@ def likely(x: torch.Tensor, r: int, kernel: tuple, stride, padding, dilation, dt
             and enabled(x, dtype) and wanted() and gate(_CHECKED, x.device, dtype, _self_test))
 
 
-def linear_usable(x2: torch.Tensor, gh2: torch.Tensor) -> bool:
-    """Whether :func:`linear_wgrad` runs for ``∂B = ∂h′ᵀ·x′`` of a grouped linear down (LoKr's ``kron(I, B)``: its
-    in_m channel groups folded into the rows, ``x′`` ``(rows·in_m, in/in_m)``, ``∂h′`` ``(rows·in_m, r)``, rows
-    contiguous): the module's conditions and ``MAX_POSITIONS`` per program. K is the rows × groups and the product
-    thin (r × in/in_m), so cuBLAS splits K and adds a ``splitKreduce`` launch. Run 318 (H200, SDXL b1's four
-    shapes, µs a call in a graph; cuBLAS at the side regions' 32 SMs, as in a captured step / the kernel, one image
-    of P positions): (8192, 160) 7.46 / 6.05 — 424 calls a step —, (8192, 640) 10.98 / 7.11, (32768, 320) 14.34 /
-    11.36, (32768, 80) 9.29 / 9.38 (a tie, taken with the rest). The batch form (the groups as 8 images) lost to
-    the one image on all four (37.7 against 33.9 µs summed). Switched by ``LYCO_WGRAD_KERNEL`` and
-    ``LYCO_WGRAD_LINEAR`` both (:mod:`.graph_policy`: captured steps by default)."""
-    if not (x2.dim() == 2 and gh2.dim() == 2 and x2.shape[0] == gh2.shape[0] and 1 <= gh2.shape[1] <= MAX_RANK
-            and x2.dtype == gh2.dtype and x2.stride(1) == 1 and gh2.stride(1) == 1 and enabled(x2) and wanted()
-            and graph_policy.wanted("LYCO_WGRAD_LINEAR")):
-        return False
-    if _geometry(True, 1, x2.shape[1], x2.shape[0], x2.shape[0], 1, x2.device, _CFG)[2] > MAX_POSITIONS:
-        return False
-    return gate(_CHECKED, x2.device, x2.dtype, _self_test)
-
-
-def linear_wgrad(x2: torch.Tensor, gh2: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0,
-                 into: torch.Tensor | None = None) -> torch.Tensor:
-    """``scale·∂h′ᵀ·x′`` ``(r, c)`` for ``x′`` ``(P, c)`` and ``∂h′`` ``(P, r)`` (:func:`linear_usable`): the operands
-    as a 1×1 conv of one image, ``(1, c, P, 1)`` and ``(1, r, P, 1)`` (views: the rows read in place), by the taps
-    form. ``into``: a contiguous ``(r, c)`` tensor it is added into, returned."""
-    p, c = x2.shape
-    r = gh2.shape[1]
-    out = conv_wgrad(x2.t().unsqueeze(0).unsqueeze(-1), gh2.t().unsqueeze(0).unsqueeze(-1), 1, dtype=dtype,
-                     scale=scale, form="taps", into=None if into is None else into.view(r, c, 1, 1))
-    return out.view(r, c)
-
-
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -229,24 +198,16 @@ def _geometry(taps: bool, n: int, c: int, plane: int, out_plane: int, kk: int, d
 
 def conv_wgrad(x: torch.Tensor, gh: torch.Tensor, kernel, stride=1, padding=0, dilation=1,
                dtype: torch.dtype | None = None, scale: float = 1.0, cfg: dict | None = None,
-               form: str | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
+               form: str | None = None) -> torch.Tensor:
     """``scale``·∂D ``(r, c, kh, kw)`` of ``h = conv2d(x, D, stride, padding, dilation)`` for ``∂h`` (module doc),
     written in ``dtype`` (∂h's when None). ``x`` ``(n, c, H, W)``, ``gh`` ``(n, r, Ho, Wo)``, any strides. ``form``:
-    ``"taps"`` or ``"cols"`` (:func:`form`; where None, ``cfg``'s, else the rule's, else taps for stride 1).
-    ``into``: a contiguous ``(r, c, kh, kw)`` tensor the result is added into (read once by the program that writes a
-    tile: no second launch), returned; ``dtype`` is then its own."""
+    ``"taps"`` or ``"cols"`` (:func:`form`; where None, ``cfg``'s, else the rule's, else taps for stride 1)."""
     cfg = _CFG if cfg is None else cfg
     n, c, hh, ww = x.shape
     r, ho, wo = gh.shape[1], gh.shape[2], gh.shape[3]
     (kh, kw), (sy, sx), (py, px), (dy, dx) = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
     cols, k = c * kh * kw, n * ho * wo
-    if into is not None:
-        if tuple(into.shape) != (r, c, kh, kw) or not into.is_contiguous():
-            raise ValueError(f"conv_wgrad: into must be a contiguous {(r, c, kh, kw)} tensor, got "
-                             f"{tuple(into.shape)} with strides {into.stride()}")
-        out = into
-    else:
-        out = torch.empty((r, c, kh, kw), dtype=dtype or gh.dtype, device=gh.device)
+    out = torch.empty((r, c, kh, kw), dtype=dtype or gh.dtype, device=gh.device)
     bn, bk = cfg["BN"], cfg["BK"]
     form = form or cfg.get("form") or ("taps" if _pair(stride) == (1, 1) else "cols")
     tiles, splits, per = _geometry(form == "taps", n, c, hh * ww, ho * wo, kh * kw, x.device, cfg)
@@ -262,13 +223,12 @@ def conv_wgrad(x: torch.Tensor, gh: torch.Tensor, kernel, stride=1, padding=0, d
         _wgrad_tap_kernel[(tiles, splits)](
             x, gh, out, part, cnt, r, c, hh, ww, ho, wo, qb, nb, per, float(scale), *x.stride(), *gh.stride(),
             splits, KH=kh, KW=kw, SY=sy, SX=sx, PY=py, PX=px, DY=dy, DX=dx, FLAT_X=flat_x, FLAT_G=flat_g,
-            SPLIT=splits > 1, ACC=into is not None, BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST,
-            num_warps=cfg["num_warps"])
+            SPLIT=splits > 1, BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
         return out
     _wgrad_kernel[(tiles, splits)](
         x, gh, out, part, cnt, r, hh, ww, ho * wo, wo, cols, k, per, float(scale), *x.stride(), *gh.stride(),
         KH=kh, KW=kw, SY=sy, SX=sx, PY=py, PX=px, DY=dy, DX=dx, SPLITS=splits, SPLIT=splits > 1,
-        ACC=into is not None, BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
+        BM=_br(r), BN=bn, BK=bk, UPCAST=_UPCAST, num_warps=cfg["num_warps"])
     return out
 
 
@@ -288,7 +248,7 @@ def _self_test(device, dtype) -> bool:
 
 def _compare(device, dtype) -> str | None:
     """A 3×3 down (padding 1, K split over programs and tiles), a stride-2 one and a 1×1 grouped-batch one, against
-    torch's in fp32; a linear ∂B added into a kept gradient (:func:`linear_wgrad`)."""
+    torch's in fp32."""
     g = torch.Generator(device="cpu").manual_seed(0)
     cases = (((2, 24, 37, 29), 8, 3, 1, 1, 1), ((3, 16, 20, 18), 16, 3, 2, 1, 1), ((16, 40, 64, 64), 16, 1, 1, 0, 1),
              ((1, 20, 13, 11), 4, 3, 1, 2, 2))
@@ -302,32 +262,18 @@ def _compare(device, dtype) -> str | None:
         err = ((got - want).abs().max() / want.abs().max()).item()
         if not err <= 1e-2:
             return f"its relative error is {err:.2e} for x {tuple(shape)}, r {r}, k {k}, stride {s}"
-    # a grouped linear down's ∂B (linear_wgrad: rows as one image's positions), added into a kept fp32 gradient
-    x2 = torch.randn((3000, 40), generator=g).to(device, dtype)
-    g2 = torch.randn((3000, 16), generator=g).to(device, dtype)
-    kept = torch.randn((16, 40), generator=g).to(device)
-    want = kept + 0.5 * (g2.float().t() @ x2.float())
-    got = linear_wgrad(x2, g2, scale=0.5, into=kept.clone())
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    if not err <= 1e-2:
-        return f"its relative error is {err:.2e} for a linear ∂B added into a kept gradient"
     return None
 
 
 if triton is not None:
 
     @triton.jit
-    def _finish(acc, OUT, PART, CNT, split, SPLITS, PSTRIDE, offs, omask, scale, SPLIT: tl.constexpr,
-                ACC: tl.constexpr):
+    def _finish(acc, OUT, PART, CNT, split, SPLITS, PSTRIDE, offs, omask, scale, SPLIT: tl.constexpr):
         """``acc`` (this program's K range) into ∂D: stored, scaled, where K is not split; else stored as this split's
         fp32 partial, and the last split of the tile to arrive (its counter ``CNT``) sums every partial in split
-        order — four loads in flight at a time — writes ∂D and puts the counter back to zero. ``ACC``: ∂D added to
-        what ``OUT`` holds (in fp32, rounded once to its dtype)."""
+        order — four loads in flight at a time — writes ∂D and puts the counter back to zero."""
         if not SPLIT:
-            val = acc * scale
-            if ACC:
-                val += tl.load(OUT + offs, mask=omask, other=0.0).to(tl.float32)
-            tl.store(OUT + offs, val.to(OUT.dtype.element_ty), mask=omask)
+            tl.store(OUT + offs, (acc * scale).to(OUT.dtype.element_ty), mask=omask)
         else:
             tl.store(PART + split * PSTRIDE + offs, acc, mask=omask)
             tl.debug_barrier()   # every thread's partial stored before the counter's release
@@ -344,10 +290,7 @@ if triton is not None:
                     p3 = tl.load(PART + (s + 3) * PSTRIDE + offs, mask=omask & (zero + s + 3 < SPLITS), other=0.0,
                                  cache_modifier=".cg")
                     tot += (p0 + p1) + (p2 + p3)
-                tot = tot * scale
-                if ACC:
-                    tot += tl.load(OUT + offs, mask=omask, other=0.0).to(tl.float32)
-                tl.store(OUT + offs, tot.to(OUT.dtype.element_ty), mask=omask)
+                tl.store(OUT + offs, (tot * scale).to(OUT.dtype.element_ty), mask=omask)
                 tl.atomic_xchg(CNT, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
@@ -355,8 +298,7 @@ if triton is not None:
                       sgb, sgc, sgh, sgw,
                       KH: tl.constexpr, KW: tl.constexpr, SY: tl.constexpr, SX: tl.constexpr, PY: tl.constexpr,
                       PX: tl.constexpr, DY: tl.constexpr, DX: tl.constexpr, SPLITS, SPLIT: tl.constexpr,
-                      ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      UPCAST: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
         tile = tl.program_id(0)
         split = tl.program_id(1)
         rows = tl.arange(0, BM)
@@ -390,14 +332,14 @@ if triton is not None:
             else:
                 acc += tl.dot(gv, xv)
         _finish(acc, OUT, PART, CNT + tile, split, SPLITS, R * NCOL, rows[:, None] * NCOL + cols[None, :],
-                 rmask[:, None] & nmask[None, :], scale, SPLIT, ACC)
+                 rmask[:, None] & nmask[None, :], scale, SPLIT)
 
     @triton.jit
     def _wgrad_tap_kernel(X, G, OUT, PART, CNT, R, C, H, W, HO, WO, QB, NB, PER, scale, sxb, sxc, sxh, sxw,
                           sgb, sgc, sgh, sgw, SPLITS, KH: tl.constexpr, KW: tl.constexpr, SY: tl.constexpr,
                           SX: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr, DY: tl.constexpr, DX: tl.constexpr,
-                          FLAT_X: tl.constexpr, FLAT_G: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+                          FLAT_X: tl.constexpr, FLAT_G: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
+                          BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
         """One tap and BN channels per program: K runs over x's positions (an image's plane in BK blocks, x read in
         place, contiguous along K where FLAT_X), ∂h gathered at the tap's shift."""
         pid = tl.program_id(0)
@@ -445,4 +387,4 @@ if triton is not None:
                 acc += tl.dot(gv, xv)
         _finish(acc, OUT, PART, CNT + pid, split, SPLITS, R * C * KH * KW,
                 rows[:, None] * (C * KH * KW) + (ch * (KH * KW) + tap)[None, :], rmask[:, None] & cmask[None, :],
-                scale, SPLIT, ACC)
+                scale, SPLIT)
