@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from . import graph_policy
-from .lowrank_triton import _cdiv, enabled, gate, self_test, triton
+from .lowrank_triton import _cdiv, enabled, gate, self_test, sm_count, triton
 
 if triton is not None:
     import triton.language as tl
@@ -112,6 +112,12 @@ def _compare(device, dtype) -> str | None:
         W1, A, GU = w1.float(), a.float(), gu.float().view(ol, ok, im, r)
         errs += [(u, (W1[:, None, :, None] * A[None, :, None, :]).reshape(ol * ok, im * r)),
                  (gw1, (GU * A[None, :, None, :]).sum((1, 3))), (ga, (GU * W1[:, None, :, None]).sum((0, 2)))]
+        # the stacked batch's backward (one member repeated: its rows split over programs, and not)
+        for n in (2, 4 * sm_count(device)):
+            gw1b, gab = kron_backward_batched(w1.expand(n, ol, im).contiguous(), a.expand(n, ok, r).contiguous(),
+                                              gu.expand(n, ol * ok, im * r).contiguous())
+            errs += [(gw1b[n - 1], (GU * A[None, :, None, :]).sum((1, 3))),
+                     (gab[n - 1], (GU * W1[:, None, :, None]).sum((0, 2)))]
     for ol, ok, im, c in ((8, 40, 8, 360), (3, 5, 7, 130)):
         e, w1, w2 = rnd(ol, ok, im, c), rnd(ol, im), rnd(ok, c)
         g1, g2 = kron_weight_grads(e, w1, w2, 0.5, (dtype, torch.float32))
@@ -320,6 +326,48 @@ if triton is not None:
         else:
             _kron_grad_w1(A, GU, GW1, IM, OK, R, sak, sar, sgu0, sgu1, pid - NKB, BKW, RP)
 
+    @triton.jit
+    def _kron_bwd_stacked_kernel(W1, A, GU, GW1, GA, OL, IM, OK, R, PER, sw1b, sw1i, sw1j, sab, sak, sar, sgub,
+                                 sgu0, sgu1, sgw1b, sgw1s, sgab, sgak, sgar, BK: tl.constexpr, OLP: tl.constexpr,
+                                 IMP: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr):
+        """A stacked batch's backward reading ∂U once (:func:`kron_backward_batched`): program (split, member b)
+        takes A's rows ``[split·PER, +PER)`` in blocks of BK, each block's ∂U tile ``(OL, BK, IM, R)`` — rows of
+        ∂U read whole — giving those rows of ∂A (every i, j summed) and adding into this program's ∂W1 (OL, IM) in
+        fp32; that is stored, rounded, where the rows are not split, else as this split's fp32 partial (the caller
+        sums the splits in order)."""
+        split = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        W1 += b * sw1b
+        A += b * sab
+        GU += b * sgub
+        GA += b * sgab
+        ii = tl.arange(0, OLP)
+        jj = tl.arange(0, IMP)
+        rr = tl.arange(0, RP)
+        wm = (ii[:, None] < OL) & (jj[None, :] < IM)
+        w1 = tl.load(W1 + ii[:, None] * sw1i + jj[None, :] * sw1j, mask=wm, other=0.0).to(tl.float32)
+        gw1 = tl.zeros((OLP, IMP), dtype=tl.float32)
+        lo = split * PER
+        hi = tl.minimum(lo + PER, OK)
+        for k0 in range(lo, hi, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < hi
+            am = km[:, None] & (rr[None, :] < R)
+            a = tl.load(A + kk[:, None] * sak + rr[None, :] * sar, mask=am, other=0.0).to(tl.float32)
+            g = tl.load(GU + (ii[:, None, None, None] * OK + kk[None, :, None, None]) * sgu0
+                        + (jj[None, None, :, None] * R + rr[None, None, None, :]) * sgu1,
+                        mask=(ii[:, None, None, None] < OL) & km[None, :, None, None]
+                        & (jj[None, None, :, None] < IM) & (rr[None, None, None, :] < R),
+                        other=0.0).to(tl.float32)
+            ga = tl.sum(tl.sum(g * w1[:, None, :, None], axis=2), axis=0)
+            tl.store(GA + kk[:, None] * sgak + rr[None, :] * sgar, ga.to(GA.dtype.element_ty), mask=am)
+            gw1 += tl.sum(tl.sum(g * a[None, :, None, :], axis=3), axis=1)
+        out = GW1 + b * sgw1b + split * sgw1s + ii[:, None] * IM + jj[None, :]
+        if SPLIT:
+            tl.store(out, gw1, mask=wm)
+        else:
+            tl.store(out, gw1.to(GW1.dtype.element_ty), mask=wm)
+
 
     @triton.jit
     def _kron_wgrad_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c, NCB,
@@ -495,8 +543,15 @@ def kron_forward_batched(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return u
 
 
-def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂W1, ∂A)`` stacked for the stacked ``∂U (n, ol·ok, im·r)`` in one launch (dtypes of W1 and A)."""
+#: :func:`kron_backward_batched`'s ∂U tile ``(out_l, rows of A, in_m, r)``, padded, at most (elements), its warps, the
+#: programs it aims at per multiprocessor (members × splits of A's rows), and the most rows of A it takes (more: the
+#: two-read launch, :func:`_kron_backward_batched_two_reads`)
+_STACKED = {"tile": 8192, "num_warps": 8, "per_sm": 4, "max_rows": 256}
+
+
+def _kron_backward_batched_two_reads(w1, a, gu):
+    """:func:`kron_backward_batched` in one launch whose ∂A programs and ∂W1 programs (one per entry of W1, over its
+    member's ∂U columns and all of A) each read ∂U."""
     n, ol, im = w1.shape
     _, ok, r = a.shape
     nkb, kw = _kron_geometry(ok, im, r, ol)[2:]
@@ -505,6 +560,41 @@ def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -
     _kron_bwd_kernel[(nkb + ol * im, n)](w1, a, gu, gw1, ga, ol, im, ok, r, *w1.stride()[1:], *a.stride()[1:],
                                          *gu.stride()[1:], nkb, w1.stride(0), a.stride(0), gu.stride(0),
                                          gw1.stride(0), ga.stride(0), **kw)
+    return gw1, ga
+
+
+def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂W1, ∂A)`` stacked for the stacked ``∂U (n, ol·ok, im·r)`` (dtypes of W1 and A). Up to ``max_rows`` rows of
+    A, reading ∂U once: a program per member and split of A's rows (``_kron_bwd_stacked_kernel``), the splits only
+    where the members alone give fewer programs than ``per_sm`` per multiprocessor — then ∂W1's fp32 partials summed
+    in split order by a second launch. Else the two-read launch (:func:`_kron_backward_batched_two_reads`, the only
+    form before session 45). Run 321 (H200, bf16, µs a call in a graph, two-read / one-read), at SDXL b1 LoKr's
+    groups: 560 members of 1280 × 128 (A 160 rows) 540.1 / 239.2 — run 317's timeline had that batch at 556 µs,
+    fully exposed —, 90 of 640 × 128 (80 rows) 47.5 / 23.6; but 60 of 10240 × 128 (1280 rows) 168.4 / 217.9 and 10
+    of 5120 × 128 (640 rows) 18.0 / 25.2: with few members, A's rows split over programs, each summing its ∂U tiles
+    over (i, j) and (k, ρ) — by inference the two reductions per tile, not the reads, bound it (≈ 0.75 TB/s in
+    every case). The step (SDXL b1 LoKr, one-read everywhere / two-read / one-read): 75.63 / 75.89 / 75.58 ms."""
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    if ok > _STACKED["max_rows"]:
+        return _kron_backward_batched_two_reads(w1, a, gu)
+    olp, imp, rp = _p2(ol), _p2(im), _p2(r)
+    bk = max(1, min(_p2(ok), _STACKED["tile"] // (olp * imp * rp)))
+    want = _cdiv(_STACKED["per_sm"] * sm_count(w1.device), n)
+    splits = max(1, min(want, _cdiv(ok, bk)))
+    per = _cdiv(_cdiv(ok, splits), bk) * bk
+    splits = _cdiv(ok, per)
+    ga = torch.empty(n, ok, r, dtype=a.dtype, device=a.device)
+    if splits == 1:
+        gw1 = part = torch.empty(n, ol, im, dtype=w1.dtype, device=w1.device)
+    else:
+        part = torch.empty(n, splits, ol, im, dtype=torch.float32, device=w1.device)
+    _kron_bwd_stacked_kernel[(splits, n)](
+        w1, a, gu, part, ga, ol, im, ok, r, per, *w1.stride(), *a.stride(), *gu.stride(), part.stride(0),
+        part.stride(1) if splits > 1 else 0, *ga.stride(), BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=splits > 1,
+        num_warps=_STACKED["num_warps"])
+    if splits > 1:
+        gw1 = part.sum(1).to(w1.dtype)
     return gw1, ga
 
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""LoKr's stacked factor-batch backward, ∂U read once against twice (issue 7, session 45).
+
+Run 317's SDXL b1 LoKr timeline has one ``_kron_bwd_kernel`` launch at 556 µs, fully exposed: by inference the batch
+of the 1280-output layers (U = kron(W1 8×8, A 160×16): 1280 × 128 per member). That launch's ∂W1 programs (one per
+entry of W1) re-read their member's ∂U columns and all of A. ``factor_triton.kron_backward_batched`` now reads ∂U
+once (``_kron_bwd_stacked_kernel``); this times both at SDXL b1's groups (µs a call, 5 calls in one graph, median of 7
+replays) after checking both against fp32 torch, and, run as ``--train`` with train_step.py's arguments, runs
+``benchmarks/train_step.py`` with the old launch in its place (the A/B's off leg). Also times the one-read launch at
+every size (``stacked``), the library's choice (``default``: one-read up to ``max_rows`` rows of A) and other one-read
+geometries.
+
+    PYTHONPATH=src python benchmarks/experiments/kron_bwd_stacked.py [--out FILE]
+    PYTHONPATH=src python benchmarks/experiments/kron_bwd_stacked.py --train …train_step.py args…
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lyco.algorithms import factor_triton as F  # noqa: E402
+
+#: (members, out_l, in_m, out_k, r): SDXL b1 LoKr f8 r16's groups by output size, members by inference from the
+#: layer counts (1280: ≈ 560; 10240: 60; 640: ≈ 90; 5120: 10)
+SHAPES = [(560, 8, 8, 160, 16), (60, 8, 8, 1280, 16), (90, 8, 8, 80, 16), (10, 8, 8, 640, 16)]
+
+
+def old_backward_batched(w1, a, gu):
+    """The launch before session 45 at every size (∂A's and ∂W1's programs each reading ∂U)."""
+    return F._kron_backward_batched_two_reads(w1, a, gu)
+
+
+def stacked_any(w1, a, gu):
+    """The one-read launch at every size (``max_rows`` lifted)."""
+    keep = F._STACKED["max_rows"]
+    F._STACKED["max_rows"] = 1 << 30
+    try:
+        return F.kron_backward_batched(w1, a, gu)
+    finally:
+        F._STACKED["max_rows"] = keep
+
+
+#: one-read launch geometries timed besides the default (tile elements, warps, programs per multiprocessor)
+GEOMS = [(4096, 4, 4), (8192, 8, 16), (16384, 8, 4), (4096, 4, 16)]
+
+
+def bench(out_path=None) -> None:
+    from _common import graph_us
+    dev = torch.device("cuda")
+    recs = []
+    for n, ol, im, ok, r in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(n + ok)
+        w1 = torch.randn(n, ol, im, device=dev, generator=g).bfloat16()
+        a = torch.randn(n, ok, r, device=dev, generator=g).bfloat16()
+        gu = torch.randn(n, ol * ok, im * r, device=dev, generator=g).bfloat16()
+        g5 = gu.float().view(n, ol, ok, im, r)
+        want = ((g5 * a.float()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.float()[:, :, None, :, None]).sum((1, 3)))
+        rec = {"n": n, "ol": ol, "im": im, "ok": ok, "r": r, "gu_mb": round(gu.numel() * 2 / 1e6, 1)}
+        for name, fn in (("old", old_backward_batched), ("stacked", stacked_any), ("default", F.kron_backward_batched)):
+            got = fn(w1, a, gu)
+            rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
+                                     for x, y in zip(got, want))
+            rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(w1, a, gu), 5), 1)
+        rec["stacked_tb_s"] = round(gu.numel() * 2 / rec["stacked_us"] / 1e6, 2)
+        keep = dict(F._STACKED)
+        for tile, warps, per_sm in GEOMS:
+            F._STACKED.update(tile=tile, num_warps=warps, per_sm=per_sm)
+            try:
+                rec[f"t{tile}_w{warps}_p{per_sm}_us"] = round(graph_us(lambda: stacked_any(w1, a, gu), 5), 1)
+            except Exception as e:  # noqa: BLE001 — a geometry Triton cannot compile: recorded, the rest timed
+                rec[f"t{tile}_w{warps}_p{per_sm}_us"] = f"failed: {type(e).__name__}"
+            finally:
+                F._STACKED.clear()
+                F._STACKED.update(keep)
+        recs.append(rec)
+        print(json.dumps(rec), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--train":
+        import train_step
+        F.kron_backward_batched = old_backward_batched
+        sys.argv = [sys.argv[0]] + sys.argv[2:]
+        train_step.main()
+    else:
+        bench(sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--out" else None)
