@@ -6,9 +6,9 @@ of the 1280-output layers (U = kron(W1 8×8, A 160×16): 1280 × 128 per member)
 entry of W1) re-read their member's ∂U columns and all of A. ``factor_triton.kron_backward_batched`` now reads ∂U
 once (``_kron_bwd_stacked_kernel``); this times both at SDXL b1's groups (µs a call, 5 calls in one graph, median of 7
 replays) after checking both against fp32 torch, and, run as ``--train`` with train_step.py's arguments, runs
-``benchmarks/train_step.py`` with the old launch in its place (the A/B's off leg). Also times the one-read launch at
-every size (``stacked``), the library's choice (``default``: one-read up to ``max_rows`` rows of A) and other one-read
-geometries.
+``benchmarks/train_step.py`` with the old launch in its place (the A/B's off leg). Also times other one-read
+geometries (``factor_triton._STACKED``; run 321 timed the one-read launch at 8192-element tiles, run 322 also
+that launch up to 256 rows of A only and four other geometries).
 
     PYTHONPATH=src python benchmarks/experiments/kron_bwd_stacked.py [--out FILE]
     PYTHONPATH=src python benchmarks/experiments/kron_bwd_stacked.py --train …train_step.py args…
@@ -34,18 +34,8 @@ def old_backward_batched(w1, a, gu):
     return F._kron_backward_batched_two_reads(w1, a, gu)
 
 
-def stacked_any(w1, a, gu):
-    """The one-read launch at every size (``max_rows`` lifted)."""
-    keep = F._STACKED["max_rows"]
-    F._STACKED["max_rows"] = 1 << 30
-    try:
-        return F.kron_backward_batched(w1, a, gu)
-    finally:
-        F._STACKED["max_rows"] = keep
-
-
 #: one-read launch geometries timed besides the default (tile elements, warps, programs per multiprocessor)
-GEOMS = [(4096, 4, 4), (8192, 8, 16), (16384, 8, 4), (4096, 4, 16)]
+GEOMS = [(8192, 8, 4), (16384, 8, 16), (32768, 8, 4), (16384, 4, 4)]
 
 
 def bench(out_path=None) -> None:
@@ -60,7 +50,7 @@ def bench(out_path=None) -> None:
         g5 = gu.float().view(n, ol, ok, im, r)
         want = ((g5 * a.float()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.float()[:, :, None, :, None]).sum((1, 3)))
         rec = {"n": n, "ol": ol, "im": im, "ok": ok, "r": r, "gu_mb": round(gu.numel() * 2 / 1e6, 1)}
-        for name, fn in (("old", old_backward_batched), ("stacked", stacked_any), ("default", F.kron_backward_batched)):
+        for name, fn in (("old", old_backward_batched), ("stacked", F.kron_backward_batched)):
             got = fn(w1, a, gu)
             rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
                                      for x, y in zip(got, want))
@@ -70,7 +60,8 @@ def bench(out_path=None) -> None:
         for tile, warps, per_sm in GEOMS:
             F._STACKED.update(tile=tile, num_warps=warps, per_sm=per_sm)
             try:
-                rec[f"t{tile}_w{warps}_p{per_sm}_us"] = round(graph_us(lambda: stacked_any(w1, a, gu), 5), 1)
+                us = graph_us(lambda: F.kron_backward_batched(w1, a, gu), 5)
+                rec[f"t{tile}_w{warps}_p{per_sm}_us"] = round(us, 1)
             except Exception as e:  # noqa: BLE001 — a geometry Triton cannot compile: recorded, the rest timed
                 rec[f"t{tile}_w{warps}_p{per_sm}_us"] = f"failed: {type(e).__name__}"
             finally:

@@ -17,7 +17,8 @@ factor backward — generic strided kernels, ≈ 4.5 µs each at these sizes. GP
 the same GEMM shapes (``benchmarks/experiments/extra_algos.py``: ``lora-kr``) — the Khatri–Rao products
 cost 8.1 ms per step over 242 layers (1484 multiplies and 808 reductions in the profile). Here: one launch
 forward and one backward per layer and factor pair (both products of a pair in one launch); LoKr's backward
-reads ∂U twice (its ∂A and its ∂W1 programs; U is at most 5120 × 128 at SD1.5, from L2).
+reads ∂U twice (its ∂A and its ∂W1 programs; U is at most 5120 × 128 at SD1.5, from L2), its stacked batch's
+(:mod:`.factor_batch`: hundreds of members, ∂U past L2) once (:func:`kron_backward_batched`).
 
 Numerics: forward bit-identical to torch (the product of two bf16/fp16 numbers is exact in fp32 and
 rounded once, as torch's multiply does); backward sums the products in fp32 and rounds once (torch rounds
@@ -332,8 +333,8 @@ if triton is not None:
                                  IMP: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr):
         """A stacked batch's backward reading ∂U once (:func:`kron_backward_batched`): program (split, member b)
         takes A's rows ``[split·PER, +PER)`` in blocks of BK, each block's ∂U tile ``(OL, BK, IM, R)`` — rows of
-        ∂U read whole — giving those rows of ∂A (every i, j summed) and adding into this program's ∂W1 (OL, IM) in
-        fp32; that is stored, rounded, where the rows are not split, else as this split's fp32 partial (the caller
+        ∂U read whole — giving those rows of ∂A (every i, j summed) and adding into this program's ∂W1 (OL, IM)
+        in fp32; that is stored, rounded, where the rows are not split, else as this split's fp32 partial (the caller
         sums the splits in order)."""
         split = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -543,15 +544,19 @@ def kron_forward_batched(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return u
 
 
-#: :func:`kron_backward_batched`'s ∂U tile ``(out_l, rows of A, in_m, r)``, padded, at most (elements), its warps, the
-#: programs it aims at per multiprocessor (members × splits of A's rows), and the most rows of A it takes (more: the
-#: two-read launch, :func:`_kron_backward_batched_two_reads`)
-_STACKED = {"tile": 8192, "num_warps": 8, "per_sm": 4, "max_rows": 256}
+#: :func:`kron_backward_batched`'s ∂U tile ``(out_l, rows of A, in_m, r)``, padded, at most (elements), its warps and
+#: the programs it aims at per multiprocessor (members × splits of A's rows). Run 322 (H200, bf16, µs a call in a
+#: graph) at SDXL b1 LoKr's four groups (below): 16384 / 8 warps / 4 — 108.2, 97.9, 14.1, 15.7 — against run 321's
+#: 8192 / 8 / 4 — 239.3, 217.6, 22.8, 24.4 —, 4096 / 4 / 4 (192.1, 177.3, 21.2, 23.0), 8192 / 8 / 16 (185.2, 162.4,
+#: 21.4, 21.5) and 4096 / 4 / 16 (174.8, 162.3, 21.4, 21.3). Measured alone: the step with 16384 is not (the session's
+#: device time was spent; with 8192 and the two-read launch past 256 rows of A it was, run 322, below).
+_STACKED = {"tile": 16384, "num_warps": 8, "per_sm": 4}
 
 
 def _kron_backward_batched_two_reads(w1, a, gu):
     """:func:`kron_backward_batched` in one launch whose ∂A programs and ∂W1 programs (one per entry of W1, over its
-    member's ∂U columns and all of A) each read ∂U."""
+    member's ∂U columns and all of A) each read ∂U; ∂A's programs loop over W1's rows where they do not fit a tile
+    (:func:`_kron_geometry`)."""
     n, ol, im = w1.shape
     _, ok, r = a.shape
     nkb, kw = _kron_geometry(ok, im, r, ol)[2:]
@@ -564,22 +569,25 @@ def _kron_backward_batched_two_reads(w1, a, gu):
 
 
 def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂W1, ∂A)`` stacked for the stacked ``∂U (n, ol·ok, im·r)`` (dtypes of W1 and A). Up to ``max_rows`` rows of
-    A, reading ∂U once: a program per member and split of A's rows (``_kron_bwd_stacked_kernel``), the splits only
-    where the members alone give fewer programs than ``per_sm`` per multiprocessor — then ∂W1's fp32 partials summed
-    in split order by a second launch. Else the two-read launch (:func:`_kron_backward_batched_two_reads`, the only
-    form before session 45). Run 321 (H200, bf16, µs a call in a graph, two-read / one-read), at SDXL b1 LoKr's
+    """``(∂W1, ∂A)`` stacked for the stacked ``∂U (n, ol·ok, im·r)`` (dtypes of W1 and A), reading ∂U once: a
+    program per member and split of A's rows (``_kron_bwd_stacked_kernel``), the splits only where the members alone
+    give fewer programs than ``per_sm`` per multiprocessor — then ∂W1's fp32 partials summed in split order by a
+    second launch. Where fewer than two rows of A fit a tile (a large W1), the two-read launch
+    (:func:`_kron_backward_batched_two_reads`, the only form before session 45).
+
+    Measured (H200, bf16, µs a call in a graph, two-read / one-read at 8192-element tiles, run 321) at SDXL b1 LoKr's
     groups: 560 members of 1280 × 128 (A 160 rows) 540.1 / 239.2 — run 317's timeline had that batch at 556 µs,
-    fully exposed —, 90 of 640 × 128 (80 rows) 47.5 / 23.6; but 60 of 10240 × 128 (1280 rows) 168.4 / 217.9 and 10
-    of 5120 × 128 (640 rows) 18.0 / 25.2: with few members, A's rows split over programs, each summing its ∂U tiles
-    over (i, j) and (k, ρ) — by inference the two reductions per tile, not the reads, bound it (≈ 0.75 TB/s in
-    every case). The step (SDXL b1 LoKr, one-read everywhere / two-read / one-read): 75.63 / 75.89 / 75.58 ms."""
+    fully exposed —, 90 of 640 × 128 (80 rows) 47.5 / 23.6, 60 of 10240 × 128 (1280 rows) 168.4 / 217.9, 10 of 5120 × 128
+    (640 rows) 18.0 / 25.2. The step, SDXL b1 LoKr: one-read everywhere / two-read / one-read 75.63 / 75.89 / 75.58
+    ms (run 321); one-read up to 256 rows of A / two-read / the same 76.00 / 76.34 / 76.01 (run 322, floor 58.39).
+    At 16384-element tiles (the default since, step not measured) the one-read launch beat the two-read one at all
+    four: 108.2, 97.9, 14.1, 15.7 (``_STACKED``)."""
     n, ol, im = w1.shape
     _, ok, r = a.shape
-    if ok > _STACKED["max_rows"]:
-        return _kron_backward_batched_two_reads(w1, a, gu)
     olp, imp, rp = _p2(ol), _p2(im), _p2(r)
-    bk = max(1, min(_p2(ok), _STACKED["tile"] // (olp * imp * rp)))
+    if 2 * olp * imp * rp > _STACKED["tile"]:
+        return _kron_backward_batched_two_reads(w1, a, gu)
+    bk = max(2, min(_p2(ok), _STACKED["tile"] // (olp * imp * rp)))
     want = _cdiv(_STACKED["per_sm"] * sm_count(w1.device), n)
     splits = max(1, min(want, _cdiv(ok, bk)))
     per = _cdiv(_cdiv(ok, splits), bk) * bk
