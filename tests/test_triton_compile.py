@@ -46,6 +46,12 @@ _SCRIPT = textwrap.dedent('''
                       dict(BK=bk, IMP=imp, RP=rp)))
         cases.append(("kron_bwd", factor_triton._kron_bwd_kernel, ("W1", "A", "GU", "GW1", "GA"), (), (),
                       dict(BK=bka, BKW=bkw, IMP=imp, RP=rp, OLP=olp)))
+    # the stacked batch's one-read backward: SDXL's 8 × 8 W1 at rank 16 (16384-element tiles) unsplit, ∂W1 in the
+    # factors' dtype; a 16 × 16 W1 split, ∂W1's fp32 partials
+    for bk, olp, imp, rp, split in ((16, 8, 8, 16, False), (4, 16, 16, 16, True)):
+        cases.append(("kron_bwd_stacked", factor_triton._kron_bwd_stacked_kernel,
+                      ("W1", "A", "GU", "GA") + (() if split else ("GW1",)), (), ("GW1",) if split else (),
+                      dict(BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=split)))
     lt = lowrank_triton
     for self_ in (False, True):
         cases.append(("rowdot", lt._rowdot_kernel, ("A", "W", "U", "D"), ("gain",), ("P",),
@@ -79,6 +85,6 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 18
+    assert len(results) == 2 * 20
     failed = [r for r in results if not r[4]]
     assert not failed, failed

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""LoKr's stacked factor-batch backward with its two reductions as tensor-core dots (issue 7, prepared in session 45
+for the next; not yet run on a GPU).
+
+Runs 321–322 (``kron_bwd_stacked.py``) measured ``factor_triton.kron_backward_batched``'s one-read launch at 0.5–0.8
+TB/s of the H200's 4.8: per ∂U tile ``(OL, BK, IM, R)`` it sums over (i, j) for ∂A and over (k, ρ) for ∂W1 — by
+inference the cross-warp reductions bound it, not the reads. Here each is one ``tl.dot`` per tile of A's rows ``k``
+against the columns ``c = (i, j, ρ)`` (the ∂U rows of every i for that k, gathered: OL·IM·R columns):
+
+* ``∂A[k, ρ'] = Σ_c G[k, c]·Wx[c, ρ']`` with ``Wx[(i, j, ρ), ρ'] = W1[i, j]·[ρ = ρ']`` (built once per program);
+* ``Z[ρ', c] += Σ_k A[k, ρ']·G[k, c]`` in fp32 over the program's rows, and at the end
+  ``∂W1[i, j] = Σ_ρ Z[ρ, (i, j, ρ)]`` — the diagonal picked once, not per tile.
+
+Taken where OL·IM·R (padded, R at least 16 for the dots) is at most ``MAX_COLS``. The same launch geometry as the
+library's (splits of A's rows where the members are few, ∂W1's fp32 partials then summed). Checked against float64 on
+the CPU in Triton's interpreter (``--check``); on the GPU it times this form, the library's one-read launch and the
+two-read launch at SDXL b1 LoKr's four groups (``kron_bwd_stacked.SHAPES``).
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/experiments/kron_bwd_dot.py --check
+    PYTHONPATH=src python benchmarks/experiments/kron_bwd_dot.py [--out FILE]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from lyco.algorithms import factor_triton as F  # noqa: E402
+from lyco.algorithms.lowrank_triton import _UPCAST, _cdiv, sm_count, triton  # noqa: E402
+
+import triton.language as tl  # noqa: E402
+
+MAX_COLS = 2048
+#: (rows of A per tile, warps, programs aimed at per multiprocessor)
+CFG = {"BK": 16, "num_warps": 8, "per_sm": 4}
+
+
+@triton.jit
+def _kron_bwd_dot_kernel(W1, A, GU, GW1, GA, OL, IM, OK, R, PER, sw1b, sw1i, sw1j, sab, sak, sar, sgub, sgu0, sgu1,
+                         sgw1b, sgw1s, sgab, sgak, sgar, BK: tl.constexpr, OLP: tl.constexpr, IMP: tl.constexpr,
+                         RP: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    split = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    W1 += b * sw1b
+    A += b * sab
+    GU += b * sgub
+    GA += b * sgab
+    cc = tl.arange(0, OLP * IMP * RP)
+    ci = cc // (IMP * RP)
+    cj = (cc // RP) % IMP
+    cr = cc % RP
+    cm = (ci < OL) & (cj < IM) & (cr < R)
+    rr = tl.arange(0, RP)
+    w1c = tl.load(W1 + ci * sw1i + cj * sw1j, mask=cm, other=0.0)
+    wx = tl.where(cr[:, None] == rr[None, :], w1c[:, None], tl.zeros_like(w1c)[:, None])
+    if UPCAST:
+        wx = wx.to(tl.float32)
+    z = tl.zeros((RP, OLP * IMP * RP), dtype=tl.float32)
+    lo = split * PER
+    hi = tl.minimum(lo + PER, OK)
+    for k0 in range(lo, hi, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < hi
+        g = tl.load(GU + (ci[None, :] * OK + kk[:, None]) * sgu0 + (cj[None, :] * R + cr[None, :]) * sgu1,
+                    mask=km[:, None] & cm[None, :], other=0.0)
+        a = tl.load(A + kk[:, None] * sak + rr[None, :] * sar, mask=km[:, None] & (rr[None, :] < R), other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+            a = a.to(tl.float32)
+        ga = tl.dot(g, wx)
+        tl.store(GA + kk[:, None] * sgak + rr[None, :] * sgar, ga.to(GA.dtype.element_ty),
+                 mask=km[:, None] & (rr[None, :] < R))
+        z += tl.dot(tl.trans(a), g)
+    d = tl.sum(tl.where(rr[:, None] == cr[None, :], z, 0.0), axis=0)
+    gw = tl.sum(tl.reshape(d, (OLP * IMP, RP)), axis=1)
+    q = tl.arange(0, OLP * IMP)
+    qi = q // IMP
+    qj = q % IMP
+    out = GW1 + b * sgw1b + split * sgw1s + qi * IM + qj
+    om = (qi < OL) & (qj < IM)
+    if SPLIT:
+        tl.store(out, gw, mask=om)
+    else:
+        tl.store(out, gw.to(GW1.dtype.element_ty), mask=om)
+
+
+def usable(w1, a) -> bool:
+    _, ol, im = w1.shape
+    r = a.shape[2]
+    return F._p2(ol) * F._p2(im) * max(16, F._p2(r)) <= MAX_COLS
+
+
+def kron_backward_dot(w1, a, gu, cfg=None):
+    """``(∂W1, ∂A)`` stacked, as ``factor_triton.kron_backward_batched`` (module doc)."""
+    cfg = CFG if cfg is None else cfg
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    olp, imp, rp = F._p2(ol), F._p2(im), max(16, F._p2(r))
+    bk = cfg["BK"]
+    want = _cdiv(cfg["per_sm"] * sm_count(w1.device), n)
+    splits = max(1, min(want, _cdiv(ok, bk)))
+    per = _cdiv(_cdiv(ok, splits), bk) * bk
+    splits = _cdiv(ok, per)
+    ga = torch.empty(n, ok, r, dtype=a.dtype, device=a.device)
+    if splits == 1:
+        gw1 = part = torch.empty(n, ol, im, dtype=w1.dtype, device=w1.device)
+    else:
+        part = torch.empty(n, splits, ol, im, dtype=torch.float32, device=w1.device)
+    _kron_bwd_dot_kernel[(splits, n)](
+        w1, a, gu, part, ga, ol, im, ok, r, per, *w1.stride(), *a.stride(), *gu.stride(), part.stride(0),
+        part.stride(1) if splits > 1 else 0, *ga.stride(), BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=splits > 1,
+        UPCAST=_UPCAST, num_warps=cfg["num_warps"])
+    if splits > 1:
+        gw1 = part.sum(1).to(w1.dtype)
+    return gw1, ga
+
+
+def _reference(w1, a, gu):
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    g5 = gu.double().view(n, ol, ok, im, r)
+    return ((g5 * a.double()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.double()[:, :, None, :, None]).sum((1, 3)))
+
+
+def check() -> None:
+    """CPU, Triton's interpreter: the dot form against float64 at small ragged shapes, split and not."""
+    g = torch.Generator().manual_seed(3)
+    worst = 0.0
+    for n, ol, im, ok, r in ((3, 8, 8, 40, 16), (20, 3, 5, 37, 6), (2, 4, 4, 50, 16), (17, 8, 8, 33, 16)):
+        w1, a = torch.randn(n, ol, im, generator=g), torch.randn(n, ok, r, generator=g)
+        gu = torch.randn(n, ol * ok, im * r, generator=g)
+        assert usable(w1, a)
+        for got, want in zip(kron_backward_dot(w1, a, gu), _reference(w1, a, gu)):
+            err = ((got.double() - want).abs().max() / want.abs().max()).item()
+            worst = max(worst, err)
+            assert err < 1e-5, (n, ol, im, ok, r, err)
+    print(f"check ok: worst relative error {worst:.2e}")
+
+
+def bench(out_path=None) -> None:
+    from _common import graph_us
+    from kron_bwd_stacked import SHAPES
+    dev = torch.device("cuda")
+    recs = []
+    for n, ol, im, ok, r in SHAPES:
+        g = torch.Generator(device=dev).manual_seed(n + ok)
+        w1 = torch.randn(n, ol, im, device=dev, generator=g).bfloat16()
+        a = torch.randn(n, ok, r, device=dev, generator=g).bfloat16()
+        gu = torch.randn(n, ol * ok, im * r, device=dev, generator=g).bfloat16()
+        want = [t.float() for t in _reference(w1, a, gu)]
+        rec = {"n": n, "ol": ol, "im": im, "ok": ok, "r": r}
+        forms = {"two_read": F._kron_backward_batched_two_reads, "one_read": F.kron_backward_batched,
+                 "dot": kron_backward_dot}
+        for bk, warps in ((32, 8), (16, 4), (64, 8)):
+            forms[f"dot_bk{bk}_w{warps}"] = (lambda w1, a, gu, bk=bk, warps=warps: kron_backward_dot(
+                w1, a, gu, dict(CFG, BK=bk, num_warps=warps)))
+        for name, fn in forms.items():
+            try:
+                got = fn(w1, a, gu)
+                rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
+                                         for x, y in zip(got, want))
+                rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(w1, a, gu), 5), 1)
+            except Exception as e:  # noqa: BLE001 — a form Triton cannot compile here: recorded, the rest timed
+                rec[name + "_us"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
+        recs.append(rec)
+        print(json.dumps(rec), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    check() if args.check else bench(args.out)
