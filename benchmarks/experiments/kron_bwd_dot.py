@@ -28,9 +28,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from lyco.algorithms import factor_triton as F  # noqa: E402
-from lyco.algorithms.lowrank_triton import _UPCAST, _cdiv, sm_count, triton  # noqa: E402
+from lyco.algorithms.lowrank_triton import _UPCAST, triton  # noqa: E402
+from kron_bwd_stacked import reference  # noqa: E402  (benchmarks/experiments/)
 
 import triton.language as tl  # noqa: E402
 
@@ -95,35 +97,12 @@ def usable(w1, a) -> bool:
 
 
 def kron_backward_dot(w1, a, gu, cfg=None):
-    """``(∂W1, ∂A)`` stacked, as ``factor_triton.kron_backward_batched`` (module doc)."""
+    """``(∂W1, ∂A)`` stacked, as ``factor_triton.kron_backward_batched`` (module doc; its launch geometry)."""
     cfg = CFG if cfg is None else cfg
-    n, ol, im = w1.shape
-    _, ok, r = a.shape
-    olp, imp, rp = F._p2(ol), F._p2(im), max(16, F._p2(r))
-    bk = cfg["BK"]
-    want = _cdiv(cfg["per_sm"] * sm_count(w1.device), n)
-    splits = max(1, min(want, _cdiv(ok, bk)))
-    per = _cdiv(_cdiv(ok, splits), bk) * bk
-    splits = _cdiv(ok, per)
-    ga = torch.empty(n, ok, r, dtype=a.dtype, device=a.device)
-    if splits == 1:
-        gw1 = part = torch.empty(n, ol, im, dtype=w1.dtype, device=w1.device)
-    else:
-        part = torch.empty(n, splits, ol, im, dtype=torch.float32, device=w1.device)
-    _kron_bwd_dot_kernel[(splits, n)](
-        w1, a, gu, part, ga, ol, im, ok, r, per, *w1.stride(), *a.stride(), *gu.stride(), part.stride(0),
-        part.stride(1) if splits > 1 else 0, *ga.stride(), BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=splits > 1,
-        UPCAST=_UPCAST, num_warps=cfg["num_warps"])
-    if splits > 1:
-        gw1 = part.sum(1).to(w1.dtype)
-    return gw1, ga
-
-
-def _reference(w1, a, gu):
-    n, ol, im = w1.shape
-    _, ok, r = a.shape
-    g5 = gu.double().view(n, ol, ok, im, r)
-    return ((g5 * a.double()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.double()[:, :, None, :, None]).sum((1, 3)))
+    _, ol, im = w1.shape
+    rp = max(16, F._p2(a.shape[2]))
+    return F.stacked_launch(_kron_bwd_dot_kernel, w1, a, gu, cfg["BK"], cfg["per_sm"], cfg["num_warps"],
+                            OLP=F._p2(ol), IMP=F._p2(im), RP=rp, UPCAST=_UPCAST)
 
 
 def check() -> None:
@@ -134,7 +113,7 @@ def check() -> None:
         w1, a = torch.randn(n, ol, im, generator=g), torch.randn(n, ok, r, generator=g)
         gu = torch.randn(n, ol * ok, im * r, generator=g)
         assert usable(w1, a)
-        for got, want in zip(kron_backward_dot(w1, a, gu), _reference(w1, a, gu)):
+        for got, want in zip(kron_backward_dot(w1, a, gu), reference(w1, a, gu)):
             err = ((got.double() - want).abs().max() / want.abs().max()).item()
             worst = max(worst, err)
             assert err < 1e-5, (n, ol, im, ok, r, err)
@@ -143,16 +122,13 @@ def check() -> None:
 
 def bench(out_path=None) -> None:
     from _common import graph_us
-    from kron_bwd_stacked import SHAPES
+    from kron_bwd_stacked import SHAPES, inputs
     dev = torch.device("cuda")
     recs = []
-    for n, ol, im, ok, r in SHAPES:
-        g = torch.Generator(device=dev).manual_seed(n + ok)
-        w1 = torch.randn(n, ol, im, device=dev, generator=g).bfloat16()
-        a = torch.randn(n, ok, r, device=dev, generator=g).bfloat16()
-        gu = torch.randn(n, ol * ok, im * r, device=dev, generator=g).bfloat16()
-        want = [t.float() for t in _reference(w1, a, gu)]
-        rec = {"n": n, "ol": ol, "im": im, "ok": ok, "r": r}
+    for shape in SHAPES:
+        w1, a, gu = inputs(shape, dev)
+        want = [t.float() for t in reference(w1, a, gu)]
+        rec = dict(zip(("n", "ol", "im", "ok", "r"), shape))
         forms = {"two_read": F._kron_backward_batched_two_reads, "one_read": F.kron_backward_batched,
                  "dot": kron_backward_dot}
         for bk, warps in ((32, 8), (16, 4), (64, 8)):

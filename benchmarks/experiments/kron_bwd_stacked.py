@@ -34,6 +34,23 @@ def old_backward_batched(w1, a, gu):
     return F._kron_backward_batched_two_reads(w1, a, gu)
 
 
+def inputs(shape, dev):
+    """bf16 ``W1 (n, ol, im)``, ``A (n, ok, r)`` and ``∂U (n, ol·ok, im·r)``, seeded by the shape."""
+    n, ol, im, ok, r = shape
+    g = torch.Generator(device=dev).manual_seed(n + ok)
+    return (torch.randn(n, ol, im, device=dev, generator=g).bfloat16(),
+            torch.randn(n, ok, r, device=dev, generator=g).bfloat16(),
+            torch.randn(n, ol * ok, im * r, device=dev, generator=g).bfloat16())
+
+
+def reference(w1, a, gu):
+    """``(∂W1, ∂A)`` in float64 from their definitions (module doc of ``factor_triton``)."""
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    g5 = gu.double().view(n, ol, ok, im, r)
+    return ((g5 * a.double()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.double()[:, :, None, :, None]).sum((1, 3)))
+
+
 #: one-read launch geometries timed besides the default (tile elements, warps, programs per multiprocessor)
 GEOMS = [(8192, 8, 4), (16384, 8, 16), (32768, 8, 4), (16384, 4, 4)]
 
@@ -42,14 +59,10 @@ def bench(out_path=None) -> None:
     from _common import graph_us
     dev = torch.device("cuda")
     recs = []
-    for n, ol, im, ok, r in SHAPES:
-        g = torch.Generator(device=dev).manual_seed(n + ok)
-        w1 = torch.randn(n, ol, im, device=dev, generator=g).bfloat16()
-        a = torch.randn(n, ok, r, device=dev, generator=g).bfloat16()
-        gu = torch.randn(n, ol * ok, im * r, device=dev, generator=g).bfloat16()
-        g5 = gu.float().view(n, ol, ok, im, r)
-        want = ((g5 * a.float()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.float()[:, :, None, :, None]).sum((1, 3)))
-        rec = {"n": n, "ol": ol, "im": im, "ok": ok, "r": r, "gu_mb": round(gu.numel() * 2 / 1e6, 1)}
+    for shape in SHAPES:
+        w1, a, gu = inputs(shape, dev)
+        want = [t.float() for t in reference(w1, a, gu)]
+        rec = dict(zip(("n", "ol", "im", "ok", "r"), shape), gu_mb=round(gu.numel() * 2 / 1e6, 1))
         for name, fn in (("old", old_backward_batched), ("stacked", F.kron_backward_batched)):
             got = fn(w1, a, gu)
             rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")

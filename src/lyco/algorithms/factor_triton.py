@@ -260,6 +260,16 @@ if triton is not None:
                  mask=km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R))
 
     @triton.jit
+    def _gu_tile(GU, ii, kk, jj, rr, km, OL, OK, IM, R, sgu0, sgu1):
+        """The fp32 ∂U tile ``(i, k, j, ρ)`` of rows ``i·OK + k`` and columns ``j·R + ρ`` (k where ``km``), zero
+        outside."""
+        return tl.load(GU + (ii[:, None, None, None] * OK + kk[None, :, None, None]) * sgu0
+                       + (jj[None, None, :, None] * R + rr[None, None, None, :]) * sgu1,
+                       mask=(ii[:, None, None, None] < OL) & km[None, :, None, None]
+                       & (jj[None, None, :, None] < IM) & (rr[None, None, None, :] < R),
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _kron_grad_a(W1, GU, GA, OL, IM, OK, R, sw1i, sw1j, sgu0, sgu1, pid,
                      BK: tl.constexpr, IMP: tl.constexpr, RP: tl.constexpr, OLP: tl.constexpr):
         """∂A[k,ρ] = Σ_ij ∂U[i,k,j,ρ]·W1[i,j] for BK rows k: with OLP > 0 every row i of W1 in one
@@ -272,11 +282,7 @@ if triton is not None:
             ii = tl.arange(0, OLP)
             w1 = tl.load(W1 + ii[:, None] * sw1i + jj[None, :] * sw1j,
                          mask=(ii[:, None] < OL) & (jj[None, :] < IM), other=0.0).to(tl.float32)
-            g = tl.load(GU + (ii[:, None, None, None] * OK + kk[None, :, None, None]) * sgu0
-                        + (jj[None, None, :, None] * R + rr[None, None, None, :]) * sgu1,
-                        mask=(ii[:, None, None, None] < OL) & km[None, :, None, None]
-                        & (jj[None, None, :, None] < IM) & (rr[None, None, None, :] < R),
-                        other=0.0).to(tl.float32)
+            g = _gu_tile(GU, ii, kk, jj, rr, km, OL, OK, IM, R, sgu0, sgu1)
             ga = tl.sum(tl.sum(g * w1[:, None, :, None], axis=2), axis=0)
         else:
             tmask = km[:, None, None] & (jj[None, :, None] < IM) & (rr[None, None, :] < R)
@@ -355,11 +361,7 @@ if triton is not None:
             km = kk < hi
             am = km[:, None] & (rr[None, :] < R)
             a = tl.load(A + kk[:, None] * sak + rr[None, :] * sar, mask=am, other=0.0).to(tl.float32)
-            g = tl.load(GU + (ii[:, None, None, None] * OK + kk[None, :, None, None]) * sgu0
-                        + (jj[None, None, :, None] * R + rr[None, None, None, :]) * sgu1,
-                        mask=(ii[:, None, None, None] < OL) & km[None, :, None, None]
-                        & (jj[None, None, :, None] < IM) & (rr[None, None, None, :] < R),
-                        other=0.0).to(tl.float32)
+            g = _gu_tile(GU, ii, kk, jj, rr, km, OL, OK, IM, R, sgu0, sgu1)
             ga = tl.sum(tl.sum(g * w1[:, None, :, None], axis=2), axis=0)
             tl.store(GA + kk[:, None] * sgak + rr[None, :] * sgar, ga.to(GA.dtype.element_ty), mask=am)
             gw1 += tl.sum(tl.sum(g * a[None, :, None, :], axis=3), axis=1)
@@ -588,7 +590,18 @@ def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -
     if 2 * olp * imp * rp > _STACKED["tile"]:
         return _kron_backward_batched_two_reads(w1, a, gu)
     bk = max(2, min(_p2(ok), _STACKED["tile"] // (olp * imp * rp)))
-    want = _cdiv(_STACKED["per_sm"] * sm_count(w1.device), n)
+    return stacked_launch(_kron_bwd_stacked_kernel, w1, a, gu, bk, _STACKED["per_sm"], _STACKED["num_warps"],
+                          OLP=olp, IMP=imp, RP=rp)
+
+
+def stacked_launch(kernel, w1, a, gu, bk: int, per_sm: int, num_warps: int, **const):
+    """Launch ``kernel`` — :func:`kron_backward_batched`'s, or one with its arguments — over ``(splits, members)``:
+    A's rows in blocks of ``bk``, split over programs where the members alone give fewer than ``per_sm`` per
+    multiprocessor; ∂W1 written in W1's dtype unsplit, else as fp32 partials ``(n, splits, ol, im)`` summed here in
+    split order. Returns ``(∂W1, ∂A)``."""
+    n, ol, im = w1.shape
+    _, ok, r = a.shape
+    want = _cdiv(per_sm * sm_count(w1.device), n)
     splits = max(1, min(want, _cdiv(ok, bk)))
     per = _cdiv(_cdiv(ok, splits), bk) * bk
     splits = _cdiv(ok, per)
@@ -597,10 +610,9 @@ def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -
         gw1 = part = torch.empty(n, ol, im, dtype=w1.dtype, device=w1.device)
     else:
         part = torch.empty(n, splits, ol, im, dtype=torch.float32, device=w1.device)
-    _kron_bwd_stacked_kernel[(splits, n)](
-        w1, a, gu, part, ga, ol, im, ok, r, per, *w1.stride(), *a.stride(), *gu.stride(), part.stride(0),
-        part.stride(1) if splits > 1 else 0, *ga.stride(), BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=splits > 1,
-        num_warps=_STACKED["num_warps"])
+    kernel[(splits, n)](w1, a, gu, part, ga, ol, im, ok, r, per, *w1.stride(), *a.stride(), *gu.stride(),
+                        part.stride(0), part.stride(1) if splits > 1 else 0, *ga.stride(), BK=bk, SPLIT=splits > 1,
+                        num_warps=num_warps, **const)
     if splits > 1:
         gw1 = part.sum(1).to(w1.dtype)
     return gw1, ga
