@@ -548,7 +548,7 @@ def kron_forward_batched(w1: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 #: :func:`kron_backward_batched`'s ∂U tile ``(out_l, rows of A, in_m, r)``, padded, at most (elements), its warps and
 #: the programs it aims at per multiprocessor (members × splits of A's rows). Run 322 (H200, bf16, µs a call in a
-#: graph) at SDXL b1 LoKr's four groups (below): 16384 / 8 warps / 4 — 108.2, 97.9, 14.1, 15.7 — against run 321's
+#: graph) at the shapes of SDXL b1 LoKr's four groups (below): 16384 / 8 warps / 4 — 108.2, 97.9, 14.1, 15.7 — against run 321's
 #: 8192 / 8 / 4 — 239.3, 217.6, 22.8, 24.4 —, 4096 / 4 / 4 (192.1, 177.3, 21.2, 23.0), 8192 / 8 / 16 (185.2, 162.4,
 #: 21.4, 21.5) and 4096 / 4 / 16 (174.8, 162.3, 21.4, 21.3). Measured alone: the step with 16384 is not (the session's
 #: device time was spent; with 8192 and the two-read launch past 256 rows of A it was, run 322, below).
@@ -577,10 +577,10 @@ def kron_backward_batched(w1: torch.Tensor, a: torch.Tensor, gu: torch.Tensor) -
     second launch. Where fewer than two rows of A fit a tile (a large W1), the two-read launch
     (:func:`_kron_backward_batched_two_reads`, the only form before session 45).
 
-    Measured (H200, bf16, µs a call in a graph, two-read / one-read at 8192-element tiles, run 321) at SDXL b1 LoKr's
-    groups: 560 members of 1280 × 128 (A 160 rows) 540.1 / 239.2 — run 317's timeline had that batch at 556 µs,
-    fully exposed —, 90 of 640 × 128 (80 rows) 47.5 / 23.6, 60 of 10240 × 128 (1280 rows) 168.4 / 217.9, 10 of 5120 × 128
-    (640 rows) 18.0 / 25.2. The step, SDXL b1 LoKr: one-read everywhere / two-read / one-read 75.63 / 75.89 / 75.58
+    Measured (H200, bf16, µs a call in a graph, two-read / one-read at 8192-element tiles, run 321) at the shapes of
+    SDXL b1 LoKr's four groups (their member counts by inference from the layer counts): 560 members of 1280 × 128
+    (A 160 rows) 540.1 / 239.2 — run 317's timeline had that batch at 556 µs, fully exposed —, 90 of 640 × 128 (80
+    rows) 47.5 / 23.6, 60 of 10240 × 128 (1280 rows) 168.4 / 217.9, 10 of 5120 × 128 (640 rows) 18.0 / 25.2. The step, SDXL b1 LoKr: one-read everywhere / two-read / one-read 75.63 / 75.89 / 75.58
     ms (run 321); one-read up to 256 rows of A / two-read / the same 76.00 / 76.34 / 76.01 (run 322, floor 58.39).
     At 16384-element tiles (the default since, step not measured) the one-read launch beat the two-read one at all
     four: 108.2, 97.9, 14.1, 15.7 (``_STACKED``)."""
