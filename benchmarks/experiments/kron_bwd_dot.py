@@ -18,6 +18,7 @@ two-read launch at SDXL b1 LoKr's four groups (``kron_bwd_stacked.SHAPES``).
 
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/experiments/kron_bwd_dot.py --check
     PYTHONPATH=src python benchmarks/experiments/kron_bwd_dot.py [--out FILE]
+    PYTHONPATH=src python benchmarks/experiments/kron_bwd_dot.py --train …train_step.py args…   # the step with it
 """
 
 import argparse
@@ -149,7 +150,18 @@ def bench(out_path=None) -> None:
             json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
 
 
+def _with_dot(w1, a, gu, _library=F.kron_backward_batched):
+    """The library's stacked backward with the dot form where it takes the shapes (``--train``)."""
+    return kron_backward_dot(w1, a, gu) if usable(w1, a) else _library(w1, a, gu)
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--train":  # train_step.py with the dot form in the factor batch
+        import train_step
+        F.kron_backward_batched = _with_dot
+        sys.argv = [sys.argv[0]] + sys.argv[2:]
+        train_step.main()
+        sys.exit(0)
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out")
