@@ -122,8 +122,7 @@ def check() -> None:
 
 
 def bench(out_path=None) -> None:
-    from _common import graph_us
-    from kron_bwd_stacked import SHAPES, inputs
+    from kron_bwd_stacked import SHAPES, inputs, time_form
     dev = torch.device("cuda")
     recs = []
     for shape in SHAPES:
@@ -137,10 +136,7 @@ def bench(out_path=None) -> None:
                 w1, a, gu, dict(CFG, BK=bk, num_warps=warps)))
         for name, fn in forms.items():
             try:
-                got = fn(w1, a, gu)
-                rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
-                                         for x, y in zip(got, want))
-                rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(w1, a, gu), 5), 1)
+                time_form(fn, w1, a, gu, want, rec, name)
             except Exception as e:  # noqa: BLE001 — a form Triton cannot compile here: recorded, the rest timed
                 rec[name + "_us"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
         recs.append(rec)

@@ -51,6 +51,16 @@ def reference(w1, a, gu):
     return ((g5 * a.double()[:, None, :, None, :]).sum((2, 4)), (g5 * w1.double()[:, :, None, :, None]).sum((1, 3)))
 
 
+def time_form(fn, w1, a, gu, want, rec: dict, name: str) -> None:
+    """``rec[name_err]``: ``fn``'s worst relative error against ``want`` (fp32 ``(∂W1, ∂A)``); ``rec[name_us]``: µs a
+    call, 5 calls in one graph, median of 7 replays."""
+    from _common import graph_us
+    got = fn(w1, a, gu)
+    rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
+                             for x, y in zip(got, want))
+    rec[name + "_us"] = round(graph_us(lambda: fn(w1, a, gu), 5), 1)
+
+
 #: one-read launch geometries timed besides the default (tile elements, warps, programs per multiprocessor)
 GEOMS = [(8192, 8, 4), (16384, 8, 16), (32768, 8, 4), (16384, 4, 4)]
 
@@ -64,10 +74,7 @@ def bench(out_path=None) -> None:
         want = [t.float() for t in reference(w1, a, gu)]
         rec = dict(zip(("n", "ol", "im", "ok", "r"), shape), gu_mb=round(gu.numel() * 2 / 1e6, 1))
         for name, fn in (("old", old_backward_batched), ("stacked", F.kron_backward_batched)):
-            got = fn(w1, a, gu)
-            rec[name + "_err"] = max(float(f"{((x.float() - y).abs().max() / y.abs().max()).item():.2e}")
-                                     for x, y in zip(got, want))
-            rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(w1, a, gu), 5), 1)
+            time_form(fn, w1, a, gu, want, rec, name)
         rec["stacked_tb_s"] = round(gu.numel() * 2 / rec["stacked_us"] / 1e6, 2)
         keep = dict(F._STACKED)
         for tile, warps, per_sm in GEOMS:
@@ -94,4 +101,8 @@ if __name__ == "__main__":
         sys.argv = [sys.argv[0]] + sys.argv[2:]
         train_step.main()
     else:
-        bench(sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--out" else None)
+        import argparse
+        ap = argparse.ArgumentParser(description="LoKr's stacked factor backward: the one-read launch against the "
+                                     "two-read one at SDXL b1's groups (--train …: train_step.py with the old one)")
+        ap.add_argument("--out", help="write the records as JSON here")
+        bench(ap.parse_args().out)
