@@ -117,6 +117,52 @@ def _env_float(var: str, default: float) -> float:
 _MERGE_KERNEL = os.environ.get("LYCO_KRON_MERGE", "1") != "0"
 
 
+def kron_linear_grads(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float,
+                      dts: tuple, needs=(True, True)):
+    """``(∂W1, ∂W2)`` of a linear layer ``y = x·Wᵀ + s·x·kron(W1, W2)ᵀ`` straight from ∂y and x — never the
+    out × in ``∂W′ = ∂yᵀ·x``. ``x`` ``(R, in_m·in_n)`` and ``gy`` ``(R, out_l·out_k)`` rows in one dtype (the
+    products' and intermediates'), ``w1`` ``(out_l, in_m)``, ``w2`` ``(out_k, in_n)`` (cast to it), ``dts`` the
+    dtypes to write the two gradients in; ``needs`` which to form (None for the other).
+
+    With the rows viewed ``X (R, in_m, in_n)`` and ``∂Y (R, out_l, out_k)``:
+    ``∂W1[l,m] = s·Σ_{r,k,n} ∂Y[r,l,k]·W2[k,n]·X[r,m,n]`` and ``∂W2[k,n] = s·Σ_{r,l,m} ∂Y[r,l,k]·W1[l,m]·X[r,m,n]``.
+    Each contracts one factor into one operand first; of the two orders this takes the one whose intermediates are
+    smaller — ``R·in_m·out_k`` elements (``T = X·W2ᵀ``, ``G = W1ᵀ·∂Y`` per row) or ``R·out_l·in_n`` (``Z = ∂Y·W2``,
+    ``H = W1·X`` per row): for a layer that widens (SD's ``ff.net.0``, 1280 → 10240 at factor 8) the second, 8× less.
+    The per-row products with W1 are one batched GEMM with W1 broadcast (batch stride 0); then ∂W1 is a batched GEMM
+    over the rows (an ``out_l × in_m`` product per row, summed in fp32) and ∂W2 one GEMM over ``R·in_m`` (or
+    ``R·out_l``) rows. Multiply-adds ``2·R·in·out_k`` (or ``2·R·out·in_n``) against the
+    weight gradient's ``R·in·out``: at factor 8, a quarter.
+
+    Numerics: the intermediate is rounded once to the rows' dtype (bf16: 2⁻⁹ relative per element) — as ∂W′ is
+    when the rebuilt op writes it; the per-row ``out_l × in_m`` products of ∂W1 likewise before their fp32 sum."""
+    r = x.shape[0]
+    L, M = w1.shape
+    K, N = w2.shape
+    cd = gy.dtype
+    x3 = cast(x, cd).reshape(r, M, N)  # a copy only for rows of other strides (an expanded ∂y: a sum's)
+    gy3 = gy.reshape(r, L, K)
+    w1c, w2c = cast(w1, cd), cast(w2, cd)
+    g1 = g2 = None
+    if M * K <= L * N:
+        if needs[0]:
+            t = (x3.reshape(r * M, N) @ w2c.t()).view(r, M, K)
+            g1 = lowrank._bmm_sum(gy3, t.transpose(1, 2), s, dts[0])
+            del t
+        if needs[1]:
+            g = torch.bmm(w1c.t().expand(r, M, L), gy3)                          # (R, M, K)
+            g2 = lowrank._mm(g.view(r * M, K).t(), x3.reshape(r * M, N), s, dts[1])
+    else:
+        if needs[0]:
+            z = (gy3.reshape(r * L, K) @ w2c).view(r, L, N)
+            g1 = lowrank._bmm_sum(z, x3.transpose(1, 2), s, dts[0])
+            del z
+        if needs[1]:
+            h = torch.bmm(w1c.expand(r, L, M), x3)                               # (R, L, N)
+            g2 = lowrank._mm(gy3.reshape(r * L, K).t(), h.view(r * L, N), s, dts[1])
+    return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
+
+
 class _KronBuild:
     """LoKr for :mod:`.rebuild`: ``W′ = W + s·kron(W1, W2)`` with θ = (W1, W2 flat) formed outside the op
     (under autograd: they are the small factors, ``a @ b`` or a Tucker rebuild at most).
@@ -142,6 +188,9 @@ class _KronBuild:
     bias_grad = False
     #: its ∂W′ and this backward on the side stream beside ∂x in captured steps (:func:`.rebuild._side_wanted`)
     side_backward = True
+    #: c of :meth:`direct_ok` (``LYCO_LOKR_DIRECT_ROWS``; 0, the default: never). Not measured yet on a GPU: off until
+    #: an A/B in the step shows where it pays (``benchmarks/run_direct47.sh``)
+    DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 0.0)
 
     def __init__(self, s: float):
         self.s = s
@@ -184,6 +233,30 @@ class _KronBuild:
 
     def recompute(self, keep, w, b, t1, t2):
         return self._merged_nograd(w, t1, t2), None
+
+    def direct_ok(self, spec: LayerSpec, x: torch.Tensor) -> bool:
+        """Whether the factors' gradients come straight from ∂y and x (:meth:`direct_grads`, asked by
+        :class:`.rebuild._RebuiltOp`'s backward) instead of from ``∂W′``: a linear layer whose rows (x's, 2-D here)
+        are at most :data:`DIRECT_ROWS` times its harmonic width ``out·in / (out + in)``.
+
+        Why (run 328, H200, SDXL b1 ``lokr-full``: 103.6 ms against the floor's 58.2): the weight gradients ∂W′ at
+        1024 rows are GEMMs with a short k-loop and a weight-sized output — ``448x64`` tiles 361× at 29 µs a call,
+        the 1280 → 10240 projections' 60× at 140 µs — and their two reductions (``_kron_wgrad_kernel`` and its finish,
+        735× each, 10.8 ms summed); 26 + 10.8 ms of the step's 52 over the floor. :func:`kron_linear_grads` does a
+        quarter of the multiply-adds at factor 8 and writes nothing weight-sized; it reads x and ∂y twice and writes
+        an activation-sized intermediate twice, which is why many rows (SD1.5 b8: 32768 at 320 channels) may not
+        pay — the threshold is for the A/B to set."""
+        if spec.kind != LINEAR or self.DIRECT_ROWS <= 0.0:
+            return False
+        out, inp = spec.out_dim, spec.flat_in
+        return x.shape[0] <= self.DIRECT_ROWS * out * inp / (out + inp)
+
+    def direct_grads(self, x, gy, theta, needs):
+        """θ's gradients by :func:`kron_linear_grads` (``x``, ``gy``: the op's rows), in θ's shapes and dtypes."""
+        t1, t2 = theta
+        g1, g2 = kron_linear_grads(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
+                                   self.s, (t1.dtype, t2.dtype), needs)
+        return (g1.view(t1.shape) if g1 is not None else None, g2.view(t2.shape) if g2 is not None else None)
 
     def vjp(self, aux, theta, gw, gb, needs):
         t1, t2 = theta

@@ -11,7 +11,9 @@ layer's GEMM is activation-sized), then
 * ``∂W′ = op_backward_weight(∂y, x)`` — one weight-gradient GEMM (what full fine-tuning pays);
 * ``∂θ`` from ``∂W′``: by the algorithm's own backward where it has one (DoRA over LoRA, (IA)³, GLoRA,
   Full, BOFT, LoKr: a few weight-sized kernels), else by autograd through the rebuilt ``merged(θ)`` — a
-  nested backward per layer, correct for every algorithm but costly in host time.
+  nested backward per layer, correct for every algorithm but costly in host time;
+* or ``∂θ`` straight from ``∂y`` and ``x``, no ``∂W′``, where the build offers it for the layer and input
+  (``direct_ok`` / ``direct_grads``: LoKr's full W2 on a linear layer, :func:`.lokr.kron_linear_grads`).
 
 What it trades: the bypass ``f(x) + m·Δy`` keeps activation-sized tensors for its ∂θ (DoRA: the base
 output for ∂g; (IA)³: ``f(x) − b``; BOFT: every stage's activations; LoKr/LoHa dense: a second
@@ -129,23 +131,32 @@ class _RebuiltOp(torch.autograd.Function):
             # output-mode (IA)³ from the GEGLU kernel of the layer reading its output (.ia3, change 121) — no ∂W′
             take = getattr(build, "take_grads", None) if want else None
             grads = take(gy, theta, need[5:]) if take is not None else None
-            need_w = want and grads is None
+            # or straight from ∂y and x, never ∂W′ (``direct_ok`` / ``direct_grads``): LoKr's full W2 on a linear
+            # layer of few rows for its weight (.lokr._KronBuild.direct_ok)
+            direct = want and grads is None and _direct(build, ctx.spec, x)
+            need_w = want and grads is None and not direct
             need_b = need_w and getattr(build, "bias_grad", False)
             w2c = cast(w2, gy.dtype)
-            side = _side(gy) if need[0] and need_w and _side_wanted(build) else None
+            side = _side(gy) if need[0] and (need_w or direct) and _side_wanted(build) else None
             if side is not None:
-                # ∂W′ and the build's backward from it on the side stream beside ∂x (lowrank.side_stream's discipline:
-                # forked after everything issued so far, joined before the gradients are returned)
+                # ∂W′ and the build's backward from it (or the direct form) on the side stream beside ∂x
+                # (lowrank.side_stream's discipline: forked after everything issued so far, joined before the
+                # gradients are returned)
                 from .lowrank import _fork, _join
                 with _fork(side):
-                    gw, gb = op_backward(ctx.spec, x, w2c, gy, False, True, need_b)[1:]
-                    grads = build.vjp(aux, theta, gw, gb, need[5:])
-                    del gw, gb
+                    if direct:
+                        grads = build.direct_grads(x, gy, theta, need[5:])
+                    else:
+                        gw, gb = op_backward(ctx.spec, x, w2c, gy, False, True, need_b)[1:]
+                        grads = build.vjp(aux, theta, gw, gb, need[5:])
+                        del gw, gb
                 gx = op_backward(ctx.spec, x, w2c, gy, True, False, False)[0]
                 _join(side)
                 return (cast(gx, x.dtype), None, None, None, None, *grads)
             gx, gw, gb = op_backward(ctx.spec, x, w2c, gy, need[0], need_w, need_b)
-            if grads is None:
+            if direct:
+                grads = build.direct_grads(x, gy, theta, need[5:])
+            elif grads is None:
                 grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
             return (cast(gx, x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
@@ -185,6 +196,13 @@ def _side(gy: torch.Tensor):
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
         return None
     return side_stream(gy)
+
+
+def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
+    """Whether a build forms its parameters' gradients from ∂y and x itself here (its ``direct_ok``; False for a
+    build without one)."""
+    ok = getattr(build, "direct_ok", None)
+    return ok is not None and ok(spec, x)
 
 
 def _side_wanted(build) -> bool:
