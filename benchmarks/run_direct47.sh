@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7, prepared in session 46 for the next (not run): LoKr full-matrix's factor gradients straight from ∂y and x
 # on linear layers (lokr.kron_linear_grads, off by default: LYCO_LOKR_DIRECT_ROWS=0) against the ∂W′ path. Run 328's
-# SDXL b1 timeline: ∂W′ GEMMs ≈ 26 ms and their reductions 10.8 ms of the step's 52 over the floor (1.784×).
+# SDXL b1 timeline: ∂W′ GEMMs ≈ 22.7 ms and their reductions 10.8 ms exposed of the step's ≈ 45 over the floor.
 # SDXL b1 at c = 0 (floor alongside) / inf / 4 / 0, then SDXL b4 at inf / 0 (floor alongside).
 #   OUT=$OUT bash benchmarks/run_direct47.sh      (carry .whl; ≈ 420 s and the start)
 . benchmarks/_gpu_lib.sh

@@ -239,10 +239,11 @@ class _KronBuild:
         :class:`.rebuild._RebuiltOp`'s backward) instead of from ``∂W′``: a linear layer whose rows (x's, 2-D here)
         are at most :data:`DIRECT_ROWS` times its harmonic width ``out·in / (out + in)``.
 
-        Why (run 328, H200, SDXL b1 ``lokr-full``: 103.6 ms against the floor's 58.2): the weight gradients ∂W′ at
-        1024 rows are GEMMs with a short k-loop and a weight-sized output — ``448x64`` tiles 361× at 29 µs a call,
-        the 1280 → 10240 projections' 60× at 140 µs — and their two reductions (``_kron_wgrad_kernel`` and its finish,
-        735× each, 10.8 ms summed); 26 + 10.8 ms of the step's 52 over the floor. :func:`kron_linear_grads` does a
+        Why (run 328, H200, SDXL b1 ``lokr-full``: 103.6 ms against the floor's 58.2): by inference from the
+        kernels' names and counts (the trace has no shapes), the weight gradients ∂W′ at 1024 rows are GEMMs with a
+        short k-loop and a weight-sized output — ``448x64`` tiles 361× at 29 µs a call, the 1280-level GEGLU
+        projections' 60× at 140 µs — and their two reductions (``_kron_wgrad_kernel`` and its finish, 735× each):
+        ≈ 22.7 + 10.8 ms on the critical path of the step's ≈ 45 over the floor. :func:`kron_linear_grads` does a
         quarter of the multiply-adds at factor 8 and writes nothing weight-sized; it reads x and ∂y twice and writes
         an activation-sized intermediate twice, which is why many rows (SD1.5 b8: 32768 at 320 channels) may not
         pay — the threshold is for the A/B to set."""
