@@ -132,10 +132,31 @@ def _stand_in_side_stream(monkeypatch) -> list:
     fork, join, side = lowrank._fork, lowrank._join, rebuild._side
     monkeypatch.setenv("LYCO_REBUILD_STREAMS", "1")
     monkeypatch.setattr(lowrank, "side_stream", lambda t: fake)
-    monkeypatch.setattr(lowrank, "_fork", lambda s: fork(None if s is fake else s))
+    monkeypatch.setattr(lowrank, "_fork", lambda s, *a: fork(None if s is fake else s, *a))
     monkeypatch.setattr(lowrank, "_join", lambda s: join(None if s is fake else s))
     monkeypatch.setattr(rebuild, "_side", lambda gy: (lambda s: taken.append(s) or s)(side(gy)))
     return taken
+
+
+@pytest.mark.parametrize("raw,want", [("1", True), ("0", False), ("graph", False), (None, False)])
+def test_rebuilt_op_side_region_sm_target_switch(raw, want, monkeypatch):
+    """``LYCO_REBUILD_SIDE_SMS``: whether the rebuilt op's side region asks for the side streams' SM target
+    (``lowrank._fork``'s ``sms``) — ``1`` yes, ``0`` no, ``graph`` (the default) only inside a graph step (none
+    here); every fork of the step gets the same answer and the gradients stay the plain sum's."""
+    from lyco.algorithms import lowrank
+    if raw is None:
+        monkeypatch.delenv("LYCO_REBUILD_SIDE_SMS", raising=False)
+    else:
+        monkeypatch.setenv("LYCO_REBUILD_SIDE_SMS", raw)
+    forks = _stand_in_side_stream(monkeypatch)
+    asked, fork = [], lowrank._fork
+    monkeypatch.setattr(lowrank, "_fork", lambda s, sms=True: asked.append(sms) or fork(s, sms))
+    model, net = _make(CONFIGS["lokr-full"])
+    fast = _run(model, net, _inputs(), mode="rebuild")
+    assert forks and asked == [want] * len(forks), (forks, asked)
+    ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
+    for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])

@@ -213,7 +213,7 @@ def _side_workspace() -> int | None:
 
 
 @contextlib.contextmanager
-def _side_blas(side):
+def _side_blas(side, sms: bool = True):
     """cuBLAS's workspace for the block's GEMMs on ``side`` at :func:`_side_workspace`'s size, torch's sizes back
     after it.
 
@@ -231,10 +231,10 @@ def _side_blas(side):
     b4 19.97 / 20.03 / 19.57 ms), and SDXL b1's whole LoRA step with every workspace at 4 MiB 76.44 ms against
     76.46 at 32 (run 174) — the default 4 MiB. The peak this saves where torch has the setters is not measured.
     In a capture the block's GEMMs are also chosen for ``LYCO_SIDE_SMS`` SMs (:func:`.blas_sms.side`: fewer CTAs
-    beside the frozen GEMMs; runs 305–306)."""
+    beside the frozen GEMMs; runs 305–306) — unless ``sms`` is False (a region of weight-sized GEMMs, :func:`_fork`)."""
     cuda = side is not None and getattr(side.device, "type", None) == "cuda"
     size = _side_workspace() if cuda else None
-    with blas_sms.side(cuda):
+    with blas_sms.side(cuda) if sms else contextlib.nullcontext(False):
         if size is None:
             yield
             return
@@ -250,16 +250,16 @@ def _side_blas(side):
 
 
 @contextlib.contextmanager
-def _fork(side):
+def _fork(side, sms: bool = True):
     """Run the block on ``side`` after everything issued so far on the current stream (a no-op for None), cuBLAS's
-    workspace there at :func:`_side_blas`'s size. Every fork is joined (:func:`_join`) before the op returns; and a
-    join never comes without a fork before it in the same call: in a capture, waiting on an event of a stream not
-    yet forked into it is an error."""
+    workspace there at :func:`_side_blas`'s size (and, with ``sms``, its kernels for the side's SMs in a capture).
+    Every fork is joined (:func:`_join`) before the op returns; and a join never comes without a fork before it in
+    the same call: in a capture, waiting on an event of a stream not yet forked into it is an error."""
     if side is None:
         yield
         return
     side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side), _side_blas(side):
+    with torch.cuda.stream(side), _side_blas(side, sms):
         yield
 
 

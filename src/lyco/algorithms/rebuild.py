@@ -143,7 +143,7 @@ class _RebuiltOp(torch.autograd.Function):
                 # (lowrank.side_stream's discipline: forked after everything issued so far, joined before the
                 # gradients are returned)
                 from .lowrank import _fork, _join
-                with _fork(side):
+                with _fork(side, _side_sms()):
                     if direct:
                         grads = build.direct_grads(x, gy, theta, need[5:])
                     else:
@@ -196,6 +196,21 @@ def _side(gy: torch.Tensor):
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
         return None
     return side_stream(gy)
+
+
+def _side_sms() -> bool:
+    """Whether the side region of a rebuilt op's backward (:func:`_side`) takes the side streams' SM target in a
+    capture (:func:`.blas_sms.side`, ``LYCO_SIDE_SMS``: 32 of the device's SMs by default) — ``LYCO_REBUILD_SIDE_SMS``
+    (:mod:`.graph_policy`; ``graph``, the default: yes, as since change 168; ``0``: cuBLAS's own choice there).
+
+    Why the switch: change 168 chose the side streams' GEMMs for 32 SMs for the bypass op's thin products (rank-wide
+    outputs), and this region went with it unmeasured — but its GEMM is ∂W′, as large as the frozen layer's own. Run
+    328's SDXL b1 ``lokr-full`` timeline has the ∂W′ GEMMs (by inference from their counts: the trace has no shapes)
+    in ``448x64`` tiles, 60 CTAs for a 1280 × 1280 output, at 29 µs a call — ≈ 116 TFLOP/s if they are the
+    1024-row products; and LoKr full-matrix's SDXL ratios rose from the H100's 1.623 / 1.377 (b1 / b4, before change
+    168) to 1.784 / 1.681 (run 327). The A/B is prepared (``benchmarks/run_direct47.sh``), not run."""
+    from . import graph_policy
+    return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS")
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
