@@ -2,8 +2,9 @@
 # Issue 7, prepared in session 46 for the next (not run): run_direct47.sh's switches at SD1.5 — lokr-full at b1 and
 # b8 as built (floor alongside) / direct on (LYCO_LOKR_DIRECT_ROWS=inf) / the rebuilt op's side region without the
 # 32-SM target (LYCO_REBUILD_SIDE_SMS=0), and LoKr f8 at b8 (its narrow layers on the rebuilt op) as built / without
-# it; the trainer's CUDA graphs against eager for lokr-full with both on; then both factor-gradient forms alone per
-# layer shape (experiments/kron_direct_shapes.py: where the rows pay, for DIRECT_ROWS).
+# it; the trainer's CUDA graphs against eager for lokr-full with all three switches on (change 175's early fork too);
+# then both factor-gradient forms alone per layer shape (experiments/kron_direct_shapes.py: where the rows pay, for
+# DIRECT_ROWS).
 #   OUT=$OUT bash benchmarks/run_direct47b.sh      (carry .whl; ≈ 460 s and the start)
 . benchmarks/_gpu_lib.sh
 trainer_env
@@ -15,7 +16,7 @@ step_table s1 55 $A --algos lokr-full --jobs sd15:1 --baselines floor
 step_table s8 165 $A --algos lokr-full,lokr --jobs sd15:8 --baselines floor
 (export LYCO_LOKR_DIRECT_ROWS=inf; step_table s8d 195 $A --algos lokr-full --jobs sd15:8 --no-baselines)
 (export LYCO_REBUILD_SIDE_SMS=0; step_table s8s0 250 $A --algos lokr-full,lokr --jobs sd15:8 --no-baselines)
-(export LYCO_LOKR_DIRECT_ROWS=inf LYCO_REBUILD_SIDE_SMS=0; graph_check 80 lokr-full)
+(export LYCO_LOKR_DIRECT_ROWS=inf LYCO_REBUILD_SIDE_SMS=0 LYCO_REBUILD_EARLY_FORK=1; graph_check 80 lokr-full)
 timeout 120 python3 benchmarks/experiments/kron_direct_shapes.py --out $OUT/kron_direct_shapes.json \
   > $OUT/kron_direct_shapes.log 2>&1
 echo "shapes rc=$?"; grep '"summed_ms' $OUT/kron_direct_shapes.log

@@ -6,7 +6,9 @@ of a tensor per call) and cache the active-adapter list. They must compute the s
 the same gradients, as ``y + Σ m·Δy`` built from ``delta_output``.
 """
 
+import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -155,6 +157,43 @@ def test_rebuilt_op_side_region_sm_target_switch(raw, want, monkeypatch):
     fast = _run(model, net, _inputs(), mode="rebuild")
     assert forks and asked == [want] * len(forks), (forks, asked)
     ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
+    for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["lokr", "lokr-full", "dora"])
+@pytest.mark.parametrize("early", ["1", "0"])
+@pytest.mark.parametrize("direct", [False, True])
+def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
+    """``LYCO_REBUILD_EARLY_FORK``: LoKr's side region (its ``vjp`` reads no ``aux``; the direct form neither) forked
+    before the rebuild of W′ — the order of the calls says so — with the plain sum's outputs and gradients; a build
+    whose ``vjp`` reads ``aux`` (DoRA's, on the side stream here for the test) keeps the rebuild first."""
+    from lyco.algorithms import lokr as lokr_mod, lowrank, rebuild
+    monkeypatch.setenv("LYCO_REBUILD_EARLY_FORK", early)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", math.inf if direct else 0.0)
+    monkeypatch.setattr(rebuild, "_side_wanted", lambda build: True)
+    forks = _stand_in_side_stream(monkeypatch)
+    order, fork = [], lowrank._fork
+
+    @contextlib.contextmanager
+    def spy_fork(s, sms=True):
+        order.append("fork")
+        with fork(s, sms):
+            yield
+
+    monkeypatch.setattr(lowrank, "_fork", spy_fork)
+    from lyco.algorithms import dora as dora_mod
+    cls = dora_mod._LoraDoraBuild if name == "dora" else lokr_mod._KronBuild
+    rec = cls.recompute
+    monkeypatch.setattr(cls, "recompute", lambda self, *a: order.append("rebuild") or rec(self, *a))
+    model, net = _make(CONFIGS[name])
+    fast = _run(model, net, _inputs(), mode="rebuild")
+    assert forks and order.count("fork") == len(forks) and order.count("rebuild") == len(forks), order
+    first = order[::2]  # each backward: its two calls in a row
+    early_wanted = early == "1" and name != "dora"
+    assert first == (["fork"] if early_wanted else ["rebuild"]) * len(forks), order
+    ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-10)
     for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 

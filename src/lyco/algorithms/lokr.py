@@ -188,6 +188,8 @@ class _KronBuild:
     bias_grad = False
     #: its ∂W′ and this backward on the side stream beside ∂x in captured steps (:func:`.rebuild._side_wanted`)
     side_backward = True
+    #: :meth:`vjp` reads only ∂W′ and θ, not what :meth:`recompute` returns (:func:`.rebuild._early_fork`)
+    vjp_reads_aux = False
     #: c of :meth:`direct_ok` (``LYCO_LOKR_DIRECT_ROWS``; 0, the default: never). Not measured yet on a GPU: off until
     #: an A/B in the step shows where it pays (``benchmarks/run_direct47.sh``)
     DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 0.0)

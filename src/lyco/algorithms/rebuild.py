@@ -125,7 +125,6 @@ class _RebuiltOp(torch.autograd.Function):
         if ctx.own:
             # the algorithm's own backward through its build (no nested autograd: a few kernels and
             # no engine re-entry per layer — on a launch-bound host that is most of the cost)
-            w2, aux = build.recompute(keep, weight, bias, *theta)
             want = any(need[5:])
             # a build may have its parameters' gradients from elsewhere for this ∂y (``take_grads``, else None):
             # output-mode (IA)³ from the GEGLU kernel of the layer reading its output (.ia3, change 121) — no ∂W′
@@ -136,8 +135,24 @@ class _RebuiltOp(torch.autograd.Function):
             direct = want and grads is None and _direct(build, ctx.spec, x)
             need_w = want and grads is None and not direct
             need_b = need_w and getattr(build, "bias_grad", False)
-            w2c = cast(w2, gy.dtype)
             side = _side(gy) if need[0] and (need_w or direct) and _side_wanted(build) else None
+            if side is not None and (direct or not getattr(build, "vjp_reads_aux", True)) and _early_fork():
+                # the side region first (change 175): it reads neither W′ nor what the rebuild returns, so the
+                # rebuild runs beside it instead of before both
+                from .lowrank import _fork, _join
+                with _fork(side, _side_sms()):
+                    if direct:
+                        grads = build.direct_grads(x, gy, theta, need[5:])
+                    else:  # ∂W′ needs W′'s shape only: the frozen W stands in
+                        gw, gb = op_backward(ctx.spec, x, cast(weight, gy.dtype), gy, False, True, need_b)[1:]
+                        grads = build.vjp(None, theta, gw, gb, need[5:])
+                        del gw, gb
+                w2 = build.recompute(keep, weight, bias, *theta)[0]
+                gx = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, True, False, False)[0]
+                _join(side)
+                return (cast(gx, x.dtype), None, None, None, None, *grads)
+            w2, aux = build.recompute(keep, weight, bias, *theta)
+            w2c = cast(w2, gy.dtype)
             if side is not None:
                 # ∂W′ and the build's backward from it (or the direct form) on the side stream beside ∂x
                 # (lowrank.side_stream's discipline: forked after everything issued so far, joined before the
@@ -211,6 +226,20 @@ def _side_sms() -> bool:
     168) to 1.784 / 1.681 (run 327). The A/B is prepared (``benchmarks/run_direct47.sh``), not run."""
     from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS")
+
+
+def _early_fork() -> bool:
+    """Whether a rebuilt op's side region is forked before its rebuild of W′ where the region reads neither
+    (``LYCO_REBUILD_EARLY_FORK``, :mod:`.graph_policy`; ``0`` by default: not measured yet): the direct form, or a
+    build whose ``vjp`` does not read the rebuild's ``aux`` (its ``vjp_reads_aux`` False: LoKr's).
+
+    Why: forked after the rebuild, the side region (∂W′ and its reductions) waits for it, and ∂x waits for it too —
+    the rebuild sits before both on the critical path. Run 328's SDXL b1 ``lokr-full`` timeline has the merges
+    (``_kron_merge_kernel``, 1495 launches, forward's and backward's) at 7.28 of their 7.45 ms exposed; the
+    backward's half of them could run beside the side region instead. The A/B is prepared
+    (``benchmarks/run_direct47.sh``), not run."""
+    from . import graph_policy
+    return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK", "0")
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
