@@ -198,6 +198,37 @@ def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_rebuilt_op_early_fork_not_on_a_channels_last_weight(monkeypatch):
+    """Change 175 leaves a channels-last frozen conv weight's rebuilt op as it was (rebuild, then fork): the frozen W
+    would stand in for W′ with its layout. The other layers fork first; the gradients stay the plain sum's."""
+    from lyco.algorithms import lokr as lokr_mod, lowrank
+    monkeypatch.setenv("LYCO_REBUILD_EARLY_FORK", "1")
+    forks = _stand_in_side_stream(monkeypatch)
+    order, fork, rec = [], lowrank._fork, lokr_mod._KronBuild.recompute
+
+    @contextlib.contextmanager
+    def spy_fork(s, sms=True):
+        order.append("fork")
+        with fork(s, sms):
+            yield
+
+    monkeypatch.setattr(lowrank, "_fork", spy_fork)
+    monkeypatch.setattr(lokr_mod._KronBuild, "recompute",
+                        lambda self, keep, w, *a: order.append("cl" if not w.is_contiguous() else "rebuild")
+                        or rec(self, keep, w, *a))
+    model = Net().double()
+    with torch.no_grad():
+        model.conv.weight.data = model.conv.weight.contiguous(memory_format=torch.channels_last)
+    model, net = _make(CONFIGS["lokr-full"], model=model)
+    fast = _run(model, net, _inputs(), mode="rebuild")
+    pairs = [tuple(order[i:i + 2]) for i in range(0, len(order), 2)]
+    assert ("cl", "fork") in pairs and ("fork", "rebuild") in pairs, pairs
+    assert all(p in (("cl", "fork"), ("fork", "rebuild")) for p in pairs) and len(pairs) == len(forks), pairs
+    ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
+    for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
 @pytest.mark.parametrize("streams", ["off", "default", "all"])

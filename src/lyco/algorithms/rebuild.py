@@ -136,9 +136,11 @@ class _RebuiltOp(torch.autograd.Function):
             need_w = want and grads is None and not direct
             need_b = need_w and getattr(build, "bias_grad", False)
             side = _side(gy) if need[0] and (need_w or direct) and _side_wanted(build) else None
-            if side is not None and (direct or not getattr(build, "vjp_reads_aux", True)) and _early_fork():
+            if (side is not None and (direct or not getattr(build, "vjp_reads_aux", True)) and weight.is_contiguous()
+                    and _early_fork()):
                 # the side region first (change 175): it reads neither W′ nor what the rebuild returns, so the
-                # rebuild runs beside it instead of before both
+                # rebuild runs beside it instead of before both. Not for a channels-last frozen conv weight: standing
+                # in for W′ (contiguous, as the merge writes it) it would give ∂W′ its layout and the build a copy
                 from .lowrank import _fork, _join
                 with _fork(side, _side_sms()):
                     if direct:
