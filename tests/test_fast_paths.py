@@ -161,18 +161,10 @@ def test_rebuilt_op_side_region_sm_target_switch(raw, want, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["lokr", "lokr-full", "dora"])
-@pytest.mark.parametrize("early", ["1", "0"])
-@pytest.mark.parametrize("direct", [False, True])
-def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
-    """``LYCO_REBUILD_EARLY_FORK``: LoKr's side region (its ``vjp`` reads no ``aux``; the direct form neither) forked
-    before the rebuild of W′ — the order of the calls says so — with the plain sum's outputs and gradients; a build
-    whose ``vjp`` reads ``aux`` (DoRA's, on the side stream here for the test) keeps the rebuild first."""
-    from lyco.algorithms import lokr as lokr_mod, lowrank, rebuild
-    monkeypatch.setenv("LYCO_REBUILD_EARLY_FORK", early)
-    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", math.inf if direct else 0.0)
-    monkeypatch.setattr(rebuild, "_side_wanted", lambda build: True)
-    forks = _stand_in_side_stream(monkeypatch)
+def _forks_in_order(monkeypatch) -> list:
+    """A list that gets "fork" each time a side region is forked (``lowrank._fork``, after
+    :func:`_stand_in_side_stream`), for the tests to put other calls in order with it."""
+    from lyco.algorithms import lowrank
     order, fork = [], lowrank._fork
 
     @contextlib.contextmanager
@@ -182,6 +174,22 @@ def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
             yield
 
     monkeypatch.setattr(lowrank, "_fork", spy_fork)
+    return order
+
+
+@pytest.mark.parametrize("name", ["lokr", "lokr-full", "dora"])
+@pytest.mark.parametrize("early", ["1", "0"])
+@pytest.mark.parametrize("direct", [False, True])
+def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
+    """``LYCO_REBUILD_EARLY_FORK``: LoKr's side region (its ``vjp`` reads no ``aux``; the direct form neither) forked
+    before the rebuild of W′ — the order of the calls says so — with the plain sum's outputs and gradients; a build
+    whose ``vjp`` reads ``aux`` (DoRA's, on the side stream here for the test) keeps the rebuild first."""
+    from lyco.algorithms import lokr as lokr_mod, rebuild
+    monkeypatch.setenv("LYCO_REBUILD_EARLY_FORK", early)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", math.inf if direct else 0.0)
+    monkeypatch.setattr(rebuild, "_side_wanted", lambda build: True)
+    forks = _stand_in_side_stream(monkeypatch)
+    order = _forks_in_order(monkeypatch)
     from lyco.algorithms import dora as dora_mod
     cls = dora_mod._LoraDoraBuild if name == "dora" else lokr_mod._KronBuild
     rec = cls.recompute
@@ -201,18 +209,10 @@ def test_rebuilt_op_early_fork(name, early, direct, monkeypatch):
 def test_rebuilt_op_early_fork_not_on_a_channels_last_weight(monkeypatch):
     """Change 175 leaves a channels-last frozen conv weight's rebuilt op as it was (rebuild, then fork): the frozen W
     would stand in for W′ with its layout. The other layers fork first; the gradients stay the plain sum's."""
-    from lyco.algorithms import lokr as lokr_mod, lowrank
+    from lyco.algorithms import lokr as lokr_mod
     monkeypatch.setenv("LYCO_REBUILD_EARLY_FORK", "1")
     forks = _stand_in_side_stream(monkeypatch)
-    order, fork, rec = [], lowrank._fork, lokr_mod._KronBuild.recompute
-
-    @contextlib.contextmanager
-    def spy_fork(s, sms=True):
-        order.append("fork")
-        with fork(s, sms):
-            yield
-
-    monkeypatch.setattr(lowrank, "_fork", spy_fork)
+    order, rec = _forks_in_order(monkeypatch), lokr_mod._KronBuild.recompute
     monkeypatch.setattr(lokr_mod._KronBuild, "recompute",
                         lambda self, keep, w, *a: order.append("cl" if not w.is_contiguous() else "rebuild")
                         or rec(self, keep, w, *a))
