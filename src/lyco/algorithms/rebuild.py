@@ -136,25 +136,15 @@ class _RebuiltOp(torch.autograd.Function):
             need_w = want and grads is None and not direct
             need_b = need_w and getattr(build, "bias_grad", False)
             side = _side(gy) if need[0] and (need_w or direct) and _side_wanted(build) else None
-            if (side is not None and (direct or not getattr(build, "vjp_reads_aux", True)) and weight.is_contiguous()
-                    and _early_fork()):
-                # the side region first (change 175): it reads neither W′ nor what the rebuild returns, so the
-                # rebuild runs beside it instead of before both. Not for a channels-last frozen conv weight: standing
-                # in for W′ (contiguous, as the merge writes it) it would give ∂W′ its layout and the build a copy
-                from .lowrank import _fork, _join
-                with _fork(side, _side_sms()):
-                    if direct:
-                        grads = build.direct_grads(x, gy, theta, need[5:])
-                    else:  # ∂W′ needs W′'s shape only: the frozen W stands in
-                        gw, gb = op_backward(ctx.spec, x, cast(weight, gy.dtype), gy, False, True, need_b)[1:]
-                        grads = build.vjp(None, theta, gw, gb, need[5:])
-                        del gw, gb
-                w2 = build.recompute(keep, weight, bias, *theta)[0]
-                gx = op_backward(ctx.spec, x, cast(w2, gy.dtype), gy, True, False, False)[0]
-                _join(side)
-                return (cast(gx, x.dtype), None, None, None, None, *grads)
-            w2, aux = build.recompute(keep, weight, bias, *theta)
-            w2c = cast(w2, gy.dtype)
+            # the side region before the rebuild of W′ where it reads neither W′ nor what the rebuild returns
+            # (change 175): the rebuild then runs beside it instead of before both. Not for a channels-last frozen
+            # conv weight: standing in for W′ (contiguous, as the merge writes it) it would give ∂W′ its layout
+            early = (side is not None and (direct or not getattr(build, "vjp_reads_aux", True))
+                     and weight.is_contiguous() and _early_fork())
+            w2c = aux = None
+            if not early:
+                w2, aux = build.recompute(keep, weight, bias, *theta)
+                w2c = cast(w2, gy.dtype)
             if side is not None:
                 # ∂W′ and the build's backward from it (or the direct form) on the side stream beside ∂x
                 # (lowrank.side_stream's discipline: forked after everything issued so far, joined before the
@@ -163,10 +153,13 @@ class _RebuiltOp(torch.autograd.Function):
                 with _fork(side, _side_sms()):
                     if direct:
                         grads = build.direct_grads(x, gy, theta, need[5:])
-                    else:
-                        gw, gb = op_backward(ctx.spec, x, w2c, gy, False, True, need_b)[1:]
+                    else:  # ∂W′ reads W′'s shape only: the frozen W stands in before the rebuild
+                        shape_w = cast(weight, gy.dtype) if early else w2c
+                        gw, gb = op_backward(ctx.spec, x, shape_w, gy, False, True, need_b)[1:]
                         grads = build.vjp(aux, theta, gw, gb, need[5:])
                         del gw, gb
+                if early:
+                    w2c = cast(build.recompute(keep, weight, bias, *theta)[0], gy.dtype)
                 gx = op_backward(ctx.spec, x, w2c, gy, True, False, False)[0]
                 _join(side)
                 return (cast(gx, x.dtype), None, None, None, None, *grads)
@@ -223,9 +216,10 @@ def _side_sms() -> bool:
     Why the switch: change 168 chose the side streams' GEMMs for 32 SMs for the bypass op's thin products (rank-wide
     outputs), and this region went with it unmeasured — but its GEMM is ∂W′, as large as the frozen layer's own. Run
     328's SDXL b1 ``lokr-full`` timeline has the ∂W′ GEMMs (by inference from their counts: the trace has no shapes)
-    in ``448x64`` tiles, 60 CTAs for a 1280 × 1280 output, at 29 µs a call — ≈ 116 TFLOP/s if they are the
-    1024-row products; and LoKr full-matrix's SDXL ratios rose from the H100's 1.623 / 1.377 (b1 / b4, before change
-    168) to 1.784 / 1.681 (run 327). The A/B is prepared (``benchmarks/run_direct47.sh``), not run."""
+    in ``448x64`` tiles, 60 CTAs for a 1280 × 1280 output, at 29 µs a call — ≈ 116 TFLOP/s if they are the 1024-row
+    products; and LoKr full-matrix's SDXL ratios rose from the H100's 1.623 / 1.377 (b1 / b4, runs 219–221: before
+    change 168 and many others) to 1.784 / 1.681 (run 327). The A/B is prepared (``benchmarks/run_direct47.sh``),
+    not run."""
     from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS")
 
