@@ -16,7 +16,7 @@ step_table s1 55 $A --algos lokr-full --jobs sd15:1 --baselines floor
 step_table s8 165 $A --algos lokr-full,lokr --jobs sd15:8 --baselines floor
 (export LYCO_LOKR_DIRECT_ROWS=inf; step_table s8d 195 $A --algos lokr-full --jobs sd15:8 --no-baselines)
 (export LYCO_REBUILD_SIDE_SMS=0; step_table s8s0 250 $A --algos lokr-full,lokr --jobs sd15:8 --no-baselines)
-(export LYCO_LOKR_DIRECT_ROWS=inf LYCO_REBUILD_SIDE_SMS=0 LYCO_REBUILD_EARLY_FORK=1; graph_check 80 lokr-full)
+(export LYCO_REBUILD_SIDE_SMS=0 LYCO_REBUILD_EARLY_FORK=1; graph_check 80 lokr-full)
 timeout 120 python3 benchmarks/experiments/kron_direct_shapes.py --out $OUT/kron_direct_shapes.json \
   > $OUT/kron_direct_shapes.log 2>&1
 echo "shapes rc=$?"; grep '"summed_ms' $OUT/kron_direct_shapes.log

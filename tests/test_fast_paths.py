@@ -143,8 +143,8 @@ def _stand_in_side_stream(monkeypatch) -> list:
 @pytest.mark.parametrize("raw,want", [("1", True), ("0", False), ("graph", False), (None, False)])
 def test_rebuilt_op_side_region_sm_target_switch(raw, want, monkeypatch):
     """``LYCO_REBUILD_SIDE_SMS``: whether the rebuilt op's side region asks for the side streams' SM target
-    (``lowrank._fork``'s ``sms``) — ``1`` yes, ``0`` no, ``graph`` (the default) only inside a graph step (none
-    here); every fork of the step gets the same answer and the gradients stay the plain sum's."""
+    (``lowrank._fork``'s ``sms``) — ``1`` yes, ``0`` (the default since change 176) no, ``graph`` only inside a graph
+    step (none here); every fork of the step gets the same answer and the gradients stay the plain sum's."""
     from lyco.algorithms import lowrank
     if raw is None:
         monkeypatch.delenv("LYCO_REBUILD_SIDE_SMS", raising=False)
@@ -159,6 +159,17 @@ def test_rebuilt_op_side_region_sm_target_switch(raw, want, monkeypatch):
     ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
     for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_rebuilt_op_side_region_defaults_in_a_graph_step(monkeypatch):
+    """Unset, inside a graph step: the rebuilt op's side region leaves out the side streams' SM target and forks
+    before the rebuild of W′ (change 176, from runs 329–330); outside one, neither switch asks for anything."""
+    from lyco.algorithms import graph_policy, rebuild
+    for var in ("LYCO_REBUILD_SIDE_SMS", "LYCO_REBUILD_EARLY_FORK"):
+        monkeypatch.delenv(var, raising=False)
+    assert (rebuild._side_sms(), rebuild._early_fork()) == (False, False)
+    with graph_policy.graph_step():
+        assert (rebuild._side_sms(), rebuild._early_fork()) == (False, True)
 
 
 def _forks_in_order(monkeypatch) -> list:

@@ -211,31 +211,37 @@ def _side(gy: torch.Tensor):
 def _side_sms() -> bool:
     """Whether the side region of a rebuilt op's backward (:func:`_side`) takes the side streams' SM target in a
     capture (:func:`.blas_sms.side`, ``LYCO_SIDE_SMS``: 32 of the device's SMs by default) — ``LYCO_REBUILD_SIDE_SMS``
-    (:mod:`.graph_policy`; ``graph``, the default: yes, as since change 168; ``0``: cuBLAS's own choice there).
+    (:mod:`.graph_policy`; ``0``, the default since change 176: no, cuBLAS's own choice there; ``graph``: yes, as
+    from change 168 to 175).
 
     Why the switch: change 168 chose the side streams' GEMMs for 32 SMs for the bypass op's thin products (rank-wide
     outputs), and this region went with it unmeasured — but its GEMM is ∂W′, as large as the frozen layer's own. Run
     328's SDXL b1 ``lokr-full`` timeline has the ∂W′ GEMMs (by inference from their counts: the trace has no shapes)
     in ``448x64`` tiles, 60 CTAs for a 1280 × 1280 output, at 29 µs a call — ≈ 116 TFLOP/s if they are the 1024-row
     products; and LoKr full-matrix's SDXL ratios rose from the H100's 1.623 / 1.377 (b1 / b4, runs 219–221: before
-    change 168 and many others) to 1.784 / 1.681 (run 327). The A/B is prepared (``benchmarks/run_direct47.sh``),
-    not run."""
+    change 168 and many others) to 1.784 / 1.681 (run 327).
+
+    Measured (H200, runs 329–330, captured steps): without the target LoKr full-matrix's SDXL b1 step went
+    103.81 → 87.38 ms, SDXL b4 278.35 → 219.60, SD1.5 b1 24.98 → 24.23, SD1.5 b8 80.04 → 74.51, and LoKr f8's
+    SD1.5 b8 73.66 → 72.23 — hence off by default."""
     from . import graph_policy
-    return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS")
+    return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS", "0")
 
 
 def _early_fork() -> bool:
     """Whether a rebuilt op's side region is forked before its rebuild of W′ where the region reads neither
-    (``LYCO_REBUILD_EARLY_FORK``, :mod:`.graph_policy`; ``0`` by default: not measured yet): the direct form, or a
+    (``LYCO_REBUILD_EARLY_FORK``, :mod:`.graph_policy`; ``graph`` by default since change 176): the direct form, or a
     build whose ``vjp`` does not read the rebuild's ``aux`` (its ``vjp_reads_aux`` False: LoKr's).
 
     Why: forked after the rebuild, the side region (∂W′ and its reductions) waits for it, and ∂x waits for it too —
     the rebuild sits before both on the critical path. Run 328's SDXL b1 ``lokr-full`` timeline has the merges
     (``_kron_merge_kernel``, 1495 launches, forward's and backward's) at 7.28 of their 7.45 ms exposed; the
-    backward's half of them could run beside the side region instead. The A/B is prepared
-    (``benchmarks/run_direct47.sh``), not run."""
+    backward's half of them could run beside the side region instead.
+
+    Measured (H200, run 329, SDXL b1 ``lokr-full``, captured, both without change 174's SM target): 87.38 ms
+    without the early fork, 84.87 with it."""
     from . import graph_policy
-    return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK", "0")
+    return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK")
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
