@@ -6,6 +6,7 @@ many, each gradient alone and both, a scale; bf16 rows against float64), and in 
 network against the plain bypass sum (outputs, the input's and every factor's gradient), with the rule's threshold."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -69,10 +70,15 @@ def test_kron_linear_grads_bf16_rows_fp32_out(shape):
 
 
 def test_direct_rule_follows_the_rows(monkeypatch):
-    """Rows ≤ c·out·in/(out + in) on a linear layer; never at c = 0 (the default) or on a conv."""
+    """Rows ≤ c·out·in/(out + in) on a linear layer of at least DIRECT_MIN weight elements; never at c = 0 or on a
+    conv."""
     build = lokr_mod._KronBuild(1.0)
     spec = LayerSpec(kind=LINEAR, weight_shape=(1280, 1280))     # harmonic width 640
     x = torch.empty(1024, 1280)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", 1.6)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_MIN", 1280 * 1280 + 1.0)
+    assert not build.direct_ok(spec, x)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_MIN", 1280 * 1280)
     monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", 0.0)
     assert not build.direct_ok(spec, x)
     monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", 1.6)
@@ -82,6 +88,21 @@ def test_direct_rule_follows_the_rows(monkeypatch):
     monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", math.inf)
     conv = LayerSpec(kind=CONV2D, weight_shape=(8, 8, 3, 3), padding=(1, 1))
     assert not build.direct_ok(conv, torch.empty(2, 8, 4, 4))
+
+
+def test_direct_rule_defaults_take_the_geglu_projection_only():
+    """Unset (change 177): of SDXL's linear layer shapes at batch 1 and 4, the 1280 → 10240 GEGLU projection alone
+    — the one shape run 330 measured the direct form faster on."""
+    for var in ("LYCO_LOKR_DIRECT_ROWS", "LYCO_LOKR_DIRECT_MIN"):  # read at import: the suite runs without them
+        assert var not in os.environ, var
+    build = lokr_mod._KronBuild(1.0)
+    taken = set()
+    for rows, inp, out in [(4096, 640, 640), (77, 2048, 640), (4096, 640, 5120), (4096, 2560, 640),
+                           (1024, 1280, 1280), (77, 2048, 1280), (1024, 1280, 10240), (1024, 5120, 1280)]:
+        for batch in (1, 4):
+            if build.direct_ok(LayerSpec(kind=LINEAR, weight_shape=(out, inp)), torch.empty(rows * batch, inp)):
+                taken.add((inp, out))
+    assert taken == {(1280, 10240)}
 
 
 class _Net(nn.Module):
@@ -143,6 +164,7 @@ def test_rebuilt_op_direct_equals_plain_sum(multiplier, scalar, monkeypatch):
         return vjp(self, *a)
 
     monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_ROWS", math.inf)
+    monkeypatch.setattr(lokr_mod._KronBuild, "DIRECT_MIN", 0.0)
     monkeypatch.setattr(lokr_mod._KronBuild, "direct_grads", spy_direct)
     monkeypatch.setattr(lokr_mod._KronBuild, "vjp", spy_vjp)
     for layer in net.layers.values():

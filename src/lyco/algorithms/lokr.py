@@ -190,9 +190,10 @@ class _KronBuild:
     side_backward = True
     #: :meth:`vjp` reads only ∂W′ and θ, not what :meth:`recompute` returns (:func:`.rebuild._early_fork`)
     vjp_reads_aux = False
-    #: c of :meth:`direct_ok` (``LYCO_LOKR_DIRECT_ROWS``; 0, the default: never). Not measured yet on a GPU: off until
-    #: an A/B in the step shows where it pays (``benchmarks/run_direct47.sh``)
-    DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 0.0)
+    #: c of :meth:`direct_ok` (``LYCO_LOKR_DIRECT_ROWS``; 0: never) and the fewest weight elements it takes
+    #: (``LYCO_LOKR_DIRECT_MIN``) — the rule and its defaults from run 330's per-shape table (change 177)
+    DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 4.0)
+    DIRECT_MIN = _env_float("LYCO_LOKR_DIRECT_MIN", float(1 << 23))
 
     def __init__(self, s: float):
         self.s = s
@@ -238,8 +239,9 @@ class _KronBuild:
 
     def direct_ok(self, spec: LayerSpec, x: torch.Tensor) -> bool:
         """Whether the factors' gradients come straight from ∂y and x (:meth:`direct_grads`, asked by
-        :class:`.rebuild._RebuiltOp`'s backward) instead of from ``∂W′``: a linear layer whose rows (x's, 2-D here)
-        are at most :data:`DIRECT_ROWS` times its harmonic width ``out·in / (out + in)``.
+        :class:`.rebuild._RebuiltOp`'s backward) instead of from ``∂W′``: a linear layer of at least
+        :data:`DIRECT_MIN` weight elements whose rows (x's, 2-D here) are at most :data:`DIRECT_ROWS` times its
+        harmonic width ``out·in / (out + in)``.
 
         Why (run 328, H200, SDXL b1 ``lokr-full``: 103.6 ms against the floor's 58.2): by inference from the
         kernels' names and counts (the trace has no shapes), the weight gradients ∂W′ at 1024 rows are GEMMs with a
@@ -248,11 +250,21 @@ class _KronBuild:
         ≈ 22.7 + 10.8 ms on the critical path of the step's ≈ 45 over the floor. :func:`kron_linear_grads` does a
         quarter of the multiply-adds at factor 8 and writes nothing weight-sized; it reads x and ∂y twice and writes
         an activation-sized intermediate twice, which is why many rows (SD1.5 b8: 32768 at 320 channels) may not
-        pay — the threshold is for the A/B to set."""
+        pay.
+
+        Measured (H200; ``benchmarks/experiments/kron_direct_shapes.py``, run 330, each form alone in a CUDA graph,
+        factor 8): the direct form won on one shape family only, the 1280 → 10240 GEGLU projection — 0.42–0.68 of
+        the ∂W′ path's time at 64–4096 rows (SDXL b1: 57 against 85 µs, 60 layers) — tied on 5120 → 1280
+        (0.92–0.99) and lost everywhere else, 1.3–12× (the square attention projections at every row count: their
+        per-row ``out_l × in_m`` products and narrow GEMMs; 640 → 5120 by 1.6–1.8×, though it widens as much). In the
+        step with every linear layer on it, it lost: SDXL b1 87.38 → 102.10 ms, SD1.5 b1 24.98 → 32.15, b8
+        80.04 → 124.15 (runs 329–330). Hence the weight-size floor (2²³ elements: the 13.1 M-element projection in,
+        the 6.6 M-element ``ff.net.2`` out) and c = 4 (4096 rows at SDXL b4 are 3.6 of its harmonic width). A rule
+        fitted to the shapes measured, not derived: the one shape that pays is also the largest ∂W′ of the UNets."""
         if spec.kind != LINEAR or self.DIRECT_ROWS <= 0.0:
             return False
         out, inp = spec.out_dim, spec.flat_in
-        return x.shape[0] <= self.DIRECT_ROWS * out * inp / (out + inp)
+        return out * inp >= self.DIRECT_MIN and x.shape[0] <= self.DIRECT_ROWS * out * inp / (out + inp)
 
     def direct_grads(self, x, gy, theta, needs):
         """θ's gradients by :func:`kron_linear_grads` (``x``, ``gy``: the op's rows), in θ's shapes and dtypes."""
