@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 7, prepared in session 46 for the next (not run): LoKr full-matrix at SDXL with the rebuilt op's three
+# Issue 7, prepared in session 46, run in session 47 as run 329 ("as built" then: change 175's defaults, since
+# changed by changes 176–177): LoKr full-matrix at SDXL with the rebuilt op's three
 # prepared switches, each off by default — its side region without the side streams' 32-SM target
 # (LYCO_REBUILD_SIDE_SMS=0, change 174), the factor gradients straight from ∂y and x on linear layers
 # (LYCO_LOKR_DIRECT_ROWS=inf, change 173) and the side region forked before the rebuild of W′

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 7, prepared in session 46 for the next (not run): run_direct47.sh's switches at SD1.5 — lokr-full at b1 and
+# Issue 7, prepared in session 46, run in session 47 as run 330 ("as built" then: change 175's defaults, since
+# changed by changes 176–177): run_direct47.sh's switches at SD1.5 — lokr-full at b1 and
 # b8 as built (floor alongside) / direct on (LYCO_LOKR_DIRECT_ROWS=inf) / the rebuilt op's side region without the
 # 32-SM target (LYCO_REBUILD_SIDE_SMS=0), and LoKr f8 at b8 (its narrow layers on the rebuilt op) as built / without
-# it; the trainer's CUDA graphs against eager for lokr-full with all three switches on (change 175's early fork too);
+# it; the trainer's CUDA graphs against eager for lokr-full with the side-SM and early-fork switches on (the direct
+# form left out at run time: run 329 had it losing);
 # then both factor-gradient forms alone per layer shape (experiments/kron_direct_shapes.py: where the rows pay, for
 # DIRECT_ROWS).
 #   OUT=$OUT bash benchmarks/run_direct47b.sh      (carry .whl; ≈ 460 s and the start)
