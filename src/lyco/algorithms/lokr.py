@@ -51,7 +51,7 @@ from .base import (
 from . import factor_batch, factor_triton, lowrank
 from ..errors import ConfigError
 from .factorize import factorization
-from .rebuild import cast, rebuilt_op, supports as rebuild_supports
+from .rebuild import _forward_ahead, cast, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -637,12 +637,33 @@ class LoKr(Algorithm):
         the two factors, formed here under autograd; a trained ``scalar`` folded into W1)."""
         if not rebuild_supports(spec):
             return super().rebuild_op(x, t, spec, weight, bias, multiplier)
+        s, theta = self._kron_theta(t, multiplier)
+        build = _KronBuild(s)
+        if _forward_ahead(x):
+            # W′ built a layer ahead (rebuild._forward_ahead): from the adapter's own tensors, held weakly and read
+            # when the build runs — the factors' views and W1·γ made there, as here
+            names = tuple(k for k, v in t.items() if isinstance(v, torch.Tensor))
+            consts = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
+            build.ahead = (t[names[0]], lowrank._weak_build(self._ahead_aux, names, consts, multiplier, weight, bias,
+                                                            *(t[k] for k in names)))
+        return rebuilt_op(x, spec, weight, bias, build, *theta)
+
+    def _kron_theta(self, t, multiplier) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
+        """The rebuilt op's scale and θ: W1 (a trained ``scalar`` folded in) and W2 flat, in the broadcast shapes of
+        :meth:`_KronBuild.factors`."""
         w1 = self._w1(t)
         gain = self._gain(t)
         if isinstance(gain, torch.Tensor):
             w1, gain = w1 * gain.to(w1.dtype), 1.0
-        return rebuilt_op(x, spec, weight, bias, _KronBuild(float(gain) * multiplier),
-                          *_KronBuild.factors(w1, self._w2_flat(t)))
+        return float(gain) * multiplier, _KronBuild.factors(w1, self._w2_flat(t))
+
+    def _ahead_aux(self, names, consts, multiplier, weight, bias, *vals):
+        """:meth:`_KronBuild.forward_aux` from the adapter's tensors (``names`` → ``vals``, ``consts`` the rest of
+        its dict): the forward's W′ of :meth:`rebuild_op`, built ahead."""
+        t = dict(consts)
+        t.update(zip(names, vals))
+        s, theta = self._kron_theta(t, multiplier)
+        return _KronBuild(s).forward_aux(weight, bias, *theta)
 
     def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
         """When the activation is at least as large as the weight (positions ≥ in·∏k): ΔW = γ·kron

@@ -107,12 +107,20 @@ class _RebuiltOp(torch.autograd.Function):
         # Function.forward runs without autograd
         own = getattr(build, "vjp", None) is not None and not weight.requires_grad and not (
             bias is not None and bias.requires_grad)
-        if own:
+        ahead = getattr(build, "ahead", None) if own else None
+        if ahead is not None:
+            # W′ built a layer ahead on the up stream by the op that ran before this one (_forward_ahead)
+            from .lowrank import _fwd_weights
+            got = _fwd_weights(x, ahead[0], ahead[1])
+            w2, b2, keep = got if got is not None else build.forward_aux(weight, bias, *theta)
+            del got
+        elif own:
             w2, b2, keep = build.forward_aux(weight, bias, *theta)
         else:
             (w2, b2), keep = build(weight, bias, *theta), ()
         y = layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
         ctx.spec, ctx.build, ctx.own, ctx.n_theta = spec, build, own, len(theta)
+        ctx.ahead = ahead is not None
         ctx.save_for_backward(x, weight, bias, *theta, *keep)
         return y
 
@@ -120,6 +128,9 @@ class _RebuiltOp(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, *rest = ctx.saved_tensors
         theta, keep = rest[:ctx.n_theta], rest[ctx.n_theta:]
+        if ctx.ahead:  # a backward began: the next forward starts a new order (.lowrank._fwd_reset)
+            from .lowrank import _fwd_reset
+            _fwd_reset(gy.device)
         need = ctx.needs_input_grad  # (x, spec, build, weight, bias, *theta)
         build = ctx.build
         if ctx.own:
@@ -242,6 +253,25 @@ def _early_fork() -> bool:
     without the early fork, 84.87 with it."""
     from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK")
+
+
+def _forward_ahead(x: torch.Tensor) -> bool:
+    """Whether a build that offers it (its ``ahead``: a key tensor and a call, :func:`.lowrank._weak_build`, that
+    returns :meth:`forward_aux`'s result from the adapter's own tensors) has its forward's W′ built a layer ahead on
+    the up stream, by the op that ran before it in the last forward (:func:`.lowrank._fwd_weights`, the bypass op's
+    ``LYCO_FORWARD_MERGED`` order): ``LYCO_REBUILD_FORWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: not
+    measured yet) and the up stream on x's device (:func:`.lowrank.up_stream`; CUDA).
+
+    Why: the forward builds W′ on its own stream just before the layer's GEMM reads it. Run 328's SDXL b1
+    ``lokr-full`` timeline (H200) has the merges (``_kron_merge_kernel``, 1495 launches: each layer's W′ in its
+    forward and again in its backward) at 7.28 of 7.45 ms exposed; change 176's early fork moved the backward's
+    beside the side region, the forward's half stays on the critical path. Built ahead, it runs on the up stream —
+    idle in the forward — beside the previous layer's GEMM. Numerics: the same W′ (the same merge of the same
+    factors, read after the optimizer's update: the order restarts at each backward). Memory: one more W′ alive at a
+    time (the next layer's)."""
+    from . import graph_policy
+    from .lowrank import up_stream
+    return graph_policy.wanted("LYCO_REBUILD_FORWARD_AHEAD", "0") and up_stream(x) is not None
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
