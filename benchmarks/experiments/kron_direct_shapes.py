@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """LoKr full-matrix's factor gradients on a linear layer: through ∂W′ against straight from ∂y and x (issue 7,
-session 46, NOTES change 173), per layer shape.
+session 46, NOTES change 173) — in the row form and (session 47) the permuted one — per layer shape.
 
 The rebuilt op's path: ``∂W′ = ∂yᵀ·x`` (one bf16 GEMM) and its two reductions (``factor_triton.kron_weight_grads``);
 the direct form: ``lyco.algorithms.lokr.kron_linear_grads``. For the linear layers of SD1.5 (512 px) and SDXL
@@ -75,21 +75,29 @@ def main():
                 ref = via_dw(x, gy, w1, w2, 0.5)
                 got = lokr.kron_linear_grads(x, gy, w1, w2, 0.5, (torch.float32, torch.float32))
                 err = max(float((u - v).abs().max() / v.abs().max()) for u, v in zip(got, ref))
+                got = lokr.kron_linear_grads_permuted(x, gy, w1, w2, 0.5, (torch.float32, torch.float32))
+                err_perm = max(float((u - v).abs().max() / v.abs().max()) for u, v in zip(got, ref))
                 us_dw = graph_us(lambda: via_dw(x, gy, w1, w2, 0.5), 10)
                 us_direct = graph_us(lambda: lokr.kron_linear_grads(x, gy, w1, w2, 0.5,
                                                                     (torch.float32, torch.float32)), 10)
+                us_perm = graph_us(lambda: lokr.kron_linear_grads_permuted(x, gy, w1, w2, 0.5,
+                                                                           (torch.float32, torch.float32)), 10)
                 rec = dict(model=model, batch=b, rows=rows, inp=inp, out=out, layers=count,
                            rows_per_width=round(rows * (out + inp) / (out * inp), 3), err=round(err, 5),
-                           us_dw=round(us_dw, 2), us_direct=round(us_direct, 2),
-                           ratio=round(us_direct / us_dw, 3))
+                           err_perm=round(err_perm, 5), us_dw=round(us_dw, 2), us_direct=round(us_direct, 2),
+                           us_perm=round(us_perm, 2), ratio=round(us_direct / us_dw, 3),
+                           ratio_perm=round(us_perm / us_dw, 3))
                 print(json.dumps(rec), flush=True)
                 rows_out.append(rec)
             tot = [r for r in rows_out if r["model"] == model and r["batch"] == b]
             print(json.dumps(dict(model=model, batch=b, summed_ms_dw=round(sum(r["us_dw"] * r["layers"] for r in tot)
                                                                           / 1e3, 3),
                                   summed_ms_direct=round(sum(r["us_direct"] * r["layers"] for r in tot) / 1e3, 3),
+                                  summed_ms_perm=round(sum(r["us_perm"] * r["layers"] for r in tot) / 1e3, 3),
                                   summed_ms_best=round(sum(min(r["us_dw"], r["us_direct"]) * r["layers"]
-                                                           for r in tot) / 1e3, 3))), flush=True)
+                                                           for r in tot) / 1e3, 3),
+                                  summed_ms_best3=round(sum(min(r["us_dw"], r["us_direct"], r["us_perm"])
+                                                            * r["layers"] for r in tot) / 1e3, 3))), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows_out, f, indent=1)

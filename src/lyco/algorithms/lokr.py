@@ -163,6 +163,53 @@ def kron_linear_grads(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: t
     return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
 
 
+def kron_linear_grads_permuted(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float,
+                               dts: tuple, needs=(True, True)):
+    """:func:`kron_linear_grads` with the rows permuted first — ``Xp (in_m, R, in_n)`` and ``∂Yp (out_l, R, out_k)``
+    (one copy each) — so that every product is one plain GEMM: none of the per-row ``out_l × in_m`` products of a
+    batched GEMM over R, nor its batch sum. Same arguments and result.
+
+    Order (T, G) — ``in_m·out_k ≤ out_l·in_n`` —: ``Tp = Xp·W2ᵀ`` ``(in_m, R, out_k)``; ``∂W1 = s·∂Yp·Tpᵀ`` over
+    ``R·out_k``; ``Gp = W1ᵀ·∂Yp`` ``(in_m, R·out_k)``; ``∂W2 = s·Gpᵀ·Xp`` over ``in_m·R``. Order (Z, H): ``Zp = ∂Yp·W2``
+    ``(out_l, R, in_n)``; ``∂W1 = s·Zp·Xpᵀ`` over ``R·in_n``; ``Hp = W1·Xp`` ``(out_l, R·in_n)``; ``∂W2 = s·∂Ypᵀ·Hp``
+    over ``out_l·R``. The multiply-adds are :func:`kron_linear_grads`'s; the two permuted copies are activation-sized
+    (x's and ∂y's).
+
+    Why: run 330 (H200, each form alone in a CUDA graph) had the row form 1.3–3.8× slower than the ∂W′ path on the
+    square attention projections (SDXL b1's 1280 × 1280 at 1024 rows; SD1.5's 320 × 320 at 4096): by inference from
+    its shape — not profiled — the batched GEMM of R tiny ``out_l × out_k · out_k × in_m`` products (8 × 160 · 160 × 8
+    at factor 8) and the one with W1 broadcast over R. Here those contractions run over ``R·out_k`` (or ``R·in_n``)
+    at once. Not measured yet: ``benchmarks/experiments/kron_direct_shapes.py`` times it beside both.
+
+    Numerics: as :func:`kron_linear_grads` — the intermediate rounded once to the rows' dtype, fp32 accumulation in
+    the GEMMs (∂W1's and ∂W2's sums in one GEMM each, not a per-row product then a sum)."""
+    r = x.shape[0]
+    L, M = w1.shape
+    K, N = w2.shape
+    cd = gy.dtype
+    xp = cast(x, cd).reshape(r, M, N).transpose(0, 1).contiguous()        # (M, R, N)
+    gp = gy.reshape(r, L, K).transpose(0, 1).contiguous()                  # (L, R, K)
+    w1c, w2c = cast(w1, cd), cast(w2, cd)
+    g1 = g2 = None
+    if M * K <= L * N:
+        if needs[0]:
+            t = xp.view(M * r, N) @ w2c.t()                                    # (M·R, K) = (M, R·K)
+            g1 = lowrank._mm(gp.view(L, r * K), t.view(M, r * K).t(), s, dts[0])
+            del t
+        if needs[1]:
+            g = w1c.t() @ gp.view(L, r * K)                                    # (M, R·K) = (M·R, K)
+            g2 = lowrank._mm(g.view(M * r, K).t(), xp.view(M * r, N), s, dts[1])
+    else:
+        if needs[0]:
+            z = gp.view(L * r, K) @ w2c                                        # (L·R, N) = (L, R·N)
+            g1 = lowrank._mm(z.view(L, r * N), xp.view(M, r * N).t(), s, dts[0])
+            del z
+        if needs[1]:
+            h = w1c @ xp.view(M, r * N)                                        # (L, R·N) = (L·R, N)
+            g2 = lowrank._mm(gp.view(L * r, K).t(), h.view(L * r, N), s, dts[1])
+    return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
+
+
 class _KronBuild:
     """LoKr for :mod:`.rebuild`: ``W′ = W + s·kron(W1, W2)`` with θ = (W1, W2 flat) formed outside the op
     (under autograd: they are the small factors, ``a @ b`` or a Tucker rebuild at most).
@@ -194,6 +241,11 @@ class _KronBuild:
     #: (``LYCO_LOKR_DIRECT_MIN``) — the rule and its defaults from run 330's per-shape table (change 177)
     DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 4.0)
     DIRECT_MIN = _env_float("LYCO_LOKR_DIRECT_MIN", float(1 << 23))
+    #: which form :meth:`direct_grads` runs (``LYCO_LOKR_DIRECT_FORM``): ``rows`` (:func:`kron_linear_grads`, measured
+    #: in runs 329–332) or ``permuted`` (:func:`kron_linear_grads_permuted`: not measured yet)
+    DIRECT_FORM = os.environ.get("LYCO_LOKR_DIRECT_FORM", "rows")
+    if DIRECT_FORM not in ("rows", "permuted"):
+        raise ConfigError(f"LYCO_LOKR_DIRECT_FORM={DIRECT_FORM!r}: expected 'rows' or 'permuted'")
 
     def __init__(self, s: float):
         self.s = s
@@ -269,8 +321,9 @@ class _KronBuild:
     def direct_grads(self, x, gy, theta, needs):
         """θ's gradients by :func:`kron_linear_grads` (``x``, ``gy``: the op's rows), in θ's shapes and dtypes."""
         t1, t2 = theta
-        g1, g2 = kron_linear_grads(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
-                                   self.s, (t1.dtype, t2.dtype), needs)
+        form = kron_linear_grads_permuted if self.DIRECT_FORM == "permuted" else kron_linear_grads
+        g1, g2 = form(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
+                      self.s, (t1.dtype, t2.dtype), needs)
         return (g1.view(t1.shape) if g1 is not None else None, g2.view(t2.shape) if g2 is not None else None)
 
     def vjp(self, aux, theta, gw, gb, needs):
