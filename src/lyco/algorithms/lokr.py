@@ -319,7 +319,8 @@ class _KronBuild:
         return out * inp >= self.DIRECT_MIN and x.shape[0] <= self.DIRECT_ROWS * out * inp / (out + inp)
 
     def direct_grads(self, x, gy, theta, needs):
-        """θ's gradients by :func:`kron_linear_grads` (``x``, ``gy``: the op's rows), in θ's shapes and dtypes."""
+        """θ's gradients by :func:`kron_linear_grads` (or its permuted form, :data:`DIRECT_FORM`; ``x``, ``gy``: the
+        op's rows), in θ's shapes and dtypes."""
         t1, t2 = theta
         form = kron_linear_grads_permuted if self.DIRECT_FORM == "permuted" else kron_linear_grads
         g1, g2 = form(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
