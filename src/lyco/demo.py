@@ -89,13 +89,15 @@ def world_demo() -> int:
     before, after = rows["base"], rows[algo.name]
     _say("")
     _say("=" * 72)
-    _say(f"{'':>34}{'before (base)':>16}{'after (' + algo.label + ')':>16}")
+    head = "after (" + algo.label + ")"
+    w = max(16, len(head) + 2)  # a column per side, wide enough for its heading (LoKr's label is long)
+    _say(f"{'':>34}{'before (base)':>{w}}{head:>{w}}")
     for key, what in (("fidelity", f"fidelity: a star for '{concept.trigger}'"),
                       ("controllability", "controllability: colour+background"),
                       ("diversity", "diversity (Vendi, 1..2 seeds)"),
                       ("preservation", "preservation: no-trigger prompts"),
                       ("quality", "quality: classifier confidence")):
-        _say(f"{what:<34}{before[key]:>16.2f}{after[key]:>16.2f}")
+        _say(f"{what:<34}{before[key]:>{w}.2f}{after[key]:>{w}.2f}")
     _say(f"(fixed prompts and seeds: {len(s.seeds)} seeds × {s.n_prompts} trigger prompts, the same number without "
          f"the trigger; definitions in lyco/world/metrics.py)")
     _say(f"trained {after['steps']} steps in {after['train_s']:.1f}s; sampled from the saved file in "
