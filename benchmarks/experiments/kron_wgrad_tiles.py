@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""LoKr's two reductions of the rebuilt op's weight gradient ``∂W′`` — ``factor_triton.kron_weight_grads`` — alone,
+per layer shape: the library's launch at four tile sizes, and a form that loads each program's ``(BK, M, BC)`` block
+at once (issue 7, prepared in session 47 for the next; not yet run on a GPU).
+
+Run 328's SDXL b1 ``lokr-full`` timeline (H200) had ``_kron_wgrad_kernel`` at 8.6 µs and its finish at 6.1 µs a layer
+on average (735 each), where reading a 1280 × 1280 bf16 ∂W′ takes ≈ 1 µs at the card's bandwidth. By the library
+kernel's geometry (a program per (k, c) tile of 2048 elements and row i of W1, a serial loop over W1's M columns with
+two full-tile reductions each) a 1280 × 1280 layer at factor 8 is 160 programs of 8 dependent steps. The block form
+(``_kron_wgrad_block_kernel`` here) loads the ``M`` slices together and reduces each over its own axes; smaller tiles
+give more programs. Both write the library's partials, summed by the library's finish launch.
+
+For each shape of SD1.5's and SDXL's linear layers at factor 8 (``kron_direct_shapes.LAYERS``), µs a call (10 calls in
+one CUDA graph, median of 7 replays) of each configuration, after checking it against float64; then per model the µs
+summed over its layers (SDXL b1's counts) for each configuration, and the best per shape.
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/experiments/kron_wgrad_tiles.py --check
+    PYTHONPATH=src python benchmarks/experiments/kron_wgrad_tiles.py [--out FILE]
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from lyco.algorithms import factor_triton as F  # noqa: E402
+from lyco.algorithms.factorize import factorization  # noqa: E402
+from lyco.algorithms.lowrank_triton import triton  # noqa: E402
+
+import triton.language as tl  # noqa: E402
+
+#: the library kernel's tile sizes (elements of a (k, c) tile) and the block form's (tile, warps)
+LOOP_TILES = (512, 1024, 2048, 4096)
+BLOCK_CFGS = ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8))
+
+
+@triton.jit
+def _kron_wgrad_block_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c, NCB,
+                             BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr):
+    """The library's ``_kron_wgrad_kernel`` (same partials: ``P2[i, k, c] = Σ_j W1[i,j]·E[i,k,j,c]``,
+    ``P1[tile, i, j] = Σ_kc E[i,k,j,c]·W2[k,c]``) with the program's ``(BK, MP, BC)`` block loaded at once."""
+    t = tl.program_id(0)
+    i = tl.program_id(1)
+    kk = (t // NCB) * BK + tl.arange(0, BK)
+    cc = (t % NCB) * BC + tl.arange(0, BC)
+    jj = tl.arange(0, MP)
+    m2 = (kk[:, None] < K) & (cc[None, :] < C)
+    m3 = m2[:, None, :] & (jj[None, :, None] < M)
+    off = ((i.to(tl.int64) * K + kk[:, None, None].to(tl.int64)) * M + jj[None, :, None]) * C + cc[None, None, :]
+    e = tl.load(E + off, mask=m3, other=0.0).to(tl.float32)
+    w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
+    w2 = tl.load(W2 + kk[:, None] * sw2k + cc[None, :] * sw2c, mask=m2, other=0.0).to(tl.float32)
+    p2 = tl.sum(e * w1[None, :, None], axis=1)
+    p1 = tl.sum(tl.sum(e * w2[:, None, :], axis=2), axis=0)
+    tl.store(P1 + (t * tl.num_programs(1) + i) * M + jj, p1, mask=jj < M)
+    tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], p2, mask=m2)
+
+
+def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=1024, warps=8):
+    """:func:`factor_triton.kron_weight_grads` with :func:`_kron_wgrad_block_kernel` (``tile`` elements of (k, c) a
+    program, ``warps``) and the library's finish launch."""
+    L, K, M, C = e.shape
+    bc = min(128, F._p2(C))
+    bk = max(1, min(F._p2(K), tile // bc))
+    ncb = F._cdiv(C, bc)
+    tiles = F._cdiv(K, bk) * ncb
+    p1 = torch.empty(tiles, L, M, dtype=torch.float32, device=e.device)
+    p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
+    _kron_wgrad_block_kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc,
+                                         MP=F._p2(M), num_warps=warps)
+    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
+    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
+    n1, n2 = L * M, K * C
+    F._kron_wgrad_finish_kernel[(F._cdiv(n1, F._FINISH_BLOCK) + F._cdiv(n2, F._FINISH_BLOCK),)](
+        p1, p2, g1, g2, tiles, L, n1, n2, float(s), BLOCK=F._FINISH_BLOCK)
+    return g1, g2
+
+
+def kron_weight_grads_loop(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=2048):
+    """The library's launch at ``tile`` elements a program (its ``_WGRAD_TILE``, set for the call)."""
+    old, F._WGRAD_TILE = F._WGRAD_TILE, tile
+    try:
+        return F.kron_weight_grads(e, w1, w2, s, dtypes)
+    finally:
+        F._WGRAD_TILE = old
+
+
+def reference(e, w1, w2, s):
+    """Both sums in float64."""
+    e64, a, b = e.double(), w1.double(), w2.double()
+    return s * torch.einsum("ikjc,kc->ij", e64, b), s * torch.einsum("ikjc,ij->kc", e64, a)
+
+
+def _shape(inp, out, f=8):
+    L, K = factorization(out, f)
+    M, C = factorization(inp, f)
+    return L, K, M, C
+
+
+def _inputs(shape, dev, g, dtype):
+    L, K, M, C = shape
+    e = torch.randn(L, K, M, C, generator=g, device=dev).to(dtype)
+    return e, torch.randn(L, M, generator=g, device=dev), torch.randn(K, C, generator=g, device=dev)
+
+
+def _err(got, want):
+    return max(float((u.double() - v).abs().max() / v.abs().max()) for u, v in zip(got, want))
+
+
+def check() -> None:
+    """CPU, Triton's interpreter: the block form at several tiles against float64, ragged shapes included."""
+    g = torch.Generator().manual_seed(7)
+    worst = 0.0
+    for shape in ((2, 5, 3, 7), (4, 40, 4, 40), (8, 20, 8, 20), (3, 9, 6, 33)):
+        e, w1, w2 = _inputs(shape, torch.device("cpu"), g, torch.float32)
+        want = reference(e, w1, w2, 0.7)
+        for tile, warps in ((64, 4), (256, 4), (1024, 8)):
+            got = kron_weight_grads_block(e, w1, w2, 0.7, tile=tile, warps=warps)
+            err = _err(got, want)
+            worst = max(worst, err)
+            assert err < 1e-5, (shape, tile, err)
+    print(f"check ok: worst relative error {worst:.2e}")
+
+
+def bench(out_path=None) -> None:
+    from _common import graph_us
+    from kron_direct_shapes import LAYERS
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    cfgs = {f"loop{t}": (lambda e, a, b, t=t: kron_weight_grads_loop(e, a, b, 0.5, tile=t)) for t in LOOP_TILES}
+    cfgs.update({f"block{t}w{w}": (lambda e, a, b, t=t, w=w: kron_weight_grads_block(e, a, b, 0.5, tile=t, warps=w))
+                 for t, w in BLOCK_CFGS})
+    recs = []
+    for model, layers in LAYERS.items():
+        counts = {}
+        for _, inp, out, n in layers:
+            counts[(inp, out)] = counts.get((inp, out), 0) + n
+        tot = {name: 0.0 for name in cfgs}
+        best = 0.0
+        for (inp, out), n in counts.items():
+            shape = _shape(inp, out)
+            e, w1, w2 = _inputs(shape, dev, g, torch.bfloat16)
+            want = reference(e, w1, w2, 0.5)
+            rec = dict(model=model, inp=inp, out=out, layers=n, shape=shape)
+            for name, fn in cfgs.items():
+                try:
+                    rec[name + "_err"] = round(_err(fn(e, w1, w2), want), 6)
+                    rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(e, w1, w2), 10), 2)
+                    tot[name] += rec[name + "_us"] * n
+                except Exception as ex:  # noqa: BLE001 — a configuration Triton cannot compile: recorded
+                    rec[name + "_us"] = f"failed: {type(ex).__name__}: {str(ex)[:80]}"
+                    tot[name] = float("nan")
+            best += n * min(v for k, v in rec.items() if k.endswith("_us") and isinstance(v, float))
+            recs.append(rec)
+            print(json.dumps(rec), flush=True)
+        summary = dict(model=model, summed_ms={k: round(v / 1e3, 3) for k, v in tot.items()},
+                       summed_ms_best=round(best / 1e3, 3))
+        recs.append(summary)
+        print(json.dumps(summary), flush=True)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    check() if a.check else bench(a.out or None)
