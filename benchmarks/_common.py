@@ -9,6 +9,7 @@ script that does not ask for a GPU name does not initialise CUDA, and one that d
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -107,6 +108,13 @@ def replay_us(g, reps_in_graph: int, replays: int = 7, warmup: int = 0) -> float
         ts.append(a.elapsed_time(b) * 1000.0 / reps_in_graph)
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def write_records(path: str | None, recs: list, dev) -> None:
+    """An experiment's records as JSON at ``path`` (nothing where it is empty), the device's name beside them."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": _torch().cuda.get_device_name(dev), "records": recs}, f, indent=1)
 
 
 def _gpu_name() -> str | None:

@@ -122,6 +122,7 @@ def check() -> None:
 
 
 def bench(out_path=None) -> None:
+    from _common import write_records
     from kron_bwd_stacked import SHAPES, inputs, time_form
     dev = torch.device("cuda")
     recs = []
@@ -141,9 +142,7 @@ def bench(out_path=None) -> None:
                 rec[name + "_us"] = f"failed: {type(e).__name__}: {str(e)[:80]}"
         recs.append(rec)
         print(json.dumps(rec), flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+    write_records(out_path, recs, dev)
 
 
 def _with_dot(w1, a, gu, _library=F.kron_backward_batched):

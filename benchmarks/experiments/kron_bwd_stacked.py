@@ -66,7 +66,7 @@ GEOMS = [(8192, 8, 4), (16384, 8, 16), (32768, 8, 4), (16384, 4, 4)]
 
 
 def bench(out_path=None) -> None:
-    from _common import graph_us
+    from _common import graph_us, write_records
     dev = torch.device("cuda")
     recs = []
     for shape in SHAPES:
@@ -89,9 +89,7 @@ def bench(out_path=None) -> None:
                 F._STACKED.update(keep)
         recs.append(rec)
         print(json.dumps(rec), flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+    write_records(out_path, recs, dev)
 
 
 if __name__ == "__main__":

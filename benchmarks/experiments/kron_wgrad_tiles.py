@@ -128,7 +128,7 @@ def check() -> None:
 
 
 def bench(out_path=None) -> None:
-    from _common import graph_us
+    from _common import graph_us, write_records
     from kron_direct_shapes import LAYERS
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -162,9 +162,7 @@ def bench(out_path=None) -> None:
                        summed_ms_best=round(best / 1e3, 3))
         recs.append(summary)
         print(json.dumps(summary), flush=True)
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(dev), "records": recs}, f, indent=1)
+    write_records(out_path, recs, dev)
 
 
 if __name__ == "__main__":
