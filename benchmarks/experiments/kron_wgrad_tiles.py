@@ -64,30 +64,13 @@ def _kron_wgrad_block_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c,
 def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=1024, warps=8):
     """:func:`factor_triton.kron_weight_grads` with :func:`_kron_wgrad_block_kernel` (``tile`` elements of (k, c) a
     program, ``warps``) and the library's finish launch."""
-    L, K, M, C = e.shape
-    bc = min(128, F._p2(C))
-    bk = max(1, min(F._p2(K), tile // bc))
-    ncb = F._cdiv(C, bc)
-    tiles = F._cdiv(K, bk) * ncb
-    p1 = torch.empty(tiles, L, M, dtype=torch.float32, device=e.device)
-    p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
-    _kron_wgrad_block_kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc,
-                                         MP=F._p2(M), num_warps=warps)
-    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
-    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
-    n1, n2 = L * M, K * C
-    F._kron_wgrad_finish_kernel[(F._cdiv(n1, F._FINISH_BLOCK) + F._cdiv(n2, F._FINISH_BLOCK),)](
-        p1, p2, g1, g2, tiles, L, n1, n2, float(s), BLOCK=F._FINISH_BLOCK)
-    return g1, g2
+    return F._kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, tile, MP=F._p2(e.shape[2]),
+                                num_warps=warps)
 
 
 def kron_weight_grads_loop(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=2048):
-    """The library's launch at ``tile`` elements a program (its ``_WGRAD_TILE``, set for the call)."""
-    old, F._WGRAD_TILE = F._WGRAD_TILE, tile
-    try:
-        return F.kron_weight_grads(e, w1, w2, s, dtypes)
-    finally:
-        F._WGRAD_TILE = old
+    """The library's launch at ``tile`` elements a program (its ``_WGRAD_TILE`` by default)."""
+    return F._kron_wgrad_launch(F._kron_wgrad_kernel, e, w1, w2, s, dtypes, tile)
 
 
 def reference(e, w1, w2, s):

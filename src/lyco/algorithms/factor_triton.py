@@ -638,14 +638,21 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: fl
     ``sum``s, two casts and (s ≠ 1) two products per layer: run 249's SD1.5 b1 LoKr timeline had 222 fp32 reduces and
     222 bf16 elementwise kernels for its 111 rebuilt layers (by their count these sums and casts: the trace names
     kernels only), 0.68 + 0.25 ms exposed; LoKr's step 30.07 ms there, 29.08 in run 250 with this launch."""
+    return _kron_wgrad_launch(_kron_wgrad_kernel, e, w1, w2, s, dtypes, _WGRAD_TILE)
+
+
+def _kron_wgrad_launch(kernel, e, w1, w2, s, dtypes, tile: int, **meta):
+    """:func:`kron_weight_grads`' two launches with ``kernel`` for the first — programs over ``tile``-element (k, c)
+    tiles × W1's rows, the partials' shapes and the finish its — ``meta`` passed to it (the experiments' variants,
+    ``benchmarks/experiments/kron_wgrad_tiles.py``, launch theirs through this)."""
     L, K, M, C = e.shape
     bc = min(128, _p2(C))
-    bk = max(1, min(_p2(K), _WGRAD_TILE // bc))
+    bk = max(1, min(_p2(K), tile // bc))
     ncb = _cdiv(C, bc)
     tiles = _cdiv(K, bk) * ncb
     p1 = torch.empty(tiles, L, M, dtype=torch.float32, device=e.device)
     p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
-    _kron_wgrad_kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc)
+    kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc, **meta)
     g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
     g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
     n1, n2 = L * M, K * C
