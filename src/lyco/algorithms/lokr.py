@@ -175,8 +175,9 @@ def kron_linear_grads_permuted(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tens
     over ``out_l·R``. The multiply-adds are :func:`kron_linear_grads`'s; the two permuted copies are activation-sized
     (x's and ∂y's).
 
-    Why: run 330 (H200, each form alone in a CUDA graph) had the row form 1.3–3.8× slower than the ∂W′ path on the
-    square attention projections (SDXL b1's 1280 × 1280 at 1024 rows; SD1.5's 320 × 320 at 4096): by inference from
+    Why: run 330 (H200, each form alone in a CUDA graph) had the row form 1.3–12× slower than the ∂W′ path on the
+    square attention projections (SDXL b1's 1280 × 1280 at 1024 rows 2.2×; SD1.5's 320 × 320 at 4096 3.8×, at 32768
+    12.2×): by inference from
     its shape — not profiled — the batched GEMM of R tiny ``out_l × out_k · out_k × in_m`` products (8 × 160 · 160 × 8
     at factor 8) and the one with W1 broadcast over R. Here those contractions run over ``R·out_k`` (or ``R·in_n``)
     at once. Not measured yet: ``benchmarks/experiments/kron_direct_shapes.py`` times it beside both.
@@ -306,9 +307,10 @@ class _KronBuild:
 
         Measured (H200; ``benchmarks/experiments/kron_direct_shapes.py``, run 330, each form alone in a CUDA graph,
         factor 8): the direct form won on one shape family only, the 1280 → 10240 GEGLU projection — 0.42–0.68 of
-        the ∂W′ path's time at 64–4096 rows (SDXL b1: 57 against 85 µs, 60 layers) — tied on 5120 → 1280
-        (0.92–0.99) and lost everywhere else, 1.3–12× (the square attention projections at every row count: their
-        per-row ``out_l × in_m`` products and narrow GEMMs; 640 → 5120 by 1.6–1.8×, though it widens as much). In the
+        the ∂W′ path's time at 64–4096 rows (SDXL b1: 57 against 85 µs, 60 layers) —, tied on 5120 → 1280 at SD1.5
+        b1 and SDXL b4 (0.92–0.99) but lost there at SD1.5 b8 and SDXL b1 (1.15–1.27), and lost everywhere else,
+        1.3–12× (the square attention projections at every row count — by inference, not profiled, their per-row
+        ``out_l × in_m`` products and narrow GEMMs; 640 → 5120 by 1.6–1.8×, though it widens as much). In the
         step with every linear layer on it, it lost: SDXL b1 87.38 → 102.10 ms, SD1.5 b1 24.98 → 32.15, b8
         80.04 → 124.15 (runs 329–330). Hence the weight-size floor (2²³ elements: the 13.1 M-element projection in,
         the 6.6 M-element ``ff.net.2`` out) and c = 4 (4096 rows at SDXL b4 are 3.6 of its harmonic width). A rule
