@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7, prepared in session 47 for the next (not run): the rebuilt op's W′ built a layer ahead on the up stream —
+# Issue 7, prepared in session 47, run 333 (session 48): the rebuilt op's W′ built a layer ahead on the up stream —
 # the forward's (FA: LYCO_REBUILD_FORWARD_AHEAD=1, change 178) and ∂x's in the backward (BA:
 # LYCO_REBUILD_BACKWARD_AHEAD=1, change 179), both off by default — on lokr-full: SDXL b1 off (floor alongside) / FA /
 # BA / FA+BA / off, SDXL b4 off / FA+BA, SD1.5 b1 off / FA+BA; then the trainer's CUDA graphs against eager for

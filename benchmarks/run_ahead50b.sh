@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 7, prepared in session 47 for the next (not run): LoKr f8 with changes 178–179 (its rebuilt-op layers in the
+# Issue 7, prepared in session 47, not run: run 333 had FA+BA lose on lokr-full,
+# and run 335 took its SDXL b4 leg: LoKr f8 with changes 178–179 (its rebuilt-op layers in the
 # same build-ahead order as its bypass ops' merged weights) — SDXL b1 off (floor alongside) / FA+BA / off, SD1.5 b8
 # off / FA+BA; then SDXL b4 lokr-full as built / change 177's rule off (D0: the leg run 332 missed).
 #   OUT=$OUT bash benchmarks/run_ahead50b.sh      (carry .whl; ≈ 330 s and the start)

@@ -285,8 +285,8 @@ def _forward_ahead(x: torch.Tensor) -> bool:
     """Whether a build that offers it (its ``ahead``: a key tensor and a call, :func:`.lowrank._weak_build`, that
     returns :meth:`forward_aux`'s result from the adapter's own tensors) has its forward's W′ built a layer ahead on
     the up stream, by the op that ran before it in the last forward (:func:`.lowrank._fwd_weights`, the bypass op's
-    ``LYCO_FORWARD_MERGED`` order): ``LYCO_REBUILD_FORWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: not
-    measured yet) and the up stream on x's device (:func:`.lowrank.up_stream`; CUDA).
+    ``LYCO_FORWARD_MERGED`` order): ``LYCO_REBUILD_FORWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: a tie
+    where measured) and the up stream on x's device (:func:`.lowrank.up_stream`; CUDA).
 
     Why: the forward builds W′ on its own stream just before the layer's GEMM reads it. Run 328's SDXL b1
     ``lokr-full`` timeline (H200) has the merges (``_kron_merge_kernel``, 1495 launches: each layer's W′ in its
@@ -294,7 +294,11 @@ def _forward_ahead(x: torch.Tensor) -> bool:
     beside the side region, the forward's half stays on the critical path. Built ahead, it runs on the up stream —
     idle in the forward — beside the previous layer's GEMM. Numerics: the same W′ (the same merge of the same
     factors, read after the optimizer's update: the order restarts at each backward). Memory: one more W′ alive at a
-    time (the next layer's)."""
+    time (the next layer's).
+
+    Measured (H200, lokr-full, graph step, run 333): SDXL b1 82.78 ms against 83.03 / 82.99 without (off / on / off);
+    with :func:`_backward_ahead` too SDXL b4 218.10 against 218.33, SD1.5 b1 23.97 against 23.80 — so off (why the
+    merges it moves off the critical path do not shorten the step: not measured)."""
     from . import graph_policy
     from .lowrank import up_stream
     return graph_policy.wanted("LYCO_REBUILD_FORWARD_AHEAD", "0") and up_stream(x) is not None
@@ -304,13 +308,16 @@ def _backward_ahead(x: torch.Tensor) -> bool:
     """Whether a build whose backward reads nothing of its rebuild but W′ (``vjp_reads_aux`` False: LoKr's) has ∂x's
     W′ built ahead — by the backward of the op that ran after it in the forward, on the up stream, as the bypass op's
     merged weights are (:func:`.lowrank._ahead_link`) — instead of rebuilt on the current stream before its ∂x GEMM:
-    ``LYCO_REBUILD_BACKWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: not measured yet) and the up stream on
+    ``LYCO_REBUILD_BACKWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: it loses) and the up stream on
     x's device (:func:`.lowrank.up_stream`; CUDA).
 
     Why: since change 176 the backward's rebuild runs beside the side region (the early fork), but still on the
     current stream, before ∂x: on the critical path. Numerics: the same W′ (the same merge of the same factors: no
     update within a backward). Memory: one more W′ alive at a time (the previous op's, from its build to its
-    backward)."""
+    backward).
+
+    Measured (H200, lokr-full SDXL b1, graph step, run 333): 86.65 ms against 83.03 / 82.99 without, 86.27 with
+    :func:`_forward_ahead` too — 3.3–3.6 ms lost, so off."""
     from . import graph_policy
     from .lowrank import up_stream
     return graph_policy.wanted("LYCO_REBUILD_BACKWARD_AHEAD", "0") and up_stream(x) is not None
