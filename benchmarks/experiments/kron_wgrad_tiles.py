@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """LoKr's two reductions of the rebuilt op's weight gradient ``∂W′`` — ``factor_triton.kron_weight_grads`` — alone,
 per layer shape: the library's launch at four tile sizes, and a form that loads each program's ``(BK, M, BC)`` block
-at once (issue 7, prepared in session 47 for the next; not yet run on a GPU).
+at once (issue 7: prepared in session 47, run 334; the block kernel the library's default since session 48).
 
 Run 328's SDXL b1 ``lokr-full`` timeline (H200) had ``_kron_wgrad_kernel`` at 8.6 µs and its finish at 6.1 µs a layer
 on average (735 each), where reading a 1280 × 1280 bf16 ∂W′ takes ≈ 1 µs at the card's bandwidth. By the library
 kernel's geometry (a program per (k, c) tile of 2048 elements and row i of W1, a serial loop over W1's M columns with
 two full-tile reductions each) a 1280 × 1280 layer at factor 8 is 160 programs of 8 dependent steps. The block form
-(``_kron_wgrad_block_kernel`` here) loads the ``M`` slices together and reduces each over its own axes; smaller tiles
-give more programs. Both write the library's partials, summed by the library's finish launch.
+(``factor_triton._kron_wgrad_block_kernel``) loads the ``M`` slices together and reduces each over its own axes;
+smaller tiles give more programs. Both write the library's partials, summed by the library's finish launch.
 
 For each shape of SD1.5's and SDXL's linear layers at factor 8 (``kron_direct_shapes.LAYERS``), µs a call (10 calls in
 one CUDA graph, median of 7 replays) of each configuration, after checking it against float64; then per model the µs
@@ -30,41 +30,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from lyco.algorithms import factor_triton as F  # noqa: E402
 from lyco.algorithms.factorize import factorization  # noqa: E402
-from lyco.algorithms.lowrank_triton import triton  # noqa: E402
 
-import triton.language as tl  # noqa: E402
 
 #: the library kernel's tile sizes (elements of a (k, c) tile) and the block form's (tile, warps)
 LOOP_TILES = (512, 1024, 2048, 4096)
-BLOCK_CFGS = ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8))
-
-
-@triton.jit
-def _kron_wgrad_block_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c, NCB,
-                             BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr):
-    """The library's ``_kron_wgrad_kernel`` (same partials: ``P2[i, k, c] = Σ_j W1[i,j]·E[i,k,j,c]``,
-    ``P1[tile, i, j] = Σ_kc E[i,k,j,c]·W2[k,c]``) with the program's ``(BK, MP, BC)`` block loaded at once."""
-    t = tl.program_id(0)
-    i = tl.program_id(1)
-    kk = (t // NCB) * BK + tl.arange(0, BK)
-    cc = (t % NCB) * BC + tl.arange(0, BC)
-    jj = tl.arange(0, MP)
-    m2 = (kk[:, None] < K) & (cc[None, :] < C)
-    m3 = m2[:, None, :] & (jj[None, :, None] < M)
-    off = ((i.to(tl.int64) * K + kk[:, None, None].to(tl.int64)) * M + jj[None, :, None]) * C + cc[None, None, :]
-    e = tl.load(E + off, mask=m3, other=0.0).to(tl.float32)
-    w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
-    w2 = tl.load(W2 + kk[:, None] * sw2k + cc[None, :] * sw2c, mask=m2, other=0.0).to(tl.float32)
-    p2 = tl.sum(e * w1[None, :, None], axis=1)
-    p1 = tl.sum(tl.sum(e * w2[:, None, :], axis=2), axis=0)
-    tl.store(P1 + (t * tl.num_programs(1) + i) * M + jj, p1, mask=jj < M)
-    tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], p2, mask=m2)
+BLOCK_CFGS = ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8), (2048, 4), (2048, 16), (4096, 8), (4096, 16),
+              (8192, 16))
 
 
 def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=1024, warps=8):
     """:func:`factor_triton.kron_weight_grads` with :func:`_kron_wgrad_block_kernel` (``tile`` elements of (k, c) a
     program, ``warps``) and the library's finish launch."""
-    return F._kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, tile, MP=F._p2(e.shape[2]),
+    return F._kron_wgrad_launch(F._kron_wgrad_block_kernel, e, w1, w2, s, dtypes, tile, MP=F._p2(e.shape[2]),
                                 num_warps=warps)
 
 

@@ -395,6 +395,27 @@ if triton is not None:
 
 
     @triton.jit
+    def _kron_wgrad_block_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c, NCB,
+                                 BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr):
+        """:func:`_kron_wgrad_kernel`'s partials with the program's ``(BK, MP, BC)`` block of E loaded at once and
+        each reduced over its own axes (no loop over j: one load, two reductions)."""
+        t = tl.program_id(0)
+        i = tl.program_id(1)
+        kk = (t // NCB) * BK + tl.arange(0, BK)
+        cc = (t % NCB) * BC + tl.arange(0, BC)
+        jj = tl.arange(0, MP)
+        m2 = (kk[:, None] < K) & (cc[None, :] < C)
+        m3 = m2[:, None, :] & (jj[None, :, None] < M)
+        off = ((i.to(tl.int64) * K + kk[:, None, None].to(tl.int64)) * M + jj[None, :, None]) * C + cc[None, None, :]
+        e = tl.load(E + off, mask=m3, other=0.0).to(tl.float32)
+        w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
+        w2 = tl.load(W2 + kk[:, None] * sw2k + cc[None, :] * sw2c, mask=m2, other=0.0).to(tl.float32)
+        tl.store(P1 + (t * tl.num_programs(1) + i) * M + jj, tl.sum(tl.sum(e * w2[:, None, :], axis=2), axis=0),
+                 mask=jj < M)
+        tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], tl.sum(e * w1[None, :, None], axis=1), mask=m2)
+
+
+    @triton.jit
     def _sum_rows_body(P, G, T, N, s, pid, BLOCK: tl.constexpr):
         # G[n] = s·Σ_t P[t, n] for this program's n, in fp32 over t in order, rounded once to G's dtype
         off = pid * BLOCK + tl.arange(0, BLOCK)
@@ -618,8 +639,14 @@ def stacked_launch(kernel, w1, a, gu, bk: int, per_sm: int, num_warps: int, **co
     return gw1, ga
 
 
-#: elements of one program's (k, c) tile in :func:`kron_weight_grads`
+#: elements of one program's (k, c) tile in :func:`kron_weight_grads`' loop form
 _WGRAD_TILE = 2048
+
+#: elements of E one program of :func:`kron_weight_grads`' block form loads at once — ``(BK, M, BC)``, M padded to a
+#: power of two — and its warps (``LYCO_KRON_WGRAD_BLOCK``; 0: the loop form everywhere)
+_WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
+                                                 "elements of E a program of LoKr's ∂W′ reductions loads at once"),
+                "num_warps": 8}
 
 
 #: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
@@ -637,7 +664,27 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: fl
     of SD1.5's 8×8 3×3 conv, 1280 → 1280: 121 + 43 µs for E's 14.7 M elements). The finishing launch replaced two
     ``sum``s, two casts and (s ≠ 1) two products per layer: run 249's SD1.5 b1 LoKr timeline had 222 fp32 reduces and
     222 bf16 elementwise kernels for its 111 rebuilt layers (by their count these sums and casts: the trace names
-    kernels only), 0.68 + 0.25 ms exposed; LoKr's step 30.07 ms there, 29.08 in run 250 with this launch."""
+    kernels only), 0.68 + 0.25 ms exposed; LoKr's step 30.07 ms there, 29.08 in run 250 with this launch.
+
+    Two forms of the first launch, the same partials: the block form (``_kron_wgrad_block_kernel``: a program loads its
+    ``(BK, M, BC)`` block of E at once, :data:`_WGRAD_BLOCK` elements) where M padded times one 128-column row fits
+    that budget — at factor 8, every layer —, else the loop form (``_kron_wgrad_kernel``: a (k, c) tile of
+    :data:`_WGRAD_TILE` elements, a serial loop over M with two full-tile reductions each). Measured alone (H200, bf16,
+    µs a call in a graph with the finish, ``kron_wgrad_tiles.py``, run 334), summed over SDXL b1's linear layers at
+    factor 8: loop form at 2048-element tiles 10.37 ms, block form at 16384 elements and 8 warps 7.76 (SD1.5: 1.92,
+    1.41); against the loop form at 2048, the block form won on every shape but 1280 → 10240 (37.0 µs against 43.4,
+    27.8 at 4096-element loop tiles) — the GEGLU projections that change 177's direct factor gradients take instead.
+    Run 335: at 32768 elements and 8 warps 6.55 ms (SD1.5 1.42), the best of ten budget/warp pairs at SDXL; 4 and 16
+    warps no better. The step (lokr-full, graph, H200, change 181), block at 16384 / loop / block: SDXL b1 80.27 /
+    82.82 / 80.19 ms (run 335), SD1.5 b1 22.98 / 23.77, b8 73.30 / 73.89; at 32768 / 16384 / 32768: SDXL b1 79.75 /
+    80.21 / 79.65 (run 336), SDXL b4 212.23 / 214.28 (run 337), SD1.5 b1 23.11 (run 336), b8 73.47 (run 337) — hence
+    the default 32768."""
+    L, K, M, C = e.shape
+    mp = _p2(M)
+    budget = _WGRAD_BLOCK["elements"]
+    if budget and mp * min(128, _p2(C)) <= budget:
+        return _kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, budget // mp, MP=mp,
+                                  num_warps=_WGRAD_BLOCK["num_warps"])
     return _kron_wgrad_launch(_kron_wgrad_kernel, e, w1, w2, s, dtypes, _WGRAD_TILE)
 
 
