@@ -35,3 +35,14 @@ def test_library_launch_at_the_benchmark_tiles(triton_interpreter, tile):
     # the library's own call: its tile, the same launch
     want = factor_triton.kron_weight_grads(e, w1, w2, 0.7)
     assert kw._err(want, kw.reference(e, w1, w2, 0.7)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 9, 6, 33)])
+@pytest.mark.parametrize("tile2,tile1", [(64, 256), (512, 4096)])
+def test_onepass_form_at_the_benchmark_tiles(triton_interpreter, shape, tile2, tile1):
+    """The one-pass form as the benchmark launches it (its tiles, any K·C) against float64: ragged (k, c) tiles, M not
+    a power of two, several ∂W2 programs and, at the small ∂W1 tile, several (k, c) tiles a ∂W1 program."""
+    g = torch.Generator().manual_seed(sum(shape) + tile2)
+    e, w1, w2 = kw._inputs(shape, torch.device("cpu"), g, torch.float32)
+    got = kw.kron_weight_grads_onepass(e, w1, w2, 0.7, tile2=tile2, tile1=tile1)
+    assert kw._err(got, kw.reference(e, w1, w2, 0.7)) < 1e-5

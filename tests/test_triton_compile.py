@@ -52,6 +52,14 @@ _SCRIPT = textwrap.dedent('''
         cases.append(("kron_bwd_stacked", factor_triton._kron_bwd_stacked_kernel,
                       ("W1", "A", "GU", "GA") + (() if split else ("GW1",)), (), ("GW1",) if split else (),
                       dict(BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=split)))
+    # LoKr's ∂W′ reductions: the loop and block forms (fp32 partials) at SDXL's 1280 × 1280 geometry, and the one-pass
+    # form (fp32 factor gradients, its nested (k, c) loop and its pointer walked over W1's rows)
+    cases.append(("kron_wgrad", factor_triton._kron_wgrad_kernel, ("E", "W1", "W2"), (), ("P1", "P2"),
+                  dict(BK=16, BC=128)))
+    cases.append(("kron_wgrad_block", factor_triton._kron_wgrad_block_kernel, ("E", "W1", "W2"), (), ("P1", "P2"),
+                  dict(BK=32, BC=128, MP=8)))
+    cases.append(("kron_wgrad_onepass", factor_triton._kron_wgrad_onepass_kernel, ("E", "W1", "W2"), ("s",),
+                  ("G1", "G2"), dict(BK=4, BC=128, MP=8, BK1=16, BC1=256)))
     lt = lowrank_triton
     for self_ in (False, True):
         cases.append(("rowdot", lt._rowdot_kernel, ("A", "W", "U", "D"), ("gain",), ("P",),
@@ -85,6 +93,6 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * 20
+    assert len(results) == 2 * 23
     failed = [r for r in results if not r[4]]
     assert not failed, failed

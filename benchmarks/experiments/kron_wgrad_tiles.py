@@ -8,7 +8,9 @@ on average (735 each), where reading a 1280 × 1280 bf16 ∂W′ takes ≈ 1 µs
 kernel's geometry (a program per (k, c) tile of 2048 elements and row i of W1, a serial loop over W1's M columns with
 two full-tile reductions each) a 1280 × 1280 layer at factor 8 is 160 programs of 8 dependent steps. The block form
 (``factor_triton._kron_wgrad_block_kernel``) loads the ``M`` slices together and reduces each over its own axes;
-smaller tiles give more programs. Both write the library's partials, summed by the library's finish launch.
+smaller tiles give more programs. Both write the library's partials, summed by the library's finish launch. The
+one-pass form (``factor_triton._kron_wgrad_onepass``, session 48, off in the library by default) writes no partials
+and has no finish: ∂W2's programs loop over W1's rows, one program per entry of ∂W1 reads its (k, c) slab.
 
 For each shape of SD1.5's and SDXL's linear layers at factor 8 (``kron_direct_shapes.LAYERS``), µs a call (10 calls in
 one CUDA graph, median of 7 replays) of each configuration, after checking it against float64; then per model the µs
@@ -36,6 +38,8 @@ from lyco.algorithms.factorize import factorization  # noqa: E402
 LOOP_TILES = (512, 1024, 2048, 4096)
 BLOCK_CFGS = ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8), (2048, 4), (2048, 16), (4096, 8), (4096, 16),
               (8192, 16))
+#: the one-pass form's (∂W2 tile, ∂W1 tile, warps): (k, c) elements a program (factor_triton._kron_wgrad_onepass)
+ONEPASS_CFGS = ((256, 4096, 4), (512, 4096, 4), (512, 4096, 8), (1024, 4096, 8), (512, 2048, 4), (512, 8192, 8))
 
 
 def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=1024, warps=8):
@@ -43,6 +47,12 @@ def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float
     program, ``warps``) and the library's finish launch."""
     return F._kron_wgrad_launch(F._kron_wgrad_block_kernel, e, w1, w2, s, dtypes, tile, MP=F._p2(e.shape[2]),
                                 num_warps=warps)
+
+
+def kron_weight_grads_onepass(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile2=512, tile1=4096,
+                              warps=4):
+    """The library's one-pass form (one launch, no partials) at the given tiles and warps, whatever K·C."""
+    return F._kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2, tile1, warps)
 
 
 def kron_weight_grads_loop(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=2048):
@@ -84,6 +94,10 @@ def check() -> None:
             err = _err(got, want)
             worst = max(worst, err)
             assert err < 1e-5, (shape, tile, err)
+        for tile2, tile1 in ((64, 256), (512, 4096)):
+            err = _err(kron_weight_grads_onepass(e, w1, w2, 0.7, tile2=tile2, tile1=tile1), want)
+            worst = max(worst, err)
+            assert err < 1e-5, (shape, tile2, tile1, err)
     print(f"check ok: worst relative error {worst:.2e}")
 
 
@@ -95,6 +109,9 @@ def bench(out_path=None) -> None:
     cfgs = {f"loop{t}": (lambda e, a, b, t=t: kron_weight_grads_loop(e, a, b, 0.5, tile=t)) for t in LOOP_TILES}
     cfgs.update({f"block{t}w{w}": (lambda e, a, b, t=t, w=w: kron_weight_grads_block(e, a, b, 0.5, tile=t, warps=w))
                  for t, w in BLOCK_CFGS})
+    cfgs.update({f"one{t2}t{t1}w{w}": (lambda e, a, b, t2=t2, t1=t1, w=w:
+                                       kron_weight_grads_onepass(e, a, b, 0.5, tile2=t2, tile1=t1, warps=w))
+                 for t2, t1, w in ONEPASS_CFGS})
     recs = []
     for model, layers in LAYERS.items():
         counts = {}

@@ -437,6 +437,47 @@ if triton is not None:
             _sum_rows_body(P2, G2, T2, N2, s, pid - nb1, BLOCK)
 
     @triton.jit
+    def _kron_wgrad_onepass_kernel(E, W1, W2, G1, G2, L, K, M, C, sw1i, sw1j, sw2k, sw2c, s, NCB, N2,
+                                   BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr, BK1: tl.constexpr,
+                                   BC1: tl.constexpr):
+        """:func:`kron_weight_grads` in one launch without partials: the first ``N2`` programs one ``(BK, BC)`` tile
+        of ``G2 = s·Σ_ij W1[i,j]·E[i,k,j,c]`` each — over W1's rows in order, a ``(BK, MP, BC)`` block of E a row —,
+        the rest one entry ``G1[i,j] = s·Σ_kc E[i,k,j,c]·W2[k,c]`` each, over (k, c) in ``(BK1, BC1)`` tiles; the
+        fp32 sums scaled and rounded once to each factor's dtype (fixed order: deterministic). E is read twice, once
+        by each group."""
+        pid = tl.program_id(0)
+        if pid < N2:
+            kk = (pid // NCB) * BK + tl.arange(0, BK)
+            cc = (pid % NCB) * BC + tl.arange(0, BC)
+            jj = tl.arange(0, MP)
+            m2 = (kk[:, None] < K) & (cc[None, :] < C)
+            m3 = m2[:, None, :] & (jj[None, :, None] < M)
+            off = (kk[:, None, None].to(tl.int64) * M + jj[None, :, None]) * C + cc[None, None, :]
+            acc = tl.zeros((BK, BC), dtype=tl.float32)
+            rows = E + off
+            for i in range(0, L):
+                e = tl.load(rows, mask=m3, other=0.0).to(tl.float32)
+                w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
+                acc += tl.sum(e * w1[None, :, None], axis=1)
+                rows += K * M * C
+            tl.store(G2 + kk[:, None] * C + cc[None, :], (acc * s).to(G2.dtype.element_ty), mask=m2)
+        else:
+            q = pid - N2
+            i = q // M
+            j = q % M
+            row = E + (i.to(tl.int64) * K * M + j) * C
+            acc1 = tl.zeros((BK1, BC1), dtype=tl.float32)
+            for k0 in range(0, K, BK1):
+                k1 = k0 + tl.arange(0, BK1)
+                for c0 in range(0, C, BC1):
+                    c1 = c0 + tl.arange(0, BC1)
+                    m = (k1[:, None] < K) & (c1[None, :] < C)
+                    e1 = tl.load(row + k1[:, None].to(tl.int64) * M * C + c1[None, :], mask=m, other=0.0)
+                    w2 = tl.load(W2 + k1[:, None] * sw2k + c1[None, :] * sw2c, mask=m, other=0.0)
+                    acc1 += e1.to(tl.float32) * w2.to(tl.float32)
+            tl.store(G1 + q, (tl.sum(tl.sum(acc1, axis=1), axis=0) * s).to(G1.dtype.element_ty))
+
+    @triton.jit
     def _kron_merge_kernel(W, W1, W2, OUT, N, K, M, C, s, sw1i, sw1j, sw2k, sw2c, BLOCK: tl.constexpr):
         """``OUT[i,k,j,c] = W[i,k,j,c] + s·W1[i,j]·W2[k,c]`` over the flat index (W and OUT contiguous), in fp32,
         rounded once."""
@@ -652,6 +693,13 @@ _WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
 #: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
 _FINISH_BLOCK = 1024
 
+#: :func:`kron_weight_grads`' one-pass form (:func:`_kron_wgrad_onepass`): the largest ``K·C`` (W2's elements: what
+#: each ∂W1 program reads) it takes, with M ≤ 16 (``LYCO_KRON_WGRAD_ONEPASS``; 0, the default: never — prepared in
+#: session 48, not measured on a GPU), the (k, c) elements of a ∂W2 program's tile, of a ∂W1 program's, and the warps
+_ONEPASS = {"kc": graph_policy.env_int("LYCO_KRON_WGRAD_ONEPASS", 0,
+                                       "the largest W2 LoKr's one-pass ∂W′ reductions take, in elements"),
+            "tile2": 512, "tile1": 4096, "num_warps": 4}
+
 
 def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float = 1.0,
                       dtypes: tuple = (torch.float32, torch.float32)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -678,9 +726,12 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: fl
     warps no better. The step (lokr-full, graph, H200, change 181), block at 16384 / loop / block: SDXL b1 80.27 /
     82.82 / 80.19 ms (run 335), SD1.5 b1 22.98 / 23.77, b8 73.30 / 73.89; at 32768 / 16384 / 32768: SDXL b1 79.75 /
     80.21 / 79.65 (run 336), SDXL b4 212.23 / 214.28 (run 337), SD1.5 b1 23.11 (run 336), b8 73.47 (run 337) — hence
-    the default 32768."""
+    the default 32768. A third form, one launch without partials (:func:`_kron_wgrad_onepass`), where
+    ``LYCO_KRON_WGRAD_ONEPASS`` allows it (off by default: not measured on a GPU)."""
     L, K, M, C = e.shape
     mp = _p2(M)
+    if K * C <= _ONEPASS["kc"] and mp <= 16:
+        return _kron_wgrad_onepass(e, w1, w2, s, dtypes, _ONEPASS["tile2"], _ONEPASS["tile1"], _ONEPASS["num_warps"])
     budget = _WGRAD_BLOCK["elements"]
     if budget and mp * min(128, _p2(C)) <= budget:
         return _kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, budget // mp, MP=mp,
@@ -705,6 +756,31 @@ def _kron_wgrad_launch(kernel, e, w1, w2, s, dtypes, tile: int, **meta):
     n1, n2 = L * M, K * C
     _kron_wgrad_finish_kernel[(_cdiv(n1, _FINISH_BLOCK) + _cdiv(n2, _FINISH_BLOCK),)](
         p1, p2, g1, g2, tiles, L, n1, n2, float(s), BLOCK=_FINISH_BLOCK)
+    return g1, g2
+
+
+def _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2: int, tile1: int, num_warps: int):
+    """:func:`kron_weight_grads` as one launch (``_kron_wgrad_onepass_kernel``): ``(BK, BC)`` tiles of ``tile2``
+    (k, c) elements for ∂W2 — a program each, over W1's L rows — and one program per entry of ∂W1, over (k, c) in
+    tiles of ``tile1`` elements; no fp32 partials, no finishing launch.
+
+    Why (prepared in session 48, not measured on a GPU): the two-launch forms write fp32 partials of both and sum them
+    in a second launch — run 328's SDXL b1 lokr-full timeline had that finish at 6.1 µs a layer on average (735
+    layers), where by change 181 the first launch is a few µs. Here E is read twice instead (once per group, the
+    second time by inference from L2: a 1280 × 1280 bf16 ∂W′ is 3.3 MB against the H200's 50 MB), and ∂W1's programs
+    are L·M (64 at factor 8), each reading K·C elements — hence the bound on K·C (:data:`_ONEPASS`)."""
+    L, K, M, C = e.shape
+    mp = _p2(M)
+    bc = min(128, _p2(C))
+    bk = max(1, min(_p2(K), tile2 // bc))
+    ncb = _cdiv(C, bc)
+    n2 = _cdiv(K, bk) * ncb
+    bc1 = min(256, _p2(C))
+    bk1 = max(1, min(_p2(K), tile1 // bc1))
+    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
+    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
+    _kron_wgrad_onepass_kernel[(n2 + L * M,)](e, w1, w2, g1, g2, L, K, M, C, *w1.stride(), *w2.stride(), float(s),
+                                              ncb, n2, BK=bk, BC=bc, MP=mp, BK1=bk1, BC1=bc1, num_warps=num_warps)
     return g1, g2
 
 
