@@ -167,6 +167,38 @@ def test_kron_weight_grads_match_definition(kern, monkeypatch, ol, ok, im, c, dt
     assert len(onepass) == (2 if block == "onepass" and im <= 16 else 0)
 
 
+def _programs(L, K, M, C, budget):
+    """The block form's programs for E ``(L, K, M, C)`` at ``budget`` elements, from its definition: (k, c) tiles of
+    up to 128 columns and ``budget / M`` elements (M padded to a power of two), one program per tile and row of W1."""
+    mp = 1 << (M - 1).bit_length()
+    bc = min(128, 1 << (C - 1).bit_length())
+    bk = max(1, min(1 << (K - 1).bit_length(), budget // mp // bc))
+    return L * len(range(0, K, bk)) * len(range(0, C, bc))
+
+
+@pytest.mark.parametrize("shape", [(8, 40, 8, 40), (8, 80, 8, 80), (8, 160, 8, 160), (8, 320, 8, 40), (2, 3, 100, 5),
+                                   (2, 5, 200, 130)])
+@pytest.mark.parametrize("least", [0, 32, 10 ** 6])
+def test_kron_wgrad_block_budget_halves_to_the_fewest_programs(kern, monkeypatch, shape, least):
+    """``LYCO_KRON_WGRAD_MIN_PROGRAMS``: the budget is the largest of 32768, 16384, 8192 whose launch has at least
+    ``least`` programs — the smallest allowed (8192, or one 128-column row of M) where none has; then the reductions
+    at that budget still equal float64's (SD1.5's 320 × 320 shape halves twice at 32)."""
+    monkeypatch.setitem(kern._WGRAD_BLOCK, "min_programs", least)
+    L, K, M, C = shape
+    mp = 1 << (M - 1).bit_length()
+    allowed = [b for b in (32768, 16384, 8192) if b >= mp * min(128, 1 << (C - 1).bit_length())]
+    want = next((b for b in allowed if _programs(L, K, M, C, b) >= least), allowed[-1])
+    assert kern._block_budget(L, K, M, C) == want
+    if shape == (8, 40, 8, 40) and least == 32:
+        assert want == 8192
+        g = torch.Generator().manual_seed(3)
+        e, w1, w2 = torch.randn(*shape, generator=g), torch.randn(L, M, generator=g), torch.randn(K, C, generator=g)
+        g1, g2 = kern.kron_weight_grads(e, w1, w2, 0.5)
+        E, W1, W2 = e.double(), w1.double(), w2.double()
+        assert _rel(g1, 0.5 * (E * W2[None, :, None, :]).sum((1, 3))) < 1e-5
+        assert _rel(g2, 0.5 * (E * W1[:, None, :, None]).sum((0, 2))) < 1e-5
+
+
 @pytest.mark.parametrize("ol,ok,im,c", [(8, 40, 8, 360), (3, 5, 7, 130), (1, 3, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kron_merge_matches_definition(kern, ol, ok, im, c, dtype):

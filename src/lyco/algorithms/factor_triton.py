@@ -684,10 +684,15 @@ def stacked_launch(kernel, w1, a, gu, bk: int, per_sm: int, num_warps: int, **co
 _WGRAD_TILE = 2048
 
 #: elements of E one program of :func:`kron_weight_grads`' block form loads at once — ``(BK, M, BC)``, M padded to a
-#: power of two — and its warps (``LYCO_KRON_WGRAD_BLOCK``; 0: the loop form everywhere)
+#: power of two — and its warps (``LYCO_KRON_WGRAD_BLOCK``; 0: the loop form everywhere); the fewest programs a
+#: launch should have, the budget halved down to ``floor`` until it does (``LYCO_KRON_WGRAD_MIN_PROGRAMS``; 0, the
+#: default: the budget as set — prepared in session 48, not measured in the step: :func:`_block_budget`)
 _WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
                                                  "elements of E a program of LoKr's ∂W′ reductions loads at once"),
-                "num_warps": 8}
+                "num_warps": 8,
+                "min_programs": graph_policy.env_int("LYCO_KRON_WGRAD_MIN_PROGRAMS", 0,
+                                                     "the fewest programs of LoKr's ∂W′ reductions' block form"),
+                "floor": 8192}
 
 
 #: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
@@ -734,9 +739,35 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: fl
         return _kron_wgrad_onepass(e, w1, w2, s, dtypes, _ONEPASS["tile2"], _ONEPASS["tile1"], _ONEPASS["num_warps"])
     budget = _WGRAD_BLOCK["elements"]
     if budget and mp * min(128, _p2(C)) <= budget:
-        return _kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, budget // mp, MP=mp,
-                                  num_warps=_WGRAD_BLOCK["num_warps"])
+        return _kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, _block_budget(L, K, M, C) // mp,
+                                  MP=mp, num_warps=_WGRAD_BLOCK["num_warps"])
     return _kron_wgrad_launch(_kron_wgrad_kernel, e, w1, w2, s, dtypes, _WGRAD_TILE)
+
+
+def _block_budget(L: int, K: int, M: int, C: int) -> int:
+    """:data:`_WGRAD_BLOCK`'s elements for E ``(L, K, M, C)``, halved while the launch would have fewer than its
+    ``min_programs`` and the half still holds one 128-column row of M and is at least its ``floor``.
+
+    Why (prepared, not measured in the step): alone (run 335, ``kron_wgrad_tiles.py``, µs a call) the block form at
+    32768 elements lost to 16384 and 8192 where it left few programs — SD1.5's 320 × 320 layers (8 programs): 11.83
+    against 8.26 and 6.42 — and won where it left many (1280 × 1280, 80 programs: 7.04 against 7.94). Halving to at
+    least 32 programs (floor 8192) sums, over the linear layers' shapes at their counts, to SD1.5 1.23 ms against
+    1.42, SDXL 6.48 against 6.55 (by that table, not run); the step at SD1.5 b1 was 23.11 ms at 32768 against 22.98 at
+    16384 (runs 335–336, one leg each)."""
+    budget, mp = _WGRAD_BLOCK["elements"], _p2(M)
+    least = max(_WGRAD_BLOCK["floor"], mp * min(128, _p2(C)))
+    while budget // 2 >= least and L * _wgrad_tiles(K, C, budget // mp)[3] < _WGRAD_BLOCK["min_programs"]:
+        budget //= 2
+    return budget
+
+
+def _wgrad_tiles(K: int, C: int, tile: int) -> tuple[int, int, int, int]:
+    """``(BK, BC, column tiles, tiles)`` of the (k, c) plane in ``tile``-element tiles: :func:`kron_weight_grads`'
+    two-launch geometry (BC up to 128 columns, BK the rest of the tile)."""
+    bc = min(128, _p2(C))
+    bk = max(1, min(_p2(K), tile // bc))
+    ncb = _cdiv(C, bc)
+    return bk, bc, ncb, _cdiv(K, bk) * ncb
 
 
 def _kron_wgrad_launch(kernel, e, w1, w2, s, dtypes, tile: int, **meta):
@@ -744,10 +775,7 @@ def _kron_wgrad_launch(kernel, e, w1, w2, s, dtypes, tile: int, **meta):
     tiles × W1's rows, the partials' shapes and the finish its — ``meta`` passed to it (the experiments' variants,
     ``benchmarks/experiments/kron_wgrad_tiles.py``, launch theirs through this)."""
     L, K, M, C = e.shape
-    bc = min(128, _p2(C))
-    bk = max(1, min(_p2(K), tile // bc))
-    ncb = _cdiv(C, bc)
-    tiles = _cdiv(K, bk) * ncb
+    bk, bc, ncb, tiles = _wgrad_tiles(K, C, tile)
     p1 = torch.empty(tiles, L, M, dtype=torch.float32, device=e.device)
     p2 = torch.empty(L, K, C, dtype=torch.float32, device=e.device)
     kernel[(tiles, L)](e, w1, w2, p1, p2, K, M, C, *w1.stride(), *w2.stride(), ncb, BK=bk, BC=bc, **meta)
@@ -771,10 +799,7 @@ def _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2: int, tile1: int, num_warps:
     are L·M (64 at factor 8), each reading K·C elements — hence the bound on K·C (:data:`_ONEPASS`)."""
     L, K, M, C = e.shape
     mp = _p2(M)
-    bc = min(128, _p2(C))
-    bk = max(1, min(_p2(K), tile2 // bc))
-    ncb = _cdiv(C, bc)
-    n2 = _cdiv(K, bk) * ncb
+    bk, bc, ncb, n2 = _wgrad_tiles(K, C, tile2)
     bc1 = min(256, _p2(C))
     bk1 = max(1, min(_p2(K), tile1 // bc1))
     g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
