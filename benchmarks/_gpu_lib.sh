@@ -16,6 +16,16 @@ step_table() {
   echo "$dir: wall $(( $(date +%s) - S )) s"
 }
 
+# experiment SECONDS NAME [args…]: benchmarks/experiments/NAME.py --out $OUT/NAME.json into $OUT/NAME.log within
+# SECONDS; prints its exit status, the wall time so far and its summary lines (those with "summed_ms").
+experiment() {
+  local secs=$1 name=$2
+  shift 2
+  timeout "$secs" python3 "benchmarks/experiments/$name.py" --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? wall $(( $(date +%s) - S )) s"
+  grep '"summed_ms' "$OUT/$name.log"
+}
+
 # step_records DIR…: one line per configuration of each $OUT/DIR/train_step.json — model, batch, algo, variant, the
 # eager median and p10, the graph median (0 without --graph), the eager and graph peaks (GiB) and the status.
 step_records() {

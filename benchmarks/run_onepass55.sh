@@ -11,9 +11,7 @@
 . benchmarks/_gpu_lib.sh
 trainer_env
 export PYTHONPATH=/tmp/site:$PWD/src
-timeout 130 python3 benchmarks/experiments/kron_wgrad_tiles.py --out $OUT/kron_wgrad_tiles.json \
-  > $OUT/kron_wgrad_tiles.log 2>&1
-echo "wgrad tiles rc=$? wall $(( $(date +%s) - S )) s"; grep '"summed_ms' $OUT/kron_wgrad_tiles.log
+experiment 130 kron_wgrad_tiles
 A="--rounds 1 --steps 2 --warmup 1 --graph --graph-steps 20 --variants lyco --algos lokr-full"
 P=LYCO_KRON_WGRAD_ONEPASS=65536 M=LYCO_KRON_WGRAD_MIN_PROGRAMS=32
 step_table x1 185 $A --jobs sdxl:1 --baselines floor

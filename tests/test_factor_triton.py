@@ -176,6 +176,16 @@ def _programs(L, K, M, C, budget):
     return L * len(range(0, K, bk)) * len(range(0, C, bc))
 
 
+@pytest.mark.parametrize("tile", [1, 127, 128, 2500, 4096, 5000])
+def test_kron_wgrad_tiles_are_powers_of_two(kern, tile):
+    """The (k, c) tile's rows are a power of two at most the tile's rows (Triton's blocks must be), whatever the budget
+    (``LYCO_KRON_WGRAD_BLOCK`` need not be a power of two); the tiles cover (k, c)."""
+    bk, bc, ncb, tiles = kern._wgrad_tiles(160, 160, tile)
+    assert bk & (bk - 1) == 0 and (bk <= max(1, tile // bc))
+    assert bk * 2 > tile // bc or bk == 256  # the largest such power (K = 160 pads to 256)
+    assert ncb * bc >= 160 and tiles * bk * bc >= 160 * 160 and tiles == -(-160 // bk) * ncb
+
+
 @pytest.mark.parametrize("shape", [(8, 40, 8, 40), (8, 80, 8, 80), (8, 160, 8, 160), (8, 320, 8, 40), (2, 3, 100, 5),
                                    (2, 5, 200, 130)])
 @pytest.mark.parametrize("least", [0, 32, 10 ** 6])

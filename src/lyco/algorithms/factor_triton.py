@@ -763,9 +763,10 @@ def _block_budget(L: int, K: int, M: int, C: int) -> int:
 
 def _wgrad_tiles(K: int, C: int, tile: int) -> tuple[int, int, int, int]:
     """``(BK, BC, column tiles, tiles)`` of the (k, c) plane in ``tile``-element tiles: :func:`kron_weight_grads`'
-    two-launch geometry (BC up to 128 columns, BK the rest of the tile)."""
+    two-launch geometry (BC up to 128 columns, BK the rest of the tile, rounded down to a power of two as Triton's
+    blocks must be: a budget from the environment need not be one)."""
     bc = min(128, _p2(C))
-    bk = max(1, min(_p2(K), tile // bc))
+    bk = max(1, min(_p2(K), _p2(tile // bc + 1) // 2))
     ncb = _cdiv(C, bc)
     return bk, bc, ncb, _cdiv(K, bk) * ncb
 
@@ -794,7 +795,8 @@ def _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2: int, tile1: int, num_warps:
 
     Why (prepared in session 48, not measured on a GPU): the two-launch forms write fp32 partials of both and sum them
     in a second launch — run 328's SDXL b1 lokr-full timeline had that finish at 6.1 µs a layer on average (735
-    layers), where by change 181 the first launch is a few µs. Here E is read twice instead (once per group, the
+    layers, the loop form's partials); change 181's block form with its finish took 7.07 µs a call alone at 1280 ×
+    1280 (run 335), how it splits between them not measured. Here E is read twice instead (once per group, the
     second time by inference from L2: a 1280 × 1280 bf16 ∂W′ is 3.3 MB against the H200's 50 MB), and ∂W1's programs
     are L·M (64 at factor 8), each reading K·C elements — hence the bound on K·C (:data:`_ONEPASS`)."""
     L, K, M, C = e.shape
