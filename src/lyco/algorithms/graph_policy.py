@@ -130,13 +130,17 @@ def env_factor(var: str, what: str) -> float | None:
     return c
 
 
-def env_int(var: str, default: int, what: str) -> int:
+def env_int(var: str, default: int, what: str, least: int = 0) -> int:
     """``default``, or the environment variable ``var`` where set (an error naming it and what it counts if it is not
-    an integer) — the numeric settings beside the paths' switches (e.g. the narrowest layer a path takes)."""
+    an integer of at least ``least``: every caller's is a count or a size) — the numeric settings beside the paths'
+    switches (e.g. the narrowest layer a path takes)."""
     env = os.environ.get(var)
     if env is None:
         return default
     try:
-        return int(env)
+        value = int(env)
     except ValueError:
-        raise ValueError(f"{var}={env!r}: expected an integer ({what})") from None
+        value = None
+    if value is None or value < least:
+        raise ValueError(f"{var}={env!r}: expected an integer ≥ {least} ({what})")
+    return value
