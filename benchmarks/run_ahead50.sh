@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Taken out after this run (session 48 review, NOTES rows 178–179): the switches no longer exist; a record.
 # Issue 7, prepared in session 47, run 333 (session 48): the rebuilt op's W′ built a layer ahead on the up stream —
 # the forward's (FA: LYCO_REBUILD_FORWARD_AHEAD=1, change 178) and ∂x's in the backward (BA:
 # LYCO_REBUILD_BACKWARD_AHEAD=1, change 179), both off by default — on lokr-full: SDXL b1 off (floor alongside) / FA /

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Taken out after this run (session 48 review, NOTES row 180): LYCO_LOKR_DIRECT_FORM no longer exists; a record.
 # Issue 7, prepared in session 47, run 334 (session 48): LoKr's direct factor gradients in the permuted form
 # (lokr.kron_linear_grads_permuted: x and ∂y permuted once, every product one plain GEMM; LYCO_LOKR_DIRECT_FORM,
 # `rows` by default) — first every form alone per layer shape (experiments/kron_direct_shapes.py: the ∂W′ path, the

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """LoKr full-matrix's factor gradients on a linear layer: through ∂W′ against straight from ∂y and x (issue 7,
-session 46, NOTES change 173) — in the row form and (session 47) the permuted one — per layer shape.
+session 46, NOTES change 173) — in the row form (the library's) and (session 47) the permuted one (here: NOTES change
+180, taken out of the library after run 334) — per layer shape.
 
 The rebuilt op's path: ``∂W′ = ∂yᵀ·x`` (one bf16 GEMM) and its two reductions (``factor_triton.kron_weight_grads``);
 the direct form: ``lyco.algorithms.lokr.kron_linear_grads``. For the linear layers of SD1.5 (512 px) and SDXL
@@ -22,8 +23,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from _common import graph_us  # noqa: E402
-from lyco.algorithms import factor_triton, lokr  # noqa: E402
+from lyco.algorithms import factor_triton, lokr, lowrank  # noqa: E402
 from lyco.algorithms.factorize import factorization  # noqa: E402
+from lyco.algorithms.rebuild import cast  # noqa: E402
 
 #: per model: (rows at batch 1, in, out, layers of that shape in the UNet, counted from the configs' block layout) —
 #: each level's attention projections (SDXL's linear proj_in/out too), the cross-attention's k/v on the 77 text
@@ -56,6 +58,55 @@ def via_dw(x, gy, w1, w2, s):
     return factor_triton.kron_weight_grads(e.view(L, K, M, C), w1, w2, s, (torch.float32, torch.float32))
 
 
+def kron_linear_grads_permuted(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float,
+                               dts: tuple, needs=(True, True)):
+    """``lokr.kron_linear_grads`` with the rows permuted first — ``Xp (in_m, R, in_n)`` and ``∂Yp (out_l, R, out_k)``
+    (one copy each) — so that every product is one plain GEMM: none of the per-row ``out_l × in_m`` products of a
+    batched GEMM over R, nor its batch sum. Same arguments and result.
+
+    Order (T, G) — ``in_m·out_k ≤ out_l·in_n`` —: ``Tp = Xp·W2ᵀ`` ``(in_m, R, out_k)``; ``∂W1 = s·∂Yp·Tpᵀ`` over
+    ``R·out_k``; ``Gp = W1ᵀ·∂Yp`` ``(in_m, R·out_k)``; ``∂W2 = s·Gpᵀ·Xp`` over ``in_m·R``. Order (Z, H): ``Zp = ∂Yp·W2``
+    ``(out_l, R, in_n)``; ``∂W1 = s·Zp·Xpᵀ`` over ``R·in_n``; ``Hp = W1·Xp`` ``(out_l, R·in_n)``; ``∂W2 = s·∂Ypᵀ·Hp``
+    over ``out_l·R``. The multiply-adds are ``lokr.kron_linear_grads``'s; the two permuted copies are activation-sized
+    (x's and ∂y's).
+
+    Why: run 330 (H200, each form alone in a CUDA graph) had the row form 1.3–12× slower than the ∂W′ path on the
+    square attention projections (SDXL b1's 1280 × 1280 at 1024 rows 2.2×; SD1.5's 320 × 320 at 4096 3.8×, at 32768
+    12.2×): by inference from
+    its shape — not profiled — the batched GEMM of R tiny ``out_l × out_k · out_k × in_m`` products (8 × 160 · 160 × 8
+    at factor 8) and the one with W1 broadcast over R. Here those contractions run over ``R·out_k`` (or ``R·in_n``)
+    at once. Measured (run 334): the fastest of the three forms on no shape, and slower in the step — taken out of
+    the library (session 48 review), kept here.
+
+    Numerics: as ``lokr.kron_linear_grads`` — the intermediate rounded once to the rows' dtype, fp32 accumulation in
+    the GEMMs (∂W1's and ∂W2's sums in one GEMM each, not a per-row product then a sum)."""
+    r = x.shape[0]
+    L, M = w1.shape
+    K, N = w2.shape
+    cd = gy.dtype
+    xp = cast(x, cd).reshape(r, M, N).transpose(0, 1).contiguous()        # (M, R, N)
+    gp = gy.reshape(r, L, K).transpose(0, 1).contiguous()                  # (L, R, K)
+    w1c, w2c = cast(w1, cd), cast(w2, cd)
+    g1 = g2 = None
+    if M * K <= L * N:
+        if needs[0]:
+            t = xp.view(M * r, N) @ w2c.t()                                    # (M·R, K) = (M, R·K)
+            g1 = lowrank._mm(gp.view(L, r * K), t.view(M, r * K).t(), s, dts[0])
+            del t
+        if needs[1]:
+            g = w1c.t() @ gp.view(L, r * K)                                    # (M, R·K) = (M·R, K)
+            g2 = lowrank._mm(g.view(M * r, K).t(), xp.view(M * r, N), s, dts[1])
+    else:
+        if needs[0]:
+            z = gp.view(L * r, K) @ w2c                                        # (L·R, N) = (L, R·N)
+            g1 = lowrank._mm(z.view(L, r * N), xp.view(M, r * N).t(), s, dts[0])
+            del z
+        if needs[1]:
+            h = w1c @ xp.view(M, r * N)                                        # (L, R·N) = (L·R, N)
+            g2 = lowrank._mm(gp.view(L * r, K).t(), h.view(L * r, N), s, dts[1])
+    return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="")
@@ -75,13 +126,13 @@ def main():
                 ref = via_dw(x, gy, w1, w2, 0.5)
                 got = lokr.kron_linear_grads(x, gy, w1, w2, 0.5, (torch.float32, torch.float32))
                 err = max(float((u - v).abs().max() / v.abs().max()) for u, v in zip(got, ref))
-                got = lokr.kron_linear_grads_permuted(x, gy, w1, w2, 0.5, (torch.float32, torch.float32))
+                got = kron_linear_grads_permuted(x, gy, w1, w2, 0.5, (torch.float32, torch.float32))
                 err_perm = max(float((u - v).abs().max() / v.abs().max()) for u, v in zip(got, ref))
                 us_dw = graph_us(lambda: via_dw(x, gy, w1, w2, 0.5), 10)
                 us_direct = graph_us(lambda: lokr.kron_linear_grads(x, gy, w1, w2, 0.5,
                                                                     (torch.float32, torch.float32)), 10)
-                us_perm = graph_us(lambda: lokr.kron_linear_grads_permuted(x, gy, w1, w2, 0.5,
-                                                                           (torch.float32, torch.float32)), 10)
+                us_perm = graph_us(lambda: kron_linear_grads_permuted(x, gy, w1, w2, 0.5,
+                                                                      (torch.float32, torch.float32)), 10)
                 rec = dict(model=model, batch=b, rows=rows, inp=inp, out=out, layers=count,
                            rows_per_width=round(rows * (out + inp) / (out * inp), 3), err=round(err, 5),
                            err_perm=round(err_perm, 5), us_dw=round(us_dw, 2), us_direct=round(us_direct, 2),

@@ -17,10 +17,7 @@ bypass op (``LYCO_BYPASS_OP``, :mod:`.lowrank`) and its side stream for the adap
 (``LYCO_BYPASS_STREAMS``, :func:`.lowrank.side_stream`; the rebuilt op's weight gradient there too where its build
 asks for it — LoKr's —, ``LYCO_REBUILD_STREAMS``, :func:`.rebuild._side`, its GEMMs chosen for the side's SMs
 as the thin products are, ``LYCO_REBUILD_SIDE_SMS``, :func:`.rebuild._side_sms`, and forked before the rebuild
-of W′ where it does not read it, ``LYCO_REBUILD_EARLY_FORK``, :func:`.rebuild._early_fork`, and its forward's W′
-built a layer ahead on the up stream, ``LYCO_REBUILD_FORWARD_AHEAD``, :func:`.rebuild._forward_ahead`, its ∂x's W′
-likewise in the backward, ``LYCO_REBUILD_BACKWARD_AHEAD``, :func:`.rebuild._backward_ahead` — both ``0`` by default
-until measured; the stream's events
+of W′ where it does not read it, ``LYCO_REBUILD_EARLY_FORK``, :func:`.rebuild._early_fork`; the stream's events
 and a Python context per region are host time an eager step would pay per layer, and the overlap needs the graph's
 concurrent branches) with a second
 one for ∂U (``LYCO_SIDE_SPLIT``, :func:`.lowrank.up_stream`) that also builds the next backward's merged weight

@@ -51,7 +51,7 @@ from .base import (
 from . import factor_batch, factor_triton, lowrank
 from ..errors import ConfigError
 from .factorize import factorization
-from .rebuild import _forward_ahead, cast, rebuilt_op, supports as rebuild_supports
+from .rebuild import cast, rebuilt_op, supports as rebuild_supports
 
 _CONV_FN = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
@@ -163,54 +163,6 @@ def kron_linear_grads(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: t
     return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
 
 
-def kron_linear_grads_permuted(x: torch.Tensor, gy: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float,
-                               dts: tuple, needs=(True, True)):
-    """:func:`kron_linear_grads` with the rows permuted first — ``Xp (in_m, R, in_n)`` and ``∂Yp (out_l, R, out_k)``
-    (one copy each) — so that every product is one plain GEMM: none of the per-row ``out_l × in_m`` products of a
-    batched GEMM over R, nor its batch sum. Same arguments and result.
-
-    Order (T, G) — ``in_m·out_k ≤ out_l·in_n`` —: ``Tp = Xp·W2ᵀ`` ``(in_m, R, out_k)``; ``∂W1 = s·∂Yp·Tpᵀ`` over
-    ``R·out_k``; ``Gp = W1ᵀ·∂Yp`` ``(in_m, R·out_k)``; ``∂W2 = s·Gpᵀ·Xp`` over ``in_m·R``. Order (Z, H): ``Zp = ∂Yp·W2``
-    ``(out_l, R, in_n)``; ``∂W1 = s·Zp·Xpᵀ`` over ``R·in_n``; ``Hp = W1·Xp`` ``(out_l, R·in_n)``; ``∂W2 = s·∂Ypᵀ·Hp``
-    over ``out_l·R``. The multiply-adds are :func:`kron_linear_grads`'s; the two permuted copies are activation-sized
-    (x's and ∂y's).
-
-    Why: run 330 (H200, each form alone in a CUDA graph) had the row form 1.3–12× slower than the ∂W′ path on the
-    square attention projections (SDXL b1's 1280 × 1280 at 1024 rows 2.2×; SD1.5's 320 × 320 at 4096 3.8×, at 32768
-    12.2×): by inference from
-    its shape — not profiled — the batched GEMM of R tiny ``out_l × out_k · out_k × in_m`` products (8 × 160 · 160 × 8
-    at factor 8) and the one with W1 broadcast over R. Here those contractions run over ``R·out_k`` (or ``R·in_n``)
-    at once. Not measured yet: ``benchmarks/experiments/kron_direct_shapes.py`` times it beside both.
-
-    Numerics: as :func:`kron_linear_grads` — the intermediate rounded once to the rows' dtype, fp32 accumulation in
-    the GEMMs (∂W1's and ∂W2's sums in one GEMM each, not a per-row product then a sum)."""
-    r = x.shape[0]
-    L, M = w1.shape
-    K, N = w2.shape
-    cd = gy.dtype
-    xp = cast(x, cd).reshape(r, M, N).transpose(0, 1).contiguous()        # (M, R, N)
-    gp = gy.reshape(r, L, K).transpose(0, 1).contiguous()                  # (L, R, K)
-    w1c, w2c = cast(w1, cd), cast(w2, cd)
-    g1 = g2 = None
-    if M * K <= L * N:
-        if needs[0]:
-            t = xp.view(M * r, N) @ w2c.t()                                    # (M·R, K) = (M, R·K)
-            g1 = lowrank._mm(gp.view(L, r * K), t.view(M, r * K).t(), s, dts[0])
-            del t
-        if needs[1]:
-            g = w1c.t() @ gp.view(L, r * K)                                    # (M, R·K) = (M·R, K)
-            g2 = lowrank._mm(g.view(M * r, K).t(), xp.view(M * r, N), s, dts[1])
-    else:
-        if needs[0]:
-            z = gp.view(L * r, K) @ w2c                                        # (L·R, N) = (L, R·N)
-            g1 = lowrank._mm(z.view(L, r * N), xp.view(M, r * N).t(), s, dts[0])
-            del z
-        if needs[1]:
-            h = w1c @ xp.view(M, r * N)                                        # (L, R·N) = (L·R, N)
-            g2 = lowrank._mm(gp.view(L * r, K).t(), h.view(L * r, N), s, dts[1])
-    return (None if g1 is None else cast(g1, dts[0]), None if g2 is None else cast(g2, dts[1]))
-
-
 class _KronBuild:
     """LoKr for :mod:`.rebuild`: ``W′ = W + s·kron(W1, W2)`` with θ = (W1, W2 flat) formed outside the op
     (under autograd: they are the small factors, ``a @ b`` or a Tucker rebuild at most).
@@ -242,14 +194,6 @@ class _KronBuild:
     #: (``LYCO_LOKR_DIRECT_MIN``) — the rule and its defaults from run 330's per-shape table (change 177)
     DIRECT_ROWS = _env_float("LYCO_LOKR_DIRECT_ROWS", 4.0)
     DIRECT_MIN = _env_float("LYCO_LOKR_DIRECT_MIN", float(1 << 23))
-    #: which form :meth:`direct_grads` runs (``LYCO_LOKR_DIRECT_FORM``): ``rows`` (:func:`kron_linear_grads`, measured
-    #: in runs 329–332) or ``permuted`` (:func:`kron_linear_grads_permuted`; lokr-full SDXL b1 in run 334: 85.60 ms on
-    #: change 177's layers, 103.01 on every linear layer, against 83.15 as built; alone, summed over the linear layers,
-    #: it beat the row form at SD1.5 b1 and b8 (5.63, 18.10 ms against 6.38, 24.47), not at SDXL b1 and b4 (35.30,
-    #: 83.60 against 35.07, 71.19), and was the fastest of the three on no shape: ``kron_direct_shapes.py``)
-    DIRECT_FORM = os.environ.get("LYCO_LOKR_DIRECT_FORM", "rows")
-    if DIRECT_FORM not in ("rows", "permuted"):
-        raise ConfigError(f"LYCO_LOKR_DIRECT_FORM={DIRECT_FORM!r}: expected 'rows' or 'permuted'")
 
     def __init__(self, s: float):
         self.s = s
@@ -324,12 +268,15 @@ class _KronBuild:
         return out * inp >= self.DIRECT_MIN and x.shape[0] <= self.DIRECT_ROWS * out * inp / (out + inp)
 
     def direct_grads(self, x, gy, theta, needs):
-        """θ's gradients by :func:`kron_linear_grads` (or its permuted form, :data:`DIRECT_FORM`; ``x``, ``gy``: the
-        op's rows), in θ's shapes and dtypes."""
+        """θ's gradients by :func:`kron_linear_grads` (``x``, ``gy``: the op's rows), in θ's shapes and dtypes.
+
+        A permuted form (x and ∂y permuted once, every product one plain GEMM; NOTES change 180) lost here: lokr-full
+        SDXL b1 85.60 ms on the layers :meth:`direct_ok` takes and 103.01 on every linear layer, against 83.15 (run
+        334, H200); alone it was the fastest form on no shape. It was taken out of the library and lives on in
+        ``benchmarks/experiments/kron_direct_shapes.py``."""
         t1, t2 = theta
-        form = kron_linear_grads_permuted if self.DIRECT_FORM == "permuted" else kron_linear_grads
-        g1, g2 = form(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
-                      self.s, (t1.dtype, t2.dtype), needs)
+        g1, g2 = kron_linear_grads(x, gy, t1.view(t1.shape[0], t1.shape[2]), t2.view(t2.shape[1], t2.shape[3]),
+                                   self.s, (t1.dtype, t2.dtype), needs)
         return (g1.view(t1.shape) if g1 is not None else None, g2.view(t2.shape) if g2 is not None else None)
 
     def vjp(self, aux, theta, gw, gb, needs):
@@ -696,33 +643,12 @@ class LoKr(Algorithm):
         the two factors, formed here under autograd; a trained ``scalar`` folded into W1)."""
         if not rebuild_supports(spec):
             return super().rebuild_op(x, t, spec, weight, bias, multiplier)
-        s, theta = self._kron_theta(t, multiplier)
-        build = _KronBuild(s)
-        if _forward_ahead(x):
-            # W′ built a layer ahead (rebuild._forward_ahead): from the adapter's own tensors, held weakly and read
-            # when the build runs — the factors' views and W1·γ made there, as here
-            names = tuple(k for k, v in t.items() if isinstance(v, torch.Tensor))
-            consts = {k: v for k, v in t.items() if not isinstance(v, torch.Tensor)}
-            build.ahead = (t[names[0]], lowrank._weak_build(self._ahead_aux, names, consts, multiplier, weight, bias,
-                                                            *(t[k] for k in names)))
-        return rebuilt_op(x, spec, weight, bias, build, *theta)
-
-    def _kron_theta(self, t, multiplier) -> tuple[float, tuple[torch.Tensor, torch.Tensor]]:
-        """The rebuilt op's scale and θ: W1 (a trained ``scalar`` folded in) and W2 flat, in the broadcast shapes of
-        :meth:`_KronBuild.factors`."""
         w1 = self._w1(t)
         gain = self._gain(t)
         if isinstance(gain, torch.Tensor):
             w1, gain = w1 * gain.to(w1.dtype), 1.0
-        return float(gain) * multiplier, _KronBuild.factors(w1, self._w2_flat(t))
-
-    def _ahead_aux(self, names, consts, multiplier, weight, bias, *vals):
-        """:meth:`_KronBuild.forward_aux` from the adapter's tensors (``names`` → ``vals``, ``consts`` the rest of
-        its dict): the forward's W′ of :meth:`rebuild_op`, built ahead."""
-        t = dict(consts)
-        t.update(zip(names, vals))
-        s, theta = self._kron_theta(t, multiplier)
-        return _KronBuild(s).forward_aux(weight, bias, *theta)
+        return rebuilt_op(x, spec, weight, bias, _KronBuild(float(gain) * multiplier),
+                          *_KronBuild.factors(w1, self._w2_flat(t)))
 
     def forward_accumulate(self, acc, x, t, spec, weight, bias, base_out, multiplier, inplace=False):
         """When the activation is at least as large as the weight (positions ≥ in·∏k): ΔW = γ·kron

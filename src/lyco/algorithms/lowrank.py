@@ -361,7 +361,7 @@ class _Ahead:
 _LAST: dict = {}
 
 
-def _ahead_link(ctx, x: torch.Tensor, fn, *args, on: bool | None = None) -> None:
+def _ahead_link(ctx, x: torch.Tensor, fn, *args) -> None:
     """Where ``LYCO_MERGE_AHEAD`` (:mod:`.graph_policy`, captured steps by default) and the ∂x an op's backward
     computes through a merged weight: ``ctx.ahead = (this op's holder, a weak reference to the previous op's)``
     — the holder builds ``fn(*args)``. The backward (:func:`_ahead_start`) starts the previous op's build on the
@@ -373,10 +373,9 @@ def _ahead_link(ctx, x: torch.Tensor, fn, *args, on: bool | None = None) -> None
     69 built the merges ahead on the side stream, then the longest branch, and lost. The stream discipline is the
     side stream's (:func:`side_stream`): the W′ allocated on the up stream is read on the current stream only after
     the building op's join, and freed there after the consumer's GEMM was issued — the up stream can reuse its
-    block only in a later region, whose fork orders it after that GEMM. ``on``: the caller's own policy in place of
-    :func:`_ahead_on` (the rebuilt op's, :func:`.rebuild._backward_ahead`)."""
+    block only in a later region, whose fork orders it after that GEMM."""
     ctx.ahead = None
-    if not (_ahead_on(x) if on is None else on):
+    if not _ahead_on(x):
         return
     mine = _Ahead(fn, args)
     ref = _LAST.get(x.device)

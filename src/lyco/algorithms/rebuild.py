@@ -15,9 +15,6 @@ layer's GEMM is activation-sized), then
 * or ``∂θ`` straight from ``∂y`` and ``x``, no ``∂W′``, where the build offers it for the layer and input
   (``direct_ok`` / ``direct_grads``: LoKr's full W2 on a linear layer, :func:`.lokr.kron_linear_grads`).
 
-In captured steps the backward's ∂W′ may run on a side stream beside ∂x (:func:`_side`), and W′ may be built a layer
-ahead on the up stream, the forward's (:func:`_forward_ahead`) and ∂x's (:func:`_backward_ahead`).
-
 What it trades: the bypass ``f(x) + m·Δy`` keeps activation-sized tensors for its ∂θ (DoRA: the base
 output for ∂g; (IA)³: ``f(x) − b``; BOFT: every stage's activations; LoKr/LoHa dense: a second
 full-size GEMM forward and two backward) — this keeps only ``x``, which is shared by the layers
@@ -110,26 +107,12 @@ class _RebuiltOp(torch.autograd.Function):
         # Function.forward runs without autograd
         own = getattr(build, "vjp", None) is not None and not weight.requires_grad and not (
             bias is not None and bias.requires_grad)
-        ahead = getattr(build, "ahead", None) if own else None
-        if ahead is not None:
-            # W′ built a layer ahead on the up stream by the op that ran before this one (_forward_ahead)
-            from .lowrank import _fwd_weights
-            got = _fwd_weights(x, ahead[0], ahead[1])
-            w2, b2, keep = got if got is not None else build.forward_aux(weight, bias, *theta)
-            del got
-        elif own:
+        if own:
             w2, b2, keep = build.forward_aux(weight, bias, *theta)
         else:
             (w2, b2), keep = build(weight, bias, *theta), ()
         y = layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
         ctx.spec, ctx.build, ctx.own, ctx.n_theta = spec, build, own, len(theta)
-        ctx.fwd_ahead = ahead is not None
-        # ∂x's W′ built ahead by the backward of the op after this one in the forward (_backward_ahead): a build whose
-        # backward reads nothing of its rebuild but W′ (LoKr's); sets ctx.ahead
-        ctx.ahead = None
-        if own and ctx.needs_input_grad[0] and not getattr(build, "vjp_reads_aux", True):
-            from .lowrank import _ahead_link
-            _ahead_link(ctx, x, build.recompute, keep, weight, bias, *theta, on=_backward_ahead(x))
         ctx.save_for_backward(x, weight, bias, *theta, *keep)
         return y
 
@@ -137,19 +120,6 @@ class _RebuiltOp(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, *rest = ctx.saved_tensors
         theta, keep = rest[:ctx.n_theta], rest[ctx.n_theta:]
-        if ctx.fwd_ahead:  # a backward began: the next forward starts a new order (.lowrank._fwd_reset)
-            from .lowrank import _fwd_reset
-            _fwd_reset(gy.device)
-        # this op's rebuild (W′, aux) as built ahead, or None; the previous op's started on the up stream, joined
-        # before this backward returns (lowrank._ahead_link's discipline)
-        pre = su = None
-        if ctx.ahead is not None:
-            from .lowrank import _ahead_start, _ahead_take, _fork, up_stream
-            pre = _ahead_take(ctx.ahead)
-            su = up_stream(gy)
-            with _fork(su):
-                _ahead_start(ctx.ahead)
-            ctx.ahead = None
         need = ctx.needs_input_grad  # (x, spec, build, weight, bias, *theta)
         build = ctx.build
         if ctx.own:
@@ -173,7 +143,7 @@ class _RebuiltOp(torch.autograd.Function):
                      and weight.is_contiguous() and _early_fork())
             w2c = aux = None
             if not early:
-                w2, aux = pre if pre is not None else build.recompute(keep, weight, bias, *theta)
+                w2, aux = build.recompute(keep, weight, bias, *theta)
                 w2c = cast(w2, gy.dtype)
             if side is not None:
                 # ∂W′ and the build's backward from it (or the direct form) on the side stream beside ∂x
@@ -189,22 +159,15 @@ class _RebuiltOp(torch.autograd.Function):
                         grads = build.vjp(aux, theta, gw, gb, need[5:])
                         del gw, gb
                 if early:
-                    w2c = cast((pre if pre is not None else build.recompute(keep, weight, bias, *theta))[0],
-                               gy.dtype)
-                del pre
+                    w2c = cast(build.recompute(keep, weight, bias, *theta)[0], gy.dtype)
                 gx = op_backward(ctx.spec, x, w2c, gy, True, False, False)[0]
                 _join(side)
-                _join(su)
                 return (cast(gx, x.dtype), None, None, None, None, *grads)
-            del pre
             gx, gw, gb = op_backward(ctx.spec, x, w2c, gy, need[0], need_w, need_b)
             if direct:
                 grads = build.direct_grads(x, gy, theta, need[5:])
             elif grads is None:
                 grads = build.vjp(aux, theta, gw, gb, need[5:]) if want else (None,) * len(theta)
-            if su is not None:
-                from .lowrank import _join
-                _join(su)
             return (cast(gx, x.dtype), None, None, None, None, *grads)
         need_in = (need[3], need[4], *need[5:])
         ins = [weight, bias, *theta]
@@ -276,51 +239,12 @@ def _early_fork() -> bool:
     backward's half of them could run beside the side region instead.
 
     Measured (H200, run 329, SDXL b1 ``lokr-full``, captured, both without change 174's SM target): 87.38 ms
-    without the early fork, 84.87 with it."""
+    without the early fork, 84.87 with it.
+
+    Not kept (NOTES changes 178–179, run 333, H200, SDXL b1 ``lokr-full`` 83.03 / 82.99 ms without): W′ built a layer
+    ahead on the up stream, the forward's (82.78, a tie) and ∂x's in the backward (86.65, a loss) — taken out."""
     from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK")
-
-
-def _forward_ahead(x: torch.Tensor) -> bool:
-    """Whether a build that offers it (its ``ahead``: a key tensor and a call, :func:`.lowrank._weak_build`, that
-    returns :meth:`forward_aux`'s result from the adapter's own tensors) has its forward's W′ built a layer ahead on
-    the up stream, by the op that ran before it in the last forward (:func:`.lowrank._fwd_weights`, the bypass op's
-    ``LYCO_FORWARD_MERGED`` order): ``LYCO_REBUILD_FORWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: a tie
-    where measured) and the up stream on x's device (:func:`.lowrank.up_stream`; CUDA).
-
-    Why: the forward builds W′ on its own stream just before the layer's GEMM reads it. Run 328's SDXL b1
-    ``lokr-full`` timeline (H200) has the merges (``_kron_merge_kernel``, 1495 launches: each layer's W′ in its
-    forward and again in its backward) at 7.28 of 7.45 ms exposed; change 176's early fork moved the backward's
-    beside the side region, the forward's half stays on the critical path. Built ahead, it runs on the up stream —
-    idle in the forward — beside the previous layer's GEMM. Numerics: the same W′ (the same merge of the same
-    factors, read after the optimizer's update: the order restarts at each backward). Memory: one more W′ alive at a
-    time (the next layer's).
-
-    Measured (H200, lokr-full, graph step, run 333): SDXL b1 82.78 ms against 83.03 / 82.99 without (off / on / off);
-    with :func:`_backward_ahead` too SDXL b4 218.10 against 218.33, SD1.5 b1 23.97 against 23.80 — so off (why the
-    merges it moves off the critical path do not shorten the step: not measured)."""
-    from . import graph_policy
-    from .lowrank import up_stream
-    return graph_policy.wanted("LYCO_REBUILD_FORWARD_AHEAD", "0") and up_stream(x) is not None
-
-
-def _backward_ahead(x: torch.Tensor) -> bool:
-    """Whether a build whose backward reads nothing of its rebuild but W′ (``vjp_reads_aux`` False: LoKr's) has ∂x's
-    W′ built ahead — by the backward of the op that ran after it in the forward, on the up stream, as the bypass op's
-    merged weights are (:func:`.lowrank._ahead_link`) — instead of rebuilt on the current stream before its ∂x GEMM:
-    ``LYCO_REBUILD_BACKWARD_AHEAD`` (:mod:`.graph_policy`; ``0`` by default: it loses) and the up stream on
-    x's device (:func:`.lowrank.up_stream`; CUDA).
-
-    Why: since change 176 the backward's rebuild runs beside the side region (the early fork), but still on the
-    current stream, before ∂x: on the critical path. Numerics: the same W′ (the same merge of the same factors: no
-    update within a backward). Memory: one more W′ alive at a time (the previous op's, from its build to its
-    backward).
-
-    Measured (H200, lokr-full SDXL b1, graph step, run 333): 86.65 ms against 83.03 / 82.99 without, 86.27 with
-    :func:`_forward_ahead` too — 3.3–3.6 ms lost, so off."""
-    from . import graph_policy
-    from .lowrank import up_stream
-    return graph_policy.wanted("LYCO_REBUILD_BACKWARD_AHEAD", "0") and up_stream(x) is not None
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
