@@ -110,6 +110,45 @@ def replay_us(g, reps_in_graph: int, replays: int = 7, warmup: int = 0) -> float
     return ts[len(ts) // 2]
 
 
+def shape_table(layers: dict, cfgs: dict, make: Callable, err: Callable, rate: Callable | None = None) -> list:
+    """The experiments' per-shape tables (``experiments/kron_wgrad_tiles.py``, ``kron_merge_tiles.py``): per model of
+    ``layers`` (``{model: [(rows, in, out, count), …]}``), each distinct ``(in, out)``'s inputs from ``make(inp, out)``
+    → ``(args, want, shape)``; each configuration of ``cfgs`` (name → ``fn(*args)``) checked (``err(fn(*args),
+    want)``, as ``<name>_err``) and timed (µs a call, 10 calls in one CUDA graph, median of 7 replays: ``<name>_us``;
+    ``rate(us, args)`` as ``<name>_tbs`` where given; a configuration that fails is recorded so and its sum is NaN);
+    then per model the µs summed over the layers' counts per configuration (ms) and the best per shape. The records,
+    each printed as a JSON line as it comes."""
+    recs = []
+    for model, rows in layers.items():
+        counts = {}
+        for _, inp, out, n in rows:
+            counts[(inp, out)] = counts.get((inp, out), 0) + n
+        tot = {name: 0.0 for name in cfgs}
+        best = 0.0
+        for (inp, out), n in counts.items():
+            args, want, shape = make(inp, out)
+            rec = dict(model=model, inp=inp, out=out, layers=n, shape=shape)
+            for name, fn in cfgs.items():
+                try:
+                    rec[name + "_err"] = round(err(fn(*args), want), 6)
+                    us = graph_us(lambda fn=fn: fn(*args), 10)
+                    rec[name + "_us"] = round(us, 2)
+                    if rate is not None:
+                        rec[name + "_tbs"] = round(rate(us, args), 2)
+                    tot[name] += us * n
+                except Exception as ex:  # noqa: BLE001 — a configuration Triton cannot compile: recorded
+                    rec[name + "_us"] = f"failed: {type(ex).__name__}: {str(ex)[:80]}"
+                    tot[name] = float("nan")
+            best += n * min(v for k, v in rec.items() if k.endswith("_us") and isinstance(v, float))
+            recs.append(rec)
+            print(json.dumps(rec), flush=True)
+        summary = dict(model=model, summed_ms={k: round(v / 1e3, 3) for k, v in tot.items()},
+                       summed_ms_best=round(best / 1e3, 3))
+        recs.append(summary)
+        print(json.dumps(summary), flush=True)
+    return recs
+
+
 def write_records(path: str | None, recs: list, dev) -> None:
     """An experiment's records as JSON at ``path`` (nothing where it is empty), the device's name beside them."""
     if path:

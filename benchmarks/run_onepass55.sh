@@ -7,6 +7,9 @@
 # 3×3 convs up to 640 channels) / as built, SD1.5 b1 as built / P / the block form's budget halved to 32 programs
 # (M: LYCO_KRON_WGRAD_MIN_PROGRAMS=32, change 183), SD1.5 b8 and SDXL b4 as built / P; the trainer's graphs against
 # eager with P and M.
+# Ran as run 339 (session 49): the one-pass form lost alone and in the step and was taken out of the library after it
+# (it lives in experiments/kron_wgrad_tiles.py, which this script still runs; LYCO_KRON_WGRAD_ONEPASS no longer exists,
+# so P's legs now repeat the build); M is the default since (run 342).
 #   OUT=$OUT bash benchmarks/run_onepass55.sh      (carry .whl; ≈ 520 s and the start: run with timeout_s 600)
 . benchmarks/_gpu_lib.sh
 trainer_env

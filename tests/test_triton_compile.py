@@ -52,14 +52,14 @@ _SCRIPT = textwrap.dedent('''
         cases.append(("kron_bwd_stacked", factor_triton._kron_bwd_stacked_kernel,
                       ("W1", "A", "GU", "GA") + (() if split else ("GW1",)), (), ("GW1",) if split else (),
                       dict(BK=bk, OLP=olp, IMP=imp, RP=rp, SPLIT=split)))
-    # LoKr's ∂W′ reductions: the loop and block forms (fp32 partials) at SDXL's 1280 × 1280 geometry, and the one-pass
-    # form (fp32 factor gradients, its nested (k, c) loop and its pointer walked over W1's rows)
+    # LoKr's ∂W′ reductions: the loop and block forms (fp32 partials) at SDXL's 1280 × 1280 geometry
     cases.append(("kron_wgrad", factor_triton._kron_wgrad_kernel, ("E", "W1", "W2"), (), ("P1", "P2"),
                   dict(BK=16, BC=128)))
     cases.append(("kron_wgrad_block", factor_triton._kron_wgrad_block_kernel, ("E", "W1", "W2"), (), ("P1", "P2"),
                   dict(BK=32, BC=128, MP=8)))
-    cases.append(("kron_wgrad_onepass", factor_triton._kron_wgrad_onepass_kernel, ("E", "W1", "W2"), ("s",),
-                  ("G1", "G2"), dict(BK=4, BC=128, MP=8, BK1=16, BC1=256)))
+    # LoKr's merged weight (fp32 factors)
+    cases.append(("kron_merge", factor_triton._kron_merge_kernel, ("W", "OUT"), ("s",), ("W1", "W2"),
+                  dict(BLOCK=2048)))
     lt = lowrank_triton
     for self_ in (False, True):
         cases.append(("rowdot", lt._rowdot_kernel, ("A", "W", "U", "D"), ("gain",), ("P",),

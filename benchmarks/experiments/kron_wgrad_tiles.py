@@ -9,8 +9,10 @@ kernel's geometry (a program per (k, c) tile of 2048 elements and row i of W1, a
 two full-tile reductions each) a 1280 × 1280 layer at factor 8 is 160 programs of 8 dependent steps. The block form
 (``factor_triton._kron_wgrad_block_kernel``) loads the ``M`` slices together and reduces each over its own axes;
 smaller tiles give more programs. Both write the library's partials, summed by the library's finish launch. The
-one-pass form (``factor_triton._kron_wgrad_onepass``, session 48, off in the library by default) writes no partials
-and has no finish: ∂W2's programs loop over W1's rows, one program per entry of ∂W1 reads its (k, c) slab.
+one-pass form (:func:`_kron_wgrad_onepass` here; change 182, in the library off by default in session 48, taken out
+after run 339) writes no partials and has no finish: ∂W2's programs loop over W1's rows, one program per entry of ∂W1
+reads its (k, c) slab. Run 339 (H200): summed over SDXL's layers the block form at 4096 (k, c) elements and 8 warps
+6.63 ms, the one-pass form 13.69 at its best of six configurations (SD1.5: 1.41 and 2.13).
 
 For each shape of SD1.5's and SDXL's linear layers at factor 8 (``kron_direct_shapes.LAYERS``), µs a call (10 calls in
 one CUDA graph, median of 7 replays) of each configuration, after checking it against float64; then per model the µs
@@ -21,7 +23,6 @@ summed over its layers (SDXL b1's counts) for each configuration, and the best p
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -29,6 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+
+import triton  # noqa: E402 - the test extra (Linux x86-64) and the GPU machine have it
+import triton.language as tl  # noqa: E402
 
 from lyco.algorithms import factor_triton as F  # noqa: E402
 from lyco.algorithms.factorize import factorization  # noqa: E402
@@ -42,6 +46,72 @@ BLOCK_CFGS = ((256, 4), (512, 4), (512, 8), (1024, 8), (2048, 8), (2048, 4), (20
 ONEPASS_CFGS = ((256, 4096, 4), (512, 4096, 4), (512, 4096, 8), (1024, 4096, 8), (512, 2048, 4), (512, 8192, 8))
 
 
+@triton.jit
+def _kron_wgrad_onepass_kernel(E, W1, W2, G1, G2, L, K, M, C, sw1i, sw1j, sw2k, sw2c, s, NCB, N2,
+                               BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr, BK1: tl.constexpr,
+                               BC1: tl.constexpr):
+    """:func:`kron_weight_grads` in one launch without partials: the first ``N2`` programs one ``(BK, BC)`` tile
+    of ``G2 = s·Σ_ij W1[i,j]·E[i,k,j,c]`` each — over W1's rows in order, a ``(BK, MP, BC)`` block of E a row —,
+    the rest one entry ``G1[i,j] = s·Σ_kc E[i,k,j,c]·W2[k,c]`` each, over (k, c) in ``(BK1, BC1)`` tiles; the
+    fp32 sums scaled and rounded once to each factor's dtype (fixed order: deterministic). E is read twice, once
+    by each group."""
+    pid = tl.program_id(0)
+    if pid < N2:
+        kk = (pid // NCB) * BK + tl.arange(0, BK)
+        cc = (pid % NCB) * BC + tl.arange(0, BC)
+        jj = tl.arange(0, MP)
+        m2 = (kk[:, None] < K) & (cc[None, :] < C)
+        m3 = m2[:, None, :] & (jj[None, :, None] < M)
+        off = (kk[:, None, None].to(tl.int64) * M + jj[None, :, None]) * C + cc[None, None, :]
+        acc = tl.zeros((BK, BC), dtype=tl.float32)
+        rows = E + off
+        for i in range(0, L):
+            e = tl.load(rows, mask=m3, other=0.0).to(tl.float32)
+            w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
+            acc += tl.sum(e * w1[None, :, None], axis=1)
+            rows += K * M * C
+        tl.store(G2 + kk[:, None] * C + cc[None, :], (acc * s).to(G2.dtype.element_ty), mask=m2)
+    else:
+        q = pid - N2
+        i = q // M
+        j = q % M
+        row = E + (i.to(tl.int64) * K * M + j) * C
+        acc1 = tl.zeros((BK1, BC1), dtype=tl.float32)
+        for k0 in range(0, K, BK1):
+            k1 = k0 + tl.arange(0, BK1)
+            for c0 in range(0, C, BC1):
+                c1 = c0 + tl.arange(0, BC1)
+                m = (k1[:, None] < K) & (c1[None, :] < C)
+                e1 = tl.load(row + k1[:, None].to(tl.int64) * M * C + c1[None, :], mask=m, other=0.0)
+                w2 = tl.load(W2 + k1[:, None] * sw2k + c1[None, :] * sw2c, mask=m, other=0.0)
+                acc1 += e1.to(tl.float32) * w2.to(tl.float32)
+        tl.store(G1 + q, (tl.sum(tl.sum(acc1, axis=1), axis=0) * s).to(G1.dtype.element_ty))
+
+
+def _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2: int, tile1: int, num_warps: int):
+    """``factor_triton.kron_weight_grads`` as one launch (:func:`_kron_wgrad_onepass_kernel`): ``(BK, BC)`` tiles of
+    ``tile2`` (k, c) elements for ∂W2 — a program each, over W1's L rows — and one program per entry of ∂W1, over
+    (k, c) in tiles of ``tile1`` elements; no fp32 partials, no finishing launch.
+
+    Why it was tried (session 48): the two-launch forms write fp32 partials of both and sum them
+    in a second launch — run 328's SDXL b1 lokr-full timeline had that finish at 6.1 µs a layer on average (735
+    layers, the loop form's partials); change 181's block form with its finish took 7.07 µs a call alone at 1280 ×
+    1280 (run 335), how it splits between them not measured. Here E is read twice instead (once per group, the
+    second time by inference from L2: a 1280 × 1280 bf16 ∂W′ is 3.3 MB against the H200's 50 MB), and ∂W1's programs
+    are L·M (64 at factor 8), each reading K·C elements — hence the library's bound on K·C
+    (``LYCO_KRON_WGRAD_ONEPASS``, while it had this form)."""
+    L, K, M, C = e.shape
+    mp = F._p2(M)
+    bk, bc, ncb, n2 = F._wgrad_tiles(K, C, tile2)
+    bc1 = min(256, F._p2(C))
+    bk1 = max(1, min(F._p2(K), tile1 // bc1))
+    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
+    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
+    _kron_wgrad_onepass_kernel[(n2 + L * M,)](e, w1, w2, g1, g2, L, K, M, C, *w1.stride(), *w2.stride(), float(s),
+                                              ncb, n2, BK=bk, BC=bc, MP=mp, BK1=bk1, BC1=bc1, num_warps=num_warps)
+    return g1, g2
+
+
 def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=1024, warps=8):
     """:func:`factor_triton.kron_weight_grads` with :func:`_kron_wgrad_block_kernel` (``tile`` elements of (k, c) a
     program, ``warps``) and the library's finish launch."""
@@ -51,8 +121,8 @@ def kron_weight_grads_block(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float
 
 def kron_weight_grads_onepass(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile2=512, tile1=4096,
                               warps=4):
-    """The library's one-pass form (one launch, no partials) at the given tiles and warps, whatever K·C."""
-    return F._kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2, tile1, warps)
+    """The one-pass form (one launch, no partials) at the given tiles and warps, whatever K·C."""
+    return _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2, tile1, warps)
 
 
 def kron_weight_grads_loop(e, w1, w2, s=1.0, dtypes=(torch.float32, torch.float32), tile=2048):
@@ -102,7 +172,7 @@ def check() -> None:
 
 
 def bench(out_path=None) -> None:
-    from _common import graph_us, write_records
+    from _common import shape_table, write_records
     from kron_direct_shapes import LAYERS
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -112,34 +182,13 @@ def bench(out_path=None) -> None:
     cfgs.update({f"one{t2}t{t1}w{w}": (lambda e, a, b, t2=t2, t1=t1, w=w:
                                        kron_weight_grads_onepass(e, a, b, 0.5, tile2=t2, tile1=t1, warps=w))
                  for t2, t1, w in ONEPASS_CFGS})
-    recs = []
-    for model, layers in LAYERS.items():
-        counts = {}
-        for _, inp, out, n in layers:
-            counts[(inp, out)] = counts.get((inp, out), 0) + n
-        tot = {name: 0.0 for name in cfgs}
-        best = 0.0
-        for (inp, out), n in counts.items():
-            shape = _shape(inp, out)
-            e, w1, w2 = _inputs(shape, dev, g, torch.bfloat16)
-            want = reference(e, w1, w2, 0.5)
-            rec = dict(model=model, inp=inp, out=out, layers=n, shape=shape)
-            for name, fn in cfgs.items():
-                try:
-                    rec[name + "_err"] = round(_err(fn(e, w1, w2), want), 6)
-                    rec[name + "_us"] = round(graph_us(lambda fn=fn: fn(e, w1, w2), 10), 2)
-                    tot[name] += rec[name + "_us"] * n
-                except Exception as ex:  # noqa: BLE001 — a configuration Triton cannot compile: recorded
-                    rec[name + "_us"] = f"failed: {type(ex).__name__}: {str(ex)[:80]}"
-                    tot[name] = float("nan")
-            best += n * min(v for k, v in rec.items() if k.endswith("_us") and isinstance(v, float))
-            recs.append(rec)
-            print(json.dumps(rec), flush=True)
-        summary = dict(model=model, summed_ms={k: round(v / 1e3, 3) for k, v in tot.items()},
-                       summed_ms_best=round(best / 1e3, 3))
-        recs.append(summary)
-        print(json.dumps(summary), flush=True)
-    write_records(out_path, recs, dev)
+
+    def make(inp, out):
+        shape = _shape(inp, out)
+        args = _inputs(shape, dev, g, torch.bfloat16)
+        return args, reference(*args, 0.5), shape
+
+    write_records(out_path, shape_table(LAYERS, cfgs, make, _err), dev)
 
 
 if __name__ == "__main__":

@@ -437,47 +437,6 @@ if triton is not None:
             _sum_rows_body(P2, G2, T2, N2, s, pid - nb1, BLOCK)
 
     @triton.jit
-    def _kron_wgrad_onepass_kernel(E, W1, W2, G1, G2, L, K, M, C, sw1i, sw1j, sw2k, sw2c, s, NCB, N2,
-                                   BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr, BK1: tl.constexpr,
-                                   BC1: tl.constexpr):
-        """:func:`kron_weight_grads` in one launch without partials: the first ``N2`` programs one ``(BK, BC)`` tile
-        of ``G2 = s·Σ_ij W1[i,j]·E[i,k,j,c]`` each — over W1's rows in order, a ``(BK, MP, BC)`` block of E a row —,
-        the rest one entry ``G1[i,j] = s·Σ_kc E[i,k,j,c]·W2[k,c]`` each, over (k, c) in ``(BK1, BC1)`` tiles; the
-        fp32 sums scaled and rounded once to each factor's dtype (fixed order: deterministic). E is read twice, once
-        by each group."""
-        pid = tl.program_id(0)
-        if pid < N2:
-            kk = (pid // NCB) * BK + tl.arange(0, BK)
-            cc = (pid % NCB) * BC + tl.arange(0, BC)
-            jj = tl.arange(0, MP)
-            m2 = (kk[:, None] < K) & (cc[None, :] < C)
-            m3 = m2[:, None, :] & (jj[None, :, None] < M)
-            off = (kk[:, None, None].to(tl.int64) * M + jj[None, :, None]) * C + cc[None, None, :]
-            acc = tl.zeros((BK, BC), dtype=tl.float32)
-            rows = E + off
-            for i in range(0, L):
-                e = tl.load(rows, mask=m3, other=0.0).to(tl.float32)
-                w1 = tl.load(W1 + i * sw1i + jj * sw1j, mask=jj < M, other=0.0).to(tl.float32)
-                acc += tl.sum(e * w1[None, :, None], axis=1)
-                rows += K * M * C
-            tl.store(G2 + kk[:, None] * C + cc[None, :], (acc * s).to(G2.dtype.element_ty), mask=m2)
-        else:
-            q = pid - N2
-            i = q // M
-            j = q % M
-            row = E + (i.to(tl.int64) * K * M + j) * C
-            acc1 = tl.zeros((BK1, BC1), dtype=tl.float32)
-            for k0 in range(0, K, BK1):
-                k1 = k0 + tl.arange(0, BK1)
-                for c0 in range(0, C, BC1):
-                    c1 = c0 + tl.arange(0, BC1)
-                    m = (k1[:, None] < K) & (c1[None, :] < C)
-                    e1 = tl.load(row + k1[:, None].to(tl.int64) * M * C + c1[None, :], mask=m, other=0.0)
-                    w2 = tl.load(W2 + k1[:, None] * sw2k + c1[None, :] * sw2c, mask=m, other=0.0)
-                    acc1 += e1.to(tl.float32) * w2.to(tl.float32)
-            tl.store(G1 + q, (tl.sum(tl.sum(acc1, axis=1), axis=0) * s).to(G1.dtype.element_ty))
-
-    @triton.jit
     def _kron_merge_kernel(W, W1, W2, OUT, N, K, M, C, s, sw1i, sw1j, sw2k, sw2c, BLOCK: tl.constexpr):
         """``OUT[i,k,j,c] = W[i,k,j,c] + s·W1[i,j]·W2[k,c]`` over the flat index (W and OUT contiguous), in fp32,
         rounded once."""
@@ -493,6 +452,7 @@ if triton is not None:
         a = tl.load(W1 + i * sw1i + j * sw1j, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(W2 + k * sw2k + c * sw2c, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + off, (w + s * (a * b)).to(OUT.dtype.element_ty), mask=mask)
+
 
 
 def _kr_geometry(m: int, n: int, r1: int, r2: int):
@@ -685,12 +645,12 @@ _WGRAD_TILE = 2048
 
 #: elements of E one program of :func:`kron_weight_grads`' block form loads at once — ``(BK, M, BC)``, M padded to a
 #: power of two — and its warps (``LYCO_KRON_WGRAD_BLOCK``; 0: the loop form everywhere); the fewest programs a
-#: launch should have, the budget halved down to ``floor`` until it does (``LYCO_KRON_WGRAD_MIN_PROGRAMS``; 0, the
-#: default: the budget as set — prepared in session 48, not measured in the step: :func:`_block_budget`)
+#: launch should have, the budget halved down to ``floor`` until it does (``LYCO_KRON_WGRAD_MIN_PROGRAMS``, 32; 0: the
+#: budget as set — :func:`_block_budget`)
 _WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
                                                  "elements of E a program of LoKr's ∂W′ reductions loads at once"),
                 "num_warps": 8,
-                "min_programs": graph_policy.env_int("LYCO_KRON_WGRAD_MIN_PROGRAMS", 0,
+                "min_programs": graph_policy.env_int("LYCO_KRON_WGRAD_MIN_PROGRAMS", 32,
                                                      "the fewest programs of LoKr's ∂W′ reductions' block form"),
                 "floor": 8192}
 
@@ -698,12 +658,6 @@ _WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
 #: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
 _FINISH_BLOCK = 1024
 
-#: :func:`kron_weight_grads`' one-pass form (:func:`_kron_wgrad_onepass`): the largest ``K·C`` (W2's elements: what
-#: each ∂W1 program reads) it takes, with M ≤ 16 (``LYCO_KRON_WGRAD_ONEPASS``; 0, the default: never — prepared in
-#: session 48, not measured on a GPU), the (k, c) elements of a ∂W2 program's tile, of a ∂W1 program's, and the warps
-_ONEPASS = {"kc": graph_policy.env_int("LYCO_KRON_WGRAD_ONEPASS", 0,
-                                       "the largest W2 LoKr's one-pass ∂W′ reductions take, in elements"),
-            "tile2": 512, "tile1": 4096, "num_warps": 4}
 
 
 def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float = 1.0,
@@ -731,12 +685,12 @@ def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: fl
     warps no better. The step (lokr-full, graph, H200, change 181), block at 16384 / loop / block: SDXL b1 80.27 /
     82.82 / 80.19 ms (run 335), SD1.5 b1 22.98 / 23.77, b8 73.30 / 73.89; at 32768 / 16384 / 32768: SDXL b1 79.75 /
     80.21 / 79.65 (run 336), SDXL b4 212.23 / 214.28 (run 337), SD1.5 b1 23.11 (run 336), b8 73.47 (run 337) — hence
-    the default 32768. A third form, one launch without partials (:func:`_kron_wgrad_onepass`), where
-    ``LYCO_KRON_WGRAD_ONEPASS`` allows it (off by default: not measured on a GPU)."""
+    the default 32768. A third form, one launch without partials (change 182, session 48), lost alone (run 339:
+    SDXL 13.69 ms at its best of six tile/warp configurations against 6.63 for the block form, SD1.5 2.13 against 1.41)
+    and in the step (SDXL b1 85.26 against 79.17 / 79.21, b4 225.14 against 215.19): it lives on in
+    ``benchmarks/experiments/kron_wgrad_tiles.py``."""
     L, K, M, C = e.shape
     mp = _p2(M)
-    if K * C <= _ONEPASS["kc"] and mp <= 16:
-        return _kron_wgrad_onepass(e, w1, w2, s, dtypes, _ONEPASS["tile2"], _ONEPASS["tile1"], _ONEPASS["num_warps"])
     budget = _WGRAD_BLOCK["elements"]
     if budget and mp * min(128, _p2(C)) <= budget:
         return _kron_wgrad_launch(_kron_wgrad_block_kernel, e, w1, w2, s, dtypes, _block_budget(L, K, M, C) // mp,
@@ -748,12 +702,13 @@ def _block_budget(L: int, K: int, M: int, C: int) -> int:
     """:data:`_WGRAD_BLOCK`'s elements for E ``(L, K, M, C)``, halved while the launch would have fewer than its
     ``min_programs`` and the half still holds one 128-column row of M and is at least its ``floor``.
 
-    Why (prepared, not measured in the step): alone (run 335, ``kron_wgrad_tiles.py``, µs a call) the block form at
+    Why: alone (run 335, ``kron_wgrad_tiles.py``, µs a call) the block form at
     32768 elements lost to 16384 and 8192 where it left few programs — SD1.5's 320 × 320 layers (8 programs): 11.83
     against 8.26 and 6.42 — and won where it left many (1280 × 1280, 80 programs: 7.04 against 7.94). Halving to at
     least 32 programs (floor 8192) sums, over the linear layers' shapes at their counts, to SD1.5 1.23 ms against
-    1.42, SDXL 6.48 against 6.55 (by that table, not run); the step at SD1.5 b1 was 23.11 ms at 32768 against 22.98 at
-    16384 (runs 335–336, one leg each)."""
+    1.42, SDXL 6.48 against 6.55 (by that table, not run). The step (lokr-full, graph, H200), at 32 programs against
+    none: SD1.5 b1 22.79 against 22.98 (run 339), 22.96 against 23.14 / 23.17 (run 342); SD1.5 b8 73.95 against
+    73.84, SDXL b1 79.72 against 79.79 (run 342: ties) — hence 32 by default (change 183, session 49)."""
     budget, mp = _WGRAD_BLOCK["elements"], _p2(M)
     least = max(_WGRAD_BLOCK["floor"], mp * min(128, _p2(C)))
     while budget // 2 >= least and L * _wgrad_tiles(K, C, budget // mp)[3] < _WGRAD_BLOCK["min_programs"]:
@@ -788,30 +743,11 @@ def _kron_wgrad_launch(kernel, e, w1, w2, s, dtypes, tile: int, **meta):
     return g1, g2
 
 
-def _kron_wgrad_onepass(e, w1, w2, s, dtypes, tile2: int, tile1: int, num_warps: int):
-    """:func:`kron_weight_grads` as one launch (``_kron_wgrad_onepass_kernel``): ``(BK, BC)`` tiles of ``tile2``
-    (k, c) elements for ∂W2 — a program each, over W1's L rows — and one program per entry of ∂W1, over (k, c) in
-    tiles of ``tile1`` elements; no fp32 partials, no finishing launch.
-
-    Why (prepared in session 48, not measured on a GPU): the two-launch forms write fp32 partials of both and sum them
-    in a second launch — run 328's SDXL b1 lokr-full timeline had that finish at 6.1 µs a layer on average (735
-    layers, the loop form's partials); change 181's block form with its finish took 7.07 µs a call alone at 1280 ×
-    1280 (run 335), how it splits between them not measured. Here E is read twice instead (once per group, the
-    second time by inference from L2: a 1280 × 1280 bf16 ∂W′ is 3.3 MB against the H200's 50 MB), and ∂W1's programs
-    are L·M (64 at factor 8), each reading K·C elements — hence the bound on K·C (:data:`_ONEPASS`)."""
-    L, K, M, C = e.shape
-    mp = _p2(M)
-    bk, bc, ncb, n2 = _wgrad_tiles(K, C, tile2)
-    bc1 = min(256, _p2(C))
-    bk1 = max(1, min(_p2(K), tile1 // bc1))
-    g1 = torch.empty((L, M), dtype=dtypes[0], device=e.device)
-    g2 = torch.empty((K, C), dtype=dtypes[1], device=e.device)
-    _kron_wgrad_onepass_kernel[(n2 + L * M,)](e, w1, w2, g1, g2, L, K, M, C, *w1.stride(), *w2.stride(), float(s),
-                                              ncb, n2, BK=bk, BC=bc, MP=mp, BK1=bk1, BC1=bc1, num_warps=num_warps)
-    return g1, g2
-
-
-#: elements per program of :func:`kron_merge`
+#: elements per program of :func:`kron_merge`. Alone (run 341, H200, ``experiments/kron_merge_tiles.py``, one merge of
+#: each of SDXL's linear layers at factor 8 summed): 1024 / 2048 / 4096 elements 3.44 / 3.44 / 3.83 ms — 2.0 TB/s at
+#: 1280 × 1280 (3.3 µs), 3.4–3.9 at the GEGLU and ff.out sizes; a tiled form dividing the row and column indices once
+#: per row and column instead of per element (change 184, in that experiment) was slower, 3.84–6.53 ms over eight
+#: tile/warp configurations, and in the step (SDXL b1 lokr-full 81.56 ms against 79.27 / 79.35)
 _MERGE_BLOCK = 2048
 
 
