@@ -240,6 +240,33 @@ def test_rebuilt_op_early_fork_not_on_a_channels_last_weight(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["lokr-full", "dora"])
+@pytest.mark.parametrize("most", [0, 64, 10 ** 9])
+@pytest.mark.parametrize("streams", ["off", "default"])
+def test_rebuilt_op_keeps_small_w(name, most, streams, monkeypatch):
+    """``LYCO_REBUILD_KEEP_W`` (change 185): LoKr's backward takes the forward's W′ on the layers of at most that many
+    elements instead of rebuilding it — a spy on the build's ``recompute`` (the backward's rebuild only) sees exactly
+    the larger layers —, on the plain and the side-stream (early fork) forms, with the plain sum's outputs and
+    gradients; DoRA's build (its ``vjp`` reads the rebuild's ``aux``) never keeps."""
+    from lyco.algorithms import dora as dora_mod, lokr as lokr_mod, rebuild
+    monkeypatch.setattr(rebuild, "_KEEP_W", most)
+    if streams == "default":
+        _stand_in_side_stream(monkeypatch)
+    cls = dora_mod._LoraDoraBuild if name == "dora" else lokr_mod._KronBuild
+    rebuilt, rec = [], cls.recompute
+    monkeypatch.setattr(cls, "recompute", lambda self, keep, w, *a: rebuilt.append(w.numel()) or rec(self, keep, w, *a))
+    model, net = _make(CONFIGS[name])
+    fast = _run(model, net, _inputs(), mode="rebuild")
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    assert len(sizes) == 6 and sorted(set(sizes)) == [64, 128, 192, 288]
+    want = sizes if name == "dora" else [n for n in sizes if n > most]
+    assert sorted(rebuilt) == sorted(want), (rebuilt, most)
+    ref = _run(model, net, _inputs(), reference=True, monkeypatch=monkeypatch)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-10, atol=1e-10)
+    for a, b in zip(fast[1:3] + tuple(fast[3]), ref[1:3] + tuple(ref[3])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS) + ["dora-detach"])
 @pytest.mark.parametrize("multiplier", [1.0, 0.7])
 @pytest.mark.parametrize("streams", ["off", "default", "all"])

@@ -111,14 +111,18 @@ class _RebuiltOp(torch.autograd.Function):
             w2, b2, keep = build.forward_aux(weight, bias, *theta)
         else:
             (w2, b2), keep = build(weight, bias, *theta), ()
-        y = layer_op(x, spec, cast(w2, x.dtype), cast(b2, x.dtype))
+        wx = cast(w2, x.dtype)
+        y = layer_op(x, spec, wx, cast(b2, x.dtype))
         ctx.spec, ctx.build, ctx.own, ctx.n_theta = spec, build, own, len(theta)
-        ctx.save_for_backward(x, weight, bias, *theta, *keep)
+        # W′ itself kept for the backward instead of rebuilt there (change 185, off by default: _keep_w)
+        ctx.kept = own and _keep_w(build, weight)
+        ctx.save_for_backward(x, weight, bias, *theta, *keep, *((wx,) if ctx.kept else ()))
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias, *rest = ctx.saved_tensors
+        kept = rest.pop() if ctx.kept else None
         theta, keep = rest[:ctx.n_theta], rest[ctx.n_theta:]
         need = ctx.needs_input_grad  # (x, spec, build, weight, bias, *theta)
         build = ctx.build
@@ -142,7 +146,9 @@ class _RebuiltOp(torch.autograd.Function):
             early = (side is not None and (direct or not getattr(build, "vjp_reads_aux", True))
                      and weight.is_contiguous() and _early_fork())
             w2c = aux = None
-            if not early:
+            if kept is not None:  # the forward's W′ (a build that keeps it reads no aux: _keep_w)
+                w2c = cast(kept, gy.dtype)
+            elif not early:
                 w2, aux = build.recompute(keep, weight, bias, *theta)
                 w2c = cast(w2, gy.dtype)
             if side is not None:
@@ -158,7 +164,7 @@ class _RebuiltOp(torch.autograd.Function):
                         gw, gb = op_backward(ctx.spec, x, shape_w, gy, False, True, need_b)[1:]
                         grads = build.vjp(aux, theta, gw, gb, need[5:])
                         del gw, gb
-                if early:
+                if early and kept is None:
                     w2c = cast(build.recompute(keep, weight, bias, *theta)[0], gy.dtype)
                 gx = op_backward(ctx.spec, x, w2c, gy, True, False, False)[0]
                 _join(side)
@@ -245,6 +251,30 @@ def _early_fork() -> bool:
     ahead on the up stream, the forward's (82.78, a tie) and ∂x's in the backward (86.65, a loss) — taken out."""
     from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK")
+
+
+#: the most elements of a W′ the rebuilt op keeps from its forward for its backward (:func:`_keep_w`;
+#: ``LYCO_REBUILD_KEEP_W``, 0 by default: none)
+_KEEP_W: int | None = None
+
+
+def _keep_w(build, weight: torch.Tensor) -> bool:
+    """Whether a rebuilt op keeps the W′ its forward built for its own backward instead of rebuilding it there (change
+    185, prepared in session 49, **not measured**): W of at most ``LYCO_REBUILD_KEEP_W`` elements (0, the default:
+    never), a build whose backward reads nothing of the rebuild but W′ (``vjp_reads_aux`` False: LoKr's).
+
+    Why: the backward's rebuild is one merge per layer (LoKr: ``factor_triton.kron_merge``); run 340's SDXL b1
+    lokr-full timeline had the 1495 merges (forward's and backward's) at 9.14 ms exposed, run 341 one merge of every
+    linear layer at 3.44 ms alone — the 372 layers of 1280 × 1280 at 3.3 µs each, short launches at 2.0 TB/s. What it
+    costs: each kept W′ stays until its layer's backward, so the peak gains their sum — by the layer sizes (arithmetic,
+    bf16), SDXL's linear W′ of at most 1280 × 1280 elements sum to ≈ 1.36 GB (372 × 3.3 MB, 70 × 0.8, 20 × 2.6,
+    10 × 3.3; the convs not counted), which must stay under the best peer's peak. Elsewhere the op keeps the module's
+    trade (x kept, W′ rebuilt)."""
+    global _KEEP_W
+    if _KEEP_W is None:
+        from . import graph_policy
+        _KEEP_W = graph_policy.env_int("LYCO_REBUILD_KEEP_W", 0, "the most elements of a W′ the rebuilt op keeps")
+    return 0 < weight.numel() <= _KEEP_W and not getattr(build, "vjp_reads_aux", True)
 
 
 def _direct(build, spec: LayerSpec, x: torch.Tensor) -> bool:
