@@ -393,7 +393,6 @@ if triton is not None:
             tl.store(p1 + j, tl.sum(tl.sum(e * w2, axis=1), axis=0))
         tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], acc, mask=m)
 
-
     @triton.jit
     def _kron_wgrad_block_kernel(E, W1, W2, P1, P2, K, M, C, sw1i, sw1j, sw2k, sw2c, NCB,
                                  BK: tl.constexpr, BC: tl.constexpr, MP: tl.constexpr):
@@ -413,7 +412,6 @@ if triton is not None:
         tl.store(P1 + (t * tl.num_programs(1) + i) * M + jj, tl.sum(tl.sum(e * w2[:, None, :], axis=2), axis=0),
                  mask=jj < M)
         tl.store(P2 + (i * K + kk[:, None]) * C + cc[None, :], tl.sum(e * w1[None, :, None], axis=1), mask=m2)
-
 
     @triton.jit
     def _sum_rows_body(P, G, T, N, s, pid, BLOCK: tl.constexpr):
@@ -452,7 +450,6 @@ if triton is not None:
         a = tl.load(W1 + i * sw1i + j * sw1j, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(W2 + k * sw2k + c * sw2c, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + off, (w + s * (a * b)).to(OUT.dtype.element_ty), mask=mask)
-
 
 
 def _kr_geometry(m: int, n: int, r1: int, r2: int):
@@ -657,7 +654,6 @@ _WGRAD_BLOCK = {"elements": graph_policy.env_int("LYCO_KRON_WGRAD_BLOCK", 32768,
 
 #: elements of ``G1``/``G2`` per program of :func:`kron_weight_grads`' finishing launch
 _FINISH_BLOCK = 1024
-
 
 
 def kron_weight_grads(e: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, s: float = 1.0,

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from . import graph_policy
 from .base import CONV_KINDS, LINEAR, LayerSpec, layer_op
 
 #: builds (W′, b′) from (W, b, *θ); differentiable in every tensor it receives. It may also carry
@@ -207,7 +208,6 @@ def _side(gy: torch.Tensor):
     from it (:meth:`vjp`) run there while the current stream computes ∂x — as the bypass op's products beside its
     ∂x. Run 249's SD1.5 b1 LoKr timeline (H100, the rebuilt op on 111 layers): ``_kron_wgrad_kernel``'s 111 launches
     0.87 ms exposed of 0.87 summed — nothing ran beside them. Only for a build that asks for it (:func:`_side_wanted`)."""
-    from . import graph_policy
     from .lowrank import side_stream
     if not graph_policy.wanted("LYCO_REBUILD_STREAMS"):
         return None
@@ -230,7 +230,6 @@ def _side_sms() -> bool:
     Measured (H200, runs 329–330, captured steps): without the target LoKr full-matrix's SDXL b1 step went
     103.81 → 87.38 ms, SDXL b4 278.35 → 219.60, SD1.5 b1 24.98 → 24.23, SD1.5 b8 80.04 → 74.51, and LoKr f8's
     SD1.5 b8 73.66 → 72.23 — hence off by default."""
-    from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_SIDE_SMS", "0")
 
 
@@ -249,13 +248,12 @@ def _early_fork() -> bool:
 
     Not kept (NOTES changes 178–179, run 333, H200, SDXL b1 ``lokr-full`` 83.03 / 82.99 ms without): W′ built a layer
     ahead on the up stream, the forward's (82.78, a tie) and ∂x's in the backward (86.65, a loss) — taken out."""
-    from . import graph_policy
     return graph_policy.wanted("LYCO_REBUILD_EARLY_FORK")
 
 
 #: the most elements of a W′ the rebuilt op keeps from its forward for its backward (:func:`_keep_w`;
 #: ``LYCO_REBUILD_KEEP_W``, 0 by default: none)
-_KEEP_W: int | None = None
+_KEEP_W = graph_policy.env_int("LYCO_REBUILD_KEEP_W", 0, "the most elements of a W′ the rebuilt op keeps")
 
 
 def _keep_w(build, weight: torch.Tensor) -> bool:
@@ -270,10 +268,6 @@ def _keep_w(build, weight: torch.Tensor) -> bool:
     bf16), SDXL's linear W′ of at most 1280 × 1280 elements sum to ≈ 1.36 GB (372 × 3.3 MB, 70 × 0.8, 20 × 2.6,
     10 × 3.3; the convs not counted), which must stay under the best peer's peak. Elsewhere the op keeps the module's
     trade (x kept, W′ rebuilt)."""
-    global _KEEP_W
-    if _KEEP_W is None:
-        from . import graph_policy
-        _KEEP_W = graph_policy.env_int("LYCO_REBUILD_KEEP_W", 0, "the most elements of a W′ the rebuilt op keeps")
     return 0 < weight.numel() <= _KEEP_W and not getattr(build, "vjp_reads_aux", True)
 
 
